@@ -1,0 +1,253 @@
+//! The ragged KV cache: one contiguous key/value store per (layer, kv head).
+//!
+//! Compression methods rewrite each head independently, so heads of the same layer may
+//! hold different numbers of entries. Every entry remembers the logical position it was
+//! created at (a merged entry takes its pivot's), how many tokens were folded into it, and
+//! the attention it has received; the engine reads positions and counts, methods read the
+//! attention.
+
+use crate::error::{CompressError, Result};
+
+/// Metadata of one cached entry.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EntryMeta {
+    /// Logical position the entry was created at (the pivot's for a merged entry).
+    pub position: usize,
+    /// Number of original tokens folded into this entry (1 for an unmerged token).
+    pub count: u32,
+    /// Accumulated attention received (`A_j`), averaged over the query heads of the group.
+    pub attention: f32,
+}
+
+impl EntryMeta {
+    pub fn new(position: usize) -> Self {
+        Self { position, count: 1, attention: 0.0 }
+    }
+}
+
+/// One (layer, kv head) cache. Keys and values are stored row-major, `[len, head_dim]`.
+///
+/// Appending uses `Vec`'s amortised growth, so a decode step never copies the cache;
+/// [`HeadCache::shrink_to_fit`] returns memory after a compression.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeadCache {
+    head_dim: usize,
+    /// `[len, head_dim]`
+    keys: Vec<f32>,
+    /// `[len, head_dim]`
+    values: Vec<f32>,
+    meta: Vec<EntryMeta>,
+    /// Attention received from the last `window` queries of the prompt, `[len]`; filled
+    /// by the engine only when a method asks for it (SnapKV), empty otherwise.
+    pub window_attention: Vec<f32>,
+}
+
+impl HeadCache {
+    pub fn new(head_dim: usize) -> Self {
+        Self::with_capacity(head_dim, 0)
+    }
+
+    pub fn with_capacity(head_dim: usize, entries: usize) -> Self {
+        Self {
+            head_dim,
+            keys: Vec::with_capacity(entries * head_dim),
+            values: Vec::with_capacity(entries * head_dim),
+            meta: Vec::with_capacity(entries),
+            window_attention: Vec::new(),
+        }
+    }
+
+    /// Builds a cache from whole key/value matrices (`[len, head_dim]` each).
+    pub fn from_parts(head_dim: usize, keys: Vec<f32>, values: Vec<f32>, meta: Vec<EntryMeta>) -> Result<Self> {
+        if keys.len() != meta.len() * head_dim || values.len() != keys.len() {
+            return Err(CompressError::Shape(format!(
+                "{} entries of dim {head_dim} need {} floats, got keys {} values {}",
+                meta.len(),
+                meta.len() * head_dim,
+                keys.len(),
+                values.len()
+            )));
+        }
+        Ok(Self { head_dim, keys, values, meta, window_attention: Vec::new() })
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+    pub fn len(&self) -> usize {
+        self.meta.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.meta.is_empty()
+    }
+    /// `[len, head_dim]`
+    pub fn keys(&self) -> &[f32] {
+        &self.keys
+    }
+    /// `[len, head_dim]`
+    pub fn values(&self) -> &[f32] {
+        &self.values
+    }
+    pub fn meta(&self) -> &[EntryMeta] {
+        &self.meta
+    }
+    pub fn meta_mut(&mut self) -> &mut [EntryMeta] {
+        &mut self.meta
+    }
+    pub fn key(&self, i: usize) -> &[f32] {
+        &self.keys[i * self.head_dim..(i + 1) * self.head_dim]
+    }
+    pub fn value(&self, i: usize) -> &[f32] {
+        &self.values[i * self.head_dim..(i + 1) * self.head_dim]
+    }
+    pub fn value_mut(&mut self, i: usize) -> &mut [f32] {
+        &mut self.values[i * self.head_dim..(i + 1) * self.head_dim]
+    }
+
+    /// Appends one entry (amortised O(1)).
+    pub fn push(&mut self, key: &[f32], value: &[f32], meta: EntryMeta) {
+        debug_assert_eq!(key.len(), self.head_dim);
+        debug_assert_eq!(value.len(), self.head_dim);
+        self.keys.extend_from_slice(key);
+        self.values.extend_from_slice(value);
+        self.meta.push(meta);
+        if !self.window_attention.is_empty() {
+            self.window_attention.push(0.0);
+        }
+    }
+
+    /// Keeps only the entries at `keep` (strictly increasing indices), in place.
+    pub fn retain_indices(&mut self, keep: &[usize]) {
+        debug_assert!(keep.windows(2).all(|w| w[0] < w[1]), "keep must be strictly increasing");
+        let d = self.head_dim;
+        for (dst, &src) in keep.iter().enumerate() {
+            if dst != src {
+                self.keys.copy_within(src * d..(src + 1) * d, dst * d);
+                self.values.copy_within(src * d..(src + 1) * d, dst * d);
+                self.meta[dst] = self.meta[src];
+                if !self.window_attention.is_empty() {
+                    self.window_attention[dst] = self.window_attention[src];
+                }
+            }
+        }
+        let n = keep.len();
+        self.keys.truncate(n * d);
+        self.values.truncate(n * d);
+        self.meta.truncate(n);
+        if !self.window_attention.is_empty() {
+            self.window_attention.truncate(n);
+        }
+    }
+
+    /// Removes one entry, shifting later entries down.
+    pub fn remove(&mut self, index: usize) {
+        let d = self.head_dim;
+        self.keys.drain(index * d..(index + 1) * d);
+        self.values.drain(index * d..(index + 1) * d);
+        self.meta.remove(index);
+        if !self.window_attention.is_empty() {
+            self.window_attention.remove(index);
+        }
+    }
+
+    /// Releases spare capacity so resident memory follows the entries kept.
+    pub fn shrink_to_fit(&mut self) {
+        self.keys.shrink_to_fit();
+        self.values.shrink_to_fit();
+        self.meta.shrink_to_fit();
+        self.window_attention = Vec::new();
+    }
+
+    /// Bytes this head holds in memory (allocated capacity, not just length).
+    pub fn resident_bytes(&self) -> usize {
+        (self.keys.capacity() + self.values.capacity() + self.window_attention.capacity()) * std::mem::size_of::<f32>()
+            + self.meta.capacity() * std::mem::size_of::<EntryMeta>()
+    }
+}
+
+/// The whole model's cache: `layers x kv_heads` ragged head caches plus the logical
+/// position of the next token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KvCache {
+    /// `[layer][kv_head]`
+    pub layers: Vec<Vec<HeadCache>>,
+    /// Tokens seen so far: the logical position the next token gets. Not the cache length.
+    pub n_seen: usize,
+    /// Whether attention adds `ln(count)` to a merged entry's logit (KVMerger `mass = log_count`).
+    pub log_count_bias: bool,
+    /// Per-layer entry budget fixed when the prompt was compressed; decode-time methods
+    /// keep each head within it. `None` before compression (or for the full cache).
+    pub budgets: Option<Vec<usize>>,
+}
+
+impl KvCache {
+    pub fn new(n_layers: usize, n_kv_heads: usize, head_dim: usize) -> Self {
+        Self {
+            layers: (0..n_layers).map(|_| (0..n_kv_heads).map(|_| HeadCache::new(head_dim)).collect()).collect(),
+            n_seen: 0,
+            log_count_bias: false,
+            budgets: None,
+        }
+    }
+
+    pub fn n_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Total entries over every layer and head.
+    pub fn total_entries(&self) -> usize {
+        self.layers.iter().flatten().map(HeadCache::len).sum()
+    }
+
+    /// Bytes resident in every head's buffers.
+    pub fn resident_bytes(&self) -> usize {
+        self.layers.iter().flatten().map(HeadCache::resident_bytes).sum()
+    }
+
+    /// Bytes the stored keys and values need (2 x len x head_dim x 4 per head), the
+    /// figure a budget promises.
+    pub fn kv_bytes(&self) -> usize {
+        self.layers.iter().flatten().map(|h| 2 * h.len() * h.head_dim() * std::mem::size_of::<f32>()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn filled(n: usize, d: usize) -> HeadCache {
+        let mut h = HeadCache::new(d);
+        for i in 0..n {
+            let k: Vec<f32> = (0..d).map(|j| (i * d + j) as f32).collect();
+            let v: Vec<f32> = k.iter().map(|x| -x).collect();
+            h.push(&k, &v, EntryMeta::new(i));
+        }
+        h
+    }
+
+    #[test]
+    fn retain_keeps_rows_and_metadata_in_order() {
+        let mut h = filled(6, 3);
+        h.retain_indices(&[0, 2, 5]);
+        assert_eq!(h.len(), 3);
+        assert_eq!(h.key(1), &[6.0, 7.0, 8.0]);
+        assert_eq!(h.value(2), &[-15.0, -16.0, -17.0]);
+        assert_eq!(h.meta().iter().map(|m| m.position).collect::<Vec<_>>(), vec![0, 2, 5]);
+    }
+
+    #[test]
+    fn shrink_returns_memory_to_the_kept_size() {
+        let mut h = filled(100, 8);
+        let before = h.resident_bytes();
+        h.retain_indices(&(0..10).collect::<Vec<_>>());
+        h.shrink_to_fit();
+        assert!(h.resident_bytes() < before / 5);
+        assert_eq!(h.resident_bytes(), 10 * 8 * 4 * 2 + 10 * std::mem::size_of::<EntryMeta>());
+    }
+
+    #[test]
+    fn from_parts_rejects_bad_shapes() {
+        assert!(HeadCache::from_parts(4, vec![0.0; 8], vec![0.0; 8], vec![EntryMeta::new(0)]).is_err());
+        assert!(HeadCache::from_parts(4, vec![0.0; 8], vec![0.0; 8], vec![EntryMeta::new(0); 2]).is_ok());
+    }
+}

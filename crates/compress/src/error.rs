@@ -1,0 +1,23 @@
+use thiserror::Error;
+
+/// Errors raised while configuring or applying a compression method.
+#[derive(Debug, Error, Clone, PartialEq)]
+pub enum CompressError {
+    /// A parameter is out of its valid range; names the parameter.
+    #[error("invalid parameter `{name}`: {reason}")]
+    InvalidParameter { name: String, reason: String },
+    /// The method name is not one we know.
+    #[error("unknown compression method `{0}` (expected one of: full, streaming_llm, h2o, snapkv, cam, kvmerger)")]
+    UnknownMethod(String),
+    /// Key/value data handed to the cache has the wrong length.
+    #[error("shape mismatch: {0}")]
+    Shape(String),
+}
+
+impl CompressError {
+    pub fn invalid(name: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::InvalidParameter { name: name.into(), reason: reason.into() }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, CompressError>;

@@ -1,0 +1,18 @@
+//! KV-cache compression methods on a ragged per-head cache.
+//!
+//! This crate knows nothing about models or files: it takes the keys and values of one
+//! (layer, kv head), with the attention statistics the method asked for, and rewrites them.
+//! Any engine can use it; `kvmerger-engine` is ours.
+
+mod budget;
+mod cache;
+mod config;
+mod error;
+mod method;
+pub mod methods;
+
+pub use budget::Budget;
+pub use cache::{EntryMeta, HeadCache, KvCache};
+pub use config::{CompressionConfig, METHOD_NAMES};
+pub use error::{CompressError, Result};
+pub use method::{CompressionMethod, HeadId, HeadReport, StatsRequest};

@@ -1,0 +1,32 @@
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+/// Errors from loading models, tokenizing and running the forward pass.
+#[derive(Debug, Error)]
+pub enum EngineError {
+    #[error("model file not found: {0}")]
+    MissingFile(PathBuf),
+    #[error("I/O error on {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("cannot read GGUF file {path}: {reason} (is it a complete, uncorrupted GGUF model?)")]
+    Gguf { path: PathBuf, reason: String },
+    #[error("unsupported model: {0}")]
+    Unsupported(String),
+    #[error("invalid model configuration: {0}")]
+    Config(String),
+    #[error("tokenizer error: {0}")]
+    Tokenizer(String),
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    #[error("the input needs {needed} positions but the model's context is {context} tokens")]
+    ContextOverflow { needed: usize, context: usize },
+    #[error("model setup failed: {0}")]
+    Setup(String),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error(transparent)]
+    Compress(#[from] kvmerger_compress::CompressError),
+}
+
+pub type Result<T> = std::result::Result<T, EngineError>;
