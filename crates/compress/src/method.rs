@@ -78,3 +78,23 @@ pub trait CompressionMethod: Send + Sync {
         Ok(())
     }
 }
+
+impl StatsRequest {
+    /// The same request without the prompt-window statistics (for steps after the prompt).
+    pub fn without_window(self) -> Self {
+        Self { window: None, ..self }
+    }
+}
+
+impl StatsRequest {
+    /// Everything either request asks for (one prefill serving several methods).
+    pub fn union(self, other: Self) -> Self {
+        Self {
+            accumulated: self.accumulated || other.accumulated,
+            window: match (self.window, other.window) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                (a, b) => a.or(b),
+            },
+        }
+    }
+}

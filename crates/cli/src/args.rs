@@ -1,0 +1,71 @@
+//! Flags shared by several subcommands: which model, which method.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use kvmerger_compress::{Budget, CompressionConfig};
+use kvmerger_engine::{LoadedModel, WeightFormat, WeightFormats};
+
+/// Which model to load and how to store its weights.
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// A GGUF file or a Hugging Face folder (config.json, *.safetensors, tokenizer.json).
+    /// Default: SmolLM2-135M-Instruct, fetched into the cache folder on first use.
+    #[arg(long, env = "KVMERGER_MODEL")]
+    pub model: Option<PathBuf>,
+    /// Weight format of multi-token forward passes (prefill).
+    #[arg(long, default_value = "f32")]
+    pub prefill_weights: WeightFormat,
+    /// Weight format of single-token forward passes (decode).
+    #[arg(long, default_value = "quantized")]
+    pub decode_weights: WeightFormat,
+}
+
+impl ModelArgs {
+    pub fn formats(&self) -> WeightFormats {
+        WeightFormats { prefill: self.prefill_weights, decode: self.decode_weights }
+    }
+
+    pub fn load(&self) -> Result<LoadedModel> {
+        let path = match &self.model {
+            Some(p) => p.clone(),
+            None => kvmerger_engine::fetch::ensure_default_model().context("fetching the default model")?,
+        };
+        kvmerger_engine::load_model(&path, self.formats()).with_context(|| format!("loading {}", path.display()))
+    }
+}
+
+/// Which compression method to apply, with its parameters.
+#[derive(Debug, Clone, Args)]
+pub struct MethodArgs {
+    /// full, streaming_llm, h2o, snapkv, cam or kvmerger.
+    #[arg(long, default_value = "full")]
+    pub method: String,
+    /// Entries each head keeps: a ratio (0.35, 35%) or a token count (512).
+    #[arg(long)]
+    pub budget: Option<Budget>,
+    /// A method parameter, `name=value` (repeatable), e.g. `-p threshold=0.8 -p mass=log_count`.
+    #[arg(short = 'p', long = "param", value_parser = parse_key_value)]
+    pub params: Vec<(String, String)>,
+    /// A JSON file holding a whole method configuration (overrides the flags above).
+    #[arg(long)]
+    pub method_config: Option<PathBuf>,
+}
+
+impl MethodArgs {
+    pub fn config(&self) -> Result<CompressionConfig> {
+        if let Some(path) = &self.method_config {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            return Ok(CompressionConfig::from_json(&text)?);
+        }
+        Ok(CompressionConfig::from_cli(&self.method, self.budget, &self.params)?)
+    }
+}
+
+fn parse_key_value(s: &str) -> Result<(String, String)> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.trim().to_string())),
+        _ => bail!("expected name=value, got `{s}`"),
+    }
+}

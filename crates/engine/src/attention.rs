@@ -1,0 +1,183 @@
+//! Causal attention of a block of new queries over ragged per-head caches, with the
+//! attention statistics compression methods ask for.
+//!
+//! The softmax is computed explicitly, one chunk of queries at a time, so memory stays
+//! `O(chunk x cache_len)` instead of `O(n^2)` and the probabilities are there to be summed.
+//! Query heads are mapped to kv heads as in grouped-query attention: query head `h` reads
+//! kv head `h / group`. Statistics are the mean over the query heads of a group.
+
+use kvmerger_compress::{HeadCache, StatsRequest};
+use rayon::prelude::*;
+
+/// Shapes of one attention call.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionShape {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// Options that change what is computed, not the result.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionOptions {
+    /// Queries per chunk of the explicit softmax; any value gives the same result.
+    pub chunk: usize,
+    pub stats: StatsRequest,
+    /// Add `ln(count)` to the logit of entries that stand for several tokens.
+    pub log_count_bias: bool,
+}
+
+/// Attention of `seq` new queries over heads whose last `seq` entries are those queries'
+/// own keys. Query `i` sees every entry up to and including its own (`base + i`), where
+/// `base = head.len() - seq`: the mask is built from physical indices, whatever the
+/// logical positions are.
+///
+/// `q`: `[seq, n_heads, head_dim]`, already rotated. Returns `[seq, n_heads, head_dim]`.
+/// Accumulates statistics into `heads[h].meta_mut()[j].attention` and
+/// `heads[h].window_attention` as `opts.stats` asks.
+pub fn attend(q: &[f32], seq: usize, heads: &mut [HeadCache], shape: AttentionShape, opts: AttentionOptions) -> Vec<f32> {
+    let AttentionShape { n_heads, n_kv_heads, head_dim } = shape;
+    assert_eq!(heads.len(), n_kv_heads);
+    assert_eq!(q.len(), seq * n_heads * head_dim);
+    let group = n_heads / n_kv_heads;
+    let chunk = opts.chunk.max(1);
+    let n_chunks = seq.div_ceil(chunk);
+    let window_start = opts.stats.window.map(|w| seq.saturating_sub(w));
+
+    let tasks: Vec<(usize, usize)> = (0..n_kv_heads).flat_map(|h| (0..n_chunks).map(move |c| (h, c))).collect();
+    let results: Vec<ChunkResult> = tasks
+        .par_iter()
+        .map(|&(h, c)| {
+            let start = c * chunk;
+            let end = (start + chunk).min(seq);
+            attend_chunk(q, &heads[h], seq, start..end, h, shape, group, opts, window_start)
+        })
+        .collect();
+
+    let mut out = vec![0.0f32; seq * n_heads * head_dim];
+    for (&(h, c), res) in tasks.iter().zip(results) {
+        let start = c * chunk;
+        let rows = res.out.chunks_exact(head_dim);
+        for (r, row) in rows.enumerate() {
+            let (i, g) = (start + r / group, r % group);
+            let qh = h * group + g;
+            out[(i * n_heads + qh) * head_dim..][..head_dim].copy_from_slice(row);
+        }
+        let head = &mut heads[h];
+        if let Some(acc) = res.accumulated {
+            for (m, a) in head.meta_mut().iter_mut().zip(acc) {
+                m.attention += a;
+            }
+        }
+        if let Some(win) = res.window {
+            if head.window_attention.len() != head.len() {
+                head.window_attention.resize(head.len(), 0.0);
+            }
+            for (w, a) in head.window_attention.iter_mut().zip(win) {
+                *w += a;
+            }
+        }
+    }
+    out
+}
+
+struct ChunkResult {
+    /// `[rows, head_dim]`, rows ordered `(query, head-in-group)`.
+    out: Vec<f32>,
+    accumulated: Option<Vec<f32>>,
+    window: Option<Vec<f32>>,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn attend_chunk(
+    q: &[f32],
+    head: &HeadCache,
+    seq: usize,
+    queries: std::ops::Range<usize>,
+    h: usize,
+    shape: AttentionShape,
+    group: usize,
+    opts: AttentionOptions,
+    window_start: Option<usize>,
+) -> ChunkResult {
+    let d = shape.head_dim;
+    let base = head.len() - seq;
+    let rows = queries.len() * group;
+    // Keys visible to the last query of the chunk; earlier queries mask the tail.
+    let visible = base + queries.end;
+
+    // [rows, head_dim]: the group's query heads, gathered contiguously.
+    let mut qs = Vec::with_capacity(rows * d);
+    for i in queries.clone() {
+        let off = (i * shape.n_heads + h * group) * d;
+        qs.extend_from_slice(&q[off..off + group * d]);
+    }
+
+    // [rows, visible] = Q K^T / sqrt(d)
+    let mut scores = vec![0.0f32; rows * visible];
+    let scale = 1.0 / (d as f32).sqrt();
+    // SAFETY: every pointer covers the extent described by its dimensions and strides:
+    // scores is rows x visible (row stride visible), qs is rows x d, keys hold >= visible rows of d.
+    unsafe {
+        gemm::gemm(
+            rows, visible, d,
+            scores.as_mut_ptr(), 1, visible as isize, false,
+            qs.as_ptr(), 1, d as isize,
+            head.keys().as_ptr(), d as isize, 1,
+            0.0, scale, false, false, false, gemm::Parallelism::None,
+        );
+    }
+
+    let meta = head.meta();
+    let bias: Option<Vec<f32>> = opts
+        .log_count_bias
+        .then(|| meta[..visible].iter().map(|m| (m.count.max(1) as f32).ln()).collect());
+    let mut accumulated = opts.stats.accumulated.then(|| vec![0.0f32; visible]);
+    let mut window = window_start.filter(|&w| queries.end > w).map(|_| vec![0.0f32; visible]);
+    let inv_group = 1.0 / group as f32;
+
+    for (r, row) in scores.chunks_exact_mut(visible).enumerate() {
+        let i = queries.start + r / group;
+        let seen = base + i + 1;
+        if let Some(b) = &bias {
+            for (s, b) in row[..seen].iter_mut().zip(b) {
+                *s += b;
+            }
+        }
+        let max = row[..seen].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0f32;
+        for s in &mut row[..seen] {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        let inv = 1.0 / sum;
+        row[..seen].iter_mut().for_each(|s| *s *= inv);
+        row[seen..].fill(0.0);
+        if let Some(acc) = &mut accumulated {
+            for (a, p) in acc.iter_mut().zip(&row[..seen]) {
+                *a += p * inv_group;
+            }
+        }
+        if let (Some(win), Some(ws)) = (&mut window, window_start) {
+            if i >= ws {
+                for (a, p) in win.iter_mut().zip(&row[..seen]) {
+                    *a += p * inv_group;
+                }
+            }
+        }
+    }
+
+    // [rows, d] = P V
+    let mut out = vec![0.0f32; rows * d];
+    // SAFETY: scores is rows x visible, values hold >= visible rows of d, out is rows x d.
+    unsafe {
+        gemm::gemm(
+            rows, d, visible,
+            out.as_mut_ptr(), 1, d as isize, false,
+            scores.as_ptr(), 1, visible as isize,
+            head.values().as_ptr(), 1, d as isize,
+            0.0, 1.0, false, false, false, gemm::Parallelism::None,
+        );
+    }
+    ChunkResult { out, accumulated, window }
+}

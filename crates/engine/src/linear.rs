@@ -1,0 +1,108 @@
+//! A linear layer that can hold its weight in two formats, one per path.
+//!
+//! Prefill multiplies many rows at once and is compute-bound: dequantized f32 weights feed
+//! the fast f32 GEMM. Decode multiplies one row and is memory-bound: every weight is read
+//! once per token, so the compact quantized weight is read faster. `kvmerger bench`
+//! measures both paths in each format.
+
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::{DType, Module, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::error::Result;
+
+/// How a weight is stored for one path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum WeightFormat {
+    /// Dequantized to f32 at load.
+    #[default]
+    F32,
+    /// Kept in the file's quantized format (GGUF only; f32 where the file has no quantized tensor).
+    Quantized,
+}
+
+impl std::str::FromStr for WeightFormat {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "f32" => Ok(Self::F32),
+            "quantized" | "q" => Ok(Self::Quantized),
+            other => Err(format!("unknown weight format `{other}` (expected f32 or quantized)")),
+        }
+    }
+}
+
+/// Weight format chosen for each path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WeightFormats {
+    /// Multi-row forward passes (prompt prefill, teacher-forced scoring).
+    pub prefill: WeightFormat,
+    /// Forward passes of at most [`DECODE_ROWS`] rows (token-by-token decoding).
+    pub decode: WeightFormat,
+}
+
+impl Default for WeightFormats {
+    fn default() -> Self {
+        Self { prefill: WeightFormat::F32, decode: WeightFormat::Quantized }
+    }
+}
+
+/// Inputs with at most this many rows take the decode path.
+pub const DECODE_ROWS: usize = 4;
+
+/// `y = x W^T (+ b)` with the weight in one or both formats.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// `[out, in]`
+    dense: Option<Tensor>,
+    quantized: Option<QMatMul>,
+    /// `[out]`
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// Builds from an f32 (or f16/bf16) tensor `[out, in]`.
+    pub fn from_dense(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        Ok(Self { dense: Some(weight.to_dtype(DType::F32)?), quantized: None, bias: bias.map(|b| b.to_dtype(DType::F32)).transpose()? })
+    }
+
+    /// Builds from a GGUF tensor, keeping the formats `formats` needs.
+    pub fn from_qtensor(weight: QTensor, bias: Option<Tensor>, formats: WeightFormats) -> Result<Self> {
+        let is_float = matches!(
+            weight.dtype(),
+            candle_core::quantized::GgmlDType::F32 | candle_core::quantized::GgmlDType::F16 | candle_core::quantized::GgmlDType::BF16
+        );
+        let wants_q = !is_float && (formats.prefill == WeightFormat::Quantized || formats.decode == WeightFormat::Quantized);
+        let wants_dense = is_float || formats.prefill == WeightFormat::F32 || formats.decode == WeightFormat::F32;
+        let dense = if wants_dense { Some(weight.dequantize(&weight.device())?) } else { None };
+        let quantized = if wants_q { Some(QMatMul::QTensor(std::sync::Arc::new(weight))) } else { None };
+        Ok(Self { dense, quantized, bias })
+    }
+
+    /// `x`: `[rows, in]` -> `[rows, out]`.
+    pub fn forward(&self, x: &Tensor, formats: WeightFormats) -> Result<Tensor> {
+        let rows = x.dim(0)?;
+        let format = if rows <= DECODE_ROWS { formats.decode } else { formats.prefill };
+        let y = match (format, &self.quantized, &self.dense) {
+            (WeightFormat::Quantized, Some(q), _) => q.forward(x)?,
+            (_, _, Some(w)) => x.matmul(&w.t()?)?,
+            (_, Some(q), None) => q.forward(x)?,
+            (_, None, None) => unreachable!("a linear layer always holds one format"),
+        };
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+
+    /// Bytes of weight data held.
+    pub fn weight_bytes(&self) -> usize {
+        let dense = self.dense.as_ref().map_or(0, |w| w.elem_count() * 4);
+        let q = match &self.quantized {
+            Some(QMatMul::QTensor(t)) => t.storage_size_in_bytes(),
+            _ => 0,
+        };
+        dense + q
+    }
+}

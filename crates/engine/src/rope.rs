@@ -1,0 +1,73 @@
+//! Rotary position embeddings applied at explicit logical positions.
+//!
+//! Positions are passed in, never derived from the cache length: after compression the
+//! cache is shorter than the number of tokens seen.
+
+use crate::config::ModelConfig;
+
+/// Precomputed cos/sin tables for every position up to the model's context length.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    half: usize,
+    interleaved: bool,
+    /// `[context_length, head_dim / 2]`
+    cos: Vec<f32>,
+    /// `[context_length, head_dim / 2]`
+    sin: Vec<f32>,
+}
+
+impl Rope {
+    pub fn new(config: &ModelConfig) -> Self {
+        let half = config.head_dim / 2;
+        let inv_freq: Vec<f64> = (0..half)
+            .map(|i| {
+                let freq = 1.0 / (config.rope_theta as f64).powf(2.0 * i as f64 / config.head_dim as f64);
+                match &config.rope_scaling {
+                    Some(s) => llama3_scale(freq, s),
+                    None => freq,
+                }
+            })
+            .collect();
+        let n = config.context_length;
+        let mut cos = Vec::with_capacity(n * half);
+        let mut sin = Vec::with_capacity(n * half);
+        for pos in 0..n {
+            for f in &inv_freq {
+                let angle = pos as f64 * f;
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+        Self { half, interleaved: config.rope_interleaved, cos, sin }
+    }
+
+    /// Rotates every head of one token's projection in place.
+    /// `x`: `[n_heads, head_dim]` of the token at logical position `pos`.
+    pub fn apply(&self, x: &mut [f32], pos: usize) {
+        let (cos, sin) = (&self.cos[pos * self.half..][..self.half], &self.sin[pos * self.half..][..self.half]);
+        for head in x.chunks_exact_mut(2 * self.half) {
+            for i in 0..self.half {
+                let (a, b) = if self.interleaved { (2 * i, 2 * i + 1) } else { (i, i + self.half) };
+                let (x0, x1) = (head[a], head[b]);
+                head[a] = x0 * cos[i] - x1 * sin[i];
+                head[b] = x0 * sin[i] + x1 * cos[i];
+            }
+        }
+    }
+}
+
+/// Llama 3.1's frequency-dependent RoPE scaling.
+fn llama3_scale(freq: f64, s: &crate::config::Llama3RopeScaling) -> f64 {
+    let wavelen = 2.0 * std::f64::consts::PI / freq;
+    let old = s.original_max_position_embeddings as f64;
+    let low_wavelen = old / s.low_freq_factor as f64;
+    let high_wavelen = old / s.high_freq_factor as f64;
+    if wavelen < high_wavelen {
+        freq
+    } else if wavelen > low_wavelen {
+        freq / s.factor as f64
+    } else {
+        let smooth = (old / wavelen - s.low_freq_factor as f64) / (s.high_freq_factor - s.low_freq_factor) as f64;
+        (1.0 - smooth) * freq / s.factor as f64 + smooth * freq
+    }
+}

@@ -1,0 +1,141 @@
+//! Small random-weight models and a naive reference forward, for tests and benchmarks.
+//!
+//! The reference forward recomputes every position from scratch with plain loops and a
+//! caller-chosen visibility rule, so the cached, chunked, compressed path can be checked
+//! against something too simple to be wrong.
+
+use candle_core::{Device, Tensor};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::config::ModelConfig;
+use crate::error::Result;
+use crate::linear::{Linear, WeightFormats};
+use crate::model::{Block, Llama};
+use crate::rope::Rope;
+
+/// A tiny Llama config: 2 layers, 4 query heads over 2 kv heads, head_dim 8.
+pub fn tiny_config() -> ModelConfig {
+    ModelConfig {
+        architecture: "llama".into(),
+        n_layers: 2,
+        hidden_size: 32,
+        intermediate_size: 64,
+        n_heads: 4,
+        n_kv_heads: 2,
+        head_dim: 8,
+        vocab_size: 64,
+        rope_theta: 10_000.0,
+        rms_norm_eps: 1e-5,
+        context_length: 256,
+        rope_interleaved: true,
+        rope_scaling: None,
+    }
+}
+
+/// A model with seeded random weights.
+pub fn random_llama(config: ModelConfig, seed: u64) -> Result<Llama> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let dev = Device::Cpu;
+    let mut mat = |rows: usize, cols: usize, scale: f32| -> Result<Tensor> {
+        let data: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(-1.0f32..1.0) * scale).collect();
+        Ok(Tensor::from_vec(data, (rows, cols), &dev)?)
+    };
+    let (h, q, kv, i) =
+        (config.hidden_size, config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim, config.intermediate_size);
+    let s = 1.0 / (h as f32).sqrt();
+    let embed = mat(config.vocab_size, h, 1.0)?;
+    let mut blocks = Vec::new();
+    for _ in 0..config.n_layers {
+        blocks.push(Block {
+            attn_norm: (mat(1, h, 0.2)?.squeeze(0)? + 1.0)?,
+            // Larger query/key weights give peaked attention, so masking errors show.
+            wq: Linear::from_dense(mat(q, h, 3.0 * s)?, None)?,
+            wk: Linear::from_dense(mat(kv, h, 3.0 * s)?, None)?,
+            wv: Linear::from_dense(mat(kv, h, s)?, None)?,
+            wo: Linear::from_dense(mat(h, q, s)?, None)?,
+            mlp_norm: (mat(1, h, 0.2)?.squeeze(0)? + 1.0)?,
+            gate: Linear::from_dense(mat(i, h, s)?, None)?,
+            up: Linear::from_dense(mat(i, h, s)?, None)?,
+            down: Linear::from_dense(mat(h, i, 1.0 / (i as f32).sqrt())?, None)?,
+        });
+    }
+    let final_norm = Tensor::ones(h, candle_core::DType::F32, &dev)?;
+    let lm_head = Linear::from_dense(embed.clone(), None)?;
+    let formats = WeightFormats { prefill: crate::WeightFormat::F32, decode: crate::WeightFormat::F32 };
+    Ok(Llama::new(config, embed, blocks, final_norm, lm_head, formats))
+}
+
+/// Output of [`reference_forward`].
+pub struct ReferenceOutput {
+    /// `[seq][vocab]`
+    pub logits: Vec<Vec<f32>>,
+    /// `[layer][kv_head][key]`: attention each key received from every query, averaged
+    /// over the query heads of its group.
+    pub received: Vec<Vec<Vec<f32>>>,
+}
+
+/// Recomputes the whole sequence naively. Query `i` of layer `l`, kv head `h` attends to
+/// key `j <= i` when `visible(l, h, i, j)`; positions are `0..seq`.
+pub fn reference_forward(
+    model: &Llama,
+    tokens: &[u32],
+    visible: impl Fn(usize, usize, usize, usize) -> bool,
+) -> Result<ReferenceOutput> {
+    let c = &model.config;
+    let (seq, d, group) = (tokens.len(), c.head_dim, c.group_size());
+    let rope = Rope::new(c);
+    let eps = c.rms_norm_eps as f32;
+    let formats = model.formats;
+    let ids = Tensor::new(tokens, model.device())?;
+    let mut x = model.embed.index_select(&ids, 0)?;
+    let mut received = vec![vec![vec![0.0f32; seq]; c.n_kv_heads]; c.n_layers];
+    for (l, b) in model.blocks.iter().enumerate() {
+        let hdn = candle_nn::ops::rms_norm(&x, &b.attn_norm, eps)?;
+        let mut q = b.wq.forward(&hdn, formats)?.to_vec2::<f32>()?;
+        let mut k = b.wk.forward(&hdn, formats)?.to_vec2::<f32>()?;
+        let v = b.wv.forward(&hdn, formats)?.to_vec2::<f32>()?;
+        for i in 0..seq {
+            rope.apply(&mut q[i], i);
+            rope.apply(&mut k[i], i);
+        }
+        let mut out = vec![vec![0.0f32; c.n_heads * d]; seq];
+        for i in 0..seq {
+            for qh in 0..c.n_heads {
+                let kh = qh / group;
+                let qv = &q[i][qh * d..(qh + 1) * d];
+                let keys: Vec<usize> = (0..=i).filter(|&j| visible(l, kh, i, j)).collect();
+                let logits: Vec<f32> = keys
+                    .iter()
+                    .map(|&j| qv.iter().zip(&k[j][kh * d..(kh + 1) * d]).map(|(a, b)| a * b).sum::<f32>() / (d as f32).sqrt())
+                    .collect();
+                let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let exps: Vec<f32> = logits.iter().map(|x| (x - max).exp()).collect();
+                let sum: f32 = exps.iter().sum();
+                for (&j, e) in keys.iter().zip(&exps) {
+                    let p = e / sum;
+                    received[l][kh][j] += p / group as f32;
+                    for t in 0..d {
+                        out[i][qh * d + t] += p * v[j][kh * d + t];
+                    }
+                }
+            }
+        }
+        let attn = Tensor::new(out, model.device())?;
+        x = (x + b.wo.forward(&attn, formats)?)?;
+        let hdn = candle_nn::ops::rms_norm(&x, &b.mlp_norm, eps)?;
+        let gate = b.gate.forward(&hdn, formats)?.silu()?;
+        let up = b.up.forward(&hdn, formats)?;
+        x = (x + b.down.forward(&(gate * up)?, formats)?)?;
+    }
+    let x = candle_nn::ops::rms_norm(&x, &model.final_norm, eps)?;
+    let logits = model.lm_head.forward(&x, formats)?.to_vec2::<f32>()?;
+    Ok(ReferenceOutput { logits, received })
+}
+
+/// Relative L2 distance `|a - b| / |b|`.
+pub fn relative_l2(a: &[f32], b: &[f32]) -> f32 {
+    let num: f32 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum();
+    let den: f32 = b.iter().map(|y| y * y).sum();
+    (num / den.max(1e-30)).sqrt()
+}

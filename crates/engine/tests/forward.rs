@@ -1,0 +1,169 @@
+//! The cached, chunked, compressed forward agrees with a naive reference forward.
+
+use kvmerger_compress::{HeadCache, KvCache, StatsRequest};
+use kvmerger_engine::testing::{random_llama, reference_forward, relative_l2, tiny_config};
+use kvmerger_engine::{ForwardOptions, Llama, Logits};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+fn tokens(n: usize, seed: u64) -> Vec<u32> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..n).map(|_| rng.random_range(0..64)).collect()
+}
+
+fn model() -> Llama {
+    random_llama(tiny_config(), 11).unwrap()
+}
+
+fn rows(t: &candle_core::Tensor) -> Vec<Vec<f32>> {
+    t.to_vec2::<f32>().unwrap()
+}
+
+#[test]
+fn cached_forward_matches_reference_forward() {
+    let m = model();
+    let toks = tokens(40, 1);
+    let mut cache = m.new_cache();
+    let opts = ForwardOptions { logits: Logits::All, ..Default::default() };
+    let ours = rows(&m.forward(&toks[..25], &mut cache, opts).unwrap());
+    let ours_tail = rows(&m.forward(&toks[25..], &mut cache, opts).unwrap());
+    let reference = reference_forward(&m, &toks, |_, _, _, _| true).unwrap();
+    for (i, row) in ours.iter().chain(&ours_tail).enumerate() {
+        assert!(relative_l2(row, &reference.logits[i]) < 1e-5, "position {i}");
+    }
+    assert_eq!(cache.n_seen, 40);
+}
+
+#[test]
+fn removed_entries_equal_masked_keys_for_a_multi_token_step() {
+    let m = model();
+    let (prompt, step) = (48, 9);
+    let toks = tokens(prompt + step, 2);
+    let mut cache = m.new_cache();
+    m.forward(&toks[..prompt], &mut cache, ForwardOptions::default()).unwrap();
+
+    // Remove a different arbitrary set of prompt entries from every (layer, kv head).
+    let removed = |l: usize, h: usize, j: usize| j < prompt && (j * 7 + l * 3 + h * 5) % 4 == 0;
+    for (l, heads) in cache.layers.iter_mut().enumerate() {
+        for (h, head) in heads.iter_mut().enumerate() {
+            let keep: Vec<usize> = (0..prompt).filter(|&j| !removed(l, h, j)).collect();
+            head.retain_indices(&keep);
+            head.shrink_to_fit();
+        }
+    }
+    let lens: Vec<usize> = cache.layers[0].iter().map(HeadCache::len).collect();
+    assert_ne!(lens[0], prompt, "entries were removed");
+
+    let ours = rows(&m.forward(&toks[prompt..], &mut cache, ForwardOptions { logits: Logits::All, ..Default::default() }).unwrap());
+    // Prompt queries were computed before removal and see everything; the new queries
+    // see only the kept entries.
+    let reference = reference_forward(&m, &toks, |l, h, i, j| i < prompt || !removed(l, h, j)).unwrap();
+    for (r, row) in ours.iter().enumerate() {
+        let err = relative_l2(row, &reference.logits[prompt + r]);
+        assert!(err < 1e-5, "new token {r}: relative error {err}");
+    }
+    // Positions continue at n_seen, not at the (shorter) cache length.
+    let last = cache.layers[1][0].meta().last().unwrap();
+    assert_eq!(last.position, prompt + step - 1);
+    assert!(cache.layers[1][0].len() < prompt + step);
+}
+
+#[test]
+fn accumulated_statistics_equal_a_naive_softmax() {
+    let m = model();
+    let toks = tokens(37, 3);
+    let mut cache = m.new_cache();
+    let stats = StatsRequest { accumulated: true, window: None };
+    m.forward(&toks, &mut cache, ForwardOptions { stats, attention_chunk: 5, ..Default::default() }).unwrap();
+    let reference = reference_forward(&m, &toks, |_, _, _, _| true).unwrap();
+    for (l, heads) in cache.layers.iter().enumerate() {
+        for (h, head) in heads.iter().enumerate() {
+            let ours: Vec<f32> = head.meta().iter().map(|e| e.attention).collect();
+            assert!(relative_l2(&ours, &reference.received[l][h]) < 1e-5, "layer {l} head {h}");
+            // Every query's probabilities sum to one: the column sums total the query count.
+            let total: f32 = ours.iter().sum();
+            assert!((total - toks.len() as f32).abs() < 1e-3);
+        }
+    }
+}
+
+fn run_chunked(m: &Llama, toks: &[u32], chunk: usize, window: usize) -> (Vec<f32>, KvCache) {
+    let mut cache = m.new_cache();
+    let stats = StatsRequest { accumulated: true, window: Some(window) };
+    let logits = m.forward(toks, &mut cache, ForwardOptions { logits: Logits::Last, stats, attention_chunk: chunk }).unwrap();
+    (logits.flatten_all().unwrap().to_vec1().unwrap(), cache)
+}
+
+#[test]
+fn chunk_size_does_not_change_logits_or_statistics() {
+    let m = model();
+    let toks = tokens(61, 4);
+    let (base_logits, base_cache) = run_chunked(&m, &toks, 512, 6);
+    for chunk in [1, 7] {
+        let (logits, cache) = run_chunked(&m, &toks, chunk, 6);
+        assert!(relative_l2(&logits, &base_logits) < 1e-5, "chunk {chunk}");
+        for (a, b) in cache.layers.iter().flatten().zip(base_cache.layers.iter().flatten()) {
+            let (sa, sb): (Vec<f32>, Vec<f32>) = (a.meta().iter().map(|e| e.attention).collect(), b.meta().iter().map(|e| e.attention).collect());
+            assert!(relative_l2(&sa, &sb) < 1e-5, "accumulated, chunk {chunk}");
+            assert!(relative_l2(&a.window_attention, &b.window_attention) < 1e-5, "window, chunk {chunk}");
+        }
+    }
+}
+
+#[test]
+fn window_statistics_count_only_the_last_queries() {
+    let m = model();
+    let toks = tokens(30, 5);
+    let (_, cache) = run_chunked(&m, &toks, 4, 6);
+    for head in cache.layers.iter().flatten() {
+        let total: f32 = head.window_attention.iter().sum();
+        assert!((total - 6.0).abs() < 1e-3, "six queries' probabilities, got {total}");
+    }
+}
+
+#[test]
+fn log_count_bias_equals_duplicated_entries() {
+    // An entry standing for n identical tokens with ln(n) on its logit attends exactly like
+    // n copies of it.
+    let m = model();
+    let toks = tokens(20, 6);
+    let mut dup = m.new_cache();
+    m.forward(&toks, &mut dup, ForwardOptions::default()).unwrap();
+    let mut merged = dup.clone();
+    // Duplicate entry 5 three times in `dup`; give `merged`'s entry 5 a count of 4.
+    for heads in dup.layers.iter_mut() {
+        for head in heads.iter_mut() {
+            let (k, v, meta) = (head.key(5).to_vec(), head.value(5).to_vec(), head.meta()[5]);
+            let mut rebuilt = HeadCache::new(head.head_dim());
+            for i in 0..head.len() {
+                let copies = if i == 5 { 4 } else { 1 };
+                for _ in 0..copies {
+                    let src = if i == 5 { (k.as_slice(), v.as_slice(), meta) } else { (head.key(i), head.value(i), head.meta()[i]) };
+                    rebuilt.push(src.0, src.1, src.2);
+                }
+            }
+            *head = rebuilt;
+        }
+    }
+    for head in merged.layers.iter_mut().flatten() {
+        head.meta_mut()[5].count = 4;
+    }
+    merged.log_count_bias = true;
+    let next = tokens(3, 7);
+    let a = m.forward(&next, &mut dup, ForwardOptions::default()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let b = m.forward(&next, &mut merged, ForwardOptions::default()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert!(relative_l2(&b, &a) < 1e-5);
+}
+
+#[test]
+fn context_overflow_and_empty_input_are_errors() {
+    let m = model();
+    let mut cache = m.new_cache();
+    let err = m.forward(&[], &mut cache, ForwardOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("empty"));
+    let long = tokens(257, 8);
+    let err = m.forward(&long, &mut cache, ForwardOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("257") && err.to_string().contains("256"), "{err}");
+    let err = m.forward(&[999], &mut cache, ForwardOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("999"));
+}

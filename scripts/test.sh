@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Runs the whole test suite on a fresh machine: installs what the tests need (the Python
+# packages of the tokenizer cross-check, fontconfig for plot text), fetches the default
+# model if it is missing, then runs every test in release mode.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! pkg-config --exists fontconfig 2>/dev/null; then
+  echo "installing fontconfig development files (needed to draw text in plots)"
+  apt-get update -qq && apt-get install -y -qq libfontconfig1-dev pkg-config fonts-dejavu-core >/dev/null
+fi
+if ! python3 -c "import gguf, tokenizers" 2>/dev/null; then
+  echo "installing the Python packages of the tokenizer cross-check (gguf, tokenizers)"
+  python3 -m pip install --quiet gguf tokenizers
+fi
+cargo run --release --quiet -p kvmerger -- fetch
+cargo test --release --workspace
