@@ -18,7 +18,7 @@ pub use attention::{attend, AttentionOptions, AttentionShape};
 pub use config::{ModelConfig, SUPPORTED_ARCHITECTURES};
 pub use error::{EngineError, Result};
 pub use linear::{Linear, WeightFormat, WeightFormats, DECODE_ROWS};
-pub use loader::{load_gguf, load_hf_folder, read_gguf_header};
+pub use loader::{load_gguf, load_hf_folder, load_model, read_gguf_header, LoadedModel};
 pub use model::{Block, ForwardOptions, Llama, Logits};
 pub use sampler::{argmax, Sampler, SamplingConfig};
 pub use session::{CompressionReport, Prefilled, Session, Timings};

@@ -7,10 +7,12 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
 
+use crate::chat::ChatTemplate;
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::linear::{Linear, WeightFormats};
 use crate::model::{Block, Llama};
+use crate::tokenizer::TextTokenizer;
 
 /// Reads a GGUF file's header (metadata and tensor index), with clear errors for a
 /// missing, truncated or non-GGUF file.
@@ -117,4 +119,39 @@ pub fn load_hf_folder(dir: &Path, device: &Device) -> Result<Llama> {
         });
     }
     Ok(Llama::new(config, embed, blocks, final_norm, lm_head, WeightFormats { prefill: crate::linear::WeightFormat::F32, decode: crate::linear::WeightFormat::F32 }))
+}
+
+/// A model with its tokenizer.
+#[derive(Debug)]
+pub struct LoadedModel {
+    pub model: Llama,
+    pub tokenizer: TextTokenizer,
+    pub path: PathBuf,
+}
+
+impl LoadedModel {
+    /// The model's chat template (ChatML, Llama-3 or [INST] families).
+    pub fn chat_template(&self) -> Result<ChatTemplate> {
+        ChatTemplate::for_tokenizer(&self.tokenizer)
+    }
+}
+
+/// Loads a GGUF file, or a Hugging Face folder with `tokenizer.json`, on the CPU.
+pub fn load_model(path: &Path, formats: WeightFormats) -> Result<LoadedModel> {
+    let device = Device::Cpu;
+    let (model, tokenizer) = if path.is_dir() {
+        (load_hf_folder(path, &device)?, TextTokenizer::from_file(path.join("tokenizer.json"))?)
+    } else {
+        let (model, content) = load_gguf(path, formats, &device)?;
+        let tokenizer = TextTokenizer::from_gguf_metadata(&content.metadata)?;
+        (model, tokenizer)
+    };
+    if tokenizer.vocab_size() > model.config.vocab_size {
+        return Err(EngineError::Config(format!(
+            "the tokenizer has {} tokens but the model's embedding has {} rows",
+            tokenizer.vocab_size(),
+            model.config.vocab_size
+        )));
+    }
+    Ok(LoadedModel { model, tokenizer, path: path.to_path_buf() })
 }

@@ -1,0 +1,91 @@
+//! Integration tests on the real default model (fetched on first use), on short inputs.
+
+use candle_core::{Device, Tensor};
+use candle_transformers::models::quantized_llama;
+use kvmerger_compress::{CompressionConfig, KvCache};
+use kvmerger_engine::testing::relative_l2;
+use kvmerger_engine::{argmax, load_model, ForwardOptions, LoadedModel, WeightFormat, WeightFormats};
+
+const PROMPT: &str = "The history of the lighthouse begins with fires lit on hilltops to guide ships at night. \
+Over the centuries these fires were moved onto towers, and the towers grew taller and brighter. \
+By the nineteenth century, lenses designed by Augustin Fresnel concentrated the light of a single \
+lamp into a beam that could be seen more than twenty miles away. Keepers lived at the stations \
+with their families, trimming wicks and winding clockwork every few hours. Today";
+
+fn f32_model() -> LoadedModel {
+    let path = kvmerger_engine::fetch::ensure_default_model().expect("default model");
+    load_model(&path, WeightFormats { prefill: WeightFormat::F32, decode: WeightFormat::F32 }).expect("load")
+}
+
+fn reference_model() -> quantized_llama::ModelWeights {
+    // quantized_llama reads this on the loading thread to dequantize every weight to f32.
+    std::env::set_var("CANDLE_DEQUANTIZE_ALL", "1");
+    let path = kvmerger_engine::fetch::ensure_default_model().unwrap();
+    let (content, mut reader) = kvmerger_engine::read_gguf_header(&path).unwrap();
+    quantized_llama::ModelWeights::from_gguf(content, &mut reader, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn logits_and_greedy_tokens_agree_with_candle_transformers() {
+    let ours = f32_model();
+    let tokens = ours.tokenizer.encode(PROMPT, true).unwrap();
+    assert!(tokens.len() >= 64, "prompt has {} tokens", tokens.len());
+    let mut reference = reference_model();
+
+    let mut cache: KvCache = ours.model.new_cache();
+    let our_logits: Vec<f32> = ours.model.forward(&tokens, &mut cache, ForwardOptions::default()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let input = Tensor::new(tokens.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let ref_logits: Vec<f32> = reference.forward(&input, 0).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let err = relative_l2(&our_logits, &ref_logits);
+    assert!(err < 1e-3, "relative L2 {err}");
+
+    let (mut a, mut b) = (argmax(&our_logits), argmax(&ref_logits));
+    let (mut ours_out, mut ref_out) = (vec![], vec![]);
+    for i in 0..32 {
+        ours_out.push(a);
+        ref_out.push(b);
+        let l = ours.model.forward(&[a], &mut cache, ForwardOptions::default()).unwrap();
+        a = argmax(&l.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        let l = reference.forward(&Tensor::new(&[b], &Device::Cpu).unwrap().unsqueeze(0).unwrap(), tokens.len() + i).unwrap();
+        b = argmax(&l.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    }
+    assert_eq!(ours_out, ref_out, "greedy continuations differ: {:?}", ours.tokenizer.decode(&ours_out));
+}
+
+#[test]
+fn positions_reach_the_models_own_context_length() {
+    // candle-transformers' llama code stops at 4096; SmolLM2 is trained for 8192.
+    let m = f32_model();
+    let context = m.model.config.context_length;
+    assert_eq!(context, 8192);
+    let mut cache = m.model.new_cache();
+    // Pretend 8190 tokens were seen and evicted: the next two take positions 8190 and 8191.
+    cache.n_seen = context - 2;
+    let logits = m.model.forward(&[42, 43], &mut cache, ForwardOptions::default()).unwrap();
+    let row: Vec<f32> = logits.flatten_all().unwrap().to_vec1().unwrap();
+    assert!(row.iter().all(|x| x.is_finite()));
+    assert_eq!(cache.layers[0][0].meta()[1].position, context - 1);
+    let err = m.model.forward(&[44], &mut cache, ForwardOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("8192"), "{err}");
+}
+
+#[test]
+fn every_method_generates_on_the_real_model() {
+    let m = load_model(&kvmerger_engine::fetch::ensure_default_model().unwrap(), WeightFormats::default()).unwrap();
+    let tokens = m.tokenizer.encode(PROMPT, true).unwrap();
+    for method in ["full", "streaming_llm", "h2o", "snapkv", "cam", "kvmerger"] {
+        let budget = (method != "full").then_some(kvmerger_compress::Budget::Ratio(0.5));
+        let params = if method == "snapkv" { vec![("window".to_string(), "8".to_string())] } else { vec![] };
+        let config = CompressionConfig::from_cli(method, budget, &params).unwrap();
+        let mut session = kvmerger_engine::Session::new(&m.model, &config).unwrap();
+        let logits = session.prefill(&tokens).unwrap();
+        let kept = session.cache.layers[0][0].len();
+        if method != "full" {
+            assert!(kept <= tokens.len().div_ceil(2), "{method} kept {kept} of {}", tokens.len());
+        }
+        let mut sampler = kvmerger_engine::Sampler::new(Default::default());
+        let out = session.generate(logits, 12, &mut sampler, &m.tokenizer.eos_ids(), |_| true).unwrap();
+        let text = m.tokenizer.decode(&out).unwrap();
+        assert!(out.len() >= 4 && text.chars().any(char::is_alphabetic), "{method}: {text:?}");
+    }
+}
