@@ -137,3 +137,50 @@ impl Default for CompressionConfig {
         Self::Full
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::methods::{MassRule, Sigma};
+
+    fn kv(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn cli_parameters_reach_the_method() {
+        let c = CompressionConfig::from_cli(
+            "kvmerger",
+            Some(Budget::Ratio(0.35)),
+            &kv(&[("threshold", "0.8"), ("sigma", "adaptive"), ("mass", "log_count")]),
+        )
+        .unwrap();
+        let CompressionConfig::Kvmerger(k) = &c else { panic!("{c:?}") };
+        assert_eq!((k.threshold, k.sigma, k.mass, k.budget), (0.8, Sigma::Adaptive, MassRule::LogCount, Budget::Ratio(0.35)));
+        assert_eq!(c.label(), "kvmerger@35%");
+        let again = CompressionConfig::from_json(&serde_json::to_string(&c).unwrap()).unwrap();
+        assert_eq!(again, c);
+        let c = CompressionConfig::from_cli("kvmerger", None, &kv(&[("sigma", "3")])).unwrap();
+        assert!(matches!(c, CompressionConfig::Kvmerger(ref k) if k.sigma == Sigma::Fixed(3.0)));
+    }
+
+    #[test]
+    fn every_method_parses_from_its_name() {
+        for name in METHOD_NAMES {
+            let budget = (name != "full").then_some(Budget::Ratio(0.5));
+            assert_eq!(CompressionConfig::from_cli(name, budget, &[]).unwrap().name(), name);
+        }
+    }
+
+    #[test]
+    fn bad_input_names_what_is_wrong() {
+        let err = CompressionConfig::from_cli("magic", None, &[]).unwrap_err();
+        assert!(err.to_string().contains("magic"));
+        let err = CompressionConfig::from_cli("kvmerger", None, &kv(&[("sigma", "-1")])).unwrap_err();
+        assert!(err.to_string().contains("sigma"), "{err}");
+        let err = CompressionConfig::from_cli("h2o", None, &kv(&[("bogus", "1")])).unwrap_err();
+        assert!(err.to_string().contains("bogus"), "{err}");
+        let err = CompressionConfig::from_json(r#"{"method": "h2o", "budget": {"ratio": 0}}"#).unwrap_err();
+        assert!(err.to_string().contains("budget"), "{err}");
+    }
+}

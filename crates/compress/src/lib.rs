@@ -16,3 +16,4 @@ pub use cache::{EntryMeta, HeadCache, KvCache};
 pub use config::{CompressionConfig, METHOD_NAMES};
 pub use error::{CompressError, Result};
 pub use method::{CompressionMethod, HeadId, HeadReport, StatsRequest};
+pub use methods::{merging_sets, CompareTo};

@@ -63,6 +63,11 @@ pub trait CompressionMethod: Send + Sync {
     /// methods without a budget).
     fn budget_entries(&self, prompt_len: usize) -> usize;
 
+    /// Entries a head of `layer` may keep; methods with per-layer budgets override this.
+    fn layer_budget_entries(&self, _layer: usize, prompt_len: usize) -> usize {
+        self.budget_entries(prompt_len)
+    }
+
     /// Whether merged entries get `ln(count)` added to their attention logit.
     fn log_count_bias(&self) -> bool {
         false

@@ -148,28 +148,33 @@ impl<'m> Session<'m> {
 
     fn compress(&mut self, prompt_len: usize) -> Result<()> {
         let start = Instant::now();
-        let budget = self.method.budget_entries(prompt_len);
         let method = &*self.method;
+        let budgets: Vec<usize> = (0..self.cache.n_layers()).map(|l| method.layer_budget_entries(l, prompt_len)).collect();
         let heads = self
             .cache
             .layers
             .par_iter_mut()
+            .zip(&budgets)
             .enumerate()
-            .map(|(layer, heads)| {
+            .map(|(layer, (heads, &budget))| {
                 heads
                     .iter_mut()
                     .enumerate()
-                    .map(|(head, cache)| method.compress(HeadId { layer, head }, cache, budget))
+                    .map(|(head, cache)| {
+                        let report = method.compress(HeadId { layer, head }, cache, budget);
+                        // Resident memory follows the entries kept, whatever the method did.
+                        cache.shrink_to_fit();
+                        report
+                    })
                     .collect::<kvmerger_compress::Result<Vec<_>>>()
             })
             .collect::<kvmerger_compress::Result<Vec<_>>>()?;
-        let n_layers = self.cache.n_layers();
-        self.cache.budgets = Some(vec![budget; n_layers]);
+        self.cache.budgets = Some(budgets.clone());
         self.cache.log_count_bias = method.log_count_bias();
         self.report = Some(CompressionReport {
             method: method.name().to_string(),
             prompt_len,
-            budgets: vec![budget; n_layers],
+            budgets,
             heads,
             compress_ms: start.elapsed().as_secs_f64() * 1e3,
         });

@@ -1,11 +1,15 @@
 //! H2O (Zhang et al., "H2O: Heavy-Hitter Oracle for Efficient Generative Inference of
 //! Large Language Models", NeurIPS 2023): keep a recent window plus the entries with the
-//! largest accumulated attention; evict the lowest non-recent entry as decoding grows the cache.
+//! largest accumulated attention; as decoding grows the cache, evict the non-recent entry
+//! with the lowest accumulated attention.
 
 use serde::{Deserialize, Serialize};
 
 use crate::budget::Budget;
-use crate::error::Result;
+use crate::cache::HeadCache;
+use crate::error::{CompressError, Result};
+use crate::method::{CompressionMethod, HeadId, HeadReport, StatsRequest};
+use crate::methods::select::heavy_hitters_and_recent;
 
 /// H2O parameters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -24,6 +28,101 @@ impl Default for H2oConfig {
 
 impl H2oConfig {
     pub fn validate(&self) -> Result<()> {
+        check_recent_ratio(self.recent_ratio)
+    }
+
+    fn recent(&self, budget: usize) -> usize {
+        (budget as f64 * self.recent_ratio).round() as usize
+    }
+}
+
+/// Validates a recent-window share of the budget.
+pub(crate) fn check_recent_ratio(r: f64) -> Result<()> {
+    if (0.0..=1.0).contains(&r) {
         Ok(())
+    } else {
+        Err(CompressError::invalid("recent_ratio", format!("must be in [0, 1], got {r}")))
+    }
+}
+
+/// Evicts the entry with the lowest accumulated attention outside the last `recent`
+/// entries (the lowest index on ties). Returns its index.
+pub(crate) fn lowest_non_recent(head: &HeadCache, recent: usize) -> usize {
+    let end = head.len().saturating_sub(recent).max(1).min(head.len());
+    let meta = head.meta();
+    (0..end).min_by(|&a, &b| meta[a].attention.total_cmp(&meta[b].attention).then(a.cmp(&b))).unwrap_or(0)
+}
+
+impl CompressionMethod for H2oConfig {
+    fn name(&self) -> &'static str {
+        "h2o"
+    }
+
+    fn stats(&self) -> StatsRequest {
+        StatsRequest { accumulated: true, window: None }
+    }
+
+    fn budget_entries(&self, prompt_len: usize) -> usize {
+        self.budget.entries(prompt_len)
+    }
+
+    fn compress(&self, _id: HeadId, head: &mut HeadCache, budget: usize) -> Result<HeadReport> {
+        let before = head.len();
+        head.retain_indices(&heavy_hitters_and_recent(head, budget, self.recent(budget)));
+        Ok(HeadReport { before, after: head.len(), ..Default::default() })
+    }
+
+    fn after_step(&self, _id: HeadId, head: &mut HeadCache, budget: usize, _step: usize) -> Result<()> {
+        while head.len() > budget {
+            head.remove(lowest_non_recent(head, self.recent(budget)));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::methods::test_util::random_head;
+
+    /// The plain definition: sort everything outside the window by attention, take the best.
+    fn reference(head: &HeadCache, budget: usize, recent: usize) -> Vec<usize> {
+        let n = head.len();
+        let mut order: Vec<usize> = (0..n - recent).collect();
+        order.sort_by(|&a, &b| head.meta()[b].attention.partial_cmp(&head.meta()[a].attention).unwrap().then(a.cmp(&b)));
+        let mut keep: Vec<usize> = order[..budget - recent].to_vec();
+        keep.extend(n - recent..n);
+        keep.sort();
+        keep
+    }
+
+    #[test]
+    fn keeps_the_reference_selection_on_random_inputs() {
+        for seed in 0..20 {
+            let mut head = random_head(80, 4, seed);
+            let budget = 10 + seed as usize;
+            let cfg = H2oConfig { budget: Budget::Tokens(budget), recent_ratio: 0.5 };
+            let expected = reference(&head, budget, cfg.recent(budget));
+            cfg.compress(HeadId { layer: 0, head: 0 }, &mut head, budget).unwrap();
+            let kept: Vec<usize> = head.meta().iter().map(|m| m.position).collect();
+            assert_eq!(kept, expected, "seed {seed}");
+        }
+    }
+
+    #[test]
+    fn decode_eviction_removes_the_lowest_non_recent_entry() {
+        let mut head = random_head(12, 4, 3);
+        let cfg = H2oConfig { budget: Budget::Tokens(11), recent_ratio: 0.5 };
+        let recent = cfg.recent(11);
+        let victim = (0..12 - recent).min_by(|&a, &b| head.meta()[a].attention.total_cmp(&head.meta()[b].attention)).unwrap();
+        cfg.after_step(HeadId { layer: 0, head: 0 }, &mut head, 11, 1).unwrap();
+        assert_eq!(head.len(), 11);
+        assert!(head.meta().iter().all(|m| m.position != victim));
+    }
+
+    #[test]
+    fn recent_ratio_out_of_range_is_named() {
+        let err = H2oConfig { recent_ratio: 1.5, ..Default::default() }.validate().unwrap_err();
+        assert!(err.to_string().contains("recent_ratio"));
     }
 }

@@ -1,12 +1,30 @@
 //! KVMerger (Wang, Jin, Yu, Zhang, "Model Tells You Where to Merge: Adaptive KV Cache
 //! Merging for LLMs on Long-Context Tasks", arXiv 2407.08454, 2024).
+//!
+//! 1. Protect the most recent tokens and the tokens with the highest accumulated attention.
+//! 2. Identify merging sets among the rest: runs of consecutive tokens whose keys are
+//!    similar (see [`merging_sets`]).
+//! 3. Fold each set into one entry: keys and values averaged with Gaussian-kernel weights
+//!    centred on the pivot, the member with the highest attention; the entry takes the
+//!    pivot's position and remembers how many tokens it stands for.
+//! 4. Budget (the paper leaves this open; see `docs/methods.md`): in `exact` mode evict the
+//!    unprotected entries with the lowest attention until the budget is met; in
+//!    `threshold` mode keep whatever merging leaves.
+//!
+//! Merging happens once, after the prompt; decoded tokens are appended unmerged.
 
-use serde::{Deserialize, Serialize};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::budget::Budget;
-use crate::error::Result;
+use crate::cache::{EntryMeta, HeadCache};
+use crate::error::{CompressError, Result};
+use crate::method::{CompressionMethod, HeadId, HeadReport, StatsRequest};
+use crate::methods::merging_sets::{merging_sets, CompareTo};
+use crate::methods::select::top_k;
 
-/// How the result is brought to the budget (the paper leaves this open).
+/// How the result is brought to the budget.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum BudgetMode {
@@ -17,37 +35,47 @@ pub enum BudgetMode {
     Threshold,
 }
 
-/// Which member a token is compared with when growing a merging set.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum CompareTo {
-    /// Its direct neighbour `i + 1` (the pseudocode's `|i - j| = 1`): chaining.
-    #[default]
-    Neighbour,
-    /// The set's first member found by the backward scan (its last token).
-    Anchor,
-}
-
-/// Kernel width of the Gaussian merge weights.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+/// Kernel width of the Gaussian merge weights. JSON: `{"fixed": 5.0}`, `5.0` or `"adaptive"`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Sigma {
-    /// A fixed sigma (paper's grid search: 5 on Llama2-7B).
+    /// A fixed sigma (the paper's grid search: 5 on Llama2-7B).
     Fixed(f32),
     /// Mean distance from the members to the pivot, floored by `sigma_floor`.
     Adaptive,
+}
+
+impl<'de> Deserialize<'de> for Sigma {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Repr {
+            Number(f32),
+            Tagged(Tagged),
+        }
+        #[derive(Deserialize)]
+        #[serde(rename_all = "snake_case")]
+        enum Tagged {
+            Fixed(f32),
+            Adaptive,
+        }
+        Ok(match Repr::deserialize(d)? {
+            Repr::Number(s) | Repr::Tagged(Tagged::Fixed(s)) => Sigma::Fixed(s),
+            Repr::Tagged(Tagged::Adaptive) => Sigma::Adaptive,
+        })
+    }
 }
 
 /// How a merged entry accounts for the number of tokens it stands for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum MassRule {
-    /// No correction.
+    /// No correction: a merged entry draws the attention of one token.
     None,
-    /// Scale the merged value by the set size.
+    /// Scale the merged value by the number of tokens merged (one reading of the paper).
     #[default]
     ScaleValues,
-    /// Add `ln(count)` to the merged entry's attention logit (exact for identical keys).
+    /// Add `ln(count)` to the merged entry's attention logit: exact for identical keys.
     LogCount,
 }
 
@@ -79,14 +107,15 @@ pub enum PivotRule {
 pub struct KvMergerConfig {
     pub budget: Budget,
     pub budget_mode: BudgetMode,
-    /// Cosine-similarity threshold `eps` (paper: 0.75).
+    /// Cosine-similarity threshold `eps` (paper: 0.75). Above 1 nothing merges; below -1
+    /// every run of unprotected tokens merges.
     pub threshold: f32,
     pub compare_to: CompareTo,
     /// Share of the prompt kept as an unmerged recent window; default by budget
-    /// (0.17 at budgets >= 50%, 0.08 below).
+    /// (0.17 at budgets of 50% and more, 0.08 below).
     pub recent: Option<f64>,
     /// Share of the prompt kept unmerged for its high attention; default by budget
-    /// (0.12 at budgets >= 50%, 0.02 below).
+    /// (0.12 at budgets of 50% and more, 0.02 below).
     pub selected: Option<f64>,
     pub sigma: Sigma,
     /// Lower bound of the adaptive sigma.
@@ -96,8 +125,11 @@ pub struct KvMergerConfig {
     pub pivot: PivotRule,
     /// `false` disables merging (ablation: protected tokens plus eviction).
     pub merge: bool,
-    /// Seed for the random-pivot ablation.
+    /// Seed of the random-pivot ablation.
     pub seed: u64,
+    /// Per-layer budget ratios (from `kvmerger analyze --suggest-budget`); they replace
+    /// `budget` layer by layer.
+    pub layer_budgets: Option<Vec<f64>>,
 }
 
 impl Default for KvMergerConfig {
@@ -116,12 +148,403 @@ impl Default for KvMergerConfig {
             pivot: PivotRule::default(),
             merge: true,
             seed: 0,
+            layer_budgets: None,
         }
     }
 }
 
 impl KvMergerConfig {
     pub fn validate(&self) -> Result<()> {
+        if let Sigma::Fixed(s) = self.sigma {
+            if !(s > 0.0 && s.is_finite()) {
+                return Err(CompressError::invalid("sigma", format!("must be positive and finite, got {s}")));
+            }
+        }
+        if !(self.sigma_floor > 0.0) {
+            return Err(CompressError::invalid("sigma_floor", format!("must be positive, got {}", self.sigma_floor)));
+        }
+        if self.threshold.is_nan() {
+            return Err(CompressError::invalid("threshold", "must be a number"));
+        }
+        for (name, share) in [("recent", self.recent), ("selected", self.selected)] {
+            if let Some(s) = share {
+                if !(0.0..=1.0).contains(&s) {
+                    return Err(CompressError::invalid(name, format!("must be a share in [0, 1], got {s}")));
+                }
+            }
+        }
+        if self.recent.unwrap_or(0.0) + self.selected.unwrap_or(0.0) > 1.0 {
+            return Err(CompressError::invalid("recent", "recent + selected must not exceed 1"));
+        }
+        if let Some(b) = &self.layer_budgets {
+            if let Some(bad) = b.iter().find(|r| !(**r > 0.0 && **r <= 1.0)) {
+                return Err(CompressError::invalid("layer_budgets", format!("ratios must be in (0, 1], got {bad}")));
+            }
+        }
         Ok(())
+    }
+
+    /// `(recent, selected)` shares for a head whose budget is `ratio` of its tokens.
+    fn protected_shares(&self, ratio: f64) -> (f64, f64) {
+        let (recent, selected) = if ratio >= 0.5 { (0.17, 0.12) } else { (0.08, 0.02) };
+        (self.recent.unwrap_or(recent), self.selected.unwrap_or(selected))
+    }
+
+    /// Indices protected from merging and eviction: the recent window and the top
+    /// attention tokens outside it. Returns `protected[i]`.
+    fn protect(&self, head: &HeadCache, budget: usize) -> Vec<bool> {
+        let n = head.len();
+        let (recent_share, selected_share) = self.protected_shares(budget as f64 / n as f64);
+        let mut n_recent = (recent_share * n as f64).round() as usize;
+        let mut n_selected = (selected_share * n as f64).round() as usize;
+        if self.budget_mode == BudgetMode::Exact {
+            n_selected = n_selected.min(budget.saturating_sub(n_recent));
+            n_recent = n_recent.min(budget);
+        }
+        n_recent = n_recent.min(n);
+        let mut protected = vec![false; n];
+        protected[n - n_recent..].iter_mut().for_each(|p| *p = true);
+        let meta = head.meta();
+        for i in top_k(0..n - n_recent, |i| meta[i].attention, n_selected) {
+            protected[i] = true;
+        }
+        protected
+    }
+
+    /// Merge weights of `members` around `pivot`.
+    fn weights(&self, head: &HeadCache, members: std::ops::Range<usize>, pivot: usize) -> Vec<f32> {
+        let n = members.len();
+        if self.weights == MergeWeights::Uniform {
+            return vec![1.0 / n as f32; n];
+        }
+        let kp = head.key(pivot);
+        let sq_dist: Vec<f32> = members.clone().map(|i| head.key(i).iter().zip(kp).map(|(a, b)| (a - b) * (a - b)).sum()).collect();
+        let sigma = match self.sigma {
+            Sigma::Fixed(s) => s,
+            Sigma::Adaptive => {
+                let mean = sq_dist.iter().map(|d| d.sqrt()).sum::<f32>() / (n - 1).max(1) as f32;
+                mean.max(self.sigma_floor)
+            }
+        };
+        let g: Vec<f32> = sq_dist.iter().map(|d| (-d / (2.0 * sigma * sigma)).exp()).collect();
+        let total: f32 = g.iter().sum();
+        g.iter().map(|x| x / total).collect()
+    }
+}
+
+/// The entries of a head after merging, before they are written back.
+struct Merged {
+    /// `[len, head_dim]`
+    keys: Vec<f32>,
+    /// `[len, head_dim]`
+    values: Vec<f32>,
+    meta: Vec<EntryMeta>,
+    protected: Vec<bool>,
+}
+
+impl CompressionMethod for KvMergerConfig {
+    fn name(&self) -> &'static str {
+        "kvmerger"
+    }
+
+    fn stats(&self) -> StatsRequest {
+        StatsRequest { accumulated: true, window: None }
+    }
+
+    fn budget_entries(&self, prompt_len: usize) -> usize {
+        self.budget.entries(prompt_len)
+    }
+
+    fn layer_budget_entries(&self, layer: usize, prompt_len: usize) -> usize {
+        match self.layer_budgets.as_ref().and_then(|b| b.get(layer)) {
+            Some(&ratio) => Budget::Ratio(ratio).entries(prompt_len),
+            None => self.budget_entries(prompt_len),
+        }
+    }
+
+    fn log_count_bias(&self) -> bool {
+        self.mass == MassRule::LogCount
+    }
+
+    fn compress(&self, id: HeadId, head: &mut HeadCache, budget: usize) -> Result<HeadReport> {
+        let before = head.len();
+        if before == 0 || (self.budget_mode == BudgetMode::Exact && before <= budget) {
+            // Within budget: nothing to compress (as for every other method).
+            return Ok(HeadReport { before, after: before, ..Default::default() });
+        }
+        let d = head.head_dim();
+        let protected = self.protect(head, budget);
+        let sets = if self.merge {
+            merging_sets(head.keys(), d, &protected, self.threshold, self.compare_to)
+        } else {
+            (0..before).filter(|&i| !protected[i]).map(|i| i..i + 1).collect()
+        };
+        let mut report = HeadReport { before, ..Default::default() };
+        let mut rng = StdRng::seed_from_u64(self.seed ^ ((id.layer as u64) << 32 | id.head as u64));
+        let mut out = Merged { keys: Vec::new(), values: Vec::new(), meta: Vec::new(), protected: Vec::new() };
+        let mut sets = sets.into_iter().peekable();
+        let mut i = 0;
+        while i < before {
+            if protected[i] {
+                out.keys.extend_from_slice(head.key(i));
+                out.values.extend_from_slice(head.value(i));
+                out.meta.push(head.meta()[i]);
+                out.protected.push(true);
+                i += 1;
+                continue;
+            }
+            let set = sets.next().expect("every unprotected token belongs to a set");
+            debug_assert_eq!(set.start, i);
+            i = set.end;
+            let meta = head.meta();
+            if set.len() == 1 {
+                out.keys.extend_from_slice(head.key(set.start));
+                out.values.extend_from_slice(head.value(set.start));
+                out.meta.push(meta[set.start]);
+                out.protected.push(false);
+                continue;
+            }
+            report.merge_sets += 1;
+            report.merged_tokens += set.len();
+            report.largest_set = report.largest_set.max(set.len());
+            let pivot = match self.pivot {
+                PivotRule::Attention => set.clone().min_by(|&a, &b| meta[b].attention.total_cmp(&meta[a].attention).then(a.cmp(&b))).unwrap_or(set.start),
+                PivotRule::Random => rng.random_range(set.clone()),
+            };
+            let w = self.weights(head, set.clone(), pivot);
+            let count: u32 = set.clone().map(|j| meta[j].count).sum();
+            let mut key = vec![0.0f32; d];
+            let mut value = vec![0.0f32; d];
+            for (j, wj) in set.clone().zip(&w) {
+                key.iter_mut().zip(head.key(j)).for_each(|(k, x)| *k += wj * x);
+                value.iter_mut().zip(head.value(j)).for_each(|(v, x)| *v += wj * x);
+            }
+            if self.mass == MassRule::ScaleValues {
+                value.iter_mut().for_each(|v| *v *= count as f32);
+            }
+            out.keys.extend(key);
+            out.values.extend(value);
+            out.meta.push(EntryMeta {
+                position: meta[pivot].position,
+                count,
+                attention: set.clone().map(|j| meta[j].attention).sum(),
+            });
+            out.protected.push(false);
+        }
+        let Merged { keys, values, meta, protected } = out;
+        *head = HeadCache::from_parts(d, keys, values, meta)?;
+        if self.budget_mode == BudgetMode::Exact && head.len() > budget {
+            let candidates = (0..head.len()).filter(|&j| !protected[j]);
+            let meta = head.meta();
+            let evict = head.len() - budget;
+            // Keep the highest-attention unprotected entries; the rest leave.
+            let unprotected: Vec<usize> = candidates.collect();
+            let keep_unprotected = top_k(unprotected.iter().copied(), |j| meta[j].attention, unprotected.len().saturating_sub(evict));
+            let mut keep: Vec<usize> = (0..head.len()).filter(|&j| protected[j]).chain(keep_unprotected).collect();
+            keep.sort_unstable();
+            head.retain_indices(&keep);
+        }
+        report.after = head.len();
+        Ok(report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::methods::test_util::random_head;
+
+    const ID: HeadId = HeadId { layer: 0, head: 0 };
+
+    /// Keys that form runs of near-identical vectors, so the default threshold merges them.
+    fn runs_head(n: usize, d: usize, run: usize) -> HeadCache {
+        let mut base = random_head(n, d, 7);
+        let noise = random_head(n, d, 8);
+        let mut keys = Vec::new();
+        for i in 0..n {
+            let anchor = base.key(i / run * run).to_vec();
+            keys.extend(anchor.iter().zip(noise.key(i)).map(|(a, e)| a + 0.01 * e));
+        }
+        let values = base.values().to_vec();
+        let meta = base.meta().to_vec();
+        base = HeadCache::from_parts(d, keys, values, meta).unwrap();
+        base
+    }
+
+    fn cfg(budget: Budget) -> KvMergerConfig {
+        KvMergerConfig { budget, ..Default::default() }
+    }
+
+    #[test]
+    fn exact_mode_hits_the_budget_for_every_budget() {
+        for ratio in [1.0, 0.5, 0.35, 0.2] {
+            // Random keys rarely pass the threshold: eviction brings the head to its budget.
+            let mut head = random_head(100, 8, 4);
+            let c = cfg(Budget::Ratio(ratio));
+            let b = c.budget_entries(100);
+            let r = c.compress(ID, &mut head, b).unwrap();
+            assert_eq!(head.len(), b, "ratio {ratio}");
+            assert_eq!(r.after, b);
+            assert!(head.meta().windows(2).all(|w| w[0].position < w[1].position));
+        }
+    }
+
+    #[test]
+    fn exact_mode_keeps_fewer_when_merging_alone_goes_below_the_budget() {
+        // Runs of ten near-identical keys: 71 unprotected tokens, cut by the 12 selected
+        // ones, merge into at most 20 entries.
+        let mut head = runs_head(100, 8, 10);
+        let r = cfg(Budget::Ratio(0.5)).compress(ID, &mut head, 50).unwrap();
+        assert!(head.len() < 50 && r.merge_sets > 5, "kept {}", head.len());
+        assert_eq!(r.after, head.len());
+        assert_eq!(head.meta().iter().map(|m| m.count).sum::<u32>(), 100, "nothing had to be evicted");
+    }
+
+    #[test]
+    fn threshold_mode_keeps_what_merging_leaves() {
+        let mut head = runs_head(100, 8, 4);
+        let c = KvMergerConfig { budget_mode: BudgetMode::Threshold, ..cfg(Budget::Ratio(0.5)) };
+        let r = c.compress(ID, &mut head, 50).unwrap();
+        assert!(r.merge_sets > 0 && head.len() < 100);
+        assert_eq!(head.meta().iter().map(|m| m.count).sum::<u32>(), 100, "no token is lost without eviction");
+    }
+
+    #[test]
+    fn merged_entry_is_the_gaussian_weighted_combination_with_the_pivot_heaviest() {
+        let d = 4;
+        let mut head = runs_head(12, d, 12);
+        // Nothing protected, one set of 12 tokens.
+        let c = KvMergerConfig {
+            budget_mode: BudgetMode::Threshold,
+            recent: Some(0.0),
+            selected: Some(0.0),
+            threshold: -2.0,
+            sigma: Sigma::Fixed(0.02),
+            mass: MassRule::None,
+            ..cfg(Budget::Ratio(1.0))
+        };
+        let original = head.clone();
+        let pivot = (0..12).max_by(|&a, &b| original.meta()[a].attention.total_cmp(&original.meta()[b].attention)).unwrap();
+        c.compress(ID, &mut head, 12).unwrap();
+        assert_eq!(head.len(), 1);
+        let g: Vec<f32> = (0..12)
+            .map(|i| {
+                let dist: f32 = original.key(i).iter().zip(original.key(pivot)).map(|(a, b)| (a - b).powi(2)).sum();
+                (-dist / (2.0 * 0.02 * 0.02)).exp()
+            })
+            .collect();
+        let total: f32 = g.iter().sum();
+        for t in 0..d {
+            let k: f32 = (0..12).map(|i| g[i] / total * original.key(i)[t]).sum();
+            let v: f32 = (0..12).map(|i| g[i] / total * original.value(i)[t]).sum();
+            assert!((head.key(0)[t] - k).abs() < 1e-5 && (head.value(0)[t] - v).abs() < 1e-5);
+        }
+        assert!(g.iter().enumerate().all(|(i, x)| i == pivot || *x < g[pivot]), "pivot weight is the largest");
+        assert_eq!(head.meta()[0].position, pivot);
+        assert_eq!(head.meta()[0].count, 12);
+        let a: f32 = original.meta().iter().map(|m| m.attention).sum();
+        assert!((head.meta()[0].attention - a).abs() < 1e-5);
+    }
+
+    /// Attention output of one query over a head, with `ln(count)` on the logits if `bias`.
+    fn attend(q: &[f32], head: &HeadCache, bias: bool) -> Vec<f32> {
+        let d = head.head_dim();
+        let logits: Vec<f32> = (0..head.len())
+            .map(|i| {
+                let s: f32 = q.iter().zip(head.key(i)).map(|(a, b)| a * b).sum::<f32>() / (d as f32).sqrt();
+                s + if bias { (head.meta()[i].count as f32).ln() } else { 0.0 }
+            })
+            .collect();
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let e: Vec<f32> = logits.iter().map(|l| (l - max).exp()).collect();
+        let total: f32 = e.iter().sum();
+        (0..d).map(|t| (0..head.len()).map(|i| e[i] / total * head.value(i)[t]).sum()).collect()
+    }
+
+    #[test]
+    fn log_count_keeps_attention_exact_for_identical_entries_and_none_does_not() {
+        let d = 4;
+        let base = random_head(10, d, 3);
+        // Tokens 2..7 are identical copies of token 2.
+        let mut keys = base.keys().to_vec();
+        let mut values = base.values().to_vec();
+        for i in 3..7 {
+            keys.copy_within(2 * d..3 * d, i * d);
+            values.copy_within(2 * d..3 * d, i * d);
+        }
+        let head = HeadCache::from_parts(d, keys, values, base.meta().to_vec()).unwrap();
+        let q = [0.9, -0.4, 1.3, 0.2];
+        let exact = attend(&q, &head, false);
+        for (mass, should_match) in [(MassRule::LogCount, true), (MassRule::None, false)] {
+            let mut merged = head.clone();
+            let c = KvMergerConfig {
+                budget_mode: BudgetMode::Threshold,
+                recent: Some(0.0),
+                selected: Some(0.0),
+                threshold: 0.999,
+                mass,
+                ..cfg(Budget::Ratio(1.0))
+            };
+            c.compress(ID, &mut merged, 10).unwrap();
+            assert_eq!(merged.len(), 6, "the five copies fold into one entry");
+            let out = attend(&q, &merged, c.log_count_bias());
+            let err: f32 = out.iter().zip(&exact).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+            assert_eq!(err < 1e-5, should_match, "{mass:?}: max error {err}");
+        }
+    }
+
+    #[test]
+    fn extreme_thresholds_merge_nothing_or_every_run() {
+        let c = |t| KvMergerConfig { budget_mode: BudgetMode::Threshold, threshold: t, ..cfg(Budget::Ratio(0.5)) };
+        let mut head = random_head(100, 8, 2);
+        let r = c(1.5).compress(ID, &mut head, 50).unwrap();
+        assert_eq!((r.merge_sets, head.len()), (0, 100));
+        let mut head = random_head(100, 8, 2);
+        let r = c(-1.5).compress(ID, &mut head, 50).unwrap();
+        // Protected: 17 recent + 12 selected; everything else merges into runs between them.
+        let protected = 29;
+        // Every run of unprotected tokens became one entry: sets of two or more, or singletons.
+        let singletons = 100 - protected - r.merged_tokens;
+        assert_eq!(head.len(), protected + r.merge_sets + singletons);
+        assert!(singletons <= 12 && r.merge_sets <= 13, "runs are only broken by the 12 selected tokens");
+        assert_eq!(head.meta().iter().map(|m| m.count).sum::<u32>(), 100);
+    }
+
+    #[test]
+    fn ablations_are_parameters() {
+        let base = runs_head(60, 8, 5);
+        let run = |c: KvMergerConfig| {
+            let mut h = base.clone();
+            c.compress(ID, &mut h, 30).unwrap();
+            h
+        };
+        let default = run(cfg(Budget::Ratio(0.5)));
+        let uniform = run(KvMergerConfig { weights: MergeWeights::Uniform, ..cfg(Budget::Ratio(0.5)) });
+        let random = run(KvMergerConfig { pivot: PivotRule::Random, seed: 1, ..cfg(Budget::Ratio(0.5)) });
+        let no_merge = run(KvMergerConfig { merge: false, ..cfg(Budget::Ratio(0.5)) });
+        assert_ne!(default.keys(), uniform.keys());
+        assert_ne!(default.meta(), random.meta());
+        assert!(no_merge.meta().iter().all(|m| m.count == 1), "no merging: only protection and eviction");
+        assert_eq!(no_merge.len(), 30);
+    }
+
+    #[test]
+    fn invalid_parameters_are_named() {
+        let err = KvMergerConfig { sigma: Sigma::Fixed(-1.0), ..Default::default() }.validate().unwrap_err();
+        assert!(err.to_string().contains("sigma"));
+        let err = KvMergerConfig { recent: Some(1.5), ..Default::default() }.validate().unwrap_err();
+        assert!(err.to_string().contains("recent"));
+        let err = KvMergerConfig { layer_budgets: Some(vec![0.5, 0.0]), ..Default::default() }.validate().unwrap_err();
+        assert!(err.to_string().contains("layer_budgets"));
+    }
+
+    #[test]
+    fn sigma_reads_numbers_tags_and_adaptive() {
+        let s: Sigma = serde_json::from_str("5").unwrap();
+        assert_eq!(s, Sigma::Fixed(5.0));
+        let s: Sigma = serde_json::from_str(r#"{"fixed": 2.5}"#).unwrap();
+        assert_eq!(s, Sigma::Fixed(2.5));
+        let s: Sigma = serde_json::from_str(r#""adaptive""#).unwrap();
+        assert_eq!(s, Sigma::Adaptive);
     }
 }

@@ -4,7 +4,10 @@
 use serde::{Deserialize, Serialize};
 
 use crate::budget::Budget;
+use crate::cache::HeadCache;
 use crate::error::{CompressError, Result};
+use crate::method::{CompressionMethod, HeadId, HeadReport};
+use crate::methods::select::sinks_and_recent;
 
 /// StreamingLLM parameters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -23,7 +26,61 @@ impl Default for StreamingLlmConfig {
 
 impl StreamingLlmConfig {
     pub fn validate(&self) -> Result<()> {
-        let _ = CompressError::invalid;
+        if let Budget::Tokens(t) = self.budget {
+            if self.sinks > t {
+                return Err(CompressError::invalid("sinks", format!("{} sinks exceed the budget of {t} entries", self.sinks)));
+            }
+        }
         Ok(())
+    }
+}
+
+impl CompressionMethod for StreamingLlmConfig {
+    fn name(&self) -> &'static str {
+        "streaming_llm"
+    }
+
+    fn budget_entries(&self, prompt_len: usize) -> usize {
+        self.budget.entries(prompt_len)
+    }
+
+    fn compress(&self, _id: HeadId, head: &mut HeadCache, budget: usize) -> Result<HeadReport> {
+        if self.sinks > budget {
+            return Err(CompressError::invalid("sinks", format!("{} sinks exceed the budget of {budget} entries", self.sinks)));
+        }
+        let before = head.len();
+        head.retain_indices(&sinks_and_recent(before, budget, self.sinks));
+        Ok(HeadReport { before, after: head.len(), ..Default::default() })
+    }
+
+    /// The window slides: the oldest entry after the sinks leaves.
+    fn after_step(&self, _id: HeadId, head: &mut HeadCache, budget: usize, _step: usize) -> Result<()> {
+        while head.len() > budget {
+            head.remove(self.sinks.min(budget));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::methods::test_util::random_head;
+
+    #[test]
+    fn keeps_sinks_and_the_recent_window() {
+        let mut head = random_head(50, 4, 1);
+        let cfg = StreamingLlmConfig { budget: Budget::Tokens(10), sinks: 4 };
+        cfg.compress(HeadId { layer: 0, head: 0 }, &mut head, 10).unwrap();
+        let kept: Vec<usize> = head.meta().iter().map(|m| m.position).collect();
+        assert_eq!(kept, vec![0, 1, 2, 3, 44, 45, 46, 47, 48, 49]);
+    }
+
+    #[test]
+    fn sinks_larger_than_the_budget_are_an_error() {
+        let mut head = random_head(50, 4, 1);
+        let cfg = StreamingLlmConfig { budget: Budget::Ratio(0.05), sinks: 4 };
+        let err = cfg.compress(HeadId { layer: 0, head: 0 }, &mut head, 3).unwrap_err();
+        assert!(err.to_string().contains("sinks"));
     }
 }

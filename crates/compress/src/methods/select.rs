@@ -1,0 +1,44 @@
+//! Selection helpers shared by the methods.
+
+use crate::cache::HeadCache;
+
+/// Indices of the `k` entries with the highest score among `candidates`, returned in
+/// increasing index order. Ties go to the lower index, so selection is deterministic.
+pub fn top_k(candidates: impl IntoIterator<Item = usize>, score: impl Fn(usize) -> f32, k: usize) -> Vec<usize> {
+    let mut c: Vec<usize> = candidates.into_iter().collect();
+    c.sort_by(|&a, &b| score(b).total_cmp(&score(a)).then(a.cmp(&b)));
+    c.truncate(k);
+    c.sort_unstable();
+    c
+}
+
+/// The union of two index lists, sorted and without duplicates.
+pub fn union_sorted(a: &[usize], b: &[usize]) -> Vec<usize> {
+    let mut out: Vec<usize> = a.iter().chain(b).copied().collect();
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// Keeps the most recent `recent` entries plus the `budget - recent` entries with the
+/// highest accumulated attention among the rest (H2O's selection). Returns kept indices.
+pub fn heavy_hitters_and_recent(head: &HeadCache, budget: usize, recent: usize) -> Vec<usize> {
+    let len = head.len();
+    if len <= budget {
+        return (0..len).collect();
+    }
+    let recent = recent.min(budget);
+    let split = len - recent;
+    let meta = head.meta();
+    let heavy = top_k(0..split, |i| meta[i].attention, budget - recent);
+    union_sorted(&heavy, &(split..len).collect::<Vec<_>>())
+}
+
+/// Keeps the first `sinks` and the last `budget - sinks` entries (StreamingLLM's selection).
+pub fn sinks_and_recent(len: usize, budget: usize, sinks: usize) -> Vec<usize> {
+    if len <= budget {
+        return (0..len).collect();
+    }
+    let sinks = sinks.min(budget);
+    (0..sinks).chain(len - (budget - sinks)..len).collect()
+}

@@ -1,0 +1,19 @@
+//! Random heads for the methods' tests.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::cache::{EntryMeta, HeadCache};
+
+/// A head of `n` entries with seeded random keys, values and accumulated attention;
+/// entry `i` sits at position `i`.
+pub fn random_head(n: usize, d: usize, seed: u64) -> HeadCache {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut head = HeadCache::new(d);
+    for i in 0..n {
+        let k: Vec<f32> = (0..d).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let v: Vec<f32> = (0..d).map(|_| rng.random_range(-1.0..1.0)).collect();
+        head.push(&k, &v, EntryMeta { position: i, count: 1, attention: rng.random_range(0.0..5.0) });
+    }
+    head
+}
