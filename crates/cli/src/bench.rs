@@ -68,7 +68,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             let start = Instant::now();
             for _ in 0..args.decode_steps {
                 let next = kvmerger_engine::argmax(&logits);
-                logits = session.extend(&[next], kvmerger_engine::Logits::Last)?.flatten_all()?.to_vec1()?;
+                logits = session.extend(&[next], kvmerger_engine::Logits::Last)?.swap_remove(0);
             }
             let decode = start.elapsed().as_secs_f64() / args.decode_steps as f64;
             rows.push(row(name, n, prefill, decode));

@@ -3,7 +3,6 @@
 
 use std::time::{Duration, Instant};
 
-use candle_core::Tensor;
 use kvmerger_compress::{CompressionConfig, CompressionMethod, HeadId, HeadReport, KvCache, StatsRequest};
 use rayon::prelude::*;
 use serde::Serialize;
@@ -182,8 +181,9 @@ impl<'m> Session<'m> {
     }
 
     /// Appends tokens after the compressed prompt (a question, or one decoded token) and
-    /// applies the method's decode-time policy. Returns logits as `logits` asks.
-    pub fn extend(&mut self, tokens: &[u32], logits: Logits) -> Result<Tensor> {
+    /// applies the method's decode-time policy. Returns logits as `logits` asks:
+    /// `[rows][vocab]`, one row for [`Logits::Last`].
+    pub fn extend(&mut self, tokens: &[u32], logits: Logits) -> Result<Vec<Vec<f32>>> {
         let opts = ForwardOptions { logits, stats: self.method.stats().without_window(), attention_chunk: self.attention_chunk };
         let out = self.model.forward(tokens, &mut self.cache, opts)?;
         self.steps += 1;
@@ -197,7 +197,7 @@ impl<'m> Session<'m> {
                     .try_for_each(|(head, cache)| method.after_step(HeadId { layer, head }, cache, budget, step))
             })?;
         }
-        Ok(out)
+        Ok(out.to_vec2()?)
     }
 
     /// Generates up to `max_tokens` tokens after `logits` (the last logits returned by
@@ -222,7 +222,7 @@ impl<'m> Session<'m> {
             if self.cache.n_seen >= self.model.config.context_length {
                 break;
             }
-            logits = self.extend(&[next], Logits::Last)?.flatten_all()?.to_vec1()?;
+            logits = self.extend(&[next], Logits::Last)?.swap_remove(0);
             self.timings.decode_tokens += 1;
         }
         self.timings.decode += start.elapsed();
