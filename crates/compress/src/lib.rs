@@ -16,4 +16,4 @@ pub use cache::{EntryMeta, HeadCache, KvCache};
 pub use config::{CompressionConfig, METHOD_NAMES};
 pub use error::{CompressError, Result};
 pub use method::{CompressionMethod, HeadId, HeadReport, StatsRequest};
-pub use methods::{merging_sets, CompareTo};
+pub use methods::{adjacent_cosine, cosine, merging_sets, CompareTo};

@@ -157,6 +157,7 @@ impl CompressionMethod for CamConfig {
             self.maybe_merge(head, victim, &targets, &mut rng);
         }
         head.retain_indices(&keep);
+        head.shrink_to_fit();
         Ok(HeadReport { before, after: head.len(), ..Default::default() })
     }
 

@@ -69,6 +69,7 @@ impl CompressionMethod for H2oConfig {
     fn compress(&self, _id: HeadId, head: &mut HeadCache, budget: usize) -> Result<HeadReport> {
         let before = head.len();
         head.retain_indices(&heavy_hitters_and_recent(head, budget, self.recent(budget)));
+        head.shrink_to_fit();
         Ok(HeadReport { before, after: head.len(), ..Default::default() })
     }
 

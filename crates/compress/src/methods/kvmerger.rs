@@ -160,7 +160,7 @@ impl KvMergerConfig {
                 return Err(CompressError::invalid("sigma", format!("must be positive and finite, got {s}")));
             }
         }
-        if !(self.sigma_floor > 0.0) {
+        if self.sigma_floor.is_nan() || self.sigma_floor <= 0.0 {
             return Err(CompressError::invalid("sigma_floor", format!("must be positive, got {}", self.sigma_floor)));
         }
         if self.threshold.is_nan() {
@@ -337,13 +337,15 @@ impl CompressionMethod for KvMergerConfig {
             let candidates = (0..head.len()).filter(|&j| !protected[j]);
             let meta = head.meta();
             let evict = head.len() - budget;
-            // Keep the highest-attention unprotected entries; the rest leave.
+            // Keep the highest-attention unprotected entries; the rest leave. On equal
+            // attention the earlier entry stays (the later one is evicted first).
             let unprotected: Vec<usize> = candidates.collect();
             let keep_unprotected = top_k(unprotected.iter().copied(), |j| meta[j].attention, unprotected.len().saturating_sub(evict));
             let mut keep: Vec<usize> = (0..head.len()).filter(|&j| protected[j]).chain(keep_unprotected).collect();
             keep.sort_unstable();
             head.retain_indices(&keep);
         }
+        head.shrink_to_fit();
         report.after = head.len();
         Ok(report)
     }
@@ -387,6 +389,21 @@ mod tests {
             assert_eq!(r.after, b);
             assert!(head.meta().windows(2).all(|w| w[0].position < w[1].position));
         }
+    }
+
+    #[test]
+    fn tiny_budgets_clamp_the_protected_shares_to_the_budget() {
+        // B = 5 of 100: the 8% recent + 2% selected shares do not fit. The selected share
+        // gives way first, then the recent window shrinks to the budget.
+        let mut head = runs_head(100, 8, 10);
+        cfg(Budget::Ratio(0.05)).compress(ID, &mut head, 5).unwrap();
+        assert_eq!(head.meta().iter().map(|m| m.position).collect::<Vec<_>>(), vec![95, 96, 97, 98, 99]);
+        let mut head = random_head(100, 8, 1);
+        let c = KvMergerConfig { recent: Some(0.05), selected: Some(0.1), ..cfg(Budget::Ratio(0.1)) };
+        let top: Vec<usize> = crate::methods::select::top_k(0..95, |i| head.meta()[i].attention, 5);
+        c.compress(ID, &mut head, 10).unwrap();
+        let kept: Vec<usize> = head.meta().iter().map(|m| m.position).collect();
+        assert_eq!(kept, top.into_iter().chain(95..100).collect::<Vec<_>>());
     }
 
     #[test]

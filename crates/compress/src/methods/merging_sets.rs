@@ -32,6 +32,14 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
     }
 }
 
+/// Cosine similarity of each row of a `[len, head_dim]` matrix with the next one, `[len - 1]`
+/// (empty for fewer than two rows): the statistic the paper's first observation is about.
+pub fn adjacent_cosine(rows: &[f32], head_dim: usize) -> Vec<f32> {
+    let row = |i: usize| &rows[i * head_dim..(i + 1) * head_dim];
+    let n = rows.len().checked_div(head_dim).unwrap_or(0);
+    (1..n).map(|i| cosine(row(i - 1), row(i))).collect()
+}
+
 /// Merging sets of a head's keys (`[len, head_dim]`). Scans from the last token to the
 /// first: token `i` joins the set of `i + 1` when both are unprotected and `i` is similar
 /// enough (`cos > threshold`) to the token `compare_to` names; otherwise it starts a new
@@ -146,6 +154,16 @@ mod tests {
                 prop_assert_eq!(seen[i], if *p { 0 } else { 1 });
             }
         }
+    }
+
+    #[test]
+    fn adjacent_cosine_compares_each_row_with_the_next() {
+        let rows = [1.0, 0.0, 1.0, 1.0, 0.0, 2.0, 0.0, -3.0];
+        let c = adjacent_cosine(&rows, 2);
+        let expected = [1.0 / 2f32.sqrt(), 1.0 / 2f32.sqrt(), -1.0];
+        assert_eq!(c.len(), 3);
+        assert!(c.iter().zip(expected).all(|(a, b)| (a - b).abs() < 1e-6), "{c:?}");
+        assert!(adjacent_cosine(&rows[..2], 2).is_empty());
     }
 
     #[test]

@@ -15,6 +15,100 @@ pub use cam::{CamConfig, CamEviction, CamProbability};
 pub use full::FullCache;
 pub use h2o::H2oConfig;
 pub use kvmerger::{BudgetMode, KvMergerConfig, MassRule, MergeWeights, PivotRule, Sigma};
-pub use merging_sets::{cosine, merging_sets, CompareTo};
+pub use merging_sets::{adjacent_cosine, cosine, merging_sets, CompareTo};
 pub use snapkv::{avg_pool, SnapKvConfig};
 pub use streaming_llm::StreamingLlmConfig;
+
+/// Every method through every path: configured by name as on the command line, compressed
+/// after a prompt, then driven through decode steps.
+#[cfg(test)]
+mod tests {
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    use crate::budget::Budget;
+    use crate::cache::EntryMeta;
+    use crate::config::CompressionConfig;
+    use crate::method::HeadId;
+    use crate::methods::test_util::random_head;
+
+    /// `(method, parameters, whether it keeps the head within budget while decoding)`
+    type Case = (&'static str, &'static [(&'static str, &'static str)], bool);
+
+    const METHODS: [Case; 8] = [
+        ("full", &[], false),
+        ("streaming_llm", &[], true),
+        ("h2o", &[], true),
+        ("snapkv", &[("window", "8")], false),
+        ("cam", &[], true),
+        ("cam", &[("eviction", "h2o")], true),
+        ("kvmerger", &[], false),
+        ("kvmerger", &[("budget_mode", "threshold"), ("mass", "log_count")], false),
+    ];
+
+    #[test]
+    fn every_method_compresses_and_decodes_within_its_budget() {
+        const T: usize = 100;
+        const D: usize = 8;
+        for (name, params, bounded_decode) in METHODS {
+            for ratio in [1.0, 0.5, 0.35, 0.2] {
+                let budget = (name != "full").then_some(Budget::Ratio(ratio));
+                let params: Vec<(String, String)> = params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+                let config = CompressionConfig::from_cli(name, budget, &params).unwrap();
+                let method = config.build().unwrap();
+                let what = format!("{} at {ratio}", config.label());
+                let id = HeadId { layer: 1, head: 2 };
+
+                let mut head = random_head(T, D, 11);
+                if method.stats().window.is_some() {
+                    head.window_attention = head.meta().iter().map(|m| m.attention / 2.0).collect();
+                }
+                let b = method.budget_entries(T);
+                let report = method.compress(id, &mut head, b).unwrap();
+                let exact = name != "kvmerger" || !params.iter().any(|(_, v)| v == "threshold");
+                if exact {
+                    assert_eq!(head.len(), b, "{what}");
+                } else {
+                    assert!(head.len() <= T, "{what}");
+                }
+                assert_eq!((report.before, report.after), (T, head.len()), "{what}");
+                assert!(head.meta().windows(2).all(|w| w[0].position < w[1].position), "{what}: sorted by position");
+                if head.len() < T {
+                    let row = 2 * D * std::mem::size_of::<f32>() + std::mem::size_of::<EntryMeta>();
+                    assert_eq!(head.resident_bytes(), head.len() * row, "{what}: memory follows the entries kept");
+                }
+
+                let mut rng = StdRng::seed_from_u64(5);
+                for step in 1..=64 {
+                    let k: Vec<f32> = (0..D).map(|_| rng.random_range(-1.0..1.0)).collect();
+                    let v: Vec<f32> = (0..D).map(|_| rng.random_range(-1.0..1.0)).collect();
+                    head.push(&k, &v, EntryMeta { position: T + step - 1, count: 1, attention: rng.random_range(0.0..5.0) });
+                    method.after_step(id, &mut head, b, step).unwrap();
+                    if bounded_decode {
+                        assert!(head.len() <= b, "{what}: {} entries after step {step}", head.len());
+                    }
+                }
+                assert!(head.meta().windows(2).all(|w| w[0].position < w[1].position), "{what}: sorted after decoding");
+                assert_eq!(method.log_count_bias(), params.contains(&("mass".into(), "log_count".into())), "{what}");
+            }
+        }
+    }
+
+    #[test]
+    fn heads_within_budget_are_left_unchanged() {
+        for (name, params, _) in METHODS {
+            let params: Vec<(String, String)> = params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+            let config = CompressionConfig::from_cli(name, None, &params).unwrap();
+            if config.name() == "kvmerger" && params.iter().any(|(_, v)| v == "threshold") {
+                continue; // threshold mode merges whatever the budget
+            }
+            let method = config.build().unwrap();
+            let mut head = random_head(40, 4, 3);
+            let original = head.clone();
+            method.compress(HeadId { layer: 0, head: 0 }, &mut head, 40).unwrap();
+            assert_eq!(head.keys(), original.keys(), "{name}");
+            assert_eq!(head.values(), original.values(), "{name}");
+            assert_eq!(head.meta(), original.meta(), "{name}");
+        }
+    }
+}

@@ -32,7 +32,7 @@ impl SnapKvConfig {
         if self.window == 0 {
             return Err(CompressError::invalid("window", "must be at least 1"));
         }
-        if self.kernel == 0 || self.kernel % 2 == 0 {
+        if self.kernel.is_multiple_of(2) {
             return Err(CompressError::invalid("kernel", format!("must be odd and positive, got {}", self.kernel)));
         }
         if let Budget::Tokens(t) = self.budget {
@@ -86,6 +86,7 @@ impl CompressionMethod for SnapKvConfig {
         let mut keep = top_k(0..prefix, |i| pooled[i], budget - self.window);
         keep.extend(prefix..before);
         head.retain_indices(&keep);
+        head.shrink_to_fit();
         Ok(HeadReport { before, after: head.len(), ..Default::default() })
     }
 }

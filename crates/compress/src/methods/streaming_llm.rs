@@ -50,6 +50,7 @@ impl CompressionMethod for StreamingLlmConfig {
         }
         let before = head.len();
         head.retain_indices(&sinks_and_recent(before, budget, self.sinks));
+        head.shrink_to_fit();
         Ok(HeadReport { before, after: head.len(), ..Default::default() })
     }
 
@@ -74,6 +75,21 @@ mod tests {
         cfg.compress(HeadId { layer: 0, head: 0 }, &mut head, 10).unwrap();
         let kept: Vec<usize> = head.meta().iter().map(|m| m.position).collect();
         assert_eq!(kept, vec![0, 1, 2, 3, 44, 45, 46, 47, 48, 49]);
+    }
+
+    #[test]
+    fn keeps_the_reference_selection_on_random_inputs() {
+        for seed in 0..20u64 {
+            let len = 20 + 7 * seed as usize;
+            let (budget, sinks) = (5 + 3 * seed as usize, seed as usize % 6);
+            let mut head = random_head(len, 4, seed);
+            let cfg = StreamingLlmConfig { budget: Budget::Tokens(budget), sinks };
+            cfg.compress(HeadId { layer: 0, head: 0 }, &mut head, budget).unwrap();
+            // Reference: an index stays if it is a sink or among the last `budget - sinks`.
+            let expected: Vec<usize> = (0..len).filter(|&i| i < sinks || i >= len - (budget - sinks)).collect();
+            let kept: Vec<usize> = head.meta().iter().map(|m| m.position).collect();
+            assert_eq!(kept, expected, "seed {seed}");
+        }
     }
 
     #[test]
