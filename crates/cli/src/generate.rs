@@ -92,11 +92,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     );
     if let Some(report) = session.report() {
         eprintln!(
-            "kv cache: {} entries kept of {} ({:.1}%), {:.2} MiB resident, compression {:.1} ms",
-            session.cache.total_entries(),
+            "kv cache after the prompt: {} entries kept of {} ({:.1}%), {:.2} MiB resident, compression {:.1} ms",
+            report.kept_entries(),
             report.prompt_len * loaded.model.config.n_layers * loaded.model.config.n_kv_heads,
             100.0 * report.achieved_ratio(),
-            session.cache.resident_bytes() as f64 / (1 << 20) as f64,
+            report.resident_bytes as f64 / (1 << 20) as f64,
             report.compress_ms
         );
         if args.stats {

@@ -1,7 +1,9 @@
 //! `kvmerger`: run, compare and analyse KV-cache compression on Llama-family models.
 
+mod analyze;
 mod args;
 mod bench;
+mod eval;
 mod generate;
 
 use anyhow::Result;
@@ -16,8 +18,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Compare every method with the full cache at the same budgets (the main job).
+    Eval(eval::EvalArgs),
+    /// Merge result shards and write the report.
+    Report(eval::ReportArgs),
     /// Generate text from a prompt under a compression method.
     Generate(generate::GenerateArgs),
+    /// Key similarity and per-layer merge ratios of a model across texts (the paper's observations).
+    Analyze(analyze::AnalyzeArgs),
     /// Measure prefill and decode speed against candle-transformers' quantized_llama.
     Bench(bench::BenchArgs),
     /// Download the default model (and the default haystack corpus) if missing.
@@ -27,7 +35,10 @@ enum Command {
 fn main() {
     let cli = Cli::parse();
     let result: Result<()> = match cli.command {
+        Command::Eval(a) => eval::run(a),
+        Command::Report(a) => eval::report(a),
         Command::Generate(a) => generate::run(a),
+        Command::Analyze(a) => analyze::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Fetch => fetch(),
     };
@@ -40,5 +51,7 @@ fn main() {
 fn fetch() -> Result<()> {
     let path = kvmerger_engine::fetch::ensure_default_model()?;
     println!("model: {}", path.display());
+    let corpus = kvmerger_eval::corpus::ensure_default_corpus()?;
+    println!("haystack corpus: {}", corpus.display());
     Ok(())
 }

@@ -123,12 +123,40 @@ impl CompressionConfig {
         })
     }
 
-    /// A short label for tables: `kvmerger@35%`.
+    /// A short label for tables: `kvmerger@35%`, with the parameters that differ from the
+    /// method's defaults: `kvmerger(mass=log_count)@35%`.
     pub fn label(&self) -> String {
-        match self {
-            Self::Full => "full".to_string(),
-            other => format!("{}@{}", other.name(), other.budget()),
+        if *self == Self::Full {
+            return "full".to_string();
         }
+        let changed = match (serde_json::to_value(self), Self::from_cli(self.name(), Some(self.budget()), &[]).map(|d| serde_json::to_value(d))) {
+            (Ok(Value::Object(mine)), Ok(Ok(Value::Object(default)))) => mine
+                .iter()
+                .filter(|(k, v)| default.get(*k) != Some(*v))
+                .map(|(k, v)| format!("{k}={}", short(v)))
+                .collect::<Vec<_>>(),
+            _ => Vec::new(),
+        };
+        if changed.is_empty() {
+            format!("{}@{}", self.name(), self.budget())
+        } else {
+            format!("{}({})@{}", self.name(), changed.join(","), self.budget())
+        }
+    }
+}
+
+/// A parameter value as a label shows it: strings bare, numbers to four decimals.
+fn short(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Number(n) => match n.as_f64() {
+            Some(x) if n.is_f64() => {
+                let t = format!("{x:.4}");
+                t.trim_end_matches('0').trim_end_matches('.').to_string()
+            }
+            _ => n.to_string(),
+        },
+        other => other.to_string(),
     }
 }
 
@@ -157,7 +185,8 @@ mod tests {
         .unwrap();
         let CompressionConfig::Kvmerger(k) = &c else { panic!("{c:?}") };
         assert_eq!((k.threshold, k.sigma, k.mass, k.budget), (0.8, Sigma::Adaptive, MassRule::LogCount, Budget::Ratio(0.35)));
-        assert_eq!(c.label(), "kvmerger@35%");
+        assert_eq!(c.label(), "kvmerger(mass=log_count,sigma=adaptive,threshold=0.8)@35%");
+        assert_eq!(CompressionConfig::from_cli("h2o", Some(Budget::Ratio(0.5)), &[]).unwrap().label(), "h2o@50%");
         let again = CompressionConfig::from_json(&serde_json::to_string(&c).unwrap()).unwrap();
         assert_eq!(again, c);
         let c = CompressionConfig::from_cli("kvmerger", None, &kv(&[("sigma", "3")])).unwrap();

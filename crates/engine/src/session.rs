@@ -21,9 +21,16 @@ pub struct CompressionReport {
     /// `[layer][kv_head]`
     pub heads: Vec<Vec<HeadReport>>,
     pub compress_ms: f64,
+    /// Bytes the cache held right after compression.
+    pub resident_bytes: usize,
 }
 
 impl CompressionReport {
+    /// Entries kept over all heads.
+    pub fn kept_entries(&self) -> usize {
+        self.heads.iter().flatten().map(|h| h.after).sum()
+    }
+
     /// Entries kept over entries before, over all heads.
     pub fn achieved_ratio(&self) -> f64 {
         let (before, after) = self.heads.iter().flatten().fold((0, 0), |(b, a), h| (b + h.before, a + h.after));
@@ -176,6 +183,7 @@ impl<'m> Session<'m> {
             budgets,
             heads,
             compress_ms: start.elapsed().as_secs_f64() * 1e3,
+            resident_bytes: self.cache.resident_bytes(),
         });
         Ok(())
     }

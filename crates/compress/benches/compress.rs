@@ -1,0 +1,45 @@
+//! How long each method takes to compress one head of a 2,048-token prompt (head_dim 64),
+//! and how long merging-set identification alone takes.
+//!
+//!     cargo bench -p kvmerger-compress
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
+use kvmerger_compress::{merging_sets, Budget, CompareTo, CompressionConfig, EntryMeta, HeadCache, HeadId, METHOD_NAMES};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+const T: usize = 2048;
+const D: usize = 64;
+
+/// Keys that drift slowly, so neighbours are similar as in real models.
+fn head() -> HeadCache {
+    let mut rng = StdRng::seed_from_u64(1);
+    let mut key: Vec<f32> = (0..D).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let mut h = HeadCache::with_capacity(D, T);
+    for i in 0..T {
+        key.iter_mut().for_each(|k| *k += rng.random_range(-0.3..0.3));
+        let value: Vec<f32> = (0..D).map(|_| rng.random_range(-1.0..1.0)).collect();
+        h.push(&key, &value, EntryMeta { position: i, count: 1, attention: rng.random_range(0.0..3.0) });
+    }
+    h.window_attention = h.meta().iter().map(|m| m.attention).collect();
+    h
+}
+
+fn bench(c: &mut Criterion) {
+    let base = head();
+    let mut group = c.benchmark_group("compress one head, 2048 tokens, 35% budget");
+    for name in METHOD_NAMES {
+        let budget = (name != "full").then_some(Budget::Ratio(0.35));
+        let method = CompressionConfig::from_cli(name, budget, &[]).unwrap().build().unwrap();
+        let b = method.budget_entries(T);
+        group.bench_function(name, |bench| {
+            bench.iter_batched(|| base.clone(), |mut h| method.compress(HeadId { layer: 0, head: 0 }, &mut h, b).unwrap(), BatchSize::LargeInput)
+        });
+    }
+    group.finish();
+    let protected = vec![false; T];
+    c.bench_function("merging_sets, 2048 tokens", |bench| bench.iter(|| merging_sets(base.keys(), D, &protected, 0.75, CompareTo::Neighbour)));
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -1,0 +1,136 @@
+//! Bring-your-own data: JSONL rows in kvpress's column convention
+//! (`context, question, answer_prefix, answer, max_new_tokens`), scored with a LongBench
+//! metric chosen per file.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::error::{EvalError, Result};
+use crate::metrics::Metric;
+use crate::tasks::Sample;
+
+/// What to do with a malformed line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LoadPolicy {
+    /// Report it and go on.
+    #[default]
+    Skip,
+    /// Stop at it.
+    Fatal,
+}
+
+/// A malformed line that was skipped.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LineError {
+    pub line: usize,
+    pub message: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Row {
+    #[serde(default)]
+    id: Option<String>,
+    context: String,
+    question: String,
+    #[serde(default)]
+    answer_prefix: String,
+    answer: Answer,
+    #[serde(default = "default_max_new_tokens")]
+    max_new_tokens: usize,
+    #[serde(default)]
+    all_classes: Option<Vec<String>>,
+}
+
+fn default_max_new_tokens() -> usize {
+    32
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Answer {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// Reads a JSONL file into samples scored by `metric`. Empty lines are ignored; malformed
+/// ones are skipped and reported, or fatal, as `policy` says.
+pub fn load_jsonl(path: &Path, metric: Metric, policy: LoadPolicy) -> Result<(Vec<Sample>, Vec<LineError>)> {
+    let text = std::fs::read_to_string(path).map_err(EvalError::io(path))?;
+    let task = path.file_stem().unwrap_or_default().to_string_lossy().to_string();
+    let mut samples = Vec::new();
+    let mut errors = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line_no = i + 1;
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str::<Row>(line) {
+            Ok(row) => {
+                let answers = match row.answer {
+                    Answer::One(a) => vec![a],
+                    Answer::Many(a) => a,
+                };
+                samples.push(Sample {
+                    id: row.id.unwrap_or_else(|| format!("{task}-{line_no}")),
+                    task: task.clone(),
+                    context: row.context,
+                    question: row.question,
+                    answer_prefix: row.answer_prefix,
+                    answers,
+                    max_new_tokens: row.max_new_tokens,
+                    depth: None,
+                    metric,
+                    all_classes: row.all_classes,
+                });
+            }
+            Err(e) => {
+                let message = e.to_string();
+                if policy == LoadPolicy::Fatal {
+                    return Err(EvalError::Dataset { path: path.to_path_buf(), line: line_no, message });
+                }
+                errors.push(LineError { line: line_no, message });
+            }
+        }
+    }
+    Ok((samples, errors))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(content: &str) -> std::path::PathBuf {
+        let path = std::env::temp_dir().join(format!("kvmerger-dataset-{}-{}.jsonl", std::process::id(), content.len()));
+        std::fs::write(&path, content).unwrap();
+        path
+    }
+
+    const GOOD: &str = r#"{"context": "c", "question": "q?", "answer_prefix": "A:", "answer": "x", "max_new_tokens": 5}"#;
+
+    #[test]
+    fn malformed_lines_are_reported_with_their_numbers() {
+        let content = format!(
+            "{GOOD}\n\n{{not json\n{}\n{}\n{}\n",
+            r#"{"question": "q", "answer": "x"}"#,
+            r#"{"context": "c", "question": "q", "answer": 5}"#,
+            r#"{"context": "c", "question": "q", "answer": ["a", "b"], "all_classes": ["a", "b"]}"#
+        );
+        let path = file(&content);
+        let (samples, errors) = load_jsonl(&path, Metric::QaF1, LoadPolicy::Skip).unwrap();
+        assert_eq!(samples.len(), 2);
+        assert_eq!(samples[1].answers, vec!["a", "b"]);
+        assert_eq!(samples[1].max_new_tokens, 32);
+        assert_eq!(errors.iter().map(|e| e.line).collect::<Vec<_>>(), vec![3, 4, 5]);
+        assert!(errors[1].message.contains("context"), "{}", errors[1].message);
+        let err = load_jsonl(&path, Metric::QaF1, LoadPolicy::Fatal).unwrap_err();
+        assert!(err.to_string().contains("line 3"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_file_is_an_io_error() {
+        let err = load_jsonl(Path::new("/nonexistent/data.jsonl"), Metric::QaF1, LoadPolicy::Skip).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/data.jsonl"));
+    }
+}
