@@ -13,5 +13,5 @@ if ! python3 -c "import gguf, tokenizers" 2>/dev/null; then
   echo "installing the Python packages of the tokenizer cross-check (gguf, tokenizers)"
   python3 -m pip install --quiet gguf tokenizers
 fi
-cargo run --release --quiet -p kvmerger -- fetch
+cargo run --release --quiet -p kvmerger -- fetch --model-only
 cargo test --release --workspace

@@ -28,8 +28,12 @@ enum Command {
     Analyze(analyze::AnalyzeArgs),
     /// Measure prefill and decode speed against candle-transformers' quantized_llama.
     Bench(bench::BenchArgs),
-    /// Download the default model (and the default haystack corpus) if missing.
-    Fetch,
+    /// Download the default model and the default haystack corpus if missing.
+    Fetch {
+        /// Only the model (the tests need no corpus).
+        #[arg(long)]
+        model_only: bool,
+    },
 }
 
 fn main() {
@@ -40,7 +44,7 @@ fn main() {
         Command::Generate(a) => generate::run(a),
         Command::Analyze(a) => analyze::run(a),
         Command::Bench(a) => bench::run(a),
-        Command::Fetch => fetch(),
+        Command::Fetch { model_only } => fetch(model_only),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -48,9 +52,12 @@ fn main() {
     }
 }
 
-fn fetch() -> Result<()> {
+fn fetch(model_only: bool) -> Result<()> {
     let path = kvmerger_engine::fetch::ensure_default_model()?;
     println!("model: {}", path.display());
+    if model_only {
+        return Ok(());
+    }
     let corpus = kvmerger_eval::corpus::ensure_default_corpus()?;
     println!("haystack corpus: {}", corpus.display());
     Ok(())

@@ -124,7 +124,7 @@ impl CompressionConfig {
     }
 
     /// A short label for tables: `kvmerger@35%`, with the parameters that differ from the
-    /// method's defaults: `kvmerger(mass=log_count)@35%`.
+    /// method's defaults: `kvmerger(mass=log_count;sigma=adaptive)@35%`.
     pub fn label(&self) -> String {
         if *self == Self::Full {
             return "full".to_string();
@@ -140,7 +140,7 @@ impl CompressionConfig {
         if changed.is_empty() {
             format!("{}@{}", self.name(), self.budget())
         } else {
-            format!("{}({})@{}", self.name(), changed.join(","), self.budget())
+            format!("{}({})@{}", self.name(), changed.join(";"), self.budget())
         }
     }
 }
@@ -185,7 +185,7 @@ mod tests {
         .unwrap();
         let CompressionConfig::Kvmerger(k) = &c else { panic!("{c:?}") };
         assert_eq!((k.threshold, k.sigma, k.mass, k.budget), (0.8, Sigma::Adaptive, MassRule::LogCount, Budget::Ratio(0.35)));
-        assert_eq!(c.label(), "kvmerger(mass=log_count,sigma=adaptive,threshold=0.8)@35%");
+        assert_eq!(c.label(), "kvmerger(mass=log_count;sigma=adaptive;threshold=0.8)@35%");
         assert_eq!(CompressionConfig::from_cli("h2o", Some(Budget::Ratio(0.5)), &[]).unwrap().label(), "h2o@50%");
         let again = CompressionConfig::from_json(&serde_json::to_string(&c).unwrap()).unwrap();
         assert_eq!(again, c);

@@ -94,7 +94,8 @@ pub fn heatmap(
         .margin(10)
         .x_label_area_size(40)
         .y_label_area_size(60)
-        .build_cartesian_2d((0..cols).into_segmented(), (0..rows).into_segmented())
+        // A segmented `0..n` range has n + 1 segments: `0..n - 1` gives one per cell.
+        .build_cartesian_2d((0..cols.max(1) - 1).into_segmented(), (0..rows.max(1) - 1).into_segmented())
         .map_err(plot_err)?;
     // Labels sit at the centre of each cell.
     let tick = |ticks: &[String], v: &SegmentValue<usize>| match v {

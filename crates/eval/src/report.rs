@@ -114,7 +114,8 @@ pub fn write_report(rows: &[ResultRow], dir: &Path, title: &str, command: &str) 
                 let m = |f: fn(&ResultRow) -> f64| g.stat(task, method, b, f).mean;
                 let _ = writeln!(
                     csv,
-                    "{task},{method},{},{},{:.6},{:.6},{:.6},{:.6},{:.3},{:.6},{:.4}",
+                    "{task},\"{}\",{},{},{:.6},{:.6},{:.6},{:.6},{:.3},{:.6},{:.4}",
+                    method.replace('"', "\"\""),
                     b as f64 / 100.0,
                     s.n,
                     s.mean,
@@ -241,6 +242,6 @@ mod tests {
             assert!(meta.len() > 2000, "{png} is {} bytes", meta.len());
         }
         let csv = std::fs::read_to_string(dir.join("summary.csv")).unwrap();
-        assert!(csv.contains("passkey,h2o,0.5,2,0.500000"), "{csv}");
+        assert!(csv.contains("passkey,\"h2o\",0.5,2,0.500000"), "{csv}");
     }
 }

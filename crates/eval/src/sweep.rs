@@ -45,7 +45,7 @@ pub struct SweepSpec {
 impl SweepSpec {
     /// Built-in presets: `default` (about 10 minutes on 2 cores), `long`, `ruler`.
     pub fn preset(name: &str) -> Result<Self> {
-        let methods = ["kvmerger", "h2o", "cam", "streaming_llm", "snapkv"].map(String::from).to_vec();
+        let methods = ["kvmerger", "kvmerger:mass=log_count", "h2o", "cam", "streaming_llm", "snapkv"].map(String::from).to_vec();
         let grid = |task, lengths: &[usize], depths: &[f64], seeds: &[u64]| TaskGrid { task, lengths: lengths.to_vec(), depths: depths.to_vec(), seeds: seeds.to_vec() };
         let (tasks, budgets) = match name {
             "default" => (
@@ -209,7 +209,7 @@ mod tests {
         assert_eq!(jobs.len(), 2 * 3 * 2 + 2 * 2 + 2 * 2 + 2);
         assert!(SweepSpec::preset("nope").is_err());
         let variants = SweepSpec { methods: vec!["kvmerger:mass=log_count;sigma=adaptive".into()], budgets: vec![0.5], ..spec.clone() };
-        assert_eq!(variants.configs().unwrap()[1].label(), "kvmerger(mass=log_count,sigma=adaptive)@50%");
+        assert_eq!(variants.configs().unwrap()[1].label(), "kvmerger(mass=log_count;sigma=adaptive)@50%");
         let json = serde_json::to_string(&spec).unwrap();
         assert_eq!(serde_json::from_str::<SweepSpec>(&json).unwrap(), spec);
     }
