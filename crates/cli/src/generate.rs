@@ -82,13 +82,14 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     println!();
     let t = session.timings;
     eprintln!(
-        "\n{}: prompt {} tokens, prefill {:.1} tokens/s ({:.2} s), decode {:.1} tokens/s ({} tokens)",
+        "\n{}: prompt {} tokens, prefill {:.1} tokens/s ({:.2} s), decode {:.1} tokens/s ({} tokens), weights {:.0} MiB",
         method.label(),
         tokens.len(),
         t.prefill_tokens_per_s(),
         t.prefill.as_secs_f64(),
         t.decode_tokens_per_s(),
-        t.decode_tokens
+        t.decode_tokens,
+        loaded.model.weight_bytes() as f64 / (1 << 20) as f64
     );
     if let Some(report) = session.report() {
         eprintln!(

@@ -194,20 +194,9 @@ impl KvCache {
         self.layers.len()
     }
 
-    /// Total entries over every layer and head.
-    pub fn total_entries(&self) -> usize {
-        self.layers.iter().flatten().map(HeadCache::len).sum()
-    }
-
     /// Bytes resident in every head's buffers.
     pub fn resident_bytes(&self) -> usize {
         self.layers.iter().flatten().map(HeadCache::resident_bytes).sum()
-    }
-
-    /// Bytes the stored keys and values need (2 x len x head_dim x 4 per head), the
-    /// figure a budget promises.
-    pub fn kv_bytes(&self) -> usize {
-        self.layers.iter().flatten().map(|h| 2 * h.len() * h.head_dim() * std::mem::size_of::<f32>()).sum()
     }
 }
 

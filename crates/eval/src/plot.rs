@@ -94,8 +94,7 @@ pub fn heatmap(
         .margin(10)
         .x_label_area_size(40)
         .y_label_area_size(60)
-        // A segmented `0..n` range has n + 1 segments: `0..n - 1` gives one per cell.
-        .build_cartesian_2d((0..cols.max(1) - 1).into_segmented(), (0..rows.max(1) - 1).into_segmented())
+        .build_cartesian_2d(cells(cols).into_segmented(), cells(rows).into_segmented())
         .map_err(plot_err)?;
     // Labels sit at the centre of each cell.
     let tick = |ticks: &[String], v: &SegmentValue<usize>| match v {
@@ -137,6 +136,12 @@ pub fn heatmap(
             .map_err(plot_err)?;
     }
     Ok(())
+}
+
+/// The range whose segments are `n` cells: a segmented `0..m` has m + 1 segments. An empty
+/// range cannot be drawn, so a single cell gets one empty neighbour.
+fn cells(n: usize) -> std::ops::Range<usize> {
+    0..n.saturating_sub(1).max(1)
 }
 
 /// Several heatmaps side by side in one PNG.
