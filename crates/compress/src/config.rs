@@ -13,8 +13,10 @@ use crate::methods::{CamConfig, FullCache, H2oConfig, KvMergerConfig, SnapKvConf
 /// A compression method with its parameters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "method", rename_all = "snake_case")]
+#[derive(Default)]
 pub enum CompressionConfig {
     /// Keep everything (the reference).
+    #[default]
     Full,
     /// Attention sinks plus a recent window (Xiao et al., 2024).
     #[serde(alias = "streaming", alias = "streamingllm")]
@@ -129,7 +131,7 @@ impl CompressionConfig {
         if *self == Self::Full {
             return "full".to_string();
         }
-        let changed = match (serde_json::to_value(self), Self::from_cli(self.name(), Some(self.budget()), &[]).map(|d| serde_json::to_value(d))) {
+        let changed = match (serde_json::to_value(self), Self::from_cli(self.name(), Some(self.budget()), &[]).map(serde_json::to_value)) {
             (Ok(Value::Object(mine)), Ok(Ok(Value::Object(default)))) => mine
                 .iter()
                 .filter(|(k, v)| default.get(*k) != Some(*v))
@@ -160,11 +162,6 @@ fn short(v: &Value) -> String {
     }
 }
 
-impl Default for CompressionConfig {
-    fn default() -> Self {
-        Self::Full
-    }
-}
 
 #[cfg(test)]
 mod tests {

@@ -140,7 +140,7 @@ impl Llama {
             Logits::All => x,
         };
         let x = candle_nn::ops::rms_norm(&x, &self.final_norm, eps)?;
-        Ok(self.lm_head.forward(&x, self.formats)?)
+        self.lm_head.forward(&x, self.formats)
     }
 
     /// Bytes of weights held in memory.

@@ -43,7 +43,7 @@ fn removed_entries_equal_masked_keys_for_a_multi_token_step() {
     m.forward(&toks[..prompt], &mut cache, ForwardOptions::default()).unwrap();
 
     // Remove a different arbitrary set of prompt entries from every (layer, kv head).
-    let removed = |l: usize, h: usize, j: usize| j < prompt && (j * 7 + l * 3 + h * 5) % 4 == 0;
+    let removed = |l: usize, h: usize, j: usize| j < prompt && (j * 7 + l * 3 + h * 5).is_multiple_of(4);
     for (l, heads) in cache.layers.iter_mut().enumerate() {
         for (h, head) in heads.iter_mut().enumerate() {
             let keep: Vec<usize> = (0..prompt).filter(|&j| !removed(l, h, j)).collect();

@@ -196,7 +196,7 @@ mod tests {
         let rows = pseudo_random_rows(40, 4);
         let h = head(&rows);
         for threshold in [-2.0, 0.0, 0.5, 0.9, 2.0] {
-            let sets = merging_sets(h.keys(), 4, &vec![false; 40], threshold, CompareTo::Neighbour);
+            let sets = merging_sets(h.keys(), 4, &[false; 40], threshold, CompareTo::Neighbour);
             assert_eq!(merge_ratio(&h, threshold, CompareTo::Neighbour), sets.len() as f64 / 40.0);
         }
         assert_eq!(merge_ratio(&h, 2.0, CompareTo::Neighbour), 1.0);

@@ -87,15 +87,16 @@ pub fn write_report(rows: &[ResultRow], dir: &Path, title: &str, command: &str) 
         budgets.iter().for_each(|_| h.push_str("---:|"));
         h
     };
-    let metric_tables: [(&str, &str, fn(&ResultRow) -> f64, usize); 3] = [
-        ("Score", "score", |r| r.score, 2),
-        ("KL divergence from the full cache (teacher-forced, nats/token)", "kl", |r| r.kl, 3),
-        ("Top-1 agreement with the full cache", "top1", |r| r.top1_agreement, 2),
+    type Column = fn(&ResultRow) -> f64;
+    let metric_tables: [(&str, Column, usize); 3] = [
+        ("Score", |r| r.score, 2),
+        ("KL divergence from the full cache (teacher-forced, nats/token)", |r| r.kl, 3),
+        ("Top-1 agreement with the full cache", |r| r.top1_agreement, 2),
     ];
     let mut csv = String::from("task,method,budget,n,score_mean,score_std,kl_mean,top1_mean,matched_prefix_mean,achieved_ratio_mean,resident_kv_mib_mean\n");
     for task in &g.tasks {
         let _ = writeln!(md, "## {task}\n");
-        for (name, _, f, digits) in metric_tables {
+        for (name, f, digits) in metric_tables {
             let name = if task == "perplexity" && name == "Score" { "Perplexity of the continuation (lower is better)" } else { name };
             let _ = writeln!(md, "### {name}\n\n{}", header("method"));
             for method in std::iter::once("full".to_string()).chain(g.methods.iter().cloned()) {

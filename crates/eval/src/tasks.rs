@@ -183,7 +183,7 @@ fn repeat_to_length(filler: &str, needles: &[String], input: &TaskInput<'_>) -> 
             slots.push(((depth * units as f64).round() as usize, n));
         }
         // Insert from the back so earlier slots keep their meaning.
-        slots.sort_by(|a, b| b.0.cmp(&a.0));
+        slots.sort_by_key(|slot| std::cmp::Reverse(slot.0));
         for (at, n) in slots {
             pieces.insert(at.min(pieces.len()), n.clone());
         }
@@ -294,7 +294,7 @@ mod tests {
                 let at = first as f64 / s.context.len() as f64;
                 assert!((at - depth).abs() < 0.05, "{kind:?} depth {depth}: found at {at}");
                 let n = words(&s.context);
-                assert!(n <= 800 && n >= 740, "{kind:?}: {n} tokens");
+                assert!((740..=800).contains(&n), "{kind:?}: {n} tokens");
             }
         }
     }
