@@ -17,8 +17,9 @@ pub struct ModelArgs {
     /// Weight format of multi-token forward passes (prefill).
     #[arg(long, default_value = "f32")]
     pub prefill_weights: WeightFormat,
-    /// Weight format of single-token forward passes (decode).
-    #[arg(long, default_value = "quantized")]
+    /// Weight format of single-token forward passes (decode): q8 (requantized to Q8_0,
+    /// fastest here), quantized (the file's format) or f32.
+    #[arg(long, default_value = "q8")]
     pub decode_weights: WeightFormat,
 }
 

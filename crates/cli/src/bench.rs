@@ -49,9 +49,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
         bail!("bench compares against quantized_llama, which reads GGUF files only");
     }
     let f32_only = WeightFormats { prefill: WeightFormat::F32, decode: WeightFormat::F32 };
-    let mixed = WeightFormats { prefill: WeightFormat::F32, decode: WeightFormat::Quantized };
+    let file_format = WeightFormats { prefill: WeightFormat::F32, decode: WeightFormat::Quantized };
     let ours_f32 = load_model(&path, f32_only)?;
-    let ours_mixed = load_model(&path, mixed)?;
+    let ours_file = load_model(&path, file_format)?;
+    let ours_q8 = load_model(&path, WeightFormats::default())?;
     let text = "The quick brown fox jumps over the lazy dog while the river runs past the old mill. ".repeat(800);
     let all_tokens = ours_f32.tokenizer.encode(&text, false)?;
     let mut rows = Vec::new();
@@ -60,7 +61,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
             bail!("length {n} plus {} decode steps exceeds the context or the sample text", args.decode_steps);
         }
         let tokens = &all_tokens[..n];
-        for (name, loaded) in [("kvmerger f32", &ours_f32), ("kvmerger f32 prefill + quantized decode", &ours_mixed)] {
+        let variants = [
+            ("kvmerger f32", &ours_f32),
+            ("kvmerger f32 prefill + file-format (Q4_1) decode", &ours_file),
+            ("kvmerger f32 prefill + Q8_0 decode (default)", &ours_q8),
+        ];
+        for (name, loaded) in variants {
             let mut session = Session::new(&loaded.model, &CompressionConfig::Full)?;
             let start = Instant::now();
             let mut logits = session.prefill(tokens)?;
