@@ -70,7 +70,8 @@ pub fn run(args: AnalyzeArgs) -> Result<()> {
     draw_curves(&args, &analyses)?;
 
     let mut summary = json!({
-        "model": loaded.path.display().to_string(),
+        // The file name only: the folder is the user's machine.
+        "model": loaded.path.file_name().unwrap_or_default().to_string_lossy(),
         "threshold": args.threshold,
         "texts": analyses,
         "persistence": spread,
