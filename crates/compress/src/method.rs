@@ -38,16 +38,6 @@ pub struct HeadReport {
     pub largest_set: usize,
 }
 
-impl HeadReport {
-    pub fn achieved_ratio(&self) -> f64 {
-        if self.before == 0 {
-            1.0
-        } else {
-            self.after as f64 / self.before as f64
-        }
-    }
-}
-
 /// A KV-cache compression method. Methods see one head at a time and know nothing of
 /// models or files.
 pub trait CompressionMethod: Send + Sync {

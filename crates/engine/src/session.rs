@@ -33,22 +33,22 @@ impl CompressionReport {
 
     /// Entries kept over entries before, over all heads.
     pub fn achieved_ratio(&self) -> f64 {
-        let (before, after) = self.heads.iter().flatten().fold((0, 0), |(b, a), h| (b + h.before, a + h.after));
-        if before == 0 {
-            1.0
-        } else {
-            after as f64 / before as f64
-        }
+        kept_share(self.heads.iter().flatten())
     }
 
     /// Achieved ratio of one layer.
     pub fn layer_ratio(&self, layer: usize) -> f64 {
-        let (before, after) = self.heads[layer].iter().fold((0, 0), |(b, a), h| (b + h.before, a + h.after));
-        if before == 0 {
-            1.0
-        } else {
-            after as f64 / before as f64
-        }
+        kept_share(&self.heads[layer])
+    }
+}
+
+/// Entries kept over entries before, summed over `heads` (1 for no entries).
+fn kept_share<'a>(heads: impl IntoIterator<Item = &'a HeadReport>) -> f64 {
+    let (before, after) = heads.into_iter().fold((0, 0), |(b, a), h| (b + h.before, a + h.after));
+    if before == 0 {
+        1.0
+    } else {
+        after as f64 / before as f64
     }
 }
 

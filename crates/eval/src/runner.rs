@@ -126,11 +126,18 @@ struct Answer {
     decode_ms: f64,
 }
 
+/// A session of `method` over a clone of the prefilled context, compressed. Returns it with
+/// the last context logits, the achieved ratio and the bytes resident after compression.
+fn compressed<'m>(model: &'m LoadedModel, method: &CompressionConfig, prefilled: &Prefilled) -> Result<(Session<'m>, Vec<f32>, f64, usize)> {
+    let mut session = Session::new(&model.model, method)?;
+    let logits = session.resume(prefilled.clone())?;
+    let (ratio, bytes) = session.report().map_or((1.0, 0), |r| (r.achieved_ratio(), r.resident_bytes));
+    Ok((session, logits, ratio, bytes))
+}
+
 /// Compresses the prefilled context, reads the question, answers greedily.
 fn answer(model: &LoadedModel, method: &CompressionConfig, prefilled: &Prefilled, question: &[u32], max_new: usize) -> Result<Answer> {
-    let mut session = Session::new(&model.model, method)?;
-    let mut logits = session.resume(prefilled.clone())?;
-    let (achieved_ratio, resident_kv_bytes) = session.report().map_or((1.0, 0), |r| (r.achieved_ratio(), r.resident_bytes));
+    let (mut session, mut logits, achieved_ratio, resident_kv_bytes) = compressed(model, method, prefilled)?;
     let start = Instant::now();
     if !question.is_empty() {
         logits = session.extend(question, Logits::Last)?.swap_remove(0);
@@ -151,9 +158,7 @@ struct Forced {
 /// Feeds `question ++ targets` in one step after the compressed context and returns the
 /// distributions that predict each target token.
 fn teacher_forced(model: &LoadedModel, method: &CompressionConfig, prefilled: &Prefilled, question: &[u32], targets: &[u32]) -> Result<Forced> {
-    let mut session = Session::new(&model.model, method)?;
-    let first = session.resume(prefilled.clone())?;
-    let (achieved_ratio, resident_kv_bytes) = session.report().map_or((1.0, 0), |r| (r.achieved_ratio(), r.resident_bytes));
+    let (mut session, first, achieved_ratio, resident_kv_bytes) = compressed(model, method, prefilled)?;
     let mut rows = Vec::with_capacity(targets.len());
     if targets.is_empty() {
         return Ok(Forced { log_probs: rows, perplexity: f64::NAN, achieved_ratio, resident_kv_bytes });
