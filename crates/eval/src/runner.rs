@@ -69,8 +69,7 @@ pub fn run_sample(model: &LoadedModel, sample: &Sample, methods: &[CompressionCo
     if needed > limit {
         return Err(EvalError::Engine(kvmerger_engine::EngineError::ContextOverflow { needed, context: limit }));
     }
-    let built: Vec<_> = methods.iter().map(|m| m.build()).collect::<std::result::Result<_, _>>()?;
-    let stats = built.iter().fold(StatsRequest::default(), |acc, m| acc.union(m.stats()));
+    let stats = methods.iter().try_fold(StatsRequest::default(), |acc, m| m.build().map(|b| acc.union(b.stats())))?;
     let prefilled = Prefilled::run(&model.model, &context, stats, opts.attention_chunk)?;
 
     // Perplexity samples score a given continuation; the others score a generated answer
@@ -88,7 +87,7 @@ pub fn run_sample(model: &LoadedModel, sample: &Sample, methods: &[CompressionCo
     methods
         .iter()
         .map(|method| {
-            let forced = teacher_forced(model, method, &prefilled, &question, &full.tokens)?;
+            let forced = if *method == CompressionConfig::Full { reference.clone() } else { teacher_forced(model, method, &prefilled, &question, &full.tokens)? };
             let ans = if perplexity_task {
                 Answer { tokens: Vec::new(), achieved_ratio: forced.achieved_ratio, resident_kv_bytes: forced.resident_kv_bytes, decode_ms: 0.0 }
             } else if *method == CompressionConfig::Full {
@@ -147,6 +146,7 @@ fn answer(model: &LoadedModel, method: &CompressionConfig, prefilled: &Prefilled
     Ok(Answer { tokens, achieved_ratio, resident_kv_bytes, decode_ms: start.elapsed().as_secs_f64() * 1e3 })
 }
 
+#[derive(Clone)]
 struct Forced {
     /// `[target][vocab]` log-probabilities of the positions that predict each target token.
     log_probs: Vec<Vec<f32>>,
