@@ -7,7 +7,9 @@ use clap::Args;
 use kvmerger_compress::methods::CompareTo;
 use kvmerger_compress::StatsRequest;
 use kvmerger_engine::{LoadedModel, Prefilled};
-use kvmerger_eval::analyze::{analyze_cache, cosine_matrix, persistence, suggest_layer_budgets, TextAnalysis};
+use kvmerger_eval::analyze::{
+    analyze_cache, cosine_matrix, persistence, suggest_layer_budgets, TextAnalysis,
+};
 use kvmerger_eval::plot::{heatmap_grid, line_chart, HeatmapPanel, Series};
 use serde_json::json;
 
@@ -54,7 +56,8 @@ pub fn run(args: AnalyzeArgs) -> Result<()> {
     if args.layer >= c.n_layers || args.head >= c.n_kv_heads {
         bail!("--layer must be below {} and --head below {}", c.n_layers, c.n_kv_heads);
     }
-    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
     let texts = load_texts(&args, &loaded)?;
     let mut analyses = Vec::new();
     for (i, (name, tokens)) in texts.iter().enumerate() {
@@ -77,31 +80,44 @@ pub fn run(args: AnalyzeArgs) -> Result<()> {
         "persistence": spread,
     });
     if let Some(overall) = args.suggest_budget {
-        let mean: Vec<f64> = (0..c.n_layers).map(|l| curves.iter().map(|cv| cv[l]).sum::<f64>() / curves.len() as f64).collect();
+        let mean: Vec<f64> = (0..c.n_layers)
+            .map(|l| curves.iter().map(|cv| cv[l]).sum::<f64>() / curves.len() as f64)
+            .collect();
         let layer_budgets = suggest_layer_budgets(&mean, overall);
         let config = json!({"method": "kvmerger", "budget": {"ratio": overall}, "threshold": args.threshold, "layer_budgets": layer_budgets});
-        let path = args.out.join(format!("kvmerger-layer-budgets-{}.json", (overall * 100.0).round()));
+        let path =
+            args.out.join(format!("kvmerger-layer-budgets-{}.json", (overall * 100.0).round()));
         std::fs::write(&path, serde_json::to_string_pretty(&config)?)?;
-        eprintln!("suggested configuration written to {} (use with --method-config)", path.display());
+        eprintln!(
+            "suggested configuration written to {} (use with --method-config)",
+            path.display()
+        );
         summary["suggested_config"] = config;
     }
     let path = args.out.join("summary.json");
     std::fs::write(&path, serde_json::to_string_pretty(&summary)?)?;
     print_summary(&analyses, &spread);
-    eprintln!("figures and {} written to {}", path.file_name().unwrap_or_default().to_string_lossy(), args.out.display());
+    eprintln!(
+        "figures and {} written to {}",
+        path.file_name().unwrap_or_default().to_string_lossy(),
+        args.out.display()
+    );
     Ok(())
 }
 
 fn load_texts(args: &AnalyzeArgs, loaded: &LoadedModel) -> Result<Vec<(String, Vec<u32>)>> {
     let mut texts: Vec<(String, String)> = Vec::new();
     for path in &args.texts {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         texts.push((path.file_stem().unwrap_or_default().to_string_lossy().to_string(), text));
     }
     if texts.is_empty() {
         let corpus = std::fs::read_to_string(kvmerger_eval::corpus::ensure_default_corpus()?)?;
         let chars: Vec<char> = corpus.chars().collect();
-        let passage = |at: usize| chars[at.min(chars.len())..(at + 12_000).min(chars.len())].iter().collect::<String>();
+        let passage = |at: usize| {
+            chars[at.min(chars.len())..(at + 12_000).min(chars.len())].iter().collect::<String>()
+        };
         texts.push(("moby-dick-ch1".into(), passage(chars.len() / 50)));
         texts.push(("moby-dick-late".into(), passage(chars.len() * 4 / 5)));
         texts.push(("passkey-filler".into(), kvmerger_eval::tasks::PASSKEY_FILLER.repeat(200)));
@@ -112,7 +128,11 @@ fn load_texts(args: &AnalyzeArgs, loaded: &LoadedModel) -> Result<Vec<(String, V
         .map(|(name, text)| {
             let mut tokens = loaded.tokenizer.encode(&text, true)?;
             if tokens.len() < args.tokens {
-                bail!("{name} has only {} tokens, fewer than --tokens {}", tokens.len(), args.tokens);
+                bail!(
+                    "{name} has only {} tokens, fewer than --tokens {}",
+                    tokens.len(),
+                    args.tokens
+                );
             }
             tokens.truncate(args.tokens);
             Ok((name, tokens))
@@ -126,15 +146,27 @@ fn draw_similarity(args: &AnalyzeArgs, name: &str, prefilled: &Prefilled) -> Res
     let len = args.window.min(head.len());
     let ticks: Vec<String> = (start..start + len).map(|i| i.to_string()).collect();
     let panel = |what: &str, rows: &[f32]| HeatmapPanel {
-        title: format!("{what} cosine similarity, layer {} head {} ({name})", args.layer, args.head),
+        title: format!(
+            "{what} cosine similarity, layer {} head {} ({name})",
+            args.layer, args.head
+        ),
         x_label: "token".into(),
         y_label: "token".into(),
         x_ticks: ticks.clone(),
         y_ticks: ticks.clone(),
-        values: cosine_matrix(rows, head.head_dim(), start, len).into_iter().map(|r| r.into_iter().map(f64::from).collect()).collect(),
+        values: cosine_matrix(rows, head.head_dim(), start, len)
+            .into_iter()
+            .map(|r| r.into_iter().map(f64::from).collect())
+            .collect(),
     };
     let panels = [panel("key", head.keys()), panel("value", head.values())];
-    heatmap_grid(&args.out.join("similarity_heatmap.png"), &panels, (620, 600), (-0.2, 1.0), false)?;
+    heatmap_grid(
+        &args.out.join("similarity_heatmap.png"),
+        &panels,
+        (620, 600),
+        (-0.2, 1.0),
+        false,
+    )?;
     Ok(())
 }
 
@@ -147,27 +179,65 @@ fn draw_curves(args: &AnalyzeArgs, analyses: &[TextAnalysis]) -> Result<()> {
             dashed: false,
         })
         .collect();
-    let title = format!("Entries left by merging-set identification (threshold {})", args.threshold);
-    line_chart(&args.out.join("layer_merge_ratio.png"), &title, "layer", "share of tokens kept", &series, Some((0.0, 1.05)))?;
+    let title =
+        format!("Entries left by merging-set identification (threshold {})", args.threshold);
+    line_chart(
+        &args.out.join("layer_merge_ratio.png"),
+        &title,
+        "layer",
+        "share of tokens kept",
+        &series,
+        Some((0.0, 1.05)),
+    )?;
 
     let first = &analyses[0];
     let n_layers = first.layer_merge_ratio.len();
-    let per_layer = |pick: &dyn Fn(&kvmerger_eval::analyze::HeadAnalysis) -> f32| -> Vec<(f64, f64)> {
-        (0..n_layers)
-            .map(|l| {
-                let heads: Vec<f64> = first.heads.iter().filter(|h| h.layer == l).map(|h| pick(h) as f64).collect();
-                (l as f64, heads.iter().sum::<f64>() / heads.len().max(1) as f64)
-            })
-            .collect()
-    };
+    let per_layer =
+        |pick: &dyn Fn(&kvmerger_eval::analyze::HeadAnalysis) -> f32| -> Vec<(f64, f64)> {
+            (0..n_layers)
+                .map(|l| {
+                    let heads: Vec<f64> = first
+                        .heads
+                        .iter()
+                        .filter(|h| h.layer == l)
+                        .map(|h| pick(h) as f64)
+                        .collect();
+                    (l as f64, heads.iter().sum::<f64>() / heads.len().max(1) as f64)
+                })
+                .collect()
+        };
     let series = vec![
-        Series { label: "keys, median".into(), points: per_layer(&|h| h.key_cosine_percentiles[2]), dashed: false },
-        Series { label: "keys, 5th percentile".into(), points: per_layer(&|h| h.key_cosine_percentiles[0]), dashed: true },
-        Series { label: "keys, 95th percentile".into(), points: per_layer(&|h| h.key_cosine_percentiles[4]), dashed: true },
-        Series { label: "values, median".into(), points: per_layer(&|h| h.value_cosine_percentiles[2]), dashed: false },
+        Series {
+            label: "keys, median".into(),
+            points: per_layer(&|h| h.key_cosine_percentiles[2]),
+            dashed: false,
+        },
+        Series {
+            label: "keys, 5th percentile".into(),
+            points: per_layer(&|h| h.key_cosine_percentiles[0]),
+            dashed: true,
+        },
+        Series {
+            label: "keys, 95th percentile".into(),
+            points: per_layer(&|h| h.key_cosine_percentiles[4]),
+            dashed: true,
+        },
+        Series {
+            label: "values, median".into(),
+            points: per_layer(&|h| h.value_cosine_percentiles[2]),
+            dashed: false,
+        },
     ];
-    let title = format!("Cosine similarity of adjacent tokens ({}), mean over kv heads", first.name);
-    line_chart(&args.out.join("adjacent_similarity.png"), &title, "layer", "cos(x_i, x_i+1)", &series, Some((-0.2, 1.05)))?;
+    let title =
+        format!("Cosine similarity of adjacent tokens ({}), mean over kv heads", first.name);
+    line_chart(
+        &args.out.join("adjacent_similarity.png"),
+        &title,
+        "layer",
+        "cos(x_i, x_i+1)",
+        &series,
+        Some((-0.2, 1.05)),
+    )?;
     Ok(())
 }
 
@@ -177,7 +247,9 @@ fn print_summary(analyses: &[TextAnalysis], spread: &kvmerger_eval::analyze::Per
     for a in analyses {
         let mean = a.layer_merge_ratio.iter().sum::<f64>() / a.layer_merge_ratio.len() as f64;
         let lowest = a.layer_merge_ratio.iter().copied().fold(f64::INFINITY, f64::min);
-        let med = |f: &dyn Fn(&kvmerger_eval::analyze::HeadAnalysis) -> f32| a.heads.iter().map(|h| f(h) as f64).sum::<f64>() / a.heads.len() as f64;
+        let med = |f: &dyn Fn(&kvmerger_eval::analyze::HeadAnalysis) -> f32| {
+            a.heads.iter().map(|h| f(h) as f64).sum::<f64>() / a.heads.len() as f64
+        };
         println!(
             "| {} | {} | {mean:.3} | {lowest:.3} | {:.3} | {:.3} |",
             a.name,

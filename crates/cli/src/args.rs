@@ -31,9 +31,11 @@ impl ModelArgs {
     pub fn load(&self) -> Result<LoadedModel> {
         let path = match &self.model {
             Some(p) => p.clone(),
-            None => kvmerger_engine::fetch::ensure_default_model().context("fetching the default model")?,
+            None => kvmerger_engine::fetch::ensure_default_model()
+                .context("fetching the default model")?,
         };
-        kvmerger_engine::load_model(&path, self.formats()).with_context(|| format!("loading {}", path.display()))
+        kvmerger_engine::load_model(&path, self.formats())
+            .with_context(|| format!("loading {}", path.display()))
     }
 }
 
@@ -57,7 +59,8 @@ pub struct MethodArgs {
 impl MethodArgs {
     pub fn config(&self) -> Result<CompressionConfig> {
         if let Some(path) = &self.method_config {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
             return Ok(CompressionConfig::from_json(&text)?);
         }
         Ok(CompressionConfig::from_cli(&self.method, self.budget, &self.params)?)

@@ -53,12 +53,17 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let ours_f32 = load_model(&path, f32_only)?;
     let ours_file = load_model(&path, file_format)?;
     let ours_q8 = load_model(&path, WeightFormats::default())?;
-    let text = "The quick brown fox jumps over the lazy dog while the river runs past the old mill. ".repeat(800);
+    let text =
+        "The quick brown fox jumps over the lazy dog while the river runs past the old mill. "
+            .repeat(800);
     let all_tokens = ours_f32.tokenizer.encode(&text, false)?;
     let mut rows = Vec::new();
     for &n in &args.lengths {
         if n + args.decode_steps > ours_f32.model.config.context_length || n > all_tokens.len() {
-            bail!("length {n} plus {} decode steps exceeds the context or the sample text", args.decode_steps);
+            bail!(
+                "length {n} plus {} decode steps exceeds the context or the sample text",
+                args.decode_steps
+            );
         }
         let tokens = &all_tokens[..n];
         let variants = [
@@ -81,14 +86,20 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
         if !args.no_reference {
             let (prefill, decode) = bench_reference(&path, tokens, args.decode_steps)?;
-            rows.push(row("candle-transformers quantized_llama (dequantized f32)", n, prefill, decode));
+            rows.push(row(
+                "candle-transformers quantized_llama (dequantized f32)",
+                n,
+                prefill,
+                decode,
+            ));
         }
         print_table(&rows);
     }
     if let Some(dir) = args.output.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    std::fs::write(&args.output, serde_json::to_string_pretty(&rows)?).with_context(|| format!("writing {}", args.output.display()))?;
+    std::fs::write(&args.output, serde_json::to_string_pretty(&rows)?)
+        .with_context(|| format!("writing {}", args.output.display()))?;
     println!("\nwritten to {}", args.output.display());
     Ok(())
 }
@@ -115,7 +126,8 @@ fn bench_reference(path: &std::path::Path, tokens: &[u32], steps: usize) -> Resu
     let start = Instant::now();
     for i in 0..steps {
         let next = kvmerger_engine::argmax(&logits.flatten_all()?.to_vec1()?);
-        logits = model.forward(&Tensor::new(&[next], &Device::Cpu)?.unsqueeze(0)?, tokens.len() + i)?;
+        logits =
+            model.forward(&Tensor::new(&[next], &Device::Cpu)?.unsqueeze(0)?, tokens.len() + i)?;
     }
     Ok((prefill, start.elapsed().as_secs_f64() / steps as f64))
 }
@@ -124,9 +136,14 @@ fn print_table(rows: &[Row]) {
     println!("\n| engine | tokens | prefill s | prefill tok/s | decode ms/token | prefill vs reference | decode vs reference |");
     println!("|---|---:|---:|---:|---:|---:|---:|");
     for r in rows {
-        let reference = rows.iter().find(|x| x.tokens == r.tokens && x.engine.starts_with("candle-transformers"));
+        let reference = rows
+            .iter()
+            .find(|x| x.tokens == r.tokens && x.engine.starts_with("candle-transformers"));
         let (p, d) = match reference {
-            Some(x) => (format!("{:.2}x", r.prefill_tok_s / x.prefill_tok_s), format!("{:.2}x", x.decode_ms_per_token / r.decode_ms_per_token)),
+            Some(x) => (
+                format!("{:.2}x", r.prefill_tok_s / x.prefill_tok_s),
+                format!("{:.2}x", x.decode_ms_per_token / r.decode_ms_per_token),
+            ),
             None => ("-".into(), "-".into()),
         };
         println!(

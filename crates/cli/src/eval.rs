@@ -68,7 +68,8 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let configs = spec.configs()?;
     let jobs: Vec<Job> = match &args.dataset {
         Some(path) => {
-            let metric: Metric = args.metric.parse().map_err(|e| anyhow::anyhow!("--metric: {e}"))?;
+            let metric: Metric =
+                args.metric.parse().map_err(|e| anyhow::anyhow!("--metric: {e}"))?;
             let policy = if args.strict { LoadPolicy::Fatal } else { LoadPolicy::Skip };
             let (samples, bad) = load_jsonl(path, metric, policy)?;
             for e in &bad {
@@ -82,22 +83,37 @@ pub fn run(args: EvalArgs) -> Result<()> {
         }
         None => spec.jobs(),
     };
-    let needs_haystack = args.dataset.is_none() && spec.tasks.iter().any(|t| t.task.needs_haystack());
+    let needs_haystack =
+        args.dataset.is_none() && spec.tasks.iter().any(|t| t.task.needs_haystack());
     let haystack = match (&args.haystack, needs_haystack) {
-        (Some(p), _) => Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?),
-        (None, true) => Some(std::fs::read_to_string(kvmerger_eval::corpus::ensure_default_corpus()?)?),
+        (Some(p), _) => {
+            Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)
+        }
+        (None, true) => {
+            Some(std::fs::read_to_string(kvmerger_eval::corpus::ensure_default_corpus()?)?)
+        }
         (None, false) => None,
     };
     let loaded = args.model.load()?;
     let out = args.out.clone().unwrap_or_else(|| PathBuf::from("results").join(&spec.name));
     std::fs::create_dir_all(&out)?;
     std::fs::write(out.join("spec.json"), serde_json::to_string_pretty(&spec)?)?;
-    let results = if args.shard == Shard::WHOLE { out.join("results.jsonl") } else { out.join(format!("results-{}-of-{}.jsonl", args.shard.index, args.shard.count)) };
+    let results = if args.shard == Shard::WHOLE {
+        out.join("results.jsonl")
+    } else {
+        out.join(format!("results-{}-of-{}.jsonl", args.shard.index, args.shard.count))
+    };
     let (mut store, before) = ResultStore::open(&results)?;
     if !before.is_empty() {
         eprintln!("resuming: {} rows already in {}", before.len(), results.display());
     }
-    eprintln!("{} samples x {} methods ({}), results in {}", jobs.len(), configs.len(), configs.iter().map(|c| c.label()).collect::<Vec<_>>().join(", "), results.display());
+    eprintln!(
+        "{} samples x {} methods ({}), results in {}",
+        jobs.len(),
+        configs.len(),
+        configs.iter().map(|c| c.label()).collect::<Vec<_>>().join(", "),
+        results.display()
+    );
     let input = SweepInput {
         configs,
         jobs,
@@ -109,12 +125,20 @@ pub fn run(args: EvalArgs) -> Result<()> {
     run_sweep(&loaded, &input, &mut store)?;
     if args.shard == Shard::WHOLE {
         let rows = merge_shards(&[results])?;
-        let command = std::iter::once("cargo run --release -p kvmerger --".to_string()).chain(std::env::args().skip(1)).collect::<Vec<_>>().join(" ");
-        let md = write_report(&rows, &out, &format!("kvmerger comparison: {}", spec.name), &command)?;
+        let command = std::iter::once("cargo run --release -p kvmerger --".to_string())
+            .chain(std::env::args().skip(1))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let md =
+            write_report(&rows, &out, &format!("kvmerger comparison: {}", spec.name), &command)?;
         println!("{md}");
         eprintln!("report written to {}", out.join("report.md").display());
     } else {
-        eprintln!("shard done; merge shards with: kvmerger report --out {} {}/results-*.jsonl", out.display(), out.display());
+        eprintln!(
+            "shard done; merge shards with: kvmerger report --out {} {}/results-*.jsonl",
+            out.display(),
+            out.display()
+        );
     }
     Ok(())
 }
@@ -136,7 +160,11 @@ pub fn report(args: ReportArgs) -> Result<()> {
     if rows.is_empty() {
         bail!("no result rows in the given files");
     }
-    let command = format!("kvmerger report --out {} {}", args.out.display(), args.results.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" "));
+    let command = format!(
+        "kvmerger report --out {} {}",
+        args.out.display(),
+        args.results.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" ")
+    );
     write_report(&rows, &args.out, &args.title, &command)?;
     eprintln!("{} rows; report written to {}", rows.len(), args.out.join("report.md").display());
     Ok(())

@@ -42,7 +42,9 @@ pub struct GenerateArgs {
 pub fn run(args: GenerateArgs) -> Result<()> {
     let text = match (&args.prompt, &args.prompt_file) {
         (Some(p), _) => p.clone(),
-        (None, Some(f)) => std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?,
+        (None, Some(f)) => {
+            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?
+        }
         (None, None) => bail!("give a prompt with --prompt or --prompt-file"),
     };
     if text.trim().is_empty() {
@@ -65,7 +67,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     }
     let mut session = Session::new(&loaded.model, &method)?;
     let logits = session.prefill(&tokens)?;
-    let mut sampler = Sampler::new(SamplingConfig { temperature: args.temperature, top_p: args.top_p, seed: args.seed });
+    let mut sampler = Sampler::new(SamplingConfig {
+        temperature: args.temperature,
+        top_p: args.top_p,
+        seed: args.seed,
+    });
     let mut decoder = loaded.tokenizer.stream_decoder();
     let stop = loaded.tokenizer.eos_ids();
     let mut stdout = std::io::stdout();
@@ -108,7 +114,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
 }
 
 fn print_stats(report: &kvmerger_engine::CompressionReport) {
-    eprintln!("{:>5} {:>8} {:>10} {:>10} {:>12} {:>8}", "layer", "budget", "kept", "ratio", "merge sets", "largest");
+    eprintln!(
+        "{:>5} {:>8} {:>10} {:>10} {:>12} {:>8}",
+        "layer", "budget", "kept", "ratio", "merge sets", "largest"
+    );
     for (layer, heads) in report.heads.iter().enumerate() {
         let kept: Vec<String> = heads.iter().map(|h| h.after.to_string()).collect();
         let sets: usize = heads.iter().map(|h| h.merge_sets).sum();

@@ -10,7 +10,11 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "kvmerger", version, about = "KV-cache compression (KVMerger, H2O, CaM, StreamingLLM, SnapKV) on Llama-family models")]
+#[command(
+    name = "kvmerger",
+    version,
+    about = "KV-cache compression (KVMerger, H2O, CaM, StreamingLLM, SnapKV) on Llama-family models"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -8,7 +8,8 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 
 fn kvmerger(args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_kvmerger")).args(args).output().expect("run kvmerger");
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_kvmerger")).args(args).output().expect("run kvmerger");
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(!stderr.contains("panicked"), "panic: {stderr}");
     (out.status.code().unwrap_or(-1), stderr)
@@ -26,7 +27,8 @@ fn default_model() -> PathBuf {
 
 #[test]
 fn missing_model_file() {
-    let (code, err) = kvmerger(&["generate", "--model", "/nonexistent/model.gguf", "--prompt", "hi"]);
+    let (code, err) =
+        kvmerger(&["generate", "--model", "/nonexistent/model.gguf", "--prompt", "hi"]);
     assert_eq!(code, 1);
     assert!(err.contains("not found"), "{err}");
 }
@@ -53,10 +55,19 @@ fn not_a_gguf_file() {
 #[test]
 fn unsupported_architecture() {
     let path = temp("gemma.gguf");
-    let tensor = QTensor::quantize(&Tensor::zeros((4, 4), candle_core::DType::F32, &Device::Cpu).unwrap(), GgmlDType::F32).unwrap();
+    let tensor = QTensor::quantize(
+        &Tensor::zeros((4, 4), candle_core::DType::F32, &Device::Cpu).unwrap(),
+        GgmlDType::F32,
+    )
+    .unwrap();
     let arch = Value::String("gemma".into());
     let mut file = std::fs::File::create(&path).unwrap();
-    gguf_file::write(&mut file, &[("general.architecture", &arch)], &[("token_embd.weight", &tensor)]).unwrap();
+    gguf_file::write(
+        &mut file,
+        &[("general.architecture", &arch)],
+        &[("token_embd.weight", &tensor)],
+    )
+    .unwrap();
     drop(file);
     let (code, err) = kvmerger(&["generate", "--model", path.to_str().unwrap(), "--prompt", "hi"]);
     assert_eq!(code, 1);
@@ -75,7 +86,13 @@ fn prompt_longer_than_the_context() {
     let path = temp("long.txt");
     std::fs::write(&path, "word ".repeat(9000)).unwrap();
     let model = default_model();
-    let (code, err) = kvmerger(&["generate", "--model", model.to_str().unwrap(), "--prompt-file", path.to_str().unwrap()]);
+    let (code, err) = kvmerger(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt-file",
+        path.to_str().unwrap(),
+    ]);
     assert_eq!(code, 1);
     assert!(err.contains("context") && err.contains("8192"), "{err}");
 }

@@ -4,7 +4,9 @@
 //!     cargo bench -p kvmerger-compress
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
-use kvmerger_compress::{merging_sets, Budget, CompareTo, CompressionConfig, EntryMeta, HeadCache, HeadId, METHOD_NAMES};
+use kvmerger_compress::{
+    merging_sets, Budget, CompareTo, CompressionConfig, EntryMeta, HeadCache, HeadId, METHOD_NAMES,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -19,7 +21,11 @@ fn head() -> HeadCache {
     for i in 0..T {
         key.iter_mut().for_each(|k| *k += rng.random_range(-0.3..0.3));
         let value: Vec<f32> = (0..D).map(|_| rng.random_range(-1.0..1.0)).collect();
-        h.push(&key, &value, EntryMeta { position: i, count: 1, attention: rng.random_range(0.0..3.0) });
+        h.push(
+            &key,
+            &value,
+            EntryMeta { position: i, count: 1, attention: rng.random_range(0.0..3.0) },
+        );
     }
     h.window_attention = h.meta().iter().map(|m| m.attention).collect();
     h
@@ -33,12 +39,18 @@ fn bench(c: &mut Criterion) {
         let method = CompressionConfig::from_cli(name, budget, &[]).unwrap().build().unwrap();
         let b = method.budget_entries(T);
         group.bench_function(name, |bench| {
-            bench.iter_batched(|| base.clone(), |mut h| method.compress(HeadId { layer: 0, head: 0 }, &mut h, b).unwrap(), BatchSize::LargeInput)
+            bench.iter_batched(
+                || base.clone(),
+                |mut h| method.compress(HeadId { layer: 0, head: 0 }, &mut h, b).unwrap(),
+                BatchSize::LargeInput,
+            )
         });
     }
     group.finish();
     let protected = vec![false; T];
-    c.bench_function("merging_sets, 2048 tokens", |bench| bench.iter(|| merging_sets(base.keys(), D, &protected, 0.75, CompareTo::Neighbour)));
+    c.bench_function("merging_sets, 2048 tokens", |bench| {
+        bench.iter(|| merging_sets(base.keys(), D, &protected, 0.75, CompareTo::Neighbour))
+    });
 }
 
 criterion_group!(benches, bench);

@@ -24,7 +24,9 @@ impl Budget {
             Budget::Ratio(r) if !(r > 0.0 && r <= 1.0) => {
                 Err(CompressError::invalid("budget", format!("ratio must be in (0, 1], got {r}")))
             }
-            Budget::Tokens(0) => Err(CompressError::invalid("budget", "token budget must be at least 1")),
+            Budget::Tokens(0) => {
+                Err(CompressError::invalid("budget", "token budget must be at least 1"))
+            }
             _ => Ok(()),
         }
     }
@@ -57,7 +59,12 @@ impl FromStr for Budget {
     type Err = CompressError;
     fn from_str(s: &str) -> Result<Self> {
         let s = s.trim();
-        let bad = || CompressError::invalid("budget", format!("`{s}` is not a ratio (0.35, 35%) or a token count (512)"));
+        let bad = || {
+            CompressError::invalid(
+                "budget",
+                format!("`{s}` is not a ratio (0.35, 35%) or a token count (512)"),
+            )
+        };
         let budget = if let Some(p) = s.strip_suffix('%') {
             Budget::Ratio(p.trim().parse::<f64>().map_err(|_| bad())? / 100.0)
         } else if s.contains('.') || s.contains('e') {

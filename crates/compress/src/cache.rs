@@ -58,7 +58,12 @@ impl HeadCache {
     }
 
     /// Builds a cache from whole key/value matrices (`[len, head_dim]` each).
-    pub fn from_parts(head_dim: usize, keys: Vec<f32>, values: Vec<f32>, meta: Vec<EntryMeta>) -> Result<Self> {
+    pub fn from_parts(
+        head_dim: usize,
+        keys: Vec<f32>,
+        values: Vec<f32>,
+        meta: Vec<EntryMeta>,
+    ) -> Result<Self> {
         if keys.len() != meta.len() * head_dim || values.len() != keys.len() {
             return Err(CompressError::Shape(format!(
                 "{} entries of dim {head_dim} need {} floats, got keys {} values {}",
@@ -160,7 +165,8 @@ impl HeadCache {
 
     /// Bytes this head holds in memory (allocated capacity, not just length).
     pub fn resident_bytes(&self) -> usize {
-        (self.keys.capacity() + self.values.capacity() + self.window_attention.capacity()) * std::mem::size_of::<f32>()
+        (self.keys.capacity() + self.values.capacity() + self.window_attention.capacity())
+            * std::mem::size_of::<f32>()
             + self.meta.capacity() * std::mem::size_of::<EntryMeta>()
     }
 }
@@ -183,7 +189,9 @@ pub struct KvCache {
 impl KvCache {
     pub fn new(n_layers: usize, n_kv_heads: usize, head_dim: usize) -> Self {
         Self {
-            layers: (0..n_layers).map(|_| (0..n_kv_heads).map(|_| HeadCache::new(head_dim)).collect()).collect(),
+            layers: (0..n_layers)
+                .map(|_| (0..n_kv_heads).map(|_| HeadCache::new(head_dim)).collect())
+                .collect(),
             n_seen: 0,
             log_count_bias: false,
             budgets: None,
@@ -236,7 +244,10 @@ mod tests {
 
     #[test]
     fn from_parts_rejects_bad_shapes() {
-        assert!(HeadCache::from_parts(4, vec![0.0; 8], vec![0.0; 8], vec![EntryMeta::new(0)]).is_err());
-        assert!(HeadCache::from_parts(4, vec![0.0; 8], vec![0.0; 8], vec![EntryMeta::new(0); 2]).is_ok());
+        assert!(
+            HeadCache::from_parts(4, vec![0.0; 8], vec![0.0; 8], vec![EntryMeta::new(0)]).is_err()
+        );
+        assert!(HeadCache::from_parts(4, vec![0.0; 8], vec![0.0; 8], vec![EntryMeta::new(0); 2])
+            .is_ok());
     }
 }

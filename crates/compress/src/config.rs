@@ -8,7 +8,9 @@ use serde_json::{Map, Value};
 use crate::budget::Budget;
 use crate::error::{CompressError, Result};
 use crate::method::CompressionMethod;
-use crate::methods::{CamConfig, FullCache, H2oConfig, KvMergerConfig, SnapKvConfig, StreamingLlmConfig};
+use crate::methods::{
+    CamConfig, FullCache, H2oConfig, KvMergerConfig, SnapKvConfig, StreamingLlmConfig,
+};
 
 /// A compression method with its parameters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -40,9 +42,15 @@ impl CompressionConfig {
     /// Builds a configuration from a method name, an optional budget and `key=value`
     /// parameter overrides. Values are read as JSON where they parse (`0.8`, `true`,
     /// `{"fixed": 5}`), as strings otherwise (`adaptive`, `log_count`).
-    pub fn from_cli(method: &str, budget: Option<Budget>, params: &[(String, String)]) -> Result<Self> {
+    pub fn from_cli(
+        method: &str,
+        budget: Option<Budget>,
+        params: &[(String, String)],
+    ) -> Result<Self> {
         let method = method.trim().to_ascii_lowercase().replace('-', "_");
-        if !METHOD_NAMES.contains(&method.as_str()) && !["streaming", "streamingllm", "snap_kv", "kv_merger"].contains(&method.as_str()) {
+        if !METHOD_NAMES.contains(&method.as_str())
+            && !["streaming", "streamingllm", "snap_kv", "kv_merger"].contains(&method.as_str())
+        {
             return Err(CompressError::UnknownMethod(method));
         }
         let mut obj = Map::new();
@@ -69,8 +77,8 @@ impl CompressionConfig {
 
     /// Parses a JSON configuration and validates it.
     pub fn from_json(text: &str) -> Result<Self> {
-        let config: Self =
-            serde_json::from_str(text).map_err(|e| CompressError::invalid("configuration", e.to_string()))?;
+        let config: Self = serde_json::from_str(text)
+            .map_err(|e| CompressError::invalid("configuration", e.to_string()))?;
         config.validate()?;
         Ok(config)
     }
@@ -131,7 +139,10 @@ impl CompressionConfig {
         if *self == Self::Full {
             return "full".to_string();
         }
-        let changed = match (serde_json::to_value(self), Self::from_cli(self.name(), Some(self.budget()), &[]).map(serde_json::to_value)) {
+        let changed = match (
+            serde_json::to_value(self),
+            Self::from_cli(self.name(), Some(self.budget()), &[]).map(serde_json::to_value),
+        ) {
             (Ok(Value::Object(mine)), Ok(Ok(Value::Object(default)))) => mine
                 .iter()
                 .filter(|(k, v)| default.get(*k) != Some(*v))
@@ -162,7 +173,6 @@ fn short(v: &Value) -> String {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -181,9 +191,15 @@ mod tests {
         )
         .unwrap();
         let CompressionConfig::Kvmerger(k) = &c else { panic!("{c:?}") };
-        assert_eq!((k.threshold, k.sigma, k.mass, k.budget), (0.8, Sigma::Adaptive, MassRule::LogCount, Budget::Ratio(0.35)));
+        assert_eq!(
+            (k.threshold, k.sigma, k.mass, k.budget),
+            (0.8, Sigma::Adaptive, MassRule::LogCount, Budget::Ratio(0.35))
+        );
         assert_eq!(c.label(), "kvmerger(mass=log_count;sigma=adaptive;threshold=0.8)@35%");
-        assert_eq!(CompressionConfig::from_cli("h2o", Some(Budget::Ratio(0.5)), &[]).unwrap().label(), "h2o@50%");
+        assert_eq!(
+            CompressionConfig::from_cli("h2o", Some(Budget::Ratio(0.5)), &[]).unwrap().label(),
+            "h2o@50%"
+        );
         let again = CompressionConfig::from_json(&serde_json::to_string(&c).unwrap()).unwrap();
         assert_eq!(again, c);
         let c = CompressionConfig::from_cli("kvmerger", None, &kv(&[("sigma", "3")])).unwrap();
@@ -202,11 +218,13 @@ mod tests {
     fn bad_input_names_what_is_wrong() {
         let err = CompressionConfig::from_cli("magic", None, &[]).unwrap_err();
         assert!(err.to_string().contains("magic"));
-        let err = CompressionConfig::from_cli("kvmerger", None, &kv(&[("sigma", "-1")])).unwrap_err();
+        let err =
+            CompressionConfig::from_cli("kvmerger", None, &kv(&[("sigma", "-1")])).unwrap_err();
         assert!(err.to_string().contains("sigma"), "{err}");
         let err = CompressionConfig::from_cli("h2o", None, &kv(&[("bogus", "1")])).unwrap_err();
         assert!(err.to_string().contains("bogus"), "{err}");
-        let err = CompressionConfig::from_json(r#"{"method": "h2o", "budget": {"ratio": 0}}"#).unwrap_err();
+        let err = CompressionConfig::from_json(r#"{"method": "h2o", "budget": {"ratio": 0}}"#)
+            .unwrap_err();
         assert!(err.to_string().contains("budget"), "{err}");
     }
 }

@@ -69,7 +69,13 @@ pub trait CompressionMethod: Send + Sync {
 
     /// Called after each decode step appended entries to the head. Methods that keep a
     /// fixed-size cache during generation (H2O, CaM, StreamingLLM) evict here.
-    fn after_step(&self, _id: HeadId, _head: &mut HeadCache, _budget: usize, _step: usize) -> Result<()> {
+    fn after_step(
+        &self,
+        _id: HeadId,
+        _head: &mut HeadCache,
+        _budget: usize,
+        _step: usize,
+    ) -> Result<()> {
         Ok(())
     }
 }

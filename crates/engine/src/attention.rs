@@ -35,7 +35,13 @@ pub struct AttentionOptions {
 /// `q`: `[seq, n_heads, head_dim]`, already rotated. Returns `[seq, n_heads, head_dim]`.
 /// Accumulates statistics into `heads[h].meta_mut()[j].attention` and
 /// `heads[h].window_attention` as `opts.stats` asks.
-pub fn attend(q: &[f32], seq: usize, heads: &mut [HeadCache], shape: AttentionShape, opts: AttentionOptions) -> Vec<f32> {
+pub fn attend(
+    q: &[f32],
+    seq: usize,
+    heads: &mut [HeadCache],
+    shape: AttentionShape,
+    opts: AttentionOptions,
+) -> Vec<f32> {
     let AttentionShape { n_heads, n_kv_heads, head_dim } = shape;
     assert_eq!(heads.len(), n_kv_heads);
     assert_eq!(q.len(), seq * n_heads * head_dim);
@@ -44,7 +50,8 @@ pub fn attend(q: &[f32], seq: usize, heads: &mut [HeadCache], shape: AttentionSh
     let n_chunks = seq.div_ceil(chunk);
     let window_start = opts.stats.window.map(|w| seq.saturating_sub(w));
 
-    let tasks: Vec<(usize, usize)> = (0..n_kv_heads).flat_map(|h| (0..n_chunks).map(move |c| (h, c))).collect();
+    let tasks: Vec<(usize, usize)> =
+        (0..n_kv_heads).flat_map(|h| (0..n_chunks).map(move |c| (h, c))).collect();
     let results: Vec<ChunkResult> = tasks
         .par_iter()
         .map(|&(h, c)| {
@@ -120,11 +127,25 @@ fn attend_chunk(
     // scores is rows x visible (row stride visible), qs is rows x d, keys hold >= visible rows of d.
     unsafe {
         gemm::gemm(
-            rows, visible, d,
-            scores.as_mut_ptr(), 1, visible as isize, false,
-            qs.as_ptr(), 1, d as isize,
-            head.keys().as_ptr(), d as isize, 1,
-            0.0, scale, false, false, false, gemm::Parallelism::None,
+            rows,
+            visible,
+            d,
+            scores.as_mut_ptr(),
+            1,
+            visible as isize,
+            false,
+            qs.as_ptr(),
+            1,
+            d as isize,
+            head.keys().as_ptr(),
+            d as isize,
+            1,
+            0.0,
+            scale,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
         );
     }
 
@@ -172,11 +193,25 @@ fn attend_chunk(
     // SAFETY: scores is rows x visible, values hold >= visible rows of d, out is rows x d.
     unsafe {
         gemm::gemm(
-            rows, d, visible,
-            out.as_mut_ptr(), 1, d as isize, false,
-            scores.as_ptr(), 1, visible as isize,
-            head.values().as_ptr(), 1, d as isize,
-            0.0, 1.0, false, false, false, gemm::Parallelism::None,
+            rows,
+            d,
+            visible,
+            out.as_mut_ptr(),
+            1,
+            d as isize,
+            false,
+            scores.as_ptr(),
+            1,
+            visible as isize,
+            head.values().as_ptr(),
+            1,
+            d as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
         );
     }
     ChunkResult { out, accumulated, window }

@@ -87,14 +87,18 @@ impl ChatTemplate {
         } else if tokenizer.token_id("<|im_start|>").is_some() {
             ChatFormat::ChatMl
         } else {
-            let what =
-                if source.is_some() { "its chat template is not ChatML, Llama-3 or [INST]" } else { "it has no chat template" };
+            let what = if source.is_some() {
+                "its chat template is not ChatML, Llama-3 or [INST]"
+            } else {
+                "it has no chat template"
+            };
             return Err(EngineError::Unsupported(format!(
                 "chat prompts for this model: {what} and its vocabulary has no <|im_start|>"
             )));
         };
-        let token_text =
-            |id: Option<u32>, fallback: &str| id.and_then(|id| tokenizer.token_str(id)).unwrap_or_else(|| fallback.to_string());
+        let token_text = |id: Option<u32>, fallback: &str| {
+            id.and_then(|id| tokenizer.token_str(id)).unwrap_or_else(|| fallback.to_string())
+        };
         let bos = token_text(tokenizer.bos_id(), "<s>");
         let eos = token_text(tokenizer.eos_id(), "</s>");
         let starts_with_bos = match format {
@@ -141,7 +145,11 @@ impl ChatTemplate {
             }
             ChatFormat::Llama3 => {
                 for m in messages {
-                    out.push_str(&format!("<|start_header_id|>{}<|end_header_id|>\n\n{}<|eot_id|>", m.role, m.content.trim()));
+                    out.push_str(&format!(
+                        "<|start_header_id|>{}<|end_header_id|>\n\n{}<|eot_id|>",
+                        m.role,
+                        m.content.trim()
+                    ));
                 }
                 if add_generation_prompt {
                     out.push_str("<|start_header_id|>assistant<|end_header_id|>\n\n");
@@ -178,7 +186,9 @@ impl ChatTemplate {
                     out.push_str(&format!("[INST] {content} [/INST]"));
                     first_user = false;
                 }
-                "assistant" if llama2 => out.push_str(&format!(" {} {}", m.content.trim(), self.eos)),
+                "assistant" if llama2 => {
+                    out.push_str(&format!(" {} {}", m.content.trim(), self.eos))
+                }
                 "assistant" => out.push_str(&format!("{}{}", m.content, self.eos)),
                 _ => {}
             }
@@ -254,7 +264,9 @@ mod tests {
             Some("You are Qwen, created by Alibaba Cloud. You are a helpful assistant.")
         );
         assert_eq!(
-            default_chatml_system("{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>'}}"),
+            default_chatml_system(
+                "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>'}}"
+            ),
             None
         );
     }

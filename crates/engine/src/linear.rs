@@ -32,7 +32,9 @@ impl std::str::FromStr for WeightFormat {
             "f32" => Ok(Self::F32),
             "quantized" | "q" => Ok(Self::Quantized),
             "q8" | "q8_0" => Ok(Self::Q8),
-            other => Err(format!("unknown weight format `{other}` (expected f32, quantized or q8)")),
+            other => {
+                Err(format!("unknown weight format `{other}` (expected f32, quantized or q8)"))
+            }
         }
     }
 }
@@ -68,14 +70,24 @@ pub struct Linear {
 impl Linear {
     /// Builds from an f32 (or f16/bf16) tensor `[out, in]`.
     pub fn from_dense(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
-        Ok(Self { dense: Some(weight.to_dtype(DType::F32)?), quantized: None, bias: bias.map(|b| b.to_dtype(DType::F32)).transpose()? })
+        Ok(Self {
+            dense: Some(weight.to_dtype(DType::F32)?),
+            quantized: None,
+            bias: bias.map(|b| b.to_dtype(DType::F32)).transpose()?,
+        })
     }
 
     /// Builds from a GGUF tensor, keeping the formats `formats` needs.
-    pub fn from_qtensor(weight: QTensor, bias: Option<Tensor>, formats: WeightFormats) -> Result<Self> {
+    pub fn from_qtensor(
+        weight: QTensor,
+        bias: Option<Tensor>,
+        formats: WeightFormats,
+    ) -> Result<Self> {
         let is_float = matches!(
             weight.dtype(),
-            candle_core::quantized::GgmlDType::F32 | candle_core::quantized::GgmlDType::F16 | candle_core::quantized::GgmlDType::BF16
+            candle_core::quantized::GgmlDType::F32
+                | candle_core::quantized::GgmlDType::F16
+                | candle_core::quantized::GgmlDType::BF16
         );
         let uses = |f: WeightFormat| formats.prefill == f || formats.decode == f;
         let dense = weight.dequantize(&weight.device())?;

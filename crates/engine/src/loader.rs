@@ -20,7 +20,8 @@ pub fn read_gguf_header(path: &Path) -> Result<(gguf_file::Content, BufReader<Fi
     if !path.exists() {
         return Err(EngineError::MissingFile(path.to_path_buf()));
     }
-    let file = File::open(path).map_err(|source| EngineError::Io { path: path.to_path_buf(), source })?;
+    let file =
+        File::open(path).map_err(|source| EngineError::Io { path: path.to_path_buf(), source })?;
     let mut reader = BufReader::new(file);
     let content = gguf_file::Content::read(&mut reader)
         .map_err(|e| EngineError::Gguf { path: path.to_path_buf(), reason: e.to_string() })?;
@@ -28,10 +29,17 @@ pub fn read_gguf_header(path: &Path) -> Result<(gguf_file::Content, BufReader<Fi
 }
 
 /// Loads a Llama-family GGUF model.
-pub fn load_gguf(path: &Path, formats: WeightFormats, device: &Device) -> Result<(Llama, gguf_file::Content)> {
+pub fn load_gguf(
+    path: &Path,
+    formats: WeightFormats,
+    device: &Device,
+) -> Result<(Llama, gguf_file::Content)> {
     let (content, mut reader) = read_gguf_header(path)?;
     let config = ModelConfig::from_gguf_metadata(&content.metadata)?;
-    let gguf_err = |e: candle_core::Error| EngineError::Gguf { path: path.to_path_buf(), reason: e.to_string() };
+    let gguf_err = |e: candle_core::Error| EngineError::Gguf {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    };
     let mut tensor = |name: &str| content.tensor(&mut reader, name, device).map_err(gguf_err);
     let embed_q = tensor("token_embd.weight")?;
     let embed = embed_q.dequantize(device)?;
@@ -51,14 +59,29 @@ pub fn load_gguf(path: &Path, formats: WeightFormats, device: &Device) -> Result
             }
         };
         let (bq, bk, bv) = (bias("attn_q.bias")?, bias("attn_k.bias")?, bias("attn_v.bias")?);
-        let mut linear = |n: &str, b: Option<Tensor>| Linear::from_qtensor(tensor(&name(n))?, b, formats);
-        let (wq, wk, wv) = (linear("attn_q.weight", bq)?, linear("attn_k.weight", bk)?, linear("attn_v.weight", bv)?);
-        let (wo, gate, up, down) =
-            (linear("attn_output.weight", None)?, linear("ffn_gate.weight", None)?, linear("ffn_up.weight", None)?, linear("ffn_down.weight", None)?);
+        let mut linear =
+            |n: &str, b: Option<Tensor>| Linear::from_qtensor(tensor(&name(n))?, b, formats);
+        let (wq, wk, wv) = (
+            linear("attn_q.weight", bq)?,
+            linear("attn_k.weight", bk)?,
+            linear("attn_v.weight", bv)?,
+        );
+        let (wo, gate, up, down) = (
+            linear("attn_output.weight", None)?,
+            linear("ffn_gate.weight", None)?,
+            linear("ffn_up.weight", None)?,
+            linear("ffn_down.weight", None)?,
+        );
         blocks.push(Block {
             attn_norm: tensor(&name("attn_norm.weight"))?.dequantize(device)?,
             mlp_norm: tensor(&name("ffn_norm.weight"))?.dequantize(device)?,
-            wq, wk, wv, wo, gate, up, down,
+            wq,
+            wk,
+            wv,
+            wo,
+            gate,
+            up,
+            down,
         });
     }
     let model = Llama::new(config, embed, blocks, final_norm, lm_head, formats);
@@ -68,7 +91,8 @@ pub fn load_gguf(path: &Path, formats: WeightFormats, device: &Device) -> Result
 /// Loads a Hugging Face folder: `config.json` and one or more `*.safetensors`.
 pub fn load_hf_folder(dir: &Path, device: &Device) -> Result<Llama> {
     let config_path = dir.join("config.json");
-    let text = std::fs::read_to_string(&config_path).map_err(|source| EngineError::Io { path: config_path.clone(), source })?;
+    let text = std::fs::read_to_string(&config_path)
+        .map_err(|source| EngineError::Io { path: config_path.clone(), source })?;
     let config = ModelConfig::from_hf_json(&text)?;
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|source| EngineError::Io { path: dir.to_path_buf(), source })?
@@ -118,7 +142,17 @@ pub fn load_hf_folder(dir: &Path, device: &Device) -> Result<Llama> {
             mlp_norm: take(&format!("{p}.post_attention_layernorm.weight"))?,
         });
     }
-    Ok(Llama::new(config, embed, blocks, final_norm, lm_head, WeightFormats { prefill: crate::linear::WeightFormat::F32, decode: crate::linear::WeightFormat::F32 }))
+    Ok(Llama::new(
+        config,
+        embed,
+        blocks,
+        final_norm,
+        lm_head,
+        WeightFormats {
+            prefill: crate::linear::WeightFormat::F32,
+            decode: crate::linear::WeightFormat::F32,
+        },
+    ))
 }
 
 /// A model with its tokenizer.

@@ -89,21 +89,37 @@ impl Llama {
     /// Runs `tokens` after whatever `cache` holds. Token `i` gets logical position
     /// `cache.n_seen + i`; its key and value are appended to every head; attention masks
     /// come from each head's physical length. Returns logits as `opts.logits` asks.
-    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, opts: ForwardOptions) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        opts: ForwardOptions,
+    ) -> Result<Tensor> {
         let seq = tokens.len();
         if seq == 0 {
             return Err(EngineError::EmptyPrompt);
         }
         let needed = cache.n_seen + seq;
         if needed > self.config.context_length {
-            return Err(EngineError::ContextOverflow { needed, context: self.config.context_length });
+            return Err(EngineError::ContextOverflow {
+                needed,
+                context: self.config.context_length,
+            });
         }
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
-            return Err(EngineError::Tokenizer(format!("token id {bad} is outside the vocabulary ({})", self.config.vocab_size)));
+            return Err(EngineError::Tokenizer(format!(
+                "token id {bad} is outside the vocabulary ({})",
+                self.config.vocab_size
+            )));
         }
         let c = &self.config;
-        let shape = AttentionShape { n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: c.head_dim };
-        let attn_opts = AttentionOptions { chunk: opts.attention_chunk, stats: opts.stats, log_count_bias: cache.log_count_bias };
+        let shape =
+            AttentionShape { n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: c.head_dim };
+        let attn_opts = AttentionOptions {
+            chunk: opts.attention_chunk,
+            stats: opts.stats,
+            log_count_bias: cache.log_count_bias,
+        };
         let eps = c.rms_norm_eps as f32;
         let ids = Tensor::new(tokens, self.device())?;
         // [seq, hidden]
@@ -123,7 +139,11 @@ impl Llama {
                 self.rope.apply(&mut k[i * kw..(i + 1) * kw], pos);
                 for (kh, head) in heads.iter_mut().enumerate() {
                     let at = i * kw + kh * c.head_dim;
-                    head.push(&k[at..at + c.head_dim], &v[at..at + c.head_dim], kvmerger_compress::EntryMeta::new(pos));
+                    head.push(
+                        &k[at..at + c.head_dim],
+                        &v[at..at + c.head_dim],
+                        kvmerger_compress::EntryMeta::new(pos),
+                    );
                 }
             }
             let attn = attend(&q, seq, heads, shape, attn_opts);
@@ -145,7 +165,10 @@ impl Llama {
 
     /// Bytes of weights held in memory.
     pub fn weight_bytes(&self) -> usize {
-        let linears = self.blocks.iter().flat_map(|b| [&b.wq, &b.wk, &b.wv, &b.wo, &b.gate, &b.up, &b.down]);
-        linears.map(Linear::weight_bytes).sum::<usize>() + self.lm_head.weight_bytes() + self.embed.elem_count() * 4
+        let linears =
+            self.blocks.iter().flat_map(|b| [&b.wq, &b.wk, &b.wv, &b.wo, &b.gate, &b.up, &b.down]);
+        linears.map(Linear::weight_bytes).sum::<usize>()
+            + self.lm_head.weight_bytes()
+            + self.embed.elem_count() * 4
     }
 }

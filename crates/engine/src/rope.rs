@@ -21,7 +21,8 @@ impl Rope {
         let half = config.head_dim / 2;
         let inv_freq: Vec<f64> = (0..half)
             .map(|i| {
-                let freq = 1.0 / (config.rope_theta as f64).powf(2.0 * i as f64 / config.head_dim as f64);
+                let freq =
+                    1.0 / (config.rope_theta as f64).powf(2.0 * i as f64 / config.head_dim as f64);
                 match &config.rope_scaling {
                     Some(s) => llama3_scale(freq, s),
                     None => freq,
@@ -44,7 +45,8 @@ impl Rope {
     /// Rotates every head of one token's projection in place.
     /// `x`: `[n_heads, head_dim]` of the token at logical position `pos`.
     pub fn apply(&self, x: &mut [f32], pos: usize) {
-        let (cos, sin) = (&self.cos[pos * self.half..][..self.half], &self.sin[pos * self.half..][..self.half]);
+        let (cos, sin) =
+            (&self.cos[pos * self.half..][..self.half], &self.sin[pos * self.half..][..self.half]);
         for head in x.chunks_exact_mut(2 * self.half) {
             for i in 0..self.half {
                 let (a, b) = if self.interleaved { (2 * i, 2 * i + 1) } else { (i, i + self.half) };
@@ -67,7 +69,8 @@ fn llama3_scale(freq: f64, s: &crate::config::Llama3RopeScaling) -> f64 {
     } else if wavelen > low_wavelen {
         freq / s.factor as f64
     } else {
-        let smooth = (old / wavelen - s.low_freq_factor as f64) / (s.high_freq_factor - s.low_freq_factor) as f64;
+        let smooth = (old / wavelen - s.low_freq_factor as f64)
+            / (s.high_freq_factor - s.low_freq_factor) as f64;
         (1.0 - smooth) * freq / s.factor as f64 + smooth * freq
     }
 }

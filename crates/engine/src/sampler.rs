@@ -38,8 +38,11 @@ impl Sampler {
             return argmax(logits);
         }
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut probs: Vec<(u32, f32)> =
-            logits.iter().enumerate().map(|(i, &l)| (i as u32, ((l - max) / self.config.temperature).exp())).collect();
+        let mut probs: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i as u32, ((l - max) / self.config.temperature).exp()))
+            .collect();
         // Ties broken by token id, so sampling is deterministic for a seed.
         probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         let total: f32 = probs.iter().map(|p| p.1).sum();

@@ -3,7 +3,9 @@
 
 use std::time::{Duration, Instant};
 
-use kvmerger_compress::{CompressionConfig, CompressionMethod, HeadId, HeadReport, KvCache, StatsRequest};
+use kvmerger_compress::{
+    CompressionConfig, CompressionMethod, HeadId, HeadReport, KvCache, StatsRequest,
+};
 use rayon::prelude::*;
 use serde::Serialize;
 
@@ -85,7 +87,12 @@ pub struct Prefilled {
 }
 
 impl Prefilled {
-    pub fn run(model: &Llama, tokens: &[u32], stats: StatsRequest, attention_chunk: usize) -> Result<Self> {
+    pub fn run(
+        model: &Llama,
+        tokens: &[u32],
+        stats: StatsRequest,
+        attention_chunk: usize,
+    ) -> Result<Self> {
         let start = Instant::now();
         let mut cache = model.new_cache();
         let opts = ForwardOptions { logits: Logits::Last, stats, attention_chunk };
@@ -134,7 +141,8 @@ impl<'m> Session<'m> {
         if self.cache.n_seen != 0 {
             return Err(EngineError::Setup("prefill must be the session's first call".into()));
         }
-        let prefilled = Prefilled::run(self.model, tokens, self.method.stats(), self.attention_chunk)?;
+        let prefilled =
+            Prefilled::run(self.model, tokens, self.method.stats(), self.attention_chunk)?;
         self.resume(prefilled)
     }
 
@@ -142,8 +150,13 @@ impl<'m> Session<'m> {
     /// compresses it. Returns the last prompt token's logits `[vocab]`.
     pub fn resume(&mut self, prefilled: Prefilled) -> Result<Vec<f32>> {
         let needs = self.method.stats();
-        if (needs.accumulated && !prefilled.stats.accumulated) || needs.window.unwrap_or(0) > prefilled.stats.window.unwrap_or(0) {
-            return Err(EngineError::Setup(format!("the prefilled cache lacks statistics {} needs", self.method.name())));
+        if (needs.accumulated && !prefilled.stats.accumulated)
+            || needs.window.unwrap_or(0) > prefilled.stats.window.unwrap_or(0)
+        {
+            return Err(EngineError::Setup(format!(
+                "the prefilled cache lacks statistics {} needs",
+                self.method.name()
+            )));
         }
         self.cache = prefilled.cache;
         self.timings.prefill += prefilled.elapsed;
@@ -155,7 +168,9 @@ impl<'m> Session<'m> {
     fn compress(&mut self, prompt_len: usize) -> Result<()> {
         let start = Instant::now();
         let method = &*self.method;
-        let budgets: Vec<usize> = (0..self.cache.n_layers()).map(|l| method.layer_budget_entries(l, prompt_len)).collect();
+        let budgets: Vec<usize> = (0..self.cache.n_layers())
+            .map(|l| method.layer_budget_entries(l, prompt_len))
+            .collect();
         let heads = self
             .cache
             .layers
@@ -192,18 +207,23 @@ impl<'m> Session<'m> {
     /// applies the method's decode-time policy. Returns logits as `logits` asks:
     /// `[rows][vocab]`, one row for [`Logits::Last`].
     pub fn extend(&mut self, tokens: &[u32], logits: Logits) -> Result<Vec<Vec<f32>>> {
-        let opts = ForwardOptions { logits, stats: self.method.stats().without_window(), attention_chunk: self.attention_chunk };
+        let opts = ForwardOptions {
+            logits,
+            stats: self.method.stats().without_window(),
+            attention_chunk: self.attention_chunk,
+        };
         let out = self.model.forward(tokens, &mut self.cache, opts)?;
         self.steps += 1;
         if let Some(budgets) = &self.cache.budgets {
             let method = &*self.method;
             let step = self.steps;
-            self.cache.layers.iter_mut().zip(budgets).enumerate().try_for_each(|(layer, (heads, &budget))| {
-                heads
-                    .iter_mut()
-                    .enumerate()
-                    .try_for_each(|(head, cache)| method.after_step(HeadId { layer, head }, cache, budget, step))
-            })?;
+            self.cache.layers.iter_mut().zip(budgets).enumerate().try_for_each(
+                |(layer, (heads, &budget))| {
+                    heads.iter_mut().enumerate().try_for_each(|(head, cache)| {
+                        method.after_step(HeadId { layer, head }, cache, budget, step)
+                    })
+                },
+            )?;
         }
         Ok(out.to_vec2()?)
     }

@@ -38,11 +38,16 @@ pub fn random_llama(config: ModelConfig, seed: u64) -> Result<Llama> {
     let mut rng = StdRng::seed_from_u64(seed);
     let dev = Device::Cpu;
     let mut mat = |rows: usize, cols: usize, scale: f32| -> Result<Tensor> {
-        let data: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(-1.0f32..1.0) * scale).collect();
+        let data: Vec<f32> =
+            (0..rows * cols).map(|_| rng.random_range(-1.0f32..1.0) * scale).collect();
         Ok(Tensor::from_vec(data, (rows, cols), &dev)?)
     };
-    let (h, q, kv, i) =
-        (config.hidden_size, config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim, config.intermediate_size);
+    let (h, q, kv, i) = (
+        config.hidden_size,
+        config.n_heads * config.head_dim,
+        config.n_kv_heads * config.head_dim,
+        config.intermediate_size,
+    );
     let s = 1.0 / (h as f32).sqrt();
     let embed = mat(config.vocab_size, h, 1.0)?;
     let mut blocks = Vec::new();
@@ -62,7 +67,8 @@ pub fn random_llama(config: ModelConfig, seed: u64) -> Result<Llama> {
     }
     let final_norm = Tensor::ones(h, candle_core::DType::F32, &dev)?;
     let lm_head = Linear::from_dense(embed.clone(), None)?;
-    let formats = WeightFormats { prefill: crate::WeightFormat::F32, decode: crate::WeightFormat::F32 };
+    let formats =
+        WeightFormats { prefill: crate::WeightFormat::F32, decode: crate::WeightFormat::F32 };
     Ok(Llama::new(config, embed, blocks, final_norm, lm_head, formats))
 }
 
@@ -107,7 +113,10 @@ pub fn reference_forward(
                 let keys: Vec<usize> = (0..=i).filter(|&j| visible(l, kh, i, j)).collect();
                 let logits: Vec<f32> = keys
                     .iter()
-                    .map(|&j| qv.iter().zip(&k[j][kh * d..(kh + 1) * d]).map(|(a, b)| a * b).sum::<f32>() / (d as f32).sqrt())
+                    .map(|&j| {
+                        qv.iter().zip(&k[j][kh * d..(kh + 1) * d]).map(|(a, b)| a * b).sum::<f32>()
+                            / (d as f32).sqrt()
+                    })
                     .collect();
                 let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 let exps: Vec<f32> = logits.iter().map(|x| (x - max).exp()).collect();

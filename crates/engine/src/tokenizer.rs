@@ -28,8 +28,8 @@ use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence as PreTokenizerSequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{
-    AddedToken, DecodeStream, DecoderWrapper, ModelWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper,
-    SplitDelimiterBehavior, Tokenizer,
+    AddedToken, DecodeStream, DecoderWrapper, ModelWrapper, NormalizerWrapper,
+    PostProcessorWrapper, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer,
 };
 
 use crate::error::{EngineError, Result};
@@ -41,14 +41,20 @@ const TOKEN_TYPE_USER_DEFINED: i64 = 4;
 
 /// Tokens that end a turn or a document in common model families; each one the vocabulary
 /// has is a stop token besides the declared end-of-sequence token.
-const END_TOKENS: &[&str] = &["<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|endoftext|>", "<|end_of_text|>", "<|end|>", "</s>"];
+const END_TOKENS: &[&str] = &[
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|endoftext|>",
+    "<|end_of_text|>",
+    "<|end|>",
+    "</s>",
+];
 
 /// Llama-3's pre-tokenizer pattern (`tokenizer.ggml.pre = llama-bpe`).
-const LLAMA3_PATTERN: &str =
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// Qwen2's pre-tokenizer pattern: Llama-3's with single digits.
-const QWEN2_PATTERN: &str =
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// SentencePiece's visible space.
 const SPM_SPACE: &str = "\u{2581}";
@@ -92,12 +98,14 @@ impl TextTokenizer {
     /// [`EngineError::Tokenizer`] when the metadata is missing or inconsistent.
     pub fn from_gguf_metadata(metadata: &HashMap<String, Value>) -> Result<Self> {
         let md = Metadata(metadata);
-        let model = md
-            .str("tokenizer.ggml.model")?
-            .ok_or_else(|| EngineError::Tokenizer("the GGUF file has no tokenizer (tokenizer.ggml.model is missing)".into()))?;
-        let tokens = md
-            .strings("tokenizer.ggml.tokens")?
-            .ok_or_else(|| EngineError::Tokenizer("the GGUF file has no vocabulary (tokenizer.ggml.tokens)".into()))?;
+        let model = md.str("tokenizer.ggml.model")?.ok_or_else(|| {
+            EngineError::Tokenizer(
+                "the GGUF file has no tokenizer (tokenizer.ggml.model is missing)".into(),
+            )
+        })?;
+        let tokens = md.strings("tokenizer.ggml.tokens")?.ok_or_else(|| {
+            EngineError::Tokenizer("the GGUF file has no vocabulary (tokenizer.ggml.tokens)".into())
+        })?;
         let types = match md.ints("tokenizer.ggml.token_type")? {
             Some(types) if types.len() != tokens.len() => {
                 return Err(EngineError::Tokenizer(format!(
@@ -133,21 +141,31 @@ impl TextTokenizer {
         let id = |key: &str| -> Result<Option<u32>> {
             match md.uint(key)? {
                 Some(id) if (id as usize) < tokens.len() => Ok(Some(id)),
-                Some(id) => {
-                    Err(EngineError::Tokenizer(format!("{key} = {id} is outside the vocabulary ({} tokens)", tokens.len())))
-                }
+                Some(id) => Err(EngineError::Tokenizer(format!(
+                    "{key} = {id} is outside the vocabulary ({} tokens)",
+                    tokens.len()
+                ))),
                 None => Ok(None),
             }
         };
         let bos = id("tokenizer.ggml.bos_token_id")?;
         let eos = id("tokenizer.ggml.eos_token_id")?;
-        let declared_stops = [eos, id("tokenizer.ggml.eot_token_id")?, id("tokenizer.ggml.eom_token_id")?];
+        let declared_stops =
+            [eos, id("tokenizer.ggml.eot_token_id")?, id("tokenizer.ggml.eom_token_id")?];
         let add_bos = md.bool("tokenizer.ggml.add_bos_token")?.unwrap_or(default_add_bos);
         let add_eos = md.bool("tokenizer.ggml.add_eos_token")?.unwrap_or(false);
         let prefix = if add_bos { bos.into_iter().collect() } else { Vec::new() };
         let suffix = if add_eos { eos.into_iter().collect() } else { Vec::new() };
         let chat_template = md.str("tokenizer.chat_template")?.map(str::to_string);
-        Self::assemble(inner, bos, eos, declared_stops.into_iter().flatten().collect(), prefix, suffix, chat_template)
+        Self::assemble(
+            inner,
+            bos,
+            eos,
+            declared_stops.into_iter().flatten().collect(),
+            prefix,
+            suffix,
+            chat_template,
+        )
     }
 
     /// Loads a Hugging Face `tokenizer.json`. A `tokenizer_config.json` next to it supplies
@@ -157,22 +175,37 @@ impl TextTokenizer {
         if !path.is_file() {
             return Err(EngineError::MissingFile(path.to_path_buf()));
         }
-        let inner =
-            Tokenizer::from_file(path).map_err(|e| EngineError::Tokenizer(format!("cannot read {}: {e}", path.display())))?;
+        let inner = Tokenizer::from_file(path)
+            .map_err(|e| EngineError::Tokenizer(format!("cannot read {}: {e}", path.display())))?;
         let dir = path.parent().unwrap_or_else(|| Path::new("."));
         let config = read_json_if_present(&dir.join("tokenizer_config.json"))?;
-        let named = |key: &str| config.as_ref().and_then(|c| special_token_name(c.get(key)?)).and_then(|t| inner.token_to_id(t));
+        let named = |key: &str| {
+            config
+                .as_ref()
+                .and_then(|c| special_token_name(c.get(key)?))
+                .and_then(|t| inner.token_to_id(t))
+        };
         let bos = named("bos_token");
         let eos = named("eos_token");
-        let mut chat_template = config.as_ref().and_then(|c| template_from_config(c.get("chat_template")?));
+        let mut chat_template =
+            config.as_ref().and_then(|c| template_from_config(c.get("chat_template")?));
         if chat_template.is_none() {
             let jinja = dir.join("chat_template.jinja");
             if jinja.is_file() {
-                let text = std::fs::read_to_string(&jinja).map_err(|source| EngineError::Io { path: jinja, source })?;
+                let text = std::fs::read_to_string(&jinja)
+                    .map_err(|source| EngineError::Io { path: jinja, source })?;
                 chat_template = Some(text);
             }
         }
-        Self::assemble(inner, bos, eos, eos.into_iter().collect(), Vec::new(), Vec::new(), chat_template)
+        Self::assemble(
+            inner,
+            bos,
+            eos,
+            eos.into_iter().collect(),
+            Vec::new(),
+            Vec::new(),
+            chat_template,
+        )
     }
 
     /// Completes the derived fields shared by both constructors.
@@ -193,7 +226,17 @@ impl TextTokenizer {
         let mut seen = std::collections::HashSet::new();
         stop.retain(|id| seen.insert(*id));
         let vocab_size = inner.get_vocab(true).values().max().map_or(0, |&max| max as usize + 1);
-        let mut tokenizer = Self { inner, bos, eos, stop, prefix, suffix, adds_bos: false, vocab_size, chat_template };
+        let mut tokenizer = Self {
+            inner,
+            bos,
+            eos,
+            stop,
+            prefix,
+            suffix,
+            adds_bos: false,
+            vocab_size,
+            chat_template,
+        };
         tokenizer.adds_bos = bos.is_some() && tokenizer.encode("", true)?.first().copied() == bos;
         Ok(tokenizer)
     }
@@ -274,7 +317,10 @@ impl TextTokenizer {
         if (id as usize) < self.vocab_size {
             Ok(())
         } else {
-            Err(EngineError::Tokenizer(format!("token id {id} is outside the vocabulary ({} tokens)", self.vocab_size)))
+            Err(EngineError::Tokenizer(format!(
+                "token id {id} is outside the vocabulary ({} tokens)",
+                self.vocab_size
+            )))
         }
     }
 }
@@ -284,7 +330,14 @@ impl TextTokenizer {
 /// word boundaries (SentencePiece's leading space) come out as a whole decode would give.
 pub struct StreamDecoder<'a> {
     tokenizer: &'a TextTokenizer,
-    stream: DecodeStream<'a, ModelWrapper, NormalizerWrapper, PreTokenizerWrapper, PostProcessorWrapper, DecoderWrapper>,
+    stream: DecodeStream<
+        'a,
+        ModelWrapper,
+        NormalizerWrapper,
+        PreTokenizerWrapper,
+        PostProcessorWrapper,
+        DecoderWrapper,
+    >,
 }
 
 impl StreamDecoder<'_> {
@@ -305,7 +358,10 @@ struct Metadata<'a>(&'a HashMap<String, Value>);
 
 impl<'a> Metadata<'a> {
     fn wrong_type(key: &str, expected: &str, value: &Value) -> EngineError {
-        EngineError::Tokenizer(format!("GGUF metadata {key} should be {expected}, found {:?}", value.value_type()))
+        EngineError::Tokenizer(format!(
+            "GGUF metadata {key} should be {expected}, found {:?}",
+            value.value_type()
+        ))
     }
 
     fn str(&self, key: &str) -> Result<Option<&'a str>> {
@@ -327,9 +383,10 @@ impl<'a> Metadata<'a> {
     fn uint(&self, key: &str) -> Result<Option<u32>> {
         match self.0.get(key) {
             None => Ok(None),
-            Some(v) => {
-                integer(v).and_then(|i| u32::try_from(i).ok()).map(Some).ok_or_else(|| Self::wrong_type(key, "a token id", v))
-            }
+            Some(v) => integer(v)
+                .and_then(|i| u32::try_from(i).ok())
+                .map(Some)
+                .ok_or_else(|| Self::wrong_type(key, "a token id", v)),
         }
     }
 
@@ -403,16 +460,20 @@ fn vocab_of(tokens: &[&str]) -> Vocab {
 fn byte_level_bpe(md: &Metadata, tokens: &[&str]) -> Result<Tokenizer> {
     let merges = md
         .strings("tokenizer.ggml.merges")?
-        .ok_or_else(|| EngineError::Tokenizer("a gpt2 tokenizer needs tokenizer.ggml.merges".into()))?
+        .ok_or_else(|| {
+            EngineError::Tokenizer("a gpt2 tokenizer needs tokenizer.ggml.merges".into())
+        })?
         .into_iter()
         .map(|merge| {
-            merge
-                .split_once(' ')
-                .map(|(a, b)| (a.to_string(), b.to_string()))
-                .ok_or_else(|| EngineError::Tokenizer(format!("malformed merge `{merge}` (expected two tokens)")))
+            merge.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())).ok_or_else(|| {
+                EngineError::Tokenizer(format!("malformed merge `{merge}` (expected two tokens)"))
+            })
         })
         .collect::<Result<Vec<_>>>()?;
-    let bpe = BPE::builder().vocab_and_merges(vocab_of(tokens), merges).build().map_err(tokenizer_error)?;
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab_of(tokens), merges)
+        .build()
+        .map_err(tokenizer_error)?;
     let pre = md.str("tokenizer.ggml.pre")?.unwrap_or("default");
     let mut tokenizer = Tokenizer::new(bpe);
     tokenizer.with_pre_tokenizer(Some(byte_level_pre_tokenizer(pre)?));
@@ -424,8 +485,12 @@ fn byte_level_bpe(md: &Metadata, tokens: &[&str]) -> Result<Tokenizer> {
 fn byte_level_pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper> {
     let gpt2 = ByteLevel::default().add_prefix_space(false).use_regex(true);
     let split_then_bytes = |pattern: &str| -> Result<PreTokenizerWrapper> {
-        let split = Split::new(SplitPattern::Regex(pattern.to_string()), SplitDelimiterBehavior::Isolated, false)
-            .map_err(tokenizer_error)?;
+        let split = Split::new(
+            SplitPattern::Regex(pattern.to_string()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map_err(tokenizer_error)?;
         let bytes = ByteLevel::default().add_prefix_space(false).use_regex(false);
         Ok(PreTokenizerSequence::new(vec![split.into(), bytes.into()]).into())
     };
@@ -436,15 +501,19 @@ fn byte_level_pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper> {
         }
         "llama-bpe" | "llama3" | "dbrx" | "smaug-bpe" => split_then_bytes(LLAMA3_PATTERN),
         "qwen2" => split_then_bytes(QWEN2_PATTERN),
-        other => Err(EngineError::Unsupported(format!("byte-level BPE pre-tokenizer `{other}` (tokenizer.ggml.pre)"))),
+        other => Err(EngineError::Unsupported(format!(
+            "byte-level BPE pre-tokenizer `{other}` (tokenizer.ggml.pre)"
+        ))),
     }
 }
 
 /// SentencePiece BPE with byte fallback (`tokenizer.ggml.model = llama`).
 fn sentencepiece_bpe(md: &Metadata, tokens: &[&str], types: &[i64]) -> Result<Tokenizer> {
-    let scores = md
-        .floats("tokenizer.ggml.scores")?
-        .ok_or_else(|| EngineError::Tokenizer("a llama (SentencePiece) tokenizer needs tokenizer.ggml.scores".into()))?;
+    let scores = md.floats("tokenizer.ggml.scores")?.ok_or_else(|| {
+        EngineError::Tokenizer(
+            "a llama (SentencePiece) tokenizer needs tokenizer.ggml.scores".into(),
+        )
+    })?;
     if scores.len() != tokens.len() {
         return Err(EngineError::Tokenizer(format!(
             "tokenizer.ggml.scores has {} entries for {} tokens",
@@ -453,11 +522,14 @@ fn sentencepiece_bpe(md: &Metadata, tokens: &[&str], types: &[i64]) -> Result<To
         )));
     }
     let merges = sentencepiece_merges(tokens, types, &scores);
-    let mut builder = BPE::builder().vocab_and_merges(vocab_of(tokens), merges).byte_fallback(true).fuse_unk(true);
+    let mut builder = BPE::builder()
+        .vocab_and_merges(vocab_of(tokens), merges)
+        .byte_fallback(true)
+        .fuse_unk(true);
     if let Some(unk) = md.uint("tokenizer.ggml.unknown_token_id")? {
-        let token = tokens
-            .get(unk as usize)
-            .ok_or_else(|| EngineError::Tokenizer(format!("unknown_token_id {unk} is outside the vocabulary")))?;
+        let token = tokens.get(unk as usize).ok_or_else(|| {
+            EngineError::Tokenizer(format!("unknown_token_id {unk} is outside the vocabulary"))
+        })?;
         builder = builder.unk_token((*token).to_string());
     }
     let bpe = builder.build().map_err(tokenizer_error)?;
@@ -468,8 +540,11 @@ fn sentencepiece_bpe(md: &Metadata, tokens: &[&str], types: &[i64]) -> Result<To
         normalizers.push(Prepend::new(SPM_SPACE.to_string()).into());
     }
     normalizers.push(Replace::new(" ", SPM_SPACE).map_err(tokenizer_error)?.into());
-    let mut decoders: Vec<DecoderWrapper> =
-        vec![Replace::new(SPM_SPACE, " ").map_err(tokenizer_error)?.into(), ByteFallback::new().into(), Fuse::new().into()];
+    let mut decoders: Vec<DecoderWrapper> = vec![
+        Replace::new(SPM_SPACE, " ").map_err(tokenizer_error)?.into(),
+        ByteFallback::new().into(),
+        Fuse::new().into(),
+    ];
     if space_prefix {
         decoders.push(Strip::new(' ', 1, 0).into());
     }
@@ -503,15 +578,21 @@ fn sentencepiece_merges(tokens: &[&str], types: &[i64], scores: &[f32]) -> Vec<(
         ranked.extend(splits.into_iter().map(|(left, right)| (scores[id], left, right)));
     }
     ranked.sort_by(|a, b| b.0.total_cmp(&a.0));
-    ranked.into_iter().map(|(_, left, right)| (tokens[left].to_string(), tokens[right].to_string())).collect()
+    ranked
+        .into_iter()
+        .map(|(_, left, right)| (tokens[left].to_string(), tokens[right].to_string()))
+        .collect()
 }
 
 fn read_json_if_present(path: &Path) -> Result<Option<serde_json::Value>> {
     if !path.is_file() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(path).map_err(|source| EngineError::Io { path: path.to_path_buf(), source })?;
-    serde_json::from_str(&text).map(Some).map_err(|e| EngineError::Tokenizer(format!("cannot parse {}: {e}", path.display())))
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| EngineError::Io { path: path.to_path_buf(), source })?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| EngineError::Tokenizer(format!("cannot parse {}: {e}", path.display())))
 }
 
 /// A special token in `tokenizer_config.json`: a string or `{"content": ...}`.
@@ -526,7 +607,8 @@ fn template_from_config(value: &serde_json::Value) -> Option<String> {
         return Some(text.to_string());
     }
     let list = value.as_array()?;
-    let named = |item: &&serde_json::Value| item.get("name").and_then(|n| n.as_str()) == Some("default");
+    let named =
+        |item: &&serde_json::Value| item.get("name").and_then(|n| n.as_str()) == Some("default");
     let chosen = list.iter().find(named).or_else(|| list.first())?;
     chosen.get("template")?.as_str().map(str::to_string)
 }
@@ -549,10 +631,14 @@ pub(crate) mod tests {
             tokens.push(format!("<0x{byte:02X}>"));
             types.push(6);
         }
-        let pieces =
-            ["▁", "h", "e", "l", "o", "w", "r", "d", "ll", "▁h", "▁he", "llo", "▁hello", "▁w", "or", "▁wor", "ld", "▁world"];
-        let piece_scores =
-            [-1.0, -2.0, -2.0, -2.0, -2.0, -2.0, -2.0, -2.0, -3.0, -3.0, -4.0, -4.0, -5.0, -3.0, -3.0, -4.0, -3.0, -5.0];
+        let pieces = [
+            "▁", "h", "e", "l", "o", "w", "r", "d", "ll", "▁h", "▁he", "llo", "▁hello", "▁w", "or",
+            "▁wor", "ld", "▁world",
+        ];
+        let piece_scores = [
+            -1.0, -2.0, -2.0, -2.0, -2.0, -2.0, -2.0, -2.0, -3.0, -3.0, -4.0, -4.0, -5.0, -3.0,
+            -3.0, -4.0, -3.0, -5.0,
+        ];
         let mut scores = vec![0.0f32; tokens.len()];
         for (piece, score) in pieces.iter().zip(piece_scores) {
             tokens.push(piece.to_string());
@@ -563,7 +649,10 @@ pub(crate) mod tests {
         let md: HashMap<String, Value> = [
             ("tokenizer.ggml.model", Value::String("llama".into())),
             ("tokenizer.ggml.tokens", strings(&token_refs)),
-            ("tokenizer.ggml.token_type", Value::Array(types.into_iter().map(|t| Value::I32(t as i32)).collect())),
+            (
+                "tokenizer.ggml.token_type",
+                Value::Array(types.into_iter().map(|t| Value::I32(t as i32)).collect()),
+            ),
             ("tokenizer.ggml.scores", Value::Array(scores.into_iter().map(Value::F32).collect())),
             ("tokenizer.ggml.bos_token_id", Value::U32(1)),
             ("tokenizer.ggml.eos_token_id", Value::U32(2)),
@@ -587,7 +676,10 @@ pub(crate) mod tests {
         let bytes = [tok.token_id("<0xC3>").unwrap(), tok.token_id("<0xA9>").unwrap()];
         assert_eq!(ids, vec![tok.token_id("▁h").unwrap(), bytes[0], bytes[1]]);
         assert_eq!(tok.decode(&ids).unwrap(), "hé");
-        assert_eq!(tok.decode(&tok.encode("hello world hello", false).unwrap()).unwrap(), "hello world hello");
+        assert_eq!(
+            tok.decode(&tok.encode("hello world hello", false).unwrap()).unwrap(),
+            "hello world hello"
+        );
         // Control tokens in text are single ids; the declared end token stops generation.
         assert_eq!(tok.encode("</s>", false).unwrap(), vec![2]);
         assert_eq!(tok.eos_ids(), vec![2]);
@@ -614,13 +706,19 @@ pub(crate) mod tests {
         let err = TextTokenizer::from_gguf_metadata(&md).unwrap_err();
         assert!(matches!(&err, EngineError::Unsupported(m) if m.contains("`bert`")), "{err}");
         let err = byte_level_pre_tokenizer("no-such-family").unwrap_err();
-        assert!(matches!(&err, EngineError::Unsupported(m) if m.contains("no-such-family")), "{err}");
+        assert!(
+            matches!(&err, EngineError::Unsupported(m) if m.contains("no-such-family")),
+            "{err}"
+        );
     }
 
     fn splits(pre: &str, text: &str) -> Vec<String> {
         let mut s = PreTokenizedString::from(text);
         byte_level_pre_tokenizer(pre).unwrap().pre_tokenize(&mut s).unwrap();
-        s.get_splits(OffsetReferential::Original, OffsetType::Byte).into_iter().map(|(piece, _, _)| piece.to_string()).collect()
+        s.get_splits(OffsetReferential::Original, OffsetType::Byte)
+            .into_iter()
+            .map(|(piece, _, _)| piece.to_string())
+            .collect()
     }
 
     #[test]

@@ -43,7 +43,8 @@ fn removed_entries_equal_masked_keys_for_a_multi_token_step() {
     m.forward(&toks[..prompt], &mut cache, ForwardOptions::default()).unwrap();
 
     // Remove a different arbitrary set of prompt entries from every (layer, kv head).
-    let removed = |l: usize, h: usize, j: usize| j < prompt && (j * 7 + l * 3 + h * 5).is_multiple_of(4);
+    let removed =
+        |l: usize, h: usize, j: usize| j < prompt && (j * 7 + l * 3 + h * 5).is_multiple_of(4);
     for (l, heads) in cache.layers.iter_mut().enumerate() {
         for (h, head) in heads.iter_mut().enumerate() {
             let keep: Vec<usize> = (0..prompt).filter(|&j| !removed(l, h, j)).collect();
@@ -54,10 +55,18 @@ fn removed_entries_equal_masked_keys_for_a_multi_token_step() {
     let lens: Vec<usize> = cache.layers[0].iter().map(HeadCache::len).collect();
     assert_ne!(lens[0], prompt, "entries were removed");
 
-    let ours = rows(&m.forward(&toks[prompt..], &mut cache, ForwardOptions { logits: Logits::All, ..Default::default() }).unwrap());
+    let ours = rows(
+        &m.forward(
+            &toks[prompt..],
+            &mut cache,
+            ForwardOptions { logits: Logits::All, ..Default::default() },
+        )
+        .unwrap(),
+    );
     // Prompt queries were computed before removal and see everything; the new queries
     // see only the kept entries.
-    let reference = reference_forward(&m, &toks, |l, h, i, j| i < prompt || !removed(l, h, j)).unwrap();
+    let reference =
+        reference_forward(&m, &toks, |l, h, i, j| i < prompt || !removed(l, h, j)).unwrap();
     for (r, row) in ours.iter().enumerate() {
         let err = relative_l2(row, &reference.logits[prompt + r]);
         assert!(err < 1e-5, "new token {r}: relative error {err}");
@@ -74,7 +83,12 @@ fn accumulated_statistics_equal_a_naive_softmax() {
     let toks = tokens(37, 3);
     let mut cache = m.new_cache();
     let stats = StatsRequest { accumulated: true, window: None };
-    m.forward(&toks, &mut cache, ForwardOptions { stats, attention_chunk: 5, ..Default::default() }).unwrap();
+    m.forward(
+        &toks,
+        &mut cache,
+        ForwardOptions { stats, attention_chunk: 5, ..Default::default() },
+    )
+    .unwrap();
     let reference = reference_forward(&m, &toks, |_, _, _, _| true).unwrap();
     for (l, heads) in cache.layers.iter().enumerate() {
         for (h, head) in heads.iter().enumerate() {
@@ -90,7 +104,13 @@ fn accumulated_statistics_equal_a_naive_softmax() {
 fn run_chunked(m: &Llama, toks: &[u32], chunk: usize, window: usize) -> (Vec<f32>, KvCache) {
     let mut cache = m.new_cache();
     let stats = StatsRequest { accumulated: true, window: Some(window) };
-    let logits = m.forward(toks, &mut cache, ForwardOptions { logits: Logits::Last, stats, attention_chunk: chunk }).unwrap();
+    let logits = m
+        .forward(
+            toks,
+            &mut cache,
+            ForwardOptions { logits: Logits::Last, stats, attention_chunk: chunk },
+        )
+        .unwrap();
     (logits.flatten_all().unwrap().to_vec1().unwrap(), cache)
 }
 
@@ -103,9 +123,15 @@ fn chunk_size_does_not_change_logits_or_statistics() {
         let (logits, cache) = run_chunked(&m, &toks, chunk, 6);
         assert!(relative_l2(&logits, &base_logits) < 1e-5, "chunk {chunk}");
         for (a, b) in cache.layers.iter().flatten().zip(base_cache.layers.iter().flatten()) {
-            let (sa, sb): (Vec<f32>, Vec<f32>) = (a.meta().iter().map(|e| e.attention).collect(), b.meta().iter().map(|e| e.attention).collect());
+            let (sa, sb): (Vec<f32>, Vec<f32>) = (
+                a.meta().iter().map(|e| e.attention).collect(),
+                b.meta().iter().map(|e| e.attention).collect(),
+            );
             assert!(relative_l2(&sa, &sb) < 1e-5, "accumulated, chunk {chunk}");
-            assert!(relative_l2(&a.window_attention, &b.window_attention) < 1e-5, "window, chunk {chunk}");
+            assert!(
+                relative_l2(&a.window_attention, &b.window_attention) < 1e-5,
+                "window, chunk {chunk}"
+            );
         }
     }
 }
@@ -138,7 +164,11 @@ fn log_count_bias_equals_duplicated_entries() {
             for i in 0..head.len() {
                 let copies = if i == 5 { 4 } else { 1 };
                 for _ in 0..copies {
-                    let src = if i == 5 { (k.as_slice(), v.as_slice(), meta) } else { (head.key(i), head.value(i), head.meta()[i]) };
+                    let src = if i == 5 {
+                        (k.as_slice(), v.as_slice(), meta)
+                    } else {
+                        (head.key(i), head.value(i), head.meta()[i])
+                    };
                     rebuilt.push(src.0, src.1, src.2);
                 }
             }
@@ -150,8 +180,20 @@ fn log_count_bias_equals_duplicated_entries() {
     }
     merged.log_count_bias = true;
     let next = tokens(3, 7);
-    let a = m.forward(&next, &mut dup, ForwardOptions::default()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let b = m.forward(&next, &mut merged, ForwardOptions::default()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let a = m
+        .forward(&next, &mut dup, ForwardOptions::default())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let b = m
+        .forward(&next, &mut merged, ForwardOptions::default())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     assert!(relative_l2(&b, &a) < 1e-5);
 }
 

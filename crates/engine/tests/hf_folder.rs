@@ -39,11 +39,16 @@ fn write_folder() -> std::path::PathBuf {
         add(format!("{p}.mlp.up_proj.weight"), (64, 32), 0.2);
         add(format!("{p}.mlp.down_proj.weight"), (32, 64), 0.1);
     }
-    for name in ["model.norm.weight".to_string()]
-        .into_iter()
-        .chain((0..2).flat_map(|l| [format!("model.layers.{l}.input_layernorm.weight"), format!("model.layers.{l}.post_attention_layernorm.weight")]))
-    {
-        t.insert(name, (Tensor::rand(0.5f32, 1.5, 32, &dev).unwrap()).to_dtype(DType::F32).unwrap());
+    for name in ["model.norm.weight".to_string()].into_iter().chain((0..2).flat_map(|l| {
+        [
+            format!("model.layers.{l}.input_layernorm.weight"),
+            format!("model.layers.{l}.post_attention_layernorm.weight"),
+        ]
+    })) {
+        t.insert(
+            name,
+            (Tensor::rand(0.5f32, 1.5, 32, &dev).unwrap()).to_dtype(DType::F32).unwrap(),
+        );
     }
     candle_core::safetensors::save(&t, dir.join("model.safetensors")).unwrap();
     let vocab: Vec<String> = (0..64).map(|i| format!("\"w{i}\": {i}")).collect();
@@ -61,20 +66,38 @@ fn write_folder() -> std::path::PathBuf {
 fn hf_folder_matches_candle_transformers_llama() {
     let dir = write_folder();
     let ours = load_model(&dir, WeightFormats::default()).unwrap();
-    let tokens = ours.tokenizer.encode("w5 w9 w12 w3 w40 w41 w7 w63 w2 w18 w33 w21 w8 w9 w10 w11 w5 w50 w51 w52", false).unwrap();
+    let tokens = ours
+        .tokenizer
+        .encode("w5 w9 w12 w3 w40 w41 w7 w63 w2 w18 w33 w21 w8 w9 w10 w11 w5 w50 w51 w52", false)
+        .unwrap();
     assert_eq!(tokens.len(), 20);
     assert_eq!(tokens[..3], [5, 9, 12]);
     let mut cache = ours.model.new_cache();
-    let a: Vec<f32> = ours.model.forward(&tokens, &mut cache, ForwardOptions::default()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let a: Vec<f32> = ours
+        .model
+        .forward(&tokens, &mut cache, ForwardOptions::default())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
 
     let cfg: reference::LlamaConfig = serde_json::from_str(CONFIG).unwrap();
     let cfg = cfg.into_config(false);
     let dev = Device::Cpu;
-    let vb = unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&[dir.join("model.safetensors")], DType::F32, &dev).unwrap() };
+    let vb = unsafe {
+        candle_nn::VarBuilder::from_mmaped_safetensors(
+            &[dir.join("model.safetensors")],
+            DType::F32,
+            &dev,
+        )
+        .unwrap()
+    };
     let model = reference::Llama::load(vb, &cfg).unwrap();
     let mut rc = reference::Cache::new(true, DType::F32, &cfg, &dev).unwrap();
     let input = Tensor::new(tokens.as_slice(), &dev).unwrap().unsqueeze(0).unwrap();
-    let b: Vec<f32> = model.forward(&input, 0, &mut rc).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let b: Vec<f32> =
+        model.forward(&input, 0, &mut rc).unwrap().flatten_all().unwrap().to_vec1().unwrap();
     let err = relative_l2(&a, &b);
     assert!(err < 1e-4, "relative L2 {err}");
 }

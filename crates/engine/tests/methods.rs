@@ -40,8 +40,15 @@ fn every_method_keeps_its_budget_through_prefill_and_decode() {
                     assert_eq!(head.len(), expected, "{label}: layer {l} head {h}");
                     assert_eq!(report.heads[l][h].after, head.len());
                     // Resident memory is the kept keys, values and metadata, nothing more.
-                    assert_eq!(head.resident_bytes(), expected * (2 * hd * 4 + entry_bytes), "{label}");
-                    assert!(head.meta().windows(2).all(|w| w[0].position < w[1].position), "{label}: sorted by position");
+                    assert_eq!(
+                        head.resident_bytes(),
+                        expected * (2 * hd * 4 + entry_bytes),
+                        "{label}"
+                    );
+                    assert!(
+                        head.meta().windows(2).all(|w| w[0].position < w[1].position),
+                        "{label}: sorted by position"
+                    );
                 }
             }
             assert!((report.achieved_ratio() - expected as f64 / PROMPT as f64).abs() < 1e-9);
@@ -51,12 +58,25 @@ fn every_method_keeps_its_budget_through_prefill_and_decode() {
                 let next = sampler.sample(&logits);
                 logits = session.extend(&[next], Logits::Last).unwrap().swap_remove(0);
                 assert!(logits.iter().all(|x| x.is_finite()));
-                let bounded = matches!(config, CompressionConfig::H2o(_) | CompressionConfig::Cam(_) | CompressionConfig::StreamingLlm(_));
+                let bounded = matches!(
+                    config,
+                    CompressionConfig::H2o(_)
+                        | CompressionConfig::Cam(_)
+                        | CompressionConfig::StreamingLlm(_)
+                );
                 for head in session.cache.layers.iter().flatten() {
                     if bounded {
-                        assert!(head.len() <= expected, "{label}: {} > {expected} at step {step}", head.len());
+                        assert!(
+                            head.len() <= expected,
+                            "{label}: {} > {expected} at step {step}",
+                            head.len()
+                        );
                     } else {
-                        assert_eq!(head.len(), expected + step + 1, "{label} grows by one entry per step");
+                        assert_eq!(
+                            head.len(),
+                            expected + step + 1,
+                            "{label} grows by one entry per step"
+                        );
                     }
                     // The newest entry always sits at the newest logical position.
                     assert_eq!(head.meta().last().unwrap().position, PROMPT + step);
@@ -71,8 +91,12 @@ fn every_method_keeps_its_budget_through_prefill_and_decode() {
 fn kvmerger_threshold_mode_reports_what_it_achieved() {
     let model = random_llama(tiny_config(), 6).unwrap();
     let tokens: Vec<u32> = (0..PROMPT as u32).map(|i| (i / 6) % 64).collect();
-    let params = vec![("budget_mode".to_string(), "threshold".to_string()), ("threshold".to_string(), "0.5".to_string())];
-    let config = CompressionConfig::from_cli("kvmerger", Some(Budget::Ratio(0.5)), &params).unwrap();
+    let params = vec![
+        ("budget_mode".to_string(), "threshold".to_string()),
+        ("threshold".to_string(), "0.5".to_string()),
+    ];
+    let config =
+        CompressionConfig::from_cli("kvmerger", Some(Budget::Ratio(0.5)), &params).unwrap();
     let mut session = Session::new(&model, &config).unwrap();
     session.prefill(&tokens).unwrap();
     let report = session.report().unwrap();

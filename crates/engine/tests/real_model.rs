@@ -4,9 +4,12 @@ use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama;
 use kvmerger_compress::{CompressionConfig, KvCache};
 use kvmerger_engine::testing::relative_l2;
-use kvmerger_engine::{argmax, load_model, ForwardOptions, LoadedModel, WeightFormat, WeightFormats};
+use kvmerger_engine::{
+    argmax, load_model, ForwardOptions, LoadedModel, WeightFormat, WeightFormats,
+};
 
-const PROMPT: &str = "The history of the lighthouse begins with fires lit on hilltops to guide ships at night. \
+const PROMPT: &str =
+    "The history of the lighthouse begins with fires lit on hilltops to guide ships at night. \
 Over the centuries these fires were moved onto towers, and the towers grew taller and brighter. \
 By the nineteenth century, lenses designed by Augustin Fresnel concentrated the light of a single \
 lamp into a beam that could be seen more than twenty miles away. Keepers lived at the stations \
@@ -14,7 +17,8 @@ with their families, trimming wicks and winding clockwork every few hours. Today
 
 fn f32_model() -> LoadedModel {
     let path = kvmerger_engine::fetch::ensure_default_model().expect("default model");
-    load_model(&path, WeightFormats { prefill: WeightFormat::F32, decode: WeightFormat::F32 }).expect("load")
+    load_model(&path, WeightFormats { prefill: WeightFormat::F32, decode: WeightFormat::F32 })
+        .expect("load")
 }
 
 fn reference_model() -> quantized_llama::ModelWeights {
@@ -33,9 +37,17 @@ fn logits_and_greedy_tokens_agree_with_candle_transformers() {
     let mut reference = reference_model();
 
     let mut cache: KvCache = ours.model.new_cache();
-    let our_logits: Vec<f32> = ours.model.forward(&tokens, &mut cache, ForwardOptions::default()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let our_logits: Vec<f32> = ours
+        .model
+        .forward(&tokens, &mut cache, ForwardOptions::default())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     let input = Tensor::new(tokens.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-    let ref_logits: Vec<f32> = reference.forward(&input, 0).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let ref_logits: Vec<f32> =
+        reference.forward(&input, 0).unwrap().flatten_all().unwrap().to_vec1().unwrap();
     let err = relative_l2(&our_logits, &ref_logits);
     assert!(err < 1e-3, "relative L2 {err}");
 
@@ -46,10 +58,20 @@ fn logits_and_greedy_tokens_agree_with_candle_transformers() {
         ref_out.push(b);
         let l = ours.model.forward(&[a], &mut cache, ForwardOptions::default()).unwrap();
         a = argmax(&l.flatten_all().unwrap().to_vec1::<f32>().unwrap());
-        let l = reference.forward(&Tensor::new(&[b], &Device::Cpu).unwrap().unsqueeze(0).unwrap(), tokens.len() + i).unwrap();
+        let l = reference
+            .forward(
+                &Tensor::new(&[b], &Device::Cpu).unwrap().unsqueeze(0).unwrap(),
+                tokens.len() + i,
+            )
+            .unwrap();
         b = argmax(&l.flatten_all().unwrap().to_vec1::<f32>().unwrap());
     }
-    assert_eq!(ours_out, ref_out, "greedy continuations differ: {:?}", ours.tokenizer.decode(&ours_out));
+    assert_eq!(
+        ours_out,
+        ref_out,
+        "greedy continuations differ: {:?}",
+        ours.tokenizer.decode(&ours_out)
+    );
 }
 
 #[test]
@@ -71,11 +93,16 @@ fn positions_reach_the_models_own_context_length() {
 
 #[test]
 fn every_method_generates_on_the_real_model() {
-    let m = load_model(&kvmerger_engine::fetch::ensure_default_model().unwrap(), WeightFormats::default()).unwrap();
+    let m = load_model(
+        &kvmerger_engine::fetch::ensure_default_model().unwrap(),
+        WeightFormats::default(),
+    )
+    .unwrap();
     let tokens = m.tokenizer.encode(PROMPT, true).unwrap();
     for method in ["full", "streaming_llm", "h2o", "snapkv", "cam", "kvmerger"] {
         let budget = (method != "full").then_some(kvmerger_compress::Budget::Ratio(0.5));
-        let params = if method == "snapkv" { vec![("window".to_string(), "8".to_string())] } else { vec![] };
+        let params =
+            if method == "snapkv" { vec![("window".to_string(), "8".to_string())] } else { vec![] };
         let config = CompressionConfig::from_cli(method, budget, &params).unwrap();
         let mut session = kvmerger_engine::Session::new(&m.model, &config).unwrap();
         let logits = session.prefill(&tokens).unwrap();
@@ -84,7 +111,8 @@ fn every_method_generates_on_the_real_model() {
             assert!(kept <= tokens.len().div_ceil(2), "{method} kept {kept} of {}", tokens.len());
         }
         let mut sampler = kvmerger_engine::Sampler::new(Default::default());
-        let out = session.generate(logits, 12, &mut sampler, &m.tokenizer.eos_ids(), |_| true).unwrap();
+        let out =
+            session.generate(logits, 12, &mut sampler, &m.tokenizer.eos_ids(), |_| true).unwrap();
         let text = m.tokenizer.decode(&out).unwrap();
         assert!(out.len() >= 4 && text.chars().any(char::is_alphabetic), "{method}: {text:?}");
     }

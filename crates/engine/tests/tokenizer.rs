@@ -13,9 +13,12 @@ use kvmerger_engine::tokenizer::TextTokenizer;
 fn default_model() -> &'static (PathBuf, TextTokenizer) {
     static MODEL: OnceLock<(PathBuf, TextTokenizer)> = OnceLock::new();
     MODEL.get_or_init(|| {
-        let path = kvmerger_engine::fetch::ensure_default_model().expect("the default model is needed (`kvmerger fetch`)");
-        let (content, _) = kvmerger_engine::read_gguf_header(&path).expect("reading the default model's header");
-        let tokenizer = TextTokenizer::from_gguf_metadata(&content.metadata).expect("building the tokenizer");
+        let path = kvmerger_engine::fetch::ensure_default_model()
+            .expect("the default model is needed (`kvmerger fetch`)");
+        let (content, _) =
+            kvmerger_engine::read_gguf_header(&path).expect("reading the default model's header");
+        let tokenizer =
+            TextTokenizer::from_gguf_metadata(&content.metadata).expect("building the tokenizer");
         (path, tokenizer)
     })
 }
@@ -105,7 +108,8 @@ fn chatml_rendering_matches_the_smollm2_template() {
         )
     );
     assert_eq!(
-        template.render(&[ChatMessage::system("Answer in French."), ChatMessage::user("Hi")], false),
+        template
+            .render(&[ChatMessage::system("Answer in French."), ChatMessage::user("Hi")], false),
         "<|im_start|>system\nAnswer in French.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
     );
     let prompt = template.render(&[ChatMessage::user("Hi")], true);
@@ -149,7 +153,12 @@ fn python_ids(model: &Path, texts: &[&str]) -> Vec<Vec<u32>> {
     let input = serde_json::to_vec(texts).unwrap();
     child.stdin.take().unwrap().write_all(&input).unwrap();
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{} failed: {}", script.display(), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{} failed: {}",
+        script.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).expect("the script prints a JSON list of id lists")
 }
 

@@ -54,7 +54,8 @@ pub fn percentiles(values: &[f32]) -> [f32; 5] {
     }
     let mut v = values.to_vec();
     v.sort_by(f32::total_cmp);
-    [0.05, 0.25, 0.5, 0.75, 0.95].map(|p| v[((p * (v.len() - 1) as f64).round() as usize).min(v.len() - 1)])
+    [0.05, 0.25, 0.5, 0.75, 0.95]
+        .map(|p| v[((p * (v.len() - 1) as f64).round() as usize).min(v.len() - 1)])
 }
 
 /// Share of a head's entries left after merging-set identification at `threshold`.
@@ -68,7 +69,12 @@ pub fn merge_ratio(head: &HeadCache, threshold: f32, compare_to: CompareTo) -> f
 }
 
 /// Analyses every head of a prefilled (uncompressed) cache.
-pub fn analyze_cache(name: &str, cache: &KvCache, threshold: f32, compare_to: CompareTo) -> TextAnalysis {
+pub fn analyze_cache(
+    name: &str,
+    cache: &KvCache,
+    threshold: f32,
+    compare_to: CompareTo,
+) -> TextAnalysis {
     let mut heads = Vec::new();
     let mut layer_merge_ratio = Vec::new();
     for (layer, layer_heads) in cache.layers.iter().enumerate() {
@@ -95,7 +101,9 @@ pub fn persistence(curves: &[Vec<f64>]) -> Persistence {
     let n_layers = curves.first().map_or(0, Vec::len);
     let layer_max_abs_diff: Vec<f64> = (0..n_layers)
         .map(|l| {
-            let (lo, hi) = curves.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), c| (lo.min(c[l]), hi.max(c[l])));
+            let (lo, hi) = curves.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), c| {
+                (lo.min(c[l]), hi.max(c[l]))
+            });
             hi - lo
         })
         .collect();
@@ -108,7 +116,11 @@ pub fn persistence(curves: &[Vec<f64>]) -> Persistence {
     Persistence {
         max_abs_diff: layer_max_abs_diff.iter().copied().fold(0.0, f64::max),
         mean_abs_diff: layer_max_abs_diff.iter().sum::<f64>() / n_layers.max(1) as f64,
-        mean_pairwise_correlation: if correlations.is_empty() { 1.0 } else { correlations.iter().sum::<f64>() / correlations.len() as f64 },
+        mean_pairwise_correlation: if correlations.is_empty() {
+            1.0
+        } else {
+            correlations.iter().sum::<f64>() / correlations.len() as f64
+        },
         layer_max_abs_diff,
     }
 }
@@ -124,7 +136,11 @@ pub fn pearson(a: &[f64], b: &[f64]) -> f64 {
         vb += (y - mb) * (y - mb);
     }
     if va == 0.0 || vb == 0.0 {
-        if a == b { 1.0 } else { 0.0 }
+        if a == b {
+            1.0
+        } else {
+            0.0
+        }
     } else {
         cov / (va.sqrt() * vb.sqrt())
     }
@@ -135,7 +151,9 @@ pub fn pearson(a: &[f64], b: &[f64]) -> f64 {
 /// capped at 1. Solved by bisection on the proportionality factor.
 pub fn suggest_layer_budgets(layer_merge_ratio: &[f64], overall: f64) -> Vec<f64> {
     let n = layer_merge_ratio.len().max(1) as f64;
-    let at = |s: f64| -> Vec<f64> { layer_merge_ratio.iter().map(|r| (r * s).clamp(1e-3, 1.0)).collect() };
+    let at = |s: f64| -> Vec<f64> {
+        layer_merge_ratio.iter().map(|r| (r * s).clamp(1e-3, 1.0)).collect()
+    };
     let mean = |v: &[f64]| v.iter().sum::<f64>() / n;
     let (mut lo, mut hi) = (0.0, 1e6);
     for _ in 0..200 {
@@ -170,7 +188,15 @@ mod tests {
     }
 
     fn pseudo_random_rows(n: usize, d: usize) -> Vec<Vec<f32>> {
-        (0..n).map(|i| (0..d).map(|j| (((i * 31 + j * 17) % 23) as f32 - 11.0) / 7.0 + (i as f32 * 0.1).sin()).collect()).collect()
+        (0..n)
+            .map(|i| {
+                (0..d)
+                    .map(|j| {
+                        (((i * 31 + j * 17) % 23) as f32 - 11.0) / 7.0 + (i as f32 * 0.1).sin()
+                    })
+                    .collect()
+            })
+            .collect()
     }
 
     #[test]

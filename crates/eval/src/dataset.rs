@@ -56,7 +56,11 @@ enum Answer {
 
 /// Reads a JSONL file into samples scored by `metric`. Empty lines are ignored; malformed
 /// ones are skipped and reported, or fatal, as `policy` says.
-pub fn load_jsonl(path: &Path, metric: Metric, policy: LoadPolicy) -> Result<(Vec<Sample>, Vec<LineError>)> {
+pub fn load_jsonl(
+    path: &Path,
+    metric: Metric,
+    policy: LoadPolicy,
+) -> Result<(Vec<Sample>, Vec<LineError>)> {
     let text = std::fs::read_to_string(path).map_err(EvalError::io(path))?;
     let task = path.file_stem().unwrap_or_default().to_string_lossy().to_string();
     let mut samples = Vec::new();
@@ -88,7 +92,11 @@ pub fn load_jsonl(path: &Path, metric: Metric, policy: LoadPolicy) -> Result<(Ve
             Err(e) => {
                 let message = e.to_string();
                 if policy == LoadPolicy::Fatal {
-                    return Err(EvalError::Dataset { path: path.to_path_buf(), line: line_no, message });
+                    return Err(EvalError::Dataset {
+                        path: path.to_path_buf(),
+                        line: line_no,
+                        message,
+                    });
                 }
                 errors.push(LineError { line: line_no, message });
             }
@@ -102,7 +110,11 @@ mod tests {
     use super::*;
 
     fn file(content: &str) -> std::path::PathBuf {
-        let path = std::env::temp_dir().join(format!("kvmerger-dataset-{}-{}.jsonl", std::process::id(), content.len()));
+        let path = std::env::temp_dir().join(format!(
+            "kvmerger-dataset-{}-{}.jsonl",
+            std::process::id(),
+            content.len()
+        ));
         std::fs::write(&path, content).unwrap();
         path
     }
@@ -130,7 +142,8 @@ mod tests {
 
     #[test]
     fn a_missing_file_is_an_io_error() {
-        let err = load_jsonl(Path::new("/nonexistent/data.jsonl"), Metric::QaF1, LoadPolicy::Skip).unwrap_err();
+        let err = load_jsonl(Path::new("/nonexistent/data.jsonl"), Metric::QaF1, LoadPolicy::Skip)
+            .unwrap_err();
         assert!(err.to_string().contains("/nonexistent/data.jsonl"));
     }
 }

@@ -75,7 +75,8 @@ impl Metric {
     /// `trec`, `lcc`, ...); `None` for the Chinese datasets and unknown names.
     pub fn for_longbench_dataset(dataset: &str) -> Option<Metric> {
         Some(match dataset {
-            "narrativeqa" | "qasper" | "multifieldqa_en" | "hotpotqa" | "2wikimqa" | "musique" | "triviaqa" => Metric::QaF1,
+            "narrativeqa" | "qasper" | "multifieldqa_en" | "hotpotqa" | "2wikimqa" | "musique"
+            | "triviaqa" => Metric::QaF1,
             "gov_report" | "qmsum" | "multi_news" | "samsum" => Metric::RougeL,
             "trec" => Metric::Classification,
             "passage_retrieval_en" => Metric::Retrieval,
@@ -90,7 +91,12 @@ impl Metric {
     /// [`Metric::ContainsAll`] returns the share of `answers` found in the prediction; every
     /// other metric returns the best score over the answers, as LongBench does. No answers
     /// score 0, and so does [`Metric::Classification`] without `all_classes`.
-    pub fn score(self, prediction: &str, answers: &[String], all_classes: Option<&[String]>) -> f64 {
+    pub fn score(
+        self,
+        prediction: &str,
+        answers: &[String],
+        all_classes: Option<&[String]>,
+    ) -> f64 {
         let best = |f: &dyn Fn(&str) -> f64| answers.iter().map(|a| f(a)).fold(0.0, f64::max);
         match self {
             Metric::QaF1 => best(&|a| qa_f1(prediction, a)),
@@ -127,7 +133,10 @@ impl FromStr for Metric {
     type Err = UnknownMetric;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Metric::ALL.into_iter().find(|m| m.name() == s).ok_or_else(|| UnknownMetric { name: s.to_string() })
+        Metric::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| UnknownMetric { name: s.to_string() })
     }
 }
 
@@ -204,7 +213,11 @@ fn lcs_words<'a>(x: &[&'a str], y: &[&str]) -> Vec<&'a str> {
     let mut table = vec![vec![0usize; m + 1]; n + 1];
     for i in 1..=n {
         for j in 1..=m {
-            table[i][j] = if x[i - 1] == y[j - 1] { table[i - 1][j - 1] + 1 } else { table[i - 1][j].max(table[i][j - 1]) };
+            table[i][j] = if x[i - 1] == y[j - 1] {
+                table[i - 1][j - 1] + 1
+            } else {
+                table[i - 1][j].max(table[i][j - 1])
+            };
         }
     }
     let (mut i, mut j, mut words) = (n, m, Vec::new());
@@ -235,9 +248,12 @@ pub fn rouge_l(prediction: &str, reference: &str) -> f64 {
     if hyp.is_empty() || refs.is_empty() {
         return 0.0;
     }
-    let distinct = |sentences: &[Vec<&str>]| sentences.iter().flatten().copied().collect::<BTreeSet<&str>>().len();
+    let distinct = |sentences: &[Vec<&str>]| {
+        sentences.iter().flatten().copied().collect::<BTreeSet<&str>>().len()
+    };
     let (m, n) = (distinct(&refs), distinct(&hyp));
-    let union: BTreeSet<&str> = refs.iter().flat_map(|r| hyp.iter().flat_map(move |h| lcs_words(r, h))).collect();
+    let union: BTreeSet<&str> =
+        refs.iter().flat_map(|r| hyp.iter().flat_map(move |h| lcs_words(r, h))).collect();
     let u = union.len() as f64;
     let (r, p) = (u / m as f64, u / n as f64);
     2.0 * (p * r) / (p + r + 1e-8)
@@ -249,7 +265,8 @@ pub fn rouge_l(prediction: &str, reference: &str) -> f64 {
 /// The pruning loop keeps LongBench's quirk of removing list items while iterating over
 /// the list, which skips the item after each removal.
 pub fn classification_score(prediction: &str, answer: &str, all_classes: &[String]) -> f64 {
-    let mut matches: Vec<&str> = all_classes.iter().map(String::as_str).filter(|c| prediction.contains(c)).collect();
+    let mut matches: Vec<&str> =
+        all_classes.iter().map(String::as_str).filter(|c| prediction.contains(c)).collect();
     let mut i = 0;
     while i < matches.len() {
         let term = matches[i];
@@ -397,7 +414,10 @@ mod tests {
         // Prediction words (distinct): the cat was found under bed -> n = 6. The LCS is
         // "the cat was under the bed", whose distinct words are 5. r = 5/5, p = 5/6,
         // f = 2 * (5/6) / (5/6 + 1) = 10/11.
-        assert!(close(rouge_l("the cat was found under the bed", "the cat was under the bed"), 10.0 / 11.0));
+        assert!(close(
+            rouge_l("the cat was found under the bed", "the cat was under the bed"),
+            10.0 / 11.0
+        ));
         // The package's docstring example: reference "a b c d e"; prediction sentences
         // "a b f g h" and "a c h i e". LCS with the first: a b; with the second: a c e.
         // Union {a b c e} = 4, m = 5, n = |{a b f g h c i e}| = 8.
@@ -416,7 +436,10 @@ mod tests {
         // [Human being] -> 1/1.
         assert_eq!(classification_score("It is a Human being", "Human being", &classes), 1.0);
         // Named: Human, Human being, Location; none is part of "Location" -> 1/3.
-        assert!(close(classification_score("Location or Human being", "Location", &classes), 1.0 / 3.0));
+        assert!(close(
+            classification_score("Location or Human being", "Location", &classes),
+            1.0 / 3.0
+        ));
         assert_eq!(classification_score("Location", "Human being", &classes), 0.0);
         // The quirk: [New, York, New York City]; removing "New" shifts "York" into the slot
         // just visited, so it is skipped and stays: 1/2, not 1.

@@ -37,7 +37,14 @@ fn plot_err(e: impl std::fmt::Display) -> EvalError {
 
 /// A line chart with its legend in a strip on the right; the y range is fitted to the
 /// data unless given.
-pub fn line_chart(path: &Path, title: &str, x_label: &str, y_label: &str, series: &[Series], y_range: Option<(f64, f64)>) -> Result<()> {
+pub fn line_chart(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[Series],
+    y_range: Option<(f64, f64)>,
+) -> Result<()> {
     let root = BitMapBackend::new(path, (1000, 560)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_err)?;
     let (plot_area, legend_area) = root.split_horizontally(780);
@@ -57,19 +64,33 @@ pub fn line_chart(path: &Path, title: &str, x_label: &str, y_label: &str, series
         .y_label_area_size(60)
         .build_cartesian_2d(x0..x1, y0..y1)
         .map_err(plot_err)?;
-    chart.configure_mesh().x_desc(x_label).y_desc(y_label).label_style(("sans-serif", 15)).draw().map_err(plot_err)?;
+    chart
+        .configure_mesh()
+        .x_desc(x_label)
+        .y_desc(y_label)
+        .label_style(("sans-serif", 15))
+        .draw()
+        .map_err(plot_err)?;
     for (i, s) in series.iter().enumerate() {
         let color = palette(i);
         let style = ShapeStyle::from(&color).stroke_width(2);
         if s.dashed {
-            chart.draw_series(DashedLineSeries::new(s.points.iter().copied(), 8, 5, style)).map_err(plot_err)?;
+            chart
+                .draw_series(DashedLineSeries::new(s.points.iter().copied(), 8, 5, style))
+                .map_err(plot_err)?;
         } else {
-            chart.draw_series(LineSeries::new(s.points.iter().copied(), style)).map_err(plot_err)?;
+            chart
+                .draw_series(LineSeries::new(s.points.iter().copied(), style))
+                .map_err(plot_err)?;
         }
-        chart.draw_series(s.points.iter().map(|&p| Circle::new(p, 3, color.filled()))).map_err(plot_err)?;
+        chart
+            .draw_series(s.points.iter().map(|&p| Circle::new(p, 3, color.filled())))
+            .map_err(plot_err)?;
         let y = 60 + 26 * i as i32;
         legend_area.draw(&PathElement::new(vec![(10, y), (40, y)], style)).map_err(plot_err)?;
-        legend_area.draw(&Text::new(s.label.clone(), (48, y - 8), ("sans-serif", 15))).map_err(plot_err)?;
+        legend_area
+            .draw(&Text::new(s.label.clone(), (48, y - 8), ("sans-serif", 15)))
+            .map_err(plot_err)?;
     }
     root.present().map_err(plot_err)?;
     Ok(())
@@ -118,8 +139,18 @@ pub fn heatmap(
         .draw_series(values.iter().enumerate().flat_map(|(r, row)| {
             row.iter().enumerate().map(move |(c, v)| {
                 // Missing cells (NaN) are grey.
-                let color = if v.is_nan() { RGBColor(220, 220, 220) } else { ViridisRGB::get_color(((v - range.0) / span).clamp(0.0, 1.0)) };
-                Rectangle::new([(SegmentValue::Exact(c), SegmentValue::Exact(r)), (SegmentValue::Exact(c + 1), SegmentValue::Exact(r + 1))], color.filled())
+                let color = if v.is_nan() {
+                    RGBColor(220, 220, 220)
+                } else {
+                    ViridisRGB::get_color(((v - range.0) / span).clamp(0.0, 1.0))
+                };
+                Rectangle::new(
+                    [
+                        (SegmentValue::Exact(c), SegmentValue::Exact(r)),
+                        (SegmentValue::Exact(c + 1), SegmentValue::Exact(r + 1)),
+                    ],
+                    color.filled(),
+                )
             })
         }))
         .map_err(plot_err)?;
@@ -127,9 +158,13 @@ pub fn heatmap(
         chart
             .draw_series(values.iter().enumerate().flat_map(|(r, row)| {
                 row.iter().enumerate().map(move |(c, v)| {
-                    let color = if v.is_nan() || (v - range.0) / span > 0.6 { BLACK } else { WHITE };
+                    let color =
+                        if v.is_nan() || (v - range.0) / span > 0.6 { BLACK } else { WHITE };
                     let text = if v.is_nan() { "–".to_string() } else { format!("{v:.2}") };
-                    let style = ("sans-serif", 15).into_font().color(&color).pos(Pos::new(HPos::Center, VPos::Center));
+                    let style = ("sans-serif", 15)
+                        .into_font()
+                        .color(&color)
+                        .pos(Pos::new(HPos::Center, VPos::Center));
                     Text::new(text, (SegmentValue::CenterOf(c), SegmentValue::CenterOf(r)), style)
                 })
             }))
@@ -145,13 +180,29 @@ fn cells(n: usize) -> std::ops::Range<usize> {
 }
 
 /// Several heatmaps side by side in one PNG.
-pub fn heatmap_grid(path: &Path, panels: &[HeatmapPanel], panel_size: (u32, u32), range: (f64, f64), annotate: bool) -> Result<()> {
+pub fn heatmap_grid(
+    path: &Path,
+    panels: &[HeatmapPanel],
+    panel_size: (u32, u32),
+    range: (f64, f64),
+    annotate: bool,
+) -> Result<()> {
     let width = panel_size.0 * panels.len().max(1) as u32;
     let root = BitMapBackend::new(path, (width, panel_size.1)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_err)?;
     let areas = root.split_evenly((1, panels.len().max(1)));
     for (panel, area) in panels.iter().zip(&areas) {
-        heatmap(area, &panel.title, &panel.x_label, &panel.y_label, &panel.x_ticks, &panel.y_ticks, &panel.values, range, annotate)?;
+        heatmap(
+            area,
+            &panel.title,
+            &panel.x_label,
+            &panel.y_label,
+            &panel.x_ticks,
+            &panel.y_ticks,
+            &panel.values,
+            range,
+            annotate,
+        )?;
     }
     root.present().map_err(plot_err)?;
     Ok(())

@@ -24,7 +24,11 @@ impl Stat {
             return Self { mean: f64::NAN, std: f64::NAN, n };
         }
         let mean = v.iter().sum::<f64>() / n as f64;
-        let var = if n > 1 { v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64 } else { 0.0 };
+        let var = if n > 1 {
+            v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64
+        } else {
+            0.0
+        };
         Self { mean, std: var.sqrt(), n }
     }
 }
@@ -54,13 +58,20 @@ impl<'a> Groups<'a> {
             by.entry((r.task.clone(), name, pct(r.budget))).or_default().push(r);
         }
         let tasks = rows.iter().map(|r| r.task.clone()).collect();
-        let budgets = rows.iter().filter(|r| r.method_name() != "full").map(|r| pct(r.budget)).collect();
+        let budgets =
+            rows.iter().filter(|r| r.method_name() != "full").map(|r| pct(r.budget)).collect();
         Self { by, tasks, methods, budgets }
     }
 
     fn stat(&self, task: &str, method: &str, budget: u32, f: impl Fn(&ResultRow) -> f64) -> Stat {
         let budget = if method == "full" { 100 } else { budget };
-        Stat::of(self.by.get(&(task.to_string(), method.to_string(), budget)).into_iter().flatten().map(|r| f(r)))
+        Stat::of(
+            self.by
+                .get(&(task.to_string(), method.to_string(), budget))
+                .into_iter()
+                .flatten()
+                .map(|r| f(r)),
+        )
     }
 }
 
@@ -97,11 +108,17 @@ pub fn write_report(rows: &[ResultRow], dir: &Path, title: &str, command: &str) 
     for task in &g.tasks {
         let _ = writeln!(md, "## {task}\n");
         for (name, f, digits) in metric_tables {
-            let name = if task == "perplexity" && name == "Score" { "Perplexity of the continuation (lower is better)" } else { name };
+            let name = if task == "perplexity" && name == "Score" {
+                "Perplexity of the continuation (lower is better)"
+            } else {
+                name
+            };
             let _ = writeln!(md, "### {name}\n\n{}", header("method"));
             for method in std::iter::once("full".to_string()).chain(g.methods.iter().cloned()) {
-                let label = if method == "full" { "full cache".to_string() } else { method.clone() };
-                let cells: Vec<String> = budgets.iter().map(|&b| cell(g.stat(task, &method, b, f), digits)).collect();
+                let label =
+                    if method == "full" { "full cache".to_string() } else { method.clone() };
+                let cells: Vec<String> =
+                    budgets.iter().map(|&b| cell(g.stat(task, &method, b, f), digits)).collect();
                 let _ = writeln!(md, "| {label} | {} |", cells.join(" | "));
             }
             md.push('\n');
@@ -131,20 +148,50 @@ pub fn write_report(rows: &[ResultRow], dir: &Path, title: &str, command: &str) 
         }
         draw_task_plots(rows, &g, task, &budgets, dir)?;
     }
-    let _ = writeln!(md, "## Memory and time\n\n{}", header("method: achieved ratio / resident KV MiB / decode ms per sample"));
+    let _ = writeln!(
+        md,
+        "## Memory and time\n\n{}",
+        header("method: achieved ratio / resident KV MiB / decode ms per sample")
+    );
     for method in &g.methods {
         let cells: Vec<String> = budgets
             .iter()
             .map(|&b| {
-                let all = |f: fn(&ResultRow) -> f64| Stat::of(g.tasks.iter().flat_map(|t| g.by.get(&(t.clone(), method.clone(), b))).flatten().map(|r| f(r))).mean;
-                format!("{:.3} / {:.1} / {:.0}", all(|r| r.achieved_ratio), all(|r| r.resident_kv_bytes as f64 / 1048576.0), all(|r| r.decode_ms))
+                let all = |f: fn(&ResultRow) -> f64| {
+                    Stat::of(
+                        g.tasks
+                            .iter()
+                            .flat_map(|t| g.by.get(&(t.clone(), method.clone(), b)))
+                            .flatten()
+                            .map(|r| f(r)),
+                    )
+                    .mean
+                };
+                format!(
+                    "{:.3} / {:.1} / {:.0}",
+                    all(|r| r.achieved_ratio),
+                    all(|r| r.resident_kv_bytes as f64 / 1048576.0),
+                    all(|r| r.decode_ms)
+                )
             })
             .collect();
         let _ = writeln!(md, "| {method} | {} |", cells.join(" | "));
     }
-    let full_mib = Stat::of(rows.iter().filter(|r| r.method_name() == "full").map(|r| r.full_kv_bytes as f64 / 1048576.0)).mean;
-    let _ = writeln!(md, "\nThe full cache holds {full_mib:.1} MiB of keys and values per sample on average.\n");
-    let mut figures: Vec<PathBuf> = std::fs::read_dir(dir).map_err(EvalError::io(dir))?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "png")).collect();
+    let full_mib = Stat::of(
+        rows.iter()
+            .filter(|r| r.method_name() == "full")
+            .map(|r| r.full_kv_bytes as f64 / 1048576.0),
+    )
+    .mean;
+    let _ = writeln!(
+        md,
+        "\nThe full cache holds {full_mib:.1} MiB of keys and values per sample on average.\n"
+    );
+    let mut figures: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(EvalError::io(dir))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "png"))
+        .collect();
     figures.sort();
     let _ = writeln!(md, "## Figures\n");
     for f in figures {
@@ -156,22 +203,62 @@ pub fn write_report(rows: &[ResultRow], dir: &Path, title: &str, command: &str) 
     Ok(md)
 }
 
-fn draw_task_plots(rows: &[ResultRow], g: &Groups<'_>, task: &str, budgets: &[u32], dir: &Path) -> Result<()> {
+fn draw_task_plots(
+    rows: &[ResultRow],
+    g: &Groups<'_>,
+    task: &str,
+    budgets: &[u32],
+    dir: &Path,
+) -> Result<()> {
     let line = |f: fn(&ResultRow) -> f64, method: &str| -> Vec<(f64, f64)> {
-        budgets.iter().map(|&b| (b as f64 / 100.0, g.stat(task, method, b, f).mean)).filter(|p| p.1.is_finite()).collect()
+        budgets
+            .iter()
+            .map(|&b| (b as f64 / 100.0, g.stat(task, method, b, f).mean))
+            .filter(|p| p.1.is_finite())
+            .collect()
     };
     let full = |f: fn(&ResultRow) -> f64| g.stat(task, "full", 100, f).mean;
-    let (x0, x1) = (budgets.first().copied().unwrap_or(0) as f64 / 100.0, budgets.last().copied().unwrap_or(100) as f64 / 100.0);
+    let (x0, x1) = (
+        budgets.first().copied().unwrap_or(0) as f64 / 100.0,
+        budgets.last().copied().unwrap_or(100) as f64 / 100.0,
+    );
     let is_ppl = task == "perplexity";
-    let (score_of, label): (fn(&ResultRow) -> f64, &str) = if is_ppl { (|r| r.perplexity, "perplexity") } else { (|r| r.score, "score") };
-    let mut series: Vec<Series> = g.methods.iter().map(|m| Series { label: m.clone(), points: line(score_of, m), dashed: false }).collect();
+    let (score_of, label): (fn(&ResultRow) -> f64, &str) =
+        if is_ppl { (|r| r.perplexity, "perplexity") } else { (|r| r.score, "score") };
+    let mut series: Vec<Series> = g
+        .methods
+        .iter()
+        .map(|m| Series { label: m.clone(), points: line(score_of, m), dashed: false })
+        .collect();
     if full(score_of).is_finite() {
-        series.push(Series { label: "full cache".into(), points: vec![(x0, full(score_of)), (x1, full(score_of))], dashed: true });
+        series.push(Series {
+            label: "full cache".into(),
+            points: vec![(x0, full(score_of)), (x1, full(score_of))],
+            dashed: true,
+        });
     }
     let range = if is_ppl { None } else { Some((0.0, 1.05)) };
-    line_chart(&dir.join(format!("{task}_score_vs_budget.png")), &format!("{task}: {label} vs KV budget"), "budget (share of the full cache)", label, &series, range)?;
-    let kl: Vec<Series> = g.methods.iter().map(|m| Series { label: m.clone(), points: line(|r| r.kl, m), dashed: false }).collect();
-    line_chart(&dir.join(format!("{task}_kl_vs_budget.png")), &format!("{task}: KL(full || method) vs KV budget"), "budget (share of the full cache)", "KL (nats/token)", &kl, None)?;
+    line_chart(
+        &dir.join(format!("{task}_score_vs_budget.png")),
+        &format!("{task}: {label} vs KV budget"),
+        "budget (share of the full cache)",
+        label,
+        &series,
+        range,
+    )?;
+    let kl: Vec<Series> = g
+        .methods
+        .iter()
+        .map(|m| Series { label: m.clone(), points: line(|r| r.kl, m), dashed: false })
+        .collect();
+    line_chart(
+        &dir.join(format!("{task}_kl_vs_budget.png")),
+        &format!("{task}: KL(full || method) vs KV budget"),
+        "budget (share of the full cache)",
+        "KL (nats/token)",
+        &kl,
+        None,
+    )?;
     if task == "passkey" || task == "needle" {
         draw_depth_heatmaps(rows, g, task, budgets, dir)?;
     }
@@ -179,7 +266,13 @@ fn draw_task_plots(rows: &[ResultRow], g: &Groups<'_>, task: &str, budgets: &[u3
 }
 
 /// Score by depth (rows) and length (columns), one panel per method, one figure per budget.
-fn draw_depth_heatmaps(rows: &[ResultRow], g: &Groups<'_>, task: &str, budgets: &[u32], dir: &Path) -> Result<()> {
+fn draw_depth_heatmaps(
+    rows: &[ResultRow],
+    g: &Groups<'_>,
+    task: &str,
+    budgets: &[u32],
+    dir: &Path,
+) -> Result<()> {
     let task_rows: Vec<&ResultRow> = rows.iter().filter(|r| r.task == task).collect();
     let depths: BTreeSet<u32> = task_rows.iter().filter_map(|r| r.depth.map(pct)).collect();
     let lengths: BTreeSet<usize> = task_rows.iter().map(|r| r.length).collect();
@@ -193,14 +286,32 @@ fn draw_depth_heatmaps(rows: &[ResultRow], g: &Groups<'_>, task: &str, budgets: 
                 lengths
                     .iter()
                     .map(|&l| {
-                        let s = Stat::of(task_rows.iter().filter(|r| r.method_name() == method && (method == "full" || pct(r.budget) == budget) && r.length == l && r.depth.map(pct) == Some(d)).map(|r| r.score));
-                        if s.n == 0 { f64::NAN } else { s.mean }
+                        let s = Stat::of(
+                            task_rows
+                                .iter()
+                                .filter(|r| {
+                                    r.method_name() == method
+                                        && (method == "full" || pct(r.budget) == budget)
+                                        && r.length == l
+                                        && r.depth.map(pct) == Some(d)
+                                })
+                                .map(|r| r.score),
+                        );
+                        if s.n == 0 {
+                            f64::NAN
+                        } else {
+                            s.mean
+                        }
                     })
                     .collect()
             })
             .collect();
         HeatmapPanel {
-            title: if method == "full" { "full cache".into() } else { format!("{method} @ {budget}%") },
+            title: if method == "full" {
+                "full cache".into()
+            } else {
+                format!("{method} @ {budget}%")
+            },
             x_label: "context length (tokens)".into(),
             y_label: "needle depth (%)".into(),
             x_ticks: lengths.iter().map(|l| l.to_string()).collect(),
@@ -209,8 +320,16 @@ fn draw_depth_heatmaps(rows: &[ResultRow], g: &Groups<'_>, task: &str, budgets: 
         }
     };
     for &b in budgets {
-        let panels: Vec<HeatmapPanel> = std::iter::once(panel("full", b)).chain(g.methods.iter().map(|m| panel(m, b))).collect();
-        heatmap_grid(&dir.join(format!("{task}_depth_heatmap_{b}.png")), &panels, (360, 330), (0.0, 1.0), true)?;
+        let panels: Vec<HeatmapPanel> = std::iter::once(panel("full", b))
+            .chain(g.methods.iter().map(|m| panel(m, b)))
+            .collect();
+        heatmap_grid(
+            &dir.join(format!("{task}_depth_heatmap_{b}.png")),
+            &panels,
+            (360, 330),
+            (0.0, 1.0),
+            true,
+        )?;
     }
     Ok(())
 }
@@ -238,7 +357,11 @@ mod tests {
         assert!(md.contains("| h2o | 0.00 ± 0.00 (2) | 0.50 ± 0.71 (2) |"), "{md}");
         assert!(md.contains("| full cache | 1.00 ± 0.00 (2) | 1.00 ± 0.00 (2) |"), "{md}");
         assert!(md.contains("| kvmerger | – | 1.00 ± 0.00 (2) |"), "{md}");
-        for png in ["passkey_score_vs_budget.png", "passkey_kl_vs_budget.png", "passkey_depth_heatmap_50.png"] {
+        for png in [
+            "passkey_score_vs_budget.png",
+            "passkey_kl_vs_budget.png",
+            "passkey_depth_heatmap_50.png",
+        ] {
             let meta = std::fs::metadata(dir.join(png)).unwrap();
             assert!(meta.len() > 2000, "{png} is {} bytes", meta.len());
         }

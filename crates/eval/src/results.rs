@@ -91,7 +91,11 @@ impl ResultStore {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(EvalError::io(dir))?;
         }
-        let text = if path.exists() { std::fs::read_to_string(path).map_err(EvalError::io(path))? } else { String::new() };
+        let text = if path.exists() {
+            std::fs::read_to_string(path).map_err(EvalError::io(path))?
+        } else {
+            String::new()
+        };
         let mut rows = Vec::new();
         let mut valid_len = 0;
         let lines: Vec<&str> = text.split_inclusive('\n').collect();
@@ -105,12 +109,19 @@ impl ResultStore {
                 // Only the last line can be cut short by an interrupted write.
                 _ if i + 1 == lines.len() => break,
                 result => {
-                    let message = result.err().map_or_else(|| "incomplete line".to_string(), |e| e.to_string());
-                    return Err(EvalError::Dataset { path: path.to_path_buf(), line: i + 1, message });
+                    let message = result
+                        .err()
+                        .map_or_else(|| "incomplete line".to_string(), |e| e.to_string());
+                    return Err(EvalError::Dataset {
+                        path: path.to_path_buf(),
+                        line: i + 1,
+                        message,
+                    });
                 }
             }
         }
-        let file = OpenOptions::new().create(true).append(true).open(path).map_err(EvalError::io(path))?;
+        let file =
+            OpenOptions::new().create(true).append(true).open(path).map_err(EvalError::io(path))?;
         file.set_len(valid_len as u64).map_err(EvalError::io(path))?;
         let done = rows.iter().map(ResultRow::key).collect();
         Ok((Self { path: path.to_path_buf(), file, done }, rows))
@@ -123,7 +134,9 @@ impl ResultStore {
     /// Writes one row and flushes it to disk.
     pub fn append(&mut self, row: &ResultRow) -> Result<()> {
         let line = serde_json::to_string(row).map_err(|e| EvalError::Setup(e.to_string()))?;
-        writeln!(self.file, "{line}").and_then(|_| self.file.sync_data()).map_err(EvalError::io(&self.path))?;
+        writeln!(self.file, "{line}")
+            .and_then(|_| self.file.sync_data())
+            .map_err(EvalError::io(&self.path))?;
         self.done.insert(row.key());
         Ok(())
     }
@@ -150,7 +163,8 @@ impl FromStr for Shard {
     fn from_str(s: &str) -> Result<Self> {
         let bad = || EvalError::Shard(s.to_string());
         let (i, n) = s.split_once('/').ok_or_else(bad)?;
-        let (index, count) = (i.trim().parse().map_err(|_| bad())?, n.trim().parse().map_err(|_| bad())?);
+        let (index, count) =
+            (i.trim().parse().map_err(|_| bad())?, n.trim().parse().map_err(|_| bad())?);
         if count == 0 || index == 0 || index > count {
             return Err(bad());
         }
@@ -205,7 +219,8 @@ pub(crate) mod tests {
     }
 
     fn temp(name: &str) -> PathBuf {
-        let p = std::env::temp_dir().join(format!("kvmerger-results-{}-{name}.jsonl", std::process::id()));
+        let p = std::env::temp_dir()
+            .join(format!("kvmerger-results-{}-{name}.jsonl", std::process::id()));
         let _ = std::fs::remove_file(&p);
         p
     }
@@ -234,9 +249,17 @@ pub(crate) mod tests {
         assert_eq!(sweep(&whole, None), 6);
         assert_eq!(sweep(&parts, Some(2)), 2);
         // A crash mid-write leaves half a line; it is dropped on resume.
-        std::fs::OpenOptions::new().append(true).open(&parts).unwrap().write_all(b"{\"sample_id\": \"s2\", \"ta").unwrap();
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&parts)
+            .unwrap()
+            .write_all(b"{\"sample_id\": \"s2\", \"ta")
+            .unwrap();
         assert_eq!(sweep(&parts, None), 4, "only the missing rows are computed");
-        assert_eq!(std::fs::read_to_string(&whole).unwrap(), std::fs::read_to_string(&parts).unwrap());
+        assert_eq!(
+            std::fs::read_to_string(&whole).unwrap(),
+            std::fs::read_to_string(&parts).unwrap()
+        );
     }
 
     #[test]

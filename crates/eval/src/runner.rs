@@ -54,7 +54,12 @@ pub struct MethodOutcome {
 
 /// Runs `sample` under `methods` (the full cache is always run first, as the reference;
 /// it is reported only if listed). Outcomes come in the order of `methods`.
-pub fn run_sample(model: &LoadedModel, sample: &Sample, methods: &[CompressionConfig], opts: RunOptions) -> Result<Vec<MethodOutcome>> {
+pub fn run_sample(
+    model: &LoadedModel,
+    sample: &Sample,
+    methods: &[CompressionConfig],
+    opts: RunOptions,
+) -> Result<Vec<MethodOutcome>> {
     let tok = &model.tokenizer;
     let question_text = format!("\n{}\n{}", sample.question, sample.answer_prefix);
     let (context_text, question_text) = if opts.query_aware {
@@ -63,33 +68,62 @@ pub fn run_sample(model: &LoadedModel, sample: &Sample, methods: &[CompressionCo
         (sample.context.clone(), question_text)
     };
     let context = tok.encode(&context_text, true)?;
-    let question = if question_text.is_empty() { Vec::new() } else { tok.encode(&question_text, false)? };
+    let question =
+        if question_text.is_empty() { Vec::new() } else { tok.encode(&question_text, false)? };
     let limit = model.model.config.context_length;
     let needed = context.len() + question.len() + sample.max_new_tokens;
     if needed > limit {
-        return Err(EvalError::Engine(kvmerger_engine::EngineError::ContextOverflow { needed, context: limit }));
+        return Err(EvalError::Engine(kvmerger_engine::EngineError::ContextOverflow {
+            needed,
+            context: limit,
+        }));
     }
-    let stats = methods.iter().try_fold(StatsRequest::default(), |acc, m| m.build().map(|b| acc.union(b.stats())))?;
+    let stats = methods
+        .iter()
+        .try_fold(StatsRequest::default(), |acc, m| m.build().map(|b| acc.union(b.stats())))?;
     let prefilled = Prefilled::run(&model.model, &context, stats, opts.attention_chunk)?;
 
     // Perplexity samples score a given continuation; the others score a generated answer
     // and measure fidelity on the full cache's answer.
     let perplexity_task = sample.metric == Metric::Perplexity;
     let full = if perplexity_task {
-        let continuation = sample.answers.first().ok_or_else(|| EvalError::Task(format!("{}: no continuation to score", sample.id)))?;
-        Answer { tokens: tok.encode(continuation, false)?, achieved_ratio: 1.0, resident_kv_bytes: 0, decode_ms: 0.0 }
+        let continuation = sample
+            .answers
+            .first()
+            .ok_or_else(|| EvalError::Task(format!("{}: no continuation to score", sample.id)))?;
+        Answer {
+            tokens: tok.encode(continuation, false)?,
+            achieved_ratio: 1.0,
+            resident_kv_bytes: 0,
+            decode_ms: 0.0,
+        }
     } else {
         answer(model, &CompressionConfig::Full, &prefilled, &question, sample.max_new_tokens)?
     };
-    let reference = teacher_forced(model, &CompressionConfig::Full, &prefilled, &question, &full.tokens)?;
-    let full_kv_bytes = 2 * 4 * context.len() * model.model.config.n_layers * model.model.config.n_kv_heads * model.model.config.head_dim;
+    let reference =
+        teacher_forced(model, &CompressionConfig::Full, &prefilled, &question, &full.tokens)?;
+    let full_kv_bytes = 2
+        * 4
+        * context.len()
+        * model.model.config.n_layers
+        * model.model.config.n_kv_heads
+        * model.model.config.head_dim;
 
     methods
         .iter()
         .map(|method| {
-            let forced = if *method == CompressionConfig::Full { reference.clone() } else { teacher_forced(model, method, &prefilled, &question, &full.tokens)? };
+            let forced = if *method == CompressionConfig::Full {
+                reference.clone()
+            } else {
+                teacher_forced(model, method, &prefilled, &question, &full.tokens)?
+            };
             let ans = if perplexity_task {
-                Answer { tokens: Vec::new(), achieved_ratio: forced.achieved_ratio, resident_kv_bytes: forced.resident_kv_bytes, decode_ms: 0.0 }
+                Answer {
+                    tokens: Vec::new(),
+                    achieved_ratio: forced.achieved_ratio,
+                    resident_kv_bytes: forced.resident_kv_bytes,
+                    decode_ms: 0.0,
+                }
             } else if *method == CompressionConfig::Full {
                 full.clone()
             } else {
@@ -97,7 +131,11 @@ pub fn run_sample(model: &LoadedModel, sample: &Sample, methods: &[CompressionCo
             };
             let prediction = tok.decode(&ans.tokens)?;
             let matched = ans.tokens.iter().zip(&full.tokens).take_while(|(a, b)| a == b).count();
-            let score = if perplexity_task { forced.perplexity } else { sample.metric.score(&prediction, &sample.answers, sample.all_classes.as_deref()) };
+            let score = if perplexity_task {
+                forced.perplexity
+            } else {
+                sample.metric.score(&prediction, &sample.answers, sample.all_classes.as_deref())
+            };
             Ok(MethodOutcome {
                 method: method.clone(),
                 score,
@@ -127,23 +165,41 @@ struct Answer {
 
 /// A session of `method` over a clone of the prefilled context, compressed. Returns it with
 /// the last context logits, the achieved ratio and the bytes resident after compression.
-fn compressed<'m>(model: &'m LoadedModel, method: &CompressionConfig, prefilled: &Prefilled) -> Result<(Session<'m>, Vec<f32>, f64, usize)> {
+fn compressed<'m>(
+    model: &'m LoadedModel,
+    method: &CompressionConfig,
+    prefilled: &Prefilled,
+) -> Result<(Session<'m>, Vec<f32>, f64, usize)> {
     let mut session = Session::new(&model.model, method)?;
     let logits = session.resume(prefilled.clone())?;
-    let (ratio, bytes) = session.report().map_or((1.0, 0), |r| (r.achieved_ratio(), r.resident_bytes));
+    let (ratio, bytes) =
+        session.report().map_or((1.0, 0), |r| (r.achieved_ratio(), r.resident_bytes));
     Ok((session, logits, ratio, bytes))
 }
 
 /// Compresses the prefilled context, reads the question, answers greedily.
-fn answer(model: &LoadedModel, method: &CompressionConfig, prefilled: &Prefilled, question: &[u32], max_new: usize) -> Result<Answer> {
-    let (mut session, mut logits, achieved_ratio, resident_kv_bytes) = compressed(model, method, prefilled)?;
+fn answer(
+    model: &LoadedModel,
+    method: &CompressionConfig,
+    prefilled: &Prefilled,
+    question: &[u32],
+    max_new: usize,
+) -> Result<Answer> {
+    let (mut session, mut logits, achieved_ratio, resident_kv_bytes) =
+        compressed(model, method, prefilled)?;
     let start = Instant::now();
     if !question.is_empty() {
         logits = session.extend(question, Logits::Last)?.swap_remove(0);
     }
     let mut greedy = Sampler::new(SamplingConfig::default());
-    let tokens = session.generate(logits, max_new, &mut greedy, &model.tokenizer.eos_ids(), |_| true)?;
-    Ok(Answer { tokens, achieved_ratio, resident_kv_bytes, decode_ms: start.elapsed().as_secs_f64() * 1e3 })
+    let tokens =
+        session.generate(logits, max_new, &mut greedy, &model.tokenizer.eos_ids(), |_| true)?;
+    Ok(Answer {
+        tokens,
+        achieved_ratio,
+        resident_kv_bytes,
+        decode_ms: start.elapsed().as_secs_f64() * 1e3,
+    })
 }
 
 #[derive(Clone)]
@@ -157,11 +213,23 @@ struct Forced {
 
 /// Feeds `question ++ targets` in one step after the compressed context and returns the
 /// distributions that predict each target token.
-fn teacher_forced(model: &LoadedModel, method: &CompressionConfig, prefilled: &Prefilled, question: &[u32], targets: &[u32]) -> Result<Forced> {
-    let (mut session, first, achieved_ratio, resident_kv_bytes) = compressed(model, method, prefilled)?;
+fn teacher_forced(
+    model: &LoadedModel,
+    method: &CompressionConfig,
+    prefilled: &Prefilled,
+    question: &[u32],
+    targets: &[u32],
+) -> Result<Forced> {
+    let (mut session, first, achieved_ratio, resident_kv_bytes) =
+        compressed(model, method, prefilled)?;
     let mut rows = Vec::with_capacity(targets.len());
     if targets.is_empty() {
-        return Ok(Forced { log_probs: rows, perplexity: f64::NAN, achieved_ratio, resident_kv_bytes });
+        return Ok(Forced {
+            log_probs: rows,
+            perplexity: f64::NAN,
+            achieved_ratio,
+            resident_kv_bytes,
+        });
     }
     let input: Vec<u32> = question.iter().chain(&targets[..targets.len() - 1]).copied().collect();
     // The distribution predicting targets[0] is the last context row when there is no question.
@@ -174,7 +242,12 @@ fn teacher_forced(model: &LoadedModel, method: &CompressionConfig, prefilled: &P
         rows.extend(logits.iter().skip(skip).map(|r| log_softmax(r)));
     }
     let nll: f64 = rows.iter().zip(targets).map(|(lp, &t)| -(lp[t as usize] as f64)).sum();
-    Ok(Forced { perplexity: (nll / targets.len() as f64).exp(), log_probs: rows, achieved_ratio, resident_kv_bytes })
+    Ok(Forced {
+        perplexity: (nll / targets.len() as f64).exp(),
+        log_probs: rows,
+        achieved_ratio,
+        resident_kv_bytes,
+    })
 }
 
 fn log_softmax(logits: &[f32]) -> Vec<f32> {
@@ -191,7 +264,9 @@ pub fn mean_kl(p: &[Vec<f32>], q: &[Vec<f32>]) -> f64 {
     let total: f64 = p
         .iter()
         .zip(q)
-        .map(|(lp, lq)| lp.iter().zip(lq).map(|(a, b)| (a.exp() as f64) * (*a as f64 - *b as f64)).sum::<f64>())
+        .map(|(lp, lq)| {
+            lp.iter().zip(lq).map(|(a, b)| (a.exp() as f64) * (*a as f64 - *b as f64)).sum::<f64>()
+        })
         .sum();
     total / p.len() as f64
 }

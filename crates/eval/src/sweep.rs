@@ -45,8 +45,16 @@ pub struct SweepSpec {
 impl SweepSpec {
     /// Built-in presets: `default` (about 10 minutes on 2 cores), `long`, `ruler`.
     pub fn preset(name: &str) -> Result<Self> {
-        let methods = ["kvmerger", "kvmerger:mass=log_count", "h2o", "cam", "streaming_llm", "snapkv"].map(String::from).to_vec();
-        let grid = |task, lengths: &[usize], depths: &[f64], seeds: &[u64]| TaskGrid { task, lengths: lengths.to_vec(), depths: depths.to_vec(), seeds: seeds.to_vec() };
+        let methods =
+            ["kvmerger", "kvmerger:mass=log_count", "h2o", "cam", "streaming_llm", "snapkv"]
+                .map(String::from)
+                .to_vec();
+        let grid = |task, lengths: &[usize], depths: &[f64], seeds: &[u64]| TaskGrid {
+            task,
+            lengths: lengths.to_vec(),
+            depths: depths.to_vec(),
+            seeds: seeds.to_vec(),
+        };
         let (tasks, budgets) = match name {
             "default" => (
                 vec![
@@ -59,22 +67,43 @@ impl SweepSpec {
             ),
             "long" => (
                 vec![
-                    grid(TaskKind::Passkey, &[1024, 2048, 4096, 7900], &[0.1, 0.3, 0.5, 0.7, 0.9], &[0, 1, 2]),
+                    grid(
+                        TaskKind::Passkey,
+                        &[1024, 2048, 4096, 7900],
+                        &[0.1, 0.3, 0.5, 0.7, 0.9],
+                        &[0, 1, 2],
+                    ),
                     grid(TaskKind::Needle, &[2048, 4096], &[0.1, 0.5, 0.9], &[0, 1, 2]),
                     grid(TaskKind::Perplexity, &[2048, 4096], &[0.0], &[0, 1, 2]),
                 ],
                 vec![0.5, 0.35, 0.2],
             ),
             "ruler" => (
-                [TaskKind::NiahSingle, TaskKind::NiahMultikey, TaskKind::NiahMultivalue, TaskKind::VariableTracking]
-                    .into_iter()
-                    .map(|t| grid(t, &[2048], &[0.2, 0.5, 0.8], &[0, 1, 2]))
-                    .collect(),
+                [
+                    TaskKind::NiahSingle,
+                    TaskKind::NiahMultikey,
+                    TaskKind::NiahMultivalue,
+                    TaskKind::VariableTracking,
+                ]
+                .into_iter()
+                .map(|t| grid(t, &[2048], &[0.2, 0.5, 0.8], &[0, 1, 2]))
+                .collect(),
                 vec![0.5, 0.35, 0.2],
             ),
-            other => return Err(EvalError::Task(format!("unknown preset `{other}` (default, long, ruler)"))),
+            other => {
+                return Err(EvalError::Task(format!(
+                    "unknown preset `{other}` (default, long, ruler)"
+                )))
+            }
         };
-        Ok(Self { name: name.to_string(), tasks, methods, budgets, params: Default::default(), query_aware: false })
+        Ok(Self {
+            name: name.to_string(),
+            tasks,
+            methods,
+            budgets,
+            params: Default::default(),
+            query_aware: false,
+        })
     }
 
     /// The method configurations: the full cache, then every method at every budget.
@@ -84,7 +113,9 @@ impl SweepSpec {
             let (m, variant) = entry.split_once(':').unwrap_or((entry, ""));
             let mut params = self.params.get(m).cloned().unwrap_or_default();
             for kv in variant.split(';').filter(|kv| !kv.trim().is_empty()) {
-                let (k, v) = kv.split_once('=').ok_or_else(|| EvalError::Task(format!("method variant `{entry}`: expected key=value")))?;
+                let (k, v) = kv.split_once('=').ok_or_else(|| {
+                    EvalError::Task(format!("method variant `{entry}`: expected key=value"))
+                })?;
                 params.push((k.trim().to_string(), v.trim().to_string()));
             }
             for &b in &self.budgets {
@@ -114,7 +145,12 @@ impl SweepSpec {
 /// One sample to run.
 #[derive(Debug, Clone)]
 pub enum Job {
-    Generated { task: TaskKind, length: usize, depth: f64, seed: u64 },
+    Generated {
+        task: TaskKind,
+        length: usize,
+        depth: f64,
+        seed: u64,
+    },
     /// A row of a user's dataset.
     Given(Box<Sample>),
 }
@@ -131,26 +167,51 @@ pub struct SweepInput<'a> {
 }
 
 /// Runs every job this shard owns that `store` lacks; returns the rows computed now.
-pub fn run_sweep(model: &LoadedModel, input: &SweepInput<'_>, store: &mut ResultStore) -> Result<Vec<ResultRow>> {
-    let owned: Vec<&Job> = input.jobs.iter().enumerate().filter(|(i, _)| input.shard.owns(*i)).map(|(_, j)| j).collect();
-    let bar = if input.progress { ProgressBar::new(owned.len() as u64) } else { ProgressBar::hidden() };
+pub fn run_sweep(
+    model: &LoadedModel,
+    input: &SweepInput<'_>,
+    store: &mut ResultStore,
+) -> Result<Vec<ResultRow>> {
+    let owned: Vec<&Job> = input
+        .jobs
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| input.shard.owns(*i))
+        .map(|(_, j)| j)
+        .collect();
+    let bar =
+        if input.progress { ProgressBar::new(owned.len() as u64) } else { ProgressBar::hidden() };
     bar.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} samples, ETA {eta} {msg}")
-            .expect("valid template"),
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} samples, ETA {eta} {msg}",
+        )
+        .expect("valid template"),
     );
     bar.enable_steady_tick(Duration::from_millis(250));
-    let count_tokens = |s: &str| model.tokenizer.encode(s, false).map(|t| t.len()).unwrap_or(usize::MAX);
+    let count_tokens =
+        |s: &str| model.tokenizer.encode(s, false).map(|t| t.len()).unwrap_or(usize::MAX);
     let mut computed = Vec::new();
     for job in owned {
         let sample = match job {
             Job::Generated { task, length, depth, seed } => {
-                let ti = TaskInput { length: *length, depth: *depth, seed: *seed, count_tokens: &count_tokens, haystack: input.haystack };
+                let ti = TaskInput {
+                    length: *length,
+                    depth: *depth,
+                    seed: *seed,
+                    count_tokens: &count_tokens,
+                    haystack: input.haystack,
+                };
                 generate(*task, &ti)?
             }
             Job::Given(s) => (**s).clone(),
         };
         bar.set_message(sample.id.clone());
-        let missing: Vec<CompressionConfig> = input.configs.iter().filter(|c| !store.contains(&row_key(&sample.id, &c.label()))).cloned().collect();
+        let missing: Vec<CompressionConfig> = input
+            .configs
+            .iter()
+            .filter(|c| !store.contains(&row_key(&sample.id, &c.label())))
+            .cloned()
+            .collect();
         if !missing.is_empty() {
             let (length, seed) = match job {
                 Job::Generated { length, seed, .. } => (Some(*length), *seed),
@@ -208,8 +269,15 @@ mod tests {
         let jobs = spec.jobs();
         assert_eq!(jobs.len(), 2 * 3 * 2 + 2 * 2 + 2 * 2 + 2);
         assert!(SweepSpec::preset("nope").is_err());
-        let variants = SweepSpec { methods: vec!["kvmerger:mass=log_count;sigma=adaptive".into()], budgets: vec![0.5], ..spec.clone() };
-        assert_eq!(variants.configs().unwrap()[1].label(), "kvmerger(mass=log_count;sigma=adaptive)@50%");
+        let variants = SweepSpec {
+            methods: vec!["kvmerger:mass=log_count;sigma=adaptive".into()],
+            budgets: vec![0.5],
+            ..spec.clone()
+        };
+        assert_eq!(
+            variants.configs().unwrap()[1].label(),
+            "kvmerger(mass=log_count;sigma=adaptive)@50%"
+        );
         let json = serde_json::to_string(&spec).unwrap();
         assert_eq!(serde_json::from_str::<SweepSpec>(&json).unwrap(), spec);
     }

@@ -87,11 +87,19 @@ pub fn generate(kind: TaskKind, input: &TaskInput<'_>) -> Result<Sample> {
         return Err(EvalError::Task(format!("depth must be in [0, 1], got {}", input.depth)));
     }
     if input.length < 64 {
-        return Err(EvalError::Task(format!("context length {} is too short (at least 64 tokens)", input.length)));
+        return Err(EvalError::Task(format!(
+            "context length {} is too short (at least 64 tokens)",
+            input.length
+        )));
     }
     let mut rng = StdRng::seed_from_u64(input.seed ^ (kind as u64) << 56);
     let id = format!("{}-{}-d{:.2}-s{}", kind.name(), input.length, input.depth, input.seed);
-    let sample = |context: String, question: &str, answer_prefix: &str, answers: Vec<String>, max_new_tokens: usize, metric: Metric| Sample {
+    let sample = |context: String,
+                  question: &str,
+                  answer_prefix: &str,
+                  answers: Vec<String>,
+                  max_new_tokens: usize,
+                  metric: Metric| Sample {
         id: id.clone(),
         task: kind.name().to_string(),
         context,
@@ -108,7 +116,14 @@ pub fn generate(kind: TaskKind, input: &TaskInput<'_>) -> Result<Sample> {
         TaskKind::Passkey => {
             let key = rng.random_range(10_000..100_000).to_string();
             let needle = format!("The pass key is {key}. Remember it. {key} is the pass key. ");
-            sample(filler(&[needle]), "What is the pass key?", "The pass key is", vec![key], 8, Metric::Contains)
+            sample(
+                filler(&[needle]),
+                "What is the pass key?",
+                "The pass key is",
+                vec![key],
+                8,
+                Metric::Contains,
+            )
         }
         TaskKind::Needle => {
             let city = *CITIES.choose(&mut rng).expect("cities");
@@ -121,21 +136,38 @@ pub fn generate(kind: TaskKind, input: &TaskInput<'_>) -> Result<Sample> {
         }
         TaskKind::NiahSingle | TaskKind::NiahMultikey => {
             let words: Vec<&str> = WORDS.choose_multiple(&mut rng, 4).copied().collect();
-            let values: Vec<String> = (0..4).map(|_| rng.random_range(1_000_000..10_000_000).to_string()).collect();
+            let values: Vec<String> =
+                (0..4).map(|_| rng.random_range(1_000_000..10_000_000).to_string()).collect();
             let n = if kind == TaskKind::NiahSingle { 1 } else { 4 };
-            let needles: Vec<String> =
-                (0..n).map(|i| format!("One of the special magic numbers for {} is: {}. ", words[i], values[i])).collect();
+            let needles: Vec<String> = (0..n)
+                .map(|i| {
+                    format!("One of the special magic numbers for {} is: {}. ", words[i], values[i])
+                })
+                .collect();
             // The asked needle sits at the requested depth; distractors elsewhere.
-            let q = format!("What is the special magic number for {} mentioned in the provided text?", words[0]);
-            let prefix = format!("The special magic number for {} mentioned in the provided text is", words[0]);
+            let q = format!(
+                "What is the special magic number for {} mentioned in the provided text?",
+                words[0]
+            );
+            let prefix = format!(
+                "The special magic number for {} mentioned in the provided text is",
+                words[0]
+            );
             sample(filler(&needles), &q, &prefix, vec![values[0].clone()], 12, Metric::Contains)
         }
         TaskKind::NiahMultivalue => {
             let word = *WORDS.choose(&mut rng).expect("words");
-            let values: Vec<String> = (0..4).map(|_| rng.random_range(1_000_000..10_000_000).to_string()).collect();
-            let needles: Vec<String> = values.iter().map(|v| format!("One of the special magic numbers for {word} is: {v}. ")).collect();
-            let q = format!("What are all the special magic numbers for {word} mentioned in the provided text?");
-            let prefix = format!("The special magic numbers for {word} mentioned in the provided text are");
+            let values: Vec<String> =
+                (0..4).map(|_| rng.random_range(1_000_000..10_000_000).to_string()).collect();
+            let needles: Vec<String> = values
+                .iter()
+                .map(|v| format!("One of the special magic numbers for {word} is: {v}. "))
+                .collect();
+            let q = format!(
+                "What are all the special magic numbers for {word} mentioned in the provided text?"
+            );
+            let prefix =
+                format!("The special magic numbers for {word} mentioned in the provided text are");
             sample(filler(&needles), &q, &prefix, values, 40, Metric::ContainsAll)
         }
         TaskKind::VariableTracking => {
@@ -143,12 +175,16 @@ pub fn generate(kind: TaskKind, input: &TaskInput<'_>) -> Result<Sample> {
             let names: Vec<String> = (0..4).map(|_| random_name(&mut rng)).collect();
             let mut needles = vec![format!("VAR {} = {value}. ", names[0])];
             needles.extend(names.windows(2).map(|w| format!("VAR {} = VAR {}. ", w[1], w[0])));
-            let q = format!("Find all variables that are assigned the value {value} in the text above.");
+            let q = format!(
+                "Find all variables that are assigned the value {value} in the text above."
+            );
             let prefix = format!("Answer: According to the chain(s) of variable assignment in the text above, {} variables are assigned the value {value}, they are:", names.len());
             sample(filler(&needles), &q, &prefix, names, 30, Metric::ContainsAll)
         }
         TaskKind::Perplexity => {
-            let text = input.haystack.ok_or_else(|| EvalError::Task("perplexity needs a haystack text".into()))?;
+            let text = input
+                .haystack
+                .ok_or_else(|| EvalError::Task("perplexity needs a haystack text".into()))?;
             let start = sentence_start(text, rng.random_range(0..text.len() / 2));
             let context = take_tokens(&text[start..], input.length, input.count_tokens);
             let rest = &text[start + context.len()..];
@@ -160,10 +196,14 @@ pub fn generate(kind: TaskKind, input: &TaskInput<'_>) -> Result<Sample> {
     })
 }
 
-const CITIES: [&str; 12] =
-    ["Lisbon", "Nairobi", "Osaka", "Quito", "Tallinn", "Hobart", "Winnipeg", "Cusco", "Tromso", "Dakar", "Hanoi", "Zagreb"];
-const WORDS: [&str; 12] =
-    ["amber", "falcon", "harbor", "lantern", "meadow", "orchid", "pebble", "quartz", "saffron", "thistle", "velvet", "willow"];
+const CITIES: [&str; 12] = [
+    "Lisbon", "Nairobi", "Osaka", "Quito", "Tallinn", "Hobart", "Winnipeg", "Cusco", "Tromso",
+    "Dakar", "Hanoi", "Zagreb",
+];
+const WORDS: [&str; 12] = [
+    "amber", "falcon", "harbor", "lantern", "meadow", "orchid", "pebble", "quartz", "saffron",
+    "thistle", "velvet", "willow",
+];
 
 fn random_name(rng: &mut StdRng) -> String {
     (0..5).map(|_| (b'A' + rng.random_range(0..26)) as char).collect()
@@ -174,12 +214,17 @@ fn random_name(rng: &mut StdRng) -> String {
 fn repeat_to_length(filler: &str, needles: &[String], input: &TaskInput<'_>) -> String {
     let needle_tokens: usize = needles.iter().map(|n| (input.count_tokens)(n)).sum();
     let per_unit = ((input.count_tokens)(&filler.repeat(20)) as f64 / 20.0).max(1.0);
-    let mut units = (((input.length.saturating_sub(needle_tokens)) as f64 / per_unit).floor() as usize).max(1);
+    let mut units =
+        (((input.length.saturating_sub(needle_tokens)) as f64 / per_unit).floor() as usize).max(1);
     let build = |units: usize| {
         let mut pieces: Vec<String> = vec![filler.to_string(); units];
         let mut slots: Vec<(usize, &String)> = Vec::new();
         for (i, n) in needles.iter().enumerate() {
-            let depth = if i == 0 { input.depth } else { (input.depth + i as f64 / needles.len() as f64).fract() };
+            let depth = if i == 0 {
+                input.depth
+            } else {
+                (input.depth + i as f64 / needles.len() as f64).fract()
+            };
             slots.push(((depth * units as f64).round() as usize, n));
         }
         // Insert from the back so earlier slots keep their meaning.
@@ -198,12 +243,17 @@ fn repeat_to_length(filler: &str, needles: &[String], input: &TaskInput<'_>) -> 
 /// A passage of the haystack of about `input.length` tokens, from a seeded sentence start,
 /// with `needle` inserted at the sentence boundary nearest `input.depth`.
 fn haystack_to_length(input: &TaskInput<'_>, needle: &str, rng: &mut StdRng) -> Result<String> {
-    let text = input.haystack.ok_or_else(|| EvalError::Task("the needle task needs a haystack text".into()))?;
+    let text = input
+        .haystack
+        .ok_or_else(|| EvalError::Task("the needle task needs a haystack text".into()))?;
     let budget = input.length.saturating_sub((input.count_tokens)(needle));
     let start = sentence_start(text, rng.random_range(0..text.len() / 2));
     let passage = take_tokens(&text[start..], budget, input.count_tokens);
     if (input.count_tokens)(&passage) + 64 < budget {
-        return Err(EvalError::Task(format!("the haystack is too short for {} tokens", input.length)));
+        return Err(EvalError::Task(format!(
+            "the haystack is too short for {} tokens",
+            input.length
+        )));
     }
     let at = sentence_start(&passage, (input.depth * passage.len() as f64) as usize);
     Ok(format!("{}{}{}", &passage[..at], needle, &passage[at..]))
@@ -231,7 +281,8 @@ fn take_tokens(text: &str, tokens: usize, count: &dyn Fn(&str) -> usize) -> Stri
     while !text.is_char_boundary(limit) {
         limit -= 1;
     }
-    let cuts: Vec<usize> = text.char_indices().map(|(i, _)| i).take_while(|&i| i <= limit).chain([limit]).collect();
+    let cuts: Vec<usize> =
+        text.char_indices().map(|(i, _)| i).take_while(|&i| i <= limit).chain([limit]).collect();
     // Invariant: the prefix up to cuts[lo] fits.
     let (mut lo, mut hi) = (0, cuts.len() - 1);
     while lo < hi {
@@ -248,7 +299,15 @@ fn take_tokens(text: &str, tokens: usize, count: &dyn Fn(&str) -> usize) -> Stri
 /// Lines of random keys and values, a text unlike prose (for `kvmerger analyze`).
 pub fn key_value_noise(lines: usize, seed: u64) -> String {
     let mut rng = StdRng::seed_from_u64(seed);
-    (0..lines).map(|_| format!("key-{}: value-{}\n", rng.random_range(1000..10_000), rng.random_range(10_000..100_000))).collect()
+    (0..lines)
+        .map(|_| {
+            format!(
+                "key-{}: value-{}\n",
+                rng.random_range(1000..10_000),
+                rng.random_range(10_000..100_000)
+            )
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -271,7 +330,13 @@ mod tests {
     #[test]
     fn generators_are_deterministic_for_a_seed() {
         let text = book();
-        for kind in [TaskKind::Passkey, TaskKind::Needle, TaskKind::NiahMultikey, TaskKind::VariableTracking, TaskKind::Perplexity] {
+        for kind in [
+            TaskKind::Passkey,
+            TaskKind::Needle,
+            TaskKind::NiahMultikey,
+            TaskKind::VariableTracking,
+            TaskKind::Perplexity,
+        ] {
             let a = generate(kind, &input(500, 0.3, 7, Some(&text))).unwrap();
             let b = generate(kind, &input(500, 0.3, 7, Some(&text))).unwrap();
             let c = generate(kind, &input(500, 0.3, 8, Some(&text))).unwrap();

@@ -11,7 +11,8 @@ use kvmerger_eval::sweep::{run_sweep, Job, SweepInput};
 use kvmerger_eval::tasks::TaskKind;
 
 fn model() -> LoadedModel {
-    load_model(&kvmerger_engine::fetch::ensure_default_model().unwrap(), WeightFormats::default()).unwrap()
+    load_model(&kvmerger_engine::fetch::ensure_default_model().unwrap(), WeightFormats::default())
+        .unwrap()
 }
 
 fn input() -> SweepInput<'static> {
@@ -20,12 +21,23 @@ fn input() -> SweepInput<'static> {
         CompressionConfig::from_cli("kvmerger", Some(Budget::Ratio(0.5)), &[]).unwrap(),
         CompressionConfig::from_cli("cam", Some(Budget::Ratio(0.5)), &[]).unwrap(),
     ];
-    let jobs = [0.5, 0.9].iter().map(|&depth| Job::Generated { task: TaskKind::Passkey, length: 200, depth, seed: 3 }).collect();
-    SweepInput { configs, jobs, haystack: None, options: RunOptions::default(), shard: Shard::WHOLE, progress: false }
+    let jobs = [0.5, 0.9]
+        .iter()
+        .map(|&depth| Job::Generated { task: TaskKind::Passkey, length: 200, depth, seed: 3 })
+        .collect();
+    SweepInput {
+        configs,
+        jobs,
+        haystack: None,
+        options: RunOptions::default(),
+        shard: Shard::WHOLE,
+        progress: false,
+    }
 }
 
 fn temp(name: &str) -> PathBuf {
-    let p = std::env::temp_dir().join(format!("kvmerger-sweep-{}-{name}.jsonl", std::process::id()));
+    let p =
+        std::env::temp_dir().join(format!("kvmerger-sweep-{}-{name}.jsonl", std::process::id()));
     let _ = std::fs::remove_file(&p);
     p
 }
@@ -60,12 +72,19 @@ fn interrupted_and_resumed_sweep_equals_an_uninterrupted_one() {
     assert_eq!(comparable(&all), comparable(&whole_stored));
 
     let full: Vec<&ResultRow> = whole.iter().filter(|r| r.method == "full").collect();
-    assert!(full.iter().all(|r| r.score == 1.0 && r.kl == 0.0 && r.top1_agreement == 1.0), "{full:?}");
+    assert!(
+        full.iter().all(|r| r.score == 1.0 && r.kl == 0.0 && r.top1_agreement == 1.0),
+        "{full:?}"
+    );
     for r in &whole {
         // Resident memory is keys, values and a small per-entry record (16 of every 528 bytes).
         let kept = r.achieved_ratio * r.full_kv_bytes as f64;
         let resident = r.resident_kv_bytes as f64;
-        assert!(resident >= kept && resident <= kept * 1.04, "{}: {resident} bytes for {kept}", r.method);
+        assert!(
+            resident >= kept && resident <= kept * 1.04,
+            "{}: {resident} bytes for {kept}",
+            r.method
+        );
         assert!(r.kl >= 0.0 && r.kl.is_finite());
     }
 }

@@ -77,7 +77,10 @@ impl CamConfig {
         }
         if let CamProbability::Fixed(p) = self.probability {
             if !(0.0..=1.0).contains(&p) {
-                return Err(CompressError::invalid("probability", format!("a fixed probability must be in [0, 1], got {p}")));
+                return Err(CompressError::invalid(
+                    "probability",
+                    format!("a fixed probability must be in [0, 1], got {p}"),
+                ));
             }
         }
         Ok(())
@@ -99,8 +102,13 @@ impl CamConfig {
         let a = head.meta()[victim].attention as f64;
         let reference = match self.probability {
             CamProbability::Fixed(p) => return p,
-            CamProbability::Mean => targets.iter().map(|&t| head.meta()[t].attention as f64).sum::<f64>() / targets.len() as f64,
-            CamProbability::Max => targets.iter().map(|&t| head.meta()[t].attention as f64).fold(0.0, f64::max),
+            CamProbability::Mean => {
+                targets.iter().map(|&t| head.meta()[t].attention as f64).sum::<f64>()
+                    / targets.len() as f64
+            }
+            CamProbability::Max => {
+                targets.iter().map(|&t| head.meta()[t].attention as f64).fold(0.0, f64::max)
+            }
         };
         if reference <= 0.0 {
             0.0
@@ -110,14 +118,21 @@ impl CamConfig {
     }
 
     /// Adds `v_victim / m` to each of the `m` targets with the merge probability.
-    fn maybe_merge(&self, head: &mut HeadCache, victim: usize, targets: &[usize], rng: &mut StdRng) {
+    fn maybe_merge(
+        &self,
+        head: &mut HeadCache,
+        victim: usize,
+        targets: &[usize],
+        rng: &mut StdRng,
+    ) {
         if targets.is_empty() {
             return;
         }
         let p = self.merge_probability(head, victim, targets);
         // Draw even when p is 0 or 1, so the random stream does not depend on p.
         if rng.random::<f64>() < p {
-            let share: Vec<f32> = head.value(victim).iter().map(|v| v / targets.len() as f32).collect();
+            let share: Vec<f32> =
+                head.value(victim).iter().map(|v| v / targets.len() as f32).collect();
             for &t in targets {
                 head.value_mut(t).iter_mut().zip(&share).for_each(|(v, s)| *v += s);
             }
@@ -161,7 +176,13 @@ impl CompressionMethod for CamConfig {
         Ok(HeadReport { before, after: head.len(), ..Default::default() })
     }
 
-    fn after_step(&self, id: HeadId, head: &mut HeadCache, budget: usize, step: usize) -> Result<()> {
+    fn after_step(
+        &self,
+        id: HeadId,
+        head: &mut HeadCache,
+        budget: usize,
+        step: usize,
+    ) -> Result<()> {
         let mut rng = self.rng(id, step);
         while head.len() > budget {
             let victim = match self.eviction {
@@ -187,7 +208,9 @@ mod tests {
     fn a_fixed_seed_is_reproducible_and_seeds_differ() {
         let run = |seed| {
             let mut head = random_head(60, 4, 9);
-            CamConfig { budget: Budget::Tokens(20), seed, ..Default::default() }.compress(ID, &mut head, 20).unwrap();
+            CamConfig { budget: Budget::Tokens(20), seed, ..Default::default() }
+                .compress(ID, &mut head, 20)
+                .unwrap();
             head
         };
         assert_eq!(run(1), run(1));
@@ -199,12 +222,21 @@ mod tests {
         for (eviction, seed) in [(CamEviction::Streaming, 3), (CamEviction::H2o, 4)] {
             let base = random_head(60, 4, seed);
             let mut cam_head = base.clone();
-            let cam = CamConfig { budget: Budget::Tokens(20), eviction, probability: CamProbability::Fixed(0.0), ..Default::default() };
+            let cam = CamConfig {
+                budget: Budget::Tokens(20),
+                eviction,
+                probability: CamProbability::Fixed(0.0),
+                ..Default::default()
+            };
             cam.compress(ID, &mut cam_head, 20).unwrap();
             let mut plain = base.clone();
             match eviction {
-                CamEviction::Streaming => StreamingLlmConfig { budget: Budget::Tokens(20), sinks: 4 }.compress(ID, &mut plain, 20),
-                CamEviction::H2o => H2oConfig { budget: Budget::Tokens(20), recent_ratio: 0.5 }.compress(ID, &mut plain, 20),
+                CamEviction::Streaming => {
+                    StreamingLlmConfig { budget: Budget::Tokens(20), sinks: 4 }
+                        .compress(ID, &mut plain, 20)
+                }
+                CamEviction::H2o => H2oConfig { budget: Budget::Tokens(20), recent_ratio: 0.5 }
+                    .compress(ID, &mut plain, 20),
             }
             .unwrap();
             assert_eq!(cam_head, plain, "{eviction:?}");
@@ -216,11 +248,17 @@ mod tests {
         let base = random_head(10, 2, 5);
         let mut head = base.clone();
         // Budget 6 with 4 sinks keeps 0..4 and 8..10; entries 4..8 leave, each into 8 and 9.
-        let cam = CamConfig { budget: Budget::Tokens(6), merge_span: 2, probability: CamProbability::Fixed(1.0), ..Default::default() };
+        let cam = CamConfig {
+            budget: Budget::Tokens(6),
+            merge_span: 2,
+            probability: CamProbability::Fixed(1.0),
+            ..Default::default()
+        };
         cam.compress(ID, &mut head, 6).unwrap();
         for (slot, orig) in [(4, 8), (5, 9)] {
             for d in 0..2 {
-                let expected = base.value(orig)[d] + (4..8).map(|i| base.value(i)[d] / 2.0).sum::<f32>();
+                let expected =
+                    base.value(orig)[d] + (4..8).map(|i| base.value(i)[d] / 2.0).sum::<f32>();
                 assert!((head.value(slot)[d] - expected).abs() < 1e-5);
             }
             assert_eq!(head.key(slot), base.key(orig), "keys are unchanged");

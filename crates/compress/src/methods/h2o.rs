@@ -50,7 +50,9 @@ pub(crate) fn check_recent_ratio(r: f64) -> Result<()> {
 pub(crate) fn lowest_non_recent(head: &HeadCache, recent: usize) -> usize {
     let end = head.len().saturating_sub(recent).max(1).min(head.len());
     let meta = head.meta();
-    (0..end).min_by(|&a, &b| meta[a].attention.total_cmp(&meta[b].attention).then(a.cmp(&b))).unwrap_or(0)
+    (0..end)
+        .min_by(|&a, &b| meta[a].attention.total_cmp(&meta[b].attention).then(a.cmp(&b)))
+        .unwrap_or(0)
 }
 
 impl CompressionMethod for H2oConfig {
@@ -73,7 +75,13 @@ impl CompressionMethod for H2oConfig {
         Ok(HeadReport { before, after: head.len(), ..Default::default() })
     }
 
-    fn after_step(&self, _id: HeadId, head: &mut HeadCache, budget: usize, _step: usize) -> Result<()> {
+    fn after_step(
+        &self,
+        _id: HeadId,
+        head: &mut HeadCache,
+        budget: usize,
+        _step: usize,
+    ) -> Result<()> {
         while head.len() > budget {
             head.remove(lowest_non_recent(head, self.recent(budget)));
         }
@@ -90,7 +98,9 @@ mod tests {
     fn reference(head: &HeadCache, budget: usize, recent: usize) -> Vec<usize> {
         let n = head.len();
         let mut order: Vec<usize> = (0..n - recent).collect();
-        order.sort_by(|&a, &b| head.meta()[b].attention.partial_cmp(&head.meta()[a].attention).unwrap().then(a.cmp(&b)));
+        order.sort_by(|&a, &b| {
+            head.meta()[b].attention.partial_cmp(&head.meta()[a].attention).unwrap().then(a.cmp(&b))
+        });
         let mut keep: Vec<usize> = order[..budget - recent].to_vec();
         keep.extend(n - recent..n);
         keep.sort();
@@ -115,7 +125,9 @@ mod tests {
         let mut head = random_head(12, 4, 3);
         let cfg = H2oConfig { budget: Budget::Tokens(11), recent_ratio: 0.5 };
         let recent = cfg.recent(11);
-        let victim = (0..12 - recent).min_by(|&a, &b| head.meta()[a].attention.total_cmp(&head.meta()[b].attention)).unwrap();
+        let victim = (0..12 - recent)
+            .min_by(|&a, &b| head.meta()[a].attention.total_cmp(&head.meta()[b].attention))
+            .unwrap();
         cfg.after_step(HeadId { layer: 0, head: 0 }, &mut head, 11, 1).unwrap();
         assert_eq!(head.len(), 11);
         assert!(head.meta().iter().all(|m| m.position != victim));

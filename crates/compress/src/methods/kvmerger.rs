@@ -157,11 +157,17 @@ impl KvMergerConfig {
     pub fn validate(&self) -> Result<()> {
         if let Sigma::Fixed(s) = self.sigma {
             if !(s > 0.0 && s.is_finite()) {
-                return Err(CompressError::invalid("sigma", format!("must be positive and finite, got {s}")));
+                return Err(CompressError::invalid(
+                    "sigma",
+                    format!("must be positive and finite, got {s}"),
+                ));
             }
         }
         if self.sigma_floor.is_nan() || self.sigma_floor <= 0.0 {
-            return Err(CompressError::invalid("sigma_floor", format!("must be positive, got {}", self.sigma_floor)));
+            return Err(CompressError::invalid(
+                "sigma_floor",
+                format!("must be positive, got {}", self.sigma_floor),
+            ));
         }
         if self.threshold.is_nan() {
             return Err(CompressError::invalid("threshold", "must be a number"));
@@ -169,7 +175,10 @@ impl KvMergerConfig {
         for (name, share) in [("recent", self.recent), ("selected", self.selected)] {
             if let Some(s) = share {
                 if !(0.0..=1.0).contains(&s) {
-                    return Err(CompressError::invalid(name, format!("must be a share in [0, 1], got {s}")));
+                    return Err(CompressError::invalid(
+                        name,
+                        format!("must be a share in [0, 1], got {s}"),
+                    ));
                 }
             }
         }
@@ -178,7 +187,10 @@ impl KvMergerConfig {
         }
         if let Some(b) = &self.layer_budgets {
             if let Some(bad) = b.iter().find(|r| !(**r > 0.0 && **r <= 1.0)) {
-                return Err(CompressError::invalid("layer_budgets", format!("ratios must be in (0, 1], got {bad}")));
+                return Err(CompressError::invalid(
+                    "layer_budgets",
+                    format!("ratios must be in (0, 1], got {bad}"),
+                ));
             }
         }
         Ok(())
@@ -218,7 +230,10 @@ impl KvMergerConfig {
             return vec![1.0 / n as f32; n];
         }
         let kp = head.key(pivot);
-        let sq_dist: Vec<f32> = members.clone().map(|i| head.key(i).iter().zip(kp).map(|(a, b)| (a - b) * (a - b)).sum()).collect();
+        let sq_dist: Vec<f32> = members
+            .clone()
+            .map(|i| head.key(i).iter().zip(kp).map(|(a, b)| (a - b) * (a - b)).sum())
+            .collect();
         let sigma = match self.sigma {
             Sigma::Fixed(s) => s,
             Sigma::Adaptive => {
@@ -281,7 +296,12 @@ impl CompressionMethod for KvMergerConfig {
         };
         let mut report = HeadReport { before, ..Default::default() };
         let mut rng = StdRng::seed_from_u64(self.seed ^ ((id.layer as u64) << 32 | id.head as u64));
-        let mut out = Merged { keys: Vec::new(), values: Vec::new(), meta: Vec::new(), protected: Vec::new() };
+        let mut out = Merged {
+            keys: Vec::new(),
+            values: Vec::new(),
+            meta: Vec::new(),
+            protected: Vec::new(),
+        };
         let mut sets = sets.into_iter().peekable();
         let mut i = 0;
         while i < before {
@@ -308,7 +328,12 @@ impl CompressionMethod for KvMergerConfig {
             report.merged_tokens += set.len();
             report.largest_set = report.largest_set.max(set.len());
             let pivot = match self.pivot {
-                PivotRule::Attention => set.clone().min_by(|&a, &b| meta[b].attention.total_cmp(&meta[a].attention).then(a.cmp(&b))).unwrap_or(set.start),
+                PivotRule::Attention => set
+                    .clone()
+                    .min_by(|&a, &b| {
+                        meta[b].attention.total_cmp(&meta[a].attention).then(a.cmp(&b))
+                    })
+                    .unwrap_or(set.start),
                 PivotRule::Random => rng.random_range(set.clone()),
             };
             let w = self.weights(head, set.clone(), pivot);
@@ -340,8 +365,13 @@ impl CompressionMethod for KvMergerConfig {
             // Keep the highest-attention unprotected entries; the rest leave. On equal
             // attention the earlier entry stays (the later one is evicted first).
             let unprotected: Vec<usize> = candidates.collect();
-            let keep_unprotected = top_k(unprotected.iter().copied(), |j| meta[j].attention, unprotected.len().saturating_sub(evict));
-            let mut keep: Vec<usize> = (0..head.len()).filter(|&j| protected[j]).chain(keep_unprotected).collect();
+            let keep_unprotected = top_k(
+                unprotected.iter().copied(),
+                |j| meta[j].attention,
+                unprotected.len().saturating_sub(evict),
+            );
+            let mut keep: Vec<usize> =
+                (0..head.len()).filter(|&j| protected[j]).chain(keep_unprotected).collect();
             keep.sort_unstable();
             head.retain_indices(&keep);
         }
@@ -397,9 +427,13 @@ mod tests {
         // gives way first, then the recent window shrinks to the budget.
         let mut head = runs_head(100, 8, 10);
         cfg(Budget::Ratio(0.05)).compress(ID, &mut head, 5).unwrap();
-        assert_eq!(head.meta().iter().map(|m| m.position).collect::<Vec<_>>(), vec![95, 96, 97, 98, 99]);
+        assert_eq!(
+            head.meta().iter().map(|m| m.position).collect::<Vec<_>>(),
+            vec![95, 96, 97, 98, 99]
+        );
         let mut head = random_head(100, 8, 1);
-        let c = KvMergerConfig { recent: Some(0.05), selected: Some(0.1), ..cfg(Budget::Ratio(0.1)) };
+        let c =
+            KvMergerConfig { recent: Some(0.05), selected: Some(0.1), ..cfg(Budget::Ratio(0.1)) };
         let top: Vec<usize> = crate::methods::select::top_k(0..95, |i| head.meta()[i].attention, 5);
         c.compress(ID, &mut head, 10).unwrap();
         let kept: Vec<usize> = head.meta().iter().map(|m| m.position).collect();
@@ -414,7 +448,11 @@ mod tests {
         let r = cfg(Budget::Ratio(0.5)).compress(ID, &mut head, 50).unwrap();
         assert!(head.len() < 50 && r.merge_sets > 5, "kept {}", head.len());
         assert_eq!(r.after, head.len());
-        assert_eq!(head.meta().iter().map(|m| m.count).sum::<u32>(), 100, "nothing had to be evicted");
+        assert_eq!(
+            head.meta().iter().map(|m| m.count).sum::<u32>(),
+            100,
+            "nothing had to be evicted"
+        );
     }
 
     #[test]
@@ -423,7 +461,11 @@ mod tests {
         let c = KvMergerConfig { budget_mode: BudgetMode::Threshold, ..cfg(Budget::Ratio(0.5)) };
         let r = c.compress(ID, &mut head, 50).unwrap();
         assert!(r.merge_sets > 0 && head.len() < 100);
-        assert_eq!(head.meta().iter().map(|m| m.count).sum::<u32>(), 100, "no token is lost without eviction");
+        assert_eq!(
+            head.meta().iter().map(|m| m.count).sum::<u32>(),
+            100,
+            "no token is lost without eviction"
+        );
     }
 
     #[test]
@@ -441,12 +483,19 @@ mod tests {
             ..cfg(Budget::Ratio(1.0))
         };
         let original = head.clone();
-        let pivot = (0..12).max_by(|&a, &b| original.meta()[a].attention.total_cmp(&original.meta()[b].attention)).unwrap();
+        let pivot = (0..12)
+            .max_by(|&a, &b| original.meta()[a].attention.total_cmp(&original.meta()[b].attention))
+            .unwrap();
         c.compress(ID, &mut head, 12).unwrap();
         assert_eq!(head.len(), 1);
         let g: Vec<f32> = (0..12)
             .map(|i| {
-                let dist: f32 = original.key(i).iter().zip(original.key(pivot)).map(|(a, b)| (a - b).powi(2)).sum();
+                let dist: f32 = original
+                    .key(i)
+                    .iter()
+                    .zip(original.key(pivot))
+                    .map(|(a, b)| (a - b).powi(2))
+                    .sum();
                 (-dist / (2.0 * 0.02 * 0.02)).exp()
             })
             .collect();
@@ -456,7 +505,10 @@ mod tests {
             let v: f32 = (0..12).map(|i| g[i] / total * original.value(i)[t]).sum();
             assert!((head.key(0)[t] - k).abs() < 1e-5 && (head.value(0)[t] - v).abs() < 1e-5);
         }
-        assert!(g.iter().enumerate().all(|(i, x)| i == pivot || *x < g[pivot]), "pivot weight is the largest");
+        assert!(
+            g.iter().enumerate().all(|(i, x)| i == pivot || *x < g[pivot]),
+            "pivot weight is the largest"
+        );
         assert_eq!(head.meta()[0].position, pivot);
         assert_eq!(head.meta()[0].count, 12);
         let a: f32 = original.meta().iter().map(|m| m.attention).sum();
@@ -468,7 +520,8 @@ mod tests {
         let d = head.head_dim();
         let logits: Vec<f32> = (0..head.len())
             .map(|i| {
-                let s: f32 = q.iter().zip(head.key(i)).map(|(a, b)| a * b).sum::<f32>() / (d as f32).sqrt();
+                let s: f32 =
+                    q.iter().zip(head.key(i)).map(|(a, b)| a * b).sum::<f32>() / (d as f32).sqrt();
                 s + if bias { (head.meta()[i].count as f32).ln() } else { 0.0 }
             })
             .collect();
@@ -512,7 +565,11 @@ mod tests {
 
     #[test]
     fn extreme_thresholds_merge_nothing_or_every_run() {
-        let c = |t| KvMergerConfig { budget_mode: BudgetMode::Threshold, threshold: t, ..cfg(Budget::Ratio(0.5)) };
+        let c = |t| KvMergerConfig {
+            budget_mode: BudgetMode::Threshold,
+            threshold: t,
+            ..cfg(Budget::Ratio(0.5))
+        };
         let mut head = random_head(100, 8, 2);
         let r = c(1.5).compress(ID, &mut head, 50).unwrap();
         assert_eq!((r.merge_sets, head.len()), (0, 100));
@@ -523,7 +580,10 @@ mod tests {
         // Every run of unprotected tokens became one entry: sets of two or more, or singletons.
         let singletons = 100 - protected - r.merged_tokens;
         assert_eq!(head.len(), protected + r.merge_sets + singletons);
-        assert!(singletons <= 12 && r.merge_sets <= 13, "runs are only broken by the 12 selected tokens");
+        assert!(
+            singletons <= 12 && r.merge_sets <= 13,
+            "runs are only broken by the 12 selected tokens"
+        );
         assert_eq!(head.meta().iter().map(|m| m.count).sum::<u32>(), 100);
     }
 
@@ -536,22 +596,32 @@ mod tests {
             h
         };
         let default = run(cfg(Budget::Ratio(0.5)));
-        let uniform = run(KvMergerConfig { weights: MergeWeights::Uniform, ..cfg(Budget::Ratio(0.5)) });
-        let random = run(KvMergerConfig { pivot: PivotRule::Random, seed: 1, ..cfg(Budget::Ratio(0.5)) });
+        let uniform =
+            run(KvMergerConfig { weights: MergeWeights::Uniform, ..cfg(Budget::Ratio(0.5)) });
+        let random =
+            run(KvMergerConfig { pivot: PivotRule::Random, seed: 1, ..cfg(Budget::Ratio(0.5)) });
         let no_merge = run(KvMergerConfig { merge: false, ..cfg(Budget::Ratio(0.5)) });
         assert_ne!(default.keys(), uniform.keys());
         assert_ne!(default.meta(), random.meta());
-        assert!(no_merge.meta().iter().all(|m| m.count == 1), "no merging: only protection and eviction");
+        assert!(
+            no_merge.meta().iter().all(|m| m.count == 1),
+            "no merging: only protection and eviction"
+        );
         assert_eq!(no_merge.len(), 30);
     }
 
     #[test]
     fn invalid_parameters_are_named() {
-        let err = KvMergerConfig { sigma: Sigma::Fixed(-1.0), ..Default::default() }.validate().unwrap_err();
+        let err = KvMergerConfig { sigma: Sigma::Fixed(-1.0), ..Default::default() }
+            .validate()
+            .unwrap_err();
         assert!(err.to_string().contains("sigma"));
-        let err = KvMergerConfig { recent: Some(1.5), ..Default::default() }.validate().unwrap_err();
+        let err =
+            KvMergerConfig { recent: Some(1.5), ..Default::default() }.validate().unwrap_err();
         assert!(err.to_string().contains("recent"));
-        let err = KvMergerConfig { layer_budgets: Some(vec![0.5, 0.0]), ..Default::default() }.validate().unwrap_err();
+        let err = KvMergerConfig { layer_budgets: Some(vec![0.5, 0.0]), ..Default::default() }
+            .validate()
+            .unwrap_err();
         assert!(err.to_string().contains("layer_budgets"));
     }
 

@@ -47,7 +47,13 @@ pub fn adjacent_cosine(rows: &[f32], head_dim: usize) -> Vec<f32> {
 ///
 /// Returns every set, singletons included, as increasing index ranges; together they cover
 /// each unprotected index exactly once.
-pub fn merging_sets(keys: &[f32], head_dim: usize, protected: &[bool], threshold: f32, compare_to: CompareTo) -> Vec<Range<usize>> {
+pub fn merging_sets(
+    keys: &[f32],
+    head_dim: usize,
+    protected: &[bool],
+    threshold: f32,
+    compare_to: CompareTo,
+) -> Vec<Range<usize>> {
     let n = protected.len();
     debug_assert_eq!(keys.len(), n * head_dim);
     let key = |i: usize| &keys[i * head_dim..(i + 1) * head_dim];
@@ -88,7 +94,13 @@ mod tests {
     /// Brute force, forwards: cut between `i` and `i + 1` whenever either is protected or
     /// the condition fails. For the anchor rule the anchor is recomputed from scratch as the
     /// last token of the run `i + 1` belongs to, scanning the whole suffix.
-    fn reference(keys: &[f32], d: usize, protected: &[bool], t: f32, compare_to: CompareTo) -> Vec<Range<usize>> {
+    fn reference(
+        keys: &[f32],
+        d: usize,
+        protected: &[bool],
+        t: f32,
+        compare_to: CompareTo,
+    ) -> Vec<Range<usize>> {
         let n = protected.len();
         let key = |i: usize| &keys[i * d..(i + 1) * d];
         // joins[i]: does token i join the set of i + 1?

@@ -53,7 +53,8 @@ mod tests {
         for (name, params, bounded_decode) in METHODS {
             for ratio in [1.0, 0.5, 0.35, 0.2] {
                 let budget = (name != "full").then_some(Budget::Ratio(ratio));
-                let params: Vec<(String, String)> = params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+                let params: Vec<(String, String)> =
+                    params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
                 let config = CompressionConfig::from_cli(name, budget, &params).unwrap();
                 let method = config.build().unwrap();
                 let what = format!("{} at {ratio}", config.label());
@@ -72,24 +73,50 @@ mod tests {
                     assert!(head.len() <= T, "{what}");
                 }
                 assert_eq!((report.before, report.after), (T, head.len()), "{what}");
-                assert!(head.meta().windows(2).all(|w| w[0].position < w[1].position), "{what}: sorted by position");
+                assert!(
+                    head.meta().windows(2).all(|w| w[0].position < w[1].position),
+                    "{what}: sorted by position"
+                );
                 if head.len() < T {
                     let row = 2 * D * std::mem::size_of::<f32>() + std::mem::size_of::<EntryMeta>();
-                    assert_eq!(head.resident_bytes(), head.len() * row, "{what}: memory follows the entries kept");
+                    assert_eq!(
+                        head.resident_bytes(),
+                        head.len() * row,
+                        "{what}: memory follows the entries kept"
+                    );
                 }
 
                 let mut rng = StdRng::seed_from_u64(5);
                 for step in 1..=64 {
                     let k: Vec<f32> = (0..D).map(|_| rng.random_range(-1.0..1.0)).collect();
                     let v: Vec<f32> = (0..D).map(|_| rng.random_range(-1.0..1.0)).collect();
-                    head.push(&k, &v, EntryMeta { position: T + step - 1, count: 1, attention: rng.random_range(0.0..5.0) });
+                    head.push(
+                        &k,
+                        &v,
+                        EntryMeta {
+                            position: T + step - 1,
+                            count: 1,
+                            attention: rng.random_range(0.0..5.0),
+                        },
+                    );
                     method.after_step(id, &mut head, b, step).unwrap();
                     if bounded_decode {
-                        assert!(head.len() <= b, "{what}: {} entries after step {step}", head.len());
+                        assert!(
+                            head.len() <= b,
+                            "{what}: {} entries after step {step}",
+                            head.len()
+                        );
                     }
                 }
-                assert!(head.meta().windows(2).all(|w| w[0].position < w[1].position), "{what}: sorted after decoding");
-                assert_eq!(method.log_count_bias(), params.contains(&("mass".into(), "log_count".into())), "{what}");
+                assert!(
+                    head.meta().windows(2).all(|w| w[0].position < w[1].position),
+                    "{what}: sorted after decoding"
+                );
+                assert_eq!(
+                    method.log_count_bias(),
+                    params.contains(&("mass".into(), "log_count".into())),
+                    "{what}"
+                );
             }
         }
     }
@@ -97,7 +124,8 @@ mod tests {
     #[test]
     fn heads_within_budget_are_left_unchanged() {
         for (name, params, _) in METHODS {
-            let params: Vec<(String, String)> = params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+            let params: Vec<(String, String)> =
+                params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
             let config = CompressionConfig::from_cli(name, None, &params).unwrap();
             if config.name() == "kvmerger" && params.iter().any(|(_, v)| v == "threshold") {
                 continue; // threshold mode merges whatever the budget

@@ -4,7 +4,11 @@ use crate::cache::HeadCache;
 
 /// Indices of the `k` entries with the highest score among `candidates`, returned in
 /// increasing index order. Ties go to the lower index, so selection is deterministic.
-pub fn top_k(candidates: impl IntoIterator<Item = usize>, score: impl Fn(usize) -> f32, k: usize) -> Vec<usize> {
+pub fn top_k(
+    candidates: impl IntoIterator<Item = usize>,
+    score: impl Fn(usize) -> f32,
+    k: usize,
+) -> Vec<usize> {
     let mut c: Vec<usize> = candidates.into_iter().collect();
     c.sort_by(|&a, &b| score(b).total_cmp(&score(a)).then(a.cmp(&b)));
     c.truncate(k);

@@ -33,11 +33,17 @@ impl SnapKvConfig {
             return Err(CompressError::invalid("window", "must be at least 1"));
         }
         if self.kernel.is_multiple_of(2) {
-            return Err(CompressError::invalid("kernel", format!("must be odd and positive, got {}", self.kernel)));
+            return Err(CompressError::invalid(
+                "kernel",
+                format!("must be odd and positive, got {}", self.kernel),
+            ));
         }
         if let Budget::Tokens(t) = self.budget {
             if self.window > t {
-                return Err(CompressError::invalid("window", format!("window of {} exceeds the budget of {t} entries", self.window)));
+                return Err(CompressError::invalid(
+                    "window",
+                    format!("window of {} exceeds the budget of {t} entries", self.window),
+                ));
             }
         }
         Ok(())
@@ -76,10 +82,15 @@ impl CompressionMethod for SnapKvConfig {
             return Ok(HeadReport { before, after: before, ..Default::default() });
         }
         if self.window > budget {
-            return Err(CompressError::invalid("window", format!("window of {} exceeds the budget of {budget} entries", self.window)));
+            return Err(CompressError::invalid(
+                "window",
+                format!("window of {} exceeds the budget of {budget} entries", self.window),
+            ));
         }
         if head.window_attention.len() != before {
-            return Err(CompressError::Shape("SnapKV needs the observation-window attention of every entry".into()));
+            return Err(CompressError::Shape(
+                "SnapKV needs the observation-window attention of every entry".into(),
+            ));
         }
         let prefix = before - self.window;
         let pooled = avg_pool(&head.window_attention[..prefix], self.kernel);
@@ -107,13 +118,21 @@ mod tests {
     fn keeps_the_reference_selection_on_random_inputs() {
         for seed in 0..20 {
             let mut head = random_head(70, 4, seed);
-            head.window_attention = head.meta().iter().map(|m| m.attention * 0.7 + (m.position % 5) as f32).collect();
+            head.window_attention =
+                head.meta().iter().map(|m| m.attention * 0.7 + (m.position % 5) as f32).collect();
             let (budget, window) = (20, 6);
             // Reference: pool by hand with explicit zero padding, sort, take the best.
             let scores = head.window_attention.clone();
             let prefix = 70 - window;
             let pooled: Vec<f32> = (0..prefix)
-                .map(|i| (-2i64..=2).map(|o| i as i64 + o).filter(|&j| j >= 0 && (j as usize) < prefix).map(|j| scores[j as usize]).sum::<f32>() / 5.0)
+                .map(|i| {
+                    (-2i64..=2)
+                        .map(|o| i as i64 + o)
+                        .filter(|&j| j >= 0 && (j as usize) < prefix)
+                        .map(|j| scores[j as usize])
+                        .sum::<f32>()
+                        / 5.0
+                })
                 .collect();
             let mut order: Vec<usize> = (0..prefix).collect();
             order.sort_by(|&a, &b| pooled[b].partial_cmp(&pooled[a]).unwrap().then(a.cmp(&b)));

@@ -28,7 +28,10 @@ impl StreamingLlmConfig {
     pub fn validate(&self) -> Result<()> {
         if let Budget::Tokens(t) = self.budget {
             if self.sinks > t {
-                return Err(CompressError::invalid("sinks", format!("{} sinks exceed the budget of {t} entries", self.sinks)));
+                return Err(CompressError::invalid(
+                    "sinks",
+                    format!("{} sinks exceed the budget of {t} entries", self.sinks),
+                ));
             }
         }
         Ok(())
@@ -46,7 +49,10 @@ impl CompressionMethod for StreamingLlmConfig {
 
     fn compress(&self, _id: HeadId, head: &mut HeadCache, budget: usize) -> Result<HeadReport> {
         if self.sinks > budget {
-            return Err(CompressError::invalid("sinks", format!("{} sinks exceed the budget of {budget} entries", self.sinks)));
+            return Err(CompressError::invalid(
+                "sinks",
+                format!("{} sinks exceed the budget of {budget} entries", self.sinks),
+            ));
         }
         let before = head.len();
         head.retain_indices(&sinks_and_recent(before, budget, self.sinks));
@@ -55,7 +61,13 @@ impl CompressionMethod for StreamingLlmConfig {
     }
 
     /// The window slides: the oldest entry after the sinks leaves.
-    fn after_step(&self, _id: HeadId, head: &mut HeadCache, budget: usize, _step: usize) -> Result<()> {
+    fn after_step(
+        &self,
+        _id: HeadId,
+        head: &mut HeadCache,
+        budget: usize,
+        _step: usize,
+    ) -> Result<()> {
         while head.len() > budget {
             head.remove(self.sinks.min(budget));
         }
@@ -86,7 +98,8 @@ mod tests {
             let cfg = StreamingLlmConfig { budget: Budget::Tokens(budget), sinks };
             cfg.compress(HeadId { layer: 0, head: 0 }, &mut head, budget).unwrap();
             // Reference: an index stays if it is a sink or among the last `budget - sinks`.
-            let expected: Vec<usize> = (0..len).filter(|&i| i < sinks || i >= len - (budget - sinks)).collect();
+            let expected: Vec<usize> =
+                (0..len).filter(|&i| i < sinks || i >= len - (budget - sinks)).collect();
             let kept: Vec<usize> = head.meta().iter().map(|m| m.position).collect();
             assert_eq!(kept, expected, "seed {seed}");
         }

@@ -13,7 +13,11 @@ pub fn random_head(n: usize, d: usize, seed: u64) -> HeadCache {
     for i in 0..n {
         let k: Vec<f32> = (0..d).map(|_| rng.random_range(-1.0..1.0)).collect();
         let v: Vec<f32> = (0..d).map(|_| rng.random_range(-1.0..1.0)).collect();
-        head.push(&k, &v, EntryMeta { position: i, count: 1, attention: rng.random_range(0.0..5.0) });
+        head.push(
+            &k,
+            &v,
+            EntryMeta { position: i, count: 1, attention: rng.random_range(0.0..5.0) },
+        );
     }
     head
 }
