@@ -27,7 +27,8 @@ fn head() -> HeadCache {
             EntryMeta { position: i, count: 1, attention: rng.random_range(0.0..3.0) },
         );
     }
-    h.window_attention = h.meta().iter().map(|m| m.attention).collect();
+    let scores: Vec<f32> = h.meta().iter().map(|m| m.attention).collect();
+    h.set_window_attention(32, scores).unwrap();
     h
 }
 

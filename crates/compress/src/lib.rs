@@ -15,5 +15,5 @@ pub use budget::Budget;
 pub use cache::{EntryMeta, HeadCache, KvCache};
 pub use config::{CompressionConfig, METHOD_NAMES};
 pub use error::{CompressError, Result};
-pub use method::{CompressionMethod, HeadId, HeadReport, StatsRequest};
+pub use method::{CompressionMethod, HeadId, HeadReport, StatsRequest, Windows, MAX_WINDOWS};
 pub use methods::{adjacent_cosine, cosine, merging_sets, CompareTo};

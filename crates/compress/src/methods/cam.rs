@@ -12,7 +12,7 @@ use crate::cache::HeadCache;
 use crate::error::{CompressError, Result};
 use crate::method::{CompressionMethod, HeadId, HeadReport, StatsRequest};
 use crate::methods::h2o::{check_recent_ratio, lowest_non_recent};
-use crate::methods::select::{heavy_hitters_and_recent, sinks_and_recent};
+use crate::methods::select::{heavy_hitters_and_recent, sinks_and_recent, sinks_within};
 
 /// Which eviction policy decides what leaves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -146,7 +146,7 @@ impl CompressionMethod for CamConfig {
     }
 
     fn stats(&self) -> StatsRequest {
-        StatsRequest { accumulated: true, window: None }
+        StatsRequest::accumulated()
     }
 
     fn budget_entries(&self, prompt_len: usize) -> usize {
@@ -186,7 +186,7 @@ impl CompressionMethod for CamConfig {
         let mut rng = self.rng(id, step);
         while head.len() > budget {
             let victim = match self.eviction {
-                CamEviction::Streaming => self.sinks.min(budget),
+                CamEviction::Streaming => sinks_within(self.sinks, budget),
                 CamEviction::H2o => lowest_non_recent(head, self.recent(budget)),
             };
             let targets: Vec<usize> = (victim + 1..head.len()).take(self.merge_span).collect();

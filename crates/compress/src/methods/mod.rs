@@ -61,8 +61,9 @@ mod tests {
                 let id = HeadId { layer: 1, head: 2 };
 
                 let mut head = random_head(T, D, 11);
-                if method.stats().window.is_some() {
-                    head.window_attention = head.meta().iter().map(|m| m.attention / 2.0).collect();
+                for w in method.stats().windows.iter() {
+                    let scores = head.meta().iter().map(|m| m.attention / 2.0).collect();
+                    head.set_window_attention(w, scores).unwrap();
                 }
                 let b = method.budget_entries(T);
                 let report = method.compress(id, &mut head, b).unwrap();
