@@ -56,7 +56,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let method = args.method.config()?;
     let loaded = args.model.load()?;
     let prompt = if args.chat {
-        loaded.chat_template()?.render(&[ChatMessage::user(&text)], true)
+        loaded.chat_template()?.render(&[ChatMessage::user(&text)], true)?
     } else {
         text
     };

@@ -5,6 +5,7 @@ mod args;
 mod bench;
 mod eval;
 mod generate;
+mod serve;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -32,6 +33,8 @@ enum Command {
     Analyze(analyze::AnalyzeArgs),
     /// Measure prefill and decode speed against candle-transformers' quantized_llama.
     Bench(bench::BenchArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API with per-request compression.
+    Serve(serve::ServeArgs),
     /// Download the default model and the default haystack corpus if missing.
     Fetch {
         /// Only the model (the tests need no corpus).
@@ -48,6 +51,7 @@ fn main() {
         Command::Generate(a) => generate::run(a),
         Command::Analyze(a) => analyze::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Serve(a) => serve::run(a),
         Command::Fetch { model_only } => fetch(model_only),
     };
     if let Err(e) = result {

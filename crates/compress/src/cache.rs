@@ -193,6 +193,15 @@ impl HeadCache {
         self.windows = Vec::new();
     }
 
+    /// Makes room for exactly `entries` more entries, so that appending them neither
+    /// reallocates nor holds more than [`Self::resident_bytes`] then says (a server's
+    /// memory pool reserves that room in advance).
+    pub fn reserve_exact(&mut self, entries: usize) {
+        self.keys.reserve_exact(entries * self.head_dim);
+        self.values.reserve_exact(entries * self.head_dim);
+        self.meta.reserve_exact(entries);
+    }
+
     /// Bytes this head holds in memory (allocated capacity, not just length).
     pub fn resident_bytes(&self) -> usize {
         let windows: usize = self.windows.iter().map(|(_, a)| a.capacity()).sum();

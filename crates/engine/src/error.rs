@@ -21,6 +21,9 @@ pub enum EngineError {
     EmptyPrompt,
     #[error("the input needs {needed} positions but the model's context is {context} tokens")]
     ContextOverflow { needed: usize, context: usize },
+    /// A request the engine cannot serve as asked; names the request field.
+    #[error("invalid `{field}`: {reason}")]
+    InvalidRequest { field: String, reason: String },
     #[error("model setup failed: {0}")]
     Setup(String),
     #[error(transparent)]

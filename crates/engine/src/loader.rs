@@ -164,7 +164,7 @@ pub struct LoadedModel {
 }
 
 impl LoadedModel {
-    /// The model's chat template (ChatML, Llama-3 or [INST] families).
+    /// The model's chat template, compiled (see [`ChatTemplate`]).
     pub fn chat_template(&self) -> Result<ChatTemplate> {
         ChatTemplate::for_tokenizer(&self.tokenizer)
     }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
-use kvmerger_engine::chat::{ChatFormat, ChatMessage, ChatTemplate};
+use kvmerger_engine::chat::{render_chat, ChatMessage, ChatTemplate};
 use kvmerger_engine::tokenizer::TextTokenizer;
 
 /// The default model's path (fetched first if missing) and its tokenizer, loaded once.
@@ -98,21 +98,24 @@ fn stream_decoder_yields_whole_characters() {
 fn chatml_rendering_matches_the_smollm2_template() {
     let tok = tokenizer();
     let template = ChatTemplate::for_tokenizer(tok).unwrap();
-    assert_eq!(template.format(), ChatFormat::ChatMl);
+    assert!(template.is_from_model(), "SmolLM2 ships its template in the GGUF metadata");
     let default_system = "You are a helpful AI assistant named SmolLM, trained by Hugging Face";
-    assert_eq!(template.default_system_prompt(), Some(default_system));
     assert_eq!(
-        template.render(&[ChatMessage::user("What is 2+2?")], true),
+        template.render(&[ChatMessage::user("What is 2+2?")], true).unwrap(),
         format!(
             "<|im_start|>system\n{default_system}<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
         )
     );
     assert_eq!(
-        template
-            .render(&[ChatMessage::system("Answer in French."), ChatMessage::user("Hi")], false),
+        render_chat(
+            tok,
+            &[ChatMessage::system("Answer in French."), ChatMessage::user("Hi")],
+            false
+        )
+        .unwrap(),
         "<|im_start|>system\nAnswer in French.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
     );
-    let prompt = template.render(&[ChatMessage::user("Hi")], true);
+    let prompt = template.render(&[ChatMessage::user("Hi")], true).unwrap();
     let ids = tok.encode(&prompt, true).unwrap();
     let start = tok.token_id("<|im_start|>").unwrap();
     assert_eq!(ids.iter().filter(|&&id| id == start).count(), 3);
