@@ -11,7 +11,8 @@ use kvmerger_engine::{LoadedModel, WeightFormat, WeightFormats};
 #[derive(Debug, Clone, Args)]
 pub struct ModelArgs {
     /// A GGUF file or a Hugging Face folder (config.json, *.safetensors, tokenizer.json).
-    /// Default: SmolLM2-135M-Instruct, fetched into the cache folder on first use.
+    /// Or a known model's name (smollm2-135m, qwen2.5-coder-0.5b), fetched into the cache
+    /// folder on first use. Default: smollm2-135m.
     #[arg(long, env = "KVMERGER_MODEL")]
     pub model: Option<PathBuf>,
     /// Weight format of multi-token forward passes (prefill).
@@ -29,11 +30,8 @@ impl ModelArgs {
     }
 
     pub fn load(&self) -> Result<LoadedModel> {
-        let path = match &self.model {
-            Some(p) => p.clone(),
-            None => kvmerger_engine::fetch::ensure_default_model()
-                .context("fetching the default model")?,
-        };
+        let path = kvmerger_engine::fetch::resolve_model(self.model.as_deref())
+            .context("finding the model")?;
         kvmerger_engine::load_model(&path, self.formats())
             .with_context(|| format!("loading {}", path.display()))
     }

@@ -41,10 +41,7 @@ struct Row {
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
-    let path = match &args.model {
-        Some(p) => p.clone(),
-        None => kvmerger_engine::fetch::ensure_default_model()?,
-    };
+    let path = kvmerger_engine::fetch::resolve_model(args.model.as_deref())?;
     if path.is_dir() {
         bail!("bench compares against quantized_llama, which reads GGUF files only");
     }

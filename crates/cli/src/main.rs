@@ -40,6 +40,9 @@ enum Command {
         /// Only the model (the tests need no corpus).
         #[arg(long)]
         model_only: bool,
+        /// A known model to fetch instead of the default (smollm2-135m, qwen2.5-coder-0.5b).
+        #[arg(long)]
+        model: Option<std::path::PathBuf>,
     },
 }
 
@@ -52,7 +55,7 @@ fn main() {
         Command::Analyze(a) => analyze::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Serve(a) => serve::run(a),
-        Command::Fetch { model_only } => fetch(model_only),
+        Command::Fetch { model_only, model } => fetch(model_only, model),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -60,8 +63,8 @@ fn main() {
     }
 }
 
-fn fetch(model_only: bool) -> Result<()> {
-    let path = kvmerger_engine::fetch::ensure_default_model()?;
+fn fetch(model_only: bool, model: Option<std::path::PathBuf>) -> Result<()> {
+    let path = kvmerger_engine::fetch::resolve_model(model.as_deref())?;
     println!("model: {}", path.display());
     if model_only {
         return Ok(());
