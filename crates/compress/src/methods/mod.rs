@@ -35,7 +35,7 @@ mod tests {
     /// `(method, parameters, whether it keeps the head within budget while decoding)`
     type Case = (&'static str, &'static [(&'static str, &'static str)], bool);
 
-    const METHODS: [Case; 8] = [
+    const METHODS: [Case; 12] = [
         ("full", &[], false),
         ("streaming_llm", &[], true),
         ("h2o", &[], true),
@@ -43,6 +43,10 @@ mod tests {
         ("cam", &[], true),
         ("cam", &[("eviction", "h2o")], true),
         ("kvmerger", &[], false),
+        ("kvmerger", &[("budget_mode", "exact")], false),
+        ("kvmerger", &[("similarity", "centered")], false),
+        ("kvmerger", &[("protect_by", "window"), ("protect_window", "8")], false),
+        ("kvmerger", &[("merge", "false")], false),
         ("kvmerger", &[("budget_mode", "threshold"), ("mass", "log_count")], false),
     ];
 
