@@ -7,7 +7,8 @@
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use kvmerger_compress::{
-    merging_sets, Budget, CompareTo, CompressionConfig, EntryMeta, HeadCache, HeadId, METHOD_NAMES,
+    merge_to_target, merging_sets, Budget, CompareTo, CompressionConfig, EntryMeta, HeadCache,
+    HeadId, METHOD_NAMES,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -57,6 +58,11 @@ fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("kvmerger merge mode, one head, 35% budget");
     for len in [2048, 8192] {
         let base = head(len);
+        let protected = vec![false; len];
+        let target = Budget::Ratio(0.35).entries(len);
+        group.bench_function(format!("{len} tokens, merge_to_target alone"), |bench| {
+            bench.iter(|| merge_to_target(base.keys(), D, &protected, target, None))
+        });
         for similarity in ["cosine", "centered"] {
             let params = [("similarity".to_string(), similarity.to_string())];
             let config =

@@ -15,7 +15,9 @@ pub use cam::{CamConfig, CamEviction, CamProbability};
 pub use full::FullCache;
 pub use h2o::H2oConfig;
 pub use kvmerger::{BudgetMode, KvMergerConfig, MassRule, MergeWeights, PivotRule, Sigma};
-pub use merging_sets::{adjacent_cosine, cosine, merging_sets, CompareTo};
+pub use merging_sets::{
+    adjacent_cosine, cosine, merge_to_target, merging_sets, min_reachable, CompareTo,
+};
 pub use snapkv::{avg_pool, SnapKvConfig};
 pub use streaming_llm::StreamingLlmConfig;
 
