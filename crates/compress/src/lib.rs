@@ -16,4 +16,6 @@ pub use cache::{EntryMeta, HeadCache, KvCache};
 pub use config::{CompressionConfig, METHOD_NAMES};
 pub use error::{CompressError, Result};
 pub use method::{CompressionMethod, HeadId, HeadReport, StatsRequest, Windows, MAX_WINDOWS};
-pub use methods::{adjacent_cosine, cosine, merging_sets, CompareTo};
+pub use methods::{
+    adjacent_cosine, cosine, merge_to_target, merging_sets, min_reachable, CompareTo,
+};

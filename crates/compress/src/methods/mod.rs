@@ -15,7 +15,9 @@ pub use cam::{CamConfig, CamEviction, CamProbability};
 pub use full::FullCache;
 pub use h2o::H2oConfig;
 pub use kvmerger::{BudgetMode, KvMergerConfig, MassRule, MergeWeights, PivotRule, Sigma};
-pub use merging_sets::{adjacent_cosine, cosine, merging_sets, CompareTo};
+pub use merging_sets::{
+    adjacent_cosine, cosine, merge_to_target, merging_sets, min_reachable, CompareTo,
+};
 pub use snapkv::{avg_pool, SnapKvConfig};
 pub use streaming_llm::StreamingLlmConfig;
 
@@ -35,7 +37,7 @@ mod tests {
     /// `(method, parameters, whether it keeps the head within budget while decoding)`
     type Case = (&'static str, &'static [(&'static str, &'static str)], bool);
 
-    const METHODS: [Case; 8] = [
+    const METHODS: [Case; 12] = [
         ("full", &[], false),
         ("streaming_llm", &[], true),
         ("h2o", &[], true),
@@ -43,6 +45,10 @@ mod tests {
         ("cam", &[], true),
         ("cam", &[("eviction", "h2o")], true),
         ("kvmerger", &[], false),
+        ("kvmerger", &[("budget_mode", "exact")], false),
+        ("kvmerger", &[("similarity", "centered")], false),
+        ("kvmerger", &[("protect_by", "window"), ("protect_window", "8")], false),
+        ("kvmerger", &[("merge", "false")], false),
         ("kvmerger", &[("budget_mode", "threshold"), ("mass", "log_count")], false),
     ];
 
