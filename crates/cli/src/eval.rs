@@ -1,9 +1,11 @@
 //! `kvmerger eval` and `kvmerger report`: the comparison that is this project's main job.
 
+use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use kvmerger_compress::Budget;
 use kvmerger_eval::dataset::{load_jsonl, LoadPolicy};
 use kvmerger_eval::metrics::Metric;
 use kvmerger_eval::report::write_report;
@@ -33,12 +35,13 @@ pub struct EvalArgs {
     /// Stop at the first malformed dataset line instead of skipping it.
     #[arg(long)]
     pub strict: bool,
-    /// Override the methods compared (comma-separated).
+    /// Override the methods compared (comma-separated). Default: the preset's or spec's.
     #[arg(long, value_delimiter = ',')]
     pub methods: Option<Vec<String>>,
-    /// Override the budget ratios (comma-separated).
+    /// Override the budgets (comma-separated), each as `--budget` takes it: 0.35, 35%, 512t.
+    /// Default: the preset's or spec's.
     #[arg(long, value_delimiter = ',')]
-    pub budgets: Option<Vec<f64>>,
+    pub budgets: Option<Vec<Budget>>,
     /// Compress context and question together.
     #[arg(long)]
     pub query_aware: bool,
@@ -49,7 +52,8 @@ pub struct EvalArgs {
     #[arg(long, default_value = "1/1")]
     pub shard: Shard,
     /// Output folder (results.jsonl, report.md, summary.csv, plots).
-    #[arg(long)]
+    /// Default: results/<preset, spec or dataset name>.
+    #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
 }
 
@@ -131,7 +135,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
             .join(" ");
         let md =
             write_report(&rows, &out, &format!("kvmerger comparison: {}", spec.name), &command)?;
-        println!("{md}");
+        writeln!(std::io::stdout(), "{md}")?;
         eprintln!("report written to {}", out.join("report.md").display());
     } else {
         eprintln!(

@@ -33,8 +33,8 @@ pub struct SweepSpec {
     /// Methods compared with the full cache (which always runs, as the reference): a name,
     /// or a variant with parameters, `kvmerger:mass=log_count;sigma=adaptive`.
     pub methods: Vec<String>,
-    /// Budget ratios.
-    pub budgets: Vec<f64>,
+    /// Budgets, in the grammar of `--budget`: `0.35`, `"35%"`, `"512t"`, `{"ratio": 0.35}`.
+    pub budgets: Vec<Budget>,
     /// Per-method parameter overrides, `name -> [(key, value)]`.
     #[serde(default)]
     pub params: std::collections::BTreeMap<String, Vec<(String, String)>>,
@@ -63,7 +63,7 @@ impl SweepSpec {
                     grid(TaskKind::NiahSingle, &[1024], &[0.3, 0.7], &[0, 1]),
                     grid(TaskKind::Perplexity, &[1024], &[0.0], &[0, 1]),
                 ],
-                vec![0.5, 0.35],
+                vec![Budget::Ratio(0.5), Budget::Ratio(0.35)],
             ),
             "long" => (
                 vec![
@@ -76,7 +76,7 @@ impl SweepSpec {
                     grid(TaskKind::Needle, &[2048, 4096], &[0.1, 0.5, 0.9], &[0, 1, 2]),
                     grid(TaskKind::Perplexity, &[2048, 4096], &[0.0], &[0, 1, 2]),
                 ],
-                vec![0.5, 0.35, 0.2],
+                vec![Budget::Ratio(0.5), Budget::Ratio(0.35), Budget::Ratio(0.2)],
             ),
             "ruler" => (
                 [
@@ -88,7 +88,7 @@ impl SweepSpec {
                 .into_iter()
                 .map(|t| grid(t, &[2048], &[0.2, 0.5, 0.8], &[0, 1, 2]))
                 .collect(),
-                vec![0.5, 0.35, 0.2],
+                vec![Budget::Ratio(0.5), Budget::Ratio(0.35), Budget::Ratio(0.2)],
             ),
             other => {
                 return Err(EvalError::Task(format!(
@@ -119,7 +119,7 @@ impl SweepSpec {
                 params.push((k.trim().to_string(), v.trim().to_string()));
             }
             for &b in &self.budgets {
-                out.push(CompressionConfig::from_cli(m, Some(Budget::Ratio(b)), &params)?);
+                out.push(CompressionConfig::from_cli(m, Some(b), &params)?);
             }
         }
         Ok(out)
@@ -271,7 +271,7 @@ mod tests {
         assert!(SweepSpec::preset("nope").is_err());
         let variants = SweepSpec {
             methods: vec!["kvmerger:mass=log_count;sigma=adaptive".into()],
-            budgets: vec![0.5],
+            budgets: vec![Budget::Ratio(0.5)],
             ..spec.clone()
         };
         assert_eq!(
