@@ -196,8 +196,8 @@ fn conflicting_method_flags_are_refused() {
         generate_flags(&["--method-config", config, "--budget", "0.2", "-P", "budget=0.3"]);
     assert!(code == 1 && err.contains("twice"), "{err}");
     // --budget and -P override the file's fields (checked by the values they are given).
-    let (code, err) = generate_flags(&["--method-config", config, "-P", "threshold=7"]);
-    assert!(code == 1 && err.contains("threshold"), "{err}");
+    let (code, err) = generate_flags(&["--method-config", config, "-P", "sigma=-1"]);
+    assert!(code == 1 && err.contains("sigma"), "{err}");
     let (code, err) = generate_flags(&["--method-config", config, "--budget", "2"]);
     assert!(code != 0 && err.contains("budget"), "{err}");
     let (code, err) = generate_flags(&["--method-config", config, "--budget", "20%"]);
