@@ -291,14 +291,14 @@ fn methods_lists_every_method_and_parameter_with_its_default() {
     let listing: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     for (i, info) in kvmerger_compress::METHODS.iter().enumerate() {
-        assert!(text.contains(&format!("{}", info.name)) && text.contains(info.summary));
+        assert!(text.contains(info.name) && text.contains(info.summary));
         let defaults =
             kvmerger_compress::CompressionConfig::from_cli(info.name, None, &[]).unwrap();
         let serde_json::Value::Object(fields) = serde_json::to_value(&defaults).unwrap() else {
             panic!("{} is not an object", info.name)
         };
         let block: String = text
-            .split_once(&format!("{}", info.summary))
+            .split_once(info.summary)
             .unwrap()
             .1
             .lines()
