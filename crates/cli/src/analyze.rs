@@ -28,7 +28,7 @@ pub struct AnalyzeArgs {
     #[arg(short = 'c', long, default_value_t = 1024, value_name = "N")]
     pub ctx_size: usize,
     /// Cosine threshold of merging-set identification.
-    #[arg(long, default_value_t = 0.75, value_parser = finite_f32)]
+    #[arg(long, default_value_t = 0.75, value_parser = finite_f32, allow_hyphen_values = true)]
     pub threshold: f32,
     /// Layer and kv head of the similarity heatmap.
     #[arg(long, default_value_t = 10)]

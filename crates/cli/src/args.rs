@@ -101,17 +101,17 @@ pub struct SamplingArgs {
     #[arg(short = 'n', long, default_value_t = 128, value_name = "N")]
     pub max_tokens: usize,
     /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.0, value_parser = finite_f32)]
+    #[arg(long, default_value_t = 0.0, value_parser = finite_f32, allow_hyphen_values = true)]
     pub temperature: f32,
     /// Nucleus sampling: keep the most likely tokens up to this probability mass, in (0, 1].
-    #[arg(long, default_value_t = 1.0, value_parser = finite_f32)]
+    #[arg(long, default_value_t = 1.0, value_parser = finite_f32, allow_hyphen_values = true)]
     pub top_p: f32,
     /// Keep only the k most likely tokens before sampling; 0 keeps all.
     #[arg(long, default_value_t = 0, value_name = "K")]
     pub top_k: usize,
     /// Divide the positive logits (multiply the negative ones) of recently seen tokens by
     /// this; 1 is off.
-    #[arg(long, default_value_t = 1.0, value_parser = finite_f32)]
+    #[arg(long, default_value_t = 1.0, value_parser = finite_f32, allow_hyphen_values = true)]
     pub repeat_penalty: f32,
     /// How many of the last tokens (prompt included) the repeat penalty looks at.
     #[arg(long, default_value_t = 64, value_name = "N")]

@@ -196,8 +196,8 @@ fn conflicting_method_flags_are_refused() {
         generate_flags(&["--method-config", config, "--budget", "0.2", "-P", "budget=0.3"]);
     assert!(code == 1 && err.contains("twice"), "{err}");
     // --budget and -P override the file's fields (checked by the values they are given).
-    let (code, err) = generate_flags(&["--method-config", config, "-P", "threshold=7"]);
-    assert!(code == 1 && err.contains("threshold"), "{err}");
+    let (code, err) = generate_flags(&["--method-config", config, "-P", "sigma=-1"]);
+    assert!(code == 1 && err.contains("sigma"), "{err}");
     let (code, err) = generate_flags(&["--method-config", config, "--budget", "2"]);
     assert!(code != 0 && err.contains("budget"), "{err}");
     let (code, err) = generate_flags(&["--method-config", config, "--budget", "20%"]);
@@ -291,14 +291,14 @@ fn methods_lists_every_method_and_parameter_with_its_default() {
     let listing: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     for (i, info) in kvmerger_compress::METHODS.iter().enumerate() {
-        assert!(text.contains(&format!("{}", info.name)) && text.contains(info.summary));
+        assert!(text.contains(info.name) && text.contains(info.summary));
         let defaults =
             kvmerger_compress::CompressionConfig::from_cli(info.name, None, &[]).unwrap();
         let serde_json::Value::Object(fields) = serde_json::to_value(&defaults).unwrap() else {
             panic!("{} is not an object", info.name)
         };
         let block: String = text
-            .split_once(&format!("{}", info.summary))
+            .split_once(info.summary)
             .unwrap()
             .1
             .lines()
