@@ -13,6 +13,8 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use kvmerger_compress::CompressError;
+
 use crate::batch::{BatchItem, Phase};
 use crate::error::{EngineError, Result};
 use crate::model::{Llama, Logits};
@@ -235,6 +237,10 @@ impl Engine {
                 self.scheduler.prefilled(id);
                 self.emit(id, token, finish, events);
             }
+            Err(EngineError::Compress(CompressError::InvalidParameter { name, reason })) => {
+                let reason = FinishReason::InvalidCompression { parameter: name, reason };
+                events.push((id, self.end(id, reason)));
+            }
             Err(e) => events.push((id, self.end(id, FinishReason::Error(e.to_string())))),
         }
     }
@@ -326,6 +332,7 @@ impl Engine {
         let counter = match reason {
             FinishReason::Stop | FinishReason::Length => &m.requests_completed,
             FinishReason::Cancelled => &m.requests_cancelled,
+            FinishReason::InvalidCompression { .. } => &m.requests_invalid,
             FinishReason::Error(_) => &m.requests_failed,
         };
         counter.fetch_add(1, Ordering::Relaxed);

@@ -38,6 +38,9 @@ pub enum FinishReason {
     Length,
     /// The client went away or asked to stop.
     Cancelled,
+    /// The request's compression cannot apply to its prompt (a parameter does not fit
+    /// the prompt, e.g. SnapKV's window over a small budget); names the parameter.
+    InvalidCompression { parameter: String, reason: String },
     /// The forward pass or the method failed for this sequence.
     Error(String),
 }

@@ -168,6 +168,14 @@ impl<'t> TextStream<'t> {
                     FinishReason::Stop => "stop",
                     FinishReason::Length => "length",
                     FinishReason::Cancelled => "cancelled",
+                    FinishReason::InvalidCompression { parameter, reason } => {
+                        return Err(ApiError::invalid(
+                            format!("kv_compression.{parameter}"),
+                            format!(
+                                "kv_compression: `{parameter}` does not fit this prompt: {reason}"
+                            ),
+                        ))
+                    }
                     FinishReason::Error(e) => {
                         return Err(ApiError::internal(format!("generation failed: {e}")))
                     }
