@@ -115,21 +115,63 @@ fn tiny_gguf() -> Vec<u8> {
         ("tokenizer.ggml.bos_token_id", Value::U32(63)),
         ("tokenizer.ggml.eos_token_id", Value::U32(63)),
     ];
-    let md: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
+    let metadata: Vec<(String, Value)> =
+        metadata.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    gguf_bytes(&metadata, &tensors)
+}
+
+/// The default model's metadata (architecture, 49k-token vocabulary, 48k merges, chat
+/// template), written as a GGUF file without tensors.
+fn real_metadata() -> HashMap<String, Value> {
+    let path = kvmerger_engine::fetch::ensure_default_model().expect("default model");
+    read_gguf_header(&path).unwrap().0.metadata
+}
+
+fn gguf_bytes(metadata: &[(String, Value)], tensors: &[(String, QTensor)]) -> Vec<u8> {
+    let md: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let mut out = std::io::Cursor::new(Vec::new());
     candle_core::quantized::gguf_file::write(&mut out, &md, &ts).unwrap();
     out.into_inner()
 }
 
-/// The default model's header and metadata plus 64 KiB of its tensor data.
-fn real_header() -> Vec<u8> {
-    let path = kvmerger_engine::fetch::ensure_default_model().expect("default model");
-    let (content, _) = read_gguf_header(&path).unwrap();
-    let keep = content.tensor_data_offset as usize + (64 << 10);
-    let mut bytes = std::fs::read(&path).unwrap();
-    bytes.truncate(keep);
-    bytes
+/// Inconsistent but well-formed metadata: a key removed, an array cut short, an id out of
+/// range, a merge of unknown tokens, a value of the wrong type, a size set to an extreme.
+fn mutate_metadata(base: &[(String, Value)], rng: &mut StdRng) -> Vec<(String, Value)> {
+    let mut md = base.to_vec();
+    for _ in 0..rng.random_range(1..=2) {
+        let at = rng.random_range(0..md.len());
+        let extreme = EXTREMES[rng.random_range(0..EXTREMES.len())];
+        let value = &mut md[at].1;
+        match (rng.random_range(0..6), &mut *value) {
+            (0, _) => {
+                md.remove(at);
+            }
+            (1, Value::Array(items)) => {
+                let keep = rng.random_range(0..=items.len());
+                items.truncate(keep);
+            }
+            (2, Value::Array(items)) if !items.is_empty() => {
+                let i = rng.random_range(0..items.len());
+                items[i] = match &items[i] {
+                    Value::String(_) => {
+                        Value::String(["zz qq", "", " ", "a", "<0xZZ>"][i % 5].into())
+                    }
+                    // Arrays hold one type: an extreme of the same type.
+                    Value::I32(_) => Value::I32([-1, i32::MAX, 7][i % 3]),
+                    Value::U32(_) => Value::U32(u32::MAX),
+                    Value::F32(_) => Value::F32([f32::NAN, f32::INFINITY, -1e30][i % 3]),
+                    other => other.clone(),
+                };
+            }
+            (3, Value::U32(_) | Value::I32(_) | Value::U64(_)) => *value = Value::U64(extreme),
+            (4, Value::String(s)) => {
+                *s = ["", "gpt2", "llama", "qwen2", "bert"][rng.random_range(0..5)].into()
+            }
+            _ => *value = Value::Bool(true),
+        }
+    }
+    md
 }
 
 /// Values that break counts, lengths, offsets and type ids.
@@ -323,36 +365,39 @@ fn mutated_gguf_files_load_or_fail_cleanly() {
     let start = Instant::now();
     let dir = scratch("hostile-gguf");
     let tiny = tiny_gguf();
-    let header = real_header();
+    let mut metadata: Vec<(String, Value)> = real_metadata().into_iter().collect();
+    metadata.sort_by(|a, b| a.0.cmp(&b.0));
+    let header = gguf_bytes(&metadata, &[]);
     let tiny_header_len = 2048;
-    let real_header_len = header.len() - (64 << 10);
     std::fs::write(dir.join("tiny-original.gguf"), &tiny).unwrap();
     std::fs::write(dir.join("header-original.gguf"), &header).unwrap();
     let mut rng = StdRng::seed_from_u64(11);
-    const TINY_CASES: usize = 400;
-    const HEADER_CASES: usize = 40;
+    const TINY_CASES: usize = 1000;
+    const HEADER_CASES: usize = 16;
+    const METADATA_CASES: usize = 24;
     for i in 0..TINY_CASES {
-        std::fs::write(
-            dir.join(format!("tiny-{i:04}.gguf")),
-            mutate(&tiny, tiny_header_len, &mut rng),
-        )
-        .unwrap();
+        let bytes = mutate(&tiny, tiny_header_len, &mut rng);
+        std::fs::write(dir.join(format!("tiny-{i:04}.gguf")), bytes).unwrap();
     }
     for i in 0..HEADER_CASES {
         // Mutations land in the first 64 KiB (counts, architecture keys, the start of the
         // vocabulary) or anywhere in the metadata.
-        let hot = if i % 2 == 0 { 64 << 10 } else { real_header_len };
-        std::fs::write(dir.join(format!("header-{i:04}.gguf")), mutate(&header, hot, &mut rng))
-            .unwrap();
+        let hot = if i % 2 == 0 { 64 << 10 } else { header.len() };
+        let bytes = mutate(&header, hot, &mut rng);
+        std::fs::write(dir.join(format!("header-{i:04}.gguf")), bytes).unwrap();
+    }
+    for i in 0..METADATA_CASES {
+        let bytes = gguf_bytes(&mutate_metadata(&metadata, &mut rng), &[]);
+        std::fs::write(dir.join(format!("header-md-{i:04}.gguf")), bytes).unwrap();
     }
     let tally = run_child(&dir);
     // The unmutated files load; some mutations (bits flipped in weights) still load.
     assert!(tally.loaded >= 2, "the originals load");
     assert!(tally.errors > TINY_CASES / 4, "most header mutations are caught: {}", tally.errors);
     eprintln!(
-        "{} mutated GGUF inputs ({TINY_CASES} tiny, {HEADER_CASES} real header): {} loaded, {} \
-         errors, {:.1} s",
-        TINY_CASES + HEADER_CASES,
+        "{} mutated GGUF inputs ({TINY_CASES} tiny, {HEADER_CASES} real header bytes, \
+         {METADATA_CASES} real metadata values): {} loaded, {} errors, {:.1} s",
+        TINY_CASES + HEADER_CASES + METADATA_CASES,
         tally.loaded,
         tally.errors,
         start.elapsed().as_secs_f64()
