@@ -330,6 +330,8 @@ mod tests {
         assert_eq!(default_model().name, "smollm2-135m");
         let err = resolve_model(Some(Path::new("no-such-model"))).unwrap_err();
         assert!(err.to_string().contains("qwen2.5-coder-0.5b"), "{err}");
+        let err = resolve_model(Some(Path::new("/no/such/model.gguf"))).unwrap_err();
+        assert!(matches!(err, EngineError::MissingFile(_)), "{err}");
         for m in KNOWN_MODELS {
             assert_eq!(m.sha256.len(), 64, "{}", m.name);
             assert!(m.parts.iter().all(|p| p.package.contains("==")), "pinned: {}", m.name);

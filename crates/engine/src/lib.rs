@@ -16,7 +16,7 @@ pub mod testing;
 pub mod tokenizer;
 
 pub use attention::{attend, AttentionOptions, AttentionShape};
-pub use config::{ModelConfig, SUPPORTED_ARCHITECTURES};
+pub use config::{ModelConfig, MAX_CONTEXT, SUPPORTED_ARCHITECTURES};
 pub use error::{EngineError, Result};
 pub use gguf_check::{check_gguf, GgufSummary, MAX_METADATA_BYTES};
 pub use linear::{Linear, WeightFormat, WeightFormats, DECODE_ROWS};
