@@ -137,8 +137,11 @@ pub fn resolve_model(spec: Option<&Path>) -> Result<PathBuf> {
     if spec.exists() {
         return Ok(spec.to_path_buf());
     }
+    // A path that does not exist is a missing file; a bare word may be a model's name.
+    let looks_like_path = spec.components().count() > 1 || spec.extension().is_some();
     match spec.to_str().and_then(known_model) {
         Some(model) => ensure_known_model(model, &cache_dir()),
+        None if looks_like_path => Err(EngineError::MissingFile(spec.to_path_buf())),
         None => {
             Err(EngineError::UnknownModel { given: spec.to_path_buf(), known: known_model_names() })
         }
