@@ -137,8 +137,11 @@ pub fn resolve_model(spec: Option<&Path>) -> Result<PathBuf> {
     if spec.exists() {
         return Ok(spec.to_path_buf());
     }
+    // A path that does not exist is a missing file; a bare word may be a model's name.
+    let looks_like_path = spec.components().count() > 1 || spec.extension().is_some();
     match spec.to_str().and_then(known_model) {
         Some(model) => ensure_known_model(model, &cache_dir()),
+        None if looks_like_path => Err(EngineError::MissingFile(spec.to_path_buf())),
         None => {
             Err(EngineError::UnknownModel { given: spec.to_path_buf(), known: known_model_names() })
         }
@@ -330,6 +333,8 @@ mod tests {
         assert_eq!(default_model().name, "smollm2-135m");
         let err = resolve_model(Some(Path::new("no-such-model"))).unwrap_err();
         assert!(err.to_string().contains("qwen2.5-coder-0.5b"), "{err}");
+        let err = resolve_model(Some(Path::new("/no/such/model.gguf"))).unwrap_err();
+        assert!(matches!(err, EngineError::MissingFile(_)), "{err}");
         for m in KNOWN_MODELS {
             assert_eq!(m.sha256.len(), 64, "{}", m.name);
             assert!(m.parts.iter().all(|p| p.package.contains("==")), "pinned: {}", m.name);
