@@ -88,7 +88,7 @@ pub fn prompt_texts(
     let (context, question) = if opts.chat && has_question {
         let template = model.chat_template()?;
         let user = format!("{}{QUESTION_MARK}\n{}", sample.context, sample.question);
-        let rendered = template.render(&[ChatMessage::user(user)], true);
+        let rendered = template.render(&[ChatMessage::user(user)], true)?;
         let (before, after) = rendered
             .split_once(QUESTION_MARK)
             .filter(|(_, after)| !after.contains(QUESTION_MARK))
