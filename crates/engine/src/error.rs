@@ -7,6 +7,10 @@ use thiserror::Error;
 pub enum EngineError {
     #[error("model file not found: {0}")]
     MissingFile(PathBuf),
+    #[error("`{given}` is neither a file nor a known model (known: {known})")]
+    UnknownModel { given: PathBuf, known: String },
+    #[error("{path} is corrupt: expected {expected}, got {actual} (the file was removed)")]
+    Digest { path: PathBuf, expected: String, actual: String },
     #[error("I/O error on {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
     #[error("cannot read GGUF file {path}: {reason} (is it a complete, uncorrupted GGUF model?)")]

@@ -192,7 +192,7 @@ impl Sequence {
     /// plus room for `max_tokens`.
     pub fn reservation(&self) -> usize {
         let entry = entry_bytes(self.head_dim);
-        let window = self.method.stats().window.map_or(0, |_| std::mem::size_of::<f32>());
+        let window = self.method.stats().windows.iter().count() * std::mem::size_of::<f32>();
         let prompt = self.prompt_len();
         let prefill = prompt * (entry + window);
         (0..self.n_layers)
@@ -225,7 +225,7 @@ impl Sequence {
     pub fn next_chunk(&self) -> Option<Range<usize>> {
         let SeqState::Prefilling { done } = self.state else { return None };
         let n = self.prompt_len();
-        let window = self.method.stats().window.unwrap_or(1).clamp(1, n);
+        let window = self.method.stats().windows.iter().max().unwrap_or(1).clamp(1, n);
         let last_start = (n - window) / self.chunk * self.chunk;
         Some(if done < last_start { done..done + self.chunk } else { done..n })
     }

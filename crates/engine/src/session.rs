@@ -36,6 +36,12 @@ impl CompressionReport {
         kept_share(self.heads.iter().flatten())
     }
 
+    /// Heads whose method had to shrink a fixed part (sinks, observation window, protected
+    /// shares) to fit the head's budget; see [`HeadReport::clamped`].
+    pub fn clamped_heads(&self) -> usize {
+        self.heads.iter().flatten().filter(|h| h.clamped.is_some()).count()
+    }
+
     /// Achieved ratio of one layer.
     pub fn layer_ratio(&self, layer: usize) -> f64 {
         kept_share(&self.heads[layer])
@@ -147,10 +153,9 @@ impl<'m> Session<'m> {
     /// Starts from a prompt prefilled once for several methods (see [`Prefilled`]) and
     /// compresses it. Returns the last prompt token's logits `[vocab]`.
     pub fn resume(&mut self, prefilled: Prefilled) -> Result<Vec<f32>> {
-        let needs = self.method.stats();
-        if (needs.accumulated && !prefilled.stats.accumulated)
-            || needs.window.unwrap_or(0) > prefilled.stats.window.unwrap_or(0)
-        {
+        // Each method reads exactly the statistics it asked for: a wider observation window
+        // recorded for another method does not stand in for its own.
+        if !prefilled.stats.covers(&self.method.stats()) {
             return Err(EngineError::Setup(format!(
                 "the prefilled cache lacks statistics {} needs",
                 self.method.name()

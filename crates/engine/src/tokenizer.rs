@@ -264,6 +264,15 @@ impl TextTokenizer {
         self.inner.decode(ids, false).map_err(tokenizer_error)
     }
 
+    /// The text of `ids` without special tokens (`<|im_end|>`, `<s>`): what a reader of the
+    /// answer sees, and what scoring compares.
+    pub fn decode_plain(&self, ids: &[u32]) -> Result<String> {
+        for &id in ids {
+            self.check_id(id)?;
+        }
+        self.inner.decode(ids, true).map_err(tokenizer_error)
+    }
+
     /// The vocabulary entry of `id` as stored (byte-level BPE writes a leading space as
     /// `Ġ`, SentencePiece as `▁`); `None` outside the vocabulary.
     pub fn token_str(&self, id: u32) -> Option<String> {

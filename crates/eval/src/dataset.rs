@@ -2,6 +2,7 @@
 //! (`context, question, answer_prefix, answer, max_new_tokens`), scored with a LongBench
 //! metric chosen per file.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use serde::Deserialize;
@@ -27,8 +28,18 @@ pub struct LineError {
     pub message: String,
 }
 
+/// A dataset file, read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Loaded {
+    pub samples: Vec<Sample>,
+    /// Malformed lines that were skipped.
+    pub errors: Vec<LineError>,
+    /// Columns the rows had besides the known ones (`task`, `length` in RULER exports):
+    /// ignored, and named once.
+    pub ignored_columns: BTreeSet<String>,
+}
+
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct Row {
     #[serde(default)]
     id: Option<String>,
@@ -41,6 +52,8 @@ struct Row {
     max_new_tokens: usize,
     #[serde(default)]
     all_classes: Option<Vec<String>>,
+    #[serde(flatten)]
+    other: BTreeMap<String, serde_json::Value>,
 }
 
 fn default_max_new_tokens() -> usize {
@@ -55,23 +68,26 @@ enum Answer {
 }
 
 /// Reads a JSONL file into samples scored by `metric`. Empty lines are ignored; malformed
-/// ones are skipped and reported, or fatal, as `policy` says.
-pub fn load_jsonl(
-    path: &Path,
-    metric: Metric,
-    policy: LoadPolicy,
-) -> Result<(Vec<Sample>, Vec<LineError>)> {
-    let text = std::fs::read_to_string(path).map_err(EvalError::io(path))?;
+/// ones are skipped and reported, or fatal, as `policy` says; unknown columns are ignored.
+pub fn load_jsonl(path: &Path, metric: Metric, policy: LoadPolicy) -> Result<Loaded> {
+    // Bytes, not a string: invalid UTF-8 is an error of its line, not of the whole file.
+    let bytes = std::fs::read(path).map_err(EvalError::io(path))?;
     let task = path.file_stem().unwrap_or_default().to_string_lossy().to_string();
     let mut samples = Vec::new();
     let mut errors = Vec::new();
-    for (i, line) in text.lines().enumerate() {
+    let mut ignored_columns = BTreeSet::new();
+    for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
         let line_no = i + 1;
-        if line.trim().is_empty() {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.trim_ascii().is_empty() {
             continue;
         }
-        match serde_json::from_str::<Row>(line) {
+        let parsed = std::str::from_utf8(line)
+            .map_err(|e| format!("invalid UTF-8: {e}"))
+            .and_then(|line| serde_json::from_str::<Row>(line).map_err(|e| e.to_string()));
+        match parsed {
             Ok(row) => {
+                ignored_columns.extend(row.other.into_keys());
                 let answers = match row.answer {
                     Answer::One(a) => vec![a],
                     Answer::Many(a) => a,
@@ -89,8 +105,7 @@ pub fn load_jsonl(
                     all_classes: row.all_classes,
                 });
             }
-            Err(e) => {
-                let message = e.to_string();
+            Err(message) => {
                 if policy == LoadPolicy::Fatal {
                     return Err(EvalError::Dataset {
                         path: path.to_path_buf(),
@@ -102,7 +117,7 @@ pub fn load_jsonl(
             }
         }
     }
-    Ok((samples, errors))
+    Ok(Loaded { samples, errors, ignored_columns })
 }
 
 #[cfg(test)]
@@ -130,7 +145,9 @@ mod tests {
             r#"{"context": "c", "question": "q", "answer": ["a", "b"], "all_classes": ["a", "b"]}"#
         );
         let path = file(&content);
-        let (samples, errors) = load_jsonl(&path, Metric::QaF1, LoadPolicy::Skip).unwrap();
+        let Loaded { samples, errors, ignored_columns } =
+            load_jsonl(&path, Metric::QaF1, LoadPolicy::Skip).unwrap();
+        assert!(ignored_columns.is_empty());
         assert_eq!(samples.len(), 2);
         assert_eq!(samples[1].answers, vec!["a", "b"]);
         assert_eq!(samples[1].max_new_tokens, 32);
@@ -138,6 +155,26 @@ mod tests {
         assert!(errors[1].message.contains("context"), "{}", errors[1].message);
         let err = load_jsonl(&path, Metric::QaF1, LoadPolicy::Fatal).unwrap_err();
         assert!(err.to_string().contains("line 3"), "{err}");
+    }
+
+    #[test]
+    fn unknown_columns_are_ignored_and_named_once() {
+        // A RULER export: `task` and `length` besides kvpress's columns, on every row.
+        let row = |i: usize| {
+            format!(
+                r#"{{"context": "c{i}", "question": "q", "answer": ["x"], "task": "niah_single_1", "length": 4096{}}}"#,
+                if i == 1 { r#", "index": 1"# } else { "" }
+            )
+        };
+        let path = file(&format!("{}\n{}\n{}\n", row(0), row(1), row(2)));
+        let loaded = load_jsonl(&path, Metric::Contains, LoadPolicy::Fatal).unwrap();
+        assert_eq!(loaded.samples.len(), 3);
+        assert_eq!(loaded.samples[2].context, "c2");
+        assert!(loaded.errors.is_empty());
+        assert_eq!(
+            loaded.ignored_columns.into_iter().collect::<Vec<_>>(),
+            vec!["index", "length", "task"]
+        );
     }
 
     #[test]

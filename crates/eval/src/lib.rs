@@ -5,11 +5,13 @@ pub mod analyze;
 pub mod corpus;
 pub mod dataset;
 mod error;
+pub mod fingerprint;
 pub mod metrics;
 pub mod plot;
 pub mod report;
 pub mod results;
 pub mod runner;
+pub mod stats;
 pub mod sweep;
 pub mod tasks;
 

@@ -2,6 +2,7 @@
 
 use std::path::Path;
 
+use plotters::element::DashedPathElement;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
@@ -14,6 +15,21 @@ pub struct Series {
     /// `(x, y)` points in drawing order.
     pub points: Vec<(f64, f64)>,
     pub dashed: bool,
+}
+
+/// One panel of [`line_charts`]; series at the same index share a colour across panels.
+#[derive(Debug, Clone)]
+pub struct LineChart {
+    pub title: String,
+    pub x_label: String,
+    pub y_label: String,
+    pub series: Vec<Series>,
+    /// `intervals[i][j]`: `(low, high)` of the confidence interval of series `i`'s point
+    /// `j`, drawn as an error bar (missing: none).
+    pub intervals: Vec<Vec<(f64, f64)>>,
+    /// A labelled horizontal reference line (the full cache).
+    pub reference: Option<(String, f64)>,
+    pub y_range: Option<(f64, f64)>,
 }
 
 /// Distinct colours, cycled.
@@ -35,8 +51,33 @@ fn plot_err(e: impl std::fmt::Display) -> EvalError {
     EvalError::Plot(e.to_string())
 }
 
-/// A line chart with its legend in a strip on the right; the y range is fitted to the
-/// data unless given.
+/// Characters per legend line; longer labels wrap (at `;`, `,` or `(` where possible).
+const LEGEND_CHARS: usize = 26;
+
+/// `label` cut into lines of at most `width` characters, breaking after `;`, `,` or before
+/// `(` where one is near, anywhere otherwise.
+pub fn wrap_label(label: &str, width: usize) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut rest: Vec<char> = label.chars().collect();
+    while rest.len() > width {
+        let window = &rest[..width];
+        let cut = window
+            .iter()
+            .rposition(|&c| c == ';' || c == ',' || c == ' ')
+            .map(|i| i + 1)
+            .or_else(|| window.iter().rposition(|&c| c == '(').filter(|&i| i > 0))
+            .filter(|&i| i >= width / 3)
+            .unwrap_or(width);
+        lines.push(rest[..cut].iter().collect::<String>().trim_end().to_string());
+        rest.drain(..cut);
+    }
+    if !rest.is_empty() || lines.is_empty() {
+        lines.push(rest.into_iter().collect());
+    }
+    lines
+}
+
+/// One line chart (see [`line_charts`]).
 pub fn line_chart(
     path: &Path,
     title: &str,
@@ -45,20 +86,91 @@ pub fn line_chart(
     series: &[Series],
     y_range: Option<(f64, f64)>,
 ) -> Result<()> {
-    let root = BitMapBackend::new(path, (1000, 560)).into_drawing_area();
+    let chart = LineChart {
+        title: title.to_string(),
+        x_label: x_label.to_string(),
+        y_label: y_label.to_string(),
+        series: series.to_vec(),
+        intervals: Vec::new(),
+        reference: None,
+        y_range,
+    };
+    line_charts(path, &[chart])
+}
+
+/// Line charts side by side with one legend on the right, which wraps long labels so none
+/// is cut off. Each y range is fitted to the data, intervals and reference unless given.
+pub fn line_charts(path: &Path, charts: &[LineChart]) -> Result<()> {
+    const PANEL: (u32, u32) = (620, 520);
+    const LEGEND_WIDTH: u32 = 250;
+    let labels: Vec<Vec<String>> = charts
+        .first()
+        .map(|c| c.series.iter().map(|s| wrap_label(&s.label, LEGEND_CHARS)).collect())
+        .unwrap_or_default();
+    let legend_height: u32 = labels.iter().map(|l| 18 * l.len() as u32 + 10).sum::<u32>() + 80;
+    let width = PANEL.0 * charts.len().max(1) as u32 + LEGEND_WIDTH;
+    let height = PANEL.1.max(legend_height);
+    let root = BitMapBackend::new(path, (width, height)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_err)?;
-    let (plot_area, legend_area) = root.split_horizontally(780);
-    let xs = series.iter().flat_map(|s| s.points.iter().map(|p| p.0));
-    let ys = series.iter().flat_map(|s| s.points.iter().map(|p| p.1));
+    let (plots, legend) = root.split_horizontally(width - LEGEND_WIDTH);
+    let panels = plots.split_evenly((1, charts.len().max(1)));
+    for (chart, area) in charts.iter().zip(&panels) {
+        draw_line_chart(area, chart)?;
+    }
+    let mut y = 40;
+    for (i, lines) in labels.iter().enumerate() {
+        let style = ShapeStyle::from(&palette(i)).stroke_width(3);
+        let swatch = vec![(8, y + 8), (36, y + 8)];
+        if charts[0].series[i].dashed {
+            legend.draw(&DashedPathElement::new(swatch, 6, 4, style)).map_err(plot_err)?;
+        } else {
+            legend.draw(&PathElement::new(swatch, style)).map_err(plot_err)?;
+        }
+        for (k, line) in lines.iter().enumerate() {
+            legend
+                .draw(&Text::new(line.clone(), (44, y + 18 * k as i32), ("sans-serif", 15)))
+                .map_err(plot_err)?;
+        }
+        y += 18 * lines.len() as i32 + 10;
+    }
+    if charts.iter().any(|c| c.reference.is_some()) {
+        let style = ShapeStyle::from(&BLACK).stroke_width(2);
+        legend
+            .draw(&DashedPathElement::new(vec![(8, y + 8), (36, y + 8)], 6, 4, style))
+            .map_err(plot_err)?;
+        legend.draw(&Text::new("full cache", (44, y), ("sans-serif", 15))).map_err(plot_err)?;
+    }
+    root.present().map_err(plot_err)?;
+    Ok(())
+}
+
+fn draw_line_chart(
+    area: &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>,
+    c: &LineChart,
+) -> Result<()> {
+    let xs = c.series.iter().flat_map(|s| s.points.iter().map(|p| p.0));
     let (x0, x1) = xs.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| (a.min(x), b.max(x)));
-    let (y0, y1) = y_range.unwrap_or_else(|| {
+    let (x0, x1) = if x0.is_finite() { (x0, x1) } else { (0.0, 1.0) };
+    // Room either side of the outer budgets, so their error bars are not cut.
+    let pad = ((x1 - x0) * 0.08).max(2.0);
+    let (x0, x1) = (x0 - pad, x1 + pad);
+    let (y0, y1) = c.y_range.unwrap_or_else(|| {
+        let ys = c
+            .series
+            .iter()
+            .flat_map(|s| s.points.iter().map(|p| p.1))
+            .chain(c.intervals.iter().flatten().flat_map(|i| [i.0, i.1]))
+            .chain(c.reference.iter().map(|r| r.1))
+            .filter(|y| y.is_finite());
         let (a, b) = ys.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), y| (a.min(y), b.max(y)));
+        if !a.is_finite() {
+            return (0.0, 1.0);
+        }
         let pad = ((b - a) * 0.08).max(1e-3);
         (a - pad, b + pad)
     });
-    let (x0, x1) = if x0 < x1 { (x0, x1) } else { (x0 - 0.5, x0 + 0.5) };
-    let mut chart = ChartBuilder::on(&plot_area)
-        .caption(title, ("sans-serif", 22))
+    let mut chart = ChartBuilder::on(area)
+        .caption(&c.title, ("sans-serif", 20))
         .margin(15)
         .x_label_area_size(45)
         .y_label_area_size(60)
@@ -66,33 +178,56 @@ pub fn line_chart(
         .map_err(plot_err)?;
     chart
         .configure_mesh()
-        .x_desc(x_label)
-        .y_desc(y_label)
+        .x_desc(&c.x_label)
+        .y_desc(&c.y_label)
+        .x_label_formatter(&|x| format!("{x:.0}"))
         .label_style(("sans-serif", 15))
         .draw()
         .map_err(plot_err)?;
-    for (i, s) in series.iter().enumerate() {
-        let color = palette(i);
-        let style = ShapeStyle::from(&color).stroke_width(2);
-        if s.dashed {
-            chart
-                .draw_series(DashedLineSeries::new(s.points.iter().copied(), 8, 5, style))
-                .map_err(plot_err)?;
-        } else {
-            chart
-                .draw_series(LineSeries::new(s.points.iter().copied(), style))
-                .map_err(plot_err)?;
-        }
+    if let Some((label, y)) = &c.reference {
+        let style = ShapeStyle::from(&BLACK).stroke_width(2);
         chart
-            .draw_series(s.points.iter().map(|&p| Circle::new(p, 3, color.filled())))
+            .draw_series(DashedLineSeries::new([(x0, *y), (x1, *y)], 8, 5, style))
             .map_err(plot_err)?;
-        let y = 60 + 26 * i as i32;
-        legend_area.draw(&PathElement::new(vec![(10, y), (40, y)], style)).map_err(plot_err)?;
-        legend_area
-            .draw(&Text::new(s.label.clone(), (48, y - 8), ("sans-serif", 15)))
+        let anchor =
+            ("sans-serif", 14).into_font().color(&BLACK).pos(Pos::new(HPos::Left, VPos::Bottom));
+        chart
+            .draw_series(std::iter::once(Text::new(label.clone(), (x0 + pad * 0.2, *y), anchor)))
             .map_err(plot_err)?;
     }
-    root.present().map_err(plot_err)?;
+    let n = c.series.len().max(1) as f64;
+    for (i, s) in c.series.iter().enumerate() {
+        let color = palette(i);
+        let style = ShapeStyle::from(&color).stroke_width(2);
+        // Series are nudged apart sideways so their error bars do not hide each other.
+        let dx = (i as f64 - (n - 1.0) / 2.0) * pad * 0.12;
+        let points: Vec<(f64, f64)> = s.points.iter().map(|&(x, y)| (x + dx, y)).collect();
+        if s.dashed {
+            chart
+                .draw_series(DashedLineSeries::new(points.iter().copied(), 8, 5, style))
+                .map_err(plot_err)?;
+        } else {
+            chart.draw_series(LineSeries::new(points.iter().copied(), style)).map_err(plot_err)?;
+        }
+        chart
+            .draw_series(points.iter().map(|&p| Circle::new(p, 3, color.filled())))
+            .map_err(plot_err)?;
+        let intervals = c.intervals.get(i).map_or(&[][..], Vec::as_slice);
+        for (&(x, _), &(lo, hi)) in points.iter().zip(intervals) {
+            if lo.is_finite() && hi.is_finite() {
+                let cap = pad * 0.05;
+                for line in [
+                    vec![(x, lo), (x, hi)],
+                    vec![(x - cap, lo), (x + cap, lo)],
+                    vec![(x - cap, hi), (x + cap, hi)],
+                ] {
+                    chart
+                        .draw_series(std::iter::once(PathElement::new(line, style)))
+                        .map_err(plot_err)?;
+                }
+            }
+        }
+    }
     Ok(())
 }
 
@@ -187,10 +322,13 @@ pub fn heatmap_grid(
     range: (f64, f64),
     annotate: bool,
 ) -> Result<()> {
-    let width = panel_size.0 * panels.len().max(1) as u32;
+    const SCALE_WIDTH: u32 = 90;
+    let width = panel_size.0 * panels.len().max(1) as u32 + SCALE_WIDTH;
     let root = BitMapBackend::new(path, (width, panel_size.1)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_err)?;
-    let areas = root.split_evenly((1, panels.len().max(1)));
+    let (maps, scale) = root.split_horizontally(width - SCALE_WIDTH);
+    colour_scale(&scale, range)?;
+    let areas = maps.split_evenly((1, panels.len().max(1)));
     for (panel, area) in panels.iter().zip(&areas) {
         heatmap(
             area,
@@ -205,6 +343,32 @@ pub fn heatmap_grid(
         )?;
     }
     root.present().map_err(plot_err)?;
+    Ok(())
+}
+
+/// The colour scale of [`heatmap`]: a vertical gradient over `range` with five labels.
+fn colour_scale(
+    area: &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>,
+    range: (f64, f64),
+) -> Result<()> {
+    let (_, h) = area.dim_in_pixel();
+    let (top, bottom) = (50i32, h as i32 - 60);
+    let span = (bottom - top).max(1);
+    for y in top..bottom {
+        let t = (bottom - y) as f64 / span as f64;
+        let rect = Rectangle::new([(10, y), (30, y + 1)], ViridisRGB::get_color(t).filled());
+        area.draw(&rect).map_err(plot_err)?;
+    }
+    area.draw(&Rectangle::new([(10, top), (30, bottom)], BLACK)).map_err(plot_err)?;
+    for k in 0..=4 {
+        let t = k as f64 / 4.0;
+        let y = bottom - (t * span as f64).round() as i32;
+        let value = range.0 + t * (range.1 - range.0);
+        let style =
+            ("sans-serif", 13).into_font().color(&BLACK).pos(Pos::new(HPos::Left, VPos::Center));
+        area.draw(&PathElement::new(vec![(30, y), (35, y)], BLACK)).map_err(plot_err)?;
+        area.draw(&Text::new(format!("{value:.2}"), (38, y), style)).map_err(plot_err)?;
+    }
     Ok(())
 }
 

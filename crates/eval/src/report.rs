@@ -1,192 +1,385 @@
-//! The report: Markdown tables, a CSV summary and PNG plots from result rows.
+//! The report: Markdown tables with confidence intervals, a CSV summary and PNG plots
+//! from result rows.
+//!
+//! Rows are put in a canonical order first (task, sample, protocol; methods in the order
+//! they were run), so the report of a sweep run in shards equals the unsharded one.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use crate::error::{EvalError, Result};
-use crate::plot::{heatmap_grid, line_chart, HeatmapPanel, Series};
+use crate::plot::{heatmap_grid, line_charts, HeatmapPanel, LineChart, Series};
 use crate::results::ResultRow;
+use crate::runner::Protocol;
+use crate::stats::{bootstrap_mean, score_estimate, Estimate, BOOTSTRAP_RESAMPLES};
 
-/// Mean, sample standard deviation and count.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Stat {
-    pub mean: f64,
-    pub std: f64,
-    pub n: usize,
-}
+/// A method holds its budget when its entries are within this share of the budget's.
+pub const BUDGET_TOLERANCE: f64 = 0.01;
 
-impl Stat {
-    pub fn of(values: impl IntoIterator<Item = f64>) -> Self {
-        let v: Vec<f64> = values.into_iter().filter(|x| x.is_finite()).collect();
-        let n = v.len();
-        if n == 0 {
-            return Self { mean: f64::NAN, std: f64::NAN, n };
-        }
-        let mean = v.iter().sum::<f64>() / n as f64;
-        let var = if n > 1 {
-            v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64
-        } else {
-            0.0
-        };
-        Self { mean, std: var.sqrt(), n }
-    }
-}
+/// Samples per task whose predictions the report shows.
+const PREDICTION_SAMPLES: usize = 2;
 
 /// `budget` in percent, as a key that sorts.
 fn pct(b: f64) -> u32 {
     (b * 100.0).round() as u32
 }
 
-/// Rows grouped by task, method name and budget.
+/// Whether a row kept its budget within [`BUDGET_TOLERANCE`] (the full cache always does).
+pub fn holds_budget(r: &ResultRow) -> bool {
+    r.method_name() == "full" || (r.achieved_ratio / r.budget - 1.0).abs() <= BUDGET_TOLERANCE
+}
+
+/// A method label as reports show it: long list parameters (per-layer budgets) become
+/// their length, so labels stay readable.
+pub fn display_label(method: &str) -> String {
+    let mut out = String::new();
+    let mut rest = method;
+    while let Some(open) = rest.find('[') {
+        let close = rest[open..].find(']').map_or(rest.len(), |c| open + c + 1);
+        let items = rest[open..close].split(',').count();
+        out.push_str(&rest[..open]);
+        if close - open > 24 {
+            let _ = write!(out, "[{items} values]");
+        } else {
+            out.push_str(&rest[open..close]);
+        }
+        rest = &rest[close..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// What a table cell measures.
+#[derive(Clone, Copy)]
+struct Measure {
+    title: &'static str,
+    value: fn(&ResultRow) -> f64,
+    estimate: fn(&[f64]) -> Estimate,
+    digits: usize,
+}
+
+const SCORE: Measure = Measure {
+    title: "Score (Wilson 95% interval for 0/1 scores)",
+    value: |r| r.score,
+    estimate: score_estimate,
+    digits: 2,
+};
+const PERPLEXITY: Measure = Measure {
+    title: "Perplexity of the continuation (lower is better)",
+    value: |r| r.perplexity,
+    estimate: bootstrap_mean,
+    digits: 2,
+};
+const KL: Measure = Measure {
+    title: "KL divergence from the full cache (teacher-forced, nats/token)",
+    value: |r| r.kl,
+    estimate: bootstrap_mean,
+    digits: 3,
+};
+const TOP1: Measure = Measure {
+    title: "Top-1 agreement with the full cache",
+    value: |r| r.top1_agreement,
+    estimate: bootstrap_mean,
+    digits: 2,
+};
+
+/// Rows in canonical order, grouped by task, protocol, method name and budget.
 struct Groups<'a> {
-    by: BTreeMap<(String, String, u32), Vec<&'a ResultRow>>,
+    by: BTreeMap<(String, Protocol, String, u32), Vec<&'a ResultRow>>,
     tasks: BTreeSet<String>,
+    protocols: BTreeSet<Protocol>,
+    /// Compressed methods, in the order they were run; the first is the paired reference.
     methods: Vec<String>,
-    budgets: BTreeSet<u32>,
+    budgets: Vec<u32>,
 }
 
 impl<'a> Groups<'a> {
     fn new(rows: &'a [ResultRow]) -> Self {
+        let mut sorted: Vec<&ResultRow> = rows.iter().collect();
+        // Stable: rows of one sample and protocol keep the order their methods ran in.
+        sorted.sort_by(|a, b| {
+            (&a.task, &a.sample_id, a.protocol).cmp(&(&b.task, &b.sample_id, b.protocol))
+        });
         let mut by: BTreeMap<_, Vec<_>> = BTreeMap::new();
         let mut methods = Vec::new();
-        for r in rows {
+        for r in sorted {
             let name = r.method_name().to_string();
             if name != "full" && !methods.contains(&name) {
                 methods.push(name.clone());
             }
-            by.entry((r.task.clone(), name, pct(r.budget))).or_default().push(r);
+            let budget = if name == "full" { 100 } else { pct(r.budget) };
+            by.entry((r.task.clone(), r.protocol, name, budget)).or_default().push(r);
         }
         let tasks = rows.iter().map(|r| r.task.clone()).collect();
-        let budgets =
+        let protocols = rows.iter().map(|r| r.protocol).collect();
+        let budgets: BTreeSet<u32> =
             rows.iter().filter(|r| r.method_name() != "full").map(|r| pct(r.budget)).collect();
-        Self { by, tasks, methods, budgets }
+        Self { by, tasks, protocols, methods, budgets: budgets.into_iter().collect() }
     }
 
-    fn stat(&self, task: &str, method: &str, budget: u32, f: impl Fn(&ResultRow) -> f64) -> Stat {
+    fn rows(&self, task: &str, protocol: Protocol, method: &str, budget: u32) -> &[&'a ResultRow] {
         let budget = if method == "full" { 100 } else { budget };
-        Stat::of(
-            self.by
-                .get(&(task.to_string(), method.to_string(), budget))
-                .into_iter()
-                .flatten()
-                .map(|r| f(r)),
-        )
+        self.by
+            .get(&(task.to_string(), protocol, method.to_string(), budget))
+            .map_or(&[], Vec::as_slice)
+    }
+
+    fn estimate(
+        &self,
+        task: &str,
+        protocol: Protocol,
+        method: &str,
+        budget: u32,
+        m: Measure,
+    ) -> Estimate {
+        let values: Vec<f64> =
+            self.rows(task, protocol, method, budget).iter().map(|r| (m.value)(r)).collect();
+        (m.estimate)(&values)
+    }
+
+    /// Rows of `method` that missed their budget, and all its rows, in one cell.
+    fn budget_misses(&self, task: &str, protocol: Protocol, method: &str, budget: u32) -> usize {
+        self.rows(task, protocol, method, budget).iter().filter(|r| !holds_budget(r)).count()
+    }
+
+    /// Paired difference `measure(method) - measure(reference)` over the samples both ran.
+    fn paired(
+        &self,
+        task: &str,
+        protocol: Protocol,
+        method: &str,
+        reference: &str,
+        budget: u32,
+        value: fn(&ResultRow) -> f64,
+    ) -> Estimate {
+        let base: BTreeMap<&str, f64> = self
+            .rows(task, protocol, reference, budget)
+            .iter()
+            .map(|r| (r.sample_id.as_str(), value(r)))
+            .collect();
+        let diffs: Vec<f64> = self
+            .rows(task, protocol, method, budget)
+            .iter()
+            .filter_map(|r| base.get(r.sample_id.as_str()).map(|b| value(r) - b))
+            .collect();
+        bootstrap_mean(&diffs)
+    }
+
+    fn task_protocols(&self, task: &str) -> Vec<Protocol> {
+        self.protocols
+            .iter()
+            .copied()
+            .filter(|&p| self.by.keys().any(|k| k.0 == task && k.1 == p))
+            .collect()
     }
 }
 
-fn cell(s: Stat, digits: usize) -> String {
-    if s.n == 0 {
+fn fmt_estimate(e: Estimate, digits: usize) -> String {
+    if e.n == 0 {
         "–".into()
     } else {
-        format!("{:.d$} ± {:.d$} ({})", s.mean, s.std, s.n, d = digits)
+        format!("{:.d$} [{:.d$}, {:.d$}] ({})", e.mean, e.low, e.high, e.n, d = digits)
+    }
+}
+
+fn header(first: &[&str], budgets: &[u32]) -> String {
+    let mut h = String::from("|");
+    first.iter().for_each(|c| h.push_str(&format!(" {c} |")));
+    budgets.iter().for_each(|b| h.push_str(&format!(" {b}% |")));
+    h.push_str("\n|");
+    first.iter().for_each(|_| h.push_str("---|"));
+    budgets.iter().for_each(|_| h.push_str("---:|"));
+    h
+}
+
+/// Text safe inside a Markdown table cell.
+fn cell_text(s: &str) -> String {
+    let t = s.replace('|', "\\|").replace('\n', "⏎");
+    if t.trim().is_empty() {
+        "(empty)".into()
+    } else {
+        format!("`{}`", t.replace('`', "'"))
     }
 }
 
 /// Writes `report.md`, `summary.csv` and the plots into `dir`. Returns the Markdown.
-pub fn write_report(rows: &[ResultRow], dir: &Path, title: &str, command: &str) -> Result<String> {
+/// `notes` are paragraphs placed after the introduction (how prompts were built, and why).
+pub fn write_report(
+    rows: &[ResultRow],
+    dir: &Path,
+    title: &str,
+    command: &str,
+    notes: &[String],
+) -> Result<String> {
     std::fs::create_dir_all(dir).map_err(EvalError::io(dir))?;
     let g = Groups::new(rows);
+    let budgets = g.budgets.clone();
     let mut md = String::new();
     let _ = writeln!(md, "# {title}\n\nRegenerate with:\n\n```sh\n{command}\n```\n");
-    let _ = writeln!(md, "{} rows. Cells are mean ± standard deviation (n) over samples and seeds; the full cache's row is the reference each method is compared with.\n", rows.len());
-    let budgets: Vec<u32> = g.budgets.iter().copied().collect();
-    let header = |first: &str| {
-        let mut h = format!("| {first} |");
-        budgets.iter().for_each(|b| h.push_str(&format!(" {b}% |")));
-        h.push_str("\n|---|");
-        budgets.iter().for_each(|_| h.push_str("---:|"));
-        h
-    };
-    type Column = fn(&ResultRow) -> f64;
-    let metric_tables: [(&str, Column, usize); 3] = [
-        ("Score", |r| r.score, 2),
-        ("KL divergence from the full cache (teacher-forced, nats/token)", |r| r.kl, 3),
-        ("Top-1 agreement with the full cache", |r| r.top1_agreement, 2),
-    ];
-    let mut csv = String::from("task,method,budget,n,score_mean,score_std,kl_mean,top1_mean,matched_prefix_mean,achieved_ratio_mean,resident_kv_mib_mean\n");
+    let _ = writeln!(
+        md,
+        "{} rows. Cells are mean [95% confidence interval] (n samples). Intervals: Wilson for \
+         scores that are all 0 or 1 (accuracies), percentile bootstrap over samples otherwise \
+         ({BOOTSTRAP_RESAMPLES} resamples, fixed seed). The full cache is the reference every \
+         method is compared with. ⚠ marks a cell where the method did not hold its budget \
+         within ±{}% of entries on some samples (see *Budget held*); such cells compare \
+         different memory and are not averaged in silently.\n",
+        rows.len(),
+        BUDGET_TOLERANCE * 100.0
+    );
+    for note in notes {
+        let _ = writeln!(md, "{note}\n");
+    }
+    let _ = writeln!(md, "Protocols:\n");
+    for p in &g.protocols {
+        let _ = writeln!(md, "- **{}**: {}.", p.name(), p.description());
+    }
+    if g.protocols.contains(&Protocol::Prompt) {
+        let _ = writeln!(
+            md,
+            "\nUnder **prompt**, query-aware selectors such as SnapKV (whose observation window \
+             then holds the question) win by construction; **context** is the fair test of what \
+             a method keeps without knowing the question. Perplexity samples have no question \
+             and run under **context** only."
+        );
+    }
+    md.push('\n');
+
+    let reference = g.methods.first().cloned();
+    let mut csv = String::from(
+        "task,protocol,method,budget,n,score_mean,score_low,score_high,kl_mean,kl_low,kl_high,\
+         top1_mean,perplexity_mean,perplexity_low,perplexity_high,matched_prefix_mean,\
+         achieved_ratio_mean,rows_off_budget,resident_kv_mib_mean,paired_reference,\
+         kl_minus_reference_mean,kl_minus_reference_low,kl_minus_reference_high\n",
+    );
+    write_budget_table(&mut md, &g, &budgets);
     for task in &g.tasks {
+        let protocols = g.task_protocols(task);
         let _ = writeln!(md, "## {task}\n");
-        for (name, f, digits) in metric_tables {
-            let name = if task == "perplexity" && name == "Score" {
-                "Perplexity of the continuation (lower is better)"
-            } else {
-                name
-            };
-            let _ = writeln!(md, "### {name}\n\n{}", header("method"));
-            for method in std::iter::once("full".to_string()).chain(g.methods.iter().cloned()) {
-                let label =
-                    if method == "full" { "full cache".to_string() } else { method.clone() };
-                let cells: Vec<String> =
-                    budgets.iter().map(|&b| cell(g.stat(task, &method, b, f), digits)).collect();
-                let _ = writeln!(md, "| {label} | {} |", cells.join(" | "));
+        let is_ppl = task == "perplexity";
+        let measures: Vec<Measure> =
+            if is_ppl { vec![PERPLEXITY, KL, TOP1] } else { vec![SCORE, KL, TOP1] };
+        for m in &measures {
+            let _ =
+                writeln!(md, "### {}\n\n{}", m.title, header(&["protocol", "method"], &budgets));
+            for &p in &protocols {
+                for method in std::iter::once("full".to_string()).chain(g.methods.iter().cloned()) {
+                    let label = if method == "full" {
+                        "full cache".to_string()
+                    } else {
+                        display_label(&method)
+                    };
+                    let cells: Vec<String> = budgets
+                        .iter()
+                        .map(|&b| {
+                            let e = g.estimate(task, p, &method, b, *m);
+                            let flag =
+                                if g.budget_misses(task, p, &method, b) > 0 { " ⚠" } else { "" };
+                            format!("{}{flag}", fmt_estimate(e, m.digits))
+                        })
+                        .collect();
+                    let _ = writeln!(md, "| {} | {label} | {} |", p.name(), cells.join(" | "));
+                }
             }
             md.push('\n');
         }
-        for method in &g.methods {
-            for &b in &budgets {
-                let s = g.stat(task, method, b, |r| r.score);
-                if s.n == 0 {
-                    continue;
+        if let Some(reference) = &reference {
+            let _ = writeln!(
+                md,
+                "### KL difference to {} on the same samples (method − {}; below 0: closer to \
+                 the full cache than {})\n\nPaired over samples, so the spread between samples \
+                 cancels; **bold** where the interval excludes 0.\n\n{}",
+                display_label(reference),
+                display_label(reference),
+                display_label(reference),
+                header(&["protocol", "method"], &budgets)
+            );
+            for &p in &protocols {
+                for method in g.methods.iter().filter(|m| *m != reference) {
+                    let cells: Vec<String> = budgets
+                        .iter()
+                        .map(|&b| {
+                            let d = g.paired(task, p, method, reference, b, KL.value);
+                            let base = g.estimate(task, p, reference, b, KL);
+                            let text = fmt_estimate(d, 3);
+                            if d.n == 0 {
+                                text
+                            } else {
+                                let rel = format!(" {:+.0}%", 100.0 * d.mean / base.mean);
+                                if d.excludes(0.0) {
+                                    format!("**{text}{rel}**")
+                                } else {
+                                    format!("{text}{rel}")
+                                }
+                            }
+                        })
+                        .collect();
+                    let _ = writeln!(
+                        md,
+                        "| {} | {} | {} |",
+                        p.name(),
+                        display_label(method),
+                        cells.join(" | ")
+                    );
                 }
-                let m = |f: fn(&ResultRow) -> f64| g.stat(task, method, b, f).mean;
-                let _ = writeln!(
-                    csv,
-                    "{task},\"{}\",{},{},{:.6},{:.6},{:.6},{:.6},{:.3},{:.6},{:.4}",
-                    method.replace('"', "\"\""),
-                    b as f64 / 100.0,
-                    s.n,
-                    s.mean,
-                    s.std,
-                    m(|r| r.kl),
-                    m(|r| r.top1_agreement),
-                    m(|r| r.matched_prefix_tokens as f64),
-                    m(|r| r.achieved_ratio),
-                    m(|r| r.resident_kv_bytes as f64 / 1048576.0)
-                );
+            }
+            md.push('\n');
+        }
+        for &p in &protocols {
+            for method in std::iter::once("full".to_string()).chain(g.methods.iter().cloned()) {
+                let bs: Vec<u32> = if method == "full" { vec![100] } else { budgets.clone() };
+                for b in bs {
+                    let rows = g.rows(task, p, &method, b);
+                    if rows.is_empty() {
+                        continue;
+                    }
+                    let e = |m: Measure| g.estimate(task, p, &method, b, m);
+                    let mean = |f: fn(&ResultRow) -> f64| {
+                        rows.iter().map(|r| f(r)).sum::<f64>() / rows.len() as f64
+                    };
+                    let (score, kl, ppl) = (e(SCORE), e(KL), e(PERPLEXITY));
+                    let paired = match &reference {
+                        Some(r) if *r != method && method != "full" => {
+                            Some((r, g.paired(task, p, &method, r, b, KL.value)))
+                        }
+                        _ => None,
+                    };
+                    let _ = writeln!(
+                        csv,
+                        "{task},{},\"{}\",{},{},{:.6},{:.6},{:.6},{:.6},{:.6},{:.6},{:.6},{:.6},{:.6},{:.6},{:.3},{:.6},{},{:.4},\"{}\",{},{},{}",
+                        p.name(),
+                        method.replace('"', "\"\""),
+                        b as f64 / 100.0,
+                        rows.len(),
+                        score.mean,
+                        score.low,
+                        score.high,
+                        kl.mean,
+                        kl.low,
+                        kl.high,
+                        mean(|r| r.top1_agreement),
+                        ppl.mean,
+                        ppl.low,
+                        ppl.high,
+                        mean(|r| r.matched_prefix_tokens as f64),
+                        mean(|r| r.achieved_ratio),
+                        g.budget_misses(task, p, &method, b),
+                        mean(|r| r.resident_kv_bytes as f64 / 1048576.0),
+                        paired.map_or(String::new(), |(r, _)| r.replace('"', "\"\"")),
+                        paired.map_or(String::new(), |(_, d)| format!("{:.6}", d.mean)),
+                        paired.map_or(String::new(), |(_, d)| format!("{:.6}", d.low)),
+                        paired.map_or(String::new(), |(_, d)| format!("{:.6}", d.high)),
+                    );
+                }
             }
         }
-        draw_task_plots(rows, &g, task, &budgets, dir)?;
+        if !is_ppl {
+            write_predictions(&mut md, &g, task, &protocols, &budgets);
+        }
+        draw_task_plots(rows, &g, task, &protocols, &budgets, dir)?;
     }
-    let _ = writeln!(
-        md,
-        "## Memory and time\n\n{}",
-        header("method: achieved ratio / resident KV MiB / decode ms per sample")
-    );
-    for method in &g.methods {
-        let cells: Vec<String> = budgets
-            .iter()
-            .map(|&b| {
-                let all = |f: fn(&ResultRow) -> f64| {
-                    Stat::of(
-                        g.tasks
-                            .iter()
-                            .flat_map(|t| g.by.get(&(t.clone(), method.clone(), b)))
-                            .flatten()
-                            .map(|r| f(r)),
-                    )
-                    .mean
-                };
-                format!(
-                    "{:.3} / {:.1} / {:.0}",
-                    all(|r| r.achieved_ratio),
-                    all(|r| r.resident_kv_bytes as f64 / 1048576.0),
-                    all(|r| r.decode_ms)
-                )
-            })
-            .collect();
-        let _ = writeln!(md, "| {method} | {} |", cells.join(" | "));
-    }
-    let full_mib = Stat::of(
-        rows.iter()
-            .filter(|r| r.method_name() == "full")
-            .map(|r| r.full_kv_bytes as f64 / 1048576.0),
-    )
-    .mean;
-    let _ = writeln!(
-        md,
-        "\nThe full cache holds {full_mib:.1} MiB of keys and values per sample on average.\n"
-    );
+    write_time_table(&mut md, &g, &budgets, rows);
     let mut figures: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(EvalError::io(dir))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -203,130 +396,271 @@ pub fn write_report(rows: &[ResultRow], dir: &Path, title: &str, command: &str) 
     Ok(md)
 }
 
+/// Achieved ratio of every method, budget and protocol over all tasks, with the rows that
+/// missed the budget counted.
+fn write_budget_table(md: &mut String, g: &Groups<'_>, budgets: &[u32]) {
+    let _ = writeln!(
+        md,
+        "## Budget held\n\nMean achieved ratio (entries kept / prompt tokens) over all tasks; \
+         ⚠ k/n: k of n rows off their budget by more than ±{}% of entries.\n\n{}",
+        BUDGET_TOLERANCE * 100.0,
+        header(&["protocol", "method"], budgets)
+    );
+    for &p in &g.protocols {
+        for method in &g.methods {
+            let cells: Vec<String> = budgets
+                .iter()
+                .map(|&b| {
+                    let rows: Vec<&ResultRow> = g
+                        .tasks
+                        .iter()
+                        .flat_map(|t| g.rows(t, p, method, b).iter().copied())
+                        .collect();
+                    if rows.is_empty() {
+                        return "–".into();
+                    }
+                    let mean =
+                        rows.iter().map(|r| r.achieved_ratio).sum::<f64>() / rows.len() as f64;
+                    let off = rows.iter().filter(|r| !holds_budget(r)).count();
+                    if off > 0 {
+                        format!("{mean:.3} ⚠ {off}/{}", rows.len())
+                    } else {
+                        format!("{mean:.3}")
+                    }
+                })
+                .collect();
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} |",
+                p.name(),
+                display_label(method),
+                cells.join(" | ")
+            );
+        }
+    }
+    md.push('\n');
+}
+
+/// The first samples' answers under every method, at the budget nearest 35%.
+fn write_predictions(
+    md: &mut String,
+    g: &Groups<'_>,
+    task: &str,
+    protocols: &[Protocol],
+    budgets: &[u32],
+) {
+    let Some(&budget) = budgets.iter().min_by_key(|&&b| b.abs_diff(35)) else {
+        return;
+    };
+    let first = protocols.first().copied().unwrap_or_default();
+    let samples: Vec<&str> = g
+        .rows(task, first, "full", 100)
+        .iter()
+        .map(|r| r.sample_id.as_str())
+        .take(PREDICTION_SAMPLES)
+        .collect();
+    if samples.is_empty() {
+        return;
+    }
+    let cols: Vec<String> = protocols.iter().map(|p| format!("{} protocol", p.name())).collect();
+    let _ = writeln!(
+        md,
+        "### Predictions at {budget}% (first {} samples; the full cache's answer is the \
+         reference for KL)\n\n| sample | method | {} |\n|---|---|{}",
+        samples.len(),
+        cols.join(" | "),
+        "---|".repeat(cols.len())
+    );
+    let find = |p: Protocol, method: &str, sample: &str| -> Option<&ResultRow> {
+        let b = if method == "full" { 100 } else { budget };
+        g.rows(task, p, method, b).iter().copied().find(|r| r.sample_id == sample)
+    };
+    for sample in samples {
+        let answers =
+            find(first, "full", sample).map_or_else(String::new, |r| r.answers.join(" / "));
+        let _ = writeln!(
+            md,
+            "| {sample} | **reference** | {} |",
+            vec![cell_text(&answers); protocols.len()].join(" | ")
+        );
+        for method in std::iter::once("full".to_string()).chain(g.methods.iter().cloned()) {
+            let cells: Vec<String> = protocols
+                .iter()
+                .map(|&p| {
+                    find(p, &method, sample).map_or("–".into(), |r| {
+                        format!("{} ({:.2})", cell_text(&r.prediction), r.score)
+                    })
+                })
+                .collect();
+            let label = if method == "full" { "full cache".into() } else { display_label(&method) };
+            let _ = writeln!(md, "| {sample} | {label} | {} |", cells.join(" | "));
+        }
+    }
+    md.push('\n');
+}
+
+/// Memory and time, apart from the tables above because timings differ from run to run.
+fn write_time_table(md: &mut String, g: &Groups<'_>, budgets: &[u32], rows: &[ResultRow]) {
+    let _ = writeln!(
+        md,
+        "## Time and memory\n\nResident KV MiB / decode ms per sample (question and answer), \
+         all tasks and protocols.\n\n{}",
+        header(&["method"], budgets)
+    );
+    for method in &g.methods {
+        let cells: Vec<String> = budgets
+            .iter()
+            .map(|&b| {
+                let rows: Vec<&ResultRow> = g
+                    .tasks
+                    .iter()
+                    .flat_map(|t| {
+                        g.protocols.iter().flat_map(move |&p| g.rows(t, p, method, b).iter())
+                    })
+                    .copied()
+                    .collect();
+                if rows.is_empty() {
+                    return "–".into();
+                }
+                let mean = |f: fn(&ResultRow) -> f64| {
+                    rows.iter().map(|r| f(r)).sum::<f64>() / rows.len() as f64
+                };
+                format!(
+                    "{:.1} / {:.0}",
+                    mean(|r| r.resident_kv_bytes as f64 / 1048576.0),
+                    mean(|r| r.decode_ms)
+                )
+            })
+            .collect();
+        let _ = writeln!(md, "| {} | {} |", display_label(method), cells.join(" | "));
+    }
+    let full: Vec<&ResultRow> = rows.iter().filter(|r| r.method_name() == "full").collect();
+    if !full.is_empty() {
+        let n = full.len() as f64;
+        let _ = writeln!(
+            md,
+            "\nThe full cache holds {:.1} MiB of keys and values per sample on average; prefill \
+             takes {:.0} ms per sample.\n",
+            full.iter().map(|r| r.full_kv_bytes as f64 / 1048576.0).sum::<f64>() / n,
+            full.iter().map(|r| r.prefill_ms).sum::<f64>() / n
+        );
+    }
+}
+
 fn draw_task_plots(
     rows: &[ResultRow],
     g: &Groups<'_>,
     task: &str,
+    protocols: &[Protocol],
     budgets: &[u32],
     dir: &Path,
 ) -> Result<()> {
-    let line = |f: fn(&ResultRow) -> f64, method: &str| -> Vec<(f64, f64)> {
-        budgets
-            .iter()
-            .map(|&b| (b as f64 / 100.0, g.stat(task, method, b, f).mean))
-            .filter(|p| p.1.is_finite())
-            .collect()
-    };
-    let full = |f: fn(&ResultRow) -> f64| g.stat(task, "full", 100, f).mean;
-    let (x0, x1) = (
-        budgets.first().copied().unwrap_or(0) as f64 / 100.0,
-        budgets.last().copied().unwrap_or(100) as f64 / 100.0,
-    );
     let is_ppl = task == "perplexity";
-    let (score_of, label): (fn(&ResultRow) -> f64, &str) =
-        if is_ppl { (|r| r.perplexity, "perplexity") } else { (|r| r.score, "score") };
-    let mut series: Vec<Series> = g
-        .methods
-        .iter()
-        .map(|m| Series { label: m.clone(), points: line(score_of, m), dashed: false })
-        .collect();
-    if full(score_of).is_finite() {
-        series.push(Series {
-            label: "full cache".into(),
-            points: vec![(x0, full(score_of)), (x1, full(score_of))],
-            dashed: true,
-        });
-    }
-    let range = if is_ppl { None } else { Some((0.0, 1.05)) };
-    line_chart(
-        &dir.join(format!("{task}_score_vs_budget.png")),
-        &format!("{task}: {label} vs KV budget"),
-        "budget (share of the full cache)",
-        label,
-        &series,
-        range,
-    )?;
-    let kl: Vec<Series> = g
-        .methods
-        .iter()
-        .map(|m| Series { label: m.clone(), points: line(|r| r.kl, m), dashed: false })
-        .collect();
-    line_chart(
-        &dir.join(format!("{task}_kl_vs_budget.png")),
-        &format!("{task}: KL(full || method) vs KV budget"),
-        "budget (share of the full cache)",
-        "KL (nats/token)",
-        &kl,
-        None,
-    )?;
+    let chart = |p: Protocol, m: Measure, y_label: &str, y_range| {
+        let (series, intervals): (Vec<Series>, Vec<Vec<(f64, f64)>>) = g
+            .methods
+            .iter()
+            .map(|method| {
+                let est: Vec<(f64, Estimate)> = budgets
+                    .iter()
+                    .map(|&b| (b as f64, g.estimate(task, p, method, b, m)))
+                    .filter(|(_, e)| e.n > 0)
+                    .collect();
+                (
+                    Series {
+                        label: display_label(method),
+                        points: est.iter().map(|(x, e)| (*x, e.mean)).collect(),
+                        dashed: false,
+                    },
+                    est.iter().map(|(_, e)| (e.low, e.high)).collect(),
+                )
+            })
+            .unzip();
+        let full = g.estimate(task, p, "full", 100, m);
+        LineChart {
+            title: format!("{task}, {} protocol", p.name()),
+            x_label: "KV budget (% of the full cache)".into(),
+            y_label: y_label.to_string(),
+            series,
+            intervals,
+            reference: (full.n > 0).then(|| (format!("full cache {:.3}", full.mean), full.mean)),
+            y_range,
+        }
+    };
+    let (score, score_label, score_range) = if is_ppl {
+        (PERPLEXITY, "perplexity", None)
+    } else {
+        (SCORE, "score", Some((-0.02, 1.05)))
+    };
+    let charts: Vec<LineChart> =
+        protocols.iter().map(|&p| chart(p, score, score_label, score_range)).collect();
+    line_charts(&dir.join(format!("{task}_score_vs_budget.png")), &charts)?;
+    let charts: Vec<LineChart> =
+        protocols.iter().map(|&p| chart(p, KL, "KL(full || method), nats/token", None)).collect();
+    line_charts(&dir.join(format!("{task}_kl_vs_budget.png")), &charts)?;
     if task == "passkey" || task == "needle" {
-        draw_depth_heatmaps(rows, g, task, budgets, dir)?;
+        draw_depth_heatmaps(rows, g, task, protocols, budgets, dir)?;
     }
     Ok(())
 }
 
-/// Score by depth (rows) and length (columns), one panel per method, one figure per budget.
+/// Score by depth (rows) and length (columns), one panel per method, one figure per
+/// protocol at the budget nearest 35%.
 fn draw_depth_heatmaps(
     rows: &[ResultRow],
     g: &Groups<'_>,
     task: &str,
+    protocols: &[Protocol],
     budgets: &[u32],
     dir: &Path,
 ) -> Result<()> {
     let task_rows: Vec<&ResultRow> = rows.iter().filter(|r| r.task == task).collect();
     let depths: BTreeSet<u32> = task_rows.iter().filter_map(|r| r.depth.map(pct)).collect();
     let lengths: BTreeSet<usize> = task_rows.iter().map(|r| r.length).collect();
+    let Some(&budget) = budgets.iter().min_by_key(|&&b| b.abs_diff(35)) else {
+        return Ok(());
+    };
     if depths.is_empty() {
         return Ok(());
     }
-    let panel = |method: &str, budget: u32| {
-        let values = depths
-            .iter()
-            .map(|&d| {
-                lengths
-                    .iter()
-                    .map(|&l| {
-                        let s = Stat::of(
-                            task_rows
+    for &p in protocols {
+        let panel = |method: &str| {
+            let values = depths
+                .iter()
+                .map(|&d| {
+                    lengths
+                        .iter()
+                        .map(|&l| {
+                            let scores: Vec<f64> = g
+                                .rows(task, p, method, budget)
                                 .iter()
-                                .filter(|r| {
-                                    r.method_name() == method
-                                        && (method == "full" || pct(r.budget) == budget)
-                                        && r.length == l
-                                        && r.depth.map(pct) == Some(d)
-                                })
-                                .map(|r| r.score),
-                        );
-                        if s.n == 0 {
-                            f64::NAN
-                        } else {
-                            s.mean
-                        }
-                    })
-                    .collect()
-            })
-            .collect();
-        HeatmapPanel {
-            title: if method == "full" {
-                "full cache".into()
-            } else {
-                format!("{method} @ {budget}%")
-            },
-            x_label: "context length (tokens)".into(),
-            y_label: "needle depth (%)".into(),
-            x_ticks: lengths.iter().map(|l| l.to_string()).collect(),
-            y_ticks: depths.iter().map(|d| d.to_string()).collect(),
-            values,
-        }
-    };
-    for &b in budgets {
-        let panels: Vec<HeatmapPanel> = std::iter::once(panel("full", b))
-            .chain(g.methods.iter().map(|m| panel(m, b)))
-            .collect();
+                                .filter(|r| r.length == l && r.depth.map(pct) == Some(d))
+                                .map(|r| r.score)
+                                .collect();
+                            bootstrap_mean(&scores).mean
+                        })
+                        .collect()
+                })
+                .collect();
+            HeatmapPanel {
+                title: if method == "full" {
+                    "full cache".into()
+                } else {
+                    format!("{} @ {budget}%", display_label(method))
+                },
+                x_label: "context length (tokens)".into(),
+                y_label: "needle depth (%)".into(),
+                x_ticks: lengths.iter().map(|l| l.to_string()).collect(),
+                y_ticks: depths.iter().map(|d| d.to_string()).collect(),
+                values,
+            }
+        };
+        let panels: Vec<HeatmapPanel> =
+            std::iter::once(panel("full")).chain(g.methods.iter().map(|m| panel(m))).collect();
         heatmap_grid(
-            &dir.join(format!("{task}_depth_heatmap_{b}.png")),
+            &dir.join(format!("{task}_{}_depth_heatmap_{budget}.png", p.name())),
             &panels,
-            (360, 330),
+            (330, 330),
             (0.0, 1.0),
             true,
         )?;
@@ -338,34 +672,58 @@ fn draw_depth_heatmaps(
 mod tests {
     use super::*;
     use crate::results::tests::row;
+    use crate::stats::wilson;
 
     #[test]
-    fn tables_hold_hand_computed_means_and_plots_are_written() {
+    fn tables_hold_intervals_flags_and_paired_differences() {
         let dir = std::env::temp_dir().join(format!("kvmerger-report-{}", std::process::id()));
-        let rows = vec![
-            row("s0", "full", 1.0, 1.0),
-            row("s1", "full", 1.0, 1.0),
-            row("s0", "h2o@50%", 0.5, 1.0),
-            row("s1", "h2o@50%", 0.5, 0.0),
-            row("s0", "kvmerger@50%", 0.5, 1.0),
-            row("s1", "kvmerger@50%", 0.5, 1.0),
-            row("s0", "h2o@35%", 0.35, 0.0),
-            row("s1", "h2o@35%", 0.35, 0.0),
-        ];
-        let md = write_report(&rows, &dir, "test", "kvmerger eval").unwrap();
-        // h2o at 50%: mean of 1 and 0 = 0.5, sample std = 0.71.
-        assert!(md.contains("| h2o | 0.00 ± 0.00 (2) | 0.50 ± 0.71 (2) |"), "{md}");
-        assert!(md.contains("| full cache | 1.00 ± 0.00 (2) | 1.00 ± 0.00 (2) |"), "{md}");
-        assert!(md.contains("| kvmerger | – | 1.00 ± 0.00 (2) |"), "{md}");
-        for png in [
-            "passkey_score_vs_budget.png",
-            "passkey_kl_vs_budget.png",
-            "passkey_depth_heatmap_50.png",
-        ] {
+        let mut rows = Vec::new();
+        for s in 0..4 {
+            let id = format!("s{s}");
+            rows.push(row(&id, "full", 1.0, 1.0));
+            rows.push(row(&id, "kvmerger@50%", 0.5, 1.0));
+            let mut h = row(&id, "h2o@50%", 0.5, f64::from(s % 2));
+            h.kl = 0.1 + 0.05 + 0.01 * s as f64;
+            rows.push(h);
+            // h2o at 35% keeps 30%: off its budget.
+            let mut off = row(&id, "h2o@35%", 0.35, 0.0);
+            off.achieved_ratio = 0.30;
+            rows.push(off);
+        }
+        let md = write_report(&rows, &dir, "test", "kvmerger eval", &[]).unwrap();
+        // h2o at 50%: 2 of 4 right, Wilson interval.
+        let w = wilson(2, 4);
+        let cell = format!("0.50 [{:.2}, {:.2}] (4)", w.low, w.high);
+        assert!(
+            md.contains(&format!("| context | h2o | 0.00 [0.00, 0.49] (4) ⚠ | {cell} |")),
+            "{md}"
+        );
+        assert!(md.contains("| context | h2o | 0.300 ⚠ 4/4 | 0.500 |"), "{md}");
+        // Paired KL: h2o - kvmerger = 0.05 + 0.01 s, mean 0.065, every difference positive.
+        let paired =
+            md.lines().find(|l| l.starts_with("| context | h2o | – | **0.065 [")).expect(&md);
+        assert!(paired.contains("(4) +65%**"), "{paired}");
+        for png in ["passkey_score_vs_budget.png", "passkey_kl_vs_budget.png"] {
             let meta = std::fs::metadata(dir.join(png)).unwrap();
             assert!(meta.len() > 2000, "{png} is {} bytes", meta.len());
         }
+        assert!(dir.join("passkey_context_depth_heatmap_35.png").exists());
         let csv = std::fs::read_to_string(dir.join("summary.csv")).unwrap();
-        assert!(csv.contains("passkey,\"h2o\",0.5,2,0.500000"), "{csv}");
+        assert!(csv.contains("passkey,context,\"full\",1,4,1.000000"), "{csv}");
+        assert!(csv.contains("passkey,context,\"h2o\",0.35,4,"), "{csv}");
+        // Shards merged in another sample order (each sample's methods still in the order
+        // they ran) give the same report.
+        let mut shuffled = rows.clone();
+        shuffled.sort_by(|a, b| b.sample_id.cmp(&a.sample_id));
+        let again = write_report(&shuffled, &dir, "test", "kvmerger eval", &[]).unwrap();
+        assert_eq!(md, again);
+    }
+
+    #[test]
+    fn long_list_parameters_are_shortened_in_labels() {
+        let label = format!("kvmerger(layer_budgets=[{}];mass=log_count)", ["0.35"; 30].join(","));
+        assert_eq!(display_label(&label), "kvmerger(layer_budgets=[30 values];mass=log_count)");
+        assert_eq!(display_label("h2o"), "h2o");
+        assert_eq!(display_label("x(a=[1,2])"), "x(a=[1,2])");
     }
 }

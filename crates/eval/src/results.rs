@@ -1,7 +1,7 @@
 //! Results as JSON lines: one row per (sample, method), appended and flushed as soon as it
 //! is computed, so an interrupted sweep resumes where it stopped and nothing finished is lost.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -10,6 +10,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{EvalError, Result};
+use crate::runner::Protocol;
 
 /// One sample under one method.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -18,6 +19,16 @@ pub struct ResultRow {
     pub task: String,
     /// `full`, or `method@budget` (see `CompressionConfig::label`).
     pub method: String,
+    /// Whether the question was read after compression or compressed with the context.
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// Whether the prompt was wrapped in the model's chat template.
+    #[serde(default)]
+    pub chat: bool,
+    /// Hash of everything that produced the row (sample, method, model, options): a resumed
+    /// sweep recomputes rows whose fingerprint no longer matches.
+    #[serde(default)]
+    pub fingerprint: String,
     /// The whole method configuration.
     pub config: serde_json::Value,
     /// Requested budget ratio (1 for the full cache).
@@ -29,6 +40,9 @@ pub struct ResultRow {
     #[serde(with = "finite_or_null")]
     pub score: f64,
     pub prediction: String,
+    /// The sample's reference answers (empty for perplexity, whose reference is long text).
+    #[serde(default)]
+    pub answers: Vec<String>,
     pub achieved_ratio: f64,
     pub resident_kv_bytes: usize,
     pub full_kv_bytes: usize,
@@ -63,7 +77,7 @@ mod finite_or_null {
 impl ResultRow {
     /// The key a sweep uses to know the row is done.
     pub fn key(&self) -> String {
-        row_key(&self.sample_id, &self.method)
+        row_key(&self.sample_id, self.protocol, &self.method)
     }
 
     /// The method's name without its budget.
@@ -72,16 +86,18 @@ impl ResultRow {
     }
 }
 
-/// Key of a (sample, method) pair.
-pub fn row_key(sample_id: &str, method: &str) -> String {
-    format!("{sample_id}|{method}")
+/// Key of a (sample, protocol, method) triple.
+pub fn row_key(sample_id: &str, protocol: Protocol, method: &str) -> String {
+    format!("{sample_id}|{}|{method}", protocol.name())
 }
 
-/// An append-only JSONL file of rows.
+/// An append-only JSONL file of rows. A key written twice (a row recomputed because its
+/// fingerprint changed) means its last row.
 pub struct ResultStore {
     path: PathBuf,
     file: File,
-    done: HashSet<String>,
+    /// Key -> fingerprint of its last row.
+    done: HashMap<String, String>,
 }
 
 impl ResultStore {
@@ -123,12 +139,44 @@ impl ResultStore {
         let file =
             OpenOptions::new().create(true).append(true).open(path).map_err(EvalError::io(path))?;
         file.set_len(valid_len as u64).map_err(EvalError::io(path))?;
-        let done = rows.iter().map(ResultRow::key).collect();
+        let rows = last_of_each_key(rows);
+        let done = rows.iter().map(|r| (r.key(), r.fingerprint.clone())).collect();
         Ok((Self { path: path.to_path_buf(), file, done }, rows))
     }
 
-    pub fn contains(&self, key: &str) -> bool {
-        self.done.contains(key)
+    /// Whether the store holds `key` computed from exactly `fingerprint`.
+    pub fn is_current(&self, key: &str, fingerprint: &str) -> bool {
+        self.done.get(key).is_some_and(|f| f == fingerprint)
+    }
+
+    /// Whether the store holds `key`, computed from something else than `fingerprint`.
+    pub fn is_stale(&self, key: &str, fingerprint: &str) -> bool {
+        self.done.get(key).is_some_and(|f| f != fingerprint)
+    }
+
+    /// Rewrites the file with only the last row of each key (dropping rows superseded by a
+    /// recomputation). Returns how many rows were dropped.
+    pub fn compact(&mut self) -> Result<usize> {
+        let text = std::fs::read_to_string(&self.path).map_err(EvalError::io(&self.path))?;
+        let rows: Vec<ResultRow> =
+            text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+        let before = rows.len();
+        let rows = last_of_each_key(rows);
+        if rows.len() == before {
+            return Ok(0);
+        }
+        let mut out = String::new();
+        for row in &rows {
+            out.push_str(&serde_json::to_string(row).map_err(|e| EvalError::Setup(e.to_string()))?);
+            out.push('\n');
+        }
+        // Write aside and rename, so an interruption leaves one whole file or the other.
+        let tmp = self.path.with_extension("jsonl.tmp");
+        std::fs::write(&tmp, out).map_err(EvalError::io(&tmp))?;
+        std::fs::rename(&tmp, &self.path).map_err(EvalError::io(&self.path))?;
+        self.file =
+            OpenOptions::new().append(true).open(&self.path).map_err(EvalError::io(&self.path))?;
+        Ok(before - rows.len())
     }
 
     /// Writes one row and flushes it to disk.
@@ -137,7 +185,7 @@ impl ResultStore {
         writeln!(self.file, "{line}")
             .and_then(|_| self.file.sync_data())
             .map_err(EvalError::io(&self.path))?;
-        self.done.insert(row.key());
+        self.done.insert(row.key(), row.fingerprint.clone());
         Ok(())
     }
 }
@@ -172,21 +220,45 @@ impl FromStr for Shard {
     }
 }
 
-/// Reads several stores (shards of one sweep) into one list, each (sample, method) once.
+/// The last row of each key, in the order keys first appear.
+fn last_of_each_key(rows: Vec<ResultRow>) -> Vec<ResultRow> {
+    let mut at: HashMap<String, usize> = HashMap::new();
+    let mut out: Vec<ResultRow> = Vec::with_capacity(rows.len());
+    for row in rows {
+        match at.get(&row.key()) {
+            Some(&i) => out[i] = row,
+            None => {
+                at.insert(row.key(), out.len());
+                out.push(row);
+            }
+        }
+    }
+    out
+}
+
+/// Reads several stores (shards of one sweep) into one list, each (sample, protocol,
+/// method) once: a key met again (a recomputed row) means its later row.
 pub fn merge_shards(paths: &[PathBuf]) -> Result<Vec<ResultRow>> {
-    let mut seen = HashSet::new();
     let mut rows = Vec::new();
+    let mut unreadable = HashSet::new();
     for path in paths {
         let text = std::fs::read_to_string(path).map_err(EvalError::io(path))?;
-        for line in text.lines().filter(|l| !l.trim().is_empty()) {
-            if let Ok(row) = serde_json::from_str::<ResultRow>(line) {
-                if seen.insert(row.key()) {
-                    rows.push(row);
+        for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+            match serde_json::from_str::<ResultRow>(line) {
+                Ok(row) => rows.push(row),
+                Err(e) => {
+                    if unreadable.insert(path.clone()) {
+                        eprintln!(
+                            "warning: {}, line {}: not a result row, skipped ({e})",
+                            path.display(),
+                            i + 1
+                        );
+                    }
                 }
             }
         }
     }
-    Ok(rows)
+    Ok(last_of_each_key(rows))
 }
 
 #[cfg(test)]
@@ -198,6 +270,9 @@ pub(crate) mod tests {
             sample_id: sample.into(),
             task: "passkey".into(),
             method: method.into(),
+            protocol: Protocol::Context,
+            chat: false,
+            fingerprint: "fp".into(),
             config: serde_json::json!({"method": method}),
             budget,
             context_tokens: 100,
@@ -206,6 +281,7 @@ pub(crate) mod tests {
             seed: 0,
             score,
             prediction: "x".into(),
+            answers: vec!["x".into()],
             achieved_ratio: budget,
             resident_kv_bytes: 10,
             full_kv_bytes: 20,
@@ -231,7 +307,7 @@ pub(crate) mod tests {
         let mut computed = 0;
         for job in 0..6 {
             let r = row(&format!("s{job}"), "h2o@50%", 0.5, job as f64 / 10.0);
-            if store.contains(&r.key()) {
+            if store.is_current(&r.key(), &r.fingerprint) {
                 continue;
             }
             if stop_after == Some(computed) {

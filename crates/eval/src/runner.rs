@@ -1,34 +1,110 @@
 //! Runs samples through the engine under every method of a comparison.
 //!
-//! Each sample's context is prefilled once, with the union of the statistics every method
-//! needs; each method then starts from a clone of that cache, compresses it, reads the
-//! question uncompressed (as kvpress does; `query_aware` compresses context and question
-//! together) and answers greedily. The full cache's answer is the reference for the
-//! fidelity figures: KL divergence and top-1 agreement of the next-token distributions
-//! over that answer (teacher-forced), and how many greedy tokens match it.
+//! Each sample's prompt is prefilled once, with the union of the statistics every method
+//! needs; each method then starts from a clone of that cache, compresses it and answers
+//! greedily. Under [`Protocol::Context`] the question is read after compression, uncompressed
+//! (kvpress's setting); under [`Protocol::Prompt`] it is part of what is compressed (the
+//! setting of the KVMerger and H2O papers). The full cache's answer is the reference for the
+//! fidelity figures: KL divergence and top-1 agreement of the next-token distributions over
+//! that answer (teacher-forced), and how many greedy tokens match it.
 
 use std::time::Instant;
 
 use kvmerger_compress::{CompressionConfig, StatsRequest};
+use kvmerger_engine::chat::ChatMessage;
 use kvmerger_engine::{argmax, LoadedModel, Logits, Prefilled, Sampler, SamplingConfig, Session};
+use serde::{Deserialize, Serialize};
 
 use crate::error::{EvalError, Result};
 use crate::metrics::Metric;
 use crate::tasks::Sample;
 
+/// When the question is read.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    /// The context is compressed before the question is read (kvpress; cached documents).
+    #[default]
+    Context,
+    /// The whole prompt, question included, is compressed (the KVMerger and H2O papers).
+    /// Query-aware selectors such as SnapKV see the question in their observation window
+    /// and win this protocol by construction.
+    Prompt,
+}
+
+impl Protocol {
+    pub const ALL: [Protocol; 2] = [Protocol::Context, Protocol::Prompt];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Context => "context",
+            Protocol::Prompt => "prompt",
+        }
+    }
+
+    /// How a report describes it.
+    pub fn description(self) -> &'static str {
+        match self {
+            Protocol::Context => "question read after compression (kvpress)",
+            Protocol::Prompt => "question compressed with the context (KVMerger, H2O papers)",
+        }
+    }
+}
+
 /// How samples are run.
 #[derive(Debug, Clone, Copy)]
 pub struct RunOptions {
-    /// Compress context and question together instead of the context alone.
-    pub query_aware: bool,
+    pub protocol: Protocol,
+    /// Wrap context and question in the model's chat template (as kvpress does for
+    /// instruct models). Perplexity samples, which have no question, are never wrapped.
+    pub chat: bool,
     /// Queries per chunk of the explicit attention softmax.
     pub attention_chunk: usize,
 }
 
 impl Default for RunOptions {
     fn default() -> Self {
-        Self { query_aware: false, attention_chunk: 128 }
+        Self { protocol: Protocol::Context, chat: false, attention_chunk: 128 }
     }
+}
+
+/// Marks where the question starts inside a rendered chat prompt (never in real text).
+const QUESTION_MARK: &str = "\u{1}kvmerger-question\u{1}";
+
+/// The text a sample's prompt is made of: the part prefilled (and compressed), and the part
+/// read after compression (empty under [`Protocol::Prompt`]).
+///
+/// Raw: `context`, then `\n question \n answer_prefix`. Chat: one user turn holding the
+/// context and the question, then the assistant's turn starting with the answer prefix;
+/// the template's text before the question goes with the context (kvpress's split).
+pub fn prompt_texts(
+    model: &LoadedModel,
+    sample: &Sample,
+    opts: RunOptions,
+) -> Result<(String, String)> {
+    let has_question = sample.metric != Metric::Perplexity;
+    let (context, question) = if opts.chat && has_question {
+        let template = model.chat_template()?;
+        let user = format!("{}{QUESTION_MARK}\n{}", sample.context, sample.question);
+        let rendered = template.render(&[ChatMessage::user(user)], true)?;
+        let (before, after) = rendered
+            .split_once(QUESTION_MARK)
+            .filter(|(_, after)| !after.contains(QUESTION_MARK))
+            .ok_or_else(|| {
+                EvalError::Setup("the chat template did not keep the prompt intact".into())
+            })?;
+        (before.to_string(), format!("{after}{}", sample.answer_prefix))
+    } else if has_question {
+        (sample.context.clone(), format!("\n{}\n{}", sample.question, sample.answer_prefix))
+    } else {
+        (sample.context.clone(), String::new())
+    };
+    Ok(match opts.protocol {
+        Protocol::Context => (context, question),
+        Protocol::Prompt => (format!("{context}{question}"), String::new()),
+    })
 }
 
 /// What one method did on one sample.
@@ -61,12 +137,7 @@ pub fn run_sample(
     opts: RunOptions,
 ) -> Result<Vec<MethodOutcome>> {
     let tok = &model.tokenizer;
-    let question_text = format!("\n{}\n{}", sample.question, sample.answer_prefix);
-    let (context_text, question_text) = if opts.query_aware {
-        (format!("{}{}", sample.context, question_text), String::new())
-    } else {
-        (sample.context.clone(), question_text)
-    };
+    let (context_text, question_text) = prompt_texts(model, sample, opts)?;
     let context = tok.encode(&context_text, true)?;
     let question =
         if question_text.is_empty() { Vec::new() } else { tok.encode(&question_text, false)? };
@@ -91,17 +162,14 @@ pub fn run_sample(
             .answers
             .first()
             .ok_or_else(|| EvalError::Task(format!("{}: no continuation to score", sample.id)))?;
-        Answer {
-            tokens: tok.encode(continuation, false)?,
-            achieved_ratio: 1.0,
-            resident_kv_bytes: 0,
-            decode_ms: 0.0,
-        }
+        Answer { tokens: tok.encode(continuation, false)?, decode_ms: 0.0 }
     } else {
-        answer(model, &CompressionConfig::Full, &prefilled, &question, sample.max_new_tokens)?
+        let (session, logits, _, _) = compressed(model, &CompressionConfig::Full, &prefilled)?;
+        answer(model, session, logits, &question, sample.max_new_tokens)?
     };
-    let reference =
-        teacher_forced(model, &CompressionConfig::Full, &prefilled, &question, &full.tokens)?;
+    let (session, logits, full_ratio, full_bytes) =
+        compressed(model, &CompressionConfig::Full, &prefilled)?;
+    let reference = teacher_forced(session, logits, &question, &full.tokens)?;
     let full_kv_bytes = 2
         * 4
         * context.len()
@@ -112,24 +180,25 @@ pub fn run_sample(
     methods
         .iter()
         .map(|method| {
-            let forced = if *method == CompressionConfig::Full {
-                reference.clone()
-            } else {
-                teacher_forced(model, method, &prefilled, &question, &full.tokens)?
-            };
-            let ans = if perplexity_task {
-                Answer {
-                    tokens: Vec::new(),
-                    achieved_ratio: forced.achieved_ratio,
-                    resident_kv_bytes: forced.resident_kv_bytes,
-                    decode_ms: 0.0,
-                }
-            } else if *method == CompressionConfig::Full {
-                full.clone()
-            } else {
-                answer(model, method, &prefilled, &question, sample.max_new_tokens)?
-            };
-            let prediction = tok.decode(&ans.tokens)?;
+            let no_answer = Answer { tokens: Vec::new(), decode_ms: 0.0 };
+            // Compress once; the answer and the teacher-forced pass start from copies.
+            let (forced, ans, achieved_ratio, resident_kv_bytes) =
+                if *method == CompressionConfig::Full {
+                    let ans = if perplexity_task { no_answer } else { full.clone() };
+                    (reference.clone(), ans, full_ratio, full_bytes)
+                } else {
+                    let (session, logits, ratio, bytes) = compressed(model, method, &prefilled)?;
+                    let mut copy = Session::new(&model.model, method)?;
+                    copy.cache = session.cache.clone();
+                    let forced = teacher_forced(copy, logits.clone(), &question, &full.tokens)?;
+                    let ans = if perplexity_task {
+                        no_answer
+                    } else {
+                        answer(model, session, logits, &question, sample.max_new_tokens)?
+                    };
+                    (forced, ans, ratio, bytes)
+                };
+            let prediction = tok.decode_plain(&ans.tokens)?;
             let matched = ans.tokens.iter().zip(&full.tokens).take_while(|(a, b)| a == b).count();
             let score = if perplexity_task {
                 forced.perplexity
@@ -140,8 +209,8 @@ pub fn run_sample(
                 method: method.clone(),
                 score,
                 prediction,
-                achieved_ratio: ans.achieved_ratio,
-                resident_kv_bytes: ans.resident_kv_bytes,
+                achieved_ratio,
+                resident_kv_bytes,
                 full_kv_bytes,
                 context_tokens: context.len(),
                 prefill_ms: prefilled.elapsed.as_secs_f64() * 1e3,
@@ -158,8 +227,6 @@ pub fn run_sample(
 #[derive(Debug, Clone)]
 struct Answer {
     tokens: Vec<u32>,
-    achieved_ratio: f64,
-    resident_kv_bytes: usize,
     decode_ms: f64,
 }
 
@@ -177,16 +244,14 @@ fn compressed<'m>(
     Ok((session, logits, ratio, bytes))
 }
 
-/// Compresses the prefilled context, reads the question, answers greedily.
+/// Reads the question after the compressed context and answers greedily.
 fn answer(
     model: &LoadedModel,
-    method: &CompressionConfig,
-    prefilled: &Prefilled,
+    mut session: Session<'_>,
+    mut logits: Vec<f32>,
     question: &[u32],
     max_new: usize,
 ) -> Result<Answer> {
-    let (mut session, mut logits, achieved_ratio, resident_kv_bytes) =
-        compressed(model, method, prefilled)?;
     let start = Instant::now();
     if !question.is_empty() {
         logits = session.extend(question, Logits::Last)?.swap_remove(0);
@@ -194,12 +259,7 @@ fn answer(
     let mut greedy = Sampler::new(SamplingConfig::default());
     let tokens =
         session.generate(logits, max_new, &mut greedy, &model.tokenizer.eos_ids(), |_| true)?;
-    Ok(Answer {
-        tokens,
-        achieved_ratio,
-        resident_kv_bytes,
-        decode_ms: start.elapsed().as_secs_f64() * 1e3,
-    })
+    Ok(Answer { tokens, decode_ms: start.elapsed().as_secs_f64() * 1e3 })
 }
 
 #[derive(Clone)]
@@ -207,29 +267,19 @@ struct Forced {
     /// `[target][vocab]` log-probabilities of the positions that predict each target token.
     log_probs: Vec<Vec<f32>>,
     perplexity: f64,
-    achieved_ratio: f64,
-    resident_kv_bytes: usize,
 }
 
-/// Feeds `question ++ targets` in one step after the compressed context and returns the
-/// distributions that predict each target token.
+/// Feeds `question ++ targets` in one step after the compressed context (whose last logits
+/// are `first`) and returns the distributions that predict each target token.
 fn teacher_forced(
-    model: &LoadedModel,
-    method: &CompressionConfig,
-    prefilled: &Prefilled,
+    mut session: Session<'_>,
+    first: Vec<f32>,
     question: &[u32],
     targets: &[u32],
 ) -> Result<Forced> {
-    let (mut session, first, achieved_ratio, resident_kv_bytes) =
-        compressed(model, method, prefilled)?;
     let mut rows = Vec::with_capacity(targets.len());
     if targets.is_empty() {
-        return Ok(Forced {
-            log_probs: rows,
-            perplexity: f64::NAN,
-            achieved_ratio,
-            resident_kv_bytes,
-        });
+        return Ok(Forced { log_probs: rows, perplexity: f64::NAN });
     }
     let input: Vec<u32> = question.iter().chain(&targets[..targets.len() - 1]).copied().collect();
     // The distribution predicting targets[0] is the last context row when there is no question.
@@ -242,12 +292,7 @@ fn teacher_forced(
         rows.extend(logits.iter().skip(skip).map(|r| log_softmax(r)));
     }
     let nll: f64 = rows.iter().zip(targets).map(|(lp, &t)| -(lp[t as usize] as f64)).sum();
-    Ok(Forced {
-        perplexity: (nll / targets.len() as f64).exp(),
-        log_probs: rows,
-        achieved_ratio,
-        resident_kv_bytes,
-    })
+    Ok(Forced { perplexity: (nll / targets.len() as f64).exp(), log_probs: rows })
 }
 
 fn log_softmax(logits: &[f32]) -> Vec<f32> {

@@ -10,8 +10,9 @@ use kvmerger_engine::LoadedModel;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{EvalError, Result};
+use crate::fingerprint::Fnv64;
 use crate::results::{row_key, ResultRow, ResultStore, Shard};
-use crate::runner::{run_sample, RunOptions};
+use crate::runner::{run_sample, Protocol, RunOptions};
 use crate::tasks::{generate, Sample, TaskInput, TaskKind};
 
 /// One task's grid.
@@ -25,45 +26,91 @@ pub struct TaskGrid {
     pub seeds: Vec<u64>,
 }
 
+/// Seeds of the development split: defaults (KVMerger's parameters, the chat choice, the
+/// preset sizes) were chosen on these, and on nothing else.
+pub const DEV_SEEDS: std::ops::Range<u64> = 0..1000;
+/// First seed of the held-out split, which the `default` and `paper` presets report on.
+pub const HELD_OUT_SEED: u64 = 1000;
+
 /// A whole comparison, as a preset or a JSON file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SweepSpec {
     pub name: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tasks: Vec<TaskGrid>,
+    /// A JSONL dataset run instead of generated tasks (set by `--dataset`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataset: Option<DatasetSource>,
     /// Methods compared with the full cache (which always runs, as the reference): a name,
     /// or a variant with parameters, `kvmerger:mass=log_count;sigma=adaptive`.
     pub methods: Vec<String>,
-    /// Budget ratios.
-    pub budgets: Vec<f64>,
+    /// Budgets, in the grammar of `--budget`: `0.35`, `"35%"`, `"512t"`, `{"ratio": 0.35}`.
+    pub budgets: Vec<Budget>,
     /// Per-method parameter overrides, `name -> [(key, value)]`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub params: std::collections::BTreeMap<String, Vec<(String, String)>>,
+    /// When the question is read; both by default.
+    #[serde(default = "all_protocols")]
+    pub protocols: Vec<Protocol>,
+    /// Wrap prompts in the model's chat template.
     #[serde(default)]
-    pub query_aware: bool,
+    pub chat: bool,
+}
+
+/// Where a dataset sweep's samples came from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DatasetSource {
+    pub path: String,
+    pub metric: crate::metrics::Metric,
+    pub samples: usize,
+}
+
+fn all_protocols() -> Vec<Protocol> {
+    Protocol::ALL.to_vec()
 }
 
 impl SweepSpec {
-    /// Built-in presets: `default` (about 10 minutes on 2 cores), `long`, `ruler`.
+    /// Built-in presets. `default` (about 10 minutes on 2 cores) and `paper` (about an
+    /// hour) report on held-out seeds; `dev` is `default`'s grid on development seeds, for
+    /// choosing defaults; `long` and `ruler` are longer contexts and RULER's tasks.
     pub fn preset(name: &str) -> Result<Self> {
         let methods =
-            ["kvmerger", "kvmerger:mass=log_count", "h2o", "cam", "streaming_llm", "snapkv"]
-                .map(String::from)
-                .to_vec();
-        let grid = |task, lengths: &[usize], depths: &[f64], seeds: &[u64]| TaskGrid {
+            ["kvmerger", "h2o", "cam", "streaming_llm", "snapkv"].map(String::from).to_vec();
+        let seeds = |first: u64, n: u64| (first..first + n).collect::<Vec<u64>>();
+        let grid = |task, lengths: &[usize], depths: &[f64], seeds: Vec<u64>| TaskGrid {
             task,
             lengths: lengths.to_vec(),
             depths: depths.to_vec(),
-            seeds: seeds.to_vec(),
+            seeds,
+        };
+        let three = vec![Budget::Ratio(0.5), Budget::Ratio(0.35), Budget::Ratio(0.2)];
+        // `default` and `dev` share one grid, on different seeds. Sized (docs/eval-sizing.md)
+        // for 12 samples per task and protocol where KL is compared: enough to separate,
+        // with paired differences, two methods whose KL differs by 20% at 35%.
+        let small = |first: u64| {
+            vec![
+                grid(TaskKind::Passkey, &[1024], &[0.2, 0.5, 0.8], seeds(first, 4)),
+                grid(TaskKind::Needle, &[1024], &[0.25, 0.75], seeds(first, 3)),
+                grid(TaskKind::Perplexity, &[1024], &[0.0], seeds(first, 12)),
+            ]
         };
         let (tasks, budgets) = match name {
-            "default" => (
+            "default" => (small(HELD_OUT_SEED), three),
+            "dev" => (small(DEV_SEEDS.start), three),
+            "paper" => (
                 vec![
-                    grid(TaskKind::Passkey, &[1024, 2048], &[0.1, 0.5, 0.9], &[0, 1]),
-                    grid(TaskKind::Needle, &[1536], &[0.25, 0.75], &[0, 1]),
-                    grid(TaskKind::NiahSingle, &[1024], &[0.3, 0.7], &[0, 1]),
-                    grid(TaskKind::Perplexity, &[1024], &[0.0], &[0, 1]),
+                    grid(
+                        TaskKind::Passkey,
+                        &[1024, 2048],
+                        &[0.1, 0.3, 0.5, 0.7, 0.9],
+                        seeds(HELD_OUT_SEED, 5),
+                    ),
+                    grid(TaskKind::Needle, &[1024], &[0.25, 0.5, 0.75], seeds(HELD_OUT_SEED, 6)),
+                    grid(TaskKind::NiahSingle, &[1024], &[0.2, 0.5, 0.8], seeds(HELD_OUT_SEED, 4)),
+                    grid(TaskKind::Perplexity, &[1024], &[0.0], seeds(HELD_OUT_SEED, 24)),
+                    grid(TaskKind::Perplexity, &[2048], &[0.0], seeds(HELD_OUT_SEED + 100, 8)),
                 ],
-                vec![0.5, 0.35],
+                three,
             ),
             "long" => (
                 vec![
@@ -71,12 +118,17 @@ impl SweepSpec {
                         TaskKind::Passkey,
                         &[1024, 2048, 4096, 7900],
                         &[0.1, 0.3, 0.5, 0.7, 0.9],
-                        &[0, 1, 2],
+                        seeds(HELD_OUT_SEED, 3),
                     ),
-                    grid(TaskKind::Needle, &[2048, 4096], &[0.1, 0.5, 0.9], &[0, 1, 2]),
-                    grid(TaskKind::Perplexity, &[2048, 4096], &[0.0], &[0, 1, 2]),
+                    grid(
+                        TaskKind::Needle,
+                        &[2048, 4096],
+                        &[0.1, 0.5, 0.9],
+                        seeds(HELD_OUT_SEED, 3),
+                    ),
+                    grid(TaskKind::Perplexity, &[2048, 4096], &[0.0], seeds(HELD_OUT_SEED, 3)),
                 ],
-                vec![0.5, 0.35, 0.2],
+                three,
             ),
             "ruler" => (
                 [
@@ -86,23 +138,25 @@ impl SweepSpec {
                     TaskKind::VariableTracking,
                 ]
                 .into_iter()
-                .map(|t| grid(t, &[2048], &[0.2, 0.5, 0.8], &[0, 1, 2]))
+                .map(|t| grid(t, &[2048], &[0.2, 0.5, 0.8], seeds(HELD_OUT_SEED, 3)))
                 .collect(),
-                vec![0.5, 0.35, 0.2],
+                three,
             ),
             other => {
                 return Err(EvalError::Task(format!(
-                    "unknown preset `{other}` (default, long, ruler)"
+                    "unknown preset `{other}` (default, paper, dev, long, ruler)"
                 )))
             }
         };
         Ok(Self {
             name: name.to_string(),
             tasks,
+            dataset: None,
             methods,
             budgets,
             params: Default::default(),
-            query_aware: false,
+            protocols: all_protocols(),
+            chat: false,
         })
     }
 
@@ -119,7 +173,7 @@ impl SweepSpec {
                 params.push((k.trim().to_string(), v.trim().to_string()));
             }
             for &b in &self.budgets {
-                out.push(CompressionConfig::from_cli(m, Some(Budget::Ratio(b)), &params)?);
+                out.push(CompressionConfig::from_cli(m, Some(b), &params)?);
             }
         }
         Ok(out)
@@ -160,18 +214,59 @@ pub struct SweepInput<'a> {
     pub configs: Vec<CompressionConfig>,
     pub jobs: Vec<Job>,
     pub haystack: Option<&'a str>,
-    pub options: RunOptions,
+    /// Each sample runs under each of these (perplexity samples, which have no question,
+    /// under [`Protocol::Context`] only).
+    pub protocols: Vec<Protocol>,
+    pub chat: bool,
+    pub attention_chunk: usize,
+    /// What identifies the model and how it runs (file identity, weight formats): part of
+    /// every row's fingerprint.
+    pub model_fingerprint: String,
     pub shard: Shard,
     /// Draw a progress bar (off in tests).
     pub progress: bool,
 }
 
-/// Runs every job this shard owns that `store` lacks; returns the rows computed now.
+/// What a sweep did.
+#[derive(Debug, Default)]
+pub struct SweepOutcome {
+    /// Rows computed by this run.
+    pub computed: Vec<ResultRow>,
+    /// Of those, rows the store held with another fingerprint (sample, method, model or
+    /// options changed since they were written).
+    pub stale: usize,
+    /// Keys of every row of this sweep (this shard), computed now or before.
+    pub keys: std::collections::HashSet<String>,
+}
+
+/// Bumped when the runner changes what it computes, so that old rows are recomputed.
+const RUNNER_REVISION: &str = "2";
+
+/// The fingerprint of one row: everything that determines its numbers.
+pub fn row_fingerprint(
+    sample: &Sample,
+    config: &CompressionConfig,
+    protocol: Protocol,
+    input: &SweepInput<'_>,
+) -> String {
+    let mut h = Fnv64::default();
+    h.field(RUNNER_REVISION);
+    h.field(&serde_json::to_string(sample).unwrap_or_default());
+    h.field(&serde_json::to_string(config).unwrap_or_default());
+    h.field(protocol.name());
+    h.field(if input.chat { "chat" } else { "raw" });
+    h.field(&input.attention_chunk.to_string());
+    h.field(&input.model_fingerprint);
+    h.hex()
+}
+
+/// Runs every job this shard owns whose rows `store` lacks or holds with another
+/// fingerprint.
 pub fn run_sweep(
     model: &LoadedModel,
     input: &SweepInput<'_>,
     store: &mut ResultStore,
-) -> Result<Vec<ResultRow>> {
+) -> Result<SweepOutcome> {
     let owned: Vec<&Job> = input
         .jobs
         .iter()
@@ -190,7 +285,7 @@ pub fn run_sweep(
     bar.enable_steady_tick(Duration::from_millis(250));
     let count_tokens =
         |s: &str| model.tokenizer.encode(s, false).map(|t| t.len()).unwrap_or(usize::MAX);
-    let mut computed = Vec::new();
+    let mut outcome = SweepOutcome::default();
     for job in owned {
         let sample = match job {
             Job::Generated { task, length, depth, seed } => {
@@ -206,48 +301,72 @@ pub fn run_sweep(
             Job::Given(s) => (**s).clone(),
         };
         bar.set_message(sample.id.clone());
-        let missing: Vec<CompressionConfig> = input
-            .configs
-            .iter()
-            .filter(|c| !store.contains(&row_key(&sample.id, &c.label())))
-            .cloned()
-            .collect();
-        if !missing.is_empty() {
+        let protocols: &[Protocol] = if sample.metric == crate::metrics::Metric::Perplexity {
+            &[Protocol::Context]
+        } else {
+            &input.protocols
+        };
+        for &protocol in protocols {
+            let mut missing = Vec::new();
+            for config in &input.configs {
+                let key = row_key(&sample.id, protocol, &config.label());
+                let fingerprint = row_fingerprint(&sample, config, protocol, input);
+                if !store.is_current(&key, &fingerprint) {
+                    outcome.stale += usize::from(store.is_stale(&key, &fingerprint));
+                    missing.push((config.clone(), fingerprint));
+                }
+                outcome.keys.insert(key);
+            }
+            if missing.is_empty() {
+                continue;
+            }
             let (length, seed) = match job {
                 Job::Generated { length, seed, .. } => (Some(*length), *seed),
                 Job::Given(_) => (None, 0),
             };
-            for outcome in run_sample(model, &sample, &missing, input.options)? {
+            let options =
+                RunOptions { protocol, chat: input.chat, attention_chunk: input.attention_chunk };
+            let configs: Vec<CompressionConfig> = missing.iter().map(|m| m.0.clone()).collect();
+            let results = run_sample(model, &sample, &configs, options)?;
+            for (result, (_, fingerprint)) in results.into_iter().zip(missing) {
                 let row = ResultRow {
                     sample_id: sample.id.clone(),
                     task: sample.task.clone(),
-                    method: outcome.method.label(),
-                    config: serde_json::to_value(&outcome.method).unwrap_or_default(),
-                    budget: outcome.method.budget().ratio(outcome.context_tokens),
-                    context_tokens: outcome.context_tokens,
-                    length: length.unwrap_or(outcome.context_tokens),
+                    method: result.method.label(),
+                    protocol,
+                    chat: input.chat,
+                    fingerprint,
+                    config: serde_json::to_value(&result.method).unwrap_or_default(),
+                    budget: result.method.budget().ratio(result.context_tokens),
+                    context_tokens: result.context_tokens,
+                    length: length.unwrap_or(result.context_tokens),
                     depth: sample.depth,
                     seed,
-                    score: outcome.score,
-                    prediction: outcome.prediction,
-                    achieved_ratio: outcome.achieved_ratio,
-                    resident_kv_bytes: outcome.resident_kv_bytes,
-                    full_kv_bytes: outcome.full_kv_bytes,
-                    prefill_ms: outcome.prefill_ms,
-                    decode_ms: outcome.decode_ms,
-                    kl: outcome.kl,
-                    top1_agreement: outcome.top1_agreement,
-                    matched_prefix_tokens: outcome.matched_prefix_tokens,
-                    perplexity: outcome.perplexity,
+                    score: result.score,
+                    prediction: result.prediction,
+                    answers: if sample.metric == crate::metrics::Metric::Perplexity {
+                        Vec::new()
+                    } else {
+                        sample.answers.clone()
+                    },
+                    achieved_ratio: result.achieved_ratio,
+                    resident_kv_bytes: result.resident_kv_bytes,
+                    full_kv_bytes: result.full_kv_bytes,
+                    prefill_ms: result.prefill_ms,
+                    decode_ms: result.decode_ms,
+                    kl: result.kl,
+                    top1_agreement: result.top1_agreement,
+                    matched_prefix_tokens: result.matched_prefix_tokens,
+                    perplexity: result.perplexity,
                 };
                 store.append(&row)?;
-                computed.push(row);
+                outcome.computed.push(row);
             }
         }
         bar.inc(1);
     }
     bar.finish_and_clear();
-    Ok(computed)
+    Ok(outcome)
 }
 
 /// Reads a sweep specification from JSON.
@@ -267,11 +386,26 @@ mod tests {
         assert_eq!(configs.len(), 1 + spec.methods.len() * spec.budgets.len());
         assert_eq!(configs[0], CompressionConfig::Full);
         let jobs = spec.jobs();
-        assert_eq!(jobs.len(), 2 * 3 * 2 + 2 * 2 + 2 * 2 + 2);
+        let expected: usize = spec
+            .tasks
+            .iter()
+            .map(|g| {
+                let depths = if g.task == TaskKind::Perplexity { 1 } else { g.depths.len() };
+                g.lengths.len() * depths * g.seeds.len()
+            })
+            .sum();
+        assert_eq!(jobs.len(), expected);
+        // Reported presets run on held-out seeds only; `dev` on development seeds only.
+        for (name, held_out) in [("default", true), ("paper", true), ("dev", false)] {
+            let p = SweepSpec::preset(name).unwrap();
+            for g in &p.tasks {
+                assert!(g.seeds.iter().all(|s| DEV_SEEDS.contains(s) != held_out), "{name}");
+            }
+        }
         assert!(SweepSpec::preset("nope").is_err());
         let variants = SweepSpec {
             methods: vec!["kvmerger:mass=log_count;sigma=adaptive".into()],
-            budgets: vec![0.5],
+            budgets: vec![Budget::Ratio(0.5)],
             ..spec.clone()
         };
         assert_eq!(

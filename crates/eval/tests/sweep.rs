@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use kvmerger_compress::{Budget, CompressionConfig};
 use kvmerger_engine::{load_model, LoadedModel, WeightFormats};
 use kvmerger_eval::results::{ResultRow, ResultStore, Shard};
-use kvmerger_eval::runner::RunOptions;
+use kvmerger_eval::runner::Protocol;
 use kvmerger_eval::sweep::{run_sweep, Job, SweepInput};
 use kvmerger_eval::tasks::TaskKind;
 
@@ -29,7 +29,10 @@ fn input() -> SweepInput<'static> {
         configs,
         jobs,
         haystack: None,
-        options: RunOptions::default(),
+        protocols: vec![Protocol::Context],
+        chat: false,
+        attention_chunk: 128,
+        model_fingerprint: "test model".into(),
         shard: Shard::WHOLE,
         progress: false,
     }
@@ -52,20 +55,20 @@ fn interrupted_and_resumed_sweep_equals_an_uninterrupted_one() {
     let m = model();
     let whole_path = temp("whole");
     let (mut store, _) = ResultStore::open(&whole_path).unwrap();
-    let whole = run_sweep(&m, &input(), &mut store).unwrap();
+    let whole = run_sweep(&m, &input(), &mut store).unwrap().computed;
     assert_eq!(whole.len(), 6);
 
     let parts_path = temp("parts");
     let mut first = input();
     first.jobs.truncate(1);
     let (mut store, _) = ResultStore::open(&parts_path).unwrap();
-    assert_eq!(run_sweep(&m, &first, &mut store).unwrap().len(), 3);
+    assert_eq!(run_sweep(&m, &first, &mut store).unwrap().computed.len(), 3);
     drop(store);
     // Resuming computes only what is missing.
     let (mut store, done) = ResultStore::open(&parts_path).unwrap();
     assert_eq!(done.len(), 3);
     let rest = run_sweep(&m, &input(), &mut store).unwrap();
-    assert_eq!(rest.len(), 3);
+    assert_eq!((rest.computed.len(), rest.stale), (3, 0));
     // Compare what both runs stored, read back the same way.
     let (_, all) = ResultStore::open(&parts_path).unwrap();
     let (_, whole_stored) = ResultStore::open(&whole_path).unwrap();

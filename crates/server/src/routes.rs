@@ -106,7 +106,12 @@ fn engine_request(
     Ok(GenerationRequest {
         prompt,
         max_tokens,
-        sampling: SamplingConfig { temperature, top_p: g.top_p.unwrap_or(1.0), seed },
+        sampling: SamplingConfig {
+            temperature,
+            top_p: g.top_p.unwrap_or(1.0),
+            seed,
+            ..SamplingConfig::default()
+        },
         compression,
         stop_tokens: state.tokenizer.eos_ids(),
     })
