@@ -188,6 +188,7 @@ pub fn run_sample(
                     (reference.clone(), ans, full_ratio, full_bytes)
                 } else {
                     let (session, logits, ratio, bytes) = compressed(model, method, &prefilled)?;
+                    warn_if_clamped(&sample.id, method, &session);
                     let mut copy = Session::new(&model.model, method)?;
                     copy.cache = session.cache.clone();
                     let forced = teacher_forced(copy, logits.clone(), &question, &full.tokens)?;
@@ -242,6 +243,21 @@ fn compressed<'m>(
     let (ratio, bytes) =
         session.report().map_or((1.0, 0), |r| (r.achieved_ratio(), r.resident_bytes));
     Ok((session, logits, ratio, bytes))
+}
+
+/// One warning per sample and method whose compression shrank a fixed part (sinks,
+/// window, protected entries) of some head to fit its budget.
+fn warn_if_clamped(sample: &str, method: &CompressionConfig, session: &Session<'_>) {
+    let Some(report) = session.report() else { return };
+    let clamped = report.clamped_heads();
+    if clamped > 0 {
+        eprintln!(
+            "warning: sample {sample}, {}: {clamped} of {} heads had a fixed part shrunk to fit \
+             the budget",
+            method.label(),
+            report.heads.iter().flatten().count()
+        );
+    }
 }
 
 /// Reads the question after the compressed context and answers greedily.
