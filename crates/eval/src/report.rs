@@ -334,6 +334,16 @@ fn draw_depth_heatmaps(
     Ok(())
 }
 
+/// Writes `path` through a synced temporary file and a rename, so a crash leaves the old
+/// file or the new one, never half of one.
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::File::create(&tmp).map_err(EvalError::io(&tmp))?;
+    file.write_all(bytes).and_then(|_| file.sync_all()).map_err(EvalError::io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(EvalError::io(path))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -368,14 +378,4 @@ mod tests {
         let csv = std::fs::read_to_string(dir.join("summary.csv")).unwrap();
         assert!(csv.contains("passkey,\"h2o\",0.5,2,0.500000"), "{csv}");
     }
-}
-
-/// Writes `path` through a synced temporary file and a rename, so a crash leaves the old
-/// file or the new one, never half of one.
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let mut file = std::fs::File::create(&tmp).map_err(EvalError::io(&tmp))?;
-    file.write_all(bytes).and_then(|_| file.sync_all()).map_err(EvalError::io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(EvalError::io(path))
 }
