@@ -126,7 +126,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let model_fingerprint = format!(
         "{}; weights {}",
         model_identity(&loaded.path)?,
-        serde_json::to_string(&args.model.formats())?
+        serde_json::to_string(&loaded.model.formats)?
     );
     let out = args.out.clone().unwrap_or_else(|| PathBuf::from("results").join(&spec.name));
     std::fs::create_dir_all(&out)?;

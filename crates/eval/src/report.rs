@@ -391,8 +391,8 @@ pub fn write_report(
         let name = f.file_name().unwrap_or_default().to_string_lossy();
         let _ = writeln!(md, "![{name}]({name})\n");
     }
-    std::fs::write(dir.join("summary.csv"), csv).map_err(EvalError::io(dir.join("summary.csv")))?;
-    std::fs::write(dir.join("report.md"), &md).map_err(EvalError::io(dir.join("report.md")))?;
+    write_atomically(&dir.join("summary.csv"), csv.as_bytes())?;
+    write_atomically(&dir.join("report.md"), md.as_bytes())?;
     Ok(md)
 }
 
@@ -666,6 +666,16 @@ fn draw_depth_heatmaps(
         )?;
     }
     Ok(())
+}
+
+/// Writes `path` through a synced temporary file and a rename, so a crash leaves the old
+/// file or the new one, never half of one.
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::File::create(&tmp).map_err(EvalError::io(&tmp))?;
+    file.write_all(bytes).and_then(|_| file.sync_all()).map_err(EvalError::io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(EvalError::io(path))
 }
 
 #[cfg(test)]
