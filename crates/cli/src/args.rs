@@ -25,7 +25,8 @@ pub struct ModelSource {
 
 impl ModelSource {
     /// Sizes the thread pools, then returns the model's path (fetching a known model, or the
-    /// default one if none was given). Call before any computation: rayon's global pool is built once.
+    /// default one if none was given). Call before any computation: rayon's global pool is
+    /// built once.
     pub fn prepare(&self) -> Result<PathBuf> {
         set_threads(self.threads)?;
         kvmerger_engine::fetch::resolve_model(self.model.as_deref()).context("finding the model")
