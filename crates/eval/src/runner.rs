@@ -149,9 +149,9 @@ pub fn run_sample(
             context: limit,
         }));
     }
-    let stats = methods
-        .iter()
-        .try_fold(StatsRequest::default(), |acc, m| m.build().map(|b| acc.union(b.stats())))?;
+    let stats = methods.iter().try_fold(StatsRequest::default(), |acc, m| {
+        m.build().map(|b| acc.union(b.prompt_stats(context.len())))
+    })?;
     let prefilled = Prefilled::run(&model.model, &context, stats, opts.attention_chunk)?;
 
     // Perplexity samples score a given continuation; the others score a generated answer
