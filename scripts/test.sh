@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Runs the whole test suite on a fresh machine: installs what the tests need (the Python
-# packages of the tokenizer cross-check, fontconfig for plot text), fetches the default
-# model if it is missing, then runs every test in release mode.
+# Runs the whole test suite on a fresh machine: installs what the tests need (rustfmt and
+# clippy, the Python packages of the tokenizer cross-check, fontconfig for plot text), fetches
+# the default model if it is missing, checks formatting and lints, then runs every test in
+# release mode.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,5 +14,15 @@ if ! python3 -c "import gguf, tokenizers" 2>/dev/null; then
   echo "installing the Python packages of the tokenizer cross-check (gguf, tokenizers)"
   python3 -m pip install --quiet gguf tokenizers
 fi
+if ! cargo fmt --version >/dev/null 2>&1; then
+  echo "installing rustfmt"
+  rustup component add rustfmt
+fi
+if ! cargo clippy --version >/dev/null 2>&1; then
+  echo "installing clippy"
+  rustup component add clippy
+fi
+cargo fmt --all -- --check
+cargo clippy --release --workspace --all-targets -- -D warnings
 cargo run --release --quiet -p kvmerger -- fetch --model-only
 cargo test --release --workspace

@@ -1,10 +1,14 @@
 #!/usr/bin/env python3
-"""Token ids of texts under an independent rebuild of SmolLM2's tokenizer.
+"""Token ids of texts under an independent rebuild of a GGUF file's byte-level BPE tokenizer.
 
 Reads the vocabulary and merges of a GGUF file with the `gguf` package and builds the
-tokenizer with Hugging Face's `tokenizers` package, configured as SmolLM2's published
-tokenizer.json is: byte-level BPE, pre-tokenizer Sequence[Digits(individual_digits=True),
-ByteLevel(add_prefix_space=False, use_regex=True)], control tokens as special tokens.
+tokenizer with Hugging Face's `tokenizers` package, configured as the model's published
+tokenizer.json is, chosen by `tokenizer.ggml.pre`:
+- smollm (SmolLM2): Sequence[Digits(individual_digits=True),
+  ByteLevel(add_prefix_space=False, use_regex=True)];
+- qwen2 (Qwen2.5): Sequence[Split(Qwen2's regex, isolated), ByteLevel(add_prefix_space=False,
+  use_regex=False)].
+Control tokens become special tokens.
 
 Usage: tokenizer_crosscheck.py MODEL.gguf < texts.json
 stdin holds a JSON list of strings; stdout gets a JSON list of id lists, one per text
@@ -17,7 +21,7 @@ import json
 import sys
 
 import gguf
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
 CONTROL = 3  # GGUF token type of control tokens such as <|im_start|>
 
@@ -29,6 +33,24 @@ def field(reader, key):
     return value.contents()
 
 
+# The pattern of Qwen2.5's published tokenizer.json.
+QWEN2_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def pre_tokenizer(pre):
+    if pre == "smollm":
+        return pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+        )
+    if pre == "qwen2":
+        split = pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated", invert=False)
+        return pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    sys.exit(f"no independent rebuild for tokenizer.ggml.pre = {pre}")
+
+
 def build(path):
     reader = gguf.GGUFReader(path)
     tokens = field(reader, "tokenizer.ggml.tokens")
@@ -38,9 +60,7 @@ def build(path):
     for i, token in enumerate(tokens):
         vocab.setdefault(token, i)
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges))
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
-    )
+    tokenizer.pre_tokenizer = pre_tokenizer(field(reader, "tokenizer.ggml.pre"))
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == CONTROL])
     return tokenizer

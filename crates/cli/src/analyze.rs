@@ -1,11 +1,12 @@
 //! `kvmerger analyze`: the paper's two observations on a model, as figures and JSON.
 
+use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use kvmerger_compress::methods::CompareTo;
-use kvmerger_compress::StatsRequest;
+use kvmerger_compress::{Budget, StatsRequest};
 use kvmerger_engine::{LoadedModel, Prefilled};
 use kvmerger_eval::analyze::{
     analyze_cache, cosine_matrix, persistence, suggest_layer_budgets, TextAnalysis,
@@ -13,7 +14,7 @@ use kvmerger_eval::analyze::{
 use kvmerger_eval::plot::{heatmap_grid, line_chart, HeatmapPanel, Series};
 use serde_json::json;
 
-use crate::args::ModelArgs;
+use crate::args::{finite_f32, ModelArgs};
 
 #[derive(Debug, Args)]
 pub struct AnalyzeArgs {
@@ -23,11 +24,11 @@ pub struct AnalyzeArgs {
     /// corpus, repetitive passkey filler, and a synthetic key-value list.
     #[arg(long = "text")]
     pub texts: Vec<PathBuf>,
-    /// Tokens taken from each text.
-    #[arg(long, default_value_t = 1024)]
-    pub tokens: usize,
+    /// Tokens taken from each text (the context analysed).
+    #[arg(short = 'c', long, default_value_t = 1024, value_name = "N")]
+    pub ctx_size: usize,
     /// Cosine threshold of merging-set identification.
-    #[arg(long, default_value_t = 0.75)]
+    #[arg(long, default_value_t = 0.75, value_parser = finite_f32, allow_hyphen_values = true)]
     pub threshold: f32,
     /// Layer and kv head of the similarity heatmap.
     #[arg(long, default_value_t = 10)]
@@ -37,19 +38,23 @@ pub struct AnalyzeArgs {
     /// Tokens shown in the similarity heatmap.
     #[arg(long, default_value_t = 64)]
     pub window: usize,
-    /// Write a KVMerger configuration with per-layer budgets averaging this ratio.
+    /// Write a KVMerger configuration with per-layer budgets averaging this share of the
+    /// prompt (0.35 or 35%).
     #[arg(long)]
-    pub suggest_budget: Option<f64>,
+    pub suggest_budget: Option<Budget>,
     /// Output folder.
     #[arg(long, default_value = "results/analyze")]
     pub out: PathBuf,
 }
 
 pub fn run(args: AnalyzeArgs) -> Result<()> {
-    if let Some(b) = args.suggest_budget {
-        if !(b > 0.0 && b <= 1.0) {
-            bail!("--suggest-budget must be in (0, 1], got {b}");
-        }
+    let suggest = match args.suggest_budget {
+        None => None,
+        Some(Budget::Ratio(r)) => Some(r),
+        Some(b) => bail!("--suggest-budget takes a share of the prompt (0.35, 35%), not {b}"),
+    };
+    if !(-1.0..=1.0).contains(&args.threshold) {
+        bail!("--threshold must be a cosine in [-1, 1], got {}", args.threshold);
     }
     let loaded = args.model.load()?;
     let c = &loaded.model.config;
@@ -79,12 +84,12 @@ pub fn run(args: AnalyzeArgs) -> Result<()> {
         "texts": analyses,
         "persistence": spread,
     });
-    if let Some(overall) = args.suggest_budget {
+    if let Some(overall) = suggest {
         let mean: Vec<f64> = (0..c.n_layers)
             .map(|l| curves.iter().map(|cv| cv[l]).sum::<f64>() / curves.len() as f64)
             .collect();
         let layer_budgets = suggest_layer_budgets(&mean, overall);
-        let config = json!({"method": "kvmerger", "budget": {"ratio": overall}, "threshold": args.threshold, "layer_budgets": layer_budgets});
+        let config = json!({"method": "kvmerger", "budget": Budget::Ratio(overall), "threshold": args.threshold, "layer_budgets": layer_budgets});
         let path =
             args.out.join(format!("kvmerger-layer-budgets-{}.json", (overall * 100.0).round()));
         std::fs::write(&path, serde_json::to_string_pretty(&config)?)?;
@@ -96,7 +101,7 @@ pub fn run(args: AnalyzeArgs) -> Result<()> {
     }
     let path = args.out.join("summary.json");
     std::fs::write(&path, serde_json::to_string_pretty(&summary)?)?;
-    print_summary(&analyses, &spread);
+    print_summary(&analyses, &spread)?;
     eprintln!(
         "figures and {} written to {}",
         path.file_name().unwrap_or_default().to_string_lossy(),
@@ -127,14 +132,14 @@ fn load_texts(args: &AnalyzeArgs, loaded: &LoadedModel) -> Result<Vec<(String, V
         .into_iter()
         .map(|(name, text)| {
             let mut tokens = loaded.tokenizer.encode(&text, true)?;
-            if tokens.len() < args.tokens {
+            if tokens.len() < args.ctx_size {
                 bail!(
-                    "{name} has only {} tokens, fewer than --tokens {}",
+                    "{name} has only {} tokens, fewer than --ctx-size {}",
                     tokens.len(),
-                    args.tokens
+                    args.ctx_size
                 );
             }
-            tokens.truncate(args.tokens);
+            tokens.truncate(args.ctx_size);
             Ok((name, tokens))
         })
         .collect()
@@ -241,25 +246,33 @@ fn draw_curves(args: &AnalyzeArgs, analyses: &[TextAnalysis]) -> Result<()> {
     Ok(())
 }
 
-fn print_summary(analyses: &[TextAnalysis], spread: &kvmerger_eval::analyze::Persistence) {
-    println!("| text | tokens | mean merge ratio | lowest layer ratio | median adjacent key cos | median adjacent value cos |");
-    println!("|---|---:|---:|---:|---:|---:|");
+fn print_summary(
+    analyses: &[TextAnalysis],
+    spread: &kvmerger_eval::analyze::Persistence,
+) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "| text | tokens | mean merge ratio | lowest layer ratio | median adjacent key cos | median adjacent value cos |")?;
+    writeln!(out, "|---|---:|---:|---:|---:|---:|")?;
     for a in analyses {
         let mean = a.layer_merge_ratio.iter().sum::<f64>() / a.layer_merge_ratio.len() as f64;
         let lowest = a.layer_merge_ratio.iter().copied().fold(f64::INFINITY, f64::min);
         let med = |f: &dyn Fn(&kvmerger_eval::analyze::HeadAnalysis) -> f32| {
             a.heads.iter().map(|h| f(h) as f64).sum::<f64>() / a.heads.len() as f64
         };
-        println!(
+        writeln!(
+            out,
             "| {} | {} | {mean:.3} | {lowest:.3} | {:.3} | {:.3} |",
             a.name,
             a.tokens,
             med(&|h| h.key_cosine_percentiles[2]),
             med(&|h| h.value_cosine_percentiles[2])
-        );
+        )?;
     }
-    println!(
+    writeln!(
+        out,
         "\nacross texts: max |difference| of a layer's ratio {:.3}, mean {:.3}, mean pairwise correlation {:.3}",
         spread.max_abs_diff, spread.mean_abs_diff, spread.mean_pairwise_correlation
-    );
+    )
 }

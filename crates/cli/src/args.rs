@@ -1,19 +1,56 @@
-//! Flags shared by several subcommands: which model, which method.
+//! Flags shared by several subcommands, named as in llama.cpp where it has them: which model
+//! (`-m`), how many threads (`-t`), the context limit (`-c`), sampling (`-n`, `--top-k`, ...)
+//! and the compression method (`--method`, `--budget`, `-P`).
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use kvmerger_compress::{Budget, CompressionConfig};
-use kvmerger_engine::{LoadedModel, WeightFormat, WeightFormats};
+use kvmerger_engine::{LoadedModel, SamplingConfig, WeightFormat, WeightFormats};
 
-/// Which model to load and how to store its weights.
+/// Which model file, and how many threads compute with it.
+#[derive(Debug, Clone, Args)]
+pub struct ModelSource {
+    /// A GGUF file or a Hugging Face folder (config.json, *.safetensors, tokenizer.json).
+    /// Or a known model's name (smollm2-135m, qwen2.5-coder-0.5b), fetched into the cache
+    /// folder on first use. Default: smollm2-135m.
+    #[arg(short = 'm', long, env = "KVMERGER_MODEL", value_name = "PATH|NAME")]
+    pub model: Option<PathBuf>,
+    /// Threads of the compute pools (rayon's global pool and candle's matrix products).
+    /// 0: $RAYON_NUM_THREADS if set, else one per physical core.
+    #[arg(short = 't', long, default_value_t = 0, value_name = "N")]
+    pub threads: usize,
+}
+
+impl ModelSource {
+    /// Sizes the thread pools, then returns the model's path (fetching a known model, or the
+    /// default one if none was given). Call before any computation: rayon's global pool is built once.
+    pub fn prepare(&self) -> Result<PathBuf> {
+        set_threads(self.threads)?;
+        kvmerger_engine::fetch::resolve_model(self.model.as_deref()).context("finding the model")
+    }
+}
+
+/// Sets the size of rayon's global pool and of candle's pool (which reads `RAYON_NUM_THREADS`
+/// when first used); 0 keeps their defaults.
+fn set_threads(threads: usize) -> Result<()> {
+    if threads == 0 {
+        return Ok(());
+    }
+    // Still single-threaded here: nothing has started a pool yet.
+    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+        .context("--threads: rayon's global thread pool was already started")
+}
+
+/// Which model to load, how many threads run it, and how to store its weights.
 #[derive(Debug, Clone, Args)]
 pub struct ModelArgs {
-    /// A GGUF file or a Hugging Face folder (config.json, *.safetensors, tokenizer.json).
-    /// Default: SmolLM2-135M-Instruct, fetched into the cache folder on first use.
-    #[arg(long, env = "KVMERGER_MODEL")]
-    pub model: Option<PathBuf>,
+    #[command(flatten)]
+    pub source: ModelSource,
     /// Weight format of multi-token forward passes (prefill).
     #[arg(long, default_value = "f32")]
     pub prefill_weights: WeightFormat,
@@ -28,42 +65,120 @@ impl ModelArgs {
         WeightFormats { prefill: self.prefill_weights, decode: self.decode_weights }
     }
 
+    /// Sizes the thread pools and loads the model.
     pub fn load(&self) -> Result<LoadedModel> {
-        let path = match &self.model {
-            Some(p) => p.clone(),
-            None => kvmerger_engine::fetch::ensure_default_model()
-                .context("fetching the default model")?,
-        };
+        let path = self.source.prepare()?;
         kvmerger_engine::load_model(&path, self.formats())
             .with_context(|| format!("loading {}", path.display()))
     }
 }
 
+/// The context limit of one sequence (prompt plus generated tokens).
+#[derive(Debug, Clone, Args)]
+pub struct ContextArgs {
+    /// Most tokens of a sequence, prompt plus generated; 0: the model's context length.
+    #[arg(short = 'c', long, default_value_t = 0, value_name = "N")]
+    pub ctx_size: usize,
+}
+
+impl ContextArgs {
+    /// The limit in tokens for a model whose context length is `model_context`.
+    pub fn limit(&self, model_context: usize) -> Result<usize> {
+        match self.ctx_size {
+            0 => Ok(model_context),
+            n if n > model_context => {
+                bail!("--ctx-size {n} exceeds the model's context length {model_context}")
+            }
+            n => Ok(n),
+        }
+    }
+}
+
+/// How generated tokens are chosen.
+#[derive(Debug, Clone, Args)]
+pub struct SamplingArgs {
+    /// Most tokens to generate.
+    #[arg(short = 'n', long, default_value_t = 128, value_name = "N")]
+    pub max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0, value_parser = finite_f32, allow_hyphen_values = true)]
+    pub temperature: f32,
+    /// Nucleus sampling: keep the most likely tokens up to this probability mass, in (0, 1].
+    #[arg(long, default_value_t = 1.0, value_parser = finite_f32, allow_hyphen_values = true)]
+    pub top_p: f32,
+    /// Keep only the k most likely tokens before sampling; 0 keeps all.
+    #[arg(long, default_value_t = 0, value_name = "K")]
+    pub top_k: usize,
+    /// Divide the positive logits (multiply the negative ones) of recently seen tokens by
+    /// this; 1 is off.
+    #[arg(long, default_value_t = 1.0, value_parser = finite_f32, allow_hyphen_values = true)]
+    pub repeat_penalty: f32,
+    /// How many of the last tokens (prompt included) the repeat penalty looks at.
+    #[arg(long, default_value_t = 64, value_name = "N")]
+    pub repeat_last_n: usize,
+    /// Seed of the sampler.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl SamplingArgs {
+    /// The sampler's configuration; range errors name the flag.
+    pub fn config(&self) -> Result<SamplingConfig> {
+        if self.temperature < 0.0 {
+            bail!("--temperature must be at least 0, got {}", self.temperature);
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            bail!("--top-p must be in (0, 1], got {}", self.top_p);
+        }
+        if self.repeat_penalty <= 0.0 {
+            bail!("--repeat-penalty must be above 0, got {}", self.repeat_penalty);
+        }
+        Ok(SamplingConfig {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            repeat_penalty: self.repeat_penalty,
+            repeat_last_n: self.repeat_last_n,
+            seed: self.seed,
+        })
+    }
+}
+
 /// Which compression method to apply, with its parameters.
+///
+/// With `--method-config`, the file gives the configuration and `--budget` and `-P` then
+/// override its fields; `--method` cannot be combined with it (the file names the method).
 #[derive(Debug, Clone, Args)]
 pub struct MethodArgs {
-    /// full, streaming_llm, h2o, snapkv, cam or kvmerger.
-    #[arg(long, default_value = "full")]
+    /// full, streaming_llm, h2o, snapkv, cam or kvmerger (`kvmerger methods` lists their
+    /// parameters).
+    #[arg(long, default_value = "full", conflicts_with = "method_config")]
     pub method: String,
-    /// Entries each head keeps: a ratio (0.35, 35%) or a token count (512).
+    /// Entries each head keeps: a ratio (0.35, 35%, 1 = everything) or a token count (512t).
+    /// Default: the method's own (50%).
     #[arg(long)]
     pub budget: Option<Budget>,
-    /// A method parameter, `name=value` (repeatable), e.g. `-p threshold=0.8 -p mass=log_count`.
-    #[arg(short = 'p', long = "param", value_parser = parse_key_value)]
+    /// A method parameter, `name=value` (repeatable), e.g. `-P threshold=0.8 -P mass=log_count`.
+    #[arg(short = 'P', long = "param", value_name = "NAME=VALUE", value_parser = parse_key_value)]
     pub params: Vec<(String, String)>,
-    /// A JSON file holding a whole method configuration (overrides the flags above).
-    #[arg(long)]
+    /// A JSON file holding a whole method configuration; `--budget` and `-P` override its
+    /// fields.
+    #[arg(long, value_name = "FILE")]
     pub method_config: Option<PathBuf>,
 }
 
 impl MethodArgs {
     pub fn config(&self) -> Result<CompressionConfig> {
-        if let Some(path) = &self.method_config {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            return Ok(CompressionConfig::from_json(&text)?);
+        match &self.method_config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                let base = CompressionConfig::from_json(&text)
+                    .with_context(|| format!("--method-config {}", path.display()))?;
+                Ok(base.with_overrides(self.budget, &self.params)?)
+            }
+            None => Ok(CompressionConfig::from_cli(&self.method, self.budget, &self.params)?),
         }
-        Ok(CompressionConfig::from_cli(&self.method, self.budget, &self.params)?)
     }
 }
 
@@ -72,4 +187,13 @@ fn parse_key_value(s: &str) -> Result<(String, String)> {
         Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.trim().to_string())),
         _ => bail!("expected name=value, got `{s}`"),
     }
+}
+
+/// A float flag's value: any finite number (NaN and infinities are refused).
+pub fn finite_f32(s: &str) -> Result<f32> {
+    let x: f32 = s.trim().parse().with_context(|| format!("`{s}` is not a number"))?;
+    if !x.is_finite() {
+        bail!("must be a finite number, got `{s}`");
+    }
+    Ok(x)
 }

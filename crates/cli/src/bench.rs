@@ -1,6 +1,7 @@
 //! `kvmerger bench`: prefill and decode speed of our engine against candle-transformers'
 //! `quantized_llama` on the same GGUF file, dequantized, full cache, in the same run.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -12,20 +13,22 @@ use kvmerger_compress::CompressionConfig;
 use kvmerger_engine::{load_model, Session, WeightFormat, WeightFormats};
 use serde::Serialize;
 
+use crate::args::ModelSource;
+
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// A GGUF file (default: the default model).
-    #[arg(long, env = "KVMERGER_MODEL")]
-    pub model: Option<PathBuf>,
+    /// The model (a GGUF file: the reference reads nothing else) and threads.
+    #[command(flatten)]
+    pub source: ModelSource,
     /// Prompt lengths to measure.
     #[arg(long, value_delimiter = ',', default_values_t = vec![512, 2048, 4080])]
     pub lengths: Vec<usize>,
-    /// Decode steps timed after each prefill.
-    #[arg(long, default_value_t = 16)]
-    pub decode_steps: usize,
+    /// Decode steps (generated tokens) timed after each prefill.
+    #[arg(short = 'n', long, default_value_t = 16, value_name = "N")]
+    pub decode_tokens: usize,
     /// Also write the figures as JSON here.
-    #[arg(long, default_value = "results/bench.json")]
-    pub output: PathBuf,
+    #[arg(long, default_value = "results/bench.json", value_name = "FILE")]
+    pub out: PathBuf,
     /// Skip candle-transformers (ours only).
     #[arg(long)]
     pub no_reference: bool,
@@ -41,10 +44,7 @@ struct Row {
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
-    let path = match &args.model {
-        Some(p) => p.clone(),
-        None => kvmerger_engine::fetch::ensure_default_model()?,
-    };
+    let path = args.source.prepare()?;
     if path.is_dir() {
         bail!("bench compares against quantized_llama, which reads GGUF files only");
     }
@@ -59,10 +59,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let all_tokens = ours_f32.tokenizer.encode(&text, false)?;
     let mut rows = Vec::new();
     for &n in &args.lengths {
-        if n + args.decode_steps > ours_f32.model.config.context_length || n > all_tokens.len() {
+        if n + args.decode_tokens > ours_f32.model.config.context_length || n > all_tokens.len() {
             bail!(
                 "length {n} plus {} decode steps exceeds the context or the sample text",
-                args.decode_steps
+                args.decode_tokens
             );
         }
         let tokens = &all_tokens[..n];
@@ -77,15 +77,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
             let mut logits = session.prefill(tokens)?;
             let prefill = start.elapsed().as_secs_f64();
             let start = Instant::now();
-            for _ in 0..args.decode_steps {
+            for _ in 0..args.decode_tokens {
                 let next = kvmerger_engine::argmax(&logits);
                 logits = session.extend(&[next], kvmerger_engine::Logits::Last)?.swap_remove(0);
             }
-            let decode = start.elapsed().as_secs_f64() / args.decode_steps as f64;
+            let decode = start.elapsed().as_secs_f64() / args.decode_tokens as f64;
             rows.push(row(name, n, prefill, decode));
         }
         if !args.no_reference {
-            let (prefill, decode) = bench_reference(&path, tokens, args.decode_steps)?;
+            let (prefill, decode) = bench_reference(&path, tokens, args.decode_tokens)?;
             rows.push(row(
                 "candle-transformers quantized_llama (dequantized f32)",
                 n,
@@ -93,14 +93,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 decode,
             ));
         }
-        print_table(&rows);
+        print_table(&rows)?;
     }
-    if let Some(dir) = args.output.parent() {
+    if let Some(dir) = args.out.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    std::fs::write(&args.output, serde_json::to_string_pretty(&rows)?)
-        .with_context(|| format!("writing {}", args.output.display()))?;
-    println!("\nwritten to {}", args.output.display());
+    std::fs::write(&args.out, serde_json::to_string_pretty(&rows)?)
+        .with_context(|| format!("writing {}", args.out.display()))?;
+    writeln!(std::io::stdout(), "\nwritten to {}", args.out.display())?;
     Ok(())
 }
 
@@ -132,9 +132,10 @@ fn bench_reference(path: &std::path::Path, tokens: &[u32], steps: usize) -> Resu
     Ok((prefill, start.elapsed().as_secs_f64() / steps as f64))
 }
 
-fn print_table(rows: &[Row]) {
-    println!("\n| engine | tokens | prefill s | prefill tok/s | decode ms/token | prefill vs reference | decode vs reference |");
-    println!("|---|---:|---:|---:|---:|---:|---:|");
+fn print_table(rows: &[Row]) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "\n| engine | tokens | prefill s | prefill tok/s | decode ms/token | prefill vs reference | decode vs reference |")?;
+    writeln!(out, "|---|---:|---:|---:|---:|---:|---:|")?;
     for r in rows {
         let reference = rows
             .iter()
@@ -146,9 +147,11 @@ fn print_table(rows: &[Row]) {
             ),
             None => ("-".into(), "-".into()),
         };
-        println!(
+        writeln!(
+            out,
             "| {} | {} | {:.2} | {:.1} | {:.1} | {p} | {d} |",
             r.engine, r.tokens, r.prefill_s, r.prefill_tok_s, r.decode_ms_per_token
-        );
+        )?;
     }
+    Ok(())
 }

@@ -1,5 +1,6 @@
 //! `kvmerger eval` and `kvmerger report`: the comparison that is this project's main job.
 
+use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
@@ -36,10 +37,11 @@ pub struct EvalArgs {
     /// Stop at the first malformed dataset line instead of skipping it.
     #[arg(long)]
     pub strict: bool,
-    /// Override the methods compared (comma-separated).
+    /// Override the methods compared (comma-separated). Default: the preset's or spec's.
     #[arg(long, value_delimiter = ',')]
     pub methods: Option<Vec<String>>,
-    /// Override the budgets (comma-separated: 0.35, 35%, or token counts).
+    /// Override the budgets (comma-separated), each as `--budget` takes it: 0.35, 35%, 512t.
+    /// Default: the preset's or spec's.
     #[arg(long, value_delimiter = ',')]
     pub budgets: Option<Vec<Budget>>,
     /// Override the protocols (comma-separated): context (question read after compression,
@@ -57,7 +59,8 @@ pub struct EvalArgs {
     #[arg(long, default_value = "1/1")]
     pub shard: Shard,
     /// Output folder (results.jsonl, report.md, summary.csv, plots).
-    #[arg(long)]
+    /// Default: results/<preset, spec or dataset name>.
+    #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
 }
 
@@ -188,7 +191,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
             &command,
             &[prompt_note(spec.chat)],
         )?;
-        println!("{md}");
+        writeln!(std::io::stdout(), "{md}")?;
         eprintln!("report written to {}", out.join("report.md").display());
     } else {
         eprintln!(

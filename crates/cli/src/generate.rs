@@ -1,91 +1,88 @@
 //! `kvmerger generate`: one prompt, one method, streamed output and speed.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use kvmerger_engine::chat::ChatMessage;
-use kvmerger_engine::{Sampler, SamplingConfig, Session};
+use kvmerger_engine::{Sampler, Session};
+use serde_json::json;
 
-use crate::args::{MethodArgs, ModelArgs};
+use crate::args::{ContextArgs, MethodArgs, ModelArgs, SamplingArgs};
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
+    /// The prompt text.
+    #[arg(short = 'p', long, conflicts_with = "prompt_file")]
+    pub prompt: Option<String>,
+    /// Read the prompt from a file; `-` reads standard input.
+    #[arg(short = 'f', long, value_name = "FILE")]
+    pub prompt_file: Option<PathBuf>,
     #[command(flatten)]
     pub model: ModelArgs,
     #[command(flatten)]
     pub method: MethodArgs,
-    /// The prompt text.
-    #[arg(long, conflicts_with = "prompt_file")]
-    pub prompt: Option<String>,
-    /// Read the prompt from a file.
-    #[arg(long)]
-    pub prompt_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub context: ContextArgs,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
     /// Wrap the prompt in the model's chat template as a user message.
     #[arg(long)]
     pub chat: bool,
-    #[arg(long, default_value_t = 128)]
-    pub max_tokens: usize,
-    /// 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
-    pub temperature: f32,
-    #[arg(long, default_value_t = 1.0)]
-    pub top_p: f32,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
     /// Print per-layer compression statistics.
     #[arg(long)]
     pub stats: bool,
+    /// Also write a JSON record of the run here (configuration, output, speed, cache size).
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
-    let text = match (&args.prompt, &args.prompt_file) {
-        (Some(p), _) => p.clone(),
-        (None, Some(f)) => {
-            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?
-        }
-        (None, None) => bail!("give a prompt with --prompt or --prompt-file"),
-    };
+    let sampling = args.sampling.config()?;
+    let method = args.method.config()?;
+    let text = read_prompt(&args)?;
     if text.trim().is_empty() {
         bail!("the prompt is empty");
     }
-    if !(args.top_p > 0.0 && args.top_p <= 1.0) || args.temperature < 0.0 {
-        bail!("--top-p must be in (0, 1] and --temperature at least 0");
-    }
-    let method = args.method.config()?;
     let loaded = args.model.load()?;
     let prompt = if args.chat {
-        loaded.chat_template()?.render(&[ChatMessage::user(&text)], true)
+        loaded.chat_template()?.render(&[ChatMessage::user(&text)], true)?
     } else {
         text
     };
     let tokens = loaded.tokenizer.encode(&prompt, true)?;
-    let context = loaded.model.config.context_length;
+    let context = args.context.limit(loaded.model.config.context_length)?;
     if tokens.len() + 1 > context {
-        bail!("the prompt has {} tokens but the model's context is {context}", tokens.len());
+        bail!("the prompt has {} tokens but the context is {context}", tokens.len());
     }
     let mut session = Session::new(&loaded.model, &method)?;
     let logits = session.prefill(&tokens)?;
-    let mut sampler = Sampler::new(SamplingConfig {
-        temperature: args.temperature,
-        top_p: args.top_p,
-        seed: args.seed,
-    });
+    let mut sampler = Sampler::new(sampling);
+    sampler.remember(&tokens);
     let mut decoder = loaded.tokenizer.stream_decoder();
     let stop = loaded.tokenizer.eos_ids();
-    let mut stdout = std::io::stdout();
-    let max_tokens = args.max_tokens.min(context - tokens.len());
-    session.generate(logits, max_tokens, &mut sampler, &stop, |id| {
+    let mut stdout = std::io::stdout().lock();
+    let mut generated = String::new();
+    // A closed stdout (`| head`) stops generation; the error ends the program quietly in main.
+    let mut write_error = None;
+    let max_tokens = args.sampling.max_tokens.min(context - tokens.len());
+    let ids = session.generate(logits, max_tokens, &mut sampler, &stop, |id| {
         if !stop.contains(&id) {
             if let Ok(Some(piece)) = decoder.push(id) {
-                let _ = write!(stdout, "{piece}");
-                let _ = stdout.flush();
+                generated.push_str(&piece);
+                if let Err(e) = write!(stdout, "{piece}").and_then(|_| stdout.flush()) {
+                    write_error = Some(e);
+                    return false;
+                }
             }
         }
         true
     })?;
-    println!();
+    if let Some(e) = write_error {
+        return Err(e.into());
+    }
+    writeln!(stdout)?;
     let t = session.timings;
     eprintln!(
         "\n{}: prompt {} tokens, prefill {:.1} tokens/s ({:.2} s), decode {:.1} tokens/s ({} tokens), weights {:.0} MiB",
@@ -97,11 +94,12 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         t.decode_tokens,
         loaded.model.weight_bytes() as f64 / (1 << 20) as f64
     );
-    if let Some(report) = session.report() {
+    let c = &loaded.model.config;
+    let cache = session.report().map(|report| {
+        let total = report.prompt_len * c.n_layers * c.n_kv_heads;
         eprintln!(
-            "kv cache after the prompt: {} entries kept of {} ({:.1}%), {:.2} MiB resident, compression {:.1} ms",
+            "kv cache after the prompt: {} entries kept of {total} ({:.1}%), {:.2} MiB resident, compression {:.1} ms",
             report.kept_entries(),
-            report.prompt_len * loaded.model.config.n_layers * loaded.model.config.n_kv_heads,
             100.0 * report.achieved_ratio(),
             report.resident_bytes as f64 / (1 << 20) as f64,
             report.compress_ms
@@ -109,8 +107,52 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         if args.stats {
             print_stats(report);
         }
+        json!({
+            "entries_kept": report.kept_entries(),
+            "entries_total": total,
+            "achieved_ratio": report.achieved_ratio(),
+            "resident_bytes": report.resident_bytes,
+            "compress_ms": report.compress_ms,
+            "layer_budgets": report.budgets,
+        })
+    });
+    if let Some(path) = &args.out {
+        let record = json!({
+            "model": loaded.path.file_name().unwrap_or_default().to_string_lossy(),
+            "weights": args.model.formats(),
+            "method": method,
+            "label": method.label(),
+            "sampling": sampling,
+            "chat": args.chat,
+            "prompt": prompt,
+            "prompt_tokens": tokens.len(),
+            "output": generated,
+            "output_tokens": ids.len(),
+            "prefill_s": t.prefill.as_secs_f64(),
+            "prefill_tokens_per_s": t.prefill_tokens_per_s(),
+            "decode_tokens_per_s": t.decode_tokens_per_s(),
+            "cache": cache,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&record)?)
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
+}
+
+/// The prompt from `--prompt`, `--prompt-file` or, with `--prompt-file -`, standard input.
+fn read_prompt(args: &GenerateArgs) -> Result<String> {
+    match (&args.prompt, &args.prompt_file) {
+        (Some(p), _) => Ok(p.clone()),
+        (None, Some(f)) if f.as_os_str() == "-" => {
+            let mut text = String::new();
+            std::io::stdin().read_to_string(&mut text).context("reading the prompt from stdin")?;
+            Ok(text)
+        }
+        (None, Some(f)) => {
+            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))
+        }
+        (None, None) => bail!("give a prompt with -p/--prompt or -f/--prompt-file"),
+    }
 }
 
 fn print_stats(report: &kvmerger_engine::CompressionReport) {

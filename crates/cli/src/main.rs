@@ -5,6 +5,11 @@ mod args;
 mod bench;
 mod eval;
 mod generate;
+mod methods;
+mod serve;
+
+use std::io::Write;
+use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -32,11 +37,22 @@ enum Command {
     Analyze(analyze::AnalyzeArgs),
     /// Measure prefill and decode speed against candle-transformers' quantized_llama.
     Bench(bench::BenchArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API with per-request compression.
+    Serve(serve::ServeArgs),
+    /// List every method with its parameters and their defaults.
+    Methods(methods::MethodsArgs),
     /// Download the default model and the default haystack corpus if missing.
     Fetch {
         /// Only the model (the tests need no corpus).
         #[arg(long)]
         model_only: bool,
+        /// A known model to fetch instead of the default (smollm2-135m, qwen2.5-coder-0.5b).
+        #[arg(short = 'm', long, value_name = "NAME")]
+        model: Option<String>,
+        /// Folder to put the model in. Default: the cache folder ($KVMERGER_CACHE, else
+        /// $XDG_CACHE_HOME/kvmerger, else ~/.cache/kvmerger), where the other commands look.
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
     },
 }
 
@@ -48,21 +64,48 @@ fn main() {
         Command::Generate(a) => generate::run(a),
         Command::Analyze(a) => analyze::run(a),
         Command::Bench(a) => bench::run(a),
-        Command::Fetch { model_only } => fetch(model_only),
+        Command::Serve(a) => serve::run(a),
+        Command::Methods(a) => methods::run(a),
+        Command::Fetch { model_only, model, out } => fetch(model_only, model, out),
     };
     if let Err(e) = result {
+        // A reader that closed our output early (`| head`) is not an error, as in other tools.
+        if is_broken_pipe(&e) {
+            std::process::exit(0);
+        }
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
 }
 
-fn fetch(model_only: bool) -> Result<()> {
-    let path = kvmerger_engine::fetch::ensure_default_model()?;
-    println!("model: {}", path.display());
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+fn fetch(model_only: bool, model: Option<String>, out: Option<PathBuf>) -> Result<()> {
+    use kvmerger_engine::fetch;
+    let mut stdout = std::io::stdout().lock();
+    let path = match out {
+        Some(dir) => {
+            let known = match model.as_deref() {
+                Some(name) => fetch::known_model(name).ok_or_else(|| {
+                    anyhow::anyhow!("unknown model `{name}`; known: {}", fetch::known_model_names())
+                })?,
+                None => fetch::default_model(),
+            };
+            fetch::ensure_known_model(known, &dir)?
+        }
+        None => fetch::resolve_model(model.as_deref().map(std::path::Path::new))?,
+    };
+    writeln!(stdout, "model: {}", path.display())?;
     if model_only {
         return Ok(());
     }
     let corpus = kvmerger_eval::corpus::ensure_default_corpus()?;
-    println!("haystack corpus: {}", corpus.display());
+    writeln!(stdout, "haystack corpus: {}", corpus.display())?;
     Ok(())
 }

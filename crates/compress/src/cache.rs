@@ -37,9 +37,9 @@ pub struct HeadCache {
     /// `[len, head_dim]`
     values: Vec<f32>,
     meta: Vec<EntryMeta>,
-    /// Attention received from the last `window` queries of the prompt, `[len]`; filled
-    /// by the engine only when a method asks for it (SnapKV), empty otherwise.
-    pub window_attention: Vec<f32>,
+    /// `(window, [len])`: attention received from the last `window` queries of the prompt,
+    /// one row per distinct window a method asked for (SnapKV); empty otherwise.
+    windows: Vec<(usize, Vec<f32>)>,
 }
 
 impl HeadCache {
@@ -53,7 +53,7 @@ impl HeadCache {
             keys: Vec::with_capacity(entries * head_dim),
             values: Vec::with_capacity(entries * head_dim),
             meta: Vec::with_capacity(entries),
-            window_attention: Vec::new(),
+            windows: Vec::new(),
         }
     }
 
@@ -73,7 +73,7 @@ impl HeadCache {
                 values.len()
             )));
         }
-        Ok(Self { head_dim, keys, values, meta, window_attention: Vec::new() })
+        Ok(Self { head_dim, keys, values, meta, windows: Vec::new() })
     }
 
     pub fn head_dim(&self) -> usize {
@@ -109,6 +109,42 @@ impl HeadCache {
         &mut self.values[i * self.head_dim..(i + 1) * self.head_dim]
     }
 
+    /// Attention each entry received from the last `window` prompt queries, `[len]`, if
+    /// the engine recorded that window.
+    pub fn window_attention(&self, window: usize) -> Option<&[f32]> {
+        self.windows.iter().find(|(w, _)| *w == window).map(|(_, a)| a.as_slice())
+    }
+
+    /// The row of `window` statistics, `[len]`, created as zeros if absent (for the engine
+    /// accumulating it).
+    pub fn window_attention_mut(&mut self, window: usize) -> &mut [f32] {
+        let len = self.len();
+        let at = match self.windows.iter().position(|(w, _)| *w == window) {
+            Some(at) => at,
+            None => {
+                self.windows.push((window, vec![0.0; len]));
+                self.windows.len() - 1
+            }
+        };
+        let row = &mut self.windows[at].1;
+        row.resize(len, 0.0);
+        row
+    }
+
+    /// Sets the `window` statistics, `[len]`.
+    pub fn set_window_attention(&mut self, window: usize, received: Vec<f32>) -> Result<()> {
+        if received.len() != self.len() {
+            return Err(CompressError::Shape(format!(
+                "window attention of {} entries for a head of {}",
+                received.len(),
+                self.len()
+            )));
+        }
+        self.windows.retain(|(w, _)| *w != window);
+        self.windows.push((window, received));
+        Ok(())
+    }
+
     /// Appends one entry (amortised O(1)).
     pub fn push(&mut self, key: &[f32], value: &[f32], meta: EntryMeta) {
         debug_assert_eq!(key.len(), self.head_dim);
@@ -116,9 +152,7 @@ impl HeadCache {
         self.keys.extend_from_slice(key);
         self.values.extend_from_slice(value);
         self.meta.push(meta);
-        if !self.window_attention.is_empty() {
-            self.window_attention.push(0.0);
-        }
+        self.windows.iter_mut().for_each(|(_, a)| a.push(0.0));
     }
 
     /// Keeps only the entries at `keep` (strictly increasing indices), in place.
@@ -130,18 +164,14 @@ impl HeadCache {
                 self.keys.copy_within(src * d..(src + 1) * d, dst * d);
                 self.values.copy_within(src * d..(src + 1) * d, dst * d);
                 self.meta[dst] = self.meta[src];
-                if !self.window_attention.is_empty() {
-                    self.window_attention[dst] = self.window_attention[src];
-                }
+                self.windows.iter_mut().for_each(|(_, a)| a[dst] = a[src]);
             }
         }
         let n = keep.len();
         self.keys.truncate(n * d);
         self.values.truncate(n * d);
         self.meta.truncate(n);
-        if !self.window_attention.is_empty() {
-            self.window_attention.truncate(n);
-        }
+        self.windows.iter_mut().for_each(|(_, a)| a.truncate(n));
     }
 
     /// Removes one entry, shifting later entries down.
@@ -150,9 +180,9 @@ impl HeadCache {
         self.keys.drain(index * d..(index + 1) * d);
         self.values.drain(index * d..(index + 1) * d);
         self.meta.remove(index);
-        if !self.window_attention.is_empty() {
-            self.window_attention.remove(index);
-        }
+        self.windows.iter_mut().for_each(|(_, a)| {
+            a.remove(index);
+        });
     }
 
     /// Releases spare capacity so resident memory follows the entries kept.
@@ -160,13 +190,22 @@ impl HeadCache {
         self.keys.shrink_to_fit();
         self.values.shrink_to_fit();
         self.meta.shrink_to_fit();
-        self.window_attention = Vec::new();
+        self.windows = Vec::new();
+    }
+
+    /// Makes room for exactly `entries` more entries, so that appending them neither
+    /// reallocates nor holds more than [`Self::resident_bytes`] then says (a server's
+    /// memory pool reserves that room in advance).
+    pub fn reserve_exact(&mut self, entries: usize) {
+        self.keys.reserve_exact(entries * self.head_dim);
+        self.values.reserve_exact(entries * self.head_dim);
+        self.meta.reserve_exact(entries);
     }
 
     /// Bytes this head holds in memory (allocated capacity, not just length).
     pub fn resident_bytes(&self) -> usize {
-        (self.keys.capacity() + self.values.capacity() + self.window_attention.capacity())
-            * std::mem::size_of::<f32>()
+        let windows: usize = self.windows.iter().map(|(_, a)| a.capacity()).sum();
+        (self.keys.capacity() + self.values.capacity() + windows) * std::mem::size_of::<f32>()
             + self.meta.capacity() * std::mem::size_of::<EntryMeta>()
     }
 }

@@ -1,6 +1,6 @@
 //! `CompressionConfig`: every method and its parameters, as one serde-tagged enum, so a
-//! method can be named on the command line (`--method kvmerger --budget 0.35 -p threshold=0.8`)
-//! or in JSON (`{"method": "kvmerger", "budget": {"ratio": 0.35}, "threshold": 0.8}`).
+//! method can be named on the command line (`--method kvmerger --budget 35% -P threshold=0.8`)
+//! or in JSON (`{"method": "kvmerger", "budget": "35%", "threshold": 0.8}`).
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -12,31 +12,107 @@ use crate::methods::{
     CamConfig, FullCache, H2oConfig, KvMergerConfig, SnapKvConfig, StreamingLlmConfig,
 };
 
-/// A compression method with its parameters.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "method", rename_all = "snake_case")]
-#[derive(Default)]
-pub enum CompressionConfig {
-    /// Keep everything (the reference).
-    #[default]
-    Full,
-    /// Attention sinks plus a recent window (Xiao et al., 2024).
-    #[serde(alias = "streaming", alias = "streamingllm")]
-    StreamingLlm(StreamingLlmConfig),
-    /// Heavy hitters plus a recent window (Zhang et al., 2023).
-    H2o(H2oConfig),
-    /// Observation-window attention, pooled (Li et al., 2024).
-    #[serde(alias = "snap_kv")]
-    Snapkv(SnapKvConfig),
-    /// Eviction with value merging (Zhang et al., 2024).
-    Cam(CamConfig),
-    /// Adaptive merging of similar adjacent keys (Wang et al., 2024).
-    #[serde(alias = "kv_merger")]
-    Kvmerger(KvMergerConfig),
+/// What the method table says about one method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MethodInfo {
+    /// The name on the command line and in JSON (`"method": "kvmerger"`).
+    pub name: &'static str,
+    /// Other names accepted for it.
+    pub aliases: &'static [&'static str],
+    /// One line: what it does and where it comes from.
+    pub summary: &'static str,
 }
 
-/// Every method name the CLI accepts.
-pub const METHOD_NAMES: [&str; 6] = ["full", "streaming_llm", "h2o", "snapkv", "cam", "kvmerger"];
+/// The one list of methods. Each line names a variant, its parameter struct (which must
+/// have a `budget` field and a `validate` method and implement [`CompressionMethod`]), its
+/// name and aliases; the enum, [`METHODS`], [`METHOD_NAMES`] and the per-method `match`es of
+/// [`CompressionConfig`] are all generated from it. The full cache, which has no
+/// parameters, is written out by hand.
+macro_rules! method_table {
+    ($(
+        #[doc = $summary:literal]
+        $variant:ident($config:ty) = $name:literal $(| $alias:literal)*;
+    )*) => {
+        /// A compression method with its parameters.
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+        #[serde(tag = "method")]
+        pub enum CompressionConfig {
+            /// Keep everything (the reference).
+            #[default]
+            #[serde(rename = "full")]
+            Full,
+            $(
+                #[doc = $summary]
+                #[serde(rename = $name $(, alias = $alias)*)]
+                $variant($config),
+            )*
+        }
+
+        /// Every method, the full cache first.
+        pub const METHODS: &[MethodInfo] = &[
+            MethodInfo { name: "full", aliases: &[], summary: "Keep everything (the reference)." },
+            $(MethodInfo { name: $name, aliases: &[$($alias),*], summary: $summary.trim_ascii() },)*
+        ];
+
+        /// Every method name the CLI accepts (aliases aside).
+        pub const METHOD_NAMES: [&str; 1 + [$($name),*].len()] = ["full", $($name),*];
+
+        impl CompressionConfig {
+            /// The method's name as on the command line.
+            pub fn name(&self) -> &'static str {
+                match self {
+                    Self::Full => "full",
+                    $(Self::$variant(_) => $name,)*
+                }
+            }
+
+            /// The budget, or `Ratio(1.0)` for the full cache.
+            pub fn budget(&self) -> Budget {
+                match self {
+                    Self::Full => Budget::Ratio(1.0),
+                    $(Self::$variant(c) => c.budget,)*
+                }
+            }
+
+            /// Checks every parameter's range; errors name the parameter.
+            pub fn validate(&self) -> Result<()> {
+                self.budget().validate()?;
+                match self {
+                    Self::Full => Ok(()),
+                    $(Self::$variant(c) => c.validate(),)*
+                }
+            }
+
+            /// The method object the engine drives.
+            pub fn build(&self) -> Result<Box<dyn CompressionMethod>> {
+                self.validate()?;
+                Ok(match self {
+                    Self::Full => Box::new(FullCache),
+                    $(Self::$variant(c) => Box::new(c.clone()),)*
+                })
+            }
+        }
+    };
+}
+
+method_table! {
+    /// Attention sinks plus a recent window (Xiao et al., 2024).
+    StreamingLlm(StreamingLlmConfig) = "streaming_llm" | "streaming" | "streamingllm";
+    /// Heavy hitters plus a recent window (Zhang et al., 2023).
+    H2o(H2oConfig) = "h2o";
+    /// Observation-window attention, pooled (Li et al., 2024).
+    Snapkv(SnapKvConfig) = "snapkv" | "snap_kv";
+    /// Eviction with value merging (Zhang et al., 2024).
+    Cam(CamConfig) = "cam";
+    /// Adaptive merging of similar adjacent keys (Wang et al., 2024).
+    Kvmerger(KvMergerConfig) = "kvmerger" | "kv_merger";
+}
+
+/// The method a name or alias stands for; case and `-`/`_` do not matter.
+pub fn method_info(name: &str) -> Option<&'static MethodInfo> {
+    let name = name.trim().to_ascii_lowercase().replace('-', "_");
+    METHODS.iter().find(|m| m.name == name || m.aliases.contains(&name.as_str()))
+}
 
 impl CompressionConfig {
     /// Builds a configuration from a method name, an optional budget and `key=value`
@@ -47,14 +123,34 @@ impl CompressionConfig {
         budget: Option<Budget>,
         params: &[(String, String)],
     ) -> Result<Self> {
-        let method = method.trim().to_ascii_lowercase().replace('-', "_");
-        if !METHOD_NAMES.contains(&method.as_str())
-            && !["streaming", "streamingllm", "snap_kv", "kv_merger"].contains(&method.as_str())
-        {
-            return Err(CompressError::UnknownMethod(method));
-        }
+        let info = method_info(method)
+            .ok_or_else(|| CompressError::UnknownMethod(method.trim().to_string()))?;
         let mut obj = Map::new();
-        obj.insert("method".into(), Value::String(method.clone()));
+        obj.insert("method".into(), Value::String(info.name.into()));
+        Self::from_fields(obj, budget, params)
+    }
+
+    /// This configuration with the budget and `key=value` parameters replaced, read as in
+    /// [`Self::from_cli`] (a configuration file, then flags that override it).
+    pub fn with_overrides(
+        &self,
+        budget: Option<Budget>,
+        params: &[(String, String)],
+    ) -> Result<Self> {
+        match serde_json::to_value(self) {
+            Ok(Value::Object(obj)) => Self::from_fields(obj, budget, params),
+            _ => unreachable!("a configuration serialises to a JSON object"),
+        }
+    }
+
+    /// Applies a budget and parameters to a configuration's JSON fields, then parses and
+    /// validates the result.
+    fn from_fields(
+        mut obj: Map<String, Value>,
+        budget: Option<Budget>,
+        params: &[(String, String)],
+    ) -> Result<Self> {
+        let method = obj.get("method").and_then(Value::as_str).unwrap_or_default().to_string();
         if let Some(b) = budget {
             if method == "full" {
                 if b != Budget::Ratio(1.0) {
@@ -66,6 +162,17 @@ impl CompressionConfig {
         }
         for (k, v) in params {
             let key = k.trim().replace('-', "_");
+            if key == "budget" && budget.is_some() {
+                return Err(CompressError::invalid(
+                    "budget",
+                    "given twice: as --budget and as a parameter; keep one",
+                ));
+            }
+            // `nan`, `inf` and `1e999` read as strings or infinities below: refuse them here,
+            // naming the parameter.
+            if v.trim().parse::<f64>().is_ok_and(|x| !x.is_finite()) {
+                return Err(CompressError::invalid(key, format!("must be finite, got `{v}`")));
+            }
             let value = serde_json::from_str(v).unwrap_or_else(|_| Value::String(v.clone()));
             obj.insert(key, value);
         }
@@ -81,56 +188,6 @@ impl CompressionConfig {
             .map_err(|e| CompressError::invalid("configuration", e.to_string()))?;
         config.validate()?;
         Ok(config)
-    }
-
-    /// The method's name as on the command line.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Self::Full => "full",
-            Self::StreamingLlm(_) => "streaming_llm",
-            Self::H2o(_) => "h2o",
-            Self::Snapkv(_) => "snapkv",
-            Self::Cam(_) => "cam",
-            Self::Kvmerger(_) => "kvmerger",
-        }
-    }
-
-    /// The budget, or `Ratio(1.0)` for the full cache.
-    pub fn budget(&self) -> Budget {
-        match self {
-            Self::Full => Budget::Ratio(1.0),
-            Self::StreamingLlm(c) => c.budget,
-            Self::H2o(c) => c.budget,
-            Self::Snapkv(c) => c.budget,
-            Self::Cam(c) => c.budget,
-            Self::Kvmerger(c) => c.budget,
-        }
-    }
-
-    /// Checks every parameter's range; errors name the parameter.
-    pub fn validate(&self) -> Result<()> {
-        self.budget().validate()?;
-        match self {
-            Self::Full => Ok(()),
-            Self::StreamingLlm(c) => c.validate(),
-            Self::H2o(c) => c.validate(),
-            Self::Snapkv(c) => c.validate(),
-            Self::Cam(c) => c.validate(),
-            Self::Kvmerger(c) => c.validate(),
-        }
-    }
-
-    /// The method object the engine drives.
-    pub fn build(&self) -> Result<Box<dyn CompressionMethod>> {
-        self.validate()?;
-        Ok(match self {
-            Self::Full => Box::new(FullCache),
-            Self::StreamingLlm(c) => Box::new(c.clone()),
-            Self::H2o(c) => Box::new(c.clone()),
-            Self::Snapkv(c) => Box::new(c.clone()),
-            Self::Cam(c) => Box::new(c.clone()),
-            Self::Kvmerger(c) => Box::new(c.clone()),
-        })
     }
 
     /// A short label for tables: `kvmerger@35%`, with the parameters that differ from the
@@ -226,5 +283,105 @@ mod tests {
         let err = CompressionConfig::from_json(r#"{"method": "h2o", "budget": {"ratio": 0}}"#)
             .unwrap_err();
         assert!(err.to_string().contains("budget"), "{err}");
+    }
+
+    #[test]
+    fn budget_parameter_takes_the_budget_grammar() {
+        for (text, budget) in [
+            ("0.35", Budget::Ratio(0.35)),
+            ("35%", Budget::Ratio(0.35)),
+            ("1", Budget::Ratio(1.0)),
+            ("512t", Budget::Tokens(512)),
+            (r#"{"tokens": 512}"#, Budget::Tokens(512)),
+        ] {
+            let c = CompressionConfig::from_cli("h2o", None, &kv(&[("budget", text)])).unwrap();
+            assert_eq!(c.budget(), budget, "{text}");
+        }
+        for (text, needle) in [("512", "512t"), ("0", "ratio"), ("2.5", "at most 1")] {
+            let err = CompressionConfig::from_cli("h2o", None, &kv(&[("budget", text)]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{text}: {err}");
+        }
+        let err =
+            CompressionConfig::from_cli("h2o", Some(Budget::Ratio(0.5)), &kv(&[("budget", "0.3")]))
+                .unwrap_err();
+        assert!(err.to_string().contains("twice"), "{err}");
+    }
+
+    #[test]
+    fn json_configs_take_the_budget_grammar() {
+        for (json, budget) in [
+            (r#"{"method": "snapkv", "budget": 0.35}"#, Budget::Ratio(0.35)),
+            (r#"{"method": "snapkv", "budget": "35%"}"#, Budget::Ratio(0.35)),
+            (r#"{"method": "snapkv", "budget": "512t"}"#, Budget::Tokens(512)),
+            (r#"{"method": "snapkv", "budget": {"ratio": 0.35}}"#, Budget::Ratio(0.35)),
+            (r#"{"method": "snapkv", "budget": {"tokens": 512}}"#, Budget::Tokens(512)),
+            (r#"{"method": "snapkv", "budget": 1}"#, Budget::Ratio(1.0)),
+        ] {
+            assert_eq!(CompressionConfig::from_json(json).unwrap().budget(), budget, "{json}");
+        }
+        let err = CompressionConfig::from_json(r#"{"method": "snapkv", "budget": 512}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("512t"), "{err}");
+    }
+
+    #[test]
+    fn overrides_replace_fields_of_a_configuration() {
+        let file = CompressionConfig::from_json(
+            r#"{"method": "kvmerger", "budget": "35%", "threshold": 0.8, "mass": "log_count"}"#,
+        )
+        .unwrap();
+        let c =
+            file.with_overrides(Some(Budget::Ratio(0.2)), &kv(&[("threshold", "0.6")])).unwrap();
+        let CompressionConfig::Kvmerger(k) = &c else { panic!("{c:?}") };
+        assert_eq!(
+            (k.budget, k.threshold, k.mass),
+            (Budget::Ratio(0.2), 0.6, MassRule::LogCount),
+            "flags override the file's fields, the rest stays"
+        );
+        assert_eq!(file.with_overrides(None, &[]).unwrap(), file);
+        let err = file.with_overrides(None, &kv(&[("bogus", "1")])).unwrap_err();
+        assert!(err.to_string().contains("bogus"), "{err}");
+    }
+
+    #[test]
+    fn non_finite_parameters_are_refused_by_name() {
+        for info in METHODS {
+            let Value::Object(defaults) =
+                serde_json::to_value(CompressionConfig::from_cli(info.name, None, &[]).unwrap())
+                    .unwrap()
+            else {
+                panic!("{} does not serialise to an object", info.name)
+            };
+            for key in defaults.keys().filter(|k| *k != "method") {
+                for bad in ["nan", "NaN", "inf", "-inf", "1e999"] {
+                    let err = CompressionConfig::from_cli(info.name, None, &kv(&[(key, bad)]))
+                        .unwrap_err()
+                        .to_string();
+                    assert!(err.contains(key.as_str()), "{} {key}={bad}: {err}", info.name);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_method_table_resolves_names_and_aliases() {
+        assert_eq!(METHOD_NAMES, ["full", "streaming_llm", "h2o", "snapkv", "cam", "kvmerger"]);
+        for info in METHODS {
+            for name in std::iter::once(&info.name).chain(info.aliases) {
+                assert_eq!(method_info(name).map(|m| m.name), Some(info.name));
+                assert_eq!(method_info(&name.to_uppercase().replace('_', "-")), Some(info));
+                let budget = (info.name != "full").then_some(Budget::Ratio(0.5));
+                let c = CompressionConfig::from_cli(name, budget, &[]).unwrap();
+                assert_eq!(c.name(), info.name);
+                let json = format!(r#"{{"method": "{name}"}}"#);
+                assert_eq!(CompressionConfig::from_json(&json).unwrap().name(), info.name);
+            }
+            assert!(!info.summary.is_empty() && !info.summary.starts_with(' '));
+        }
+        let err = CompressionConfig::from_cli("magic", None, &[]).unwrap_err().to_string();
+        assert!(METHOD_NAMES.iter().all(|n| err.contains(n)), "{err}");
     }
 }

@@ -7,7 +7,10 @@ pub enum CompressError {
     #[error("invalid parameter `{name}`: {reason}")]
     InvalidParameter { name: String, reason: String },
     /// The method name is not one we know.
-    #[error("unknown compression method `{0}` (expected one of: full, streaming_llm, h2o, snapkv, cam, kvmerger)")]
+    #[error(
+        "unknown compression method `{0}` (expected one of: {known})",
+        known = crate::config::METHOD_NAMES.join(", ")
+    )]
     UnknownMethod(String),
     /// Key/value data handed to the cache has the wrong length.
     #[error("shape mismatch: {0}")]

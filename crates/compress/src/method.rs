@@ -5,15 +5,70 @@ use serde::Serialize;
 use crate::cache::HeadCache;
 use crate::error::Result;
 
+/// Most distinct observation windows one prefill records.
+pub const MAX_WINDOWS: usize = 8;
+
+/// A small set of distinct observation-window lengths, smallest first. `Copy`, so
+/// statistics requests travel by value through the forward pass.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Windows {
+    len: usize,
+    sizes: [usize; MAX_WINDOWS],
+}
+
+impl Windows {
+    /// The set holding one window.
+    pub fn one(window: usize) -> Self {
+        let mut w = Self::default();
+        w.insert(window);
+        w
+    }
+
+    /// Adds a window; returns `false` (and leaves the set as it was) when the set already
+    /// holds [`MAX_WINDOWS`] other windows.
+    pub fn insert(&mut self, window: usize) -> bool {
+        let sizes = &mut self.sizes[..self.len];
+        match sizes.binary_search(&window) {
+            Ok(_) => true,
+            Err(_) if self.len == MAX_WINDOWS => false,
+            Err(at) => {
+                self.sizes.copy_within(at..self.len, at + 1);
+                self.sizes[at] = window;
+                self.len += 1;
+                true
+            }
+        }
+    }
+
+    pub fn contains(&self, window: usize) -> bool {
+        self.sizes[..self.len].binary_search(&window).is_ok()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Window lengths, smallest first.
+    pub fn iter(&self) -> impl Iterator<Item = usize> + '_ {
+        self.sizes[..self.len].iter().copied()
+    }
+
+    /// Whether every window of `other` is in this set.
+    pub fn contains_all(&self, other: &Self) -> bool {
+        other.iter().all(|w| self.contains(w))
+    }
+}
+
 /// Attention statistics a method needs the engine to accumulate into the cache.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StatsRequest {
     /// Accumulate attention received per key into [`crate::EntryMeta::attention`]
     /// (prefill and decode), averaged over the query heads of each kv group.
     pub accumulated: bool,
-    /// Accumulate into [`HeadCache::window_attention`] the attention received from the
-    /// last `n` queries of the prompt (SnapKV's observation window).
-    pub window: Option<usize>,
+    /// For each window `n`, accumulate into [`HeadCache::window_attention`]`(n)` the
+    /// attention received from the last `n` queries of the prompt (SnapKV's observation
+    /// window). Several methods sharing one prefill each read their own window.
+    pub windows: Windows,
 }
 
 /// Where a head sits, for methods that draw seeded random numbers per head.
@@ -36,6 +91,9 @@ pub struct HeadReport {
     pub merged_tokens: usize,
     /// Size of the largest merging set.
     pub largest_set: usize,
+    /// The method's fixed part that did not fit in this head's budget and was shrunk to
+    /// fit (`"sinks"`, `"window"`, `"protected"`), if any.
+    pub clamped: Option<&'static str>,
 }
 
 /// A KV-cache compression method. Methods see one head at a time and know nothing of
@@ -81,21 +139,63 @@ pub trait CompressionMethod: Send + Sync {
 }
 
 impl StatsRequest {
+    /// Accumulated attention only.
+    pub fn accumulated() -> Self {
+        Self { accumulated: true, windows: Windows::default() }
+    }
+
+    /// One observation window, with or without accumulated attention.
+    pub fn window(window: usize, accumulated: bool) -> Self {
+        Self { accumulated, windows: Windows::one(window) }
+    }
+
     /// The same request without the prompt-window statistics (for steps after the prompt).
     pub fn without_window(self) -> Self {
-        Self { window: None, ..self }
+        Self { windows: Windows::default(), ..self }
+    }
+
+    /// Everything either request asks for (one prefill serving several methods): each
+    /// distinct window is kept, so every method reads the window it asked for. Beyond
+    /// [`MAX_WINDOWS`] distinct windows the extra ones are left out, and
+    /// [`Self::covers`] tells the methods that needed them.
+    pub fn union(self, other: Self) -> Self {
+        let mut windows = self.windows;
+        for w in other.windows.iter() {
+            windows.insert(w);
+        }
+        Self { accumulated: self.accumulated || other.accumulated, windows }
+    }
+
+    /// Whether statistics recorded for `self` serve a method that asks for `needs`.
+    pub fn covers(&self, needs: &Self) -> bool {
+        (self.accumulated || !needs.accumulated) && self.windows.contains_all(&needs.windows)
     }
 }
 
-impl StatsRequest {
-    /// Everything either request asks for (one prefill serving several methods).
-    pub fn union(self, other: Self) -> Self {
-        Self {
-            accumulated: self.accumulated || other.accumulated,
-            window: match (self.window, other.window) {
-                (Some(a), Some(b)) => Some(a.max(b)),
-                (a, b) => a.or(b),
-            },
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn union_keeps_each_distinct_window() {
+        let a = StatsRequest::window(64, false);
+        let b = StatsRequest::window(32, true);
+        let u = a.union(b).union(a);
+        assert!(u.accumulated);
+        assert_eq!(u.windows.iter().collect::<Vec<_>>(), vec![32, 64]);
+        assert!(u.covers(&a) && u.covers(&b));
+        assert!(!a.covers(&b), "a 64-query window does not serve a 32-query one");
+        assert!(u.covers(&StatsRequest::default()));
+    }
+
+    #[test]
+    fn windows_beyond_the_capacity_are_reported_missing() {
+        let mut u = StatsRequest::default();
+        for w in 1..=MAX_WINDOWS + 2 {
+            u = u.union(StatsRequest::window(w, false));
         }
+        assert_eq!(u.windows.iter().count(), MAX_WINDOWS);
+        assert!(!u.covers(&StatsRequest::window(MAX_WINDOWS + 1, false)));
+        assert!(u.covers(&StatsRequest::window(1, false)));
     }
 }

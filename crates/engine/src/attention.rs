@@ -33,8 +33,8 @@ pub struct AttentionOptions {
 /// logical positions are.
 ///
 /// `q`: `[seq, n_heads, head_dim]`, already rotated. Returns `[seq, n_heads, head_dim]`.
-/// Accumulates statistics into `heads[h].meta_mut()[j].attention` and
-/// `heads[h].window_attention` as `opts.stats` asks.
+/// Accumulates statistics into `heads[h].meta_mut()[j].attention` and, for each window `w`
+/// of `opts.stats`, into `heads[h].window_attention(w)`, as `opts.stats` asks.
 pub fn attend(
     q: &[f32],
     seq: usize,
@@ -48,7 +48,6 @@ pub fn attend(
     let group = n_heads / n_kv_heads;
     let chunk = opts.chunk.max(1);
     let n_chunks = seq.div_ceil(chunk);
-    let window_start = opts.stats.window.map(|w| seq.saturating_sub(w));
 
     let tasks: Vec<(usize, usize)> =
         (0..n_kv_heads).flat_map(|h| (0..n_chunks).map(move |c| (h, c))).collect();
@@ -57,7 +56,7 @@ pub fn attend(
         .map(|&(h, c)| {
             let start = c * chunk;
             let end = (start + chunk).min(seq);
-            attend_chunk(q, &heads[h], seq, start..end, h, shape, group, opts, window_start)
+            attend_chunk(q, &heads[h], seq, start..end, h, shape, group, opts)
         })
         .collect();
 
@@ -76,11 +75,8 @@ pub fn attend(
                 m.attention += a;
             }
         }
-        if let Some(win) = res.window {
-            if head.window_attention.len() != head.len() {
-                head.window_attention.resize(head.len(), 0.0);
-            }
-            for (w, a) in head.window_attention.iter_mut().zip(win) {
+        for (window, received) in res.windows {
+            for (w, a) in head.window_attention_mut(window).iter_mut().zip(received) {
                 *w += a;
             }
         }
@@ -92,7 +88,8 @@ struct ChunkResult {
     /// `[rows, head_dim]`, rows ordered `(query, head-in-group)`.
     out: Vec<f32>,
     accumulated: Option<Vec<f32>>,
-    window: Option<Vec<f32>>,
+    /// `(window, [visible])` for each window some query of the chunk falls in.
+    windows: Vec<(usize, Vec<f32>)>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -105,7 +102,6 @@ fn attend_chunk(
     shape: AttentionShape,
     group: usize,
     opts: AttentionOptions,
-    window_start: Option<usize>,
 ) -> ChunkResult {
     let d = shape.head_dim;
     let base = head.len() - seq;
@@ -154,7 +150,15 @@ fn attend_chunk(
         .log_count_bias
         .then(|| meta[..visible].iter().map(|m| (m.count.max(1) as f32).ln()).collect());
     let mut accumulated = opts.stats.accumulated.then(|| vec![0.0f32; visible]);
-    let mut window = window_start.filter(|&w| queries.end > w).map(|_| vec![0.0f32; visible]);
+    // `(first query of the window, window, [visible])` for each window this chunk reaches.
+    let mut windows: Vec<(usize, usize, Vec<f32>)> = opts
+        .stats
+        .windows
+        .iter()
+        .map(|w| (seq.saturating_sub(w), w))
+        .filter(|&(start, _)| queries.end > start)
+        .map(|(start, w)| (start, w, vec![0.0f32; visible]))
+        .collect();
     let inv_group = 1.0 / group as f32;
 
     for (r, row) in scores.chunks_exact_mut(visible).enumerate() {
@@ -179,9 +183,9 @@ fn attend_chunk(
                 *a += p * inv_group;
             }
         }
-        if let (Some(win), Some(ws)) = (&mut window, window_start) {
-            if i >= ws {
-                for (a, p) in win.iter_mut().zip(&row[..seen]) {
+        for (start, _, received) in &mut windows {
+            if i >= *start {
+                for (a, p) in received.iter_mut().zip(&row[..seen]) {
                     *a += p * inv_group;
                 }
             }
@@ -214,5 +218,6 @@ fn attend_chunk(
             gemm::Parallelism::None,
         );
     }
-    ChunkResult { out, accumulated, window }
+    let windows = windows.into_iter().map(|(_, w, received)| (w, received)).collect();
+    ChunkResult { out, accumulated, windows }
 }

@@ -1,20 +1,27 @@
-//! Chat prompts: the model's Jinja chat template, recognised by family and rendered in Rust.
+//! Chat prompts: the model's own Jinja chat template, executed with minijinja.
 //!
-//! No Jinja engine is involved: [`ChatTemplate::detect`] recognises ChatML, Llama-3 and
-//! Llama-2/Mistral (`[INST]`) templates by their markers and renders them the way those
-//! templates do for plain text conversations (no tools).
+//! The template comes from GGUF `tokenizer.chat_template` or `tokenizer_config.json`
+//! (see [`TextTokenizer::chat_template`]) and is rendered the way Hugging Face does:
+//! `trim_blocks` and `lstrip_blocks` on, `messages`, `add_generation_prompt`, `bos_token`
+//! and `eos_token` in the context, `raise_exception` available, and Python string and
+//! dict methods (`.strip()`, `.startswith()`, `.items()`, ...) through minijinja-contrib's
+//! pycompat layer. Only a model without a template falls back to ChatML, and only when its
+//! vocabulary has `<|im_start|>`.
 //!
-//! The BOS token a template writes at the very start is left to
-//! [`TextTokenizer::encode`] with `add_special = true` when that adds BOS, so a rendered
-//! prompt is encoded exactly once with it; otherwise the rendering writes it itself.
+//! The BOS token a template writes at the very start is removed when encoding with
+//! `add_special = true` adds it again (see [`TextTokenizer::adds_bos`]), so a rendered
+//! prompt carries BOS exactly once.
+
+use minijinja::{Environment, ErrorKind};
+use serde::{Deserialize, Serialize};
 
 use crate::error::{EngineError, Result};
 use crate::tokenizer::TextTokenizer;
 
 /// One message of a conversation.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatMessage {
-    /// `system`, `user` or `assistant` (ChatML and Llama-3 accept any role name).
+    /// `system`, `user` or `assistant` (templates decide which roles they accept).
     pub role: String,
     pub content: String,
 }
@@ -37,185 +44,115 @@ impl ChatMessage {
     }
 }
 
-/// The template families that can be rendered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ChatFormat {
-    /// `<|im_start|>role\ncontent<|im_end|>\n` (SmolLM2, Qwen, ...).
-    ChatMl,
-    /// `<|start_header_id|>role<|end_header_id|>\n\ncontent<|eot_id|>`.
-    Llama3,
-    /// `<s>[INST] <<SYS>>\nsystem\n<</SYS>>\n\nuser [/INST] assistant </s>`, BOS before every user turn.
-    Llama2,
-    /// `<s>[INST] user [/INST]assistant</s>`; a system message is put before the first user message.
-    Mistral,
-}
+/// The fallback for models that ship no template but whose vocabulary is ChatML's.
+const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
 
-/// A chat template recognised from its Jinja source.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A compiled chat template with the special tokens it refers to.
 pub struct ChatTemplate {
-    format: ChatFormat,
-    /// ChatML: the system message the template adds when the conversation has none.
-    default_system: Option<String>,
-    /// The BOS text the rendering writes at the start itself (when encoding does not add it).
-    leading_bos: Option<String>,
+    env: Environment<'static>,
     bos: String,
     eos: String,
+    /// Strip a leading BOS from the rendering because encoding adds it.
+    strip_bos: bool,
+    /// Whether the model's own template is used (not the ChatML fallback).
+    from_model: bool,
+}
+
+impl std::fmt::Debug for ChatTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChatTemplate")
+            .field("bos", &self.bos)
+            .field("eos", &self.eos)
+            .field("from_model", &self.from_model)
+            .finish()
+    }
 }
 
 impl ChatTemplate {
-    /// The template of `tokenizer` (see [`ChatTemplate::detect`]).
+    /// The template of `tokenizer` (see [`ChatTemplate::new`]).
     pub fn for_tokenizer(tokenizer: &TextTokenizer) -> Result<Self> {
-        Self::detect(tokenizer.chat_template(), tokenizer)
+        Self::new(tokenizer.chat_template(), tokenizer)
     }
 
-    /// Recognises the family of the Jinja template `source` (from GGUF
-    /// `tokenizer.chat_template` or `tokenizer_config.json`). A missing or unrecognised
-    /// template falls back to ChatML when the vocabulary has `<|im_start|>`, and is an
-    /// [`EngineError::Unsupported`] otherwise.
-    pub fn detect(source: Option<&str>, tokenizer: &TextTokenizer) -> Result<Self> {
-        let text = source.unwrap_or("");
-        let format = if text.contains("<|im_start|>") {
-            ChatFormat::ChatMl
-        } else if text.contains("<|start_header_id|>") {
-            ChatFormat::Llama3
-        } else if text.contains("[INST]") {
-            if text.contains("<<SYS>>") {
-                ChatFormat::Llama2
-            } else {
-                ChatFormat::Mistral
+    /// Compiles the Jinja template `source`. Without one, falls back to ChatML when the
+    /// vocabulary has `<|im_start|>`, and is an [`EngineError::Unsupported`] otherwise. A
+    /// template minijinja cannot parse is an [`EngineError::Unsupported`] naming the error.
+    pub fn new(source: Option<&str>, tokenizer: &TextTokenizer) -> Result<Self> {
+        let from_model = source.is_some();
+        let source = match source {
+            Some(s) => s.to_string(),
+            None if tokenizer.token_id("<|im_start|>").is_some() => CHATML.to_string(),
+            None => {
+                return Err(EngineError::Unsupported(
+                    "chat prompts for this model: it has no chat template and its vocabulary \
+                     has no <|im_start|>"
+                        .into(),
+                ))
             }
-        } else if tokenizer.token_id("<|im_start|>").is_some() {
-            ChatFormat::ChatMl
-        } else {
-            let what = if source.is_some() {
-                "its chat template is not ChatML, Llama-3 or [INST]"
-            } else {
-                "it has no chat template"
-            };
-            return Err(EngineError::Unsupported(format!(
-                "chat prompts for this model: {what} and its vocabulary has no <|im_start|>"
-            )));
         };
+        let mut env = Environment::new();
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", |message: String| -> std::result::Result<String, _> {
+            Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
+        });
+        env.add_template_owned("chat", source)
+            .map_err(|e| EngineError::Unsupported(format!("the model's chat template: {e:#}")))?;
         let token_text = |id: Option<u32>, fallback: &str| {
             id.and_then(|id| tokenizer.token_str(id)).unwrap_or_else(|| fallback.to_string())
         };
-        let bos = token_text(tokenizer.bos_id(), "<s>");
-        let eos = token_text(tokenizer.eos_id(), "</s>");
-        let starts_with_bos = match format {
-            ChatFormat::ChatMl => false,
-            _ => text.contains("bos_token"),
-        };
-        let leading_bos = (starts_with_bos && !tokenizer.adds_bos()).then(|| bos.clone());
-        let default_system = match format {
-            ChatFormat::ChatMl => default_chatml_system(text),
-            _ => None,
-        };
-        Ok(Self { format, default_system, leading_bos, bos, eos })
+        Ok(Self {
+            env,
+            bos: token_text(tokenizer.bos_id(), "<s>"),
+            eos: token_text(tokenizer.eos_id(), "</s>"),
+            strip_bos: tokenizer.adds_bos(),
+            from_model,
+        })
     }
 
-    pub fn format(&self) -> ChatFormat {
-        self.format
-    }
-
-    /// The system message the template adds to conversations that start without one.
-    pub fn default_system_prompt(&self) -> Option<&str> {
-        self.default_system.as_deref()
+    /// Whether the model's own template is used (not the ChatML fallback).
+    pub fn is_from_model(&self) -> bool {
+        self.from_model
     }
 
     /// The prompt text of `messages`; with `add_generation_prompt` it ends where the
-    /// assistant's reply begins.
-    pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> String {
-        let mut out = self.leading_bos.clone().unwrap_or_default();
-        match self.format {
-            ChatFormat::ChatMl => {
-                let turn = |out: &mut String, role: &str, content: &str| {
-                    out.push_str(&format!("<|im_start|>{role}\n{content}<|im_end|>\n"));
-                };
-                if let (Some(system), Some(first)) = (&self.default_system, messages.first()) {
-                    if first.role != "system" {
-                        turn(&mut out, "system", system);
-                    }
-                }
-                for m in messages {
-                    turn(&mut out, &m.role, &m.content);
-                }
-                if add_generation_prompt {
-                    out.push_str("<|im_start|>assistant\n");
-                }
-            }
-            ChatFormat::Llama3 => {
-                for m in messages {
-                    out.push_str(&format!(
-                        "<|start_header_id|>{}<|end_header_id|>\n\n{}<|eot_id|>",
-                        m.role,
-                        m.content.trim()
-                    ));
-                }
-                if add_generation_prompt {
-                    out.push_str("<|start_header_id|>assistant<|end_header_id|>\n\n");
-                }
-            }
-            ChatFormat::Llama2 | ChatFormat::Mistral => self.render_inst(&mut out, messages),
-        }
-        out
-    }
-
-    /// `[INST]` formats: the reply follows `[/INST]`, so there is no generation prompt.
-    /// Roles other than user and assistant after the first message are skipped, as the
-    /// Llama-2 template does.
-    fn render_inst(&self, out: &mut String, messages: &[ChatMessage]) {
-        let (system, rest) = match messages.split_first() {
-            Some((first, rest)) if first.role == "system" => (Some(first.content.as_str()), rest),
-            _ => (None, messages),
-        };
-        let llama2 = self.format == ChatFormat::Llama2;
-        let mut first_user = true;
-        for m in rest {
-            match m.role.as_str() {
-                "user" => {
-                    let content = match (system, first_user, llama2) {
-                        (Some(s), true, true) => format!("<<SYS>>\n{s}\n<</SYS>>\n\n{}", m.content),
-                        (Some(s), true, false) => format!("{s}\n\n{}", m.content),
-                        _ => m.content.clone(),
-                    };
-                    // Llama-2 writes BOS before every user turn; the first one is the leading BOS.
-                    if llama2 && !first_user {
-                        out.push_str(&self.bos);
-                    }
-                    let content = if llama2 { content.trim() } else { content.as_str() };
-                    out.push_str(&format!("[INST] {content} [/INST]"));
-                    first_user = false;
-                }
-                "assistant" if llama2 => {
-                    out.push_str(&format!(" {} {}", m.content.trim(), self.eos))
-                }
-                "assistant" => out.push_str(&format!("{}{}", m.content, self.eos)),
-                _ => {}
-            }
-        }
+    /// assistant's reply begins. Errors carry the template's own message (for instance a
+    /// template that requires alternating user and assistant roles).
+    pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        let template = self.env.get_template("chat").map_err(template_error)?;
+        let text = template
+            .render(minijinja::context! {
+                messages => messages,
+                add_generation_prompt => add_generation_prompt,
+                bos_token => &self.bos,
+                eos_token => &self.eos,
+            })
+            .map_err(template_error)?;
+        Ok(match text.strip_prefix(self.bos.as_str()) {
+            Some(rest) if self.strip_bos && !self.bos.is_empty() => rest.to_string(),
+            _ => text,
+        })
     }
 }
 
-/// The literal system message of a ChatML template written as
-/// `'<|im_start|>system\n...<|im_end|>'`, if the template has one (SmolLM2 and Qwen add it
-/// when the conversation starts without a system message).
-fn default_chatml_system(template: &str) -> Option<String> {
-    const START: &str = "<|im_start|>system";
-    let mut rest = template;
-    while let Some(at) = rest.find(START) {
-        rest = &rest[at + START.len()..];
-        let body = rest.strip_prefix('\n').or_else(|| rest.strip_prefix("\\n"));
-        if let Some(body) = body {
-            if let Some(end) = body.find("<|im_end|>") {
-                let literal = &body[..end];
-                // A literal, not an expression such as `' + messages[0]['content'] + '`.
-                if !literal.contains(['\'', '"', '{', '}']) {
-                    return Some(literal.replace("\\n", "\n"));
-                }
-            }
-        }
-    }
-    None
+fn template_error(e: minijinja::Error) -> EngineError {
+    let detail = match e.detail() {
+        Some(d) => d.to_string(),
+        None => e.to_string(),
+    };
+    EngineError::InvalidRequest { field: "messages".into(), reason: detail }
+}
+
+/// Renders `messages` with the chat template of `tokenizer` (the model's own, or ChatML
+/// where it has none). The prompt to pass to [`TextTokenizer::encode`] with
+/// `add_special = true`.
+pub fn render_chat(
+    tokenizer: &TextTokenizer,
+    messages: &[ChatMessage],
+    add_generation_prompt: bool,
+) -> Result<String> {
+    ChatTemplate::for_tokenizer(tokenizer)?.render(messages, add_generation_prompt)
 }
 
 #[cfg(test)]
@@ -223,59 +160,55 @@ mod tests {
     use super::*;
     use crate::tokenizer::tests::tiny_sentencepiece;
 
-    const LLAMA2: &str = "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}{% for message in loop_messages %}{% if loop.index0 == 0 and system_message != false %}{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}{% else %}{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}";
+    const LLAMA2: &str = "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}{% for message in loop_messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if loop.index0 == 0 and system_message != false %}{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}{% else %}{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}";
     const LLAMA3: &str = "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}";
-    const QWEN: &str = "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}{%- else %}{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}{%- endif %}";
 
     #[test]
-    fn llama2_turns_carry_system_block_and_bos() {
+    fn llama2_template_runs_with_python_methods_and_one_bos_from_encoding() {
         let tok = tiny_sentencepiece();
-        let t = ChatTemplate::detect(Some(LLAMA2), &tok).unwrap();
-        assert_eq!(t.format(), ChatFormat::Llama2);
+        let t = ChatTemplate::new(Some(LLAMA2), &tok).unwrap();
+        assert!(t.is_from_model());
         let messages = [
             ChatMessage::system("Be brief."),
             ChatMessage::user(" Hi "),
             ChatMessage::assistant("Hello."),
             ChatMessage::user("Bye"),
         ];
-        // The first BOS comes from encoding, since this tokenizer adds BOS; as in the
-        // template, only the ends of the combined first message are stripped.
+        // The first BOS is left to encoding, which adds it for this tokenizer; `.strip()`
+        // trims only the ends of the combined first message.
         assert_eq!(
-            t.render(&messages, true),
+            t.render(&messages, true).unwrap(),
             "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\n Hi [/INST] Hello. </s><s>[INST] Bye [/INST]"
         );
     }
 
     #[test]
-    fn llama3_trims_contents_and_opens_the_assistant_turn() {
+    fn template_exceptions_are_request_errors() {
         let tok = tiny_sentencepiece();
-        let t = ChatTemplate::detect(Some(LLAMA3), &tok).unwrap();
-        assert_eq!(t.format(), ChatFormat::Llama3);
+        let t = ChatTemplate::new(Some(LLAMA2), &tok).unwrap();
+        let err = t.render(&[ChatMessage::assistant("first")], true).unwrap_err();
+        assert!(
+            matches!(&err, EngineError::InvalidRequest { field, reason }
+                if field == "messages" && reason.contains("alternate")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn llama3_template_trims_contents_and_opens_the_assistant_turn() {
+        let tok = tiny_sentencepiece();
+        let t = ChatTemplate::new(Some(LLAMA3), &tok).unwrap();
         assert_eq!(
-            t.render(&[ChatMessage::user(" Hi\n")], true),
+            t.render(&[ChatMessage::user(" Hi\n")], true).unwrap(),
             "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
         );
     }
 
     #[test]
-    fn chatml_default_system_prompt_is_read_from_escaped_literals() {
-        assert_eq!(
-            default_chatml_system(QWEN).as_deref(),
-            Some("You are Qwen, created by Alibaba Cloud. You are a helpful assistant.")
-        );
-        assert_eq!(
-            default_chatml_system(
-                "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>'}}"
-            ),
-            None
-        );
-    }
-
-    #[test]
-    fn unknown_template_without_chatml_tokens_is_an_error() {
+    fn a_broken_template_is_an_error_and_no_template_needs_chatml_tokens() {
         let tok = tiny_sentencepiece();
-        let err = ChatTemplate::detect(Some("{{ messages }}"), &tok).unwrap_err();
+        let err = ChatTemplate::new(Some("{% for m in messages %}"), &tok).unwrap_err();
         assert!(matches!(err, EngineError::Unsupported(_)), "{err}");
-        assert!(ChatTemplate::detect(None, &tok).is_err());
+        assert!(ChatTemplate::new(None, &tok).is_err());
     }
 }

@@ -10,6 +10,9 @@ use crate::error::{EngineError, Result};
 /// Architectures whose forward pass this engine implements (Llama family).
 pub const SUPPORTED_ARCHITECTURES: [&str; 3] = ["llama", "mistral", "qwen2"];
 
+/// Longest context accepted from a model file (1M positions).
+pub const MAX_CONTEXT: usize = 1 << 20;
+
 /// Llama-3 style RoPE frequency scaling.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct Llama3RopeScaling {
@@ -160,14 +163,44 @@ impl ModelConfig {
         if self.n_layers == 0 || self.n_heads == 0 || self.n_kv_heads == 0 || self.head_dim == 0 {
             return bad("layers, heads and head_dim must be positive");
         }
+        // Bounded so that products of two sizes cannot overflow; the tensors' shapes are
+        // checked against these values at load.
+        let sizes = [
+            ("layers", self.n_layers),
+            ("hidden size", self.hidden_size),
+            ("intermediate size", self.intermediate_size),
+            ("heads", self.n_heads),
+            ("kv heads", self.n_kv_heads),
+            ("head_dim", self.head_dim),
+            ("vocabulary", self.vocab_size),
+        ];
+        if let Some((name, value)) = sizes.iter().find(|(_, v)| *v > 1 << 24) {
+            return Err(EngineError::Config(format!("{name} {value} is absurdly large")));
+        }
         if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return bad("attention heads must be a multiple of kv heads");
         }
         if !self.head_dim.is_multiple_of(2) {
             return bad("head_dim must be even for RoPE");
         }
-        if self.context_length == 0 {
-            return bad("context length must be positive");
+        // RoPE tables are precomputed for the whole context.
+        if self.context_length == 0 || self.context_length > MAX_CONTEXT {
+            return Err(EngineError::Config(format!(
+                "context length {} is outside 1..={MAX_CONTEXT}",
+                self.context_length
+            )));
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            return Err(EngineError::Config(format!(
+                "rope theta {} is not positive",
+                self.rope_theta
+            )));
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0) {
+            return Err(EngineError::Config(format!(
+                "rms_norm_eps {} is invalid",
+                self.rms_norm_eps
+            )));
         }
         Ok(())
     }

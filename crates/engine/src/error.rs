@@ -7,6 +7,10 @@ use thiserror::Error;
 pub enum EngineError {
     #[error("model file not found: {0}")]
     MissingFile(PathBuf),
+    #[error("`{given}` is neither a file nor a known model (known: {known})")]
+    UnknownModel { given: PathBuf, known: String },
+    #[error("{path} is corrupt: expected {expected}, got {actual} (the file was removed)")]
+    Digest { path: PathBuf, expected: String, actual: String },
     #[error("I/O error on {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
     #[error("cannot read GGUF file {path}: {reason} (is it a complete, uncorrupted GGUF model?)")]
@@ -21,6 +25,9 @@ pub enum EngineError {
     EmptyPrompt,
     #[error("the input needs {needed} positions but the model's context is {context} tokens")]
     ContextOverflow { needed: usize, context: usize },
+    /// A request the engine cannot serve as asked; names the request field.
+    #[error("invalid `{field}`: {reason}")]
+    InvalidRequest { field: String, reason: String },
     #[error("model setup failed: {0}")]
     Setup(String),
     #[error(transparent)]

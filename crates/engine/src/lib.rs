@@ -1,24 +1,40 @@
 //! Llama-family inference on candle with a KV cache that compression methods can rewrite.
 
 mod attention;
+mod batch;
 pub mod chat;
+mod compression;
 mod config;
 mod error;
 pub mod fetch;
+mod gguf_check;
 mod linear;
 mod loader;
 mod model;
+mod pool;
 mod rope;
+mod runtime;
 mod sampler;
+mod scheduler;
+mod sequence;
 mod session;
 pub mod testing;
 pub mod tokenizer;
 
 pub use attention::{attend, AttentionOptions, AttentionShape};
-pub use config::{ModelConfig, SUPPORTED_ARCHITECTURES};
+pub use batch::{BatchItem, Phase};
+pub use compression::{after_decode_step, compress_prompt};
+pub use config::{ModelConfig, MAX_CONTEXT, SUPPORTED_ARCHITECTURES};
 pub use error::{EngineError, Result};
+pub use gguf_check::{check_gguf, GgufSummary, MAX_METADATA_BYTES};
 pub use linear::{Linear, WeightFormat, WeightFormats, DECODE_ROWS};
 pub use loader::{load_gguf, load_hf_folder, load_model, read_gguf_header, LoadedModel};
 pub use model::{Block, ForwardOptions, Llama, Logits};
+pub use pool::KvPool;
+pub use runtime::{AddError, Engine, EngineConfig, EngineHandle, Event, EventSink, RuntimeMetrics};
 pub use sampler::{argmax, Sampler, SamplingConfig};
+pub use scheduler::{Plan, Refusal, Scheduler, SchedulerLimits};
+pub use sequence::{
+    entry_bytes, FinishReason, GenerationRequest, SeqId, SeqState, Sequence, Usage,
+};
 pub use session::{CompressionReport, Prefilled, Session, Timings};

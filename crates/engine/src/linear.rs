@@ -106,10 +106,15 @@ impl Linear {
         Ok(Self { dense, quantized, bias })
     }
 
-    /// `x`: `[rows, in]` -> `[rows, out]`.
+    /// `x`: `[rows, in]` -> `[rows, out]`, in the format of the path its row count implies.
     pub fn forward(&self, x: &Tensor, formats: WeightFormats) -> Result<Tensor> {
         let rows = x.dim(0)?;
         let format = if rows <= DECODE_ROWS { formats.decode } else { formats.prefill };
+        self.forward_as(x, format)
+    }
+
+    /// `x`: `[rows, in]` -> `[rows, out]` with the weight in `format` (or the format held).
+    pub fn forward_as(&self, x: &Tensor, format: WeightFormat) -> Result<Tensor> {
         let y = match (format, &self.quantized, &self.dense) {
             (WeightFormat::Quantized | WeightFormat::Q8, Some(q), _) => q.forward(x)?,
             (_, _, Some(w)) => x.matmul(&w.t()?)?,

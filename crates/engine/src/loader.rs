@@ -1,7 +1,7 @@
 //! Loading a model from a GGUF file or a Hugging Face folder.
 
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{BufReader, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file;
@@ -10,22 +10,38 @@ use candle_core::{DType, Device, Tensor};
 use crate::chat::ChatTemplate;
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
+use crate::gguf_check::check_gguf;
 use crate::linear::{Linear, WeightFormats};
 use crate::model::{Block, Llama};
 use crate::tokenizer::TextTokenizer;
 
 /// Reads a GGUF file's header (metadata and tensor index), with clear errors for a
-/// missing, truncated or non-GGUF file.
+/// missing, truncated, inconsistent or non-GGUF file. The header is checked by a bounded
+/// pass ([`check_gguf`]) before candle's reader allocates anything from it.
 pub fn read_gguf_header(path: &Path) -> Result<(gguf_file::Content, BufReader<File>)> {
     if !path.exists() {
         return Err(EngineError::MissingFile(path.to_path_buf()));
     }
-    let file =
-        File::open(path).map_err(|source| EngineError::Io { path: path.to_path_buf(), source })?;
+    let io = |source| EngineError::Io { path: path.to_path_buf(), source };
+    let file = File::open(path).map_err(io)?;
+    let len = file.metadata().map_err(io)?.len();
     let mut reader = BufReader::new(file);
-    let content = gguf_file::Content::read(&mut reader)
-        .map_err(|e| EngineError::Gguf { path: path.to_path_buf(), reason: e.to_string() })?;
+    let gguf_err = |reason: String| EngineError::Gguf { path: path.to_path_buf(), reason };
+    check_gguf(&mut reader, len).map_err(gguf_err)?;
+    reader.seek(SeekFrom::Start(0)).map_err(io)?;
+    let content = gguf_file::Content::read(&mut reader).map_err(|e| gguf_err(e.to_string()))?;
     Ok((content, reader))
+}
+
+/// Fails unless tensor `name` has shape `expected` (`[rows, cols]` or `[len]`).
+fn check_shape(name: &str, actual: &[usize], expected: &[usize]) -> Result<()> {
+    if actual == expected {
+        Ok(())
+    } else {
+        Err(EngineError::Config(format!(
+            "tensor {name} has shape {actual:?}, but the configuration implies {expected:?}"
+        )))
+    }
 }
 
 /// Loads a Llama-family GGUF model.
@@ -40,41 +56,60 @@ pub fn load_gguf(
         path: path.to_path_buf(),
         reason: e.to_string(),
     };
-    let mut tensor = |name: &str| content.tensor(&mut reader, name, device).map_err(gguf_err);
-    let embed_q = tensor("token_embd.weight")?;
-    let embed = embed_q.dequantize(device)?;
-    let final_norm = tensor("output_norm.weight")?.dequantize(device)?;
-    let lm_head = match tensor("output.weight") {
-        Ok(w) => Linear::from_qtensor(w, None, formats)?,
-        Err(_) => Linear::from_qtensor(embed_q, None, formats)?,
+    let c = &config;
+    let (hidden, q_dim, kv_dim) =
+        (c.hidden_size, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
+    // Every shape is checked against the configuration before the tensor is read, so a
+    // header that lies about sizes fails here instead of deep inside the forward pass.
+    let mut tensor = |name: &str, shape: &[usize]| -> Result<_> {
+        let info = content.tensor_infos.get(name).ok_or_else(|| EngineError::Gguf {
+            path: path.to_path_buf(),
+            reason: format!("tensor {name} is missing"),
+        })?;
+        check_shape(name, info.shape.dims(), shape)?;
+        content.tensor(&mut reader, name, device).map_err(gguf_err)
     };
-    let mut blocks = Vec::with_capacity(config.n_layers);
-    for l in 0..config.n_layers {
+    let embed_q = tensor("token_embd.weight", &[c.vocab_size, hidden])?;
+    let embed = embed_q.dequantize(device)?;
+    let final_norm = tensor("output_norm.weight", &[hidden])?.dequantize(device)?;
+    let lm_head = if content.tensor_infos.contains_key("output.weight") {
+        Linear::from_qtensor(tensor("output.weight", &[c.vocab_size, hidden])?, None, formats)?
+    } else {
+        Linear::from_qtensor(embed_q, None, formats)?
+    };
+    let mut blocks = Vec::new();
+    for l in 0..c.n_layers {
         let name = |n: &str| format!("blk.{l}.{n}");
-        let mut bias = |n: &str| -> Result<Option<Tensor>> {
+        let mut bias = |n: &str, len: usize| -> Result<Option<Tensor>> {
             if content.tensor_infos.contains_key(&name(n)) {
-                Ok(Some(tensor(&name(n))?.dequantize(device)?))
+                Ok(Some(tensor(&name(n), &[len])?.dequantize(device)?))
             } else {
                 Ok(None)
             }
         };
-        let (bq, bk, bv) = (bias("attn_q.bias")?, bias("attn_k.bias")?, bias("attn_v.bias")?);
-        let mut linear =
-            |n: &str, b: Option<Tensor>| Linear::from_qtensor(tensor(&name(n))?, b, formats);
+        let (bq, bk, bv) = (
+            bias("attn_q.bias", q_dim)?,
+            bias("attn_k.bias", kv_dim)?,
+            bias("attn_v.bias", kv_dim)?,
+        );
+        let mut linear = |n: &str, shape: [usize; 2], b: Option<Tensor>| {
+            Linear::from_qtensor(tensor(&name(n), &shape)?, b, formats)
+        };
+        let inter = c.intermediate_size;
         let (wq, wk, wv) = (
-            linear("attn_q.weight", bq)?,
-            linear("attn_k.weight", bk)?,
-            linear("attn_v.weight", bv)?,
+            linear("attn_q.weight", [q_dim, hidden], bq)?,
+            linear("attn_k.weight", [kv_dim, hidden], bk)?,
+            linear("attn_v.weight", [kv_dim, hidden], bv)?,
         );
         let (wo, gate, up, down) = (
-            linear("attn_output.weight", None)?,
-            linear("ffn_gate.weight", None)?,
-            linear("ffn_up.weight", None)?,
-            linear("ffn_down.weight", None)?,
+            linear("attn_output.weight", [hidden, q_dim], None)?,
+            linear("ffn_gate.weight", [inter, hidden], None)?,
+            linear("ffn_up.weight", [inter, hidden], None)?,
+            linear("ffn_down.weight", [hidden, inter], None)?,
         );
         blocks.push(Block {
-            attn_norm: tensor(&name("attn_norm.weight"))?.dequantize(device)?,
-            mlp_norm: tensor(&name("ffn_norm.weight"))?.dequantize(device)?,
+            attn_norm: tensor(&name("attn_norm.weight"), &[hidden])?.dequantize(device)?,
+            mlp_norm: tensor(&name("ffn_norm.weight"), &[hidden])?.dequantize(device)?,
             wq,
             wk,
             wv,
@@ -109,37 +144,50 @@ pub fn load_hf_folder(dir: &Path, device: &Device) -> Result<Llama> {
             .map_err(|e| EngineError::Config(format!("{}: {e}", f.display())))?;
         tensors.extend(loaded);
     }
-    let mut take = |name: &str| -> Result<Tensor> {
-        tensors
-            .remove(name)
-            .ok_or_else(|| EngineError::Config(format!("missing tensor {name}")))?
-            .to_dtype(DType::F32)
-            .map_err(EngineError::from)
+    // `Ok(None)` when the tensor is absent.
+    let mut take_optional = |name: &str, shape: &[usize]| -> Result<Option<Tensor>> {
+        let Some(t) = tensors.remove(name) else { return Ok(None) };
+        check_shape(name, t.dims(), shape)?;
+        Ok(Some(t.to_dtype(DType::F32)?))
     };
-    let embed = take("model.embed_tokens.weight")?;
-    let final_norm = take("model.norm.weight")?;
-    let lm_head = match take("lm_head.weight") {
-        Ok(w) => Linear::from_dense(w, None)?,
-        Err(_) => Linear::from_dense(embed.clone(), None)?,
+    let c = &config;
+    let (hidden, q_dim, kv_dim) =
+        (c.hidden_size, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
+    let inter = c.intermediate_size;
+    let required = |t: Option<Tensor>, name: &str| {
+        t.ok_or_else(|| EngineError::Config(format!("missing tensor {name}")))
     };
-    let mut blocks = Vec::with_capacity(config.n_layers);
-    for l in 0..config.n_layers {
+    let embed_name = "model.embed_tokens.weight";
+    let embed = required(take_optional(embed_name, &[c.vocab_size, hidden])?, embed_name)?;
+    let final_norm = required(take_optional("model.norm.weight", &[hidden])?, "model.norm.weight")?;
+    let lm_head = match take_optional("lm_head.weight", &[c.vocab_size, hidden])? {
+        Some(w) => Linear::from_dense(w, None)?,
+        None => Linear::from_dense(embed.clone(), None)?,
+    };
+    let mut blocks = Vec::new();
+    for l in 0..c.n_layers {
         let p = format!("model.layers.{l}");
-        let mut lin = |name: &str, with_bias: bool| -> Result<Linear> {
-            let w = take(&format!("{p}.{name}.weight"))?;
-            let b = if with_bias { take(&format!("{p}.{name}.bias")).ok() } else { None };
+        let mut lin = |name: &str, shape: [usize; 2], with_bias: bool| -> Result<Linear> {
+            let weight = format!("{p}.{name}.weight");
+            let w = required(take_optional(&weight, &shape)?, &weight)?;
+            let b = match with_bias {
+                true => take_optional(&format!("{p}.{name}.bias"), &shape[..1])?,
+                false => None,
+            };
             Linear::from_dense(w, b)
         };
+        let (attn_norm, mlp_norm) =
+            (format!("{p}.input_layernorm.weight"), format!("{p}.post_attention_layernorm.weight"));
         blocks.push(Block {
-            wq: lin("self_attn.q_proj", true)?,
-            wk: lin("self_attn.k_proj", true)?,
-            wv: lin("self_attn.v_proj", true)?,
-            wo: lin("self_attn.o_proj", false)?,
-            gate: lin("mlp.gate_proj", false)?,
-            up: lin("mlp.up_proj", false)?,
-            down: lin("mlp.down_proj", false)?,
-            attn_norm: take(&format!("{p}.input_layernorm.weight"))?,
-            mlp_norm: take(&format!("{p}.post_attention_layernorm.weight"))?,
+            wq: lin("self_attn.q_proj", [q_dim, hidden], true)?,
+            wk: lin("self_attn.k_proj", [kv_dim, hidden], true)?,
+            wv: lin("self_attn.v_proj", [kv_dim, hidden], true)?,
+            wo: lin("self_attn.o_proj", [hidden, q_dim], false)?,
+            gate: lin("mlp.gate_proj", [inter, hidden], false)?,
+            up: lin("mlp.up_proj", [inter, hidden], false)?,
+            down: lin("mlp.down_proj", [hidden, inter], false)?,
+            attn_norm: required(take_optional(&attn_norm, &[hidden])?, &attn_norm)?,
+            mlp_norm: required(take_optional(&mlp_norm, &[hidden])?, &mlp_norm)?,
         });
     }
     Ok(Llama::new(
@@ -164,7 +212,7 @@ pub struct LoadedModel {
 }
 
 impl LoadedModel {
-    /// The model's chat template (ChatML, Llama-3 or [INST] families).
+    /// The model's chat template, compiled (see [`ChatTemplate`]).
     pub fn chat_template(&self) -> Result<ChatTemplate> {
         ChatTemplate::for_tokenizer(&self.tokenizer)
     }

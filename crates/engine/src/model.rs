@@ -4,10 +4,10 @@
 use candle_core::{Device, Tensor};
 use kvmerger_compress::{KvCache, StatsRequest};
 
-use crate::attention::{attend, AttentionOptions, AttentionShape};
+use crate::batch::{BatchItem, PassFormats};
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
-use crate::linear::{Linear, WeightFormats};
+use crate::linear::{Linear, WeightFormats, DECODE_ROWS};
 use crate::rope::Rope;
 
 /// One transformer block's weights.
@@ -61,7 +61,7 @@ pub struct Llama {
     pub final_norm: Tensor,
     pub lm_head: Linear,
     pub formats: WeightFormats,
-    rope: Rope,
+    pub(crate) rope: Rope,
 }
 
 impl Llama {
@@ -95,72 +95,25 @@ impl Llama {
         cache: &mut KvCache,
         opts: ForwardOptions,
     ) -> Result<Tensor> {
-        let seq = tokens.len();
-        if seq == 0 {
-            return Err(EngineError::EmptyPrompt);
-        }
-        let needed = cache.n_seen + seq;
-        if needed > self.config.context_length {
-            return Err(EngineError::ContextOverflow {
-                needed,
-                context: self.config.context_length,
-            });
-        }
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
-            return Err(EngineError::Tokenizer(format!(
-                "token id {bad} is outside the vocabulary ({})",
-                self.config.vocab_size
-            )));
-        }
-        let c = &self.config;
-        let shape =
-            AttentionShape { n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: c.head_dim };
-        let attn_opts = AttentionOptions {
-            chunk: opts.attention_chunk,
-            stats: opts.stats,
-            log_count_bias: cache.log_count_bias,
-        };
-        let eps = c.rms_norm_eps as f32;
-        let ids = Tensor::new(tokens, self.device())?;
-        // [seq, hidden]
-        let mut x = self.embed.index_select(&ids, 0)?;
-        for (layer, block) in self.blocks.iter().enumerate() {
-            let h = candle_nn::ops::rms_norm(&x, &block.attn_norm, eps)?;
-            // [seq, n_heads * head_dim]
-            let mut q = block.wq.forward(&h, self.formats)?.flatten_all()?.to_vec1::<f32>()?;
-            // [seq, n_kv_heads * head_dim]
-            let mut k = block.wk.forward(&h, self.formats)?.flatten_all()?.to_vec1::<f32>()?;
-            let v = block.wv.forward(&h, self.formats)?.flatten_all()?.to_vec1::<f32>()?;
-            let heads = &mut cache.layers[layer];
-            let (qw, kw) = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
-            for i in 0..seq {
-                let pos = cache.n_seen + i;
-                self.rope.apply(&mut q[i * qw..(i + 1) * qw], pos);
-                self.rope.apply(&mut k[i * kw..(i + 1) * kw], pos);
-                for (kh, head) in heads.iter_mut().enumerate() {
-                    let at = i * kw + kh * c.head_dim;
-                    head.push(
-                        &k[at..at + c.head_dim],
-                        &v[at..at + c.head_dim],
-                        kvmerger_compress::EntryMeta::new(pos),
-                    );
-                }
+        // Single sequences keep choosing the weight format by row count, as before
+        // batching existed: prefill in the prefill format, short extensions in the decode one.
+        let format = |rows: usize| {
+            if rows <= DECODE_ROWS {
+                self.formats.decode
+            } else {
+                self.formats.prefill
             }
-            let attn = attend(&q, seq, heads, shape, attn_opts);
-            let attn = Tensor::from_vec(attn, (seq, qw), self.device())?;
-            x = (x + block.wo.forward(&attn, self.formats)?)?;
-            let h = candle_nn::ops::rms_norm(&x, &block.mlp_norm, eps)?;
-            let gate = block.gate.forward(&h, self.formats)?.silu()?;
-            let up = block.up.forward(&h, self.formats)?;
-            x = (x + block.down.forward(&(gate * up)?, self.formats)?)?;
-        }
-        cache.n_seen += seq;
-        let x = match opts.logits {
-            Logits::Last => x.narrow(0, seq - 1, 1)?,
-            Logits::All => x,
         };
-        let x = candle_nn::ops::rms_norm(&x, &self.final_norm, eps)?;
-        self.lm_head.forward(&x, self.formats)
+        let logit_rows = match opts.logits {
+            Logits::Last => 1,
+            Logits::All => tokens.len(),
+        };
+        let formats = PassFormats { body: format(tokens.len()), head: format(logit_rows) };
+        let mut item = [BatchItem { tokens, cache, logits: Some(opts.logits), stats: opts.stats }];
+        let logits = self.run_batch(&mut item, formats, opts.attention_chunk)?;
+        logits.into_iter().next().flatten().ok_or_else(|| {
+            EngineError::Setup("a forward pass asking for logits returned none".into())
+        })
     }
 
     /// Bytes of weights held in memory.

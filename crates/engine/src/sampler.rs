@@ -1,4 +1,7 @@
-//! Choosing the next token from logits: greedy, or temperature with nucleus (top-p) sampling.
+//! Choosing the next token from logits: greedy, or temperature with top-k and nucleus (top-p)
+//! sampling, after an optional repetition penalty (as llama.cpp applies them).
+
+use std::collections::VecDeque;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -6,34 +9,90 @@ use serde::{Deserialize, Serialize};
 
 /// How the next token is chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct SamplingConfig {
     /// 0 means greedy (arg-max).
     pub temperature: f32,
     /// Nucleus mass kept before sampling, in (0, 1].
     pub top_p: f32,
+    /// Only the `top_k` most likely tokens are candidates; 0 keeps all.
+    pub top_k: usize,
+    /// Logits of tokens among the last `repeat_last_n` are divided by this when positive and
+    /// multiplied when negative (CTRL's penalty, as in llama.cpp); 1 is off.
+    pub repeat_penalty: f32,
+    /// How many recent tokens (prompt included) the repeat penalty looks at.
+    pub repeat_last_n: usize,
     pub seed: u64,
 }
 
 impl Default for SamplingConfig {
     fn default() -> Self {
-        Self { temperature: 0.0, top_p: 1.0, seed: 0 }
+        Self {
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            repeat_penalty: 1.0,
+            repeat_last_n: 64,
+            seed: 0,
+        }
     }
 }
 
-/// A seeded sampler.
+/// A seeded sampler that remembers the recent tokens for the repeat penalty.
 #[derive(Debug, Clone)]
 pub struct Sampler {
     config: SamplingConfig,
     rng: StdRng,
+    /// The last `repeat_last_n` tokens, oldest first.
+    recent: VecDeque<u32>,
 }
 
 impl Sampler {
     pub fn new(config: SamplingConfig) -> Self {
-        Self { rng: StdRng::seed_from_u64(config.seed), config }
+        Self { rng: StdRng::seed_from_u64(config.seed), config, recent: VecDeque::new() }
     }
 
-    /// Picks a token id from one row of logits.
+    /// Records tokens the repeat penalty should see (the prompt; sampled tokens are recorded
+    /// by [`Self::sample`] itself).
+    pub fn remember(&mut self, tokens: &[u32]) {
+        let n = self.config.repeat_last_n;
+        for &t in &tokens[tokens.len().saturating_sub(n)..] {
+            self.recent.push_back(t);
+        }
+        while self.recent.len() > n {
+            self.recent.pop_front();
+        }
+    }
+
+    /// Picks a token id from one row of logits and remembers it.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        let id = if self.config.repeat_penalty != 1.0 && !self.recent.is_empty() {
+            let mut penalized = logits.to_vec();
+            self.penalize(&mut penalized);
+            self.pick(&penalized)
+        } else {
+            self.pick(logits)
+        };
+        self.remember(&[id]);
+        id
+    }
+
+    /// Applies the repeat penalty once to every distinct recent token.
+    fn penalize(&self, logits: &mut [f32]) {
+        let mut seen = std::collections::HashSet::new();
+        for &t in &self.recent {
+            let Some(l) = logits.get_mut(t as usize) else { continue };
+            if seen.insert(t) {
+                *l = if *l > 0.0 {
+                    *l / self.config.repeat_penalty
+                } else {
+                    *l * self.config.repeat_penalty
+                };
+            }
+        }
+    }
+
+    fn pick(&mut self, logits: &[f32]) -> u32 {
         if self.config.temperature <= 0.0 {
             return argmax(logits);
         }
@@ -45,6 +104,9 @@ impl Sampler {
             .collect();
         // Ties broken by token id, so sampling is deterministic for a seed.
         probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        if self.config.top_k > 0 {
+            probs.truncate(self.config.top_k);
+        }
         let total: f32 = probs.iter().map(|p| p.1).sum();
         let mut kept = 0.0;
         let mut cut = probs.len();
@@ -91,7 +153,12 @@ mod tests {
 
     #[test]
     fn top_p_keeps_only_the_nucleus() {
-        let mut s = Sampler::new(SamplingConfig { temperature: 1.0, top_p: 0.5, seed: 7 });
+        let mut s = Sampler::new(SamplingConfig {
+            temperature: 1.0,
+            top_p: 0.5,
+            seed: 7,
+            ..Default::default()
+        });
         // Token 2 holds almost all the mass: a 0.5 nucleus contains it alone.
         for _ in 0..50 {
             assert_eq!(s.sample(&[0.0, 1.0, 10.0, 2.0]), 2);
@@ -102,10 +169,53 @@ mod tests {
     fn same_seed_same_samples() {
         let logits = [0.5, 0.4, 0.3, 0.2, 0.1];
         let run = |seed| {
-            let mut s = Sampler::new(SamplingConfig { temperature: 1.0, top_p: 1.0, seed });
+            let mut s =
+                Sampler::new(SamplingConfig { temperature: 1.0, seed, ..Default::default() });
             (0..32).map(|_| s.sample(&logits)).collect::<Vec<_>>()
         };
         assert_eq!(run(3), run(3));
         assert!(run(3).iter().collect::<std::collections::HashSet<_>>().len() > 1);
+    }
+
+    #[test]
+    fn top_k_keeps_only_the_k_most_likely() {
+        let logits = [1.0, 0.9, 0.8, 0.7, 0.6];
+        let config = SamplingConfig { temperature: 1.0, top_k: 2, seed: 1, ..Default::default() };
+        let mut s = Sampler::new(config);
+        let picked: std::collections::HashSet<u32> = (0..200).map(|_| s.sample(&logits)).collect();
+        assert_eq!(picked, [0, 1].into_iter().collect());
+        let mut one = Sampler::new(SamplingConfig { top_k: 1, ..config });
+        assert!((0..50).all(|_| one.sample(&logits) == 0));
+    }
+
+    #[test]
+    fn repeat_penalty_divides_positive_and_multiplies_negative_logits() {
+        let greedy = |penalty, last_n, history: &[u32], logits: &[f32]| {
+            let config = SamplingConfig {
+                repeat_penalty: penalty,
+                repeat_last_n: last_n,
+                ..Default::default()
+            };
+            let mut s = Sampler::new(config);
+            s.remember(history);
+            s.sample(logits)
+        };
+        // 2.0 / 1.1 = 1.82 falls below 1.9.
+        assert_eq!(greedy(1.1, 64, &[0], &[2.0, 1.9]), 1);
+        assert_eq!(greedy(1.0, 64, &[0], &[2.0, 1.9]), 0);
+        // -1.0 * 1.5 = -1.5 falls below -1.2.
+        assert_eq!(greedy(1.5, 64, &[0], &[-1.0, -1.2]), 1);
+        // Applied once per distinct token, however often it occurred: 2.0 / 1.1 > 1.8.
+        assert_eq!(greedy(1.1, 64, &[0, 0, 0], &[2.0, 1.8]), 0);
+        // Only the last `repeat_last_n` tokens count: token 0 slid out of a window of 2.
+        assert_eq!(greedy(1.1, 2, &[0, 2, 2], &[2.0, 1.9, -5.0]), 0);
+    }
+
+    #[test]
+    fn sampled_tokens_count_as_repeats() {
+        let config = SamplingConfig { repeat_penalty: 1.1, ..Default::default() };
+        let mut s = Sampler::new(config);
+        let logits = [2.0, 1.9];
+        assert_eq!((s.sample(&logits), s.sample(&logits)), (0, 1));
     }
 }

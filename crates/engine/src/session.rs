@@ -3,12 +3,10 @@
 
 use std::time::{Duration, Instant};
 
-use kvmerger_compress::{
-    CompressionConfig, CompressionMethod, HeadId, HeadReport, KvCache, StatsRequest,
-};
-use rayon::prelude::*;
+use kvmerger_compress::{CompressionConfig, CompressionMethod, HeadReport, KvCache, StatsRequest};
 use serde::Serialize;
 
+use crate::compression::{after_decode_step, compress_prompt};
 use crate::error::{EngineError, Result};
 use crate::model::{ForwardOptions, Llama, Logits};
 use crate::sampler::Sampler;
@@ -36,6 +34,12 @@ impl CompressionReport {
     /// Entries kept over entries before, over all heads.
     pub fn achieved_ratio(&self) -> f64 {
         kept_share(self.heads.iter().flatten())
+    }
+
+    /// Heads whose method had to shrink a fixed part (sinks, observation window, protected
+    /// shares) to fit the head's budget; see [`HeadReport::clamped`].
+    pub fn clamped_heads(&self) -> usize {
+        self.heads.iter().flatten().filter(|h| h.clamped.is_some()).count()
     }
 
     /// Achieved ratio of one layer.
@@ -149,10 +153,9 @@ impl<'m> Session<'m> {
     /// Starts from a prompt prefilled once for several methods (see [`Prefilled`]) and
     /// compresses it. Returns the last prompt token's logits `[vocab]`.
     pub fn resume(&mut self, prefilled: Prefilled) -> Result<Vec<f32>> {
-        let needs = self.method.stats();
-        if (needs.accumulated && !prefilled.stats.accumulated)
-            || needs.window.unwrap_or(0) > prefilled.stats.window.unwrap_or(0)
-        {
+        // Each method reads exactly the statistics it asked for: a wider observation window
+        // recorded for another method does not stand in for its own.
+        if !prefilled.stats.covers(&self.method.stats()) {
             return Err(EngineError::Setup(format!(
                 "the prefilled cache lacks statistics {} needs",
                 self.method.name()
@@ -166,40 +169,7 @@ impl<'m> Session<'m> {
     }
 
     fn compress(&mut self, prompt_len: usize) -> Result<()> {
-        let start = Instant::now();
-        let method = &*self.method;
-        let budgets: Vec<usize> = (0..self.cache.n_layers())
-            .map(|l| method.layer_budget_entries(l, prompt_len))
-            .collect();
-        let heads = self
-            .cache
-            .layers
-            .par_iter_mut()
-            .zip(&budgets)
-            .enumerate()
-            .map(|(layer, (heads, &budget))| {
-                heads
-                    .iter_mut()
-                    .enumerate()
-                    .map(|(head, cache)| {
-                        let report = method.compress(HeadId { layer, head }, cache, budget);
-                        // Resident memory follows the entries kept, whatever the method did.
-                        cache.shrink_to_fit();
-                        report
-                    })
-                    .collect::<kvmerger_compress::Result<Vec<_>>>()
-            })
-            .collect::<kvmerger_compress::Result<Vec<_>>>()?;
-        self.cache.budgets = Some(budgets.clone());
-        self.cache.log_count_bias = method.log_count_bias();
-        self.report = Some(CompressionReport {
-            method: method.name().to_string(),
-            prompt_len,
-            budgets,
-            heads,
-            compress_ms: start.elapsed().as_secs_f64() * 1e3,
-            resident_bytes: self.cache.resident_bytes(),
-        });
+        self.report = Some(compress_prompt(&*self.method, &mut self.cache, prompt_len)?);
         Ok(())
     }
 
@@ -214,17 +184,7 @@ impl<'m> Session<'m> {
         };
         let out = self.model.forward(tokens, &mut self.cache, opts)?;
         self.steps += 1;
-        if let Some(budgets) = &self.cache.budgets {
-            let method = &*self.method;
-            let step = self.steps;
-            self.cache.layers.iter_mut().zip(budgets).enumerate().try_for_each(
-                |(layer, (heads, &budget))| {
-                    heads.iter_mut().enumerate().try_for_each(|(head, cache)| {
-                        method.after_step(HeadId { layer, head }, cache, budget, step)
-                    })
-                },
-            )?;
-        }
+        after_decode_step(&*self.method, &mut self.cache, self.steps)?;
         Ok(out.to_vec2()?)
     }
 

@@ -33,8 +33,16 @@ pub fn tiny_config() -> ModelConfig {
     }
 }
 
-/// A model with seeded random weights.
+/// A model with seeded random weights, f32 on every path.
 pub fn random_llama(config: ModelConfig, seed: u64) -> Result<Llama> {
+    let formats =
+        WeightFormats { prefill: crate::WeightFormat::F32, decode: crate::WeightFormat::F32 };
+    random_llama_with(config, seed, formats)
+}
+
+/// A model with seeded random weights held in `formats` (quantized formats requantize the
+/// random f32 weights, as loading a GGUF file does).
+pub fn random_llama_with(config: ModelConfig, seed: u64, formats: WeightFormats) -> Result<Llama> {
     let mut rng = StdRng::seed_from_u64(seed);
     let dev = Device::Cpu;
     let mut mat = |rows: usize, cols: usize, scale: f32| -> Result<Tensor> {
@@ -48,6 +56,19 @@ pub fn random_llama(config: ModelConfig, seed: u64) -> Result<Llama> {
         config.n_kv_heads * config.head_dim,
         config.intermediate_size,
     );
+    let quantized =
+        formats.prefill != crate::WeightFormat::F32 || formats.decode != crate::WeightFormat::F32;
+    let linear = |w: Tensor| -> Result<Linear> {
+        if quantized {
+            let q = candle_core::quantized::QTensor::quantize(
+                &w,
+                candle_core::quantized::GgmlDType::Q8_0,
+            )?;
+            Linear::from_qtensor(q, None, formats)
+        } else {
+            Linear::from_dense(w, None)
+        }
+    };
     let s = 1.0 / (h as f32).sqrt();
     let embed = mat(config.vocab_size, h, 1.0)?;
     let mut blocks = Vec::new();
@@ -55,20 +76,18 @@ pub fn random_llama(config: ModelConfig, seed: u64) -> Result<Llama> {
         blocks.push(Block {
             attn_norm: (mat(1, h, 0.2)?.squeeze(0)? + 1.0)?,
             // Larger query/key weights give peaked attention, so masking errors show.
-            wq: Linear::from_dense(mat(q, h, 3.0 * s)?, None)?,
-            wk: Linear::from_dense(mat(kv, h, 3.0 * s)?, None)?,
-            wv: Linear::from_dense(mat(kv, h, s)?, None)?,
-            wo: Linear::from_dense(mat(h, q, s)?, None)?,
+            wq: linear(mat(q, h, 3.0 * s)?)?,
+            wk: linear(mat(kv, h, 3.0 * s)?)?,
+            wv: linear(mat(kv, h, s)?)?,
+            wo: linear(mat(h, q, s)?)?,
             mlp_norm: (mat(1, h, 0.2)?.squeeze(0)? + 1.0)?,
-            gate: Linear::from_dense(mat(i, h, s)?, None)?,
-            up: Linear::from_dense(mat(i, h, s)?, None)?,
-            down: Linear::from_dense(mat(h, i, 1.0 / (i as f32).sqrt())?, None)?,
+            gate: linear(mat(i, h, s)?)?,
+            up: linear(mat(i, h, s)?)?,
+            down: linear(mat(h, i, 1.0 / (i as f32).sqrt())?)?,
         });
     }
     let final_norm = Tensor::ones(h, candle_core::DType::F32, &dev)?;
-    let lm_head = Linear::from_dense(embed.clone(), None)?;
-    let formats =
-        WeightFormats { prefill: crate::WeightFormat::F32, decode: crate::WeightFormat::F32 };
+    let lm_head = linear(embed.clone())?;
     Ok(Llama::new(config, embed, blocks, final_norm, lm_head, formats))
 }
 

@@ -82,7 +82,7 @@ fn accumulated_statistics_equal_a_naive_softmax() {
     let m = model();
     let toks = tokens(37, 3);
     let mut cache = m.new_cache();
-    let stats = StatsRequest { accumulated: true, window: None };
+    let stats = StatsRequest::accumulated();
     m.forward(
         &toks,
         &mut cache,
@@ -102,8 +102,11 @@ fn accumulated_statistics_equal_a_naive_softmax() {
 }
 
 fn run_chunked(m: &Llama, toks: &[u32], chunk: usize, window: usize) -> (Vec<f32>, KvCache) {
+    run_with(m, toks, chunk, StatsRequest::window(window, true))
+}
+
+fn run_with(m: &Llama, toks: &[u32], chunk: usize, stats: StatsRequest) -> (Vec<f32>, KvCache) {
     let mut cache = m.new_cache();
-    let stats = StatsRequest { accumulated: true, window: Some(window) };
     let logits = m
         .forward(
             toks,
@@ -129,9 +132,25 @@ fn chunk_size_does_not_change_logits_or_statistics() {
             );
             assert!(relative_l2(&sa, &sb) < 1e-5, "accumulated, chunk {chunk}");
             assert!(
-                relative_l2(&a.window_attention, &b.window_attention) < 1e-5,
+                relative_l2(a.window_attention(6).unwrap(), b.window_attention(6).unwrap()) < 1e-5,
                 "window, chunk {chunk}"
             );
+        }
+    }
+}
+
+#[test]
+fn several_windows_in_one_pass_equal_each_window_alone() {
+    let m = model();
+    let toks = tokens(40, 6);
+    let both = StatsRequest::window(6, true).union(StatsRequest::window(15, false));
+    let (_, shared) = run_with(&m, &toks, 7, both);
+    for w in [6, 15] {
+        let (_, alone) = run_chunked(&m, &toks, 7, w);
+        for (a, b) in shared.layers.iter().flatten().zip(alone.layers.iter().flatten()) {
+            assert_eq!(a.window_attention(w).unwrap(), b.window_attention(w).unwrap(), "{w}");
+            let total: f32 = a.window_attention(w).unwrap().iter().sum();
+            assert!((total - w as f32).abs() < 1e-3, "{w} queries' probabilities, got {total}");
         }
     }
 }
@@ -142,7 +161,7 @@ fn window_statistics_count_only_the_last_queries() {
     let toks = tokens(30, 5);
     let (_, cache) = run_chunked(&m, &toks, 4, 6);
     for head in cache.layers.iter().flatten() {
-        let total: f32 = head.window_attention.iter().sum();
+        let total: f32 = head.window_attention(6).unwrap().iter().sum();
         assert!((total - 6.0).abs() < 1e-3, "six queries' probabilities, got {total}");
     }
 }

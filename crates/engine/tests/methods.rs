@@ -1,22 +1,31 @@
 //! Every method through every path of the engine on the tiny model: exact budgets after
-//! the prompt, budgets kept through decoding, memory that follows the entries kept.
+//! the prompt, whatever its length, budgets kept through decoding, memory that follows the
+//! entries kept, and statistics shared between methods without one standing in for another.
 
-use kvmerger_compress::{Budget, CompressionConfig, EntryMeta, METHOD_NAMES};
+use kvmerger_compress::{Budget, CompressionConfig, EntryMeta, StatsRequest, METHOD_NAMES};
 use kvmerger_engine::testing::{random_llama, tiny_config};
-use kvmerger_engine::{Logits, Sampler, Session};
+use kvmerger_engine::{Logits, Prefilled, Sampler, Session};
 
-const PROMPT: usize = 60;
-const STEPS: usize = 64;
+const STEPS: usize = 16;
 
+/// Every method with its defaults, plus the parameter variants that change how a head
+/// reaches its budget. `threshold` mode is left out: it keeps what merging leaves.
 fn configs(budget: f64) -> Vec<CompressionConfig> {
-    METHOD_NAMES
-        .iter()
-        .filter(|&&m| m != "full" || budget == 1.0)
-        .map(|&m| {
-            let params: Vec<(String, String)> = match m {
-                "snapkv" => vec![("window".into(), "4".into())],
-                _ => vec![],
-            };
+    let variants: &[(&str, &[(&str, &str)])] = &[
+        ("snapkv", &[("window", "4")]),
+        ("cam", &[("eviction", "h2o")]),
+        ("kvmerger", &[("budget_mode", "exact")]),
+        ("kvmerger", &[("similarity", "centered")]),
+        ("kvmerger", &[("protect_by", "window"), ("protect_window", "8")]),
+        ("kvmerger", &[("mass", "log_count"), ("sigma", "adaptive")]),
+    ];
+    let defaults = METHOD_NAMES.iter().map(|&m| (m, &[][..]));
+    defaults
+        .chain(variants.iter().copied())
+        .filter(|&(m, _)| m != "full" || budget == 1.0)
+        .map(|(m, params)| {
+            let params: Vec<(String, String)> =
+                params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
             let b = (m != "full").then_some(Budget::Ratio(budget));
             CompressionConfig::from_cli(m, b, &params).unwrap()
         })
@@ -24,72 +33,131 @@ fn configs(budget: f64) -> Vec<CompressionConfig> {
 }
 
 #[test]
-fn every_method_keeps_its_budget_through_prefill_and_decode() {
+fn every_method_keeps_its_budget_through_prefill_and_decode_on_any_prompt_length() {
     let model = random_llama(tiny_config(), 5).unwrap();
-    let tokens: Vec<u32> = (0..PROMPT as u32).map(|i| (i * 7 + 3) % 64).collect();
     let (hd, entry_bytes) = (model.config.head_dim, std::mem::size_of::<EntryMeta>());
-    for budget in [1.0, 0.5, 0.35, 0.2] {
-        for config in configs(budget) {
-            let label = config.label();
-            let expected = Budget::Ratio(budget).entries(PROMPT);
-            let mut session = Session::new(&model, &config).unwrap();
-            let mut logits = session.prefill(&tokens).unwrap();
-            let report = session.report().unwrap().clone();
-            for (l, heads) in session.cache.layers.iter().enumerate() {
-                for (h, head) in heads.iter().enumerate() {
-                    assert_eq!(head.len(), expected, "{label}: layer {l} head {h}");
-                    assert_eq!(report.heads[l][h].after, head.len());
-                    // Resident memory is the kept keys, values and metadata, nothing more.
-                    assert_eq!(
-                        head.resident_bytes(),
-                        expected * (2 * hd * 4 + entry_bytes),
-                        "{label}"
-                    );
-                    assert!(
-                        head.meta().windows(2).all(|w| w[0].position < w[1].position),
-                        "{label}: sorted by position"
-                    );
-                }
-            }
-            assert!((report.achieved_ratio() - expected as f64 / PROMPT as f64).abs() < 1e-9);
-
-            let mut sampler = Sampler::new(Default::default());
-            for step in 0..STEPS {
-                let next = sampler.sample(&logits);
-                logits = session.extend(&[next], Logits::Last).unwrap().swap_remove(0);
-                assert!(logits.iter().all(|x| x.is_finite()));
-                let bounded = matches!(
-                    config,
-                    CompressionConfig::H2o(_)
-                        | CompressionConfig::Cam(_)
-                        | CompressionConfig::StreamingLlm(_)
-                );
-                for head in session.cache.layers.iter().flatten() {
-                    if bounded {
-                        assert!(
-                            head.len() <= expected,
-                            "{label}: {} > {expected} at step {step}",
-                            head.len()
-                        );
-                    } else {
+    for prompt in [1, 3, 7, 20, 60] {
+        let tokens: Vec<u32> = (0..prompt as u32).map(|i| (i * 7 + 3) % 64).collect();
+        for budget in [1.0, 0.5, 0.35, 0.2] {
+            for config in configs(budget) {
+                let label = format!("{} on {prompt} tokens", config.label());
+                let expected = Budget::Ratio(budget).entries(prompt);
+                let mut session = Session::new(&model, &config).unwrap();
+                let mut logits = session.prefill(&tokens).unwrap();
+                let report = session.report().unwrap().clone();
+                for (l, heads) in session.cache.layers.iter().enumerate() {
+                    for (h, head) in heads.iter().enumerate() {
+                        assert_eq!(head.len(), expected, "{label}: layer {l} head {h}");
+                        assert_eq!(report.heads[l][h].after, head.len());
+                        // Resident memory is the kept keys, values and metadata, nothing more.
                         assert_eq!(
-                            head.len(),
-                            expected + step + 1,
-                            "{label} grows by one entry per step"
+                            head.resident_bytes(),
+                            expected * (2 * hd * 4 + entry_bytes),
+                            "{label}"
+                        );
+                        assert!(
+                            head.meta().windows(2).all(|w| w[0].position < w[1].position),
+                            "{label}: sorted by position"
                         );
                     }
-                    // The newest entry always sits at the newest logical position.
-                    assert_eq!(head.meta().last().unwrap().position, PROMPT + step);
                 }
+                assert!((report.achieved_ratio() - expected as f64 / prompt as f64).abs() < 1e-9);
+
+                let mut sampler = Sampler::new(Default::default());
+                for step in 0..STEPS {
+                    let next = sampler.sample(&logits);
+                    logits = session.extend(&[next], Logits::Last).unwrap().swap_remove(0);
+                    assert!(logits.iter().all(|x| x.is_finite()));
+                    let bounded = matches!(
+                        config,
+                        CompressionConfig::H2o(_)
+                            | CompressionConfig::Cam(_)
+                            | CompressionConfig::StreamingLlm(_)
+                    );
+                    for head in session.cache.layers.iter().flatten() {
+                        if bounded {
+                            assert!(
+                                head.len() <= expected,
+                                "{label}: {} > {expected} at step {step}",
+                                head.len()
+                            );
+                        } else {
+                            assert_eq!(
+                                head.len(),
+                                expected + step + 1,
+                                "{label} grows by one entry per step"
+                            );
+                        }
+                        // The newest entry always sits at the newest logical position.
+                        let newest = head.meta().last().unwrap().position;
+                        assert_eq!(newest, prompt + step, "{label}: newest entry");
+                    }
+                }
+                assert_eq!(session.cache.n_seen, prompt + STEPS);
             }
-            assert_eq!(session.cache.n_seen, PROMPT + STEPS);
         }
     }
 }
 
 #[test]
+fn fixed_parts_larger_than_the_budget_are_clamped_and_reported() {
+    let model = random_llama(tiny_config(), 5).unwrap();
+    let tokens: Vec<u32> = (0..20).map(|i| (i * 5 + 1) % 64).collect();
+    // 50% of 20 tokens is 10 entries: SnapKV's default window of 32 and 12 sinks do not fit.
+    for (method, param) in [("snapkv", ("window", "32")), ("streaming_llm", ("sinks", "12"))] {
+        let params = vec![(param.0.to_string(), param.1.to_string())];
+        let config =
+            CompressionConfig::from_cli(method, Some(Budget::Ratio(0.5)), &params).unwrap();
+        let mut session = Session::new(&model, &config).unwrap();
+        session.prefill(&tokens).unwrap();
+        let report = session.report().unwrap();
+        let heads = model.config.n_layers * model.config.n_kv_heads;
+        assert_eq!(report.clamped_heads(), heads, "{method}");
+        assert!(report.heads.iter().flatten().all(|h| h.clamped == Some(param.0)));
+        assert!(session.cache.layers.iter().flatten().all(|h| h.len() == 10));
+    }
+    // At 60 tokens the default window fits: nothing is clamped.
+    let tokens: Vec<u32> = (0..80).map(|i| (i * 5 + 1) % 64).collect();
+    let config = CompressionConfig::from_cli("snapkv", Some(Budget::Ratio(0.5)), &[]).unwrap();
+    let mut session = Session::new(&model, &config).unwrap();
+    session.prefill(&tokens).unwrap();
+    assert_eq!(session.report().unwrap().clamped_heads(), 0);
+}
+
+#[test]
+fn methods_sharing_a_prefill_each_read_their_own_window() {
+    let model = random_llama(tiny_config(), 8).unwrap();
+    let tokens: Vec<u32> = (0..120).map(|i| (i * 11 + 5) % 64).collect();
+    let snapkv = |window: usize| {
+        let params = vec![("window".to_string(), window.to_string())];
+        CompressionConfig::from_cli("snapkv", Some(Budget::Ratio(0.5)), &params).unwrap()
+    };
+    let (narrow, wide) = (snapkv(32), snapkv(64));
+    let stats = |c: &CompressionConfig| c.build().unwrap().stats();
+    let kept = |config: &CompressionConfig, prefilled: Prefilled| {
+        let mut session = Session::new(&model, config).unwrap();
+        session.resume(prefilled).unwrap();
+        session.cache.layers.iter().flatten().map(|h| h.meta().to_vec()).collect::<Vec<_>>()
+    };
+    let alone = Prefilled::run(&model, &tokens, stats(&narrow), 16).unwrap();
+    let shared = Prefilled::run(&model, &tokens, stats(&narrow).union(stats(&wide)), 16).unwrap();
+    assert_eq!(kept(&narrow, shared.clone()), kept(&narrow, alone));
+    let wide_alone = Prefilled::run(&model, &tokens, stats(&wide), 16).unwrap();
+    assert_eq!(kept(&wide, shared), kept(&wide, wide_alone.clone()));
+    // A prefill that recorded only the wider window does not serve the narrower one.
+    let mut session = Session::new(&model, &narrow).unwrap();
+    let err = session.resume(wide_alone).unwrap_err();
+    assert!(err.to_string().contains("snapkv"), "{err}");
+    // Nor does one without accumulated attention serve a method that needs it.
+    let h2o = CompressionConfig::from_cli("h2o", Some(Budget::Ratio(0.5)), &[]).unwrap();
+    let bare = Prefilled::run(&model, &tokens, StatsRequest::window(32, false), 16).unwrap();
+    assert!(Session::new(&model, &h2o).unwrap().resume(bare).is_err());
+}
+
+#[test]
 fn kvmerger_threshold_mode_reports_what_it_achieved() {
     let model = random_llama(tiny_config(), 6).unwrap();
+    const PROMPT: usize = 60;
     let tokens: Vec<u32> = (0..PROMPT as u32).map(|i| (i / 6) % 64).collect();
     let params = vec![
         ("budget_mode".to_string(), "threshold".to_string()),

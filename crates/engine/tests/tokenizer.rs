@@ -1,12 +1,13 @@
 //! The default model's tokenizer, rebuilt from GGUF metadata: round trips, special tokens,
 //! the chat template, and token ids checked against an independent Python implementation.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use kvmerger_engine::chat::{ChatFormat, ChatMessage, ChatTemplate};
+mod common;
+
+use common::python_ids;
+use kvmerger_engine::chat::{render_chat, ChatMessage, ChatTemplate};
 use kvmerger_engine::tokenizer::TextTokenizer;
 
 /// The default model's path (fetched first if missing) and its tokenizer, loaded once.
@@ -98,21 +99,24 @@ fn stream_decoder_yields_whole_characters() {
 fn chatml_rendering_matches_the_smollm2_template() {
     let tok = tokenizer();
     let template = ChatTemplate::for_tokenizer(tok).unwrap();
-    assert_eq!(template.format(), ChatFormat::ChatMl);
+    assert!(template.is_from_model(), "SmolLM2 ships its template in the GGUF metadata");
     let default_system = "You are a helpful AI assistant named SmolLM, trained by Hugging Face";
-    assert_eq!(template.default_system_prompt(), Some(default_system));
     assert_eq!(
-        template.render(&[ChatMessage::user("What is 2+2?")], true),
+        template.render(&[ChatMessage::user("What is 2+2?")], true).unwrap(),
         format!(
             "<|im_start|>system\n{default_system}<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
         )
     );
     assert_eq!(
-        template
-            .render(&[ChatMessage::system("Answer in French."), ChatMessage::user("Hi")], false),
+        render_chat(
+            tok,
+            &[ChatMessage::system("Answer in French."), ChatMessage::user("Hi")],
+            false
+        )
+        .unwrap(),
         "<|im_start|>system\nAnswer in French.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
     );
-    let prompt = template.render(&[ChatMessage::user("Hi")], true);
+    let prompt = template.render(&[ChatMessage::user("Hi")], true).unwrap();
     let ids = tok.encode(&prompt, true).unwrap();
     let start = tok.token_id("<|im_start|>").unwrap();
     assert_eq!(ids.iter().filter(|&&id| id == start).count(), 3);
@@ -130,37 +134,6 @@ const CROSS_CHECK: &[&str] = &[
     "It's, they're, we'll, I'd, she'S  don't",
     "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaa 0000000000 !!!??? ...",
 ];
-
-/// Token ids of `texts` from `scripts/tokenizer_crosscheck.py`.
-fn python_ids(model: &Path, texts: &[&str]) -> Vec<Vec<u32>> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let script = root.join("scripts/tokenizer_crosscheck.py");
-    let hint = "the tokenizer cross-check needs python3 with the packages gguf and tokenizers: run `pip install gguf tokenizers`";
-    let probe = Command::new("python3").args(["-c", "import gguf, tokenizers"]).output();
-    match probe {
-        Ok(out) if out.status.success() => {}
-        Ok(out) => panic!("{hint}\n{}", String::from_utf8_lossy(&out.stderr)),
-        Err(e) => panic!("{hint} (python3 could not be started: {e})"),
-    }
-    let mut child = Command::new("python3")
-        .arg(&script)
-        .arg(model)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting python3");
-    let input = serde_json::to_vec(texts).unwrap();
-    child.stdin.take().unwrap().write_all(&input).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{} failed: {}",
-        script.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("the script prints a JSON list of id lists")
-}
 
 #[test]
 fn ids_match_the_python_tokenizers_package() {

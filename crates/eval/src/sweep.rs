@@ -44,7 +44,7 @@ pub struct SweepSpec {
     /// Methods compared with the full cache (which always runs, as the reference): a name,
     /// or a variant with parameters, `kvmerger:mass=log_count;sigma=adaptive`.
     pub methods: Vec<String>,
-    /// Budgets: ratios of the full cache (`0.35`, `"35%"`) or token counts.
+    /// Budgets, in the grammar of `--budget`: `0.35`, `"35%"`, `"512t"`, `{"ratio": 0.35}`.
     pub budgets: Vec<Budget>,
     /// Per-method parameter overrides, `name -> [(key, value)]`.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]

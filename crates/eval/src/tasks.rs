@@ -86,6 +86,13 @@ pub fn generate(kind: TaskKind, input: &TaskInput<'_>) -> Result<Sample> {
     if !(0.0..=1.0).contains(&input.depth) {
         return Err(EvalError::Task(format!("depth must be in [0, 1], got {}", input.depth)));
     }
+    if input.length > kvmerger_engine::MAX_CONTEXT {
+        return Err(EvalError::Task(format!(
+            "context length {} exceeds {} tokens",
+            input.length,
+            kvmerger_engine::MAX_CONTEXT
+        )));
+    }
     if input.length < 64 {
         return Err(EvalError::Task(format!(
             "context length {} is too short (at least 64 tokens)",

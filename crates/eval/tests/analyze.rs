@@ -12,9 +12,7 @@ fn a_suggested_configuration_reaches_the_requested_budget() {
     config.n_layers = 6;
     let model = random_llama(config, 21).unwrap();
     let tokens: Vec<u32> = (0..240u32).map(|i| (i * 13 + i / 7) % 64).collect();
-    let prefilled =
-        Prefilled::run(&model, &tokens, StatsRequest { accumulated: true, window: None }, 64)
-            .unwrap();
+    let prefilled = Prefilled::run(&model, &tokens, StatsRequest::accumulated(), 64).unwrap();
     // A low threshold so that layers differ in how much they merge.
     let analysis = analyze_cache("synthetic", &prefilled.cache, 0.3, CompareTo::Neighbour);
     for overall in [0.5, 0.35, 0.2] {

@@ -1,7 +1,12 @@
 //! CaM (Zhang et al., "CaM: Cache Merging for Memory-efficient LLMs Inference", ICML 2024):
-//! an eviction policy decides what leaves; before an entry leaves, its value is merged
-//! into the next `merge_span` kept entries, with a probability set by its attention
-//! (a seeded Bernoulli draw). Keys are not changed.
+//! an eviction policy decides what leaves; before an entry leaves, `v / m` of its value is
+//! added to each of the `m = merge_span` entries right after it, with a probability set by
+//! its attention (a seeded Bernoulli draw). Keys are not changed.
+//!
+//! After a prompt, victims are merged one by one in the order a token-by-token sliding
+//! window would evict them (oldest first), each into the entries that follow it at that
+//! moment, victims still to leave included: merged mass cascades forward as in the
+//! reference code, and no entry receives more than `m` shares of `1 / m`.
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -12,7 +17,7 @@ use crate::cache::HeadCache;
 use crate::error::{CompressError, Result};
 use crate::method::{CompressionMethod, HeadId, HeadReport, StatsRequest};
 use crate::methods::h2o::{check_recent_ratio, lowest_non_recent};
-use crate::methods::select::{heavy_hitters_and_recent, sinks_and_recent};
+use crate::methods::select::{heavy_hitters_and_recent, sinks_and_recent, sinks_within};
 
 /// Which eviction policy decides what leaves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -117,7 +122,8 @@ impl CamConfig {
         }
     }
 
-    /// Adds `v_victim / m` to each of the `m` targets with the merge probability.
+    /// Adds `v_victim / m` to each target with the merge probability (`1 / m` whatever the
+    /// number of targets, as the reference code does near the end of the cache).
     fn maybe_merge(
         &self,
         head: &mut HeadCache,
@@ -132,7 +138,7 @@ impl CamConfig {
         // Draw even when p is 0 or 1, so the random stream does not depend on p.
         if rng.random::<f64>() < p {
             let share: Vec<f32> =
-                head.value(victim).iter().map(|v| v / targets.len() as f32).collect();
+                head.value(victim).iter().map(|v| v / self.merge_span as f32).collect();
             for &t in targets {
                 head.value_mut(t).iter_mut().zip(&share).for_each(|(v, s)| *v += s);
             }
@@ -146,7 +152,7 @@ impl CompressionMethod for CamConfig {
     }
 
     fn stats(&self) -> StatsRequest {
-        StatsRequest { accumulated: true, window: None }
+        StatsRequest::accumulated()
     }
 
     fn budget_entries(&self, prompt_len: usize) -> usize {
@@ -155,25 +161,34 @@ impl CompressionMethod for CamConfig {
 
     fn compress(&self, id: HeadId, head: &mut HeadCache, budget: usize) -> Result<HeadReport> {
         let before = head.len();
-        let keep = match self.eviction {
-            CamEviction::Streaming => sinks_and_recent(before, budget, self.sinks),
-            CamEviction::H2o => heavy_hitters_and_recent(head, budget, self.recent(budget)),
+        if before <= budget {
+            return Ok(HeadReport { before, after: before, ..Default::default() });
+        }
+        // `reach`: how far after a victim the cache extends when the victim leaves. A
+        // sliding window of `budget - sinks` recent entries holds exactly that many.
+        let (keep, reach, clamped) = match self.eviction {
+            CamEviction::Streaming => {
+                let sinks = sinks_within(self.sinks, budget);
+                let keep = sinks_and_recent(before, budget, self.sinks);
+                (keep, budget - sinks, (sinks < self.sinks).then_some("sinks"))
+            }
+            CamEviction::H2o => {
+                (heavy_hitters_and_recent(head, budget, self.recent(budget)), before, None)
+            }
         };
+        let mut kept = vec![false; before];
+        keep.iter().for_each(|&k| kept[k] = true);
         let mut rng = self.rng(id, 0);
-        let mut kept = keep.iter().peekable();
-        for victim in 0..before {
-            while kept.peek().is_some_and(|&&k| k < victim) {
-                kept.next();
-            }
-            if kept.peek() == Some(&&victim) {
-                continue;
-            }
-            let targets: Vec<usize> = kept.clone().copied().take(self.merge_span).collect();
+        // Oldest victim first: each one's value, with whatever earlier victims merged into
+        // it, goes to the entries right after it.
+        for victim in (0..before).filter(|&i| !kept[i]) {
+            let last = (victim + self.merge_span.min(reach)).min(before - 1);
+            let targets: Vec<usize> = (victim + 1..=last).collect();
             self.maybe_merge(head, victim, &targets, &mut rng);
         }
         head.retain_indices(&keep);
         head.shrink_to_fit();
-        Ok(HeadReport { before, after: head.len(), ..Default::default() })
+        Ok(HeadReport { before, after: head.len(), clamped, ..Default::default() })
     }
 
     fn after_step(
@@ -186,7 +201,7 @@ impl CompressionMethod for CamConfig {
         let mut rng = self.rng(id, step);
         while head.len() > budget {
             let victim = match self.eviction {
-                CamEviction::Streaming => self.sinks.min(budget),
+                CamEviction::Streaming => sinks_within(self.sinks, budget),
                 CamEviction::H2o => lowest_non_recent(head, self.recent(budget)),
             };
             let targets: Vec<usize> = (victim + 1..head.len()).take(self.merge_span).collect();
@@ -243,11 +258,78 @@ mod tests {
         }
     }
 
+    /// The prompt fed token by token through a sliding window of `budget` entries with
+    /// `sinks` sinks: when the window overflows, the oldest non-sink entry leaves and, with
+    /// its merge probability, `v / m` goes to each of the next `m` entries. Returns the
+    /// final `(position, value)` of each entry.
+    fn sliding_window(cam: &CamConfig, base: &HeadCache, budget: usize) -> Vec<(usize, Vec<f32>)> {
+        let mut rng = cam.rng(ID, 0);
+        let mut window: Vec<(usize, Vec<f32>, f64)> = Vec::new();
+        for j in 0..base.len() {
+            window.push((j, base.value(j).to_vec(), base.meta()[j].attention as f64));
+            if window.len() <= budget {
+                continue;
+            }
+            let victim = cam.sinks.min(budget - 1);
+            let last = (victim + cam.merge_span).min(window.len() - 1);
+            if last > victim {
+                let targets = victim + 1..=last;
+                let mean = window[targets.clone()].iter().map(|e| e.2).sum::<f64>()
+                    / targets.clone().count() as f64;
+                let p = match cam.probability {
+                    CamProbability::Fixed(p) => p,
+                    _ if mean <= 0.0 => 0.0,
+                    _ => (window[victim].2 / mean).clamp(0.0, 1.0),
+                };
+                if rng.random::<f64>() < p {
+                    let share: Vec<f32> =
+                        window[victim].1.iter().map(|v| v / cam.merge_span as f32).collect();
+                    for t in targets {
+                        window[t].1.iter_mut().zip(&share).for_each(|(v, s)| *v += s);
+                    }
+                }
+            }
+            window.remove(victim);
+        }
+        window.into_iter().map(|(p, v, _)| (p, v)).collect()
+    }
+
     #[test]
-    fn certain_merges_add_the_evicted_value_to_the_next_kept_entries() {
+    fn prompt_compression_equals_a_token_by_token_sliding_window() {
+        for seed in 0..40u64 {
+            let n = 10 + (seed as usize * 7) % 90;
+            let budget = 1 + (seed as usize * 13) % n;
+            let probability =
+                if seed % 3 == 0 { CamProbability::Fixed(1.0) } else { CamProbability::Mean };
+            let cam = CamConfig {
+                budget: Budget::Tokens(budget),
+                merge_span: 1 + seed as usize % 9,
+                sinks: seed as usize % 5,
+                probability,
+                seed,
+                ..Default::default()
+            };
+            let base = random_head(n, 3, seed);
+            let expected = sliding_window(&cam, &base, budget);
+            let mut head = base.clone();
+            cam.compress(ID, &mut head, budget).unwrap();
+            assert_eq!(head.len(), expected.len(), "seed {seed}");
+            for (i, (position, value)) in expected.iter().enumerate() {
+                assert_eq!(head.meta()[i].position, *position, "seed {seed}");
+                for (a, b) in head.value(i).iter().zip(value) {
+                    assert!((a - b).abs() < 1e-4, "seed {seed}: entry {i}: {a} vs {b}");
+                }
+                assert_eq!(head.key(i), base.key(*position), "keys are unchanged");
+            }
+        }
+    }
+
+    #[test]
+    fn merged_mass_cascades_forward_victim_by_victim() {
         let base = random_head(10, 2, 5);
         let mut head = base.clone();
-        // Budget 6 with 4 sinks keeps 0..4 and 8..10; entries 4..8 leave, each into 8 and 9.
+        // Budget 6 with 4 sinks keeps 0..4 and 8..10; 4, 5, 6, 7 leave in that order, each
+        // into the two entries after it, carrying what earlier victims gave it.
         let cam = CamConfig {
             budget: Budget::Tokens(6),
             merge_span: 2,
@@ -255,13 +337,14 @@ mod tests {
             ..Default::default()
         };
         cam.compress(ID, &mut head, 6).unwrap();
-        for (slot, orig) in [(4, 8), (5, 9)] {
-            for d in 0..2 {
-                let expected =
-                    base.value(orig)[d] + (4..8).map(|i| base.value(i)[d] / 2.0).sum::<f32>();
-                assert!((head.value(slot)[d] - expected).abs() < 1e-5);
-            }
-            assert_eq!(head.key(slot), base.key(orig), "keys are unchanged");
+        for d in 0..2 {
+            let v = |i: usize| base.value(i)[d];
+            let v5 = v(5) + v(4) / 2.0;
+            let v6 = v(6) + v(4) / 2.0 + v5 / 2.0;
+            let v7 = v(7) + v5 / 2.0 + v6 / 2.0;
+            let (v8, v9) = (v(8) + v6 / 2.0 + v7 / 2.0, v(9) + v7 / 2.0);
+            assert!((head.value(4)[d] - v8).abs() < 1e-5 && (head.value(5)[d] - v9).abs() < 1e-5);
         }
+        assert_eq!(head.key(4), base.key(8), "keys are unchanged");
     }
 }

@@ -61,7 +61,7 @@ impl CompressionMethod for H2oConfig {
     }
 
     fn stats(&self) -> StatsRequest {
-        StatsRequest { accumulated: true, window: None }
+        StatsRequest::accumulated()
     }
 
     fn budget_entries(&self, prompt_len: usize) -> usize {

@@ -1,17 +1,22 @@
 //! KVMerger (Wang, Jin, Yu, Zhang, "Model Tells You Where to Merge: Adaptive KV Cache
 //! Merging for LLMs on Long-Context Tasks", arXiv 2407.08454, 2024).
 //!
-//! 1. Protect the most recent tokens and the tokens with the highest accumulated attention.
-//! 2. Identify merging sets among the rest: runs of consecutive tokens whose keys are
-//!    similar (see [`merging_sets`]).
-//! 3. Fold each set into one entry: keys and values averaged with Gaussian-kernel weights
-//!    centred on the pivot, the member with the highest attention; the entry takes the
-//!    pivot's position and remembers how many tokens it stands for.
-//! 4. Budget (the paper leaves this open; see `docs/methods.md`): in `exact` mode evict the
-//!    unprotected entries with the lowest attention until the budget is met; in
-//!    `threshold` mode keep whatever merging leaves.
+//! 1. Protect the most recent tokens and the tokens with the highest attention
+//!    (accumulated, or SnapKV's last-window attention with `protect_by = window`).
+//! 2. Group the rest into runs of consecutive tokens whose keys are similar: in `merge`
+//!    mode by merging adjacent runs most-similar-first until the head holds exactly its
+//!    budget; in `exact` and `threshold` modes by the paper's threshold scan (see
+//!    [`merging_sets`]).
+//! 3. Fold each run into one entry: keys and values averaged with Gaussian-kernel weights
+//!    centred on the pivot, the member with the highest accumulated attention; the entry
+//!    takes the pivot's position and remembers how many tokens it stands for.
+//! 4. Budget (the paper leaves this open; see `docs/methods.md`): `merge` needs nothing
+//!    more; `exact` evicts the unprotected entries with the lowest attention until the
+//!    budget is met; `threshold` keeps whatever merging leaves.
 //!
 //! Merging happens once, after the prompt; decoded tokens are appended unmerged.
+
+use std::ops::Range;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -20,19 +25,48 @@ use serde::{Deserialize, Deserializer, Serialize};
 use crate::budget::Budget;
 use crate::cache::{EntryMeta, HeadCache};
 use crate::error::{CompressError, Result};
-use crate::method::{CompressionMethod, HeadId, HeadReport, StatsRequest};
-use crate::methods::merging_sets::{merging_sets, CompareTo};
+use crate::method::{CompressionMethod, HeadId, HeadReport, StatsRequest, Windows};
+use crate::methods::merging_sets::{
+    mean_row, merge_to_target, merging_sets, min_reachable, CompareTo,
+};
 use crate::methods::select::top_k;
 
 /// How the result is brought to the budget.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum BudgetMode {
-    /// After merging, evict the lowest-attention unprotected entries down to the budget.
+    /// Merge adjacent unprotected runs most-similar-first until the head holds exactly its
+    /// budget; nothing is evicted.
     #[default]
+    Merge,
+    /// Threshold merging, then evict the lowest-attention unprotected entries down to the
+    /// budget (ablation).
     Exact,
-    /// No eviction: the achieved ratio is whatever the threshold gives.
+    /// Threshold merging, no eviction: the achieved ratio is whatever the threshold gives.
     Threshold,
+}
+
+/// How key similarity is measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Similarity {
+    /// Cosine of the keys (paper).
+    #[default]
+    Cosine,
+    /// Cosine after subtracting the head's mean key over the prompt: ignores the direction
+    /// every key of a head shares.
+    Centered,
+}
+
+/// Which attention statistic chooses the protected high-attention tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ProtectBy {
+    /// Attention accumulated over the whole prompt (paper).
+    #[default]
+    Accumulated,
+    /// Attention from the prompt's last `protect_window` queries (SnapKV's statistic).
+    Window,
 }
 
 /// Kernel width of the Gaussian merge weights. JSON: `{"fixed": 5.0}`, `5.0` or `"adaptive"`.
@@ -107,10 +141,14 @@ pub enum PivotRule {
 pub struct KvMergerConfig {
     pub budget: Budget,
     pub budget_mode: BudgetMode,
-    /// Cosine-similarity threshold `eps` (paper: 0.75). Above 1 nothing merges; below -1
-    /// every run of unprotected tokens merges.
+    /// Cosine-similarity threshold `eps` of the `exact` and `threshold` modes (paper: 0.75).
+    /// Above 1 nothing merges; below -1 every run of unprotected tokens merges.
     pub threshold: f32,
     pub compare_to: CompareTo,
+    pub similarity: Similarity,
+    pub protect_by: ProtectBy,
+    /// Observation window of `protect_by = window` (SnapKV's default, 32).
+    pub protect_window: usize,
     /// Share of the prompt kept as an unmerged recent window; default by budget
     /// (0.17 at budgets of 50% and more, 0.08 below).
     pub recent: Option<f64>,
@@ -139,6 +177,9 @@ impl Default for KvMergerConfig {
             budget_mode: BudgetMode::default(),
             threshold: 0.75,
             compare_to: CompareTo::default(),
+            similarity: Similarity::default(),
+            protect_by: ProtectBy::default(),
+            protect_window: 32,
             recent: None,
             selected: None,
             sigma: Sigma::Fixed(5.0),
@@ -163,14 +204,17 @@ impl KvMergerConfig {
                 ));
             }
         }
-        if self.sigma_floor.is_nan() || self.sigma_floor <= 0.0 {
+        if !(self.sigma_floor > 0.0 && self.sigma_floor.is_finite()) {
             return Err(CompressError::invalid(
                 "sigma_floor",
-                format!("must be positive, got {}", self.sigma_floor),
+                format!("must be positive and finite, got {}", self.sigma_floor),
             ));
         }
         if self.threshold.is_nan() {
             return Err(CompressError::invalid("threshold", "must be a number"));
+        }
+        if self.protect_window == 0 {
+            return Err(CompressError::invalid("protect_window", "must be at least 1"));
         }
         for (name, share) in [("recent", self.recent), ("selected", self.selected)] {
             if let Some(s) = share {
@@ -202,29 +246,84 @@ impl KvMergerConfig {
         (self.recent.unwrap_or(recent), self.selected.unwrap_or(selected))
     }
 
-    /// Indices protected from merging and eviction: the recent window and the top
-    /// attention tokens outside it. Returns `protected[i]`.
-    fn protect(&self, head: &HeadCache, budget: usize) -> Vec<bool> {
-        let n = head.len();
+    /// Whether merging runs to the budget (`merge` mode with merging enabled).
+    fn merges_to_budget(&self) -> bool {
+        self.budget_mode == BudgetMode::Merge && self.merge
+    }
+
+    /// Whether eviction brings the head to its budget: `exact` mode, and `merge` mode with
+    /// merging disabled (protection plus eviction).
+    fn evicts(&self) -> bool {
+        match self.budget_mode {
+            BudgetMode::Exact => true,
+            BudgetMode::Merge => !self.merge,
+            BudgetMode::Threshold => false,
+        }
+    }
+
+    /// The score that chooses protected tokens, `[len]`.
+    fn protection_scores(&self, head: &HeadCache) -> Result<Vec<f32>> {
+        match self.protect_by {
+            ProtectBy::Accumulated => Ok(head.meta().iter().map(|m| m.attention).collect()),
+            ProtectBy::Window => {
+                head.window_attention(self.protect_window).map(<[f32]>::to_vec).ok_or_else(|| {
+                    CompressError::Shape(format!(
+                        "protect_by = window needs the attention of the last {} prompt queries",
+                        self.protect_window
+                    ))
+                })
+            }
+        }
+    }
+
+    /// Tokens protected from merging and eviction, `protected[i]`, and whether the shares
+    /// had to shrink to fit the budget.
+    fn protect(&self, scores: &[f32], budget: usize) -> (Vec<bool>, bool) {
+        let n = scores.len();
         let (recent_share, selected_share) = self.protected_shares(budget as f64 / n as f64);
-        let mut n_recent = (recent_share * n as f64).round() as usize;
-        let mut n_selected = (selected_share * n as f64).round() as usize;
-        if self.budget_mode == BudgetMode::Exact {
-            n_selected = n_selected.min(budget.saturating_sub(n_recent));
-            n_recent = n_recent.min(budget);
+        let n_recent = ((recent_share * n as f64).round() as usize).min(n);
+        let n_selected = ((selected_share * n as f64).round() as usize).min(n - n_recent);
+        let mask = |recent: usize, selected: usize| protected_mask(scores, recent, selected);
+        if self.merges_to_budget() {
+            // Merging cannot go below the protected tokens plus one entry per run between
+            // them: shrink both shares alike until that fits. With at most (B - 1) / 2
+            // protected tokens it always does (P + runs <= 2P + 1), so bisect above that.
+            let total = n_recent + n_selected;
+            let split = |p: usize| {
+                let recent = (p * n_recent + total / 2).checked_div(total).unwrap_or(0);
+                (recent, p - recent)
+            };
+            let fits = |p: usize| {
+                let (r, s) = split(p);
+                min_reachable(&mask(r, s)) <= budget
+            };
+            if fits(total) {
+                return (mask(n_recent, n_selected), false);
+            }
+            let (mut lo, mut hi) = (total.min(budget.saturating_sub(1) / 2), total);
+            while hi - lo > 1 {
+                let mid = (lo + hi) / 2;
+                if fits(mid) {
+                    lo = mid;
+                } else {
+                    hi = mid;
+                }
+            }
+            let (r, s) = split(lo);
+            return (mask(r, s), true);
         }
-        n_recent = n_recent.min(n);
-        let mut protected = vec![false; n];
-        protected[n - n_recent..].iter_mut().for_each(|p| *p = true);
-        let meta = head.meta();
-        for i in top_k(0..n - n_recent, |i| meta[i].attention, n_selected) {
-            protected[i] = true;
+        if self.evicts() {
+            // Protected tokens are never evicted: the selected share gives way first, then
+            // the recent window shrinks to the budget.
+            let recent = n_recent.min(budget);
+            let selected = n_selected.min(budget - recent);
+            return (mask(recent, selected), (recent, selected) != (n_recent, n_selected));
         }
-        protected
+        (mask(n_recent, n_selected), false)
     }
 
     /// Merge weights of `members` around `pivot`.
-    fn weights(&self, head: &HeadCache, members: std::ops::Range<usize>, pivot: usize) -> Vec<f32> {
+    fn weights(&self, head: &HeadCache, members: Range<usize>, pivot: usize) -> Vec<f32> {
         let n = members.len();
         if self.weights == MergeWeights::Uniform {
             return vec![1.0 / n as f32; n];
@@ -245,6 +344,90 @@ impl KvMergerConfig {
         let total: f32 = g.iter().sum();
         g.iter().map(|x| x / total).collect()
     }
+
+    /// Runs of unprotected tokens to fold into one entry each, covering every unprotected
+    /// index once.
+    fn runs(&self, head: &HeadCache, protected: &[bool], budget: usize) -> Vec<Range<usize>> {
+        let d = head.head_dim();
+        if !self.merge {
+            return (0..head.len()).filter(|&i| !protected[i]).map(|i| i..i + 1).collect();
+        }
+        let center = (self.similarity == Similarity::Centered).then(|| mean_row(head.keys(), d));
+        if self.merges_to_budget() {
+            return merge_to_target(head.keys(), d, protected, budget, center.as_deref());
+        }
+        match center {
+            None => merging_sets(head.keys(), d, protected, self.threshold, self.compare_to),
+            Some(c) => {
+                let centered: Vec<f32> = head
+                    .keys()
+                    .chunks_exact(d)
+                    .flat_map(|k| k.iter().zip(&c).map(|(x, m)| (*x as f64 - m) as f32))
+                    .collect();
+                merging_sets(&centered, d, protected, self.threshold, self.compare_to)
+            }
+        }
+    }
+
+    /// Folds each run of two or more tokens into one entry (Gaussian-weighted toward its
+    /// pivot, with the mass rule applied); protected tokens and singletons stay as they
+    /// are. Returns the new head and which of its entries are protected.
+    fn fold(
+        &self,
+        id: HeadId,
+        head: &HeadCache,
+        protected: &[bool],
+        runs: Vec<Range<usize>>,
+        report: &mut HeadReport,
+    ) -> Result<(HeadCache, Vec<bool>)> {
+        let (n, d) = (head.len(), head.head_dim());
+        let meta = head.meta();
+        let mut rng = StdRng::seed_from_u64(self.seed ^ ((id.layer as u64) << 32 | id.head as u64));
+        let mut out = Merged::with_capacity(n, d);
+        let mut runs = runs.into_iter().peekable();
+        let mut i = 0;
+        while i < n {
+            let run = match runs.next_if(|r| r.start == i) {
+                Some(run) if run.len() > 1 => run,
+                _ => {
+                    out.push(head.key(i), head.value(i), meta[i], protected[i]);
+                    i += 1;
+                    continue;
+                }
+            };
+            i = run.end;
+            report.merge_sets += 1;
+            report.merged_tokens += run.len();
+            report.largest_set = report.largest_set.max(run.len());
+            let pivot = match self.pivot {
+                PivotRule::Attention => run
+                    .clone()
+                    .min_by(|&a, &b| {
+                        meta[b].attention.total_cmp(&meta[a].attention).then(a.cmp(&b))
+                    })
+                    .unwrap_or(run.start),
+                PivotRule::Random => rng.random_range(run.clone()),
+            };
+            let w = self.weights(head, run.clone(), pivot);
+            let count: u32 = run.clone().map(|j| meta[j].count).sum();
+            let (mut key, mut value) = (vec![0.0f32; d], vec![0.0f32; d]);
+            for (j, wj) in run.clone().zip(&w) {
+                key.iter_mut().zip(head.key(j)).for_each(|(k, x)| *k += wj * x);
+                value.iter_mut().zip(head.value(j)).for_each(|(v, x)| *v += wj * x);
+            }
+            if self.mass == MassRule::ScaleValues {
+                value.iter_mut().for_each(|v| *v *= count as f32);
+            }
+            let attention = run.clone().map(|j| meta[j].attention).sum();
+            out.push(
+                &key,
+                &value,
+                EntryMeta { position: meta[pivot].position, count, attention },
+                false,
+            );
+        }
+        Ok((HeadCache::from_parts(d, out.keys, out.values, out.meta)?, out.protected))
+    }
 }
 
 /// The entries of a head after merging, before they are written back.
@@ -257,13 +440,67 @@ struct Merged {
     protected: Vec<bool>,
 }
 
+impl Merged {
+    fn with_capacity(n: usize, d: usize) -> Self {
+        Self {
+            keys: Vec::with_capacity(n * d),
+            values: Vec::with_capacity(n * d),
+            meta: Vec::with_capacity(n),
+            protected: Vec::with_capacity(n),
+        }
+    }
+
+    fn push(&mut self, key: &[f32], value: &[f32], meta: EntryMeta, protected: bool) {
+        self.keys.extend_from_slice(key);
+        self.values.extend_from_slice(value);
+        self.meta.push(meta);
+        self.protected.push(protected);
+    }
+}
+
+/// `protected[i]`: the last `recent` tokens plus the `selected` highest `scores` before them.
+fn protected_mask(scores: &[f32], recent: usize, selected: usize) -> Vec<bool> {
+    let n = scores.len();
+    let mut protected = vec![false; n];
+    protected[n - recent..].iter_mut().for_each(|p| *p = true);
+    for i in top_k(0..n - recent, |i| scores[i], selected) {
+        protected[i] = true;
+    }
+    protected
+}
+
+/// Keeps the protected entries and the `budget - protected` unprotected entries with the
+/// highest accumulated attention; on equal attention the earlier entry stays.
+fn evict_to_budget(head: &mut HeadCache, protected: &[bool], budget: usize) {
+    if head.len() <= budget {
+        return;
+    }
+    let meta = head.meta();
+    let unprotected: Vec<usize> = (0..head.len()).filter(|&j| !protected[j]).collect();
+    let evict = head.len() - budget;
+    let keep_unprotected = top_k(
+        unprotected.iter().copied(),
+        |j| meta[j].attention,
+        unprotected.len().saturating_sub(evict),
+    );
+    let mut keep: Vec<usize> =
+        (0..head.len()).filter(|&j| protected[j]).chain(keep_unprotected).collect();
+    keep.sort_unstable();
+    head.retain_indices(&keep);
+}
+
 impl CompressionMethod for KvMergerConfig {
     fn name(&self) -> &'static str {
         "kvmerger"
     }
 
     fn stats(&self) -> StatsRequest {
-        StatsRequest { accumulated: true, window: None }
+        let windows = match self.protect_by {
+            ProtectBy::Accumulated => Windows::default(),
+            ProtectBy::Window => Windows::one(self.protect_window),
+        };
+        // Accumulated attention always: it chooses the pivots.
+        StatsRequest { accumulated: true, windows }
     }
 
     fn budget_entries(&self, prompt_len: usize) -> usize {
@@ -283,97 +520,20 @@ impl CompressionMethod for KvMergerConfig {
 
     fn compress(&self, id: HeadId, head: &mut HeadCache, budget: usize) -> Result<HeadReport> {
         let before = head.len();
-        if before == 0 || (self.budget_mode == BudgetMode::Exact && before <= budget) {
+        let bounded = self.budget_mode != BudgetMode::Threshold;
+        if before == 0 || (bounded && before <= budget) {
             // Within budget: nothing to compress (as for every other method).
             return Ok(HeadReport { before, after: before, ..Default::default() });
         }
-        let d = head.head_dim();
-        let protected = self.protect(head, budget);
-        let sets = if self.merge {
-            merging_sets(head.keys(), d, &protected, self.threshold, self.compare_to)
-        } else {
-            (0..before).filter(|&i| !protected[i]).map(|i| i..i + 1).collect()
-        };
-        let mut report = HeadReport { before, ..Default::default() };
-        let mut rng = StdRng::seed_from_u64(self.seed ^ ((id.layer as u64) << 32 | id.head as u64));
-        let mut out = Merged {
-            keys: Vec::new(),
-            values: Vec::new(),
-            meta: Vec::new(),
-            protected: Vec::new(),
-        };
-        let mut sets = sets.into_iter().peekable();
-        let mut i = 0;
-        while i < before {
-            if protected[i] {
-                out.keys.extend_from_slice(head.key(i));
-                out.values.extend_from_slice(head.value(i));
-                out.meta.push(head.meta()[i]);
-                out.protected.push(true);
-                i += 1;
-                continue;
-            }
-            let set = sets.next().expect("every unprotected token belongs to a set");
-            debug_assert_eq!(set.start, i);
-            i = set.end;
-            let meta = head.meta();
-            if set.len() == 1 {
-                out.keys.extend_from_slice(head.key(set.start));
-                out.values.extend_from_slice(head.value(set.start));
-                out.meta.push(meta[set.start]);
-                out.protected.push(false);
-                continue;
-            }
-            report.merge_sets += 1;
-            report.merged_tokens += set.len();
-            report.largest_set = report.largest_set.max(set.len());
-            let pivot = match self.pivot {
-                PivotRule::Attention => set
-                    .clone()
-                    .min_by(|&a, &b| {
-                        meta[b].attention.total_cmp(&meta[a].attention).then(a.cmp(&b))
-                    })
-                    .unwrap_or(set.start),
-                PivotRule::Random => rng.random_range(set.clone()),
-            };
-            let w = self.weights(head, set.clone(), pivot);
-            let count: u32 = set.clone().map(|j| meta[j].count).sum();
-            let mut key = vec![0.0f32; d];
-            let mut value = vec![0.0f32; d];
-            for (j, wj) in set.clone().zip(&w) {
-                key.iter_mut().zip(head.key(j)).for_each(|(k, x)| *k += wj * x);
-                value.iter_mut().zip(head.value(j)).for_each(|(v, x)| *v += wj * x);
-            }
-            if self.mass == MassRule::ScaleValues {
-                value.iter_mut().for_each(|v| *v *= count as f32);
-            }
-            out.keys.extend(key);
-            out.values.extend(value);
-            out.meta.push(EntryMeta {
-                position: meta[pivot].position,
-                count,
-                attention: set.clone().map(|j| meta[j].attention).sum(),
-            });
-            out.protected.push(false);
-        }
-        let Merged { keys, values, meta, protected } = out;
-        *head = HeadCache::from_parts(d, keys, values, meta)?;
-        if self.budget_mode == BudgetMode::Exact && head.len() > budget {
-            let candidates = (0..head.len()).filter(|&j| !protected[j]);
-            let meta = head.meta();
-            let evict = head.len() - budget;
-            // Keep the highest-attention unprotected entries; the rest leave. On equal
-            // attention the earlier entry stays (the later one is evicted first).
-            let unprotected: Vec<usize> = candidates.collect();
-            let keep_unprotected = top_k(
-                unprotected.iter().copied(),
-                |j| meta[j].attention,
-                unprotected.len().saturating_sub(evict),
-            );
-            let mut keep: Vec<usize> =
-                (0..head.len()).filter(|&j| protected[j]).chain(keep_unprotected).collect();
-            keep.sort_unstable();
-            head.retain_indices(&keep);
+        let scores = self.protection_scores(head)?;
+        let (protected, clamped) = self.protect(&scores, budget);
+        let runs = self.runs(head, &protected, budget);
+        let mut report =
+            HeadReport { before, clamped: clamped.then_some("protected"), ..Default::default() };
+        let (merged, protected) = self.fold(id, head, &protected, runs, &mut report)?;
+        *head = merged;
+        if self.evicts() {
+            evict_to_budget(head, &protected, budget);
         }
         head.shrink_to_fit();
         report.after = head.len();
@@ -403,8 +563,210 @@ mod tests {
         base
     }
 
+    /// The `exact` ablation (threshold merging, then eviction).
     fn cfg(budget: Budget) -> KvMergerConfig {
+        KvMergerConfig { budget, budget_mode: BudgetMode::Exact, ..Default::default() }
+    }
+
+    /// The default `merge` mode.
+    fn merge_cfg(budget: Budget) -> KvMergerConfig {
         KvMergerConfig { budget, ..Default::default() }
+    }
+
+    /// Checks a head compressed without eviction against the original: entries cover the
+    /// original tokens in order, protected tokens are untouched, and every other entry is
+    /// the Gaussian-weighted merge of its run toward the run's highest-attention member.
+    fn assert_runs_are_gaussian_merges(
+        original: &HeadCache,
+        merged: &HeadCache,
+        protected: &[bool],
+        sigma: f32,
+        mass: MassRule,
+    ) {
+        let d = original.head_dim();
+        let om = original.meta();
+        let mut start = 0;
+        for (e, m) in merged.meta().iter().enumerate() {
+            let run = start..start + m.count as usize;
+            start = run.end;
+            if run.len() == 1 {
+                assert_eq!(merged.key(e), original.key(run.start));
+                assert_eq!(merged.value(e), original.value(run.start));
+                assert_eq!(*m, om[run.start]);
+                continue;
+            }
+            assert!(run.clone().all(|i| !protected[i]), "run {run:?} holds a protected token");
+            let pivot = run
+                .clone()
+                .max_by(|&a, &b| om[a].attention.total_cmp(&om[b].attention).then(b.cmp(&a)))
+                .unwrap();
+            assert_eq!(m.position, pivot);
+            let g: Vec<f64> = run
+                .clone()
+                .map(|i| {
+                    let dist: f64 = original
+                        .key(i)
+                        .iter()
+                        .zip(original.key(pivot))
+                        .map(|(a, b)| ((a - b) as f64).powi(2))
+                        .sum();
+                    (-dist / (2.0 * (sigma as f64).powi(2))).exp()
+                })
+                .collect();
+            let total: f64 = g.iter().sum();
+            let scale = if mass == MassRule::ScaleValues { run.len() as f64 } else { 1.0 };
+            for t in 0..d {
+                let k: f64 =
+                    run.clone().zip(&g).map(|(i, w)| w / total * original.key(i)[t] as f64).sum();
+                let v: f64 =
+                    run.clone().zip(&g).map(|(i, w)| w / total * original.value(i)[t] as f64).sum();
+                assert!((merged.key(e)[t] as f64 - k).abs() < 1e-4, "key of run {run:?}");
+                assert!((merged.value(e)[t] as f64 - v * scale).abs() < 1e-4 * scale);
+            }
+            let a: f32 = run.clone().map(|i| om[i].attention).sum();
+            assert!((m.attention - a).abs() < 1e-3);
+        }
+        assert_eq!(start, original.len(), "every token is in exactly one entry");
+        for (i, p) in protected.iter().enumerate() {
+            if *p {
+                assert!(merged.meta().iter().any(|m| m.position == i && m.count == 1));
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        #[test]
+        fn merge_mode_holds_exactly_the_budget_by_merging_runs(
+            n in 1usize..150,
+            share in 0.01f64..1.0,
+            seed in 0u64..1000,
+            mass_rule in 0usize..3,
+        ) {
+            let mass = [MassRule::ScaleValues, MassRule::None, MassRule::LogCount][mass_rule];
+            let original = runs_head(n, 6, 1 + seed as usize % 7);
+            let c = KvMergerConfig {
+                mass,
+                sigma: Sigma::Fixed(0.7),
+                seed,
+                ..merge_cfg(Budget::Ratio(share))
+            };
+            let budget = c.budget_entries(n);
+            let mut head = original.clone();
+            let report = c.compress(ID, &mut head, budget).unwrap();
+            proptest::prop_assert_eq!(head.len(), budget);
+            proptest::prop_assert_eq!(report.after, budget);
+            let scores: Vec<f32> = original.meta().iter().map(|m| m.attention).collect();
+            let (protected, _) = c.protect(&scores, budget);
+            if budget < n {
+                assert_runs_are_gaussian_merges(&original, &head, &protected, 0.7, mass);
+            }
+        }
+    }
+
+    #[test]
+    fn merge_mode_merges_the_most_similar_neighbours_first() {
+        // Runs of ten near-identical keys, nothing protected: at ten entries per hundred
+        // tokens, each run becomes exactly one entry.
+        let original = runs_head(100, 8, 10);
+        let c = KvMergerConfig {
+            recent: Some(0.0),
+            selected: Some(0.0),
+            ..merge_cfg(Budget::Ratio(0.1))
+        };
+        let mut head = original.clone();
+        let r = c.compress(ID, &mut head, 10).unwrap();
+        assert_eq!((head.len(), r.merge_sets, r.largest_set, r.clamped), (10, 10, 10, None));
+        assert!(head.meta().iter().all(|m| m.count == 10));
+    }
+
+    #[test]
+    fn merge_mode_shrinks_protected_shares_that_leave_no_room_and_reports_it() {
+        for (n, budget) in [(3, 1), (7, 2), (20, 3), (100, 5), (100, 20)] {
+            let original = random_head(n, 4, n as u64);
+            let c = KvMergerConfig {
+                recent: Some(0.3),
+                selected: Some(0.3),
+                ..merge_cfg(Budget::Tokens(budget))
+            };
+            let mut head = original.clone();
+            let r = c.compress(ID, &mut head, budget).unwrap();
+            assert_eq!(head.len(), budget, "{n} tokens, budget {budget}");
+            assert_eq!(r.clamped, Some("protected"), "{n} tokens, budget {budget}");
+            assert_eq!(head.meta().iter().map(|m| m.count as usize).sum::<usize>(), n);
+        }
+        // Shares that fit are left alone.
+        let mut head = random_head(100, 4, 1);
+        let r = merge_cfg(Budget::Ratio(0.5)).compress(ID, &mut head, 50).unwrap();
+        assert_eq!((head.len(), r.clamped), (50, None));
+    }
+
+    #[test]
+    fn centered_similarity_ignores_a_direction_all_keys_share() {
+        // Keys = a large shared direction + small random parts: plain cosine sees every
+        // neighbour as similar, centered cosine sees the random parts.
+        let d = 8;
+        let base = random_head(100, d, 12);
+        let keys: Vec<f32> = base
+            .keys()
+            .chunks_exact(d)
+            .flat_map(|k| {
+                k.iter().enumerate().map(|(t, x)| 0.2 * x + if t == 0 { 5.0 } else { 0.0 })
+            })
+            .collect();
+        let head =
+            HeadCache::from_parts(d, keys, base.values().to_vec(), base.meta().to_vec()).unwrap();
+        let run = |similarity| {
+            let c = KvMergerConfig {
+                budget_mode: BudgetMode::Threshold,
+                similarity,
+                ..cfg(Budget::Ratio(0.5))
+            };
+            let mut h = head.clone();
+            c.compress(ID, &mut h, 50).unwrap().merged_tokens
+        };
+        let (cosine, centered) = (run(Similarity::Cosine), run(Similarity::Centered));
+        // 71 unprotected tokens; only those left alone between protected ones stay single.
+        assert!(cosine > 60, "plain cosine merges {cosine} tokens");
+        assert!(centered < cosine / 2, "centered merges {centered} tokens, cosine {cosine}");
+    }
+
+    #[test]
+    fn protect_by_window_protects_the_last_queries_favourites() {
+        let original = random_head(100, 4, 21);
+        let accumulated: Vec<f32> = original.meta().iter().map(|m| m.attention).collect();
+        // The window statistic ranks tokens the other way round.
+        let window: Vec<f32> = accumulated.iter().map(|a| 5.0 - a).collect();
+        let mut with_window = original.clone();
+        with_window.set_window_attention(16, window.clone()).unwrap();
+        let c = KvMergerConfig {
+            protect_by: ProtectBy::Window,
+            protect_window: 16,
+            ..merge_cfg(Budget::Ratio(0.5))
+        };
+        assert!(c.stats().windows.contains(16) && c.stats().accumulated);
+        let plain = merge_cfg(Budget::Ratio(0.5));
+        assert!(plain.stats().windows.is_empty());
+        // 17 recent tokens, 12 selected before them.
+        let by_window = top_k(0..83, |i| window[i], 12);
+        let by_accumulated = top_k(0..83, |i| accumulated[i], 12);
+        assert!(by_window.iter().all(|i| !by_accumulated.contains(i)));
+        for (config, head, favourites) in
+            [(&c, with_window.clone(), &by_window), (&plain, original.clone(), &by_accumulated)]
+        {
+            let mut head = head;
+            config.compress(ID, &mut head, 50).unwrap();
+            for &i in favourites {
+                assert!(
+                    head.meta().iter().any(|m| m.position == i && m.count == 1),
+                    "{:?}: token {i} is protected",
+                    config.protect_by
+                );
+            }
+        }
+        let mut missing = original.clone();
+        let err = c.compress(ID, &mut missing, 50).unwrap_err();
+        assert!(err.to_string().contains("16"), "{err}");
     }
 
     #[test]

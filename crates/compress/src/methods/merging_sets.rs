@@ -1,7 +1,10 @@
-//! KVMerger's merging-set identification (the paper's Algorithm 1): a greedy backward
-//! scan that groups consecutive tokens whose keys are similar. Pure functions on key
-//! matrices, shared by the method and by `kvmerger analyze`.
+//! KVMerger's merging-set identification: the paper's Algorithm 1 (a greedy backward scan
+//! that groups consecutive tokens whose keys are similar) and merging to a budget
+//! (adjacent runs merged most-similar-first). Pure functions on key matrices, shared by the
+//! method and by `kvmerger analyze`.
 
+use std::cmp::Ordering;
+use std::collections::BinaryHeap;
 use std::ops::Range;
 
 use serde::{Deserialize, Serialize};
@@ -86,6 +89,160 @@ pub fn merging_sets(
     sets
 }
 
+/// Cosine similarity of two run centroids given by their key sums: `(sum_a / n_a - c)` and
+/// `(sum_b / n_b - c)`, with `c` the head's mean key when `center` is given, 0 otherwise.
+/// Computed in f64 so that incremental and from-scratch sums agree. 0 for a zero vector.
+pub(crate) fn centroid_cosine(
+    sum_a: &[f64],
+    n_a: f64,
+    sum_b: &[f64],
+    n_b: f64,
+    center: Option<&[f64]>,
+) -> f64 {
+    let (mut dot, mut na, mut nb) = (0.0f64, 0.0f64, 0.0f64);
+    for t in 0..sum_a.len() {
+        let c = center.map_or(0.0, |c| c[t]);
+        let (x, y) = (sum_a[t] / n_a - c, sum_b[t] / n_b - c);
+        dot += x * y;
+        na += x * x;
+        nb += y * y;
+    }
+    if na == 0.0 || nb == 0.0 {
+        0.0
+    } else {
+        dot / (na.sqrt() * nb.sqrt())
+    }
+}
+
+/// The mean of a `[len, head_dim]` matrix's rows, `[head_dim]`, in f64.
+pub(crate) fn mean_row(rows: &[f32], head_dim: usize) -> Vec<f64> {
+    let n = rows.len().checked_div(head_dim).unwrap_or(0).max(1) as f64;
+    let mut mean = vec![0.0f64; head_dim];
+    for row in rows.chunks_exact(head_dim) {
+        mean.iter_mut().zip(row).for_each(|(m, x)| *m += *x as f64);
+    }
+    mean.iter_mut().for_each(|m| *m /= n);
+    mean
+}
+
+/// Fewest entries merging can leave: every protected token plus one entry per run of
+/// unprotected tokens between them.
+pub fn min_reachable(protected: &[bool]) -> usize {
+    let runs =
+        (0..protected.len()).filter(|&i| !protected[i] && (i == 0 || protected[i - 1])).count();
+    protected.iter().filter(|&&p| p).count() + runs
+}
+
+/// A candidate merge of the adjacent runs starting at `left` and `right`, valid while both
+/// runs still carry the stamps it was scored with.
+#[derive(Debug, Clone, Copy)]
+struct Candidate {
+    score: f64,
+    left: usize,
+    right: usize,
+    stamps: (u32, u32),
+}
+
+impl PartialEq for Candidate {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+impl Eq for Candidate {}
+impl PartialOrd for Candidate {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Candidate {
+    /// Most similar first; on equal scores the leftmost pair.
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.score.total_cmp(&other.score).then(other.left.cmp(&self.left))
+    }
+}
+
+/// Merges adjacent unprotected tokens most-similar-first until protected tokens plus runs
+/// number `target` (or no two unprotected runs touch). Protected tokens are barriers: never
+/// merged, and no run spans one. Two runs are as similar as the cosine of their centroid
+/// keys (each minus `center`, the head's mean key, when given); a merged run is re-scored
+/// against its new neighbours. A max-heap of candidate pairs with stamps that invalidate
+/// stale entries makes this `O(n log n)` pair operations for `n` tokens.
+///
+/// `keys`: `[len, head_dim]`. Returns the runs, singletons included, as increasing index
+/// ranges covering each unprotected index exactly once (as [`merging_sets`] does).
+pub fn merge_to_target(
+    keys: &[f32],
+    head_dim: usize,
+    protected: &[bool],
+    target: usize,
+    center: Option<&[f64]>,
+) -> Vec<Range<usize>> {
+    let n = protected.len();
+    debug_assert_eq!(keys.len(), n * head_dim);
+    // Runs are named by their first index. For a run `s..e`: end[s] = e, start[e - 1] = s,
+    // sums[s] its key sum, stamp[s] bumped whenever the run grows, alive[s] until it is
+    // absorbed by its left neighbour.
+    let mut alive = vec![true; n];
+    let mut end: Vec<usize> = (1..=n).collect();
+    let mut start: Vec<usize> = (0..n).collect();
+    let mut sums: Vec<f64> = keys.iter().map(|&k| k as f64).collect();
+    let mut stamp = vec![0u32; n];
+    let sum = |sums: &[f64], s: usize| -> Vec<f64> { sums[s * head_dim..][..head_dim].to_vec() };
+    let score = |sums: &[f64], end: &[usize], a: usize, b: usize| {
+        centroid_cosine(
+            &sums[a * head_dim..][..head_dim],
+            (end[a] - a) as f64,
+            &sums[b * head_dim..][..head_dim],
+            (end[b] - b) as f64,
+            center,
+        )
+    };
+    let mut heap = BinaryHeap::new();
+    for i in 1..n {
+        if !protected[i - 1] && !protected[i] {
+            let s = score(&sums, &end, i - 1, i);
+            heap.push(Candidate { score: s, left: i - 1, right: i, stamps: (0, 0) });
+        }
+    }
+    let mut count = n;
+    while count > target {
+        let Some(c) = heap.pop() else { break };
+        let (a, b) = (c.left, c.right);
+        // Stale: either run has grown or been absorbed since the pair was scored.
+        if !alive[a] || !alive[b] || c.stamps != (stamp[a], stamp[b]) {
+            continue;
+        }
+        let add = sum(&sums, b);
+        sums[a * head_dim..][..head_dim].iter_mut().zip(&add).for_each(|(x, y)| *x += y);
+        end[a] = end[b];
+        start[end[a] - 1] = a;
+        stamp[a] += 1;
+        alive[b] = false;
+        count -= 1;
+        if a > 0 && !protected[a - 1] {
+            let p = start[a - 1];
+            let s = score(&sums, &end, p, a);
+            heap.push(Candidate { score: s, left: p, right: a, stamps: (stamp[p], stamp[a]) });
+        }
+        let e = end[a];
+        if e < n && !protected[e] {
+            let s = score(&sums, &end, a, e);
+            heap.push(Candidate { score: s, left: a, right: e, stamps: (stamp[a], stamp[e]) });
+        }
+    }
+    let mut runs = Vec::new();
+    let mut i = 0;
+    while i < n {
+        if protected[i] {
+            i += 1;
+        } else {
+            runs.push(i..end[i]);
+            i = end[i];
+        }
+    }
+    runs
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,7 +300,69 @@ mod tests {
         })
     }
 
+    /// Plain O(n^2) merging to a target: rescan every adjacent pair of runs, merge the most
+    /// similar (the leftmost on ties), repeat.
+    fn merge_reference(
+        keys: &[f32],
+        d: usize,
+        protected: &[bool],
+        target: usize,
+        center: Option<&[f64]>,
+    ) -> Vec<Range<usize>> {
+        let sum = |r: &Range<usize>| -> Vec<f64> {
+            let mut s = vec![0.0f64; d];
+            for i in r.clone() {
+                s.iter_mut().zip(&keys[i * d..(i + 1) * d]).for_each(|(a, k)| *a += *k as f64);
+            }
+            s
+        };
+        let mut runs: Vec<Range<usize>> =
+            (0..protected.len()).filter(|&i| !protected[i]).map(|i| i..i + 1).collect();
+        let n_protected = protected.iter().filter(|&&p| p).count();
+        while n_protected + runs.len() > target {
+            let mut best: Option<(f64, usize)> = None;
+            for j in 1..runs.len() {
+                if runs[j - 1].end != runs[j].start {
+                    continue;
+                }
+                let (a, b) = (&runs[j - 1], &runs[j]);
+                let score =
+                    centroid_cosine(&sum(a), a.len() as f64, &sum(b), b.len() as f64, center);
+                if best.is_none_or(|(s, _)| score > s) {
+                    best = Some((score, j));
+                }
+            }
+            let Some((_, j)) = best else { break };
+            runs[j - 1].end = runs[j].end;
+            runs.remove(j);
+        }
+        runs
+    }
+
+    fn merge_input() -> impl Strategy<Value = (Vec<f32>, Vec<bool>, usize, bool)> {
+        (1usize..50).prop_flat_map(|n| {
+            (
+                proptest::collection::vec(-1.0f32..1.0, n * 3),
+                proptest::collection::vec(proptest::bool::weighted(0.15), n),
+                0..=n,
+                proptest::bool::ANY,
+            )
+        })
+    }
+
     proptest! {
+        #[test]
+        fn priority_queue_merging_equals_the_quadratic_reference(
+            (keys, protected, target, centered) in merge_input()
+        ) {
+            let center = centered.then(|| mean_row(&keys, 3));
+            let ours = merge_to_target(&keys, 3, &protected, target, center.as_deref());
+            let expected = merge_reference(&keys, 3, &protected, target, center.as_deref());
+            prop_assert_eq!(&ours, &expected);
+            let n_protected = protected.iter().filter(|&&p| p).count();
+            prop_assert_eq!(n_protected + ours.len(), target.max(min_reachable(&protected)));
+        }
+
         #[test]
         fn backward_scan_equals_brute_force((keys, protected, t) in input()) {
             for mode in [CompareTo::Neighbour, CompareTo::Anchor] {

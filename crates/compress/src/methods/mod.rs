@@ -15,7 +15,9 @@ pub use cam::{CamConfig, CamEviction, CamProbability};
 pub use full::FullCache;
 pub use h2o::H2oConfig;
 pub use kvmerger::{BudgetMode, KvMergerConfig, MassRule, MergeWeights, PivotRule, Sigma};
-pub use merging_sets::{adjacent_cosine, cosine, merging_sets, CompareTo};
+pub use merging_sets::{
+    adjacent_cosine, cosine, merge_to_target, merging_sets, min_reachable, CompareTo,
+};
 pub use snapkv::{avg_pool, SnapKvConfig};
 pub use streaming_llm::StreamingLlmConfig;
 
@@ -35,7 +37,7 @@ mod tests {
     /// `(method, parameters, whether it keeps the head within budget while decoding)`
     type Case = (&'static str, &'static [(&'static str, &'static str)], bool);
 
-    const METHODS: [Case; 8] = [
+    const METHODS: [Case; 12] = [
         ("full", &[], false),
         ("streaming_llm", &[], true),
         ("h2o", &[], true),
@@ -43,6 +45,10 @@ mod tests {
         ("cam", &[], true),
         ("cam", &[("eviction", "h2o")], true),
         ("kvmerger", &[], false),
+        ("kvmerger", &[("budget_mode", "exact")], false),
+        ("kvmerger", &[("similarity", "centered")], false),
+        ("kvmerger", &[("protect_by", "window"), ("protect_window", "8")], false),
+        ("kvmerger", &[("merge", "false")], false),
         ("kvmerger", &[("budget_mode", "threshold"), ("mass", "log_count")], false),
     ];
 
@@ -61,8 +67,9 @@ mod tests {
                 let id = HeadId { layer: 1, head: 2 };
 
                 let mut head = random_head(T, D, 11);
-                if method.stats().window.is_some() {
-                    head.window_attention = head.meta().iter().map(|m| m.attention / 2.0).collect();
+                for w in method.stats().windows.iter() {
+                    let scores = head.meta().iter().map(|m| m.attention / 2.0).collect();
+                    head.set_window_attention(w, scores).unwrap();
                 }
                 let b = method.budget_entries(T);
                 let report = method.compress(id, &mut head, b).unwrap();

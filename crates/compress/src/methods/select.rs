@@ -38,11 +38,18 @@ pub fn heavy_hitters_and_recent(head: &HeadCache, budget: usize, recent: usize) 
     union_sorted(&heavy, &(split..len).collect::<Vec<_>>())
 }
 
-/// Keeps the first `sinks` and the last `budget - sinks` entries (StreamingLLM's selection).
+/// Sinks that fit in `budget` beside at least one recent entry, so the newest token is
+/// always kept.
+pub fn sinks_within(sinks: usize, budget: usize) -> usize {
+    sinks.min(budget.saturating_sub(1))
+}
+
+/// Keeps the first `sinks` and the last `budget - sinks` entries (StreamingLLM's selection),
+/// with the sinks clamped by [`sinks_within`].
 pub fn sinks_and_recent(len: usize, budget: usize, sinks: usize) -> Vec<usize> {
     if len <= budget {
         return (0..len).collect();
     }
-    let sinks = sinks.min(budget);
+    let sinks = sinks_within(sinks, budget);
     (0..sinks).chain(len - (budget - sinks)..len).collect()
 }

@@ -1,6 +1,7 @@
 //! SnapKV (Li et al., "SnapKV: LLM Knows What You are Looking for Before Generation", 2024):
 //! score prefix tokens by the attention the prompt's last `window` queries give them,
 //! smoothed by 1-D average pooling, and keep the top scorers plus the window itself.
+//! A window longer than a head's budget is clamped to the budget (and reported).
 
 use serde::{Deserialize, Serialize};
 
@@ -38,14 +39,6 @@ impl SnapKvConfig {
                 format!("must be odd and positive, got {}", self.kernel),
             ));
         }
-        if let Budget::Tokens(t) = self.budget {
-            if self.window > t {
-                return Err(CompressError::invalid(
-                    "window",
-                    format!("window of {} exceeds the budget of {t} entries", self.window),
-                ));
-            }
-        }
         Ok(())
     }
 }
@@ -69,7 +62,7 @@ impl CompressionMethod for SnapKvConfig {
     }
 
     fn stats(&self) -> StatsRequest {
-        StatsRequest { accumulated: false, window: Some(self.window) }
+        StatsRequest::window(self.window, false)
     }
 
     fn budget_entries(&self, prompt_len: usize) -> usize {
@@ -81,24 +74,22 @@ impl CompressionMethod for SnapKvConfig {
         if before <= budget {
             return Ok(HeadReport { before, after: before, ..Default::default() });
         }
-        if self.window > budget {
-            return Err(CompressError::invalid(
-                "window",
-                format!("window of {} exceeds the budget of {budget} entries", self.window),
-            ));
-        }
-        if head.window_attention.len() != before {
-            return Err(CompressError::Shape(
-                "SnapKV needs the observation-window attention of every entry".into(),
-            ));
-        }
-        let prefix = before - self.window;
-        let pooled = avg_pool(&head.window_attention[..prefix], self.kernel);
-        let mut keep = top_k(0..prefix, |i| pooled[i], budget - self.window);
+        let scores = head.window_attention(self.window).ok_or_else(|| {
+            CompressError::Shape(format!(
+                "SnapKV needs the attention of the last {} prompt queries",
+                self.window
+            ))
+        })?;
+        // The observation window always stays; one longer than the budget is cut to it.
+        let window = self.window.min(budget);
+        let prefix = before - window;
+        let pooled = avg_pool(&scores[..prefix], self.kernel);
+        let mut keep = top_k(0..prefix, |i| pooled[i], budget - window);
         keep.extend(prefix..before);
         head.retain_indices(&keep);
         head.shrink_to_fit();
-        Ok(HeadReport { before, after: head.len(), ..Default::default() })
+        let clamped = (window < self.window).then_some("window");
+        Ok(HeadReport { before, after: head.len(), clamped, ..Default::default() })
     }
 }
 
@@ -118,11 +109,13 @@ mod tests {
     fn keeps_the_reference_selection_on_random_inputs() {
         for seed in 0..20 {
             let mut head = random_head(70, 4, seed);
-            head.window_attention =
-                head.meta().iter().map(|m| m.attention * 0.7 + (m.position % 5) as f32).collect();
             let (budget, window) = (20, 6);
+            let scores: Vec<f32> =
+                head.meta().iter().map(|m| m.attention * 0.7 + (m.position % 5) as f32).collect();
+            head.set_window_attention(window, scores.clone()).unwrap();
+            // A wider window's statistics beside it are not read.
+            head.set_window_attention(2 * window, vec![1.0; 70]).unwrap();
             // Reference: pool by hand with explicit zero padding, sort, take the best.
-            let scores = head.window_attention.clone();
             let prefix = 70 - window;
             let pooled: Vec<f32> = (0..prefix)
                 .map(|i| {
@@ -147,13 +140,24 @@ mod tests {
     }
 
     #[test]
-    fn window_larger_than_the_budget_is_named() {
+    fn window_larger_than_the_budget_is_clamped_and_reported() {
         let mut head = random_head(70, 4, 1);
-        head.window_attention = vec![0.0; 70];
+        head.set_window_attention(32, vec![0.0; 70]).unwrap();
         let cfg = SnapKvConfig { budget: Budget::Ratio(0.2), window: 32, kernel: 5 };
-        let err = cfg.compress(HeadId { layer: 0, head: 0 }, &mut head, 14).unwrap_err();
-        assert!(err.to_string().contains("window"), "{err}");
+        let report = cfg.compress(HeadId { layer: 0, head: 0 }, &mut head, 14).unwrap();
+        assert_eq!(report.clamped, Some("window"));
+        let kept: Vec<usize> = head.meta().iter().map(|m| m.position).collect();
+        assert_eq!(kept, (56..70).collect::<Vec<_>>(), "the window's last 14 entries");
         let err = SnapKvConfig { kernel: 4, ..Default::default() }.validate().unwrap_err();
         assert!(err.to_string().contains("kernel"));
+    }
+
+    #[test]
+    fn missing_window_statistics_are_an_error() {
+        let mut head = random_head(70, 4, 1);
+        head.set_window_attention(64, vec![0.0; 70]).unwrap();
+        let cfg = SnapKvConfig { budget: Budget::Ratio(0.5), window: 32, kernel: 5 };
+        let err = cfg.compress(HeadId { layer: 0, head: 0 }, &mut head, 35).unwrap_err();
+        assert!(err.to_string().contains("32"), "{err}");
     }
 }

@@ -1,13 +1,14 @@
 //! StreamingLLM (Xiao et al., "Efficient Streaming Language Models with Attention Sinks",
-//! ICLR 2024): keep the first `sinks` tokens and the most recent `budget - sinks`.
+//! ICLR 2024): keep the first `sinks` tokens and the most recent `budget - sinks`. Sinks
+//! that leave no room for a recent entry are clamped to `budget - 1` (and reported).
 
 use serde::{Deserialize, Serialize};
 
 use crate::budget::Budget;
 use crate::cache::HeadCache;
-use crate::error::{CompressError, Result};
+use crate::error::Result;
 use crate::method::{CompressionMethod, HeadId, HeadReport};
-use crate::methods::select::sinks_and_recent;
+use crate::methods::select::{sinks_and_recent, sinks_within};
 
 /// StreamingLLM parameters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -25,15 +26,8 @@ impl Default for StreamingLlmConfig {
 }
 
 impl StreamingLlmConfig {
+    /// Every value is valid: sinks beyond a head's budget are clamped when compressing.
     pub fn validate(&self) -> Result<()> {
-        if let Budget::Tokens(t) = self.budget {
-            if self.sinks > t {
-                return Err(CompressError::invalid(
-                    "sinks",
-                    format!("{} sinks exceed the budget of {t} entries", self.sinks),
-                ));
-            }
-        }
         Ok(())
     }
 }
@@ -48,16 +42,12 @@ impl CompressionMethod for StreamingLlmConfig {
     }
 
     fn compress(&self, _id: HeadId, head: &mut HeadCache, budget: usize) -> Result<HeadReport> {
-        if self.sinks > budget {
-            return Err(CompressError::invalid(
-                "sinks",
-                format!("{} sinks exceed the budget of {budget} entries", self.sinks),
-            ));
-        }
         let before = head.len();
         head.retain_indices(&sinks_and_recent(before, budget, self.sinks));
         head.shrink_to_fit();
-        Ok(HeadReport { before, after: head.len(), ..Default::default() })
+        let clamped =
+            (before > budget && sinks_within(self.sinks, budget) < self.sinks).then_some("sinks");
+        Ok(HeadReport { before, after: head.len(), clamped, ..Default::default() })
     }
 
     /// The window slides: the oldest entry after the sinks leaves.
@@ -69,7 +59,7 @@ impl CompressionMethod for StreamingLlmConfig {
         _step: usize,
     ) -> Result<()> {
         while head.len() > budget {
-            head.remove(self.sinks.min(budget));
+            head.remove(sinks_within(self.sinks, budget));
         }
         Ok(())
     }
@@ -106,10 +96,12 @@ mod tests {
     }
 
     #[test]
-    fn sinks_larger_than_the_budget_are_an_error() {
+    fn sinks_larger_than_the_budget_are_clamped_and_reported() {
         let mut head = random_head(50, 4, 1);
         let cfg = StreamingLlmConfig { budget: Budget::Ratio(0.05), sinks: 4 };
-        let err = cfg.compress(HeadId { layer: 0, head: 0 }, &mut head, 3).unwrap_err();
-        assert!(err.to_string().contains("sinks"));
+        let report = cfg.compress(HeadId { layer: 0, head: 0 }, &mut head, 3).unwrap();
+        assert_eq!(report.clamped, Some("sinks"));
+        let kept: Vec<usize> = head.meta().iter().map(|m| m.position).collect();
+        assert_eq!(kept, vec![0, 1, 49], "two sinks and the newest token");
     }
 }

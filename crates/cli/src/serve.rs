@@ -1,0 +1,87 @@
+//! `kvmerger serve`: the OpenAI-compatible server.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use kvmerger_engine::{EngineConfig, EngineHandle};
+use kvmerger_server::ServerState;
+
+use crate::args::{MethodArgs, ModelArgs};
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Compression of requests without a `kv_compression` field.
+    #[command(flatten)]
+    pub method: MethodArgs,
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: IpAddr,
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// KV-cache memory shared by all sessions, in MiB.
+    #[arg(long, default_value_t = 1024)]
+    pub kv_pool_mb: usize,
+    /// Requests waiting for memory at most; more get 429 with Retry-After.
+    #[arg(long, default_value_t = 64)]
+    pub max_queue: usize,
+    /// Sessions admitted at once at most.
+    #[arg(long, default_value_t = 32)]
+    pub max_running: usize,
+    /// Prompt tokens per prefill chunk (one chunk runs between two decode steps).
+    #[arg(long, default_value_t = 256)]
+    pub prefill_chunk: usize,
+    /// `max_tokens` of chat requests that give none.
+    #[arg(long, default_value_t = 256)]
+    pub default_max_tokens: usize,
+}
+
+pub fn run(args: ServeArgs) -> Result<()> {
+    if args.kv_pool_mb == 0 || args.max_running == 0 || args.prefill_chunk == 0 {
+        bail!("--kv-pool-mb, --max-running and --prefill-chunk must be at least 1");
+    }
+    let default_compression = args.method.config()?;
+    let loaded = args.model.load()?;
+    let model_name = loaded
+        .path
+        .file_stem()
+        .map_or_else(|| "model".to_string(), |s| s.to_string_lossy().to_string());
+    let chat = loaded.chat_template().map_err(|e| e.to_string());
+    if let Err(why) = &chat {
+        eprintln!("warning: chat completions are unavailable: {why}");
+    }
+    let context_length = loaded.model.config.context_length;
+    let config = EngineConfig {
+        kv_pool_bytes: args.kv_pool_mb << 20,
+        max_queue: args.max_queue,
+        max_running: args.max_running,
+        prefill_chunk: args.prefill_chunk,
+        ..EngineConfig::default()
+    };
+    let engine = EngineHandle::spawn(Arc::new(loaded.model), config)?;
+    let state = ServerState {
+        engine,
+        tokenizer: Arc::new(loaded.tokenizer),
+        chat,
+        model_name,
+        default_compression,
+        default_max_tokens: args.default_max_tokens,
+        context_length,
+    };
+    let addr = SocketAddr::new(args.host, args.port);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let shutdown = async {
+            let _ = tokio::signal::ctrl_c().await;
+        };
+        kvmerger_server::serve(state, addr, shutdown)
+            .await
+            .with_context(|| format!("serving on {addr}"))
+    })
+}

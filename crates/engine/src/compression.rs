@@ -1,0 +1,69 @@
+//! Applying a compression method to a whole cache: once after the prompt, then after
+//! every decode step. Shared by [`crate::Session`] and the serving runtime's sequences.
+
+use std::time::Instant;
+
+use kvmerger_compress::{CompressionMethod, HeadId, KvCache};
+use rayon::prelude::*;
+
+use crate::error::Result;
+use crate::session::CompressionReport;
+
+/// Compresses every head of `cache` (holding a `prompt_len`-token prompt) to the method's
+/// per-layer budget, releases the memory freed, and fixes the budgets and the log-count
+/// bias on the cache for the decode steps that follow.
+pub fn compress_prompt(
+    method: &dyn CompressionMethod,
+    cache: &mut KvCache,
+    prompt_len: usize,
+) -> Result<CompressionReport> {
+    let start = Instant::now();
+    let budgets: Vec<usize> =
+        (0..cache.n_layers()).map(|l| method.layer_budget_entries(l, prompt_len)).collect();
+    let heads = cache
+        .layers
+        .par_iter_mut()
+        .zip(&budgets)
+        .enumerate()
+        .map(|(layer, (heads, &budget))| {
+            heads
+                .iter_mut()
+                .enumerate()
+                .map(|(head, cache)| {
+                    let report = method.compress(HeadId { layer, head }, cache, budget);
+                    // Resident memory follows the entries kept, whatever the method did.
+                    cache.shrink_to_fit();
+                    report
+                })
+                .collect::<kvmerger_compress::Result<Vec<_>>>()
+        })
+        .collect::<kvmerger_compress::Result<Vec<_>>>()?;
+    cache.budgets = Some(budgets.clone());
+    cache.log_count_bias = method.log_count_bias();
+    Ok(CompressionReport {
+        method: method.name().to_string(),
+        prompt_len,
+        budgets,
+        heads,
+        compress_ms: start.elapsed().as_secs_f64() * 1e3,
+        resident_bytes: cache.resident_bytes(),
+    })
+}
+
+/// Applies the method's decode-time policy (eviction to the budget) to every head after
+/// decode step `step`; a no-op before the prompt was compressed.
+pub fn after_decode_step(
+    method: &dyn CompressionMethod,
+    cache: &mut KvCache,
+    step: usize,
+) -> Result<()> {
+    let Some(budgets) = &cache.budgets else { return Ok(()) };
+    cache.layers.iter_mut().zip(budgets).enumerate().try_for_each(
+        |(layer, (heads, &budget))| {
+            heads.iter_mut().enumerate().try_for_each(|(head, cache)| {
+                method.after_step(HeadId { layer, head }, cache, budget, step)
+            })
+        },
+    )?;
+    Ok(())
+}

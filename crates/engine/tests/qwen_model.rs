@@ -1,0 +1,142 @@
+//! Qwen2.5-Coder-0.5B-Instruct (qwen2: half-split RoPE, q/k/v biases, tied embeddings,
+//! Qwen2 pre-tokenizer) against candle-transformers' `quantized_qwen2` on the same file.
+//!
+//! Ignored by default: the model is a 491 MB download (`kvmerger fetch --model
+//! qwen2.5-coder-0.5b`). Run with `cargo test --release -p kvmerger-engine --test
+//! qwen_model -- --ignored`.
+
+mod common;
+
+use candle_core::{Device, Tensor};
+use candle_transformers::models::quantized_qwen2;
+use kvmerger_compress::KvCache;
+use kvmerger_engine::chat::ChatMessage;
+use kvmerger_engine::testing::relative_l2;
+use kvmerger_engine::{
+    argmax, load_model, ForwardOptions, LoadedModel, WeightFormat, WeightFormats,
+};
+
+fn qwen_path() -> std::path::PathBuf {
+    let model = kvmerger_engine::fetch::known_model("qwen2.5-coder-0.5b").unwrap();
+    kvmerger_engine::fetch::ensure_known_model(model, &kvmerger_engine::fetch::cache_dir())
+        .expect("the Qwen model")
+}
+
+fn greedy(m: &LoadedModel, prompt: &[u32], steps: usize) -> Vec<u32> {
+    let mut cache: KvCache = m.model.new_cache();
+    let mut logits = m.model.forward(prompt, &mut cache, ForwardOptions::default()).unwrap();
+    let mut out = Vec::new();
+    for _ in 0..steps {
+        let next = argmax(&logits.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        if m.tokenizer.eos_ids().contains(&next) {
+            break;
+        }
+        out.push(next);
+        logits = m.model.forward(&[next], &mut cache, ForwardOptions::default()).unwrap();
+    }
+    out
+}
+
+#[test]
+#[ignore = "needs the 491 MB Qwen2.5-Coder-0.5B model"]
+fn qwen_logits_and_greedy_tokens_agree_with_candle_transformers() {
+    let path = qwen_path();
+    let f32_only = WeightFormats { prefill: WeightFormat::F32, decode: WeightFormat::F32 };
+    let ours = load_model(&path, f32_only).unwrap();
+    assert_eq!(ours.model.config.architecture, "qwen2");
+    assert!(!ours.model.config.rope_interleaved, "qwen2 rotates halves");
+    assert!(
+        ours.model.blocks[0]
+            .wq
+            .forward(
+                &Tensor::zeros((1, 896), candle_core::DType::F32, &Device::Cpu).unwrap(),
+                f32_only
+            )
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            > 0.0,
+        "the q projection carries its bias"
+    );
+
+    let text = "def quicksort(xs):\n    \"\"\"Sort a list.\"\"\"\n    if len(xs) <= 1:\n        return xs\n";
+    let tokens = ours.tokenizer.encode(text, true).unwrap();
+    let mut cache = ours.model.new_cache();
+    let our_logits: Vec<f32> = ours
+        .model
+        .forward(&tokens, &mut cache, ForwardOptions::default())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+
+    // quantized_qwen2 reads this on the loading thread to dequantize every weight to f32.
+    std::env::set_var("CANDLE_DEQUANTIZE_ALL", "1");
+    let (content, mut reader) = kvmerger_engine::read_gguf_header(&path).unwrap();
+    let mut reference =
+        quantized_qwen2::ModelWeights::from_gguf(content, &mut reader, &Device::Cpu).unwrap();
+    let input = Tensor::new(tokens.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let ref_logits: Vec<f32> =
+        reference.forward(&input, 0).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let err = relative_l2(&our_logits, &ref_logits);
+    assert!(err < 1e-3, "relative L2 {err}");
+
+    let (mut a, mut b) = (argmax(&our_logits), argmax(&ref_logits));
+    let (mut ours_out, mut ref_out) = (vec![], vec![]);
+    for i in 0..12 {
+        ours_out.push(a);
+        ref_out.push(b);
+        let l = ours.model.forward(&[a], &mut cache, ForwardOptions::default()).unwrap();
+        a = argmax(&l.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        let next = Tensor::new(&[b], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let l = reference.forward(&next, tokens.len() + i).unwrap();
+        b = argmax(&l.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    }
+    assert_eq!(ours_out, ref_out, "{:?}", ours.tokenizer.decode(&ours_out));
+}
+
+#[test]
+#[ignore = "needs the 491 MB Qwen2.5-Coder-0.5B model"]
+fn qwen_generates_code_in_chat_and_raw_modes() {
+    let m = load_model(&qwen_path(), WeightFormats::default()).unwrap();
+    let template = m.chat_template().unwrap();
+    let chat = template.render(
+        &[ChatMessage::user("Write a Python function `add(a, b)` that returns a + b.")],
+        true,
+    );
+    assert!(chat.contains("<|im_start|>assistant"), "{chat}");
+    let ids = m.tokenizer.encode(&chat, true).unwrap();
+    let reply = m.tokenizer.decode(&greedy(&m, &ids, 40)).unwrap();
+    assert!(reply.contains("def add(a, b)") && reply.contains("return a + b"), "{reply}");
+
+    let ids =
+        m.tokenizer.encode("# Return the n-th Fibonacci number\ndef fib(n):\n", true).unwrap();
+    let body = m.tokenizer.decode(&greedy(&m, &ids, 30)).unwrap();
+    assert!(body.contains("if n") && body.contains("return"), "{body}");
+}
+
+#[test]
+#[ignore = "needs the 491 MB Qwen2.5-Coder-0.5B model"]
+fn qwen_token_ids_match_the_python_tokenizers_package() {
+    let path = qwen_path();
+    let (content, _) = kvmerger_engine::read_gguf_header(&path).unwrap();
+    let tok =
+        kvmerger_engine::tokenizer::TextTokenizer::from_gguf_metadata(&content.metadata).unwrap();
+    let texts = [
+        "def f(x):\n    return x**2  # square\n\n",
+        "Hello, 世界! 12345 café  tabs\tand\r\nCRLF",
+        "<|im_start|>user\nhi<|im_end|>",
+        "   leading and trailing   ",
+        "I'm sure they'll say it's done; WE'RE done.",
+        "Emoji 🎉🚀 and 👨‍👩‍👧, 日本語のテキスト",
+    ];
+    let python = common::python_ids(&path, &texts);
+    for (text, expected) in texts.iter().zip(python) {
+        assert_eq!(tok.encode(text, false).unwrap(), expected, "{text:?}");
+    }
+}

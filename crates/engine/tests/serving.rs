@@ -1,0 +1,211 @@
+//! The serving runtime on the tiny random model: batched decode equals decode alone,
+//! whatever the weight format; requests served together give the tokens they give alone;
+//! the pool is never exceeded and a cancelled request frees its memory at once.
+
+use std::sync::Arc;
+
+use kvmerger_compress::{Budget, CompressionConfig};
+use kvmerger_engine::testing::{random_llama, random_llama_with, tiny_config};
+use kvmerger_engine::{
+    AddError, BatchItem, Engine, EngineConfig, Event, FinishReason, GenerationRequest, Llama,
+    Logits, Phase, Refusal, SamplingConfig, SeqId, Session, WeightFormat, WeightFormats,
+};
+
+fn models() -> Vec<(&'static str, Llama)> {
+    let q8 = WeightFormats { prefill: WeightFormat::F32, decode: WeightFormat::Q8 };
+    vec![
+        ("f32", random_llama(tiny_config(), 3).unwrap()),
+        ("q8 decode", random_llama_with(tiny_config(), 3, q8).unwrap()),
+    ]
+}
+
+fn prompt(seed: u32, len: usize) -> Vec<u32> {
+    (0..len as u32).map(|i| (i * 7 + seed * 13 + i * i % 5) % 60 + 1).collect()
+}
+
+fn config(method: &str, budget: f64) -> CompressionConfig {
+    let budget = (method != "full").then_some(Budget::Ratio(budget));
+    CompressionConfig::from_cli(method, budget, &[]).unwrap()
+}
+
+#[test]
+fn a_batched_decode_step_equals_each_sequence_alone_bit_for_bit() {
+    for (name, model) in models() {
+        let lens = [5usize, 17, 40, 9];
+        let mut caches: Vec<_> = lens.iter().map(|_| model.new_cache()).collect();
+        // Prefill each alone, then decode one token for all together and for each alone.
+        for (i, cache) in caches.iter_mut().enumerate() {
+            let p = prompt(i as u32, lens[i]);
+            let mut item =
+                [BatchItem { tokens: &p, cache, logits: None, stats: Default::default() }];
+            model.forward_batch(&mut item, Phase::Prefill, 16).unwrap();
+        }
+        let next: Vec<[u32; 1]> = (0..lens.len()).map(|i| [(i as u32 * 11) % 60]).collect();
+        let mut alone_caches = caches.clone();
+        let mut items: Vec<BatchItem<'_>> = caches
+            .iter_mut()
+            .zip(&next)
+            .map(|(cache, t)| BatchItem {
+                tokens: t,
+                cache,
+                logits: Some(Logits::Last),
+                stats: Default::default(),
+            })
+            .collect();
+        let batched = model.forward_batch(&mut items, Phase::Decode, 16).unwrap();
+        for (i, cache) in alone_caches.iter_mut().enumerate() {
+            let mut item = [BatchItem {
+                tokens: &next[i],
+                cache,
+                logits: Some(Logits::Last),
+                stats: Default::default(),
+            }];
+            let alone = model.forward_batch(&mut item, Phase::Decode, 16).unwrap();
+            let a: Vec<f32> = alone[0].as_ref().unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let b: Vec<f32> =
+                batched[i].as_ref().unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            assert_eq!(a, b, "{name}: sequence {i} differs batched vs alone");
+        }
+        assert_eq!(caches, alone_caches, "{name}: caches differ batched vs alone");
+    }
+}
+
+/// Runs requests to the end; returns each one's tokens (by submission order) and checks
+/// the pool at every step.
+fn serve(model: &Arc<Llama>, requests: &[GenerationRequest], pool: usize) -> Vec<Vec<u32>> {
+    let cfg = EngineConfig { kv_pool_bytes: pool, prefill_chunk: 16, ..EngineConfig::default() };
+    let mut engine = Engine::new(model.clone(), cfg);
+    let ids: Vec<SeqId> = requests.iter().map(|r| engine.add(r.clone()).unwrap()).collect();
+    let mut out = vec![Vec::new(); requests.len()];
+    let mut done = 0;
+    let mut steps = 0;
+    while done < requests.len() {
+        for (id, event) in engine.step() {
+            let at = ids.iter().position(|&i| i == id).unwrap();
+            match event {
+                Event::Token(t) => out[at].push(t),
+                Event::Finished { reason, usage } => {
+                    assert!(matches!(reason, FinishReason::Stop | FinishReason::Length));
+                    assert_eq!(usage.completion_tokens, out[at].len());
+                    done += 1;
+                }
+            }
+        }
+        let metrics = engine.metrics();
+        let resident = metrics.kv_resident_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(engine.pool().used() <= pool, "pool exceeded");
+        assert!(resident <= engine.pool().used(), "caches hold more than they reserved");
+        steps += 1;
+        assert!(steps < 10_000, "the engine stopped making progress");
+    }
+    out
+}
+
+fn requests() -> Vec<GenerationRequest> {
+    let methods = [
+        ("full", 1.0),
+        ("h2o", 0.35),
+        ("kvmerger", 0.5),
+        ("snapkv", 0.4),
+        ("streaming_llm", 0.5),
+        ("cam", 0.5),
+    ];
+    methods
+        .iter()
+        .enumerate()
+        .map(|(i, &(m, b))| GenerationRequest {
+            prompt: prompt(i as u32, 40 + 13 * i),
+            max_tokens: 12,
+            sampling: SamplingConfig::default(),
+            compression: config(m, b),
+            stop_tokens: vec![],
+        })
+        .collect()
+}
+
+#[test]
+fn greedy_requests_give_the_same_tokens_alone_or_together() {
+    for (name, model) in models() {
+        let model = Arc::new(model);
+        let reqs = requests();
+        let together = serve(&model, &reqs, 64 << 20);
+        for (i, r) in reqs.iter().enumerate() {
+            let alone = serve(&model, std::slice::from_ref(r), 64 << 20);
+            assert_eq!(alone[0], together[i], "{name}: request {i} ({})", r.compression.label());
+            assert_eq!(alone[0].len(), 12);
+        }
+    }
+}
+
+#[test]
+fn a_small_pool_serves_everyone_in_turn_without_exceeding_its_limit() {
+    let model = Arc::new(random_llama(tiny_config(), 3).unwrap());
+    let reqs = requests();
+    let alone = serve(&model, &reqs, 64 << 20);
+    // Room for about two of the largest requests at once.
+    let entry = kvmerger_engine::entry_bytes(tiny_config().head_dim);
+    let heads = tiny_config().n_layers * tiny_config().n_kv_heads;
+    let pool = 2 * (40 + 13 * 5 + 12) * entry * heads;
+    assert_eq!(serve(&model, &reqs, pool), alone);
+}
+
+#[test]
+fn chunked_prefill_of_the_full_cache_generates_what_a_session_generates() {
+    let model = Arc::new(random_llama(tiny_config(), 5).unwrap());
+    let p = prompt(9, 70);
+    let req = GenerationRequest {
+        prompt: p.clone(),
+        max_tokens: 10,
+        sampling: SamplingConfig::default(),
+        compression: CompressionConfig::Full,
+        stop_tokens: vec![],
+    };
+    let served = serve(&model, &[req], 64 << 20);
+    let mut session = Session::new(&model, &CompressionConfig::Full).unwrap();
+    let logits = session.prefill(&p).unwrap();
+    let mut sampler = kvmerger_engine::Sampler::new(SamplingConfig::default());
+    let generated = session.generate(logits, 10, &mut sampler, &[], |_| true).unwrap();
+    assert_eq!(served[0], generated);
+}
+
+#[test]
+fn cancel_frees_memory_at_once_and_refusals_name_why() {
+    let model = Arc::new(random_llama(tiny_config(), 3).unwrap());
+    let cfg = EngineConfig {
+        kv_pool_bytes: 4 << 20,
+        max_queue: 1,
+        prefill_chunk: 16,
+        ..EngineConfig::default()
+    };
+    let mut engine = Engine::new(model, cfg);
+    let req = |len: usize, max_tokens: usize| GenerationRequest {
+        prompt: prompt(1, len),
+        max_tokens,
+        sampling: SamplingConfig::default(),
+        compression: config("h2o", 0.5),
+        stop_tokens: vec![],
+    };
+    let a = engine.add(req(100, 20)).unwrap();
+    engine.step();
+    assert!(engine.pool().used() > 0);
+    assert!(matches!(
+        engine.cancel(a),
+        Some(Event::Finished { reason: FinishReason::Cancelled, .. })
+    ));
+    assert_eq!(engine.pool().used(), 0, "cancel frees the reservation");
+    assert!(engine.is_idle());
+    // Invalid requests are errors for them only.
+    let err = engine.add(req(0, 4)).unwrap_err();
+    assert!(err.to_string().contains("prompt"), "{err}");
+    let err = engine.add(req(250, 20)).unwrap_err();
+    assert!(err.to_string().contains("max_tokens"), "{err}");
+    // Queue bound: nothing is admitted between adds, so one waits and the next is refused.
+    engine.add(req(200, 40)).unwrap();
+    let err = engine.add(req(200, 40)).unwrap_err();
+    assert!(matches!(err, AddError::Refused(Refusal::QueueFull { max_queue: 1 })), "{err}");
+    // A request larger than the whole pool can never fit.
+    let small = EngineConfig { kv_pool_bytes: 10_000, ..cfg };
+    let mut engine = Engine::new(Arc::new(random_llama(tiny_config(), 3).unwrap()), small);
+    let err = engine.add(req(100, 20)).unwrap_err();
+    assert!(matches!(err, AddError::Refused(Refusal::NeverFits { .. })), "{err}");
+}

@@ -1,0 +1,178 @@
+#!/usr/bin/env python3
+"""Benchmark of `kvmerger serve`: capacity of a fixed KV pool under compression, and
+aggregate decode speed of batched sessions. Writes docs/serve/bench.json and bench.md.
+
+1. Capacity: a pool sized for two full-cache conversations of --prompt-tokens + 64 tokens;
+   8 clients each send a --prompt-tokens prompt and read 64 tokens. Reported per method
+   (full, kvmerger@35%, h2o@35%): most sessions admitted at once (from /metrics), total
+   time, and the pool's peak.
+2. Decode: 1, 2, 4 and 8 concurrent sessions of short prompts, 64 tokens each; aggregate
+   decode tokens/s over the window where all of them decode.
+
+    python3 scripts/bench_server.py --binary target/release/kvmerger [--prompt-tokens 3000]
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_server import Server  # noqa: E402
+
+GEN = 64
+
+
+def text_of(seed, sentences):
+    colours = ["red", "blue", "green", "amber", "violet", "grey", "white", "black"]
+    things = ["river", "mountain", "harbour", "library", "garden", "station", "market", "bridge"]
+    return " ".join(
+        f"Note {seed}-{i}: the {colours[(i * 3 + seed) % 8]} {things[(i * 5 + seed) % 8]} "
+        f"was visited on day {(i * 7 + seed) % 31 + 1}."
+        for i in range(sentences)
+    )
+
+
+def post(srv, body, timeout=1800):
+    status, _, reply = srv.post_raw("/v1/completions", json.dumps(body).encode(), timeout=timeout)
+    if status != 200:
+        raise SystemExit(f"request failed: {status} {reply}")
+    return reply
+
+
+def calibrate(binary):
+    """Tokens per sentence of the prompt text, and KV bytes per token."""
+    srv = Server(binary)
+    try:
+        r = post(srv, {"prompt": text_of(0, 40), "max_tokens": 1, "temperature": 0})
+        u = r["usage"]
+        return u["prompt_tokens"] / 40, u["kv_compression"]["full_kv_bytes"] / u["prompt_tokens"]
+    finally:
+        srv.stop()
+
+
+def capacity(binary, method, prompt_tokens, per_sentence, bytes_per_token):
+    pool_mb = math.ceil(2 * (prompt_tokens + GEN) * bytes_per_token / 2**20)
+    srv = Server(binary, "--kv-pool-mb", str(pool_mb))
+    sentences = int(prompt_tokens / per_sentence)
+    samples = []
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            m = srv.metrics()
+            samples.append(m["kvmerger_active_sessions"])
+            time.sleep(0.1)
+
+    def client(i):
+        body = {"prompt": text_of(i + 1, sentences), "max_tokens": GEN, "temperature": 0}
+        if method is not None:
+            body["kv_compression"] = method
+        return post(srv, body)["usage"]
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    start = time.time()
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            usages = list(pool.map(client, range(8)))
+        took = time.time() - start
+        m = srv.metrics()
+    finally:
+        stop.set()
+        sampler.join()
+        srv.stop()
+    return {
+        "method": usages[0]["kv_compression"]["method"],
+        "pool_mb": pool_mb,
+        "prompt_tokens": sum(u["prompt_tokens"] for u in usages) / len(usages),
+        "sessions_admitted_at_once": int(m["kvmerger_active_sessions_peak"]),
+        "total_s": round(took, 1),
+        "pool_peak_mb": round(m["kvmerger_kv_pool_peak_bytes"] / 2**20, 1),
+        "achieved_ratio": round(sum(u["kv_compression"]["achieved_ratio"] for u in usages) / 8, 3),
+        "resident_mb_per_session": round(
+            sum(u["kv_compression"]["resident_kv_bytes"] for u in usages) / 8 / 2**20, 1),
+    }
+
+
+def stream_times(srv, body):
+    """Arrival time of every generated piece of a streamed completion."""
+    req = urllib.request.Request(srv.base + "/v1/completions",
+                                 data=json.dumps(dict(body, stream=True)).encode(),
+                                 headers={"Content-Type": "application/json"})
+    times = []
+    with urllib.request.urlopen(req, timeout=600) as r:
+        for line in r:
+            line = line.decode().strip()
+            if line.startswith("data:") and line != "data: [DONE]":
+                times.append(time.time())
+    return times
+
+
+def decode_scaling(binary, counts):
+    srv = Server(binary, "--kv-pool-mb", "512")
+    rows = []
+    try:
+        for n in counts:
+            bodies = [{"prompt": text_of(100 + i, 6), "max_tokens": GEN, "temperature": 0,
+                       "stop": []} for i in range(n)]
+            with ThreadPoolExecutor(n) as pool:
+                streams = list(pool.map(lambda b: stream_times(srv, b), bodies))
+            # The window where every session decodes: after the last first token.
+            t0 = max(s[0] for s in streams)
+            t1 = max(s[-1] for s in streams)
+            tokens = sum(sum(1 for t in s if t > t0) for s in streams)
+            rows.append({"sessions": n, "decode_tokens": tokens,
+                         "seconds": round(t1 - t0, 2),
+                         "aggregate_tokens_per_s": round(tokens / max(t1 - t0, 1e-9), 1)})
+            print(rows[-1], flush=True)
+    finally:
+        srv.stop()
+    base = rows[0]["aggregate_tokens_per_s"]
+    for r in rows:
+        r["speedup_vs_one"] = round(r["aggregate_tokens_per_s"] / base, 2)
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--binary", default="target/release/kvmerger")
+    parser.add_argument("--prompt-tokens", type=int, default=3000)
+    parser.add_argument("--out", default="docs/serve")
+    parser.add_argument("--skip-capacity", action="store_true")
+    args = parser.parse_args()
+    per_sentence, bytes_per_token = calibrate(args.binary)
+    result = {"prompt_tokens": args.prompt_tokens, "generated_tokens": GEN, "clients": 8,
+              "kv_bytes_per_token": bytes_per_token, "capacity": [], "decode": []}
+    if not args.skip_capacity:
+        for method in [None, {"method": "kvmerger", "budget": {"ratio": 0.35}},
+                       {"method": "h2o", "budget": {"ratio": 0.35}}]:
+            row = capacity(args.binary, method, args.prompt_tokens, per_sentence, bytes_per_token)
+            print(row, flush=True)
+            result["capacity"].append(row)
+    result["decode"] = decode_scaling(args.binary, [1, 2, 4, 8])
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "bench.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    lines = [f"Prompt {args.prompt_tokens} tokens, {GEN} generated, 8 clients; pool sized for two "
+             "full-cache conversations.", "",
+             "| method | pool MiB | sessions admitted at once | total s | pool peak MiB | achieved ratio | resident MiB/session |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in result["capacity"]:
+        lines.append(f"| {r['method']} | {r['pool_mb']} | {r['sessions_admitted_at_once']} | {r['total_s']} | "
+                     f"{r['pool_peak_mb']} | {r['achieved_ratio']} | {r['resident_mb_per_session']} |")
+    lines += ["", "| concurrent sessions | aggregate decode tokens/s | vs one |", "|---:|---:|---:|"]
+    for r in result["decode"]:
+        lines.append(f"| {r['sessions']} | {r['aggregate_tokens_per_s']} | {r['speedup_vs_one']}x |")
+    with open(os.path.join(args.out, "bench.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
