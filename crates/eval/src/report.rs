@@ -465,9 +465,13 @@ fn write_predictions(
     let cols: Vec<String> = protocols.iter().map(|p| format!("{} protocol", p.name())).collect();
     let _ = writeln!(
         md,
-        "### Predictions at {budget}% (first {} samples; the full cache's answer is the \
-         reference for KL)\n\n| sample | method | {} |\n|---|---|{}",
-        samples.len(),
+        "### Predictions at {budget}% ({}; the full cache's answer is the reference for \
+         KL)\n\n| sample | method | {} |\n|---|---|{}",
+        if samples.len() == 1 {
+            "the first sample".to_string()
+        } else {
+            format!("the first {} samples", samples.len())
+        },
         cols.join(" | "),
         "---|".repeat(cols.len())
     );
