@@ -198,9 +198,8 @@ def test_errors(srv):
     expect({"prompt": "hi", "top_p": 0}, "top_p")
     expect({"prompt": "hi", "n": 2}, "n")
     expect({"prompt": "hi", "frobnicate": True}, "frobnicate")
-    expect({"prompt": "a short prompt", "max_tokens": 2,
-            "kv_compression": {"method": "snapkv", "budget": {"ratio": 0.5}, "window": 32}},
-           "kv_compression.window")
+    expect({"prompt": "hi", "kv_compression": {"method": "kvmerger", "budget": 0.35, "sigma": -1}},
+           "kv_compression.sigma")
     status, _, reply = srv.post_raw("/v1/chat/completions", json.dumps({"messages": []}).encode())
     check(status == 400 and reply["error"]["param"] == "messages", "chat without messages is a 400")
     check(srv.get("/health")[0] == 200, "the server still serves after bad input")

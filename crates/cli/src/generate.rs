@@ -120,7 +120,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     if let Some(path) = &args.out {
         let record = json!({
             "model": loaded.path.file_name().unwrap_or_default().to_string_lossy(),
-            "weights": args.model.formats(),
+            "weights": loaded.model.formats,
             "method": method,
             "label": method.label(),
             "sampling": sampling,

@@ -373,7 +373,8 @@ pub trait EventSink: Send + 'static {
 }
 
 enum Command {
-    Add(GenerationRequest, Box<dyn EventSink>),
+    /// Boxed: a request is far larger than a cancellation.
+    Add(Box<GenerationRequest>, Box<dyn EventSink>),
     Cancel(SeqId),
 }
 
@@ -404,7 +405,7 @@ impl EngineHandle {
         request: GenerationRequest,
         sink: Box<dyn EventSink>,
     ) -> std::result::Result<(), AddError> {
-        self.tx.send(Command::Add(request, sink)).map_err(|_| AddError::Stopped)
+        self.tx.send(Command::Add(Box::new(request), sink)).map_err(|_| AddError::Stopped)
     }
 
     /// Stops a sequence and frees its memory before the next step.
@@ -427,7 +428,7 @@ fn run_loop(mut engine: Engine, rx: mpsc::Receiver<Command>) {
     let handle = |engine: &mut Engine,
                   sinks: &mut HashMap<SeqId, Box<dyn EventSink>>,
                   command: Command| match command {
-        Command::Add(request, mut sink) => match engine.add(request) {
+        Command::Add(request, mut sink) => match engine.add(*request) {
             Ok(id) => {
                 sink.accepted(id);
                 sinks.insert(id, sink);

@@ -105,10 +105,12 @@ fn qwen_logits_and_greedy_tokens_agree_with_candle_transformers() {
 fn qwen_generates_code_in_chat_and_raw_modes() {
     let m = load_model(&qwen_path(), WeightFormats::default()).unwrap();
     let template = m.chat_template().unwrap();
-    let chat = template.render(
-        &[ChatMessage::user("Write a Python function `add(a, b)` that returns a + b.")],
-        true,
-    );
+    let chat = template
+        .render(
+            &[ChatMessage::user("Write a Python function `add(a, b)` that returns a + b.")],
+            true,
+        )
+        .unwrap();
     assert!(chat.contains("<|im_start|>assistant"), "{chat}");
     let ids = m.tokenizer.encode(&chat, true).unwrap();
     let reply = m.tokenizer.decode(&greedy(&m, &ids, 40)).unwrap();

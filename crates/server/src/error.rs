@@ -59,6 +59,14 @@ impl ApiError {
             {
                 "kv_compression.method".into()
             }
+            // A parameter's own check, reported through the JSON parser.
+            CompressError::InvalidParameter { reason, .. } => match reason
+                .split_once("invalid parameter `")
+                .and_then(|(_, rest)| rest.split_once('`'))
+            {
+                Some((name, _)) => format!("kv_compression.{name}"),
+                None => "kv_compression".into(),
+            },
             _ => "kv_compression".into(),
         };
         Self::invalid(param, format!("kv_compression: {e}"))
