@@ -13,7 +13,8 @@ const SPEC: &str = r#"{
   "name": "killed",
   "tasks": [{"task": "passkey", "lengths": [256], "depths": [0.5], "seeds": [0, 1]}],
   "methods": ["h2o", "streaming_llm"],
-  "budgets": [0.5]
+  "budgets": [0.5],
+  "protocols": ["context"]
 }"#;
 /// Two samples, each under the full cache and two methods.
 const ROWS: usize = 6;

@@ -126,6 +126,9 @@ pub struct MethodOutcome {
     pub matched_prefix_tokens: usize,
     /// Perplexity of the reference answer (or continuation) under this method.
     pub perplexity: f64,
+    /// Heads whose fixed parts (sinks, window, protected shares) were clamped to fit the
+    /// budget, and what the first of them clamped.
+    pub clamped: Option<(usize, &'static str)>,
 }
 
 /// Runs `sample` under `methods` (the full cache is always run first, as the reference;
@@ -182,13 +185,17 @@ pub fn run_sample(
         .map(|method| {
             let no_answer = Answer { tokens: Vec::new(), decode_ms: 0.0 };
             // Compress once; the answer and the teacher-forced pass start from copies.
+            let mut clamped = None;
             let (forced, ans, achieved_ratio, resident_kv_bytes) =
                 if *method == CompressionConfig::Full {
                     let ans = if perplexity_task { no_answer } else { full.clone() };
                     (reference.clone(), ans, full_ratio, full_bytes)
                 } else {
                     let (session, logits, ratio, bytes) = compressed(model, method, &prefilled)?;
-                    warn_if_clamped(&sample.id, method, &session);
+                    if let Some(report) = session.report().filter(|r| r.clamped_heads() > 0) {
+                        let what = report.heads.iter().flatten().find_map(|h| h.clamped);
+                        clamped = Some((report.clamped_heads(), what.unwrap_or("fixed parts")));
+                    }
                     let mut copy = Session::new(&model.model, method)?;
                     copy.cache = session.cache.clone();
                     let forced = teacher_forced(copy, logits.clone(), &question, &full.tokens)?;
@@ -220,6 +227,7 @@ pub fn run_sample(
                 top1_agreement: top1_agreement(&reference.log_probs, &forced.log_probs),
                 matched_prefix_tokens: matched,
                 perplexity: forced.perplexity,
+                clamped,
             })
         })
         .collect()
@@ -243,21 +251,6 @@ fn compressed<'m>(
     let (ratio, bytes) =
         session.report().map_or((1.0, 0), |r| (r.achieved_ratio(), r.resident_bytes));
     Ok((session, logits, ratio, bytes))
-}
-
-/// One warning per sample and method whose compression shrank a fixed part (sinks,
-/// window, protected entries) of some head to fit its budget.
-fn warn_if_clamped(sample: &str, method: &CompressionConfig, session: &Session<'_>) {
-    let Some(report) = session.report() else { return };
-    let clamped = report.clamped_heads();
-    if clamped > 0 {
-        eprintln!(
-            "warning: sample {sample}, {}: {clamped} of {} heads had a fixed part shrunk to fit \
-             the budget",
-            method.label(),
-            report.heads.iter().flatten().count()
-        );
-    }
 }
 
 /// Reads the question after the compressed context and answers greedily.
