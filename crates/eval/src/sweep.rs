@@ -1,5 +1,5 @@
 //! Sweeps: methods x budgets x tasks x lengths x depths x seeds, run sample by sample,
-//! each row appended as soon as it is computed; resumable and shardable.
+//! each sample's rows appended (and synced) as soon as its methods ran; resumable and shardable.
 
 use std::path::Path;
 use std::time::Duration;
