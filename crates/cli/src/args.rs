@@ -25,7 +25,8 @@ pub struct ModelSource {
 
 impl ModelSource {
     /// Sizes the thread pools, then returns the model's path (fetching a known model, or the
-    /// default one if none was given). Call before any computation: rayon's global pool is built once.
+    /// default one if none was given). Call before any computation: rayon's global pool is
+    /// built once.
     pub fn prepare(&self) -> Result<PathBuf> {
         set_threads(self.threads)?;
         kvmerger_engine::fetch::resolve_model(self.model.as_deref()).context("finding the model")
@@ -54,21 +55,24 @@ pub struct ModelArgs {
     /// Weight format of multi-token forward passes (prefill).
     #[arg(long, default_value = "f32")]
     pub prefill_weights: WeightFormat,
-    /// Weight format of single-token forward passes (decode): q8 (requantized to Q8_0,
-    /// fastest here), quantized (the file's format) or f32.
-    #[arg(long, default_value = "q8")]
-    pub decode_weights: WeightFormat,
+    /// Weight format of single-token forward passes (decode): q8 (requantized to Q8_0),
+    /// quantized (the file's format) or f32. Default: the fastest measured for a known model
+    /// (q8 for smollm2-135m, f32 for qwen2.5-coder-0.5b), else q8.
+    #[arg(long)]
+    pub decode_weights: Option<WeightFormat>,
 }
 
 impl ModelArgs {
-    pub fn formats(&self) -> WeightFormats {
-        WeightFormats { prefill: self.prefill_weights, decode: self.decode_weights }
+    pub fn formats(&self, path: &std::path::Path) -> WeightFormats {
+        let decode =
+            self.decode_weights.unwrap_or_else(|| kvmerger_engine::fetch::decode_format_for(path));
+        WeightFormats { prefill: self.prefill_weights, decode }
     }
 
     /// Sizes the thread pools and loads the model.
     pub fn load(&self) -> Result<LoadedModel> {
         let path = self.source.prepare()?;
-        kvmerger_engine::load_model(&path, self.formats())
+        kvmerger_engine::load_model(&path, self.formats(&path))
             .with_context(|| format!("loading {}", path.display()))
     }
 }

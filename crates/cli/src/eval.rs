@@ -126,7 +126,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let model_fingerprint = format!(
         "{}; weights {}",
         model_identity(&loaded.path)?,
-        serde_json::to_string(&args.model.formats())?
+        serde_json::to_string(&loaded.model.formats)?
     );
     let out = args.out.clone().unwrap_or_else(|| PathBuf::from("results").join(&spec.name));
     std::fs::create_dir_all(&out)?;
@@ -224,9 +224,10 @@ fn prompt_note(chat: bool) -> String {
             .into()
     } else {
         "Prompts: raw text, no chat template (the default; `--chat` wraps them). On \
-         SmolLM2-135M-Instruct the full cache retrieves the passkey from raw prompts to 4k \
-         tokens, while ChatML-wrapped prompts fail from about 1k, so raw prompts measure the \
-         methods rather than the template. Special tokens never reach the scored text."
+         SmolLM2-135M-Instruct the full cache finds the passkey from the raw prompt at 1024 \
+         and 2048 tokens but from the ChatML-wrapped prompt only at 1024 (docs/eval-sizing.md), \
+         so raw prompts measure the methods rather than the template. Special tokens never \
+         reach the scored text."
             .into()
     }
 }

@@ -113,13 +113,14 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             "achieved_ratio": report.achieved_ratio(),
             "resident_bytes": report.resident_bytes,
             "compress_ms": report.compress_ms,
+            "clamped_heads": report.clamped_heads(),
             "layer_budgets": report.budgets,
         })
     });
     if let Some(path) = &args.out {
         let record = json!({
             "model": loaded.path.file_name().unwrap_or_default().to_string_lossy(),
-            "weights": args.model.formats(),
+            "weights": loaded.model.formats,
             "method": method,
             "label": method.label(),
             "sampling": sampling,
@@ -157,18 +158,33 @@ fn read_prompt(args: &GenerateArgs) -> Result<String> {
 
 fn print_stats(report: &kvmerger_engine::CompressionReport) {
     eprintln!(
-        "{:>5} {:>8} {:>10} {:>10} {:>12} {:>8}",
+        "{:>5} {:>8} {:>10} {:>10} {:>12} {:>8}  clamped",
         "layer", "budget", "kept", "ratio", "merge sets", "largest"
     );
     for (layer, heads) in report.heads.iter().enumerate() {
         let kept: Vec<String> = heads.iter().map(|h| h.after.to_string()).collect();
         let sets: usize = heads.iter().map(|h| h.merge_sets).sum();
         let largest = heads.iter().map(|h| h.largest_set).max().unwrap_or(0);
+        // `head:part` for each head whose method shrank a fixed part to fit its budget.
+        let clamped: Vec<String> = heads
+            .iter()
+            .enumerate()
+            .filter_map(|(h, r)| r.clamped.map(|part| format!("{h}:{part}")))
+            .collect();
         eprintln!(
-            "{layer:>5} {:>8} {:>10} {:>9.1}% {sets:>12} {largest:>8}",
+            "{layer:>5} {:>8} {:>10} {:>9.1}% {sets:>12} {largest:>8}  {}",
             report.budgets[layer],
             kept.join("/"),
-            100.0 * report.layer_ratio(layer)
+            100.0 * report.layer_ratio(layer),
+            if clamped.is_empty() { "-".to_string() } else { clamped.join(",") }
+        );
+    }
+    let clamped = report.clamped_heads();
+    if clamped > 0 {
+        eprintln!(
+            "warning: {clamped} of {} heads had a fixed part (sinks, window, protected \
+             entries) shrunk to fit the budget",
+            report.heads.iter().flatten().count()
         );
     }
 }

@@ -8,7 +8,7 @@ use clap::Args;
 use kvmerger_engine::{EngineConfig, EngineHandle};
 use kvmerger_server::ServerState;
 
-use crate::args::{MethodArgs, ModelArgs};
+use crate::args::{ContextArgs, MethodArgs, ModelArgs};
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -17,6 +17,9 @@ pub struct ServeArgs {
     /// Compression of requests without a `kv_compression` field.
     #[command(flatten)]
     pub method: MethodArgs,
+    /// Longest sequence a request may ask for (prompt plus `max_tokens`).
+    #[command(flatten)]
+    pub context: ContextArgs,
     #[arg(long, default_value = "127.0.0.1")]
     pub host: IpAddr,
     #[arg(long, default_value_t = 8080)]
@@ -52,7 +55,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     if let Err(why) = &chat {
         eprintln!("warning: chat completions are unavailable: {why}");
     }
-    let context_length = loaded.model.config.context_length;
+    let context_length = args.context.limit(loaded.model.config.context_length)?;
     let config = EngineConfig {
         kv_pool_bytes: args.kv_pool_mb << 20,
         max_queue: args.max_queue,

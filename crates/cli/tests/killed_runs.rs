@@ -11,12 +11,14 @@ use serde_json::Value;
 
 const SPEC: &str = r#"{
   "name": "killed",
-  "tasks": [{"task": "passkey", "lengths": [256], "depths": [0.5], "seeds": [0, 1]}],
+  "tasks": [{"task": "passkey", "lengths": [256], "depths": [0.5], "seeds": [0, 1, 2]}],
   "methods": ["h2o", "streaming_llm"],
-  "budgets": [0.5]
+  "budgets": [0.5],
+  "protocols": ["context"]
 }"#;
-/// Two samples, each under the full cache and two methods.
-const ROWS: usize = 6;
+/// Three samples, each under the full cache and two methods. A sample's rows are appended
+/// together once all its methods ran, so the kill points below fall between samples.
+const ROWS: usize = 9;
 /// Fields that measure time, not results.
 const TIMING: [&str; 2] = ["prefill_ms", "decode_ms"];
 
@@ -101,8 +103,8 @@ fn killed_and_resumed_sweeps_equal_an_uninterrupted_one_and_runs_repeat_exactly(
     run_to_end(&dir, "b");
     assert_eq!(rows(&results(&dir, "b")), reference, "a second run differs");
 
-    // Killed while loading or in the first prefill, right after the first row is written
-    // (the next sample's prefill), and in the middle of the sweep.
+    // Killed while loading or in the first prefill, right after the first sample's rows are
+    // written (in the second sample's prefill), and after the second sample's (in the third's).
     kill_when(&dir, "c", |_, t| t > Duration::from_millis(300));
     assert!(complete_lines(&results(&dir, "c")) < ROWS);
     kill_when(&dir, "c", |p, _| complete_lines(p) >= 1);

@@ -7,6 +7,7 @@
 //! attention.
 
 use crate::error::{CompressError, Result};
+use crate::method::EvictionWindow;
 
 /// Metadata of one cached entry.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -37,9 +38,21 @@ pub struct HeadCache {
     /// `[len, head_dim]`
     values: Vec<f32>,
     meta: Vec<EntryMeta>,
-    /// `(window, [len])`: attention received from the last `window` queries of the prompt,
-    /// one row per distinct window a method asked for (SnapKV); empty otherwise.
-    windows: Vec<(usize, Vec<f32>)>,
+    /// `(statistic, [len])`: prompt-only attention statistics, one row per distinct
+    /// statistic a method asked for (SnapKV's windows, CaM's eviction windows); empty
+    /// otherwise, and dropped by [`HeadCache::shrink_to_fit`] after compression.
+    windows: Vec<(StatRow, Vec<f32>)>,
+}
+
+/// Which prompt-only statistic a row of a [`HeadCache`] holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StatRow {
+    /// Attention received from the last `n` queries of the prompt.
+    Window(usize),
+    /// Attention received by the time the entry was evicted.
+    Received(EvictionWindow),
+    /// Summed attention its merge targets had received at that time.
+    Targets(EvictionWindow),
 }
 
 impl HeadCache {
@@ -112,17 +125,67 @@ impl HeadCache {
     /// Attention each entry received from the last `window` prompt queries, `[len]`, if
     /// the engine recorded that window.
     pub fn window_attention(&self, window: usize) -> Option<&[f32]> {
-        self.windows.iter().find(|(w, _)| *w == window).map(|(_, a)| a.as_slice())
+        self.stat(StatRow::Window(window))
     }
 
     /// The row of `window` statistics, `[len]`, created as zeros if absent (for the engine
     /// accumulating it).
     pub fn window_attention_mut(&mut self, window: usize) -> &mut [f32] {
+        self.stat_mut(StatRow::Window(window))
+    }
+
+    /// Sets the `window` statistics, `[len]`.
+    pub fn set_window_attention(&mut self, window: usize, received: Vec<f32>) -> Result<()> {
+        self.set_stat(StatRow::Window(window), received)
+    }
+
+    /// `([len], [len])`: for each entry, the attention it had received when the sliding
+    /// window `eviction` evicted it, and the summed attention its merge targets had
+    /// received by then (see [`EvictionWindow`]), if the engine recorded them.
+    pub fn eviction_attention(&self, eviction: EvictionWindow) -> Option<(&[f32], &[f32])> {
+        Some((self.stat(StatRow::Received(eviction))?, self.stat(StatRow::Targets(eviction))?))
+    }
+
+    /// The rows of `eviction` statistics, received then targets, created as zeros if absent
+    /// (for the engine accumulating them).
+    pub fn eviction_attention_mut(&mut self, eviction: EvictionWindow) -> (&mut [f32], &mut [f32]) {
+        self.stat_mut(StatRow::Received(eviction));
+        self.stat_mut(StatRow::Targets(eviction));
+        let (mut received, mut targets) = (None, None);
+        for (key, row) in &mut self.windows {
+            if *key == StatRow::Received(eviction) {
+                received = Some(row.as_mut_slice());
+            } else if *key == StatRow::Targets(eviction) {
+                targets = Some(row.as_mut_slice());
+            }
+        }
+        match (received, targets) {
+            (Some(received), Some(targets)) => (received, targets),
+            _ => unreachable!("both rows were created above"),
+        }
+    }
+
+    /// Sets the `eviction` statistics, `[len]` each.
+    pub fn set_eviction_attention(
+        &mut self,
+        eviction: EvictionWindow,
+        received: Vec<f32>,
+        targets: Vec<f32>,
+    ) -> Result<()> {
+        self.set_stat(StatRow::Received(eviction), received)?;
+        self.set_stat(StatRow::Targets(eviction), targets)
+    }
+
+    fn stat(&self, key: StatRow) -> Option<&[f32]> {
+        self.windows.iter().find(|(k, _)| *k == key).map(|(_, a)| a.as_slice())
+    }
+
+    fn stat_mut(&mut self, key: StatRow) -> &mut [f32] {
         let len = self.len();
-        let at = match self.windows.iter().position(|(w, _)| *w == window) {
+        let at = match self.windows.iter().position(|(k, _)| *k == key) {
             Some(at) => at,
             None => {
-                self.windows.push((window, vec![0.0; len]));
+                self.windows.push((key, vec![0.0; len]));
                 self.windows.len() - 1
             }
         };
@@ -131,17 +194,16 @@ impl HeadCache {
         row
     }
 
-    /// Sets the `window` statistics, `[len]`.
-    pub fn set_window_attention(&mut self, window: usize, received: Vec<f32>) -> Result<()> {
+    fn set_stat(&mut self, key: StatRow, received: Vec<f32>) -> Result<()> {
         if received.len() != self.len() {
             return Err(CompressError::Shape(format!(
-                "window attention of {} entries for a head of {}",
+                "attention statistics of {} entries for a head of {}",
                 received.len(),
                 self.len()
             )));
         }
-        self.windows.retain(|(w, _)| *w != window);
-        self.windows.push((window, received));
+        self.windows.retain(|(k, _)| *k != key);
+        self.windows.push((key, received));
         Ok(())
     }
 

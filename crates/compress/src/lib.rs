@@ -15,7 +15,10 @@ pub use budget::Budget;
 pub use cache::{EntryMeta, HeadCache, KvCache};
 pub use config::{method_info, CompressionConfig, MethodInfo, METHODS, METHOD_NAMES};
 pub use error::{CompressError, Result};
-pub use method::{CompressionMethod, HeadId, HeadReport, StatsRequest, Windows, MAX_WINDOWS};
+pub use method::{
+    CompressionMethod, EvictionWindow, Evictions, HeadId, HeadReport, SmallSet, StatsRequest,
+    Windows, MAX_WINDOWS,
+};
 pub use methods::{
     adjacent_cosine, cosine, merge_to_target, merging_sets, min_reachable, CompareTo,
 };

@@ -5,20 +5,68 @@ use serde::Serialize;
 use crate::cache::HeadCache;
 use crate::error::Result;
 
-/// Most distinct observation windows one prefill records.
+/// Most distinct observation windows (or eviction windows) one prefill records.
 pub const MAX_WINDOWS: usize = 8;
 
-/// A small set of distinct observation-window lengths, smallest first. `Copy`, so
-/// statistics requests travel by value through the forward pass.
+/// A small set of distinct statistics parameters, smallest first. `Copy`, so statistics
+/// requests travel by value through the forward pass.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Windows {
+pub struct SmallSet<T> {
     len: usize,
-    sizes: [usize; MAX_WINDOWS],
+    sizes: [T; MAX_WINDOWS],
 }
 
-impl Windows {
-    /// The set holding one window.
-    pub fn one(window: usize) -> Self {
+/// Observation-window lengths.
+pub type Windows = SmallSet<usize>;
+
+/// Eviction windows (CaM's attention at eviction time).
+pub type Evictions = SmallSet<EvictionWindow>;
+
+/// The attention a prompt entry had received when a token-by-token sliding window evicted
+/// it: entry `t` leaves when the query at physical index `t + reach` arrives, so it has
+/// been seen by the queries before that one. Alongside, the summed attention the entries
+/// `t + 1 ..= t + span` (its merge targets) had received from the same queries.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct EvictionWindow {
+    /// Recent entries the sliding window holds besides its sinks.
+    pub reach: usize,
+    /// Merge targets after each victim (at most `reach`).
+    pub span: usize,
+}
+
+impl EvictionWindow {
+    /// Adds one query's attention row to the statistics: `row` holds the probabilities of
+    /// the query at physical index `query` over entries `0..=query`, scaled by `weight`.
+    /// `received` and `targets` are `[len]`, indexed by victim.
+    pub fn accumulate_row(
+        &self,
+        query: usize,
+        row: &[f32],
+        weight: f32,
+        received: &mut [f32],
+        targets: &mut [f32],
+    ) {
+        debug_assert_eq!(row.len(), query + 1);
+        // Victims still in the window when `query` arrives: `t + reach > query`.
+        let first = (query + 1).saturating_sub(self.reach);
+        for t in first..=query {
+            received[t] += weight * row[t];
+        }
+        // band = sum of row[t + 1 ..= min(t + span, query)], slid from the last victim down.
+        let mut band = 0.0f32;
+        for t in (first..query).rev() {
+            band += row[t + 1];
+            if t + 1 + self.span <= query {
+                band -= row[t + 1 + self.span];
+            }
+            targets[t] += weight * band;
+        }
+    }
+}
+
+impl<T: Copy + Ord + Default> SmallSet<T> {
+    /// The set holding one element.
+    pub fn one(window: T) -> Self {
         let mut w = Self::default();
         w.insert(window);
         w
@@ -26,7 +74,7 @@ impl Windows {
 
     /// Adds a window; returns `false` (and leaves the set as it was) when the set already
     /// holds [`MAX_WINDOWS`] other windows.
-    pub fn insert(&mut self, window: usize) -> bool {
+    pub fn insert(&mut self, window: T) -> bool {
         let sizes = &mut self.sizes[..self.len];
         match sizes.binary_search(&window) {
             Ok(_) => true,
@@ -40,7 +88,7 @@ impl Windows {
         }
     }
 
-    pub fn contains(&self, window: usize) -> bool {
+    pub fn contains(&self, window: T) -> bool {
         self.sizes[..self.len].binary_search(&window).is_ok()
     }
 
@@ -48,8 +96,8 @@ impl Windows {
         self.len == 0
     }
 
-    /// Window lengths, smallest first.
-    pub fn iter(&self) -> impl Iterator<Item = usize> + '_ {
+    /// Elements, smallest first.
+    pub fn iter(&self) -> impl Iterator<Item = T> + '_ {
         self.sizes[..self.len].iter().copied()
     }
 
@@ -69,6 +117,9 @@ pub struct StatsRequest {
     /// attention received from the last `n` queries of the prompt (SnapKV's observation
     /// window). Several methods sharing one prefill each read their own window.
     pub windows: Windows,
+    /// For each eviction window, accumulate [`HeadCache::eviction_attention`] over the
+    /// whole prompt (CaM's merge probability at eviction time).
+    pub evictions: Evictions,
 }
 
 /// Where a head sits, for methods that draw seeded random numbers per head.
@@ -107,6 +158,12 @@ pub trait CompressionMethod: Send + Sync {
         StatsRequest::default()
     }
 
+    /// Statistics the prefill of a prompt of `prompt_len` tokens must accumulate: those of
+    /// [`Self::stats`] plus any that depend on the budget (CaM's eviction windows).
+    fn prompt_stats(&self, _prompt_len: usize) -> StatsRequest {
+        self.stats()
+    }
+
     /// Entries a head may keep after a prompt of `prompt_len` tokens (`prompt_len` for
     /// methods without a budget).
     fn budget_entries(&self, prompt_len: usize) -> usize;
@@ -141,17 +198,23 @@ pub trait CompressionMethod: Send + Sync {
 impl StatsRequest {
     /// Accumulated attention only.
     pub fn accumulated() -> Self {
-        Self { accumulated: true, windows: Windows::default() }
+        Self { accumulated: true, ..Self::default() }
     }
 
     /// One observation window, with or without accumulated attention.
     pub fn window(window: usize, accumulated: bool) -> Self {
-        Self { accumulated, windows: Windows::one(window) }
+        Self { accumulated, windows: Windows::one(window), ..Self::default() }
     }
 
-    /// The same request without the prompt-window statistics (for steps after the prompt).
+    /// The same request without the prompt-window statistics (for prefill chunks before
+    /// the last one).
     pub fn without_window(self) -> Self {
         Self { windows: Windows::default(), ..self }
+    }
+
+    /// The same request without any prompt-only statistics (for steps after the prompt).
+    pub fn after_prompt(self) -> Self {
+        Self { accumulated: self.accumulated, ..Self::default() }
     }
 
     /// Everything either request asks for (one prefill serving several methods): each
@@ -163,12 +226,18 @@ impl StatsRequest {
         for w in other.windows.iter() {
             windows.insert(w);
         }
-        Self { accumulated: self.accumulated || other.accumulated, windows }
+        let mut evictions = self.evictions;
+        for e in other.evictions.iter() {
+            evictions.insert(e);
+        }
+        Self { accumulated: self.accumulated || other.accumulated, windows, evictions }
     }
 
     /// Whether statistics recorded for `self` serve a method that asks for `needs`.
     pub fn covers(&self, needs: &Self) -> bool {
-        (self.accumulated || !needs.accumulated) && self.windows.contains_all(&needs.windows)
+        (self.accumulated || !needs.accumulated)
+            && self.windows.contains_all(&needs.windows)
+            && self.evictions.contains_all(&needs.evictions)
     }
 }
 

@@ -6,7 +6,7 @@
 //! Query heads are mapped to kv heads as in grouped-query attention: query head `h` reads
 //! kv head `h / group`. Statistics are the mean over the query heads of a group.
 
-use kvmerger_compress::{HeadCache, StatsRequest};
+use kvmerger_compress::{EvictionWindow, HeadCache, StatsRequest};
 use rayon::prelude::*;
 
 /// Shapes of one attention call.
@@ -34,7 +34,8 @@ pub struct AttentionOptions {
 ///
 /// `q`: `[seq, n_heads, head_dim]`, already rotated. Returns `[seq, n_heads, head_dim]`.
 /// Accumulates statistics into `heads[h].meta_mut()[j].attention` and, for each window `w`
-/// of `opts.stats`, into `heads[h].window_attention(w)`, as `opts.stats` asks.
+/// of `opts.stats`, into `heads[h].window_attention(w)`, and for each eviction window `e`
+/// into `heads[h].eviction_attention(e)`, as `opts.stats` asks.
 pub fn attend(
     q: &[f32],
     seq: usize,
@@ -76,12 +77,19 @@ pub fn attend(
             }
         }
         for (window, received) in res.windows {
-            for (w, a) in head.window_attention_mut(window).iter_mut().zip(received) {
-                *w += a;
-            }
+            add(head.window_attention_mut(window), &received);
+        }
+        for (eviction, received, targets) in res.evictions {
+            let (head_received, head_targets) = head.eviction_attention_mut(eviction);
+            add(head_received, &received);
+            add(head_targets, &targets);
         }
     }
     out
+}
+
+fn add(total: &mut [f32], part: &[f32]) {
+    total.iter_mut().zip(part).for_each(|(t, p)| *t += p);
 }
 
 struct ChunkResult {
@@ -90,6 +98,8 @@ struct ChunkResult {
     accumulated: Option<Vec<f32>>,
     /// `(window, [visible])` for each window some query of the chunk falls in.
     windows: Vec<(usize, Vec<f32>)>,
+    /// `(eviction, received [visible], targets [visible])` for each eviction window.
+    evictions: Vec<(EvictionWindow, Vec<f32>, Vec<f32>)>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -159,6 +169,12 @@ fn attend_chunk(
         .filter(|&(start, _)| queries.end > start)
         .map(|(start, w)| (start, w, vec![0.0f32; visible]))
         .collect();
+    let mut evictions: Vec<(EvictionWindow, Vec<f32>, Vec<f32>)> = opts
+        .stats
+        .evictions
+        .iter()
+        .map(|e| (e, vec![0.0f32; visible], vec![0.0f32; visible]))
+        .collect();
     let inv_group = 1.0 / group as f32;
 
     for (r, row) in scores.chunks_exact_mut(visible).enumerate() {
@@ -190,6 +206,9 @@ fn attend_chunk(
                 }
             }
         }
+        for (e, received, targets) in &mut evictions {
+            e.accumulate_row(base + i, &row[..seen], inv_group, received, targets);
+        }
     }
 
     // [rows, d] = P V
@@ -219,5 +238,5 @@ fn attend_chunk(
         );
     }
     let windows = windows.into_iter().map(|(_, w, received)| (w, received)).collect();
-    ChunkResult { out, accumulated, windows }
+    ChunkResult { out, accumulated, windows, evictions }
 }

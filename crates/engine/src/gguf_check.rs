@@ -139,7 +139,7 @@ pub fn check_gguf<R: Read + Seek>(r: &mut R, file_len: u64) -> Result<GgufSummar
     let data_offset = h.pos.div_ceil(alignment) * alignment;
     let data_len = file_len.saturating_sub(data_offset);
     for (name, offset, bytes) in tensors {
-        if offset % alignment != 0 {
+        if !offset.is_multiple_of(alignment) {
             return Err(format!("tensor `{name}`: offset {offset} is not aligned to {alignment}"));
         }
         if offset.checked_add(bytes).is_none_or(|end| end > data_len) {

@@ -373,6 +373,7 @@ pub trait EventSink: Send + 'static {
 }
 
 enum Command {
+    /// Boxed: a request is far larger than a cancellation.
     Add(Box<GenerationRequest>, Box<dyn EventSink>),
     Cancel(SeqId),
 }

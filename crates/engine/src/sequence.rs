@@ -192,8 +192,10 @@ impl Sequence {
     /// plus room for `max_tokens`.
     pub fn reservation(&self) -> usize {
         let entry = entry_bytes(self.head_dim);
-        let window = self.method.stats().windows.iter().count() * std::mem::size_of::<f32>();
         let prompt = self.prompt_len();
+        let stats = self.method.prompt_stats(prompt);
+        let rows = stats.windows.iter().count() + 2 * stats.evictions.iter().count();
+        let window = rows * std::mem::size_of::<f32>();
         let prefill = prompt * (entry + window);
         (0..self.n_layers)
             .map(|l| {
@@ -232,7 +234,7 @@ impl Sequence {
 
     /// Statistics the forward pass of `chunk` must accumulate.
     pub fn chunk_stats(&self, chunk: &Range<usize>) -> kvmerger_compress::StatsRequest {
-        let stats = self.method.stats();
+        let stats = self.method.prompt_stats(self.prompt_len());
         if chunk.end == self.prompt_len() {
             stats
         } else {
@@ -266,7 +268,7 @@ impl Sequence {
 
     /// Statistics a decode step accumulates (attention received, for H2O-like methods).
     pub fn decode_stats(&self) -> kvmerger_compress::StatsRequest {
-        self.method.stats().without_window()
+        self.method.stats().after_prompt()
     }
 
     /// After a decode step: applies the method's decode-time policy and samples the next

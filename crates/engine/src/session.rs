@@ -145,8 +145,8 @@ impl<'m> Session<'m> {
         if self.cache.n_seen != 0 {
             return Err(EngineError::Setup("prefill must be the session's first call".into()));
         }
-        let prefilled =
-            Prefilled::run(self.model, tokens, self.method.stats(), self.attention_chunk)?;
+        let stats = self.method.prompt_stats(tokens.len());
+        let prefilled = Prefilled::run(self.model, tokens, stats, self.attention_chunk)?;
         self.resume(prefilled)
     }
 
@@ -155,7 +155,7 @@ impl<'m> Session<'m> {
     pub fn resume(&mut self, prefilled: Prefilled) -> Result<Vec<f32>> {
         // Each method reads exactly the statistics it asked for: a wider observation window
         // recorded for another method does not stand in for its own.
-        if !prefilled.stats.covers(&self.method.stats()) {
+        if !prefilled.stats.covers(&self.method.prompt_stats(prefilled.prompt_len)) {
             return Err(EngineError::Setup(format!(
                 "the prefilled cache lacks statistics {} needs",
                 self.method.name()
@@ -179,7 +179,7 @@ impl<'m> Session<'m> {
     pub fn extend(&mut self, tokens: &[u32], logits: Logits) -> Result<Vec<Vec<f32>>> {
         let opts = ForwardOptions {
             logits,
-            stats: self.method.stats().without_window(),
+            stats: self.method.stats().after_prompt(),
             attention_chunk: self.attention_chunk,
         };
         let out = self.model.forward(tokens, &mut self.cache, opts)?;

@@ -1,6 +1,6 @@
 //! The cached, chunked, compressed forward agrees with a naive reference forward.
 
-use kvmerger_compress::{HeadCache, KvCache, StatsRequest};
+use kvmerger_compress::{EvictionWindow, HeadCache, KvCache, StatsRequest};
 use kvmerger_engine::testing::{random_llama, reference_forward, relative_l2, tiny_config};
 use kvmerger_engine::{ForwardOptions, Llama, Logits};
 use rand::rngs::StdRng;
@@ -136,6 +136,34 @@ fn chunk_size_does_not_change_logits_or_statistics() {
                 "window, chunk {chunk}"
             );
         }
+    }
+}
+
+#[test]
+fn eviction_statistics_do_not_depend_on_chunks_and_a_long_reach_is_the_accumulated_attention() {
+    let m = model();
+    let toks = tokens(40, 7);
+    let (short, long) =
+        (EvictionWindow { reach: 9, span: 4 }, EvictionWindow { reach: 40, span: 3 });
+    let mut stats = StatsRequest::accumulated();
+    stats.evictions.insert(short);
+    stats.evictions.insert(long);
+    let (_, whole) = run_with(&m, &toks, 512, stats);
+    // The prompt in two forward calls, each in chunks of 7 queries.
+    let mut split = m.new_cache();
+    for part in [&toks[..25], &toks[25..]] {
+        let opts = ForwardOptions { logits: Logits::Last, stats, attention_chunk: 7 };
+        m.forward(part, &mut split, opts).unwrap();
+    }
+    for (a, b) in whole.layers.iter().flatten().zip(split.layers.iter().flatten()) {
+        for e in [short, long] {
+            let ((ra, ta), (rb, tb)) =
+                (a.eviction_attention(e).unwrap(), b.eviction_attention(e).unwrap());
+            assert!(relative_l2(ra, rb) < 1e-5 && relative_l2(ta, tb) < 1e-5, "{e:?}");
+        }
+        // A reach past the prompt: every query saw the victim before it left.
+        let accumulated: Vec<f32> = a.meta().iter().map(|e| e.attention).collect();
+        assert!(relative_l2(a.eviction_attention(long).unwrap().0, &accumulated) < 1e-5);
     }
 }
 

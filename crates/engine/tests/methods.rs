@@ -133,7 +133,7 @@ fn methods_sharing_a_prefill_each_read_their_own_window() {
         CompressionConfig::from_cli("snapkv", Some(Budget::Ratio(0.5)), &params).unwrap()
     };
     let (narrow, wide) = (snapkv(32), snapkv(64));
-    let stats = |c: &CompressionConfig| c.build().unwrap().stats();
+    let stats = |c: &CompressionConfig| c.build().unwrap().prompt_stats(tokens.len());
     let kept = |config: &CompressionConfig, prefilled: Prefilled| {
         let mut session = Session::new(&model, config).unwrap();
         session.resume(prefilled).unwrap();
@@ -152,6 +152,24 @@ fn methods_sharing_a_prefill_each_read_their_own_window() {
     let h2o = CompressionConfig::from_cli("h2o", Some(Budget::Ratio(0.5)), &[]).unwrap();
     let bare = Prefilled::run(&model, &tokens, StatsRequest::window(32, false), 16).unwrap();
     assert!(Session::new(&model, &h2o).unwrap().resume(bare).is_err());
+
+    // CaM reads the attention at eviction time of its own sliding window, which depends on
+    // its budget: two budgets sharing a prefill each compress as they would alone.
+    let cam = |ratio| CompressionConfig::from_cli("cam", Some(Budget::Ratio(ratio)), &[]).unwrap();
+    let (half, third) = (cam(0.5), cam(0.35));
+    assert_ne!(stats(&half).evictions, stats(&third).evictions);
+    let shared = Prefilled::run(&model, &tokens, stats(&half).union(stats(&third)), 16).unwrap();
+    for config in [&half, &third] {
+        let alone = Prefilled::run(&model, &tokens, stats(config), 16).unwrap();
+        let values = |prefilled: Prefilled| {
+            let mut session = Session::new(&model, config).unwrap();
+            session.resume(prefilled).unwrap();
+            session.cache.layers.iter().flatten().map(|h| h.values().to_vec()).collect::<Vec<_>>()
+        };
+        assert_eq!(values(shared.clone()), values(alone));
+    }
+    let without = Prefilled::run(&model, &tokens, stats(&half), 16).unwrap();
+    assert!(Session::new(&model, &third).unwrap().resume(without).is_err());
 }
 
 #[test]

@@ -391,8 +391,8 @@ pub fn write_report(
         let name = f.file_name().unwrap_or_default().to_string_lossy();
         let _ = writeln!(md, "![{name}]({name})\n");
     }
-    std::fs::write(dir.join("summary.csv"), csv).map_err(EvalError::io(dir.join("summary.csv")))?;
-    std::fs::write(dir.join("report.md"), &md).map_err(EvalError::io(dir.join("report.md")))?;
+    write_atomically(&dir.join("summary.csv"), csv.as_bytes())?;
+    write_atomically(&dir.join("report.md"), md.as_bytes())?;
     Ok(md)
 }
 
@@ -465,9 +465,13 @@ fn write_predictions(
     let cols: Vec<String> = protocols.iter().map(|p| format!("{} protocol", p.name())).collect();
     let _ = writeln!(
         md,
-        "### Predictions at {budget}% (first {} samples; the full cache's answer is the \
-         reference for KL)\n\n| sample | method | {} |\n|---|---|{}",
-        samples.len(),
+        "### Predictions at {budget}% ({}; the full cache's answer is the reference for \
+         KL)\n\n| sample | method | {} |\n|---|---|{}",
+        if samples.len() == 1 {
+            "the first sample".to_string()
+        } else {
+            format!("the first {} samples", samples.len())
+        },
         cols.join(" | "),
         "---|".repeat(cols.len())
     );
@@ -666,6 +670,16 @@ fn draw_depth_heatmaps(
         )?;
     }
     Ok(())
+}
+
+/// Writes `path` through a synced temporary file and a rename, so a crash leaves the old
+/// file or the new one, never half of one.
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::File::create(&tmp).map_err(EvalError::io(&tmp))?;
+    file.write_all(bytes).and_then(|_| file.sync_all()).map_err(EvalError::io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(EvalError::io(path))
 }
 
 #[cfg(test)]

@@ -126,6 +126,9 @@ pub struct MethodOutcome {
     pub matched_prefix_tokens: usize,
     /// Perplexity of the reference answer (or continuation) under this method.
     pub perplexity: f64,
+    /// Heads whose fixed parts (sinks, window, protected shares) were clamped to fit the
+    /// budget, and what the first of them clamped.
+    pub clamped: Option<(usize, &'static str)>,
 }
 
 /// Runs `sample` under `methods` (the full cache is always run first, as the reference;
@@ -149,9 +152,9 @@ pub fn run_sample(
             context: limit,
         }));
     }
-    let stats = methods
-        .iter()
-        .try_fold(StatsRequest::default(), |acc, m| m.build().map(|b| acc.union(b.stats())))?;
+    let stats = methods.iter().try_fold(StatsRequest::default(), |acc, m| {
+        m.build().map(|b| acc.union(b.prompt_stats(context.len())))
+    })?;
     let prefilled = Prefilled::run(&model.model, &context, stats, opts.attention_chunk)?;
 
     // Perplexity samples score a given continuation; the others score a generated answer
@@ -182,12 +185,17 @@ pub fn run_sample(
         .map(|method| {
             let no_answer = Answer { tokens: Vec::new(), decode_ms: 0.0 };
             // Compress once; the answer and the teacher-forced pass start from copies.
+            let mut clamped = None;
             let (forced, ans, achieved_ratio, resident_kv_bytes) =
                 if *method == CompressionConfig::Full {
                     let ans = if perplexity_task { no_answer } else { full.clone() };
                     (reference.clone(), ans, full_ratio, full_bytes)
                 } else {
                     let (session, logits, ratio, bytes) = compressed(model, method, &prefilled)?;
+                    if let Some(report) = session.report().filter(|r| r.clamped_heads() > 0) {
+                        let what = report.heads.iter().flatten().find_map(|h| h.clamped);
+                        clamped = Some((report.clamped_heads(), what.unwrap_or("fixed parts")));
+                    }
                     let mut copy = Session::new(&model.model, method)?;
                     copy.cache = session.cache.clone();
                     let forced = teacher_forced(copy, logits.clone(), &question, &full.tokens)?;
@@ -219,6 +227,7 @@ pub fn run_sample(
                 top1_agreement: top1_agreement(&reference.log_probs, &forced.log_probs),
                 matched_prefix_tokens: matched,
                 perplexity: forced.perplexity,
+                clamped,
             })
         })
         .collect()

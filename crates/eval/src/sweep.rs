@@ -1,5 +1,5 @@
 //! Sweeps: methods x budgets x tasks x lengths x depths x seeds, run sample by sample,
-//! each row appended as soon as it is computed; resumable and shardable.
+//! each sample's rows appended (and synced) as soon as its methods ran; resumable and shardable.
 
 use std::path::Path;
 use std::time::Duration;
@@ -329,6 +329,16 @@ pub fn run_sweep(
             let configs: Vec<CompressionConfig> = missing.iter().map(|m| m.0.clone()).collect();
             let results = run_sample(model, &sample, &configs, options)?;
             for (result, (_, fingerprint)) in results.into_iter().zip(missing) {
+                if let Some((heads, what)) = result.clamped {
+                    bar.suspend(|| {
+                        eprintln!(
+                            "warning: {} ({} protocol), {}: {what} clamped to the budget in {heads} heads",
+                            sample.id,
+                            protocol.name(),
+                            result.method.label()
+                        )
+                    });
+                }
                 let row = ResultRow {
                     sample_id: sample.id.clone(),
                     task: sample.task.clone(),

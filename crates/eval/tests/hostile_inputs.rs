@@ -110,13 +110,14 @@ fn mutated_datasets_fail_by_line() {
         std::fs::write(&path, lines.join(&b'\n')).unwrap();
         let skipped = catch_unwind(|| load_jsonl(&path, Metric::QaF1, LoadPolicy::Skip))
             .unwrap_or_else(|_| panic!("case {case} panicked"));
-        let (samples, errors) = skipped.unwrap_or_else(|e| panic!("case {case}: {e}"));
+        let loaded = skipped.unwrap_or_else(|e| panic!("case {case}: {e}"));
+        let (samples, errors) = (loaded.samples, loaded.errors);
         assert_eq!(samples.len() + errors.len(), 5 - usize::from(lines[at].is_empty()), "{case}");
         for e in &errors {
             assert!((1..=5).contains(&e.line) && !e.message.is_empty(), "case {case}: {e:?}");
         }
         match load_jsonl(&path, Metric::QaF1, LoadPolicy::Fatal) {
-            Ok((_, errors)) => assert!(errors.is_empty()),
+            Ok(loaded) => assert!(loaded.errors.is_empty()),
             Err(e) => assert!(e.to_string().contains(&format!("line {}", at + 1)), "{case}: {e}"),
         }
     }

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::budget::Budget;
 use crate::cache::HeadCache;
 use crate::error::{CompressError, Result};
-use crate::method::{CompressionMethod, HeadId, HeadReport, StatsRequest};
+use crate::method::{CompressionMethod, EvictionWindow, HeadId, HeadReport, StatsRequest};
 use crate::methods::h2o::{check_recent_ratio, lowest_non_recent};
 use crate::methods::select::{heavy_hitters_and_recent, sinks_and_recent, sinks_within};
 
@@ -30,7 +30,9 @@ pub enum CamEviction {
     H2o,
 }
 
-/// How the merge probability of an evicted entry is computed.
+/// How the merge probability of an evicted entry is computed. With the streaming eviction
+/// after a prompt, `Mean` reads attention as it stood when the entry left the window (see
+/// [`EvictionWindow`]); otherwise the attention accumulated so far is used.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum CamProbability {
@@ -101,40 +103,46 @@ impl CamConfig {
         StdRng::seed_from_u64(self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ mix)
     }
 
-    /// Probability that entry `victim`'s value is merged into `targets`. A zero reference
-    /// attention gives 0: there is no evidence the evicted entry mattered more.
+    /// The eviction window whose statistics the prompt compression reads, if any: the
+    /// streaming eviction with the `Mean` probability, when the prompt exceeds `budget`.
+    fn eviction_window(&self, prompt_len: usize, budget: usize) -> Option<EvictionWindow> {
+        let at_eviction = self.eviction == CamEviction::Streaming
+            && self.probability == CamProbability::Mean
+            && prompt_len > budget;
+        at_eviction.then(|| {
+            let reach = budget - sinks_within(self.sinks, budget);
+            EvictionWindow { reach, span: self.merge_span.min(reach) }
+        })
+    }
+
+    /// Probability that entry `victim`'s value is merged into `targets`, from the
+    /// attention accumulated so far. A zero reference attention gives 0: there is no
+    /// evidence the evicted entry mattered more.
     fn merge_probability(&self, head: &HeadCache, victim: usize, targets: &[usize]) -> f64 {
-        let a = head.meta()[victim].attention as f64;
+        let attention = |i: usize| head.meta()[i].attention as f64;
         let reference = match self.probability {
             CamProbability::Fixed(p) => return p,
             CamProbability::Mean => {
-                targets.iter().map(|&t| head.meta()[t].attention as f64).sum::<f64>()
-                    / targets.len() as f64
+                targets.iter().map(|&t| attention(t)).sum::<f64>() / targets.len() as f64
             }
-            CamProbability::Max => {
-                targets.iter().map(|&t| head.meta()[t].attention as f64).fold(0.0, f64::max)
-            }
+            CamProbability::Max => targets.iter().map(|&t| attention(t)).fold(0.0, f64::max),
         };
-        if reference <= 0.0 {
-            0.0
-        } else {
-            (a / reference).clamp(0.0, 1.0)
-        }
+        ratio_probability(attention(victim), reference)
     }
 
-    /// Adds `v_victim / m` to each target with the merge probability (`1 / m` whatever the
+    /// Adds `v_victim / m` to each target with probability `p` (`1 / m` whatever the
     /// number of targets, as the reference code does near the end of the cache).
     fn maybe_merge(
         &self,
         head: &mut HeadCache,
         victim: usize,
         targets: &[usize],
+        p: f64,
         rng: &mut StdRng,
     ) {
         if targets.is_empty() {
             return;
         }
-        let p = self.merge_probability(head, victim, targets);
         // Draw even when p is 0 or 1, so the random stream does not depend on p.
         if rng.random::<f64>() < p {
             let share: Vec<f32> =
@@ -146,6 +154,15 @@ impl CamConfig {
     }
 }
 
+/// `clamp(a / reference, 0, 1)`, 0 when the reference is not positive.
+fn ratio_probability(a: f64, reference: f64) -> f64 {
+    if reference <= 0.0 {
+        0.0
+    } else {
+        (a / reference).clamp(0.0, 1.0)
+    }
+}
+
 impl CompressionMethod for CamConfig {
     fn name(&self) -> &'static str {
         "cam"
@@ -153,6 +170,14 @@ impl CompressionMethod for CamConfig {
 
     fn stats(&self) -> StatsRequest {
         StatsRequest::accumulated()
+    }
+
+    fn prompt_stats(&self, prompt_len: usize) -> StatsRequest {
+        let mut stats = self.stats();
+        if let Some(e) = self.eviction_window(prompt_len, self.budget_entries(prompt_len)) {
+            stats.evictions.insert(e);
+        }
+        stats
     }
 
     fn budget_entries(&self, prompt_len: usize) -> usize {
@@ -178,13 +203,32 @@ impl CompressionMethod for CamConfig {
         };
         let mut kept = vec![false; before];
         keep.iter().for_each(|&k| kept[k] = true);
+        // Attention as it stood when each victim left the window, if this setting reads it.
+        let at_eviction = match self.eviction_window(before, budget) {
+            Some(e) => {
+                let (received, targets) = head.eviction_attention(e).ok_or_else(|| {
+                    CompressError::invalid(
+                        "probability",
+                        "mean needs the attention at eviction time, which was not recorded",
+                    )
+                })?;
+                Some((received.to_vec(), targets.to_vec(), e.span))
+            }
+            None => None,
+        };
         let mut rng = self.rng(id, 0);
         // Oldest victim first: each one's value, with whatever earlier victims merged into
         // it, goes to the entries right after it.
         for victim in (0..before).filter(|&i| !kept[i]) {
             let last = (victim + self.merge_span.min(reach)).min(before - 1);
             let targets: Vec<usize> = (victim + 1..=last).collect();
-            self.maybe_merge(head, victim, &targets, &mut rng);
+            let p = match &at_eviction {
+                Some((received, sums, span)) => {
+                    ratio_probability(received[victim] as f64, sums[victim] as f64 / *span as f64)
+                }
+                None => self.merge_probability(head, victim, &targets),
+            };
+            self.maybe_merge(head, victim, &targets, p, &mut rng);
         }
         head.retain_indices(&keep);
         head.shrink_to_fit();
@@ -205,7 +249,8 @@ impl CompressionMethod for CamConfig {
                 CamEviction::H2o => lowest_non_recent(head, self.recent(budget)),
             };
             let targets: Vec<usize> = (victim + 1..head.len()).take(self.merge_span).collect();
-            self.maybe_merge(head, victim, &targets, &mut rng);
+            let p = self.merge_probability(head, victim, &targets);
+            self.maybe_merge(head, victim, &targets, p, &mut rng);
             head.remove(victim);
         }
         Ok(())
@@ -219,13 +264,36 @@ mod tests {
 
     const ID: HeadId = HeadId { layer: 2, head: 1 };
 
+    /// Causal attention rows `[n][i + 1]`: random positive weights summing to 1 per query.
+    fn random_attention(n: usize, seed: u64) -> Vec<Vec<f32>> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        (0..n)
+            .map(|i| {
+                let row: Vec<f32> = (0..=i).map(|_| rng.random::<f32>().powi(4)).collect();
+                let sum: f32 = row.iter().sum();
+                row.into_iter().map(|a| a / sum).collect()
+            })
+            .collect()
+    }
+
+    /// Records the eviction statistics `cam` asks for from `attention`, as the engine does.
+    fn record(cam: &CamConfig, head: &mut HeadCache, attention: &[Vec<f32>]) {
+        for e in cam.prompt_stats(head.len()).evictions.iter() {
+            let (received, targets) = head.eviction_attention_mut(e);
+            for (query, row) in attention.iter().enumerate() {
+                e.accumulate_row(query, row, 1.0, received, targets);
+            }
+        }
+    }
+
     #[test]
     fn a_fixed_seed_is_reproducible_and_seeds_differ() {
         let run = |seed| {
             let mut head = random_head(60, 4, 9);
-            CamConfig { budget: Budget::Tokens(20), seed, ..Default::default() }
-                .compress(ID, &mut head, 20)
-                .unwrap();
+            let probability = CamProbability::Fixed(0.5);
+            let cam =
+                CamConfig { budget: Budget::Tokens(20), seed, probability, ..Default::default() };
+            cam.compress(ID, &mut head, 20).unwrap();
             head
         };
         assert_eq!(run(1), run(1));
@@ -259,27 +327,37 @@ mod tests {
     }
 
     /// The prompt fed token by token through a sliding window of `budget` entries with
-    /// `sinks` sinks: when the window overflows, the oldest non-sink entry leaves and, with
-    /// its merge probability, `v / m` goes to each of the next `m` entries. Returns the
-    /// final `(position, value)` of each entry.
-    fn sliding_window(cam: &CamConfig, base: &HeadCache, budget: usize) -> Vec<(usize, Vec<f32>)> {
+    /// `sinks` sinks: when token `j` arrives and the window overflows, the oldest non-sink
+    /// entry leaves and, with probability its attention from queries `0..j` over the mean
+    /// of its targets' (read straight from `attention`), `v / m` goes to each of the next
+    /// `m` entries. Returns the final `(position, value)` of each entry.
+    fn sliding_window(
+        cam: &CamConfig,
+        base: &HeadCache,
+        budget: usize,
+        attention: &[Vec<f32>],
+    ) -> Vec<(usize, Vec<f32>)> {
         let mut rng = cam.rng(ID, 0);
-        let mut window: Vec<(usize, Vec<f32>, f64)> = Vec::new();
+        let mut window: Vec<(usize, Vec<f32>)> = Vec::new();
         for j in 0..base.len() {
-            window.push((j, base.value(j).to_vec(), base.meta()[j].attention as f64));
+            window.push((j, base.value(j).to_vec()));
             if window.len() <= budget {
                 continue;
             }
+            // Attention received by the entry at `position` from the queries before `j`.
+            let received = |position: usize| -> f64 {
+                attention[..j].iter().filter_map(|row| row.get(position)).map(|&a| a as f64).sum()
+            };
             let victim = cam.sinks.min(budget - 1);
             let last = (victim + cam.merge_span).min(window.len() - 1);
             if last > victim {
                 let targets = victim + 1..=last;
-                let mean = window[targets.clone()].iter().map(|e| e.2).sum::<f64>()
+                let mean = window[targets.clone()].iter().map(|e| received(e.0)).sum::<f64>()
                     / targets.clone().count() as f64;
                 let p = match cam.probability {
                     CamProbability::Fixed(p) => p,
                     _ if mean <= 0.0 => 0.0,
-                    _ => (window[victim].2 / mean).clamp(0.0, 1.0),
+                    _ => (received(window[victim].0) / mean).clamp(0.0, 1.0),
                 };
                 if rng.random::<f64>() < p {
                     let share: Vec<f32> =
@@ -291,7 +369,7 @@ mod tests {
             }
             window.remove(victim);
         }
-        window.into_iter().map(|(p, v, _)| (p, v)).collect()
+        window
     }
 
     #[test]
@@ -310,8 +388,10 @@ mod tests {
                 ..Default::default()
             };
             let base = random_head(n, 3, seed);
-            let expected = sliding_window(&cam, &base, budget);
+            let attention = random_attention(n, seed + 100);
+            let expected = sliding_window(&cam, &base, budget, &attention);
             let mut head = base.clone();
+            record(&cam, &mut head, &attention);
             cam.compress(ID, &mut head, budget).unwrap();
             assert_eq!(head.len(), expected.len(), "seed {seed}");
             for (i, (position, value)) in expected.iter().enumerate() {
@@ -322,6 +402,36 @@ mod tests {
                 assert_eq!(head.key(i), base.key(*position), "keys are unchanged");
             }
         }
+    }
+
+    #[test]
+    fn eviction_statistics_are_the_attention_when_the_victim_leaves() {
+        for seed in 0..20u64 {
+            let n = 5 + seed as usize * 3;
+            let attention = random_attention(n, seed);
+            let e = EvictionWindow { reach: 1 + seed as usize % 7, span: 1 + seed as usize % 4 };
+            let e = EvictionWindow { span: e.span.min(e.reach), ..e };
+            let (mut received, mut targets) = (vec![0.0; n], vec![0.0; n]);
+            for (query, row) in attention.iter().enumerate() {
+                e.accumulate_row(query, row, 0.5, &mut received, &mut targets);
+            }
+            // Victim t leaves when query t + reach arrives: queries t..t + reach saw it.
+            let until = |t: usize, key: usize| -> f32 {
+                (t..(t + e.reach).min(n)).map(|q| attention[q].get(key).unwrap_or(&0.0)).sum()
+            };
+            for t in 0..n {
+                let band: f32 = (t + 1..=(t + e.span).min(n - 1)).map(|k| until(t, k)).sum();
+                assert!((received[t] - 0.5 * until(t, t)).abs() < 1e-5, "seed {seed} t {t}");
+                assert!((targets[t] - 0.5 * band).abs() < 1e-5, "seed {seed} t {t}");
+            }
+        }
+    }
+
+    #[test]
+    fn mean_probability_without_recorded_statistics_is_an_error() {
+        let mut head = random_head(30, 2, 1);
+        let cam = CamConfig { budget: Budget::Tokens(10), ..Default::default() };
+        assert!(cam.compress(ID, &mut head, 10).is_err());
     }
 
     #[test]

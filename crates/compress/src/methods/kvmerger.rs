@@ -500,7 +500,7 @@ impl CompressionMethod for KvMergerConfig {
             ProtectBy::Window => Windows::one(self.protect_window),
         };
         // Accumulated attention always: it chooses the pivots.
-        StatsRequest { accumulated: true, windows }
+        StatsRequest { accumulated: true, windows, ..StatsRequest::default() }
     }
 
     fn budget_entries(&self, prompt_len: usize) -> usize {

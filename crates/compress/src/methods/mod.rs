@@ -67,9 +67,15 @@ mod tests {
                 let id = HeadId { layer: 1, head: 2 };
 
                 let mut head = random_head(T, D, 11);
-                for w in method.stats().windows.iter() {
+                let stats = method.prompt_stats(T);
+                for w in stats.windows.iter() {
                     let scores = head.meta().iter().map(|m| m.attention / 2.0).collect();
                     head.set_window_attention(w, scores).unwrap();
+                }
+                for e in stats.evictions.iter() {
+                    let received: Vec<f32> = head.meta().iter().map(|m| m.attention).collect();
+                    let targets = received.iter().map(|a| a * e.span as f32).collect();
+                    head.set_eviction_attention(e, received, targets).unwrap();
                 }
                 let b = method.budget_entries(T);
                 let report = method.compress(id, &mut head, b).unwrap();
