@@ -181,15 +181,16 @@ impl HeadCache {
     }
 
     fn stat_mut(&mut self, key: StatRow) -> &mut [f32] {
-        let len = self.len();
+        let (len, room) = (self.len(), self.meta.capacity());
         let at = match self.windows.iter().position(|(k, _)| *k == key) {
             Some(at) => at,
             None => {
-                self.windows.push((key, vec![0.0; len]));
+                self.windows.push((key, Vec::with_capacity(room)));
                 self.windows.len() - 1
             }
         };
         let row = &mut self.windows[at].1;
+        row.reserve_exact(room.saturating_sub(row.len()));
         row.resize(len, 0.0);
         row
     }
@@ -214,7 +215,13 @@ impl HeadCache {
         self.keys.extend_from_slice(key);
         self.values.extend_from_slice(value);
         self.meta.push(meta);
-        self.windows.iter_mut().for_each(|(_, a)| a.push(0.0));
+        // Statistic rows grow with the entries' capacity (which a server sizes in advance),
+        // not by doubling on their own, so they never hold more than their share of it.
+        let room = self.meta.capacity();
+        for (_, row) in &mut self.windows {
+            row.reserve_exact(room.saturating_sub(row.len()));
+            row.push(0.0);
+        }
     }
 
     /// Keeps only the entries at `keep` (strictly increasing indices), in place.
@@ -341,6 +348,20 @@ mod tests {
         h.shrink_to_fit();
         assert!(h.resident_bytes() < before / 5);
         assert_eq!(h.resident_bytes(), 10 * 8 * 4 * 2 + 10 * std::mem::size_of::<EntryMeta>());
+    }
+
+    #[test]
+    fn statistic_rows_hold_no_more_than_the_entries_capacity() {
+        let (n, d) = (100, 8);
+        let mut h = HeadCache::with_capacity(d, n);
+        let (k, v) = (vec![1.0; d], vec![2.0; d]);
+        (0..16).for_each(|i| h.push(&k, &v, EntryMeta::new(i)));
+        // Rows created part-way through the prompt, as a chunked prefill does.
+        h.eviction_attention_mut(EvictionWindow { reach: 4, span: 2 });
+        (16..n).for_each(|i| h.push(&k, &v, EntryMeta::new(i)));
+        h.window_attention_mut(8);
+        let entry = 2 * d * 4 + std::mem::size_of::<EntryMeta>();
+        assert_eq!(h.resident_bytes(), n * (entry + 3 * 4));
     }
 
     #[test]
