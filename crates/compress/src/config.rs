@@ -244,15 +244,15 @@ mod tests {
         let c = CompressionConfig::from_cli(
             "kvmerger",
             Some(Budget::Ratio(0.35)),
-            &kv(&[("threshold", "0.8"), ("sigma", "adaptive"), ("mass", "log_count")]),
+            &kv(&[("threshold", "0.8"), ("sigma", "adaptive"), ("mass", "scale_values")]),
         )
         .unwrap();
         let CompressionConfig::Kvmerger(k) = &c else { panic!("{c:?}") };
         assert_eq!(
             (k.threshold, k.sigma, k.mass, k.budget),
-            (0.8, Sigma::Adaptive, MassRule::LogCount, Budget::Ratio(0.35))
+            (0.8, Sigma::Adaptive, MassRule::ScaleValues, Budget::Ratio(0.35))
         );
-        assert_eq!(c.label(), "kvmerger(mass=log_count;sigma=adaptive;threshold=0.8)@35%");
+        assert_eq!(c.label(), "kvmerger(mass=scale_values;sigma=adaptive;threshold=0.8)@35%");
         assert_eq!(
             CompressionConfig::from_cli("h2o", Some(Budget::Ratio(0.5)), &[]).unwrap().label(),
             "h2o@50%"

@@ -75,7 +75,9 @@ impl SweepSpec {
     /// choosing defaults; `long` and `ruler` are longer contexts and RULER's tasks.
     pub fn preset(name: &str) -> Result<Self> {
         let methods =
-            ["kvmerger", "h2o", "cam", "streaming_llm", "snapkv"].map(String::from).to_vec();
+            ["kvmerger", "kvmerger:mass=scale_values", "h2o", "cam", "streaming_llm", "snapkv"]
+                .map(String::from)
+                .to_vec();
         let seeds = |first: u64, n: u64| (first..first + n).collect::<Vec<u64>>();
         let grid = |task, lengths: &[usize], depths: &[f64], seeds: Vec<u64>| TaskGrid {
             task,
@@ -414,13 +416,13 @@ mod tests {
         }
         assert!(SweepSpec::preset("nope").is_err());
         let variants = SweepSpec {
-            methods: vec!["kvmerger:mass=log_count;sigma=adaptive".into()],
+            methods: vec!["kvmerger:mass=scale_values;sigma=adaptive".into()],
             budgets: vec![Budget::Ratio(0.5)],
             ..spec.clone()
         };
         assert_eq!(
             variants.configs().unwrap()[1].label(),
-            "kvmerger(mass=log_count;sigma=adaptive)@50%"
+            "kvmerger(mass=scale_values;sigma=adaptive)@50%"
         );
         let json = serde_json::to_string(&spec).unwrap();
         assert_eq!(serde_json::from_str::<SweepSpec>(&json).unwrap(), spec);

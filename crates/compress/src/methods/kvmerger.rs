@@ -107,9 +107,11 @@ pub enum MassRule {
     /// No correction: a merged entry draws the attention of one token.
     None,
     /// Scale the merged value by the number of tokens merged (one reading of the paper).
-    #[default]
     ScaleValues,
     /// Add `ln(count)` to the merged entry's attention logit: exact for identical keys.
+    /// The default: chosen on development seeds, where merging to the budget with
+    /// `scale_values` multiplied long runs' values and broke the model (docs/methods.md).
+    #[default]
     LogCount,
 }
 
