@@ -127,7 +127,7 @@ mod tests {
                 );
                 let log_count = matches!(
                     &config,
-                    CompressionConfig::Kvmerger(k) if k.mass == MassRule::LogCount
+                    CompressionConfig::Kvmerger(k) if k.mass == super::MassRule::LogCount
                 );
                 assert_eq!(method.log_count_bias(), log_count, "{what}");
             }
