@@ -162,7 +162,7 @@ def test_basics(srv, client, model):
     r = client.completions.create(
         model=model, prompt=long_prompt, max_tokens=4, temperature=0,
         extra_body={"kv_compression": {"method": "kvmerger", "budget": {"ratio": 0.35},
-                                       "mass": "log_count"}},
+                                       "mass": "none"}},
     )
     check(kv(r.usage)["method"].startswith("kvmerger(") and kv(r.usage)["achieved_ratio"] <= 0.36,
           f"per-request kvmerger with a parameter: {kv(r.usage)['method']}")
@@ -244,7 +244,7 @@ def load_configs():
     budgets = [0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.7, 0.8]
     methods = [{"method": "streaming_llm"}, {"method": "h2o"}, {"method": "snapkv", "window": 4},
                {"method": "cam"}, {"method": "kvmerger"},
-               {"method": "kvmerger", "mass": "log_count"}]
+               {"method": "kvmerger", "mass": "none"}]
     return [dict(m, budget={"ratio": b}) for m in methods for b in budgets]
 
 
