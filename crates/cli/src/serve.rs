@@ -39,6 +39,10 @@ pub struct ServeArgs {
     /// `max_tokens` of chat requests that give none.
     #[arg(long, default_value_t = 256)]
     pub default_max_tokens: usize,
+    /// Write the final metrics (Prometheus text, as `/metrics` serves them) to this file
+    /// when the server stops.
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<std::path::PathBuf>,
 }
 
 pub fn run(args: ServeArgs) -> Result<()> {
@@ -64,6 +68,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         ..EngineConfig::default()
     };
     let engine = EngineHandle::spawn(Arc::new(loaded.model), config)?;
+    let metrics = engine.metrics();
     let state = ServerState {
         engine,
         tokenizer: Arc::new(loaded.tokenizer),
@@ -86,5 +91,10 @@ pub fn run(args: ServeArgs) -> Result<()> {
         kvmerger_server::serve(state, addr, shutdown)
             .await
             .with_context(|| format!("serving on {addr}"))
-    })
+    })?;
+    if let Some(path) = &args.out {
+        std::fs::write(path, kvmerger_server::render_metrics(&metrics))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
 }
