@@ -28,4 +28,4 @@ cargo run --release --quiet -p kvmerger -- fetch --model-only
 cargo test --release --workspace
 # The server end to end with the official `openai` client (installed by the script if
 # missing): binds 127.0.0.1 only, bounded in requests and time, stops its servers itself.
-python3 scripts/test_server.py --binary target/release/kvmerger
+python3 scripts/test_server.py --binary "${CARGO_TARGET_DIR:-target}/release/kvmerger"
