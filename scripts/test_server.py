@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -240,6 +241,22 @@ def test_queue_limit(binary):
         srv.stop()
 
 
+def test_final_metrics(path, last):
+    """`serve --out FILE` wrote, on shutdown, the counters /metrics showed last."""
+    with open(path) as f:
+        written = {}
+        for line in f.read().splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                written[name] = float(value)
+    for name in ['kvmerger_requests_total{outcome="completed"}', "kvmerger_prompt_tokens_total",
+                 "kvmerger_generated_tokens_total"]:
+        check(written.get(name) == last.get(name) and last.get(name, 0) > 0,
+              f"--out wrote the final {name} ({written.get(name)})")
+    os.remove(path)
+    os.rmdir(os.path.dirname(path))
+
+
 def load_configs():
     budgets = [0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.7, 0.8]
     methods = [{"method": "streaming_llm"}, {"method": "h2o"}, {"method": "snapkv", "window": 4},
@@ -304,16 +321,19 @@ def main():
     import openai
 
     start = time.time()
-    srv = Server(args.binary, "--kv-pool-mb", "12")
+    final_metrics = os.path.join(tempfile.mkdtemp(prefix="kvmerger-serve-"), "metrics.txt")
+    srv = Server(args.binary, "--kv-pool-mb", "12", "--out", final_metrics)
     try:
         client = openai.OpenAI(base_url=srv.base + "/v1", api_key="unused", timeout=60, max_retries=0)
         model = client.models.list().data[0].id
         test_basics(srv, client, model)
         test_errors(srv)
         test_disconnect(srv)
+        last = srv.metrics()
     finally:
         srv.stop()
     check(srv.proc.returncode is not None, "the server stopped")
+    test_final_metrics(final_metrics, last)
     # A pool with room for about four of the load test's requests.
     srv = Server(args.binary, "--kv-pool-mb", "3")
     try:
