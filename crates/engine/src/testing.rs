@@ -167,3 +167,43 @@ pub fn relative_l2(a: &[f32], b: &[f32]) -> f32 {
     let den: f32 = b.iter().map(|y| y * y).sum();
     (num / den.max(1e-30)).sqrt()
 }
+
+/// How our model and another implementation of it (candle-transformers, a reference
+/// runtime) compare on one prompt, for the real-model agreement tests.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Agreement {
+    /// Relative L2 distance between the two last-prompt-position logit rows.
+    pub logits_error: f32,
+    /// Our greedy continuation.
+    pub ours: Vec<u32>,
+    /// The other implementation's greedy continuation.
+    pub reference: Vec<u32>,
+}
+
+/// Prefills `tokens` into `model` (full cache) and into `reference`, then decodes `steps`
+/// greedy tokens with each, each following its own choices. `reference(tokens, position)`
+/// feeds `tokens` at logical `position` and returns the last token's logits `[vocab]`.
+pub fn compare_with_reference(
+    model: &Llama,
+    tokens: &[u32],
+    steps: usize,
+    mut reference: impl FnMut(&[u32], usize) -> Result<Vec<f32>>,
+) -> Result<Agreement> {
+    let mut cache = model.new_cache();
+    let mut ours_step = |input: &[u32]| -> Result<Vec<f32>> {
+        let opts = crate::model::ForwardOptions::default();
+        Ok(model.forward(input, &mut cache, opts)?.flatten_all()?.to_vec1()?)
+    };
+    let our_logits = ours_step(tokens)?;
+    let ref_logits = reference(tokens, 0)?;
+    let logits_error = relative_l2(&our_logits, &ref_logits);
+    let (mut a, mut b) = (crate::argmax(&our_logits), crate::argmax(&ref_logits));
+    let (mut ours, mut theirs) = (Vec::with_capacity(steps), Vec::with_capacity(steps));
+    for i in 0..steps {
+        ours.push(a);
+        theirs.push(b);
+        a = crate::argmax(&ours_step(&[a])?);
+        b = crate::argmax(&reference(&[b], tokens.len() + i)?);
+    }
+    Ok(Agreement { logits_error, ours, reference: theirs })
+}

@@ -11,7 +11,7 @@ use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_qwen2;
 use kvmerger_compress::KvCache;
 use kvmerger_engine::chat::ChatMessage;
-use kvmerger_engine::testing::relative_l2;
+use kvmerger_engine::testing::compare_with_reference;
 use kvmerger_engine::{
     argmax, load_model, ForwardOptions, LoadedModel, WeightFormat, WeightFormats,
 };
@@ -65,39 +65,18 @@ fn qwen_logits_and_greedy_tokens_agree_with_candle_transformers() {
 
     let text = "def quicksort(xs):\n    \"\"\"Sort a list.\"\"\"\n    if len(xs) <= 1:\n        return xs\n";
     let tokens = ours.tokenizer.encode(text, true).unwrap();
-    let mut cache = ours.model.new_cache();
-    let our_logits: Vec<f32> = ours
-        .model
-        .forward(&tokens, &mut cache, ForwardOptions::default())
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-
     // quantized_qwen2 reads this on the loading thread to dequantize every weight to f32.
     std::env::set_var("CANDLE_DEQUANTIZE_ALL", "1");
     let (content, mut reader) = kvmerger_engine::read_gguf_header(&path).unwrap();
     let mut reference =
         quantized_qwen2::ModelWeights::from_gguf(content, &mut reader, &Device::Cpu).unwrap();
-    let input = Tensor::new(tokens.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-    let ref_logits: Vec<f32> =
-        reference.forward(&input, 0).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-    let err = relative_l2(&our_logits, &ref_logits);
-    assert!(err < 1e-3, "relative L2 {err}");
-
-    let (mut a, mut b) = (argmax(&our_logits), argmax(&ref_logits));
-    let (mut ours_out, mut ref_out) = (vec![], vec![]);
-    for i in 0..12 {
-        ours_out.push(a);
-        ref_out.push(b);
-        let l = ours.model.forward(&[a], &mut cache, ForwardOptions::default()).unwrap();
-        a = argmax(&l.flatten_all().unwrap().to_vec1::<f32>().unwrap());
-        let next = Tensor::new(&[b], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-        let l = reference.forward(&next, tokens.len() + i).unwrap();
-        b = argmax(&l.flatten_all().unwrap().to_vec1::<f32>().unwrap());
-    }
-    assert_eq!(ours_out, ref_out, "{:?}", ours.tokenizer.decode(&ours_out));
+    let agreement = compare_with_reference(&ours.model, &tokens, 12, |input, position| {
+        let input = Tensor::new(input, &Device::Cpu)?.unsqueeze(0)?;
+        Ok(reference.forward(&input, position)?.flatten_all()?.to_vec1()?)
+    })
+    .unwrap();
+    assert!(agreement.logits_error < 1e-3, "relative L2 {}", agreement.logits_error);
+    assert_eq!(agreement.ours, agreement.reference, "{:?}", ours.tokenizer.decode(&agreement.ours));
 }
 
 #[test]

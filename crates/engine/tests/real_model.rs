@@ -2,11 +2,9 @@
 
 use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama;
-use kvmerger_compress::{CompressionConfig, KvCache};
-use kvmerger_engine::testing::relative_l2;
-use kvmerger_engine::{
-    argmax, load_model, ForwardOptions, LoadedModel, WeightFormat, WeightFormats,
-};
+use kvmerger_compress::CompressionConfig;
+use kvmerger_engine::testing::compare_with_reference;
+use kvmerger_engine::{load_model, ForwardOptions, LoadedModel, WeightFormat, WeightFormats};
 
 const PROMPT: &str =
     "The history of the lighthouse begins with fires lit on hilltops to guide ships at night. \
@@ -36,41 +34,17 @@ fn logits_and_greedy_tokens_agree_with_candle_transformers() {
     assert!(tokens.len() >= 64, "prompt has {} tokens", tokens.len());
     let mut reference = reference_model();
 
-    let mut cache: KvCache = ours.model.new_cache();
-    let our_logits: Vec<f32> = ours
-        .model
-        .forward(&tokens, &mut cache, ForwardOptions::default())
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let input = Tensor::new(tokens.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-    let ref_logits: Vec<f32> =
-        reference.forward(&input, 0).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-    let err = relative_l2(&our_logits, &ref_logits);
-    assert!(err < 1e-3, "relative L2 {err}");
-
-    let (mut a, mut b) = (argmax(&our_logits), argmax(&ref_logits));
-    let (mut ours_out, mut ref_out) = (vec![], vec![]);
-    for i in 0..32 {
-        ours_out.push(a);
-        ref_out.push(b);
-        let l = ours.model.forward(&[a], &mut cache, ForwardOptions::default()).unwrap();
-        a = argmax(&l.flatten_all().unwrap().to_vec1::<f32>().unwrap());
-        let l = reference
-            .forward(
-                &Tensor::new(&[b], &Device::Cpu).unwrap().unsqueeze(0).unwrap(),
-                tokens.len() + i,
-            )
-            .unwrap();
-        b = argmax(&l.flatten_all().unwrap().to_vec1::<f32>().unwrap());
-    }
+    let agreement = compare_with_reference(&ours.model, &tokens, 32, |input, position| {
+        let input = Tensor::new(input, &Device::Cpu)?.unsqueeze(0)?;
+        Ok(reference.forward(&input, position)?.flatten_all()?.to_vec1()?)
+    })
+    .unwrap();
+    assert!(agreement.logits_error < 1e-3, "relative L2 {}", agreement.logits_error);
     assert_eq!(
-        ours_out,
-        ref_out,
+        agreement.ours,
+        agreement.reference,
         "greedy continuations differ: {:?}",
-        ours.tokenizer.decode(&ours_out)
+        ours.tokenizer.decode(&agreement.ours)
     );
 }
 
