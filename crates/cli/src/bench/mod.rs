@@ -10,7 +10,7 @@ use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama;
 use clap::Args;
 use kvmerger_compress::CompressionConfig;
-use kvmerger_engine::{load_model, Session, WeightFormat, WeightFormats};
+use kvmerger_engine::{Session, WeightFormat, WeightFormats};
 use serde::Serialize;
 
 use crate::args::ModelSource;
@@ -50,9 +50,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     let f32_only = WeightFormats { prefill: WeightFormat::F32, decode: WeightFormat::F32 };
     let file_format = WeightFormats { prefill: WeightFormat::F32, decode: WeightFormat::Quantized };
-    let ours_f32 = load_model(&path, f32_only)?;
-    let ours_file = load_model(&path, file_format)?;
-    let ours_q8 = load_model(&path, WeightFormats::default())?;
+    let ours_f32 = args.source.load(&path, f32_only)?;
+    let ours_file = args.source.load(&path, file_format)?;
+    let ours_q8 = args.source.load(&path, WeightFormats::default())?;
     let text =
         "The quick brown fox jumps over the lazy dog while the river runs past the old mill. "
             .repeat(800);
