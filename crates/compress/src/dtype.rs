@@ -24,7 +24,7 @@ pub enum KvDtype {
     /// IEEE half precision: 10-bit mantissa, range up to 65504.
     #[default]
     F16,
-    /// bfloat16: f32's range with an 7-bit mantissa.
+    /// bfloat16: f32's range with a 7-bit mantissa.
     Bf16,
     /// Single precision, as the forward pass computes.
     F32,

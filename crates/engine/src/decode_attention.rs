@@ -71,11 +71,8 @@ fn attend_split(
     let mut partials = vec![0.0f32; parts.len() * stride];
     let keep = opts.stats.accumulated;
     // Per part, `[group, part rows]` exponentials, kept for the attention statistic.
-    let mut exps =
-        vec![
-            0.0f32;
-            if keep { group * parts.iter().map(|p| p.rows.len()).sum::<usize>() } else { 0 }
-        ];
+    let kept = if keep { group * parts.iter().map(|p| p.rows.len()).sum::<usize>() } else { 0 };
+    let mut exps = vec![0.0f32; kept];
     let mut exps_of_parts: Vec<&mut [f32]> = Vec::with_capacity(parts.len());
     let mut rest = exps.as_mut_slice();
     for part in &parts {
