@@ -2,7 +2,7 @@
 //! explicit positions, grouped-query attention over the ragged cache, SwiGLU.
 
 use candle_core::{Device, Tensor};
-use kvmerger_compress::{KvCache, StatsRequest};
+use kvmerger_compress::{KvCache, KvDtype, StatsRequest};
 
 use crate::batch::{BatchItem, PassFormats};
 use crate::config::ModelConfig;
@@ -61,6 +61,8 @@ pub struct Llama {
     pub final_norm: Tensor,
     pub lm_head: Linear,
     pub formats: WeightFormats,
+    /// How caches made for this model store keys and values (f16 unless set otherwise).
+    pub kv_dtype: KvDtype,
     pub(crate) rope: Rope,
 }
 
@@ -74,7 +76,16 @@ impl Llama {
         formats: WeightFormats,
     ) -> Self {
         let rope = Rope::new(&config);
-        Self { config, embed, blocks, final_norm, lm_head, formats, rope }
+        Self {
+            config,
+            embed,
+            blocks,
+            final_norm,
+            lm_head,
+            formats,
+            kv_dtype: KvDtype::default(),
+            rope,
+        }
     }
 
     pub fn device(&self) -> &Device {
@@ -83,7 +94,8 @@ impl Llama {
 
     /// An empty cache shaped for this model.
     pub fn new_cache(&self) -> KvCache {
-        KvCache::new(self.config.n_layers, self.config.n_kv_heads, self.config.head_dim)
+        let c = &self.config;
+        KvCache::new(c.n_layers, c.n_kv_heads, c.head_dim, self.kv_dtype)
     }
 
     /// Runs `tokens` after whatever `cache` holds. Token `i` gets logical position

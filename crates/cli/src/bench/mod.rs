@@ -17,7 +17,7 @@ use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama;
 use clap::Args;
 use kvmerger_compress::{Budget, CompressionConfig};
-use kvmerger_engine::{load_model, Session, WeightFormat, WeightFormats};
+use kvmerger_engine::{Session, WeightFormat, WeightFormats};
 use serde::Serialize;
 
 use crate::args::ModelSource;
@@ -89,8 +89,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
             .collect();
     let models = variants
         .iter()
-        .map(|(_, formats)| load_model(&path, *formats))
-        .collect::<kvmerger_engine::Result<Vec<_>>>()?;
+        .map(|(_, formats)| args.source.load(&path, *formats))
+        .collect::<Result<Vec<_>>>()?;
     let model = &models[0];
     let context = model.model.config.context_length;
     let text =
@@ -150,7 +150,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
 
     let mut compressed_rows = Vec::new();
     if !args.compressed_lengths.is_empty() {
-        let loaded = load_model(&path, default_formats)?;
+        let loaded = args.source.load(&path, default_formats)?;
         let mut configs = vec![CompressionConfig::Full];
         for method in &args.methods {
             configs.push(CompressionConfig::from_cli(method, Some(args.budget), &[])?);
