@@ -15,6 +15,8 @@ use serde::Serialize;
 
 use crate::args::ModelSource;
 
+mod breakdown;
+
 #[derive(Debug, Args)]
 pub struct BenchArgs {
     /// The model (a GGUF file: the reference reads nothing else) and threads.
@@ -32,6 +34,8 @@ pub struct BenchArgs {
     /// Skip candle-transformers (ours only).
     #[arg(long)]
     pub no_reference: bool,
+    #[command(flatten)]
+    pub breakdown: breakdown::BreakdownArgs,
 }
 
 #[derive(Debug, Serialize)]
@@ -47,6 +51,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let path = args.source.prepare()?;
     if path.is_dir() {
         bail!("bench compares against quantized_llama, which reads GGUF files only");
+    }
+    if args.breakdown.breakdown || args.breakdown.busy_cores > 0 {
+        return breakdown::run(&args.breakdown, &path, &args.lengths, args.decode_tokens);
     }
     let f32_only = WeightFormats { prefill: WeightFormat::F32, decode: WeightFormat::F32 };
     let file_format = WeightFormats { prefill: WeightFormat::F32, decode: WeightFormat::Quantized };
