@@ -22,6 +22,8 @@ use serde::Serialize;
 
 use crate::args::ModelSource;
 
+mod breakdown;
+
 #[derive(Debug, Args)]
 pub struct BenchArgs {
     /// The model (a GGUF file: the references read nothing else) and threads.
@@ -54,6 +56,8 @@ pub struct BenchArgs {
     /// The Python that imports `llama_cpp`.
     #[arg(long, default_value = "python3")]
     pub python: String,
+    #[command(flatten)]
+    pub breakdown: breakdown::BreakdownArgs,
 }
 
 #[derive(Debug, Serialize)]
@@ -73,12 +77,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if path.is_dir() {
         bail!("bench compares against llama.cpp and quantized_llama, which read GGUF files only");
     }
+    if args.breakdown.breakdown || args.breakdown.busy_cores > 0 {
+        return breakdown::run(&args.breakdown, &path, &args.lengths, args.decode_tokens);
+    }
     let default_formats = WeightFormats {
         prefill: WeightFormat::F32,
         decode: kvmerger_engine::fetch::decode_format_for(&path),
     };
     let variants: Vec<(String, WeightFormats)> =
-        [WeightFormat::F32, WeightFormat::Quantized, WeightFormat::Q8]
+        [WeightFormat::F32, WeightFormat::Quantized, WeightFormat::Q8, WeightFormat::File]
             .into_iter()
             .map(|decode| {
                 let formats = WeightFormats { prefill: WeightFormat::F32, decode };
