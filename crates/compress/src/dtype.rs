@@ -16,7 +16,9 @@ use serde::{Deserialize, Serialize};
 use crate::error::CompressError;
 
 /// The element type of a cache's keys and values.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum KvDtype {
     /// IEEE half precision: 10-bit mantissa, range up to 65504.

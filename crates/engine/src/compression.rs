@@ -13,8 +13,9 @@ use crate::session::CompressionReport;
 /// per-layer budget, releases the memory freed, and fixes the budgets and the log-count
 /// bias on the cache for the decode steps that follow.
 ///
-/// Each head is widened to f32 for its method and narrowed back to the cache's dtype once
-/// compressed, so merges compute in f32 and round once.
+/// A method that computes new rows (merging) gets each head widened to f32 and narrowed back
+/// to the cache's dtype once compressed, so merges compute in f32 and round once; a
+/// selection moves the stored rows as they are.
 pub fn compress_prompt(
     method: &dyn CompressionMethod,
     cache: &mut KvCache,
@@ -34,9 +35,14 @@ pub fn compress_prompt(
                 .enumerate()
                 .map(|(head, cache)| {
                     let dtype = cache.dtype();
-                    cache.convert(KvDtype::F32);
+                    let widen = method.computes_rows() && dtype != KvDtype::F32;
+                    if widen {
+                        cache.convert(KvDtype::F32);
+                    }
                     let report = method.compress(HeadId { layer, head }, cache, budget);
-                    cache.convert(dtype);
+                    if widen {
+                        cache.convert(dtype);
+                    }
                     // Resident memory follows the entries kept, whatever the method did.
                     cache.shrink_to_fit();
                     report

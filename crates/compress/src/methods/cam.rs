@@ -184,6 +184,10 @@ impl CompressionMethod for CamConfig {
         self.budget.entries(prompt_len)
     }
 
+    fn computes_rows(&self) -> bool {
+        true
+    }
+
     fn compress(&self, id: HeadId, head: &mut HeadCache, budget: usize) -> Result<HeadReport> {
         let before = head.len();
         if before <= budget {

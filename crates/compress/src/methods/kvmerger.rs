@@ -521,6 +521,10 @@ impl CompressionMethod for KvMergerConfig {
         self.mass == MassRule::LogCount
     }
 
+    fn computes_rows(&self) -> bool {
+        self.merge
+    }
+
     fn compress(&self, id: HeadId, head: &mut HeadCache, budget: usize) -> Result<HeadReport> {
         let before = head.len();
         let bounded = self.budget_mode != BudgetMode::Threshold;
