@@ -59,7 +59,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let file_format = WeightFormats { prefill: WeightFormat::F32, decode: WeightFormat::Quantized };
     let ours_f32 = load_model(&path, f32_only)?;
     let ours_file = load_model(&path, file_format)?;
-    let ours_q8 = load_model(&path, WeightFormats::default())?;
+    let q8 = WeightFormats { prefill: WeightFormat::F32, decode: WeightFormat::Q8 };
+    let ours_q8 = load_model(&path, q8)?;
+    let ours_kernel = load_model(&path, WeightFormats::default())?;
     let text =
         "The quick brown fox jumps over the lazy dog while the river runs past the old mill. "
             .repeat(800);
@@ -76,7 +78,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let variants = [
             ("kvmerger f32", &ours_f32),
             ("kvmerger f32 prefill + file-format (Q4_1) decode", &ours_file),
-            ("kvmerger f32 prefill + Q8_0 decode (default)", &ours_q8),
+            ("kvmerger f32 prefill + Q8_0 decode", &ours_q8),
+            ("kvmerger f32 prefill + file blocks on our kernel decode (default)", &ours_kernel),
         ];
         for (name, loaded) in variants {
             let mut session = Session::new(&loaded.model, &CompressionConfig::Full)?;
