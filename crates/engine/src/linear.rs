@@ -56,7 +56,7 @@ pub struct WeightFormats {
 
 impl Default for WeightFormats {
     fn default() -> Self {
-        Self { prefill: WeightFormat::F32, decode: WeightFormat::Q8 }
+        Self { prefill: WeightFormat::F32, decode: WeightFormat::File }
     }
 }
 

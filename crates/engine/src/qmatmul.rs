@@ -252,6 +252,13 @@ type Kernel = fn(&[u8], usize, &[ActBlock], usize, &mut [f32], usize);
 
 fn kernel_for(kind: QuantKind) -> Kernel {
     #[cfg(target_arch = "x86_64")]
+    if avx2::vnni_available() {
+        return match kind {
+            QuantKind::Q4_1 => avx2::q4_1_vnni,
+            QuantKind::Q8_0 => avx2::q8_0_vnni,
+        };
+    }
+    #[cfg(target_arch = "x86_64")]
     if avx2::available() {
         return match kind {
             QuantKind::Q4_1 => avx2::q4_1,
@@ -259,6 +266,28 @@ fn kernel_for(kind: QuantKind) -> Kernel {
         };
     }
     scalar_kernel(kind)
+}
+
+/// Every kernel this CPU can run, the scalar one first (for tests).
+#[cfg(test)]
+fn all_kernels() -> Vec<fn(QuantKind) -> Kernel> {
+    let mut kernels: Vec<fn(QuantKind) -> Kernel> = vec![scalar_kernel];
+    #[cfg(target_arch = "x86_64")]
+    {
+        if avx2::available() {
+            kernels.push(|kind| match kind {
+                QuantKind::Q4_1 => avx2::q4_1,
+                QuantKind::Q8_0 => avx2::q8_0,
+            });
+        }
+        if avx2::vnni_available() {
+            kernels.push(|kind| match kind {
+                QuantKind::Q4_1 => avx2::q4_1_vnni,
+                QuantKind::Q8_0 => avx2::q8_0_vnni,
+            });
+        }
+    }
+    kernels
 }
 
 fn scalar_kernel(kind: QuantKind) -> Kernel {
@@ -352,10 +381,14 @@ mod avx2 {
             && is_x86_feature_detected!("f16c")
     }
 
+    pub fn vnni_available() -> bool {
+        available() && is_x86_feature_detected!("avxvnni")
+    }
+
     /// Dispatches on the group's row count so each variant keeps its accumulators in
     /// registers.
     macro_rules! by_rows {
-        ($name:ident, $inner:ident) => {
+        ($name:ident, $module:ident, $kernel:ident, $kind:ident, $available:ident) => {
             pub fn $name(
                 weights: &[u8],
                 nb: usize,
@@ -364,113 +397,140 @@ mod avx2 {
                 out: &mut [f32],
                 stride: usize,
             ) {
-                assert!(available());
-                let n_out = weights.len() / (nb * super::QuantKind::$inner.block_bytes());
+                assert!($available());
+                let n_out = weights.len() / (nb * super::QuantKind::$kind.block_bytes());
                 assert!(acts.len() == rows * nb && (n_out - 1) * stride + rows <= out.len());
                 // SAFETY: the CPU features were checked above; the sizes of `weights`, `acts`
                 // and `out` were checked against what the kernel reads and writes.
                 unsafe {
                     match rows {
-                        1 => kernels::$name::<1>(weights, nb, acts, out, stride),
-                        2 => kernels::$name::<2>(weights, nb, acts, out, stride),
-                        3 => kernels::$name::<3>(weights, nb, acts, out, stride),
-                        4 => kernels::$name::<4>(weights, nb, acts, out, stride),
-                        5 => kernels::$name::<5>(weights, nb, acts, out, stride),
-                        6 => kernels::$name::<6>(weights, nb, acts, out, stride),
-                        7 => kernels::$name::<7>(weights, nb, acts, out, stride),
-                        8 => kernels::$name::<8>(weights, nb, acts, out, stride),
+                        1 => $module::$kernel::<1>(weights, nb, acts, out, stride),
+                        2 => $module::$kernel::<2>(weights, nb, acts, out, stride),
+                        3 => $module::$kernel::<3>(weights, nb, acts, out, stride),
+                        4 => $module::$kernel::<4>(weights, nb, acts, out, stride),
+                        5 => $module::$kernel::<5>(weights, nb, acts, out, stride),
+                        6 => $module::$kernel::<6>(weights, nb, acts, out, stride),
+                        7 => $module::$kernel::<7>(weights, nb, acts, out, stride),
+                        8 => $module::$kernel::<8>(weights, nb, acts, out, stride),
                         _ => unreachable!("row groups hold 1 to 8 rows"),
                     }
                 }
             }
         };
     }
-    by_rows!(q4_1, Q4_1);
-    by_rows!(q8_0, Q8_0);
+    by_rows!(q4_1, maddubs, q4_1, Q4_1, available);
+    by_rows!(q8_0, maddubs, q8_0, Q8_0, available);
+    by_rows!(q4_1_vnni, vnni, q4_1, Q4_1, vnni_available);
+    by_rows!(q8_0_vnni, vnni, q8_0, Q8_0, vnni_available);
 
-    // Row indices address several per-row arrays at once.
-    #[allow(clippy::needless_range_loop)]
-    mod kernels {
-        use std::arch::x86_64::*;
+    /// The kernels for one way of taking 32 byte products into 8 lanes of i32 (`$dot`),
+    /// compiled for `$features`.
+    macro_rules! kernels {
+        ($module:ident, $features:literal, $dot:ident) => {
+            // Row indices address several per-row arrays at once.
+            #[allow(clippy::needless_range_loop)]
+            mod $module {
 
-        use super::{hsum, ActBlock};
+                use std::arch::x86_64::*;
 
-        /// Q4_1 weights: each block's nibbles are unpacked once, then multiplied with every
-        /// row's activations (`vpmaddubsw` takes the unsigned nibbles times signed bytes).
-        #[target_feature(enable = "avx2,fma,f16c")]
-        pub unsafe fn q4_1<const R: usize>(
-            weights: &[u8],
-            nb: usize,
-            acts: &[ActBlock],
-            out: &mut [f32],
-            stride: usize,
-        ) {
-            let low = _mm256_set1_epi8(0x0f);
-            let ones = _mm256_set1_epi16(1);
-            let n_out = weights.len() / (nb * 20);
-            for o in 0..n_out {
-                let row = weights.as_ptr().add(o * nb * 20);
-                let mut acc = [_mm256_setzero_ps(); R];
-                let mut offsets = [0.0f32; R];
-                for b in 0..nb {
-                    let block = row.add(b * 20);
-                    // [d, m] from two f16.
-                    let dm =
-                        _mm_cvtph_ps(_mm_cvtsi32_si128((block as *const i32).read_unaligned()));
-                    let d = _mm_cvtss_f32(dm);
-                    let m = _mm_cvtss_f32(_mm_movehdup_ps(dm));
-                    let packed = _mm_loadu_si128(block.add(4) as *const __m128i);
-                    let nibbles =
-                        _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), low);
-                    for r in 0..R {
-                        let a = acts.get_unchecked(r * nb + b);
-                        let q = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
-                        let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(nibbles, q), ones);
-                        let scale = _mm256_set1_ps(d * a.d);
-                        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[r]);
-                        offsets[r] += m * a.s;
+                use super::{hsum, $dot, ActBlock};
+
+                /// Q4_1 weights: each block's nibbles are unpacked once, then multiplied with every
+                /// row's activations (`vpmaddubsw` takes the unsigned nibbles times signed bytes).
+                #[target_feature(enable = $features)]
+                pub unsafe fn q4_1<const R: usize>(
+                    weights: &[u8],
+                    nb: usize,
+                    acts: &[ActBlock],
+                    out: &mut [f32],
+                    stride: usize,
+                ) {
+                    let low = _mm256_set1_epi8(0x0f);
+                    let n_out = weights.len() / (nb * 20);
+                    for o in 0..n_out {
+                        let row = weights.as_ptr().add(o * nb * 20);
+                        let mut acc = [_mm256_setzero_ps(); R];
+                        let mut offsets = [0.0f32; R];
+                        for b in 0..nb {
+                            let block = row.add(b * 20);
+                            // [d, m] from two f16.
+                            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(
+                                (block as *const i32).read_unaligned(),
+                            ));
+                            let d = _mm_cvtss_f32(dm);
+                            let m = _mm_cvtss_f32(_mm_movehdup_ps(dm));
+                            let packed = _mm_loadu_si128(block.add(4) as *const __m128i);
+                            let nibbles = _mm256_and_si256(
+                                _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed),
+                                low,
+                            );
+                            for r in 0..R {
+                                let a = acts.get_unchecked(r * nb + b);
+                                let q = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
+                                let dot = $dot(nibbles, q);
+                                let scale = _mm256_set1_ps(d * a.d);
+                                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[r]);
+                                offsets[r] += m * a.s;
+                            }
+                        }
+                        for r in 0..R {
+                            *out.get_unchecked_mut(o * stride + r) = hsum(acc[r]) + offsets[r];
+                        }
                     }
                 }
-                for r in 0..R {
-                    *out.get_unchecked_mut(o * stride + r) = hsum(acc[r]) + offsets[r];
-                }
-            }
-        }
 
-        /// Q8_0 weights: signed times signed, through `|w|` and `q * sign(w)`.
-        #[target_feature(enable = "avx2,fma,f16c")]
-        pub unsafe fn q8_0<const R: usize>(
-            weights: &[u8],
-            nb: usize,
-            acts: &[ActBlock],
-            out: &mut [f32],
-            stride: usize,
-        ) {
-            let ones = _mm256_set1_epi16(1);
-            let n_out = weights.len() / (nb * 34);
-            for o in 0..n_out {
-                let row = weights.as_ptr().add(o * nb * 34);
-                let mut acc = [_mm256_setzero_ps(); R];
-                for b in 0..nb {
-                    let block = row.add(b * 34);
-                    let bits = (block as *const u16).read_unaligned() as i32;
-                    let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)));
-                    let w = _mm256_loadu_si256(block.add(2) as *const __m256i);
-                    let magnitude = _mm256_sign_epi8(w, w);
-                    for r in 0..R {
-                        let a = acts.get_unchecked(r * nb + b);
-                        let q = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
-                        let signed = _mm256_sign_epi8(q, w);
-                        let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, signed), ones);
-                        let scale = _mm256_set1_ps(d * a.d);
-                        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[r]);
+                /// Q8_0 weights: signed times signed, through `|w|` and `q * sign(w)`.
+                #[target_feature(enable = $features)]
+                pub unsafe fn q8_0<const R: usize>(
+                    weights: &[u8],
+                    nb: usize,
+                    acts: &[ActBlock],
+                    out: &mut [f32],
+                    stride: usize,
+                ) {
+                    let n_out = weights.len() / (nb * 34);
+                    for o in 0..n_out {
+                        let row = weights.as_ptr().add(o * nb * 34);
+                        let mut acc = [_mm256_setzero_ps(); R];
+                        for b in 0..nb {
+                            let block = row.add(b * 34);
+                            let bits = (block as *const u16).read_unaligned() as i32;
+                            let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)));
+                            let w = _mm256_loadu_si256(block.add(2) as *const __m256i);
+                            let magnitude = _mm256_sign_epi8(w, w);
+                            for r in 0..R {
+                                let a = acts.get_unchecked(r * nb + b);
+                                let q = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
+                                let signed = _mm256_sign_epi8(q, w);
+                                let dot = $dot(magnitude, signed);
+                                let scale = _mm256_set1_ps(d * a.d);
+                                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[r]);
+                            }
+                        }
+                        for r in 0..R {
+                            *out.get_unchecked_mut(o * stride + r) = hsum(acc[r]);
+                        }
                     }
                 }
-                for r in 0..R {
-                    *out.get_unchecked_mut(o * stride + r) = hsum(acc[r]);
-                }
             }
-        }
+        };
+    }
+    kernels!(maddubs, "avx2,fma,f16c", dot_maddubs);
+    kernels!(vnni, "avx2,fma,f16c,avxvnni", dot_vnni);
+
+    /// `sum of 4 adjacent u8 * i8 products` per i32 lane, with AVX2 (`vpmaddubsw` then
+    /// `vpmaddwd`; the i16 pair sums stay below saturation for |values| <= 127).
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    fn dot_maddubs(unsigned: __m256i, signed: __m256i) -> __m256i {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(unsigned, signed), _mm256_set1_epi16(1))
+    }
+
+    /// The same sums in one instruction (`vpdpbusd`, AVX-VNNI).
+    #[target_feature(enable = "avx2,avxvnni")]
+    #[inline]
+    fn dot_vnni(unsigned: __m256i, signed: __m256i) -> __m256i {
+        _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), unsigned, signed)
     }
 
     #[target_feature(enable = "avx2")]
@@ -527,8 +587,8 @@ mod tests {
     }
 
     /// The scalar kernel against the dequantized weights times the dequantized activations
-    /// in f64; the SIMD kernel against the scalar one, for 1 to 8 rows (and 11: two row
-    /// groups) and odd shapes.
+    /// in f64; every SIMD kernel the CPU has against the scalar one, for 1 to 8 rows (and 11:
+    /// two row groups) and odd shapes; several weights in one region as each alone.
     #[test]
     fn kernels_match_a_plain_reference() {
         let mut rng = StdRng::seed_from_u64(7);
@@ -541,9 +601,21 @@ mod tests {
                 for rows in (1..=8).chain([11]) {
                     let x = QuantizedRows::new(&random(rows * in_dim, &mut rng), rows);
                     let mut scalar = vec![0.0; rows * out_dim];
-                    let mut simd = vec![0.0; rows * out_dim];
                     m.matmul_scalar(&x, &mut scalar);
-                    m.matmul(&x, &mut simd);
+                    let simd: Vec<Vec<f32>> = all_kernels()
+                        .into_iter()
+                        .map(|kernel| {
+                            let mut out = vec![0.0; rows * out_dim];
+                            QuantMatrix::run(&[&m], &x, &mut [&mut out], kernel);
+                            out
+                        })
+                        .collect();
+                    // Two weights in one region give what each gives alone.
+                    let (mut a, mut b) = (vec![0.0; rows * out_dim], vec![0.0; rows * out_dim]);
+                    QuantMatrix::matmul_many(&[&m, &m], &x, &mut [&mut a, &mut b]);
+                    let mut alone = vec![0.0; rows * out_dim];
+                    m.matmul(&x, &mut alone);
+                    assert!(a == alone && b == alone, "{kind:?}: matmul_many differs");
                     for r in 0..rows {
                         let xs: Vec<f64> = x.blocks[r * in_dim / 32..(r + 1) * in_dim / 32]
                             .iter()
@@ -555,9 +627,15 @@ mod tests {
                             let scale: f64 =
                                 wrow.iter().zip(&xs).map(|(&w, x)| (w as f64 * x).abs()).sum();
                             let tol = 1e-5 * scale.max(1e-6);
-                            let (s, v) = (scalar[r * out_dim + o], simd[r * out_dim + o]);
+                            let s = scalar[r * out_dim + o];
                             assert!((s as f64 - exact).abs() <= tol, "{kind:?} scalar {s} {exact}");
-                            assert!((v - s).abs() as f64 <= tol, "{kind:?} rows {rows}: {v} {s}");
+                            for (k, simd) in simd.iter().enumerate() {
+                                let v = simd[r * out_dim + o];
+                                assert!(
+                                    (v - s).abs() as f64 <= tol,
+                                    "{kind:?} kernel {k}: {v} {s}"
+                                );
+                            }
                         }
                     }
                 }
