@@ -68,9 +68,10 @@ pub struct ModelArgs {
     /// Weight format of multi-token forward passes (prefill).
     #[arg(long, default_value = "f32")]
     pub prefill_weights: WeightFormat,
-    /// Weight format of single-token forward passes (decode): q8 (requantized to Q8_0),
-    /// quantized (the file's format) or f32. Default: the fastest measured for a known model
-    /// (q8 for smollm2-135m, f32 for qwen2.5-coder-0.5b), else q8.
+    /// Weight format of single-token forward passes (decode): file (the file's Q4_1/Q8_0
+    /// blocks on our kernel, other types requantized to Q8_0), q8 (requantized to Q8_0 on
+    /// candle's kernel), quantized (the file's format on candle's kernel) or f32. Default:
+    /// the fastest measured for a known model (file for both), else file.
     #[arg(long)]
     pub decode_weights: Option<WeightFormat>,
 }

@@ -64,10 +64,12 @@ pub fn random_llama_with(config: ModelConfig, seed: u64, formats: WeightFormats)
         formats.prefill != crate::WeightFormat::F32 || formats.decode != crate::WeightFormat::F32;
     let linear = |w: Tensor| -> Result<Linear> {
         if quantized {
-            let q = candle_core::quantized::QTensor::quantize(
-                &w,
-                candle_core::quantized::GgmlDType::Q8_0,
-            )?;
+            // The kernel format reads Q4_1 as in SmolLM2's file; the others requantize Q8_0.
+            let dtype = match formats.decode {
+                crate::WeightFormat::File => candle_core::quantized::GgmlDType::Q4_1,
+                _ => candle_core::quantized::GgmlDType::Q8_0,
+            };
+            let q = candle_core::quantized::QTensor::quantize(&w, dtype)?;
             Linear::from_qtensor(q, None, formats)
         } else {
             Linear::from_dense(w, None)
@@ -92,7 +94,7 @@ pub fn random_llama_with(config: ModelConfig, seed: u64, formats: WeightFormats)
     }
     let final_norm = Tensor::ones(h, candle_core::DType::F32, &dev)?;
     let lm_head = linear(embed.clone())?;
-    Ok(Llama::new(config, embed, blocks, final_norm, lm_head, formats))
+    Llama::new(config, embed, blocks, final_norm, lm_head, formats)
 }
 
 /// Output of [`reference_forward`].

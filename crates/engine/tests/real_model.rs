@@ -121,3 +121,55 @@ fn every_method_generates_on_the_real_model() {
         assert!(out.len() >= 4 && text.chars().any(char::is_alphabetic), "{method}: {text:?}");
     }
 }
+
+/// Mean KL divergence `KL(p || q)` in nats between the softmaxes of two logit rows.
+fn kl(p_logits: &[f32], q_logits: &[f32]) -> f64 {
+    let log_softmax = |l: &[f32]| -> Vec<f64> {
+        let max = l.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let sum: f64 = l.iter().map(|&v| (v as f64 - max).exp()).sum();
+        l.iter().map(|&v| v as f64 - max - sum.ln()).collect()
+    };
+    let (p, q) = (log_softmax(p_logits), log_softmax(q_logits));
+    p.iter().zip(&q).map(|(a, b)| a.exp() * (a - b)).sum()
+}
+
+/// Decodes 32 greedy tokens with `decode` weights and with the f32 path, each following its
+/// own choices; returns both continuations and the mean KL of the `decode` path's
+/// distributions from f32's when both are fed f32's continuation.
+fn decode_against_f32(exact: &LoadedModel, decode: WeightFormat) -> (Vec<u32>, Vec<u32>, f64) {
+    let path = kvmerger_engine::fetch::ensure_default_model().unwrap();
+    let other = load_model(&path, WeightFormats { prefill: WeightFormat::F32, decode }).unwrap();
+    let tokens = exact.tokenizer.encode(PROMPT, true).unwrap();
+    let opts = ForwardOptions::default();
+    let mut exact_cache = exact.model.new_cache();
+    let agreement = compare_with_reference(&other.model, &tokens, 32, |input, _| {
+        Ok(exact.model.forward(input, &mut exact_cache, opts)?.flatten_all()?.to_vec1()?)
+    })
+    .unwrap();
+    let (mut a, mut b) = (exact.model.new_cache(), other.model.new_cache());
+    exact.model.forward(&tokens, &mut a, opts).unwrap();
+    other.model.forward(&tokens, &mut b, opts).unwrap();
+    let step = |model: &kvmerger_engine::Llama, cache: &mut _, t: u32| -> Vec<f32> {
+        model.forward(&[t], cache, opts).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    };
+    let total: f64 = agreement
+        .reference
+        .iter()
+        .map(|&t| kl(&step(&exact.model, &mut a, t), &step(&other.model, &mut b, t)))
+        .sum();
+    (agreement.ours, agreement.reference, total / 32.0)
+}
+
+#[test]
+fn kernel_decode_keeps_the_f32_paths_greedy_tokens() {
+    let exact = f32_model();
+    let (kernel, f32_tokens, kernel_kl) = decode_against_f32(&exact, WeightFormat::File);
+    assert_eq!(kernel, f32_tokens, "greedy continuations differ");
+    // Quantizing activations to 8 bits (as llama.cpp does) is the kernel's only loss; Q8_0
+    // requantization adds rounding of the weights on top.
+    let (_, _, q8_kl) = decode_against_f32(&exact, WeightFormat::Q8);
+    assert!(kernel_kl < q8_kl, "mean KL {kernel_kl} nats/token, Q8_0 requantized {q8_kl}");
+    eprintln!(
+        "mean KL from f32 over 32 steps: kernel {kernel_kl:.2e}, Q8_0 {q8_kl:.2e} nats/token"
+    );
+}

@@ -13,9 +13,11 @@ use kvmerger_engine::{
 
 fn models() -> Vec<(&'static str, Llama)> {
     let q8 = WeightFormats { prefill: WeightFormat::F32, decode: WeightFormat::Q8 };
+    let file = WeightFormats { prefill: WeightFormat::F32, decode: WeightFormat::File };
     vec![
         ("f32", random_llama(tiny_config(), 3).unwrap()),
         ("q8 decode", random_llama_with(tiny_config(), 3, q8).unwrap()),
+        ("kernel decode", random_llama_with(tiny_config(), 3, file).unwrap()),
     ]
 }
 
