@@ -42,7 +42,9 @@ fn greedy(m: &LoadedModel, prompt: &[u32], steps: usize) -> Vec<u32> {
 fn qwen_logits_and_greedy_tokens_agree_with_candle_transformers() {
     let path = qwen_path();
     let f32_only = WeightFormats { prefill: WeightFormat::F32, decode: WeightFormat::F32 };
-    let ours = load_model(&path, f32_only).unwrap();
+    let mut ours = load_model(&path, f32_only).unwrap();
+    // Compared with an f32 reference: an f32 cache.
+    ours.model.kv_dtype = kvmerger_compress::KvDtype::F32;
     assert_eq!(ours.model.config.architecture, "qwen2");
     assert!(!ours.model.config.rope_interleaved, "qwen2 rotates halves");
     assert!(
