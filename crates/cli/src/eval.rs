@@ -21,7 +21,8 @@ pub struct EvalArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     /// A built-in sweep: default (about 10 minutes on 2 cores), paper (about an hour),
-    /// dev (default's grid on development seeds), long, ruler.
+    /// dev (default's grid on development seeds), long, ruler, kv-dtype (`--kv-dtype`
+    /// against an f32 reference, a few minutes).
     #[arg(long, default_value = "default")]
     pub preset: String,
     /// A sweep specification in JSON (replaces --preset).
@@ -124,9 +125,10 @@ pub fn run(args: EvalArgs) -> Result<()> {
     };
     let loaded = args.model.load()?;
     let model_fingerprint = format!(
-        "{}; weights {}",
+        "{}; weights {}; kv cache {}",
         model_identity(&loaded.path)?,
-        serde_json::to_string(&loaded.model.formats)?
+        serde_json::to_string(&loaded.model.formats)?,
+        loaded.model.kv_dtype
     );
     let out = args.out.clone().unwrap_or_else(|| PathBuf::from("results").join(&spec.name));
     std::fs::create_dir_all(&out)?;
@@ -159,6 +161,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         protocols: spec.protocols.clone(),
         chat: spec.chat,
         attention_chunk: RunOptions::default().attention_chunk,
+        reference_kv_dtype: spec.reference_kv_dtype,
         model_fingerprint,
         shard: args.shard,
         progress: true,

@@ -178,6 +178,13 @@ pub trait CompressionMethod: Send + Sync {
         false
     }
 
+    /// Whether [`Self::compress`] computes new keys or values (merging) rather than only
+    /// choosing which entries stay. The engine hands such a method its head widened to f32,
+    /// so repeated merges round once when narrowed back; a selection moves stored rows.
+    fn computes_rows(&self) -> bool {
+        false
+    }
+
     /// Compresses one head right after the prompt was prefilled. `budget` is
     /// [`Self::budget_entries`] of the prompt length.
     fn compress(&self, id: HeadId, head: &mut HeadCache, budget: usize) -> Result<HeadReport>;

@@ -5,6 +5,7 @@ mod batch;
 pub mod chat;
 mod compression;
 mod config;
+mod decode_attention;
 mod error;
 pub mod fetch;
 mod gguf_check;

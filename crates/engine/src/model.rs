@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
-use kvmerger_compress::{KvCache, StatsRequest};
+use kvmerger_compress::{KvCache, KvDtype, StatsRequest};
 
 use crate::batch::{BatchItem, PassFormats};
 use crate::config::ModelConfig;
@@ -64,6 +64,8 @@ pub struct Llama {
     pub final_norm: Tensor,
     pub lm_head: Linear,
     pub formats: WeightFormats,
+    /// How caches made for this model store keys and values (f16 unless set otherwise).
+    pub kv_dtype: KvDtype,
     pub(crate) rope: Rope,
     /// `[layer] -> (attn_norm, mlp_norm)` as plain values, for the kernel path.
     pub(crate) norm_values: Vec<(Vec<f32>, Vec<f32>)>,
@@ -96,6 +98,7 @@ impl Llama {
             final_norm,
             lm_head,
             formats,
+            kv_dtype: KvDtype::default(),
             rope,
             norm_values,
             blocks_on_kernel,
@@ -115,7 +118,8 @@ impl Llama {
 
     /// An empty cache shaped for this model.
     pub fn new_cache(&self) -> KvCache {
-        KvCache::new(self.config.n_layers, self.config.n_kv_heads, self.config.head_dim)
+        let c = &self.config;
+        KvCache::new(c.n_layers, c.n_kv_heads, c.head_dim, self.kv_dtype)
     }
 
     /// Runs `tokens` after whatever `cache` holds. Token `i` gets logical position

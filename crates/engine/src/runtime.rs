@@ -148,6 +148,7 @@ impl Engine {
         let m = &self.metrics;
         let seq =
             Sequence::new(self.next_id, request, &self.model.config, self.config.prefill_chunk)
+                .map(|s| s.with_kv_dtype(self.model.kv_dtype))
                 .inspect_err(|_| {
                     m.requests_invalid.fetch_add(1, Ordering::Relaxed);
                 })

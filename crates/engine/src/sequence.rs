@@ -4,7 +4,9 @@
 
 use std::ops::Range;
 
-use kvmerger_compress::{CompressionConfig, CompressionMethod, EntryMeta, HeadCache, KvCache};
+use kvmerger_compress::{
+    CompressionConfig, CompressionMethod, EntryMeta, HeadCache, KvCache, KvDtype,
+};
 use serde::Serialize;
 
 use crate::compression::{after_decode_step, compress_prompt};
@@ -75,9 +77,10 @@ pub struct Usage {
     pub full_kv_bytes: usize,
 }
 
-/// Bytes one cached entry of one head takes: its key and value rows and its metadata.
-pub fn entry_bytes(head_dim: usize) -> usize {
-    2 * head_dim * std::mem::size_of::<f32>() + std::mem::size_of::<EntryMeta>()
+/// Bytes one cached entry of one head takes: its key and value rows in `dtype` and its
+/// metadata.
+pub fn entry_bytes(head_dim: usize, dtype: KvDtype) -> usize {
+    HeadCache::entry_kv_bytes(head_dim, dtype) + std::mem::size_of::<EntryMeta>()
 }
 
 /// A request being served.
@@ -97,6 +100,7 @@ pub struct Sequence {
     n_layers: usize,
     n_kv_heads: usize,
     head_dim: usize,
+    kv_dtype: KvDtype,
     context: usize,
 }
 
@@ -170,7 +174,7 @@ impl Sequence {
             sampler: Sampler::new(request.sampling),
             method,
             request,
-            cache: KvCache::new(0, 0, config.head_dim),
+            cache: KvCache::new(0, 0, config.head_dim, KvDtype::default()),
             state: SeqState::Waiting,
             generated: Vec::new(),
             report: None,
@@ -179,8 +183,15 @@ impl Sequence {
             n_layers: config.n_layers,
             n_kv_heads: config.n_kv_heads,
             head_dim: config.head_dim,
+            kv_dtype: KvDtype::default(),
             context,
         })
+    }
+
+    /// Stores the cache in `dtype` (f16 unless set), from admission on.
+    pub fn with_kv_dtype(mut self, dtype: KvDtype) -> Self {
+        self.kv_dtype = dtype;
+        self
     }
 
     pub fn prompt_len(&self) -> usize {
@@ -191,7 +202,7 @@ impl Sequence {
     /// prompt-window statistics if the method asks for them), then per head its budget
     /// plus room for `max_tokens`.
     pub fn reservation(&self) -> usize {
-        let entry = entry_bytes(self.head_dim);
+        let entry = entry_bytes(self.head_dim, self.kv_dtype);
         let prompt = self.prompt_len();
         let stats = self.method.prompt_stats(prompt);
         let rows = stats.windows.iter().count() + 2 * stats.evictions.iter().count();
@@ -208,16 +219,16 @@ impl Sequence {
 
     /// Bytes of the uncompressed prompt cache.
     pub fn full_prompt_bytes(&self) -> usize {
-        self.prompt_len() * entry_bytes(self.head_dim) * self.n_layers * self.n_kv_heads
+        self.prompt_len()
+            * entry_bytes(self.head_dim, self.kv_dtype)
+            * self.n_layers
+            * self.n_kv_heads
     }
 
     /// Admits the sequence: allocates an empty cache with room for exactly the prompt.
     pub fn start(&mut self) {
         let (d, n) = (self.head_dim, self.prompt_len());
-        self.cache = KvCache::new(0, 0, d);
-        self.cache.layers = (0..self.n_layers)
-            .map(|_| (0..self.n_kv_heads).map(|_| HeadCache::with_capacity(d, n)).collect())
-            .collect();
+        self.cache = KvCache::with_capacity(self.n_layers, self.n_kv_heads, d, self.kv_dtype, n);
         self.state = SeqState::Prefilling { done: 0 };
     }
 
@@ -301,7 +312,7 @@ impl Sequence {
     /// Ends the sequence and drops its cache.
     pub fn finish(&mut self, reason: FinishReason) {
         self.state = SeqState::Finished(reason);
-        self.cache = KvCache::new(0, 0, self.head_dim);
+        self.cache = KvCache::new(0, 0, self.head_dim, self.kv_dtype);
     }
 
     pub fn report(&self) -> Option<&CompressionReport> {
@@ -365,7 +376,7 @@ mod tests {
     #[test]
     fn reservation_is_the_larger_of_prompt_and_budget_plus_room() {
         let config = tiny_config();
-        let entry = entry_bytes(config.head_dim);
+        let entry = entry_bytes(config.head_dim, KvDtype::default());
         let heads = config.n_layers * config.n_kv_heads;
         let full = Sequence::new(1, request(100, 10, "full", 1.0), &config, 16).unwrap();
         assert_eq!(full.reservation(), (100 + 10) * entry * heads);

@@ -5,6 +5,7 @@
 //! against something too simple to be wrong.
 
 use candle_core::{Device, Tensor};
+use kvmerger_compress::KvDtype;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -33,11 +34,14 @@ pub fn tiny_config() -> ModelConfig {
     }
 }
 
-/// A model with seeded random weights, f32 on every path.
+/// A model with seeded random weights, f32 on every path (its caches too, so it agrees
+/// with [`reference_forward`] to f32 rounding).
 pub fn random_llama(config: ModelConfig, seed: u64) -> Result<Llama> {
     let formats =
         WeightFormats { prefill: crate::WeightFormat::F32, decode: crate::WeightFormat::F32 };
-    random_llama_with(config, seed, formats)
+    let mut model = random_llama_with(config, seed, formats)?;
+    model.kv_dtype = KvDtype::F32;
+    Ok(model)
 }
 
 /// A model with seeded random weights held in `formats` (quantized formats requantize the

@@ -2,7 +2,9 @@
 //! the prompt, whatever its length, budgets kept through decoding, memory that follows the
 //! entries kept, and statistics shared between methods without one standing in for another.
 
-use kvmerger_compress::{Budget, CompressionConfig, EntryMeta, StatsRequest, METHOD_NAMES};
+use kvmerger_compress::{
+    Budget, CompressionConfig, EntryMeta, KvDtype, StatsRequest, METHOD_NAMES,
+};
 use kvmerger_engine::testing::{random_llama, tiny_config};
 use kvmerger_engine::{Logits, Prefilled, Sampler, Session};
 
@@ -32,15 +34,23 @@ fn configs(budget: f64) -> Vec<CompressionConfig> {
         .collect()
 }
 
+/// In every cache dtype: exact budgets, and resident bytes at the dtype's size.
 #[test]
 fn every_method_keeps_its_budget_through_prefill_and_decode_on_any_prompt_length() {
-    let model = random_llama(tiny_config(), 5).unwrap();
+    for dtype in KvDtype::ALL {
+        keeps_budget_through_prefill_and_decode(dtype);
+    }
+}
+
+fn keeps_budget_through_prefill_and_decode(dtype: KvDtype) {
+    let mut model = random_llama(tiny_config(), 5).unwrap();
+    model.kv_dtype = dtype;
     let (hd, entry_bytes) = (model.config.head_dim, std::mem::size_of::<EntryMeta>());
     for prompt in [1, 3, 7, 20, 60] {
         let tokens: Vec<u32> = (0..prompt as u32).map(|i| (i * 7 + 3) % 64).collect();
         for budget in [1.0, 0.5, 0.35, 0.2] {
             for config in configs(budget) {
-                let label = format!("{} on {prompt} tokens", config.label());
+                let label = format!("{} on {prompt} tokens in {dtype}", config.label());
                 let expected = Budget::Ratio(budget).entries(prompt);
                 let mut session = Session::new(&model, &config).unwrap();
                 let mut logits = session.prefill(&tokens).unwrap();
@@ -48,11 +58,12 @@ fn every_method_keeps_its_budget_through_prefill_and_decode_on_any_prompt_length
                 for (l, heads) in session.cache.layers.iter().enumerate() {
                     for (h, head) in heads.iter().enumerate() {
                         assert_eq!(head.len(), expected, "{label}: layer {l} head {h}");
+                        assert_eq!(head.dtype(), dtype, "{label}");
                         assert_eq!(report.heads[l][h].after, head.len());
                         // Resident memory is the kept keys, values and metadata, nothing more.
                         assert_eq!(
                             head.resident_bytes(),
-                            expected * (2 * hd * 4 + entry_bytes),
+                            expected * (2 * hd * dtype.size_bytes() + entry_bytes),
                             "{label}"
                         );
                         assert!(

@@ -2,7 +2,7 @@
 
 use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama;
-use kvmerger_compress::CompressionConfig;
+use kvmerger_compress::{CompressionConfig, KvDtype};
 use kvmerger_engine::testing::compare_with_reference;
 use kvmerger_engine::{load_model, ForwardOptions, LoadedModel, WeightFormat, WeightFormats};
 
@@ -13,10 +13,14 @@ By the nineteenth century, lenses designed by Augustin Fresnel concentrated the 
 lamp into a beam that could be seen more than twenty miles away. Keepers lived at the stations \
 with their families, trimming wicks and winding clockwork every few hours. Today";
 
+/// f32 weights and an f32 cache, to compare with f32 references.
 fn f32_model() -> LoadedModel {
     let path = kvmerger_engine::fetch::ensure_default_model().expect("default model");
-    load_model(&path, WeightFormats { prefill: WeightFormat::F32, decode: WeightFormat::F32 })
-        .expect("load")
+    let mut loaded =
+        load_model(&path, WeightFormats { prefill: WeightFormat::F32, decode: WeightFormat::F32 })
+            .expect("load");
+    loaded.model.kv_dtype = KvDtype::F32;
+    loaded
 }
 
 fn reference_model() -> quantized_llama::ModelWeights {
@@ -46,6 +50,32 @@ fn logits_and_greedy_tokens_agree_with_candle_transformers() {
         "greedy continuations differ: {:?}",
         ours.tokenizer.decode(&agreement.ours)
     );
+}
+
+/// Storing keys and values in f16 (the default) or bf16 leaves the greedy continuation of the
+/// f32 cache unchanged for 32 tokens, with last-prompt logits within the rounding of the
+/// stored keys and values.
+#[test]
+fn half_precision_caches_generate_what_the_f32_cache_generates() {
+    let wide = f32_model();
+    let tokens = wide.tokenizer.encode(PROMPT, true).unwrap();
+    for (dtype, tolerance) in [(KvDtype::F16, 2e-3), (KvDtype::Bf16, 2e-2)] {
+        let mut narrow = wide.model.clone();
+        narrow.kv_dtype = dtype;
+        let mut cache = wide.model.new_cache();
+        let agreement = compare_with_reference(&narrow, &tokens, 32, |input, _| {
+            let logits = wide.model.forward(input, &mut cache, ForwardOptions::default())?;
+            Ok(logits.flatten_all()?.to_vec1()?)
+        })
+        .unwrap();
+        assert!(agreement.logits_error < tolerance, "{dtype}: {}", agreement.logits_error);
+        assert_eq!(
+            agreement.ours,
+            agreement.reference,
+            "{dtype}: greedy continuations differ: {:?}",
+            wide.tokenizer.decode(&agreement.ours)
+        );
+    }
 }
 
 #[test]

@@ -145,7 +145,7 @@ fn a_small_pool_serves_everyone_in_turn_without_exceeding_its_limit() {
     let reqs = requests();
     let alone = serve(&model, &reqs, 64 << 20);
     // Room for about two of the largest requests at once.
-    let entry = kvmerger_engine::entry_bytes(tiny_config().head_dim);
+    let entry = kvmerger_engine::entry_bytes(tiny_config().head_dim, model.kv_dtype);
     let heads = tiny_config().n_layers * tiny_config().n_kv_heads;
     let pool = 2 * (40 + 13 * 5 + 12) * entry * heads;
     assert_eq!(serve(&model, &reqs, pool), alone);

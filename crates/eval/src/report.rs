@@ -8,6 +8,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
+use kvmerger_compress::KvDtype;
+
 use crate::error::{EvalError, Result};
 use crate::plot::{heatmap_grid, line_charts, HeatmapPanel, LineChart, Series};
 use crate::results::ResultRow;
@@ -231,6 +233,7 @@ pub fn write_report(
     for note in notes {
         let _ = writeln!(md, "{note}\n");
     }
+    let _ = writeln!(md, "{}\n", kv_dtype_note(rows));
     let _ = writeln!(md, "Protocols:\n");
     for p in &g.protocols {
         let _ = writeln!(md, "- **{}**: {}.", p.name(), p.description());
@@ -501,6 +504,29 @@ fn write_predictions(
         }
     }
     md.push('\n');
+}
+
+/// Which dtype the caches stored keys and values in (memory figures are at its size), and
+/// the reference's where it differs.
+fn kv_dtype_note(rows: &[ResultRow]) -> String {
+    let names =
+        |dtypes: BTreeSet<KvDtype>| dtypes.iter().map(|d| d.name()).collect::<Vec<_>>().join(", ");
+    let stored: BTreeSet<KvDtype> = rows.iter().map(|r| r.kv_dtype).collect();
+    let mut note = format!(
+        "KV cache: keys and values stored in {} (`--kv-dtype`); attention and compression \
+         compute in f32, and every memory figure counts the stored size.",
+        names(stored)
+    );
+    let references: BTreeSet<KvDtype> = rows.iter().filter_map(|r| r.reference_kv_dtype).collect();
+    if !references.is_empty() {
+        let _ = write!(
+            note,
+            " The full-cache reference of the fidelity figures (KL, top-1, matched prefix) ran \
+             with an {} cache, so the full cache's own row measures what the stored dtype costs.",
+            names(references)
+        );
+    }
+    note
 }
 
 /// Memory and time, apart from the tables above because timings differ from run to run.

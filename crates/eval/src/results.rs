@@ -7,6 +7,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
+use kvmerger_compress::KvDtype;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{EvalError, Result};
@@ -44,6 +45,14 @@ pub struct ResultRow {
     #[serde(default)]
     pub answers: Vec<String>,
     pub achieved_ratio: f64,
+    /// How the cache stored keys and values (rows written before caches had a choice were
+    /// f32); the byte counts below are at its size.
+    #[serde(default = "f32_cache")]
+    pub kv_dtype: KvDtype,
+    /// The cache dtype of the full-cache reference the fidelity figures compare with, where
+    /// it differs from [`Self::kv_dtype`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference_kv_dtype: Option<KvDtype>,
     pub resident_kv_bytes: usize,
     pub full_kv_bytes: usize,
     pub prefill_ms: f64,
@@ -55,6 +64,10 @@ pub struct ResultRow {
     /// NaN (JSON `null`) where there was nothing to score.
     #[serde(with = "finite_or_null")]
     pub perplexity: f64,
+}
+
+fn f32_cache() -> KvDtype {
+    KvDtype::F32
 }
 
 /// JSON has no NaN: a non-finite number is written as `null` and read back as NaN.
@@ -283,6 +296,8 @@ pub(crate) mod tests {
             prediction: "x".into(),
             answers: vec!["x".into()],
             achieved_ratio: budget,
+            kv_dtype: KvDtype::F16,
+            reference_kv_dtype: None,
             resident_kv_bytes: 10,
             full_kv_bytes: 20,
             prefill_ms: 1.0,

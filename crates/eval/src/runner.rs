@@ -10,9 +10,11 @@
 
 use std::time::Instant;
 
-use kvmerger_compress::{CompressionConfig, StatsRequest};
+use kvmerger_compress::{CompressionConfig, KvDtype, StatsRequest};
 use kvmerger_engine::chat::ChatMessage;
-use kvmerger_engine::{argmax, LoadedModel, Logits, Prefilled, Sampler, SamplingConfig, Session};
+use kvmerger_engine::{
+    argmax, Llama, LoadedModel, Logits, Prefilled, Sampler, SamplingConfig, Session,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{EvalError, Result};
@@ -62,11 +64,19 @@ pub struct RunOptions {
     pub chat: bool,
     /// Queries per chunk of the explicit attention softmax.
     pub attention_chunk: usize,
+    /// Run the full-cache reference with its cache in this dtype (prefilled separately)
+    /// instead of the model's, so the full cache's own row measures the storage's error.
+    pub reference_kv_dtype: Option<KvDtype>,
 }
 
 impl Default for RunOptions {
     fn default() -> Self {
-        Self { protocol: Protocol::Context, chat: false, attention_chunk: 128 }
+        Self {
+            protocol: Protocol::Context,
+            chat: false,
+            attention_chunk: 128,
+            reference_kv_dtype: None,
+        }
     }
 }
 
@@ -156,6 +166,20 @@ pub fn run_sample(
         m.build().map(|b| acc.union(b.prompt_stats(context.len())))
     })?;
     let prefilled = Prefilled::run(&model.model, &context, stats, opts.attention_chunk)?;
+    // The reference's own model and prefill where its cache dtype differs from the rows'.
+    let reference_model = opts.reference_kv_dtype.filter(|&d| d != model.model.kv_dtype).map(|d| {
+        let mut m = model.model.clone();
+        m.kv_dtype = d;
+        m
+    });
+    let reference_prefilled = reference_model
+        .as_ref()
+        .map(|m| Prefilled::run(m, &context, StatsRequest::default(), opts.attention_chunk))
+        .transpose()?;
+    let (reference_llama, reference_prefill) = match (&reference_model, &reference_prefilled) {
+        (Some(m), Some(p)) => (m, p),
+        _ => (&model.model, &prefilled),
+    };
 
     // Perplexity samples score a given continuation; the others score a generated answer
     // and measure fidelity on the full cache's answer.
@@ -167,14 +191,15 @@ pub fn run_sample(
             .ok_or_else(|| EvalError::Task(format!("{}: no continuation to score", sample.id)))?;
         Answer { tokens: tok.encode(continuation, false)?, decode_ms: 0.0 }
     } else {
-        let (session, logits, _, _) = compressed(model, &CompressionConfig::Full, &prefilled)?;
+        let (session, logits, _, _) =
+            compressed(reference_llama, &CompressionConfig::Full, reference_prefill)?;
         answer(model, session, logits, &question, sample.max_new_tokens)?
     };
     let (session, logits, full_ratio, full_bytes) =
-        compressed(model, &CompressionConfig::Full, &prefilled)?;
+        compressed(reference_llama, &CompressionConfig::Full, reference_prefill)?;
     let reference = teacher_forced(session, logits, &question, &full.tokens)?;
     let full_kv_bytes = 2
-        * 4
+        * model.model.kv_dtype.size_bytes()
         * context.len()
         * model.model.config.n_layers
         * model.model.config.n_kv_heads
@@ -187,11 +212,12 @@ pub fn run_sample(
             // Compress once; the answer and the teacher-forced pass start from copies.
             let mut clamped = None;
             let (forced, ans, achieved_ratio, resident_kv_bytes) =
-                if *method == CompressionConfig::Full {
+                if *method == CompressionConfig::Full && reference_model.is_none() {
                     let ans = if perplexity_task { no_answer } else { full.clone() };
                     (reference.clone(), ans, full_ratio, full_bytes)
                 } else {
-                    let (session, logits, ratio, bytes) = compressed(model, method, &prefilled)?;
+                    let (session, logits, ratio, bytes) =
+                        compressed(&model.model, method, &prefilled)?;
                     if let Some(report) = session.report().filter(|r| r.clamped_heads() > 0) {
                         let what = report.heads.iter().flatten().find_map(|h| h.clamped);
                         clamped = Some((report.clamped_heads(), what.unwrap_or("fixed parts")));
@@ -242,11 +268,11 @@ struct Answer {
 /// A session of `method` over a clone of the prefilled context, compressed. Returns it with
 /// the last context logits, the achieved ratio and the bytes resident after compression.
 fn compressed<'m>(
-    model: &'m LoadedModel,
+    model: &'m Llama,
     method: &CompressionConfig,
     prefilled: &Prefilled,
 ) -> Result<(Session<'m>, Vec<f32>, f64, usize)> {
-    let mut session = Session::new(&model.model, method)?;
+    let mut session = Session::new(model, method)?;
     let logits = session.resume(prefilled.clone())?;
     let (ratio, bytes) =
         session.report().map_or((1.0, 0), |r| (r.achieved_ratio(), r.resident_bytes));

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use kvmerger_compress::{Budget, CompressionConfig};
+use kvmerger_compress::{Budget, CompressionConfig, KvDtype};
 use kvmerger_engine::LoadedModel;
 use serde::{Deserialize, Serialize};
 
@@ -55,6 +55,10 @@ pub struct SweepSpec {
     /// Wrap prompts in the model's chat template.
     #[serde(default)]
     pub chat: bool,
+    /// Run the full-cache reference with its cache in this dtype, whatever `--kv-dtype`
+    /// stores the rows' caches in (the `kv-dtype` preset: f32).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference_kv_dtype: Option<KvDtype>,
 }
 
 /// Where a dataset sweep's samples came from.
@@ -72,8 +76,13 @@ fn all_protocols() -> Vec<Protocol> {
 impl SweepSpec {
     /// Built-in presets. `default` (about 10 minutes on 2 cores) and `paper` (about an
     /// hour) report on held-out seeds; `dev` is `default`'s grid on development seeds, for
-    /// choosing defaults; `long` and `ruler` are longer contexts and RULER's tasks.
+    /// choosing defaults; `long` and `ruler` are longer contexts and RULER's tasks;
+    /// `kv-dtype` (a few minutes) compares the cache stored as `--kv-dtype` with an f32
+    /// full-cache reference, on development seeds.
     pub fn preset(name: &str) -> Result<Self> {
+        if name == "kv-dtype" {
+            return Ok(Self::kv_dtype_preset());
+        }
         let methods =
             ["kvmerger", "kvmerger:mass=scale_values", "h2o", "cam", "streaming_llm", "snapkv"]
                 .map(String::from)
@@ -146,7 +155,7 @@ impl SweepSpec {
             ),
             other => {
                 return Err(EvalError::Task(format!(
-                    "unknown preset `{other}` (default, paper, dev, long, ruler)"
+                    "unknown preset `{other}` (default, paper, dev, long, ruler, kv-dtype)"
                 )))
             }
         };
@@ -159,7 +168,30 @@ impl SweepSpec {
             params: Default::default(),
             protocols: all_protocols(),
             chat: false,
+            reference_kv_dtype: None,
         })
+    }
+
+    /// The full cache and KVMerger at 35%, on the default grid's perplexity continuations
+    /// and passkeys (development seeds, fewer of them), against an f32 full cache.
+    fn kv_dtype_preset() -> Self {
+        let grid = |task, depths: &[f64], seeds| TaskGrid {
+            task,
+            lengths: vec![1024],
+            depths: depths.to_vec(),
+            seeds: (DEV_SEEDS.start..DEV_SEEDS.start + seeds).collect(),
+        };
+        Self {
+            name: "kv-dtype".into(),
+            tasks: vec![grid(TaskKind::Perplexity, &[0.0], 4), grid(TaskKind::Passkey, &[0.5], 3)],
+            dataset: None,
+            methods: vec!["kvmerger".into()],
+            budgets: vec![Budget::Ratio(0.35)],
+            params: Default::default(),
+            protocols: vec![Protocol::Context],
+            chat: false,
+            reference_kv_dtype: Some(KvDtype::F32),
+        }
     }
 
     /// The method configurations: the full cache, then every method at every budget.
@@ -221,8 +253,10 @@ pub struct SweepInput<'a> {
     pub protocols: Vec<Protocol>,
     pub chat: bool,
     pub attention_chunk: usize,
-    /// What identifies the model and how it runs (file identity, weight formats): part of
-    /// every row's fingerprint.
+    /// See [`SweepSpec::reference_kv_dtype`].
+    pub reference_kv_dtype: Option<KvDtype>,
+    /// What identifies the model and how it runs (file identity, weight formats, cache
+    /// dtype): part of every row's fingerprint.
     pub model_fingerprint: String,
     pub shard: Shard,
     /// Draw a progress bar (off in tests).
@@ -259,6 +293,9 @@ pub fn row_fingerprint(
     h.field(if input.chat { "chat" } else { "raw" });
     h.field(&input.attention_chunk.to_string());
     h.field(&input.model_fingerprint);
+    if let Some(dtype) = input.reference_kv_dtype {
+        h.field(&format!("reference kv {dtype}"));
+    }
     h.hex()
 }
 
@@ -326,8 +363,12 @@ pub fn run_sweep(
                 Job::Generated { length, seed, .. } => (Some(*length), *seed),
                 Job::Given(_) => (None, 0),
             };
-            let options =
-                RunOptions { protocol, chat: input.chat, attention_chunk: input.attention_chunk };
+            let options = RunOptions {
+                protocol,
+                chat: input.chat,
+                attention_chunk: input.attention_chunk,
+                reference_kv_dtype: input.reference_kv_dtype,
+            };
             let configs: Vec<CompressionConfig> = missing.iter().map(|m| m.0.clone()).collect();
             let results = run_sample(model, &sample, &configs, options)?;
             for (result, (_, fingerprint)) in results.into_iter().zip(missing) {
@@ -362,6 +403,10 @@ pub fn run_sweep(
                         sample.answers.clone()
                     },
                     achieved_ratio: result.achieved_ratio,
+                    kv_dtype: model.model.kv_dtype,
+                    reference_kv_dtype: input
+                        .reference_kv_dtype
+                        .filter(|&d| d != model.model.kv_dtype),
                     resident_kv_bytes: result.resident_kv_bytes,
                     full_kv_bytes: result.full_kv_bytes,
                     prefill_ms: result.prefill_ms,

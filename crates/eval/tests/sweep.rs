@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use kvmerger_compress::{Budget, CompressionConfig};
+use kvmerger_compress::{Budget, CompressionConfig, KvDtype};
 use kvmerger_engine::{load_model, LoadedModel, WeightFormats};
 use kvmerger_eval::results::{ResultRow, ResultStore, Shard};
 use kvmerger_eval::runner::Protocol;
@@ -32,6 +32,7 @@ fn input() -> SweepInput<'static> {
         protocols: vec![Protocol::Context],
         chat: false,
         attention_chunk: 128,
+        reference_kv_dtype: None,
         model_fingerprint: "test model".into(),
         shard: Shard::WHOLE,
         progress: false,
@@ -80,14 +81,37 @@ fn interrupted_and_resumed_sweep_equals_an_uninterrupted_one() {
         "{full:?}"
     );
     for r in &whole {
-        // Resident memory is keys, values and a small per-entry record (16 of every 528 bytes).
+        // Resident memory is keys, values (64 + 64 elements in the cache's dtype) and a
+        // 16-byte record per entry.
+        assert_eq!(r.kv_dtype, m.model.kv_dtype);
+        let entry = (2 * 64 * r.kv_dtype.size_bytes()) as f64;
         let kept = r.achieved_ratio * r.full_kv_bytes as f64;
         let resident = r.resident_kv_bytes as f64;
         assert!(
-            resident >= kept && resident <= kept * 1.04,
+            resident >= kept && resident <= kept * (1.0 + 16.0 / entry) * 1.001,
             "{}: {resident} bytes for {kept}",
             r.method
         );
         assert!(r.kl >= 0.0 && r.kl.is_finite());
     }
+}
+
+/// With an f32 reference, the f16 full cache's own row measures what storing keys and
+/// values in f16 costs: a KL well under 1e-3 nats per token, and half the memory.
+#[test]
+fn an_f16_cache_is_close_to_an_f32_reference() {
+    let m = model();
+    assert_eq!(m.model.kv_dtype, KvDtype::F16);
+    let mut input = input();
+    input.configs.truncate(1);
+    input.jobs.truncate(1);
+    input.reference_kv_dtype = Some(KvDtype::F32);
+    let (mut store, _) = ResultStore::open(&temp("f16")).unwrap();
+    let rows = run_sweep(&m, &input, &mut store).unwrap().computed;
+    let full = &rows[0];
+    assert_eq!((full.kv_dtype, full.reference_kv_dtype), (KvDtype::F16, Some(KvDtype::F32)));
+    assert!(full.kl >= 0.0 && full.kl < 1e-3, "KL {}", full.kl);
+    assert!(full.top1_agreement >= 0.9, "{full:?}");
+    let f32_bytes = 2 * 4 * full.context_tokens * 30 * 3 * 64;
+    assert_eq!(2 * full.full_kv_bytes, f32_bytes);
 }

@@ -148,7 +148,7 @@ impl CamConfig {
             let share: Vec<f32> =
                 head.value(victim).iter().map(|v| v / self.merge_span as f32).collect();
             for &t in targets {
-                head.value_mut(t).iter_mut().zip(&share).for_each(|(v, s)| *v += s);
+                head.add_to_value(t, &share);
             }
         }
     }
@@ -182,6 +182,10 @@ impl CompressionMethod for CamConfig {
 
     fn budget_entries(&self, prompt_len: usize) -> usize {
         self.budget.entries(prompt_len)
+    }
+
+    fn computes_rows(&self) -> bool {
+        true
     }
 
     fn compress(&self, id: HeadId, head: &mut HeadCache, budget: usize) -> Result<HeadReport> {
