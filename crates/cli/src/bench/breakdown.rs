@@ -9,12 +9,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::args::ModelSource;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use kvmerger_compress::CompressionConfig;
 use kvmerger_engine::{
-    argmax, load_model, LoadedModel, Logits, Part, Session, StepProfile, WeightFormat,
-    WeightFormats,
+    argmax, LoadedModel, Logits, Part, Session, StepProfile, WeightFormat, WeightFormats,
 };
 
 #[derive(Debug, Clone, Args)]
@@ -109,7 +109,14 @@ impl Totals {
     }
 }
 
-pub fn run(args: &BreakdownArgs, path: &Path, lengths: &[usize], steps: usize) -> Result<()> {
+/// Measures the model at `path` (loaded through `source`, so its cache dtype applies).
+pub fn run(
+    args: &BreakdownArgs,
+    source: &ModelSource,
+    path: &Path,
+    lengths: &[usize],
+    steps: usize,
+) -> Result<()> {
     let formats = args
         .breakdown_formats
         .iter()
@@ -118,7 +125,7 @@ pub fn run(args: &BreakdownArgs, path: &Path, lengths: &[usize], steps: usize) -
         .context("--breakdown-formats")?;
     let mut models = Vec::new();
     for &decode in &formats {
-        let mut loaded = load_model(path, WeightFormats { prefill: WeightFormat::F32, decode })?;
+        let mut loaded = source.load(path, WeightFormats { prefill: WeightFormat::F32, decode })?;
         let profile = Arc::new(StepProfile::new());
         loaded.model.set_profile(Some(profile.clone()));
         models.push((decode, loaded, profile));

@@ -78,7 +78,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
         bail!("bench compares against llama.cpp and quantized_llama, which read GGUF files only");
     }
     if args.breakdown.breakdown || args.breakdown.busy_cores > 0 {
-        return breakdown::run(&args.breakdown, &path, &args.lengths, args.decode_tokens);
+        return breakdown::run(
+            &args.breakdown,
+            &args.source,
+            &path,
+            &args.lengths,
+            args.decode_tokens,
+        );
     }
     let default_formats = WeightFormats {
         prefill: WeightFormat::F32,
