@@ -3,9 +3,11 @@
 aggregate decode speed of batched sessions. Writes docs/serve/bench.json and bench.md.
 
 1. Capacity: a pool sized for two full-cache conversations of --prompt-tokens + 64 tokens;
-   8 clients each send a --prompt-tokens prompt and read 64 tokens. Reported per method
-   (full, kvmerger@35%, h2o@35%): most sessions admitted at once (from /metrics), total
-   time, and the pool's peak.
+   8 clients each send a prompt of exactly --prompt-tokens tokens (text cut to length with
+   the server's own tokenizer, `POST /tokenize`, and sent as token ids) and read 64 tokens.
+   Reported per method (full, kvmerger@35% and h2o@35% compressed during prefill, and
+   kvmerger@35% compressed once after the prompt): most sessions admitted at once (from
+   /metrics), total time, and the pool's peak.
 2. Decode: 1, 2, 4 and 8 concurrent sessions of short prompts, 64 tokens each; aggregate
    decode tokens/s over the window where all of them decode.
 
@@ -45,35 +47,46 @@ def post(srv, body, timeout=1800):
     return reply
 
 
-def calibrate(binary):
-    """Tokens per sentence of the prompt text, and KV bytes per token."""
+def calibrate(binary, prompt_tokens):
+    """KV bytes per token, and 8 prompts of exactly `prompt_tokens` token ids."""
     srv = Server(binary)
     try:
         r = post(srv, {"prompt": text_of(0, 40), "max_tokens": 1, "temperature": 0})
         u = r["usage"]
-        return u["prompt_tokens"] / 40, u["kv_compression"]["full_kv_bytes"] / u["prompt_tokens"]
+        per_sentence = u["prompt_tokens"] / 40
+        bytes_per_token = u["kv_compression"]["full_kv_bytes"] / u["prompt_tokens"]
+        prompts = []
+        for i in range(8):
+            text = text_of(i + 1, int(prompt_tokens / per_sentence * 1.1) + 2)
+            status, _, t = srv.post_raw("/tokenize", json.dumps({"prompt": text}).encode())
+            if status != 200 or t["count"] < prompt_tokens:
+                raise SystemExit(f"tokenize failed: {status} {t}")
+            prompts.append(t["tokens"][:prompt_tokens])
+        return bytes_per_token, prompts
     finally:
         srv.stop()
 
 
-def capacity(binary, method, prompt_tokens, per_sentence, bytes_per_token):
+def capacity(binary, method, prompts, bytes_per_token, extra=()):
+    prompt_tokens = len(prompts[0])
     pool_mb = math.ceil(2 * (prompt_tokens + GEN) * bytes_per_token / 2**20)
-    srv = Server(binary, "--kv-pool-mb", str(pool_mb))
-    sentences = int(prompt_tokens / per_sentence)
-    samples = []
+    srv = Server(binary, "--kv-pool-mb", str(pool_mb), *extra)
     stop = threading.Event()
 
-    def sample():
-        while not stop.is_set():
-            m = srv.metrics()
-            samples.append(m["kvmerger_active_sessions"])
-            time.sleep(0.1)
-
     def client(i):
-        body = {"prompt": text_of(i + 1, sentences), "max_tokens": GEN, "temperature": 0}
+        body = {"prompt": prompts[i], "max_tokens": GEN, "temperature": 0, "stop": []}
         if method is not None:
             body["kv_compression"] = method
         return post(srv, body)["usage"]
+
+    peak_seen = []
+
+    def sample():
+        # The limit must hold at every moment, not only at the end.
+        while not stop.is_set():
+            m = srv.metrics()
+            peak_seen.append(m["kvmerger_kv_pool_used_bytes"])
+            time.sleep(0.1)
 
     sampler = threading.Thread(target=sample)
     sampler.start()
@@ -87,8 +100,11 @@ def capacity(binary, method, prompt_tokens, per_sentence, bytes_per_token):
         stop.set()
         sampler.join()
         srv.stop()
+    if max(peak_seen + [m["kvmerger_kv_pool_peak_bytes"]]) > pool_mb * 2**20:
+        raise SystemExit(f"the pool limit was exceeded: {m}")
+    label = usages[0]["kv_compression"]["method"]
     return {
-        "method": usages[0]["kv_compression"]["method"],
+        "method": label + (" once" if "once" in extra else ""),
         "pool_mb": pool_mb,
         "prompt_tokens": sum(u["prompt_tokens"] for u in usages) / len(usages),
         "sessions_admitted_at_once": int(m["kvmerger_active_sessions_peak"]),
@@ -146,13 +162,17 @@ def main():
     parser.add_argument("--out", default="docs/serve")
     parser.add_argument("--skip-capacity", action="store_true")
     args = parser.parse_args()
-    per_sentence, bytes_per_token = calibrate(args.binary)
+    bytes_per_token, prompts = calibrate(args.binary, args.prompt_tokens)
     result = {"prompt_tokens": args.prompt_tokens, "generated_tokens": GEN, "clients": 8,
               "kv_bytes_per_token": bytes_per_token, "capacity": [], "decode": []}
     if not args.skip_capacity:
-        for method in [None, {"method": "kvmerger", "budget": {"ratio": 0.35}},
-                       {"method": "h2o", "budget": {"ratio": 0.35}}]:
-            row = capacity(args.binary, method, args.prompt_tokens, per_sentence, bytes_per_token)
+        kvmerger = {"method": "kvmerger", "budget": {"ratio": 0.35}}
+        h2o = {"method": "h2o", "budget": {"ratio": 0.35}}
+        runs = [(None, ()), (kvmerger, ()), (h2o, ()), (kvmerger, ("--prefill-compression", "once"))]
+        for method, extra in runs:
+            row = capacity(args.binary, method, prompts, bytes_per_token, extra)
+            full = (result["capacity"] or [row])[0]["sessions_admitted_at_once"]
+            row["sessions_vs_full"] = round(row["sessions_admitted_at_once"] / full, 2)
             print(row, flush=True)
             result["capacity"].append(row)
     result["decode"] = decode_scaling(args.binary, [1, 2, 4, 8])
@@ -161,11 +181,11 @@ def main():
         json.dump(result, f, indent=2)
     lines = [f"Prompt {args.prompt_tokens} tokens, {GEN} generated, 8 clients; pool sized for two "
              "full-cache conversations.", "",
-             "| method | pool MiB | sessions admitted at once | total s | pool peak MiB | achieved ratio | resident MiB/session |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| method | pool MiB | sessions admitted at once | vs full | total s | pool peak MiB | achieved ratio | resident MiB/session |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["capacity"]:
-        lines.append(f"| {r['method']} | {r['pool_mb']} | {r['sessions_admitted_at_once']} | {r['total_s']} | "
-                     f"{r['pool_peak_mb']} | {r['achieved_ratio']} | {r['resident_mb_per_session']} |")
+        lines.append(f"| {r['method']} | {r['pool_mb']} | {r['sessions_admitted_at_once']} | {r['sessions_vs_full']}x | "
+                     f"{r['total_s']} | {r['pool_peak_mb']} | {r['achieved_ratio']} | {r['resident_mb_per_session']} |")
     lines += ["", "| concurrent sessions | aggregate decode tokens/s | vs one |", "|---:|---:|---:|"]
     for r in result["decode"]:
         lines.append(f"| {r['sessions']} | {r['aggregate_tokens_per_s']} | {r['speedup_vs_one']}x |")
