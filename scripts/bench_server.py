@@ -67,6 +67,53 @@ def calibrate(binary, prompt_tokens):
         srv.stop()
 
 
+def quietly(f, *args):
+    """Runs `f`, ignoring the connection error of a server stopped under it."""
+    try:
+        f(*args)
+    except OSError:
+        pass
+
+
+def admission(binary, method, prompts, bytes_per_token, extra=()):
+    """Sessions admitted at once, without running them to the end: the 8 requests arrive
+    together and admission decides at the first engine step (a later admission needs a
+    session to finish). For a loaded machine, where the whole run takes too long."""
+    prompt_tokens = len(prompts[0])
+    pool_mb = math.ceil(2 * (prompt_tokens + GEN) * bytes_per_token / 2**20)
+    srv = Server(binary, "--kv-pool-mb", str(pool_mb), *extra)
+    threads = []
+    try:
+        for p in prompts:
+            body = {"prompt": p, "max_tokens": GEN, "temperature": 0, "stop": [], "stream": True}
+            if method is not None:
+                body["kv_compression"] = method
+            t = threading.Thread(target=quietly, args=(stream_times, srv, body, True), daemon=True)
+            t.start()
+            threads.append(t)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            m = srv.metrics()
+            if m["kvmerger_active_sessions"] + m["kvmerger_queued_sessions"] == len(prompts):
+                break
+            time.sleep(0.2)
+        time.sleep(8)  # a few engine steps, so every admission that fits has happened
+        m = srv.metrics()
+    finally:
+        srv.stop()
+    if m["kvmerger_kv_pool_peak_bytes"] > pool_mb * 2**20:
+        raise SystemExit(f"the pool limit was exceeded: {m}")
+    return {
+        "method": (method or {"method": "full"})["method"]
+                  + (f"@{int(method['budget']['ratio'] * 100)}%" if method else "")
+                  + (" once" if "once" in extra else ""),
+        "pool_mb": pool_mb,
+        "prompt_tokens": prompt_tokens,
+        "sessions_admitted_at_once": int(m["kvmerger_active_sessions_peak"]),
+        "pool_peak_mb": round(m["kvmerger_kv_pool_peak_bytes"] / 2**20, 1),
+    }
+
+
 def capacity(binary, method, prompts, bytes_per_token, extra=()):
     prompt_tokens = len(prompts[0])
     pool_mb = math.ceil(2 * (prompt_tokens + GEN) * bytes_per_token / 2**20)
@@ -116,8 +163,8 @@ def capacity(binary, method, prompts, bytes_per_token, extra=()):
     }
 
 
-def stream_times(srv, body):
-    """Arrival time of every generated piece of a streamed completion."""
+def stream_times(srv, body, first_only=False):
+    """Arrival time of every generated piece of a streamed completion (or of the first)."""
     req = urllib.request.Request(srv.base + "/v1/completions",
                                  data=json.dumps(dict(body, stream=True)).encode(),
                                  headers={"Content-Type": "application/json"})
@@ -127,6 +174,8 @@ def stream_times(srv, body):
             line = line.decode().strip()
             if line.startswith("data:") and line != "data: [DONE]":
                 times.append(time.time())
+                if first_only:
+                    break
     return times
 
 
@@ -161,6 +210,8 @@ def main():
     parser.add_argument("--prompt-tokens", type=int, default=3000)
     parser.add_argument("--out", default="docs/serve")
     parser.add_argument("--skip-capacity", action="store_true")
+    parser.add_argument("--admission-only", action="store_true",
+                        help="capacity: only the sessions admitted at once, not the whole run")
     args = parser.parse_args()
     bytes_per_token, prompts = calibrate(args.binary, args.prompt_tokens)
     result = {"prompt_tokens": args.prompt_tokens, "generated_tokens": GEN, "clients": 8,
@@ -170,7 +221,8 @@ def main():
         h2o = {"method": "h2o", "budget": {"ratio": 0.35}}
         runs = [(None, ()), (kvmerger, ()), (h2o, ()), (kvmerger, ("--prefill-compression", "once"))]
         for method, extra in runs:
-            row = capacity(args.binary, method, prompts, bytes_per_token, extra)
+            run = admission if args.admission_only else capacity
+            row = run(args.binary, method, prompts, bytes_per_token, extra)
             full = (result["capacity"] or [row])[0]["sessions_admitted_at_once"]
             row["sessions_vs_full"] = round(row["sessions_admitted_at_once"] / full, 2)
             print(row, flush=True)
@@ -185,7 +237,8 @@ def main():
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["capacity"]:
         lines.append(f"| {r['method']} | {r['pool_mb']} | {r['sessions_admitted_at_once']} | {r['sessions_vs_full']}x | "
-                     f"{r['total_s']} | {r['pool_peak_mb']} | {r['achieved_ratio']} | {r['resident_mb_per_session']} |")
+                     f"{r.get('total_s', '-')} | {r['pool_peak_mb']} | {r.get('achieved_ratio', '-')} | "
+                     f"{r.get('resident_mb_per_session', '-')} |")
     lines += ["", "| concurrent sessions | aggregate decode tokens/s | vs one |", "|---:|---:|---:|"]
     for r in result["decode"]:
         lines.append(f"| {r['sessions']} | {r['aggregate_tokens_per_s']} | {r['speedup_vs_one']}x |")
