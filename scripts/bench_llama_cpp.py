@@ -1,8 +1,17 @@
-"""Prefill and decode speed of llama.cpp (through the llama-cpp-python package) on a GGUF
-file, for the same lengths `kvmerger bench` measures. Prints one JSON object per length.
+"""Prefill and decode speed of llama.cpp, through the llama-cpp-python package, on the token
+ids `kvmerger bench` measures itself on. `kvmerger bench` runs this script when the package
+is importable; by hand:
 
-    pip install llama-cpp-python   # builds llama.cpp from source
-    python3 scripts/bench_llama_cpp.py MODEL.gguf 512 2048 4080
+    pip install llama-cpp-python==0.3.36   # builds llama.cpp from source (minutes)
+    python3 scripts/bench_llama_cpp.py < input.json
+
+input.json: {"model": "file.gguf", "threads": 2, "lengths": [512, 2048],
+             "steps": 16, "tokens": [token ids, at least max(lengths) + steps]}
+Prints one JSON object per length: prefill seconds and decode milliseconds per token.
+
+Prefill is one `eval` of the prompt (llama.cpp splits it into batches of n_batch); each
+decode step is a one-token `eval` of the next token of the input, so the timed work is the
+forward pass alone, as in `kvmerger bench` (no sampling: `sample()` crashed in one build).
 """
 import json
 import sys
@@ -12,23 +21,28 @@ from llama_cpp import Llama
 
 
 def main():
-    path, lengths = sys.argv[1], [int(x) for x in sys.argv[2:]] or [512, 2048, 4080]
-    steps = 16
-    llm = Llama(model_path=path, n_ctx=max(lengths) + steps + 8, n_batch=512, n_threads=2, verbose=False)
-    text = "The quick brown fox jumps over the lazy dog while the river runs past the old mill. " * 800
-    all_tokens = llm.tokenize(text.encode(), add_bos=False)
+    spec = json.load(sys.stdin)
+    lengths, steps, tokens = spec["lengths"], spec["steps"], spec["tokens"]
+    if len(tokens) < max(lengths) + steps:
+        sys.exit(f"need {max(lengths) + steps} tokens, got {len(tokens)}")
+    llm = Llama(
+        model_path=spec["model"],
+        n_ctx=max(lengths) + steps + 8,
+        n_batch=512,
+        n_threads=spec["threads"],
+        n_threads_batch=spec["threads"],
+        verbose=False,
+    )
     for n in lengths:
         llm.reset()
-        tokens = all_tokens[:n]
         start = time.perf_counter()
-        llm.eval(tokens)
+        llm.eval(tokens[:n])
         prefill = time.perf_counter() - start
         start = time.perf_counter()
-        for _ in range(steps):
-            llm.eval([llm.sample(temp=0.0)])
+        for i in range(steps):
+            llm.eval([tokens[n + i]])
         decode = (time.perf_counter() - start) / steps
-        print(json.dumps({"engine": "llama.cpp", "tokens": n, "prefill_s": prefill,
-                          "prefill_tok_s": n / prefill, "decode_ms_per_token": decode * 1e3}), flush=True)
+        print(json.dumps({"tokens": n, "prefill_s": prefill, "decode_s": decode}), flush=True)
 
 
 if __name__ == "__main__":

@@ -164,7 +164,8 @@ fn draw_similarity(args: &AnalyzeArgs, name: &str, prefilled: &Prefilled) -> Res
             .map(|r| r.into_iter().map(f64::from).collect())
             .collect(),
     };
-    let panels = [panel("key", head.keys()), panel("value", head.values())];
+    let (keys, values) = (head.keys(), head.values());
+    let panels = [panel("key", &keys), panel("value", &values)];
     heatmap_grid(
         &args.out.join("similarity_heatmap.png"),
         &panels,

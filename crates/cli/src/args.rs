@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use kvmerger_compress::{Budget, CompressionConfig};
+use kvmerger_compress::{Budget, CompressionConfig, KvDtype};
 use kvmerger_engine::{LoadedModel, SamplingConfig, WeightFormat, WeightFormats};
 
 /// Which model file, and how many threads compute with it.
@@ -21,6 +21,10 @@ pub struct ModelSource {
     /// 0: $RAYON_NUM_THREADS if set, else one per physical core.
     #[arg(short = 't', long, default_value_t = 0, value_name = "N")]
     pub threads: usize,
+    /// How the KV cache stores keys and values: f16, bf16 or f32. Attention and compression
+    /// compute in f32 whatever is stored.
+    #[arg(long, default_value_t = KvDtype::F16, value_name = "DTYPE")]
+    pub kv_dtype: KvDtype,
 }
 
 impl ModelSource {
@@ -30,6 +34,15 @@ impl ModelSource {
     pub fn prepare(&self) -> Result<PathBuf> {
         set_threads(self.threads)?;
         kvmerger_engine::fetch::resolve_model(self.model.as_deref()).context("finding the model")
+    }
+
+    /// Loads the model at `path` (from [`Self::prepare`]) in `formats`, its caches in
+    /// `--kv-dtype`.
+    pub fn load(&self, path: &std::path::Path, formats: WeightFormats) -> Result<LoadedModel> {
+        let mut loaded = kvmerger_engine::load_model(path, formats)
+            .with_context(|| format!("loading {}", path.display()))?;
+        loaded.model.kv_dtype = self.kv_dtype;
+        Ok(loaded)
     }
 }
 
@@ -56,7 +69,7 @@ pub struct ModelArgs {
     #[arg(long, default_value = "f32")]
     pub prefill_weights: WeightFormat,
     /// Weight format of single-token forward passes (decode): q8 (requantized to Q8_0),
-    /// quantized (the file's format) or f32. Default: the fastest measured for a known model
+    /// quantized (the file's format), file (the file's Q4_1/Q8_0 blocks on our kernel) or f32. Default: the fastest measured for a known model
     /// (q8 for smollm2-135m, f32 for qwen2.5-coder-0.5b), else q8.
     #[arg(long)]
     pub decode_weights: Option<WeightFormat>,
@@ -72,8 +85,7 @@ impl ModelArgs {
     /// Sizes the thread pools and loads the model.
     pub fn load(&self) -> Result<LoadedModel> {
         let path = self.source.prepare()?;
-        kvmerger_engine::load_model(&path, self.formats(&path))
-            .with_context(|| format!("loading {}", path.display()))
+        self.source.load(&path, self.formats(&path))
     }
 }
 

@@ -8,7 +8,7 @@
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use kvmerger_compress::{
     merge_to_target, merging_sets, Budget, CompareTo, CompressionConfig, EntryMeta, HeadCache,
-    HeadId, METHOD_NAMES,
+    HeadId, KvDtype, METHOD_NAMES,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -20,7 +20,7 @@ const D: usize = 64;
 fn head(len: usize) -> HeadCache {
     let mut rng = StdRng::seed_from_u64(1);
     let mut key: Vec<f32> = (0..D).map(|_| rng.random_range(-1.0..1.0)).collect();
-    let mut h = HeadCache::with_capacity(D, len);
+    let mut h = HeadCache::with_capacity(D, KvDtype::F32, len);
     for i in 0..len {
         key.iter_mut().for_each(|k| *k += rng.random_range(-0.3..0.3));
         let value: Vec<f32> = (0..D).map(|_| rng.random_range(-1.0..1.0)).collect();
@@ -53,7 +53,7 @@ fn bench(c: &mut Criterion) {
     group.finish();
     let protected = vec![false; T];
     c.bench_function("merging_sets, 2048 tokens", |bench| {
-        bench.iter(|| merging_sets(base.keys(), D, &protected, 0.75, CompareTo::Neighbour))
+        bench.iter(|| merging_sets(&base.keys(), D, &protected, 0.75, CompareTo::Neighbour))
     });
     let mut group = c.benchmark_group("kvmerger merge mode, one head, 35% budget");
     for len in [2048, 8192] {
@@ -61,7 +61,7 @@ fn bench(c: &mut Criterion) {
         let protected = vec![false; len];
         let target = Budget::Ratio(0.35).entries(len);
         group.bench_function(format!("{len} tokens, merge_to_target alone"), |bench| {
-            bench.iter(|| merge_to_target(base.keys(), D, &protected, target, None))
+            bench.iter(|| merge_to_target(&base.keys(), D, &protected, target, None))
         });
         for similarity in ["cosine", "centered"] {
             let params = [("similarity".to_string(), similarity.to_string())];

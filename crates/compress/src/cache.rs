@@ -4,8 +4,12 @@
 //! hold different numbers of entries. Every entry remembers the logical position it was
 //! created at (a merged entry takes its pivot's), how many tokens were folded into it, and
 //! the attention it has received; the engine reads positions and counts, methods read the
-//! attention.
+//! attention. Keys and values are stored in the cache's [`KvDtype`] (f16 by default) and
+//! read and written as f32.
 
+use std::borrow::Cow;
+
+use crate::dtype::{KvDtype, Rows, RowsRef};
 use crate::error::{CompressError, Result};
 use crate::method::EvictionWindow;
 
@@ -26,7 +30,8 @@ impl EntryMeta {
     }
 }
 
-/// One (layer, kv head) cache. Keys and values are stored row-major, `[len, head_dim]`.
+/// One (layer, kv head) cache. Keys and values are stored row-major, `[len, head_dim]`, in
+/// one [`KvDtype`]; every accessor takes and gives f32 rows, narrowing on the way in.
 ///
 /// Appending uses `Vec`'s amortised growth, so a decode step never copies the cache;
 /// [`HeadCache::shrink_to_fit`] returns memory after a compression.
@@ -34,9 +39,9 @@ impl EntryMeta {
 pub struct HeadCache {
     head_dim: usize,
     /// `[len, head_dim]`
-    keys: Vec<f32>,
+    keys: Rows,
     /// `[len, head_dim]`
-    values: Vec<f32>,
+    values: Rows,
     meta: Vec<EntryMeta>,
     /// `(statistic, [len])`: prompt-only attention statistics, one row per distinct
     /// statistic a method asked for (SnapKV's windows, CaM's eviction windows); empty
@@ -56,23 +61,25 @@ enum StatRow {
 }
 
 impl HeadCache {
-    pub fn new(head_dim: usize) -> Self {
-        Self::with_capacity(head_dim, 0)
+    pub fn new(head_dim: usize, dtype: KvDtype) -> Self {
+        Self::with_capacity(head_dim, dtype, 0)
     }
 
-    pub fn with_capacity(head_dim: usize, entries: usize) -> Self {
+    pub fn with_capacity(head_dim: usize, dtype: KvDtype, entries: usize) -> Self {
         Self {
             head_dim,
-            keys: Vec::with_capacity(entries * head_dim),
-            values: Vec::with_capacity(entries * head_dim),
+            keys: Rows::with_capacity(dtype, entries * head_dim),
+            values: Rows::with_capacity(dtype, entries * head_dim),
             meta: Vec::with_capacity(entries),
             windows: Vec::new(),
         }
     }
 
-    /// Builds a cache from whole key/value matrices (`[len, head_dim]` each).
+    /// Builds a cache from whole key/value matrices (`[len, head_dim]` each), stored in
+    /// `dtype`.
     pub fn from_parts(
         head_dim: usize,
+        dtype: KvDtype,
         keys: Vec<f32>,
         values: Vec<f32>,
         meta: Vec<EntryMeta>,
@@ -86,7 +93,13 @@ impl HeadCache {
                 values.len()
             )));
         }
-        Ok(Self { head_dim, keys, values, meta, windows: Vec::new() })
+        Ok(Self {
+            head_dim,
+            keys: Rows::from_f32(dtype, keys),
+            values: Rows::from_f32(dtype, values),
+            meta,
+            windows: Vec::new(),
+        })
     }
 
     pub fn head_dim(&self) -> usize {
@@ -98,13 +111,32 @@ impl HeadCache {
     pub fn is_empty(&self) -> bool {
         self.meta.is_empty()
     }
-    /// `[len, head_dim]`
-    pub fn keys(&self) -> &[f32] {
-        &self.keys
+    /// How keys and values are stored.
+    pub fn dtype(&self) -> KvDtype {
+        self.keys.dtype()
     }
-    /// `[len, head_dim]`
-    pub fn values(&self) -> &[f32] {
-        &self.values
+    /// Stores keys and values in `dtype` from now on, converting those held (rounded to
+    /// nearest when narrower; widening is exact).
+    pub fn convert(&mut self, dtype: KvDtype) {
+        self.keys.convert(dtype);
+        self.values.convert(dtype);
+    }
+    /// `[len, head_dim]` in f32: borrowed when stored in f32, else widened (a method that
+    /// reads many rows takes them all at once).
+    pub fn keys(&self) -> Cow<'_, [f32]> {
+        self.keys.view().widen(0..self.keys.len())
+    }
+    /// `[len, head_dim]` in f32, as [`Self::keys`].
+    pub fn values(&self) -> Cow<'_, [f32]> {
+        self.values.view().widen(0..self.values.len())
+    }
+    /// `[len, head_dim]` as stored, for kernels that widen blocks themselves.
+    pub fn stored_keys(&self) -> RowsRef<'_> {
+        self.keys.view()
+    }
+    /// `[len, head_dim]` as stored.
+    pub fn stored_values(&self) -> RowsRef<'_> {
+        self.values.view()
     }
     pub fn meta(&self) -> &[EntryMeta] {
         &self.meta
@@ -112,14 +144,22 @@ impl HeadCache {
     pub fn meta_mut(&mut self) -> &mut [EntryMeta] {
         &mut self.meta
     }
-    pub fn key(&self, i: usize) -> &[f32] {
-        &self.keys[i * self.head_dim..(i + 1) * self.head_dim]
+    /// Entry `i`'s key, `[head_dim]`, in f32.
+    pub fn key(&self, i: usize) -> Cow<'_, [f32]> {
+        self.keys.view().widen(self.row(i))
     }
-    pub fn value(&self, i: usize) -> &[f32] {
-        &self.values[i * self.head_dim..(i + 1) * self.head_dim]
+    /// Entry `i`'s value, `[head_dim]`, in f32.
+    pub fn value(&self, i: usize) -> Cow<'_, [f32]> {
+        self.values.view().widen(self.row(i))
     }
-    pub fn value_mut(&mut self, i: usize) -> &mut [f32] {
-        &mut self.values[i * self.head_dim..(i + 1) * self.head_dim]
+    /// Adds `delta` (`[head_dim]`) to entry `i`'s value, computing in f32.
+    pub fn add_to_value(&mut self, i: usize, delta: &[f32]) {
+        let mut value = self.value(i).into_owned();
+        value.iter_mut().zip(delta).for_each(|(v, d)| *v += d);
+        self.values.write_f32(i * self.head_dim, &value);
+    }
+    fn row(&self, i: usize) -> std::ops::Range<usize> {
+        i * self.head_dim..(i + 1) * self.head_dim
     }
 
     /// Attention each entry received from the last `window` prompt queries, `[len]`, if
@@ -212,8 +252,8 @@ impl HeadCache {
     pub fn push(&mut self, key: &[f32], value: &[f32], meta: EntryMeta) {
         debug_assert_eq!(key.len(), self.head_dim);
         debug_assert_eq!(value.len(), self.head_dim);
-        self.keys.extend_from_slice(key);
-        self.values.extend_from_slice(value);
+        self.keys.extend_from_f32(key);
+        self.values.extend_from_f32(value);
         self.meta.push(meta);
         // Statistic rows grow with the entries' capacity (which a server sizes in advance),
         // not by doubling on their own, so they never hold more than their share of it.
@@ -246,8 +286,8 @@ impl HeadCache {
     /// Removes one entry, shifting later entries down.
     pub fn remove(&mut self, index: usize) {
         let d = self.head_dim;
-        self.keys.drain(index * d..(index + 1) * d);
-        self.values.drain(index * d..(index + 1) * d);
+        self.keys.remove_range(index * d..(index + 1) * d);
+        self.values.remove_range(index * d..(index + 1) * d);
         self.meta.remove(index);
         self.windows.iter_mut().for_each(|(_, a)| {
             a.remove(index);
@@ -271,11 +311,19 @@ impl HeadCache {
         self.meta.reserve_exact(entries);
     }
 
-    /// Bytes this head holds in memory (allocated capacity, not just length).
+    /// Bytes this head holds in memory (allocated capacity, not just length): keys and
+    /// values at their dtype's size, metadata and statistics rows in f32.
     pub fn resident_bytes(&self) -> usize {
         let windows: usize = self.windows.iter().map(|(_, a)| a.capacity()).sum();
-        (self.keys.capacity() + self.values.capacity() + windows) * std::mem::size_of::<f32>()
+        self.keys.resident_bytes()
+            + self.values.resident_bytes()
+            + windows * std::mem::size_of::<f32>()
             + self.meta.capacity() * std::mem::size_of::<EntryMeta>()
+    }
+
+    /// Bytes one entry's key and value take in `dtype` (`head_dim` elements each).
+    pub fn entry_kv_bytes(head_dim: usize, dtype: KvDtype) -> usize {
+        2 * head_dim * dtype.size_bytes()
     }
 }
 
@@ -292,17 +340,35 @@ pub struct KvCache {
     /// Per-layer entry budget fixed when the prompt was compressed; decode-time methods
     /// keep each head within it. `None` before compression (or for the full cache).
     pub budgets: Option<Vec<usize>>,
+    /// How every head stores its keys and values.
+    pub dtype: KvDtype,
 }
 
 impl KvCache {
-    pub fn new(n_layers: usize, n_kv_heads: usize, head_dim: usize) -> Self {
+    pub fn new(n_layers: usize, n_kv_heads: usize, head_dim: usize, dtype: KvDtype) -> Self {
+        Self::with_capacity(n_layers, n_kv_heads, head_dim, dtype, 0)
+    }
+
+    /// An empty cache whose heads have room for `entries` entries each.
+    pub fn with_capacity(
+        n_layers: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+        dtype: KvDtype,
+        entries: usize,
+    ) -> Self {
         Self {
             layers: (0..n_layers)
-                .map(|_| (0..n_kv_heads).map(|_| HeadCache::new(head_dim)).collect())
+                .map(|_| {
+                    (0..n_kv_heads)
+                        .map(|_| HeadCache::with_capacity(head_dim, dtype, entries))
+                        .collect()
+                })
                 .collect(),
             n_seen: 0,
             log_count_bias: false,
             budgets: None,
+            dtype,
         }
     }
 
@@ -321,7 +387,11 @@ mod tests {
     use super::*;
 
     fn filled(n: usize, d: usize) -> HeadCache {
-        let mut h = HeadCache::new(d);
+        filled_as(n, d, KvDtype::F32)
+    }
+
+    fn filled_as(n: usize, d: usize, dtype: KvDtype) -> HeadCache {
+        let mut h = HeadCache::new(d, dtype);
         for i in 0..n {
             let k: Vec<f32> = (0..d).map(|j| (i * d + j) as f32).collect();
             let v: Vec<f32> = k.iter().map(|x| -x).collect();
@@ -335,8 +405,8 @@ mod tests {
         let mut h = filled(6, 3);
         h.retain_indices(&[0, 2, 5]);
         assert_eq!(h.len(), 3);
-        assert_eq!(h.key(1), &[6.0, 7.0, 8.0]);
-        assert_eq!(h.value(2), &[-15.0, -16.0, -17.0]);
+        assert_eq!(*h.key(1), [6.0, 7.0, 8.0]);
+        assert_eq!(*h.value(2), [-15.0, -16.0, -17.0]);
         assert_eq!(h.meta().iter().map(|m| m.position).collect::<Vec<_>>(), vec![0, 2, 5]);
     }
 
@@ -353,7 +423,7 @@ mod tests {
     #[test]
     fn statistic_rows_hold_no_more_than_the_entries_capacity() {
         let (n, d) = (100, 8);
-        let mut h = HeadCache::with_capacity(d, n);
+        let mut h = HeadCache::with_capacity(d, KvDtype::F32, n);
         let (k, v) = (vec![1.0; d], vec![2.0; d]);
         (0..16).for_each(|i| h.push(&k, &v, EntryMeta::new(i)));
         // Rows created part-way through the prompt, as a chunked prefill does.
@@ -366,10 +436,50 @@ mod tests {
 
     #[test]
     fn from_parts_rejects_bad_shapes() {
-        assert!(
-            HeadCache::from_parts(4, vec![0.0; 8], vec![0.0; 8], vec![EntryMeta::new(0)]).is_err()
-        );
-        assert!(HeadCache::from_parts(4, vec![0.0; 8], vec![0.0; 8], vec![EntryMeta::new(0); 2])
-            .is_ok());
+        let parts = |n| {
+            HeadCache::from_parts(
+                4,
+                KvDtype::F16,
+                vec![0.0; 8],
+                vec![0.0; 8],
+                vec![EntryMeta::new(0); n],
+            )
+        };
+        assert!(parts(1).is_err());
+        assert!(parts(2).is_ok());
+    }
+
+    #[test]
+    fn half_precision_heads_hold_half_the_key_value_bytes() {
+        let (n, d) = (50, 8);
+        let meta = n * std::mem::size_of::<EntryMeta>();
+        let mut full = filled_as(n, d, KvDtype::F32);
+        full.shrink_to_fit();
+        for dtype in [KvDtype::F16, KvDtype::Bf16] {
+            let mut half = filled_as(n, d, dtype);
+            half.shrink_to_fit();
+            assert_eq!(half.resident_bytes() - meta, (full.resident_bytes() - meta) / 2);
+            assert_eq!(half.resident_bytes() - meta, n * HeadCache::entry_kv_bytes(d, dtype));
+        }
+    }
+
+    #[test]
+    fn every_operation_keeps_rows_in_the_stored_dtype() {
+        // Small integers are exact in every dtype, so rows compare exactly.
+        for dtype in KvDtype::ALL {
+            let mut h = filled_as(8, 2, dtype);
+            h.remove(1);
+            h.retain_indices(&[0, 2, 3, 6]);
+            h.add_to_value(1, &[1.0, 2.0]);
+            assert_eq!(h.dtype(), dtype);
+            assert_eq!(*h.key(1), [6.0, 7.0], "{dtype}");
+            assert_eq!(*h.value(1), [-5.0, -5.0], "{dtype}");
+            assert_eq!(h.meta().iter().map(|m| m.position).collect::<Vec<_>>(), vec![0, 3, 4, 7]);
+            let before = h.clone();
+            h.convert(KvDtype::F32);
+            assert_eq!((h.keys(), h.values()), (before.keys(), before.values()), "{dtype}");
+            h.convert(dtype);
+            assert_eq!(h, before, "{dtype}: widening then narrowing is exact");
+        }
     }
 }

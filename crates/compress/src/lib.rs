@@ -7,6 +7,7 @@
 mod budget;
 mod cache;
 mod config;
+mod dtype;
 mod error;
 mod method;
 pub mod methods;
@@ -14,6 +15,7 @@ pub mod methods;
 pub use budget::Budget;
 pub use cache::{EntryMeta, HeadCache, KvCache};
 pub use config::{method_info, CompressionConfig, MethodInfo, METHODS, METHOD_NAMES};
+pub use dtype::{KvDtype, KvElement, RowsRef};
 pub use error::{CompressError, Result};
 pub use method::{
     CompressionMethod, EvictionWindow, Evictions, HeadId, HeadReport, SmallSet, StatsRequest,

@@ -5,9 +5,16 @@
 //! `O(chunk x cache_len)` instead of `O(n^2)` and the probabilities are there to be summed.
 //! Query heads are mapped to kv heads as in grouped-query attention: query head `h` reads
 //! kv head `h / group`. Statistics are the mean over the query heads of a group.
+//!
+//! The cache may store keys and values narrower than f32 (see [`kvmerger_compress::KvDtype`]);
+//! attention widens what it reads and accumulates in f32. A prefill chunk widens the keys and
+//! values it sees once; a decode step (one query per sequence) goes to [`crate::decode_attention`],
+//! which widens small blocks and splits long heads across threads.
 
 use kvmerger_compress::{EvictionWindow, HeadCache, StatsRequest};
 use rayon::prelude::*;
+
+use crate::decode_attention::attend_one;
 
 /// Shapes of one attention call.
 #[derive(Debug, Clone, Copy)]
@@ -46,6 +53,22 @@ pub fn attend(
     let AttentionShape { n_heads, n_kv_heads, head_dim } = shape;
     assert_eq!(heads.len(), n_kv_heads);
     assert_eq!(q.len(), seq * n_heads * head_dim);
+    if seq == 1 && opts.stats.windows.is_empty() && opts.stats.evictions.is_empty() {
+        return attend_one(q, heads, shape, opts);
+    }
+    attend_chunks(q, seq, heads, shape, opts)
+}
+
+/// [`attend`] one chunk of queries at a time, whatever `seq` is (the decode kernel's
+/// reference in tests).
+pub(crate) fn attend_chunks(
+    q: &[f32],
+    seq: usize,
+    heads: &mut [HeadCache],
+    shape: AttentionShape,
+    opts: AttentionOptions,
+) -> Vec<f32> {
+    let AttentionShape { n_heads, n_kv_heads, head_dim } = shape;
     let group = n_heads / n_kv_heads;
     let chunk = opts.chunk.max(1);
     let n_chunks = seq.div_ceil(chunk);
@@ -126,11 +149,15 @@ fn attend_chunk(
         qs.extend_from_slice(&q[off..off + group * d]);
     }
 
+    // [visible, d] each, in f32 (borrowed when the cache is f32).
+    let keys = head.stored_keys().widen(0..visible * d);
+    let values = head.stored_values().widen(0..visible * d);
+
     // [rows, visible] = Q K^T / sqrt(d)
     let mut scores = vec![0.0f32; rows * visible];
     let scale = 1.0 / (d as f32).sqrt();
     // SAFETY: every pointer covers the extent described by its dimensions and strides:
-    // scores is rows x visible (row stride visible), qs is rows x d, keys hold >= visible rows of d.
+    // scores is rows x visible (row stride visible), qs is rows x d, keys hold visible rows of d.
     unsafe {
         gemm::gemm(
             rows,
@@ -143,7 +170,7 @@ fn attend_chunk(
             qs.as_ptr(),
             1,
             d as isize,
-            head.keys().as_ptr(),
+            keys.as_ptr(),
             d as isize,
             1,
             0.0,
@@ -213,7 +240,7 @@ fn attend_chunk(
 
     // [rows, d] = P V
     let mut out = vec![0.0f32; rows * d];
-    // SAFETY: scores is rows x visible, values hold >= visible rows of d, out is rows x d.
+    // SAFETY: scores is rows x visible, values hold visible rows of d, out is rows x d.
     unsafe {
         gemm::gemm(
             rows,
@@ -226,7 +253,7 @@ fn attend_chunk(
             scores.as_ptr(),
             1,
             visible as isize,
-            head.values().as_ptr(),
+            values.as_ptr(),
             1,
             d as isize,
             0.0,

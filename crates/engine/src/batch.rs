@@ -14,8 +14,10 @@ use rayon::prelude::*;
 
 use crate::attention::{attend, AttentionOptions, AttentionShape};
 use crate::error::{EngineError, Result};
-use crate::linear::{WeightFormat, WeightFormats};
+use crate::linear::{Linear, WeightFormat, WeightFormats};
 use crate::model::{Llama, Logits};
+use crate::profile::{timed, Part};
+use crate::qmatmul::QuantizedRows;
 
 /// Which path a batch belongs to; picks the weight format of every linear layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,68 +83,24 @@ impl Llama {
         if items.is_empty() {
             return Ok(Vec::new());
         }
-        let c = &self.config;
-        let shape =
-            AttentionShape { n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: c.head_dim };
-        let (qw, kw) = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
-        let eps = c.rms_norm_eps as f32;
+        let profile = self.profile.as_deref();
+        if let Some(p) = profile {
+            p.count_pass();
+        }
+        let eps = self.config.rms_norm_eps as f32;
         let rows: usize = items.iter().map(|i| i.tokens.len()).sum();
         let ids: Vec<u32> = items.iter().flat_map(|i| i.tokens.iter().copied()).collect();
-        let ids = Tensor::new(ids.as_slice(), self.device())?;
         // [rows, hidden]
-        let mut x = self.embed.index_select(&ids, 0)?;
-        for (layer, block) in self.blocks.iter().enumerate() {
-            let h = candle_nn::ops::rms_norm(&x, &block.attn_norm, eps)?;
-            // [rows, n_heads * head_dim]
-            let mut q = block.wq.forward_as(&h, formats.body)?.flatten_all()?.to_vec1::<f32>()?;
-            // [rows, n_kv_heads * head_dim]
-            let mut k = block.wk.forward_as(&h, formats.body)?.flatten_all()?.to_vec1::<f32>()?;
-            let v = block.wv.forward_as(&h, formats.body)?.flatten_all()?.to_vec1::<f32>()?;
-            // Split the joined rows back into each item's part.
-            let mut parts = Vec::with_capacity(items.len());
-            let (mut q_rest, mut k_rest, mut v_rest) = (&mut q[..], &mut k[..], &v[..]);
-            for item in items.iter_mut() {
-                let n = item.tokens.len();
-                let (qi, qr) = std::mem::take(&mut q_rest).split_at_mut(n * qw);
-                let (ki, kr) = std::mem::take(&mut k_rest).split_at_mut(n * kw);
-                let (vi, vr) = v_rest.split_at(n * kw);
-                (q_rest, k_rest, v_rest) = (qr, kr, vr);
-                parts.push((item, qi, ki, vi));
-            }
-            let attn: Vec<Vec<f32>> = parts
-                .into_par_iter()
-                .map(|(item, q, k, v)| {
-                    let seq = item.tokens.len();
-                    let cache = &mut *item.cache;
-                    let heads = &mut cache.layers[layer];
-                    for i in 0..seq {
-                        let pos = cache.n_seen + i;
-                        self.rope.apply(&mut q[i * qw..(i + 1) * qw], pos);
-                        self.rope.apply(&mut k[i * kw..(i + 1) * kw], pos);
-                        for (kh, head) in heads.iter_mut().enumerate() {
-                            let at = i * kw + kh * c.head_dim;
-                            head.push(
-                                &k[at..at + c.head_dim],
-                                &v[at..at + c.head_dim],
-                                EntryMeta::new(pos),
-                            );
-                        }
-                    }
-                    let opts = AttentionOptions {
-                        chunk: attention_chunk,
-                        stats: item.stats,
-                        log_count_bias: cache.log_count_bias,
-                    };
-                    attend(q, seq, heads, shape, opts)
-                })
-                .collect();
-            let attn = Tensor::from_vec(attn.concat(), (rows, qw), self.device())?;
-            x = (x + block.wo.forward_as(&attn, formats.body)?)?;
-            let h = candle_nn::ops::rms_norm(&x, &block.mlp_norm, eps)?;
-            let gate = block.gate.forward_as(&h, formats.body)?.silu()?;
-            let up = block.up.forward_as(&h, formats.body)?;
-            x = (x + block.down.forward_as(&(gate * up)?, formats.body)?)?;
-        }
+        let x = timed(profile, Part::Embedding, || {
+            self.embed.index_select(&Tensor::new(ids.as_slice(), self.device())?, 0)
+        })?;
+        let x = if formats.body == WeightFormat::File && self.blocks_on_kernel {
+            let hidden = self.config.hidden_size;
+            let x = self.blocks_on_kernel(items, x.flatten_all()?.to_vec1()?, attention_chunk)?;
+            Tensor::from_vec(x, (rows, hidden), self.device())?
+        } else {
+            self.blocks_on_tensors(items, x, formats.body, attention_chunk)?
+        };
         // The rows whose logits are asked for, and how many each item gets.
         let mut picked: Vec<u32> = Vec::new();
         let mut counts = Vec::with_capacity(items.len());
@@ -162,9 +120,11 @@ impl Llama {
         if picked.is_empty() {
             return Ok(vec![None; items.len()]);
         }
-        let x = x.index_select(&Tensor::new(picked.as_slice(), self.device())?, 0)?;
-        let x = candle_nn::ops::rms_norm(&x, &self.final_norm, eps)?;
-        let logits = self.lm_head.forward_as(&x, formats.head)?;
+        let x = timed(profile, Part::Norms, || {
+            let x = x.index_select(&Tensor::new(picked.as_slice(), self.device())?, 0)?;
+            candle_nn::ops::rms_norm(&x, &self.final_norm, eps)
+        })?;
+        let logits = timed(profile, Part::LmHead, || self.lm_head.forward_as(&x, formats.head))?;
         let mut at = 0;
         counts
             .into_iter()
@@ -178,6 +138,166 @@ impl Llama {
                 .map_err(EngineError::from)
             })
             .collect()
+    }
+
+    /// The transformer blocks on candle tensors, every linear layer in `format`.
+    /// `x`: `[rows, hidden]`, returned updated.
+    fn blocks_on_tensors(
+        &self,
+        items: &mut [BatchItem<'_>],
+        mut x: Tensor,
+        format: WeightFormat,
+        attention_chunk: usize,
+    ) -> Result<Tensor> {
+        let profile = self.profile.as_deref();
+        let eps = self.config.rms_norm_eps as f32;
+        let rows = x.dim(0)?;
+        let qw = self.config.n_heads * self.config.head_dim;
+        for (layer, block) in self.blocks.iter().enumerate() {
+            let h = timed(profile, Part::Norms, || {
+                candle_nn::ops::rms_norm(&x, &block.attn_norm, eps)
+            })?;
+            let (mut q, mut k, v) = timed(profile, Part::Qkv, || -> Result<_> {
+                let project = |l: &crate::linear::Linear| -> Result<Vec<f32>> {
+                    Ok(l.forward_as(&h, format)?.flatten_all()?.to_vec1::<f32>()?)
+                };
+                Ok((project(&block.wq)?, project(&block.wk)?, project(&block.wv)?))
+            })?;
+            let attn = self.attend_items(layer, items, &mut q, &mut k, &v, attention_chunk);
+            x = timed(profile, Part::Output, || -> Result<_> {
+                let attn = Tensor::from_vec(attn, (rows, qw), self.device())?;
+                Ok((&x + block.wo.forward_as(&attn, format)?)?)
+            })?;
+            let h =
+                timed(profile, Part::Norms, || candle_nn::ops::rms_norm(&x, &block.mlp_norm, eps))?;
+            let inner = timed(profile, Part::GateUp, || -> Result<_> {
+                let gate = block.gate.forward_as(&h, format)?.silu()?;
+                Ok((gate * block.up.forward_as(&h, format)?)?)
+            })?;
+            x = timed(profile, Part::Down, || -> Result<_> {
+                Ok((&x + block.down.forward_as(&inner, format)?)?)
+            })?;
+        }
+        Ok(x)
+    }
+
+    /// The transformer blocks on the quantized kernel with plain buffers, allocated once
+    /// per pass: the decode path, where candle's per-operation tensors cost as much as the
+    /// arithmetic. `x`: `[rows, hidden]`, returned updated.
+    fn blocks_on_kernel(
+        &self,
+        items: &mut [BatchItem<'_>],
+        mut x: Vec<f32>,
+        attention_chunk: usize,
+    ) -> Result<Vec<f32>> {
+        let profile = self.profile.as_deref();
+        let c = &self.config;
+        let eps = c.rms_norm_eps as f32;
+        let (hidden, inter) = (c.hidden_size, c.intermediate_size);
+        let rows = x.len() / hidden;
+        let (qw, kw) = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
+        let mut h = vec![0.0f32; rows * hidden];
+        let mut act = QuantizedRows::default();
+        let (mut q, mut k, mut v) =
+            (vec![0.0f32; rows * qw], vec![0.0f32; rows * kw], vec![0.0f32; rows * kw]);
+        let mut out = vec![0.0f32; rows * hidden];
+        let (mut gate, mut up) = (vec![0.0f32; rows * inter], vec![0.0f32; rows * inter]);
+        for (layer, block) in self.blocks.iter().enumerate() {
+            let (attn_norm, mlp_norm) = &self.norm_values[layer];
+            timed(profile, Part::Norms, || {
+                rms_norm_rows(&x, attn_norm, eps, &mut h);
+                act.quantize(&h, rows);
+            });
+            timed(profile, Part::Qkv, || {
+                let layers = [&block.wq, &block.wk, &block.wv];
+                Linear::forward_quantized(&layers, &act, &mut [&mut q, &mut k, &mut v]);
+            });
+            let attn = self.attend_items(layer, items, &mut q, &mut k, &v, attention_chunk);
+            timed(profile, Part::Output, || {
+                act.quantize(&attn, rows);
+                Linear::forward_quantized(&[&block.wo], &act, &mut [&mut out]);
+                x.iter_mut().zip(&out).for_each(|(x, o)| *x += o);
+            });
+            timed(profile, Part::Norms, || {
+                rms_norm_rows(&x, mlp_norm, eps, &mut h);
+                act.quantize(&h, rows);
+            });
+            timed(profile, Part::GateUp, || {
+                let layers = [&block.gate, &block.up];
+                Linear::forward_quantized(&layers, &act, &mut [&mut gate, &mut up]);
+                // SiLU(gate) * up
+                gate.iter_mut().zip(&up).for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u);
+                act.quantize(&gate, rows);
+            });
+            timed(profile, Part::Down, || {
+                Linear::forward_quantized(&[&block.down], &act, &mut [&mut out]);
+                x.iter_mut().zip(&out).for_each(|(x, o)| *x += o);
+            });
+        }
+        Ok(x)
+    }
+
+    /// RoPE, cache append and attention of one layer for every item, in parallel over items.
+    /// `q`: `[rows, n_heads * head_dim]`, `k`, `v`: `[rows, n_kv_heads * head_dim]`, rows
+    /// ordered by item. Returns `[rows, n_heads * head_dim]`.
+    fn attend_items(
+        &self,
+        layer: usize,
+        items: &mut [BatchItem<'_>],
+        q: &mut [f32],
+        k: &mut [f32],
+        v: &[f32],
+        attention_chunk: usize,
+    ) -> Vec<f32> {
+        let profile = self.profile.as_deref();
+        let c = &self.config;
+        let shape =
+            AttentionShape { n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: c.head_dim };
+        let (qw, kw) = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
+        // Split the joined rows back into each item's part.
+        let mut parts = Vec::with_capacity(items.len());
+        let (mut q_rest, mut k_rest, mut v_rest) = (q, k, v);
+        for item in items.iter_mut() {
+            let n = item.tokens.len();
+            let (qi, qr) = std::mem::take(&mut q_rest).split_at_mut(n * qw);
+            let (ki, kr) = std::mem::take(&mut k_rest).split_at_mut(n * kw);
+            let (vi, vr) = v_rest.split_at(n * kw);
+            (q_rest, k_rest, v_rest) = (qr, kr, vr);
+            parts.push((item, qi, ki, vi));
+        }
+        let attend_one = |(item, q, k, v): (&mut BatchItem<'_>, &mut [f32], &mut [f32], &[f32])| {
+            let seq = item.tokens.len();
+            let cache = &mut *item.cache;
+            let heads = &mut cache.layers[layer];
+            timed(profile, Part::RopeAppend, || {
+                for i in 0..seq {
+                    let pos = cache.n_seen + i;
+                    self.rope.apply(&mut q[i * qw..(i + 1) * qw], pos);
+                    self.rope.apply(&mut k[i * kw..(i + 1) * kw], pos);
+                    for (kh, head) in heads.iter_mut().enumerate() {
+                        let at = i * kw + kh * c.head_dim;
+                        head.push(
+                            &k[at..at + c.head_dim],
+                            &v[at..at + c.head_dim],
+                            EntryMeta::new(pos),
+                        );
+                    }
+                }
+            });
+            let opts = AttentionOptions {
+                chunk: attention_chunk,
+                stats: item.stats,
+                log_count_bias: cache.log_count_bias,
+            };
+            timed(profile, Part::Attention, || attend(q, seq, heads, shape, opts))
+        };
+        // One sequence needs no parallel region of its own (attention has one inside).
+        let attn: Vec<Vec<f32>> = if parts.len() == 1 {
+            parts.into_iter().map(attend_one).collect()
+        } else {
+            parts.into_par_iter().map(attend_one).collect()
+        };
+        attn.concat()
     }
 
     /// Rejects what would make a forward pass fail half-way: no tokens, a context
@@ -201,5 +321,14 @@ impl Llama {
             )));
         }
         Ok(())
+    }
+}
+
+/// RMSNorm of each row of `x` `[rows, width]` into `out`: `x / sqrt(mean(x^2) + eps) * weight`.
+fn rms_norm_rows(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    for (row, out) in x.chunks_exact(weight.len()).zip(out.chunks_exact_mut(weight.len())) {
+        let mean_square = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
+        let inv = 1.0 / (mean_square + eps).sqrt();
+        out.iter_mut().zip(row).zip(weight).for_each(|((o, v), w)| *o = v * inv * w);
     }
 }

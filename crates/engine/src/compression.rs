@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use kvmerger_compress::{CompressionMethod, HeadId, KvCache};
+use kvmerger_compress::{CompressionMethod, HeadId, KvCache, KvDtype};
 use rayon::prelude::*;
 
 use crate::error::Result;
@@ -12,6 +12,9 @@ use crate::session::CompressionReport;
 /// Compresses every head of `cache` (holding a `prompt_len`-token prompt) to the method's
 /// per-layer budget, releases the memory freed, and fixes the budgets and the log-count
 /// bias on the cache for the decode steps that follow.
+///
+/// Each head is widened to f32 for its method and narrowed back to the cache's dtype once
+/// compressed, so merges compute in f32 and round once.
 pub fn compress_prompt(
     method: &dyn CompressionMethod,
     cache: &mut KvCache,
@@ -30,7 +33,10 @@ pub fn compress_prompt(
                 .iter_mut()
                 .enumerate()
                 .map(|(head, cache)| {
+                    let dtype = cache.dtype();
+                    cache.convert(KvDtype::F32);
                     let report = method.compress(HeadId { layer, head }, cache, budget);
+                    cache.convert(dtype);
                     // Resident memory follows the entries kept, whatever the method did.
                     cache.shrink_to_fit();
                     report

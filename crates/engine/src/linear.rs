@@ -10,6 +10,7 @@ use candle_core::{DType, Module, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
+use crate::qmatmul::{QuantKind, QuantMatrix, QuantizedRows};
 
 /// How a weight is stored for one path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -23,6 +24,10 @@ pub enum WeightFormat {
     /// Requantized to Q8_0 at load (GGUF only): candle has SIMD kernels for Q8_0 but a
     /// scalar one for Q4_1, so on SmolLM2's Q4_1 file this decodes faster than either.
     Q8,
+    /// The file's own Q4_1 or Q8_0 blocks through our kernel ([`QuantMatrix`]), which reads
+    /// each weight once per step for all rows; other quantized types are requantized to Q8_0
+    /// at load (GGUF only).
+    File,
 }
 
 impl std::str::FromStr for WeightFormat {
@@ -32,9 +37,10 @@ impl std::str::FromStr for WeightFormat {
             "f32" => Ok(Self::F32),
             "quantized" | "q" => Ok(Self::Quantized),
             "q8" | "q8_0" => Ok(Self::Q8),
-            other => {
-                Err(format!("unknown weight format `{other}` (expected f32, quantized or q8)"))
-            }
+            "file" => Ok(Self::File),
+            other => Err(format!(
+                "unknown weight format `{other}` (expected f32, quantized, q8 or file)"
+            )),
         }
     }
 }
@@ -63,17 +69,25 @@ pub struct Linear {
     /// `[out, in]`
     dense: Option<Tensor>,
     quantized: Option<QMatMul>,
+    /// For [`WeightFormat::File`].
+    kernel: Option<QuantMatrix>,
     /// `[out]`
     bias: Option<Tensor>,
+    /// `bias` as plain values, for the kernel path.
+    bias_values: Option<Vec<f32>>,
 }
 
 impl Linear {
     /// Builds from an f32 (or f16/bf16) tensor `[out, in]`.
     pub fn from_dense(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let bias = bias.map(|b| b.to_dtype(DType::F32)).transpose()?;
+        let bias_values = bias.as_ref().map(Tensor::to_vec1).transpose()?;
         Ok(Self {
             dense: Some(weight.to_dtype(DType::F32)?),
             quantized: None,
-            bias: bias.map(|b| b.to_dtype(DType::F32)).transpose()?,
+            kernel: None,
+            bias,
+            bias_values,
         })
     }
 
@@ -91,7 +105,17 @@ impl Linear {
         );
         let uses = |f: WeightFormat| formats.prefill == f || formats.decode == f;
         let dense = weight.dequantize(&weight.device())?;
-        // One quantized copy at most: the file's own format, or a Q8_0 requantization.
+        let kernel = match is_float || !uses(WeightFormat::File) {
+            true => None,
+            false => match QuantMatrix::from_qtensor(&weight)? {
+                Some(m) => Some(m),
+                None if dense.dim(1)? % 32 == 0 => {
+                    Some(QuantMatrix::quantize(&dense, QuantKind::Q8_0)?)
+                }
+                None => None,
+            },
+        };
+        // One candle quantized copy at most: the file's own format, or a Q8_0 requantization.
         let quantized = if is_float {
             None
         } else if uses(WeightFormat::Q8) && dense.dim(1)? % 32 == 0 {
@@ -102,8 +126,12 @@ impl Linear {
         } else {
             None
         };
-        let dense = (is_float || uses(WeightFormat::F32) || quantized.is_none()).then_some(dense);
-        Ok(Self { dense, quantized, bias })
+        let dense =
+            (is_float || uses(WeightFormat::F32) || (quantized.is_none() && kernel.is_none()))
+                .then_some(dense);
+        let bias = bias.map(|b| b.to_dtype(DType::F32)).transpose()?;
+        let bias_values = bias.as_ref().map(Tensor::to_vec1).transpose()?;
+        Ok(Self { dense, quantized, kernel, bias, bias_values })
     }
 
     /// `x`: `[rows, in]` -> `[rows, out]`, in the format of the path its row count implies.
@@ -115,16 +143,48 @@ impl Linear {
 
     /// `x`: `[rows, in]` -> `[rows, out]` with the weight in `format` (or the format held).
     pub fn forward_as(&self, x: &Tensor, format: WeightFormat) -> Result<Tensor> {
-        let y = match (format, &self.quantized, &self.dense) {
-            (WeightFormat::Quantized | WeightFormat::Q8, Some(q), _) => q.forward(x)?,
-            (_, _, Some(w)) => x.matmul(&w.t()?)?,
-            (_, Some(q), None) => q.forward(x)?,
-            (_, None, None) => unreachable!("a linear layer always holds one format"),
+        let y = match (format, &self.kernel, &self.quantized, &self.dense) {
+            (WeightFormat::File, Some(k), _, _) => {
+                let rows = x.dim(0)?;
+                let q = QuantizedRows::new(&x.flatten_all()?.to_vec1::<f32>()?, rows);
+                let mut out = vec![0.0f32; rows * k.out_dim()];
+                Self::forward_quantized(&[self], &q, &mut [&mut out]);
+                return Ok(Tensor::from_vec(out, (rows, k.out_dim()), x.device())?);
+            }
+            (WeightFormat::Quantized | WeightFormat::Q8, _, Some(q), _) => q.forward(x)?,
+            (_, _, _, Some(w)) => x.matmul(&w.t()?)?,
+            (_, _, Some(q), None) => q.forward(x)?,
+            (_, Some(_), None, None) => return self.forward_as(x, WeightFormat::File),
+            (_, None, None, None) => unreachable!("a linear layer always holds one format"),
         };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         })
+    }
+
+    /// Whether [`WeightFormat::File`] runs on our kernel (a quantized weight with a multiple
+    /// of 32 columns), so [`Self::forward_quantized`] applies.
+    pub fn has_kernel(&self) -> bool {
+        self.kernel.is_some()
+    }
+
+    /// `out = x W^T (+ b)` on the kernel: `x` `[rows, in]` quantized, `out` `[rows, out]`.
+    /// Several layers reading the same input run in one parallel region.
+    /// Panics unless every layer [`Self::has_kernel`].
+    pub fn forward_quantized(layers: &[&Linear], x: &QuantizedRows, outs: &mut [&mut [f32]]) {
+        let kernels: Vec<&QuantMatrix> = layers
+            .iter()
+            .map(|l| l.kernel.as_ref().expect("forward_quantized on a layer without a kernel"))
+            .collect();
+        QuantMatrix::matmul_many(&kernels, x, outs);
+        for (layer, out) in layers.iter().zip(outs.iter_mut()) {
+            if let Some(bias) = &layer.bias_values {
+                for row in out.chunks_exact_mut(bias.len()) {
+                    row.iter_mut().zip(bias).for_each(|(y, b)| *y += b);
+                }
+            }
+        }
     }
 
     /// Bytes of weight data held.
@@ -134,6 +194,6 @@ impl Linear {
             Some(QMatMul::QTensor(t)) => t.storage_size_in_bytes(),
             _ => 0,
         };
-        dense + q
+        dense + q + self.kernel.as_ref().map_or(0, QuantMatrix::bytes)
     }
 }

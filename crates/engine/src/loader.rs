@@ -119,7 +119,7 @@ pub fn load_gguf(
             down,
         });
     }
-    let model = Llama::new(config, embed, blocks, final_norm, lm_head, formats);
+    let model = Llama::new(config, embed, blocks, final_norm, lm_head, formats)?;
     Ok((model, content))
 }
 
@@ -190,7 +190,7 @@ pub fn load_hf_folder(dir: &Path, device: &Device) -> Result<Llama> {
             mlp_norm: required(take_optional(&mlp_norm, &[hidden])?, &mlp_norm)?,
         });
     }
-    Ok(Llama::new(
+    Llama::new(
         config,
         embed,
         blocks,
@@ -200,7 +200,7 @@ pub fn load_hf_folder(dir: &Path, device: &Device) -> Result<Llama> {
             prefill: crate::linear::WeightFormat::F32,
             decode: crate::linear::WeightFormat::F32,
         },
-    ))
+    )
 }
 
 /// A model with its tokenizer.

@@ -1,13 +1,16 @@
 //! The Llama-family forward pass (Llama 2/3, Mistral, Qwen2, SmolLM): RMSNorm, RoPE at
 //! explicit positions, grouped-query attention over the ragged cache, SwiGLU.
 
+use std::sync::Arc;
+
 use candle_core::{Device, Tensor};
-use kvmerger_compress::{KvCache, StatsRequest};
+use kvmerger_compress::{KvCache, KvDtype, StatsRequest};
 
 use crate::batch::{BatchItem, PassFormats};
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::linear::{Linear, WeightFormats, DECODE_ROWS};
+use crate::profile::StepProfile;
 use crate::rope::Rope;
 
 /// One transformer block's weights.
@@ -61,7 +64,14 @@ pub struct Llama {
     pub final_norm: Tensor,
     pub lm_head: Linear,
     pub formats: WeightFormats,
+    /// How caches made for this model store keys and values (f16 unless set otherwise).
+    pub kv_dtype: KvDtype,
     pub(crate) rope: Rope,
+    /// `[layer] -> (attn_norm, mlp_norm)` as plain values, for the kernel path.
+    pub(crate) norm_values: Vec<(Vec<f32>, Vec<f32>)>,
+    /// Whether every block's linear layers run on the quantized kernel.
+    pub(crate) blocks_on_kernel: bool,
+    pub(crate) profile: Option<Arc<StepProfile>>,
 }
 
 impl Llama {
@@ -72,9 +82,34 @@ impl Llama {
         final_norm: Tensor,
         lm_head: Linear,
         formats: WeightFormats,
-    ) -> Self {
+    ) -> Result<Self> {
         let rope = Rope::new(&config);
-        Self { config, embed, blocks, final_norm, lm_head, formats, rope }
+        let norm_values = blocks
+            .iter()
+            .map(|b| Ok((b.attn_norm.to_vec1()?, b.mlp_norm.to_vec1()?)))
+            .collect::<Result<_>>()?;
+        let blocks_on_kernel = blocks.iter().all(|b| {
+            [&b.wq, &b.wk, &b.wv, &b.wo, &b.gate, &b.up, &b.down].iter().all(|l| l.has_kernel())
+        });
+        Ok(Self {
+            config,
+            embed,
+            blocks,
+            final_norm,
+            lm_head,
+            formats,
+            kv_dtype: KvDtype::default(),
+            rope,
+            norm_values,
+            blocks_on_kernel,
+            profile: None,
+        })
+    }
+
+    /// Attaches (or with `None` detaches) a profile that every forward pass adds its parts'
+    /// times to.
+    pub fn set_profile(&mut self, profile: Option<Arc<StepProfile>>) {
+        self.profile = profile;
     }
 
     pub fn device(&self) -> &Device {
@@ -83,7 +118,8 @@ impl Llama {
 
     /// An empty cache shaped for this model.
     pub fn new_cache(&self) -> KvCache {
-        KvCache::new(self.config.n_layers, self.config.n_kv_heads, self.config.head_dim)
+        let c = &self.config;
+        KvCache::new(c.n_layers, c.n_kv_heads, c.head_dim, self.kv_dtype)
     }
 
     /// Runs `tokens` after whatever `cache` holds. Token `i` gets logical position

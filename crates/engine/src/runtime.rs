@@ -159,6 +159,7 @@ impl Engine {
             c.prefill_chunk,
             c.prefill_compression,
         )
+        .map(|s| s.with_kv_dtype(self.model.kv_dtype))
         .inspect_err(|_| {
             m.requests_invalid.fetch_add(1, Ordering::Relaxed);
         })

@@ -6,7 +6,7 @@ use std::ops::Range;
 
 use kvmerger_compress::methods::BudgetMode;
 use kvmerger_compress::{
-    CompressionConfig, CompressionMethod, EntryMeta, HeadCache, KvCache, StatsRequest,
+    CompressionConfig, CompressionMethod, EntryMeta, HeadCache, KvCache, KvDtype, StatsRequest,
 };
 use serde::Serialize;
 
@@ -79,9 +79,10 @@ pub struct Usage {
     pub full_kv_bytes: usize,
 }
 
-/// Bytes one cached entry of one head takes: its key and value rows and its metadata.
-pub fn entry_bytes(head_dim: usize) -> usize {
-    2 * head_dim * std::mem::size_of::<f32>() + std::mem::size_of::<EntryMeta>()
+/// Bytes one cached entry of one head takes: its key and value rows in `dtype` and its
+/// metadata.
+pub fn entry_bytes(head_dim: usize, dtype: KvDtype) -> usize {
+    HeadCache::entry_kv_bytes(head_dim, dtype) + std::mem::size_of::<EntryMeta>()
 }
 
 /// The memory a sequence can need, in bytes.
@@ -119,6 +120,7 @@ pub struct Sequence {
     n_layers: usize,
     n_kv_heads: usize,
     head_dim: usize,
+    kv_dtype: KvDtype,
     context: usize,
 }
 
@@ -196,7 +198,7 @@ impl Sequence {
             sampler: Sampler::new(request.sampling),
             method,
             request,
-            cache: KvCache::new(0, 0, config.head_dim),
+            cache: KvCache::new(0, 0, config.head_dim, KvDtype::default()),
             state: SeqState::Waiting,
             generated: Vec::new(),
             report: None,
@@ -205,8 +207,15 @@ impl Sequence {
             n_layers: config.n_layers,
             n_kv_heads: config.n_kv_heads,
             head_dim: config.head_dim,
+            kv_dtype: KvDtype::default(),
             context,
         })
+    }
+
+    /// Stores the cache in `dtype` (f16 unless set), from admission on.
+    pub fn with_kv_dtype(mut self, dtype: KvDtype) -> Self {
+        self.kv_dtype = dtype;
+        self
     }
 
     pub fn prompt_len(&self) -> usize {
@@ -217,7 +226,7 @@ impl Sequence {
     /// [`PrefillPlan::peak_entries`] during prefill with a row per prompt statistic, then
     /// [`PrefillPlan::kept_entries`] plus room for `max_tokens`.
     pub fn reservation(&self) -> Reservation {
-        let entry = entry_bytes(self.head_dim);
+        let entry = entry_bytes(self.head_dim, self.kv_dtype);
         let stats = self.method.prompt_stats(self.prompt_len());
         let rows = stats.windows.iter().count() + 2 * stats.evictions.iter().count();
         let per_entry = entry + rows * std::mem::size_of::<f32>();
@@ -237,19 +246,22 @@ impl Sequence {
 
     /// Bytes of the uncompressed prompt cache.
     pub fn full_prompt_bytes(&self) -> usize {
-        self.prompt_len() * entry_bytes(self.head_dim) * self.n_layers * self.n_kv_heads
+        self.prompt_len()
+            * entry_bytes(self.head_dim, self.kv_dtype)
+            * self.n_layers
+            * self.n_kv_heads
     }
 
     /// Starts the prefill: allocates an empty cache with room for exactly the entries a
     /// head holds at most during prefill.
     pub fn start(&mut self) {
-        let d = self.head_dim;
-        self.cache = KvCache::new(0, 0, d);
+        let (d, dtype) = (self.head_dim, self.kv_dtype);
+        self.cache = KvCache::new(0, 0, d, dtype);
         self.cache.layers = self
             .plan
             .peak_entries
             .iter()
-            .map(|&n| (0..self.n_kv_heads).map(|_| HeadCache::with_capacity(d, n)).collect())
+            .map(|&n| (0..self.n_kv_heads).map(|_| HeadCache::with_capacity(d, dtype, n)).collect())
             .collect();
         self.state = SeqState::Prefilling { done: 0 };
     }
@@ -346,7 +358,7 @@ impl Sequence {
     /// Ends the sequence and drops its cache.
     pub fn finish(&mut self, reason: FinishReason) {
         self.state = SeqState::Finished(reason);
-        self.cache = KvCache::new(0, 0, self.head_dim);
+        self.cache = KvCache::new(0, 0, self.head_dim, self.kv_dtype);
     }
 
     pub fn report(&self) -> Option<&CompressionReport> {
@@ -419,9 +431,11 @@ mod tests {
     #[test]
     fn reservations_are_exact_bytes_of_the_planned_entries() {
         use PrefillCompression::{Incremental, Once};
-        // Tiny model: 2 layers x 2 kv heads, head_dim 8: an entry is 2 x 8 floats + meta.
-        let entry = entry_bytes(8);
-        assert_eq!(entry, 64 + std::mem::size_of::<EntryMeta>());
+        // Tiny model: 2 layers x 2 kv heads, head_dim 8: an entry is a key and a value of
+        // 8 numbers in the cache's dtype, plus its metadata.
+        let dtype = KvDtype::default();
+        let entry = entry_bytes(8, dtype);
+        assert_eq!(entry, 2 * 8 * dtype.size_bytes() + std::mem::size_of::<EntryMeta>());
         let heads = 4;
         let r = |settled: usize, headroom: usize| Reservation { settled, headroom };
         // The full cache holds its prompt plus room for max_tokens from the start.

@@ -5,6 +5,7 @@
 //! against something too simple to be wrong.
 
 use candle_core::{Device, Tensor};
+use kvmerger_compress::KvDtype;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -33,11 +34,14 @@ pub fn tiny_config() -> ModelConfig {
     }
 }
 
-/// A model with seeded random weights, f32 on every path.
+/// A model with seeded random weights, f32 on every path (its caches too, so it agrees
+/// with [`reference_forward`] to f32 rounding).
 pub fn random_llama(config: ModelConfig, seed: u64) -> Result<Llama> {
     let formats =
         WeightFormats { prefill: crate::WeightFormat::F32, decode: crate::WeightFormat::F32 };
-    random_llama_with(config, seed, formats)
+    let mut model = random_llama_with(config, seed, formats)?;
+    model.kv_dtype = KvDtype::F32;
+    Ok(model)
 }
 
 /// A model with seeded random weights held in `formats` (quantized formats requantize the
@@ -60,10 +64,12 @@ pub fn random_llama_with(config: ModelConfig, seed: u64, formats: WeightFormats)
         formats.prefill != crate::WeightFormat::F32 || formats.decode != crate::WeightFormat::F32;
     let linear = |w: Tensor| -> Result<Linear> {
         if quantized {
-            let q = candle_core::quantized::QTensor::quantize(
-                &w,
-                candle_core::quantized::GgmlDType::Q8_0,
-            )?;
+            // The kernel format reads Q4_1 as in SmolLM2's file; the others requantize Q8_0.
+            let dtype = match formats.decode {
+                crate::WeightFormat::File => candle_core::quantized::GgmlDType::Q4_1,
+                _ => candle_core::quantized::GgmlDType::Q8_0,
+            };
+            let q = candle_core::quantized::QTensor::quantize(&w, dtype)?;
             Linear::from_qtensor(q, None, formats)
         } else {
             Linear::from_dense(w, None)
@@ -88,7 +94,7 @@ pub fn random_llama_with(config: ModelConfig, seed: u64, formats: WeightFormats)
     }
     let final_norm = Tensor::ones(h, candle_core::DType::F32, &dev)?;
     let lm_head = linear(embed.clone())?;
-    Ok(Llama::new(config, embed, blocks, final_norm, lm_head, formats))
+    Llama::new(config, embed, blocks, final_norm, lm_head, formats)
 }
 
 /// Output of [`reference_forward`].

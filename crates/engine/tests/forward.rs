@@ -207,16 +207,15 @@ fn log_count_bias_equals_duplicated_entries() {
     for heads in dup.layers.iter_mut() {
         for head in heads.iter_mut() {
             let (k, v, meta) = (head.key(5).to_vec(), head.value(5).to_vec(), head.meta()[5]);
-            let mut rebuilt = HeadCache::new(head.head_dim());
+            let mut rebuilt = HeadCache::new(head.head_dim(), head.dtype());
             for i in 0..head.len() {
                 let copies = if i == 5 { 4 } else { 1 };
                 for _ in 0..copies {
-                    let src = if i == 5 {
-                        (k.as_slice(), v.as_slice(), meta)
+                    if i == 5 {
+                        rebuilt.push(&k, &v, meta);
                     } else {
-                        (head.key(i), head.value(i), head.meta()[i])
-                    };
-                    rebuilt.push(src.0, src.1, src.2);
+                        rebuilt.push(&head.key(i), &head.value(i), head.meta()[i]);
+                    }
                 }
             }
             *head = rebuilt;

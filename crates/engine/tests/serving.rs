@@ -14,9 +14,11 @@ use kvmerger_engine::{
 
 fn models() -> Vec<(&'static str, Llama)> {
     let q8 = WeightFormats { prefill: WeightFormat::F32, decode: WeightFormat::Q8 };
+    let file = WeightFormats { prefill: WeightFormat::F32, decode: WeightFormat::File };
     vec![
         ("f32", random_llama(tiny_config(), 3).unwrap()),
         ("q8 decode", random_llama_with(tiny_config(), 3, q8).unwrap()),
+        ("kernel decode", random_llama_with(tiny_config(), 3, file).unwrap()),
     ]
 }
 
@@ -144,7 +146,7 @@ fn a_small_pool_serves_everyone_in_turn_without_exceeding_its_limit() {
     let reqs = requests();
     let alone = serve(&model, &reqs, 64 << 20);
     // Room for about two of the largest requests at once.
-    let entry = kvmerger_engine::entry_bytes(tiny_config().head_dim);
+    let entry = kvmerger_engine::entry_bytes(tiny_config().head_dim, model.kv_dtype);
     let heads = tiny_config().n_layers * tiny_config().n_kv_heads;
     let pool = 2 * (40 + 13 * 5 + 12) * entry * heads;
     assert_eq!(serve(&model, &reqs, pool), alone);

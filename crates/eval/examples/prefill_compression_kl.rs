@@ -118,7 +118,8 @@ fn served_prefill<'m>(
 ) -> Result<((Session<'m>, usize), Vec<f32>)> {
     let compression = request.compression.clone();
     let prompt = request.prompt.clone();
-    let mut seq = Sequence::new(1, request, &model.config, chunk, mode)?;
+    let mut seq =
+        Sequence::new(1, request, &model.config, chunk, mode)?.with_kv_dtype(model.kv_dtype);
     let compressions = seq.plan().compress_after.iter().filter(|&&c| c).count();
     seq.start();
     let mut first = Vec::new();

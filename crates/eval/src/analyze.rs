@@ -64,7 +64,7 @@ pub fn merge_ratio(head: &HeadCache, threshold: f32, compare_to: CompareTo) -> f
         return 1.0;
     }
     let protected = vec![false; head.len()];
-    let sets = merging_sets(head.keys(), head.head_dim(), &protected, threshold, compare_to);
+    let sets = merging_sets(&head.keys(), head.head_dim(), &protected, threshold, compare_to);
     sets.len() as f64 / head.len() as f64
 }
 
@@ -85,8 +85,8 @@ pub fn analyze_cache(
             heads.push(HeadAnalysis {
                 layer,
                 head,
-                key_cosine_percentiles: percentiles(&adjacent_cosine(h.keys(), h.head_dim())),
-                value_cosine_percentiles: percentiles(&adjacent_cosine(h.values(), h.head_dim())),
+                key_cosine_percentiles: percentiles(&adjacent_cosine(&h.keys(), h.head_dim())),
+                value_cosine_percentiles: percentiles(&adjacent_cosine(&h.values(), h.head_dim())),
                 merge_ratio: ratio,
             });
         }
@@ -180,7 +180,7 @@ mod tests {
     }
 
     fn head(rows: &[Vec<f32>]) -> HeadCache {
-        let mut h = HeadCache::new(rows[0].len());
+        let mut h = HeadCache::new(rows[0].len(), kvmerger_compress::KvDtype::F32);
         for (i, r) in rows.iter().enumerate() {
             h.push(r, r, EntryMeta::new(i));
         }
@@ -222,7 +222,7 @@ mod tests {
         let rows = pseudo_random_rows(40, 4);
         let h = head(&rows);
         for threshold in [-2.0, 0.0, 0.5, 0.9, 2.0] {
-            let sets = merging_sets(h.keys(), 4, &[false; 40], threshold, CompareTo::Neighbour);
+            let sets = merging_sets(&h.keys(), 4, &[false; 40], threshold, CompareTo::Neighbour);
             assert_eq!(merge_ratio(&h, threshold, CompareTo::Neighbour), sets.len() as f64 / 40.0);
         }
         assert_eq!(merge_ratio(&h, 2.0, CompareTo::Neighbour), 1.0);

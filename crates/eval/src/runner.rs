@@ -174,7 +174,7 @@ pub fn run_sample(
         compressed(model, &CompressionConfig::Full, &prefilled)?;
     let reference = teacher_forced(session, logits, &question, &full.tokens)?;
     let full_kv_bytes = 2
-        * 4
+        * model.model.kv_dtype.size_bytes()
         * context.len()
         * model.model.config.n_layers
         * model.model.config.n_kv_heads

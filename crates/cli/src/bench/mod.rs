@@ -1,7 +1,14 @@
-//! `kvmerger bench`: prefill and decode speed of our engine against candle-transformers'
-//! `quantized_llama` on the same GGUF file, dequantized, full cache, in the same run.
+//! `kvmerger bench`: end-to-end speed, printed as Markdown tables with ratios and written as
+//! JSON and Markdown.
+//!
+//! - Engines: prefill and decode of our engine in each decode weight format against
+//!   llama.cpp (through `llama-cpp-python`, when importable) and candle-transformers'
+//!   `quantized_llama`, on the same GGUF file and token ids, full cache.
+//! - Compressed decode ([`compressed`]): a budget against the full cache at long contexts.
 
-use std::io::Write;
+mod compressed;
+mod llama_cpp;
+
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -9,33 +16,52 @@ use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama;
 use clap::Args;
-use kvmerger_compress::CompressionConfig;
-use kvmerger_engine::{load_model, Session, WeightFormat, WeightFormats};
+use kvmerger_compress::{Budget, CompressionConfig};
+use kvmerger_engine::{Session, WeightFormat, WeightFormats};
 use serde::Serialize;
 
 use crate::args::ModelSource;
 
+mod breakdown;
+
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// The model (a GGUF file: the reference reads nothing else) and threads.
+    /// The model (a GGUF file: the references read nothing else) and threads.
     #[command(flatten)]
     pub source: ModelSource,
-    /// Prompt lengths to measure.
-    #[arg(long, value_delimiter = ',', default_values_t = vec![512, 2048, 4080])]
+    /// Prompt lengths of the engine comparison (full cache); empty skips it.
+    #[arg(long, value_delimiter = ',', num_args = 0.., default_values_t = vec![512, 2048, 4080])]
     pub lengths: Vec<usize>,
+    /// Prompt lengths of the compressed-decode comparison; empty skips it.
+    #[arg(long, value_delimiter = ',', num_args = 0.., default_values_t = vec![4096, 8000])]
+    pub compressed_lengths: Vec<usize>,
+    /// Methods compared with the full cache at `--budget` in the compressed-decode part.
+    #[arg(long, value_delimiter = ',', default_values_t = vec!["kvmerger".to_string(), "h2o".to_string()])]
+    pub methods: Vec<String>,
+    /// Budget of the compressed-decode part.
+    #[arg(long, default_value = "0.35")]
+    pub budget: Budget,
     /// Decode steps (generated tokens) timed after each prefill.
     #[arg(short = 'n', long, default_value_t = 16, value_name = "N")]
     pub decode_tokens: usize,
-    /// Also write the figures as JSON here.
+    /// Writes the figures as JSON here, and the tables next to it as Markdown (`.md`).
     #[arg(long, default_value = "results/bench.json", value_name = "FILE")]
     pub out: PathBuf,
-    /// Skip candle-transformers (ours only).
+    /// Skip candle-transformers' quantized_llama.
     #[arg(long)]
     pub no_reference: bool,
+    /// Skip llama.cpp.
+    #[arg(long)]
+    pub no_llama_cpp: bool,
+    /// The Python that imports `llama_cpp`.
+    #[arg(long, default_value = "python3")]
+    pub python: String,
+    #[command(flatten)]
+    pub breakdown: breakdown::BreakdownArgs,
 }
 
 #[derive(Debug, Serialize)]
-struct Row {
+struct EngineRow {
     engine: String,
     tokens: usize,
     prefill_s: f64,
@@ -43,69 +69,130 @@ struct Row {
     decode_ms_per_token: f64,
 }
 
+const LLAMA_CPP: &str = "llama.cpp (llama-cpp-python 0.3.36, file format, f16 KV cache)";
+const CANDLE: &str = "candle-transformers quantized_llama (dequantized f32)";
+
 pub fn run(args: BenchArgs) -> Result<()> {
     let path = args.source.prepare()?;
     if path.is_dir() {
-        bail!("bench compares against quantized_llama, which reads GGUF files only");
+        bail!("bench compares against llama.cpp and quantized_llama, which read GGUF files only");
     }
-    let f32_only = WeightFormats { prefill: WeightFormat::F32, decode: WeightFormat::F32 };
-    let file_format = WeightFormats { prefill: WeightFormat::F32, decode: WeightFormat::Quantized };
-    let ours_f32 = load_model(&path, f32_only)?;
-    let ours_file = load_model(&path, file_format)?;
-    let ours_q8 = load_model(&path, WeightFormats::default())?;
+    if args.breakdown.breakdown || args.breakdown.busy_cores > 0 {
+        return breakdown::run(&args.breakdown, &path, &args.lengths, args.decode_tokens);
+    }
+    let default_formats = WeightFormats {
+        prefill: WeightFormat::F32,
+        decode: kvmerger_engine::fetch::decode_format_for(&path),
+    };
+    let variants: Vec<(String, WeightFormats)> =
+        [WeightFormat::F32, WeightFormat::Quantized, WeightFormat::Q8, WeightFormat::File]
+            .into_iter()
+            .map(|decode| {
+                let formats = WeightFormats { prefill: WeightFormat::F32, decode };
+                let default = if formats == default_formats { ", default" } else { "" };
+                let name = format!("{decode:?}").to_lowercase();
+                (format!("kvmerger, {name} decode weights{default}"), formats)
+            })
+            .collect();
+    let models = variants
+        .iter()
+        .map(|(_, formats)| args.source.load(&path, *formats))
+        .collect::<Result<Vec<_>>>()?;
+    let model = &models[0];
+    let context = model.model.config.context_length;
     let text =
         "The quick brown fox jumps over the lazy dog while the river runs past the old mill. "
-            .repeat(800);
-    let all_tokens = ours_f32.tokenizer.encode(&text, false)?;
-    let mut rows = Vec::new();
-    for &n in &args.lengths {
-        if n + args.decode_tokens > ours_f32.model.config.context_length || n > all_tokens.len() {
-            bail!(
-                "length {n} plus {} decode steps exceeds the context or the sample text",
-                args.decode_tokens
-            );
-        }
-        let tokens = &all_tokens[..n];
-        let variants = [
-            ("kvmerger f32", &ours_f32),
-            ("kvmerger f32 prefill + file-format (Q4_1) decode", &ours_file),
-            ("kvmerger f32 prefill + Q8_0 decode (default)", &ours_q8),
-        ];
-        for (name, loaded) in variants {
-            let mut session = Session::new(&loaded.model, &CompressionConfig::Full)?;
-            let start = Instant::now();
-            let mut logits = session.prefill(tokens)?;
-            let prefill = start.elapsed().as_secs_f64();
-            let start = Instant::now();
-            for _ in 0..args.decode_tokens {
-                let next = kvmerger_engine::argmax(&logits);
-                logits = session.extend(&[next], kvmerger_engine::Logits::Last)?.swap_remove(0);
-            }
-            let decode = start.elapsed().as_secs_f64() / args.decode_tokens as f64;
-            rows.push(row(name, n, prefill, decode));
-        }
-        if !args.no_reference {
-            let (prefill, decode) = bench_reference(&path, tokens, args.decode_tokens)?;
-            rows.push(row(
-                "candle-transformers quantized_llama (dequantized f32)",
-                n,
-                prefill,
-                decode,
-            ));
-        }
-        print_table(&rows)?;
+            .repeat(1000);
+    let tokens = model.tokenizer.encode(&text, false)?;
+    let longest = args.lengths.iter().chain(&args.compressed_lengths).max().copied().unwrap_or(0);
+    if longest + args.decode_tokens > context.min(tokens.len()) {
+        bail!(
+            "length {longest} plus {} decode steps exceeds the context ({context}) or the sample \
+             text ({} tokens)",
+            args.decode_tokens,
+            tokens.len()
+        );
     }
+    if args.decode_tokens == 0 {
+        bail!("--decode-tokens must be at least 1");
+    }
+
+    let mut rows = Vec::new();
+    if !args.lengths.is_empty() {
+        for loaded in &models {
+            warm_up(&loaded.model, &tokens)?;
+        }
+        for &n in &args.lengths {
+            for ((name, _), loaded) in variants.iter().zip(&models) {
+                let (prefill, decode) =
+                    bench_ours(&loaded.model, &tokens[..n], args.decode_tokens)?;
+                rows.push(engine_row(name, n, prefill, decode));
+            }
+            if !args.no_reference {
+                let (prefill, decode) = bench_candle(&path, &tokens[..n], args.decode_tokens)?;
+                rows.push(engine_row(CANDLE, n, prefill, decode));
+            }
+            println!("{}", engine_table(&rows));
+        }
+        if !args.no_llama_cpp {
+            let threads = rayon::current_num_threads();
+            let measured = llama_cpp::measure(
+                &args.python,
+                &path,
+                threads,
+                &args.lengths,
+                args.decode_tokens,
+                &tokens,
+            )?;
+            for m in measured.into_iter().flatten() {
+                rows.push(engine_row(LLAMA_CPP, m.tokens, m.prefill_s, m.decode_s));
+            }
+        }
+    }
+    let mut markdown = String::new();
+    if !rows.is_empty() {
+        rows.sort_by_key(|r| r.tokens);
+        markdown += &format!("## Engines, full cache\n\n{}\n", engine_table(&rows));
+    }
+
+    let mut compressed_rows = Vec::new();
+    if !args.compressed_lengths.is_empty() {
+        let loaded = args.source.load(&path, default_formats)?;
+        let mut configs = vec![CompressionConfig::Full];
+        for method in &args.methods {
+            configs.push(CompressionConfig::from_cli(method, Some(args.budget), &[])?);
+        }
+        for &n in &args.compressed_lengths {
+            compressed_rows.extend(compressed::measure(
+                &loaded.model,
+                &tokens[..n],
+                &configs,
+                args.decode_tokens,
+            )?);
+            println!("{}", compressed::table(&compressed_rows));
+        }
+        markdown += &format!(
+            "## Decode over a compressed cache, {:?} decode weights\n\n{}",
+            default_formats.decode,
+            compressed::table(&compressed_rows)
+        );
+    }
+
+    println!("\n{markdown}");
     if let Some(dir) = args.out.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    std::fs::write(&args.out, serde_json::to_string_pretty(&rows)?)
+    let json = serde_json::json!({ "engines": rows, "compressed": compressed_rows });
+    std::fs::write(&args.out, serde_json::to_string_pretty(&json)?)
         .with_context(|| format!("writing {}", args.out.display()))?;
-    writeln!(std::io::stdout(), "\nwritten to {}", args.out.display())?;
+    let md = args.out.with_extension("md");
+    std::fs::write(&md, markdown).with_context(|| format!("writing {}", md.display()))?;
+    println!("written to {} and {}", args.out.display(), md.display());
     Ok(())
 }
 
-fn row(engine: &str, tokens: usize, prefill_s: f64, decode_s: f64) -> Row {
-    Row {
+fn engine_row(engine: &str, tokens: usize, prefill_s: f64, decode_s: f64) -> EngineRow {
+    EngineRow {
         engine: engine.to_string(),
         tokens,
         prefill_s,
@@ -114,7 +201,27 @@ fn row(engine: &str, tokens: usize, prefill_s: f64, decode_s: f64) -> Row {
     }
 }
 
-fn bench_reference(path: &std::path::Path, tokens: &[u32], steps: usize) -> Result<(f64, f64)> {
+/// One short untimed prefill and decode: the first pass of a process pays for page faults
+/// and starting the thread pools, which would otherwise land on whichever row runs first.
+fn warm_up(model: &kvmerger_engine::Llama, tokens: &[u32]) -> Result<()> {
+    bench_ours(model, &tokens[..tokens.len().min(64)], 2).map(|_| ())
+}
+
+/// Prefill of `tokens`, then seconds per greedy decode step over `steps` steps.
+fn bench_ours(model: &kvmerger_engine::Llama, tokens: &[u32], steps: usize) -> Result<(f64, f64)> {
+    let mut session = Session::new(model, &CompressionConfig::Full)?;
+    let start = Instant::now();
+    let mut logits = session.prefill(tokens)?;
+    let prefill = start.elapsed().as_secs_f64();
+    let start = Instant::now();
+    for _ in 0..steps {
+        let next = kvmerger_engine::argmax(&logits);
+        logits = session.extend(&[next], kvmerger_engine::Logits::Last)?.swap_remove(0);
+    }
+    Ok((prefill, start.elapsed().as_secs_f64() / steps as f64))
+}
+
+fn bench_candle(path: &std::path::Path, tokens: &[u32], steps: usize) -> Result<(f64, f64)> {
     // quantized_llama reads this on the loading thread to dequantize every weight to f32.
     std::env::set_var("CANDLE_DEQUANTIZE_ALL", "1");
     let (content, mut reader) = kvmerger_engine::read_gguf_header(path)?;
@@ -132,26 +239,37 @@ fn bench_reference(path: &std::path::Path, tokens: &[u32], steps: usize) -> Resu
     Ok((prefill, start.elapsed().as_secs_f64() / steps as f64))
 }
 
-fn print_table(rows: &[Row]) -> std::io::Result<()> {
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "\n| engine | tokens | prefill s | prefill tok/s | decode ms/token | prefill vs reference | decode vs reference |")?;
-    writeln!(out, "|---|---:|---:|---:|---:|---:|---:|")?;
+/// Ratios are tokens per second against llama.cpp's at the same length (above 1: faster),
+/// or against candle-transformers' where llama.cpp was not measured.
+fn engine_table(rows: &[EngineRow]) -> String {
+    let mut out = String::from(
+        "| engine | tokens | prefill s | prefill tok/s | decode ms/token | decode tok/s | \
+         prefill vs llama.cpp | decode vs llama.cpp | prefill vs candle | decode vs candle |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    let ratio = |r: &EngineRow, reference: &str| {
+        rows.iter().find(|x| x.tokens == r.tokens && x.engine == reference).map_or(
+            ["-".to_string(), "-".to_string()],
+            |x| {
+                [
+                    format!("{:.2}x", r.prefill_tok_s / x.prefill_tok_s),
+                    format!("{:.2}x", x.decode_ms_per_token / r.decode_ms_per_token),
+                ]
+            },
+        )
+    };
     for r in rows {
-        let reference = rows
-            .iter()
-            .find(|x| x.tokens == r.tokens && x.engine.starts_with("candle-transformers"));
-        let (p, d) = match reference {
-            Some(x) => (
-                format!("{:.2}x", r.prefill_tok_s / x.prefill_tok_s),
-                format!("{:.2}x", x.decode_ms_per_token / r.decode_ms_per_token),
-            ),
-            None => ("-".into(), "-".into()),
-        };
-        writeln!(
-            out,
-            "| {} | {} | {:.2} | {:.1} | {:.1} | {p} | {d} |",
-            r.engine, r.tokens, r.prefill_s, r.prefill_tok_s, r.decode_ms_per_token
-        )?;
+        let [pl, dl] = ratio(r, LLAMA_CPP);
+        let [pc, dc] = ratio(r, CANDLE);
+        out += &format!(
+            "| {} | {} | {:.2} | {:.1} | {:.1} | {:.1} | {pl} | {dl} | {pc} | {dc} |\n",
+            r.engine,
+            r.tokens,
+            r.prefill_s,
+            r.prefill_tok_s,
+            r.decode_ms_per_token,
+            1e3 / r.decode_ms_per_token,
+        );
     }
-    Ok(())
+    out
 }

@@ -148,7 +148,7 @@ impl CamConfig {
             let share: Vec<f32> =
                 head.value(victim).iter().map(|v| v / self.merge_span as f32).collect();
             for &t in targets {
-                head.value_mut(t).iter_mut().zip(&share).for_each(|(v, s)| *v += s);
+                head.add_to_value(t, &share);
             }
         }
     }

@@ -333,7 +333,7 @@ impl KvMergerConfig {
         let kp = head.key(pivot);
         let sq_dist: Vec<f32> = members
             .clone()
-            .map(|i| head.key(i).iter().zip(kp).map(|(a, b)| (a - b) * (a - b)).sum())
+            .map(|i| head.key(i).iter().zip(kp.iter()).map(|(a, b)| (a - b) * (a - b)).sum())
             .collect();
         let sigma = match self.sigma {
             Sigma::Fixed(s) => s,
@@ -354,15 +354,15 @@ impl KvMergerConfig {
         if !self.merge {
             return (0..head.len()).filter(|&i| !protected[i]).map(|i| i..i + 1).collect();
         }
-        let center = (self.similarity == Similarity::Centered).then(|| mean_row(head.keys(), d));
+        let keys = head.keys();
+        let center = (self.similarity == Similarity::Centered).then(|| mean_row(&keys, d));
         if self.merges_to_budget() {
-            return merge_to_target(head.keys(), d, protected, budget, center.as_deref());
+            return merge_to_target(&keys, d, protected, budget, center.as_deref());
         }
         match center {
-            None => merging_sets(head.keys(), d, protected, self.threshold, self.compare_to),
+            None => merging_sets(&keys, d, protected, self.threshold, self.compare_to),
             Some(c) => {
-                let centered: Vec<f32> = head
-                    .keys()
+                let centered: Vec<f32> = keys
                     .chunks_exact(d)
                     .flat_map(|k| k.iter().zip(&c).map(|(x, m)| (*x as f64 - m) as f32))
                     .collect();
@@ -392,7 +392,7 @@ impl KvMergerConfig {
             let run = match runs.next_if(|r| r.start == i) {
                 Some(run) if run.len() > 1 => run,
                 _ => {
-                    out.push(head.key(i), head.value(i), meta[i], protected[i]);
+                    out.push(&head.key(i), &head.value(i), meta[i], protected[i]);
                     i += 1;
                     continue;
                 }
@@ -414,8 +414,8 @@ impl KvMergerConfig {
             let count: u32 = run.clone().map(|j| meta[j].count).sum();
             let (mut key, mut value) = (vec![0.0f32; d], vec![0.0f32; d]);
             for (j, wj) in run.clone().zip(&w) {
-                key.iter_mut().zip(head.key(j)).for_each(|(k, x)| *k += wj * x);
-                value.iter_mut().zip(head.value(j)).for_each(|(v, x)| *v += wj * x);
+                key.iter_mut().zip(head.key(j).iter()).for_each(|(k, x)| *k += wj * x);
+                value.iter_mut().zip(head.value(j).iter()).for_each(|(v, x)| *v += wj * x);
             }
             if self.mass == MassRule::ScaleValues {
                 value.iter_mut().for_each(|v| *v *= count as f32);
@@ -428,7 +428,8 @@ impl KvMergerConfig {
                 false,
             );
         }
-        Ok((HeadCache::from_parts(d, out.keys, out.values, out.meta)?, out.protected))
+        let merged = HeadCache::from_parts(d, head.dtype(), out.keys, out.values, out.meta)?;
+        Ok((merged, out.protected))
     }
 }
 
@@ -547,6 +548,7 @@ impl CompressionMethod for KvMergerConfig {
 mod tests {
     use super::*;
     use crate::methods::test_util::random_head;
+    use crate::KvDtype;
 
     const ID: HeadId = HeadId { layer: 0, head: 0 };
 
@@ -557,11 +559,11 @@ mod tests {
         let mut keys = Vec::new();
         for i in 0..n {
             let anchor = base.key(i / run * run).to_vec();
-            keys.extend(anchor.iter().zip(noise.key(i)).map(|(a, e)| a + 0.01 * e));
+            keys.extend(anchor.iter().zip(noise.key(i).iter()).map(|(a, e)| a + 0.01 * e));
         }
         let values = base.values().to_vec();
         let meta = base.meta().to_vec();
-        base = HeadCache::from_parts(d, keys, values, meta).unwrap();
+        base = HeadCache::from_parts(d, KvDtype::F32, keys, values, meta).unwrap();
         base
     }
 
@@ -609,7 +611,7 @@ mod tests {
                     let dist: f64 = original
                         .key(i)
                         .iter()
-                        .zip(original.key(pivot))
+                        .zip(original.key(pivot).iter())
                         .map(|(a, b)| ((a - b) as f64).powi(2))
                         .sum();
                     (-dist / (2.0 * (sigma as f64).powi(2))).exp()
@@ -716,8 +718,14 @@ mod tests {
                 k.iter().enumerate().map(|(t, x)| 0.2 * x + if t == 0 { 5.0 } else { 0.0 })
             })
             .collect();
-        let head =
-            HeadCache::from_parts(d, keys, base.values().to_vec(), base.meta().to_vec()).unwrap();
+        let head = HeadCache::from_parts(
+            d,
+            KvDtype::F32,
+            keys,
+            base.values().to_vec(),
+            base.meta().to_vec(),
+        )
+        .unwrap();
         let run = |similarity| {
             let c = KvMergerConfig {
                 budget_mode: BudgetMode::Threshold,
@@ -857,7 +865,7 @@ mod tests {
                 let dist: f32 = original
                     .key(i)
                     .iter()
-                    .zip(original.key(pivot))
+                    .zip(original.key(pivot).iter())
                     .map(|(a, b)| (a - b).powi(2))
                     .sum();
                 (-dist / (2.0 * 0.02 * 0.02)).exp()
@@ -884,8 +892,8 @@ mod tests {
         let d = head.head_dim();
         let logits: Vec<f32> = (0..head.len())
             .map(|i| {
-                let s: f32 =
-                    q.iter().zip(head.key(i)).map(|(a, b)| a * b).sum::<f32>() / (d as f32).sqrt();
+                let s: f32 = q.iter().zip(head.key(i).iter()).map(|(a, b)| a * b).sum::<f32>()
+                    / (d as f32).sqrt();
                 s + if bias { (head.meta()[i].count as f32).ln() } else { 0.0 }
             })
             .collect();
@@ -906,7 +914,8 @@ mod tests {
             keys.copy_within(2 * d..3 * d, i * d);
             values.copy_within(2 * d..3 * d, i * d);
         }
-        let head = HeadCache::from_parts(d, keys, values, base.meta().to_vec()).unwrap();
+        let head =
+            HeadCache::from_parts(d, KvDtype::F32, keys, values, base.meta().to_vec()).unwrap();
         let q = [0.9, -0.4, 1.3, 0.2];
         let exact = attend(&q, &head, false);
         for (mass, should_match) in [(MassRule::LogCount, true), (MassRule::None, false)] {

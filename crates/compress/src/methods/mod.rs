@@ -31,8 +31,9 @@ mod tests {
     use crate::budget::Budget;
     use crate::cache::EntryMeta;
     use crate::config::CompressionConfig;
-    use crate::method::HeadId;
-    use crate::methods::test_util::random_head;
+    use crate::dtype::KvDtype;
+    use crate::method::{CompressionMethod, HeadId};
+    use crate::methods::test_util::{random_head, random_head_as};
 
     /// `(method, parameters, whether it keeps the head within budget while decoding)`
     type Case = (&'static str, &'static [(&'static str, &'static str)], bool);
@@ -52,8 +53,16 @@ mod tests {
         ("kvmerger", &[("budget_mode", "threshold"), ("mass", "log_count")], false),
     ];
 
+    /// Every method, in every dtype, at several budgets: exact budgets, metadata order, and
+    /// resident bytes at the dtype's size.
     #[test]
     fn every_method_compresses_and_decodes_within_its_budget() {
+        for dtype in KvDtype::ALL {
+            compresses_and_decodes_within_budget(dtype);
+        }
+    }
+
+    fn compresses_and_decodes_within_budget(dtype: KvDtype) {
         const T: usize = 100;
         const D: usize = 8;
         for (name, params, bounded_decode) in METHODS {
@@ -63,10 +72,10 @@ mod tests {
                     params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
                 let config = CompressionConfig::from_cli(name, budget, &params).unwrap();
                 let method = config.build().unwrap();
-                let what = format!("{} at {ratio}", config.label());
+                let what = format!("{} at {ratio} in {dtype}", config.label());
                 let id = HeadId { layer: 1, head: 2 };
 
-                let mut head = random_head(T, D, 11);
+                let mut head = random_head_as(T, D, 11, dtype);
                 let stats = method.prompt_stats(T);
                 for w in stats.windows.iter() {
                     let scores = head.meta().iter().map(|m| m.attention / 2.0).collect();
@@ -78,7 +87,10 @@ mod tests {
                     head.set_eviction_attention(e, received, targets).unwrap();
                 }
                 let b = method.budget_entries(T);
+                let mut widened = head.clone();
                 let report = method.compress(id, &mut head, b).unwrap();
+                assert_eq!(head.dtype(), dtype, "{what}");
+                computes_in_f32(&*method, id, &mut widened, b, &head, &what);
                 let exact = name != "kvmerger" || !params.iter().any(|(_, v)| v == "threshold");
                 if exact {
                     assert_eq!(head.len(), b, "{what}");
@@ -91,7 +103,7 @@ mod tests {
                     "{what}: sorted by position"
                 );
                 if head.len() < T {
-                    let row = 2 * D * std::mem::size_of::<f32>() + std::mem::size_of::<EntryMeta>();
+                    let row = 2 * D * dtype.size_bytes() + std::mem::size_of::<EntryMeta>();
                     assert_eq!(
                         head.resident_bytes(),
                         head.len() * row,
@@ -125,12 +137,41 @@ mod tests {
                     head.meta().windows(2).all(|w| w[0].position < w[1].position),
                     "{what}: sorted after decoding"
                 );
+                assert_eq!(head.dtype(), dtype, "{what}");
                 let log_count = matches!(
                     &config,
                     CompressionConfig::Kvmerger(k) if k.mass == super::MassRule::LogCount
                 );
                 assert_eq!(method.log_count_bias(), log_count, "{what}");
             }
+        }
+    }
+
+    /// Compressing `head` widened to f32 and narrowing the result back gives the same
+    /// entries as compressing `narrow` (the same head, compressed in its own dtype): the
+    /// method computes in f32 either way; only roundings of repeated writes (CaM adding a
+    /// victim's share to its targets one by one) may differ.
+    fn computes_in_f32(
+        method: &dyn CompressionMethod,
+        id: HeadId,
+        head: &mut crate::HeadCache,
+        budget: usize,
+        narrow: &crate::HeadCache,
+        what: &str,
+    ) {
+        let dtype = head.dtype();
+        head.convert(KvDtype::F32);
+        method.compress(id, head, budget).unwrap();
+        head.convert(dtype);
+        assert_eq!(head.meta(), narrow.meta(), "{what}");
+        assert_eq!(head.keys(), narrow.keys(), "{what}");
+        let tolerance = match dtype {
+            KvDtype::F32 => 0.0,
+            KvDtype::F16 => 4e-3,
+            KvDtype::Bf16 => 3e-2,
+        };
+        for (a, b) in head.values().iter().zip(narrow.values().iter()) {
+            assert!((a - b).abs() <= tolerance, "{what}: value {a} vs {b}");
         }
     }
 

@@ -4,12 +4,18 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::cache::{EntryMeta, HeadCache};
+use crate::dtype::KvDtype;
 
 /// A head of `n` entries with seeded random keys, values and accumulated attention;
-/// entry `i` sits at position `i`.
+/// entry `i` sits at position `i`. Stored in f32.
 pub fn random_head(n: usize, d: usize, seed: u64) -> HeadCache {
+    random_head_as(n, d, seed, KvDtype::F32)
+}
+
+/// [`random_head`] stored in `dtype`.
+pub fn random_head_as(n: usize, d: usize, seed: u64, dtype: KvDtype) -> HeadCache {
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut head = HeadCache::new(d);
+    let mut head = HeadCache::new(d, dtype);
     for i in 0..n {
         let k: Vec<f32> = (0..d).map(|_| rng.random_range(-1.0..1.0)).collect();
         let v: Vec<f32> = (0..d).map(|_| rng.random_range(-1.0..1.0)).collect();

@@ -1,0 +1,207 @@
+//! `kvmerger bench --breakdown`: where a decode step's time goes (weight products per
+//! matrix, attention over the cache, norms, RoPE and cache append, the rest, sampling) at each
+//! context length, for each decode weight format; with `--busy-cores N`, the same with N
+//! other processes spinning, to show what a shared machine costs.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use kvmerger_compress::CompressionConfig;
+use kvmerger_engine::{
+    argmax, load_model, LoadedModel, Logits, Part, Session, StepProfile, WeightFormat,
+    WeightFormats,
+};
+
+#[derive(Debug, Clone, Args)]
+pub struct BreakdownArgs {
+    /// Print where each decode step's time goes at each length, for each of
+    /// `--breakdown-formats`, instead of comparing engines.
+    #[arg(long)]
+    pub breakdown: bool,
+    /// Decode weight formats the breakdown measures, interleaved in one run.
+    #[arg(long, value_delimiter = ',', default_values_t = vec!["q8".to_string(), "file".to_string()])]
+    pub breakdown_formats: Vec<String>,
+    /// Also measure each step while this many processes spin on the CPU (started and stopped
+    /// by the bench), alternating with quiet rounds.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub busy_cores: usize,
+}
+
+/// Processes that keep cores busy until dropped.
+struct Burners(Vec<Child>);
+
+impl Burners {
+    fn start(n: usize) -> Result<Self> {
+        let spawn = |_| {
+            Command::new("sh")
+                .args(["-c", "while :; do :; done"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .spawn()
+                .context("--busy-cores: starting a spinning `sh` process")
+        };
+        let burners = Self((0..n).map(spawn).collect::<Result<_>>()?);
+        // Let the scheduler place them before measuring.
+        std::thread::sleep(Duration::from_millis(50));
+        Ok(burners)
+    }
+}
+
+impl Drop for Burners {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Summed part times over some decode steps, and their wall time.
+#[derive(Default)]
+struct Totals {
+    parts: Vec<Duration>,
+    sampling: Duration,
+    wall: Duration,
+    steps: usize,
+}
+
+impl Totals {
+    fn add(&mut self, profile: &StepProfile, sampling: Duration, wall: Duration, steps: usize) {
+        if self.parts.is_empty() {
+            self.parts = vec![Duration::ZERO; Part::ALL.len()];
+        }
+        for (total, part) in self.parts.iter_mut().zip(Part::ALL) {
+            *total += profile.get(part);
+        }
+        self.sampling += sampling;
+        self.wall += wall;
+        self.steps += steps;
+    }
+
+    fn ms_per_step(&self, d: Duration) -> f64 {
+        d.as_secs_f64() * 1e3 / self.steps.max(1) as f64
+    }
+
+    /// `(name, ms per step)`: the parts, the rest of the forward pass, sampling.
+    fn rows(&self) -> Vec<(String, f64)> {
+        let mut rows: Vec<(String, f64)> = Part::ALL
+            .iter()
+            .zip(&self.parts)
+            .map(|(p, d)| (p.name().to_string(), self.ms_per_step(*d)))
+            .collect();
+        let weights: f64 = Part::ALL
+            .iter()
+            .zip(&self.parts)
+            .filter(|(p, _)| p.is_weight_product())
+            .map(|(_, d)| self.ms_per_step(*d))
+            .sum();
+        let accounted: Duration = self.parts.iter().sum::<Duration>() + self.sampling;
+        let rest = self.wall.saturating_sub(accounted);
+        rows.push(("rest (plumbing between parts)".into(), self.ms_per_step(rest)));
+        rows.push(("sampling (argmax)".into(), self.ms_per_step(self.sampling)));
+        rows.push(("= all weight products".into(), weights));
+        rows
+    }
+}
+
+pub fn run(args: &BreakdownArgs, path: &Path, lengths: &[usize], steps: usize) -> Result<()> {
+    let formats = args
+        .breakdown_formats
+        .iter()
+        .map(|f| f.parse::<WeightFormat>().map_err(anyhow::Error::msg))
+        .collect::<Result<Vec<_>>>()
+        .context("--breakdown-formats")?;
+    let mut models = Vec::new();
+    for &decode in &formats {
+        let mut loaded = load_model(path, WeightFormats { prefill: WeightFormat::F32, decode })?;
+        let profile = Arc::new(StepProfile::new());
+        loaded.model.set_profile(Some(profile.clone()));
+        models.push((decode, loaded, profile));
+    }
+    let text = "The quick brown fox jumps over the lazy dog while the river runs past the old \
+                mill. "
+        .repeat(800);
+    let all_tokens = models[0].1.tokenizer.encode(&text, false)?;
+    let conditions: &[bool] = if args.busy_cores > 0 { &[false, true] } else { &[false] };
+    let mut out = std::io::stdout().lock();
+    for &n in lengths {
+        if n > all_tokens.len() {
+            bail!("length {n} exceeds the sample text ({} tokens)", all_tokens.len());
+        }
+        let mut sessions = Vec::new();
+        for (_, loaded, profile) in &models {
+            let mut session = Session::new(&loaded.model, &CompressionConfig::Full)?;
+            let logits = session.prefill(&all_tokens[..n])?;
+            profile.reset();
+            sessions.push((session, logits));
+        }
+        // [format][condition]
+        let mut totals: Vec<Vec<Totals>> =
+            models.iter().map(|_| conditions.iter().map(|_| Totals::default()).collect()).collect();
+        // Rounds alternate formats and conditions so that machine noise spreads evenly.
+        let rounds = 2;
+        let per_round = steps.div_ceil(rounds).max(1);
+        for _ in 0..rounds {
+            for (c, &busy) in conditions.iter().enumerate() {
+                let _burners = if busy { Some(Burners::start(args.busy_cores)?) } else { None };
+                for (m, (session, logits)) in sessions.iter_mut().enumerate() {
+                    if session.cache.n_seen + per_round > session.model().config.context_length {
+                        bail!("length {n} leaves no room for {per_round} decode steps");
+                    }
+                    let profile = &models[m].2;
+                    profile.reset();
+                    let (mut sampling, start) = (Duration::ZERO, Instant::now());
+                    for _ in 0..per_round {
+                        let t = Instant::now();
+                        let next = argmax(logits);
+                        sampling += t.elapsed();
+                        *logits = session.extend(&[next], Logits::Last)?.swap_remove(0);
+                    }
+                    totals[m][c].add(profile, sampling, start.elapsed(), per_round);
+                }
+            }
+        }
+        print_tables(&mut out, n, &models, &totals, args.busy_cores)?;
+    }
+    Ok(())
+}
+
+fn print_tables(
+    out: &mut impl Write,
+    n: usize,
+    models: &[(WeightFormat, LoadedModel, Arc<StepProfile>)],
+    totals: &[Vec<Totals>],
+    busy_cores: usize,
+) -> Result<()> {
+    for ((format, _, _), totals) in models.iter().zip(totals) {
+        let quiet = &totals[0];
+        let quiet_ms = quiet.ms_per_step(quiet.wall);
+        write!(out, "\n{n} tokens, decode weights {format:?}: {quiet_ms:.2} ms/step")?;
+        if let Some(busy) = totals.get(1) {
+            let busy_ms = busy.ms_per_step(busy.wall);
+            let ratio = busy_ms / quiet_ms;
+            write!(out, "; {busy_ms:.2} ms/step with {busy_cores} core(s) busy ({ratio:.2}x)")?;
+        }
+        writeln!(out)?;
+        write!(out, "| part | ms/step | share |")?;
+        if totals.len() > 1 {
+            write!(out, " busy ms/step | busy share |")?;
+        }
+        writeln!(out, "\n|---|---:|---:|{}", if totals.len() > 1 { "---:|---:|" } else { "" })?;
+        let rows: Vec<Vec<(String, f64)>> = totals.iter().map(Totals::rows).collect();
+        let walls: Vec<f64> = totals.iter().map(|t| t.ms_per_step(t.wall)).collect();
+        for i in 0..rows[0].len() {
+            write!(out, "| {} |", rows[0][i].0)?;
+            for (r, wall) in rows.iter().zip(&walls) {
+                write!(out, " {:.3} | {:.1}% |", r[i].1, 100.0 * r[i].1 / wall)?;
+            }
+            writeln!(out)?;
+        }
+    }
+    Ok(())
+}

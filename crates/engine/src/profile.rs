@@ -1,0 +1,132 @@
+//! Where a forward pass's time goes, part by part: off unless a [`StepProfile`] is attached
+//! to the model ([`crate::Llama::set_profile`]), so normal runs pay one branch per part.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// A part of a forward pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// Token embedding lookup.
+    Embedding,
+    /// RMSNorms (and quantizing their output for the decode kernel).
+    Norms,
+    /// Query, key and value projections.
+    Qkv,
+    /// RoPE on queries and keys, and appending keys and values to the cache.
+    RopeAppend,
+    /// Attention over the cache.
+    Attention,
+    /// The attention output projection (and its residual add).
+    Output,
+    /// Gate and up projections with the SiLU product.
+    GateUp,
+    /// Down projection (and its residual add).
+    Down,
+    /// The output projection to the vocabulary.
+    LmHead,
+}
+
+impl Part {
+    pub const ALL: [Part; 9] = [
+        Part::Embedding,
+        Part::Norms,
+        Part::Qkv,
+        Part::RopeAppend,
+        Part::Attention,
+        Part::Output,
+        Part::GateUp,
+        Part::Down,
+        Part::LmHead,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Part::Embedding => "embedding",
+            Part::Norms => "norms",
+            Part::Qkv => "q/k/v projections",
+            Part::RopeAppend => "rope + cache append",
+            Part::Attention => "attention over the cache",
+            Part::Output => "output projection",
+            Part::GateUp => "gate/up projections + SiLU",
+            Part::Down => "down projection",
+            Part::LmHead => "lm_head",
+        }
+    }
+
+    /// Whether the part is a weight matrix product.
+    pub fn is_weight_product(self) -> bool {
+        matches!(self, Part::Qkv | Part::Output | Part::GateUp | Part::Down | Part::LmHead)
+    }
+}
+
+/// Time summed per [`Part`] over the passes run while attached. Parts run in parallel for
+/// several sequences (rope, attention) add each sequence's time.
+#[derive(Debug, Default)]
+pub struct StepProfile {
+    nanos: [AtomicU64; Part::ALL.len()],
+    passes: AtomicU64,
+}
+
+impl StepProfile {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds the time since `start` to `part`.
+    pub fn add(&self, part: Part, start: Instant) {
+        let nanos = start.elapsed().as_nanos() as u64;
+        self.nanos[part as usize].fetch_add(nanos, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_pass(&self) {
+        self.passes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Forward passes run while attached.
+    pub fn passes(&self) -> u64 {
+        self.passes.load(Ordering::Relaxed)
+    }
+
+    /// Total time of `part`.
+    pub fn get(&self, part: Part) -> Duration {
+        Duration::from_nanos(self.nanos[part as usize].load(Ordering::Relaxed))
+    }
+
+    pub fn reset(&self) {
+        self.nanos.iter().for_each(|n| n.store(0, Ordering::Relaxed));
+        self.passes.store(0, Ordering::Relaxed);
+    }
+}
+
+/// Runs `f`, adding its time to `part` when profiling.
+pub(crate) fn timed<T>(profile: Option<&StepProfile>, part: Part, f: impl FnOnce() -> T) -> T {
+    match profile {
+        None => f(),
+        Some(p) => {
+            let start = Instant::now();
+            let out = f();
+            p.add(part, start);
+            out
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parts_add_up_and_reset() {
+        let p = StepProfile::new();
+        timed(Some(&p), Part::Qkv, || std::thread::sleep(Duration::from_millis(2)));
+        timed(Some(&p), Part::Qkv, || std::thread::sleep(Duration::from_millis(2)));
+        assert!(p.get(Part::Qkv) >= Duration::from_millis(4));
+        assert_eq!(p.get(Part::Down), Duration::ZERO);
+        p.count_pass();
+        assert_eq!(p.passes(), 1);
+        p.reset();
+        assert_eq!((p.get(Part::Qkv), p.passes()), (Duration::ZERO, 0));
+        assert_eq!(timed(None, Part::Down, || 7), 7);
+    }
+}

@@ -1,0 +1,596 @@
+//! Products of a few activation rows with GGUF-quantized weights: the decode path's kernel.
+//!
+//! Decode is memory-bound: each step reads every weight once, so the fewest bytes per weight
+//! win, provided the arithmetic keeps up. candle 0.11's Q4_1 dot product is scalar and its
+//! quantized matmul reads a weight row once per activation row; this kernel reads each weight
+//! block once for all activation rows of a step (weights outer, rows inner), so a batched
+//! decode step of 8 sequences reads the weights once, not 8 times.
+//!
+//! As in ggml, activations are quantized to 8 bits per block of 32 values (`d = max|x| / 127`,
+//! `q = round(x / d)`, and `s = d * sum(q)` for the Q4_1 offset term), then each block's
+//! integer dot product is scaled in f32:
+//! - Q4_1 weight `w = d_w * n + m_w` (`n` in 0..16): `d_w d_x sum(n q) + m_w s_x`;
+//! - Q8_0 weight `w = d_w * n` (`n` in -127..=127): `d_w d_x sum(n q)`.
+//!
+//! On x86-64 with AVX2, FMA and F16C (detected at run time) the integer dot products use
+//! `vpmaddubsw`/`vpmaddwd`; elsewhere a scalar loop computes the same sums.
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use rayon::prelude::*;
+
+use crate::error::{EngineError, Result};
+
+/// Values per quantized block, for weights and activations alike.
+pub const BLOCK: usize = 32;
+
+/// Weight rows per parallel task: enough bytes that a task outweighs its scheduling, and
+/// several tasks per thread so that an idle thread can take over a slow one's share.
+const TASK_BYTES: usize = 32 * 1024;
+
+/// Activation rows computed together against each weight block (a register's worth).
+const ROW_GROUP: usize = 8;
+
+/// Block formats the kernel reads, as GGUF stores them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuantKind {
+    /// 20 bytes per 32 weights: f16 scale `d`, f16 offset `m`, 16 bytes of 4-bit values
+    /// (low nibbles are weights 0..16, high nibbles weights 16..32).
+    Q4_1,
+    /// 34 bytes per 32 weights: f16 scale `d`, 32 signed bytes.
+    Q8_0,
+}
+
+impl QuantKind {
+    pub fn block_bytes(self) -> usize {
+        match self {
+            Self::Q4_1 => 20,
+            Self::Q8_0 => 34,
+        }
+    }
+
+    fn from_ggml(dtype: GgmlDType) -> Option<Self> {
+        match dtype {
+            GgmlDType::Q4_1 => Some(Self::Q4_1),
+            GgmlDType::Q8_0 => Some(Self::Q8_0),
+            _ => None,
+        }
+    }
+}
+
+/// A weight matrix `[out_dim, in_dim]` in GGUF blocks, row-major, `in_dim / 32` blocks a row.
+#[derive(Debug, Clone)]
+pub struct QuantMatrix {
+    kind: QuantKind,
+    out_dim: usize,
+    in_dim: usize,
+    blocks: Vec<u8>,
+}
+
+impl QuantMatrix {
+    /// The tensor's own blocks when the kernel reads its format (Q4_1, Q8_0); `None` otherwise.
+    pub fn from_qtensor(weight: &QTensor) -> Result<Option<Self>> {
+        let Some(kind) = QuantKind::from_ggml(weight.dtype()) else { return Ok(None) };
+        let (out_dim, in_dim) = weight.shape().dims2()?;
+        let blocks = weight.data()?.into_owned();
+        Self::from_blocks(kind, out_dim, in_dim, blocks).map(Some)
+    }
+
+    /// Quantizes f32 weights `[out_dim, in_dim]` to `kind` (candle's quantizer, as ggml's).
+    pub fn quantize(weight: &candle_core::Tensor, kind: QuantKind) -> Result<Self> {
+        let dtype = match kind {
+            QuantKind::Q4_1 => GgmlDType::Q4_1,
+            QuantKind::Q8_0 => GgmlDType::Q8_0,
+        };
+        let q = QTensor::quantize(weight, dtype)?;
+        let (out_dim, in_dim) = q.shape().dims2()?;
+        Self::from_blocks(kind, out_dim, in_dim, q.data()?.into_owned())
+    }
+
+    fn from_blocks(
+        kind: QuantKind,
+        out_dim: usize,
+        in_dim: usize,
+        blocks: Vec<u8>,
+    ) -> Result<Self> {
+        let expected = out_dim * (in_dim / BLOCK) * kind.block_bytes();
+        if !in_dim.is_multiple_of(BLOCK) || blocks.len() != expected {
+            return Err(EngineError::Config(format!(
+                "a {kind:?} weight [{out_dim}, {in_dim}] needs a multiple of {BLOCK} columns and \
+                 {expected} bytes, got {} bytes",
+                blocks.len()
+            )));
+        }
+        Ok(Self { kind, out_dim, in_dim, blocks })
+    }
+
+    pub fn kind(&self) -> QuantKind {
+        self.kind
+    }
+
+    pub fn out_dim(&self) -> usize {
+        self.out_dim
+    }
+
+    pub fn in_dim(&self) -> usize {
+        self.in_dim
+    }
+
+    /// Bytes of weight data held.
+    pub fn bytes(&self) -> usize {
+        self.blocks.len()
+    }
+
+    fn row_bytes(&self) -> usize {
+        self.in_dim / BLOCK * self.kind.block_bytes()
+    }
+
+    /// `out = x W^T`: `x` is `[rows, in_dim]` quantized, `out` is `[rows, out_dim]`.
+    /// Splits the weight rows over rayon's pool in tasks of about [`TASK_BYTES`].
+    pub fn matmul(&self, x: &QuantizedRows, out: &mut [f32]) {
+        Self::matmul_many(&[self], x, &mut [out])
+    }
+
+    /// [`Self::matmul`] with the plain scalar kernel (the reference the SIMD one is tested
+    /// against, and the fallback on CPUs without AVX2).
+    pub fn matmul_scalar(&self, x: &QuantizedRows, out: &mut [f32]) {
+        Self::run(&[self], x, &mut [out], scalar_kernel)
+    }
+
+    /// `outs[i] = x W_i^T` for several weights that read the same activations, in one
+    /// parallel region (one wait for the slowest thread instead of one per matrix).
+    pub fn matmul_many(weights: &[&QuantMatrix], x: &QuantizedRows, outs: &mut [&mut [f32]]) {
+        Self::run(weights, x, outs, kernel_for)
+    }
+
+    fn run(
+        weights: &[&QuantMatrix],
+        x: &QuantizedRows,
+        outs: &mut [&mut [f32]],
+        kernel_of: fn(QuantKind) -> Kernel,
+    ) {
+        let rows = x.rows;
+        assert_eq!(weights.len(), outs.len(), "one output per weight");
+        for (w, out) in weights.iter().zip(outs.iter()) {
+            assert_eq!(x.blocks_per_row * BLOCK, w.in_dim, "activation width");
+            assert_eq!(out.len(), rows * w.out_dim, "output size");
+        }
+        // [out_dim, rows] per weight: each task owns a contiguous run of weight rows.
+        let mut outs_t: Vec<Vec<f32>> =
+            weights.iter().map(|w| vec![0.0f32; w.out_dim * rows]).collect();
+        let mut tasks = Vec::new();
+        for (w, out_t) in weights.iter().zip(outs_t.iter_mut()) {
+            let task_rows = (TASK_BYTES / w.row_bytes()).clamp(4, w.out_dim.max(4));
+            for (i, chunk) in out_t.chunks_mut(task_rows * rows).enumerate() {
+                tasks.push((*w, i * task_rows, chunk));
+            }
+        }
+        tasks.into_par_iter().for_each(|(w, first, out_t)| {
+            let row_bytes = w.row_bytes();
+            let n = out_t.len() / rows;
+            let blocks = &w.blocks[first * row_bytes..(first + n) * row_bytes];
+            let kernel = kernel_of(w.kind);
+            for group in (0..rows).step_by(ROW_GROUP) {
+                let group_rows = (rows - group).min(ROW_GROUP);
+                let acts = &x.blocks[group * x.blocks_per_row..][..group_rows * x.blocks_per_row];
+                kernel(blocks, x.blocks_per_row, acts, group_rows, &mut out_t[group..], rows);
+            }
+        });
+        for ((w, out), out_t) in weights.iter().zip(outs.iter_mut()).zip(&outs_t) {
+            for (o, column) in out_t.chunks_exact(rows).enumerate() {
+                for (r, &v) in column.iter().enumerate() {
+                    out[r * w.out_dim + o] = v;
+                }
+            }
+        }
+    }
+}
+
+/// One block of 32 activations quantized to 8 bits.
+#[derive(Debug, Clone, Copy)]
+#[repr(C, align(8))]
+pub struct ActBlock {
+    pub qs: [i8; BLOCK],
+    /// Scale: `x ~= d * q`.
+    pub d: f32,
+    /// `d * sum(q)`, for the Q4_1 offset term.
+    pub s: f32,
+}
+
+/// Activation rows `[rows, width]` quantized per block of 32, reusable across steps.
+#[derive(Debug, Clone, Default)]
+pub struct QuantizedRows {
+    rows: usize,
+    blocks_per_row: usize,
+    /// `[rows, width / 32]`
+    blocks: Vec<ActBlock>,
+}
+
+impl QuantizedRows {
+    /// Quantizes `x`: `[rows, width]`, `width` a multiple of 32.
+    pub fn new(x: &[f32], rows: usize) -> Self {
+        let mut q = Self::default();
+        q.quantize(x, rows);
+        q
+    }
+
+    /// Quantizes `x` `[rows, width]` into this buffer, reusing its allocation.
+    pub fn quantize(&mut self, x: &[f32], rows: usize) {
+        assert!(rows > 0 && x.len().is_multiple_of(rows * BLOCK), "width must be a multiple of 32");
+        self.rows = rows;
+        self.blocks_per_row = x.len() / rows / BLOCK;
+        self.blocks.clear();
+        self.blocks.extend(x.chunks_exact(BLOCK).map(quantize_block));
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// `[rows, width / 32]`
+    pub fn blocks(&self) -> &[ActBlock] {
+        &self.blocks
+    }
+}
+
+fn quantize_block(x: &[f32]) -> ActBlock {
+    let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+    let mut qs = [0i8; BLOCK];
+    let mut sum = 0i32;
+    for (q, &v) in qs.iter_mut().zip(x) {
+        *q = (v * inv).round() as i8;
+        sum += *q as i32;
+    }
+    ActBlock { qs, d, s: d * sum as f32 }
+}
+
+/// Computes `group_rows` activation rows against every weight row of `weights`:
+/// `(weights, blocks_per_row, acts [group_rows, blocks_per_row], group_rows, out, stride)`
+/// writes `out[o * stride + r]`.
+type Kernel = fn(&[u8], usize, &[ActBlock], usize, &mut [f32], usize);
+
+fn kernel_for(kind: QuantKind) -> Kernel {
+    #[cfg(target_arch = "x86_64")]
+    if avx2::available() {
+        return match kind {
+            QuantKind::Q4_1 => avx2::q4_1,
+            QuantKind::Q8_0 => avx2::q8_0,
+        };
+    }
+    scalar_kernel(kind)
+}
+
+fn scalar_kernel(kind: QuantKind) -> Kernel {
+    match kind {
+        QuantKind::Q4_1 => scalar_q4_1,
+        QuantKind::Q8_0 => scalar_q8_0,
+    }
+}
+
+/// IEEE half to single precision.
+pub(crate) fn f16_to_f32(bits: u16) -> f32 {
+    let sign = ((bits as u32) & 0x8000) << 16;
+    let exp = ((bits >> 10) & 0x1f) as u32;
+    let frac = (bits & 0x3ff) as u32;
+    let magnitude = match exp {
+        // Subnormal: frac * 2^-24.
+        0 => return sign_of(bits) * frac as f32 * 2f32.powi(-24),
+        0x1f => 0x7f80_0000 | (frac << 13),
+        _ => ((exp + 112) << 23) | (frac << 13),
+    };
+    f32::from_bits(sign | magnitude)
+}
+
+fn sign_of(bits: u16) -> f32 {
+    if bits & 0x8000 != 0 {
+        -1.0
+    } else {
+        1.0
+    }
+}
+
+fn half_at(block: &[u8], at: usize) -> f32 {
+    f16_to_f32(u16::from_le_bytes([block[at], block[at + 1]]))
+}
+
+fn scalar_q4_1(
+    weights: &[u8],
+    nb: usize,
+    acts: &[ActBlock],
+    rows: usize,
+    out: &mut [f32],
+    stride: usize,
+) {
+    for (o, row) in weights.chunks_exact(nb * 20).enumerate() {
+        for r in 0..rows {
+            let mut sum = 0.0f32;
+            for (block, a) in row.chunks_exact(20).zip(&acts[r * nb..(r + 1) * nb]) {
+                let (d, m) = (half_at(block, 0), half_at(block, 2));
+                let mut dot = 0i32;
+                for (j, &byte) in block[4..20].iter().enumerate() {
+                    dot += (byte & 0x0f) as i32 * a.qs[j] as i32;
+                    dot += (byte >> 4) as i32 * a.qs[j + 16] as i32;
+                }
+                sum += d * a.d * dot as f32 + m * a.s;
+            }
+            out[o * stride + r] = sum;
+        }
+    }
+}
+
+fn scalar_q8_0(
+    weights: &[u8],
+    nb: usize,
+    acts: &[ActBlock],
+    rows: usize,
+    out: &mut [f32],
+    stride: usize,
+) {
+    for (o, row) in weights.chunks_exact(nb * 34).enumerate() {
+        for r in 0..rows {
+            let mut sum = 0.0f32;
+            for (block, a) in row.chunks_exact(34).zip(&acts[r * nb..(r + 1) * nb]) {
+                let dot: i32 =
+                    block[2..34].iter().zip(&a.qs).map(|(&w, &q)| w as i8 as i32 * q as i32).sum();
+                sum += half_at(block, 0) * a.d * dot as f32;
+            }
+            out[o * stride + r] = sum;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::ActBlock;
+
+    pub fn available() -> bool {
+        is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+    }
+
+    /// Dispatches on the group's row count so each variant keeps its accumulators in
+    /// registers.
+    macro_rules! by_rows {
+        ($name:ident, $inner:ident) => {
+            pub fn $name(
+                weights: &[u8],
+                nb: usize,
+                acts: &[ActBlock],
+                rows: usize,
+                out: &mut [f32],
+                stride: usize,
+            ) {
+                assert!(available());
+                let n_out = weights.len() / (nb * super::QuantKind::$inner.block_bytes());
+                assert!(acts.len() == rows * nb && (n_out - 1) * stride + rows <= out.len());
+                // SAFETY: the CPU features were checked above; the sizes of `weights`, `acts`
+                // and `out` were checked against what the kernel reads and writes.
+                unsafe {
+                    match rows {
+                        1 => kernels::$name::<1>(weights, nb, acts, out, stride),
+                        2 => kernels::$name::<2>(weights, nb, acts, out, stride),
+                        3 => kernels::$name::<3>(weights, nb, acts, out, stride),
+                        4 => kernels::$name::<4>(weights, nb, acts, out, stride),
+                        5 => kernels::$name::<5>(weights, nb, acts, out, stride),
+                        6 => kernels::$name::<6>(weights, nb, acts, out, stride),
+                        7 => kernels::$name::<7>(weights, nb, acts, out, stride),
+                        8 => kernels::$name::<8>(weights, nb, acts, out, stride),
+                        _ => unreachable!("row groups hold 1 to 8 rows"),
+                    }
+                }
+            }
+        };
+    }
+    by_rows!(q4_1, Q4_1);
+    by_rows!(q8_0, Q8_0);
+
+    // Row indices address several per-row arrays at once.
+    #[allow(clippy::needless_range_loop)]
+    mod kernels {
+        use std::arch::x86_64::*;
+
+        use super::{hsum, ActBlock};
+
+        /// Q4_1 weights: each block's nibbles are unpacked once, then multiplied with every
+        /// row's activations (`vpmaddubsw` takes the unsigned nibbles times signed bytes).
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub unsafe fn q4_1<const R: usize>(
+            weights: &[u8],
+            nb: usize,
+            acts: &[ActBlock],
+            out: &mut [f32],
+            stride: usize,
+        ) {
+            let low = _mm256_set1_epi8(0x0f);
+            let ones = _mm256_set1_epi16(1);
+            let n_out = weights.len() / (nb * 20);
+            for o in 0..n_out {
+                let row = weights.as_ptr().add(o * nb * 20);
+                let mut acc = [_mm256_setzero_ps(); R];
+                let mut offsets = [0.0f32; R];
+                for b in 0..nb {
+                    let block = row.add(b * 20);
+                    // [d, m] from two f16.
+                    let dm =
+                        _mm_cvtph_ps(_mm_cvtsi32_si128((block as *const i32).read_unaligned()));
+                    let d = _mm_cvtss_f32(dm);
+                    let m = _mm_cvtss_f32(_mm_movehdup_ps(dm));
+                    let packed = _mm_loadu_si128(block.add(4) as *const __m128i);
+                    let nibbles =
+                        _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), low);
+                    for r in 0..R {
+                        let a = acts.get_unchecked(r * nb + b);
+                        let q = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
+                        let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(nibbles, q), ones);
+                        let scale = _mm256_set1_ps(d * a.d);
+                        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[r]);
+                        offsets[r] += m * a.s;
+                    }
+                }
+                for r in 0..R {
+                    *out.get_unchecked_mut(o * stride + r) = hsum(acc[r]) + offsets[r];
+                }
+            }
+        }
+
+        /// Q8_0 weights: signed times signed, through `|w|` and `q * sign(w)`.
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub unsafe fn q8_0<const R: usize>(
+            weights: &[u8],
+            nb: usize,
+            acts: &[ActBlock],
+            out: &mut [f32],
+            stride: usize,
+        ) {
+            let ones = _mm256_set1_epi16(1);
+            let n_out = weights.len() / (nb * 34);
+            for o in 0..n_out {
+                let row = weights.as_ptr().add(o * nb * 34);
+                let mut acc = [_mm256_setzero_ps(); R];
+                for b in 0..nb {
+                    let block = row.add(b * 34);
+                    let bits = (block as *const u16).read_unaligned() as i32;
+                    let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)));
+                    let w = _mm256_loadu_si256(block.add(2) as *const __m256i);
+                    let magnitude = _mm256_sign_epi8(w, w);
+                    for r in 0..R {
+                        let a = acts.get_unchecked(r * nb + b);
+                        let q = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
+                        let signed = _mm256_sign_epi8(q, w);
+                        let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, signed), ones);
+                        let scale = _mm256_set1_ps(d * a.d);
+                        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[r]);
+                    }
+                }
+                for r in 0..R {
+                    *out.get_unchecked_mut(o * stride + r) = hsum(acc[r]);
+                }
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    fn random(n: usize, rng: &mut StdRng) -> Vec<f32> {
+        (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+    }
+
+    /// Dequantized weight `[out, in]` from the blocks, by the format's definition.
+    fn dequantize(m: &QuantMatrix) -> Vec<f32> {
+        let bb = m.kind.block_bytes();
+        m.blocks
+            .chunks_exact(bb)
+            .flat_map(|b| -> Vec<f32> {
+                match m.kind {
+                    QuantKind::Q4_1 => {
+                        let (d, mn) = (half_at(b, 0), half_at(b, 2));
+                        let lo = b[4..20].iter().map(|&x| d * (x & 15) as f32 + mn);
+                        let hi = b[4..20].iter().map(|&x| d * (x >> 4) as f32 + mn);
+                        lo.chain(hi).collect()
+                    }
+                    QuantKind::Q8_0 => {
+                        b[2..34].iter().map(|&x| half_at(b, 0) * x as i8 as f32).collect()
+                    }
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn blocks_dequantize_as_candle_does() {
+        let mut rng = StdRng::seed_from_u64(1);
+        for kind in [QuantKind::Q4_1, QuantKind::Q8_0] {
+            let w = Tensor::from_vec(random(5 * 64, &mut rng), (5, 64), &Device::Cpu).unwrap();
+            let m = QuantMatrix::quantize(&w, kind).unwrap();
+            let dtype = if kind == QuantKind::Q4_1 { GgmlDType::Q4_1 } else { GgmlDType::Q8_0 };
+            let candle = QTensor::quantize(&w, dtype).unwrap().dequantize(&Device::Cpu).unwrap();
+            let candle: Vec<f32> = candle.flatten_all().unwrap().to_vec1().unwrap();
+            assert_eq!(dequantize(&m), candle, "{kind:?}");
+        }
+    }
+
+    /// The scalar kernel against the dequantized weights times the dequantized activations
+    /// in f64; the SIMD kernel against the scalar one, for 1 to 8 rows (and 11: two row
+    /// groups) and odd shapes.
+    #[test]
+    fn kernels_match_a_plain_reference() {
+        let mut rng = StdRng::seed_from_u64(7);
+        for kind in [QuantKind::Q4_1, QuantKind::Q8_0] {
+            for (out_dim, in_dim) in [(1, 32), (7, 96), (130, 64), (19, 288)] {
+                let w = random(out_dim * in_dim, &mut rng);
+                let w = Tensor::from_vec(w, (out_dim, in_dim), &Device::Cpu).unwrap();
+                let m = QuantMatrix::quantize(&w, kind).unwrap();
+                let dense = dequantize(&m);
+                for rows in (1..=8).chain([11]) {
+                    let x = QuantizedRows::new(&random(rows * in_dim, &mut rng), rows);
+                    let mut scalar = vec![0.0; rows * out_dim];
+                    let mut simd = vec![0.0; rows * out_dim];
+                    m.matmul_scalar(&x, &mut scalar);
+                    m.matmul(&x, &mut simd);
+                    for r in 0..rows {
+                        let xs: Vec<f64> = x.blocks[r * in_dim / 32..(r + 1) * in_dim / 32]
+                            .iter()
+                            .flat_map(|a| a.qs.iter().map(|&q| a.d as f64 * q as f64))
+                            .collect();
+                        for o in 0..out_dim {
+                            let wrow = &dense[o * in_dim..(o + 1) * in_dim];
+                            let exact: f64 = wrow.iter().zip(&xs).map(|(&w, x)| w as f64 * x).sum();
+                            let scale: f64 =
+                                wrow.iter().zip(&xs).map(|(&w, x)| (w as f64 * x).abs()).sum();
+                            let tol = 1e-5 * scale.max(1e-6);
+                            let (s, v) = (scalar[r * out_dim + o], simd[r * out_dim + o]);
+                            assert!((s as f64 - exact).abs() <= tol, "{kind:?} scalar {s} {exact}");
+                            assert!((v - s).abs() as f64 <= tol, "{kind:?} rows {rows}: {v} {s}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn activations_round_to_the_nearest_step() {
+        let x: Vec<f32> = (0..32).map(|i| i as f32 - 10.0).collect();
+        let q = QuantizedRows::new(&x, 1);
+        let a = q.blocks()[0];
+        assert_eq!(a.d, 21.0 / 127.0);
+        for (q, v) in a.qs.iter().zip(&x) {
+            assert!((*q as f32 * a.d - v).abs() <= a.d / 2.0 + 1e-6);
+        }
+        assert_eq!(a.s, a.d * a.qs.iter().map(|&q| q as i32).sum::<i32>() as f32);
+        let zeros = QuantizedRows::new(&[0.0; 64], 2);
+        assert!(zeros.blocks().iter().all(|b| b.d == 0.0 && b.qs == [0; 32]));
+    }
+
+    #[test]
+    fn half_precision_converts_exactly() {
+        for (bits, value) in [
+            (0x3c00u16, 1.0f32),
+            (0xc000, -2.0),
+            (0x0001, 2f32.powi(-24)),
+            (0x8001, -(2f32.powi(-24))),
+            (0x7bff, 65504.0),
+            (0x0000, 0.0),
+        ] {
+            assert_eq!(f16_to_f32(bits), value, "{bits:#x}");
+        }
+        assert_eq!(f16_to_f32(0x7c00), f32::INFINITY);
+    }
+}
