@@ -304,7 +304,7 @@ impl Sequence {
                 // Decode-time budgets apply once the prompt is done.
                 self.cache.budgets = None;
                 for (heads, &peak) in self.cache.layers.iter_mut().zip(&self.plan.peak_entries) {
-                    heads.iter_mut().for_each(|h| h.reserve_exact(peak - h.len()));
+                    heads.iter_mut().for_each(|h| h.reserve_exact(peak.saturating_sub(h.len())));
                 }
             }
             self.state = SeqState::Prefilling { done: chunk.end };
