@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use kvmerger_engine::{EngineConfig, EngineHandle};
+use kvmerger_engine::{EngineConfig, EngineHandle, PrefillCompression};
 use kvmerger_server::ServerState;
 
 use crate::args::{ContextArgs, MethodArgs, ModelArgs};
@@ -36,6 +36,11 @@ pub struct ServeArgs {
     /// Prompt tokens per prefill chunk (one chunk runs between two decode steps).
     #[arg(long, default_value_t = 256)]
     pub prefill_chunk: usize,
+    /// When compressing requests compress their prompt: `incremental` (during the chunked
+    /// prefill, so a request holds at most its budget plus one chunk) or `once` (after the
+    /// whole prompt, as evaluations do; the request holds its full prompt cache meanwhile).
+    #[arg(long, default_value = "incremental", value_parser = str::parse::<PrefillCompression>)]
+    pub prefill_compression: PrefillCompression,
     /// `max_tokens` of chat requests that give none.
     #[arg(long, default_value_t = 256)]
     pub default_max_tokens: usize,
@@ -65,6 +70,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         max_queue: args.max_queue,
         max_running: args.max_running,
         prefill_chunk: args.prefill_chunk,
+        prefill_compression: args.prefill_compression,
         ..EngineConfig::default()
     };
     let engine = EngineHandle::spawn(Arc::new(loaded.model), config)?;

@@ -13,6 +13,7 @@ mod linear;
 mod loader;
 mod model;
 mod pool;
+mod prefill;
 mod profile;
 mod qmatmul;
 mod rope;
@@ -34,12 +35,13 @@ pub use linear::{Linear, WeightFormat, WeightFormats, DECODE_ROWS};
 pub use loader::{load_gguf, load_hf_folder, load_model, read_gguf_header, LoadedModel};
 pub use model::{Block, ForwardOptions, Llama, Logits};
 pub use pool::KvPool;
+pub use prefill::{PrefillCompression, PrefillPlan};
 pub use profile::{Part, StepProfile};
 pub use qmatmul::{ActBlock, QuantKind, QuantMatrix, QuantizedRows};
 pub use runtime::{AddError, Engine, EngineConfig, EngineHandle, Event, EventSink, RuntimeMetrics};
 pub use sampler::{argmax, Sampler, SamplingConfig};
 pub use scheduler::{Plan, Refusal, Scheduler, SchedulerLimits};
 pub use sequence::{
-    entry_bytes, FinishReason, GenerationRequest, SeqId, SeqState, Sequence, Usage,
+    entry_bytes, FinishReason, GenerationRequest, Reservation, SeqId, SeqState, Sequence, Usage,
 };
 pub use session::{CompressionReport, Prefilled, Session, Timings};

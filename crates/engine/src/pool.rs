@@ -2,8 +2,9 @@
 //!
 //! The pool is a ledger, not an allocator: each sequence's cache stays with the sequence
 //! (it moves through the batched forward with it), and the pool records how many bytes each
-//! one may hold. A sequence reserves before its prefill what it can ever need, settles
-//! after compression to what it holds, and frees everything when it ends or is cancelled.
+//! one may hold. A sequence reserves its settled size when admitted and its prefill
+//! headroom when its prefill starts (see [`crate::Scheduler`]), settles after its prompt to
+//! what it holds, and frees everything when it ends or is cancelled.
 //! The runtime sizes every cache's buffers so that resident bytes never exceed the
 //! reservation.
 

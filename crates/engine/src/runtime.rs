@@ -14,11 +14,13 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use kvmerger_compress::CompressError;
+use rayon::prelude::*;
 
 use crate::batch::{BatchItem, Phase};
 use crate::error::{EngineError, Result};
 use crate::model::{Llama, Logits};
 use crate::pool::KvPool;
+use crate::prefill::PrefillCompression;
 use crate::scheduler::{Refusal, Scheduler, SchedulerLimits};
 use crate::sequence::{FinishReason, GenerationRequest, SeqId, SeqState, Sequence, Usage};
 
@@ -33,6 +35,8 @@ pub struct EngineConfig {
     pub max_running: usize,
     /// Prompt tokens per prefill chunk (one chunk runs between two decode steps).
     pub prefill_chunk: usize,
+    /// When compressing requests compress their prompt.
+    pub prefill_compression: PrefillCompression,
     /// Queries per chunk of the explicit attention softmax.
     pub attention_chunk: usize,
 }
@@ -44,6 +48,7 @@ impl Default for EngineConfig {
             max_queue: 64,
             max_running: 32,
             prefill_chunk: 256,
+            prefill_compression: PrefillCompression::default(),
             attention_chunk: 128,
         }
     }
@@ -146,13 +151,19 @@ impl Engine {
     /// Queues a request; it is admitted at a later step when its memory fits.
     pub fn add(&mut self, request: GenerationRequest) -> std::result::Result<SeqId, AddError> {
         let m = &self.metrics;
-        let seq =
-            Sequence::new(self.next_id, request, &self.model.config, self.config.prefill_chunk)
-                .map(|s| s.with_kv_dtype(self.model.kv_dtype))
-                .inspect_err(|_| {
-                    m.requests_invalid.fetch_add(1, Ordering::Relaxed);
-                })
-                .map_err(AddError::Invalid)?;
+        let c = &self.config;
+        let seq = Sequence::new(
+            self.next_id,
+            request,
+            &self.model.config,
+            c.prefill_chunk,
+            c.prefill_compression,
+        )
+        .map(|s| s.with_kv_dtype(self.model.kv_dtype))
+        .inspect_err(|_| {
+            m.requests_invalid.fetch_add(1, Ordering::Relaxed);
+        })
+        .map_err(AddError::Invalid)?;
         if let Err(refusal) = self.scheduler.submit(seq.id, seq.reservation(), &self.pool) {
             let counter = match refusal {
                 Refusal::QueueFull { .. } => &m.requests_refused_queue_full,
@@ -183,15 +194,15 @@ impl Engine {
         self.sequences.keys().copied().collect()
     }
 
+    /// A live sequence (its state, plan and cache).
+    pub fn sequence(&self, id: SeqId) -> Option<&Sequence> {
+        self.sequences.get(&id)
+    }
+
     /// Admits what fits, prefills one chunk of the oldest admitted prompt, and decodes one
     /// token for every sequence past its prefill, all of them in one batched pass.
     pub fn step(&mut self) -> Vec<(SeqId, Event)> {
         let plan = self.scheduler.schedule(&mut self.pool);
-        for id in &plan.admitted {
-            if let Some(seq) = self.sequences.get_mut(id) {
-                seq.start();
-            }
-        }
         let mut events = Vec::new();
         if let Some(id) = plan.prefill {
             self.prefill_chunk(id, &mut events);
@@ -205,6 +216,11 @@ impl Engine {
 
     fn prefill_chunk(&mut self, id: SeqId, events: &mut Vec<(SeqId, Event)>) {
         let Some(seq) = self.sequences.get_mut(&id) else { return };
+        // Its cache is allocated when its prefill starts, not when it is admitted: only
+        // then does the pool hold its prefill headroom.
+        if seq.state == SeqState::Waiting {
+            seq.start();
+        }
         let Some(chunk) = seq.next_chunk() else { return };
         let last = chunk.end == seq.prompt_len();
         let stats = seq.chunk_stats(&chunk);
@@ -278,9 +294,23 @@ impl Engine {
         drop(items);
         match result {
             Ok(rows) => {
-                for (id, logits) in order.into_iter().zip(rows) {
-                    let Some(seq) = self.sequences.get_mut(&id) else { continue };
-                    match seq.decoded(&logits) {
+                // Each sequence's decode-time eviction and sampling are independent of the
+                // others': run them side by side rather than one after another.
+                let mut work = Vec::with_capacity(rows.len());
+                let mut rows = order.iter().copied().zip(rows).peekable();
+                for (id, seq) in self.sequences.iter_mut() {
+                    if let Some((_, logits)) = rows.next_if(|(next, _)| next == id) {
+                        work.push((*id, seq, logits));
+                    }
+                }
+                let outcomes: Vec<_> = work
+                    .into_par_iter()
+                    .map(|(id, seq, logits): (SeqId, &mut Sequence, Vec<f32>)| {
+                        (id, seq.decoded(&logits))
+                    })
+                    .collect();
+                for (id, outcome) in outcomes {
+                    match outcome {
                         Ok((token, finish)) => self.emit(id, token, finish, events),
                         Err(e) => {
                             events.push((id, self.end(id, FinishReason::Error(e.to_string()))))

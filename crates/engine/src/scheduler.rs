@@ -1,15 +1,22 @@
 //! The scheduler: which sequences wait, which are admitted, and what each step runs.
 //!
 //! Pure bookkeeping over sequence ids and byte counts, testable without a model. Each step
-//! admits waiting sequences in arrival order while their reservation fits the pool (the
-//! first that does not fit blocks the ones behind it, so a large request is not starved),
-//! gives one prefill chunk to the oldest admitted sequence still prefilling, and decodes
-//! every sequence past its prefill together.
+//! admits waiting sequences in arrival order while their memory fits the pool (the first
+//! that does not fit blocks the ones behind it, so a large request is not starved), gives
+//! one prefill chunk to the oldest admitted sequence still prefilling, and decodes every
+//! sequence past its prefill together.
+//!
+//! Prefills run one at a time, so only one sequence at a time holds its prefill headroom
+//! (see [`Reservation`]). A sequence reserves its settled bytes when admitted and its
+//! headroom when its prefill starts; admission keeps room for the largest headroom any
+//! admitted sequence still needs, so the prefill that comes next always fits:
+//!
+//! `reserved (headroom held aside) + max(headroom still needed) <= limit`.
 
 use std::collections::VecDeque;
 
 use crate::pool::KvPool;
-use crate::sequence::SeqId;
+use crate::sequence::{Reservation, SeqId};
 
 /// Limits the scheduler enforces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,21 +54,30 @@ pub struct Plan {
 #[derive(Debug, Clone)]
 pub struct Scheduler {
     limits: SchedulerLimits,
-    /// `(id, bytes to reserve)` in arrival order.
-    waiting: VecDeque<(SeqId, usize)>,
-    prefilling: VecDeque<SeqId>,
+    /// Sequences not yet admitted, in arrival order.
+    waiting: VecDeque<(SeqId, Reservation)>,
+    /// Admitted sequences still to prefill, oldest first, with the headroom each needs.
+    prefilling: VecDeque<(SeqId, usize)>,
     decoding: Vec<SeqId>,
+    /// The headroom the prefilling sequence holds in the pool now, if any.
+    headroom_held: Option<(SeqId, usize)>,
 }
 
 impl Scheduler {
     pub fn new(limits: SchedulerLimits) -> Self {
-        Self { limits, waiting: VecDeque::new(), prefilling: VecDeque::new(), decoding: Vec::new() }
+        Self {
+            limits,
+            waiting: VecDeque::new(),
+            prefilling: VecDeque::new(),
+            decoding: Vec::new(),
+            headroom_held: None,
+        }
     }
 
-    /// Queues a sequence that will need `need` bytes, or says why not.
-    pub fn submit(&mut self, id: SeqId, need: usize, pool: &KvPool) -> Result<(), Refusal> {
-        if !pool.can_ever_fit(need) {
-            return Err(Refusal::NeverFits { need, limit: pool.limit() });
+    /// Queues a sequence that will need `need`, or says why not.
+    pub fn submit(&mut self, id: SeqId, need: Reservation, pool: &KvPool) -> Result<(), Refusal> {
+        if !pool.can_ever_fit(need.peak()) {
+            return Err(Refusal::NeverFits { need: need.peak(), limit: pool.limit() });
         }
         if self.waiting.len() >= self.limits.max_queue {
             return Err(Refusal::QueueFull { max_queue: self.limits.max_queue });
@@ -70,33 +86,64 @@ impl Scheduler {
         Ok(())
     }
 
-    /// Admits what fits and says what runs this step.
+    /// Admits what fits, reserves the headroom of the prefill that runs, and says what runs
+    /// this step.
     pub fn schedule(&mut self, pool: &mut KvPool) -> Plan {
         let mut admitted = Vec::new();
         while let Some(&(id, need)) = self.waiting.front() {
-            if self.running() >= self.limits.max_running || !pool.try_reserve(id, need) {
+            let held_aside = self.headroom_held.map_or(0, |(_, h)| h);
+            let headroom = self.largest_headroom().max(need.headroom);
+            let fits = pool.used() - held_aside + need.settled + headroom <= pool.limit();
+            if self.running() >= self.limits.max_running || !fits {
                 break;
             }
+            let reserved = pool.try_reserve(id, need.settled);
+            debug_assert!(reserved, "admission checked the room");
             self.waiting.pop_front();
-            self.prefilling.push_back(id);
+            self.prefilling.push_back((id, need.headroom));
             admitted.push(id);
         }
-        Plan { admitted, prefill: self.prefilling.front().copied(), decode: self.decoding.clone() }
+        let mut prefill = self.prefilling.front().copied();
+        if let Some((id, headroom)) = prefill {
+            if self.headroom_held.is_none_or(|(held, _)| held != id) {
+                // Fits by the admission invariant; waits a step if it ever did not.
+                if pool.try_reserve(id, headroom) {
+                    self.headroom_held = Some((id, headroom));
+                } else {
+                    prefill = None;
+                }
+            }
+        }
+        Plan { admitted, prefill: prefill.map(|(id, _)| id), decode: self.decoding.clone() }
     }
 
-    /// `id` finished its prefill: it decodes from the next step on.
+    /// The largest headroom an admitted sequence still needs for its prefill.
+    fn largest_headroom(&self) -> usize {
+        self.prefilling.iter().map(|&(_, h)| h).max().unwrap_or(0)
+    }
+
+    /// `id` finished its prefill: it decodes from the next step on. The caller settles its
+    /// reservation to what it holds.
     pub fn prefilled(&mut self, id: SeqId) {
-        if let Some(at) = self.prefilling.iter().position(|&p| p == id) {
+        if let Some(at) = self.prefilling.iter().position(|&(p, _)| p == id) {
             self.prefilling.remove(at);
             self.decoding.push(id);
         }
+        self.release_headroom(id);
     }
 
     /// Forgets `id` wherever it is (finished or cancelled); the caller frees its memory.
     pub fn remove(&mut self, id: SeqId) {
         self.waiting.retain(|&(w, _)| w != id);
-        self.prefilling.retain(|&p| p != id);
+        self.prefilling.retain(|&(p, _)| p != id);
         self.decoding.retain(|&d| d != id);
+        self.release_headroom(id);
+    }
+
+    fn release_headroom(&mut self, id: SeqId) {
+        if self.headroom_held.is_some_and(|(held, _)| held == id) {
+            self.headroom_held = None;
+        }
     }
 
     /// Sequences waiting for memory.
@@ -122,12 +169,17 @@ mod tests {
         SchedulerLimits { max_queue, max_running }
     }
 
+    /// A sequence that settles to `settled` bytes and needs `headroom` more to prefill.
+    fn need(settled: usize, headroom: usize) -> Reservation {
+        Reservation { settled, headroom }
+    }
+
     #[test]
     fn admits_in_order_while_the_pool_has_room() {
         let mut pool = KvPool::new(100);
         let mut s = Scheduler::new(limits(8, 8));
-        for (id, need) in [(1, 40), (2, 40), (3, 40)] {
-            s.submit(id, need, &pool).unwrap();
+        for id in 1..=3 {
+            s.submit(id, need(40, 0), &pool).unwrap();
         }
         let plan = s.schedule(&mut pool);
         assert_eq!(plan.admitted, vec![1, 2]);
@@ -137,12 +189,51 @@ mod tests {
     }
 
     #[test]
+    fn only_the_running_prefill_holds_headroom_and_room_stays_for_the_largest() {
+        // Settled 30 each, headroom 10 (the largest one 25): a pool of 100 admits three
+        // (3 x 30 + 10 = 100) but not a fourth, and reserves headroom only for the prefill
+        // that runs.
+        let mut pool = KvPool::new(100);
+        let mut s = Scheduler::new(limits(8, 8));
+        for id in 1..=4 {
+            s.submit(id, need(30, 10), &pool).unwrap();
+        }
+        let plan = s.schedule(&mut pool);
+        assert_eq!((plan.admitted, plan.prefill), (vec![1, 2, 3], Some(1)));
+        assert_eq!((pool.held(1), pool.held(2), pool.used()), (40, 30, 100));
+        // 1 settles to 28 bytes after its prompt; 2 takes the headroom, 4 still waits.
+        pool.settle(1, 28);
+        s.prefilled(1);
+        let plan = s.schedule(&mut pool);
+        assert_eq!((plan.admitted, plan.prefill, plan.decode), (vec![], Some(2), vec![1]));
+        assert_eq!((pool.held(2), pool.used()), (40, 98));
+        // A larger headroom behind them must fit beside the others.
+        let mut pool = KvPool::new(100);
+        let mut s = Scheduler::new(limits(8, 8));
+        s.submit(1, need(30, 10), &pool).unwrap();
+        s.submit(2, need(30, 25), &pool).unwrap();
+        s.submit(3, need(30, 10), &pool).unwrap();
+        // 30 + 30 + 25 = 85 fits; with 3: 90 + 25 = 115 does not.
+        assert_eq!(s.schedule(&mut pool).admitted, vec![1, 2]);
+        assert_eq!(pool.used(), 70);
+        pool.settle(1, 30);
+        s.prefilled(1);
+        assert_eq!(s.schedule(&mut pool).prefill, Some(2));
+        assert_eq!(pool.used(), 85);
+        s.remove(1);
+        pool.free(1);
+        // 2 holds 30 + its 25 of headroom: 30 + 30 + max(25, 10) = 85 fits.
+        assert_eq!(s.schedule(&mut pool).admitted, vec![3]);
+        assert!(pool.peak() <= pool.limit());
+    }
+
+    #[test]
     fn a_request_that_does_not_fit_blocks_later_ones() {
         let mut pool = KvPool::new(100);
         let mut s = Scheduler::new(limits(8, 8));
-        s.submit(1, 70, &pool).unwrap();
-        s.submit(2, 50, &pool).unwrap();
-        s.submit(3, 10, &pool).unwrap();
+        s.submit(1, need(70, 0), &pool).unwrap();
+        s.submit(2, need(50, 0), &pool).unwrap();
+        s.submit(3, need(10, 0), &pool).unwrap();
         assert_eq!(s.schedule(&mut pool).admitted, vec![1]);
         // 3 would fit, but 2 came first.
         assert!(s.schedule(&mut pool).admitted.is_empty());
@@ -156,7 +247,7 @@ mod tests {
         let mut pool = KvPool::new(1000);
         let mut s = Scheduler::new(limits(8, 8));
         for id in 1..=3 {
-            s.submit(id, 10, &pool).unwrap();
+            s.submit(id, need(10, 5), &pool).unwrap();
         }
         let plan = s.schedule(&mut pool);
         assert_eq!((plan.prefill, plan.decode.len()), (Some(1), 0));
@@ -170,34 +261,19 @@ mod tests {
     }
 
     #[test]
-    fn settling_after_compression_admits_more() {
-        let mut pool = KvPool::new(100);
-        let mut s = Scheduler::new(limits(8, 8));
-        for id in 1..=4 {
-            s.submit(id, 60, &pool).unwrap();
-        }
-        assert_eq!(s.schedule(&mut pool).admitted, vec![1]);
-        s.prefilled(1);
-        pool.settle(1, 20);
-        assert_eq!(s.schedule(&mut pool).admitted, vec![2]);
-        s.prefilled(2);
-        pool.settle(2, 20);
-        assert_eq!(s.schedule(&mut pool).admitted, vec![3]);
-        assert_eq!(pool.used(), 100);
-        assert!(pool.peak() <= pool.limit());
-    }
-
-    #[test]
     fn queue_and_running_limits_hold() {
         let mut pool = KvPool::new(1000);
         let mut s = Scheduler::new(limits(2, 1));
-        s.submit(1, 10, &pool).unwrap();
-        s.submit(2, 10, &pool).unwrap();
-        assert_eq!(s.submit(3, 10, &pool), Err(Refusal::QueueFull { max_queue: 2 }));
-        assert_eq!(s.submit(4, 2000, &pool), Err(Refusal::NeverFits { need: 2000, limit: 1000 }));
+        s.submit(1, need(10, 0), &pool).unwrap();
+        s.submit(2, need(10, 0), &pool).unwrap();
+        assert_eq!(s.submit(3, need(10, 0), &pool), Err(Refusal::QueueFull { max_queue: 2 }));
+        assert_eq!(
+            s.submit(4, need(900, 101), &pool),
+            Err(Refusal::NeverFits { need: 1001, limit: 1000 })
+        );
         assert_eq!(s.schedule(&mut pool).admitted, vec![1]);
         assert!(s.schedule(&mut pool).admitted.is_empty(), "one running at most");
-        s.submit(3, 10, &pool).unwrap();
+        s.submit(3, need(10, 0), &pool).unwrap();
         s.remove(1);
         assert_eq!(s.schedule(&mut pool).admitted, vec![2]);
         assert_eq!(s.waiting(), 1);

@@ -4,14 +4,16 @@
 
 use std::ops::Range;
 
+use kvmerger_compress::methods::BudgetMode;
 use kvmerger_compress::{
-    CompressionConfig, CompressionMethod, EntryMeta, HeadCache, KvCache, KvDtype,
+    CompressionConfig, CompressionMethod, EntryMeta, HeadCache, KvCache, KvDtype, StatsRequest,
 };
 use serde::Serialize;
 
 use crate::compression::{after_decode_step, compress_prompt};
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
+use crate::prefill::{PrefillCompression, PrefillPlan};
 use crate::sampler::{Sampler, SamplingConfig};
 use crate::session::CompressionReport;
 
@@ -50,7 +52,7 @@ pub enum FinishReason {
 /// Where a sequence is in its life.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SeqState {
-    /// Queued, holding no memory.
+    /// Queued, or admitted with its prefill not started: no cache allocated yet.
     Waiting,
     /// Admitted; `done` prompt tokens are in the cache.
     Prefilling {
@@ -83,6 +85,25 @@ pub fn entry_bytes(head_dim: usize, dtype: KvDtype) -> usize {
     HeadCache::entry_kv_bytes(head_dim, dtype) + std::mem::size_of::<EntryMeta>()
 }
 
+/// The memory a sequence can need, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Reservation {
+    /// What its cache holds once the prompt is compressed: per head the entries kept plus
+    /// room for `max_tokens`. Held from admission to the end.
+    pub settled: usize,
+    /// What its prefill holds on top of `settled` at its peak (the entries of one chunk
+    /// past the budget, or the whole prompt when compressed once, plus the prompt-window
+    /// statistics); needed only while it prefills.
+    pub headroom: usize,
+}
+
+impl Reservation {
+    /// The most the sequence ever holds.
+    pub fn peak(&self) -> usize {
+        self.settled + self.headroom
+    }
+}
+
 /// A request being served.
 pub struct Sequence {
     pub id: SeqId,
@@ -95,8 +116,7 @@ pub struct Sequence {
     pub generated: Vec<u32>,
     report: Option<CompressionReport>,
     decode_steps: usize,
-    /// Prompt tokens per prefill chunk.
-    chunk: usize,
+    plan: PrefillPlan,
     n_layers: usize,
     n_kv_heads: usize,
     head_dim: usize,
@@ -116,12 +136,14 @@ impl std::fmt::Debug for Sequence {
 }
 
 impl Sequence {
-    /// Checks the request against the model and builds its method. Errors name the field.
+    /// Checks the request against the model, builds its method and plans its prefill in
+    /// chunks of `prefill_chunk` tokens. Errors name the field.
     pub fn new(
         id: SeqId,
         request: GenerationRequest,
         config: &ModelConfig,
         prefill_chunk: usize,
+        mode: PrefillCompression,
     ) -> Result<Self> {
         let invalid = |field: &str, reason: String| EngineError::InvalidRequest {
             field: field.to_string(),
@@ -169,6 +191,8 @@ impl Sequence {
             return Err(invalid("top_p", format!("must be in (0, 1], got {}", s.top_p)));
         }
         let method = request.compression.build()?;
+        let plan =
+            plan_prefill(&*method, &request.compression, prompt_len, prefill_chunk, mode, config);
         Ok(Self {
             id,
             sampler: Sampler::new(request.sampling),
@@ -179,7 +203,7 @@ impl Sequence {
             generated: Vec::new(),
             report: None,
             decode_steps: 0,
-            chunk: prefill_chunk.max(1),
+            plan,
             n_layers: config.n_layers,
             n_kv_heads: config.n_kv_heads,
             head_dim: config.head_dim,
@@ -198,23 +222,26 @@ impl Sequence {
         self.request.prompt.len()
     }
 
-    /// Bytes the sequence can ever hold: the full prompt cache during prefill (with the
-    /// prompt-window statistics if the method asks for them), then per head its budget
-    /// plus room for `max_tokens`.
-    pub fn reservation(&self) -> usize {
+    /// The memory the sequence can need (see [`Reservation`]): per head, at most
+    /// [`PrefillPlan::peak_entries`] during prefill with a row per prompt statistic, then
+    /// [`PrefillPlan::kept_entries`] plus room for `max_tokens`.
+    pub fn reservation(&self) -> Reservation {
         let entry = entry_bytes(self.head_dim, self.kv_dtype);
-        let prompt = self.prompt_len();
-        let stats = self.method.prompt_stats(prompt);
+        let stats = self.method.prompt_stats(self.prompt_len());
         let rows = stats.windows.iter().count() + 2 * stats.evictions.iter().count();
-        let window = rows * std::mem::size_of::<f32>();
-        let prefill = prompt * (entry + window);
-        (0..self.n_layers)
-            .map(|l| {
-                let after =
-                    (self.method.layer_budget_entries(l, prompt) + self.request.max_tokens) * entry;
-                prefill.max(after) * self.n_kv_heads
-            })
-            .sum()
+        let per_entry = entry + rows * std::mem::size_of::<f32>();
+        let (mut settled, mut peak) = (0, 0);
+        for (&during, &kept) in self.plan.peak_entries.iter().zip(&self.plan.kept_entries) {
+            let after = (kept + self.request.max_tokens) * entry;
+            settled += after * self.n_kv_heads;
+            peak += (during * per_entry).max(after) * self.n_kv_heads;
+        }
+        Reservation { settled, headroom: peak - settled }
+    }
+
+    /// The sequence's prefill plan.
+    pub fn plan(&self) -> &PrefillPlan {
+        &self.plan
     }
 
     /// Bytes of the uncompressed prompt cache.
@@ -225,51 +252,70 @@ impl Sequence {
             * self.n_kv_heads
     }
 
-    /// Admits the sequence: allocates an empty cache with room for exactly the prompt.
+    /// Starts the prefill: allocates an empty cache with room for exactly the entries a
+    /// head holds at most during prefill.
     pub fn start(&mut self) {
-        let (d, n) = (self.head_dim, self.prompt_len());
-        self.cache = KvCache::with_capacity(self.n_layers, self.n_kv_heads, d, self.kv_dtype, n);
+        let (d, dtype) = (self.head_dim, self.kv_dtype);
+        self.cache = KvCache::new(0, 0, d, dtype);
+        self.cache.layers = self
+            .plan
+            .peak_entries
+            .iter()
+            .map(|&n| (0..self.n_kv_heads).map(|_| HeadCache::with_capacity(d, dtype, n)).collect())
+            .collect();
         self.state = SeqState::Prefilling { done: 0 };
     }
 
-    /// The prompt tokens of the next prefill chunk. Chunks are `chunk` tokens, except the
-    /// last, which holds at least the method's observation window (so that SnapKV's window
-    /// statistics see its whole window in one pass).
+    /// The prompt tokens of the next prefill chunk (see [`PrefillPlan::chunks`]).
     pub fn next_chunk(&self) -> Option<Range<usize>> {
         let SeqState::Prefilling { done } = self.state else { return None };
-        let n = self.prompt_len();
-        let window = self.method.stats().windows.iter().max().unwrap_or(1).clamp(1, n);
-        let last_start = (n - window) / self.chunk * self.chunk;
-        Some(if done < last_start { done..done + self.chunk } else { done..n })
+        self.plan.chunk_at(done).map(|k| self.plan.chunks[k].clone())
     }
 
-    /// Statistics the forward pass of `chunk` must accumulate.
-    pub fn chunk_stats(&self, chunk: &Range<usize>) -> kvmerger_compress::StatsRequest {
+    /// Statistics the forward pass of `chunk` must accumulate: the prompt-window
+    /// statistics only on a chunk a compression follows (they describe the last queries
+    /// before it).
+    pub fn chunk_stats(&self, chunk: &Range<usize>) -> StatsRequest {
         let stats = self.method.prompt_stats(self.prompt_len());
-        if chunk.end == self.prompt_len() {
+        let compressed_after = chunk.end == self.prompt_len()
+            || self.plan.chunk_at(chunk.start).is_some_and(|k| self.plan.compress_after[k]);
+        if compressed_after {
             stats
         } else {
             stats.without_window()
         }
     }
 
-    /// Records that `chunk` was prefilled. After the last chunk, compresses the cache,
-    /// sizes its buffers for exactly `max_tokens` more entries per head, and samples the
-    /// first token from `logits`. Returns that token once the prefill is complete.
+    /// Records that `chunk` was prefilled. After a chunk the plan compresses after, brings
+    /// every head to its final budget and restores room for the next chunk. After the last
+    /// chunk, compresses the cache, sizes its buffers for exactly `max_tokens` more entries
+    /// per head, and samples the first token from `logits`. Returns that token once the
+    /// prefill is complete.
     pub fn chunk_done(
         &mut self,
         chunk: Range<usize>,
         logits: Option<&[f32]>,
     ) -> Result<Option<(u32, Option<FinishReason>)>> {
-        if chunk.end < self.prompt_len() {
+        let prompt_len = self.prompt_len();
+        if chunk.end < prompt_len {
+            let k = self.plan.chunk_at(chunk.start);
+            if k.is_some_and(|k| self.plan.compress_after[k]) {
+                compress_prompt(&*self.method, &mut self.cache, prompt_len)?;
+                // Decode-time budgets apply once the prompt is done.
+                self.cache.budgets = None;
+                for (heads, &peak) in self.cache.layers.iter_mut().zip(&self.plan.peak_entries) {
+                    heads.iter_mut().for_each(|h| h.reserve_exact(peak.saturating_sub(h.len())));
+                }
+            }
             self.state = SeqState::Prefilling { done: chunk.end };
             return Ok(None);
         }
         let logits = logits.ok_or_else(|| {
             EngineError::Setup("the last prefill chunk returned no logits".into())
         })?;
-        let prompt_len = self.prompt_len();
-        let report = compress_prompt(&*self.method, &mut self.cache, prompt_len)?;
+        let mut report = compress_prompt(&*self.method, &mut self.cache, prompt_len)?;
+        // Earlier compressions saw parts of the prompt: the ratio is over the whole prompt.
+        report.heads.iter_mut().flatten().for_each(|h| h.before = prompt_len);
         self.report = Some(report);
         let room = self.request.max_tokens;
         self.cache.layers.iter_mut().flatten().for_each(|h| h.reserve_exact(room));
@@ -278,7 +324,7 @@ impl Sequence {
     }
 
     /// Statistics a decode step accumulates (attention received, for H2O-like methods).
-    pub fn decode_stats(&self) -> kvmerger_compress::StatsRequest {
+    pub fn decode_stats(&self) -> StatsRequest {
         self.method.stats().after_prompt()
     }
 
@@ -333,6 +379,34 @@ impl Sequence {
     }
 }
 
+/// Plans a request's prefill. The cache is compressed during prefill only with
+/// [`PrefillCompression::Incremental`] and where the method can compress a part of the
+/// prompt to its final budget and go on: its result must be bounded by its budget (not
+/// KVMerger's `threshold` mode), it must read no statistic of the whole prompt (CaM's
+/// attention at eviction time), and its observation window must fit twice in a chunk (the
+/// chunk before each compression holds the window whose attention it reads).
+fn plan_prefill(
+    method: &dyn CompressionMethod,
+    compression: &CompressionConfig,
+    prompt_len: usize,
+    chunk: usize,
+    mode: PrefillCompression,
+    config: &ModelConfig,
+) -> PrefillPlan {
+    let stats = method.prompt_stats(prompt_len);
+    let window = stats.windows.iter().max().unwrap_or(1);
+    let bounded = !matches!(compression, CompressionConfig::Kvmerger(c)
+        if c.budget_mode == BudgetMode::Threshold);
+    let budgets: Vec<usize> = (0..config.n_layers)
+        .map(|l| if bounded { method.layer_budget_entries(l, prompt_len) } else { prompt_len })
+        .collect();
+    let incremental = mode == PrefillCompression::Incremental
+        && bounded
+        && stats.evictions.is_empty()
+        && chunk >= 2 * window;
+    PrefillPlan::new(prompt_len, chunk, window, &budgets, incremental)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -350,49 +424,76 @@ mod tests {
         }
     }
 
-    #[test]
-    fn chunks_cover_the_prompt_and_the_last_holds_the_window() {
-        let config = tiny_config();
-        let mut seq = Sequence::new(1, request(100, 4, "snapkv", 0.5), &config, 16).unwrap();
-        seq.start();
-        let window = kvmerger_compress::methods::SnapKvConfig::default().window;
-        let mut chunks = Vec::new();
-        while let Some(c) = seq.next_chunk() {
-            chunks.push(c.clone());
-            seq.state = if c.end == 100 {
-                SeqState::Decoding
-            } else {
-                SeqState::Prefilling { done: c.end }
-            };
-        }
-        assert_eq!(chunks.first().unwrap().start, 0);
-        assert!(chunks.windows(2).all(|w| w[0].end == w[1].start));
-        let last = chunks.last().unwrap();
-        assert_eq!(last.end, 100);
-        assert!(last.len() >= window.min(100), "{chunks:?}");
-        assert!(chunks[..chunks.len() - 1].iter().all(|c| c.len() == 16));
+    fn seq(r: GenerationRequest, chunk: usize, mode: PrefillCompression) -> Sequence {
+        Sequence::new(1, r, &tiny_config(), chunk, mode).unwrap()
     }
 
     #[test]
-    fn reservation_is_the_larger_of_prompt_and_budget_plus_room() {
-        let config = tiny_config();
-        let entry = entry_bytes(config.head_dim, KvDtype::default());
-        let heads = config.n_layers * config.n_kv_heads;
-        let full = Sequence::new(1, request(100, 10, "full", 1.0), &config, 16).unwrap();
-        assert_eq!(full.reservation(), (100 + 10) * entry * heads);
-        let h2o = Sequence::new(2, request(100, 10, "h2o", 0.35), &config, 16).unwrap();
-        assert_eq!(h2o.reservation(), 100 * entry * heads, "prefill needs the whole prompt");
-        let long = Sequence::new(3, request(100, 90, "h2o", 0.35), &config, 16).unwrap();
-        assert_eq!(long.reservation(), (35 + 90) * entry * heads);
+    fn reservations_are_exact_bytes_of_the_planned_entries() {
+        use PrefillCompression::{Incremental, Once};
+        // Tiny model: 2 layers x 2 kv heads, head_dim 8: an entry is a key and a value of
+        // 8 numbers in the cache's dtype, plus its metadata.
+        let dtype = KvDtype::default();
+        let entry = entry_bytes(8, dtype);
+        assert_eq!(entry, 2 * 8 * dtype.size_bytes() + std::mem::size_of::<EntryMeta>());
+        let heads = 4;
+        let r = |settled: usize, headroom: usize| Reservation { settled, headroom };
+        // The full cache holds its prompt plus room for max_tokens from the start.
+        let full = seq(request(100, 10, "full", 1.0), 16, Incremental);
+        assert_eq!(full.reservation(), r(110 * entry * heads, 0));
+        // H2O at 35% of 100 tokens: budget 35. Chunks of 16 (the last 4): compressed to 35
+        // whenever 16 more would pass 35 + 16, so a head peaks at 51 entries.
+        let h2o = seq(request(100, 10, "h2o", 0.35), 16, Incremental);
+        assert_eq!(h2o.plan().peak_entries, [51, 51]);
+        assert_eq!(h2o.reservation(), r(45 * entry * heads, (51 - 45) * entry * heads));
+        // Compressed once, it holds the whole prompt during prefill.
+        let once = seq(request(100, 10, "h2o", 0.35), 16, Once);
+        assert_eq!(once.reservation(), r(45 * entry * heads, (100 - 45) * entry * heads));
+        // Room for max_tokens beyond the prefill peak: nothing more is needed to prefill.
+        let long = seq(request(100, 90, "h2o", 0.35), 16, Incremental);
+        assert_eq!(long.reservation(), r(125 * entry * heads, 0));
+        // SnapKV's 32-query window needs chunks of at least 64 to compress during prefill;
+        // its window statistics take one f32 row per entry.
+        let with_row = entry + 4;
+        let snap16 = seq(request(100, 10, "snapkv", 0.5), 16, Incremental);
+        assert!(!snap16.plan().is_incremental());
+        assert_eq!(
+            snap16.reservation(),
+            r(60 * entry * heads, (100 * with_row - 60 * entry) * heads)
+        );
+        // 200 tokens in chunks 64, 64, 40, 32 (the last holds the window); budget 100:
+        // compressed after 128 and after 140 tokens; a head peaks at 140 entries.
+        let snap64 = seq(request(200, 10, "snapkv", 0.5), 64, Incremental);
+        let plan = snap64.plan();
+        assert_eq!(plan.chunks.iter().map(|c| c.len()).collect::<Vec<_>>(), [64, 64, 40, 32]);
+        assert_eq!(plan.compress_after, [false, true, true, false]);
+        assert_eq!(plan.peak_entries, [140, 140]);
+        assert_eq!(
+            snap64.reservation(),
+            r(110 * entry * heads, (140 * with_row - 110 * entry) * heads)
+        );
+        // CaM's statistics at eviction time span the whole prompt: compressed once.
+        let cam = seq(request(100, 10, "cam", 0.5), 16, Incremental);
+        assert!(!cam.plan().is_incremental());
+        assert_eq!(cam.plan().peak_entries, [100, 100]);
+    }
+
+    #[test]
+    fn windows_are_recorded_only_before_a_compression() {
+        let s = seq(request(200, 10, "snapkv", 0.5), 64, PrefillCompression::Incremental);
+        let windows: Vec<bool> =
+            s.plan().chunks.iter().map(|c| !s.chunk_stats(c).windows.is_empty()).collect();
+        assert_eq!(windows, [false, true, true, true]);
     }
 
     #[test]
     fn bad_requests_name_the_field() {
         let config = tiny_config();
-        let field = |r: GenerationRequest| match Sequence::new(1, r, &config, 16) {
-            Err(EngineError::InvalidRequest { field, .. }) => field,
-            other => panic!("{other:?}"),
-        };
+        let field =
+            |r: GenerationRequest| match Sequence::new(1, r, &config, 16, Default::default()) {
+                Err(EngineError::InvalidRequest { field, .. }) => field,
+                other => panic!("{other:?}"),
+            };
         assert_eq!(field(request(0, 4, "full", 1.0)), "prompt");
         assert_eq!(field(request(300, 4, "full", 1.0)), "prompt");
         assert_eq!(field(request(10, 0, "full", 1.0)), "max_tokens");

@@ -8,7 +8,8 @@ use kvmerger_compress::{Budget, CompressionConfig};
 use kvmerger_engine::testing::{random_llama, random_llama_with, tiny_config};
 use kvmerger_engine::{
     AddError, BatchItem, Engine, EngineConfig, Event, FinishReason, GenerationRequest, Llama,
-    Logits, Phase, Refusal, SamplingConfig, SeqId, Session, WeightFormat, WeightFormats,
+    Logits, Phase, PrefillCompression, Refusal, SamplingConfig, SeqId, Sequence, Session,
+    WeightFormat, WeightFormats,
 };
 
 fn models() -> Vec<(&'static str, Llama)> {
@@ -210,4 +211,97 @@ fn cancel_frees_memory_at_once_and_refusals_name_why() {
     let mut engine = Engine::new(Arc::new(random_llama(tiny_config(), 3).unwrap()), small);
     let err = engine.add(req(100, 20)).unwrap_err();
     assert!(matches!(err, AddError::Refused(Refusal::NeverFits { .. })), "{err}");
+}
+
+#[test]
+fn incremental_prefill_never_holds_more_than_budget_plus_one_chunk_per_head() {
+    let model = random_llama(tiny_config(), 3).unwrap();
+    let chunk = 16;
+    let window = [("window".to_string(), "8".to_string())];
+    let methods = [
+        config("h2o", 0.3),
+        config("kvmerger", 0.3),
+        config("streaming_llm", 0.3),
+        CompressionConfig::from_cli("snapkv", Some(Budget::Ratio(0.3)), &window).unwrap(),
+    ];
+    for compression in methods {
+        let name = compression.label();
+        let request = GenerationRequest {
+            prompt: prompt(4, 200),
+            max_tokens: 5,
+            sampling: SamplingConfig::default(),
+            compression,
+            stop_tokens: vec![],
+        };
+        let mode = PrefillCompression::Incremental;
+        let mut seq = Sequence::new(1, request.clone(), &model.config, chunk, mode).unwrap();
+        let budget = 60;
+        let reserved = seq.reservation().peak();
+        seq.start();
+        let (mut most, mut compressions) = (0, 0);
+        // The runtime's prefill, with the heads measured right after each chunk's forward
+        // pass, before any compression.
+        while let Some(range) = seq.next_chunk() {
+            let last = range.end == 200;
+            let stats = seq.chunk_stats(&range);
+            let mut item = [BatchItem {
+                tokens: &request.prompt[range.clone()],
+                cache: &mut seq.cache,
+                logits: last.then_some(Logits::Last),
+                stats,
+            }];
+            let logits = model.forward_batch(&mut item, Phase::Prefill, 16).unwrap();
+            let held = seq.cache.layers.iter().flatten().map(|h| h.len()).max().unwrap();
+            assert!(held <= budget + chunk, "{name}: a head holds {held} > {budget} + {chunk}");
+            assert!(seq.cache.resident_bytes() <= reserved, "{name}: over its reservation");
+            most = most.max(held);
+            let logits: Option<Vec<f32>> =
+                logits[0].as_ref().map(|t| t.flatten_all().unwrap().to_vec1().unwrap());
+            seq.chunk_done(range, logits.as_deref()).unwrap();
+            let after = seq.cache.layers.iter().flatten().map(|h| h.len()).max().unwrap();
+            compressions += usize::from(after < held);
+        }
+        assert_eq!(most, budget + chunk, "{name}: heads fill up to budget + chunk");
+        assert!(compressions >= 5, "{name}: compressed {compressions} times");
+        assert!(seq.cache.layers.iter().flatten().all(|h| h.len() == budget), "{name}");
+        assert_eq!(
+            seq.cache.resident_bytes(),
+            seq.reservation().settled,
+            "{name}: settles exactly"
+        );
+        assert_eq!(seq.usage().achieved_ratio, 0.3, "{name}: kept over the whole prompt");
+    }
+}
+
+#[test]
+fn once_and_incremental_agree_where_the_prompt_fits_budget_plus_a_chunk() {
+    // A 40-token prompt at 60% (budget 24) in chunks of 16: no compression before the last
+    // chunk either way, so both modes give the same tokens.
+    let model = Arc::new(random_llama(tiny_config(), 3).unwrap());
+    let request = GenerationRequest {
+        prompt: prompt(2, 40),
+        max_tokens: 8,
+        sampling: SamplingConfig::default(),
+        compression: config("kvmerger", 0.6),
+        stop_tokens: vec![],
+    };
+    let run = |mode| {
+        let cfg = EngineConfig {
+            prefill_chunk: 16,
+            prefill_compression: mode,
+            ..EngineConfig::default()
+        };
+        let mut engine = Engine::new(model.clone(), cfg);
+        engine.add(request.clone()).unwrap();
+        let mut tokens = Vec::new();
+        while !engine.is_idle() {
+            for (_, e) in engine.step() {
+                if let Event::Token(t) = e {
+                    tokens.push(t);
+                }
+            }
+        }
+        tokens
+    };
+    assert_eq!(run(PrefillCompression::Incremental), run(PrefillCompression::Once));
 }

@@ -297,16 +297,17 @@ fn answer(
     Ok(Answer { tokens, decode_ms: start.elapsed().as_secs_f64() * 1e3 })
 }
 
+/// Teacher-forced distributions over a reference answer.
 #[derive(Clone)]
-struct Forced {
+pub struct Forced {
     /// `[target][vocab]` log-probabilities of the positions that predict each target token.
-    log_probs: Vec<Vec<f32>>,
-    perplexity: f64,
+    pub log_probs: Vec<Vec<f32>>,
+    pub perplexity: f64,
 }
 
 /// Feeds `question ++ targets` in one step after the compressed context (whose last logits
 /// are `first`) and returns the distributions that predict each target token.
-fn teacher_forced(
+pub fn teacher_forced(
     mut session: Session<'_>,
     first: Vec<f32>,
     question: &[u32],

@@ -23,7 +23,9 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::error::ApiError;
 use crate::generation::{complete, Running, Step, TextStream};
-use crate::types::{ChatRequest, CompletionRequest, Content, Generation, Prompt, UsageBody};
+use crate::types::{
+    ChatRequest, CompletionRequest, Content, Generation, Prompt, TokenizeRequest, UsageBody,
+};
 
 /// What the handlers share: the engine handle, and what turns text into tokens and back.
 pub struct ServerState {
@@ -48,6 +50,7 @@ pub fn router(state: ServerState) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
+        .route("/tokenize", post(tokenize))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::not_found("no such route") })
@@ -192,6 +195,17 @@ fn chat_prompt(state: &ServerState, req: &ChatRequest) -> Result<Vec<u32>, ApiEr
         return Err(ApiError::invalid("messages", "every message is empty"));
     }
     state.tokenizer.encode(&text, true).map_err(|e| ApiError::invalid("messages", e.to_string()))
+}
+
+/// The token ids of a prompt string, encoded exactly as `/v1/completions` encodes it (so a
+/// client can send a prompt of an exact length as ids).
+async fn tokenize(State(state): State<AppState>, body: Bytes) -> Response {
+    let result = parse::<TokenizeRequest>(&state, &body)
+        .and_then(|req| encode(&state, &req.prompt).map_err(|e| counted(&state, e)));
+    match result {
+        Ok(tokens) => Json(json!({"count": tokens.len(), "tokens": tokens})).into_response(),
+        Err(e) => e.into_response(),
+    }
 }
 
 #[derive(Clone, Copy)]

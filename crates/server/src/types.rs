@@ -87,6 +87,16 @@ pub struct CompletionRequest {
     pub suffix: Option<String>,
 }
 
+/// `POST /tokenize` (an extension, as vLLM and llama.cpp's servers have): the token ids a
+/// completion prompt string becomes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenizeRequest {
+    #[serde(default)]
+    pub model: Option<String>,
+    pub prompt: String,
+}
+
 /// A chat message's content: a string or a list of `{"type": "text", "text": ...}` parts.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]

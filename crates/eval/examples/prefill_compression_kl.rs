@@ -1,0 +1,148 @@
+//! What compressing during the served chunked prefill costs against compressing once after
+//! the prompt: mean KL(full || method) over the full cache's greedy answer, teacher-forced,
+//! on development samples (passkey and single-needle, question read after compression).
+//!
+//! ```sh
+//! cargo run --release -p kvmerger-eval --example prefill_compression_kl -- \
+//!     [MODEL.gguf] [--length 2000] [--chunk 256] [--seeds 2]
+//! ```
+
+type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+use kvmerger_compress::{Budget, CompressionConfig};
+use kvmerger_engine::{
+    fetch, load_model, BatchItem, GenerationRequest, Logits, Phase, PrefillCompression, Sampler,
+    SamplingConfig, Sequence, Session, WeightFormat, WeightFormats,
+};
+use kvmerger_eval::runner::{mean_kl, prompt_texts, teacher_forced, RunOptions};
+use kvmerger_eval::tasks::{generate, TaskInput, TaskKind};
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let flag = |name: &str, default: usize| -> Result<usize> {
+        match args.iter().position(|a| a == name) {
+            Some(at) => Ok(args
+                .get(at + 1)
+                .ok_or(format!("{name} needs a value"))?
+                .parse()
+                .map_err(|_| format!("{name} must be a number"))?),
+            None => Ok(default),
+        }
+    };
+    let (length, chunk, seeds) =
+        (flag("--length", 2000)?, flag("--chunk", 256)?, flag("--seeds", 2)?);
+    let path = match args.first().filter(|a| !a.starts_with("--")) {
+        Some(p) => p.into(),
+        None => fetch::default_model_path(),
+    };
+    let formats = WeightFormats { prefill: WeightFormat::F32, decode: WeightFormat::F32 };
+    let model = load_model(&path, formats)?;
+    let tok = &model.tokenizer;
+    let count = |s: &str| tok.encode(s, true).map_or(0, |t| t.len());
+    let methods: Vec<CompressionConfig> = ["kvmerger", "h2o", "snapkv"]
+        .iter()
+        .map(|m| CompressionConfig::from_cli(m, Some(Budget::Ratio(0.35)), &[]))
+        .collect::<std::result::Result<_, _>>()?;
+    println!("| sample | method | KL once | KL incremental | compressions during prefill |");
+    println!("|---|---|---:|---:|---:|");
+    let mut totals = vec![(0.0, 0.0); methods.len()];
+    let mut n = 0;
+    for kind in [TaskKind::Passkey, TaskKind::NiahSingle] {
+        for seed in 0..seeds as u64 {
+            let input =
+                TaskInput { length, depth: 0.5, seed, count_tokens: &count, haystack: None };
+            let sample = generate(kind, &input)?;
+            let (context, question) = prompt_texts(&model, &sample, RunOptions::default())?;
+            let context = tok.encode(&context, true)?;
+            let question = tok.encode(&question, false)?;
+            // The reference: the full cache's greedy answer.
+            let mut full = Session::new(&model.model, &CompressionConfig::Full)?;
+            full.prefill(&context)?;
+            let logits = full.extend(&question, Logits::Last)?.swap_remove(0);
+            let mut greedy = Sampler::new(SamplingConfig::default());
+            let answer = full.generate(logits, 16, &mut greedy, &tok.eos_ids(), |_| true)?;
+            let mut reference = Session::new(&model.model, &CompressionConfig::Full)?;
+            let first = reference.prefill(&context)?;
+            let reference = teacher_forced(reference, first, &question, &answer)?;
+            for (m, method) in methods.iter().enumerate() {
+                let mut kl = [0.0; 2];
+                let mut compressions = 0;
+                for (i, mode) in [PrefillCompression::Once, PrefillCompression::Incremental]
+                    .into_iter()
+                    .enumerate()
+                {
+                    let request = GenerationRequest {
+                        prompt: context.clone(),
+                        max_tokens: answer.len().max(1) + question.len(),
+                        sampling: SamplingConfig::default(),
+                        compression: method.clone(),
+                        stop_tokens: vec![],
+                    };
+                    let (session, first) = served_prefill(&model.model, request, chunk, mode)?;
+                    compressions = compressions.max(session.1);
+                    let forced = teacher_forced(session.0, first, &question, &answer)?;
+                    kl[i] = mean_kl(&reference.log_probs, &forced.log_probs);
+                }
+                totals[m].0 += kl[0];
+                totals[m].1 += kl[1];
+                println!(
+                    "| {} | {} | {:.4} | {:.4} | {compressions} |",
+                    sample.id,
+                    method.label(),
+                    kl[0],
+                    kl[1]
+                );
+            }
+            n += 1;
+        }
+    }
+    for (method, (once, inc)) in methods.iter().zip(totals) {
+        println!(
+            "| mean of {n} | {} | {:.4} | {:.4} | |",
+            method.label(),
+            once / n as f64,
+            inc / n as f64
+        );
+    }
+    Ok(())
+}
+
+/// Prefills `request` the way the server does (chunks, compression as `mode` plans), and
+/// returns a session over the compressed cache with the count of compressions before the
+/// last chunk, and the last prompt logits.
+fn served_prefill<'m>(
+    model: &'m kvmerger_engine::Llama,
+    request: GenerationRequest,
+    chunk: usize,
+    mode: PrefillCompression,
+) -> Result<((Session<'m>, usize), Vec<f32>)> {
+    let compression = request.compression.clone();
+    let prompt = request.prompt.clone();
+    let mut seq =
+        Sequence::new(1, request, &model.config, chunk, mode)?.with_kv_dtype(model.kv_dtype);
+    let compressions = seq.plan().compress_after.iter().filter(|&&c| c).count();
+    seq.start();
+    let mut first = Vec::new();
+    while let Some(range) = seq.next_chunk() {
+        let last = range.end == prompt.len();
+        let stats = seq.chunk_stats(&range);
+        let mut item = [BatchItem {
+            tokens: &prompt[range.clone()],
+            cache: &mut seq.cache,
+            logits: last.then_some(Logits::Last),
+            stats,
+        }];
+        let logits = model.forward_batch(&mut item, Phase::Prefill, 128)?;
+        let logits = match &logits[0] {
+            Some(t) => Some(t.flatten_all()?.to_vec1::<f32>()?),
+            None => None,
+        };
+        if let Some(l) = &logits {
+            first = l.clone();
+        }
+        seq.chunk_done(range, logits.as_deref())?;
+    }
+    let mut session = Session::new(model, &compression)?;
+    session.cache = std::mem::replace(&mut seq.cache, model.new_cache());
+    Ok(((session, compressions), first))
+}
