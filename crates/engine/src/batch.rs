@@ -83,6 +83,21 @@ impl Llama {
         if items.is_empty() {
             return Ok(Vec::new());
         }
+        match &self.adaptive_threads {
+            Some(adaptive) if items.iter().all(|i| i.tokens.len() == 1) => {
+                adaptive.run(|| self.pass(items, formats, attention_chunk))
+            }
+            _ => self.pass(items, formats, attention_chunk),
+        }
+    }
+
+    /// [`Self::run_batch`] on the current rayon pool, `items` checked and not empty.
+    fn pass(
+        &self,
+        items: &mut [BatchItem<'_>],
+        formats: PassFormats,
+        attention_chunk: usize,
+    ) -> Result<Vec<Option<Tensor>>> {
         let profile = self.profile.as_deref();
         if let Some(p) = profile {
             p.count_pass();

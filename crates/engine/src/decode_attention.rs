@@ -19,6 +19,11 @@ use crate::attention::{AttentionOptions, AttentionShape};
 /// Rows widened at a time: 64 rows of a 64-wide head are 16 KiB of f32.
 const BLOCK: usize = 64;
 
+/// Threads the parts are sized for, whatever the pool holds: the split (and so the rounding
+/// of the combined result) depends on sizes only, and a decode step gives the same result
+/// on one thread or many (see `threads.rs`).
+const SPLIT_THREADS: usize = 8;
+
 /// Fewest entries worth a task of their own: below this, splitting costs more than it saves.
 const MIN_PART: usize = 256;
 
@@ -52,7 +57,7 @@ pub(crate) fn attend_one(
     shape: AttentionShape,
     opts: AttentionOptions,
 ) -> Vec<f32> {
-    attend_split(q, heads, shape, opts, rayon::current_num_threads())
+    attend_split(q, heads, shape, opts, SPLIT_THREADS)
 }
 
 /// [`attend_one`] with parts sized for `threads` threads.

@@ -23,6 +23,7 @@ mod scheduler;
 mod sequence;
 mod session;
 pub mod testing;
+mod threads;
 pub mod tokenizer;
 
 pub use attention::{attend, AttentionOptions, AttentionShape};
@@ -45,3 +46,4 @@ pub use sequence::{
     entry_bytes, FinishReason, GenerationRequest, Reservation, SeqId, SeqState, Sequence, Usage,
 };
 pub use session::{CompressionReport, Prefilled, Session, Timings};
+pub use threads::ADAPTIVE_THREADS_ENV;

@@ -12,6 +12,7 @@ use crate::error::{EngineError, Result};
 use crate::linear::{Linear, WeightFormats, DECODE_ROWS};
 use crate::profile::StepProfile;
 use crate::rope::Rope;
+use crate::threads::AdaptiveThreads;
 
 /// One transformer block's weights.
 #[derive(Debug, Clone)]
@@ -72,6 +73,8 @@ pub struct Llama {
     /// Whether every block's linear layers run on the quantized kernel.
     pub(crate) blocks_on_kernel: bool,
     pub(crate) profile: Option<Arc<StepProfile>>,
+    /// Picks the thread count of each decode step (`None`: always every thread).
+    pub(crate) adaptive_threads: Option<Arc<AdaptiveThreads>>,
 }
 
 impl Llama {
@@ -103,6 +106,7 @@ impl Llama {
             norm_values,
             blocks_on_kernel,
             profile: None,
+            adaptive_threads: AdaptiveThreads::from_env().map(Arc::new),
         })
     }
 
@@ -110,6 +114,13 @@ impl Llama {
     /// times to.
     pub fn set_profile(&mut self, profile: Option<Arc<StepProfile>>) {
         self.profile = profile;
+    }
+
+    /// Turns on or off the adaptive thread count of decode steps (on unless
+    /// [`crate::ADAPTIVE_THREADS_ENV`] is `0`): each step runs on every thread or on one,
+    /// whichever recent steps found faster. Results are the same either way.
+    pub fn set_adaptive_threads(&mut self, on: bool) {
+        self.adaptive_threads = on.then(|| Arc::new(AdaptiveThreads::default()));
     }
 
     pub fn device(&self) -> &Device {

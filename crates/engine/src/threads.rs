@@ -1,0 +1,227 @@
+//! Adaptive thread count for decode steps.
+//!
+//! A decode step runs about 150 short parallel regions; when another process holds one of
+//! the cores, each region waits for the thread the OS descheduled, and the step slows far
+//! more than the share of CPU lost. A one-thread pool kept beside rayon's global one does
+//! not wait on anyone: each decode step runs on whichever pool its recent steps found
+//! faster, and the other is re-timed now and then (and at once when the current one's time
+//! jumps), so a quiet machine keeps every thread and a shared one falls back to one.
+//! Results do not depend on the choice: every kernel splits its work by sizes only.
+
+use std::sync::{Mutex, OnceLock};
+use std::time::Instant;
+
+/// Environment variable that turns the adaptation off when set to `0` or `off`.
+pub const ADAPTIVE_THREADS_ENV: &str = "KVMERGER_ADAPTIVE_THREADS";
+
+/// Steps between two probes of the choice not taken.
+const PROBE_EVERY: u32 = 32;
+/// A step this many times slower than its choice's average re-probes the other at once.
+const JUMP: f64 = 1.5;
+/// Weight of a new step time in its choice's moving average.
+const ALPHA: f64 = 0.25;
+
+/// Which pool a decode step runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Threads {
+    /// Rayon's global pool (every core).
+    All,
+    /// The one-thread pool.
+    One,
+}
+
+impl Threads {
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    fn other(self) -> Self {
+        match self {
+            Threads::All => Threads::One,
+            Threads::One => Threads::All,
+        }
+    }
+}
+
+/// The choice from step times alone (no clock, no pools), so it can be tested on made-up
+/// timings.
+#[derive(Debug, Clone)]
+pub(crate) struct ThreadChooser {
+    /// Moving average of step seconds, per [`Threads`] index; `None` until timed.
+    average: [Option<f64>; 2],
+    /// The choice that steps run on between probes.
+    current: Threads,
+    /// Steps since the other choice was last timed.
+    since_probe: u32,
+    /// Whether the next step times the other choice.
+    probe_next: bool,
+}
+
+impl Default for ThreadChooser {
+    fn default() -> Self {
+        Self { average: [None, None], current: Threads::All, since_probe: 0, probe_next: false }
+    }
+}
+
+impl ThreadChooser {
+    /// The pool the next step runs on.
+    pub(crate) fn pick(&self) -> Threads {
+        let other = self.current.other();
+        if self.average[other.index()].is_none() && self.average[self.current.index()].is_some() {
+            return other;
+        }
+        if self.probe_next || self.since_probe >= PROBE_EVERY {
+            other
+        } else {
+            self.current
+        }
+    }
+
+    /// Records that a step on `threads` took `seconds`.
+    pub(crate) fn record(&mut self, threads: Threads, seconds: f64) {
+        let slot = &mut self.average[threads.index()];
+        if threads == self.current {
+            let average = slot.map_or(seconds, |a| a + ALPHA * (seconds - a));
+            // A jump (another process started) makes the other choice worth a look now.
+            self.probe_next = slot.is_some_and(|a| seconds > JUMP * a);
+            *slot = Some(average);
+            self.since_probe += 1;
+            return;
+        }
+        // The other choice's average is stale: a probe replaces it, and only a probe (a
+        // fresh time) switches.
+        *slot = Some(seconds);
+        self.since_probe = 0;
+        self.probe_next = false;
+        if let [Some(all), Some(one)] = self.average {
+            let before = self.current;
+            self.current = if one < all { Threads::One } else { Threads::All };
+            // A switch re-times the old choice at once, so one slow step on it (a blip, not
+            // a busy machine) costs two steps, not a probe period.
+            self.probe_next = self.current != before;
+        }
+    }
+}
+
+/// Runs decode steps on the pool a [`ThreadChooser`] picks, timing each.
+#[derive(Debug, Default)]
+pub(crate) struct AdaptiveThreads {
+    chooser: Mutex<ThreadChooser>,
+    one: OnceLock<Option<rayon::ThreadPool>>,
+}
+
+impl AdaptiveThreads {
+    /// `None` when [`ADAPTIVE_THREADS_ENV`] turns the adaptation off.
+    pub(crate) fn from_env() -> Option<Self> {
+        match std::env::var(ADAPTIVE_THREADS_ENV).as_deref() {
+            Ok("0") | Ok("off") => None,
+            _ => Some(Self::default()),
+        }
+    }
+
+    /// Runs `step` on the chosen pool and times it. With a one-thread global pool, or if
+    /// the one-thread pool cannot be built, runs it on the global pool untimed.
+    pub(crate) fn run<R: Send>(&self, step: impl FnOnce() -> R + Send) -> R {
+        if rayon::current_num_threads() <= 1 {
+            return step();
+        }
+        let one =
+            self.one.get_or_init(|| rayon::ThreadPoolBuilder::new().num_threads(1).build().ok());
+        let Some(one) = one else { return step() };
+        let threads = self.chooser.lock().map(|c| c.pick()).unwrap_or(Threads::All);
+        let start = Instant::now();
+        let out = match threads {
+            Threads::All => step(),
+            Threads::One => one.install(step),
+        };
+        let seconds = start.elapsed().as_secs_f64();
+        if let Ok(mut chooser) = self.chooser.lock() {
+            chooser.record(threads, seconds);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs `steps` steps whose time on each choice `cost(step, threads)` gives; returns
+    /// the choice of every step.
+    fn simulate(
+        chooser: &mut ThreadChooser,
+        steps: usize,
+        cost: impl Fn(usize, Threads) -> f64,
+    ) -> Vec<Threads> {
+        (0..steps)
+            .map(|s| {
+                let t = chooser.pick();
+                chooser.record(t, cost(s, t));
+                t
+            })
+            .collect()
+    }
+
+    fn count(choices: &[Threads], t: Threads) -> usize {
+        choices.iter().filter(|&&c| c == t).count()
+    }
+
+    #[test]
+    fn quiet_machine_stays_on_all_threads_and_probes_now_and_then() {
+        let mut chooser = ThreadChooser::default();
+        let choices =
+            simulate(&mut chooser, 330, |_, t| if t == Threads::All { 10e-3 } else { 18e-3 });
+        assert_eq!(choices[0], Threads::All, "starts on every thread");
+        assert_eq!(choices[1], Threads::One, "times the other choice once");
+        // One probe per PROBE_EVERY + 1 steps after the first two.
+        assert_eq!(count(&choices, Threads::One), 1 + 328 / (PROBE_EVERY as usize + 1));
+        assert_eq!(chooser.pick(), Threads::All);
+    }
+
+    #[test]
+    fn switches_to_one_thread_when_the_machine_gets_busy_and_back_when_quiet() {
+        let mut chooser = ThreadChooser::default();
+        // Quiet for 110 steps, busy (every thread waits) until step 300, then quiet.
+        let busy = |s: usize| (110..300).contains(&s);
+        let cost = |s: usize, t: Threads| match (busy(s), t) {
+            (false, Threads::All) => 10e-3,
+            (false, Threads::One) => 18e-3,
+            (true, Threads::All) => 60e-3,
+            (true, Threads::One) => 25e-3,
+        };
+        let choices = simulate(&mut chooser, 500, cost);
+        // Each jump re-probes one thread at once; it wins once the average has moved, and the
+        // switch re-times every thread once more.
+        let (all, one) = (Threads::All, Threads::One);
+        assert_eq!(&choices[110..115], &[all, one, all, one, all]);
+        let busy_steps = &choices[115..300];
+        assert!(count(busy_steps, Threads::All) <= 185 / PROBE_EVERY as usize + 1);
+        // Back on every thread within one probe period of the machine getting quiet.
+        let back = choices[300..].iter().position(|&t| t == Threads::All).unwrap();
+        assert!(back <= PROBE_EVERY as usize + 1, "back after {back} steps");
+        assert_eq!(chooser.current, Threads::All);
+        assert!(count(&choices[300 + back + 2..], Threads::One) <= 200 / PROBE_EVERY as usize);
+    }
+
+    #[test]
+    fn one_slow_step_does_not_switch_for_good() {
+        let mut chooser = ThreadChooser::default();
+        let cost = |s: usize, t: Threads| match t {
+            Threads::All if s == 50 => 100e-3,
+            Threads::All => 10e-3,
+            Threads::One => 18e-3,
+        };
+        let choices = simulate(&mut chooser, 60, cost);
+        let (all, one) = (Threads::All, Threads::One);
+        assert_eq!(&choices[50..54], &[all, one, all, one], "probe, switch, re-time, back");
+        assert!(choices[54..].iter().all(|&t| t == Threads::All), "{choices:?}");
+        assert_eq!(chooser.current, Threads::All);
+    }
+
+    #[test]
+    fn a_step_returns_the_same_on_either_pool() {
+        let adaptive = AdaptiveThreads::default();
+        let sums: Vec<u64> = (0..40).map(|_| adaptive.run(|| (0..1000u64).sum())).collect();
+        assert!(sums.iter().all(|&s| s == 499_500));
+    }
+}
