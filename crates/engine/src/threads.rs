@@ -219,9 +219,27 @@ mod tests {
     }
 
     #[test]
-    fn a_step_returns_the_same_on_either_pool() {
-        let adaptive = AdaptiveThreads::default();
-        let sums: Vec<u64> = (0..40).map(|_| adaptive.run(|| (0..1000u64).sum())).collect();
-        assert!(sums.iter().all(|&s| s == 499_500));
+    fn a_decode_step_gives_the_same_logits_on_one_thread_and_on_three() {
+        use crate::testing::{random_llama_with, tiny_config};
+        use crate::{ForwardOptions, WeightFormat, WeightFormats};
+
+        // A cache longer than one decode-attention part, so the heads are split.
+        let config = crate::ModelConfig { context_length: 1024, ..tiny_config() };
+        let formats = WeightFormats { prefill: WeightFormat::F32, decode: WeightFormat::File };
+        let mut model = random_llama_with(config, 11, formats).unwrap();
+        model.set_adaptive_threads(false);
+        let prompt: Vec<u32> = (0..700).map(|i| (i * 7 % 64) as u32).collect();
+        let mut cache = model.new_cache();
+        model.forward(&prompt, &mut cache, ForwardOptions::default()).unwrap();
+        let step_on = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let mut cache = cache.clone();
+            pool.install(|| {
+                let logits = model.forward(&[5], &mut cache, ForwardOptions::default()).unwrap();
+                logits.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            })
+        };
+        let (one, three) = (step_on(1), step_on(3));
+        assert!(one.iter().zip(&three).all(|(a, b)| a.to_bits() == b.to_bits()));
     }
 }
