@@ -94,11 +94,12 @@ fn attend_split(
     let mut out = vec![0.0f32; n_heads * d];
     let mut first = 0;
     let mut exps_at = 0;
+    // `[parts of a head, group]`: each part's share of the softmax, per query head.
+    let mut scale = vec![0.0f32; parts.len() * group];
     for (h, head) in heads.iter_mut().enumerate() {
         let count = parts[first..].iter().take_while(|p| p.head == h).count();
         let mine = &partials[first * stride..(first + count) * stride];
         // Per query head of the group: the largest maximum, and the softmax denominator.
-        let mut scale = vec![0.0f32; count * group];
         for g in 0..group {
             let max = mine.chunks_exact(stride).map(|p| p[g]).fold(f32::NEG_INFINITY, f32::max);
             let total: f32 =
@@ -172,10 +173,10 @@ fn attend_part(
             let (keys, values) = (part.head.stored_keys(), part.head.stored_values());
             // SAFETY (all three): the CPU has the features these copies are compiled for.
             match (keys, values) {
-                (RowsRef::F32(k), RowsRef::F32(v)) if d % fused::COLUMNS == 0 => unsafe {
+                (RowsRef::F32(k), RowsRef::F32(v)) if d.is_multiple_of(fused::COLUMNS) => unsafe {
                     fused::part_kernel(part, k, v, partial, exps, &mut scratch.scores)
                 },
-                (RowsRef::F16(k), RowsRef::F16(v)) if d % fused::COLUMNS == 0 => unsafe {
+                (RowsRef::F16(k), RowsRef::F16(v)) if d.is_multiple_of(fused::COLUMNS) => unsafe {
                     fused::part_kernel(part, k, v, partial, exps, &mut scratch.scores)
                 },
                 _ => unsafe { part_kernel_avx2(part, partial, exps, scratch) },
@@ -369,7 +370,9 @@ mod fused {
         let d = head.head_dim();
         let group = queries.len() / d;
         let n = rows.len();
-        assert!(d % COLUMNS == 0 && rows.end * d <= keys.len() && rows.end * d <= values.len());
+        assert!(
+            d.is_multiple_of(COLUMNS) && rows.end * d <= keys.len() && rows.end * d <= values.len()
+        );
         let scale = 1.0 / (d as f32).sqrt();
         let meta = &head.meta()[rows.clone()];
         scores.resize(group * n, 0.0);
@@ -486,9 +489,10 @@ mod fused {
                         acc[1] = _mm256_fmadd_ps(weight, hi, acc[1]);
                     }
                 }
-                for g in 0..G {
-                    for half in 0..2 {
-                        let sum = _mm256_add_ps(acc[0][g][half], acc[1][g][half]);
+                let [even, odd] = acc;
+                for (g, (even, odd)) in even.into_iter().zip(odd).enumerate() {
+                    for (half, (even, odd)) in even.into_iter().zip(odd).enumerate() {
+                        let sum = _mm256_add_ps(even, odd);
                         unsafe {
                             let at = o.add(g * d + c + 8 * half);
                             _mm256_storeu_ps(at, _mm256_add_ps(_mm256_loadu_ps(at), sum));
