@@ -1,8 +1,9 @@
 //! Attention of one new query per sequence (a decode step) over its ragged cache.
 //!
-//! Memory-bound: every key and value row is read once for all the query heads of its group,
-//! widened to f32 a block of [`BLOCK`] rows at a time (the block stays in L1 with the
-//! group's queries and partial outputs). A long head is split into parts that run on
+//! Every key and value row is read once for (a tile of) the query heads of its group. With
+//! AVX2, FMA and F16C and f32 or f16 rows, the rows load straight into vector registers,
+//! f16 converting inside the multiply-add loop ([`fused`]); otherwise they are widened to f32
+//! a block of [`BLOCK`] rows at a time (the block stays in L1 with the group's queries). A long head is split into parts that run on
 //! different threads (flash-decoding): each part returns its own maximum logit, sum of
 //! exponentials and weighted values, and the parts are combined exactly, so a model with
 //! fewer kv heads than threads still uses them all. The accumulated attention statistic is
