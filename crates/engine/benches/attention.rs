@@ -1,6 +1,7 @@
-//! Decode attention (one query per kv-head group) over a 4k-entry cache in each storage
-//! dtype, SmolLM2-135M's shape (9 query heads over 3 kv heads, head_dim 64): one layer's
-//! step, with and without H2O's accumulated-attention statistic.
+//! Decode attention (one query per kv-head group) over 2k, 4k and 8k-entry caches in each
+//! storage dtype, SmolLM2-135M's shape (9 query heads over 3 kv heads, head_dim 64): one
+//! layer's step, with and without H2O's accumulated-attention statistic. The dtypes of one
+//! length run one after another, so their ratios come from the same machine load.
 //!
 //!     cargo bench -p kvmerger-engine --bench attention
 //!     cargo bench -p kvmerger-engine --bench attention -- --warm-up-time 1 --measurement-time 3
@@ -12,15 +13,15 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 const SHAPE: AttentionShape = AttentionShape { n_heads: 9, n_kv_heads: 3, head_dim: 64 };
-const ENTRIES: usize = 4096;
+const ENTRIES: [usize; 3] = [2048, 4096, 8192];
 
-fn heads(dtype: KvDtype) -> Vec<HeadCache> {
+fn heads(dtype: KvDtype, entries: usize) -> Vec<HeadCache> {
     let mut rng = StdRng::seed_from_u64(1);
     let d = SHAPE.head_dim;
     (0..SHAPE.n_kv_heads)
         .map(|_| {
-            let mut h = HeadCache::with_capacity(d, dtype, ENTRIES);
-            for i in 0..ENTRIES {
+            let mut h = HeadCache::with_capacity(d, dtype, entries);
+            for i in 0..entries {
                 let k: Vec<f32> = (0..d).map(|_| rng.random_range(-1.0..1.0)).collect();
                 let v: Vec<f32> = (0..d).map(|_| rng.random_range(-1.0..1.0)).collect();
                 h.push(&k, &v, EntryMeta::new(i));
@@ -34,19 +35,22 @@ fn bench(c: &mut Criterion) {
     let mut rng = StdRng::seed_from_u64(2);
     let q: Vec<f32> =
         (0..SHAPE.n_heads * SHAPE.head_dim).map(|_| rng.random_range(-1.0..1.0)).collect();
-    let mut group = c.benchmark_group("decode attention, 4096 entries, 9 over 3 heads of 64");
-    for dtype in KvDtype::ALL {
-        let mut cache = heads(dtype);
-        for (stats, name) in
-            [(StatsRequest::default(), ""), (StatsRequest::accumulated(), " + H2O stats")]
-        {
-            let opts = AttentionOptions { chunk: 128, stats, log_count_bias: false };
-            group.bench_function(format!("{dtype}{name}"), |b| {
-                b.iter(|| attend(&q, 1, &mut cache, SHAPE, opts))
-            });
+    for entries in ENTRIES {
+        let mut group =
+            c.benchmark_group(format!("decode attention, {entries} entries, 9 over 3 heads of 64"));
+        for dtype in KvDtype::ALL {
+            let mut cache = heads(dtype, entries);
+            for (stats, name) in
+                [(StatsRequest::default(), ""), (StatsRequest::accumulated(), " + H2O stats")]
+            {
+                let opts = AttentionOptions { chunk: 128, stats, log_count_bias: false };
+                group.bench_function(format!("{dtype}{name}"), |b| {
+                    b.iter(|| attend(&q, 1, &mut cache, SHAPE, opts))
+                });
+            }
         }
+        group.finish();
     }
-    group.finish();
 }
 
 criterion_group!(benches, bench);

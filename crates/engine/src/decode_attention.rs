@@ -1,8 +1,9 @@
 //! Attention of one new query per sequence (a decode step) over its ragged cache.
 //!
-//! Memory-bound: every key and value row is read once for all the query heads of its group,
-//! widened to f32 a block of [`BLOCK`] rows at a time (the block stays in L1 with the
-//! group's queries and partial outputs). A long head is split into parts that run on
+//! Every key and value row is read once for (a tile of) the query heads of its group. With
+//! AVX2, FMA and F16C and f32 or f16 rows, the rows load straight into vector registers,
+//! f16 converting inside the multiply-add loop ([`fused`]); otherwise they are widened to f32
+//! a block of [`BLOCK`] rows at a time (the block stays in L1 with the group's queries). A long head is split into parts that run on
 //! different threads (flash-decoding): each part returns its own maximum logit, sum of
 //! exponentials and weighted values, and the parts are combined exactly, so a model with
 //! fewer kv heads than threads still uses them all. The accumulated attention statistic is
@@ -99,11 +100,12 @@ fn attend_split(
     let mut out = vec![0.0f32; n_heads * d];
     let mut first = 0;
     let mut exps_at = 0;
+    // `[parts of a head, group]`: each part's share of the softmax, per query head.
+    let mut scale = vec![0.0f32; parts.len() * group];
     for (h, head) in heads.iter_mut().enumerate() {
         let count = parts[first..].iter().take_while(|p| p.head == h).count();
         let mine = &partials[first * stride..(first + count) * stride];
         // Per query head of the group: the largest maximum, and the softmax denominator.
-        let mut scale = vec![0.0f32; count * group];
         for g in 0..group {
             let max = mine.chunks_exact(stride).map(|p| p[g]).fold(f32::NEG_INFINITY, f32::max);
             let total: f32 =
@@ -173,8 +175,19 @@ fn attend_part(
             && is_x86_feature_detected!("fma")
             && is_x86_feature_detected!("f16c")
         {
-            // SAFETY: the CPU has the features this copy is compiled for.
-            return unsafe { part_kernel_avx2(part, partial, exps, scratch) };
+            let d = part.head.head_dim();
+            let (keys, values) = (part.head.stored_keys(), part.head.stored_values());
+            // SAFETY (all three): the CPU has the features these copies are compiled for.
+            match (keys, values) {
+                (RowsRef::F32(k), RowsRef::F32(v)) if d.is_multiple_of(fused::COLUMNS) => unsafe {
+                    fused::part_kernel(part, k, v, partial, exps, &mut scratch.scores)
+                },
+                (RowsRef::F16(k), RowsRef::F16(v)) if d.is_multiple_of(fused::COLUMNS) => unsafe {
+                    fused::part_kernel(part, k, v, partial, exps, &mut scratch.scores)
+                },
+                _ => unsafe { part_kernel_avx2(part, partial, exps, scratch) },
+            }
+            return;
         }
         part_kernel(part, partial, exps, scratch, false)
     })
@@ -270,18 +283,7 @@ fn part_kernel(
                 }
             }
         }
-        let (maxima, rest) = partial.split_at_mut(group);
-        let (sums, weighted) = rest.split_at_mut(group);
-        for g in 0..group {
-            let row = &mut scores[g * n..(g + 1) * n];
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0.0f32;
-            for s in row.iter_mut() {
-                *s = exp_nonpositive(*s - max);
-                sum += *s;
-            }
-            (maxima[g], sums[g]) = (max, sum);
-        }
+        let weighted = exponentiate(&mut scores[..group * n], n, partial);
         // Weighted values: each value row is read once for the whole group.
         weighted.fill(0.0);
         for start in rows.clone().step_by(BLOCK) {
@@ -298,6 +300,221 @@ fn part_kernel(
         if let Some(exps) = exps {
             exps.copy_from_slice(&scores[..group * n]);
         }
+    }
+}
+
+/// Turns `scores`' logits, `[group, n]`, into `exp(logit - max)` per query head, writes
+/// `partial`'s `[group]` maxima and `[group]` sums, and returns its `[group, d]` rest.
+#[inline(always)]
+fn exponentiate<'p>(scores: &mut [f32], n: usize, partial: &'p mut [f32]) -> &'p mut [f32] {
+    let group = scores.len() / n.max(1);
+    let (maxima, rest) = partial.split_at_mut(group);
+    let (sums, weighted) = rest.split_at_mut(group);
+    for (g, row) in scores.chunks_exact_mut(n.max(1)).enumerate() {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0f32;
+        for s in row.iter_mut() {
+            *s = exp_nonpositive(*s - max);
+            sum += *s;
+        }
+        (maxima[g], sums[g]) = (max, sum);
+    }
+    weighted
+}
+
+/// The part kernel with f16 (or f32) rows read straight into AVX2 registers: a key or value
+/// chunk converts inside the multiply-add loop (no widened copy in memory) and serves up to
+/// [`fused::TILE`] query heads of the group at once.
+#[cfg(target_arch = "x86_64")]
+mod fused {
+    use std::arch::x86_64::*;
+
+    use super::{exponentiate, PartInput, BLOCK};
+
+    /// Columns of a value chunk per pass; head_dim must be a multiple.
+    pub(super) const COLUMNS: usize = 16;
+    /// Query heads per pass: 3 heads x 2 row phases x 2 registers of accumulators, plus
+    /// the value chunk and the weight, fill 15 of the 16 vector registers.
+    pub(super) const TILE: usize = 3;
+
+    /// A stored element type whose 8 consecutive elements load as 8 f32 lanes.
+    pub(super) trait Lanes: Copy {
+        /// # Safety
+        /// `p` points at 8 readable elements; the CPU has AVX and F16C.
+        unsafe fn load8(p: *const Self) -> __m256;
+    }
+    impl Lanes for f32 {
+        #[inline(always)]
+        unsafe fn load8(p: *const Self) -> __m256 {
+            // SAFETY: the caller's contract.
+            unsafe { _mm256_loadu_ps(p) }
+        }
+    }
+    impl Lanes for half::f16 {
+        #[inline(always)]
+        unsafe fn load8(p: *const Self) -> __m256 {
+            // SAFETY: the caller's contract; 8 f16 are 16 bytes.
+            unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) }
+        }
+    }
+
+    /// [`super::part_kernel`] over `keys` and `values`, `[len, d]` with `d` a multiple of
+    /// [`COLUMNS`].
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn part_kernel<T: Lanes>(
+        part: PartInput<'_>,
+        keys: &[T],
+        values: &[T],
+        partial: &mut [f32],
+        exps: Option<&mut [f32]>,
+        scores: &mut Vec<f32>,
+    ) {
+        let PartInput { queries, head, rows, log_count_bias } = part;
+        let d = head.head_dim();
+        let group = queries.len() / d;
+        let n = rows.len();
+        assert!(
+            d.is_multiple_of(COLUMNS) && rows.end * d <= keys.len() && rows.end * d <= values.len()
+        );
+        let scale = 1.0 / (d as f32).sqrt();
+        let meta = &head.meta()[rows.clone()];
+        scores.resize(group * n, 0.0);
+        let keys = &keys[rows.start * d..rows.end * d];
+        let values = &values[rows.start * d..rows.end * d];
+        for g0 in (0..group).step_by(TILE) {
+            let tile = &queries[g0 * d..(g0 + TILE).min(group) * d];
+            let out = &mut scores[g0 * n..];
+            // SAFETY: bounds asserted above; the features are enabled here.
+            unsafe {
+                match tile.len() / d {
+                    1 => logits::<T, 1>(tile, keys, d, out, n),
+                    2 => logits::<T, 2>(tile, keys, d, out, n),
+                    _ => logits::<T, 3>(tile, keys, d, out, n),
+                }
+            }
+        }
+        for g in 0..group {
+            let row = &mut scores[g * n..(g + 1) * n];
+            for (s, m) in row.iter_mut().zip(meta) {
+                let bias = if log_count_bias { (m.count.max(1) as f32).ln() } else { 0.0 };
+                *s = *s * scale + bias;
+            }
+        }
+        let weighted = exponentiate(&mut scores[..group * n], n, partial);
+        for g0 in (0..group).step_by(TILE) {
+            let g1 = (g0 + TILE).min(group);
+            let (weights, out) = (&scores[g0 * n..g1 * n], &mut weighted[g0 * d..g1 * d]);
+            // SAFETY: as above.
+            unsafe {
+                match g1 - g0 {
+                    1 => weigh::<T, 1>(weights, values, d, out, n),
+                    2 => weigh::<T, 2>(weights, values, d, out, n),
+                    _ => weigh::<T, 3>(weights, values, d, out, n),
+                }
+            }
+        }
+        if let Some(exps) = exps {
+            exps.copy_from_slice(&scores[..group * n]);
+        }
+    }
+
+    /// `out[g * n + j] = queries[g] . keys[j]` for the `G` queries, `[G, d]`, and the `n`
+    /// key rows, `[n, d]`: each key chunk is loaded (and converted) once for all `G`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn logits<T: Lanes, const G: usize>(
+        queries: &[f32],
+        keys: &[T],
+        d: usize,
+        out: &mut [f32],
+        n: usize,
+    ) {
+        assert!(queries.len() == G * d && keys.len() >= n * d && out.len() >= (G - 1) * n + n);
+        let (q, k) = (queries.as_ptr(), keys.as_ptr());
+        for j in 0..n {
+            let mut acc = [_mm256_setzero_ps(); G];
+            for c in (0..d).step_by(8) {
+                // SAFETY: `j * d + c + 8 <= n * d` and `g * d + c + 8 <= G * d`, asserted.
+                unsafe {
+                    let key = T::load8(k.add(j * d + c));
+                    for (g, acc) in acc.iter_mut().enumerate() {
+                        *acc = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(g * d + c)), key, *acc);
+                    }
+                }
+            }
+            for (g, acc) in acc.into_iter().enumerate() {
+                out[g * n + j] = horizontal_sum(acc);
+            }
+        }
+    }
+
+    /// `out[g] = sum over j of weights[g * n + j] * values[j]` for the `G` query heads,
+    /// `out` `[G, d]`, `values` `[n, d]`: per [`BLOCK`] rows and [`COLUMNS`] columns, the
+    /// accumulators stay in registers, in two phases (even and odd rows) so consecutive
+    /// multiply-adds do not wait on each other.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn weigh<T: Lanes, const G: usize>(
+        weights: &[f32],
+        values: &[T],
+        d: usize,
+        out: &mut [f32],
+        n: usize,
+    ) {
+        assert!(weights.len() == G * n && values.len() >= n * d && out.len() == G * d);
+        let (w, v, o) = (weights.as_ptr(), values.as_ptr(), out.as_mut_ptr());
+        out.fill(0.0);
+        for start in (0..n).step_by(BLOCK) {
+            let end = (start + BLOCK).min(n);
+            for c in (0..d).step_by(COLUMNS) {
+                let zero = _mm256_setzero_ps();
+                // [phase][g][half of the 16 columns]
+                let mut acc = [[[zero; 2]; G]; 2];
+                let mut j = start;
+                // SAFETY (all below): rows `j < n`, columns `c + 16 <= d`, weights
+                // `g * n + j < G * n`, all asserted above.
+                while j + 1 < end {
+                    for (phase, acc) in acc.iter_mut().enumerate() {
+                        let row = unsafe { v.add((j + phase) * d + c) };
+                        let (lo, hi) = unsafe { (T::load8(row), T::load8(row.add(8))) };
+                        for (g, acc) in acc.iter_mut().enumerate() {
+                            let weight = unsafe { _mm256_broadcast_ss(&*w.add(g * n + j + phase)) };
+                            acc[0] = _mm256_fmadd_ps(weight, lo, acc[0]);
+                            acc[1] = _mm256_fmadd_ps(weight, hi, acc[1]);
+                        }
+                    }
+                    j += 2;
+                }
+                if j < end {
+                    let row = unsafe { v.add(j * d + c) };
+                    let (lo, hi) = unsafe { (T::load8(row), T::load8(row.add(8))) };
+                    for (g, acc) in acc[0].iter_mut().enumerate() {
+                        let weight = unsafe { _mm256_broadcast_ss(&*w.add(g * n + j)) };
+                        acc[0] = _mm256_fmadd_ps(weight, lo, acc[0]);
+                        acc[1] = _mm256_fmadd_ps(weight, hi, acc[1]);
+                    }
+                }
+                let [even, odd] = acc;
+                for (g, (even, odd)) in even.into_iter().zip(odd).enumerate() {
+                    for (half, (even, odd)) in even.into_iter().zip(odd).enumerate() {
+                        let sum = _mm256_add_ps(even, odd);
+                        unsafe {
+                            let at = o.add(g * d + c + 8 * half);
+                            _mm256_storeu_ps(at, _mm256_add_ps(_mm256_loadu_ps(at), sum));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The sum of `x`'s 8 lanes.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn horizontal_sum(x: __m256) -> f32 {
+        let quad = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+        let pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
+        _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)))
     }
 }
 
@@ -421,6 +638,81 @@ mod tests {
                 let total: f32 = attention(&split_heads).iter().sum();
                 assert!((total - SHAPE.n_kv_heads as f32).abs() < 1e-4, "each head's sums to 1");
             }
+        }
+    }
+
+    /// The fused AVX2 kernel gives the portable kernel's softmax pieces and exponentials for
+    /// a group of 7 (tiles of 3, 3 and 1), an odd part (a lone last row) and a count bias.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_fused_kernel_matches_the_portable_one() {
+        if !(is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c"))
+        {
+            return;
+        }
+        let (group, d) = (7, 32);
+        let mut rng = StdRng::seed_from_u64(11);
+        let queries: Vec<f32> = (0..group * d).map(|_| rng.random_range(-2.0..2.0)).collect();
+        for dtype in [KvDtype::F32, KvDtype::F16] {
+            let mut head = HeadCache::new(d, dtype);
+            for i in 0..300 {
+                let k: Vec<f32> = (0..d).map(|_| rng.random_range(-2.0..2.0)).collect();
+                let v: Vec<f32> = (0..d).map(|_| rng.random_range(-1.0..1.0)).collect();
+                head.push(
+                    &k,
+                    &v,
+                    EntryMeta { position: i, count: 1 + (i % 4) as u32, attention: 0.0 },
+                );
+            }
+            let rows = 37..236;
+            let input = || PartInput {
+                queries: &queries,
+                head: &head,
+                rows: rows.clone(),
+                log_count_bias: true,
+            };
+            let stride = group * (d + 2);
+            let (mut expected, mut got) = (vec![0.0; stride], vec![0.0; stride]);
+            let (mut expected_exps, mut got_exps) =
+                (vec![0.0; group * rows.len()], vec![0.0; group * rows.len()]);
+            part_kernel(
+                input(),
+                &mut expected,
+                Some(&mut expected_exps),
+                &mut Scratch::default(),
+                false,
+            );
+            let mut scores = Vec::new();
+            // SAFETY: the features were detected above.
+            unsafe {
+                match (head.stored_keys(), head.stored_values()) {
+                    (RowsRef::F32(k), RowsRef::F32(v)) => fused::part_kernel(
+                        input(),
+                        k,
+                        v,
+                        &mut got,
+                        Some(&mut got_exps),
+                        &mut scores,
+                    ),
+                    (RowsRef::F16(k), RowsRef::F16(v)) => fused::part_kernel(
+                        input(),
+                        k,
+                        v,
+                        &mut got,
+                        Some(&mut got_exps),
+                        &mut scores,
+                    ),
+                    _ => unreachable!("f32 or f16 rows"),
+                }
+            }
+            assert!(max_diff(&got[..group], &expected[..group]) < 1e-4, "{dtype} maxima");
+            let relative = |a: &[f32], b: &[f32]| {
+                a.iter().zip(b).map(|(x, y)| (x - y).abs() / y.abs().max(1.0)).fold(0.0, f32::max)
+            };
+            assert!(relative(&got[group..], &expected[group..]) < 1e-4, "{dtype} sums, values");
+            assert!(max_diff(&got_exps, &expected_exps) < 1e-5, "{dtype} exponentials");
         }
     }
 
