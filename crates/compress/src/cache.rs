@@ -267,20 +267,10 @@ impl HeadCache {
     /// Keeps only the entries at `keep` (strictly increasing indices), in place.
     pub fn retain_indices(&mut self, keep: &[usize]) {
         debug_assert!(keep.windows(2).all(|w| w[0] < w[1]), "keep must be strictly increasing");
-        let d = self.head_dim;
         for (dst, &src) in keep.iter().enumerate() {
-            if dst != src {
-                self.keys.copy_within(src * d..(src + 1) * d, dst * d);
-                self.values.copy_within(src * d..(src + 1) * d, dst * d);
-                self.meta[dst] = self.meta[src];
-                self.windows.iter_mut().for_each(|(_, a)| a[dst] = a[src]);
-            }
+            self.move_entry(src, dst);
         }
-        let n = keep.len();
-        self.keys.truncate(n * d);
-        self.values.truncate(n * d);
-        self.meta.truncate(n);
-        self.windows.iter_mut().for_each(|(_, a)| a.truncate(n));
+        self.truncate(keep.len());
     }
 
     /// Removes one entry, shifting later entries down.
@@ -292,6 +282,39 @@ impl HeadCache {
         self.windows.iter_mut().for_each(|(_, a)| {
             a.remove(index);
         });
+    }
+
+    /// Removes one entry by moving another into its place: two rows copied instead of every
+    /// later row shifted, for a decode-time policy to which the order of the older entries
+    /// means nothing. The newest (last) entry stays last; entries keep their positions.
+    pub fn remove_unordered(&mut self, index: usize) {
+        let last = self.len() - 1;
+        if index < last {
+            self.move_entry(last - 1, index);
+            self.move_entry(last, last - 1);
+        }
+        self.truncate(last);
+    }
+
+    /// Keeps the first `len` entries.
+    fn truncate(&mut self, len: usize) {
+        let d = self.head_dim;
+        self.keys.truncate(len * d);
+        self.values.truncate(len * d);
+        self.meta.truncate(len);
+        self.windows.iter_mut().for_each(|(_, a)| a.truncate(len));
+    }
+
+    /// Copies entry `src` over entry `dst`.
+    fn move_entry(&mut self, src: usize, dst: usize) {
+        if src == dst {
+            return;
+        }
+        let d = self.head_dim;
+        self.keys.copy_within(src * d..(src + 1) * d, dst * d);
+        self.values.copy_within(src * d..(src + 1) * d, dst * d);
+        self.meta[dst] = self.meta[src];
+        self.windows.iter_mut().for_each(|(_, a)| a[dst] = a[src]);
     }
 
     /// Releases spare capacity so resident memory follows the entries kept.

@@ -55,6 +55,26 @@ pub(crate) fn lowest_non_recent(head: &HeadCache, recent: usize) -> usize {
         .unwrap_or(0)
 }
 
+/// The entry with the least accumulated attention among those older than the `recent`
+/// newest positions (ties: the older), whatever the order of entries; the oldest entry if
+/// every entry is recent. Same choice as [`lowest_non_recent`] on a cache in position order.
+fn lowest_older_than_recent(head: &HeadCache, recent: usize) -> usize {
+    let meta = head.meta();
+    let newest = meta.iter().map(|m| m.position).max().unwrap_or(0);
+    let cutoff = (newest + 1).saturating_sub(recent);
+    let by_attention = |&a: &usize, &b: &usize| {
+        meta[a]
+            .attention
+            .total_cmp(&meta[b].attention)
+            .then(meta[a].position.cmp(&meta[b].position))
+    };
+    (0..meta.len())
+        .filter(|&i| meta[i].position < cutoff)
+        .min_by(by_attention)
+        .or_else(|| (0..meta.len()).min_by_key(|&i| meta[i].position))
+        .unwrap_or(0)
+}
+
 impl CompressionMethod for H2oConfig {
     fn name(&self) -> &'static str {
         "h2o"
@@ -82,8 +102,10 @@ impl CompressionMethod for H2oConfig {
         budget: usize,
         _step: usize,
     ) -> Result<()> {
+        // Recency is read from positions, not from the order of entries, so a victim's slot
+        // can take another entry: two rows move per eviction instead of half the cache.
         while head.len() > budget {
-            head.remove(lowest_non_recent(head, self.recent(budget)));
+            head.remove_unordered(lowest_older_than_recent(head, self.recent(budget)));
         }
         Ok(())
     }
@@ -131,6 +153,36 @@ mod tests {
         cfg.after_step(HeadId { layer: 0, head: 0 }, &mut head, 11, 1).unwrap();
         assert_eq!(head.len(), 11);
         assert!(head.meta().iter().all(|m| m.position != victim));
+    }
+
+    #[test]
+    fn decode_eviction_in_any_order_evicts_what_shifting_evicts() {
+        let id = HeadId { layer: 0, head: 0 };
+        for seed in 0..20 {
+            let budget = 8 + seed as usize % 5;
+            let cfg = H2oConfig { budget: Budget::Tokens(budget), recent_ratio: 0.5 };
+            let mut swapped = random_head(budget, 4, seed);
+            let mut shifted = swapped.clone();
+            let extra = random_head(40, 4, seed + 100);
+            for step in 0..40 {
+                for head in [&mut swapped, &mut shifted] {
+                    let mut meta = extra.meta()[step];
+                    meta.position = budget + step;
+                    head.push(&extra.key(step), &extra.value(step), meta);
+                }
+                cfg.after_step(id, &mut swapped, budget, step + 1).unwrap();
+                shifted.remove(lowest_non_recent(&shifted, cfg.recent(budget)));
+                let mut a: Vec<usize> = swapped.meta().iter().map(|m| m.position).collect();
+                a.sort();
+                let b: Vec<usize> = shifted.meta().iter().map(|m| m.position).collect();
+                assert_eq!(a, b, "seed {seed} step {step}");
+                for (i, m) in swapped.meta().iter().enumerate() {
+                    let j = b.binary_search(&m.position).unwrap();
+                    assert_eq!(swapped.key(i), shifted.key(j), "rows move with their entry");
+                    assert_eq!(swapped.value(i), shifted.value(j));
+                }
+            }
+        }
     }
 
     #[test]

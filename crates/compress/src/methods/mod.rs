@@ -133,9 +133,15 @@ mod tests {
                         );
                     }
                 }
+                // H2O's decode-time eviction moves another entry into the victim's slot;
+                // every other policy keeps the entries in position order.
+                let mut positions: Vec<usize> = head.meta().iter().map(|m| m.position).collect();
+                if matches!(config, CompressionConfig::H2o(_)) {
+                    positions.sort();
+                }
                 assert!(
-                    head.meta().windows(2).all(|w| w[0].position < w[1].position),
-                    "{what}: sorted after decoding"
+                    positions.windows(2).all(|w| w[0] < w[1]),
+                    "{what}: distinct positions, sorted after decoding"
                 );
                 assert_eq!(head.dtype(), dtype, "{what}");
                 let log_count = matches!(
