@@ -71,6 +71,8 @@ struct EngineRow {
 
 const LLAMA_CPP: &str = "llama.cpp (llama-cpp-python 0.3.36, file format, f16 KV cache)";
 const CANDLE: &str = "candle-transformers quantized_llama (dequantized f32)";
+/// Positions of quantized_llama's rotary table (its `MAX_SEQ_LEN`).
+const CANDLE_POSITIONS: usize = 4096;
 
 pub fn run(args: BenchArgs) -> Result<()> {
     let path = args.source.prepare()?;
@@ -134,7 +136,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     bench_ours(&loaded.model, &tokens[..n], args.decode_tokens)?;
                 rows.push(engine_row(name, n, prefill, decode));
             }
-            if !args.no_reference {
+            if !args.no_reference && n + args.decode_tokens > CANDLE_POSITIONS {
+                eprintln!(
+                    "candle-transformers: not measured at {n} tokens plus {} decode steps \
+                     (its rotary table stops at {CANDLE_POSITIONS} positions)",
+                    args.decode_tokens
+                );
+            } else if !args.no_reference {
                 let (prefill, decode) = bench_candle(&path, &tokens[..n], args.decode_tokens)?;
                 rows.push(engine_row(CANDLE, n, prefill, decode));
             }
