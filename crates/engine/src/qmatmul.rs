@@ -297,30 +297,8 @@ fn scalar_kernel(kind: QuantKind) -> Kernel {
     }
 }
 
-/// IEEE half to single precision.
-pub(crate) fn f16_to_f32(bits: u16) -> f32 {
-    let sign = ((bits as u32) & 0x8000) << 16;
-    let exp = ((bits >> 10) & 0x1f) as u32;
-    let frac = (bits & 0x3ff) as u32;
-    let magnitude = match exp {
-        // Subnormal: frac * 2^-24.
-        0 => return sign_of(bits) * frac as f32 * 2f32.powi(-24),
-        0x1f => 0x7f80_0000 | (frac << 13),
-        _ => ((exp + 112) << 23) | (frac << 13),
-    };
-    f32::from_bits(sign | magnitude)
-}
-
-fn sign_of(bits: u16) -> f32 {
-    if bits & 0x8000 != 0 {
-        -1.0
-    } else {
-        1.0
-    }
-}
-
 fn half_at(block: &[u8], at: usize) -> f32 {
-    f16_to_f32(u16::from_le_bytes([block[at], block[at + 1]]))
+    half::f16::from_le_bytes([block[at], block[at + 1]]).to_f32()
 }
 
 fn scalar_q4_1(
@@ -655,20 +633,5 @@ mod tests {
         assert_eq!(a.s, a.d * a.qs.iter().map(|&q| q as i32).sum::<i32>() as f32);
         let zeros = QuantizedRows::new(&[0.0; 64], 2);
         assert!(zeros.blocks().iter().all(|b| b.d == 0.0 && b.qs == [0; 32]));
-    }
-
-    #[test]
-    fn half_precision_converts_exactly() {
-        for (bits, value) in [
-            (0x3c00u16, 1.0f32),
-            (0xc000, -2.0),
-            (0x0001, 2f32.powi(-24)),
-            (0x8001, -(2f32.powi(-24))),
-            (0x7bff, 65504.0),
-            (0x0000, 0.0),
-        ] {
-            assert_eq!(f16_to_f32(bits), value, "{bits:#x}");
-        }
-        assert_eq!(f16_to_f32(0x7c00), f32::INFINITY);
     }
 }
