@@ -137,6 +137,15 @@ fn attend_split(
     out
 }
 
+/// The logit bias of an entry standing for `count` tokens: `ln(count)`, 0 for one token.
+fn log_count(count: u32) -> f32 {
+    if count > 1 {
+        (count as f32).ln()
+    } else {
+        0.0
+    }
+}
+
 /// Splits every head's entries into parts, about two per thread in all, none shorter than
 /// [`MIN_PART`] (unless the head is), each a whole number of blocks but the last.
 fn split(heads: &[HeadCache], threads: usize) -> Vec<Part> {
@@ -277,7 +286,7 @@ fn part_kernel(
             let block = widen(keys, start * d..end * d, block, f16c);
             for (r, key) in block.chunks_exact(d).enumerate() {
                 let j = start - rows.start + r;
-                let bias = if log_count_bias { (meta[j].count.max(1) as f32).ln() } else { 0.0 };
+                let bias = if log_count_bias { log_count(meta[j].count) } else { 0.0 };
                 for (g, query) in queries.chunks_exact(d).enumerate() {
                     scores[g * n + j] = dot(query, key) * scale + bias;
                 }
@@ -396,12 +405,14 @@ mod fused {
                 }
             }
         }
-        for g in 0..group {
-            let row = &mut scores[g * n..(g + 1) * n];
-            for (s, m) in row.iter_mut().zip(meta) {
-                let bias = if log_count_bias { (m.count.max(1) as f32).ln() } else { 0.0 };
-                *s = *s * scale + bias;
+        // One logarithm per entry for the whole group, not one per query head.
+        if log_count_bias {
+            for (j, m) in meta.iter().enumerate() {
+                let bias = super::log_count(m.count);
+                (0..group).for_each(|g| scores[g * n + j] = scores[g * n + j] * scale + bias);
             }
+        } else {
+            scores[..group * n].iter_mut().for_each(|s| *s *= scale);
         }
         let weighted = exponentiate(&mut scores[..group * n], n, partial);
         for g0 in (0..group).step_by(TILE) {
