@@ -309,21 +309,15 @@ fn scalar_q4_1(
     out: &mut [f32],
     stride: usize,
 ) {
-    for (o, row) in weights.chunks_exact(nb * 20).enumerate() {
-        for r in 0..rows {
-            let mut sum = 0.0f32;
-            for (block, a) in row.chunks_exact(20).zip(&acts[r * nb..(r + 1) * nb]) {
-                let (d, m) = (half_at(block, 0), half_at(block, 2));
-                let mut dot = 0i32;
-                for (j, &byte) in block[4..20].iter().enumerate() {
-                    dot += (byte & 0x0f) as i32 * a.qs[j] as i32;
-                    dot += (byte >> 4) as i32 * a.qs[j + 16] as i32;
-                }
-                sum += d * a.d * dot as f32 + m * a.s;
-            }
-            out[o * stride + r] = sum;
+    scalar_rows(QuantKind::Q4_1, weights, nb, acts, rows, out, stride, |block, a| {
+        let (d, m) = (half_at(block, 0), half_at(block, 2));
+        let mut dot = 0i32;
+        for (j, &byte) in block[4..20].iter().enumerate() {
+            dot += (byte & 0x0f) as i32 * a.qs[j] as i32;
+            dot += (byte >> 4) as i32 * a.qs[j + 16] as i32;
         }
-    }
+        d * a.d * dot as f32 + m * a.s
+    })
 }
 
 fn scalar_q8_0(
@@ -334,15 +328,31 @@ fn scalar_q8_0(
     out: &mut [f32],
     stride: usize,
 ) {
-    for (o, row) in weights.chunks_exact(nb * 34).enumerate() {
+    scalar_rows(QuantKind::Q8_0, weights, nb, acts, rows, out, stride, |block, a| {
+        let dot: i32 =
+            block[2..34].iter().zip(&a.qs).map(|(&w, &q)| w as i8 as i32 * q as i32).sum();
+        half_at(block, 0) * a.d * dot as f32
+    })
+}
+
+/// The scalar kernels' loop: every weight row against every activation row, summing
+/// `block_dot` (one weight block of `kind` against one activation block) over the blocks.
+#[allow(clippy::too_many_arguments)]
+fn scalar_rows(
+    kind: QuantKind,
+    weights: &[u8],
+    nb: usize,
+    acts: &[ActBlock],
+    rows: usize,
+    out: &mut [f32],
+    stride: usize,
+    block_dot: impl Fn(&[u8], &ActBlock) -> f32,
+) {
+    let bb = kind.block_bytes();
+    for (o, row) in weights.chunks_exact(nb * bb).enumerate() {
         for r in 0..rows {
-            let mut sum = 0.0f32;
-            for (block, a) in row.chunks_exact(34).zip(&acts[r * nb..(r + 1) * nb]) {
-                let dot: i32 =
-                    block[2..34].iter().zip(&a.qs).map(|(&w, &q)| w as i8 as i32 * q as i32).sum();
-                sum += half_at(block, 0) * a.d * dot as f32;
-            }
-            out[o * stride + r] = sum;
+            let blocks = row.chunks_exact(bb).zip(&acts[r * nb..(r + 1) * nb]);
+            out[o * stride + r] = blocks.map(|(block, a)| block_dot(block, a)).sum();
         }
     }
 }
