@@ -1,11 +1,9 @@
 //! Decode over a compressed cache against the full cache, same model, same prompt, same
 //! run: what a budget buys at decode time, and what compressing the prompt costs.
 
-use std::time::Instant;
-
 use anyhow::Result;
 use kvmerger_compress::CompressionConfig;
-use kvmerger_engine::{argmax, Llama, Logits, Session};
+use kvmerger_engine::{Llama, Session};
 use serde::Serialize;
 
 #[derive(Debug, Serialize)]
@@ -34,18 +32,13 @@ pub fn measure(
         .iter()
         .map(|config| {
             let mut session = Session::new(model, config)?;
-            let start = Instant::now();
-            let mut logits = session.prefill(tokens)?;
-            let prefill_s = start.elapsed().as_secs_f64();
+            let (logits, prefill_s) = super::timed_prefill(&mut session, tokens)?;
             let (compress_ms, kept_ratio) = match session.report() {
                 Some(r) => (r.compress_ms, r.achieved_ratio()),
                 None => (0.0, 1.0),
             };
             let kv_mb = session.cache.resident_bytes() as f64 / 1e6;
-            let start = Instant::now();
-            for _ in 0..steps {
-                logits = session.extend(&[argmax(&logits)], Logits::Last)?.swap_remove(0);
-            }
+            let decode_s = super::timed_decode(&mut session, logits, steps)?;
             Ok(CompressedRow {
                 method: config.label(),
                 tokens: tokens.len(),
@@ -53,7 +46,7 @@ pub fn measure(
                 compress_ms,
                 kept_ratio,
                 kv_mb,
-                decode_ms_per_token: start.elapsed().as_secs_f64() * 1e3 / steps as f64,
+                decode_ms_per_token: decode_s * 1e3,
             })
         })
         .collect()

@@ -224,15 +224,25 @@ fn warm_up(model: &kvmerger_engine::Llama, tokens: &[u32]) -> Result<()> {
 /// Prefill of `tokens`, then seconds per greedy decode step over `steps` steps.
 fn bench_ours(model: &kvmerger_engine::Llama, tokens: &[u32], steps: usize) -> Result<(f64, f64)> {
     let mut session = Session::new(model, &CompressionConfig::Full)?;
+    let (logits, prefill) = timed_prefill(&mut session, tokens)?;
+    Ok((prefill, timed_decode(&mut session, logits, steps)?))
+}
+
+/// Prefills `tokens` (compression included); returns the last logits and the seconds taken.
+fn timed_prefill(session: &mut Session, tokens: &[u32]) -> Result<(Vec<f32>, f64)> {
     let start = Instant::now();
-    let mut logits = session.prefill(tokens)?;
-    let prefill = start.elapsed().as_secs_f64();
+    let logits = session.prefill(tokens)?;
+    Ok((logits, start.elapsed().as_secs_f64()))
+}
+
+/// Seconds per greedy decode step over `steps` steps after `logits`.
+fn timed_decode(session: &mut Session, mut logits: Vec<f32>, steps: usize) -> Result<f64> {
     let start = Instant::now();
     for _ in 0..steps {
         let next = kvmerger_engine::argmax(&logits);
         logits = session.extend(&[next], kvmerger_engine::Logits::Last)?.swap_remove(0);
     }
-    Ok((prefill, start.elapsed().as_secs_f64() / steps as f64))
+    Ok(start.elapsed().as_secs_f64() / steps as f64)
 }
 
 fn bench_candle(path: &std::path::Path, tokens: &[u32], steps: usize) -> Result<(f64, f64)> {
