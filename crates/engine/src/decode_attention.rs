@@ -9,7 +9,7 @@
 //! fewer kv heads than threads still uses them all. The accumulated attention statistic is
 //! the exact softmax, rescaled from each part's exponentials.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::ops::Range;
 use std::sync::LazyLock;
 
@@ -49,6 +49,9 @@ struct Scratch {
 
 thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+    /// The exponentials a step keeps for the attention statistic, reused across steps. Taken
+    /// out while in use: a thread waiting in a parallel region may start another step.
+    static EXPS: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
 }
 
 /// The attention of one query per head over `heads`, whose last entry is that query's own
@@ -81,7 +84,9 @@ fn attend_split(
     let keep = opts.stats.accumulated;
     // Per part, `[group, part rows]` exponentials, kept for the attention statistic.
     let kept = if keep { group * parts.iter().map(|p| p.rows.len()).sum::<usize>() } else { 0 };
-    let mut exps = vec![0.0f32; kept];
+    // Every part overwrites its share: stale values from an earlier step are never read.
+    let mut exps = EXPS.take();
+    exps.resize(kept, 0.0);
     let mut exps_of_parts: Vec<&mut [f32]> = Vec::with_capacity(parts.len());
     let mut rest = exps.as_mut_slice();
     for part in &parts {
@@ -126,6 +131,7 @@ fn attend_split(
     if keep {
         accumulate_attention(heads, &parts, &exps, &scale, group);
     }
+    EXPS.set(exps);
     out
 }
 
@@ -777,6 +783,39 @@ mod tests {
             };
             assert!(relative(&got[group..], &expected[group..]) < 1e-4, "{dtype} sums, values");
             assert!(max_diff(&got_exps, &expected_exps) < 1e-5, "{dtype} exponentials");
+        }
+    }
+
+    /// The tabulated biases are `log_count`'s values, bit for bit, below and above the table.
+    #[test]
+    fn tabulated_log_counts_are_the_computed_ones() {
+        let meta: Vec<EntryMeta> = (0..3 * TABULATED_COUNTS as u32)
+            .map(|count| EntryMeta { position: 0, count, attention: 0.0 })
+            .collect();
+        let mut biases = Vec::new();
+        log_count_biases(&meta, &mut biases);
+        for (m, b) in meta.iter().zip(&biases) {
+            assert_eq!(b.to_bits(), log_count(m.count).to_bits(), "count {}", m.count);
+        }
+        assert_eq!((biases[0], biases[1]), (0.0, 0.0));
+    }
+
+    /// Keeping the statistic (H2O) or not (the full cache, KVMerger after its prompt) leaves
+    /// the attention output bit for bit the same, step after step (the kept exponentials'
+    /// buffer is reused).
+    #[test]
+    fn the_statistic_does_not_change_the_output() {
+        let mut with = heads(&[900, 450], KvDtype::F16, 7);
+        let mut without = with.clone();
+        for step in 0..3 {
+            let q = query(20 + step);
+            let stats = opts(true);
+            let plain = AttentionOptions { stats: StatsRequest::default(), ..stats };
+            let a = attend_one(&q, &mut with, SHAPE, stats);
+            let b = attend_one(&q, &mut without, SHAPE, plain);
+            assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "step {step}");
+            assert!(attention(&with).iter().any(|&a| a > 0.0));
+            assert!(attention(&without).iter().all(|&a| a == 0.0));
         }
     }
 

@@ -15,9 +15,7 @@ use crate::args::ModelSource;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use kvmerger_compress::{Budget, CompressionConfig};
-use kvmerger_engine::{
-    argmax, Logits, Part, Session, StepProfile, WeightFormat, WeightFormats,
-};
+use kvmerger_engine::{argmax, Logits, Part, Session, StepProfile, WeightFormat, WeightFormats};
 
 #[derive(Debug, Clone, Args)]
 pub struct BreakdownArgs {
@@ -199,7 +197,10 @@ pub fn run(
             .map(|(m, label, session, _)| {
                 let entries: usize = session.cache.layers.iter().flatten().map(|h| h.len()).sum();
                 let per_head = entries / session.cache.layers.iter().flatten().count().max(1);
-                format!("decode weights {:?}, {label} ({per_head} entries per head after the steps)", models[*m].0)
+                format!(
+                    "decode weights {:?}, {label} ({per_head} entries per head after the steps)",
+                    models[*m].0
+                )
             })
             .collect();
         print_tables(&mut out, n, &names, &totals, args.busy_cores)?;

@@ -222,7 +222,7 @@ mod tests {
             positions.rotate_left(seed as usize % n);
             for (i, m) in head.meta_mut().iter_mut().enumerate() {
                 m.position = positions[i];
-                if (i + seed as usize) % 3 == 0 {
+                if (i + seed as usize).is_multiple_of(3) {
                     m.attention = values[(i * 7 + seed as usize) % values.len()];
                 }
             }
