@@ -8,8 +8,12 @@ aggregate decode speed of batched sessions. Writes docs/serve/bench.json and ben
    Reported per method (full, kvmerger@35% and h2o@35% compressed during prefill, and
    kvmerger@35% compressed once after the prompt): most sessions admitted at once (from
    /metrics), total time, and the pool's peak.
-2. Decode: 1, 2, 4 and 8 concurrent sessions of short prompts, 64 tokens each; aggregate
-   decode tokens/s over the window where all of them decode.
+2. Decode: 1, 2, 4 and 8 concurrent sessions of short prompts (about 90 tokens), each
+   streaming --decode-tokens tokens; aggregate decode tokens/s over the window where every
+   session decodes: from the last session's first token (every prefill is done) to the
+   first session's last token (no session has finished yet), counting the streamed tokens
+   inside it. Prefills and the staggered ends, when fewer than N sessions decode, fall
+   outside the window; HTTP streaming to the clients stays inside it, as a server pays it.
 
     python3 scripts/bench_server.py --binary target/release/kvmerger [--prompt-tokens 3000]
 """
@@ -164,7 +168,9 @@ def capacity(binary, method, prompts, bytes_per_token, extra=()):
 
 
 def stream_times(srv, body, first_only=False):
-    """Arrival time of every generated piece of a streamed completion (or of the first)."""
+    """Arrival time of every generated piece of a streamed completion (or of the first): one
+    per token (the server sends every token whose text is complete; the final chunk, which
+    only carries the finish reason, is not counted)."""
     req = urllib.request.Request(srv.base + "/v1/completions",
                                  data=json.dumps(dict(body, stream=True)).encode(),
                                  headers={"Content-Type": "application/json"})
@@ -173,31 +179,39 @@ def stream_times(srv, body, first_only=False):
         for line in r:
             line = line.decode().strip()
             if line.startswith("data:") and line != "data: [DONE]":
-                times.append(time.time())
+                now = time.time()
+                choices = json.loads(line[5:])["choices"]
+                if choices and choices[0].get("finish_reason") is None:
+                    times.append(now)
                 if first_only:
                     break
     return times
 
 
-def decode_scaling(binary, counts, repeats=1):
-    """Aggregate decode tokens/s per number of concurrent sessions. With `repeats`, the
-    counts are run in turn that many times and each keeps its best run (on a loaded
-    machine, the run least slowed by others)."""
+def decode_scaling(binary, counts, tokens, repeats=1):
+    """Aggregate decode tokens/s per number of concurrent sessions, each generating `tokens`.
+    With `repeats`, the counts are run in turn that many times and each keeps its best run
+    (on a loaded machine, the run least slowed by others)."""
     srv = Server(binary, "--kv-pool-mb", "512")
     best = {}
     try:
         for _ in range(repeats):
             for n in counts:
-                bodies = [{"prompt": text_of(100 + i, 6), "max_tokens": GEN, "temperature": 0,
+                bodies = [{"prompt": text_of(100 + i, 6), "max_tokens": tokens, "temperature": 0,
                            "stop": []} for i in range(n)]
                 with ThreadPoolExecutor(n) as pool:
                     streams = list(pool.map(lambda b: stream_times(srv, b), bodies))
-                # The window where every session decodes: after the last first token.
+                # The window where every session decodes: from the last first token (all
+                # prefills done) to the first last token (none finished yet). Sessions start
+                # one engine step apart (one prefill per step), so they end apart too; the
+                # steps after the first end decode fewer than n sessions and stay out.
                 t0 = max(s[0] for s in streams)
-                t1 = max(s[-1] for s in streams)
-                tokens = sum(sum(1 for t in s if t > t0) for s in streams)
-                row = {"sessions": n, "decode_tokens": tokens, "seconds": round(t1 - t0, 2),
-                       "aggregate_tokens_per_s": round(tokens / max(t1 - t0, 1e-9), 1)}
+                t1 = min(s[-1] for s in streams)
+                if t1 <= t0:
+                    raise SystemExit(f"{n} sessions never decoded together; raise --decode-tokens")
+                counted = sum(sum(1 for t in s if t0 < t <= t1) for s in streams)
+                row = {"sessions": n, "decode_tokens": counted, "seconds": round(t1 - t0, 3),
+                       "aggregate_tokens_per_s": round(counted / (t1 - t0), 1)}
                 print(row, flush=True)
                 if row["aggregate_tokens_per_s"] > best.get(n, {}).get("aggregate_tokens_per_s", -1):
                     best[n] = row
@@ -215,18 +229,30 @@ def main():
     parser.add_argument("--binary", default="target/release/kvmerger")
     parser.add_argument("--prompt-tokens", type=int, default=3000)
     parser.add_argument("--out", default="docs/serve")
-    parser.add_argument("--skip-capacity", action="store_true")
+    parser.add_argument("--skip-capacity", action="store_true",
+                        help="only the decode part; the capacity rows already in OUT/bench.json "
+                             "are kept")
     parser.add_argument("--decode-sessions", default="1,2,4,8",
                         help="concurrent sessions of the decode measurement, the first the base")
+    parser.add_argument("--decode-tokens", type=int, default=128,
+                        help="tokens each session of the decode measurement generates")
     parser.add_argument("--repeats", type=int, default=1,
                         help="decode: run the counts this many times in turn, keep each one's best")
     parser.add_argument("--admission-only", action="store_true",
                         help="capacity: only the sessions admitted at once, not the whole run")
     args = parser.parse_args()
-    bytes_per_token, prompts = calibrate(args.binary, args.prompt_tokens)
     result = {"prompt_tokens": args.prompt_tokens, "generated_tokens": GEN, "clients": 8,
-              "kv_bytes_per_token": bytes_per_token, "capacity": [], "decode": []}
+              "capacity": [], "decode_tokens_per_session": args.decode_tokens, "decode": []}
+    previous = os.path.join(args.out, "bench.json")
+    if args.skip_capacity and os.path.exists(previous):
+        with open(previous) as f:
+            kept = json.load(f)
+        for key in ("prompt_tokens", "kv_bytes_per_token", "capacity"):
+            if key in kept:
+                result[key] = kept[key]
     if not args.skip_capacity:
+        bytes_per_token, prompts = calibrate(args.binary, args.prompt_tokens)
+        result["kv_bytes_per_token"] = bytes_per_token
         kvmerger = {"method": "kvmerger", "budget": {"ratio": 0.35}}
         h2o = {"method": "h2o", "budget": {"ratio": 0.35}}
         runs = [(None, ()), (kvmerger, ()), (h2o, ()), (kvmerger, ("--prefill-compression", "once"))]
@@ -238,19 +264,21 @@ def main():
             print(row, flush=True)
             result["capacity"].append(row)
     counts = [int(c) for c in args.decode_sessions.split(",")]
-    result["decode"] = decode_scaling(args.binary, counts, args.repeats)
+    result["decode"] = decode_scaling(args.binary, counts, args.decode_tokens, args.repeats)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench.json"), "w") as f:
         json.dump(result, f, indent=2)
-    lines = [f"Prompt {args.prompt_tokens} tokens, {GEN} generated, 8 clients; pool sized for two "
-             "full-cache conversations.", "",
+    lines = [f"Prompt {result['prompt_tokens']} tokens, {GEN} generated, 8 clients; pool sized "
+             "for two full-cache conversations.", "",
              "| method | pool MiB | sessions admitted at once | vs full | total s | pool peak MiB | achieved ratio | resident MiB/session |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["capacity"]:
         lines.append(f"| {r['method']} | {r['pool_mb']} | {r['sessions_admitted_at_once']} | {r['sessions_vs_full']}x | "
                      f"{r.get('total_s', '-')} | {r['pool_peak_mb']} | {r.get('achieved_ratio', '-')} | "
                      f"{r.get('resident_mb_per_session', '-')} |")
-    lines += ["", "| concurrent sessions | aggregate decode tokens/s | vs one |", "|---:|---:|---:|"]
+    lines += ["", f"Decode: each session streams {args.decode_tokens} tokens; aggregate tokens/s "
+              "while every session decodes.", "",
+              "| concurrent sessions | aggregate decode tokens/s | vs one |", "|---:|---:|---:|"]
     for r in result["decode"]:
         lines.append(f"| {r['sessions']} | {r['aggregate_tokens_per_s']} | {r['speedup_vs_one']}x |")
     with open(os.path.join(args.out, "bench.md"), "w") as f:
