@@ -38,7 +38,7 @@ pub use model::{Block, ForwardOptions, Llama, Logits};
 pub use pool::KvPool;
 pub use prefill::{PrefillCompression, PrefillPlan};
 pub use profile::{Part, StepProfile};
-pub use qmatmul::{ActBlock, QuantKind, QuantMatrix, QuantizedRows};
+pub use qmatmul::{QuantKind, QuantMatrix, QuantizedRows};
 pub use runtime::{AddError, Engine, EngineConfig, EngineHandle, Event, EventSink, RuntimeMetrics};
 pub use sampler::{argmax, Sampler, SamplingConfig};
 pub use scheduler::{Plan, Refusal, Scheduler, SchedulerLimits};
