@@ -12,6 +12,7 @@ use candle_core::Tensor;
 use kvmerger_compress::{EntryMeta, KvCache, StatsRequest};
 use rayon::prelude::*;
 
+use crate::activation::silu_product;
 use crate::attention::{attend, AttentionOptions, AttentionShape};
 use crate::error::{EngineError, Result};
 use crate::linear::{Linear, WeightFormat, WeightFormats};
@@ -240,8 +241,7 @@ impl Llama {
             timed(profile, Part::GateUp, || {
                 let layers = [&block.gate, &block.up];
                 Linear::forward_quantized(&layers, &act, &mut [&mut gate, &mut up]);
-                // SiLU(gate) * up
-                gate.iter_mut().zip(&up).for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u);
+                silu_product(&mut gate, &up);
                 act.quantize(&gate, rows);
             });
             timed(profile, Part::Down, || {

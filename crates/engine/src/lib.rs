@@ -1,5 +1,6 @@
 //! Llama-family inference on candle with a KV cache that compression methods can rewrite.
 
+mod activation;
 mod attention;
 mod batch;
 pub mod chat;

@@ -247,6 +247,7 @@ impl QuantizedRows {
         self.d.resize(blocks * LANES, 0.0);
         self.s.clear();
         self.s.resize(blocks, 0.0);
+        let quantize_block = block_quantizer();
         let per_block = x.chunks_exact(BLOCK).zip(self.qs.chunks_exact_mut(BLOCK));
         let scales = self.d.chunks_exact_mut(LANES).zip(&mut self.s);
         for ((x, qs), (d, s)) in per_block.zip(scales) {
@@ -273,6 +274,19 @@ impl QuantizedRows {
 }
 
 /// Quantizes 32 values into `qs`; returns `(d, d * sum(q))`.
+type BlockQuantizer = fn(&[f32], &mut [i8]) -> (f32, f32);
+
+/// The fastest [`BlockQuantizer`] this CPU runs; all give the same bits.
+fn block_quantizer() -> BlockQuantizer {
+    #[cfg(target_arch = "x86_64")]
+    if avx512::available() {
+        return avx512::quantize_block;
+    }
+    quantize_block
+}
+
+/// The plain [`BlockQuantizer`]: `d = max|x| / 127`, `q = round(x / d)` (halves away from
+/// zero).
 fn quantize_block(x: &[f32], qs: &mut [i8]) -> (f32, f32) {
     let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
     let d = amax / 127.0;
@@ -637,6 +651,40 @@ mod avx512 {
     by_rows!(q4_1, Q4_1);
     by_rows!(q8_0, Q8_0);
 
+    /// [`super::quantize_block`] on 16 lanes, bit for bit: the same scale, the same product
+    /// `x * (1 / d)`, and rounding of halves away from zero (truncate, then step away from
+    /// zero where the exact remainder is at least one half).
+    pub fn quantize_block(x: &[f32], qs: &mut [i8]) -> (f32, f32) {
+        assert!(available() && x.len() == super::BLOCK && qs.len() == super::BLOCK);
+        // SAFETY: the CPU features and both lengths were checked above.
+        unsafe { quantize(x, qs) }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn quantize(x: &[f32], qs: &mut [i8]) -> (f32, f32) {
+        let halves = [_mm512_loadu_ps(x.as_ptr()), _mm512_loadu_ps(x.as_ptr().add(16))];
+        let amax =
+            _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(halves[0]), _mm512_abs_ps(halves[1])));
+        let d = amax / 127.0;
+        let inv = _mm512_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+        let (half, one) = (_mm512_set1_ps(0.5), _mm512_set1_ps(1.0));
+        let sign = _mm512_set1_epi32(i32::MIN);
+        let mut sum = _mm512_setzero_si512();
+        for (i, x) in halves.into_iter().enumerate() {
+            let v = _mm512_mul_ps(x, inv);
+            let t = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(v);
+            let away = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(_mm512_abs_ps(_mm512_sub_ps(v, t)), half);
+            let step = _mm512_castsi512_ps(_mm512_or_si512(
+                _mm512_and_si512(_mm512_castps_si512(v), sign),
+                _mm512_castps_si512(one),
+            ));
+            let q = _mm512_cvtps_epi32(_mm512_mask_add_ps(t, away, t, step));
+            sum = _mm512_add_epi32(sum, q);
+            _mm_storeu_si128(qs.as_mut_ptr().add(16 * i).cast(), _mm512_cvtepi32_epi8(q));
+        }
+        (d, d * _mm512_reduce_add_epi32(sum) as f32)
+    }
+
     /// Masks of the activation loads for blocks `b` and `b + 1` of `nb`: both, or only `b`
     /// (the last block of an odd count; the upper half then loads zeros).
     fn masks(b: usize, nb: usize) -> (__mmask64, __mmask16) {
@@ -914,6 +962,31 @@ mod tests {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// Every block quantizer this CPU has gives the plain one's bits, halves included.
+    #[test]
+    fn block_quantizers_agree_bit_for_bit() {
+        let mut rng = StdRng::seed_from_u64(5);
+        // amax 127: d = 1, so x.5 values are exact halves.
+        let mut halves: Vec<f32> = (0..31).map(|i| i as f32 * 4.0 - 62.5).collect();
+        halves.push(-127.0);
+        let cases = [halves, vec![0.0; 32], random(32, &mut rng), random(32, &mut rng)];
+        #[allow(unused_mut)]
+        let mut quantizers: Vec<BlockQuantizer> = vec![quantize_block];
+        #[cfg(target_arch = "x86_64")]
+        if avx512::available() {
+            quantizers.push(avx512::quantize_block);
+        }
+        for x in &cases {
+            let mut reference = [0i8; 32];
+            let (d, s) = quantize_block(x, &mut reference);
+            for quantize in &quantizers[1..] {
+                let mut qs = [0i8; 32];
+                let (d2, s2) = quantize(x, &mut qs);
+                assert_eq!((qs, d2.to_bits(), s2.to_bits()), (reference, d.to_bits(), s.to_bits()));
             }
         }
     }
