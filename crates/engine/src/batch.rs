@@ -3,10 +3,11 @@
 //! attention run per sequence, at its own logical positions, on its own ragged cache.
 //!
 //! The weight format is chosen by phase, not by row count: a decode step of eight
-//! sequences is still a decode step and reads the compact decode weights. Candle's
-//! quantized matmul computes every output element with the same dot-product kernel
-//! whatever the number of rows, so a sequence's decode logits are bit-identical whether
-//! it runs alone or batched (see the tests).
+//! sequences is still a decode step and reads the compact decode weights. The decode
+//! kernel ([`crate::QuantMatrix`]) and candle's quantized matmul compute every output
+//! element from its own row with the same code whatever the number of rows, and the
+//! elementwise steps work per element, so a sequence's decode logits are bit-identical
+//! whether it runs alone or batched (see the tests).
 
 use candle_core::Tensor;
 use kvmerger_compress::{EntryMeta, KvCache, StatsRequest};
