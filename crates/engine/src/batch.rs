@@ -3,15 +3,17 @@
 //! attention run per sequence, at its own logical positions, on its own ragged cache.
 //!
 //! The weight format is chosen by phase, not by row count: a decode step of eight
-//! sequences is still a decode step and reads the compact decode weights. Candle's
-//! quantized matmul computes every output element with the same dot-product kernel
-//! whatever the number of rows, so a sequence's decode logits are bit-identical whether
-//! it runs alone or batched (see the tests).
+//! sequences is still a decode step and reads the compact decode weights. The decode
+//! kernel ([`crate::QuantMatrix`]) and candle's quantized matmul compute every output
+//! element from its own row with the same code whatever the number of rows, and the
+//! elementwise steps work per element, so a sequence's decode logits are bit-identical
+//! whether it runs alone or batched (see the tests).
 
 use candle_core::Tensor;
 use kvmerger_compress::{EntryMeta, KvCache, StatsRequest};
 use rayon::prelude::*;
 
+use crate::activation::silu_product;
 use crate::attention::{attend, AttentionOptions, AttentionShape};
 use crate::error::{EngineError, Result};
 use crate::linear::{Linear, WeightFormat, WeightFormats};
@@ -240,8 +242,7 @@ impl Llama {
             timed(profile, Part::GateUp, || {
                 let layers = [&block.gate, &block.up];
                 Linear::forward_quantized(&layers, &act, &mut [&mut gate, &mut up]);
-                // SiLU(gate) * up
-                gate.iter_mut().zip(&up).for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u);
+                silu_product(&mut gate, &up);
                 act.quantize(&gate, rows);
             });
             timed(profile, Part::Down, || {

@@ -1,5 +1,6 @@
 //! Llama-family inference on candle with a KV cache that compression methods can rewrite.
 
+mod activation;
 mod attention;
 mod batch;
 pub mod chat;
@@ -38,7 +39,7 @@ pub use model::{Block, ForwardOptions, Llama, Logits};
 pub use pool::KvPool;
 pub use prefill::{PrefillCompression, PrefillPlan};
 pub use profile::{Part, StepProfile};
-pub use qmatmul::{ActBlock, QuantKind, QuantMatrix, QuantizedRows};
+pub use qmatmul::{QuantKind, QuantMatrix, QuantizedRows};
 pub use runtime::{AddError, Engine, EngineConfig, EngineHandle, Event, EventSink, RuntimeMetrics};
 pub use sampler::{argmax, Sampler, SamplingConfig};
 pub use scheduler::{Plan, Refusal, Scheduler, SchedulerLimits};

@@ -12,8 +12,11 @@
 //! - Q4_1 weight `w = d_w * n + m_w` (`n` in 0..16): `d_w d_x sum(n q) + m_w s_x`;
 //! - Q8_0 weight `w = d_w * n` (`n` in -127..=127): `d_w d_x sum(n q)`.
 //!
-//! On x86-64 with AVX2, FMA and F16C (detected at run time) the integer dot products use
-//! `vpmaddubsw`/`vpmaddwd`; elsewhere a scalar loop computes the same sums.
+//! Kernels, picked at run time by CPU feature: AVX-512 with VNNI (`vpdpbusd` on two blocks per
+//! instruction, and per block pair one scale product and two FMAs per row), AVX-VNNI or AVX2
+//! (one block per instruction), else a scalar loop computing the same sums. Each output is
+//! computed by one kernel call from its own activation row and weight row only, so a row's
+//! result never depends on the other rows of a batch.
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use rayon::prelude::*;
@@ -171,7 +174,7 @@ impl QuantMatrix {
             let kernel = kernel_of(w.kind);
             for group in (0..rows).step_by(ROW_GROUP) {
                 let group_rows = (rows - group).min(ROW_GROUP);
-                let acts = &x.blocks[group * x.blocks_per_row..][..group_rows * x.blocks_per_row];
+                let acts = x.group(group, group_rows);
                 kernel(blocks, x.blocks_per_row, acts, group_rows, &mut out_t[group..], rows);
             }
         });
@@ -185,24 +188,43 @@ impl QuantMatrix {
     }
 }
 
-/// One block of 32 activations quantized to 8 bits.
-#[derive(Debug, Clone, Copy)]
-#[repr(C, align(8))]
-pub struct ActBlock {
-    pub qs: [i8; BLOCK],
-    /// Scale: `x ~= d * q`.
-    pub d: f32,
-    /// `d * sum(q)`, for the Q4_1 offset term.
-    pub s: f32,
-}
+/// f32 lanes per block in [`QuantizedRows`]'s scale arrays: a 256-bit vector, so the SIMD
+/// kernels load one block's scale (or two blocks' in 512 bits) without a broadcast.
+const LANES: usize = 8;
 
 /// Activation rows `[rows, width]` quantized per block of 32, reusable across steps.
 #[derive(Debug, Clone, Default)]
 pub struct QuantizedRows {
     rows: usize,
     blocks_per_row: usize,
-    /// `[rows, width / 32]`
-    blocks: Vec<ActBlock>,
+    /// `[rows, width]`: the 8-bit values, blocks side by side.
+    qs: Vec<i8>,
+    /// `[rows, width / 32, LANES]`: each block's scale `d` (`x ~= d * q`) in every lane.
+    d: Vec<f32>,
+    /// `[rows, width / 32]`: each block's `d * sum(q)`, for the Q4_1 offset term.
+    s: Vec<f32>,
+}
+
+/// Some rows of a [`QuantizedRows`], as a kernel reads them.
+#[derive(Debug, Clone, Copy)]
+struct Acts<'a> {
+    qs: &'a [i8],
+    d: &'a [f32],
+    s: &'a [f32],
+}
+
+impl<'a> Acts<'a> {
+    /// Whether the slices hold `rows` rows of `nb` blocks, as the SIMD kernels read them.
+    fn fits(&self, rows: usize, nb: usize) -> bool {
+        self.qs.len() == rows * nb * BLOCK
+            && self.d.len() == rows * nb * LANES
+            && self.s.len() == rows * nb
+    }
+
+    /// Block `b` of the group's row-major blocks: its values, `d` and `d * sum(q)`.
+    fn block(&self, b: usize) -> (&'a [i8], f32, f32) {
+        (&self.qs[b * BLOCK..(b + 1) * BLOCK], self.d[b * LANES], self.s[b])
+    }
 }
 
 impl QuantizedRows {
@@ -218,39 +240,78 @@ impl QuantizedRows {
         assert!(rows > 0 && x.len().is_multiple_of(rows * BLOCK), "width must be a multiple of 32");
         self.rows = rows;
         self.blocks_per_row = x.len() / rows / BLOCK;
-        self.blocks.clear();
-        self.blocks.extend(x.chunks_exact(BLOCK).map(quantize_block));
+        let blocks = x.len() / BLOCK;
+        self.qs.clear();
+        self.qs.resize(x.len(), 0);
+        self.d.clear();
+        self.d.resize(blocks * LANES, 0.0);
+        self.s.clear();
+        self.s.resize(blocks, 0.0);
+        let quantize_block = block_quantizer();
+        let per_block = x.chunks_exact(BLOCK).zip(self.qs.chunks_exact_mut(BLOCK));
+        let scales = self.d.chunks_exact_mut(LANES).zip(&mut self.s);
+        for ((x, qs), (d, s)) in per_block.zip(scales) {
+            let (scale, offset) = quantize_block(x, qs);
+            d.fill(scale);
+            *s = offset;
+        }
     }
 
     pub fn rows(&self) -> usize {
         self.rows
     }
 
-    /// `[rows, width / 32]`
-    pub fn blocks(&self) -> &[ActBlock] {
-        &self.blocks
+    /// Rows `first..first + n`.
+    fn group(&self, first: usize, n: usize) -> Acts<'_> {
+        let nb = self.blocks_per_row;
+        let (b0, b1) = (first * nb, (first + n) * nb);
+        Acts {
+            qs: &self.qs[b0 * BLOCK..b1 * BLOCK],
+            d: &self.d[b0 * LANES..b1 * LANES],
+            s: &self.s[b0..b1],
+        }
     }
 }
 
-fn quantize_block(x: &[f32]) -> ActBlock {
+/// Quantizes 32 values into `qs`; returns `(d, d * sum(q))`.
+type BlockQuantizer = fn(&[f32], &mut [i8]) -> (f32, f32);
+
+/// The fastest [`BlockQuantizer`] this CPU runs; all give the same bits.
+fn block_quantizer() -> BlockQuantizer {
+    #[cfg(target_arch = "x86_64")]
+    if avx512::available() {
+        return avx512::quantize_block;
+    }
+    quantize_block
+}
+
+/// The plain [`BlockQuantizer`]: `d = max|x| / 127`, `q = round(x / d)` (halves away from
+/// zero).
+fn quantize_block(x: &[f32], qs: &mut [i8]) -> (f32, f32) {
     let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
     let d = amax / 127.0;
     let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-    let mut qs = [0i8; BLOCK];
     let mut sum = 0i32;
     for (q, &v) in qs.iter_mut().zip(x) {
         *q = (v * inv).round() as i8;
         sum += *q as i32;
     }
-    ActBlock { qs, d, s: d * sum as f32 }
+    (d, d * sum as f32)
 }
 
 /// Computes `group_rows` activation rows against every weight row of `weights`:
 /// `(weights, blocks_per_row, acts [group_rows, blocks_per_row], group_rows, out, stride)`
 /// writes `out[o * stride + r]`.
-type Kernel = fn(&[u8], usize, &[ActBlock], usize, &mut [f32], usize);
+type Kernel = fn(&[u8], usize, Acts<'_>, usize, &mut [f32], usize);
 
 fn kernel_for(kind: QuantKind) -> Kernel {
+    #[cfg(target_arch = "x86_64")]
+    if avx512::available() {
+        return match kind {
+            QuantKind::Q4_1 => avx512::q4_1,
+            QuantKind::Q8_0 => avx512::q8_0,
+        };
+    }
     #[cfg(target_arch = "x86_64")]
     if avx2::vnni_available() {
         return match kind {
@@ -286,6 +347,12 @@ fn all_kernels() -> Vec<fn(QuantKind) -> Kernel> {
                 QuantKind::Q8_0 => avx2::q8_0_vnni,
             });
         }
+        if avx512::available() {
+            kernels.push(|kind| match kind {
+                QuantKind::Q4_1 => avx512::q4_1,
+                QuantKind::Q8_0 => avx512::q8_0,
+            });
+        }
     }
     kernels
 }
@@ -304,34 +371,33 @@ fn half_at(block: &[u8], at: usize) -> f32 {
 fn scalar_q4_1(
     weights: &[u8],
     nb: usize,
-    acts: &[ActBlock],
+    acts: Acts<'_>,
     rows: usize,
     out: &mut [f32],
     stride: usize,
 ) {
-    scalar_rows(QuantKind::Q4_1, weights, nb, acts, rows, out, stride, |block, a| {
+    scalar_rows(QuantKind::Q4_1, weights, nb, acts, rows, out, stride, |block, (qs, ad, s)| {
         let (d, m) = (half_at(block, 0), half_at(block, 2));
         let mut dot = 0i32;
         for (j, &byte) in block[4..20].iter().enumerate() {
-            dot += (byte & 0x0f) as i32 * a.qs[j] as i32;
-            dot += (byte >> 4) as i32 * a.qs[j + 16] as i32;
+            dot += (byte & 0x0f) as i32 * qs[j] as i32;
+            dot += (byte >> 4) as i32 * qs[j + 16] as i32;
         }
-        d * a.d * dot as f32 + m * a.s
+        d * ad * dot as f32 + m * s
     })
 }
 
 fn scalar_q8_0(
     weights: &[u8],
     nb: usize,
-    acts: &[ActBlock],
+    acts: Acts<'_>,
     rows: usize,
     out: &mut [f32],
     stride: usize,
 ) {
-    scalar_rows(QuantKind::Q8_0, weights, nb, acts, rows, out, stride, |block, a| {
-        let dot: i32 =
-            block[2..34].iter().zip(&a.qs).map(|(&w, &q)| w as i8 as i32 * q as i32).sum();
-        half_at(block, 0) * a.d * dot as f32
+    scalar_rows(QuantKind::Q8_0, weights, nb, acts, rows, out, stride, |block, (qs, ad, _)| {
+        let dot: i32 = block[2..34].iter().zip(qs).map(|(&w, &q)| w as i8 as i32 * q as i32).sum();
+        half_at(block, 0) * ad * dot as f32
     })
 }
 
@@ -342,17 +408,18 @@ fn scalar_rows(
     kind: QuantKind,
     weights: &[u8],
     nb: usize,
-    acts: &[ActBlock],
+    acts: Acts<'_>,
     rows: usize,
     out: &mut [f32],
     stride: usize,
-    block_dot: impl Fn(&[u8], &ActBlock) -> f32,
+    block_dot: impl Fn(&[u8], (&[i8], f32, f32)) -> f32,
 ) {
     let bb = kind.block_bytes();
     for (o, row) in weights.chunks_exact(nb * bb).enumerate() {
         for r in 0..rows {
-            let blocks = row.chunks_exact(bb).zip(&acts[r * nb..(r + 1) * nb]);
-            out[o * stride + r] = blocks.map(|(block, a)| block_dot(block, a)).sum();
+            let blocks = row.chunks_exact(bb).enumerate();
+            out[o * stride + r] =
+                blocks.map(|(b, block)| block_dot(block, acts.block(r * nb + b))).sum();
         }
     }
 }
@@ -361,7 +428,7 @@ fn scalar_rows(
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::ActBlock;
+    use super::Acts;
 
     pub fn available() -> bool {
         is_x86_feature_detected!("avx2")
@@ -380,14 +447,14 @@ mod avx2 {
             pub fn $name(
                 weights: &[u8],
                 nb: usize,
-                acts: &[ActBlock],
+                acts: Acts<'_>,
                 rows: usize,
                 out: &mut [f32],
                 stride: usize,
             ) {
                 assert!($available());
                 let n_out = weights.len() / (nb * super::QuantKind::$kind.block_bytes());
-                assert!(acts.len() == rows * nb && (n_out - 1) * stride + rows <= out.len());
+                assert!(acts.fits(rows, nb) && (n_out - 1) * stride + rows <= out.len());
                 // SAFETY: the CPU features were checked above; the sizes of `weights`, `acts`
                 // and `out` were checked against what the kernel reads and writes.
                 unsafe {
@@ -421,7 +488,8 @@ mod avx2 {
 
                 use std::arch::x86_64::*;
 
-                use super::{hsum, $dot, ActBlock};
+                use super::{hsum, $dot};
+                use crate::qmatmul::{Acts, LANES};
 
                 /// Q4_1 weights: each block's nibbles are unpacked once, then multiplied with every
                 /// row's activations (`vpmaddubsw` takes the unsigned nibbles times signed bytes).
@@ -429,7 +497,7 @@ mod avx2 {
                 pub unsafe fn q4_1<const R: usize>(
                     weights: &[u8],
                     nb: usize,
-                    acts: &[ActBlock],
+                    acts: Acts<'_>,
                     out: &mut [f32],
                     stride: usize,
                 ) {
@@ -453,12 +521,13 @@ mod avx2 {
                                 low,
                             );
                             for r in 0..R {
-                                let a = acts.get_unchecked(r * nb + b);
-                                let q = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
-                                let dot = $dot(nibbles, q);
-                                let scale = _mm256_set1_ps(d * a.d);
+                                let at = r * nb + b;
+                                let q = acts.qs.as_ptr().add(at * 32) as *const __m256i;
+                                let dot = $dot(nibbles, _mm256_loadu_si256(q));
+                                let ad = *acts.d.get_unchecked(at * LANES);
+                                let scale = _mm256_set1_ps(d * ad);
                                 acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[r]);
-                                offsets[r] += m * a.s;
+                                offsets[r] += m * *acts.s.get_unchecked(at);
                             }
                         }
                         for r in 0..R {
@@ -472,7 +541,7 @@ mod avx2 {
                 pub unsafe fn q8_0<const R: usize>(
                     weights: &[u8],
                     nb: usize,
-                    acts: &[ActBlock],
+                    acts: Acts<'_>,
                     out: &mut [f32],
                     stride: usize,
                 ) {
@@ -487,11 +556,11 @@ mod avx2 {
                             let w = _mm256_loadu_si256(block.add(2) as *const __m256i);
                             let magnitude = _mm256_sign_epi8(w, w);
                             for r in 0..R {
-                                let a = acts.get_unchecked(r * nb + b);
-                                let q = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
-                                let signed = _mm256_sign_epi8(q, w);
+                                let at = r * nb + b;
+                                let q = acts.qs.as_ptr().add(at * 32) as *const __m256i;
+                                let signed = _mm256_sign_epi8(_mm256_loadu_si256(q), w);
                                 let dot = $dot(magnitude, signed);
-                                let scale = _mm256_set1_ps(d * a.d);
+                                let scale = _mm256_set1_ps(d * *acts.d.get_unchecked(at * LANES));
                                 acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[r]);
                             }
                         }
@@ -526,6 +595,268 @@ mod avx2 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+    }
+}
+
+/// AVX-512 kernels: two weight blocks per 512-bit vector. Per weight block pair the nibbles
+/// (or signed bytes) and the two scales are prepared once; per activation row it takes one
+/// `vpdpbusd`, one conversion, one scale product and one or two FMAs (the AVX2 kernels take
+/// about as many per single block).
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{Acts, BLOCK, LANES};
+
+    pub fn available() -> bool {
+        is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vnni")
+            && is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+    }
+
+    macro_rules! by_rows {
+        ($name:ident, $kind:ident) => {
+            pub fn $name(
+                weights: &[u8],
+                nb: usize,
+                acts: Acts<'_>,
+                rows: usize,
+                out: &mut [f32],
+                stride: usize,
+            ) {
+                assert!(available());
+                let n_out = weights.len() / (nb * super::QuantKind::$kind.block_bytes());
+                assert!(acts.fits(rows, nb) && (n_out - 1) * stride + rows <= out.len());
+                // SAFETY: the CPU features were checked above; the sizes of `weights`, `acts`
+                // and `out` were checked against what the kernel reads and writes.
+                unsafe {
+                    match rows {
+                        1 => kernels::$name::<1>(weights, nb, acts, out, stride),
+                        2 => kernels::$name::<2>(weights, nb, acts, out, stride),
+                        3 => kernels::$name::<3>(weights, nb, acts, out, stride),
+                        4 => kernels::$name::<4>(weights, nb, acts, out, stride),
+                        5 => kernels::$name::<5>(weights, nb, acts, out, stride),
+                        6 => kernels::$name::<6>(weights, nb, acts, out, stride),
+                        7 => kernels::$name::<7>(weights, nb, acts, out, stride),
+                        8 => kernels::$name::<8>(weights, nb, acts, out, stride),
+                        _ => unreachable!("row groups hold 1 to 8 rows"),
+                    }
+                }
+            }
+        };
+    }
+    by_rows!(q4_1, Q4_1);
+    by_rows!(q8_0, Q8_0);
+
+    /// [`super::quantize_block`] on 16 lanes, bit for bit: the same scale, the same product
+    /// `x * (1 / d)`, and rounding of halves away from zero (truncate, then step away from
+    /// zero where the exact remainder is at least one half).
+    pub fn quantize_block(x: &[f32], qs: &mut [i8]) -> (f32, f32) {
+        assert!(available() && x.len() == super::BLOCK && qs.len() == super::BLOCK);
+        // SAFETY: the CPU features and both lengths were checked above.
+        unsafe { quantize(x, qs) }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn quantize(x: &[f32], qs: &mut [i8]) -> (f32, f32) {
+        let halves = [_mm512_loadu_ps(x.as_ptr()), _mm512_loadu_ps(x.as_ptr().add(16))];
+        let amax =
+            _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(halves[0]), _mm512_abs_ps(halves[1])));
+        let d = amax / 127.0;
+        let inv = _mm512_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+        let (half, one) = (_mm512_set1_ps(0.5), _mm512_set1_ps(1.0));
+        let sign = _mm512_set1_epi32(i32::MIN);
+        let mut sum = _mm512_setzero_si512();
+        for (i, x) in halves.into_iter().enumerate() {
+            let v = _mm512_mul_ps(x, inv);
+            let t = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(v);
+            let away = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(_mm512_abs_ps(_mm512_sub_ps(v, t)), half);
+            let step = _mm512_castsi512_ps(_mm512_or_si512(
+                _mm512_and_si512(_mm512_castps_si512(v), sign),
+                _mm512_castps_si512(one),
+            ));
+            let q = _mm512_cvtps_epi32(_mm512_mask_add_ps(t, away, t, step));
+            sum = _mm512_add_epi32(sum, q);
+            _mm_storeu_si128(qs.as_mut_ptr().add(16 * i).cast(), _mm512_cvtepi32_epi8(q));
+        }
+        (d, d * _mm512_reduce_add_epi32(sum) as f32)
+    }
+
+    /// Masks of the activation loads for blocks `b` and `b + 1` of `nb`: both, or only `b`
+    /// (the last block of an odd count; the upper half then loads zeros).
+    fn masks(b: usize, nb: usize) -> (__mmask64, __mmask16) {
+        if b + 1 < nb {
+            (!0, !0)
+        } else {
+            (0xffff_ffff, 0x00ff)
+        }
+    }
+
+    // Row indices address several per-row arrays at once.
+    #[allow(clippy::needless_range_loop)]
+    mod kernels {
+        use std::arch::x86_64::*;
+
+        use super::{masks, Acts, BLOCK, LANES};
+
+        /// Q4_1 blocks whose offset terms are summed together, 16 per FMA, after their
+        /// products: the offsets `m` are kept aside meanwhile.
+        const SPAN: usize = 64;
+
+        /// The 8-bit values of blocks `at` and `at + 1` of the group's rows (or only `at`, as
+        /// `masks` says), and their scales `[d_at x 8, d_at+1 x 8]`.
+        #[target_feature(enable = "avx512f,avx512bw")]
+        #[inline]
+        unsafe fn pair(
+            acts: &Acts<'_>,
+            at: usize,
+            (bytes, lanes): (__mmask64, __mmask16),
+        ) -> (__m512i, __m512) {
+            let q = _mm512_maskz_loadu_epi8(bytes, acts.qs.as_ptr().add(at * BLOCK));
+            let d = _mm512_maskz_loadu_ps(lanes, acts.d.as_ptr().add(at * LANES));
+            (q, d)
+        }
+
+        /// `[v0 x 8, v1 x 8]` from lanes `i0` and `i1` of `v`.
+        #[target_feature(enable = "avx512f")]
+        #[inline]
+        fn spread(v: __m128, i0: i32, i1: i32) -> __m512 {
+            let (a, b) = (_mm512_set1_epi32(i0), _mm512_set1_epi32(i1));
+            let index = _mm512_mask_blend_epi32(0xff00, a, b);
+            _mm512_permutexvar_ps(index, _mm512_castps128_ps512(v))
+        }
+
+        /// The integer dot products of one block pair for every row of the group, scaled and
+        /// added to `$acc` (one of two accumulator sets, alternated by pair so that the FMAs
+        /// of consecutive pairs do not wait for each other). `$weights(b, two)` gives the
+        /// pair's `(unsigned weights, scales, negative mask or None)`.
+        macro_rules! pairs {
+            ($acts:expr, $nb:expr, $range:expr, $acc:ident, $acc_next:ident, $weights:expr) => {
+                for b in $range.clone().step_by(4) {
+                    for (b, acc) in [(b, &mut $acc), (b + 2, &mut $acc_next)] {
+                        if b >= $range.end {
+                            break;
+                        }
+                        let mask = masks(b, $nb);
+                        let (w, d, negative): (__m512i, __m512, Option<__mmask64>) =
+                            $weights(b, b + 1 < $nb);
+                        for r in 0..R {
+                            let (q, ad) = pair(&$acts, r * $nb + b, mask);
+                            // Signed weights: `q` negated where `w < 0`, times `|w|`.
+                            let q = match negative {
+                                Some(k) => _mm512_mask_sub_epi8(q, k, _mm512_setzero_si512(), q),
+                                None => q,
+                            };
+                            let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, q);
+                            let scale = _mm512_mul_ps(d, ad);
+                            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[r]);
+                        }
+                    }
+                }
+            };
+        }
+
+        /// Q4_1: the 16 packed bytes of each block are placed twice in a 256-bit half and the
+        /// second copy shifted right by 4 (`vpsrlvq`), so one AND gives weights 0..16 then
+        /// 16..32 of both blocks. The offset term `sum_b m_b s_b` is one FMA per row per 16
+        /// blocks: the span's `m` are kept aside while its products run.
+        #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+        pub unsafe fn q4_1<const R: usize>(
+            weights: &[u8],
+            nb: usize,
+            acts: Acts<'_>,
+            out: &mut [f32],
+            stride: usize,
+        ) {
+            let low = _mm512_set1_epi8(0x0f);
+            let shift = _mm512_set_epi64(4, 4, 0, 0, 4, 4, 0, 0);
+            let odd = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+            // `[d_b, m_b]` of the span's blocks, in order.
+            let mut dm_kept = [0.0f32; 2 * SPAN];
+            let n_out = weights.len() / (nb * 20);
+            for o in 0..n_out {
+                let row = weights.as_ptr().add(o * nb * 20);
+                let (mut even, mut odd_pairs) =
+                    ([_mm512_setzero_ps(); R], [_mm512_setzero_ps(); R]);
+                for span in (0..nb).step_by(SPAN) {
+                    let blocks = span..(span + SPAN).min(nb);
+                    let kept = dm_kept.as_mut_ptr();
+                    let weights = |b: usize, two: bool| {
+                        let block = row.add(b * 20);
+                        let next = block.add(20);
+                        // [d_b, m_b, d_b+1, m_b+1] from four f16.
+                        let dm0 = (block as *const i32).read_unaligned();
+                        let dm1 = if two { (next as *const i32).read_unaligned() } else { 0 };
+                        let dm = _mm_cvtph_ps(_mm_set_epi32(0, 0, dm1, dm0));
+                        _mm_storeu_ps(kept.add(2 * (b - span)), dm);
+                        let p0 = _mm256_broadcastsi128_si256(_mm_loadu_si128(block.add(4).cast()));
+                        let p1 = if two {
+                            _mm256_broadcastsi128_si256(_mm_loadu_si128(next.add(4).cast()))
+                        } else {
+                            _mm256_setzero_si256()
+                        };
+                        let packed = _mm512_inserti64x4(_mm512_castsi256_si512(p0), p1, 1);
+                        let nibbles = _mm512_and_si512(_mm512_srlv_epi64(packed, shift), low);
+                        (nibbles, spread(dm, 0, 2), None)
+                    };
+                    pairs!(acts, nb, blocks, even, odd_pairs, weights);
+                    for k in blocks.clone().step_by(16) {
+                        let lanes = (((1u32 << (blocks.end - k).min(16)) - 1) & 0xffff) as u16;
+                        let at = dm_kept.as_ptr().add(2 * (k - span));
+                        let (lo, hi) = (_mm512_loadu_ps(at), _mm512_loadu_ps(at.add(16)));
+                        let m = _mm512_maskz_permutex2var_ps(lanes, lo, odd, hi);
+                        for r in 0..R {
+                            let s = _mm512_maskz_loadu_ps(lanes, acts.s.as_ptr().add(r * nb + k));
+                            even[r] = _mm512_fmadd_ps(m, s, even[r]);
+                        }
+                    }
+                }
+                for r in 0..R {
+                    let sum = _mm512_add_ps(even[r], odd_pairs[r]);
+                    *out.get_unchecked_mut(o * stride + r) = _mm512_reduce_add_ps(sum);
+                }
+            }
+        }
+
+        /// Q8_0: signed times signed, through `|w|` and `q` negated where `w < 0`.
+        #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+        pub unsafe fn q8_0<const R: usize>(
+            weights: &[u8],
+            nb: usize,
+            acts: Acts<'_>,
+            out: &mut [f32],
+            stride: usize,
+        ) {
+            let n_out = weights.len() / (nb * 34);
+            for o in 0..n_out {
+                let row = weights.as_ptr().add(o * nb * 34);
+                let (mut even, mut odd) = ([_mm512_setzero_ps(); R], [_mm512_setzero_ps(); R]);
+                let weights = |b: usize, two: bool| {
+                    let block = row.add(b * 34);
+                    let next = block.add(34);
+                    let d0 = (block as *const u16).read_unaligned() as i32;
+                    let d1 = if two { (next as *const u16).read_unaligned() as i32 } else { 0 };
+                    // [d_b, 0, d_b+1, 0]
+                    let d = spread(_mm_cvtph_ps(_mm_set_epi32(0, 0, d1, d0)), 0, 2);
+                    let w0 = _mm256_loadu_si256(block.add(2).cast());
+                    let w1 = if two {
+                        _mm256_loadu_si256(next.add(2).cast())
+                    } else {
+                        _mm256_setzero_si256()
+                    };
+                    let w = _mm512_inserti64x4(_mm512_castsi256_si512(w0), w1, 1);
+                    (_mm512_abs_epi8(w), d, Some(_mm512_movepi8_mask(w)))
+                };
+                pairs!(acts, nb, (0..nb), even, odd, weights);
+                for r in 0..R {
+                    let sum = _mm512_add_ps(even[r], odd[r]);
+                    *out.get_unchecked_mut(o * stride + r) = _mm512_reduce_add_ps(sum);
+                }
+            }
+        }
     }
 }
 
@@ -581,7 +912,8 @@ mod tests {
     fn kernels_match_a_plain_reference() {
         let mut rng = StdRng::seed_from_u64(7);
         for kind in [QuantKind::Q4_1, QuantKind::Q8_0] {
-            for (out_dim, in_dim) in [(1, 32), (7, 96), (130, 64), (19, 288)] {
+            // 71 blocks: more than one span of Q4_1 offsets (64 blocks), an odd count.
+            for (out_dim, in_dim) in [(1, 32), (7, 96), (130, 64), (19, 288), (5, 71 * 32)] {
                 let w = random(out_dim * in_dim, &mut rng);
                 let w = Tensor::from_vec(w, (out_dim, in_dim), &Device::Cpu).unwrap();
                 let m = QuantMatrix::quantize(&w, kind).unwrap();
@@ -605,9 +937,12 @@ mod tests {
                     m.matmul(&x, &mut alone);
                     assert!(a == alone && b == alone, "{kind:?}: matmul_many differs");
                     for r in 0..rows {
-                        let xs: Vec<f64> = x.blocks[r * in_dim / 32..(r + 1) * in_dim / 32]
-                            .iter()
-                            .flat_map(|a| a.qs.iter().map(|&q| a.d as f64 * q as f64))
+                        let nb = in_dim / 32;
+                        let xs: Vec<f64> = (r * nb..(r + 1) * nb)
+                            .flat_map(|b| {
+                                let (qs, d, _) = x.group(0, rows).block(b);
+                                qs.iter().map(move |&q| d as f64 * q as f64)
+                            })
                             .collect();
                         for o in 0..out_dim {
                             let wrow = &dense[o * in_dim..(o + 1) * in_dim];
@@ -631,17 +966,44 @@ mod tests {
         }
     }
 
+    /// Every block quantizer this CPU has gives the plain one's bits, halves included.
+    #[test]
+    fn block_quantizers_agree_bit_for_bit() {
+        let mut rng = StdRng::seed_from_u64(5);
+        // amax 127: d = 1, so x.5 values are exact halves.
+        let mut halves: Vec<f32> = (0..31).map(|i| i as f32 * 4.0 - 62.5).collect();
+        halves.push(-127.0);
+        let cases = [halves, vec![0.0; 32], random(32, &mut rng), random(32, &mut rng)];
+        #[allow(unused_mut)]
+        let mut quantizers: Vec<BlockQuantizer> = vec![quantize_block];
+        #[cfg(target_arch = "x86_64")]
+        if avx512::available() {
+            quantizers.push(avx512::quantize_block);
+        }
+        for x in &cases {
+            let mut reference = [0i8; 32];
+            let (d, s) = quantize_block(x, &mut reference);
+            for quantize in &quantizers[1..] {
+                let mut qs = [0i8; 32];
+                let (d2, s2) = quantize(x, &mut qs);
+                assert_eq!((qs, d2.to_bits(), s2.to_bits()), (reference, d.to_bits(), s.to_bits()));
+            }
+        }
+    }
+
     #[test]
     fn activations_round_to_the_nearest_step() {
         let x: Vec<f32> = (0..32).map(|i| i as f32 - 10.0).collect();
         let q = QuantizedRows::new(&x, 1);
-        let a = q.blocks()[0];
-        assert_eq!(a.d, 21.0 / 127.0);
-        for (q, v) in a.qs.iter().zip(&x) {
-            assert!((*q as f32 * a.d - v).abs() <= a.d / 2.0 + 1e-6);
+        let (qs, d, s) = q.group(0, 1).block(0);
+        assert_eq!(d, 21.0 / 127.0);
+        for (q, v) in qs.iter().zip(&x) {
+            assert!((*q as f32 * d - v).abs() <= d / 2.0 + 1e-6);
         }
-        assert_eq!(a.s, a.d * a.qs.iter().map(|&q| q as i32).sum::<i32>() as f32);
+        assert_eq!(s, d * qs.iter().map(|&q| q as i32).sum::<i32>() as f32);
+        // The lanes the SIMD kernels load: `d` in all 8.
+        assert!(q.d.iter().all(|&v| v == d));
         let zeros = QuantizedRows::new(&[0.0; 64], 2);
-        assert!(zeros.blocks().iter().all(|b| b.d == 0.0 && b.qs == [0; 32]));
+        assert!(zeros.qs.iter().all(|&q| q == 0) && zeros.d.iter().all(|&d| d == 0.0));
     }
 }
