@@ -164,6 +164,13 @@ pub trait CompressionMethod: Send + Sync {
         self.stats()
     }
 
+    /// Statistics each decode step must accumulate for [`Self::after_step`]: by default
+    /// those of [`Self::stats`] without the prompt-only ones. A method whose decode-time
+    /// policy reads none asks for none, so its steps skip the attention statistic.
+    fn decode_stats(&self) -> StatsRequest {
+        self.stats().after_prompt()
+    }
+
     /// Entries a head may keep after a prompt of `prompt_len` tokens (`prompt_len` for
     /// methods without a budget).
     fn budget_entries(&self, prompt_len: usize) -> usize;

@@ -13,7 +13,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 const SHAPE: AttentionShape = AttentionShape { n_heads: 9, n_kv_heads: 3, head_dim: 64 };
-const ENTRIES: [usize; 3] = [2048, 4096, 8192];
+const ENTRIES: [usize; 4] = [2800, 2048, 4096, 8192];
+const LAYERS: usize = 30;
 
 fn heads(dtype: KvDtype, entries: usize) -> Vec<HeadCache> {
     let mut rng = StdRng::seed_from_u64(1);
@@ -49,6 +50,19 @@ fn bench(c: &mut Criterion) {
                 });
             }
         }
+        // 30 layers' caches in turn, as a decode step reads them: the rows come from memory,
+        // not from the caches a repeated call leaves them in.
+        let mut layers: Vec<Vec<HeadCache>> =
+            (0..LAYERS).map(|_| heads(KvDtype::F16, entries)).collect();
+        let opts =
+            AttentionOptions { chunk: 128, stats: StatsRequest::default(), log_count_bias: false };
+        let mut layer = 0;
+        group.bench_function(format!("f16, {LAYERS} layers in turn"), |b| {
+            b.iter(|| {
+                layer = (layer + 1) % LAYERS;
+                attend(&q, 1, &mut layers[layer], SHAPE, opts)
+            })
+        });
         group.finish();
     }
 }

@@ -63,14 +63,16 @@ pub fn compress_prompt(
 }
 
 /// Applies the method's decode-time policy (eviction to the budget) to every head after
-/// decode step `step`; a no-op before the prompt was compressed.
+/// decode step `step`; a no-op before the prompt was compressed. Layers run in parallel:
+/// H2O's policy scans every entry of every head each step, and a serial scan would also let
+/// the threads fall asleep before the next step.
 pub fn after_decode_step(
     method: &dyn CompressionMethod,
     cache: &mut KvCache,
     step: usize,
 ) -> Result<()> {
     let Some(budgets) = &cache.budgets else { return Ok(()) };
-    cache.layers.iter_mut().zip(budgets).enumerate().try_for_each(
+    cache.layers.par_iter_mut().zip(budgets).enumerate().try_for_each(
         |(layer, (heads, &budget))| {
             heads.iter_mut().enumerate().try_for_each(|(head, cache)| {
                 method.after_step(HeadId { layer, head }, cache, budget, step)

@@ -9,10 +9,11 @@
 //! fewer kv heads than threads still uses them all. The accumulated attention statistic is
 //! the exact softmax, rescaled from each part's exponentials.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::ops::Range;
+use std::sync::LazyLock;
 
-use kvmerger_compress::{HeadCache, RowsRef};
+use kvmerger_compress::{EntryMeta, HeadCache, RowsRef};
 use rayon::prelude::*;
 
 use crate::attention::{AttentionOptions, AttentionShape};
@@ -42,10 +43,15 @@ struct Scratch {
     scores: Vec<f32>,
     /// `[BLOCK, head_dim]`: widened keys or values.
     block: Vec<f32>,
+    /// `[part rows]`: the entries' log-count biases.
+    bias: Vec<f32>,
 }
 
 thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+    /// The exponentials a step keeps for the attention statistic, reused across steps. Taken
+    /// out while in use: a thread waiting in a parallel region may start another step.
+    static EXPS: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
 }
 
 /// The attention of one query per head over `heads`, whose last entry is that query's own
@@ -78,7 +84,9 @@ fn attend_split(
     let keep = opts.stats.accumulated;
     // Per part, `[group, part rows]` exponentials, kept for the attention statistic.
     let kept = if keep { group * parts.iter().map(|p| p.rows.len()).sum::<usize>() } else { 0 };
-    let mut exps = vec![0.0f32; kept];
+    // Every part overwrites its share: stale values from an earlier step are never read.
+    let mut exps = EXPS.take();
+    exps.resize(kept, 0.0);
     let mut exps_of_parts: Vec<&mut [f32]> = Vec::with_capacity(parts.len());
     let mut rest = exps.as_mut_slice();
     for part in &parts {
@@ -99,12 +107,12 @@ fn attend_split(
 
     let mut out = vec![0.0f32; n_heads * d];
     let mut first = 0;
-    let mut exps_at = 0;
-    // `[parts of a head, group]`: each part's share of the softmax, per query head.
+    // `[part, group]`: each part's share of its head's softmax, per query head.
     let mut scale = vec![0.0f32; parts.len() * group];
-    for (h, head) in heads.iter_mut().enumerate() {
+    for h in 0..heads.len() {
         let count = parts[first..].iter().take_while(|p| p.head == h).count();
         let mine = &partials[first * stride..(first + count) * stride];
+        let scale = &mut scale[first * group..(first + count) * group];
         // Per query head of the group: the largest maximum, and the softmax denominator.
         for g in 0..group {
             let max = mine.chunks_exact(stride).map(|p| p[g]).fold(f32::NEG_INFINITY, f32::max);
@@ -118,24 +126,58 @@ fn attend_split(
                 o.iter_mut().zip(values).for_each(|(o, v)| *o += s * v);
             }
         }
-        if keep {
-            let inv_group = 1.0 / group as f32;
-            for (i, part) in parts[first..first + count].iter().enumerate() {
-                let n = part.rows.len();
-                let e = &exps[exps_at..exps_at + group * n];
-                exps_at += group * n;
-                let meta = &mut head.meta_mut()[part.rows.clone()];
-                for g in 0..group {
-                    let s = scale[i * group + g] * inv_group;
-                    let row = &e[g * n..(g + 1) * n];
-                    meta.iter_mut().zip(row).for_each(|(m, e)| m.attention += s * e);
-                }
-            }
-        }
         first += count;
     }
+    if keep {
+        accumulate_attention(heads, &parts, &exps, &scale, group);
+    }
+    EXPS.set(exps);
     out
 }
+
+/// Adds each part's exact softmax, `scale[part, g] * exps[part][g, row]` averaged over the
+/// `group` query heads, to its entries' accumulated attention: in parallel over parts (each
+/// owns its entries), right after the parts' own parallel region while its threads are still
+/// awake, and one read-modify-write of an entry's metadata for the whole group. Each entry
+/// adds its terms in query-head order, as one head at a time would.
+fn accumulate_attention(
+    heads: &mut [HeadCache],
+    parts: &[Part],
+    exps: &[f32],
+    scale: &[f32],
+    group: usize,
+) {
+    let inv_group = 1.0 / group as f32;
+    // Parts are in head order and cover their head's entries in order.
+    let mut work: Vec<(&mut [EntryMeta], &[f32], &[f32])> = Vec::with_capacity(parts.len());
+    let (mut exps, mut scale) = (exps, scale);
+    let mut parts = parts.iter().peekable();
+    for (h, head) in heads.iter_mut().enumerate() {
+        let mut meta = head.meta_mut();
+        while let Some(part) = parts.next_if(|p| p.head == h) {
+            let n = part.rows.len();
+            let (mine, more) = std::mem::take(&mut meta).split_at_mut(n);
+            let (e, more_exps) = exps.split_at(group * n);
+            let (s, more_scale) = scale.split_at(group);
+            work.push((mine, e, s));
+            (meta, exps, scale) = (more, more_exps, more_scale);
+        }
+    }
+    work.into_par_iter().for_each(|(meta, e, s)| {
+        let n = meta.len();
+        for (j, m) in meta.iter_mut().enumerate() {
+            let mut attention = m.attention;
+            for g in 0..group {
+                attention += s[g] * inv_group * e[g * n + j];
+            }
+            m.attention = attention;
+        }
+    });
+}
+
+/// Counts whose logit bias is looked up rather than computed: merged entries are mostly
+/// small sets, and a logarithm per entry costs more than the rest of its logit.
+const TABULATED_COUNTS: usize = 64;
 
 /// The logit bias of an entry standing for `count` tokens: `ln(count)`, 0 for one token.
 fn log_count(count: u32) -> f32 {
@@ -144,6 +186,19 @@ fn log_count(count: u32) -> f32 {
     } else {
         0.0
     }
+}
+
+/// `out = [log_count(m.count) for m in meta]`, the same values, from a table for the counts
+/// below [`TABULATED_COUNTS`].
+fn log_count_biases(meta: &[EntryMeta], out: &mut Vec<f32>) {
+    static TABLE: LazyLock<[f32; TABULATED_COUNTS]> =
+        LazyLock::new(|| std::array::from_fn(|c| log_count(c as u32)));
+    let table = &*TABLE;
+    out.clear();
+    out.extend(
+        meta.iter()
+            .map(|m| table.get(m.count as usize).copied().unwrap_or_else(|| log_count(m.count))),
+    );
 }
 
 /// Splits every head's entries into parts, about two per thread in all, none shorter than
@@ -189,10 +244,10 @@ fn attend_part(
             // SAFETY (all three): the CPU has the features these copies are compiled for.
             match (keys, values) {
                 (RowsRef::F32(k), RowsRef::F32(v)) if d.is_multiple_of(fused::COLUMNS) => unsafe {
-                    fused::part_kernel(part, k, v, partial, exps, &mut scratch.scores)
+                    fused::part_kernel(part, k, v, partial, exps, scratch)
                 },
                 (RowsRef::F16(k), RowsRef::F16(v)) if d.is_multiple_of(fused::COLUMNS) => unsafe {
-                    fused::part_kernel(part, k, v, partial, exps, &mut scratch.scores)
+                    fused::part_kernel(part, k, v, partial, exps, scratch)
                 },
                 _ => unsafe { part_kernel_avx2(part, partial, exps, scratch) },
             }
@@ -268,7 +323,7 @@ fn part_kernel(
     part: PartInput<'_>,
     partial: &mut [f32],
     exps: Option<&mut [f32]>,
-    Scratch { scores, block }: &mut Scratch,
+    Scratch { scores, block, bias: biases }: &mut Scratch,
     f16c: bool,
 ) {
     let PartInput { queries, head, rows, log_count_bias } = part;
@@ -278,6 +333,9 @@ fn part_kernel(
     let scale = 1.0 / (d as f32).sqrt();
     let meta = &head.meta()[rows.clone()];
     let (keys, values) = (head.stored_keys(), head.stored_values());
+    if log_count_bias {
+        log_count_biases(meta, biases);
+    }
     {
         scores.resize(group * n, 0.0);
         // Logits: each key row is read once for the whole group.
@@ -286,7 +344,7 @@ fn part_kernel(
             let block = widen(keys, start * d..end * d, block, f16c);
             for (r, key) in block.chunks_exact(d).enumerate() {
                 let j = start - rows.start + r;
-                let bias = if log_count_bias { log_count(meta[j].count) } else { 0.0 };
+                let bias = if log_count_bias { biases[j] } else { 0.0 };
                 for (g, query) in queries.chunks_exact(d).enumerate() {
                     scores[g * n + j] = dot(query, key) * scale + bias;
                 }
@@ -338,7 +396,7 @@ fn exponentiate<'p>(scores: &mut [f32], n: usize, partial: &'p mut [f32]) -> &'p
 mod fused {
     use std::arch::x86_64::*;
 
-    use super::{exponentiate, PartInput, BLOCK};
+    use super::{exponentiate, log_count_biases, PartInput, Scratch, BLOCK};
 
     /// Columns of a value chunk per pass; head_dim must be a multiple.
     pub(super) const COLUMNS: usize = 16;
@@ -379,8 +437,9 @@ mod fused {
         values: &[T],
         partial: &mut [f32],
         exps: Option<&mut [f32]>,
-        scores: &mut Vec<f32>,
+        scratch: &mut Scratch,
     ) {
+        let Scratch { scores, bias, .. } = scratch;
         let PartInput { queries, head, rows, log_count_bias } = part;
         let d = head.head_dim();
         let group = queries.len() / d;
@@ -405,11 +464,11 @@ mod fused {
                 }
             }
         }
-        // One logarithm per entry for the whole group, not one per query head.
+        // One bias per entry for the whole group, then each query head's row in one pass.
         if log_count_bias {
-            for (j, m) in meta.iter().enumerate() {
-                let bias = super::log_count(m.count);
-                (0..group).for_each(|g| scores[g * n + j] = scores[g * n + j] * scale + bias);
+            log_count_biases(meta, bias);
+            for row in scores[..group * n].chunks_exact_mut(n.max(1)) {
+                row.iter_mut().zip(bias.iter()).for_each(|(s, b)| *s = *s * scale + b);
             }
         } else {
             scores[..group * n].iter_mut().for_each(|s| *s *= scale);
@@ -695,7 +754,7 @@ mod tests {
                 &mut Scratch::default(),
                 false,
             );
-            let mut scores = Vec::new();
+            let mut scratch = Scratch::default();
             // SAFETY: the features were detected above.
             unsafe {
                 match (head.stored_keys(), head.stored_values()) {
@@ -705,7 +764,7 @@ mod tests {
                         v,
                         &mut got,
                         Some(&mut got_exps),
-                        &mut scores,
+                        &mut scratch,
                     ),
                     (RowsRef::F16(k), RowsRef::F16(v)) => fused::part_kernel(
                         input(),
@@ -713,7 +772,7 @@ mod tests {
                         v,
                         &mut got,
                         Some(&mut got_exps),
-                        &mut scores,
+                        &mut scratch,
                     ),
                     _ => unreachable!("f32 or f16 rows"),
                 }
@@ -724,6 +783,39 @@ mod tests {
             };
             assert!(relative(&got[group..], &expected[group..]) < 1e-4, "{dtype} sums, values");
             assert!(max_diff(&got_exps, &expected_exps) < 1e-5, "{dtype} exponentials");
+        }
+    }
+
+    /// The tabulated biases are `log_count`'s values, bit for bit, below and above the table.
+    #[test]
+    fn tabulated_log_counts_are_the_computed_ones() {
+        let meta: Vec<EntryMeta> = (0..3 * TABULATED_COUNTS as u32)
+            .map(|count| EntryMeta { position: 0, count, attention: 0.0 })
+            .collect();
+        let mut biases = Vec::new();
+        log_count_biases(&meta, &mut biases);
+        for (m, b) in meta.iter().zip(&biases) {
+            assert_eq!(b.to_bits(), log_count(m.count).to_bits(), "count {}", m.count);
+        }
+        assert_eq!((biases[0], biases[1]), (0.0, 0.0));
+    }
+
+    /// Keeping the statistic (H2O) or not (the full cache, KVMerger after its prompt) leaves
+    /// the attention output bit for bit the same, step after step (the kept exponentials'
+    /// buffer is reused).
+    #[test]
+    fn the_statistic_does_not_change_the_output() {
+        let mut with = heads(&[900, 450], KvDtype::F16, 7);
+        let mut without = with.clone();
+        for step in 0..3 {
+            let q = query(20 + step);
+            let stats = opts(true);
+            let plain = AttentionOptions { stats: StatsRequest::default(), ..stats };
+            let a = attend_one(&q, &mut with, SHAPE, stats);
+            let b = attend_one(&q, &mut without, SHAPE, plain);
+            assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "step {step}");
+            assert!(attention(&with).iter().any(|&a| a > 0.0));
+            assert!(attention(&without).iter().all(|&a| a == 0.0));
         }
     }
 

@@ -25,10 +25,13 @@ pub enum Part {
     Down,
     /// The output projection to the vocabulary.
     LmHead,
+    /// The compression method's decode-time policy after the pass (H2O's eviction), timed
+    /// by [`crate::Session::extend`].
+    Policy,
 }
 
 impl Part {
-    pub const ALL: [Part; 9] = [
+    pub const ALL: [Part; 10] = [
         Part::Embedding,
         Part::Norms,
         Part::Qkv,
@@ -38,6 +41,7 @@ impl Part {
         Part::GateUp,
         Part::Down,
         Part::LmHead,
+        Part::Policy,
     ];
 
     pub fn name(self) -> &'static str {
@@ -51,6 +55,7 @@ impl Part {
             Part::GateUp => "gate/up projections + SiLU",
             Part::Down => "down projection",
             Part::LmHead => "lm_head",
+            Part::Policy => "compression policy (eviction)",
         }
     }
 

@@ -325,7 +325,7 @@ impl Sequence {
 
     /// Statistics a decode step accumulates (attention received, for H2O-like methods).
     pub fn decode_stats(&self) -> StatsRequest {
-        self.method.stats().after_prompt()
+        self.method.decode_stats()
     }
 
     /// After a decode step: applies the method's decode-time policy and samples the next

@@ -9,6 +9,7 @@ use serde::Serialize;
 use crate::compression::{after_decode_step, compress_prompt};
 use crate::error::{EngineError, Result};
 use crate::model::{ForwardOptions, Llama, Logits};
+use crate::profile::{timed, Part};
 use crate::sampler::Sampler;
 
 /// What compressing the prompt did, per layer and kv head.
@@ -179,12 +180,14 @@ impl<'m> Session<'m> {
     pub fn extend(&mut self, tokens: &[u32], logits: Logits) -> Result<Vec<Vec<f32>>> {
         let opts = ForwardOptions {
             logits,
-            stats: self.method.stats().after_prompt(),
+            stats: self.method.decode_stats(),
             attention_chunk: self.attention_chunk,
         };
         let out = self.model.forward(tokens, &mut self.cache, opts)?;
         self.steps += 1;
-        after_decode_step(&*self.method, &mut self.cache, self.steps)?;
+        timed(self.model.profile.as_deref(), Part::Policy, || {
+            after_decode_step(&*self.method, &mut self.cache, self.steps)
+        })?;
         Ok(out.to_vec2()?)
     }
 

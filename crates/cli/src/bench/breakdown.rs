@@ -1,7 +1,9 @@
 //! `kvmerger bench --breakdown`: where a decode step's time goes (weight products per
 //! matrix, attention over the cache, norms, RoPE and cache append, the rest, sampling) at each
-//! context length, for each decode weight format; with `--busy-cores N`, the same with N
-//! other processes spinning, to show what a shared machine costs.
+//! context length, for each decode weight format and each cache (`--breakdown-methods`: the
+//! full cache, or a method holding `--budget` of the prompt, whose decode-time policy is a
+//! part of its own); with `--busy-cores N`, the same with N other processes spinning, to show
+//! what a shared machine costs.
 
 use std::io::Write;
 use std::path::Path;
@@ -12,10 +14,8 @@ use std::time::{Duration, Instant};
 use crate::args::ModelSource;
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use kvmerger_compress::CompressionConfig;
-use kvmerger_engine::{
-    argmax, LoadedModel, Logits, Part, Session, StepProfile, WeightFormat, WeightFormats,
-};
+use kvmerger_compress::{Budget, CompressionConfig};
+use kvmerger_engine::{argmax, Logits, Part, Session, StepProfile, WeightFormat, WeightFormats};
 
 #[derive(Debug, Clone, Args)]
 pub struct BreakdownArgs {
@@ -26,6 +26,10 @@ pub struct BreakdownArgs {
     /// Decode weight formats the breakdown measures, interleaved in one run.
     #[arg(long, value_delimiter = ',', default_values_t = vec!["q8".to_string(), "file".to_string()])]
     pub breakdown_formats: Vec<String>,
+    /// Caches the breakdown measures, interleaved in one run: `full`, or a compression
+    /// method holding `--budget` of the prompt.
+    #[arg(long, value_delimiter = ',', default_values_t = vec!["full".to_string()])]
+    pub breakdown_methods: Vec<String>,
     /// Also measure each step while this many processes spin on the CPU (started and stopped
     /// by the bench), alternating with quiet rounds.
     #[arg(long, default_value_t = 0, value_name = "N")]
@@ -116,7 +120,17 @@ pub fn run(
     path: &Path,
     lengths: &[usize],
     steps: usize,
+    budget: Budget,
 ) -> Result<()> {
+    let configs = args
+        .breakdown_methods
+        .iter()
+        .map(|m| match m.trim() {
+            "full" => Ok(CompressionConfig::Full),
+            m => CompressionConfig::from_cli(m, Some(budget), &[]).map_err(anyhow::Error::from),
+        })
+        .collect::<Result<Vec<_>>>()
+        .context("--breakdown-methods")?;
     let formats = args
         .breakdown_formats
         .iter()
@@ -140,27 +154,32 @@ pub fn run(
         if n > all_tokens.len() {
             bail!("length {n} exceeds the sample text ({} tokens)", all_tokens.len());
         }
+        // [format, method]
         let mut sessions = Vec::new();
-        for (_, loaded, profile) in &models {
-            let mut session = Session::new(&loaded.model, &CompressionConfig::Full)?;
-            let logits = session.prefill(&all_tokens[..n])?;
-            profile.reset();
-            sessions.push((session, logits));
+        for (m, (_, loaded, profile)) in models.iter().enumerate() {
+            for config in &configs {
+                let mut session = Session::new(&loaded.model, config)?;
+                let logits = session.prefill(&all_tokens[..n])?;
+                profile.reset();
+                sessions.push((m, config.label(), session, logits));
+            }
         }
-        // [format][condition]
-        let mut totals: Vec<Vec<Totals>> =
-            models.iter().map(|_| conditions.iter().map(|_| Totals::default()).collect()).collect();
+        // [format, method][condition]
+        let mut totals: Vec<Vec<Totals>> = sessions
+            .iter()
+            .map(|_| conditions.iter().map(|_| Totals::default()).collect())
+            .collect();
         // Rounds alternate formats and conditions so that machine noise spreads evenly.
         let rounds = 2;
         let per_round = steps.div_ceil(rounds).max(1);
         for _ in 0..rounds {
             for (c, &busy) in conditions.iter().enumerate() {
                 let _burners = if busy { Some(Burners::start(args.busy_cores)?) } else { None };
-                for (m, (session, logits)) in sessions.iter_mut().enumerate() {
+                for (s, (m, _, session, logits)) in sessions.iter_mut().enumerate() {
                     if session.cache.n_seen + per_round > session.model().config.context_length {
                         bail!("length {n} leaves no room for {per_round} decode steps");
                     }
-                    let profile = &models[m].2;
+                    let profile = &models[*m].2;
                     profile.reset();
                     let (mut sampling, start) = (Duration::ZERO, Instant::now());
                     for _ in 0..per_round {
@@ -169,11 +188,22 @@ pub fn run(
                         sampling += t.elapsed();
                         *logits = session.extend(&[next], Logits::Last)?.swap_remove(0);
                     }
-                    totals[m][c].add(profile, sampling, start.elapsed(), per_round);
+                    totals[s][c].add(profile, sampling, start.elapsed(), per_round);
                 }
             }
         }
-        print_tables(&mut out, n, &models, &totals, args.busy_cores)?;
+        let names: Vec<String> = sessions
+            .iter()
+            .map(|(m, label, session, _)| {
+                let entries: usize = session.cache.layers.iter().flatten().map(|h| h.len()).sum();
+                let per_head = entries / session.cache.layers.iter().flatten().count().max(1);
+                format!(
+                    "decode weights {:?}, {label} ({per_head} entries per head after the steps)",
+                    models[*m].0
+                )
+            })
+            .collect();
+        print_tables(&mut out, n, &names, &totals, args.busy_cores)?;
     }
     Ok(())
 }
@@ -181,14 +211,14 @@ pub fn run(
 fn print_tables(
     out: &mut impl Write,
     n: usize,
-    models: &[(WeightFormat, LoadedModel, Arc<StepProfile>)],
+    names: &[String],
     totals: &[Vec<Totals>],
     busy_cores: usize,
 ) -> Result<()> {
-    for ((format, _, _), totals) in models.iter().zip(totals) {
+    for (name, totals) in names.iter().zip(totals) {
         let quiet = &totals[0];
         let quiet_ms = quiet.ms_per_step(quiet.wall);
-        write!(out, "\n{n} tokens, decode weights {format:?}: {quiet_ms:.2} ms/step")?;
+        write!(out, "\n{n} tokens, {name}: {quiet_ms:.2} ms/step")?;
         if let Some(busy) = totals.get(1) {
             let busy_ms = busy.ms_per_step(busy.wall);
             let ratio = busy_ms / quiet_ms;

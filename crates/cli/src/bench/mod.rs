@@ -86,6 +86,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             &path,
             &args.lengths,
             args.decode_tokens,
+            args.budget,
         );
     }
     let default_formats = WeightFormats {

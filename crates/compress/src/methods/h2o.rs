@@ -62,17 +62,25 @@ fn lowest_older_than_recent(head: &HeadCache, recent: usize) -> usize {
     let meta = head.meta();
     let newest = meta.iter().map(|m| m.position).max().unwrap_or(0);
     let cutoff = (newest + 1).saturating_sub(recent);
-    let by_attention = |&a: &usize, &b: &usize| {
-        meta[a]
-            .attention
-            .total_cmp(&meta[b].attention)
-            .then(meta[a].position.cmp(&meta[b].position))
-    };
-    (0..meta.len())
-        .filter(|&i| meta[i].position < cutoff)
-        .min_by(by_attention)
+    // One pass comparing integer keys (this runs for every head after every decode step):
+    // `(attention in f32::total_cmp's order, position)`, positions being distinct.
+    let mut lowest: Option<(usize, (i32, usize))> = None;
+    for (i, m) in meta.iter().enumerate() {
+        let key = (total_order(m.attention), m.position);
+        if m.position < cutoff && lowest.is_none_or(|(_, best)| key < best) {
+            lowest = Some((i, key));
+        }
+    }
+    lowest
+        .map(|(i, _)| i)
         .or_else(|| (0..meta.len()).min_by_key(|&i| meta[i].position))
         .unwrap_or(0)
+}
+
+/// An integer ordered as [`f32::total_cmp`] orders `x` (its own definition).
+fn total_order(x: f32) -> i32 {
+    let bits = x.to_bits() as i32;
+    bits ^ (((bits >> 31) as u32) >> 1) as i32
 }
 
 impl CompressionMethod for H2oConfig {
@@ -181,6 +189,51 @@ mod tests {
                     assert_eq!(swapped.key(i), shifted.key(j), "rows move with their entry");
                     assert_eq!(swapped.value(i), shifted.value(j));
                 }
+            }
+        }
+    }
+
+    /// The one-pass victim search picks what the plain definition (filter, then the least
+    /// by `total_cmp` and position) picks, in any order of entries, with ties, zeros of
+    /// both signs, and every entry recent.
+    #[test]
+    fn victim_search_matches_the_plain_definition() {
+        let plain = |head: &HeadCache, recent: usize| {
+            let meta = head.meta();
+            let newest = meta.iter().map(|m| m.position).max().unwrap_or(0);
+            let cutoff = (newest + 1).saturating_sub(recent);
+            (0..meta.len())
+                .filter(|&i| meta[i].position < cutoff)
+                .min_by(|&a, &b| {
+                    meta[a]
+                        .attention
+                        .total_cmp(&meta[b].attention)
+                        .then(meta[a].position.cmp(&meta[b].position))
+                })
+                .or_else(|| (0..meta.len()).min_by_key(|&i| meta[i].position))
+                .unwrap_or(0)
+        };
+        let values = [0.0, -0.0, 0.25, 0.25, 1e-30, 3.0, f32::MIN_POSITIVE];
+        for seed in 0..200u64 {
+            let n = 1 + seed as usize % 37;
+            let mut head = random_head(n, 4, seed);
+            // Shuffle positions (as swapping evictions leave them) and plant ties.
+            let mut positions: Vec<usize> = (0..n).map(|i| i * 3 + seed as usize % 5).collect();
+            positions.rotate_left(seed as usize % n);
+            for (i, m) in head.meta_mut().iter_mut().enumerate() {
+                m.position = positions[i];
+                if (i + seed as usize).is_multiple_of(3) {
+                    m.attention = values[(i * 7 + seed as usize) % values.len()];
+                }
+            }
+            for recent in [0, 1, n / 2, n, n + 3] {
+                let got = lowest_older_than_recent(&head, recent);
+                assert_eq!(got, plain(&head, recent), "seed {seed} recent {recent}");
+            }
+        }
+        for x in [-1.0f32, -0.0, 0.0, 1e-40, 0.5, 2.0, f32::INFINITY, f32::NAN] {
+            for y in [-1.0f32, -0.0, 0.0, 1e-40, 0.5, 2.0, f32::INFINITY, f32::NAN] {
+                assert_eq!(total_order(x).cmp(&total_order(y)), x.total_cmp(&y), "{x} {y}");
             }
         }
     }

@@ -506,6 +506,12 @@ impl CompressionMethod for KvMergerConfig {
         StatsRequest { accumulated: true, windows, ..StatsRequest::default() }
     }
 
+    /// Merging happens once, after the prompt; decode steps only append (no
+    /// [`CompressionMethod::after_step`]), so they need no statistic.
+    fn decode_stats(&self) -> StatsRequest {
+        StatsRequest::default()
+    }
+
     fn budget_entries(&self, prompt_len: usize) -> usize {
         self.budget.entries(prompt_len)
     }
