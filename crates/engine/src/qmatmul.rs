@@ -215,6 +215,7 @@ struct Acts<'a> {
 
 impl<'a> Acts<'a> {
     /// Whether the slices hold `rows` rows of `nb` blocks, as the SIMD kernels read them.
+    #[cfg(target_arch = "x86_64")]
     fn fits(&self, rows: usize, nb: usize) -> bool {
         self.qs.len() == rows * nb * BLOCK
             && self.d.len() == rows * nb * LANES
