@@ -14,8 +14,12 @@ use std::time::Instant;
 /// Environment variable that turns the adaptation off when set to `0` or `off`.
 pub const ADAPTIVE_THREADS_ENV: &str = "KVMERGER_ADAPTIVE_THREADS";
 
-/// Steps between two probes of the choice not taken.
+/// Steps on every thread between two probes of one thread.
 const PROBE_EVERY: u32 = 32;
+/// Steps on one thread between two probes of every thread: staying on one thread on a
+/// quiet machine costs far more per step than a probe of every thread on a busy one, and a
+/// one-thread step's time barely changes when the machine gets quiet, so only probes notice.
+const PROBE_ONE_EVERY: u32 = 8;
 /// A step this many times slower than its choice's average re-probes the other at once.
 const JUMP: f64 = 1.5;
 /// Weight of a new step time in its choice's moving average.
@@ -53,13 +57,22 @@ pub(crate) struct ThreadChooser {
     current: Threads,
     /// Steps since the other choice was last timed.
     since_probe: u32,
-    /// Whether the next step times the other choice.
+    /// Whether the next step runs on the other choice.
     probe_next: bool,
+    /// The pool the last step ran on: the first step after a change of pool pays for
+    /// waking its threads and refilling their caches, so it is not timed.
+    last: Threads,
 }
 
 impl Default for ThreadChooser {
     fn default() -> Self {
-        Self { average: [None, None], current: Threads::All, since_probe: 0, probe_next: false }
+        Self {
+            average: [None, None],
+            current: Threads::All,
+            since_probe: 0,
+            probe_next: false,
+            last: Threads::All,
+        }
     }
 }
 
@@ -70,7 +83,11 @@ impl ThreadChooser {
         if self.average[other.index()].is_none() && self.average[self.current.index()].is_some() {
             return other;
         }
-        if self.probe_next || self.since_probe >= PROBE_EVERY {
+        let every = match self.current {
+            Threads::All => PROBE_EVERY,
+            Threads::One => PROBE_ONE_EVERY,
+        };
+        if self.probe_next || self.since_probe >= every {
             other
         } else {
             self.current
@@ -79,13 +96,25 @@ impl ThreadChooser {
 
     /// Records that a step on `threads` took `seconds`.
     pub(crate) fn record(&mut self, threads: Threads, seconds: f64) {
+        let changed = std::mem::replace(&mut self.last, threads) != threads;
         let slot = &mut self.average[threads.index()];
+        if threads == self.current && changed {
+            self.since_probe += 1;
+            return;
+        }
         if threads == self.current {
             let average = slot.map_or(seconds, |a| a + ALPHA * (seconds - a));
             // A jump (another process started) makes the other choice worth a look now.
             self.probe_next = slot.is_some_and(|a| seconds > JUMP * a);
             *slot = Some(average);
             self.since_probe += 1;
+            return;
+        }
+        // A probe's first step pays for waking the other pool's threads and refilling their
+        // caches (on every thread after a stretch on one: up to twice a steady step), so a
+        // probe runs two steps and only the second is timed.
+        if changed {
+            self.probe_next = true;
             return;
         }
         // The other choice's average is stale: a probe replaces it, and only a probe (a
@@ -175,9 +204,9 @@ mod tests {
         let choices =
             simulate(&mut chooser, 330, |_, t| if t == Threads::All { 10e-3 } else { 18e-3 });
         assert_eq!(choices[0], Threads::All, "starts on every thread");
-        assert_eq!(choices[1], Threads::One, "times the other choice once");
-        // One probe per PROBE_EVERY + 1 steps after the first two.
-        assert_eq!(count(&choices, Threads::One), 1 + 328 / (PROBE_EVERY as usize + 1));
+        assert_eq!(&choices[1..3], &[Threads::One; 2], "times the other choice once");
+        // One two-step probe per PROBE_EVERY + 2 steps after the first three.
+        assert_eq!(count(&choices, Threads::One), 2 + 2 * (327 / (PROBE_EVERY as usize + 2)));
         assert_eq!(chooser.pick(), Threads::All);
     }
 
@@ -193,17 +222,20 @@ mod tests {
             (true, Threads::One) => 25e-3,
         };
         let choices = simulate(&mut chooser, 500, cost);
-        // Each jump re-probes one thread at once; it wins once the average has moved, and the
-        // switch re-times every thread once more.
+        // Each jump re-probes one thread at once (two steps, the second timed); it wins once
+        // the average has moved, and the switch re-times every thread once more.
         let (all, one) = (Threads::All, Threads::One);
-        assert_eq!(&choices[110..115], &[all, one, all, one, all]);
-        let busy_steps = &choices[115..300];
-        assert!(count(busy_steps, Threads::All) <= 185 / PROBE_EVERY as usize + 1);
-        // Back on every thread within one probe period of the machine getting quiet.
+        // The first step back on every thread after a probe is not timed either.
+        assert_eq!(&choices[110..119], &[all, one, one, all, all, one, one, all, all]);
+        let busy_steps = &choices[119..300];
+        let one_period = PROBE_ONE_EVERY as usize + 2;
+        assert!(count(busy_steps, Threads::All) <= 2 * (182 / one_period + 1));
+        // Back on every thread within one (short) probe period of the machine getting quiet.
         let back = choices[300..].iter().position(|&t| t == Threads::All).unwrap();
-        assert!(back <= PROBE_EVERY as usize + 1, "back after {back} steps");
+        assert!(back <= PROBE_ONE_EVERY as usize, "back after {back} steps");
         assert_eq!(chooser.current, Threads::All);
-        assert!(count(&choices[300 + back + 2..], Threads::One) <= 200 / PROBE_EVERY as usize);
+        let after = &choices[300 + back + 2..];
+        assert!(count(after, Threads::One) <= 2 * (after.len() / (PROBE_EVERY as usize + 2) + 1));
     }
 
     #[test]
@@ -216,8 +248,40 @@ mod tests {
         };
         let choices = simulate(&mut chooser, 60, cost);
         let (all, one) = (Threads::All, Threads::One);
-        assert_eq!(&choices[50..54], &[all, one, all, one], "probe, switch, re-time, back");
-        assert!(choices[54..].iter().all(|&t| t == Threads::All), "{choices:?}");
+        assert_eq!(
+            &choices[50..57],
+            &[all, one, one, all, all, one, one],
+            "probe, switch, re-time, back, re-time"
+        );
+        assert!(choices[57..].iter().all(|&t| t == Threads::All), "{choices:?}");
+        assert_eq!(chooser.current, Threads::All);
+    }
+
+    #[test]
+    fn a_slow_first_step_on_every_thread_does_not_keep_a_quiet_machine_on_one() {
+        let mut chooser = ThreadChooser::default();
+        // Busy for 100 steps, then quiet, where the first step on every thread after one on
+        // one thread pays twice a steady step (waking the pool's threads).
+        let mut choices = Vec::new();
+        for s in 0..200 {
+            let t = chooser.pick();
+            let after_one = choices.last() == Some(&Threads::One);
+            let cost = match (s < 100, t) {
+                (true, Threads::All) => 60e-3,
+                (_, Threads::One) => 18e-3,
+                (false, Threads::All) if after_one => 20e-3,
+                (false, Threads::All) => 10e-3,
+            };
+            chooser.record(t, cost);
+            choices.push(t);
+        }
+        assert_eq!(choices[99], Threads::One, "busy: on one thread");
+        let back = choices[100..].iter().position(|&t| t == Threads::All).unwrap();
+        assert!(back <= PROBE_ONE_EVERY as usize, "back after {back} steps");
+        // Then only the re-time after the switch and the periodic probes run on one thread.
+        let after = &choices[100 + back..];
+        let probes = 1 + after.len() / (PROBE_EVERY as usize + 2) + 1;
+        assert!(count(after, Threads::One) <= 2 * probes, "{after:?}");
         assert_eq!(chooser.current, Threads::All);
     }
 
