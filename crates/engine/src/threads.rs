@@ -7,6 +7,8 @@
 //! faster, and the other is re-timed now and then (and at once when the current one's time
 //! jumps), so a quiet machine keeps every thread and a shared one falls back to one.
 //! Results do not depend on the choice: every kernel splits its work by sizes only.
+//! The pools' threads take a short scheduler slice, so that one woken for a region on a
+//! core another process holds runs at once instead of after that process's slice.
 
 use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
@@ -24,6 +26,9 @@ const PROBE_ONE_EVERY: u32 = 8;
 const JUMP: f64 = 1.5;
 /// Weight of a new step time in its choice's moving average.
 const ALPHA: f64 = 0.25;
+/// Scheduler slice of the pools' threads, in ns: the shortest Linux takes.
+#[cfg(target_os = "linux")]
+const SHORT_SLICE_NS: u64 = 100_000;
 
 /// Which pool a decode step runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,6 +142,8 @@ impl ThreadChooser {
 pub(crate) struct AdaptiveThreads {
     chooser: Mutex<ThreadChooser>,
     one: OnceLock<Option<rayon::ThreadPool>>,
+    /// Whether the pools' threads got a short scheduler slice (set once, on the first step).
+    short_slices: OnceLock<()>,
 }
 
 impl AdaptiveThreads {
@@ -157,6 +164,10 @@ impl AdaptiveThreads {
         let one =
             self.one.get_or_init(|| rayon::ThreadPoolBuilder::new().num_threads(1).build().ok());
         let Some(one) = one else { return step() };
+        self.short_slices.get_or_init(|| {
+            rayon::broadcast(|_| set_short_slice());
+            one.broadcast(|_| set_short_slice());
+        });
         let threads = self.chooser.lock().map(|c| c.pick()).unwrap_or(Threads::All);
         let start = Instant::now();
         let out = match threads {
@@ -173,6 +184,34 @@ impl AdaptiveThreads {
         out
     }
 }
+
+/// Gives the calling thread a short scheduler slice (Linux 6.12 and later; ignored before).
+///
+/// On a core shared with another process, a pool thread woken for a parallel region
+/// otherwise waits for that process's slice to end (a few ms) before it runs, and the step
+/// waits for it, about 150 times a step. A thread with a shorter slice than the running one
+/// preempts it on wake-up; its share of the CPU over time does not change.
+#[cfg(target_os = "linux")]
+fn set_short_slice() {
+    // SAFETY: getpriority reads the calling thread's nice value; no memory is involved.
+    let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
+    let attr = libc::sched_attr {
+        size: std::mem::size_of::<libc::sched_attr>() as u32,
+        sched_policy: libc::SCHED_OTHER as u32,
+        sched_flags: 0,
+        sched_nice: nice,
+        sched_priority: 0,
+        sched_runtime: SHORT_SLICE_NS,
+        sched_deadline: 0,
+        sched_period: 0,
+    };
+    // SAFETY: `attr` is a valid sched_attr of the size it declares; pid 0 is this thread.
+    // A kernel that refuses it leaves the thread as it was, which is only slower.
+    unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &attr as *const libc::sched_attr, 0) };
+}
+
+#[cfg(not(target_os = "linux"))]
+fn set_short_slice() {}
 
 #[cfg(test)]
 mod tests {
