@@ -235,10 +235,7 @@ fn attend_part(
     SCRATCH.with_borrow_mut(|scratch| {
         let part = PartInput { queries, head, rows, log_count_bias };
         #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
-        {
+        if crate::cpu::has_avx2_fma_f16c() {
             let d = part.head.head_dim();
             let (keys, values) = (part.head.stored_keys(), part.head.stored_values());
             // SAFETY (all three): the CPU has the features these copies are compiled for.
@@ -716,10 +713,7 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn the_fused_kernel_matches_the_portable_one() {
-        if !(is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c"))
-        {
+        if !crate::cpu::has_avx2_fma_f16c() {
             return;
         }
         let (group, d) = (7, 32);

@@ -6,6 +6,7 @@ mod batch;
 pub mod chat;
 mod compression;
 mod config;
+mod cpu;
 mod decode_attention;
 mod error;
 pub mod fetch;

@@ -321,7 +321,7 @@ fn kernel_for(kind: QuantKind) -> Kernel {
         };
     }
     #[cfg(target_arch = "x86_64")]
-    if avx2::available() {
+    if crate::cpu::has_avx2_fma_f16c() {
         return match kind {
             QuantKind::Q4_1 => avx2::q4_1,
             QuantKind::Q8_0 => avx2::q8_0,
@@ -336,7 +336,7 @@ fn all_kernels() -> Vec<fn(QuantKind) -> Kernel> {
     let mut kernels: Vec<fn(QuantKind) -> Kernel> = vec![scalar_kernel];
     #[cfg(target_arch = "x86_64")]
     {
-        if avx2::available() {
+        if crate::cpu::has_avx2_fma_f16c() {
             kernels.push(|kind| match kind {
                 QuantKind::Q4_1 => avx2::q4_1,
                 QuantKind::Q8_0 => avx2::q8_0,
@@ -430,15 +430,10 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::Acts;
-
-    pub fn available() -> bool {
-        is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
-    }
+    use crate::cpu::has_avx2_fma_f16c;
 
     pub fn vnni_available() -> bool {
-        available() && is_x86_feature_detected!("avxvnni")
+        has_avx2_fma_f16c() && is_x86_feature_detected!("avxvnni")
     }
 
     /// Dispatches on the group's row count so each variant keeps its accumulators in
@@ -474,8 +469,8 @@ mod avx2 {
             }
         };
     }
-    by_rows!(q4_1, maddubs, q4_1, Q4_1, available);
-    by_rows!(q8_0, maddubs, q8_0, Q8_0, available);
+    by_rows!(q4_1, maddubs, q4_1, Q4_1, has_avx2_fma_f16c);
+    by_rows!(q8_0, maddubs, q8_0, Q8_0, has_avx2_fma_f16c);
     by_rows!(q4_1_vnni, vnni, q4_1, Q4_1, vnni_available);
     by_rows!(q8_0_vnni, vnni, q8_0, Q8_0, vnni_available);
 

@@ -1,0 +1,10 @@
+//! CPU features of the hand-written x86-64 kernels, checked at run time.
+
+/// AVX2 with FMA and F16C: what the AVX2 weight kernel and the fused decode attention are
+/// compiled for.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn has_avx2_fma_f16c() -> bool {
+    is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
+}
