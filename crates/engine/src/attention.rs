@@ -50,13 +50,29 @@ pub fn attend(
     shape: AttentionShape,
     opts: AttentionOptions,
 ) -> Vec<f32> {
+    let mut out = vec![0.0f32; q.len()];
+    attend_into(q, seq, heads, shape, opts, &mut out);
+    out
+}
+
+/// [`attend`] into `out`, `[seq, n_heads, head_dim]` (overwritten): the decode path's form,
+/// which allocates nothing per call once its per-thread buffers have grown.
+pub fn attend_into(
+    q: &[f32],
+    seq: usize,
+    heads: &mut [HeadCache],
+    shape: AttentionShape,
+    opts: AttentionOptions,
+    out: &mut [f32],
+) {
     let AttentionShape { n_heads, n_kv_heads, head_dim } = shape;
     assert_eq!(heads.len(), n_kv_heads);
     assert_eq!(q.len(), seq * n_heads * head_dim);
+    assert_eq!(out.len(), q.len(), "one output row per query row");
     if seq == 1 && opts.stats.windows.is_empty() && opts.stats.evictions.is_empty() {
-        return attend_one(q, heads, shape, opts);
+        return attend_one(q, heads, shape, opts, out);
     }
-    attend_chunks(q, seq, heads, shape, opts)
+    out.copy_from_slice(&attend_chunks(q, seq, heads, shape, opts));
 }
 
 /// [`attend`] one chunk of queries at a time, whatever `seq` is (the decode kernel's

@@ -11,10 +11,10 @@
 
 use candle_core::Tensor;
 use kvmerger_compress::{EntryMeta, KvCache, StatsRequest};
-use rayon::prelude::*;
 
 use crate::activation::silu_product;
-use crate::attention::{attend, AttentionOptions, AttentionShape};
+use crate::attention::{attend_into, AttentionOptions, AttentionShape};
+use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::linear::{Linear, WeightFormat, WeightFormats};
 use crate::model::{Llama, Logits};
@@ -180,7 +180,9 @@ impl Llama {
                 };
                 Ok((project(&block.wq)?, project(&block.wk)?, project(&block.wv)?))
             })?;
-            let attn = self.attend_items(layer, items, &mut q, &mut k, &v, attention_chunk);
+            let mut attn = vec![0.0f32; rows * qw];
+            let layer_rows = LayerRows { q: &mut q, k: &mut k, v: &v, out: &mut attn };
+            self.attend_items(layer, items, layer_rows, attention_chunk);
             x = timed(profile, Part::Output, || -> Result<_> {
                 let attn = Tensor::from_vec(attn, (rows, qw), self.device())?;
                 Ok((&x + block.wo.forward_as(&attn, format)?)?)
@@ -217,6 +219,7 @@ impl Llama {
         let mut act = QuantizedRows::default();
         let (mut q, mut k, mut v) =
             (vec![0.0f32; rows * qw], vec![0.0f32; rows * kw], vec![0.0f32; rows * kw]);
+        let mut attn = vec![0.0f32; rows * qw];
         let mut out = vec![0.0f32; rows * hidden];
         let (mut gate, mut up) = (vec![0.0f32; rows * inter], vec![0.0f32; rows * inter]);
         for (layer, block) in self.blocks.iter().enumerate() {
@@ -229,7 +232,8 @@ impl Llama {
                 let layers = [&block.wq, &block.wk, &block.wv];
                 Linear::forward_quantized(&layers, &act, &mut [&mut q, &mut k, &mut v]);
             });
-            let attn = self.attend_items(layer, items, &mut q, &mut k, &v, attention_chunk);
+            let layer_rows = LayerRows { q: &mut q, k: &mut k, v: &v, out: &mut attn };
+            self.attend_items(layer, items, layer_rows, attention_chunk);
             timed(profile, Part::Output, || {
                 act.quantize(&attn, rows);
                 Linear::forward_quantized(&[&block.wo], &act, &mut [&mut out]);
@@ -253,67 +257,55 @@ impl Llama {
         Ok(x)
     }
 
-    /// RoPE, cache append and attention of one layer for every item, in parallel over items.
-    /// `q`: `[rows, n_heads * head_dim]`, `k`, `v`: `[rows, n_kv_heads * head_dim]`, rows
-    /// ordered by item. Returns `[rows, n_heads * head_dim]`.
+    /// RoPE, cache append and attention of one layer for every item, the items side by side
+    /// (halves of the batch in parallel, down to one item each: no per-call allocation).
     fn attend_items(
         &self,
         layer: usize,
         items: &mut [BatchItem<'_>],
-        q: &mut [f32],
-        k: &mut [f32],
-        v: &[f32],
+        rows: LayerRows<'_>,
         attention_chunk: usize,
-    ) -> Vec<f32> {
+    ) {
+        let [item] = items else {
+            let (left, right) = items.split_at_mut(items.len() / 2);
+            let left_rows = left.iter().map(|i| i.tokens.len()).sum();
+            let (left_part, right_part) = rows.split_at(left_rows, &self.config);
+            rayon::join(
+                || self.attend_items(layer, left, left_part, attention_chunk),
+                || self.attend_items(layer, right, right_part, attention_chunk),
+            );
+            return;
+        };
         let profile = self.profile.as_deref();
         let c = &self.config;
         let shape =
             AttentionShape { n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: c.head_dim };
         let (qw, kw) = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
-        // Split the joined rows back into each item's part.
-        let mut parts = Vec::with_capacity(items.len());
-        let (mut q_rest, mut k_rest, mut v_rest) = (q, k, v);
-        for item in items.iter_mut() {
-            let n = item.tokens.len();
-            let (qi, qr) = std::mem::take(&mut q_rest).split_at_mut(n * qw);
-            let (ki, kr) = std::mem::take(&mut k_rest).split_at_mut(n * kw);
-            let (vi, vr) = v_rest.split_at(n * kw);
-            (q_rest, k_rest, v_rest) = (qr, kr, vr);
-            parts.push((item, qi, ki, vi));
-        }
-        let attend_one = |(item, q, k, v): (&mut BatchItem<'_>, &mut [f32], &mut [f32], &[f32])| {
-            let seq = item.tokens.len();
-            let cache = &mut *item.cache;
-            let heads = &mut cache.layers[layer];
-            timed(profile, Part::RopeAppend, || {
-                for i in 0..seq {
-                    let pos = cache.n_seen + i;
-                    self.rope.apply(&mut q[i * qw..(i + 1) * qw], pos);
-                    self.rope.apply(&mut k[i * kw..(i + 1) * kw], pos);
-                    for (kh, head) in heads.iter_mut().enumerate() {
-                        let at = i * kw + kh * c.head_dim;
-                        head.push(
-                            &k[at..at + c.head_dim],
-                            &v[at..at + c.head_dim],
-                            EntryMeta::new(pos),
-                        );
-                    }
+        let LayerRows { q, k, v, out } = rows;
+        let seq = item.tokens.len();
+        let cache = &mut *item.cache;
+        let heads = &mut cache.layers[layer];
+        timed(profile, Part::RopeAppend, || {
+            for i in 0..seq {
+                let pos = cache.n_seen + i;
+                self.rope.apply(&mut q[i * qw..(i + 1) * qw], pos);
+                self.rope.apply(&mut k[i * kw..(i + 1) * kw], pos);
+                for (kh, head) in heads.iter_mut().enumerate() {
+                    let at = i * kw + kh * c.head_dim;
+                    head.push(
+                        &k[at..at + c.head_dim],
+                        &v[at..at + c.head_dim],
+                        EntryMeta::new(pos),
+                    );
                 }
-            });
-            let opts = AttentionOptions {
-                chunk: attention_chunk,
-                stats: item.stats,
-                log_count_bias: cache.log_count_bias,
-            };
-            timed(profile, Part::Attention, || attend(q, seq, heads, shape, opts))
+            }
+        });
+        let opts = AttentionOptions {
+            chunk: attention_chunk,
+            stats: item.stats,
+            log_count_bias: cache.log_count_bias,
         };
-        // One sequence needs no parallel region of its own (attention has one inside).
-        let attn: Vec<Vec<f32>> = if parts.len() == 1 {
-            parts.into_iter().map(attend_one).collect()
-        } else {
-            parts.into_par_iter().map(attend_one).collect()
-        };
-        attn.concat()
+        timed(profile, Part::Attention, || attend_into(q, seq, heads, shape, opts, out));
     }
 
     /// Rejects what would make a forward pass fail half-way: no tokens, a context
@@ -337,6 +329,30 @@ impl Llama {
             )));
         }
         Ok(())
+    }
+}
+
+/// One layer's rows of a batch, rows ordered by item.
+struct LayerRows<'a> {
+    /// `[rows, n_heads * head_dim]`, rotated in place.
+    q: &'a mut [f32],
+    /// `[rows, n_kv_heads * head_dim]`, rotated in place.
+    k: &'a mut [f32],
+    /// `[rows, n_kv_heads * head_dim]`
+    v: &'a [f32],
+    /// `[rows, n_heads * head_dim]`: the attention output.
+    out: &'a mut [f32],
+}
+
+impl<'a> LayerRows<'a> {
+    /// The first `rows` rows, and the rest.
+    fn split_at(self, rows: usize, c: &ModelConfig) -> (Self, Self) {
+        let (qw, kw) = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
+        let (q, q_rest) = self.q.split_at_mut(rows * qw);
+        let (k, k_rest) = self.k.split_at_mut(rows * kw);
+        let (v, v_rest) = self.v.split_at(rows * kw);
+        let (out, out_rest) = self.out.split_at_mut(rows * qw);
+        (Self { q, k, v, out }, Self { q: q_rest, k: k_rest, v: v_rest, out: out_rest })
     }
 }
 

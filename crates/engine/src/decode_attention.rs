@@ -55,16 +55,17 @@ thread_local! {
 }
 
 /// The attention of one query per head over `heads`, whose last entry is that query's own
-/// key (every entry is visible). `q`: `[n_heads, head_dim]`, rotated. Returns
-/// `[n_heads, head_dim]`. Accumulates `opts.stats.accumulated` into the entries' metadata;
-/// prompt-only statistics (windows, evictions) are not computed here.
+/// key (every entry is visible). `q`: `[n_heads, head_dim]`, rotated. Writes
+/// `out`, `[n_heads, head_dim]`. Accumulates `opts.stats.accumulated` into the entries'
+/// metadata; prompt-only statistics (windows, evictions) are not computed here.
 pub(crate) fn attend_one(
     q: &[f32],
     heads: &mut [HeadCache],
     shape: AttentionShape,
     opts: AttentionOptions,
-) -> Vec<f32> {
-    attend_split(q, heads, shape, opts, SPLIT_THREADS)
+    out: &mut [f32],
+) {
+    attend_split(q, heads, shape, opts, SPLIT_THREADS, out)
 }
 
 /// [`attend_one`] with parts sized for `threads` threads.
@@ -74,7 +75,8 @@ fn attend_split(
     shape: AttentionShape,
     opts: AttentionOptions,
     threads: usize,
-) -> Vec<f32> {
+    out: &mut [f32],
+) {
     let AttentionShape { n_heads, n_kv_heads, head_dim: d } = shape;
     let group = n_heads / n_kv_heads;
     let parts = split(heads, threads);
@@ -105,7 +107,7 @@ fn attend_split(
         },
     );
 
-    let mut out = vec![0.0f32; n_heads * d];
+    out.fill(0.0);
     let mut first = 0;
     // `[part, group]`: each part's share of its head's softmax, per query head.
     let mut scale = vec![0.0f32; parts.len() * group];
@@ -132,7 +134,6 @@ fn attend_split(
         accumulate_attention(heads, &parts, &exps, &scale, group);
     }
     EXPS.set(exps);
-    out
 }
 
 /// Adds each part's exact softmax, `scale[part, g] * exps[part][g, row]` averaged over the
@@ -698,7 +699,8 @@ mod tests {
                 let mut reference = split_heads.clone();
                 let q = query(4);
                 assert_eq!(split(&split_heads, 4).len(), 5, "the 1000-entry head in 4 parts");
-                let out = attend_split(&q, &mut split_heads, SHAPE, opts(bias), 4);
+                let mut out = vec![0.0; q.len()];
+                attend_split(&q, &mut split_heads, SHAPE, opts(bias), 4, &mut out);
                 let expected = attend_chunks(&q, 1, &mut reference, SHAPE, opts(bias));
                 assert!(max_diff(&out, &expected) < 1e-5, "{dtype} bias {bias}");
                 assert!(max_diff(&attention(&split_heads), &attention(&reference)) < 1e-6);
@@ -805,8 +807,9 @@ mod tests {
             let q = query(20 + step);
             let stats = opts(true);
             let plain = AttentionOptions { stats: StatsRequest::default(), ..stats };
-            let a = attend_one(&q, &mut with, SHAPE, stats);
-            let b = attend_one(&q, &mut without, SHAPE, plain);
+            let (mut a, mut b) = (vec![0.0; q.len()], vec![0.0; q.len()]);
+            attend_one(&q, &mut with, SHAPE, stats, &mut a);
+            attend_one(&q, &mut without, SHAPE, plain, &mut b);
             assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "step {step}");
             assert!(attention(&with).iter().any(|&a| a > 0.0));
             assert!(attention(&without).iter().all(|&a| a == 0.0));
@@ -819,10 +822,12 @@ mod tests {
     fn half_precision_caches_agree_with_f32() {
         let q = query(9);
         let mut wide = heads(&[600, 600], KvDtype::F32, 5);
-        let expected = attend_one(&q, &mut wide, SHAPE, opts(false));
+        let mut expected = vec![0.0; q.len()];
+        attend_one(&q, &mut wide, SHAPE, opts(false), &mut expected);
         for (dtype, tolerance) in [(KvDtype::F16, 5e-3), (KvDtype::Bf16, 4e-2)] {
             let mut narrow = heads(&[600, 600], dtype, 5);
-            let out = attend_one(&q, &mut narrow, SHAPE, opts(false));
+            let mut out = vec![0.0; q.len()];
+            attend_one(&q, &mut narrow, SHAPE, opts(false), &mut out);
             let diff = max_diff(&out, &expected);
             assert!(diff < tolerance, "{dtype}: {diff}");
         }

@@ -28,7 +28,7 @@ pub mod testing;
 mod threads;
 pub mod tokenizer;
 
-pub use attention::{attend, AttentionOptions, AttentionShape};
+pub use attention::{attend, attend_into, AttentionOptions, AttentionShape};
 pub use batch::{BatchItem, Phase};
 pub use compression::{after_decode_step, compress_prompt};
 pub use config::{ModelConfig, MAX_CONTEXT, SUPPORTED_ARCHITECTURES};

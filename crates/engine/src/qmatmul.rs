@@ -18,6 +18,8 @@
 //! computed by one kernel call from its own activation row and weight row only, so a row's
 //! result never depends on the other rows of a batch.
 
+use std::cell::Cell;
+
 use candle_core::quantized::{GgmlDType, QTensor};
 use rayon::prelude::*;
 
@@ -158,16 +160,22 @@ impl QuantMatrix {
             assert_eq!(out.len(), rows * w.out_dim, "output size");
         }
         // [out_dim, rows] per weight: each task owns a contiguous run of weight rows.
-        let mut outs_t: Vec<Vec<f32>> =
-            weights.iter().map(|w| vec![0.0f32; w.out_dim * rows]).collect();
-        let mut tasks = Vec::new();
-        for (w, out_t) in weights.iter().zip(outs_t.iter_mut()) {
-            let task_rows = (TASK_BYTES / w.row_bytes()).clamp(4, w.out_dim.max(4));
-            for (i, chunk) in out_t.chunks_mut(task_rows * rows).enumerate() {
-                tasks.push((*w, i * task_rows, chunk));
-            }
+        let mut outs_t = TRANSPOSED.take();
+        if outs_t.len() < weights.len() {
+            outs_t.resize_with(weights.len(), Vec::new);
         }
-        tasks.into_par_iter().for_each(|(w, first, out_t)| {
+        for (w, out_t) in weights.iter().zip(outs_t.iter_mut()) {
+            out_t.clear();
+            out_t.resize(w.out_dim * rows, 0.0);
+        }
+        let tasks = weights.par_iter().zip(outs_t.par_iter_mut()).flat_map(|(w, out_t)| {
+            let task_rows = (TASK_BYTES / w.row_bytes()).clamp(4, w.out_dim.max(4));
+            out_t
+                .par_chunks_mut(task_rows * rows)
+                .enumerate()
+                .map(move |(i, c)| (*w, i * task_rows, c))
+        });
+        tasks.for_each(|(w, first, out_t)| {
             let row_bytes = w.row_bytes();
             let n = out_t.len() / rows;
             let blocks = &w.blocks[first * row_bytes..(first + n) * row_bytes];
@@ -185,7 +193,15 @@ impl QuantMatrix {
                 }
             }
         }
+        TRANSPOSED.set(outs_t);
     }
+}
+
+thread_local! {
+    /// Per weight, the `[out_dim, rows]` products of [`QuantMatrix::run`] before they are laid
+    /// out as `[rows, out_dim]`, reused so a decode step allocates nothing per layer. Taken out
+    /// while in use: a thread waiting in a parallel region may start another product.
+    static TRANSPOSED: Cell<Vec<Vec<f32>>> = const { Cell::new(Vec::new()) };
 }
 
 /// f32 lanes per block in [`QuantizedRows`]'s scale arrays: a 256-bit vector, so the SIMD
