@@ -3,13 +3,15 @@
 //! Every key and value row is read once for (a tile of) the query heads of its group. With
 //! AVX2, FMA and F16C and f32 or f16 rows, the rows load straight into vector registers,
 //! f16 converting inside the multiply-add loop ([`fused`]); otherwise they are widened to f32
-//! a block of [`BLOCK`] rows at a time (the block stays in L1 with the group's queries). A long head is split into parts that run on
-//! different threads (flash-decoding): each part returns its own maximum logit, sum of
+//! a block of [`BLOCK`] rows at a time (the block stays in L1 with the group's queries). A
+//! long head is split into parts that run on different threads (flash-decoding): each part returns its own maximum logit, sum of
 //! exponentials and weighted values, and the parts are combined exactly, so a model with
 //! fewer kv heads than threads still uses them all. The accumulated attention statistic is
-//! the exact softmax, rescaled from each part's exponentials.
+//! the exact softmax, rescaled from each part's exponentials. Parts, their results and the
+//! kept exponentials live in per-thread buffers: a decode step allocates nothing here once
+//! they have grown.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::ops::Range;
 use std::sync::LazyLock;
 
@@ -29,13 +31,6 @@ const SPLIT_THREADS: usize = 8;
 /// Fewest entries worth a task of their own: below this, splitting costs more than it saves.
 const MIN_PART: usize = 256;
 
-/// One part of one kv head's entries.
-#[derive(Debug, Clone)]
-struct Part {
-    head: usize,
-    rows: Range<usize>,
-}
-
 /// Per-thread buffers, reused across steps so a decode step allocates no per-part memory.
 #[derive(Default)]
 struct Scratch {
@@ -49,9 +44,90 @@ struct Scratch {
 
 thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
-    /// The exponentials a step keeps for the attention statistic, reused across steps. Taken
-    /// out while in use: a thread waiting in a parallel region may start another step.
-    static EXPS: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+    /// Per-part results of the steps under way on this thread, reused across steps: a
+    /// stack, because a thread waiting in a parallel region may start another sequence's
+    /// step (a batch's sequences run side by side), which takes a buffer of its own.
+    static PARTS: RefCell<Vec<Vec<f32>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// How a layer's heads are split into parts: about two per thread in all, none shorter
+/// than [`MIN_PART`] (unless the head is), each a whole number of blocks. Parts are numbered
+/// head by head, in row order; within a head they are equally long but the last.
+#[derive(Debug, Clone, Copy)]
+struct Split {
+    /// Parts a head is cut into when it is long enough.
+    per_head: usize,
+}
+
+impl Split {
+    fn new(n_kv_heads: usize, threads: usize) -> Self {
+        Self { per_head: (2 * threads).div_ceil(n_kv_heads.max(1)).max(1) }
+    }
+
+    /// Rows of every part but the last of a head of `n` entries.
+    fn part_len(self, n: usize) -> usize {
+        n.div_ceil(self.per_head).max(MIN_PART).next_multiple_of(BLOCK)
+    }
+
+    /// Parts of a head of `n` entries.
+    fn count(self, n: usize) -> usize {
+        n.div_ceil(self.part_len(n))
+    }
+
+    /// Parts of all `heads`.
+    fn total(self, heads: &[HeadCache]) -> usize {
+        heads.iter().map(|h| self.count(h.len())).sum()
+    }
+
+    /// The most rows of any part of `heads`.
+    fn longest(self, heads: &[HeadCache]) -> usize {
+        heads.iter().map(|h| self.part_len(h.len()).min(h.len())).max().unwrap_or(0)
+    }
+
+    /// Part `i`: its head and rows.
+    fn part(self, heads: &[HeadCache], mut i: usize) -> (usize, Range<usize>) {
+        for (h, head) in heads.iter().enumerate() {
+            let (n, count) = (head.len(), self.count(head.len()));
+            if i < count {
+                let len = self.part_len(n);
+                return (h, i * len..((i + 1) * len).min(n));
+            }
+            i -= count;
+        }
+        unreachable!("part index past the split")
+    }
+}
+
+/// Where a part's results lie in its stretch of the per-part buffer: `[group]` maxima,
+/// `[group]` sums, `[group, d]` weighted values (what [`attend_part`] writes), then
+/// `[group]` shares of the head's softmax (the combination's), then, when the statistic is
+/// kept, `[group, rows]` exponentials.
+#[derive(Debug, Clone, Copy)]
+struct PartLayout {
+    group: usize,
+    d: usize,
+    /// Floats per part: every part's stretch is as long as the longest part's.
+    stride: usize,
+}
+
+impl PartLayout {
+    fn new(group: usize, d: usize, kept_rows: usize) -> Self {
+        Self { group, d, stride: group * (d + 3) + group * kept_rows }
+    }
+
+    /// The end of what [`attend_part`] writes.
+    fn partial_len(self) -> usize {
+        self.group * (self.d + 2)
+    }
+
+    fn scale(self, part: &[f32]) -> &[f32] {
+        &part[self.partial_len()..][..self.group]
+    }
+
+    /// The first `rows` exponentials' places of each query head, `[group, rows]`.
+    fn exps(self, part: &[f32], rows: usize) -> &[f32] {
+        &part[self.partial_len() + self.group..][..self.group * rows]
+    }
 }
 
 /// The attention of one query per head over `heads`, whose last entry is that query's own
@@ -65,65 +141,69 @@ pub(crate) fn attend_one(
     opts: AttentionOptions,
     out: &mut [f32],
 ) {
-    attend_split(q, heads, shape, opts, SPLIT_THREADS, out)
+    // On a one-thread pool (a busy machine, see `threads.rs`) a parallel region runs
+    // nothing side by side: the parts run here without one. On more threads they run in
+    // parallel however short the cache: with two threads, one sequence's 30 layers of 32
+    // to 1,024 entries per head took 15-50% longer on the calling thread, and four
+    // sequences side by side (as a batch runs them) took the same time either way
+    // (`benches/attention.rs`, short caches).
+    let parallel = rayon::current_num_threads() > 1;
+    attend_split(q, heads, shape, opts, SPLIT_THREADS, parallel, out)
 }
 
-/// [`attend_one`] with parts sized for `threads` threads.
+/// [`attend_one`] with parts sized for `threads` threads, run in parallel regions or, if
+/// not `parallel`, one after another on this thread (the same parts and the same
+/// combination: the same result, bit for bit).
 fn attend_split(
     q: &[f32],
     heads: &mut [HeadCache],
     shape: AttentionShape,
     opts: AttentionOptions,
     threads: usize,
+    parallel: bool,
     out: &mut [f32],
 ) {
     let AttentionShape { n_heads, n_kv_heads, head_dim: d } = shape;
     let group = n_heads / n_kv_heads;
-    let parts = split(heads, threads);
-    // Per part: [group] maxima, [group] sums, [group, d] weighted values.
-    let stride = group * (d + 2);
-    let mut partials = vec![0.0f32; parts.len() * stride];
+    let split = Split::new(heads.len(), threads);
+    let n_parts = split.total(heads);
     let keep = opts.stats.accumulated;
-    // Per part, `[group, part rows]` exponentials, kept for the attention statistic.
-    let kept = if keep { group * parts.iter().map(|p| p.rows.len()).sum::<usize>() } else { 0 };
-    // Every part overwrites its share: stale values from an earlier step are never read.
-    let mut exps = EXPS.take();
-    exps.resize(kept, 0.0);
-    let mut exps_of_parts: Vec<&mut [f32]> = Vec::with_capacity(parts.len());
-    let mut rest = exps.as_mut_slice();
-    for part in &parts {
-        let n = if keep { group * part.rows.len() } else { 0 };
-        let (mine, more) = std::mem::take(&mut rest).split_at_mut(n);
-        exps_of_parts.push(mine);
-        rest = more;
-    }
+    let layout = PartLayout::new(group, d, if keep { split.longest(heads) } else { 0 });
+    // Every part overwrites what it reads later: stale values from an earlier step are
+    // never read.
+    let mut buffer = PARTS.with_borrow_mut(Vec::pop).unwrap_or_default();
+    buffer.resize(n_parts * layout.stride, 0.0);
+
     let heads_read: &[HeadCache] = heads;
-    parts.par_iter().zip(partials.par_chunks_mut(stride)).zip(exps_of_parts).for_each(
-        |((part, partial), exps)| {
-            let queries = &q[part.head * group * d..(part.head + 1) * group * d];
-            let head = &heads_read[part.head];
-            let exps = keep.then_some(exps);
-            attend_part(queries, head, part.rows.clone(), opts.log_count_bias, partial, exps);
-        },
-    );
+    let run_part = |(i, stretch): (usize, &mut [f32])| {
+        let (h, rows) = split.part(heads_read, i);
+        let queries = &q[h * group * d..(h + 1) * group * d];
+        let (partial, rest) = stretch.split_at_mut(layout.partial_len());
+        let exps = if keep { Some(&mut rest[group..][..group * rows.len()]) } else { None };
+        attend_part(queries, &heads_read[h], rows, opts.log_count_bias, partial, exps);
+    };
+    if parallel {
+        buffer.par_chunks_mut(layout.stride).enumerate().for_each(run_part);
+    } else {
+        buffer.chunks_mut(layout.stride).enumerate().for_each(run_part);
+    }
 
     out.fill(0.0);
     let mut first = 0;
-    // `[part, group]`: each part's share of its head's softmax, per query head.
-    let mut scale = vec![0.0f32; parts.len() * group];
-    for h in 0..heads.len() {
-        let count = parts[first..].iter().take_while(|p| p.head == h).count();
-        let mine = &partials[first * stride..(first + count) * stride];
-        let scale = &mut scale[first * group..(first + count) * group];
+    for (h, head) in heads.iter().enumerate() {
+        let count = split.count(head.len());
+        let mine = &mut buffer[first * layout.stride..(first + count) * layout.stride];
         // Per query head of the group: the largest maximum, and the softmax denominator.
         for g in 0..group {
-            let max = mine.chunks_exact(stride).map(|p| p[g]).fold(f32::NEG_INFINITY, f32::max);
+            let max =
+                mine.chunks_exact(layout.stride).map(|p| p[g]).fold(f32::NEG_INFINITY, f32::max);
             let total: f32 =
-                mine.chunks_exact(stride).map(|p| p[group + g] * (p[g] - max).exp()).sum();
+                mine.chunks_exact(layout.stride).map(|p| p[group + g] * (p[g] - max).exp()).sum();
             let o = &mut out[(h * group + g) * d..][..d];
-            for (i, p) in mine.chunks_exact(stride).enumerate() {
+            for p in mine.chunks_exact_mut(layout.stride) {
+                // This part's share of its head's softmax, for query head `g`.
                 let s = (p[g] - max).exp() / total;
-                scale[i * group + g] = s;
+                p[layout.partial_len() + g] = s;
                 let values = &p[2 * group + g * d..][..d];
                 o.iter_mut().zip(values).for_each(|(o, v)| *o += s * v);
             }
@@ -131,49 +211,60 @@ fn attend_split(
         first += count;
     }
     if keep {
-        accumulate_attention(heads, &parts, &exps, &scale, group);
+        accumulate_attention(heads, split, layout, &buffer, parallel);
     }
-    EXPS.set(exps);
+    PARTS.with_borrow_mut(|stack| stack.push(buffer));
 }
 
-/// Adds each part's exact softmax, `scale[part, g] * exps[part][g, row]` averaged over the
-/// `group` query heads, to its entries' accumulated attention: in parallel over parts (each
-/// owns its entries), right after the parts' own parallel region while its threads are still
-/// awake, and one read-modify-write of an entry's metadata for the whole group. Each entry
-/// adds its terms in query-head order, as one head at a time would.
+/// Adds each part's exact softmax, its share times its exponentials averaged over the
+/// `group` query heads, to its entries' accumulated attention: in parallel (if `parallel`)
+/// over parts (each owns its entries), right after the parts' own parallel region while its
+/// threads are still awake. `parts`: the parts' stretches, in order.
 fn accumulate_attention(
     heads: &mut [HeadCache],
-    parts: &[Part],
-    exps: &[f32],
-    scale: &[f32],
-    group: usize,
+    split: Split,
+    layout: PartLayout,
+    parts: &[f32],
+    parallel: bool,
 ) {
-    let inv_group = 1.0 / group as f32;
-    // Parts are in head order and cover their head's entries in order.
-    let mut work: Vec<(&mut [EntryMeta], &[f32], &[f32])> = Vec::with_capacity(parts.len());
-    let (mut exps, mut scale) = (exps, scale);
-    let mut parts = parts.iter().peekable();
-    for (h, head) in heads.iter_mut().enumerate() {
-        let mut meta = head.meta_mut();
-        while let Some(part) = parts.next_if(|p| p.head == h) {
-            let n = part.rows.len();
-            let (mine, more) = std::mem::take(&mut meta).split_at_mut(n);
-            let (e, more_exps) = exps.split_at(group * n);
-            let (s, more_scale) = scale.split_at(group);
-            work.push((mine, e, s));
-            (meta, exps, scale) = (more, more_exps, more_scale);
+    if let [head] = heads {
+        let len = split.part_len(head.len());
+        let add = |(meta, part): (&mut [EntryMeta], &[f32])| add_part_attention(meta, part, layout);
+        if parallel {
+            head.meta_mut().par_chunks_mut(len).zip(parts.par_chunks(layout.stride)).for_each(add);
+        } else {
+            head.meta_mut().chunks_mut(len).zip(parts.chunks(layout.stride)).for_each(add);
         }
+        return;
     }
-    work.into_par_iter().for_each(|(meta, e, s)| {
-        let n = meta.len();
-        for (j, m) in meta.iter_mut().enumerate() {
-            let mut attention = m.attention;
-            for g in 0..group {
-                attention += s[g] * inv_group * e[g * n + j];
-            }
-            m.attention = attention;
+    // Halves of the heads side by side (no list of parts to build).
+    let (left, right) = heads.split_at_mut(heads.len() / 2);
+    let (left_parts, right_parts) = parts.split_at(split.total(left) * layout.stride);
+    if parallel {
+        rayon::join(
+            || accumulate_attention(left, split, layout, left_parts, true),
+            || accumulate_attention(right, split, layout, right_parts, true),
+        );
+    } else {
+        accumulate_attention(left, split, layout, left_parts, false);
+        accumulate_attention(right, split, layout, right_parts, false);
+    }
+}
+
+/// [`accumulate_attention`] for one part's entries: one read-modify-write of an entry's
+/// metadata for the whole group, adding its terms in query-head order, as one head at a
+/// time would.
+fn add_part_attention(meta: &mut [EntryMeta], part: &[f32], layout: PartLayout) {
+    let (group, n) = (layout.group, meta.len());
+    let inv_group = 1.0 / group as f32;
+    let (scale, exps) = (layout.scale(part), layout.exps(part, n));
+    for (j, m) in meta.iter_mut().enumerate() {
+        let mut attention = m.attention;
+        for g in 0..group {
+            attention += scale[g] * inv_group * exps[g * n + j];
         }
-    });
+        m.attention = attention;
+    }
 }
 
 /// Counts whose logit bias is looked up rather than computed: merged entries are mostly
@@ -200,24 +291,6 @@ fn log_count_biases(meta: &[EntryMeta], out: &mut Vec<f32>) {
         meta.iter()
             .map(|m| table.get(m.count as usize).copied().unwrap_or_else(|| log_count(m.count))),
     );
-}
-
-/// Splits every head's entries into parts, about two per thread in all, none shorter than
-/// [`MIN_PART`] (unless the head is), each a whole number of blocks but the last.
-fn split(heads: &[HeadCache], threads: usize) -> Vec<Part> {
-    let per_head = (2 * threads).div_ceil(heads.len().max(1)).max(1);
-    let mut parts = Vec::with_capacity(heads.len() * per_head);
-    for (head, cache) in heads.iter().enumerate() {
-        let n = cache.len();
-        let len = n.div_ceil(per_head).max(MIN_PART).next_multiple_of(BLOCK);
-        let mut start = 0;
-        while start < n {
-            let end = (start + len).min(n);
-            parts.push(Part { head, rows: start..end });
-            start = end;
-        }
-    }
-    parts
 }
 
 /// One part's softmax pieces for the `group` queries of one kv head.
@@ -698,9 +771,10 @@ mod tests {
                 let mut split_heads = heads(&[1000, 77], dtype, 3);
                 let mut reference = split_heads.clone();
                 let q = query(4);
-                assert_eq!(split(&split_heads, 4).len(), 5, "the 1000-entry head in 4 parts");
+                let split = Split::new(SHAPE.n_kv_heads, 4);
+                assert_eq!(split.total(&split_heads), 5, "the 1000-entry head in 4 parts");
                 let mut out = vec![0.0; q.len()];
-                attend_split(&q, &mut split_heads, SHAPE, opts(bias), 4, &mut out);
+                attend_split(&q, &mut split_heads, SHAPE, opts(bias), 4, true, &mut out);
                 let expected = attend_chunks(&q, 1, &mut reference, SHAPE, opts(bias));
                 assert!(max_diff(&out, &expected) < 1e-5, "{dtype} bias {bias}");
                 assert!(max_diff(&attention(&split_heads), &attention(&reference)) < 1e-6);
@@ -708,6 +782,54 @@ mod tests {
                 assert!((total - SHAPE.n_kv_heads as f32).abs() < 1e-4, "each head's sums to 1");
             }
         }
+    }
+
+    /// Run one after another on the calling thread, the parts give the parallel run's
+    /// output and statistic bit for bit, step after step, with and without the statistic.
+    #[test]
+    fn parts_on_one_thread_give_the_parallel_result() {
+        for dtype in KvDtype::ALL {
+            for keep in [false, true] {
+                let mut parallel = heads(&[1000, 77], dtype, 13);
+                let mut serial = parallel.clone();
+                assert_eq!(Split::new(SHAPE.n_kv_heads, 4).total(&parallel), 5);
+                let options = if keep {
+                    opts(true)
+                } else {
+                    AttentionOptions { stats: StatsRequest::default(), ..opts(true) }
+                };
+                for step in 0..3 {
+                    let q = query(30 + step);
+                    let (mut a, mut b) = (vec![0.0; q.len()], vec![0.0; q.len()]);
+                    attend_split(&q, &mut parallel, SHAPE, options, 4, true, &mut a);
+                    attend_split(&q, &mut serial, SHAPE, options, 4, false, &mut b);
+                    let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&a), bits(&b), "{dtype} output, step {step}");
+                    assert_eq!(bits(&attention(&parallel)), bits(&attention(&serial)));
+                }
+                assert_eq!(attention(&serial).iter().any(|&a| a > 0.0), keep);
+            }
+        }
+    }
+
+    /// Every head's parts cover its entries in order, each a whole number of blocks but
+    /// the last, none shorter than MIN_PART unless its head is, about two per thread.
+    #[test]
+    fn parts_tile_every_head() {
+        let lens = [0, 1, 255, 256, 700, 5000];
+        let heads = heads(&lens, KvDtype::F32, 1);
+        let split = Split::new(lens.len(), 4);
+        let mut covered = vec![0; lens.len()];
+        for i in 0..split.total(&heads) {
+            let (h, rows) = split.part(&heads, i);
+            assert_eq!(rows.start, covered[h], "part {i} follows its head's previous one");
+            assert!(rows.len() >= MIN_PART.min(lens[h]) && rows.len() <= split.longest(&heads));
+            assert!(rows.end == lens[h] || rows.len().is_multiple_of(BLOCK));
+            covered[h] = rows.end;
+        }
+        assert_eq!(covered, lens);
+        assert_eq!(split.count(5000), 2, "8 parts over 6 heads: 2 per head");
+        assert_eq!(split.longest(&heads), 2560);
     }
 
     /// The fused AVX2 kernel gives the portable kernel's softmax pieces and exponentials for

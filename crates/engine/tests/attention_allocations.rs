@@ -1,0 +1,127 @@
+//! A decode step's attention allocates nothing once its per-thread buffers have grown: on a
+//! one-thread pool (parts on the calling thread) and a two-thread one (parts in parallel
+//! regions), short and long caches, with and without H2O's accumulated-attention statistic,
+//! inside a pool worker as decode steps run. Counted by a global allocator, so this file
+//! holds one test.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use kvmerger_compress::{EntryMeta, HeadCache, KvDtype, StatsRequest};
+use kvmerger_engine::{attend_into, AttentionOptions, AttentionShape};
+
+/// The system allocator, counting allocations and reallocations on every thread.
+struct Counting;
+
+static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: every call is forwarded to the system allocator unchanged.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.alloc_zeroed(layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+/// SmolLM2-135M's attention shape.
+const SHAPE: AttentionShape = AttentionShape { n_heads: 9, n_kv_heads: 3, head_dim: 64 };
+
+/// A layer of `entries` entries per kv head.
+fn layer(entries: usize) -> Vec<HeadCache> {
+    let d = SHAPE.head_dim;
+    (0..SHAPE.n_kv_heads)
+        .map(|h| {
+            let mut head = HeadCache::with_capacity(d, KvDtype::F16, entries);
+            for i in 0..entries {
+                let row = |s: usize| -> Vec<f32> {
+                    (0..d).map(|c| ((i * 31 + c * 7 + h * 13 + s) as f32 * 0.37).sin()).collect()
+                };
+                head.push(&row(0), &row(1), EntryMeta::new(i));
+            }
+            head
+        })
+        .collect()
+}
+
+/// Allocations made by `f`.
+fn allocations_of(f: impl FnOnce()) -> usize {
+    let before = ALLOCATIONS.load(Ordering::SeqCst);
+    f();
+    ALLOCATIONS.load(Ordering::SeqCst) - before
+}
+
+/// Steps of 4 layers of `sequences` sequences on a pool of `threads`, the sequences of a
+/// layer side by side (halves joined, as a batch runs them): 10 warm-up steps, then the
+/// allocations of one more.
+fn allocations_of_a_step(
+    threads: usize,
+    sequences: usize,
+    entries: usize,
+    opts: AttentionOptions,
+) -> usize {
+    let layers = 4;
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("a pool");
+    let q: Vec<f32> =
+        (0..SHAPE.n_heads * SHAPE.head_dim).map(|i| (i as f32 * 0.11).cos()).collect();
+    // [sequence][layer]
+    let mut caches: Vec<Vec<Vec<HeadCache>>> =
+        (0..sequences).map(|_| (0..layers).map(|_| layer(entries)).collect()).collect();
+    let mut outs = vec![vec![0.0f32; q.len()]; sequences];
+    fn side_by_side(
+        q: &[f32],
+        layer: usize,
+        caches: &mut [Vec<Vec<HeadCache>>],
+        outs: &mut [Vec<f32>],
+        opts: AttentionOptions,
+    ) {
+        if let ([cache], [out]) = (&mut *caches, &mut *outs) {
+            return attend_into(q, 1, &mut cache[layer], SHAPE, opts, out);
+        }
+        let half = caches.len() / 2;
+        let (left, right) = caches.split_at_mut(half);
+        let (left_out, right_out) = outs.split_at_mut(half);
+        rayon::join(
+            || side_by_side(q, layer, left, left_out, opts),
+            || side_by_side(q, layer, right, right_out, opts),
+        );
+    }
+    let mut step = || (0..layers).for_each(|l| side_by_side(&q, l, &mut caches, &mut outs, opts));
+    pool.install(|| {
+        for _ in 0..10 {
+            step();
+        }
+        allocations_of(step)
+    })
+}
+
+#[test]
+fn decode_attention_allocates_nothing_per_layer() {
+    for (stats, name) in [(StatsRequest::default(), "no"), (StatsRequest::accumulated(), "H2O")] {
+        let opts = AttentionOptions { chunk: 128, stats, log_count_bias: true };
+        for entries in [100, 3000] {
+            // One thread: the parts run on the calling thread. Four sequences side by
+            // side, but on one thread which buffers grow is the same in every step.
+            let one_thread = allocations_of_a_step(1, 4, entries, opts);
+            assert_eq!(one_thread, 0, "one thread, {entries} entries per head, {name} statistic");
+            // Two threads: the parts in parallel regions. One sequence, so no thread waiting
+            // in a region starts another sequence's step (and needs a buffer more) only in
+            // the counted step.
+            let two_threads = allocations_of_a_step(2, 1, entries, opts);
+            assert_eq!(two_threads, 0, "two threads, {entries} entries per head, {name} statistic");
+        }
+    }
+}
