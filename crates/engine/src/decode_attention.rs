@@ -144,9 +144,10 @@ pub(crate) fn attend_one(
     // On a one-thread pool (a busy machine, see `threads.rs`) a parallel region runs
     // nothing side by side: the parts run here without one. On more threads they run in
     // parallel however short the cache: with two threads, one sequence's 30 layers of 32
-    // to 1,024 entries per head took 15-50% longer on the calling thread, and four
-    // sequences side by side (as a batch runs them) took the same time either way
-    // (`benches/attention.rs`, short caches).
+    // to 1,024 entries per head took 17-95% longer on the calling thread (32 entries 17%,
+    // 128 and more 40% or more), and four sequences side by side (as a batch runs them)
+    // within a few percent of the parallel time either way (`benches/attention.rs`, short
+    // caches).
     let parallel = rayon::current_num_threads() > 1;
     attend_split(q, heads, shape, opts, SPLIT_THREADS, parallel, out)
 }
@@ -450,11 +451,10 @@ fn exponentiate<'p>(scores: &mut [f32], n: usize, partial: &'p mut [f32]) -> &'p
     let (sums, weighted) = rest.split_at_mut(group);
     for (g, row) in scores.chunks_exact_mut(n.max(1)).enumerate() {
         let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0.0f32;
-        for s in row.iter_mut() {
-            *s = exp_nonpositive(*s - max);
-            sum += *s;
-        }
+        // Two passes: the exponentials alone vectorise (a running sum in the same loop
+        // kept it scalar), and the sum still adds them in row order.
+        row.iter_mut().for_each(|s| *s = exp_nonpositive(*s - max));
+        let sum = row.iter().fold(0.0f32, |sum, s| sum + s);
         (maxima[g], sums[g]) = (max, sum);
     }
     weighted
