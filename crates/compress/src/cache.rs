@@ -152,11 +152,11 @@ impl HeadCache {
     pub fn value(&self, i: usize) -> Cow<'_, [f32]> {
         self.values.view().widen(self.row(i))
     }
-    /// Adds `delta` (`[head_dim]`) to entry `i`'s value, computing in f32.
-    pub fn add_to_value(&mut self, i: usize, delta: &[f32]) {
-        let mut value = self.value(i).into_owned();
-        value.iter_mut().zip(delta).for_each(|(v, d)| *v += d);
-        self.values.write_f32(i * self.head_dim, &value);
+    /// Adds entry `from`'s value divided by `divisor` to the value of each entry of `to`
+    /// (which must not hold `from`), computing in f32 and allocating nothing.
+    pub fn spread_value(&mut self, from: usize, to: std::ops::Range<usize>, divisor: f32) {
+        assert!(!to.contains(&from), "an entry's value spreads to other entries");
+        self.values.spread_row(self.head_dim, from, to, divisor);
     }
     fn row(&self, i: usize) -> std::ops::Range<usize> {
         i * self.head_dim..(i + 1) * self.head_dim
@@ -493,10 +493,11 @@ mod tests {
             let mut h = filled_as(8, 2, dtype);
             h.remove(1);
             h.retain_indices(&[0, 2, 3, 6]);
-            h.add_to_value(1, &[1.0, 2.0]);
+            h.spread_value(0, 1..3, 0.5);
             assert_eq!(h.dtype(), dtype);
             assert_eq!(*h.key(1), [6.0, 7.0], "{dtype}");
-            assert_eq!(*h.value(1), [-5.0, -5.0], "{dtype}");
+            assert_eq!((&*h.value(1), &*h.value(2)), (&[-6.0, -9.0][..], &[-8.0, -11.0][..]));
+            assert_eq!(*h.value(3), [-14.0, -15.0], "{dtype}: outside the range, unchanged");
             assert_eq!(h.meta().iter().map(|m| m.position).collect::<Vec<_>>(), vec![0, 3, 4, 7]);
             let before = h.clone();
             h.convert(KvDtype::F32);

@@ -127,6 +127,29 @@ macro_rules! each_dtype {
     };
 }
 
+/// [`Rows::spread_row`] for one element type, a few columns at a time through stack buffers.
+fn spread_row<T: KvElement>(
+    rows: &mut [T],
+    width: usize,
+    from: usize,
+    to: Range<usize>,
+    divisor: f32,
+) {
+    const COLUMNS: usize = 16;
+    let (mut share, mut target) = ([0.0f32; COLUMNS], [0.0f32; COLUMNS]);
+    for start in (0..width).step_by(COLUMNS) {
+        let n = COLUMNS.min(width - start);
+        T::widen(&rows[from * width + start..][..n], &mut share[..n]);
+        share[..n].iter_mut().for_each(|s| *s /= divisor);
+        for t in to.clone() {
+            let row = &mut rows[t * width + start..][..n];
+            T::widen(row, &mut target[..n]);
+            target[..n].iter_mut().zip(&share[..n]).for_each(|(x, s)| *x += s);
+            T::narrow(&target[..n], row);
+        }
+    }
+}
+
 /// Stored rows, flattened `[len, head_dim]`, in one dtype.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Rows {
@@ -173,9 +196,10 @@ impl Rows {
         each_dtype!(Rows, self, v => extend(v, src))
     }
 
-    /// Overwrites the elements from `at` with `src`, narrowed.
-    pub fn write_f32(&mut self, at: usize, src: &[f32]) {
-        each_dtype!(Rows, self, v => narrow(src, &mut v[at..at + src.len()]))
+    /// Adds row `from` divided by `divisor` to each row of `to`, rows of `width` elements,
+    /// in f32 (see [`crate::HeadCache::spread_value`]).
+    pub fn spread_row(&mut self, width: usize, from: usize, to: Range<usize>, divisor: f32) {
+        each_dtype!(Rows, self, v => spread_row(v, width, from, to, divisor))
     }
 
     pub fn copy_within(&mut self, src: Range<usize>, dst: usize) {
@@ -224,10 +248,6 @@ fn extend<T: KvElement>(v: &mut Vec<T>, src: &[f32]) {
 
 fn allocated_bytes<T>(v: &Vec<T>) -> usize {
     v.capacity() * std::mem::size_of::<T>()
-}
-
-fn narrow<T: KvElement>(src: &[f32], dst: &mut [T]) {
-    T::narrow(src, dst);
 }
 
 /// Stored rows borrowed in their own dtype, flattened `[len, head_dim]`: what attention

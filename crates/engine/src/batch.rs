@@ -230,13 +230,13 @@ impl Llama {
             });
             timed(profile, Part::Qkv, || {
                 let layers = [&block.wq, &block.wk, &block.wv];
-                Linear::forward_quantized(&layers, &act, &mut [&mut q, &mut k, &mut v]);
+                Linear::forward_quantized(layers, &act, [&mut q, &mut k, &mut v]);
             });
             let layer_rows = LayerRows { q: &mut q, k: &mut k, v: &v, out: &mut attn };
             self.attend_items(layer, items, layer_rows, attention_chunk);
             timed(profile, Part::Output, || {
                 act.quantize(&attn, rows);
-                Linear::forward_quantized(&[&block.wo], &act, &mut [&mut out]);
+                Linear::forward_quantized([&block.wo], &act, [&mut out]);
                 x.iter_mut().zip(&out).for_each(|(x, o)| *x += o);
             });
             timed(profile, Part::Norms, || {
@@ -245,12 +245,12 @@ impl Llama {
             });
             timed(profile, Part::GateUp, || {
                 let layers = [&block.gate, &block.up];
-                Linear::forward_quantized(&layers, &act, &mut [&mut gate, &mut up]);
+                Linear::forward_quantized(layers, &act, [&mut gate, &mut up]);
                 silu_product(&mut gate, &up);
                 act.quantize(&gate, rows);
             });
             timed(profile, Part::Down, || {
-                Linear::forward_quantized(&[&block.down], &act, &mut [&mut out]);
+                Linear::forward_quantized([&block.down], &act, [&mut out]);
                 x.iter_mut().zip(&out).for_each(|(x, o)| *x += o);
             });
         }

@@ -148,7 +148,7 @@ impl Linear {
                 let rows = x.dim(0)?;
                 let q = QuantizedRows::new(&x.flatten_all()?.to_vec1::<f32>()?, rows);
                 let mut out = vec![0.0f32; rows * k.out_dim()];
-                Self::forward_quantized(&[self], &q, &mut [&mut out]);
+                Self::forward_quantized([self], &q, [&mut out]);
                 return Ok(Tensor::from_vec(out, (rows, k.out_dim()), x.device())?);
             }
             (WeightFormat::Quantized | WeightFormat::Q8, _, Some(q), _) => q.forward(x)?,
@@ -172,12 +172,14 @@ impl Linear {
     /// `out = x W^T (+ b)` on the kernel: `x` `[rows, in]` quantized, `out` `[rows, out]`.
     /// Several layers reading the same input run in one parallel region.
     /// Panics unless every layer [`Self::has_kernel`].
-    pub fn forward_quantized(layers: &[&Linear], x: &QuantizedRows, outs: &mut [&mut [f32]]) {
-        let kernels: Vec<&QuantMatrix> = layers
-            .iter()
-            .map(|l| l.kernel.as_ref().expect("forward_quantized on a layer without a kernel"))
-            .collect();
-        QuantMatrix::matmul_many(&kernels, x, outs);
+    pub fn forward_quantized<const N: usize>(
+        layers: [&Linear; N],
+        x: &QuantizedRows,
+        mut outs: [&mut [f32]; N],
+    ) {
+        let kernels = layers
+            .map(|l| l.kernel.as_ref().expect("forward_quantized on a layer without a kernel"));
+        QuantMatrix::matmul_many(&kernels, x, &mut outs);
         for (layer, out) in layers.iter().zip(outs.iter_mut()) {
             if let Some(bias) = &layer.bias_values {
                 for row in out.chunks_exact_mut(bias.len()) {

@@ -8,6 +8,8 @@
 //! moment, victims still to leave included: merged mass cascades forward as in the
 //! reference code, and no entry receives more than `m` shares of `1 / m`.
 
+use std::ops::Range;
+
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
@@ -118,14 +120,15 @@ impl CamConfig {
     /// Probability that entry `victim`'s value is merged into `targets`, from the
     /// attention accumulated so far. A zero reference attention gives 0: there is no
     /// evidence the evicted entry mattered more.
-    fn merge_probability(&self, head: &HeadCache, victim: usize, targets: &[usize]) -> f64 {
+    fn merge_probability(&self, head: &HeadCache, victim: usize, targets: Range<usize>) -> f64 {
         let attention = |i: usize| head.meta()[i].attention as f64;
         let reference = match self.probability {
             CamProbability::Fixed(p) => return p,
             CamProbability::Mean => {
-                targets.iter().map(|&t| attention(t)).sum::<f64>() / targets.len() as f64
+                let n = targets.len() as f64;
+                targets.map(attention).sum::<f64>() / n
             }
-            CamProbability::Max => targets.iter().map(|&t| attention(t)).fold(0.0, f64::max),
+            CamProbability::Max => targets.map(attention).fold(0.0, f64::max),
         };
         ratio_probability(attention(victim), reference)
     }
@@ -136,7 +139,7 @@ impl CamConfig {
         &self,
         head: &mut HeadCache,
         victim: usize,
-        targets: &[usize],
+        targets: Range<usize>,
         p: f64,
         rng: &mut StdRng,
     ) {
@@ -145,11 +148,7 @@ impl CamConfig {
         }
         // Draw even when p is 0 or 1, so the random stream does not depend on p.
         if rng.random::<f64>() < p {
-            let share: Vec<f32> =
-                head.value(victim).iter().map(|v| v / self.merge_span as f32).collect();
-            for &t in targets {
-                head.add_to_value(t, &share);
-            }
+            head.spread_value(victim, targets, self.merge_span as f32);
         }
     }
 }
@@ -225,14 +224,14 @@ impl CompressionMethod for CamConfig {
         // it, goes to the entries right after it.
         for victim in (0..before).filter(|&i| !kept[i]) {
             let last = (victim + self.merge_span.min(reach)).min(before - 1);
-            let targets: Vec<usize> = (victim + 1..=last).collect();
+            let targets = victim + 1..last + 1;
             let p = match &at_eviction {
                 Some((received, sums, span)) => {
                     ratio_probability(received[victim] as f64, sums[victim] as f64 / *span as f64)
                 }
-                None => self.merge_probability(head, victim, &targets),
+                None => self.merge_probability(head, victim, targets.clone()),
             };
-            self.maybe_merge(head, victim, &targets, p, &mut rng);
+            self.maybe_merge(head, victim, targets, p, &mut rng);
         }
         head.retain_indices(&keep);
         head.shrink_to_fit();
@@ -252,9 +251,9 @@ impl CompressionMethod for CamConfig {
                 CamEviction::Streaming => sinks_within(self.sinks, budget),
                 CamEviction::H2o => lowest_non_recent(head, self.recent(budget)),
             };
-            let targets: Vec<usize> = (victim + 1..head.len()).take(self.merge_span).collect();
-            let p = self.merge_probability(head, victim, &targets);
-            self.maybe_merge(head, victim, &targets, p, &mut rng);
+            let targets = victim + 1..head.len().min(victim + 1 + self.merge_span);
+            let p = self.merge_probability(head, victim, targets.clone());
+            self.maybe_merge(head, victim, targets, p, &mut rng);
             head.remove(victim);
         }
         Ok(())
