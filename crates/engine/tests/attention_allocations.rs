@@ -1,41 +1,14 @@
 //! A decode step's attention allocates nothing once its per-thread buffers have grown: on a
 //! one-thread pool (parts on the calling thread) and a two-thread one (parts in parallel
 //! regions), short and long caches, with and without H2O's accumulated-attention statistic,
-//! inside a pool worker as decode steps run. Counted by a global allocator, so this file
-//! holds one test.
-
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
+//! inside a pool worker as decode steps run. Counted by a global allocator
+//! (`counting_allocator`), so this file holds one test.
 
 use kvmerger_compress::{EntryMeta, HeadCache, KvDtype, StatsRequest};
 use kvmerger_engine::{attend_into, AttentionOptions, AttentionShape};
 
-/// The system allocator, counting allocations and reallocations on every thread.
-struct Counting;
-
-static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: every call is forwarded to the system allocator unchanged.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        unsafe { System.alloc_zeroed(layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
+mod counting_allocator;
+use counting_allocator::allocations_of;
 
 /// SmolLM2-135M's attention shape.
 const SHAPE: AttentionShape = AttentionShape { n_heads: 9, n_kv_heads: 3, head_dim: 64 };
@@ -55,13 +28,6 @@ fn layer(entries: usize) -> Vec<HeadCache> {
             head
         })
         .collect()
-}
-
-/// Allocations made by `f`.
-fn allocations_of(f: impl FnOnce()) -> usize {
-    let before = ALLOCATIONS.load(Ordering::SeqCst);
-    f();
-    ALLOCATIONS.load(Ordering::SeqCst) - before
 }
 
 /// Steps of 4 layers of `sequences` sequences on a pool of `threads`, the sequences of a

@@ -3,41 +3,14 @@
 //! the same number of heap allocations per step. Counted with a global allocator, for every
 //! method's decode path (forward pass and decode-time policy) and for a batched step.
 //!
-//! One test in this binary: the count is global, and other tests' threads would add to it.
-
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
+//! One test in this binary: the count (`counting_allocator`) is global.
 
 use kvmerger_compress::{Budget, CompressionConfig, KvCache, METHOD_NAMES};
 use kvmerger_engine::testing::{random_llama_with, tiny_config};
 use kvmerger_engine::{BatchItem, Llama, Logits, Phase, Session, WeightFormat, WeightFormats};
 
-/// The system allocator, counting allocations and reallocations.
-struct Counting;
-
-static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: every call is forwarded unchanged to the system allocator.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        unsafe { System.alloc_zeroed(layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
-#[global_allocator]
-static ALLOCATOR: Counting = Counting;
+mod counting_allocator;
+use counting_allocator::allocations_of;
 
 const PROMPT: usize = 96;
 const STEPS: usize = 8;
@@ -60,14 +33,7 @@ fn prompt(seed: u32) -> Vec<u32> {
 fn fewest_per_step(mut step: impl FnMut()) -> usize {
     step();
     step();
-    (0..STEPS)
-        .map(|_| {
-            let before = ALLOCATIONS.load(Ordering::Relaxed);
-            step();
-            ALLOCATIONS.load(Ordering::Relaxed) - before
-        })
-        .min()
-        .unwrap()
+    (0..STEPS).map(|_| allocations_of(&mut step)).min().unwrap()
 }
 
 /// Room in every head for every step, so the cache's own growth is not counted.
