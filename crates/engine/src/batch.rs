@@ -358,8 +358,17 @@ impl<'a> LayerRows<'a> {
 
 /// RMSNorm of each row of `x` `[rows, width]` into `out`: `x / sqrt(mean(x^2) + eps) * weight`.
 fn rms_norm_rows(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    /// Running sums of squares per row: independent additions vectorise, where one running
+    /// sum waits on each addition in turn.
+    const LANES: usize = 16;
     for (row, out) in x.chunks_exact(weight.len()).zip(out.chunks_exact_mut(weight.len())) {
-        let mean_square = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
+        let mut sums = [0.0f32; LANES];
+        let chunks = row.chunks_exact(LANES);
+        let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
+        for chunk in chunks {
+            sums.iter_mut().zip(chunk).for_each(|(s, v)| *s += v * v);
+        }
+        let mean_square = (sums.iter().sum::<f32>() + tail) / row.len() as f32;
         let inv = 1.0 / (mean_square + eps).sqrt();
         out.iter_mut().zip(row).zip(weight).for_each(|((o, v), w)| *o = v * inv * w);
     }
