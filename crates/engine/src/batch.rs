@@ -50,6 +50,14 @@ pub struct BatchItem<'a> {
     pub stats: StatsRequest,
 }
 
+impl<'a> BatchItem<'a> {
+    /// `tokens` after `cache`, returning the last row's logits and recording no statistics:
+    /// a decode step's item.
+    pub fn last_logits(tokens: &'a [u32], cache: &'a mut KvCache) -> Self {
+        Self { tokens, cache, logits: Some(Logits::Last), stats: StatsRequest::default() }
+    }
+}
+
 /// Weight formats of one batched pass.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct PassFormats {

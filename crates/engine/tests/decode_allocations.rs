@@ -70,12 +70,7 @@ fn batch_step_allocations(model: &Llama) -> usize {
         let mut items: Vec<BatchItem<'_>> = caches
             .iter_mut()
             .zip(&tokens)
-            .map(|(cache, t)| BatchItem {
-                tokens: t,
-                cache,
-                logits: Some(Logits::Last),
-                stats: Default::default(),
-            })
+            .map(|(cache, t)| BatchItem::last_logits(t, cache))
             .collect();
         model.forward_batch(&mut items, Phase::Decode, 128).unwrap();
     })

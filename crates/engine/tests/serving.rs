@@ -48,21 +48,11 @@ fn a_batched_decode_step_equals_each_sequence_alone_bit_for_bit() {
         let mut items: Vec<BatchItem<'_>> = caches
             .iter_mut()
             .zip(&next)
-            .map(|(cache, t)| BatchItem {
-                tokens: t,
-                cache,
-                logits: Some(Logits::Last),
-                stats: Default::default(),
-            })
+            .map(|(cache, t)| BatchItem::last_logits(t, cache))
             .collect();
         let batched = model.forward_batch(&mut items, Phase::Decode, 16).unwrap();
         for (i, cache) in alone_caches.iter_mut().enumerate() {
-            let mut item = [BatchItem {
-                tokens: &next[i],
-                cache,
-                logits: Some(Logits::Last),
-                stats: Default::default(),
-            }];
+            let mut item = [BatchItem::last_logits(&next[i], cache)];
             let alone = model.forward_batch(&mut item, Phase::Decode, 16).unwrap();
             let a: Vec<f32> = alone[0].as_ref().unwrap().flatten_all().unwrap().to_vec1().unwrap();
             let b: Vec<f32> =
