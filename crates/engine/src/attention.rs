@@ -72,18 +72,19 @@ pub fn attend_into(
     if seq == 1 && opts.stats.windows.is_empty() && opts.stats.evictions.is_empty() {
         return attend_one(q, heads, shape, opts, out);
     }
-    out.copy_from_slice(&attend_chunks(q, seq, heads, shape, opts));
+    attend_chunks(q, seq, heads, shape, opts, out);
 }
 
-/// [`attend`] one chunk of queries at a time, whatever `seq` is (the decode kernel's
-/// reference in tests).
+/// [`attend_into`] one chunk of queries at a time, whatever `seq` is (the decode kernel's
+/// reference in tests). Every row of `out` is written.
 pub(crate) fn attend_chunks(
     q: &[f32],
     seq: usize,
     heads: &mut [HeadCache],
     shape: AttentionShape,
     opts: AttentionOptions,
-) -> Vec<f32> {
+    out: &mut [f32],
+) {
     let AttentionShape { n_heads, n_kv_heads, head_dim } = shape;
     let group = n_heads / n_kv_heads;
     let chunk = opts.chunk.max(1);
@@ -100,7 +101,6 @@ pub(crate) fn attend_chunks(
         })
         .collect();
 
-    let mut out = vec![0.0f32; seq * n_heads * head_dim];
     for (&(h, c), res) in tasks.iter().zip(results) {
         let start = c * chunk;
         let rows = res.out.chunks_exact(head_dim);
@@ -124,7 +124,6 @@ pub(crate) fn attend_chunks(
             add(head_targets, &targets);
         }
     }
-    out
 }
 
 fn add(total: &mut [f32], part: &[f32]) {

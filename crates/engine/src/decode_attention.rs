@@ -775,7 +775,8 @@ mod tests {
                 assert_eq!(split.total(&split_heads), 5, "the 1000-entry head in 4 parts");
                 let mut out = vec![0.0; q.len()];
                 attend_split(&q, &mut split_heads, SHAPE, opts(bias), 4, true, &mut out);
-                let expected = attend_chunks(&q, 1, &mut reference, SHAPE, opts(bias));
+                let mut expected = vec![0.0; q.len()];
+                attend_chunks(&q, 1, &mut reference, SHAPE, opts(bias), &mut expected);
                 assert!(max_diff(&out, &expected) < 1e-5, "{dtype} bias {bias}");
                 assert!(max_diff(&attention(&split_heads), &attention(&reference)) < 1e-6);
                 let total: f32 = attention(&split_heads).iter().sum();
