@@ -164,8 +164,8 @@ impl QuantMatrix {
         if outs_t.len() < weights.len() {
             outs_t.resize_with(weights.len(), Vec::new);
         }
+        // Every kernel assigns each of its outputs, so what an earlier call left is never read.
         for (w, out_t) in weights.iter().zip(outs_t.iter_mut()) {
-            out_t.clear();
             out_t.resize(w.out_dim * rows, 0.0);
         }
         let tasks = weights.par_iter().zip(outs_t.par_iter_mut()).flat_map(|(w, out_t)| {
