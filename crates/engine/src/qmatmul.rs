@@ -18,8 +18,6 @@
 //! computed by one kernel call from its own activation row and weight row only, so a row's
 //! result never depends on the other rows of a batch.
 
-use std::cell::Cell;
-
 use candle_core::quantized::{GgmlDType, QTensor};
 use rayon::prelude::*;
 
@@ -159,49 +157,65 @@ impl QuantMatrix {
             assert_eq!(x.blocks_per_row * BLOCK, w.in_dim, "activation width");
             assert_eq!(out.len(), rows * w.out_dim, "output size");
         }
-        // [out_dim, rows] per weight: each task owns a contiguous run of weight rows.
-        let mut outs_t = TRANSPOSED.take();
-        if outs_t.len() < weights.len() {
-            outs_t.resize_with(weights.len(), Vec::new);
-        }
-        // Every kernel assigns each of its outputs, so what an earlier call left is never read.
-        for (w, out_t) in weights.iter().zip(outs_t.iter_mut()) {
-            out_t.resize(w.out_dim * rows, 0.0);
-        }
-        let tasks = weights.par_iter().zip(outs_t.par_iter_mut()).flat_map(|(w, out_t)| {
+        // Each task owns a contiguous run of weight rows, so the columns of `out` it writes.
+        let tasks = weights.par_iter().zip(outs.par_iter_mut()).flat_map(|(w, out)| {
             let task_rows = (TASK_BYTES / w.row_bytes()).clamp(4, w.out_dim.max(4));
-            out_t
-                .par_chunks_mut(task_rows * rows)
-                .enumerate()
-                .map(move |(i, c)| (*w, i * task_rows, c))
+            let out = Columns { ptr: out.as_mut_ptr(), stride: w.out_dim };
+            (0..w.out_dim.div_ceil(task_rows)).into_par_iter().map(move |i| {
+                let first = i * task_rows;
+                (*w, first..(first + task_rows).min(w.out_dim), out)
+            })
         });
-        tasks.for_each(|(w, first, out_t)| {
+        tasks.for_each(|(w, columns, out)| {
             let row_bytes = w.row_bytes();
-            let n = out_t.len() / rows;
-            let blocks = &w.blocks[first * row_bytes..(first + n) * row_bytes];
+            let blocks = &w.blocks[columns.start * row_bytes..columns.end * row_bytes];
             let kernel = kernel_of(w.kind);
             for group in (0..rows).step_by(ROW_GROUP) {
                 let group_rows = (rows - group).min(ROW_GROUP);
                 let acts = x.group(group, group_rows);
-                kernel(blocks, x.blocks_per_row, acts, group_rows, &mut out_t[group..], rows);
+                // SAFETY: rows `group..group + group_rows` and columns `columns` lie inside
+                // `out` (`[rows, out_dim]`, checked above), and no other task writes them.
+                unsafe {
+                    kernel(blocks, x.blocks_per_row, acts, group_rows, out.at(group, columns.start))
+                };
             }
         });
-        for ((w, out), out_t) in weights.iter().zip(outs.iter_mut()).zip(&outs_t) {
-            for (o, column) in out_t.chunks_exact(rows).enumerate() {
-                for (r, &v) in column.iter().enumerate() {
-                    out[r * w.out_dim + o] = v;
-                }
-            }
-        }
-        TRANSPOSED.set(outs_t);
     }
 }
 
-thread_local! {
-    /// Per weight, the `[out_dim, rows]` products of [`QuantMatrix::run`] before they are laid
-    /// out as `[rows, out_dim]`, reused so a decode step allocates nothing per layer. Taken out
-    /// while in use: a thread waiting in a parallel region may start another product.
-    static TRANSPOSED: Cell<Vec<Vec<f32>>> = const { Cell::new(Vec::new()) };
+/// Where a kernel writes its products: `out[r * stride + o]` for its activation rows `r` and
+/// weight rows `o`, counted from `ptr`. A pointer, not a slice, because the parallel tasks
+/// of one product write interleaved parts of the same `[rows, out_dim]` output: each task
+/// its own columns of every row. Each output is written by exactly one kernel call.
+#[derive(Debug, Clone, Copy)]
+struct Columns {
+    ptr: *mut f32,
+    stride: usize,
+}
+
+// SAFETY: tasks that share a `Columns` write disjoint elements (see `QuantMatrix::run`), and
+// the output it points into outlives the parallel region.
+unsafe impl Send for Columns {}
+unsafe impl Sync for Columns {}
+
+impl Columns {
+    /// The same output, counted from row `r` and column `o`.
+    ///
+    /// # Safety
+    /// The element at `(r, o)` must lie inside the output.
+    unsafe fn at(self, r: usize, o: usize) -> Self {
+        Self { ptr: self.ptr.add(r * self.stride + o), ..self }
+    }
+
+    /// Writes `v` to `(r, o)`.
+    ///
+    /// # Safety
+    /// `(r, o)` must be inside what the caller handed this kernel call: one of its rows and
+    /// one of its weight rows.
+    #[inline(always)]
+    unsafe fn write(self, o: usize, r: usize, v: f32) {
+        *self.ptr.add(r * self.stride + o) = v;
+    }
 }
 
 /// f32 lanes per block in [`QuantizedRows`]'s scale arrays: a 256-bit vector, so the SIMD
@@ -317,9 +331,12 @@ fn quantize_block(x: &[f32], qs: &mut [i8]) -> (f32, f32) {
 }
 
 /// Computes `group_rows` activation rows against every weight row of `weights`:
-/// `(weights, blocks_per_row, acts [group_rows, blocks_per_row], group_rows, out, stride)`
-/// writes `out[o * stride + r]`.
-type Kernel = fn(&[u8], usize, Acts<'_>, usize, &mut [f32], usize);
+/// `(weights, blocks_per_row, acts [group_rows, blocks_per_row], group_rows, out)` writes
+/// `out` at every `(o, r)`.
+///
+/// # Safety
+/// `out` must have room for `group_rows` rows and as many columns as `weights` holds rows.
+type Kernel = unsafe fn(&[u8], usize, Acts<'_>, usize, Columns);
 
 fn kernel_for(kind: QuantKind) -> Kernel {
     #[cfg(target_arch = "x86_64")]
@@ -385,15 +402,8 @@ fn half_at(block: &[u8], at: usize) -> f32 {
     half::f16::from_le_bytes([block[at], block[at + 1]]).to_f32()
 }
 
-fn scalar_q4_1(
-    weights: &[u8],
-    nb: usize,
-    acts: Acts<'_>,
-    rows: usize,
-    out: &mut [f32],
-    stride: usize,
-) {
-    scalar_rows(QuantKind::Q4_1, weights, nb, acts, rows, out, stride, |block, (qs, ad, s)| {
+unsafe fn scalar_q4_1(weights: &[u8], nb: usize, acts: Acts<'_>, rows: usize, out: Columns) {
+    scalar_rows(QuantKind::Q4_1, weights, nb, acts, rows, out, |block, (qs, ad, s)| {
         let (d, m) = (half_at(block, 0), half_at(block, 2));
         let mut dot = 0i32;
         for (j, &byte) in block[4..20].iter().enumerate() {
@@ -404,15 +414,8 @@ fn scalar_q4_1(
     })
 }
 
-fn scalar_q8_0(
-    weights: &[u8],
-    nb: usize,
-    acts: Acts<'_>,
-    rows: usize,
-    out: &mut [f32],
-    stride: usize,
-) {
-    scalar_rows(QuantKind::Q8_0, weights, nb, acts, rows, out, stride, |block, (qs, ad, _)| {
+unsafe fn scalar_q8_0(weights: &[u8], nb: usize, acts: Acts<'_>, rows: usize, out: Columns) {
+    scalar_rows(QuantKind::Q8_0, weights, nb, acts, rows, out, |block, (qs, ad, _)| {
         let dot: i32 = block[2..34].iter().zip(qs).map(|(&w, &q)| w as i8 as i32 * q as i32).sum();
         half_at(block, 0) * ad * dot as f32
     })
@@ -420,23 +423,24 @@ fn scalar_q8_0(
 
 /// The scalar kernels' loop: every weight row against every activation row, summing
 /// `block_dot` (one weight block of `kind` against one activation block) over the blocks.
-#[allow(clippy::too_many_arguments)]
-fn scalar_rows(
+///
+/// # Safety
+/// As a [`Kernel`]'s.
+unsafe fn scalar_rows(
     kind: QuantKind,
     weights: &[u8],
     nb: usize,
     acts: Acts<'_>,
     rows: usize,
-    out: &mut [f32],
-    stride: usize,
+    out: Columns,
     block_dot: impl Fn(&[u8], (&[i8], f32, f32)) -> f32,
 ) {
     let bb = kind.block_bytes();
     for (o, row) in weights.chunks_exact(nb * bb).enumerate() {
         for r in 0..rows {
             let blocks = row.chunks_exact(bb).enumerate();
-            out[o * stride + r] =
-                blocks.map(|(b, block)| block_dot(block, acts.block(r * nb + b))).sum();
+            let v = blocks.map(|(b, block)| block_dot(block, acts.block(r * nb + b))).sum();
+            out.write(o, r, v);
         }
     }
 }
@@ -445,7 +449,7 @@ fn scalar_rows(
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::Acts;
+    use super::{Acts, Columns};
     use crate::cpu::has_avx2_fma_f16c;
 
     pub fn vnni_available() -> bool {
@@ -456,29 +460,30 @@ mod avx2 {
     /// registers.
     macro_rules! by_rows {
         ($name:ident, $module:ident, $kernel:ident, $kind:ident, $available:ident) => {
-            pub fn $name(
+            /// # Safety
+            /// As a [`super::Kernel`]'s.
+            pub unsafe fn $name(
                 weights: &[u8],
                 nb: usize,
                 acts: Acts<'_>,
                 rows: usize,
-                out: &mut [f32],
-                stride: usize,
+                out: Columns,
             ) {
                 assert!($available());
                 let n_out = weights.len() / (nb * super::QuantKind::$kind.block_bytes());
-                assert!(acts.fits(rows, nb) && (n_out - 1) * stride + rows <= out.len());
-                // SAFETY: the CPU features were checked above; the sizes of `weights`, `acts`
-                // and `out` were checked against what the kernel reads and writes.
+                assert!(n_out > 0 && acts.fits(rows, nb));
+                // SAFETY: the CPU features were checked above; the sizes of `weights` and `acts`
+                // were checked against what the kernel reads; `out` is the caller's promise.
                 unsafe {
                     match rows {
-                        1 => $module::$kernel::<1>(weights, nb, acts, out, stride),
-                        2 => $module::$kernel::<2>(weights, nb, acts, out, stride),
-                        3 => $module::$kernel::<3>(weights, nb, acts, out, stride),
-                        4 => $module::$kernel::<4>(weights, nb, acts, out, stride),
-                        5 => $module::$kernel::<5>(weights, nb, acts, out, stride),
-                        6 => $module::$kernel::<6>(weights, nb, acts, out, stride),
-                        7 => $module::$kernel::<7>(weights, nb, acts, out, stride),
-                        8 => $module::$kernel::<8>(weights, nb, acts, out, stride),
+                        1 => $module::$kernel::<1>(weights, nb, acts, out),
+                        2 => $module::$kernel::<2>(weights, nb, acts, out),
+                        3 => $module::$kernel::<3>(weights, nb, acts, out),
+                        4 => $module::$kernel::<4>(weights, nb, acts, out),
+                        5 => $module::$kernel::<5>(weights, nb, acts, out),
+                        6 => $module::$kernel::<6>(weights, nb, acts, out),
+                        7 => $module::$kernel::<7>(weights, nb, acts, out),
+                        8 => $module::$kernel::<8>(weights, nb, acts, out),
                         _ => unreachable!("row groups hold 1 to 8 rows"),
                     }
                 }
@@ -501,7 +506,7 @@ mod avx2 {
                 use std::arch::x86_64::*;
 
                 use super::{hsum, $dot};
-                use crate::qmatmul::{Acts, LANES};
+                use crate::qmatmul::{Acts, Columns, LANES};
 
                 /// Q4_1 weights: each block's nibbles are unpacked once, then multiplied with every
                 /// row's activations (`vpmaddubsw` takes the unsigned nibbles times signed bytes).
@@ -510,8 +515,7 @@ mod avx2 {
                     weights: &[u8],
                     nb: usize,
                     acts: Acts<'_>,
-                    out: &mut [f32],
-                    stride: usize,
+                    out: Columns,
                 ) {
                     let low = _mm256_set1_epi8(0x0f);
                     let n_out = weights.len() / (nb * 20);
@@ -543,7 +547,7 @@ mod avx2 {
                             }
                         }
                         for r in 0..R {
-                            *out.get_unchecked_mut(o * stride + r) = hsum(acc[r]) + offsets[r];
+                            out.write(o, r, hsum(acc[r]) + offsets[r]);
                         }
                     }
                 }
@@ -554,8 +558,7 @@ mod avx2 {
                     weights: &[u8],
                     nb: usize,
                     acts: Acts<'_>,
-                    out: &mut [f32],
-                    stride: usize,
+                    out: Columns,
                 ) {
                     let n_out = weights.len() / (nb * 34);
                     for o in 0..n_out {
@@ -577,7 +580,7 @@ mod avx2 {
                             }
                         }
                         for r in 0..R {
-                            *out.get_unchecked_mut(o * stride + r) = hsum(acc[r]);
+                            out.write(o, r, hsum(acc[r]));
                         }
                     }
                 }
@@ -618,7 +621,7 @@ mod avx2 {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{Acts, BLOCK, LANES};
+    use super::{Acts, Columns, BLOCK, LANES};
 
     pub fn available() -> bool {
         is_x86_feature_detected!("avx512f")
@@ -631,29 +634,30 @@ mod avx512 {
 
     macro_rules! by_rows {
         ($name:ident, $kind:ident) => {
-            pub fn $name(
+            /// # Safety
+            /// As a [`super::Kernel`]'s.
+            pub unsafe fn $name(
                 weights: &[u8],
                 nb: usize,
                 acts: Acts<'_>,
                 rows: usize,
-                out: &mut [f32],
-                stride: usize,
+                out: Columns,
             ) {
                 assert!(available());
                 let n_out = weights.len() / (nb * super::QuantKind::$kind.block_bytes());
-                assert!(acts.fits(rows, nb) && (n_out - 1) * stride + rows <= out.len());
-                // SAFETY: the CPU features were checked above; the sizes of `weights`, `acts`
-                // and `out` were checked against what the kernel reads and writes.
+                assert!(n_out > 0 && acts.fits(rows, nb));
+                // SAFETY: the CPU features were checked above; the sizes of `weights` and `acts`
+                // were checked against what the kernel reads; `out` is the caller's promise.
                 unsafe {
                     match rows {
-                        1 => kernels::$name::<1>(weights, nb, acts, out, stride),
-                        2 => kernels::$name::<2>(weights, nb, acts, out, stride),
-                        3 => kernels::$name::<3>(weights, nb, acts, out, stride),
-                        4 => kernels::$name::<4>(weights, nb, acts, out, stride),
-                        5 => kernels::$name::<5>(weights, nb, acts, out, stride),
-                        6 => kernels::$name::<6>(weights, nb, acts, out, stride),
-                        7 => kernels::$name::<7>(weights, nb, acts, out, stride),
-                        8 => kernels::$name::<8>(weights, nb, acts, out, stride),
+                        1 => kernels::$name::<1>(weights, nb, acts, out),
+                        2 => kernels::$name::<2>(weights, nb, acts, out),
+                        3 => kernels::$name::<3>(weights, nb, acts, out),
+                        4 => kernels::$name::<4>(weights, nb, acts, out),
+                        5 => kernels::$name::<5>(weights, nb, acts, out),
+                        6 => kernels::$name::<6>(weights, nb, acts, out),
+                        7 => kernels::$name::<7>(weights, nb, acts, out),
+                        8 => kernels::$name::<8>(weights, nb, acts, out),
                         _ => unreachable!("row groups hold 1 to 8 rows"),
                     }
                 }
@@ -712,7 +716,7 @@ mod avx512 {
     mod kernels {
         use std::arch::x86_64::*;
 
-        use super::{masks, Acts, BLOCK, LANES};
+        use super::{masks, Acts, Columns, BLOCK, LANES};
 
         /// Q4_1 blocks whose offset terms are summed together, 16 per FMA, after their
         /// products: the offsets `m` are kept aside meanwhile.
@@ -780,8 +784,7 @@ mod avx512 {
             weights: &[u8],
             nb: usize,
             acts: Acts<'_>,
-            out: &mut [f32],
-            stride: usize,
+            out: Columns,
         ) {
             let low = _mm512_set1_epi8(0x0f);
             let shift = _mm512_set_epi64(4, 4, 0, 0, 4, 4, 0, 0);
@@ -828,7 +831,7 @@ mod avx512 {
                 }
                 for r in 0..R {
                     let sum = _mm512_add_ps(even[r], odd_pairs[r]);
-                    *out.get_unchecked_mut(o * stride + r) = _mm512_reduce_add_ps(sum);
+                    out.write(o, r, _mm512_reduce_add_ps(sum));
                 }
             }
         }
@@ -839,8 +842,7 @@ mod avx512 {
             weights: &[u8],
             nb: usize,
             acts: Acts<'_>,
-            out: &mut [f32],
-            stride: usize,
+            out: Columns,
         ) {
             let n_out = weights.len() / (nb * 34);
             for o in 0..n_out {
@@ -865,7 +867,7 @@ mod avx512 {
                 pairs!(acts, nb, (0..nb), even, odd, weights);
                 for r in 0..R {
                     let sum = _mm512_add_ps(even[r], odd[r]);
-                    *out.get_unchecked_mut(o * stride + r) = _mm512_reduce_add_ps(sum);
+                    out.write(o, r, _mm512_reduce_add_ps(sum));
                 }
             }
         }
