@@ -450,14 +450,31 @@ fn exponentiate<'p>(scores: &mut [f32], n: usize, partial: &'p mut [f32]) -> &'p
     let (maxima, rest) = partial.split_at_mut(group);
     let (sums, weighted) = rest.split_at_mut(group);
     for (g, row) in scores.chunks_exact_mut(n.max(1)).enumerate() {
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        // Two passes: the exponentials alone vectorise (a running sum in the same loop
-        // kept it scalar), and the sum still adds them in row order.
+        let max = lanewise(row, f32::NEG_INFINITY, |m, s| if s > m { s } else { m });
+        // Separate passes: each vectorises (a running sum in the exponentials' loop kept
+        // it scalar).
         row.iter_mut().for_each(|s| *s = exp_nonpositive(*s - max));
-        let sum = row.iter().fold(0.0f32, |sum, s| sum + s);
+        let sum = lanewise(row, 0.0, |sum, s| sum + s);
         (maxima[g], sums[g]) = (max, sum);
     }
     weighted
+}
+
+/// `values` folded with `f` into 8 running lanes, then the lanes into one: 8 independent
+/// chains that vectorise, where one running value waits on each step before the next.
+#[inline(always)]
+fn lanewise(values: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut lanes = [init; 8];
+    let chunks = values.chunks_exact(8);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        lanes.iter_mut().zip(chunk).for_each(|(l, &v)| *l = f(*l, v));
+    }
+    let lanes = tail.iter().fold(lanes, |mut lanes, &v| {
+        lanes[0] = f(lanes[0], v);
+        lanes
+    });
+    lanes.into_iter().fold(init, f)
 }
 
 /// The part kernel with f16 (or f32) rows read straight into AVX2 registers: a key or value

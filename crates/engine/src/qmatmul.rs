@@ -731,9 +731,13 @@ mod avx512 {
             at: usize,
             (bytes, lanes): (__mmask64, __mmask16),
         ) -> (__m512i, __m512) {
-            let q = _mm512_maskz_loadu_epi8(bytes, acts.qs.as_ptr().add(at * BLOCK));
-            let d = _mm512_maskz_loadu_ps(lanes, acts.d.as_ptr().add(at * LANES));
-            (q, d)
+            let (q, d) = (acts.qs.as_ptr().add(at * BLOCK), acts.d.as_ptr().add(at * LANES));
+            // Masked loads cost an extra micro-op on some CPUs: only the last odd block takes one.
+            if lanes == !0 {
+                (_mm512_loadu_si512(q.cast()), _mm512_loadu_ps(d))
+            } else {
+                (_mm512_maskz_loadu_epi8(bytes, q), _mm512_maskz_loadu_ps(lanes, d))
+            }
         }
 
         /// `[v0 x 8, v1 x 8]` from lanes `i0` and `i1` of `v`.
