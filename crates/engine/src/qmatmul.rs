@@ -229,6 +229,10 @@ pub struct QuantizedRows {
     blocks_per_row: usize,
     /// `[rows, width]`: the 8-bit values, blocks side by side.
     qs: Vec<i8>,
+    /// `[rows, width]`: the values plus 128, as unsigned bytes: `vpdpbusd` multiplies
+    /// unsigned by signed bytes, so signed weights (Q8_0) take these, and the kernel
+    /// subtracts `128 * sum(w)` once per weight block instead of fixing signs per row.
+    qu: Vec<u8>,
     /// `[rows, width / 32, LANES]`: each block's scale `d` (`x ~= d * q`) in every lane.
     d: Vec<f32>,
     /// `[rows, width / 32]`: each block's `d * sum(q)`, for the Q4_1 offset term.
@@ -239,6 +243,7 @@ pub struct QuantizedRows {
 #[derive(Debug, Clone, Copy)]
 struct Acts<'a> {
     qs: &'a [i8],
+    qu: &'a [u8],
     d: &'a [f32],
     s: &'a [f32],
 }
@@ -248,6 +253,7 @@ impl<'a> Acts<'a> {
     #[cfg(target_arch = "x86_64")]
     fn fits(&self, rows: usize, nb: usize) -> bool {
         self.qs.len() == rows * nb * BLOCK
+            && self.qu.len() == self.qs.len()
             && self.d.len() == rows * nb * LANES
             && self.s.len() == rows * nb
     }
@@ -286,6 +292,8 @@ impl QuantizedRows {
             d.fill(scale);
             *s = offset;
         }
+        self.qu.clear();
+        self.qu.extend(self.qs.iter().map(|&q| q as u8 ^ 0x80));
     }
 
     pub fn rows(&self) -> usize {
@@ -298,6 +306,7 @@ impl QuantizedRows {
         let (b0, b1) = (first * nb, (first + n) * nb);
         Acts {
             qs: &self.qs[b0 * BLOCK..b1 * BLOCK],
+            qu: &self.qu[b0 * BLOCK..b1 * BLOCK],
             d: &self.d[b0 * LANES..b1 * LANES],
             s: &self.s[b0..b1],
         }
@@ -723,20 +732,23 @@ mod avx512 {
         const SPAN: usize = 64;
 
         /// The 8-bit values of blocks `at` and `at + 1` of the group's rows (or only `at`, as
-        /// `masks` says), and their scales `[d_at x 8, d_at+1 x 8]`.
+        /// `masks` says), signed (`acts.qs`) or offset to unsigned (`acts.qu`), and their
+        /// scales `[d_at x 8, d_at+1 x 8]`.
         #[target_feature(enable = "avx512f,avx512bw")]
         #[inline]
         unsafe fn pair(
             acts: &Acts<'_>,
+            unsigned: bool,
             at: usize,
             (bytes, lanes): (__mmask64, __mmask16),
         ) -> (__m512i, __m512) {
-            let (q, d) = (acts.qs.as_ptr().add(at * BLOCK), acts.d.as_ptr().add(at * LANES));
+            let q = if unsigned { acts.qu.as_ptr() } else { acts.qs.as_ptr().cast() };
+            let (q, d) = (q.add(at * BLOCK), acts.d.as_ptr().add(at * LANES));
             // Masked loads cost an extra micro-op on some CPUs: only the last odd block takes one.
             if lanes == !0 {
                 (_mm512_loadu_si512(q.cast()), _mm512_loadu_ps(d))
             } else {
-                (_mm512_maskz_loadu_epi8(bytes, q), _mm512_maskz_loadu_ps(lanes, d))
+                (_mm512_maskz_loadu_epi8(bytes, q.cast()), _mm512_maskz_loadu_ps(lanes, d))
             }
         }
 
@@ -752,25 +764,26 @@ mod avx512 {
         /// The integer dot products of one block pair for every row of the group, scaled and
         /// added to `$acc` (one of two accumulator sets, alternated by pair so that the FMAs
         /// of consecutive pairs do not wait for each other). `$weights(b, two)` gives the
-        /// pair's `(unsigned weights, scales, negative mask or None)`.
+        /// pair's `(weights, scales, initial sums)`: unsigned weights times signed activations
+        /// from 0, or (`$signed_weights`) signed weights times the unsigned activations from
+        /// `-128 * sum(w)`.
         macro_rules! pairs {
-            ($acts:expr, $nb:expr, $range:expr, $acc:ident, $acc_next:ident, $weights:expr) => {
+            ($acts:expr, $nb:expr, $range:expr, $acc:ident, $acc_next:ident, $weights:expr,
+             $signed_weights:expr) => {
                 for b in $range.clone().step_by(4) {
                     for (b, acc) in [(b, &mut $acc), (b + 2, &mut $acc_next)] {
                         if b >= $range.end {
                             break;
                         }
                         let mask = masks(b, $nb);
-                        let (w, d, negative): (__m512i, __m512, Option<__mmask64>) =
-                            $weights(b, b + 1 < $nb);
+                        let (w, d, init): (__m512i, __m512, __m512i) = $weights(b, b + 1 < $nb);
                         for r in 0..R {
-                            let (q, ad) = pair(&$acts, r * $nb + b, mask);
-                            // Signed weights: `q` negated where `w < 0`, times `|w|`.
-                            let q = match negative {
-                                Some(k) => _mm512_mask_sub_epi8(q, k, _mm512_setzero_si512(), q),
-                                None => q,
+                            let (q, ad) = pair(&$acts, $signed_weights, r * $nb + b, mask);
+                            let dot = if $signed_weights {
+                                _mm512_dpbusd_epi32(init, q, w)
+                            } else {
+                                _mm512_dpbusd_epi32(init, w, q)
                             };
-                            let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, q);
                             let scale = _mm512_mul_ps(d, ad);
                             acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[r]);
                         }
@@ -819,9 +832,9 @@ mod avx512 {
                         };
                         let packed = _mm512_inserti64x4(_mm512_castsi256_si512(p0), p1, 1);
                         let nibbles = _mm512_and_si512(_mm512_srlv_epi64(packed, shift), low);
-                        (nibbles, spread(dm, 0, 2), None)
+                        (nibbles, spread(dm, 0, 2), _mm512_setzero_si512())
                     };
-                    pairs!(acts, nb, blocks, even, odd_pairs, weights);
+                    pairs!(acts, nb, blocks, even, odd_pairs, weights, false);
                     for k in blocks.clone().step_by(16) {
                         let lanes = (((1u32 << (blocks.end - k).min(16)) - 1) & 0xffff) as u16;
                         let at = dm_kept.as_ptr().add(2 * (k - span));
@@ -840,7 +853,8 @@ mod avx512 {
             }
         }
 
-        /// Q8_0: signed times signed, through `|w|` and `q` negated where `w < 0`.
+        /// Q8_0: signed weights times the activations offset to unsigned (`q + 128`), from
+        /// `-128 * sum(w)` per lane: one `vpdpbusd` per pair computes that sum for all rows.
         #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
         pub unsafe fn q8_0<const R: usize>(
             weights: &[u8],
@@ -848,6 +862,7 @@ mod avx512 {
             acts: Acts<'_>,
             out: Columns,
         ) {
+            let offset_bytes = _mm512_set1_epi8(-128);
             let n_out = weights.len() / (nb * 34);
             for o in 0..n_out {
                 let row = weights.as_ptr().add(o * nb * 34);
@@ -866,9 +881,10 @@ mod avx512 {
                         _mm256_setzero_si256()
                     };
                     let w = _mm512_inserti64x4(_mm512_castsi256_si512(w0), w1, 1);
-                    (_mm512_abs_epi8(w), d, Some(_mm512_movepi8_mask(w)))
+                    let offset = _mm512_dpbusd_epi32(_mm512_setzero_si512(), offset_bytes, w);
+                    (w, d, _mm512_sub_epi32(_mm512_setzero_si512(), offset))
                 };
-                pairs!(acts, nb, (0..nb), even, odd, weights);
+                pairs!(acts, nb, (0..nb), even, odd, weights, true);
                 for r in 0..R {
                     let sum = _mm512_add_ps(even[r], odd[r]);
                     out.write(o, r, _mm512_reduce_add_ps(sum));
