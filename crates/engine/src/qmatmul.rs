@@ -12,9 +12,10 @@
 //! - Q4_1 weight `w = d_w * n + m_w` (`n` in 0..16): `d_w d_x sum(n q) + m_w s_x`;
 //! - Q8_0 weight `w = d_w * n` (`n` in -127..=127): `d_w d_x sum(n q)`.
 //!
-//! Kernels, picked at run time by CPU feature: AVX-512 with VNNI (`vpdpbusd` on two blocks per
-//! instruction, and per block pair one scale product and two FMAs per row), AVX-VNNI or AVX2
-//! (one block per instruction), else a scalar loop computing the same sums. Each output is
+//! Kernels, picked at run time by CPU feature: with AVX-512 VNNI, weights whose row count is a
+//! multiple of 16 are stored interleaved at load, 16 rows side by side ([`interleaved`]), and
+//! the others row-major with two blocks per `vpdpbusd` ([`avx512`]); AVX-VNNI or AVX2 (one
+//! block per instruction); else a scalar loop computing the same sums. Each output is
 //! computed by one kernel call from its own activation row and weight row only, so a row's
 //! result never depends on the other rows of a batch.
 
@@ -22,6 +23,8 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use rayon::prelude::*;
 
 use crate::error::{EngineError, Result};
+
+mod interleaved;
 
 /// Values per quantized block, for weights and activations alike.
 pub const BLOCK: usize = 32;
@@ -60,12 +63,24 @@ impl QuantKind {
     }
 }
 
-/// A weight matrix `[out_dim, in_dim]` in GGUF blocks, row-major, `in_dim / 32` blocks a row.
+/// How a [`QuantMatrix`] stores its blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// GGUF's: row-major, `in_dim / 32` blocks a row.
+    Rows,
+    /// Runs of 16 rows side by side, block by block ([`interleaved`]): chosen where the CPU
+    /// runs its kernels and `out_dim` is a multiple of 16.
+    Interleaved,
+}
+
+/// A weight matrix `[out_dim, in_dim]` in GGUF blocks, `in_dim / 32` blocks a row, stored in
+/// the layout the fastest kernel of this CPU reads.
 #[derive(Debug, Clone)]
 pub struct QuantMatrix {
     kind: QuantKind,
     out_dim: usize,
     in_dim: usize,
+    layout: Layout,
     blocks: Vec<u8>,
 }
 
@@ -103,7 +118,20 @@ impl QuantMatrix {
                 blocks.len()
             )));
         }
-        Ok(Self { kind, out_dim, in_dim, blocks })
+        let rows = Self { kind, out_dim, in_dim, layout: Layout::Rows, blocks };
+        let interleave = interleaved::available() && out_dim.is_multiple_of(interleaved::ROWS);
+        Ok(if interleave { rows.with_layout(Layout::Interleaved) } else { rows })
+    }
+
+    /// The same matrix stored in `layout`.
+    fn with_layout(self, layout: Layout) -> Self {
+        if layout == self.layout {
+            return self;
+        }
+        let nb = self.in_dim / BLOCK;
+        let to_interleaved = layout == Layout::Interleaved;
+        let blocks = interleaved::rearrange(self.kind, nb, &self.blocks, to_interleaved);
+        Self { layout, blocks, ..self }
     }
 
     pub fn kind(&self) -> QuantKind {
@@ -133,10 +161,11 @@ impl QuantMatrix {
         Self::matmul_many(&[self], x, &mut [out])
     }
 
-    /// [`Self::matmul`] with the plain scalar kernel (the reference the SIMD one is tested
-    /// against, and the fallback on CPUs without AVX2).
+    /// [`Self::matmul`] with the plain scalar kernel (the reference the SIMD ones are tested
+    /// against, and the fallback on CPUs without AVX2), on a row-major copy if need be.
     pub fn matmul_scalar(&self, x: &QuantizedRows, out: &mut [f32]) {
-        Self::run(&[self], x, &mut [out], scalar_kernel)
+        let rows = self.clone().with_layout(Layout::Rows);
+        Self::run(&[&rows], x, &mut [out], scalar_kernel)
     }
 
     /// `outs[i] = x W_i^T` for several weights that read the same activations, in one
@@ -149,7 +178,7 @@ impl QuantMatrix {
         weights: &[&QuantMatrix],
         x: &QuantizedRows,
         outs: &mut [&mut [f32]],
-        kernel_of: fn(QuantKind) -> Kernel,
+        kernel_of: fn(QuantKind, Layout) -> Kernel,
     ) {
         let rows = x.rows;
         assert_eq!(weights.len(), outs.len(), "one output per weight");
@@ -159,7 +188,9 @@ impl QuantMatrix {
         }
         // Each task owns a contiguous run of weight rows, so the columns of `out` it writes.
         let tasks = weights.par_iter().zip(outs.par_iter_mut()).flat_map(|(w, out)| {
+            let unit = if w.layout == Layout::Interleaved { interleaved::ROWS } else { 1 };
             let task_rows = (TASK_BYTES / w.row_bytes()).clamp(4, w.out_dim.max(4));
+            let task_rows = task_rows.next_multiple_of(unit);
             let out = Columns { ptr: out.as_mut_ptr(), stride: w.out_dim };
             (0..w.out_dim.div_ceil(task_rows)).into_par_iter().map(move |i| {
                 let first = i * task_rows;
@@ -169,7 +200,7 @@ impl QuantMatrix {
         tasks.for_each(|(w, columns, out)| {
             let row_bytes = w.row_bytes();
             let blocks = &w.blocks[columns.start * row_bytes..columns.end * row_bytes];
-            let kernel = kernel_of(w.kind);
+            let kernel = kernel_of(w.kind, w.layout);
             for group in (0..rows).step_by(ROW_GROUP) {
                 let group_rows = (rows - group).min(ROW_GROUP);
                 let acts = x.group(group, group_rows);
@@ -214,7 +245,16 @@ impl Columns {
     /// one of its weight rows.
     #[inline(always)]
     unsafe fn write(self, o: usize, r: usize, v: f32) {
-        *self.ptr.add(r * self.stride + o) = v;
+        *self.at_mut(o, r) = v;
+    }
+
+    /// Where `(r, o)` is, for a vector store of the columns from `o`.
+    ///
+    /// # Safety
+    /// As [`Self::write`]'s, for every column written there.
+    #[inline(always)]
+    unsafe fn at_mut(self, o: usize, r: usize) -> *mut f32 {
+        self.ptr.add(r * self.stride + o)
     }
 }
 
@@ -347,7 +387,15 @@ fn quantize_block(x: &[f32], qs: &mut [i8]) -> (f32, f32) {
 /// `out` must have room for `group_rows` rows and as many columns as `weights` holds rows.
 type Kernel = unsafe fn(&[u8], usize, Acts<'_>, usize, Columns);
 
-fn kernel_for(kind: QuantKind) -> Kernel {
+fn kernel_for(kind: QuantKind, layout: Layout) -> Kernel {
+    #[cfg(target_arch = "x86_64")]
+    if layout == Layout::Interleaved {
+        return match kind {
+            QuantKind::Q4_1 => interleaved::q4_1,
+            QuantKind::Q8_0 => interleaved::q8_0,
+        };
+    }
+    debug_assert_eq!(layout, Layout::Rows, "interleaved only where its kernels run");
     #[cfg(target_arch = "x86_64")]
     if avx512::available() {
         return match kind {
@@ -369,29 +417,29 @@ fn kernel_for(kind: QuantKind) -> Kernel {
             QuantKind::Q8_0 => avx2::q8_0,
         };
     }
-    scalar_kernel(kind)
+    scalar_kernel(kind, layout)
 }
 
 /// Every kernel this CPU can run, the scalar one first (for tests).
 #[cfg(test)]
-fn all_kernels() -> Vec<fn(QuantKind) -> Kernel> {
-    let mut kernels: Vec<fn(QuantKind) -> Kernel> = vec![scalar_kernel];
+fn all_kernels() -> Vec<fn(QuantKind, Layout) -> Kernel> {
+    let mut kernels: Vec<fn(QuantKind, Layout) -> Kernel> = vec![scalar_kernel];
     #[cfg(target_arch = "x86_64")]
     {
         if crate::cpu::has_avx2_fma_f16c() {
-            kernels.push(|kind| match kind {
+            kernels.push(|kind, _| match kind {
                 QuantKind::Q4_1 => avx2::q4_1,
                 QuantKind::Q8_0 => avx2::q8_0,
             });
         }
         if avx2::vnni_available() {
-            kernels.push(|kind| match kind {
+            kernels.push(|kind, _| match kind {
                 QuantKind::Q4_1 => avx2::q4_1_vnni,
                 QuantKind::Q8_0 => avx2::q8_0_vnni,
             });
         }
         if avx512::available() {
-            kernels.push(|kind| match kind {
+            kernels.push(|kind, _| match kind {
                 QuantKind::Q4_1 => avx512::q4_1,
                 QuantKind::Q8_0 => avx512::q8_0,
             });
@@ -400,7 +448,8 @@ fn all_kernels() -> Vec<fn(QuantKind) -> Kernel> {
     kernels
 }
 
-fn scalar_kernel(kind: QuantKind) -> Kernel {
+fn scalar_kernel(kind: QuantKind, layout: Layout) -> Kernel {
+    debug_assert_eq!(layout, Layout::Rows, "the scalar kernels read row-major blocks");
     match kind {
         QuantKind::Q4_1 => scalar_q4_1,
         QuantKind::Q8_0 => scalar_q8_0,
@@ -907,6 +956,7 @@ mod tests {
 
     /// Dequantized weight `[out, in]` from the blocks, by the format's definition.
     fn dequantize(m: &QuantMatrix) -> Vec<f32> {
+        let m = &m.clone().with_layout(Layout::Rows);
         let bb = m.kind.block_bytes();
         m.blocks
             .chunks_exact(bb)
@@ -930,7 +980,7 @@ mod tests {
     fn blocks_dequantize_as_candle_does() {
         let mut rng = StdRng::seed_from_u64(1);
         for kind in [QuantKind::Q4_1, QuantKind::Q8_0] {
-            let w = Tensor::from_vec(random(5 * 64, &mut rng), (5, 64), &Device::Cpu).unwrap();
+            let w = Tensor::from_vec(random(16 * 64, &mut rng), (16, 64), &Device::Cpu).unwrap();
             let m = QuantMatrix::quantize(&w, kind).unwrap();
             let dtype = if kind == QuantKind::Q4_1 { GgmlDType::Q4_1 } else { GgmlDType::Q8_0 };
             let candle = QTensor::quantize(&w, dtype).unwrap().dequantize(&Device::Cpu).unwrap();
@@ -941,26 +991,32 @@ mod tests {
 
     /// The scalar kernel against the dequantized weights times the dequantized activations
     /// in f64; every SIMD kernel the CPU has against the scalar one, for 1 to 8 rows (and 11:
-    /// two row groups) and odd shapes; several weights in one region as each alone.
+    /// two row groups) and odd shapes, on row-major blocks and (where chosen) interleaved
+    /// ones; several weights in one region as each alone.
     #[test]
     fn kernels_match_a_plain_reference() {
         let mut rng = StdRng::seed_from_u64(7);
         for kind in [QuantKind::Q4_1, QuantKind::Q8_0] {
             // 71 blocks: more than one span of Q4_1 offsets (64 blocks), an odd count.
-            for (out_dim, in_dim) in [(1, 32), (7, 96), (130, 64), (19, 288), (5, 71 * 32)] {
+            let shapes =
+                [(1, 32), (7, 96), (130, 64), (19, 288), (5, 71 * 32), (16, 64), (48, 288)];
+            for (out_dim, in_dim) in shapes.into_iter().chain([(32, 71 * 32), (1040, 96)]) {
                 let w = random(out_dim * in_dim, &mut rng);
                 let w = Tensor::from_vec(w, (out_dim, in_dim), &Device::Cpu).unwrap();
                 let m = QuantMatrix::quantize(&w, kind).unwrap();
+                let interleave = interleaved::available() && out_dim % interleaved::ROWS == 0;
+                assert_eq!(m.layout == Layout::Interleaved, interleave, "{out_dim} rows");
+                let row_major = m.clone().with_layout(Layout::Rows);
                 let dense = dequantize(&m);
                 for rows in (1..=8).chain([11]) {
                     let x = QuantizedRows::new(&random(rows * in_dim, &mut rng), rows);
                     let mut scalar = vec![0.0; rows * out_dim];
                     m.matmul_scalar(&x, &mut scalar);
-                    let simd: Vec<Vec<f32>> = all_kernels()
+                    let mut simd: Vec<Vec<f32>> = all_kernels()
                         .into_iter()
                         .map(|kernel| {
                             let mut out = vec![0.0; rows * out_dim];
-                            QuantMatrix::run(&[&m], &x, &mut [&mut out], kernel);
+                            QuantMatrix::run(&[&row_major], &x, &mut [&mut out], kernel);
                             out
                         })
                         .collect();
@@ -970,6 +1026,8 @@ mod tests {
                     let mut alone = vec![0.0; rows * out_dim];
                     m.matmul(&x, &mut alone);
                     assert!(a == alone && b == alone, "{kind:?}: matmul_many differs");
+                    // The layout this CPU chose, through its own kernel.
+                    simd.push(alone);
                     for r in 0..rows {
                         let nb = in_dim / 32;
                         let xs: Vec<f64> = (r * nb..(r + 1) * nb)

@@ -1,0 +1,236 @@
+//! The weight layout and kernels for batched decode on AVX-512 VNNI, after llama.cpp's
+//! repacked quantized types: runs of [`ROWS`] weight rows are stored block by block, with the
+//! same value positions of the 16 rows side by side, so that one `vpdpbusd` multiplies four
+//! weights of each of 16 rows by the same four activation bytes (broadcast), and every float
+//! instruction scales and adds 16 different outputs.
+//!
+//! In the row-major GGUF layout ([`super::avx512`]) a 512-bit vector holds two blocks of one
+//! row; its 16 sums belong to two outputs, so each activation row pays a conversion, a scale
+//! product and an FMA per two blocks, and the weights take about nine instructions per two
+//! blocks to unpack. Here an activation row pays per block and 16 outputs eight `vpdpbusd`
+//! and the same three float instructions, and unpacking takes about one instruction per block
+//! and row: batched rows cost less each, and one row is closer to reading memory.
+//!
+//! Layout, per run of 16 rows, per block `b`, `16 * block_bytes` bytes:
+//! - Q4_1: the 16 scales `d` (f16), the 16 offsets `m` (f16), then four 64-byte vectors; in
+//!   vector `j`, bytes `4i..4i + 4` are row `i`'s packed bytes `4j..4j + 4` (whose low
+//!   nibbles are values `4j..4j + 4`, high nibbles values `16 + 4j..`).
+//! - Q8_0: the 16 scales `d` (f16), then eight 64-byte vectors; in vector `j`, bytes
+//!   `4i..4i + 4` are row `i`'s values `4j..4j + 4`.
+//!
+//! Each output is still one kernel call's sum over its own activation row, so a row's result
+//! does not depend on the other rows of a batch.
+
+use super::QuantKind;
+
+/// Weight rows stored side by side: the f32 lanes of a 512-bit vector.
+pub(super) const ROWS: usize = 16;
+
+/// Whether this CPU runs the kernels (the layout is only chosen where it does).
+pub(super) fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        super::avx512::available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Bytes of a block's scales (`d`, and Q4_1's `m`), which lead it in both layouts.
+fn scale_bytes(kind: QuantKind) -> usize {
+    match kind {
+        QuantKind::Q4_1 => 4,
+        QuantKind::Q8_0 => 2,
+    }
+}
+
+/// Moves GGUF row-major blocks (`[out_dim, nb]` blocks of `kind`, `out_dim` a multiple of
+/// [`ROWS`]) into the interleaved layout, or back with `to_interleaved` false.
+pub(super) fn rearrange(kind: QuantKind, nb: usize, from: &[u8], to_interleaved: bool) -> Vec<u8> {
+    let bb = kind.block_bytes();
+    let (head, values) = (scale_bytes(kind), bb - scale_bytes(kind));
+    let mut to = vec![0u8; from.len()];
+    for run in 0..from.len() / (ROWS * nb * bb) {
+        for b in 0..nb {
+            let packed = (run * nb + b) * ROWS * bb;
+            for i in 0..ROWS {
+                let row = ((run * ROWS + i) * nb + b) * bb;
+                // (row-major offset, interleaved offset, length) of each piece of the block.
+                let scales = (0..head / 2).map(|k| (row + 2 * k, packed + 2 * (k * ROWS + i), 2));
+                let words = (0..values / 4)
+                    .map(|j| (row + head + 4 * j, packed + ROWS * head + 64 * j + 4 * i, 4));
+                for (r, p, len) in scales.chain(words) {
+                    let (src, dst) = if to_interleaved { (r, p) } else { (p, r) };
+                    to[dst..dst + len].copy_from_slice(&from[src..src + len]);
+                }
+            }
+        }
+    }
+    to
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(super) use kernels::{q4_1, q8_0};
+
+// Row indices address several per-row arrays at once.
+#[allow(clippy::needless_range_loop)]
+#[cfg(target_arch = "x86_64")]
+mod kernels {
+    use std::arch::x86_64::*;
+
+    use super::ROWS;
+
+    /// How far ahead the weights are prefetched, in bytes.
+    const PREFETCH: usize = 8192;
+    use crate::qmatmul::{Acts, Columns, QuantKind, BLOCK, LANES};
+
+    /// Dispatches on the group's row count so each variant keeps its accumulators in
+    /// registers.
+    macro_rules! by_rows {
+        ($name:ident, $rows:ident, $kind:ident) => {
+            /// # Safety
+            /// As a [`crate::qmatmul::Kernel`]'s, with `weights` in the interleaved layout.
+            pub unsafe fn $name(
+                weights: &[u8],
+                nb: usize,
+                acts: Acts<'_>,
+                rows: usize,
+                out: Columns,
+            ) {
+                assert!(super::available());
+                let run_bytes = ROWS * nb * QuantKind::$kind.block_bytes();
+                assert!(!weights.is_empty() && weights.len().is_multiple_of(run_bytes));
+                assert!(acts.fits(rows, nb));
+                // SAFETY: the CPU features were checked above; the sizes of `weights` and `acts`
+                // were checked against what the kernel reads; `out` is the caller's promise.
+                unsafe {
+                    match rows {
+                        1 => $rows::<1>(weights, nb, acts, out),
+                        2 => $rows::<2>(weights, nb, acts, out),
+                        3 => $rows::<3>(weights, nb, acts, out),
+                        4 => $rows::<4>(weights, nb, acts, out),
+                        5 => $rows::<5>(weights, nb, acts, out),
+                        6 => $rows::<6>(weights, nb, acts, out),
+                        7 => $rows::<7>(weights, nb, acts, out),
+                        8 => $rows::<8>(weights, nb, acts, out),
+                        _ => unreachable!("row groups hold 1 to 8 rows"),
+                    }
+                }
+            }
+        };
+    }
+
+    by_rows!(q4_1, q4_1_rows, Q4_1);
+    by_rows!(q8_0, q8_0_rows, Q8_0);
+
+    /// The four activation bytes from byte `at` in every 32-bit lane.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn broadcast(bytes: *const u8, at: usize) -> __m512i {
+        _mm512_set1_epi32((bytes.add(at) as *const i32).read_unaligned())
+    }
+
+    /// Asks for the cache lines of `bytes` bytes from `PREFETCH` past `block` (the weights a
+    /// few blocks on): with several rows' arithmetic per block, the out-of-order window
+    /// holds too few blocks to keep enough of memory's reads in flight by itself.
+    #[target_feature(enable = "sse")]
+    #[inline]
+    unsafe fn prefetch(block: *const u8, bytes: usize) {
+        for line in (0..bytes).step_by(64) {
+            // A prefetch never faults, so the address may run past the weights.
+            _mm_prefetch::<_MM_HINT_T0>(block.wrapping_add(PREFETCH + line).cast());
+        }
+    }
+
+    /// Writes the 16 outputs of `acc` to rows `r` and columns `o..o + 16`.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn store(out: Columns, o: usize, r: usize, acc: __m512) {
+        _mm512_storeu_ps(out.at_mut(o, r), acc)
+    }
+
+    /// Q4_1: per block, four vectors of packed bytes give eight of nibbles (AND, and shift
+    /// then AND); each activation row takes them in two chains of four `vpdpbusd` (unsigned
+    /// nibbles times broadcast signed activations), then `sum * d * d_x + m * s_x` for the 16
+    /// rows.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    unsafe fn q4_1_rows<const R: usize>(weights: &[u8], nb: usize, acts: Acts<'_>, out: Columns) {
+        let low = _mm512_set1_epi8(0x0f);
+        let bb = QuantKind::Q4_1.block_bytes();
+        let qs = acts.qs.as_ptr().cast::<u8>();
+        for run in 0..weights.len() / (ROWS * nb * bb) {
+            let mut acc = [_mm512_setzero_ps(); R];
+            for b in 0..nb {
+                let block = weights.as_ptr().add((run * nb + b) * ROWS * bb);
+                prefetch(block, ROWS * bb);
+                let d = _mm512_cvtph_ps(_mm256_loadu_si256(block.cast()));
+                let m = _mm512_cvtph_ps(_mm256_loadu_si256(block.add(32).cast()));
+                let mut nibbles = [_mm512_setzero_si512(); 8];
+                for j in 0..4 {
+                    let packed = _mm512_loadu_si512(block.add(64 + 64 * j).cast());
+                    nibbles[j] = _mm512_and_si512(packed, low);
+                    nibbles[4 + j] = _mm512_and_si512(_mm512_srli_epi16::<4>(packed), low);
+                }
+                for r in 0..R {
+                    let at = (r * nb + b) * BLOCK;
+                    let (mut lo, mut hi) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+                    for j in 0..4 {
+                        lo = _mm512_dpbusd_epi32(lo, nibbles[j], broadcast(qs, at + 4 * j));
+                        hi =
+                            _mm512_dpbusd_epi32(hi, nibbles[4 + j], broadcast(qs, at + 16 + 4 * j));
+                    }
+                    let sum = _mm512_cvtepi32_ps(_mm512_add_epi32(lo, hi));
+                    let dx = _mm512_set1_ps(*acts.d.get_unchecked((r * nb + b) * LANES));
+                    let sx = _mm512_set1_ps(*acts.s.get_unchecked(r * nb + b));
+                    acc[r] = _mm512_fmadd_ps(sum, _mm512_mul_ps(d, dx), acc[r]);
+                    acc[r] = _mm512_fmadd_ps(m, sx, acc[r]);
+                }
+            }
+            for r in 0..R {
+                store(out, run * ROWS, r, acc[r]);
+            }
+        }
+    }
+
+    /// Q8_0: signed weights times the activations offset to unsigned (`q + 128`), each block's
+    /// sum started from `-128 * sum(w)` (eight `vpdpbusd` per block for all rows), in two
+    /// chains of four per activation row, then `sum * d * d_x` for the 16 rows.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    unsafe fn q8_0_rows<const R: usize>(weights: &[u8], nb: usize, acts: Acts<'_>, out: Columns) {
+        let offset_bytes = _mm512_set1_epi8(-128);
+        let bb = QuantKind::Q8_0.block_bytes();
+        let qu = acts.qu.as_ptr();
+        for run in 0..weights.len() / (ROWS * nb * bb) {
+            let mut acc = [_mm512_setzero_ps(); R];
+            for b in 0..nb {
+                let block = weights.as_ptr().add((run * nb + b) * ROWS * bb);
+                prefetch(block, ROWS * bb);
+                let d = _mm512_cvtph_ps(_mm256_loadu_si256(block.cast()));
+                let mut w = [_mm512_setzero_si512(); 8];
+                let mut offset = _mm512_setzero_si512();
+                for (j, w) in w.iter_mut().enumerate() {
+                    *w = _mm512_loadu_si512(block.add(32 + 64 * j).cast());
+                    offset = _mm512_dpbusd_epi32(offset, offset_bytes, *w);
+                }
+                let start = _mm512_sub_epi32(_mm512_setzero_si512(), offset);
+                for r in 0..R {
+                    let at = (r * nb + b) * BLOCK;
+                    let (mut first, mut second) = (start, _mm512_setzero_si512());
+                    for j in 0..4 {
+                        first = _mm512_dpbusd_epi32(first, broadcast(qu, at + 4 * j), w[j]);
+                        second =
+                            _mm512_dpbusd_epi32(second, broadcast(qu, at + 16 + 4 * j), w[4 + j]);
+                    }
+                    let sum = _mm512_cvtepi32_ps(_mm512_add_epi32(first, second));
+                    let dx = _mm512_set1_ps(*acts.d.get_unchecked((r * nb + b) * LANES));
+                    acc[r] = _mm512_fmadd_ps(sum, _mm512_mul_ps(d, dx), acc[r]);
+                }
+            }
+            for r in 0..R {
+                store(out, run * ROWS, r, acc[r]);
+            }
+        }
+    }
+}
