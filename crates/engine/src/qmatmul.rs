@@ -24,6 +24,46 @@ use rayon::prelude::*;
 
 use crate::error::{EngineError, Result};
 
+/// Defines `$name`, a [`Kernel`] that checks the CPU (`$available`) and the sizes of what it
+/// reads (whole weight rows of `$kind`, a multiple of `$unit` of them), then runs
+/// `$kernel::<R>` for the group's row count `R`, so each variant keeps its accumulators in
+/// registers.
+#[cfg(target_arch = "x86_64")]
+macro_rules! kernel_by_rows {
+    ($name:ident, $($kernel:ident)::+, $kind:ident, $unit:expr, $available:path) => {
+        /// # Safety
+        /// As a [`Kernel`](crate::qmatmul::Kernel)'s.
+        pub unsafe fn $name(
+            weights: &[u8],
+            nb: usize,
+            acts: Acts<'_>,
+            rows: usize,
+            out: Columns,
+        ) {
+            assert!($available());
+            let row_bytes = nb * crate::qmatmul::QuantKind::$kind.block_bytes();
+            let n_out = weights.len() / row_bytes.max(1);
+            assert!(n_out > 0 && n_out.is_multiple_of($unit) && weights.len() == n_out * row_bytes);
+            assert!(acts.fits(rows, nb));
+            // SAFETY: the CPU features were checked above; the sizes of `weights` and `acts`
+            // were checked against what the kernel reads; `out` is the caller's promise.
+            unsafe {
+                match rows {
+                    1 => $($kernel)::+::<1>(weights, nb, acts, out),
+                    2 => $($kernel)::+::<2>(weights, nb, acts, out),
+                    3 => $($kernel)::+::<3>(weights, nb, acts, out),
+                    4 => $($kernel)::+::<4>(weights, nb, acts, out),
+                    5 => $($kernel)::+::<5>(weights, nb, acts, out),
+                    6 => $($kernel)::+::<6>(weights, nb, acts, out),
+                    7 => $($kernel)::+::<7>(weights, nb, acts, out),
+                    8 => $($kernel)::+::<8>(weights, nb, acts, out),
+                    _ => unreachable!("row groups hold 1 to 8 rows"),
+                }
+            }
+        }
+    };
+}
+
 mod interleaved;
 
 /// Values per quantized block, for weights and activations alike.
@@ -514,44 +554,10 @@ mod avx2 {
         has_avx2_fma_f16c() && is_x86_feature_detected!("avxvnni")
     }
 
-    /// Dispatches on the group's row count so each variant keeps its accumulators in
-    /// registers.
-    macro_rules! by_rows {
-        ($name:ident, $module:ident, $kernel:ident, $kind:ident, $available:ident) => {
-            /// # Safety
-            /// As a [`super::Kernel`]'s.
-            pub unsafe fn $name(
-                weights: &[u8],
-                nb: usize,
-                acts: Acts<'_>,
-                rows: usize,
-                out: Columns,
-            ) {
-                assert!($available());
-                let n_out = weights.len() / (nb * super::QuantKind::$kind.block_bytes());
-                assert!(n_out > 0 && acts.fits(rows, nb));
-                // SAFETY: the CPU features were checked above; the sizes of `weights` and `acts`
-                // were checked against what the kernel reads; `out` is the caller's promise.
-                unsafe {
-                    match rows {
-                        1 => $module::$kernel::<1>(weights, nb, acts, out),
-                        2 => $module::$kernel::<2>(weights, nb, acts, out),
-                        3 => $module::$kernel::<3>(weights, nb, acts, out),
-                        4 => $module::$kernel::<4>(weights, nb, acts, out),
-                        5 => $module::$kernel::<5>(weights, nb, acts, out),
-                        6 => $module::$kernel::<6>(weights, nb, acts, out),
-                        7 => $module::$kernel::<7>(weights, nb, acts, out),
-                        8 => $module::$kernel::<8>(weights, nb, acts, out),
-                        _ => unreachable!("row groups hold 1 to 8 rows"),
-                    }
-                }
-            }
-        };
-    }
-    by_rows!(q4_1, maddubs, q4_1, Q4_1, has_avx2_fma_f16c);
-    by_rows!(q8_0, maddubs, q8_0, Q8_0, has_avx2_fma_f16c);
-    by_rows!(q4_1_vnni, vnni, q4_1, Q4_1, vnni_available);
-    by_rows!(q8_0_vnni, vnni, q8_0, Q8_0, vnni_available);
+    kernel_by_rows!(q4_1, maddubs::q4_1, Q4_1, 1, has_avx2_fma_f16c);
+    kernel_by_rows!(q8_0, maddubs::q8_0, Q8_0, 1, has_avx2_fma_f16c);
+    kernel_by_rows!(q4_1_vnni, vnni::q4_1, Q4_1, 1, vnni_available);
+    kernel_by_rows!(q8_0_vnni, vnni::q8_0, Q8_0, 1, vnni_available);
 
     /// The kernels for one way of taking 32 byte products into 8 lanes of i32 (`$dot`),
     /// compiled for `$features`.
@@ -690,40 +696,8 @@ mod avx512 {
             && is_x86_feature_detected!("f16c")
     }
 
-    macro_rules! by_rows {
-        ($name:ident, $kind:ident) => {
-            /// # Safety
-            /// As a [`super::Kernel`]'s.
-            pub unsafe fn $name(
-                weights: &[u8],
-                nb: usize,
-                acts: Acts<'_>,
-                rows: usize,
-                out: Columns,
-            ) {
-                assert!(available());
-                let n_out = weights.len() / (nb * super::QuantKind::$kind.block_bytes());
-                assert!(n_out > 0 && acts.fits(rows, nb));
-                // SAFETY: the CPU features were checked above; the sizes of `weights` and `acts`
-                // were checked against what the kernel reads; `out` is the caller's promise.
-                unsafe {
-                    match rows {
-                        1 => kernels::$name::<1>(weights, nb, acts, out),
-                        2 => kernels::$name::<2>(weights, nb, acts, out),
-                        3 => kernels::$name::<3>(weights, nb, acts, out),
-                        4 => kernels::$name::<4>(weights, nb, acts, out),
-                        5 => kernels::$name::<5>(weights, nb, acts, out),
-                        6 => kernels::$name::<6>(weights, nb, acts, out),
-                        7 => kernels::$name::<7>(weights, nb, acts, out),
-                        8 => kernels::$name::<8>(weights, nb, acts, out),
-                        _ => unreachable!("row groups hold 1 to 8 rows"),
-                    }
-                }
-            }
-        };
-    }
-    by_rows!(q4_1, Q4_1);
-    by_rows!(q8_0, Q8_0);
+    kernel_by_rows!(q4_1, kernels::q4_1, Q4_1, 1, available);
+    kernel_by_rows!(q8_0, kernels::q8_0, Q8_0, 1, available);
 
     /// [`super::quantize_block`] on 16 lanes, bit for bit: the same scale, the same product
     /// `x * (1 / d)`, and rounding of halves away from zero (truncate, then step away from

@@ -86,44 +86,8 @@ mod kernels {
     const PREFETCH: usize = 8192;
     use crate::qmatmul::{Acts, Columns, QuantKind, BLOCK, LANES};
 
-    /// Dispatches on the group's row count so each variant keeps its accumulators in
-    /// registers.
-    macro_rules! by_rows {
-        ($name:ident, $rows:ident, $kind:ident) => {
-            /// # Safety
-            /// As a [`crate::qmatmul::Kernel`]'s, with `weights` in the interleaved layout.
-            pub unsafe fn $name(
-                weights: &[u8],
-                nb: usize,
-                acts: Acts<'_>,
-                rows: usize,
-                out: Columns,
-            ) {
-                assert!(super::available());
-                let run_bytes = ROWS * nb * QuantKind::$kind.block_bytes();
-                assert!(!weights.is_empty() && weights.len().is_multiple_of(run_bytes));
-                assert!(acts.fits(rows, nb));
-                // SAFETY: the CPU features were checked above; the sizes of `weights` and `acts`
-                // were checked against what the kernel reads; `out` is the caller's promise.
-                unsafe {
-                    match rows {
-                        1 => $rows::<1>(weights, nb, acts, out),
-                        2 => $rows::<2>(weights, nb, acts, out),
-                        3 => $rows::<3>(weights, nb, acts, out),
-                        4 => $rows::<4>(weights, nb, acts, out),
-                        5 => $rows::<5>(weights, nb, acts, out),
-                        6 => $rows::<6>(weights, nb, acts, out),
-                        7 => $rows::<7>(weights, nb, acts, out),
-                        8 => $rows::<8>(weights, nb, acts, out),
-                        _ => unreachable!("row groups hold 1 to 8 rows"),
-                    }
-                }
-            }
-        };
-    }
-
-    by_rows!(q4_1, q4_1_rows, Q4_1);
-    by_rows!(q8_0, q8_0_rows, Q8_0);
+    kernel_by_rows!(q4_1, q4_1_rows, Q4_1, ROWS, super::available);
+    kernel_by_rows!(q8_0, q8_0_rows, Q8_0, ROWS, super::available);
 
     /// The four activation bytes from byte `at` in every 32-bit lane.
     #[target_feature(enable = "avx512f")]
@@ -142,6 +106,22 @@ mod kernels {
             // A prefetch never faults, so the address may run past the weights.
             _mm_prefetch::<_MM_HINT_T0>(block.wrapping_add(PREFETCH + line).cast());
         }
+    }
+
+    /// Block `b` of run `run` (`bb` bytes a row's block): its address, its weights a few
+    /// blocks on asked for, and its 16 scales `d`.
+    #[target_feature(enable = "avx512f,f16c")]
+    #[inline]
+    unsafe fn block_start(
+        weights: &[u8],
+        run: usize,
+        nb: usize,
+        b: usize,
+        bb: usize,
+    ) -> (*const u8, __m512) {
+        let block = weights.as_ptr().add((run * nb + b) * ROWS * bb);
+        prefetch(block, ROWS * bb);
+        (block, _mm512_cvtph_ps(_mm256_loadu_si256(block.cast())))
     }
 
     /// Writes the 16 outputs of `acc` to rows `r` and columns `o..o + 16`.
@@ -163,9 +143,7 @@ mod kernels {
         for run in 0..weights.len() / (ROWS * nb * bb) {
             let mut acc = [_mm512_setzero_ps(); R];
             for b in 0..nb {
-                let block = weights.as_ptr().add((run * nb + b) * ROWS * bb);
-                prefetch(block, ROWS * bb);
-                let d = _mm512_cvtph_ps(_mm256_loadu_si256(block.cast()));
+                let (block, d) = block_start(weights, run, nb, b, bb);
                 let m = _mm512_cvtph_ps(_mm256_loadu_si256(block.add(32).cast()));
                 let mut nibbles = [_mm512_setzero_si512(); 8];
                 for j in 0..4 {
@@ -205,9 +183,7 @@ mod kernels {
         for run in 0..weights.len() / (ROWS * nb * bb) {
             let mut acc = [_mm512_setzero_ps(); R];
             for b in 0..nb {
-                let block = weights.as_ptr().add((run * nb + b) * ROWS * bb);
-                prefetch(block, ROWS * bb);
-                let d = _mm512_cvtph_ps(_mm256_loadu_si256(block.cast()));
+                let (block, d) = block_start(weights, run, nb, b, bb);
                 let mut w = [_mm512_setzero_si512(); 8];
                 let mut offset = _mm512_setzero_si512();
                 for (j, w) in w.iter_mut().enumerate() {
