@@ -8,8 +8,8 @@
 //! row; its 16 sums belong to two outputs, so each activation row pays a conversion, a scale
 //! product and an FMA per two blocks, and the weights take about nine instructions per two
 //! blocks to unpack. Here an activation row pays per block and 16 outputs eight `vpdpbusd`
-//! and the same three float instructions, and unpacking takes about one instruction per block
-//! and row: batched rows cost less each, and one row is closer to reading memory.
+//! and four or five other instructions, and unpacking takes about one instruction per block
+//! and weight row: batched rows cost less each, and one row is closer to reading memory.
 //!
 //! Layout, per run of 16 rows, per block `b`, `16 * block_bytes` bytes:
 //! - Q4_1: the 16 scales `d` (f16), the 16 offsets `m` (f16), then four 64-byte vectors; in
