@@ -81,10 +81,10 @@ mod kernels {
     use std::arch::x86_64::*;
 
     use super::ROWS;
+    use crate::qmatmul::{Acts, Columns, QuantKind, BLOCK, LANES};
 
     /// How far ahead the weights are prefetched, in bytes.
     const PREFETCH: usize = 8192;
-    use crate::qmatmul::{Acts, Columns, QuantKind, BLOCK, LANES};
 
     kernel_by_rows!(q4_1, q4_1_rows, Q4_1, ROWS, super::available);
     kernel_by_rows!(q8_0, q8_0_rows, Q8_0, ROWS, super::available);
