@@ -543,12 +543,15 @@ mod fused {
         for g0 in (0..group).step_by(TILE) {
             let tile = &queries[g0 * d..(g0 + TILE).min(group) * d];
             let out = &mut scores[g0 * n..];
+            // The first pass over the keys also asks for the values, which the weighing reads
+            // next.
+            let values = (g0 == 0).then_some(values);
             // SAFETY: bounds asserted above; the features are enabled here.
             unsafe {
                 match tile.len() / d {
-                    1 => logits::<T, 1>(tile, keys, d, out, n),
-                    2 => logits::<T, 2>(tile, keys, d, out, n),
-                    _ => logits::<T, 3>(tile, keys, d, out, n),
+                    1 => logits::<T, 1>(tile, keys, values, d, out, n),
+                    2 => logits::<T, 2>(tile, keys, values, d, out, n),
+                    _ => logits::<T, 3>(tile, keys, values, d, out, n),
                 }
             }
         }
@@ -579,19 +582,47 @@ mod fused {
         }
     }
 
+    /// How far ahead of the row being read the keys are prefetched, in bytes (64 rows of a
+    /// 64-wide f16 head).
+    const PREFETCH: usize = 8192;
+
+    /// Asks for the cache lines of the `bytes` bytes at `at`. A prefetch never faults, so
+    /// `at` may lie past the rows.
+    #[target_feature(enable = "sse")]
+    #[inline]
+    unsafe fn prefetch(at: *const u8, bytes: usize) {
+        for line in (0..bytes).step_by(64) {
+            _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(line).cast());
+        }
+    }
+
     /// `out[g * n + j] = queries[g] . keys[j]` for the `G` queries, `[G, d]`, and the `n`
     /// key rows, `[n, d]`: each key chunk is loaded (and converted) once for all `G`.
+    ///
+    /// Keys are prefetched [`PREFETCH`] bytes ahead and, if given, the value rows `[n, d]`
+    /// row by row: a part's rows come from memory, and the out-of-order window holds too
+    /// few rows to keep enough reads in flight by itself.
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn logits<T: Lanes, const G: usize>(
         queries: &[f32],
         keys: &[T],
+        values: Option<&[T]>,
         d: usize,
         out: &mut [f32],
         n: usize,
     ) {
         assert!(queries.len() == G * d && keys.len() >= n * d && out.len() >= (G - 1) * n + n);
+        assert!(values.is_none_or(|v| v.len() >= n * d));
         let (q, k) = (queries.as_ptr(), keys.as_ptr());
+        let row_bytes = d * size_of::<T>();
         for j in 0..n {
+            // SAFETY: prefetches never fault.
+            unsafe {
+                prefetch(k.add(j * d).cast::<u8>().wrapping_add(PREFETCH), row_bytes);
+                if let Some(values) = values {
+                    prefetch(values.as_ptr().add(j * d).cast(), row_bytes);
+                }
+            }
             let mut acc = [_mm256_setzero_ps(); G];
             for c in (0..d).step_by(8) {
                 // SAFETY: `j * d + c + 8 <= n * d` and `g * d + c + 8 <= G * d`, asserted.
