@@ -77,8 +77,12 @@ fn main() -> anyhow::Result<()> {
         .map(|i| loaded.tokenizer.encode(&prompt_text(100 + i), false))
         .collect::<Result<_, _>>()?;
     let mut best: Vec<Option<Round>> = args.sessions.iter().map(|_| None).collect();
+    // Per round, each count's aggregate speed over the first count's in the same round: the
+    // machine's speed drifts between rounds, and a round's counts run back to back.
+    let mut paired: Vec<Vec<f64>> = args.sessions.iter().map(|_| Vec::new()).collect();
     for _ in 0..args.rounds {
-        for (slot, &n) in best.iter_mut().zip(&args.sessions) {
+        let mut first_per_token = None;
+        for (i, (slot, &n)) in best.iter_mut().zip(&args.sessions).enumerate() {
             let mut engine = Engine::new(model.clone(), EngineConfig::default());
             for prompt in &prompts[..n] {
                 let request = GenerationRequest {
@@ -103,6 +107,9 @@ fn main() -> anyhow::Result<()> {
             }
             let round =
                 Round { wall: start.elapsed(), parts: Part::ALL.map(|p| profile.get(p)).to_vec() };
+            let per_token = round.wall.as_secs_f64() / n as f64;
+            let first = *first_per_token.get_or_insert(per_token);
+            paired[i].push(first / per_token);
             if slot.as_ref().is_none_or(|b| round.wall < b.wall) {
                 *slot = Some(round);
             }
@@ -144,6 +151,12 @@ fn main() -> anyhow::Result<()> {
             1.0 / (per_token / args.steps as f64),
             base.unwrap_or(per_token) / per_token
         );
+    }
+    println!();
+    print!("| speed vs first, median of rounds (paired) |");
+    for ratios in &mut paired {
+        ratios.sort_by(f64::total_cmp);
+        print!(" {:.2}x |", ratios.get(ratios.len() / 2).copied().unwrap_or(f64::NAN));
     }
     println!();
     println!("(attention and rope rows add each sequence's time; the sequences run side by side)");

@@ -313,20 +313,74 @@ fn attend_part(
         if crate::cpu::has_avx2_fma_f16c() {
             let d = part.head.head_dim();
             let (keys, values) = (part.head.stored_keys(), part.head.stored_values());
-            // SAFETY (all three): the CPU has the features these copies are compiled for.
-            match (keys, values) {
-                (RowsRef::F32(k), RowsRef::F32(v)) if d.is_multiple_of(fused::COLUMNS) => unsafe {
-                    fused::part_kernel(part, k, v, partial, exps, scratch)
-                },
-                (RowsRef::F16(k), RowsRef::F16(v)) if d.is_multiple_of(fused::COLUMNS) => unsafe {
-                    fused::part_kernel(part, k, v, partial, exps, scratch)
-                },
-                _ => unsafe { part_kernel_avx2(part, partial, exps, scratch) },
+            // SAFETY (all): the CPU has the features these copies are compiled for.
+            unsafe {
+                match fused_width(d) {
+                    Some(width) => match (keys, values) {
+                        (RowsRef::F32(k), RowsRef::F32(v)) => {
+                            fused_part(width, part, k, v, partial, exps, scratch)
+                        }
+                        (RowsRef::F16(k), RowsRef::F16(v)) => {
+                            fused_part(width, part, k, v, partial, exps, scratch)
+                        }
+                        _ => part_kernel_avx2(part, partial, exps, scratch),
+                    },
+                    None => part_kernel_avx2(part, partial, exps, scratch),
+                }
             }
             return;
         }
         part_kernel(part, partial, exps, scratch, false)
     })
+}
+
+/// Which fused kernel runs a head of width `d` here, if one does (the CPU has AVX2, FMA and
+/// F16C).
+#[cfg(target_arch = "x86_64")]
+fn fused_width(d: usize) -> Option<FusedWidth> {
+    use fused::Width;
+    if crate::cpu::has_avx512f() && d.is_multiple_of(fused::Avx512::COLUMNS) {
+        Some(FusedWidth::Avx512)
+    } else if d.is_multiple_of(fused::Avx2::COLUMNS) {
+        Some(FusedWidth::Avx2)
+    } else {
+        None
+    }
+}
+
+/// The vector width of a fused part kernel.
+#[cfg(target_arch = "x86_64")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FusedWidth {
+    Avx2,
+    Avx512,
+}
+
+/// [`fused::part_kernel`] on `width`.
+///
+/// # Safety
+/// The CPU has AVX2, FMA, F16C and, for [`FusedWidth::Avx512`], AVX-512F.
+#[cfg(target_arch = "x86_64")]
+unsafe fn fused_part<T: fused::Lanes>(
+    width: FusedWidth,
+    part: PartInput<'_>,
+    keys: &[T],
+    values: &[T],
+    partial: &mut [f32],
+    exps: Option<&mut [f32]>,
+    scratch: &mut Scratch,
+) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        match width {
+            FusedWidth::Avx2 => {
+                fused::part_kernel::<T, fused::Avx2>(part, keys, values, partial, exps, scratch)
+            }
+            FusedWidth::Avx512 => {
+                fused::part_kernel::<T, fused::Avx512>(part, keys, values, partial, exps, scratch)
+            }
+        }
+    }
 }
 
 /// What [`attend_part`] reads.
@@ -477,32 +531,43 @@ fn lanewise(values: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
     lanes.into_iter().fold(init, f)
 }
 
-/// The part kernel with f16 (or f32) rows read straight into AVX2 registers: a key or value
+/// The part kernel with f16 (or f32) rows read straight into vector registers: a key or value
 /// chunk converts inside the multiply-add loop (no widened copy in memory) and serves up to
-/// [`fused::TILE`] query heads of the group at once.
+/// [`fused::TILE`] query heads of the group at once. [`fused::Avx512`] and [`fused::Avx2`]
+/// give the logits and the weighing; the rest of a part is shared.
 #[cfg(target_arch = "x86_64")]
 mod fused {
     use std::arch::x86_64::*;
 
     use super::{exponentiate, log_count_biases, PartInput, Scratch, BLOCK};
 
-    /// Columns of a value chunk per pass; head_dim must be a multiple.
-    pub(super) const COLUMNS: usize = 16;
-    /// Query heads per pass: 3 heads x 2 row phases x 2 registers of accumulators, plus
-    /// the value chunk and the weight, fill 15 of the 16 vector registers.
+    /// Query heads per pass: with AVX2, 3 heads x 2 row phases x 2 registers of accumulators,
+    /// plus the value chunk and the weight, fill 15 of the 16 vector registers.
     pub(super) const TILE: usize = 3;
 
-    /// A stored element type whose 8 consecutive elements load as 8 f32 lanes.
+    /// How far ahead of the row being read the keys are prefetched, in bytes (64 rows of a
+    /// 64-wide f16 head).
+    const PREFETCH: usize = 8192;
+
+    /// A stored element type whose consecutive elements load as f32 lanes.
     pub(super) trait Lanes: Copy {
         /// # Safety
         /// `p` points at 8 readable elements; the CPU has AVX and F16C.
         unsafe fn load8(p: *const Self) -> __m256;
+        /// # Safety
+        /// `p` points at 16 readable elements; the CPU has AVX-512F.
+        unsafe fn load16(p: *const Self) -> __m512;
     }
     impl Lanes for f32 {
         #[inline(always)]
         unsafe fn load8(p: *const Self) -> __m256 {
             // SAFETY: the caller's contract.
             unsafe { _mm256_loadu_ps(p) }
+        }
+        #[inline(always)]
+        unsafe fn load16(p: *const Self) -> __m512 {
+            // SAFETY: the caller's contract.
+            unsafe { _mm512_loadu_ps(p) }
         }
     }
     impl Lanes for half::f16 {
@@ -511,15 +576,83 @@ mod fused {
             // SAFETY: the caller's contract; 8 f16 are 16 bytes.
             unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) }
         }
+        #[inline(always)]
+        unsafe fn load16(p: *const Self) -> __m512 {
+            // SAFETY: the caller's contract; 16 f16 are 32 bytes.
+            unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())) }
+        }
+    }
+
+    /// The logits and the weighing of a part on one vector width.
+    pub(super) trait Width {
+        /// head_dim must be a multiple of this.
+        const COLUMNS: usize;
+
+        /// `out[g * n + j] = queries[g] . keys[j]` for the `G` queries, `[G, d]`, and the
+        /// `n` key rows, `[n, d]`: each key chunk is loaded (and converted) once for all `G`.
+        /// Keys are prefetched [`PREFETCH`] bytes ahead and, if given, the value rows
+        /// `[n, d]` row by row: a part's rows come from memory, and the out-of-order window
+        /// holds too few rows to keep enough reads in flight by itself.
+        ///
+        /// # Safety
+        /// The CPU has the width's features.
+        unsafe fn logits<T: Lanes, const G: usize>(
+            queries: &[f32],
+            keys: &[T],
+            values: Option<&[T]>,
+            d: usize,
+            out: &mut [f32],
+            n: usize,
+        );
+
+        /// `out[g] = sum over j of weights[g * n + j] * values[j]` for the `G` query heads,
+        /// `out` `[G, d]`, `values` `[n, d]`, a [`BLOCK`] of rows at a time.
+        ///
+        /// # Safety
+        /// The CPU has the width's features.
+        unsafe fn weigh<T: Lanes, const G: usize>(
+            weights: &[f32],
+            values: &[T],
+            d: usize,
+            out: &mut [f32],
+            n: usize,
+        );
+    }
+
+    /// 256-bit vectors with FMA and F16C.
+    pub(super) struct Avx2;
+    /// 512-bit vectors (AVX-512F): a 64-wide row is four registers, so four rows' logits of
+    /// three query heads, or one row's weighted values of three, stay in registers.
+    pub(super) struct Avx512;
+
+    /// Asks for the cache lines of row `j` of `rows`, `row_bytes` long, `ahead` bytes on.
+    /// A prefetch never faults, so the address may lie past the rows.
+    #[target_feature(enable = "sse")]
+    #[inline]
+    unsafe fn prefetch_row<T>(rows: *const T, d: usize, j: usize, ahead: usize) {
+        let at = rows.wrapping_add(j * d).cast::<u8>().wrapping_add(ahead);
+        for line in (0..d * size_of::<T>()).step_by(64) {
+            _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(line).cast());
+        }
+    }
+
+    /// Asks for row `j` of the keys ahead and of the values (if given) now.
+    #[target_feature(enable = "sse")]
+    #[inline]
+    unsafe fn prefetch_part_row<T>(keys: *const T, values: Option<&[T]>, d: usize, j: usize) {
+        prefetch_row(keys, d, j, PREFETCH);
+        if let Some(values) = values {
+            prefetch_row(values.as_ptr(), d, j, 0);
+        }
     }
 
     /// [`super::part_kernel`] over `keys` and `values`, `[len, d]` with `d` a multiple of
-    /// [`COLUMNS`].
+    /// `W::COLUMNS`.
     ///
     /// # Safety
-    /// The CPU has AVX2, FMA and F16C.
+    /// The CPU has AVX2, FMA, F16C and `W`'s features.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn part_kernel<T: Lanes>(
+    pub(super) unsafe fn part_kernel<T: Lanes, W: Width>(
         part: PartInput<'_>,
         keys: &[T],
         values: &[T],
@@ -533,7 +666,9 @@ mod fused {
         let group = queries.len() / d;
         let n = rows.len();
         assert!(
-            d.is_multiple_of(COLUMNS) && rows.end * d <= keys.len() && rows.end * d <= values.len()
+            d.is_multiple_of(W::COLUMNS)
+                && rows.end * d <= keys.len()
+                && rows.end * d <= values.len()
         );
         let scale = 1.0 / (d as f32).sqrt();
         let meta = &head.meta()[rows.clone()];
@@ -546,12 +681,12 @@ mod fused {
             // The first pass over the keys also asks for the values, which the weighing reads
             // next.
             let values = (g0 == 0).then_some(values);
-            // SAFETY: bounds asserted above; the features are enabled here.
+            // SAFETY: bounds asserted above; the features are the caller's.
             unsafe {
                 match tile.len() / d {
-                    1 => logits::<T, 1>(tile, keys, values, d, out, n),
-                    2 => logits::<T, 2>(tile, keys, values, d, out, n),
-                    _ => logits::<T, 3>(tile, keys, values, d, out, n),
+                    1 => W::logits::<T, 1>(tile, keys, values, d, out, n),
+                    2 => W::logits::<T, 2>(tile, keys, values, d, out, n),
+                    _ => W::logits::<T, 3>(tile, keys, values, d, out, n),
                 }
             }
         }
@@ -571,9 +706,9 @@ mod fused {
             // SAFETY: as above.
             unsafe {
                 match g1 - g0 {
-                    1 => weigh::<T, 1>(weights, values, d, out, n),
-                    2 => weigh::<T, 2>(weights, values, d, out, n),
-                    _ => weigh::<T, 3>(weights, values, d, out, n),
+                    1 => W::weigh::<T, 1>(weights, values, d, out, n),
+                    2 => W::weigh::<T, 2>(weights, values, d, out, n),
+                    _ => W::weigh::<T, 3>(weights, values, d, out, n),
                 }
             }
         }
@@ -582,120 +717,224 @@ mod fused {
         }
     }
 
-    /// How far ahead of the row being read the keys are prefetched, in bytes (64 rows of a
-    /// 64-wide f16 head).
-    const PREFETCH: usize = 8192;
+    impl Width for Avx2 {
+        /// Columns of a value chunk per pass.
+        const COLUMNS: usize = 16;
 
-    /// Asks for the cache lines of the `bytes` bytes at `at`. A prefetch never faults, so
-    /// `at` may lie past the rows.
-    #[target_feature(enable = "sse")]
-    #[inline]
-    unsafe fn prefetch(at: *const u8, bytes: usize) {
-        for line in (0..bytes).step_by(64) {
-            _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(line).cast());
-        }
-    }
-
-    /// `out[g * n + j] = queries[g] . keys[j]` for the `G` queries, `[G, d]`, and the `n`
-    /// key rows, `[n, d]`: each key chunk is loaded (and converted) once for all `G`.
-    ///
-    /// Keys are prefetched [`PREFETCH`] bytes ahead and, if given, the value rows `[n, d]`
-    /// row by row: a part's rows come from memory, and the out-of-order window holds too
-    /// few rows to keep enough reads in flight by itself.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn logits<T: Lanes, const G: usize>(
-        queries: &[f32],
-        keys: &[T],
-        values: Option<&[T]>,
-        d: usize,
-        out: &mut [f32],
-        n: usize,
-    ) {
-        assert!(queries.len() == G * d && keys.len() >= n * d && out.len() >= (G - 1) * n + n);
-        assert!(values.is_none_or(|v| v.len() >= n * d));
-        let (q, k) = (queries.as_ptr(), keys.as_ptr());
-        let row_bytes = d * size_of::<T>();
-        for j in 0..n {
-            // SAFETY: prefetches never fault.
-            unsafe {
-                prefetch(k.add(j * d).cast::<u8>().wrapping_add(PREFETCH), row_bytes);
-                if let Some(values) = values {
-                    prefetch(values.as_ptr().add(j * d).cast(), row_bytes);
-                }
-            }
-            let mut acc = [_mm256_setzero_ps(); G];
-            for c in (0..d).step_by(8) {
-                // SAFETY: `j * d + c + 8 <= n * d` and `g * d + c + 8 <= G * d`, asserted.
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn logits<T: Lanes, const G: usize>(
+            queries: &[f32],
+            keys: &[T],
+            values: Option<&[T]>,
+            d: usize,
+            out: &mut [f32],
+            n: usize,
+        ) {
+            assert!(queries.len() == G * d && keys.len() >= n * d && out.len() >= (G - 1) * n + n);
+            assert!(values.is_none_or(|v| v.len() >= n * d));
+            let (q, k) = (queries.as_ptr(), keys.as_ptr());
+            for j in 0..n {
+                let mut acc = [_mm256_setzero_ps(); G];
+                // SAFETY: `j * d + c + 8 <= n * d` and `g * d + c + 8 <= G * d`, asserted;
+                // prefetches never fault.
                 unsafe {
-                    let key = T::load8(k.add(j * d + c));
-                    for (g, acc) in acc.iter_mut().enumerate() {
-                        *acc = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(g * d + c)), key, *acc);
+                    prefetch_part_row(k, values, d, j);
+                    for c in (0..d).step_by(8) {
+                        let key = T::load8(k.add(j * d + c));
+                        for (g, acc) in acc.iter_mut().enumerate() {
+                            *acc = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(g * d + c)), key, *acc);
+                        }
                     }
                 }
-            }
-            for (g, acc) in acc.into_iter().enumerate() {
-                out[g * n + j] = horizontal_sum(acc);
+                for (g, acc) in acc.into_iter().enumerate() {
+                    out[g * n + j] = horizontal_sum(acc);
+                }
             }
         }
-    }
 
-    /// `out[g] = sum over j of weights[g * n + j] * values[j]` for the `G` query heads,
-    /// `out` `[G, d]`, `values` `[n, d]`: per [`BLOCK`] rows and [`COLUMNS`] columns, the
-    /// accumulators stay in registers, in two phases (even and odd rows) so consecutive
-    /// multiply-adds do not wait on each other.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn weigh<T: Lanes, const G: usize>(
-        weights: &[f32],
-        values: &[T],
-        d: usize,
-        out: &mut [f32],
-        n: usize,
-    ) {
-        assert!(weights.len() == G * n && values.len() >= n * d && out.len() == G * d);
-        let (w, v, o) = (weights.as_ptr(), values.as_ptr(), out.as_mut_ptr());
-        out.fill(0.0);
-        for start in (0..n).step_by(BLOCK) {
-            let end = (start + BLOCK).min(n);
-            for c in (0..d).step_by(COLUMNS) {
-                let zero = _mm256_setzero_ps();
-                // [phase][g][half of the 16 columns]
-                let mut acc = [[[zero; 2]; G]; 2];
-                let mut j = start;
-                // SAFETY (all below): rows `j < n`, columns `c + 16 <= d`, weights
-                // `g * n + j < G * n`, all asserted above.
-                while j + 1 < end {
-                    for (phase, acc) in acc.iter_mut().enumerate() {
-                        let row = unsafe { v.add((j + phase) * d + c) };
+        /// Per [`BLOCK`] rows and [`Self::COLUMNS`] columns, the accumulators stay in
+        /// registers, in two phases (even and odd rows) so consecutive multiply-adds do not
+        /// wait on each other.
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn weigh<T: Lanes, const G: usize>(
+            weights: &[f32],
+            values: &[T],
+            d: usize,
+            out: &mut [f32],
+            n: usize,
+        ) {
+            assert!(weights.len() == G * n && values.len() >= n * d && out.len() == G * d);
+            let (w, v, o) = (weights.as_ptr(), values.as_ptr(), out.as_mut_ptr());
+            out.fill(0.0);
+            for start in (0..n).step_by(BLOCK) {
+                let end = (start + BLOCK).min(n);
+                for c in (0..d).step_by(Self::COLUMNS) {
+                    let zero = _mm256_setzero_ps();
+                    // [phase][g][half of the 16 columns]
+                    let mut acc = [[[zero; 2]; G]; 2];
+                    let mut j = start;
+                    // SAFETY (all below): rows `j < n`, columns `c + 16 <= d`, weights
+                    // `g * n + j < G * n`, all asserted above.
+                    while j + 1 < end {
+                        for (phase, acc) in acc.iter_mut().enumerate() {
+                            let row = unsafe { v.add((j + phase) * d + c) };
+                            let (lo, hi) = unsafe { (T::load8(row), T::load8(row.add(8))) };
+                            for (g, acc) in acc.iter_mut().enumerate() {
+                                let weight =
+                                    unsafe { _mm256_broadcast_ss(&*w.add(g * n + j + phase)) };
+                                acc[0] = _mm256_fmadd_ps(weight, lo, acc[0]);
+                                acc[1] = _mm256_fmadd_ps(weight, hi, acc[1]);
+                            }
+                        }
+                        j += 2;
+                    }
+                    if j < end {
+                        let row = unsafe { v.add(j * d + c) };
                         let (lo, hi) = unsafe { (T::load8(row), T::load8(row.add(8))) };
-                        for (g, acc) in acc.iter_mut().enumerate() {
-                            let weight = unsafe { _mm256_broadcast_ss(&*w.add(g * n + j + phase)) };
+                        for (g, acc) in acc[0].iter_mut().enumerate() {
+                            let weight = unsafe { _mm256_broadcast_ss(&*w.add(g * n + j)) };
                             acc[0] = _mm256_fmadd_ps(weight, lo, acc[0]);
                             acc[1] = _mm256_fmadd_ps(weight, hi, acc[1]);
                         }
                     }
-                    j += 2;
-                }
-                if j < end {
-                    let row = unsafe { v.add(j * d + c) };
-                    let (lo, hi) = unsafe { (T::load8(row), T::load8(row.add(8))) };
-                    for (g, acc) in acc[0].iter_mut().enumerate() {
-                        let weight = unsafe { _mm256_broadcast_ss(&*w.add(g * n + j)) };
-                        acc[0] = _mm256_fmadd_ps(weight, lo, acc[0]);
-                        acc[1] = _mm256_fmadd_ps(weight, hi, acc[1]);
-                    }
-                }
-                let [even, odd] = acc;
-                for (g, (even, odd)) in even.into_iter().zip(odd).enumerate() {
-                    for (half, (even, odd)) in even.into_iter().zip(odd).enumerate() {
-                        let sum = _mm256_add_ps(even, odd);
-                        unsafe {
-                            let at = o.add(g * d + c + 8 * half);
-                            _mm256_storeu_ps(at, _mm256_add_ps(_mm256_loadu_ps(at), sum));
+                    let [even, odd] = acc;
+                    for (g, (even, odd)) in even.into_iter().zip(odd).enumerate() {
+                        for (half, (even, odd)) in even.into_iter().zip(odd).enumerate() {
+                            let sum = _mm256_add_ps(even, odd);
+                            unsafe {
+                                let at = o.add(g * d + c + 8 * half);
+                                _mm256_storeu_ps(at, _mm256_add_ps(_mm256_loadu_ps(at), sum));
+                            }
                         }
                     }
                 }
             }
         }
+    }
+
+    /// Rows of keys whose logits are summed across lanes together.
+    const ROWS_512: usize = 4;
+    /// 16-lane registers per pass of a row: 64 columns.
+    const CHUNKS_512: usize = 4;
+
+    impl Width for Avx512 {
+        const COLUMNS: usize = 16 * CHUNKS_512;
+
+        /// Four key rows at a time, so the lanes of their `G * 4` sums fold into four sums
+        /// per query head in a few shuffles, not a full horizontal sum per logit.
+        #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+        unsafe fn logits<T: Lanes, const G: usize>(
+            queries: &[f32],
+            keys: &[T],
+            values: Option<&[T]>,
+            d: usize,
+            out: &mut [f32],
+            n: usize,
+        ) {
+            assert!(queries.len() == G * d && keys.len() >= n * d && out.len() >= (G - 1) * n + n);
+            assert!(values.is_none_or(|v| v.len() >= n * d) && d.is_multiple_of(16));
+            let (q, k, o) = (queries.as_ptr(), keys.as_ptr(), out.as_mut_ptr());
+            let mut j = 0;
+            // SAFETY (all below): rows `j + r < n`, columns `c + 16 <= d`, outputs
+            // `g * n + j + 4 <= (G - 1) * n + n`, all asserted above; prefetches never fault.
+            while j + ROWS_512 <= n {
+                let mut acc = [[_mm512_setzero_ps(); ROWS_512]; G];
+                for r in 0..ROWS_512 {
+                    unsafe { prefetch_part_row(k, values, d, j + r) };
+                }
+                for c in (0..d).step_by(16) {
+                    for r in 0..ROWS_512 {
+                        let key = unsafe { T::load16(k.add((j + r) * d + c)) };
+                        for (g, acc) in acc.iter_mut().enumerate() {
+                            let query = unsafe { _mm512_loadu_ps(q.add(g * d + c)) };
+                            acc[r] = _mm512_fmadd_ps(query, key, acc[r]);
+                        }
+                    }
+                }
+                for (g, acc) in acc.into_iter().enumerate() {
+                    unsafe { _mm_storeu_ps(o.add(g * n + j), sums_of_four(acc)) };
+                }
+                j += ROWS_512;
+            }
+            for j in j..n {
+                let mut acc = [_mm512_setzero_ps(); G];
+                unsafe { prefetch_part_row(k, values, d, j) };
+                for c in (0..d).step_by(16) {
+                    let key = unsafe { T::load16(k.add(j * d + c)) };
+                    for (g, acc) in acc.iter_mut().enumerate() {
+                        let query = unsafe { _mm512_loadu_ps(q.add(g * d + c)) };
+                        *acc = _mm512_fmadd_ps(query, key, *acc);
+                    }
+                }
+                for (g, acc) in acc.into_iter().enumerate() {
+                    out[g * n + j] = _mm512_reduce_add_ps(acc);
+                }
+            }
+        }
+
+        /// Per [`BLOCK`] rows and 64 columns, `G x 4` accumulators stay in registers: each
+        /// row gives every one of them an independent multiply-add.
+        #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+        unsafe fn weigh<T: Lanes, const G: usize>(
+            weights: &[f32],
+            values: &[T],
+            d: usize,
+            out: &mut [f32],
+            n: usize,
+        ) {
+            assert!(weights.len() == G * n && values.len() >= n * d && out.len() == G * d);
+            assert!(d.is_multiple_of(Self::COLUMNS));
+            let (w, v, o) = (weights.as_ptr(), values.as_ptr(), out.as_mut_ptr());
+            out.fill(0.0);
+            for start in (0..n).step_by(BLOCK) {
+                let end = (start + BLOCK).min(n);
+                for c in (0..d).step_by(Self::COLUMNS) {
+                    let mut acc = [[_mm512_setzero_ps(); CHUNKS_512]; G];
+                    // SAFETY (all below): rows `j < n`, columns `c + 64 <= d`, weights
+                    // `g * n + j < G * n`, all asserted above.
+                    for j in start..end {
+                        let row = unsafe { v.add(j * d + c) };
+                        let chunks: [__m512; CHUNKS_512] =
+                            std::array::from_fn(|i| unsafe { T::load16(row.add(16 * i)) });
+                        for (g, acc) in acc.iter_mut().enumerate() {
+                            let weight = _mm512_set1_ps(unsafe { *w.add(g * n + j) });
+                            for (acc, chunk) in acc.iter_mut().zip(chunks) {
+                                *acc = _mm512_fmadd_ps(weight, chunk, *acc);
+                            }
+                        }
+                    }
+                    for (g, acc) in acc.into_iter().enumerate() {
+                        for (i, acc) in acc.into_iter().enumerate() {
+                            unsafe {
+                                let at = o.add(g * d + c + 16 * i);
+                                _mm512_storeu_ps(at, _mm512_add_ps(_mm512_loadu_ps(at), acc));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The sums of the 16 lanes of each of `x`'s four vectors, in order: pairs of vectors
+    /// interleaved and added until each 128-bit lane holds one partial sum of each vector,
+    /// then the four 128-bit lanes added.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn sums_of_four(x: [__m512; 4]) -> __m128 {
+        // Per 128-bit lane, [a0 + a2, b0 + b2, a1 + a3, b1 + b3] of vectors a, b.
+        let ab = _mm512_add_ps(_mm512_unpacklo_ps(x[0], x[1]), _mm512_unpackhi_ps(x[0], x[1]));
+        let cd = _mm512_add_ps(_mm512_unpacklo_ps(x[2], x[3]), _mm512_unpackhi_ps(x[2], x[3]));
+        // Per 128-bit lane, one partial sum of each of a, b, c, d.
+        let lanes = _mm512_add_ps(
+            _mm512_shuffle_ps::<0b01_00_01_00>(ab, cd),
+            _mm512_shuffle_ps::<0b11_10_11_10>(ab, cd),
+        );
+        let halves = _mm256_add_ps(
+            _mm512_castps512_ps256(lanes),
+            _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(lanes))),
+        );
+        _mm_add_ps(_mm256_castps256_ps128(halves), _mm256_extractf128_ps::<1>(halves))
     }
 
     /// The sum of `x`'s 8 lanes.
@@ -885,71 +1124,71 @@ mod tests {
     /// a group of 7 (tiles of 3, 3 and 1), an odd part (a lone last row) and a count bias.
     #[cfg(target_arch = "x86_64")]
     #[test]
-    fn the_fused_kernel_matches_the_portable_one() {
+    fn the_fused_kernels_match_the_portable_one() {
         if !crate::cpu::has_avx2_fma_f16c() {
             return;
         }
-        let (group, d) = (7, 32);
+        let group = 7;
         let mut rng = StdRng::seed_from_u64(11);
-        let queries: Vec<f32> = (0..group * d).map(|_| rng.random_range(-2.0..2.0)).collect();
-        for dtype in [KvDtype::F32, KvDtype::F16] {
-            let mut head = HeadCache::new(d, dtype);
-            for i in 0..300 {
-                let k: Vec<f32> = (0..d).map(|_| rng.random_range(-2.0..2.0)).collect();
-                let v: Vec<f32> = (0..d).map(|_| rng.random_range(-1.0..1.0)).collect();
-                head.push(
-                    &k,
-                    &v,
-                    EntryMeta { position: i, count: 1 + (i % 4) as u32, attention: 0.0 },
-                );
+        let cases = [(FusedWidth::Avx2, 32), (FusedWidth::Avx2, 64), (FusedWidth::Avx512, 64)];
+        let cases = cases.into_iter().chain([(FusedWidth::Avx512, 128)]);
+        for (width, d) in cases {
+            if width == FusedWidth::Avx512 && !crate::cpu::has_avx512f() {
+                continue;
             }
-            let rows = 37..236;
-            let input = || PartInput {
-                queries: &queries,
-                head: &head,
-                rows: rows.clone(),
-                log_count_bias: true,
-            };
-            let stride = group * (d + 2);
-            let (mut expected, mut got) = (vec![0.0; stride], vec![0.0; stride]);
-            let (mut expected_exps, mut got_exps) =
-                (vec![0.0; group * rows.len()], vec![0.0; group * rows.len()]);
-            part_kernel(
-                input(),
-                &mut expected,
-                Some(&mut expected_exps),
-                &mut Scratch::default(),
-                false,
-            );
-            let mut scratch = Scratch::default();
-            // SAFETY: the features were detected above.
-            unsafe {
-                match (head.stored_keys(), head.stored_values()) {
-                    (RowsRef::F32(k), RowsRef::F32(v)) => fused::part_kernel(
-                        input(),
-                        k,
-                        v,
-                        &mut got,
-                        Some(&mut got_exps),
-                        &mut scratch,
-                    ),
-                    (RowsRef::F16(k), RowsRef::F16(v)) => fused::part_kernel(
-                        input(),
-                        k,
-                        v,
-                        &mut got,
-                        Some(&mut got_exps),
-                        &mut scratch,
-                    ),
-                    _ => unreachable!("f32 or f16 rows"),
+            let queries: Vec<f32> = (0..group * d).map(|_| rng.random_range(-2.0..2.0)).collect();
+            for dtype in [KvDtype::F32, KvDtype::F16] {
+                let mut head = HeadCache::new(d, dtype);
+                for i in 0..300 {
+                    let k: Vec<f32> = (0..d).map(|_| rng.random_range(-2.0..2.0)).collect();
+                    let v: Vec<f32> = (0..d).map(|_| rng.random_range(-1.0..1.0)).collect();
+                    head.push(
+                        &k,
+                        &v,
+                        EntryMeta { position: i, count: 1 + (i % 4) as u32, attention: 0.0 },
+                    );
                 }
+                // 199 rows: the 512-bit logits' groups of four rows and a tail of three.
+                let rows = 37..236;
+                let input = || PartInput {
+                    queries: &queries,
+                    head: &head,
+                    rows: rows.clone(),
+                    log_count_bias: true,
+                };
+                let stride = group * (d + 2);
+                let (mut expected, mut got) = (vec![0.0; stride], vec![0.0; stride]);
+                let (mut expected_exps, mut got_exps) =
+                    (vec![0.0; group * rows.len()], vec![0.0; group * rows.len()]);
+                part_kernel(
+                    input(),
+                    &mut expected,
+                    Some(&mut expected_exps),
+                    &mut Scratch::default(),
+                    false,
+                );
+                let (got_exps_out, scratch) = (Some(&mut got_exps[..]), &mut Scratch::default());
+                // SAFETY: the features were detected above.
+                unsafe {
+                    match (head.stored_keys(), head.stored_values()) {
+                        (RowsRef::F32(k), RowsRef::F32(v)) => {
+                            fused_part(width, input(), k, v, &mut got, got_exps_out, scratch)
+                        }
+                        (RowsRef::F16(k), RowsRef::F16(v)) => {
+                            fused_part(width, input(), k, v, &mut got, got_exps_out, scratch)
+                        }
+                        _ => unreachable!("f32 or f16 rows"),
+                    }
+                }
+                let dtype = format!("{width:?}, d {d}, {dtype}");
+                assert!(max_diff(&got[..group], &expected[..group]) < 1e-4, "{dtype} maxima");
+                let relative = |a: &[f32], b: &[f32]| {
+                    let error = |(x, y): (&f32, &f32)| (x - y).abs() / y.abs().max(1.0);
+                    a.iter().zip(b).map(error).fold(0.0, f32::max)
+                };
+                assert!(relative(&got[group..], &expected[group..]) < 1e-4, "{dtype} sums, values");
+                assert!(max_diff(&got_exps, &expected_exps) < 1e-5, "{dtype} exponentials");
             }
-            assert!(max_diff(&got[..group], &expected[..group]) < 1e-4, "{dtype} maxima");
-            let relative = |a: &[f32], b: &[f32]| {
-                a.iter().zip(b).map(|(x, y)| (x - y).abs() / y.abs().max(1.0)).fold(0.0, f32::max)
-            };
-            assert!(relative(&got[group..], &expected[group..]) < 1e-4, "{dtype} sums, values");
-            assert!(max_diff(&got_exps, &expected_exps) < 1e-5, "{dtype} exponentials");
         }
     }
 
