@@ -130,15 +130,28 @@ impl Sampler {
     }
 }
 
-/// Index of the largest value; the lowest index wins ties.
+/// Index of the largest value; the lowest index wins ties. NaN counts as no value (0 if
+/// every value is NaN).
+///
+/// Two passes that each vectorise, the maximum over 16 lanes and then the first chunk that
+/// holds it: a running best index waits on each comparison in turn, which made this a
+/// scalar loop that took about 2% of a four-sequence decode step's CPU time (49,152 logits
+/// per sequence).
 pub fn argmax(values: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, v) in values.iter().enumerate() {
-        if *v > values[best] {
-            best = i;
-        }
+    const LANES: usize = 16;
+    let chunks = values.chunks_exact(LANES);
+    let tail = chunks.remainder().iter().copied();
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    for chunk in chunks {
+        lanes.iter_mut().zip(chunk).for_each(|(l, &v)| *l = if v > *l { v } else { *l });
     }
-    best as u32
+    let max =
+        lanes.into_iter().chain(tail).fold(f32::NEG_INFINITY, |m, v| if v > m { v } else { m });
+    let holds_max = |chunk: &[f32]| chunk.iter().fold(false, |found, &v| found | (v == max));
+    let chunk = values.chunks(4 * LANES).position(holds_max).unwrap_or(0);
+    let start = chunk * 4 * LANES;
+    let within = values[start..].iter().position(|&v| v == max).unwrap_or(0);
+    (start + within) as u32
 }
 
 #[cfg(test)]
@@ -149,6 +162,34 @@ mod tests {
     fn greedy_picks_the_maximum() {
         let mut s = Sampler::new(SamplingConfig::default());
         assert_eq!(s.sample(&[0.1, 3.0, 2.0, 3.0]), 1);
+    }
+
+    #[test]
+    fn argmax_is_the_first_index_of_the_maximum() {
+        let naive = |v: &[f32]| {
+            let mut best = 0;
+            for (i, x) in v.iter().enumerate() {
+                if *x > v[best] {
+                    best = i;
+                }
+            }
+            best as u32
+        };
+        let mut rng = StdRng::seed_from_u64(5);
+        for len in [1, 15, 16, 17, 64, 65, 1000, 49152] {
+            let mut v: Vec<f32> = (0..len).map(|_| rng.random_range(-5.0..5.0)).collect();
+            assert_eq!(argmax(&v), naive(&v), "length {len}");
+            // A tie later than the first maximum, and one in the tail.
+            let at = naive(&v) as usize;
+            v[len - 1] = v[at];
+            assert_eq!(argmax(&v), at as u32, "tie, length {len}");
+            v[len - 1] = v[at] + 1.0;
+            assert_eq!(argmax(&v), len as u32 - 1, "maximum last, length {len}");
+        }
+        assert_eq!(argmax(&[f32::NAN, 1.0, f32::NAN, 2.0, 2.0]), 3);
+        assert_eq!(argmax(&[f32::NAN, f32::NAN]), 0);
+        assert_eq!(argmax(&[]), 0);
+        assert_eq!(argmax(&[f32::NEG_INFINITY, f32::NEG_INFINITY]), 0);
     }
 
     #[test]
