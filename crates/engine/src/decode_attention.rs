@@ -1,15 +1,16 @@
 //! Attention of one new query per sequence (a decode step) over its ragged cache.
 //!
 //! Every key and value row is read once for (a tile of) the query heads of its group. With
-//! AVX2, FMA and F16C and f32 or f16 rows, the rows load straight into vector registers,
-//! f16 converting inside the multiply-add loop ([`fused`]); otherwise they are widened to f32
-//! a block of [`BLOCK`] rows at a time (the block stays in L1 with the group's queries). A
-//! long head is split into parts that run on different threads (flash-decoding): each part
-//! returns its own maximum logit, sum of exponentials and weighted values, and the parts are
-//! combined exactly, so a model with fewer kv heads than threads still uses them all. The accumulated attention statistic is
-//! the exact softmax, rescaled from each part's exponentials. Parts, their results and the
-//! kept exponentials live in per-thread buffers: a decode step allocates nothing here once
-//! they have grown.
+//! AVX2, FMA and F16C and f32 or f16 rows, the rows load straight into vector registers, f16
+//! converting inside the multiply-add loop, with keys prefetched ahead ([`fused`]; on 512-bit
+//! vectors where the CPU has AVX-512F and the head is a multiple of 64 wide); otherwise they
+//! are widened to f32 a block of [`BLOCK`] rows at a time (the block stays in L1 with the
+//! group's queries). A long head is split into parts that run on different threads
+//! (flash-decoding): each part returns its own maximum logit, sum of exponentials and
+//! weighted values, and the parts are combined exactly, so a model with fewer kv heads than
+//! threads still uses them all. The accumulated attention statistic is the exact softmax,
+//! rescaled from each part's exponentials. Parts, their results and the kept exponentials
+//! live in per-thread buffers: a decode step allocates nothing here once they have grown.
 
 use std::cell::RefCell;
 use std::ops::Range;
