@@ -316,17 +316,14 @@ fn attend_part(
             let (keys, values) = (part.head.stored_keys(), part.head.stored_values());
             // SAFETY (all): the CPU has the features these copies are compiled for.
             unsafe {
-                match fused_width(d) {
-                    Some(width) => match (keys, values) {
-                        (RowsRef::F32(k), RowsRef::F32(v)) => {
-                            fused_part(width, part, k, v, partial, exps, scratch)
-                        }
-                        (RowsRef::F16(k), RowsRef::F16(v)) => {
-                            fused_part(width, part, k, v, partial, exps, scratch)
-                        }
-                        _ => part_kernel_avx2(part, partial, exps, scratch),
-                    },
-                    None => part_kernel_avx2(part, partial, exps, scratch),
+                match (fused_width(d), keys, values) {
+                    (Some(width), RowsRef::F32(k), RowsRef::F32(v)) => {
+                        fused_part(width, part, k, v, partial, exps, scratch)
+                    }
+                    (Some(width), RowsRef::F16(k), RowsRef::F16(v)) => {
+                        fused_part(width, part, k, v, partial, exps, scratch)
+                    }
+                    _ => part_kernel_avx2(part, partial, exps, scratch),
                 }
             }
             return;
@@ -626,24 +623,15 @@ mod fused {
     /// three query heads, or one row's weighted values of three, stay in registers.
     pub(super) struct Avx512;
 
-    /// Asks for the cache lines of row `j` of `rows`, `row_bytes` long, `ahead` bytes on.
-    /// A prefetch never faults, so the address may lie past the rows.
-    #[target_feature(enable = "sse")]
-    #[inline]
-    unsafe fn prefetch_row<T>(rows: *const T, d: usize, j: usize, ahead: usize) {
-        let at = rows.wrapping_add(j * d).cast::<u8>().wrapping_add(ahead);
-        for line in (0..d * size_of::<T>()).step_by(64) {
-            _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(line).cast());
-        }
-    }
-
-    /// Asks for row `j` of the keys ahead and of the values (if given) now.
-    #[target_feature(enable = "sse")]
-    #[inline]
-    unsafe fn prefetch_part_row<T>(keys: *const T, values: Option<&[T]>, d: usize, j: usize) {
-        prefetch_row(keys, d, j, PREFETCH);
+    /// Asks for row `j` (`d` elements a row) of the keys [`PREFETCH`] bytes ahead and of the
+    /// values (if given) now.
+    #[inline(always)]
+    fn prefetch_part_row<T>(keys: *const T, values: Option<&[T]>, d: usize, j: usize) {
+        let row_bytes = d * size_of::<T>();
+        let key = keys.wrapping_add(j * d).cast::<u8>();
+        crate::cpu::prefetch(key.wrapping_add(PREFETCH), row_bytes);
         if let Some(values) = values {
-            prefetch_row(values.as_ptr(), d, j, 0);
+            crate::cpu::prefetch(values.as_ptr().wrapping_add(j * d).cast(), row_bytes);
         }
     }
 
@@ -736,10 +724,9 @@ mod fused {
             let (q, k) = (queries.as_ptr(), keys.as_ptr());
             for j in 0..n {
                 let mut acc = [_mm256_setzero_ps(); G];
-                // SAFETY: `j * d + c + 8 <= n * d` and `g * d + c + 8 <= G * d`, asserted;
-                // prefetches never fault.
+                prefetch_part_row(k, values, d, j);
+                // SAFETY: `j * d + c + 8 <= n * d` and `g * d + c + 8 <= G * d`, asserted.
                 unsafe {
-                    prefetch_part_row(k, values, d, j);
                     for c in (0..d).step_by(8) {
                         let key = T::load8(k.add(j * d + c));
                         for (g, acc) in acc.iter_mut().enumerate() {
@@ -837,11 +824,11 @@ mod fused {
             let (q, k, o) = (queries.as_ptr(), keys.as_ptr(), out.as_mut_ptr());
             let mut j = 0;
             // SAFETY (all below): rows `j + r < n`, columns `c + 16 <= d`, outputs
-            // `g * n + j + 4 <= (G - 1) * n + n`, all asserted above; prefetches never fault.
+            // `g * n + j + 4 <= (G - 1) * n + n`, all asserted above.
             while j + ROWS_512 <= n {
                 let mut acc = [[_mm512_setzero_ps(); ROWS_512]; G];
                 for r in 0..ROWS_512 {
-                    unsafe { prefetch_part_row(k, values, d, j + r) };
+                    prefetch_part_row(k, values, d, j + r);
                 }
                 for c in (0..d).step_by(16) {
                     for r in 0..ROWS_512 {
@@ -859,7 +846,7 @@ mod fused {
             }
             for j in j..n {
                 let mut acc = [_mm512_setzero_ps(); G];
-                unsafe { prefetch_part_row(k, values, d, j) };
+                prefetch_part_row(k, values, d, j);
                 for c in (0..d).step_by(16) {
                     let key = unsafe { T::load16(k.add(j * d + c)) };
                     for (g, acc) in acc.iter_mut().enumerate() {

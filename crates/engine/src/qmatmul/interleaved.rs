@@ -96,20 +96,10 @@ mod kernels {
         _mm512_set1_epi32((bytes.add(at) as *const i32).read_unaligned())
     }
 
-    /// Asks for the cache lines of `bytes` bytes from `PREFETCH` past `block` (the weights a
-    /// few blocks on): with several rows' arithmetic per block, the out-of-order window
-    /// holds too few blocks to keep enough of memory's reads in flight by itself.
-    #[target_feature(enable = "sse")]
-    #[inline]
-    unsafe fn prefetch(block: *const u8, bytes: usize) {
-        for line in (0..bytes).step_by(64) {
-            // A prefetch never faults, so the address may run past the weights.
-            _mm_prefetch::<_MM_HINT_T0>(block.wrapping_add(PREFETCH + line).cast());
-        }
-    }
-
-    /// Block `b` of run `run` (`bb` bytes a row's block): its address, its weights a few
-    /// blocks on asked for, and its 16 scales `d`.
+    /// Block `b` of run `run` (`bb` bytes a row's block): its address, its weights
+    /// [`PREFETCH`] bytes on asked for, and its 16 scales `d`. The prefetch: with several
+    /// rows' arithmetic per block, the out-of-order window holds too few blocks to keep
+    /// enough of memory's reads in flight by itself.
     #[target_feature(enable = "avx512f,f16c")]
     #[inline]
     unsafe fn block_start(
@@ -120,7 +110,7 @@ mod kernels {
         bb: usize,
     ) -> (*const u8, __m512) {
         let block = weights.as_ptr().add((run * nb + b) * ROWS * bb);
-        prefetch(block, ROWS * bb);
+        crate::cpu::prefetch(block.wrapping_add(PREFETCH), ROWS * bb);
         (block, _mm512_cvtph_ps(_mm256_loadu_si256(block.cast())))
     }
 
