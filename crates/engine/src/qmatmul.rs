@@ -313,6 +313,9 @@ pub struct QuantizedRows {
     /// unsigned by signed bytes, so signed weights (Q8_0) take these, and the kernel
     /// subtracts `128 * sum(w)` once per weight block instead of fixing signs per row.
     qu: Vec<u8>,
+    /// `[rows, width / 32]`: each block's `-128 * sum(q)`, where the sums of weights stored
+    /// plus 128 (interleaved Q8_0) against these values start.
+    offsets: Vec<i32>,
     /// `[rows, width / 32, LANES]`: each block's scale `d` (`x ~= d * q`) in every lane.
     d: Vec<f32>,
     /// `[rows, width / 32]`: each block's `d * sum(q)`, for the Q4_1 offset term.
@@ -324,6 +327,7 @@ pub struct QuantizedRows {
 struct Acts<'a> {
     qs: &'a [i8],
     qu: &'a [u8],
+    offsets: &'a [i32],
     d: &'a [f32],
     s: &'a [f32],
 }
@@ -334,6 +338,7 @@ impl<'a> Acts<'a> {
     fn fits(&self, rows: usize, nb: usize) -> bool {
         self.qs.len() == rows * nb * BLOCK
             && self.qu.len() == self.qs.len()
+            && self.offsets.len() == rows * nb
             && self.d.len() == rows * nb * LANES
             && self.s.len() == rows * nb
     }
@@ -374,6 +379,9 @@ impl QuantizedRows {
         }
         self.qu.clear();
         self.qu.extend(self.qs.iter().map(|&q| q as u8 ^ 0x80));
+        self.offsets.clear();
+        let sums = self.qs.chunks_exact(BLOCK).map(|q| q.iter().map(|&q| q as i32).sum::<i32>());
+        self.offsets.extend(sums.map(|sum| -128 * sum));
     }
 
     pub fn rows(&self) -> usize {
@@ -387,6 +395,7 @@ impl QuantizedRows {
         Acts {
             qs: &self.qs[b0 * BLOCK..b1 * BLOCK],
             qu: &self.qu[b0 * BLOCK..b1 * BLOCK],
+            offsets: &self.offsets[b0..b1],
             d: &self.d[b0 * LANES..b1 * LANES],
             s: &self.s[b0..b1],
         }
