@@ -369,19 +369,19 @@ impl QuantizedRows {
         self.d.resize(blocks * LANES, 0.0);
         self.s.clear();
         self.s.resize(blocks, 0.0);
+        self.offsets.clear();
+        self.offsets.resize(blocks, 0);
         let quantize_block = block_quantizer();
         let per_block = x.chunks_exact(BLOCK).zip(self.qs.chunks_exact_mut(BLOCK));
-        let scales = self.d.chunks_exact_mut(LANES).zip(&mut self.s);
-        for ((x, qs), (d, s)) in per_block.zip(scales) {
-            let (scale, offset) = quantize_block(x, qs);
+        let sums = self.s.iter_mut().zip(&mut self.offsets);
+        for (((x, qs), d), (s, offset)) in per_block.zip(self.d.chunks_exact_mut(LANES)).zip(sums) {
+            let (scale, sum) = quantize_block(x, qs);
             d.fill(scale);
-            *s = offset;
+            *s = scale * sum as f32;
+            *offset = -128 * sum;
         }
         self.qu.clear();
         self.qu.extend(self.qs.iter().map(|&q| q as u8 ^ 0x80));
-        self.offsets.clear();
-        let sums = self.qs.chunks_exact(BLOCK).map(|q| q.iter().map(|&q| q as i32).sum::<i32>());
-        self.offsets.extend(sums.map(|sum| -128 * sum));
     }
 
     pub fn rows(&self) -> usize {
@@ -402,8 +402,8 @@ impl QuantizedRows {
     }
 }
 
-/// Quantizes 32 values into `qs`; returns `(d, d * sum(q))`.
-type BlockQuantizer = fn(&[f32], &mut [i8]) -> (f32, f32);
+/// Quantizes 32 values into `qs`; returns `(d, sum(q))`.
+type BlockQuantizer = fn(&[f32], &mut [i8]) -> (f32, i32);
 
 /// The fastest [`BlockQuantizer`] this CPU runs; all give the same bits.
 fn block_quantizer() -> BlockQuantizer {
@@ -416,7 +416,7 @@ fn block_quantizer() -> BlockQuantizer {
 
 /// The plain [`BlockQuantizer`]: `d = max|x| / 127`, `q = round(x / d)` (halves away from
 /// zero).
-fn quantize_block(x: &[f32], qs: &mut [i8]) -> (f32, f32) {
+fn quantize_block(x: &[f32], qs: &mut [i8]) -> (f32, i32) {
     let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
     let d = amax / 127.0;
     let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
@@ -425,7 +425,7 @@ fn quantize_block(x: &[f32], qs: &mut [i8]) -> (f32, f32) {
         *q = (v * inv).round() as i8;
         sum += *q as i32;
     }
-    (d, d * sum as f32)
+    (d, sum)
 }
 
 /// Computes `group_rows` activation rows against every weight row of `weights`:
@@ -711,14 +711,14 @@ mod avx512 {
     /// [`super::quantize_block`] on 16 lanes, bit for bit: the same scale, the same product
     /// `x * (1 / d)`, and rounding of halves away from zero (truncate, then step away from
     /// zero where the exact remainder is at least one half).
-    pub fn quantize_block(x: &[f32], qs: &mut [i8]) -> (f32, f32) {
+    pub fn quantize_block(x: &[f32], qs: &mut [i8]) -> (f32, i32) {
         assert!(available() && x.len() == super::BLOCK && qs.len() == super::BLOCK);
         // SAFETY: the CPU features and both lengths were checked above.
         unsafe { quantize(x, qs) }
     }
 
     #[target_feature(enable = "avx512f")]
-    unsafe fn quantize(x: &[f32], qs: &mut [i8]) -> (f32, f32) {
+    unsafe fn quantize(x: &[f32], qs: &mut [i8]) -> (f32, i32) {
         let halves = [_mm512_loadu_ps(x.as_ptr()), _mm512_loadu_ps(x.as_ptr().add(16))];
         let amax =
             _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(halves[0]), _mm512_abs_ps(halves[1])));
@@ -739,7 +739,7 @@ mod avx512 {
             sum = _mm512_add_epi32(sum, q);
             _mm_storeu_si128(qs.as_mut_ptr().add(16 * i).cast(), _mm512_cvtepi32_epi8(q));
         }
-        (d, d * _mm512_reduce_add_epi32(sum) as f32)
+        (d, _mm512_reduce_add_epi32(sum))
     }
 
     /// Masks of the activation loads for blocks `b` and `b + 1` of `nb`: both, or only `b`
@@ -1061,7 +1061,7 @@ mod tests {
             for quantize in &quantizers[1..] {
                 let mut qs = [0i8; 32];
                 let (d2, s2) = quantize(x, &mut qs);
-                assert_eq!((qs, d2.to_bits(), s2.to_bits()), (reference, d.to_bits(), s.to_bits()));
+                assert_eq!((qs, d2.to_bits(), s2), (reference, d.to_bits(), s));
             }
         }
     }
