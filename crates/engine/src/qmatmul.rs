@@ -310,8 +310,8 @@ pub struct QuantizedRows {
     /// `[rows, width]`: the 8-bit values, blocks side by side.
     qs: Vec<i8>,
     /// `[rows, width]`: the values plus 128, as unsigned bytes: `vpdpbusd` multiplies
-    /// unsigned by signed bytes, so signed weights (Q8_0) take these, and the kernel
-    /// subtracts `128 * sum(w)` once per weight block instead of fixing signs per row.
+    /// unsigned by signed bytes, so signed weights (row-major Q8_0) take these, and the
+    /// kernel subtracts `128 * sum(w)` once per weight block instead of fixing signs per row.
     qu: Vec<u8>,
     /// `[rows, width / 32]`: each block's `-128 * sum(q)`, where the sums of weights stored
     /// plus 128 (interleaved Q8_0) against these values start.
