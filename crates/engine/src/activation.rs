@@ -7,7 +7,7 @@
 pub(crate) fn silu_product(gate: &mut [f32], up: &[f32]) {
     assert_eq!(gate.len(), up.len(), "gate and up have the same width");
     #[cfg(target_arch = "x86_64")]
-    if avx512::available() {
+    if crate::cpu::has_avx512f() {
         // SAFETY: the CPU features were checked; the lengths are equal.
         unsafe { avx512::silu_product(gate, up) };
         return;
@@ -22,10 +22,6 @@ fn silu_product_scalar(gate: &mut [f32], up: &[f32]) {
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
-
-    pub fn available() -> bool {
-        is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma")
-    }
 
     /// `gate`, `up` of equal length.
     #[target_feature(enable = "avx512f,fma")]

@@ -10,7 +10,8 @@ pub(crate) fn has_avx2_fma_f16c() -> bool {
         && is_x86_feature_detected!("f16c")
 }
 
-/// AVX-512F besides AVX2, FMA and F16C: what the 512-bit fused decode attention needs.
+/// AVX-512F besides AVX2, FMA and F16C: what the 512-bit fused decode attention and the
+/// elementwise kernels need, and what the AVX-512 weight kernels need besides BW and VNNI.
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn has_avx512f() -> bool {
     has_avx2_fma_f16c() && is_x86_feature_detected!("avx512f")

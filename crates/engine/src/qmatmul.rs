@@ -697,12 +697,9 @@ mod avx512 {
     use super::{Acts, Columns, BLOCK, LANES};
 
     pub fn available() -> bool {
-        is_x86_feature_detected!("avx512f")
+        crate::cpu::has_avx512f()
             && is_x86_feature_detected!("avx512bw")
             && is_x86_feature_detected!("avx512vnni")
-            && is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
     }
 
     kernel_by_rows!(q4_1, kernels::q4_1, Q4_1, 1, available);
