@@ -14,6 +14,8 @@ aggregate decode speed of batched sessions. Writes docs/serve/bench.json and ben
    first session's last token (no session has finished yet), counting the streamed tokens
    inside it. Prefills and the staggered ends, when fewer than N sessions decode, fall
    outside the window; HTTP streaming to the clients stays inside it, as a server pays it.
+   The clients are one thread reading raw sockets, so that what they take from the
+   server's cores per token stays small.
 
     python3 scripts/bench_server.py --binary target/release/kvmerger [--prompt-tokens 3000]
 """
@@ -22,6 +24,8 @@ import argparse
 import json
 import math
 import os
+import selectors
+import socket
 import statistics
 import sys
 import threading
@@ -189,6 +193,65 @@ def stream_times(srv, body, first_only=False):
     return times
 
 
+def decode_streams(srv, bodies, timeout=600):
+    """Arrival times of every generated token of several streamed completions at once, read
+    by one thread over raw sockets. The decode measurement's client runs on the server's
+    cores: a thread per stream parsing each event as it lands cost about 0.1 ms of CPU per
+    token, taken from the server four times as often with four sessions as with one. Here a
+    token costs a wake-up and a `recv`; the events are parsed after the streams end."""
+    host, port = srv.base.removeprefix("http://").split(":")
+    received = {}  # socket -> [(arrival time, bytes)]
+    selector = selectors.DefaultSelector()
+    for body in bodies:
+        payload = json.dumps(dict(body, stream=True)).encode()
+        sock = socket.create_connection((host, int(port)))
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: %s\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: %d\r\n"
+                     b"Connection: close\r\n\r\n" % (host.encode(), len(payload)) + payload)
+        sock.setblocking(False)
+        selector.register(sock, selectors.EVENT_READ)
+        received[sock] = []
+    deadline = time.time() + timeout
+    while selector.get_map():
+        if time.time() > deadline:
+            raise SystemExit("a decode stream did not finish in time")
+        for key, _ in selector.select(timeout=1):
+            data = key.fileobj.recv(1 << 16)
+            if data:
+                received[key.fileobj].append((time.time(), data))
+            else:
+                selector.unregister(key.fileobj)
+                key.fileobj.close()
+    return [token_times(pieces) for pieces in received.values()]
+
+
+def token_times(pieces):
+    """The arrival time of each token event in one raw streamed response: the time of the
+    `recv` that completed it. Each server-sent event travels in one HTTP chunk, so its text is
+    contiguous; the final chunk, which only carries the finish reason, is not counted."""
+    raw = b"".join(data for _, data in pieces)
+    ends, total = [], 0
+    for t, data in pieces:
+        total += len(data)
+        ends.append((total, t))
+    status = raw.split(b"\r\n", 1)[0]
+    if b" 200 " not in status:
+        raise SystemExit(f"decode request failed: {raw[:300]!r}")
+    times, at, piece = [], 0, 0
+    while (start := raw.find(b"data: ", at)) >= 0:
+        end = raw.index(b"\n\n", start)
+        at = end + 2
+        event = raw[start + 6:end]
+        if event == b"[DONE]":
+            continue
+        while ends[piece][0] < at:
+            piece += 1
+        choices = json.loads(event)["choices"]
+        if choices and choices[0].get("finish_reason") is None:
+            times.append(ends[piece][1])
+    return times
+
+
 def decode_scaling(binary, counts, tokens, repeats=1):
     """Aggregate decode tokens/s per number of concurrent sessions, each generating `tokens`.
     With `repeats`, the counts are run in turn that many times and each keeps its best run
@@ -203,8 +266,7 @@ def decode_scaling(binary, counts, tokens, repeats=1):
             for n in counts:
                 bodies = [{"prompt": text_of(100 + i, 6), "max_tokens": tokens, "temperature": 0,
                            "stop": []} for i in range(n)]
-                with ThreadPoolExecutor(n) as pool:
-                    streams = list(pool.map(lambda b: stream_times(srv, b), bodies))
+                streams = decode_streams(srv, bodies)
                 # The window where every session decodes: from the last first token (all
                 # prefills done) to the first last token (none finished yet). Sessions start
                 # one engine step apart (one prefill per step), so they end apart too; the
