@@ -97,7 +97,8 @@ def admission(binary, method, prompts, bytes_per_token, extra=()):
             body = {"prompt": p, "max_tokens": GEN, "temperature": 0, "stop": [], "stream": True}
             if method is not None:
                 body["kv_compression"] = method
-            t = threading.Thread(target=quietly, args=(stream_times, srv, body, True), daemon=True)
+            t = threading.Thread(target=quietly, args=(hold_until_first_event, srv, body),
+                                 daemon=True)
             t.start()
             threads.append(t)
         deadline = time.time() + 120
@@ -172,25 +173,17 @@ def capacity(binary, method, prompts, bytes_per_token, extra=()):
     }
 
 
-def stream_times(srv, body, first_only=False):
-    """Arrival time of every generated piece of a streamed completion (or of the first): one
-    per token (the server sends every token whose text is complete; the final chunk, which
-    only carries the finish reason, is not counted)."""
+def hold_until_first_event(srv, body):
+    """Streams a completion until its first event arrives, then hangs up (which frees the
+    session): enough for admission to have counted it."""
     req = urllib.request.Request(srv.base + "/v1/completions",
                                  data=json.dumps(dict(body, stream=True)).encode(),
                                  headers={"Content-Type": "application/json"})
-    times = []
     with urllib.request.urlopen(req, timeout=600) as r:
         for line in r:
             line = line.decode().strip()
             if line.startswith("data:") and line != "data: [DONE]":
-                now = time.time()
-                choices = json.loads(line[5:])["choices"]
-                if choices and choices[0].get("finish_reason") is None:
-                    times.append(now)
-                if first_only:
-                    break
-    return times
+                return
 
 
 def decode_streams(srv, bodies, timeout=600):
