@@ -2,7 +2,9 @@
 # Runs the whole test suite on a fresh machine: installs what the tests need (rustfmt and
 # clippy, the Python packages of the tokenizer cross-check, fontconfig for plot text), fetches
 # the default model if it is missing, checks formatting and lints, then runs every test in
-# release mode.
+# release mode at the CPU's own kernel level and again at the lowest (portable), and the
+# kernel and model-agreement tests at each level between (KVMERGER_KERNEL_LEVEL caps the
+# level: a machine with AVX-512 also tests the AVX2 and portable paths other CPUs take).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,7 +27,22 @@ fi
 cargo fmt --all -- --check
 cargo clippy --release --workspace --all-targets -- -D warnings
 cargo run --release --quiet -p kvmerger -- fetch --model-only
+unset KVMERGER_KERNEL_LEVEL
+levels=$("${CARGO_TARGET_DIR:-target}/release/kvmerger" kernels)
+echo "kernel levels this CPU runs: $(echo $levels)"
+top=$(echo "$levels" | tail -n 1)
+echo "== every test at the CPU's own kernel level ($top)"
 cargo test --release --workspace
+for level in $(echo "$levels" | head -n -1 | tac); do
+  if [ "$level" = portable ]; then
+    echo "== every test at the lowest kernel level (portable)"
+    KVMERGER_KERNEL_LEVEL=portable cargo test --release --workspace
+  else
+    echo "== kernel and model-agreement tests at kernel level $level"
+    KVMERGER_KERNEL_LEVEL=$level cargo test --release -p kvmerger-engine \
+      --lib --test forward --test real_model --test serving --test methods
+  fi
+done
 # The server end to end with the official `openai` client (installed by the script if
 # missing): binds 127.0.0.1 only, bounded in requests and time, stops its servers itself.
 python3 scripts/test_server.py --binary "${CARGO_TARGET_DIR:-target}/release/kvmerger"

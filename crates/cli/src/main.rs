@@ -21,6 +21,10 @@ use clap::{Parser, Subcommand};
     about = "KV-cache compression (KVMerger, H2O, CaM, StreamingLLM, SnapKV) on Llama-family models"
 )]
 struct Cli {
+    /// Print what the run uses before it starts (the kernel level, see
+    /// KVMERGER_KERNEL_LEVEL).
+    #[arg(short, long, global = true)]
+    verbose: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -41,6 +45,9 @@ enum Command {
     Serve(serve::ServeArgs),
     /// List every method with its parameters and their defaults.
     Methods(methods::MethodsArgs),
+    /// List the kernel levels this CPU runs, lowest first, one a line (the values of
+    /// KVMERGER_KERNEL_LEVEL, which caps the level the kernels dispatch to).
+    Kernels,
     /// Download the default model and the default haystack corpus if missing.
     Fetch {
         /// Only the model (the tests need no corpus).
@@ -56,8 +63,23 @@ enum Command {
     },
 }
 
+fn kernels() -> Result<()> {
+    for level in kvmerger_engine::KernelLevel::supported() {
+        println!("{level}");
+    }
+    Ok(())
+}
+
 fn main() {
     let cli = Cli::parse();
+    // A cap that names no level is refused before any kernel runs, not silently ignored.
+    if let Err(e) = kvmerger_engine::KernelLevel::cap_from_env() {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+    if cli.verbose {
+        eprintln!("{}", kvmerger_engine::kernel_report());
+    }
     let result: Result<()> = match cli.command {
         Command::Eval(a) => eval::run(a),
         Command::Report(a) => eval::report(a),
@@ -66,6 +88,7 @@ fn main() {
         Command::Bench(a) => bench::run(a),
         Command::Serve(a) => serve::run(a),
         Command::Methods(a) => methods::run(a),
+        Command::Kernels => kernels(),
         Command::Fetch { model_only, model, out } => fetch(model_only, model, out),
     };
     if let Err(e) = result {

@@ -1026,8 +1026,7 @@ mod tests {
         a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
     }
 
-    /// Split into several parts per head (ragged lengths, a tail shorter than a block), the
-    /// kernel gives the explicit softmax's outputs and statistics, in every dtype.
+    /// Cross-path (a polynomial against the C library): bounded by 4 ulp.
     #[test]
     fn the_fast_exponential_matches_the_standard_one() {
         for i in 0..87_000 {
@@ -1039,6 +1038,9 @@ mod tests {
         assert!(exp_nonpositive(-1e4) < 2e-38 && exp_nonpositive(f32::NEG_INFINITY) < 2e-38);
     }
 
+    /// Split into several parts per head (ragged lengths, a tail shorter than a block), the
+    /// kernel gives the explicit softmax's outputs and statistics, in every dtype. Cross-path
+    /// (sums in another order): bounded.
     #[test]
     fn split_parts_combine_to_the_explicit_softmax() {
         for dtype in KvDtype::ALL {
@@ -1061,7 +1063,8 @@ mod tests {
     }
 
     /// Run one after another on the calling thread, the parts give the parallel run's
-    /// output and statistic bit for bit, step after step, with and without the statistic.
+    /// output and statistic bit for bit, step after step, with and without the statistic
+    /// (identical by construction: the same parts, combined in the same order).
     #[test]
     fn parts_on_one_thread_give_the_parallel_result() {
         for dtype in KvDtype::ALL {
@@ -1110,6 +1113,8 @@ mod tests {
 
     /// The fused AVX2 kernel gives the portable kernel's softmax pieces and exponentials for
     /// a group of 7 (tiles of 3, 3 and 1), an odd part (a lone last row) and a count bias.
+    /// Cross-path (vector sums in another order): bounded. Runs the widths the active kernel
+    /// level allows (`KVMERGER_KERNEL_LEVEL`).
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn the_fused_kernels_match_the_portable_one() {
@@ -1215,7 +1220,7 @@ mod tests {
     }
 
     /// An f16 (bf16) cache holding the same rows as an f32 one attends within the rounding of
-    /// its keys and values: f16 rounds to 2^-11 relative, bf16 to 2^-8.
+    /// its keys and values: f16 rounds to 2^-11 relative, bf16 to 2^-8 (cross-path: bounded).
     #[test]
     fn half_precision_caches_agree_with_f32() {
         let q = query(9);

@@ -32,6 +32,7 @@ pub use attention::{attend, attend_into, AttentionOptions, AttentionShape};
 pub use batch::{BatchItem, Phase};
 pub use compression::{after_decode_step, compress_prompt};
 pub use config::{ModelConfig, MAX_CONTEXT, SUPPORTED_ARCHITECTURES};
+pub use cpu::{kernel_report, KernelLevel, UnknownKernelLevel, KERNEL_LEVEL_ENV};
 pub use error::{EngineError, Result};
 pub use gguf_check::{check_gguf, GgufSummary, MAX_METADATA_BYTES};
 pub use linear::{Linear, WeightFormat, WeightFormats, DECODE_ROWS};

@@ -560,7 +560,7 @@ mod avx2 {
     use crate::cpu::has_avx2_fma_f16c;
 
     pub fn vnni_available() -> bool {
-        has_avx2_fma_f16c() && is_x86_feature_detected!("avxvnni")
+        crate::cpu::has_avx_vnni()
     }
 
     kernel_by_rows!(q4_1, maddubs::q4_1, Q4_1, 1, has_avx2_fma_f16c);
@@ -697,9 +697,7 @@ mod avx512 {
     use super::{Acts, Columns, BLOCK, LANES};
 
     pub fn available() -> bool {
-        crate::cpu::has_avx512f()
-            && is_x86_feature_detected!("avx512bw")
-            && is_x86_feature_detected!("avx512vnni")
+        crate::cpu::has_avx512_vnni()
     }
 
     kernel_by_rows!(q4_1, kernels::q4_1, Q4_1, 1, available);

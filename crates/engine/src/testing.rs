@@ -174,21 +174,56 @@ pub fn relative_l2(a: &[f32], b: &[f32]) -> f32 {
     (num / den.max(1e-30)).sqrt()
 }
 
-/// How our model and another implementation of it (candle-transformers, a reference
-/// runtime) compare on one prompt, for the real-model agreement tests.
+/// Mean KL divergence `KL(p || q)` in nats between the softmaxes of two logit rows, in f64.
+pub fn kl_divergence(p_logits: &[f32], q_logits: &[f32]) -> f64 {
+    let log_softmax = |l: &[f32]| -> Vec<f64> {
+        let max = l.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let sum: f64 = l.iter().map(|&v| (v as f64 - max).exp()).sum();
+        l.iter().map(|&v| v as f64 - max - sum.ln()).collect()
+    };
+    let (p, q) = (log_softmax(p_logits), log_softmax(q_logits));
+    p.iter().zip(&q).map(|(a, b)| a.exp() * (a - b)).sum()
+}
+
+/// How our model and another computation of the same model (candle-transformers, an f32
+/// path, a wider cache) compare on one prompt and its continuation, both fed the same
+/// tokens. Two paths that round differently can pick different greedy tokens where two
+/// logits are within rounding of each other, and then continue differently for good; fed
+/// the same tokens, their distributions can be compared at every step on any CPU.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Agreement {
     /// Relative L2 distance between the two last-prompt-position logit rows.
     pub logits_error: f32,
-    /// Our greedy continuation.
-    pub ours: Vec<u32>,
-    /// The other implementation's greedy continuation.
+    /// Mean `KL(reference || ours)` in nats per token over the last prompt position and
+    /// every decode step.
+    pub mean_kl: f64,
+    /// The largest of those KL divergences.
+    pub max_kl: f64,
+    /// Share of those positions where both pick the same most likely token.
+    pub top1_agreement: f64,
+    /// The reference's greedy continuation, which both were fed.
     pub reference: Vec<u32>,
 }
 
+impl std::fmt::Display for Agreement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "relative L2 {:.2e}, mean KL {:.2e} (max {:.2e}) nats/token, top-1 agreement {:.3} \
+             over {} positions",
+            self.logits_error,
+            self.mean_kl,
+            self.max_kl,
+            self.top1_agreement,
+            self.reference.len() + 1
+        )
+    }
+}
+
 /// Prefills `tokens` into `model` (full cache) and into `reference`, then decodes `steps`
-/// greedy tokens with each, each following its own choices. `reference(tokens, position)`
-/// feeds `tokens` at logical `position` and returns the last token's logits `[vocab]`.
+/// tokens with both, each step feeding both the reference's greedy choice.
+/// `reference(tokens, position)` feeds `tokens` at logical `position` and returns the last
+/// token's logits `[vocab]`.
 pub fn compare_with_reference(
     model: &Llama,
     tokens: &[u32],
@@ -200,16 +235,25 @@ pub fn compare_with_reference(
         let opts = crate::model::ForwardOptions::default();
         Ok(model.forward(input, &mut cache, opts)?.flatten_all()?.to_vec1()?)
     };
-    let our_logits = ours_step(tokens)?;
-    let ref_logits = reference(tokens, 0)?;
-    let logits_error = relative_l2(&our_logits, &ref_logits);
-    let (mut a, mut b) = (crate::argmax(&our_logits), crate::argmax(&ref_logits));
-    let (mut ours, mut theirs) = (Vec::with_capacity(steps), Vec::with_capacity(steps));
-    for i in 0..steps {
-        ours.push(a);
-        theirs.push(b);
-        a = crate::argmax(&ours_step(&[a])?);
-        b = crate::argmax(&reference(&[b], tokens.len() + i)?);
+    let (mut ours, mut theirs) = (ours_step(tokens)?, reference(tokens, 0)?);
+    let logits_error = relative_l2(&ours, &theirs);
+    let (mut kls, mut agreed, mut fed) = (Vec::new(), 0usize, Vec::with_capacity(steps));
+    for i in 0..=steps {
+        kls.push(kl_divergence(&theirs, &ours));
+        let next = crate::argmax(&theirs);
+        agreed += usize::from(crate::argmax(&ours) == next);
+        if i == steps {
+            break;
+        }
+        fed.push(next);
+        ours = ours_step(&[next])?;
+        theirs = reference(&[next], tokens.len() + i)?;
     }
-    Ok(Agreement { logits_error, ours, reference: theirs })
+    Ok(Agreement {
+        logits_error,
+        mean_kl: kls.iter().sum::<f64>() / kls.len() as f64,
+        max_kl: kls.iter().copied().fold(0.0, f64::max),
+        top1_agreement: agreed as f64 / kls.len() as f64,
+        reference: fed,
+    })
 }

@@ -324,6 +324,8 @@ mod tests {
         assert_eq!(chooser.current, Threads::All);
     }
 
+    /// Identical by construction (the same parts, combined in the same order, whichever
+    /// thread runs them): bit-exact.
     #[test]
     fn a_decode_step_gives_the_same_logits_on_one_thread_and_on_three() {
         use crate::testing::{random_llama_with, tiny_config};

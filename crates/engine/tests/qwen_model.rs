@@ -39,7 +39,7 @@ fn greedy(m: &LoadedModel, prompt: &[u32], steps: usize) -> Vec<u32> {
 
 #[test]
 #[ignore = "needs the 491 MB Qwen2.5-Coder-0.5B model"]
-fn qwen_logits_and_greedy_tokens_agree_with_candle_transformers() {
+fn qwen_logits_agree_with_candle_transformers() {
     let path = qwen_path();
     let f32_only = WeightFormats { prefill: WeightFormat::F32, decode: WeightFormat::F32 };
     let mut ours = load_model(&path, f32_only).unwrap();
@@ -77,8 +77,10 @@ fn qwen_logits_and_greedy_tokens_agree_with_candle_transformers() {
         Ok(reference.forward(&input, position)?.flatten_all()?.to_vec1()?)
     })
     .unwrap();
-    assert!(agreement.logits_error < 1e-3, "relative L2 {}", agreement.logits_error);
-    assert_eq!(agreement.ours, agreement.reference, "{:?}", ours.tokenizer.decode(&agreement.ours));
+    // Cross-path (the same f32 arithmetic in another order): bounded, not bit-exact.
+    eprintln!("qwen2 f32 against candle-transformers: {agreement}");
+    assert!(agreement.logits_error < 1e-3, "{agreement}");
+    assert!(agreement.mean_kl < 1e-5 && agreement.top1_agreement >= 0.9, "{agreement}");
 }
 
 #[test]

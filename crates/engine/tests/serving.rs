@@ -31,6 +31,8 @@ fn config(method: &str, budget: f64) -> CompressionConfig {
     CompressionConfig::from_cli(method, budget, &[]).unwrap()
 }
 
+/// Identical by construction (each row's arithmetic does not depend on the others in its
+/// batch), whatever the weight format and kernel level: bit-exact.
 #[test]
 fn a_batched_decode_step_equals_each_sequence_alone_bit_for_bit() {
     for (name, model) in models() {
@@ -142,8 +144,10 @@ fn a_small_pool_serves_everyone_in_turn_without_exceeding_its_limit() {
     assert_eq!(serve(&model, &reqs, pool), alone);
 }
 
+/// The engine and a session run the same forward on the same single chunk (the prompt is
+/// shorter than the engine's chunk): identical by construction, so bit-exact.
 #[test]
-fn chunked_prefill_of_the_full_cache_generates_what_a_session_generates() {
+fn the_engine_generates_what_a_session_generates() {
     let model = Arc::new(random_llama(tiny_config(), 5).unwrap());
     let p = prompt(9, 70);
     let req = GenerationRequest {

@@ -164,7 +164,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
             }
         }
     }
-    let mut markdown = String::new();
+    let kernels = kvmerger_engine::kernel_report();
+    let mut markdown = format!("{} threads; {kernels}\n\n", rayon::current_num_threads());
     if !rows.is_empty() {
         rows.sort_by_key(|r| r.tokens);
         markdown += &format!("## Engines, full cache\n\n{}\n", engine_table(&rows));
@@ -197,7 +198,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if let Some(dir) = args.out.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let json = serde_json::json!({ "engines": rows, "compressed": compressed_rows });
+    let json = serde_json::json!({
+        "kernel_level": kvmerger_engine::KernelLevel::active().name(),
+        "kernels": kernels,
+        "threads": rayon::current_num_threads(),
+        "engines": rows,
+        "compressed": compressed_rows,
+    });
     std::fs::write(&args.out, serde_json::to_string_pretty(&json)?)
         .with_context(|| format!("writing {}", args.out.display()))?;
     let md = args.out.with_extension("md");
