@@ -111,16 +111,7 @@ impl FromStr for KernelLevel {
 /// own and the optional extensions the active level uses.
 pub fn kernel_report() -> String {
     let (active, detected) = (KernelLevel::active(), KernelLevel::detected());
-    let mut extras = Vec::new();
-    #[cfg(target_arch = "x86_64")]
-    {
-        if has_avx_vnni() {
-            extras.push("avx-vnni");
-        }
-        if has_avx512_vnni() {
-            extras.push("avx512-bw+vnni");
-        }
-    }
+    let extras = optional_extensions();
     let capped = if active < detected {
         format!(" (capped; the CPU runs {detected})")
     } else {
@@ -129,6 +120,19 @@ pub fn kernel_report() -> String {
     let extras =
         if extras.is_empty() { String::new() } else { format!(" with {}", extras.join(", ")) };
     format!("kernels: {active}{extras}{capped}")
+}
+
+/// The optional extensions the active level uses on this CPU.
+fn optional_extensions() -> Vec<&'static str> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let used = [(has_avx_vnni(), "avx-vnni"), (has_avx512_vnni(), "avx512-bw+vnni")];
+        used.into_iter().filter(|&(has, _)| has).map(|(_, name)| name).collect()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        Vec::new()
+    }
 }
 
 /// AVX2 with FMA and F16C at the active level: what the AVX2 weight kernel and the fused

@@ -326,7 +326,10 @@ pub struct QuantizedRows {
 #[derive(Debug, Clone, Copy)]
 struct Acts<'a> {
     qs: &'a [i8],
+    // The unsigned copy and its block offsets feed the x86-64 interleaved kernels only.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     qu: &'a [u8],
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     offsets: &'a [i32],
     d: &'a [f32],
     s: &'a [f32],
