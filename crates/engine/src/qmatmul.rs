@@ -475,6 +475,7 @@ fn kernel_for(kind: QuantKind, layout: Layout) -> Kernel {
 /// Every kernel this CPU can run, the scalar one first (for tests).
 #[cfg(test)]
 fn all_kernels() -> Vec<fn(QuantKind, Layout) -> Kernel> {
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
     let mut kernels: Vec<fn(QuantKind, Layout) -> Kernel> = vec![scalar_kernel];
     #[cfg(target_arch = "x86_64")]
     {
