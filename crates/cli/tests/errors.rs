@@ -319,7 +319,10 @@ fn methods_lists_every_method_and_parameter_with_its_default() {
 /// the exit code, stderr and the record.
 fn generate_record(flags: &[&str]) -> (i32, String, serde_json::Value) {
     let model = default_model();
-    let record = temp(&format!("record-{}.json", flags.join("_").replace(['/', ' '], "-")));
+    // Tests run in parallel: each run its own file.
+    static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let record = temp(&format!("record-{run}.json"));
     let _ = std::fs::remove_file(&record);
     let mut all = vec!["generate", "-m", model.to_str().unwrap(), "-t", "1"];
     all.extend(["--out", record.to_str().unwrap()]);
