@@ -189,7 +189,7 @@ def test_errors(srv):
            "kv_compression.budget")
     expect({"prompt": "hi", "kv_compression": {"method": "h2o", "budget": {"ratio": 1.5}}},
            "kv_compression.budget")
-    expect({"prompt": "hi", "kv_compression": {"method": "h2o", "bogus": 1}}, "kv_compression")
+    expect({"prompt": "hi", "kv_compression": {"method": "h2o", "bogus": 1}}, "kv_compression.bogus")
     expect({"prompt": ""}, "prompt")
     expect({"prompt": "hi", "max_tokens": 0}, "max_tokens")
     expect({"prompt": "hi", "max_tokens": 10**9}, "max_tokens")
