@@ -190,7 +190,9 @@ pub struct KvMergerConfig {
     /// the model; they replace `budget` layer by layer, and `budget` is their average.
     pub layer_budgets: Option<Vec<f64>>,
     /// The model `layer_budgets` were measured on (its file and layer count), as `analyze`
-    /// writes it: named when they meet a model with another layer count.
+    /// writes it: named when they meet a model with another layer count. Written out only
+    /// when set, so configurations (and the sweep rows fingerprinted by them) stay as they were.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub layer_budgets_model: Option<String>,
 }
 
