@@ -90,9 +90,9 @@ class Server:
                 out[name] = float(value)
         return out
 
-    def stop(self):
+    def stop(self, sig=signal.SIGINT):
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
+            self.proc.send_signal(sig)
             try:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
@@ -189,7 +189,7 @@ def test_errors(srv):
            "kv_compression.budget")
     expect({"prompt": "hi", "kv_compression": {"method": "h2o", "budget": {"ratio": 1.5}}},
            "kv_compression.budget")
-    expect({"prompt": "hi", "kv_compression": {"method": "h2o", "bogus": 1}}, "kv_compression")
+    expect({"prompt": "hi", "kv_compression": {"method": "h2o", "bogus": 1}}, "kv_compression.bogus")
     expect({"prompt": ""}, "prompt")
     expect({"prompt": "hi", "max_tokens": 0}, "max_tokens")
     expect({"prompt": "hi", "max_tokens": 10**9}, "max_tokens")
@@ -201,6 +201,23 @@ def test_errors(srv):
     expect({"prompt": "hi", "frobnicate": True}, "frobnicate")
     expect({"prompt": "hi", "kv_compression": {"method": "kvmerger", "budget": 0.35, "sigma": -1}},
            "kv_compression.sigma")
+    # One rule with the command line: the full cache takes no budget; a parameter the mode
+    # does not read is refused; per-layer budgets must fit the model's layers.
+    expect({"prompt": "hi", "kv_compression": {"method": "full", "budget": 0.5}},
+           "kv_compression.budget")
+    expect({"prompt": "hi", "kv_compression": {"method": "kvmerger", "threshold": 0.8}},
+           "kv_compression.threshold")
+    expect({"prompt": "hi", "kv_compression": {"method": "kvmerger", "budget": 0.2,
+                                               "layer_budgets": [0.2]}},
+           "kv_compression.layer_budgets")
+    status, _, reply = srv.post_raw("/v1/completions", json.dumps(
+        {"prompt": "hi", "kv_compression": {"method": "h2o", "budget": 0}}).encode())
+    check("configuration" not in reply["error"]["message"],
+          f"a budget error names the budget alone: {reply['error']['message']}")
+    status, _, reply = srv.post_raw("/v1/chat/completions", json.dumps(
+        {"messages": [{"role": "wizard", "content": "hi"}]}).encode())
+    check(status == 400 and reply["error"]["param"] == "messages[0].role",
+          "a chat message with an unknown role is a 400")
     status, _, reply = srv.post_raw("/v1/chat/completions", json.dumps({"messages": []}).encode())
     check(status == 400 and reply["error"]["param"] == "messages", "chat without messages is a 400")
     check(srv.get("/health")[0] == 200, "the server still serves after bad input")
@@ -331,8 +348,9 @@ def main():
         test_disconnect(srv)
         last = srv.metrics()
     finally:
-        srv.stop()
-    check(srv.proc.returncode is not None, "the server stopped")
+        # SIGTERM, as systemd, Docker and Kubernetes stop a service: --out is still written.
+        srv.stop(signal.SIGTERM)
+    check(srv.proc.returncode == 0, "the server stopped cleanly on SIGTERM")
     test_final_metrics(final_metrics, last)
     # A pool with room for about four of the load test's requests.
     srv = Server(args.binary, "--kv-pool-mb", "3")

@@ -20,8 +20,9 @@ use crate::args::{finite_f32, ModelArgs};
 pub struct AnalyzeArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Text files to analyse (repeatable). Default: two far-apart passages of the haystack
-    /// corpus, repetitive passkey filler, and a synthetic key-value list.
+    /// Text files to analyse (repeatable; at least two, to compare them). Default: two
+    /// far-apart passages of the haystack corpus, repetitive passkey filler, and a
+    /// synthetic key-value list.
     #[arg(long = "text")]
     pub texts: Vec<PathBuf>,
     /// Tokens taken from each text (the context analysed).
@@ -30,9 +31,10 @@ pub struct AnalyzeArgs {
     /// Cosine threshold of merging-set identification.
     #[arg(long, default_value_t = 0.75, value_parser = finite_f32, allow_hyphen_values = true)]
     pub threshold: f32,
-    /// Layer and kv head of the similarity heatmap.
+    /// Layer of the similarity heatmap.
     #[arg(long, default_value_t = 10)]
     pub layer: usize,
+    /// Kv head of the similarity heatmap.
     #[arg(long, default_value_t = 0)]
     pub head: usize,
     /// Tokens shown in the similarity heatmap.
@@ -40,7 +42,7 @@ pub struct AnalyzeArgs {
     pub window: usize,
     /// Write a KVMerger configuration with per-layer budgets averaging this share of the
     /// prompt (0.35 or 35%).
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub suggest_budget: Option<Budget>,
     /// Output folder.
     #[arg(long, default_value = "results/analyze")]
@@ -53,6 +55,9 @@ pub fn run(args: AnalyzeArgs) -> Result<()> {
         Some(Budget::Ratio(r)) => Some(r),
         Some(b) => bail!("--suggest-budget takes a share of the prompt (0.35, 35%), not {b}"),
     };
+    if args.texts.len() == 1 {
+        bail!("--text: give at least two texts; analyze compares their per-layer merge ratios");
+    }
     if !(-1.0..=1.0).contains(&args.threshold) {
         bail!("--threshold must be a cosine in [-1, 1], got {}", args.threshold);
     }
@@ -89,7 +94,13 @@ pub fn run(args: AnalyzeArgs) -> Result<()> {
             .map(|l| curves.iter().map(|cv| cv[l]).sum::<f64>() / curves.len() as f64)
             .collect();
         let layer_budgets = suggest_layer_budgets(&mean, overall);
-        let config = json!({"method": "kvmerger", "budget": Budget::Ratio(overall), "threshold": args.threshold, "layer_budgets": layer_budgets});
+        // The threshold measured the profile; the default merge mode does not read it.
+        let made_for = format!(
+            "{} ({} layers)",
+            loaded.path.file_name().unwrap_or_default().to_string_lossy(),
+            c.n_layers
+        );
+        let config = json!({"method": "kvmerger", "budget": Budget::Ratio(overall), "layer_budgets": layer_budgets, "layer_budgets_model": made_for});
         let path =
             args.out.join(format!("kvmerger-layer-budgets-{}.json", (overall * 100.0).round()));
         std::fs::write(&path, serde_json::to_string_pretty(&config)?)?;
@@ -273,7 +284,9 @@ fn print_summary(
     }
     writeln!(
         out,
-        "\nacross texts: max |difference| of a layer's ratio {:.3}, mean {:.3}, mean pairwise correlation {:.3}",
-        spread.max_abs_diff, spread.mean_abs_diff, spread.mean_pairwise_correlation
+        "\nacross texts: max |difference| of a layer's ratio {:.3}, mean {:.3}, mean pairwise correlation {}",
+        spread.max_abs_diff,
+        spread.mean_abs_diff,
+        spread.mean_pairwise_correlation.map_or("undefined (one text)".into(), |c| format!("{c:.3}"))
     )
 }

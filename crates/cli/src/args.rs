@@ -33,7 +33,16 @@ impl ModelSource {
     /// built once.
     pub fn prepare(&self) -> Result<PathBuf> {
         set_threads(self.threads)?;
-        kvmerger_engine::fetch::resolve_model(self.model.as_deref()).context("finding the model")
+        // clap fills --model from the environment: say so when that is where it came from.
+        let from_env = self.model.is_some()
+            && std::env::var_os("KVMERGER_MODEL").map(PathBuf::from) == self.model;
+        kvmerger_engine::fetch::resolve_model(self.model.as_deref()).with_context(|| {
+            if from_env {
+                "finding the model named by $KVMERGER_MODEL"
+            } else {
+                "finding the model"
+            }
+        })
     }
 
     /// Loads the model at `path` (from [`Self::prepare`]) in `formats`, its caches in
@@ -111,12 +120,16 @@ impl ContextArgs {
     }
 }
 
+/// Tokens `generate` makes when `-n` is not given.
+const DEFAULT_MAX_TOKENS: usize = 128;
+
 /// How generated tokens are chosen.
 #[derive(Debug, Clone, Args)]
 pub struct SamplingArgs {
-    /// Most tokens to generate.
-    #[arg(short = 'n', long, default_value_t = 128, value_name = "N")]
-    pub max_tokens: usize,
+    /// Most tokens to generate; more than the context leaves after the prompt is an error.
+    /// Default: 128, or what the context leaves if less.
+    #[arg(short = 'n', long, value_name = "N")]
+    pub max_tokens: Option<usize>,
     /// Sampling temperature; 0 is greedy.
     #[arg(long, default_value_t = 0.0, value_parser = finite_f32, allow_hyphen_values = true)]
     pub temperature: f32,
@@ -139,6 +152,27 @@ pub struct SamplingArgs {
 }
 
 impl SamplingArgs {
+    /// Tokens to generate after a `prompt_len`-token prompt in a `context`-token sequence:
+    /// `-n` if it fits, else an error, the same rule as the server's `max_tokens`.
+    pub fn max_tokens(&self, prompt_len: usize, context: usize) -> Result<usize> {
+        let room = context.saturating_sub(prompt_len);
+        if room == 0 {
+            bail!(
+                "the prompt has {prompt_len} tokens and the context is {context}: no room is \
+                 left to generate a token (raise -c/--ctx-size or shorten the prompt)"
+            );
+        }
+        match self.max_tokens {
+            None => Ok(DEFAULT_MAX_TOKENS.min(room)),
+            Some(0) => bail!("-n/--max-tokens must be at least 1"),
+            Some(n) if n > room => bail!(
+                "-n/--max-tokens {n} after a {prompt_len}-token prompt exceeds the context of \
+                 {context}: at most {room} fit (raise -c/--ctx-size or lower -n)"
+            ),
+            Some(n) => Ok(n),
+        }
+    }
+
     /// The sampler's configuration; range errors name the flag.
     pub fn config(&self) -> Result<SamplingConfig> {
         if self.temperature < 0.0 {
@@ -173,9 +207,10 @@ pub struct MethodArgs {
     pub method: String,
     /// Entries each head keeps: a ratio (0.35, 35%, 1 = everything) or a token count (512t).
     /// Default: the method's own (50%).
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub budget: Option<Budget>,
-    /// A method parameter, `name=value` (repeatable), e.g. `-P threshold=0.8 -P mass=log_count`.
+    /// A method parameter, `name=value` (repeatable), e.g. `-P recent=0.1 -P sigma=adaptive`.
+    /// A parameter the chosen mode does not read is an error.
     #[arg(short = 'P', long = "param", value_name = "NAME=VALUE", value_parser = parse_key_value)]
     pub params: Vec<(String, String)>,
     /// A JSON file holding a whole method configuration; `--budget` and `-P` override its

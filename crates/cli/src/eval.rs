@@ -10,7 +10,7 @@ use kvmerger_eval::dataset::{load_jsonl, LoadPolicy};
 use kvmerger_eval::fingerprint::model_identity;
 use kvmerger_eval::metrics::Metric;
 use kvmerger_eval::report::write_report;
-use kvmerger_eval::results::{merge_shards, ResultStore, Shard};
+use kvmerger_eval::results::{merge_shards, ResultRow, ResultStore, Shard};
 use kvmerger_eval::runner::{Protocol, RunOptions};
 use kvmerger_eval::sweep::{load_spec, run_sweep, DatasetSource, Job, SweepInput, SweepSpec};
 
@@ -28,11 +28,14 @@ pub struct EvalArgs {
     /// A sweep specification in JSON (replaces --preset).
     #[arg(long)]
     pub spec: Option<PathBuf>,
-    /// Run a JSONL dataset (context, question, answer_prefix, answer, max_new_tokens)
-    /// instead of the generated tasks.
+    /// Run a JSONL dataset instead of the generated tasks: one JSON object per line with
+    /// `context` and `question` (strings) and `answer` (a string or a list of strings)
+    /// required, `answer_prefix` (default empty), `max_new_tokens` (at least 1, default 32),
+    /// `id` and `all_classes` optional. Default methods: every method at its defaults.
     #[arg(long)]
     pub dataset: Option<PathBuf>,
-    /// Metric of the dataset: qa_f1, rouge_l, classification, retrieval, count, code_sim, contains, contains_all.
+    /// Metric of the dataset: qa_f1, rouge_l, classification, retrieval, count, code_sim,
+    /// contains, contains_all, perplexity.
     #[arg(long, default_value = "qa_f1")]
     pub metric: String,
     /// Stop at the first malformed dataset line instead of skipping it.
@@ -43,7 +46,7 @@ pub struct EvalArgs {
     pub methods: Option<Vec<String>>,
     /// Override the budgets (comma-separated), each as `--budget` takes it: 0.35, 35%, 512t.
     /// Default: the preset's or spec's.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
     pub budgets: Option<Vec<Budget>>,
     /// Override the protocols (comma-separated): context (question read after compression,
     /// as kvpress), prompt (question compressed too, as the KVMerger and H2O papers).
@@ -70,8 +73,14 @@ pub fn run(args: EvalArgs) -> Result<()> {
         Some(path) => load_spec(path)?,
         None => SweepSpec::preset(&args.preset)?,
     };
-    if let Some(m) = &args.methods {
-        spec.methods = m.clone();
+    match &args.methods {
+        Some(m) => spec.methods = m.clone(),
+        // On one's own data, every method at its defaults: the presets' ablation variants
+        // (`kvmerger:mass=scale_values`, which breaks the model) answer another question.
+        None if args.dataset.is_some() && args.spec.is_none() => {
+            spec.methods.retain(|m| !m.contains(':'))
+        }
+        None => {}
     }
     if let Some(b) = &args.budgets {
         spec.budgets = b.clone();
@@ -187,15 +196,15 @@ pub fn run(args: EvalArgs) -> Result<()> {
             .chain(std::env::args().skip(1))
             .collect::<Vec<_>>()
             .join(" ");
-        let md = write_report(
+        write_report(
             &rows,
             &out,
             &format!("kvmerger comparison: {}", spec.name),
             &command,
-            &[prompt_note(spec.chat)],
+            &[prompt_note(spec.chat, &rows)],
         )?;
-        writeln!(std::io::stdout(), "{md}")?;
-        eprintln!("report written to {}", out.join("report.md").display());
+        // The report's path, for scripts; the report itself is in the file.
+        writeln!(std::io::stdout(), "{}", out.join("report.md").display())?;
     } else {
         eprintln!(
             "shard done; merge shards with: kvmerger report --out {} {}/results-*.jsonl",
@@ -218,8 +227,14 @@ pub struct ReportArgs {
     pub title: String,
 }
 
-/// How prompts were built, and why, for the report.
-fn prompt_note(chat: bool) -> String {
+/// How prompts were built, and why, for the report (the reason for raw prompts is a
+/// passkey finding, so it is given where passkeys were run).
+fn prompt_note(chat: bool, rows: &[ResultRow]) -> String {
+    if !chat && !rows.iter().any(|r| r.task == "passkey") {
+        return "Prompts: raw text, no chat template (the default; `--chat` wraps them). \
+                Special tokens never reach the scored text."
+            .into();
+    }
     if chat {
         "Prompts: wrapped in the model's chat template (`--chat`): the context and question in \
          one user turn, the answer prefix opening the assistant's turn (kvpress's setting for \
@@ -253,7 +268,7 @@ pub fn report(args: ReportArgs) -> Result<()> {
         args.results.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" ")
     );
     let chat: std::collections::BTreeSet<bool> = rows.iter().map(|r| r.chat).collect();
-    let notes: Vec<String> = chat.into_iter().map(prompt_note).collect();
+    let notes: Vec<String> = chat.into_iter().map(|c| prompt_note(c, &rows)).collect();
     write_report(&rows, &args.out, &args.title, &command, &notes)?;
     eprintln!("{} rows; report written to {}", rows.len(), args.out.join("report.md").display());
     Ok(())

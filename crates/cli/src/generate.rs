@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use kvmerger_compress::Budget;
 use kvmerger_engine::chat::ChatMessage;
 use kvmerger_engine::{Sampler, Session};
 use serde_json::json;
@@ -53,9 +54,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     };
     let tokens = loaded.tokenizer.encode(&prompt, true)?;
     let context = args.context.limit(loaded.model.config.context_length)?;
-    if tokens.len() + 1 > context {
-        bail!("the prompt has {} tokens but the context is {context}", tokens.len());
-    }
+    let max_tokens = args.sampling.max_tokens(tokens.len(), context)?;
     let mut session = Session::new(&loaded.model, &method)?;
     let logits = session.prefill(&tokens)?;
     let mut sampler = Sampler::new(sampling);
@@ -66,7 +65,6 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let mut generated = String::new();
     // A closed stdout (`| head`) stops generation; the error ends the program quietly in main.
     let mut write_error = None;
-    let max_tokens = args.sampling.max_tokens.min(context - tokens.len());
     let ids = session.generate(logits, max_tokens, &mut sampler, &stop, |id| {
         if !stop.contains(&id) {
             if let Ok(Some(piece)) = decoder.push(id) {
@@ -114,7 +112,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             "resident_bytes": report.resident_bytes,
             "compress_ms": report.compress_ms,
             "clamped_heads": report.clamped_heads(),
-            "layer_budgets": report.budgets,
+            "layer_budgets": report.budgets.iter().map(|&b| shown_bound(b)).collect::<Vec<_>>(),
         })
     });
     if let Some(path) = &args.out {
@@ -156,6 +154,11 @@ fn read_prompt(args: &GenerateArgs) -> Result<String> {
     }
 }
 
+/// A layer's entry budget as reported: none for a share of 1, which has no bound.
+fn shown_bound(budget: usize) -> Option<usize> {
+    (budget != Budget::EVERYTHING).then_some(budget)
+}
+
 fn print_stats(report: &kvmerger_engine::CompressionReport) {
     eprintln!(
         "{:>5} {:>8} {:>10} {:>10} {:>12} {:>8}  clamped",
@@ -173,7 +176,7 @@ fn print_stats(report: &kvmerger_engine::CompressionReport) {
             .collect();
         eprintln!(
             "{layer:>5} {:>8} {:>10} {:>9.1}% {sets:>12} {largest:>8}  {}",
-            report.budgets[layer],
+            shown_bound(report.budgets[layer]).map_or("all".to_string(), |b| b.to_string()),
             kept.join("/"),
             100.0 * report.layer_ratio(layer),
             if clamped.is_empty() { "-".to_string() } else { clamped.join(",") }

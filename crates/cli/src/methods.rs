@@ -44,8 +44,9 @@ pub fn run(args: MethodsArgs) -> Result<()> {
     }
     writeln!(
         out,
-        "\nSet a parameter with -P name=value (e.g. -P threshold=0.8, -P budget=35%); \
-         null means the method chooses by budget."
+        "\nSet a parameter with -P name=value (e.g. -P sigma=adaptive, -P budget=35%); \
+         null means the method chooses by budget. A parameter the chosen mode does not read \
+         (threshold in KVMerger's default merge mode) is an error."
     )?;
     if let Some(path) = &args.out {
         std::fs::write(path, serde_json::to_string_pretty(&listing)?)

@@ -45,7 +45,7 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 256)]
     pub default_max_tokens: usize,
     /// Write the final metrics (Prometheus text, as `/metrics` serves them) to this file
-    /// when the server stops.
+    /// when the server stops (Ctrl-C or SIGTERM: running requests finish first).
     #[arg(long, value_name = "FILE")]
     pub out: Option<std::path::PathBuf>,
 }
@@ -73,6 +73,13 @@ pub fn run(args: ServeArgs) -> Result<()> {
         prefill_compression: args.prefill_compression,
         ..EngineConfig::default()
     };
+    eprintln!(
+        "kvmerger serve: model {model_name}, default compression {}, KV pool {} MiB, at most {} \
+         sessions at once",
+        default_compression.label(),
+        args.kv_pool_mb,
+        args.max_running
+    );
     let engine = EngineHandle::spawn(Arc::new(loaded.model), config)?;
     let metrics = engine.metrics();
     let state = ServerState {
@@ -91,10 +98,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async move {
-        let shutdown = async {
-            let _ = tokio::signal::ctrl_c().await;
-        };
-        kvmerger_server::serve(state, addr, shutdown)
+        kvmerger_server::serve(state, addr, stop_signal())
             .await
             .with_context(|| format!("serving on {addr}"))
     })?;
@@ -103,4 +107,29 @@ pub fn run(args: ServeArgs) -> Result<()> {
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
+}
+
+/// Resolves on Ctrl-C or SIGTERM (what systemd, Docker and Kubernetes send): the server then
+/// stops accepting connections, lets running requests finish, and `--out` is written.
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    eprintln!("kvmerger serve: stopping; running requests finish first");
 }

@@ -314,3 +314,149 @@ fn methods_lists_every_method_and_parameter_with_its_default() {
     }
     assert!(text.contains("budget = 50%"), "{text}");
 }
+
+/// Runs `generate` on the default model with `flags`, writing its record (`--out`); returns
+/// the exit code, stderr and the record.
+fn generate_record(flags: &[&str]) -> (i32, String, serde_json::Value) {
+    let model = default_model();
+    // Tests run in parallel: each run its own file.
+    static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let record = temp(&format!("record-{run}.json"));
+    let _ = std::fs::remove_file(&record);
+    let mut all = vec!["generate", "-m", model.to_str().unwrap(), "-t", "1"];
+    all.extend(["--out", record.to_str().unwrap()]);
+    all.extend(flags);
+    let (code, err) = kvmerger(&all);
+    let json = std::fs::read_to_string(&record)
+        .map(|t| serde_json::from_str(&t).unwrap())
+        .unwrap_or_default();
+    (code, err, json)
+}
+
+const PROMPT: &str = "The quick brown fox jumps over the lazy dog. It was a bright cold day in \
+                      April, and the clocks were striking thirteen. Call me Ishmael. Some years \
+                      ago, never mind how long precisely, having little money in my purse.";
+
+/// `--budget` overrides a method file's per-layer budgets (from `analyze
+/// --suggest-budget`): the cache keeps the share asked for, and the label says it.
+#[test]
+fn a_budget_overrides_the_per_layer_budgets_of_a_method_file() {
+    let layers: Vec<f64> = (0..30).map(|l| 0.25 + 0.2 * (l % 2) as f64).collect();
+    let path = temp("layer-budgets.json");
+    let config = serde_json::json!({"method": "kvmerger", "budget": 0.35, "layer_budgets": layers});
+    std::fs::write(&path, config.to_string()).unwrap();
+    let (code, err, record) = generate_record(&[
+        "--method-config",
+        path.to_str().unwrap(),
+        "--budget",
+        "20%",
+        "-n",
+        "1",
+        "-p",
+        PROMPT,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(record["label"].as_str().unwrap().ends_with("@20%"), "{record}");
+    let kept = record["cache"]["achieved_ratio"].as_f64().unwrap();
+    assert!((kept - 0.2).abs() < 0.02, "kept {kept} for a 20% budget");
+}
+
+/// Per-layer budgets of the wrong length are refused, naming the model's layer count.
+#[test]
+fn per_layer_budgets_must_fit_the_model() {
+    for shares in ["[0.2]", &format!("[{}]", ["0.2"; 40].join(","))] {
+        let param = format!("layer_budgets={shares}");
+        let (code, err, _) =
+            generate_record(&["--method", "kvmerger", "--budget", "0.2", "-P", &param, "-p", "hi"]);
+        assert!(code == 1 && err.contains("layer_budgets") && err.contains("30 layers"), "{err}");
+    }
+}
+
+/// A parameter the chosen mode does not read is refused, naming the mode that reads it.
+#[test]
+fn parameters_without_effect_are_refused() {
+    for (flags, needle) in [
+        (vec!["--method", "kvmerger", "-P", "threshold=0.8"], "budget_mode = merge"),
+        (vec!["--method", "kvmerger", "-P", "threshold=-5"], "budget_mode = exact or threshold"),
+        (vec!["--method", "cam", "-P", "recent_ratio=0.3"], "eviction = h2o"),
+    ] {
+        let (code, err) = generate_flags(&flags);
+        assert!(code == 1 && err.contains(needle), "{flags:?}: {err}");
+    }
+    let (code, err) =
+        generate_flags(&["--method", "kvmerger", "-P", "budget_mode=exact", "-P", "threshold=0.8"]);
+    assert!(code == 1 && err.contains("prompt is empty"), "{err}");
+}
+
+/// A token budget above the prompt is a bound, not the prompt's length: nothing is evicted
+/// while the cache stays under it.
+#[test]
+fn a_token_budget_beyond_the_prompt_is_kept_as_asked() {
+    let (code, err, record) =
+        generate_record(&["--method", "h2o", "--budget", "5000t", "-n", "2", "-p", PROMPT]);
+    assert_eq!(code, 0, "{err}");
+    let budgets = record["cache"]["layer_budgets"].as_array().unwrap();
+    assert!(budgets.iter().all(|b| b == 5000), "{budgets:?}");
+    let (code, err, record) =
+        generate_record(&["--method", "h2o", "--budget", "1", "-n", "2", "-p", PROMPT]);
+    assert_eq!(code, 0, "{err}");
+    let budgets = record["cache"]["layer_budgets"].as_array().unwrap();
+    assert!(budgets.iter().all(|b| b.is_null()), "a share of 1 has no bound: {budgets:?}");
+}
+
+#[test]
+fn errors_say_what_is_wrong() {
+    for (flags, needles) in [
+        (vec!["--method", "kvmerger", "-P", "sigma=abc"], vec!["`sigma`", "adaptive"]),
+        (
+            vec!["--method", "kvmerger", "-P", "budget_mode=exact", "-P", "threshold=abc"],
+            vec!["`threshold`"],
+        ),
+        (vec!["--method", "h2o", "--budget", "-0.2"], vec!["budget", "(0, 1]"]),
+        (vec!["--method", "full", "--budget", "0.35"], vec!["budget", "full cache"]),
+    ] {
+        let (code, err) = generate_flags(&flags);
+        assert!(code != 0 && needles.iter().all(|n| err.contains(n)), "{flags:?}: {err}");
+    }
+    for ok in ["512T", "512 Tokens"] {
+        let (code, err) = generate_flags(&["--method", "h2o", "--budget", ok]);
+        assert!(code == 1 && err.contains("prompt is empty"), "--budget {ok}: {err}");
+    }
+    for args in [
+        vec!["generate", "-f", "/nonexistent/prompt.txt"],
+        vec!["eval", "--dataset", "/nonexistent/data.jsonl"],
+        vec!["eval", "--spec", "/nonexistent/spec.json"],
+    ] {
+        let (code, err) = kvmerger(&args);
+        assert!(code == 1 && err.matches("No such file").count() == 1, "{args:?}: {err}");
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_kvmerger"))
+        .args(["generate", "-p", "hi"])
+        .env("KVMERGER_MODEL", "/nonexistent/model.gguf")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("$KVMERGER_MODEL"), "{err}");
+}
+
+/// `-n` beyond what the context leaves is an error, as the server's `max_tokens` is; a
+/// prompt that fills the context says there is no room to generate.
+#[test]
+fn generation_longer_than_the_context_is_refused() {
+    let (code, err, _) = generate_record(&["-c", "20", "-n", "100", "-p", "Once upon a time"]);
+    assert!(code == 1 && err.contains("-n/--max-tokens 100") && err.contains("at most"), "{err}");
+    let (code, err, _) = generate_record(&["-c", "5", "-p", PROMPT]);
+    assert!(code == 1 && err.contains("no room"), "{err}");
+    let (code, err, record) = generate_record(&["-c", "12", "-p", "Once upon a time"]);
+    assert_eq!(code, 0, "without -n, what the context leaves: {err}");
+    assert!(record["output_tokens"].as_u64().unwrap() <= 12);
+}
+
+#[test]
+fn analyze_needs_two_texts_to_compare() {
+    let path = temp("one-text.txt");
+    std::fs::write(&path, "a text").unwrap();
+    let (code, err) = kvmerger(&["analyze", "--text", path.to_str().unwrap()]);
+    assert!(code == 1 && err.contains("at least two"), "{err}");
+}

@@ -11,15 +11,19 @@ use crate::error::{CompressError, Result};
 /// A per-head entry budget: a share of the prompt's length or an absolute count.
 ///
 /// Written as a share, `0.35`, `35%` or `1` (everything), or as a token count, `512t`
-/// (`512 tokens` too). A bare number above 1 is refused: `512` could mean either. JSON
+/// (`512 tokens` too; units in any case). A bare number above 1 is refused: `512` could
+/// mean either. JSON
 /// takes the same numbers and strings, or `{"ratio": 0.35}` and `{"tokens": 512}`, which is
 /// also how a budget is written out.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Budget {
-    /// Keep `round(ratio * T)` entries of a `T`-token prompt; `0 < ratio <= 1`.
+    /// Keep `round(ratio * T)` entries of a `T`-token prompt; `0 < ratio <= 1`. A share of
+    /// 1 keeps everything, also while decoding.
     Ratio(f64),
-    /// Keep this many entries per head (at most the prompt length).
+    /// Keep at most this many entries per head: an absolute bound. A head under it (a
+    /// shorter prompt) keeps everything, and keeps growing while decoding until it is
+    /// reached.
     Tokens(usize),
 }
 
@@ -36,21 +40,24 @@ impl Budget {
         }
     }
 
-    /// Entries a head of a `prompt_len`-token prompt may keep (at least 1, at most `prompt_len`).
+    /// Entries a head may hold after a `prompt_len`-token prompt and while decoding: a
+    /// share of the prompt (at least 1), [`Budget::EVERYTHING`] for a share of 1, or the
+    /// token count, which may exceed the prompt (nothing is then dropped until the head
+    /// grows to it).
     pub fn entries(&self, prompt_len: usize) -> usize {
-        let b = match *self {
-            Budget::Ratio(r) => (r * prompt_len as f64).round() as usize,
+        match *self {
+            Budget::Ratio(r) if r >= 1.0 => Self::EVERYTHING,
+            Budget::Ratio(r) => ((r * prompt_len as f64).round() as usize).max(1.min(prompt_len)),
             Budget::Tokens(t) => t,
-        };
-        b.clamp(1.min(prompt_len), prompt_len)
+        }
     }
 
-    /// The budget as a share of the prompt.
+    /// The share of a `prompt_len`-token prompt the budget keeps right after the prompt.
     pub fn ratio(&self, prompt_len: usize) -> f64 {
         if prompt_len == 0 {
             return 1.0;
         }
-        self.entries(prompt_len) as f64 / prompt_len as f64
+        self.entries(prompt_len).min(prompt_len) as f64 / prompt_len as f64
     }
 }
 
@@ -61,6 +68,9 @@ impl Default for Budget {
 }
 
 impl Budget {
+    /// The entry bound of a budget that keeps everything (a share of 1): no bound.
+    pub const EVERYTHING: usize = usize::MAX;
+
     /// A bare number: a share up to 1; above 1 it is refused, naming the token form.
     fn from_number(x: f64, written: &str) -> Result<Self> {
         if x > 1.0 && x.is_finite() {
@@ -82,9 +92,10 @@ impl Budget {
 
 impl FromStr for Budget {
     type Err = CompressError;
-    /// `0.35`, `35%`, `1` (everything), `512t` or `512 tokens`.
+    /// `0.35`, `35%`, `1` (everything), `512t` or `512 tokens` (units in any case).
     fn from_str(s: &str) -> Result<Self> {
         let s = s.trim();
+        let lower = s.to_ascii_lowercase();
         let bad = || {
             CompressError::invalid(
                 "budget",
@@ -92,7 +103,7 @@ impl FromStr for Budget {
             )
         };
         let number = |t: &str| t.trim().parse::<f64>().ok().filter(|x| x.is_finite());
-        let tokens = ["tokens", "token", "t"].iter().find_map(|unit| s.strip_suffix(unit));
+        let tokens = ["tokens", "token", "t"].iter().find_map(|unit| lower.strip_suffix(unit));
         let budget = if let Some(p) = s.strip_suffix('%') {
             Budget::Ratio(number(p).ok_or_else(bad)? / 100.0)
         } else if let Some(t) = tokens {
@@ -184,6 +195,8 @@ mod tests {
             ("512 tokens", Budget::Tokens(512)),
             ("1 token", Budget::Tokens(1)),
             ("1t", Budget::Tokens(1)),
+            ("512T", Budget::Tokens(512)),
+            ("512 Tokens", Budget::Tokens(512)),
         ] {
             assert_eq!(text.parse::<Budget>().unwrap(), budget, "{text}");
         }
@@ -248,10 +261,14 @@ mod tests {
     }
 
     #[test]
-    fn entries_round_and_clamp() {
+    fn entries_round_and_token_counts_are_absolute() {
         assert_eq!(Budget::Ratio(0.35).entries(1000), 350);
         assert_eq!(Budget::Ratio(0.5).entries(7), 4);
-        assert_eq!(Budget::Tokens(2000).entries(100), 100);
         assert_eq!(Budget::Ratio(0.01).entries(10), 1);
+        // A token count is a bound, not cut to the prompt; a share of 1 is everything.
+        assert_eq!(Budget::Tokens(2000).entries(100), 2000);
+        assert_eq!(Budget::Ratio(1.0).entries(100), Budget::EVERYTHING);
+        assert_eq!(Budget::Tokens(2000).ratio(100), 1.0);
+        assert_eq!(Budget::Ratio(1.0).ratio(100), 1.0);
     }
 }

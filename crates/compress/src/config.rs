@@ -144,21 +144,31 @@ impl CompressionConfig {
     }
 
     /// Applies a budget and parameters to a configuration's JSON fields, then parses and
-    /// validates the result.
+    /// validates the result. A budget given to a configuration with per-layer budgets
+    /// rescales them to average it (see [`scale_layer_budgets`]).
     fn from_fields(
         mut obj: Map<String, Value>,
         budget: Option<Budget>,
         params: &[(String, String)],
     ) -> Result<Self> {
-        let method = obj.get("method").and_then(Value::as_str).unwrap_or_default().to_string();
         if let Some(b) = budget {
-            if method == "full" {
-                if b != Budget::Ratio(1.0) {
-                    return Err(CompressError::invalid("budget", "the full cache takes no budget"));
-                }
-            } else {
-                obj.insert("budget".into(), serde_json::to_value(b).expect("budget serialises"));
+            let b_value = serde_json::to_value(b).expect("budget serialises");
+            let changed = obj.get("budget") != Some(&b_value);
+            if let Some(profile) = obj.get("layer_budgets").filter(|v| changed && !v.is_null()) {
+                let Budget::Ratio(mean) = b else {
+                    return Err(CompressError::invalid(
+                        "budget",
+                        format!(
+                            "`layer_budgets` are shares of the prompt: a token budget ({b}) \
+                             cannot rescale them; give a share (0.35, 35%)"
+                        ),
+                    ));
+                };
+                let profile: Vec<f64> = serde_json::from_value(profile.clone())
+                    .map_err(|e| CompressError::invalid("layer_budgets", e.to_string()))?;
+                obj.insert("layer_budgets".into(), scale_layer_budgets(&profile, mean).into());
             }
+            obj.insert("budget".into(), b_value);
         }
         for (k, v) in params {
             let key = k.trim().replace('-', "_");
@@ -176,18 +186,91 @@ impl CompressionConfig {
             let value = serde_json::from_str(v).unwrap_or_else(|_| Value::String(v.clone()));
             obj.insert(key, value);
         }
-        let config: Self = serde_json::from_value(Value::Object(obj))
-            .map_err(|e| CompressError::invalid(format!("{method} parameters"), e.to_string()))?;
-        config.validate()?;
-        Ok(config)
+        Self::from_object(obj)
     }
 
     /// Parses a JSON configuration and validates it.
     pub fn from_json(text: &str) -> Result<Self> {
-        let config: Self = serde_json::from_str(text)
-            .map_err(|e| CompressError::invalid("configuration", e.to_string()))?;
+        match serde_json::from_str(text) {
+            Ok(Value::Object(obj)) => Self::from_object(obj),
+            Ok(other) => Err(CompressError::invalid(
+                "configuration",
+                format!("expected a JSON object such as {{\"method\": \"h2o\"}}, got {other}"),
+            )),
+            Err(e) => Err(CompressError::invalid("configuration", format!("not JSON: {e}"))),
+        }
+    }
+
+    /// Parses and validates a configuration's fields: the method by name or alias (case and
+    /// `-`/`_` aside), then its parameters; errors name the field at fault.
+    fn from_object(mut obj: Map<String, Value>) -> Result<Self> {
+        let name = match obj.get("method") {
+            Some(Value::String(name)) => name.clone(),
+            Some(other) => {
+                return Err(CompressError::invalid(
+                    "method",
+                    format!("must be a method name, got {other}"),
+                ))
+            }
+            None => {
+                return Err(CompressError::invalid(
+                    "method",
+                    format!("missing; one of: {}", METHOD_NAMES.join(", ")),
+                ))
+            }
+        };
+        let info =
+            method_info(&name).ok_or_else(|| CompressError::UnknownMethod(name.trim().into()))?;
+        obj.insert("method".into(), Value::String(info.name.into()));
+        if info.name == "full" {
+            return Self::full_from(&obj);
+        }
+        let config: Self = serde_json::from_value(Value::Object(obj.clone()))
+            .map_err(|e| field_at_fault(&obj, e))?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// The full cache: it has no parameters, and its only budget is everything (`1`), the
+    /// same rule for the command line and JSON.
+    fn full_from(obj: &Map<String, Value>) -> Result<Self> {
+        for (key, value) in obj.iter().filter(|(k, _)| *k != "method") {
+            if key != "budget" {
+                return Err(CompressError::invalid(key, "the full cache takes no parameters"));
+            }
+            let budget: Budget = serde_json::from_value(value.clone())
+                .map_err(|e| CompressError::invalid("budget", without_prefix("budget", &e)))?;
+            if budget != Budget::Ratio(1.0) {
+                return Err(CompressError::invalid(
+                    "budget",
+                    format!("the full cache keeps everything; it takes no budget (got {budget})"),
+                ));
+            }
+        }
+        Ok(Self::Full)
+    }
+
+    /// Checks the configuration against the model it is to run on: per-layer budgets must
+    /// give one share per layer.
+    pub fn check_model(&self, n_layers: usize) -> Result<()> {
+        let Self::Kvmerger(k) = self else { return Ok(()) };
+        match &k.layer_budgets {
+            Some(b) if b.len() != n_layers => {
+                let made_for = match &k.layer_budgets_model {
+                    Some(model) => format!(" (they were made for {model})"),
+                    None => String::new(),
+                };
+                Err(CompressError::invalid(
+                    "layer_budgets",
+                    format!(
+                        "{} shares for a model of {n_layers} layers{made_for}: give one per \
+                         layer, e.g. from `kvmerger analyze --suggest-budget` on this model",
+                        b.len()
+                    ),
+                ))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// A short label for tables: `kvmerger@35%`, with the parameters that differ from the
@@ -202,7 +285,8 @@ impl CompressionConfig {
         ) {
             (Ok(Value::Object(mine)), Ok(Ok(Value::Object(default)))) => mine
                 .iter()
-                .filter(|(k, v)| default.get(*k) != Some(*v))
+                // Where per-layer budgets came from is not part of what runs.
+                .filter(|(k, v)| default.get(*k) != Some(*v) && *k != "layer_budgets_model")
                 .map(|(k, v)| format!("{k}={}", short(v)))
                 .collect::<Vec<_>>(),
             _ => Vec::new(),
@@ -213,6 +297,49 @@ impl CompressionConfig {
             format!("{}({})@{}", self.name(), changed.join(";"), self.budget())
         }
     }
+}
+
+/// Names the field behind a parse error. serde reports an error inside an internally
+/// tagged enum without the field's name, so each field is parsed alone with the method:
+/// the first that fails on its own is the one at fault.
+fn field_at_fault(obj: &Map<String, Value>, error: serde_json::Error) -> CompressError {
+    let method = obj.get("method").cloned().unwrap_or(Value::Null);
+    for (key, value) in obj.iter().filter(|(k, _)| *k != "method") {
+        let alone =
+            Map::from_iter([("method".into(), method.clone()), (key.clone(), value.clone())]);
+        if let Err(e) = serde_json::from_value::<CompressionConfig>(Value::Object(alone)) {
+            return CompressError::invalid(key, without_prefix(key, &e));
+        }
+    }
+    CompressError::invalid(format!("{} parameters", short(&method)), error.to_string())
+}
+
+/// A parse error's message without the `invalid parameter `key`: ` that a check inside the
+/// parser (a budget's range) already put in front.
+fn without_prefix(key: &str, error: &serde_json::Error) -> String {
+    let message = error.to_string();
+    let prefix = format!("invalid parameter `{key}`: ");
+    message.strip_prefix(&prefix).unwrap_or(&message).to_string()
+}
+
+/// Per-layer budget shares rescaled to average `mean`: each layer keeps its share of the
+/// profile (proportional, capped at 1), found by bisection on the factor. `kvmerger analyze
+/// --suggest-budget` makes a profile this way from merge ratios, and a `--budget` given to
+/// a configuration with per-layer budgets rescales them so.
+pub fn scale_layer_budgets(profile: &[f64], mean: f64) -> Vec<f64> {
+    let n = profile.len().max(1) as f64;
+    let at = |s: f64| -> Vec<f64> { profile.iter().map(|r| (r * s).clamp(1e-3, 1.0)).collect() };
+    let average = |v: &[f64]| v.iter().sum::<f64>() / n;
+    let (mut lo, mut hi) = (0.0, 1e6);
+    for _ in 0..200 {
+        let mid = 0.5 * (lo + hi);
+        if average(&at(mid)) < mean {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    at(0.5 * (lo + hi))
 }
 
 /// A parameter value as a label shows it: strings bare, numbers to four decimals.
@@ -244,7 +371,12 @@ mod tests {
         let c = CompressionConfig::from_cli(
             "kvmerger",
             Some(Budget::Ratio(0.35)),
-            &kv(&[("threshold", "0.8"), ("sigma", "adaptive"), ("mass", "scale_values")]),
+            &kv(&[
+                ("budget_mode", "exact"),
+                ("threshold", "0.8"),
+                ("sigma", "adaptive"),
+                ("mass", "scale_values"),
+            ]),
         )
         .unwrap();
         let CompressionConfig::Kvmerger(k) = &c else { panic!("{c:?}") };
@@ -252,7 +384,10 @@ mod tests {
             (k.threshold, k.sigma, k.mass, k.budget),
             (0.8, Sigma::Adaptive, MassRule::ScaleValues, Budget::Ratio(0.35))
         );
-        assert_eq!(c.label(), "kvmerger(mass=scale_values;sigma=adaptive;threshold=0.8)@35%");
+        assert_eq!(
+            c.label(),
+            "kvmerger(budget_mode=exact;mass=scale_values;sigma=adaptive;threshold=0.8)@35%"
+        );
         assert_eq!(
             CompressionConfig::from_cli("h2o", Some(Budget::Ratio(0.5)), &[]).unwrap().label(),
             "h2o@50%"
@@ -330,7 +465,7 @@ mod tests {
     #[test]
     fn overrides_replace_fields_of_a_configuration() {
         let file = CompressionConfig::from_json(
-            r#"{"method": "kvmerger", "budget": "35%", "threshold": 0.8, "mass": "log_count"}"#,
+            r#"{"method": "kvmerger", "budget": "35%", "budget_mode": "exact", "threshold": 0.8, "mass": "log_count"}"#,
         )
         .unwrap();
         let c =
@@ -364,6 +499,121 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// `--budget` on a configuration with per-layer budgets (from `analyze --suggest-budget`)
+    /// rescales them to average it; the label then says what runs.
+    #[test]
+    fn a_budget_rescales_per_layer_budgets_to_its_average() {
+        let file = CompressionConfig::from_json(
+            r#"{"method": "kvmerger", "budget": 0.35, "layer_budgets": [0.2, 0.5, 0.35]}"#,
+        )
+        .unwrap();
+        let c = file.with_overrides(Some(Budget::Ratio(0.2)), &[]).unwrap();
+        let CompressionConfig::Kvmerger(k) = &c else { panic!("{c:?}") };
+        let layers = k.layer_budgets.clone().unwrap();
+        let average = layers.iter().sum::<f64>() / layers.len() as f64;
+        assert!((average - 0.2).abs() < 1e-6, "{layers:?}");
+        assert!((layers[1] / layers[0] - 2.5).abs() < 1e-6, "the profile keeps its shape");
+        assert!(c.label().ends_with("@20%"), "{}", c.label());
+        let err = file.with_overrides(Some(Budget::Tokens(512)), &[]).unwrap_err().to_string();
+        assert!(err.contains("layer_budgets") && err.contains("share"), "{err}");
+        // Per-layer budgets that do not average the budget would run something else than
+        // the label says.
+        let err =
+            CompressionConfig::from_cli("kvmerger", None, &kv(&[("layer_budgets", "[0.2, 0.2]")]))
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("layer_budgets") && err.contains("average"), "{err}");
+    }
+
+    #[test]
+    fn per_layer_budgets_must_give_one_share_per_layer_of_the_model() {
+        let c = CompressionConfig::from_json(
+            r#"{"method": "kvmerger", "budget": 0.2, "layer_budgets": [0.2],
+                "layer_budgets_model": "tiny.gguf (1 layers)"}"#,
+        )
+        .unwrap();
+        c.check_model(1).unwrap();
+        let err = c.check_model(30).unwrap_err().to_string();
+        assert!(err.contains("layer_budgets") && err.contains("30 layers"), "{err}");
+        assert!(err.contains("tiny.gguf"), "names the model they were made for: {err}");
+        assert_eq!(c.label(), "kvmerger(layer_budgets=[0.2])@20%", "provenance is not a setting");
+    }
+
+    #[test]
+    fn parameters_the_chosen_mode_does_not_read_are_refused() {
+        for (method, params, needle) in [
+            ("kvmerger", &[("threshold", "0.8")][..], "budget_mode = merge"),
+            ("kvmerger", &[("threshold", "-5")], "budget_mode = merge"),
+            ("kvmerger", &[("compare_to", "anchor")], "budget_mode = exact or threshold"),
+            ("kvmerger", &[("protect_window", "8")], "protect_by = window"),
+            ("kvmerger", &[("sigma_floor", "0.1")], "sigma = adaptive"),
+            ("kvmerger", &[("seed", "3")], "pivot = random"),
+            ("kvmerger", &[("merge", "false"), ("sigma", "2")], "merge = false"),
+            ("cam", &[("recent_ratio", "0.3")], "eviction = h2o"),
+            ("cam", &[("eviction", "h2o"), ("sinks", "8")], "eviction = streaming"),
+        ] {
+            let name = params.last().unwrap().0;
+            let err = CompressionConfig::from_cli(method, None, &kv(params)).unwrap_err();
+            let text = err.to_string();
+            assert!(
+                text.contains(&format!("`{name}`")) && text.contains(needle),
+                "{params:?}: {text}"
+            );
+        }
+        for (method, params) in [
+            ("kvmerger", &[("budget_mode", "exact"), ("threshold", "0.8")][..]),
+            ("kvmerger", &[("budget_mode", "threshold"), ("compare_to", "anchor")]),
+            ("kvmerger", &[("protect_by", "window"), ("protect_window", "8")]),
+            ("kvmerger", &[("sigma", "adaptive"), ("sigma_floor", "0.1")]),
+            ("kvmerger", &[("pivot", "random"), ("seed", "3")]),
+            ("cam", &[("eviction", "h2o"), ("recent_ratio", "0.3")]),
+        ] {
+            CompressionConfig::from_cli(method, None, &kv(params)).unwrap();
+        }
+    }
+
+    #[test]
+    fn parse_errors_name_the_field_and_what_it_takes() {
+        for (params, needle) in [
+            (&[("sigma", "abc")][..], "adaptive"),
+            (&[("threshold", "abc")], "f32"),
+            (&[("budget_mode", "lots")], "merge"),
+        ] {
+            let err = CompressionConfig::from_cli("kvmerger", None, &kv(params)).unwrap_err();
+            let CompressError::InvalidParameter { name, reason } = &err else { panic!("{err}") };
+            assert_eq!(name, params[0].0, "{err}");
+            assert!(reason.contains(needle), "{err}");
+        }
+        let err = CompressionConfig::from_json(r#"{"method": "h2o", "budget": 0}"#).unwrap_err();
+        assert_eq!(err.to_string(), "invalid parameter `budget`: ratio must be in (0, 1], got 0");
+        let err = CompressionConfig::from_json(r#"{"budget": 0.5}"#).unwrap_err().to_string();
+        assert!(err.contains("`method`") && err.contains("missing"), "{err}");
+        let err = CompressionConfig::from_json("[1]").unwrap_err().to_string();
+        assert!(err.contains("object"), "{err}");
+    }
+
+    /// The command line refuses `--method full --budget 0.35`; JSON (the server) the same.
+    #[test]
+    fn the_full_cache_takes_no_budget_anywhere() {
+        for json in [r#"{"method": "full"}"#, r#"{"method": "full", "budget": 1}"#] {
+            assert_eq!(CompressionConfig::from_json(json).unwrap(), CompressionConfig::Full);
+        }
+        for (json, field) in [
+            (r#"{"method": "full", "budget": 0.5}"#, "budget"),
+            (r#"{"method": "full", "budget": "512t"}"#, "budget"),
+            (r#"{"method": "full", "sinks": 4}"#, "sinks"),
+        ] {
+            let err = CompressionConfig::from_json(json).unwrap_err();
+            assert!(
+                matches!(&err, CompressError::InvalidParameter { name, .. } if name == field),
+                "{json}: {err}"
+            );
+        }
+        let err = CompressionConfig::from_cli("full", Some(Budget::Ratio(0.35)), &[]).unwrap_err();
+        assert!(err.to_string().contains("no budget"), "{err}");
+        CompressionConfig::from_cli("full", Some(Budget::Ratio(1.0)), &[]).unwrap();
     }
 
     #[test]

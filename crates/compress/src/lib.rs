@@ -14,7 +14,9 @@ pub mod methods;
 
 pub use budget::Budget;
 pub use cache::{EntryMeta, HeadCache, KvCache};
-pub use config::{method_info, CompressionConfig, MethodInfo, METHODS, METHOD_NAMES};
+pub use config::{
+    method_info, scale_layer_budgets, CompressionConfig, MethodInfo, METHODS, METHOD_NAMES,
+};
 pub use dtype::{KvDtype, KvElement, RowsRef};
 pub use error::{CompressError, Result};
 pub use method::{

@@ -11,7 +11,9 @@ use crate::session::CompressionReport;
 
 /// Compresses every head of `cache` (holding a `prompt_len`-token prompt) to the method's
 /// per-layer budget, releases the memory freed, and fixes the budgets and the log-count
-/// bias on the cache for the decode steps that follow.
+/// bias on the cache for the decode steps that follow. A budget above what a head holds
+/// (a token count beyond the prompt, or a share of 1) leaves the head whole, and stays the
+/// bound while decoding: nothing is evicted until the head grows to it.
 ///
 /// A method that computes new rows (merging) gets each head widened to f32 and narrowed back
 /// to the cache's dtype once compressed, so merges compute in f32 and round once; a
@@ -39,7 +41,8 @@ pub fn compress_prompt(
                     if widen {
                         cache.convert(KvDtype::F32);
                     }
-                    let report = method.compress(HeadId { layer, head }, cache, budget);
+                    let held = budget.min(cache.len());
+                    let report = method.compress(HeadId { layer, head }, cache, held);
                     if widen {
                         cache.convert(dtype);
                     }

@@ -11,8 +11,9 @@ pub enum EngineError {
     UnknownModel { given: PathBuf, known: String },
     #[error("{path} is corrupt: expected {expected}, got {actual} (the file was removed)")]
     Digest { path: PathBuf, expected: String, actual: String },
-    #[error("I/O error on {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    /// The I/O error is in the message, not the error chain: a chain would print it twice.
+    #[error("I/O error on {path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
     #[error("cannot read GGUF file {path}: {reason} (is it a complete, uncorrupted GGUF model?)")]
     Gguf { path: PathBuf, reason: String },
     #[error("unsupported model: {0}")]

@@ -279,7 +279,7 @@ fn hex(bytes: &[u8]) -> String {
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> EngineError {
     let path = path.to_path_buf();
-    move |source| EngineError::Io { path, source }
+    move |error| EngineError::Io { path, error }
 }
 
 fn python() -> String {

@@ -22,7 +22,7 @@ pub fn read_gguf_header(path: &Path) -> Result<(gguf_file::Content, BufReader<Fi
     if !path.exists() {
         return Err(EngineError::MissingFile(path.to_path_buf()));
     }
-    let io = |source| EngineError::Io { path: path.to_path_buf(), source };
+    let io = |error| EngineError::Io { path: path.to_path_buf(), error };
     let file = File::open(path).map_err(io)?;
     let len = file.metadata().map_err(io)?.len();
     let mut reader = BufReader::new(file);
@@ -127,10 +127,10 @@ pub fn load_gguf(
 pub fn load_hf_folder(dir: &Path, device: &Device) -> Result<Llama> {
     let config_path = dir.join("config.json");
     let text = std::fs::read_to_string(&config_path)
-        .map_err(|source| EngineError::Io { path: config_path.clone(), source })?;
+        .map_err(|error| EngineError::Io { path: config_path.clone(), error })?;
     let config = ModelConfig::from_hf_json(&text)?;
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|source| EngineError::Io { path: dir.to_path_buf(), source })?
+        .map_err(|error| EngineError::Io { path: dir.to_path_buf(), error })?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
         .collect();

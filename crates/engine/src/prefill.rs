@@ -75,7 +75,8 @@ impl PrefillPlan {
                 *p = (*p).max(*h);
             });
             let Some(next) = chunks.get(k + 1) else { break };
-            let overflows = held.iter().zip(budgets).any(|(&h, &b)| h + next.len() > b + longest);
+            let overflows =
+                held.iter().zip(budgets).any(|(&h, &b)| h + next.len() > b.saturating_add(longest));
             if incremental && overflows {
                 compress_after[k] = true;
                 held.iter_mut().zip(budgets).for_each(|(h, &b)| *h = (*h).min(b));

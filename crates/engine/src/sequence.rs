@@ -190,6 +190,7 @@ impl Sequence {
         if !(s.top_p > 0.0 && s.top_p <= 1.0) {
             return Err(invalid("top_p", format!("must be in (0, 1], got {}", s.top_p)));
         }
+        request.compression.check_model(config.n_layers)?;
         let method = request.compression.build()?;
         let plan =
             plan_prefill(&*method, &request.compression, prompt_len, prefill_chunk, mode, config);

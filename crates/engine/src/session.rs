@@ -120,6 +120,7 @@ pub struct Session<'m> {
 
 impl<'m> Session<'m> {
     pub fn new(model: &'m Llama, config: &CompressionConfig) -> Result<Self> {
+        config.check_model(model.config.n_layers)?;
         Ok(Self {
             model,
             cache: model.new_cache(),

@@ -193,7 +193,7 @@ impl TextTokenizer {
             let jinja = dir.join("chat_template.jinja");
             if jinja.is_file() {
                 let text = std::fs::read_to_string(&jinja)
-                    .map_err(|source| EngineError::Io { path: jinja, source })?;
+                    .map_err(|error| EngineError::Io { path: jinja, error })?;
                 chat_template = Some(text);
             }
         }
@@ -598,7 +598,7 @@ fn read_json_if_present(path: &Path) -> Result<Option<serde_json::Value>> {
         return Ok(None);
     }
     let text = std::fs::read_to_string(path)
-        .map_err(|source| EngineError::Io { path: path.to_path_buf(), source })?;
+        .map_err(|error| EngineError::Io { path: path.to_path_buf(), error })?;
     serde_json::from_str(&text)
         .map(Some)
         .map_err(|e| EngineError::Tokenizer(format!("cannot parse {}: {e}", path.display())))

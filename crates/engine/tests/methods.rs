@@ -51,7 +51,9 @@ fn keeps_budget_through_prefill_and_decode(dtype: KvDtype) {
         for budget in [1.0, 0.5, 0.35, 0.2] {
             for config in configs(budget) {
                 let label = format!("{} on {prompt} tokens in {dtype}", config.label());
-                let expected = Budget::Ratio(budget).entries(prompt);
+                // A share of 1 has no bound (everything, also while decoding).
+                let bound = Budget::Ratio(budget).entries(prompt);
+                let expected = bound.min(prompt);
                 let mut session = Session::new(&model, &config).unwrap();
                 let mut logits = session.prefill(&tokens).unwrap();
                 let report = session.report().unwrap().clone();
@@ -87,10 +89,10 @@ fn keeps_budget_through_prefill_and_decode(dtype: KvDtype) {
                     );
                     for head in session.cache.layers.iter().flatten() {
                         if bounded {
-                            assert!(
-                                head.len() <= expected,
-                                "{label}: {} > {expected} at step {step}",
-                                head.len()
+                            assert_eq!(
+                                head.len(),
+                                (expected + step + 1).min(bound),
+                                "{label}: grows to its bound at step {step}, then holds it"
                             );
                         } else {
                             assert_eq!(
@@ -108,6 +110,51 @@ fn keeps_budget_through_prefill_and_decode(dtype: KvDtype) {
             }
         }
     }
+}
+
+/// A token budget is an absolute bound: on a shorter prompt nothing is evicted, neither
+/// after the prompt nor while decoding, until a head grows to the count; a share of 1 keeps
+/// everything.
+#[test]
+fn budgets_beyond_the_prompt_evict_nothing_until_reached() {
+    let model = random_llama(tiny_config(), 5).unwrap();
+    let tokens: Vec<u32> = (0..20).map(|i| (i * 7 + 3) % 64).collect();
+    for method in ["h2o", "streaming_llm", "cam"] {
+        for (budget, bound) in [(Budget::Tokens(30), 30), (Budget::Ratio(1.0), Budget::EVERYTHING)]
+        {
+            let config = CompressionConfig::from_cli(method, Some(budget), &[]).unwrap();
+            let label = config.label();
+            let mut session = Session::new(&model, &config).unwrap();
+            let mut logits = session.prefill(&tokens).unwrap();
+            assert_eq!(session.report().unwrap().budgets, [bound, bound], "{label}");
+            let mut sampler = Sampler::new(Default::default());
+            for step in 1..=20 {
+                let next = sampler.sample(&logits);
+                logits = session.extend(&[next], Logits::Last).unwrap().swap_remove(0);
+                for head in session.cache.layers.iter().flatten() {
+                    assert_eq!(head.len(), (20 + step).min(bound), "{label} at step {step}");
+                }
+            }
+        }
+    }
+}
+
+/// Per-layer budgets of another model (another layer count) are refused where the
+/// configuration meets the model, naming the layer count.
+#[test]
+fn per_layer_budgets_of_another_model_are_refused() {
+    let model = random_llama(tiny_config(), 5).unwrap();
+    for shares in ["[0.2]", "[0.2, 0.2, 0.2]"] {
+        let params = vec![("layer_budgets".to_string(), shares.to_string())];
+        let config =
+            CompressionConfig::from_cli("kvmerger", Some(Budget::Ratio(0.2)), &params).unwrap();
+        let err = Session::new(&model, &config).err().expect(shares).to_string();
+        assert!(err.contains("layer_budgets") && err.contains("2 layers"), "{shares}: {err}");
+    }
+    let params = vec![("layer_budgets".to_string(), "[0.1, 0.3]".to_string())];
+    let config =
+        CompressionConfig::from_cli("kvmerger", Some(Budget::Ratio(0.2)), &params).unwrap();
+    Session::new(&model, &config).unwrap();
 }
 
 #[test]

@@ -37,8 +37,9 @@ pub struct Persistence {
     pub layer_max_abs_diff: Vec<f64>,
     pub max_abs_diff: f64,
     pub mean_abs_diff: f64,
-    /// Mean Pearson correlation of the layer curves over all pairs of texts.
-    pub mean_pairwise_correlation: f64,
+    /// Mean Pearson correlation of the layer curves over all pairs of texts; none for a
+    /// single text, which has no pair.
+    pub mean_pairwise_correlation: Option<f64>,
 }
 
 /// `[len][len]` cosine similarities of rows `start..start + len` of a `[n, dim]` matrix.
@@ -116,11 +117,8 @@ pub fn persistence(curves: &[Vec<f64>]) -> Persistence {
     Persistence {
         max_abs_diff: layer_max_abs_diff.iter().copied().fold(0.0, f64::max),
         mean_abs_diff: layer_max_abs_diff.iter().sum::<f64>() / n_layers.max(1) as f64,
-        mean_pairwise_correlation: if correlations.is_empty() {
-            1.0
-        } else {
-            correlations.iter().sum::<f64>() / correlations.len() as f64
-        },
+        mean_pairwise_correlation: (!correlations.is_empty())
+            .then(|| correlations.iter().sum::<f64>() / correlations.len() as f64),
         layer_max_abs_diff,
     }
 }
@@ -148,23 +146,9 @@ pub fn pearson(a: &[f64], b: &[f64]) -> f64 {
 
 /// Per-layer budget ratios whose mean is `overall`: each layer's budget is proportional to
 /// the share of its cache that merging leaves (layers whose keys merge well get less),
-/// capped at 1. Solved by bisection on the proportionality factor.
+/// capped at 1.
 pub fn suggest_layer_budgets(layer_merge_ratio: &[f64], overall: f64) -> Vec<f64> {
-    let n = layer_merge_ratio.len().max(1) as f64;
-    let at = |s: f64| -> Vec<f64> {
-        layer_merge_ratio.iter().map(|r| (r * s).clamp(1e-3, 1.0)).collect()
-    };
-    let mean = |v: &[f64]| v.iter().sum::<f64>() / n;
-    let (mut lo, mut hi) = (0.0, 1e6);
-    for _ in 0..200 {
-        let mid = 0.5 * (lo + hi);
-        if mean(&at(mid)) < overall {
-            lo = mid;
-        } else {
-            hi = mid;
-        }
-    }
-    at(0.5 * (lo + hi))
+    kvmerger_compress::scale_layer_budgets(layer_merge_ratio, overall)
 }
 
 #[cfg(test)]
@@ -234,7 +218,12 @@ mod tests {
         let c = vec![0.5, 0.7, 0.9];
         let p = persistence(&[c.clone(), c.clone()]);
         assert_eq!(p.max_abs_diff, 0.0);
-        assert!((p.mean_pairwise_correlation - 1.0).abs() < 1e-12);
+        assert!((p.mean_pairwise_correlation.unwrap() - 1.0).abs() < 1e-12);
+        assert_eq!(
+            persistence(std::slice::from_ref(&c)).mean_pairwise_correlation,
+            None,
+            "no pair"
+        );
         let q = persistence(&[c, vec![0.6, 0.7, 0.8]]);
         assert!((q.max_abs_diff - 0.1).abs() < 1e-12);
     }

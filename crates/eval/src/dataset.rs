@@ -47,7 +47,8 @@ struct Row {
     question: String,
     #[serde(default)]
     answer_prefix: String,
-    answer: Answer,
+    #[serde(deserialize_with = "answers")]
+    answer: Vec<String>,
     #[serde(default = "default_max_new_tokens")]
     max_new_tokens: usize,
     #[serde(default)]
@@ -60,11 +61,23 @@ fn default_max_new_tokens() -> usize {
     32
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Answer {
-    One(String),
-    Many(Vec<String>),
+/// `answer`: one string or a list of them (any of which counts as right).
+fn answers<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Vec<String>, D::Error> {
+    use serde::de::Error;
+    let wrong = |v: &serde_json::Value| {
+        D::Error::custom(format!("`answer` must be a string or a list of strings, got {v}"))
+    };
+    match serde_json::Value::deserialize(d)? {
+        serde_json::Value::String(a) => Ok(vec![a]),
+        serde_json::Value::Array(items) => items
+            .into_iter()
+            .map(|v| match v {
+                serde_json::Value::String(a) => Ok(a),
+                other => Err(wrong(&other)),
+            })
+            .collect(),
+        other => Err(wrong(&other)),
+    }
 }
 
 /// Reads a JSONL file into samples scored by `metric`. Empty lines are ignored; malformed
@@ -84,21 +97,21 @@ pub fn load_jsonl(path: &Path, metric: Metric, policy: LoadPolicy) -> Result<Loa
         }
         let parsed = std::str::from_utf8(line)
             .map_err(|e| format!("invalid UTF-8: {e}"))
-            .and_then(|line| serde_json::from_str::<Row>(line).map_err(|e| e.to_string()));
+            .and_then(|line| serde_json::from_str::<Row>(line).map_err(|e| e.to_string()))
+            .and_then(|row| match row.max_new_tokens {
+                0 => Err("`max_new_tokens` must be at least 1".to_string()),
+                _ => Ok(row),
+            });
         match parsed {
             Ok(row) => {
                 ignored_columns.extend(row.other.into_keys());
-                let answers = match row.answer {
-                    Answer::One(a) => vec![a],
-                    Answer::Many(a) => a,
-                };
                 samples.push(Sample {
                     id: row.id.unwrap_or_else(|| format!("{task}-{line_no}")),
                     task: task.clone(),
                     context: row.context,
                     question: row.question,
                     answer_prefix: row.answer_prefix,
-                    answers,
+                    answers: row.answer,
                     max_new_tokens: row.max_new_tokens,
                     depth: None,
                     metric,
@@ -139,10 +152,11 @@ mod tests {
     #[test]
     fn malformed_lines_are_reported_with_their_numbers() {
         let content = format!(
-            "{GOOD}\n\n{{not json\n{}\n{}\n{}\n",
+            "{GOOD}\n\n{{not json\n{}\n{}\n{}\n{}\n",
             r#"{"question": "q", "answer": "x"}"#,
             r#"{"context": "c", "question": "q", "answer": 5}"#,
-            r#"{"context": "c", "question": "q", "answer": ["a", "b"], "all_classes": ["a", "b"]}"#
+            r#"{"context": "c", "question": "q", "answer": ["a", "b"], "all_classes": ["a", "b"]}"#,
+            r#"{"context": "c", "question": "q", "answer": "x", "max_new_tokens": 0}"#
         );
         let path = file(&content);
         let Loaded { samples, errors, ignored_columns } =
@@ -151,8 +165,11 @@ mod tests {
         assert_eq!(samples.len(), 2);
         assert_eq!(samples[1].answers, vec!["a", "b"]);
         assert_eq!(samples[1].max_new_tokens, 32);
-        assert_eq!(errors.iter().map(|e| e.line).collect::<Vec<_>>(), vec![3, 4, 5]);
+        assert_eq!(errors.iter().map(|e| e.line).collect::<Vec<_>>(), vec![3, 4, 5, 7]);
         assert!(errors[1].message.contains("context"), "{}", errors[1].message);
+        let answer = &errors[2].message;
+        assert!(answer.contains("`answer` must be a string or a list of strings"), "{answer}");
+        assert!(errors[3].message.contains("max_new_tokens"), "{}", errors[3].message);
         let err = load_jsonl(&path, Metric::QaF1, LoadPolicy::Fatal).unwrap_err();
         assert!(err.to_string().contains("line 3"), "{err}");
     }

@@ -9,8 +9,9 @@ pub enum EvalError {
     Engine(#[from] kvmerger_engine::EngineError),
     #[error(transparent)]
     Compress(#[from] kvmerger_compress::CompressError),
-    #[error("I/O error on {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    /// The I/O error is in the message, not the error chain: a chain would print it twice.
+    #[error("I/O error on {path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
     #[error("{path}, line {line}: {message}")]
     Dataset { path: PathBuf, line: usize, message: String },
     #[error("invalid task: {0}")]
@@ -26,7 +27,7 @@ pub enum EvalError {
 impl EvalError {
     pub fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
         let path = path.into();
-        move |source| Self::Io { path, source }
+        move |error| Self::Io { path, error }
     }
 }
 

@@ -154,6 +154,8 @@ fn draw_line_chart(
     // Room either side of the outer budgets, so their error bars are not cut.
     let pad = ((x1 - x0) * 0.08).max(2.0);
     let (x0, x1) = (x0 - pad, x1 + pad);
+    // Enough decimals that ticks on a narrow axis (one budget) do not repeat.
+    let decimals = if x1 - x0 < 10.0 { 1 } else { 0 };
     let (y0, y1) = c.y_range.unwrap_or_else(|| {
         let ys = c
             .series
@@ -180,7 +182,7 @@ fn draw_line_chart(
         .configure_mesh()
         .x_desc(&c.x_label)
         .y_desc(&c.y_label)
-        .x_label_formatter(&|x| format!("{x:.0}"))
+        .x_label_formatter(&|x| format!("{x:.decimals$}"))
         .label_style(("sans-serif", 15))
         .draw()
         .map_err(plot_err)?;

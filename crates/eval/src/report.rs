@@ -8,13 +8,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use kvmerger_compress::KvDtype;
+use kvmerger_compress::{Budget, KvDtype};
 
 use crate::error::{EvalError, Result};
 use crate::plot::{heatmap_grid, line_charts, HeatmapPanel, LineChart, Series};
 use crate::results::ResultRow;
 use crate::runner::Protocol;
-use crate::stats::{bootstrap_mean, score_estimate, Estimate, BOOTSTRAP_RESAMPLES};
+use crate::stats::{accuracy, bootstrap_mean, Estimate, BOOTSTRAP_RESAMPLES};
 
 /// A method holds its budget when its entries are within this share of the budget's.
 pub const BUDGET_TOLERANCE: f64 = 0.01;
@@ -25,6 +25,77 @@ const PREDICTION_SAMPLES: usize = 2;
 /// `budget` in percent, as a key that sorts.
 fn pct(b: f64) -> u32 {
     (b * 100.0).round() as u32
+}
+
+/// A report column: the budget its rows asked for, read from their method label
+/// (`h2o@35%`, `h2o@512 tokens`), not the share each sample happened to keep. Shares come
+/// before token counts, each in increasing order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Column {
+    /// A share of the prompt, in tenths of a percent.
+    Share(u32),
+    /// Entries per head.
+    Tokens(usize),
+}
+
+impl Column {
+    /// The full cache's column (everything).
+    const FULL: Column = Column::Share(1000);
+
+    fn of(r: &ResultRow) -> Column {
+        let asked = r.method.rsplit_once('@').and_then(|(_, b)| b.parse::<Budget>().ok());
+        match asked {
+            Some(Budget::Tokens(t)) => Column::Tokens(t),
+            Some(Budget::Ratio(x)) => Column::Share((x * 1000.0).round() as u32),
+            // The full cache's label has no budget; its row records a share of 1.
+            None => Column::Share((r.budget * 1000.0).round() as u32),
+        }
+    }
+
+    fn is_share(self) -> bool {
+        matches!(self, Column::Share(_))
+    }
+
+    /// Where the column sits on a plot's x axis: percent of the prompt, or tokens.
+    fn x(self) -> f64 {
+        match self {
+            Column::Share(p) => p as f64 / 10.0,
+            Column::Tokens(t) => t as f64,
+        }
+    }
+
+    /// How far the column is from 35%, the budget predictions and heatmaps show.
+    fn distance_to_35(self) -> u32 {
+        match self {
+            Column::Share(p) => p.abs_diff(350),
+            Column::Tokens(_) => u32::MAX,
+        }
+    }
+
+    /// The budget as the summary CSV writes it: a share (`0.35`) or a count (`512t`).
+    fn csv(self) -> String {
+        match self {
+            Column::Share(p) => (p as f64 / 1000.0).to_string(),
+            Column::Tokens(t) => format!("{t}t"),
+        }
+    }
+
+    /// The budget in a file name: percent (`35`) or a count (`512t`).
+    fn file_tag(self) -> String {
+        match self {
+            Column::Share(p) => (p as f64 / 10.0).to_string(),
+            Column::Tokens(t) => format!("{t}t"),
+        }
+    }
+}
+
+impl std::fmt::Display for Column {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Column::Share(p) => write!(f, "{}", Budget::Ratio(p as f64 / 1000.0)),
+            Column::Tokens(t) => write!(f, "{}", Budget::Tokens(t)),
+        }
+    }
 }
 
 /// Whether a row kept its budget within [`BUDGET_TOLERANCE`] (the full cache always does).
@@ -61,10 +132,18 @@ struct Measure {
     digits: usize,
 }
 
-const SCORE: Measure = Measure {
-    title: "Score (Wilson 95% interval for 0/1 scores)",
+/// The score of a task whose scores are all 0 or 1.
+const ACCURACY: Measure = Measure {
+    title: "Score (share correct, Wilson 95% interval)",
     value: |r| r.score,
-    estimate: score_estimate,
+    estimate: accuracy,
+    digits: 2,
+};
+/// The score of a task with graded scores (F1, ROUGE).
+const MEAN_SCORE: Measure = Measure {
+    title: "Score (mean, bootstrap 95% interval)",
+    value: |r| r.score,
+    estimate: bootstrap_mean,
     digits: 2,
 };
 const PERPLEXITY: Measure = Measure {
@@ -88,12 +167,13 @@ const TOP1: Measure = Measure {
 
 /// Rows in canonical order, grouped by task, protocol, method name and budget.
 struct Groups<'a> {
-    by: BTreeMap<(String, Protocol, String, u32), Vec<&'a ResultRow>>,
+    by: BTreeMap<(String, Protocol, String, Column), Vec<&'a ResultRow>>,
     tasks: BTreeSet<String>,
     protocols: BTreeSet<Protocol>,
     /// Compressed methods, in the order they were run; the first is the paired reference.
     methods: Vec<String>,
-    budgets: Vec<u32>,
+    /// The budgets asked for; the full cache's alone when no method compressed.
+    budgets: Vec<Column>,
 }
 
 impl<'a> Groups<'a> {
@@ -110,18 +190,27 @@ impl<'a> Groups<'a> {
             if name != "full" && !methods.contains(&name) {
                 methods.push(name.clone());
             }
-            let budget = if name == "full" { 100 } else { pct(r.budget) };
-            by.entry((r.task.clone(), r.protocol, name, budget)).or_default().push(r);
+            by.entry((r.task.clone(), r.protocol, name, Column::of(r))).or_default().push(r);
         }
         let tasks = rows.iter().map(|r| r.task.clone()).collect();
         let protocols = rows.iter().map(|r| r.protocol).collect();
-        let budgets: BTreeSet<u32> =
-            rows.iter().filter(|r| r.method_name() != "full").map(|r| pct(r.budget)).collect();
+        let mut budgets: BTreeSet<Column> =
+            rows.iter().filter(|r| r.method_name() != "full").map(Column::of).collect();
+        if budgets.is_empty() {
+            // A baseline run (`--methods full`): the full cache's own column.
+            budgets.insert(Column::FULL);
+        }
         Self { by, tasks, protocols, methods, budgets: budgets.into_iter().collect() }
     }
 
-    fn rows(&self, task: &str, protocol: Protocol, method: &str, budget: u32) -> &[&'a ResultRow] {
-        let budget = if method == "full" { 100 } else { budget };
+    fn rows(
+        &self,
+        task: &str,
+        protocol: Protocol,
+        method: &str,
+        budget: Column,
+    ) -> &[&'a ResultRow] {
+        let budget = if method == "full" { Column::FULL } else { budget };
         self.by
             .get(&(task.to_string(), protocol, method.to_string(), budget))
             .map_or(&[], Vec::as_slice)
@@ -132,7 +221,7 @@ impl<'a> Groups<'a> {
         task: &str,
         protocol: Protocol,
         method: &str,
-        budget: u32,
+        budget: Column,
         m: Measure,
     ) -> Estimate {
         let values: Vec<f64> =
@@ -141,7 +230,7 @@ impl<'a> Groups<'a> {
     }
 
     /// Rows of `method` that missed their budget, and all its rows, in one cell.
-    fn budget_misses(&self, task: &str, protocol: Protocol, method: &str, budget: u32) -> usize {
+    fn budget_misses(&self, task: &str, protocol: Protocol, method: &str, budget: Column) -> usize {
         self.rows(task, protocol, method, budget).iter().filter(|r| !holds_budget(r)).count()
     }
 
@@ -152,7 +241,7 @@ impl<'a> Groups<'a> {
         protocol: Protocol,
         method: &str,
         reference: &str,
-        budget: u32,
+        budget: Column,
         value: fn(&ResultRow) -> f64,
     ) -> Estimate {
         let base: BTreeMap<&str, f64> = self
@@ -177,6 +266,21 @@ impl<'a> Groups<'a> {
     }
 }
 
+/// The score measure of a task: Wilson intervals when every score of the task is 0 or 1 (an
+/// accuracy), the bootstrap otherwise; one kind for the whole table, whatever the scores of
+/// one cell happen to be.
+fn score_measure(rows: &[ResultRow], task: &str) -> Measure {
+    let binary = rows
+        .iter()
+        .filter(|r| r.task == task && r.score.is_finite())
+        .all(|r| r.score == 0.0 || r.score == 1.0);
+    if binary {
+        ACCURACY
+    } else {
+        MEAN_SCORE
+    }
+}
+
 fn fmt_estimate(e: Estimate, digits: usize) -> String {
     if e.n == 0 {
         "–".into()
@@ -185,10 +289,10 @@ fn fmt_estimate(e: Estimate, digits: usize) -> String {
     }
 }
 
-fn header(first: &[&str], budgets: &[u32]) -> String {
+fn header(first: &[&str], budgets: &[Column]) -> String {
     let mut h = String::from("|");
     first.iter().for_each(|c| h.push_str(&format!(" {c} |")));
-    budgets.iter().for_each(|b| h.push_str(&format!(" {b}% |")));
+    budgets.iter().for_each(|b| h.push_str(&format!(" {b} |")));
     h.push_str("\n|");
     first.iter().for_each(|_| h.push_str("---|"));
     budgets.iter().for_each(|_| h.push_str("---:|"));
@@ -221,9 +325,10 @@ pub fn write_report(
     let _ = writeln!(md, "# {title}\n\nRegenerate with:\n\n```sh\n{command}\n```\n");
     let _ = writeln!(
         md,
-        "{} rows. Cells are mean [95% confidence interval] (n samples). Intervals: Wilson for \
-         scores that are all 0 or 1 (accuracies), percentile bootstrap over samples otherwise \
-         ({BOOTSTRAP_RESAMPLES} resamples, fixed seed). The full cache is the reference every \
+        "{} rows. Columns are the budgets asked for. Cells are mean [95% confidence interval] \
+         (n samples). Intervals: Wilson for a task whose scores are all 0 or 1 (accuracies), \
+         percentile bootstrap over samples otherwise ({BOOTSTRAP_RESAMPLES} resamples, fixed \
+         seed); each score table names its kind. The full cache is the reference every \
          method is compared with. ⚠ marks a cell where the method did not hold its budget \
          within ±{}% of entries on some samples (see *Budget held*); such cells compare \
          different memory and are not averaged in silently.\n",
@@ -243,9 +348,12 @@ pub fn write_report(
             md,
             "\nUnder **prompt**, query-aware selectors such as SnapKV (whose observation window \
              then holds the question) win by construction; **context** is the fair test of what \
-             a method keeps without knowing the question. Perplexity samples have no question \
-             and run under **context** only."
+             a method keeps without knowing the question."
         );
+        if g.tasks.contains("perplexity") {
+            let _ =
+                writeln!(md, "Perplexity samples have no question and run under **context** only.");
+        }
     }
     md.push('\n');
 
@@ -261,8 +369,9 @@ pub fn write_report(
         let protocols = g.task_protocols(task);
         let _ = writeln!(md, "## {task}\n");
         let is_ppl = task == "perplexity";
+        let score = score_measure(rows, task);
         let measures: Vec<Measure> =
-            if is_ppl { vec![PERPLEXITY, KL, TOP1] } else { vec![SCORE, KL, TOP1] };
+            if is_ppl { vec![PERPLEXITY, KL, TOP1] } else { vec![score, KL, TOP1] };
         for m in &measures {
             let _ =
                 writeln!(md, "### {}\n\n{}", m.title, header(&["protocol", "method"], &budgets));
@@ -331,7 +440,7 @@ pub fn write_report(
         }
         for &p in &protocols {
             for method in std::iter::once("full".to_string()).chain(g.methods.iter().cloned()) {
-                let bs: Vec<u32> = if method == "full" { vec![100] } else { budgets.clone() };
+                let bs = if method == "full" { vec![Column::FULL] } else { budgets.clone() };
                 for b in bs {
                     let rows = g.rows(task, p, &method, b);
                     if rows.is_empty() {
@@ -341,7 +450,7 @@ pub fn write_report(
                     let mean = |f: fn(&ResultRow) -> f64| {
                         rows.iter().map(|r| f(r)).sum::<f64>() / rows.len() as f64
                     };
-                    let (score, kl, ppl) = (e(SCORE), e(KL), e(PERPLEXITY));
+                    let (score, kl, ppl) = (e(score), e(KL), e(PERPLEXITY));
                     let paired = match &reference {
                         Some(r) if *r != method && method != "full" => {
                             Some((r, g.paired(task, p, &method, r, b, KL.value)))
@@ -353,7 +462,7 @@ pub fn write_report(
                         "{task},{},\"{}\",{},{},{:.6},{:.6},{:.6},{:.6},{:.6},{:.6},{:.6},{:.6},{:.6},{:.6},{:.3},{:.6},{},{:.4},\"{}\",{},{},{}",
                         p.name(),
                         method.replace('"', "\"\""),
-                        b as f64 / 100.0,
+                        b.csv(),
                         rows.len(),
                         score.mean,
                         score.low,
@@ -380,7 +489,7 @@ pub fn write_report(
         if !is_ppl {
             write_predictions(&mut md, &g, task, &protocols, &budgets);
         }
-        draw_task_plots(rows, &g, task, &protocols, &budgets, dir)?;
+        draw_task_plots(rows, &g, task, &protocols, &budgets, score, dir)?;
     }
     write_time_table(&mut md, &g, &budgets, rows);
     let mut figures: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -401,7 +510,7 @@ pub fn write_report(
 
 /// Achieved ratio of every method, budget and protocol over all tasks, with the rows that
 /// missed the budget counted.
-fn write_budget_table(md: &mut String, g: &Groups<'_>, budgets: &[u32]) {
+fn write_budget_table(md: &mut String, g: &Groups<'_>, budgets: &[Column]) {
     let _ = writeln!(
         md,
         "## Budget held\n\nMean achieved ratio (entries kept / prompt tokens) over all tasks; \
@@ -450,14 +559,14 @@ fn write_predictions(
     g: &Groups<'_>,
     task: &str,
     protocols: &[Protocol],
-    budgets: &[u32],
+    budgets: &[Column],
 ) {
-    let Some(&budget) = budgets.iter().min_by_key(|&&b| b.abs_diff(35)) else {
+    let Some(&budget) = budgets.iter().min_by_key(|b| b.distance_to_35()) else {
         return;
     };
     let first = protocols.first().copied().unwrap_or_default();
     let samples: Vec<&str> = g
-        .rows(task, first, "full", 100)
+        .rows(task, first, "full", Column::FULL)
         .iter()
         .map(|r| r.sample_id.as_str())
         .take(PREDICTION_SAMPLES)
@@ -468,7 +577,7 @@ fn write_predictions(
     let cols: Vec<String> = protocols.iter().map(|p| format!("{} protocol", p.name())).collect();
     let _ = writeln!(
         md,
-        "### Predictions at {budget}% ({}; the full cache's answer is the reference for \
+        "### Predictions at {budget} ({}; the full cache's answer is the reference for \
          KL)\n\n| sample | method | {} |\n|---|---|{}",
         if samples.len() == 1 {
             "the first sample".to_string()
@@ -479,8 +588,7 @@ fn write_predictions(
         "---|".repeat(cols.len())
     );
     let find = |p: Protocol, method: &str, sample: &str| -> Option<&ResultRow> {
-        let b = if method == "full" { 100 } else { budget };
-        g.rows(task, p, method, b).iter().copied().find(|r| r.sample_id == sample)
+        g.rows(task, p, method, budget).iter().copied().find(|r| r.sample_id == sample)
     };
     for sample in samples {
         let answers =
@@ -530,7 +638,7 @@ fn kv_dtype_note(rows: &[ResultRow]) -> String {
 }
 
 /// Memory and time, apart from the tables above because timings differ from run to run.
-fn write_time_table(md: &mut String, g: &Groups<'_>, budgets: &[u32], rows: &[ResultRow]) {
+fn write_time_table(md: &mut String, g: &Groups<'_>, budgets: &[Column], rows: &[ResultRow]) {
     let _ = writeln!(
         md,
         "## Time and memory\n\nResident KV MiB / decode ms per sample (question and answer), \
@@ -582,18 +690,24 @@ fn draw_task_plots(
     g: &Groups<'_>,
     task: &str,
     protocols: &[Protocol],
-    budgets: &[u32],
+    budgets: &[Column],
+    score: Measure,
     dir: &Path,
 ) -> Result<()> {
     let is_ppl = task == "perplexity";
+    // One x axis per plot: the shares asked for, or token counts where no share was.
+    let shares = budgets.iter().any(|b| b.is_share());
+    let plotted: Vec<Column> = budgets.iter().copied().filter(|b| b.is_share() == shares).collect();
+    let x_label =
+        if shares { "KV budget (% of the full cache)" } else { "KV budget (entries per head)" };
     let chart = |p: Protocol, m: Measure, y_label: &str, y_range| {
         let (series, intervals): (Vec<Series>, Vec<Vec<(f64, f64)>>) = g
             .methods
             .iter()
             .map(|method| {
-                let est: Vec<(f64, Estimate)> = budgets
+                let est: Vec<(f64, Estimate)> = plotted
                     .iter()
-                    .map(|&b| (b as f64, g.estimate(task, p, method, b, m)))
+                    .map(|&b| (b.x(), g.estimate(task, p, method, b, m)))
                     .filter(|(_, e)| e.n > 0)
                     .collect();
                 (
@@ -606,10 +720,10 @@ fn draw_task_plots(
                 )
             })
             .unzip();
-        let full = g.estimate(task, p, "full", 100, m);
+        let full = g.estimate(task, p, "full", Column::FULL, m);
         LineChart {
             title: format!("{task}, {} protocol", p.name()),
-            x_label: "KV budget (% of the full cache)".into(),
+            x_label: x_label.into(),
             y_label: y_label.to_string(),
             series,
             intervals,
@@ -620,7 +734,7 @@ fn draw_task_plots(
     let (score, score_label, score_range) = if is_ppl {
         (PERPLEXITY, "perplexity", None)
     } else {
-        (SCORE, "score", Some((-0.02, 1.05)))
+        (score, "score", Some((-0.02, 1.05)))
     };
     let charts: Vec<LineChart> =
         protocols.iter().map(|&p| chart(p, score, score_label, score_range)).collect();
@@ -641,13 +755,13 @@ fn draw_depth_heatmaps(
     g: &Groups<'_>,
     task: &str,
     protocols: &[Protocol],
-    budgets: &[u32],
+    budgets: &[Column],
     dir: &Path,
 ) -> Result<()> {
     let task_rows: Vec<&ResultRow> = rows.iter().filter(|r| r.task == task).collect();
     let depths: BTreeSet<u32> = task_rows.iter().filter_map(|r| r.depth.map(pct)).collect();
     let lengths: BTreeSet<usize> = task_rows.iter().map(|r| r.length).collect();
-    let Some(&budget) = budgets.iter().min_by_key(|&&b| b.abs_diff(35)) else {
+    let Some(&budget) = budgets.iter().min_by_key(|b| b.distance_to_35()) else {
         return Ok(());
     };
     if depths.is_empty() {
@@ -676,7 +790,7 @@ fn draw_depth_heatmaps(
                 title: if method == "full" {
                     "full cache".into()
                 } else {
-                    format!("{} @ {budget}%", display_label(method))
+                    format!("{} @ {budget}", display_label(method))
                 },
                 x_label: "context length (tokens)".into(),
                 y_label: "needle depth (%)".into(),
@@ -688,7 +802,7 @@ fn draw_depth_heatmaps(
         let panels: Vec<HeatmapPanel> =
             std::iter::once(panel("full")).chain(g.methods.iter().map(|m| panel(m))).collect();
         heatmap_grid(
-            &dir.join(format!("{task}_{}_depth_heatmap_{budget}.png", p.name())),
+            &dir.join(format!("{task}_{}_depth_heatmap_{}.png", p.name(), budget.file_tag())),
             &panels,
             (330, 330),
             (0.0, 1.0),
@@ -757,6 +871,33 @@ mod tests {
         shuffled.sort_by(|a, b| b.sample_id.cmp(&a.sample_id));
         let again = write_report(&shuffled, &dir, "test", "kvmerger eval", &[]).unwrap();
         assert_eq!(md, again);
+    }
+
+    /// Columns are the budgets asked for, not the share each sample kept; one interval kind
+    /// per table; a baseline-only run fills the full cache's column.
+    #[test]
+    fn columns_are_the_budgets_asked_for() {
+        let dir = std::env::temp_dir().join(format!("kvmerger-columns-{}", std::process::id()));
+        let mut rows = Vec::new();
+        for (s, share) in [0.24, 0.25, 0.26, 1.0].into_iter().enumerate() {
+            let id = format!("s{s}");
+            rows.push(row(&id, "full", 1.0, 0.5));
+            let mut h = row(&id, "h2o@100 tokens", share, 0.0);
+            h.achieved_ratio = share;
+            rows.push(h);
+        }
+        let md = write_report(&rows, &dir, "test", "kvmerger eval", &[]).unwrap();
+        assert!(md.contains("| protocol | method | 100 tokens |\n"), "{md}");
+        assert!(!md.contains(" 24% |") && !md.contains(" 26% |"), "{md}");
+        // Graded scores somewhere in the task: the bootstrap everywhere, also for the cell
+        // whose scores are all 0.
+        assert!(md.contains("### Score (mean, bootstrap") && !md.contains("Wilson 95%"), "{md}");
+        assert!(md.contains("| context | h2o | 0.00 [0.00, 0.00] (4) |"), "{md}");
+
+        let baseline: Vec<ResultRow> = rows.into_iter().filter(|r| r.method == "full").collect();
+        let md = write_report(&baseline, &dir, "test", "kvmerger eval", &[]).unwrap();
+        assert!(md.contains("| protocol | method | 100% |\n"), "{md}");
+        assert!(md.contains("| context | full cache | 0.50 [0.50, 0.50] (4) |"), "{md}");
     }
 
     #[test]

@@ -67,14 +67,10 @@ pub fn wilson(successes: usize, n: usize) -> Estimate {
     Estimate { mean: p, low, high, n }
 }
 
-/// Wilson when every value is 0 or 1 (an accuracy), the bootstrap otherwise.
-pub fn score_estimate(values: &[f64]) -> Estimate {
+/// The share of 1s among 0/1 `values` (non-finite ones dropped), with its Wilson interval.
+pub fn accuracy(values: &[f64]) -> Estimate {
     let v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
-    if !v.is_empty() && v.iter().all(|&x| x == 0.0 || x == 1.0) {
-        wilson(v.iter().filter(|&&x| x == 1.0).count(), v.len())
-    } else {
-        bootstrap_mean(&v)
-    }
+    wilson(v.iter().filter(|&&x| x == 1.0).count(), v.len())
 }
 
 #[cfg(test)]
@@ -110,8 +106,7 @@ mod tests {
     }
 
     #[test]
-    fn accuracies_use_wilson_and_graded_scores_the_bootstrap() {
-        assert_eq!(score_estimate(&[1.0, 0.0, 1.0, 1.0]), wilson(3, 4));
-        assert_eq!(score_estimate(&[0.5, 1.0]), bootstrap_mean(&[0.5, 1.0]));
+    fn accuracy_is_the_wilson_interval_of_the_ones() {
+        assert_eq!(accuracy(&[1.0, 0.0, 1.0, f64::NAN, 1.0]), wilson(3, 4));
     }
 }

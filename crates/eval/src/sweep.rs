@@ -289,6 +289,14 @@ pub fn row_fingerprint(
     h.field(RUNNER_REVISION);
     h.field(&serde_json::to_string(sample).unwrap_or_default());
     h.field(&serde_json::to_string(config).unwrap_or_default());
+    // Token budgets and a share of 1 became bounds that nothing is evicted below while
+    // decoding (they were cut to the prompt): their rows are recomputed, the others kept.
+    let budget = config.budget();
+    if *config != CompressionConfig::Full
+        && (matches!(budget, Budget::Tokens(_)) || budget == Budget::Ratio(1.0))
+    {
+        h.field("absolute bound");
+    }
     h.field(protocol.name());
     h.field(if input.chat { "chat" } else { "raw" });
     h.field(&input.attention_chunk.to_string());

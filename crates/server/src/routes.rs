@@ -156,6 +156,9 @@ async fn chat_completions(State(state): State<AppState>, body: Bytes) -> Respons
     result.await.unwrap_or_else(IntoResponse::into_response)
 }
 
+/// The roles of OpenAI's chat messages.
+const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
+
 /// Renders the conversation with the model's chat template and encodes it.
 fn chat_prompt(state: &ServerState, req: &ChatRequest) -> Result<Vec<u32>, ApiError> {
     if req.messages.is_empty() {
@@ -166,6 +169,12 @@ fn chat_prompt(state: &ServerState, req: &ChatRequest) -> Result<Vec<u32>, ApiEr
         .iter()
         .enumerate()
         .map(|(i, m)| {
+            if !ROLES.contains(&m.role.as_str()) {
+                return Err(ApiError::invalid(
+                    format!("messages[{i}].role"),
+                    format!("unknown role `{}`: expected one of {}", m.role, ROLES.join(", ")),
+                ));
+            }
             let content = match &m.content {
                 None => String::new(),
                 Some(Content::Text(t)) => t.clone(),

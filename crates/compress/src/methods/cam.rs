@@ -92,7 +92,21 @@ impl CamConfig {
                 ));
             }
         }
-        Ok(())
+        // Each eviction policy reads its own parameter; the other's would change nothing.
+        let d = Self::default();
+        let inert = match self.eviction {
+            CamEviction::Streaming => {
+                (self.recent_ratio != d.recent_ratio).then_some(("recent_ratio", "h2o"))
+            }
+            CamEviction::H2o => (self.sinks != d.sinks).then_some(("sinks", "streaming")),
+        };
+        match inert {
+            Some((name, reader)) => Err(CompressError::invalid(
+                name,
+                format!("has no effect with this eviction: only eviction = {reader} reads it"),
+            )),
+            None => Ok(()),
+        }
     }
 
     fn recent(&self, budget: usize) -> usize {

@@ -46,6 +46,22 @@ pub enum BudgetMode {
     Threshold,
 }
 
+impl BudgetMode {
+    /// The mode's name, as in a configuration.
+    pub fn name(self) -> &'static str {
+        match self {
+            BudgetMode::Merge => "merge",
+            BudgetMode::Exact => "exact",
+            BudgetMode::Threshold => "threshold",
+        }
+    }
+}
+
+/// Who reads the threshold scan's parameters.
+const SCAN_MODES: &str = "budget_mode = exact or threshold (with merge = true)";
+/// Who reads the merge parameters.
+const MERGING: &str = "merge = true";
+
 /// How key similarity is measured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -93,7 +109,10 @@ impl<'de> Deserialize<'de> for Sigma {
             Fixed(f32),
             Adaptive,
         }
-        Ok(match Repr::deserialize(d)? {
+        let repr = Repr::deserialize(d).map_err(|_| {
+            serde::de::Error::custom(r#"expected a number, {"fixed": 5.0} or "adaptive""#)
+        })?;
+        Ok(match repr {
             Repr::Number(s) | Repr::Tagged(Tagged::Fixed(s)) => Sigma::Fixed(s),
             Repr::Tagged(Tagged::Adaptive) => Sigma::Adaptive,
         })
@@ -167,9 +186,14 @@ pub struct KvMergerConfig {
     pub merge: bool,
     /// Seed of the random-pivot ablation.
     pub seed: u64,
-    /// Per-layer budget ratios (from `kvmerger analyze --suggest-budget`); they replace
-    /// `budget` layer by layer.
+    /// Per-layer budget ratios (from `kvmerger analyze --suggest-budget`), one per layer of
+    /// the model; they replace `budget` layer by layer, and `budget` is their average.
     pub layer_budgets: Option<Vec<f64>>,
+    /// The model `layer_budgets` were measured on (its file and layer count), as `analyze`
+    /// writes it: named when they meet a model with another layer count. Written out only
+    /// when set, so configurations (and the sweep rows fingerprinted by them) stay as they were.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub layer_budgets_model: Option<String>,
 }
 
 impl Default for KvMergerConfig {
@@ -192,6 +216,7 @@ impl Default for KvMergerConfig {
             merge: true,
             seed: 0,
             layer_budgets: None,
+            layer_budgets_model: None,
         }
     }
 }
@@ -238,8 +263,74 @@ impl KvMergerConfig {
                     format!("ratios must be in (0, 1], got {bad}"),
                 ));
             }
+            self.check_layer_budgets_average(b)?;
         }
-        Ok(())
+        self.check_parameters_act()
+    }
+
+    /// The label shows `budget`, so per-layer budgets must average it.
+    fn check_layer_budgets_average(&self, layer_budgets: &[f64]) -> Result<()> {
+        let average = layer_budgets.iter().sum::<f64>() / layer_budgets.len().max(1) as f64;
+        let matches = match self.budget {
+            Budget::Ratio(r) => (average - r).abs() < 5e-4,
+            Budget::Tokens(_) => false,
+        };
+        if matches {
+            return Ok(());
+        }
+        Err(CompressError::invalid(
+            "layer_budgets",
+            format!(
+                "they average {} but the budget is {}: set `budget` to their average, or give \
+                 --budget, which rescales them",
+                Budget::Ratio(average),
+                self.budget
+            ),
+        ))
+    }
+
+    /// Refuses a parameter set away from its default where the chosen mode never reads it
+    /// (`threshold` in `merge` mode): it would change nothing, yet show in the label.
+    fn check_parameters_act(&self) -> Result<()> {
+        let d = Self::default();
+        let merges = self.merge;
+        let scans = merges && self.budget_mode != BudgetMode::Merge;
+        let gaussian = merges && self.weights == MergeWeights::Gaussian;
+        let inert = [
+            (self.threshold != d.threshold && !scans, "threshold", SCAN_MODES),
+            (self.compare_to != d.compare_to && !scans, "compare_to", SCAN_MODES),
+            (self.similarity != d.similarity && !merges, "similarity", MERGING),
+            (self.mass != d.mass && !merges, "mass", MERGING),
+            (self.weights != d.weights && !merges, "weights", MERGING),
+            (self.pivot != d.pivot && !merges, "pivot", MERGING),
+            (self.sigma != d.sigma && !gaussian, "sigma", "weights = gaussian (with merge = true)"),
+            (
+                self.sigma_floor != d.sigma_floor && !(gaussian && self.sigma == Sigma::Adaptive),
+                "sigma_floor",
+                "sigma = adaptive (with weights = gaussian, merge = true)",
+            ),
+            (
+                self.seed != d.seed && !(merges && self.pivot == PivotRule::Random),
+                "seed",
+                "pivot = random (with merge = true)",
+            ),
+            (
+                self.protect_window != d.protect_window && self.protect_by != ProtectBy::Window,
+                "protect_window",
+                "protect_by = window",
+            ),
+        ];
+        match inert.into_iter().find(|(unused, ..)| *unused) {
+            Some((_, name, read_by)) => Err(CompressError::invalid(
+                name,
+                format!(
+                    "has no effect with budget_mode = {}{}: only {read_by} reads it",
+                    self.budget_mode.name(),
+                    if self.merge { "" } else { ", merge = false" }
+                ),
+            )),
+            None => Ok(()),
+        }
     }
 
     /// `(recent, selected)` shares for a head whose budget is `ratio` of its tokens.
@@ -795,7 +886,7 @@ mod tests {
             // Random keys rarely pass the threshold: eviction brings the head to its budget.
             let mut head = random_head(100, 8, 4);
             let c = cfg(Budget::Ratio(ratio));
-            let b = c.budget_entries(100);
+            let b = c.budget_entries(100).min(100);
             let r = c.compress(ID, &mut head, b).unwrap();
             assert_eq!(head.len(), b, "ratio {ratio}");
             assert_eq!(r.after, b);
