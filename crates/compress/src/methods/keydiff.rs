@@ -45,7 +45,7 @@ fn keydiff_scores(keys: &[f32], head_dim: usize) -> Vec<f32> {
             anchor.iter_mut().zip(key).for_each(|(a, k)| *a += k / norm);
         }
     }
-    // The mean's length does not change a cosine, but kvpress divides, and so do we.
+    // A mean, as kvpress takes it (its length does not change the cosines).
     let n = norms.len().max(1) as f32;
     anchor.iter_mut().for_each(|a| *a /= n);
     keys.chunks_exact(head_dim).map(|key| -cosine(key, &anchor)).collect()
