@@ -60,8 +60,7 @@ pub fn sinks_and_recent(len: usize, budget: usize, sinks: usize) -> Vec<usize> {
 /// the last `recent` entries of the head, and fills the rest of `budget` with the entries
 /// between them that `scores` rates highest (ties to the earlier entry). `scores` gives one
 /// score per entry, `[len]`, and is only called when the head is over budget. Protection
-/// that does not fit is shrunk, the recent part last (it holds the newest token), and
-/// reported as clamped.
+/// that does not fit is shrunk by [`protected_within`] and reported as clamped.
 pub fn retain_top_scored(
     head: &mut HeadCache,
     budget: usize,
@@ -75,8 +74,7 @@ pub fn retain_top_scored(
     }
     let scores = scores(head)?;
     debug_assert_eq!(scores.len(), len);
-    let kept_recent = recent.min(budget);
-    let kept_sinks = sinks.min(budget - kept_recent);
+    let (kept_sinks, kept_recent) = protected_within(sinks, recent, budget);
     let middle = kept_sinks..len - kept_recent;
     let mut keep = top_k(middle, |i| scores[i], budget - kept_recent - kept_sinks);
     keep.splice(0..0, 0..kept_sinks);
@@ -86,6 +84,13 @@ pub fn retain_top_scored(
     let clamped =
         if kept_recent < recent { Some("recent") } else { (kept_sinks < sinks).then_some("sinks") };
     Ok(HeadReport { before: len, after: head.len(), clamped, ..Default::default() })
+}
+
+/// `(sinks, recent)` shrunk to fit in `budget`: the recent part takes its room first (it
+/// holds the newest token), the sinks what is left.
+pub fn protected_within(sinks: usize, recent: usize, budget: usize) -> (usize, usize) {
+    let recent = recent.min(budget);
+    (sinks.min(budget - recent), recent)
 }
 
 /// The L2 norm of each row of a `[len, head_dim]` matrix, `[len]`.

@@ -5,8 +5,8 @@
 //! query attends to least leaves.
 //!
 //! Attention is averaged over the query heads of each kv group (the statistics the engine
-//! collects per kv head); TOVA and kvpress average over every query head of the layer, so
-//! their kv heads of one layer all keep the same positions (docs/methods.md).
+//! collects per kv head); the paper's code and kvpress average over every query head of the
+//! layer, so there all kv heads of a layer keep the same positions (docs/methods.md).
 //!
 //! The last query's attention after the prompt is the observation window of one query
 //! (SnapKV's statistic). While decoding, the step's attention is the accumulated attention
@@ -20,7 +20,7 @@ use crate::cache::HeadCache;
 use crate::error::{CompressError, Result};
 use crate::method::{CompressionMethod, HeadId, HeadReport, StatsRequest};
 use crate::methods::h2o::lowest_older_than_recent;
-use crate::methods::select::retain_top_scored;
+use crate::methods::select::{protected_within, retain_top_scored};
 
 /// TOVA parameters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -46,12 +46,6 @@ impl TovaConfig {
     /// Every value is valid: protection beyond a head's budget is clamped.
     pub fn validate(&self) -> Result<()> {
         Ok(())
-    }
-
-    /// `(sinks, recent)` that fit in `budget`, as [`retain_top_scored`] clamps them.
-    fn protected(&self, budget: usize) -> (usize, usize) {
-        let recent = self.recent.min(budget);
-        (self.sinks.min(budget - recent), recent)
     }
 }
 
@@ -110,7 +104,7 @@ impl CompressionMethod for TovaConfig {
         if !self.decode_eviction {
             return Ok(());
         }
-        let (sinks, recent) = self.protected(budget);
+        let (sinks, recent) = protected_within(self.sinks, self.recent, budget);
         // Victims are found by position, so a victim's slot can take another entry (two
         // rows move instead of half the cache), as in H2O.
         while head.len() > budget {
