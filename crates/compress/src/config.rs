@@ -9,7 +9,8 @@ use crate::budget::Budget;
 use crate::error::{CompressError, Result};
 use crate::method::CompressionMethod;
 use crate::methods::{
-    CamConfig, FullCache, H2oConfig, KvMergerConfig, SnapKvConfig, StreamingLlmConfig,
+    CamConfig, FullCache, H2oConfig, KeyDiffConfig, KnormConfig, KvMergerConfig, SnapKvConfig,
+    StreamingLlmConfig, TovaConfig,
 };
 
 /// What the method table says about one method.
@@ -106,6 +107,12 @@ method_table! {
     Cam(CamConfig) = "cam";
     /// Adaptive merging of similar adjacent keys (Wang et al., 2024).
     Kvmerger(KvMergerConfig) = "kvmerger" | "kv_merger";
+    /// Lowest key norms (Devoto et al., 2024).
+    Knorm(KnormConfig) = "knorm" | "k_norm";
+    /// Keys least like the mean key direction (Park et al., 2025).
+    Keydiff(KeyDiffConfig) = "keydiff" | "key_diff";
+    /// Last query's attention, evicting each decode step (Oren et al., 2024).
+    Tova(TovaConfig) = "tova";
 }
 
 /// The method a name or alias stands for; case and `-`/`_` do not matter.
@@ -618,7 +625,20 @@ mod tests {
 
     #[test]
     fn the_method_table_resolves_names_and_aliases() {
-        assert_eq!(METHOD_NAMES, ["full", "streaming_llm", "h2o", "snapkv", "cam", "kvmerger"]);
+        assert_eq!(
+            METHOD_NAMES,
+            [
+                "full",
+                "streaming_llm",
+                "h2o",
+                "snapkv",
+                "cam",
+                "kvmerger",
+                "knorm",
+                "keydiff",
+                "tova"
+            ]
+        );
         for info in METHODS {
             for name in std::iter::once(&info.name).chain(info.aliases) {
                 assert_eq!(method_info(name).map(|m| m.name), Some(info.name));

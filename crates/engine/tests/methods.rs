@@ -6,7 +6,7 @@ use kvmerger_compress::{
     Budget, CompressionConfig, EntryMeta, KvDtype, StatsRequest, METHOD_NAMES,
 };
 use kvmerger_engine::testing::{random_llama, tiny_config};
-use kvmerger_engine::{Logits, Prefilled, Sampler, Session};
+use kvmerger_engine::{ForwardOptions, Logits, Prefilled, Sampler, Session};
 
 const STEPS: usize = 16;
 
@@ -20,6 +20,10 @@ fn configs(budget: f64) -> Vec<CompressionConfig> {
         ("kvmerger", &[("similarity", "centered")]),
         ("kvmerger", &[("protect_by", "window"), ("protect_window", "8")]),
         ("kvmerger", &[("mass", "log_count"), ("sigma", "adaptive")]),
+        ("knorm", &[("sinks", "4"), ("recent", "8")]),
+        ("keydiff", &[("sinks", "4"), ("recent", "8")]),
+        ("tova", &[("sinks", "4"), ("recent", "8")]),
+        ("tova", &[("decode_eviction", "false")]),
     ];
     let defaults = METHOD_NAMES.iter().map(|&m| (m, &[][..]));
     defaults
@@ -81,12 +85,13 @@ fn keeps_budget_through_prefill_and_decode(dtype: KvDtype) {
                     let next = sampler.sample(&logits);
                     logits = session.extend(&[next], Logits::Last).unwrap().swap_remove(0);
                     assert!(logits.iter().all(|x| x.is_finite()));
-                    let bounded = matches!(
-                        config,
+                    let bounded = match &config {
                         CompressionConfig::H2o(_)
-                            | CompressionConfig::Cam(_)
-                            | CompressionConfig::StreamingLlm(_)
-                    );
+                        | CompressionConfig::Cam(_)
+                        | CompressionConfig::StreamingLlm(_) => true,
+                        CompressionConfig::Tova(t) => t.decode_eviction,
+                        _ => false,
+                    };
                     for head in session.cache.layers.iter().flatten() {
                         if bounded {
                             assert_eq!(
@@ -251,5 +256,77 @@ fn kvmerger_threshold_mode_reports_what_it_achieved() {
     // Merged entries stand for all the tokens they absorbed.
     for head in session.cache.layers.iter().flatten() {
         assert_eq!(head.meta().iter().map(|m| m.count as usize).sum::<usize>(), PROMPT);
+    }
+}
+
+/// TOVA on the engine: after the prompt it keeps what SnapKV keeps with a window of one
+/// query and no pooling (the last query's attention, the last token kept); each decode step
+/// then evicts, per head, the entry that step's query attended to least, found here by
+/// running the same step on a copy of the cache with its attention statistic cleared. A
+/// prefill shared with H2O (which accumulates attention over the whole prompt) changes
+/// nothing.
+#[test]
+fn tova_evicts_what_each_step_attends_to_least() {
+    let model = random_llama(tiny_config(), 7).unwrap();
+    let tokens: Vec<u32> = (0..40).map(|i| (i * 13 + 2) % 64).collect();
+    let config = |method: &str, params: &[(&str, &str)]| {
+        let params: Vec<(String, String)> =
+            params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        CompressionConfig::from_cli(method, Some(Budget::Ratio(0.5)), &params).unwrap()
+    };
+    let tova = config("tova", &[]);
+    let snapkv = config("snapkv", &[("window", "1"), ("kernel", "1")]);
+    let h2o = config("h2o", &[]);
+    let stats = |c: &CompressionConfig| c.build().unwrap().prompt_stats(tokens.len());
+    let positions = |session: &Session| {
+        let heads = session.cache.layers.iter().flatten();
+        heads.map(|h| h.meta().iter().map(|m| m.position).collect::<Vec<_>>()).collect::<Vec<_>>()
+    };
+    let resumed = |c: &CompressionConfig, prefilled: Prefilled| {
+        let mut session = Session::new(&model, c).unwrap();
+        session.resume(prefilled).unwrap();
+        session
+    };
+    let alone = Prefilled::run(&model, &tokens, stats(&tova), 16).unwrap();
+    let shared = Prefilled::run(&model, &tokens, stats(&tova).union(stats(&h2o)), 16).unwrap();
+    let mut session = resumed(&tova, shared);
+    let mut by_itself = resumed(&tova, alone.clone());
+    assert_eq!(positions(&session), positions(&resumed(&snapkv, alone)));
+
+    for step in 0..8u32 {
+        let token = (step * 5 + 1) % 64;
+        let mut probe = session.cache.clone();
+        probe.layers.iter_mut().flatten().for_each(|h| {
+            h.meta_mut().iter_mut().for_each(|m| m.attention = 0.0);
+        });
+        let opts = ForwardOptions { stats: StatsRequest::accumulated(), ..Default::default() };
+        model.forward(&[token], &mut probe, opts).unwrap();
+        let expected: Vec<Vec<usize>> = probe
+            .layers
+            .iter()
+            .flatten()
+            .map(|h| {
+                let meta = h.meta();
+                let newest = meta.len() - 1;
+                let victim = (0..newest)
+                    .min_by(|&a, &b| {
+                        let key = |i: usize| (meta[i].attention, meta[i].position);
+                        key(a).partial_cmp(&key(b)).unwrap()
+                    })
+                    .unwrap();
+                let mut kept: Vec<usize> = meta.iter().map(|m| m.position).collect();
+                kept.remove(victim);
+                kept.sort();
+                kept
+            })
+            .collect();
+        session.extend(&[token], Logits::Last).unwrap();
+        by_itself.extend(&[token], Logits::Last).unwrap();
+        let mut got = positions(&session);
+        got.iter_mut().for_each(|p| p.sort());
+        assert_eq!(got, expected, "step {step}");
+        let mut alone_got = positions(&by_itself);
+        alone_got.iter_mut().for_each(|p| p.sort());
+        assert_eq!(alone_got, got, "step {step}: a shared prefill changes nothing");
     }
 }

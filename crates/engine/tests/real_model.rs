@@ -98,7 +98,7 @@ fn every_method_generates_on_the_real_model() {
     )
     .unwrap();
     let tokens = m.tokenizer.encode(PROMPT, true).unwrap();
-    for method in ["full", "streaming_llm", "h2o", "snapkv", "cam", "kvmerger"] {
+    for method in kvmerger_compress::METHOD_NAMES {
         let budget = (method != "full").then_some(kvmerger_compress::Budget::Ratio(0.5));
         let params =
             if method == "snapkv" { vec![("window".to_string(), "8".to_string())] } else { vec![] };

@@ -185,13 +185,14 @@ fn mutated_method_configs_fail_by_field_or_run() {
     let model = random_llama(tiny_config(), 5).unwrap();
     let tokens: Vec<u32> = (0..48).map(|i| (i * 7 % 64) as u32).collect();
     let mut rng = StdRng::seed_from_u64(23);
-    let bases: Vec<Value> = ["kvmerger", "h2o", "snapkv", "cam", "streaming_llm"]
-        .iter()
-        .map(|m| {
-            let config = CompressionConfig::from_cli(m, Some(Budget::Ratio(0.5)), &[]).unwrap();
-            serde_json::to_value(config).unwrap()
-        })
-        .collect();
+    let bases: Vec<Value> =
+        ["kvmerger", "h2o", "snapkv", "cam", "streaming_llm", "knorm", "keydiff", "tova"]
+            .iter()
+            .map(|m| {
+                let config = CompressionConfig::from_cli(m, Some(Budget::Ratio(0.5)), &[]).unwrap();
+                serde_json::to_value(config).unwrap()
+            })
+            .collect();
     const CASES: usize = 300;
     let (mut ran, mut errors) = (0, 0);
     for case in 0..CASES {

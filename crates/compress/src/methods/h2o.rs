@@ -56,9 +56,10 @@ pub(crate) fn lowest_non_recent(head: &HeadCache, recent: usize) -> usize {
 }
 
 /// The entry with the least accumulated attention among those older than the `recent`
-/// newest positions (ties: the older), whatever the order of entries; the oldest entry if
-/// every entry is recent. Same choice as [`lowest_non_recent`] on a cache in position order.
-fn lowest_older_than_recent(head: &HeadCache, recent: usize) -> usize {
+/// newest positions and not at the first `sinks` positions (ties: the older), whatever the
+/// order of entries; the oldest entry if every entry is protected. With no sinks, the same
+/// choice as [`lowest_non_recent`] on a cache in position order.
+pub(crate) fn lowest_older_than_recent(head: &HeadCache, sinks: usize, recent: usize) -> usize {
     let meta = head.meta();
     let newest = meta.iter().map(|m| m.position).max().unwrap_or(0);
     let cutoff = (newest + 1).saturating_sub(recent);
@@ -67,7 +68,7 @@ fn lowest_older_than_recent(head: &HeadCache, recent: usize) -> usize {
     let mut lowest: Option<(usize, (i32, usize))> = None;
     for (i, m) in meta.iter().enumerate() {
         let key = (total_order(m.attention), m.position);
-        if m.position < cutoff && lowest.is_none_or(|(_, best)| key < best) {
+        if (sinks..cutoff).contains(&m.position) && lowest.is_none_or(|(_, best)| key < best) {
             lowest = Some((i, key));
         }
     }
@@ -113,7 +114,7 @@ impl CompressionMethod for H2oConfig {
         // Recency is read from positions, not from the order of entries, so a victim's slot
         // can take another entry: two rows move per eviction instead of half the cache.
         while head.len() > budget {
-            head.remove_unordered(lowest_older_than_recent(head, self.recent(budget)));
+            head.remove_unordered(lowest_older_than_recent(head, 0, self.recent(budget)));
         }
         Ok(())
     }
@@ -227,7 +228,7 @@ mod tests {
                 }
             }
             for recent in [0, 1, n / 2, n, n + 3] {
-                let got = lowest_older_than_recent(&head, recent);
+                let got = lowest_older_than_recent(&head, 0, recent);
                 assert_eq!(got, plain(&head, recent), "seed {seed} recent {recent}");
             }
         }

@@ -3,6 +3,8 @@
 mod cam;
 mod full;
 mod h2o;
+mod keydiff;
+mod knorm;
 mod kvmerger;
 mod merging_sets;
 mod select;
@@ -10,16 +12,20 @@ mod snapkv;
 mod streaming_llm;
 #[cfg(test)]
 mod test_util;
+mod tova;
 
 pub use cam::{CamConfig, CamEviction, CamProbability};
 pub use full::FullCache;
 pub use h2o::H2oConfig;
+pub use keydiff::KeyDiffConfig;
+pub use knorm::KnormConfig;
 pub use kvmerger::{BudgetMode, KvMergerConfig, MassRule, MergeWeights, PivotRule, Sigma};
 pub use merging_sets::{
     adjacent_cosine, cosine, merge_to_target, merging_sets, min_reachable, CompareTo,
 };
 pub use snapkv::{avg_pool, SnapKvConfig};
 pub use streaming_llm::StreamingLlmConfig;
+pub use tova::TovaConfig;
 
 /// Every method through every path: configured by name as on the command line, compressed
 /// after a prompt, then driven through decode steps.
@@ -38,7 +44,7 @@ mod tests {
     /// `(method, parameters, whether it keeps the head within budget while decoding)`
     type Case = (&'static str, &'static [(&'static str, &'static str)], bool);
 
-    const METHODS: [Case; 12] = [
+    const METHODS: [Case; 19] = [
         ("full", &[], false),
         ("streaming_llm", &[], true),
         ("h2o", &[], true),
@@ -51,6 +57,13 @@ mod tests {
         ("kvmerger", &[("protect_by", "window"), ("protect_window", "8")], false),
         ("kvmerger", &[("merge", "false")], false),
         ("kvmerger", &[("budget_mode", "threshold"), ("mass", "log_count")], false),
+        ("knorm", &[], false),
+        ("knorm", &[("sinks", "4"), ("recent", "8")], false),
+        ("keydiff", &[], false),
+        ("keydiff", &[("sinks", "4"), ("recent", "8")], false),
+        ("tova", &[], true),
+        ("tova", &[("sinks", "4"), ("recent", "8")], true),
+        ("tova", &[("decode_eviction", "false")], false),
     ];
 
     /// Every method, in every dtype, at several budgets: exact budgets, metadata order, and
@@ -136,10 +149,10 @@ mod tests {
                         );
                     }
                 }
-                // H2O's decode-time eviction moves another entry into the victim's slot;
-                // every other policy keeps the entries in position order.
+                // H2O's and TOVA's decode-time evictions move another entry into the
+                // victim's slot; every other policy keeps the entries in position order.
                 let mut positions: Vec<usize> = head.meta().iter().map(|m| m.position).collect();
-                if matches!(config, CompressionConfig::H2o(_)) {
+                if matches!(config, CompressionConfig::H2o(_) | CompressionConfig::Tova(_)) {
                     positions.sort();
                 }
                 assert!(
@@ -199,7 +212,15 @@ mod tests {
             method.compress(HeadId { layer: 0, head: 0 }, &mut head, 40).unwrap();
             assert_eq!(head.keys(), original.keys(), "{name}");
             assert_eq!(head.values(), original.values(), "{name}");
-            assert_eq!(head.meta(), original.meta(), "{name}");
+            // TOVA clears the attention statistic for its decode steps to read afresh.
+            let clear = |h: &crate::HeadCache| {
+                let mut meta = h.meta().to_vec();
+                if name == "tova" {
+                    meta.iter_mut().for_each(|m| m.attention = 0.0);
+                }
+                meta
+            };
+            assert_eq!(clear(&head), clear(&original), "{name}");
         }
     }
 }
