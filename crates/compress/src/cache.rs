@@ -11,7 +11,7 @@ use std::borrow::Cow;
 
 use crate::dtype::{KvDtype, Rows, RowsRef};
 use crate::error::{CompressError, Result};
-use crate::method::EvictionWindow;
+use crate::stats::EvictionWindow;
 
 /// Metadata of one cached entry.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -115,6 +115,11 @@ method_table! {
     Tova(TovaConfig) = "tova";
 }
 
+/// The error for a name that [`method_info`] does not know, listing the names it does.
+fn unknown_method(name: &str) -> CompressError {
+    CompressError::UnknownMethod { name: name.trim().to_string(), known: METHOD_NAMES.join(", ") }
+}
+
 /// The method a name or alias stands for; case and `-`/`_` do not matter.
 pub fn method_info(name: &str) -> Option<&'static MethodInfo> {
     let name = name.trim().to_ascii_lowercase().replace('-', "_");
@@ -130,8 +135,7 @@ impl CompressionConfig {
         budget: Option<Budget>,
         params: &[(String, String)],
     ) -> Result<Self> {
-        let info = method_info(method)
-            .ok_or_else(|| CompressError::UnknownMethod(method.trim().to_string()))?;
+        let info = method_info(method).ok_or_else(|| unknown_method(method))?;
         let mut obj = Map::new();
         obj.insert("method".into(), Value::String(info.name.into()));
         Self::from_fields(obj, budget, params)
@@ -226,8 +230,7 @@ impl CompressionConfig {
                 ))
             }
         };
-        let info =
-            method_info(&name).ok_or_else(|| CompressError::UnknownMethod(name.trim().into()))?;
+        let info = method_info(&name).ok_or_else(|| unknown_method(&name))?;
         obj.insert("method".into(), Value::String(info.name.into()));
         if info.name == "full" {
             return Self::full_from(&obj);

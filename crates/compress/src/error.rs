@@ -6,12 +6,9 @@ pub enum CompressError {
     /// A parameter is out of its valid range; names the parameter.
     #[error("invalid parameter `{name}`: {reason}")]
     InvalidParameter { name: String, reason: String },
-    /// The method name is not one we know.
-    #[error(
-        "unknown compression method `{0}` (expected one of: {known})",
-        known = crate::config::METHOD_NAMES.join(", ")
-    )]
-    UnknownMethod(String),
+    /// The method name is not one we know; `known` lists the names we do.
+    #[error("unknown compression method `{name}` (expected one of: {known})")]
+    UnknownMethod { name: String, known: String },
     /// Key/value data handed to the cache has the wrong length.
     #[error("shape mismatch: {0}")]
     Shape(String),

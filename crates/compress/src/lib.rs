@@ -11,6 +11,7 @@ mod dtype;
 mod error;
 mod method;
 pub mod methods;
+mod stats;
 
 pub use budget::Budget;
 pub use cache::{EntryMeta, HeadCache, KvCache};
@@ -19,10 +20,8 @@ pub use config::{
 };
 pub use dtype::{KvDtype, KvElement, RowsRef};
 pub use error::{CompressError, Result};
-pub use method::{
-    CompressionMethod, EvictionWindow, Evictions, HeadId, HeadReport, SmallSet, StatsRequest,
-    Windows, MAX_WINDOWS,
-};
+pub use method::{CompressionMethod, HeadId, HeadReport};
 pub use methods::{
     adjacent_cosine, cosine, merge_to_target, merging_sets, min_reachable, CompareTo,
 };
+pub use stats::{EvictionWindow, Evictions, SmallSet, StatsRequest, Windows, MAX_WINDOWS};

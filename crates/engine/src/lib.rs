@@ -30,7 +30,7 @@ pub mod tokenizer;
 
 pub use attention::{attend, attend_into, AttentionOptions, AttentionShape};
 pub use batch::{BatchItem, Phase};
-pub use compression::{after_decode_step, compress_prompt};
+pub use compression::{after_decode_step, compress_prompt, CompressionReport};
 pub use config::{ModelConfig, MAX_CONTEXT, SUPPORTED_ARCHITECTURES};
 pub use cpu::{kernel_report, KernelLevel, UnknownKernelLevel, KERNEL_LEVEL_ENV};
 pub use error::{EngineError, Result};
@@ -48,5 +48,5 @@ pub use scheduler::{Plan, Refusal, Scheduler, SchedulerLimits};
 pub use sequence::{
     entry_bytes, FinishReason, GenerationRequest, Reservation, SeqId, SeqState, Sequence, Usage,
 };
-pub use session::{CompressionReport, Prefilled, Session, Timings};
+pub use session::{Prefilled, Session, Timings};
 pub use threads::ADAPTIVE_THREADS_ENV;

@@ -10,12 +10,12 @@ use kvmerger_compress::{
 };
 use serde::Serialize;
 
+use crate::compression::CompressionReport;
 use crate::compression::{after_decode_step, compress_prompt};
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::prefill::{PrefillCompression, PrefillPlan};
 use crate::sampler::{Sampler, SamplingConfig};
-use crate::session::CompressionReport;
 
 /// A request's id inside the engine.
 pub type SeqId = u64;

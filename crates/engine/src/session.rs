@@ -3,61 +3,14 @@
 
 use std::time::{Duration, Instant};
 
-use kvmerger_compress::{CompressionConfig, CompressionMethod, HeadReport, KvCache, StatsRequest};
+use kvmerger_compress::{CompressionConfig, CompressionMethod, KvCache, StatsRequest};
 use serde::Serialize;
 
-use crate::compression::{after_decode_step, compress_prompt};
+use crate::compression::{after_decode_step, compress_prompt, CompressionReport};
 use crate::error::{EngineError, Result};
 use crate::model::{ForwardOptions, Llama, Logits};
 use crate::profile::{timed, Part};
 use crate::sampler::Sampler;
-
-/// What compressing the prompt did, per layer and kv head.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct CompressionReport {
-    pub method: String,
-    pub prompt_len: usize,
-    /// Entry budget per head, per layer.
-    pub budgets: Vec<usize>,
-    /// `[layer][kv_head]`
-    pub heads: Vec<Vec<HeadReport>>,
-    pub compress_ms: f64,
-    /// Bytes the cache held right after compression.
-    pub resident_bytes: usize,
-}
-
-impl CompressionReport {
-    /// Entries kept over all heads.
-    pub fn kept_entries(&self) -> usize {
-        self.heads.iter().flatten().map(|h| h.after).sum()
-    }
-
-    /// Entries kept over entries before, over all heads.
-    pub fn achieved_ratio(&self) -> f64 {
-        kept_share(self.heads.iter().flatten())
-    }
-
-    /// Heads whose method had to shrink a fixed part (sinks, observation window, protected
-    /// shares) to fit the head's budget; see [`HeadReport::clamped`].
-    pub fn clamped_heads(&self) -> usize {
-        self.heads.iter().flatten().filter(|h| h.clamped.is_some()).count()
-    }
-
-    /// Achieved ratio of one layer.
-    pub fn layer_ratio(&self, layer: usize) -> f64 {
-        kept_share(&self.heads[layer])
-    }
-}
-
-/// Entries kept over entries before, summed over `heads` (1 for no entries).
-fn kept_share<'a>(heads: impl IntoIterator<Item = &'a HeadReport>) -> f64 {
-    let (before, after) = heads.into_iter().fold((0, 0), |(b, a), h| (b + h.before, a + h.after));
-    if before == 0 {
-        1.0
-    } else {
-        after as f64 / before as f64
-    }
-}
 
 /// Timings of a generation.
 #[derive(Debug, Clone, Copy, Default, Serialize)]

@@ -53,7 +53,7 @@ impl ApiError {
             CompressError::InvalidParameter { name, .. } if name != "configuration" => {
                 format!("kv_compression.{name}")
             }
-            CompressError::UnknownMethod(_) => "kv_compression.method".into(),
+            CompressError::UnknownMethod { .. } => "kv_compression.method".into(),
             CompressError::InvalidParameter { reason, .. }
                 if reason.contains("unknown variant") =>
             {

@@ -17,9 +17,10 @@ use serde::{Deserialize, Serialize};
 use crate::budget::Budget;
 use crate::cache::HeadCache;
 use crate::error::{CompressError, Result};
-use crate::method::{CompressionMethod, EvictionWindow, HeadId, HeadReport, StatsRequest};
+use crate::method::{CompressionMethod, HeadId, HeadReport};
 use crate::methods::h2o::{check_recent_ratio, lowest_non_recent};
 use crate::methods::select::{heavy_hitters_and_recent, sinks_and_recent, sinks_within};
+use crate::stats::{EvictionWindow, StatsRequest};
 
 /// Which eviction policy decides what leaves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]

@@ -8,8 +8,9 @@ use serde::{Deserialize, Serialize};
 use crate::budget::Budget;
 use crate::cache::HeadCache;
 use crate::error::{CompressError, Result};
-use crate::method::{CompressionMethod, HeadId, HeadReport, StatsRequest};
+use crate::method::{CompressionMethod, HeadId, HeadReport};
 use crate::methods::select::heavy_hitters_and_recent;
+use crate::stats::StatsRequest;
 
 /// H2O parameters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

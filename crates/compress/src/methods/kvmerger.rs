@@ -25,11 +25,12 @@ use serde::{Deserialize, Deserializer, Serialize};
 use crate::budget::Budget;
 use crate::cache::{EntryMeta, HeadCache};
 use crate::error::{CompressError, Result};
-use crate::method::{CompressionMethod, HeadId, HeadReport, StatsRequest, Windows};
+use crate::method::{CompressionMethod, HeadId, HeadReport};
 use crate::methods::merging_sets::{
     mean_row, merge_to_target, merging_sets, min_reachable, CompareTo,
 };
 use crate::methods::select::top_k;
+use crate::stats::{StatsRequest, Windows};
 
 /// How the result is brought to the budget.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]

@@ -8,8 +8,9 @@ use serde::{Deserialize, Serialize};
 use crate::budget::Budget;
 use crate::cache::HeadCache;
 use crate::error::{CompressError, Result};
-use crate::method::{CompressionMethod, HeadId, HeadReport, StatsRequest};
+use crate::method::{CompressionMethod, HeadId, HeadReport};
 use crate::methods::select::top_k;
+use crate::stats::StatsRequest;
 
 /// SnapKV parameters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

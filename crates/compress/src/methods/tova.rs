@@ -18,9 +18,10 @@ use serde::{Deserialize, Serialize};
 use crate::budget::Budget;
 use crate::cache::HeadCache;
 use crate::error::{CompressError, Result};
-use crate::method::{CompressionMethod, HeadId, HeadReport, StatsRequest};
+use crate::method::{CompressionMethod, HeadId, HeadReport};
 use crate::methods::h2o::lowest_older_than_recent;
 use crate::methods::select::{protected_within, retain_top_scored};
+use crate::stats::StatsRequest;
 
 /// TOVA parameters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -1,0 +1,193 @@
+//! The attention statistics a method asks the engine to accumulate while it runs the
+//! prompt (and decode steps), and the window types they are keyed by.
+
+/// Most distinct observation windows (or eviction windows) one prefill records.
+pub const MAX_WINDOWS: usize = 8;
+
+/// A small set of distinct statistics parameters, smallest first. `Copy`, so statistics
+/// requests travel by value through the forward pass.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SmallSet<T> {
+    len: usize,
+    sizes: [T; MAX_WINDOWS],
+}
+
+/// Observation-window lengths.
+pub type Windows = SmallSet<usize>;
+
+/// Eviction windows (CaM's attention at eviction time).
+pub type Evictions = SmallSet<EvictionWindow>;
+
+/// The attention a prompt entry had received when a token-by-token sliding window evicted
+/// it: entry `t` leaves when the query at physical index `t + reach` arrives, so it has
+/// been seen by the queries before that one. Alongside, the summed attention the entries
+/// `t + 1 ..= t + span` (its merge targets) had received from the same queries.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct EvictionWindow {
+    /// Recent entries the sliding window holds besides its sinks.
+    pub reach: usize,
+    /// Merge targets after each victim (at most `reach`).
+    pub span: usize,
+}
+
+impl EvictionWindow {
+    /// Adds one query's attention row to the statistics: `row` holds the probabilities of
+    /// the query at physical index `query` over entries `0..=query`, scaled by `weight`.
+    /// `received` and `targets` are `[len]`, indexed by victim.
+    pub fn accumulate_row(
+        &self,
+        query: usize,
+        row: &[f32],
+        weight: f32,
+        received: &mut [f32],
+        targets: &mut [f32],
+    ) {
+        debug_assert_eq!(row.len(), query + 1);
+        // Victims still in the window when `query` arrives: `t + reach > query`.
+        let first = (query + 1).saturating_sub(self.reach);
+        for t in first..=query {
+            received[t] += weight * row[t];
+        }
+        // band = sum of row[t + 1 ..= min(t + span, query)], slid from the last victim down.
+        let mut band = 0.0f32;
+        for t in (first..query).rev() {
+            band += row[t + 1];
+            if t + 1 + self.span <= query {
+                band -= row[t + 1 + self.span];
+            }
+            targets[t] += weight * band;
+        }
+    }
+}
+
+impl<T: Copy + Ord + Default> SmallSet<T> {
+    /// The set holding one element.
+    pub fn one(window: T) -> Self {
+        let mut w = Self::default();
+        w.insert(window);
+        w
+    }
+
+    /// Adds a window; returns `false` (and leaves the set as it was) when the set already
+    /// holds [`MAX_WINDOWS`] other windows.
+    pub fn insert(&mut self, window: T) -> bool {
+        let sizes = &mut self.sizes[..self.len];
+        match sizes.binary_search(&window) {
+            Ok(_) => true,
+            Err(_) if self.len == MAX_WINDOWS => false,
+            Err(at) => {
+                self.sizes.copy_within(at..self.len, at + 1);
+                self.sizes[at] = window;
+                self.len += 1;
+                true
+            }
+        }
+    }
+
+    pub fn contains(&self, window: T) -> bool {
+        self.sizes[..self.len].binary_search(&window).is_ok()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Elements, smallest first.
+    pub fn iter(&self) -> impl Iterator<Item = T> + '_ {
+        self.sizes[..self.len].iter().copied()
+    }
+
+    /// Whether every window of `other` is in this set.
+    pub fn contains_all(&self, other: &Self) -> bool {
+        other.iter().all(|w| self.contains(w))
+    }
+}
+
+/// Attention statistics a method needs the engine to accumulate into the cache.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StatsRequest {
+    /// Accumulate attention received per key into [`crate::EntryMeta::attention`]
+    /// (prefill and decode), averaged over the query heads of each kv group.
+    pub accumulated: bool,
+    /// For each window `n`, accumulate into [`crate::HeadCache::window_attention`]`(n)` the
+    /// attention received from the last `n` queries of the prompt (SnapKV's observation
+    /// window). Several methods sharing one prefill each read their own window.
+    pub windows: Windows,
+    /// For each eviction window, accumulate [`crate::HeadCache::eviction_attention`] over the
+    /// whole prompt (CaM's merge probability at eviction time).
+    pub evictions: Evictions,
+}
+
+impl StatsRequest {
+    /// Accumulated attention only.
+    pub fn accumulated() -> Self {
+        Self { accumulated: true, ..Self::default() }
+    }
+
+    /// One observation window, with or without accumulated attention.
+    pub fn window(window: usize, accumulated: bool) -> Self {
+        Self { accumulated, windows: Windows::one(window), ..Self::default() }
+    }
+
+    /// The same request without the prompt-window statistics (for prefill chunks before
+    /// the last one).
+    pub fn without_window(self) -> Self {
+        Self { windows: Windows::default(), ..self }
+    }
+
+    /// The same request without any prompt-only statistics (for steps after the prompt).
+    pub fn after_prompt(self) -> Self {
+        Self { accumulated: self.accumulated, ..Self::default() }
+    }
+
+    /// Everything either request asks for (one prefill serving several methods): each
+    /// distinct window is kept, so every method reads the window it asked for. Beyond
+    /// [`MAX_WINDOWS`] distinct windows the extra ones are left out, and
+    /// [`Self::covers`] tells the methods that needed them.
+    pub fn union(self, other: Self) -> Self {
+        let mut windows = self.windows;
+        for w in other.windows.iter() {
+            windows.insert(w);
+        }
+        let mut evictions = self.evictions;
+        for e in other.evictions.iter() {
+            evictions.insert(e);
+        }
+        Self { accumulated: self.accumulated || other.accumulated, windows, evictions }
+    }
+
+    /// Whether statistics recorded for `self` serve a method that asks for `needs`.
+    pub fn covers(&self, needs: &Self) -> bool {
+        (self.accumulated || !needs.accumulated)
+            && self.windows.contains_all(&needs.windows)
+            && self.evictions.contains_all(&needs.evictions)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn union_keeps_each_distinct_window() {
+        let a = StatsRequest::window(64, false);
+        let b = StatsRequest::window(32, true);
+        let u = a.union(b).union(a);
+        assert!(u.accumulated);
+        assert_eq!(u.windows.iter().collect::<Vec<_>>(), vec![32, 64]);
+        assert!(u.covers(&a) && u.covers(&b));
+        assert!(!a.covers(&b), "a 64-query window does not serve a 32-query one");
+        assert!(u.covers(&StatsRequest::default()));
+    }
+
+    #[test]
+    fn windows_beyond_the_capacity_are_reported_missing() {
+        let mut u = StatsRequest::default();
+        for w in 1..=MAX_WINDOWS + 2 {
+            u = u.union(StatsRequest::window(w, false));
+        }
+        assert_eq!(u.windows.iter().count(), MAX_WINDOWS);
+        assert!(!u.covers(&StatsRequest::window(MAX_WINDOWS + 1, false)));
+        assert!(u.covers(&StatsRequest::window(1, false)));
+    }
+}
