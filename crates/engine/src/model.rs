@@ -1,15 +1,15 @@
-//! The Llama-family forward pass (Llama 2/3, Mistral, Qwen2, SmolLM): RMSNorm, RoPE at
-//! explicit positions, grouped-query attention over the ragged cache, SwiGLU.
+//! A Llama-family model's weights (Llama 2/3, Mistral, Qwen2, SmolLM) and what its forward
+//! pass ([`crate::forward`]) needs beside them: RoPE tables, norms as plain values, the
+//! thread policy.
 
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
-use kvmerger_compress::{KvCache, KvDtype, StatsRequest};
+use kvmerger_compress::{KvCache, KvDtype};
 
-use crate::batch::{BatchItem, PassFormats};
 use crate::config::ModelConfig;
-use crate::error::{EngineError, Result};
-use crate::linear::{Linear, WeightFormats, DECODE_ROWS};
+use crate::error::Result;
+use crate::linear::{Linear, WeightFormats};
 use crate::profile::StepProfile;
 use crate::rope::Rope;
 use crate::threads::AdaptiveThreads;
@@ -28,30 +28,6 @@ pub struct Block {
     pub gate: Linear,
     pub up: Linear,
     pub down: Linear,
-}
-
-/// Which rows of logits a forward pass returns.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Logits {
-    /// Only the last token's: `[1, vocab]`.
-    Last,
-    /// Every token's: `[seq, vocab]` (teacher-forced scoring).
-    All,
-}
-
-/// What a forward pass records besides logits.
-#[derive(Debug, Clone, Copy)]
-pub struct ForwardOptions {
-    pub logits: Logits,
-    pub stats: StatsRequest,
-    /// Queries per chunk of the explicit attention softmax.
-    pub attention_chunk: usize,
-}
-
-impl Default for ForwardOptions {
-    fn default() -> Self {
-        Self { logits: Logits::Last, stats: StatsRequest::default(), attention_chunk: 128 }
-    }
 }
 
 /// A Llama-family model ready to run.
@@ -131,36 +107,6 @@ impl Llama {
     pub fn new_cache(&self) -> KvCache {
         let c = &self.config;
         KvCache::new(c.n_layers, c.n_kv_heads, c.head_dim, self.kv_dtype)
-    }
-
-    /// Runs `tokens` after whatever `cache` holds. Token `i` gets logical position
-    /// `cache.n_seen + i`; its key and value are appended to every head; attention masks
-    /// come from each head's physical length. Returns logits as `opts.logits` asks.
-    pub fn forward(
-        &self,
-        tokens: &[u32],
-        cache: &mut KvCache,
-        opts: ForwardOptions,
-    ) -> Result<Tensor> {
-        // Single sequences keep choosing the weight format by row count, as before
-        // batching existed: prefill in the prefill format, short extensions in the decode one.
-        let format = |rows: usize| {
-            if rows <= DECODE_ROWS {
-                self.formats.decode
-            } else {
-                self.formats.prefill
-            }
-        };
-        let logit_rows = match opts.logits {
-            Logits::Last => 1,
-            Logits::All => tokens.len(),
-        };
-        let formats = PassFormats { body: format(tokens.len()), head: format(logit_rows) };
-        let mut item = [BatchItem { tokens, cache, logits: Some(opts.logits), stats: opts.stats }];
-        let logits = self.run_batch(&mut item, formats, opts.attention_chunk)?;
-        logits.into_iter().next().flatten().ok_or_else(|| {
-            EngineError::Setup("a forward pass asking for logits returned none".into())
-        })
     }
 
     /// Bytes of weights held in memory.

@@ -16,9 +16,9 @@ use std::thread::JoinHandle;
 use kvmerger_compress::CompressError;
 use rayon::prelude::*;
 
-use crate::batch::{BatchItem, Phase};
 use crate::error::{EngineError, Result};
-use crate::model::{Llama, Logits};
+use crate::forward::{BatchItem, Logits, Phase};
+use crate::model::Llama;
 use crate::pool::KvPool;
 use crate::prefill::PrefillCompression;
 use crate::scheduler::{Refusal, Scheduler, SchedulerLimits};

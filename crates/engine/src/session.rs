@@ -8,7 +8,8 @@ use serde::Serialize;
 
 use crate::compression::{after_decode_step, compress_prompt, CompressionReport};
 use crate::error::{EngineError, Result};
-use crate::model::{ForwardOptions, Llama, Logits};
+use crate::forward::{ForwardOptions, Logits};
+use crate::model::Llama;
 use crate::profile::{timed, Part};
 use crate::sampler::Sampler;
 

@@ -232,7 +232,7 @@ pub fn compare_with_reference(
 ) -> Result<Agreement> {
     let mut cache = model.new_cache();
     let mut ours_step = |input: &[u32]| -> Result<Vec<f32>> {
-        let opts = crate::model::ForwardOptions::default();
+        let opts = crate::forward::ForwardOptions::default();
         Ok(model.forward(input, &mut cache, opts)?.flatten_all()?.to_vec1()?)
     };
     let (mut ours, mut theirs) = (ours_step(tokens)?, reference(tokens, 0)?);

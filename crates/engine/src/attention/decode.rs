@@ -19,7 +19,7 @@ use std::sync::LazyLock;
 use kvmerger_compress::{EntryMeta, HeadCache, RowsRef};
 use rayon::prelude::*;
 
-use crate::attention::{AttentionOptions, AttentionShape};
+use super::shape::{AttentionOptions, AttentionShape};
 
 /// Rows widened at a time: 64 rows of a 64-wide head are 16 KiB of f32.
 const BLOCK: usize = 64;

@@ -8,31 +8,17 @@
 //!
 //! The cache may store keys and values narrower than f32 (see [`kvmerger_compress::KvDtype`]);
 //! attention widens what it reads and accumulates in f32. A prefill chunk widens the keys and
-//! values it sees once; a decode step (one query per sequence) goes to [`crate::decode_attention`],
+//! values it sees once; a decode step (one query per sequence) goes to [`decode`],
 //! which widens small blocks and splits long heads across threads.
 
-use kvmerger_compress::{EvictionWindow, HeadCache, StatsRequest};
+use kvmerger_compress::{EvictionWindow, HeadCache};
 use rayon::prelude::*;
 
-use crate::decode_attention::attend_one;
+mod decode;
+mod shape;
 
-/// Shapes of one attention call.
-#[derive(Debug, Clone, Copy)]
-pub struct AttentionShape {
-    pub n_heads: usize,
-    pub n_kv_heads: usize,
-    pub head_dim: usize,
-}
-
-/// Options that change what is computed, not the result.
-#[derive(Debug, Clone, Copy)]
-pub struct AttentionOptions {
-    /// Queries per chunk of the explicit softmax; any value gives the same result.
-    pub chunk: usize,
-    pub stats: StatsRequest,
-    /// Add `ln(count)` to the logit of entries that stand for several tokens.
-    pub log_count_bias: bool,
-}
+use decode::attend_one;
+pub use shape::{AttentionOptions, AttentionShape};
 
 /// Attention of `seq` new queries over heads whose last `seq` entries are those queries'
 /// own keys. Query `i` sees every entry up to and including its own (`base + i`), where

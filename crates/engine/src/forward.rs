@@ -1,4 +1,7 @@
-//! One forward pass over several sequences: the rows of every sequence are joined for the
+//! The Llama-family forward pass: RMSNorm, RoPE at explicit positions, grouped-query
+//! attention over the ragged cache, SwiGLU.
+//!
+//! One forward pass runs over several sequences: the rows of every sequence are joined for the
 //! linear layers (one matrix multiplication per weight for all of them), while RoPE and
 //! attention run per sequence, at its own logical positions, on its own ragged cache.
 //!
@@ -16,8 +19,9 @@ use crate::activation::silu_product;
 use crate::attention::{attend_into, AttentionOptions, AttentionShape};
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
+use crate::linear::DECODE_ROWS;
 use crate::linear::{Linear, WeightFormat, WeightFormats};
-use crate::model::{Llama, Logits};
+use crate::model::Llama;
 use crate::profile::{timed, Part};
 use crate::qmatmul::QuantizedRows;
 
@@ -67,7 +71,61 @@ pub(crate) struct PassFormats {
     pub head: WeightFormat,
 }
 
+/// Which rows of logits a forward pass returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Only the last token's: `[1, vocab]`.
+    Last,
+    /// Every token's: `[seq, vocab]` (teacher-forced scoring).
+    All,
+}
+
+/// What a forward pass records besides logits.
+#[derive(Debug, Clone, Copy)]
+pub struct ForwardOptions {
+    pub logits: Logits,
+    pub stats: StatsRequest,
+    /// Queries per chunk of the explicit attention softmax.
+    pub attention_chunk: usize,
+}
+
+impl Default for ForwardOptions {
+    fn default() -> Self {
+        Self { logits: Logits::Last, stats: StatsRequest::default(), attention_chunk: 128 }
+    }
+}
+
 impl Llama {
+    /// Runs `tokens` after whatever `cache` holds. Token `i` gets logical position
+    /// `cache.n_seen + i`; its key and value are appended to every head; attention masks
+    /// come from each head's physical length. Returns logits as `opts.logits` asks.
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        opts: ForwardOptions,
+    ) -> Result<Tensor> {
+        // Single sequences keep choosing the weight format by row count, as before
+        // batching existed: prefill in the prefill format, short extensions in the decode one.
+        let format = |rows: usize| {
+            if rows <= DECODE_ROWS {
+                self.formats.decode
+            } else {
+                self.formats.prefill
+            }
+        };
+        let logit_rows = match opts.logits {
+            Logits::Last => 1,
+            Logits::All => tokens.len(),
+        };
+        let formats = PassFormats { body: format(tokens.len()), head: format(logit_rows) };
+        let mut item = [BatchItem { tokens, cache, logits: Some(opts.logits), stats: opts.stats }];
+        let logits = self.run_batch(&mut item, formats, opts.attention_chunk)?;
+        logits.into_iter().next().flatten().ok_or_else(|| {
+            EngineError::Setup("a forward pass asking for logits returned none".into())
+        })
+    }
+
     /// Runs every item's tokens after its cache in one pass, in the format of `phase`.
     /// Returns, per item, its logits `[rows, vocab]` as `item.logits` asks (`None` where
     /// it asks for none).
