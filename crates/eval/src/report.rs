@@ -808,11 +808,10 @@ fn write_ruler_average(
     };
     let _ = writeln!(
         md,
-        "## RULER: average over {} subtasks
-
-The mean of the subtasks' mean scores          (string_match_all, 0 to 1; RULER reports it times 100), with a bootstrap 95%          interval resampling samples within each subtask; n counts samples over all          subtasks. Subtasks: {}.
-
-{}",
+        "## RULER: average over {} subtasks\n\nThe mean of the subtasks' mean scores \
+         (string_match_all, 0 to 1; RULER reports it times 100), with a bootstrap 95% \
+         interval resampling samples within each subtask; n counts samples over all \
+         subtasks. Subtasks: {}.\n\n{}",
         subtasks.len(),
         subtasks.join(", "),
         header(&["protocol", "method"], budgets)

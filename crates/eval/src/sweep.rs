@@ -174,6 +174,10 @@ impl SweepSpec {
                 )))
             }
         };
+        // The quick run keeps to the main protocol (question after compression) to stay
+        // within minutes.
+        let protocols =
+            if name == "ruler-quick" { vec![Protocol::Context] } else { all_protocols() };
         Ok(Self {
             name: name.to_string(),
             tasks,
@@ -181,7 +185,7 @@ impl SweepSpec {
             methods,
             budgets,
             params: Default::default(),
-            protocols: all_protocols(),
+            protocols,
             chat: false,
             reference_kv_dtype: None,
         })
@@ -500,7 +504,12 @@ mod tests {
         }
         assert!(ruler.methods.iter().all(|m| !m.contains(':')));
         assert_eq!(ruler.configs().unwrap().len(), 1 + 8 * 3);
-        assert_eq!(SweepSpec::preset("ruler-quick").unwrap().jobs().len(), 11 * 2);
+        let quick = SweepSpec::preset("ruler-quick").unwrap();
+        assert_eq!(
+            (quick.jobs().len(), quick.protocols.as_slice()),
+            (11 * 2, &[Protocol::Context][..])
+        );
+        assert_eq!(ruler.protocols, Protocol::ALL);
         let variants = SweepSpec {
             methods: vec!["kvmerger:mass=scale_values;sigma=adaptive".into()],
             budgets: vec![Budget::Ratio(0.5)],
