@@ -21,8 +21,9 @@ pub struct EvalArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     /// A built-in sweep: default (about 10 minutes on 2 cores), paper (about an hour),
-    /// dev (default's grid on development seeds), long, ruler, kv-dtype (`--kv-dtype`
-    /// against an f32 reference, a few minutes).
+    /// dev (default's grid on development seeds), long, ruler (RULER's 11 synthetic
+    /// subtasks at 4,096 tokens, hours), ruler-quick (the same at 1,024 tokens, fewer
+    /// samples), kv-dtype (`--kv-dtype` against an f32 reference, a few minutes).
     #[arg(long, default_value = "default")]
     pub preset: String,
     /// A sweep specification in JSON (replaces --preset).
@@ -35,7 +36,7 @@ pub struct EvalArgs {
     #[arg(long)]
     pub dataset: Option<PathBuf>,
     /// Metric of the dataset: qa_f1, rouge_l, classification, retrieval, count, code_sim,
-    /// contains, contains_all, perplexity.
+    /// contains, string_match_all, perplexity.
     #[arg(long, default_value = "qa_f1")]
     pub metric: String,
     /// Stop at the first malformed dataset line instead of skipping it.

@@ -14,6 +14,7 @@ use kvmerger_engine::{
     fetch, load_model, BatchItem, GenerationRequest, Logits, Phase, PrefillCompression, Sampler,
     SamplingConfig, Sequence, Session, WeightFormat, WeightFormats,
 };
+use kvmerger_eval::ruler::RulerTask;
 use kvmerger_eval::runner::{mean_kl, prompt_texts, teacher_forced, RunOptions};
 use kvmerger_eval::tasks::{generate, TaskInput, TaskKind};
 
@@ -47,7 +48,7 @@ fn main() -> Result<()> {
     println!("|---|---|---:|---:|---:|");
     let mut totals = vec![(0.0, 0.0); methods.len()];
     let mut n = 0;
-    for kind in [TaskKind::Passkey, TaskKind::NiahSingle] {
+    for kind in [TaskKind::Passkey, TaskKind::Ruler(RulerTask::NiahSingle1)] {
         for seed in 0..seeds as u64 {
             let input =
                 TaskInput { length, depth: 0.5, seed, count_tokens: &count, haystack: None };

@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod plot;
 pub mod report;
 pub mod results;
+pub mod ruler;
 pub mod runner;
 pub mod stats;
 pub mod sweep;

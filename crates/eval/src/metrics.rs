@@ -27,11 +27,11 @@ pub enum Metric {
     Count,
     /// Edit similarity of the first code line ([`code_sim_score`]).
     CodeSim,
-    /// 1 if the prediction contains the answer ([`exact_contains`]): passkey, needle, RULER niah.
+    /// 1 if the prediction contains the answer ([`exact_contains`]): passkey and needle.
     Contains,
-    /// Share of the answers the prediction contains ([`contains_all`]): RULER multi-value
-    /// needles and variable tracking, where every answer must appear.
-    ContainsAll,
+    /// RULER's `string_match_all` ([`string_match_all`]): the share of the answers the
+    /// prediction contains, ignoring case; its niah, vt, cwe and fwe tasks.
+    StringMatchAll,
     /// Perplexity of a reference continuation: the runner computes it from the model's
     /// log-probabilities, so there is no text to score and [`Metric::score`] returns 0.
     Perplexity,
@@ -47,7 +47,7 @@ impl Metric {
         Metric::Count,
         Metric::CodeSim,
         Metric::Contains,
-        Metric::ContainsAll,
+        Metric::StringMatchAll,
         Metric::Perplexity,
     ];
 
@@ -61,7 +61,7 @@ impl Metric {
             Metric::Count => "count",
             Metric::CodeSim => "code_sim",
             Metric::Contains => "contains",
-            Metric::ContainsAll => "contains_all",
+            Metric::StringMatchAll => "string_match_all",
             Metric::Perplexity => "perplexity",
         }
     }
@@ -88,7 +88,7 @@ impl Metric {
 
     /// Scores `prediction` against the reference `answers`.
     ///
-    /// [`Metric::ContainsAll`] returns the share of `answers` found in the prediction; every
+    /// [`Metric::StringMatchAll`] returns the share of `answers` found in the prediction; every
     /// other metric returns the best score over the answers, as LongBench does. No answers
     /// score 0, and so does [`Metric::Classification`] without `all_classes`.
     pub fn score(
@@ -109,7 +109,7 @@ impl Metric {
             Metric::Count => best(&|a| count_score(prediction, a)),
             Metric::CodeSim => best(&|a| code_sim_score(prediction, a)),
             Metric::Contains => best(&|a| exact_contains(prediction, a)),
-            Metric::ContainsAll => contains_all(prediction, answers),
+            Metric::StringMatchAll => string_match_all(prediction, answers),
             Metric::Perplexity => 0.0,
         }
     }
@@ -365,13 +365,17 @@ pub fn exact_contains(prediction: &str, answer: &str) -> f64 {
     }
 }
 
-/// The share of `answers` that `prediction` contains verbatim (RULER's `string_match_all`,
-/// case-sensitive); 0 without answers.
-pub fn contains_all(prediction: &str, answers: &[String]) -> f64 {
+/// RULER's `string_match_all`: the share of `answers` that `prediction` contains, both
+/// lowercased; 0 without answers. (RULER's score is this times 100, averaged over samples;
+/// its prediction clean-up, stripping and control characters turned into newlines, cannot
+/// change a containment.) An empty answer is contained in anything, as in RULER.
+pub fn string_match_all(prediction: &str, answers: &[String]) -> f64 {
     if answers.is_empty() {
         return 0.0;
     }
-    answers.iter().map(|a| exact_contains(prediction, a)).sum::<f64>() / answers.len() as f64
+    let prediction = prediction.to_lowercase();
+    let found = answers.iter().filter(|a| prediction.contains(&a.to_lowercase())).count();
+    found as f64 / answers.len() as f64
 }
 
 #[cfg(test)]
@@ -491,18 +495,33 @@ mod tests {
         assert_eq!(exact_contains("The pass key is 48213.", "48213"), 1.0);
         assert_eq!(exact_contains("The pass key is 4821.", "48213"), 0.0);
         assert_eq!(exact_contains("anything", ""), 0.0);
+    }
+
+    /// Cases worked by hand from RULER's `string_match_all` (`r.lower() in pred.lower()`,
+    /// averaged over the references).
+    #[test]
+    fn string_match_all_matches_rulers() {
         let answers = strings(&["111", "222", "333", "444"]);
-        assert_eq!(contains_all("111 and 333", &answers), 0.5);
-        assert_eq!(contains_all("111", &[]), 0.0);
+        assert_eq!(string_match_all("111 and 333", &answers), 0.5);
+        assert_eq!(string_match_all("111", &[]), 0.0);
+        // Case is ignored both ways; a reference inside a longer word still counts.
+        let words = strings(&["Bold-Apple", "zebra", "ARC"]);
+        assert!(close(string_match_all("bold-apple, ZEBRA, search", &words), 1.0));
+        assert!(close(string_match_all("The answer is bold-apple.", &words), 1.0 / 3.0));
+        // Each reference counts once, however often it appears.
+        assert!(close(string_match_all("zebra zebra zebra", &words), 1.0 / 3.0));
+        assert_eq!(string_match_all("", &words), 0.0);
+        // An empty reference: Python's `"" in pred` is True.
+        assert_eq!(string_match_all("x", &strings(&[""])), 1.0);
     }
 
     #[test]
-    fn metric_takes_the_best_answer_except_contains_all() {
+    fn metric_takes_the_best_answer_except_string_match_all() {
         let answers = strings(&["cat", "cat sat"]);
         // F1 against "cat": P = 1/2, R = 1, F1 = 2/3; against "cat sat": 1. Max = 1.
         assert_eq!(Metric::QaF1.score("cat sat", &answers, None), 1.0);
         assert_eq!(Metric::QaF1.score("cat sat", &[], None), 0.0);
-        assert_eq!(Metric::ContainsAll.score("cat only", &strings(&["cat", "dog"]), None), 0.5);
+        assert_eq!(Metric::StringMatchAll.score("Cat only", &strings(&["cat", "dog"]), None), 0.5);
         let classes = strings(&["cat", "dog"]);
         assert_eq!(Metric::Classification.score("dog", &strings(&["dog"]), Some(&classes)), 1.0);
         assert_eq!(Metric::Classification.score("dog", &strings(&["dog"]), None), 0.0);

@@ -13,8 +13,11 @@ use kvmerger_compress::{Budget, KvDtype};
 use crate::error::{EvalError, Result};
 use crate::plot::{heatmap_grid, line_charts, HeatmapPanel, LineChart, Series};
 use crate::results::ResultRow;
+use crate::ruler::RulerTask;
 use crate::runner::Protocol;
-use crate::stats::{accuracy, bootstrap_mean, Estimate, BOOTSTRAP_RESAMPLES};
+use crate::stats::{
+    accuracy, bootstrap_mean, stratified_bootstrap_mean, Estimate, BOOTSTRAP_RESAMPLES,
+};
 
 /// A method holds its budget when its entries are within this share of the budget's.
 pub const BUDGET_TOLERANCE: f64 = 0.01;
@@ -365,6 +368,7 @@ pub fn write_report(
          kl_minus_reference_mean,kl_minus_reference_low,kl_minus_reference_high\n",
     );
     write_budget_table(&mut md, &g, &budgets);
+    write_ruler_average(&mut md, &g, &budgets, dir)?;
     for task in &g.tasks {
         let protocols = g.task_protocols(task);
         let _ = writeln!(md, "## {task}\n");
@@ -695,41 +699,16 @@ fn draw_task_plots(
     dir: &Path,
 ) -> Result<()> {
     let is_ppl = task == "perplexity";
-    // One x axis per plot: the shares asked for, or token counts where no share was.
-    let shares = budgets.iter().any(|b| b.is_share());
-    let plotted: Vec<Column> = budgets.iter().copied().filter(|b| b.is_share() == shares).collect();
-    let x_label =
-        if shares { "KV budget (% of the full cache)" } else { "KV budget (entries per head)" };
+    let plotted = plotted_budgets(budgets);
     let chart = |p: Protocol, m: Measure, y_label: &str, y_range| {
-        let (series, intervals): (Vec<Series>, Vec<Vec<(f64, f64)>>) = g
-            .methods
-            .iter()
-            .map(|method| {
-                let est: Vec<(f64, Estimate)> = plotted
-                    .iter()
-                    .map(|&b| (b.x(), g.estimate(task, p, method, b, m)))
-                    .filter(|(_, e)| e.n > 0)
-                    .collect();
-                (
-                    Series {
-                        label: display_label(method),
-                        points: est.iter().map(|(x, e)| (*x, e.mean)).collect(),
-                        dashed: false,
-                    },
-                    est.iter().map(|(_, e)| (e.low, e.high)).collect(),
-                )
-            })
-            .unzip();
-        let full = g.estimate(task, p, "full", Column::FULL, m);
-        LineChart {
-            title: format!("{task}, {} protocol", p.name()),
-            x_label: x_label.into(),
-            y_label: y_label.to_string(),
-            series,
-            intervals,
-            reference: (full.n > 0).then(|| (format!("full cache {:.3}", full.mean), full.mean)),
+        budget_chart(
+            g,
+            &plotted,
+            &format!("{task}, {} protocol", p.name()),
+            y_label,
             y_range,
-        }
+            |method, b| g.estimate(task, p, method, b, m),
+        )
     };
     let (score, score_label, score_range) = if is_ppl {
         (PERPLEXITY, "perplexity", None)
@@ -746,6 +725,117 @@ fn draw_task_plots(
         draw_depth_heatmaps(rows, g, task, protocols, budgets, dir)?;
     }
     Ok(())
+}
+
+/// The budgets a plot shows, on one x axis: the shares asked for, or token counts where no
+/// share was.
+fn plotted_budgets(budgets: &[Column]) -> Vec<Column> {
+    let shares = budgets.iter().any(|b| b.is_share());
+    budgets.iter().copied().filter(|b| b.is_share() == shares).collect()
+}
+
+/// A chart of `estimate(method, budget)` against the `plotted` budgets, one line per
+/// compressed method with its intervals, the full cache's value as the reference line.
+fn budget_chart(
+    g: &Groups<'_>,
+    plotted: &[Column],
+    title: &str,
+    y_label: &str,
+    y_range: Option<(f64, f64)>,
+    estimate: impl Fn(&str, Column) -> Estimate,
+) -> LineChart {
+    let x_label = if plotted.iter().all(|b| b.is_share()) {
+        "KV budget (% of the full cache)"
+    } else {
+        "KV budget (entries per head)"
+    };
+    let (series, intervals): (Vec<Series>, Vec<Vec<(f64, f64)>>) = g
+        .methods
+        .iter()
+        .map(|method| {
+            let est: Vec<(f64, Estimate)> = plotted
+                .iter()
+                .map(|&b| (b.x(), estimate(method, b)))
+                .filter(|(_, e)| e.n > 0)
+                .collect();
+            (
+                Series {
+                    label: display_label(method),
+                    points: est.iter().map(|(x, e)| (*x, e.mean)).collect(),
+                    dashed: false,
+                },
+                est.iter().map(|(_, e)| (e.low, e.high)).collect(),
+            )
+        })
+        .unzip();
+    let full = estimate("full", Column::FULL);
+    LineChart {
+        title: title.to_string(),
+        x_label: x_label.into(),
+        y_label: y_label.to_string(),
+        series,
+        intervals,
+        reference: (full.n > 0).then(|| (format!("full cache {:.3}", full.mean), full.mean)),
+        y_range,
+    }
+}
+
+/// RULER's score of a method: the mean over the subtasks of each subtask's mean score, with
+/// a bootstrap interval that resamples within each subtask. A cell is left empty unless
+/// every subtask in the rows has rows there (an average over fewer subtasks would compare
+/// unlike things). Written only when the rows hold two or more RULER subtasks.
+fn write_ruler_average(
+    md: &mut String,
+    g: &Groups<'_>,
+    budgets: &[Column],
+    dir: &Path,
+) -> Result<()> {
+    let subtasks: Vec<&str> =
+        g.tasks.iter().map(String::as_str).filter(|t| RulerTask::from_name(t).is_some()).collect();
+    if subtasks.len() < 2 {
+        return Ok(());
+    }
+    let average = |p: Protocol, method: &str, b: Column| {
+        let groups: Vec<Vec<f64>> = subtasks
+            .iter()
+            .map(|t| g.rows(t, p, method, b).iter().map(|r| r.score).collect())
+            .collect();
+        if groups.iter().any(Vec::is_empty) {
+            Estimate::EMPTY
+        } else {
+            stratified_bootstrap_mean(&groups)
+        }
+    };
+    let _ = writeln!(
+        md,
+        "## RULER: average over {} subtasks\n\nThe mean of the subtasks' mean scores \
+         (string_match_all, 0 to 1; RULER reports it times 100), with a bootstrap 95% \
+         interval resampling samples within each subtask; n counts samples over all \
+         subtasks. Subtasks: {}.\n\n{}",
+        subtasks.len(),
+        subtasks.join(", "),
+        header(&["protocol", "method"], budgets)
+    );
+    for &p in &g.protocols {
+        for method in std::iter::once("full".to_string()).chain(g.methods.iter().cloned()) {
+            let label =
+                if method == "full" { "full cache".to_string() } else { display_label(&method) };
+            let cells: Vec<String> =
+                budgets.iter().map(|&b| fmt_estimate(average(p, &method, b), 2)).collect();
+            let _ = writeln!(md, "| {} | {label} | {} |", p.name(), cells.join(" | "));
+        }
+    }
+    md.push('\n');
+    let plotted = plotted_budgets(budgets);
+    let charts: Vec<LineChart> = g
+        .protocols
+        .iter()
+        .map(|&p| {
+            let title = format!("RULER average, {} protocol", p.name());
+            budget_chart(g, &plotted, &title, "score", Some((-0.02, 1.05)), |m, b| average(p, m, b))
+        })
+        .collect();
+    line_charts(&dir.join("ruler_average_score_vs_budget.png"), &charts)
 }
 
 /// Score by depth (rows) and length (columns), one panel per method, one figure per
@@ -898,6 +988,40 @@ mod tests {
         let md = write_report(&baseline, &dir, "test", "kvmerger eval", &[]).unwrap();
         assert!(md.contains("| protocol | method | 100% |\n"), "{md}");
         assert!(md.contains("| context | full cache | 0.50 [0.50, 0.50] (4) |"), "{md}");
+    }
+
+    /// RULER's average: the mean of the subtasks' means, empty where a subtask has no rows.
+    #[test]
+    fn ruler_subtasks_are_averaged_with_an_interval() {
+        let dir = std::env::temp_dir().join(format!("kvmerger-ruler-avg-{}", std::process::id()));
+        let mut rows = Vec::new();
+        for (task, scores) in [("niah_single_1", [1.0, 1.0]), ("vt", [0.5, 0.5])] {
+            for (s, score) in scores.into_iter().enumerate() {
+                let id = format!("{task}-s{s}");
+                for (method, budget) in [("full", 1.0), ("kvmerger@50%", 0.5)] {
+                    let mut r = row(&id, method, budget, score);
+                    r.task = task.into();
+                    rows.push(r);
+                }
+                if task == "vt" {
+                    let mut r = row(&id, "h2o@50%", 0.5, 0.0);
+                    r.task = task.into();
+                    rows.push(r);
+                }
+            }
+        }
+        let md = write_report(&rows, &dir, "test", "kvmerger eval", &[]).unwrap();
+        assert!(md.contains("## RULER: average over 2 subtasks"), "{md}");
+        // (1 + 0.5) / 2, with no spread inside either subtask; n counts samples.
+        assert!(md.contains("| context | full cache | 0.75 [0.75, 0.75] (4) |"), "{md}");
+        assert!(md.contains("| context | kvmerger | 0.75 [0.75, 0.75] (4) |"), "{md}");
+        // h2o ran vt only: no average.
+        assert!(md.contains("| context | h2o | – |"), "{md}");
+        assert!(dir.join("ruler_average_score_vs_budget.png").exists());
+        // One subtask: no average section.
+        let one: Vec<ResultRow> = rows.into_iter().filter(|r| r.task == "vt").collect();
+        let md = write_report(&one, &dir, "test", "kvmerger eval", &[]).unwrap();
+        assert!(!md.contains("RULER: average"), "{md}");
     }
 
     #[test]

@@ -51,6 +51,40 @@ pub fn bootstrap_mean(values: &[f64]) -> Estimate {
     Estimate { mean, low: at(0.025), high: at(0.975), n }
 }
 
+/// The mean of the groups' means with a percentile-bootstrap 95% interval that resamples
+/// within each group: an average over tasks whose sample counts may differ (RULER's score
+/// over its subtasks). Non-finite values and then empty groups are dropped; `n` counts the
+/// values. One group gives [`bootstrap_mean`]'s estimate.
+pub fn stratified_bootstrap_mean(groups: &[Vec<f64>]) -> Estimate {
+    let groups: Vec<Vec<f64>> = groups
+        .iter()
+        .map(|g| g.iter().copied().filter(|x| x.is_finite()).collect::<Vec<f64>>())
+        .filter(|g| !g.is_empty())
+        .collect();
+    let n: usize = groups.iter().map(Vec::len).sum();
+    if n == 0 {
+        return Estimate::EMPTY;
+    }
+    let mean_of_means = |pick: &mut dyn FnMut(&[f64]) -> f64| {
+        groups.iter().map(|g| pick(g)).sum::<f64>() / groups.len() as f64
+    };
+    let mean = mean_of_means(&mut |g| g.iter().sum::<f64>() / g.len() as f64);
+    if n == 1 {
+        return Estimate { mean, low: mean, high: mean, n };
+    }
+    let mut rng = StdRng::seed_from_u64(BOOTSTRAP_SEED);
+    let mut means: Vec<f64> = (0..BOOTSTRAP_RESAMPLES)
+        .map(|_| {
+            mean_of_means(&mut |g| {
+                (0..g.len()).map(|_| g[rng.random_range(0..g.len())]).sum::<f64>() / g.len() as f64
+            })
+        })
+        .collect();
+    means.sort_by(f64::total_cmp);
+    let at = |q: f64| means[(q * (BOOTSTRAP_RESAMPLES - 1) as f64).round() as usize];
+    Estimate { mean, low: at(0.025), high: at(0.975), n }
+}
+
 /// The share of successes with its Wilson score 95% interval.
 pub fn wilson(successes: usize, n: usize) -> Estimate {
     if n == 0 {
@@ -103,6 +137,19 @@ mod tests {
         assert!((boot_half / half - 1.0).abs() < 0.15, "{boot_half} vs {half}");
         let one = bootstrap_mean(&[2.0, f64::NAN]);
         assert_eq!((one.mean, one.low, one.high, one.n), (2.0, 2.0, 2.0, 1));
+    }
+
+    #[test]
+    fn stratified_bootstrap_averages_group_means() {
+        let v: Vec<f64> = (0..40).map(|i| ((i * 37) % 11) as f64 / 10.0).collect();
+        assert_eq!(stratified_bootstrap_mean(std::slice::from_ref(&v)), bootstrap_mean(&v));
+        // Means 1.0 (n = 2) and 0.0 (n = 6): their average is 0.5, not the pooled 0.25; the
+        // second group never varies and the first only between its equal values.
+        let e = stratified_bootstrap_mean(&[vec![1.0, 1.0], vec![0.0; 6], vec![f64::NAN]]);
+        assert_eq!((e.mean, e.low, e.high, e.n), (0.5, 0.5, 0.5, 8));
+        let e = stratified_bootstrap_mean(&[vec![0.0, 1.0, 0.0, 1.0], vec![0.5, 0.25]]);
+        assert!(e.low < e.mean && e.mean < e.high && (e.mean - 0.4375).abs() < 1e-12, "{e:?}");
+        assert_eq!(stratified_bootstrap_mean(&[vec![], vec![f64::NAN]]).n, 0);
     }
 
     #[test]

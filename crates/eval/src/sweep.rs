@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{EvalError, Result};
 use crate::fingerprint::Fnv64;
 use crate::results::{row_key, ResultRow, ResultStore, Shard};
+use crate::ruler::RulerTask;
 use crate::runner::{run_sample, Protocol, RunOptions};
 use crate::tasks::{generate, Sample, TaskInput, TaskKind};
 
@@ -21,7 +22,7 @@ pub struct TaskGrid {
     pub task: TaskKind,
     /// Context lengths in tokens.
     pub lengths: Vec<usize>,
-    /// Needle depths in [0, 1] (ignored by perplexity).
+    /// Needle depths in [0, 1], for the tasks that take one ([`TaskKind::takes_depth`]).
     pub depths: Vec<f64>,
     pub seeds: Vec<u64>,
 }
@@ -76,9 +77,10 @@ fn all_protocols() -> Vec<Protocol> {
 impl SweepSpec {
     /// Built-in presets. `default` (about 10 minutes on 2 cores) and `paper` (about an
     /// hour) report on held-out seeds; `dev` is `default`'s grid on development seeds, for
-    /// choosing defaults; `long` and `ruler` are longer contexts and RULER's tasks;
-    /// `kv-dtype` (a few minutes) compares the cache stored as `--kv-dtype` with an f32
-    /// full-cache reference, on development seeds.
+    /// choosing defaults; `long` is longer contexts; `ruler` is RULER's 11 synthetic
+    /// subtasks at 4,096 tokens (hours), `ruler-quick` the same at 1,024 tokens with fewer
+    /// samples (minutes on SmolLM2); `kv-dtype` (a few minutes) compares the cache stored as
+    /// `--kv-dtype` with an f32 full-cache reference, on development seeds.
     pub fn preset(name: &str) -> Result<Self> {
         if name == "kv-dtype" {
             return Ok(Self::kv_dtype_preset());
@@ -95,6 +97,21 @@ impl SweepSpec {
             seeds,
         };
         let three = vec![Budget::Ratio(0.5), Budget::Ratio(0.35), Budget::Ratio(0.2)];
+        // RULER as kvpress reports it: 50%, 75% and 87.5% of the cache removed. Its methods
+        // are the field's, without the ablation variant that breaks the model.
+        let ruler_budgets = vec![Budget::Ratio(0.5), Budget::Ratio(0.25), Budget::Ratio(0.125)];
+        let ruler_methods: Vec<String> =
+            ["kvmerger", "h2o", "cam", "streaming_llm", "snapkv", "knorm", "keydiff", "tova"]
+                .map(String::from)
+                .to_vec();
+        let ruler = |length: usize, seeds_each: u64| -> Vec<TaskGrid> {
+            RulerTask::ALL
+                .into_iter()
+                .map(|t| {
+                    grid(TaskKind::Ruler(t), &[length], &[0.0], seeds(HELD_OUT_SEED, seeds_each))
+                })
+                .collect()
+        };
         // `default` and `dev` share one grid, on different seeds. Sized (docs/eval-sizing.md)
         // for 12 samples per task and protocol where KL is compared: enough to separate,
         // with paired differences, two methods whose KL differs by 20% at 35%.
@@ -105,9 +122,9 @@ impl SweepSpec {
                 grid(TaskKind::Perplexity, &[1024], &[0.0], seeds(first, 12)),
             ]
         };
-        let (tasks, budgets) = match name {
-            "default" => (small(HELD_OUT_SEED), three),
-            "dev" => (small(DEV_SEEDS.start), three),
+        let (tasks, budgets, methods) = match name {
+            "default" => (small(HELD_OUT_SEED), three, methods),
+            "dev" => (small(DEV_SEEDS.start), three, methods),
             "paper" => (
                 vec![
                     grid(
@@ -117,11 +134,17 @@ impl SweepSpec {
                         seeds(HELD_OUT_SEED, 5),
                     ),
                     grid(TaskKind::Needle, &[1024], &[0.25, 0.5, 0.75], seeds(HELD_OUT_SEED, 6)),
-                    grid(TaskKind::NiahSingle, &[1024], &[0.2, 0.5, 0.8], seeds(HELD_OUT_SEED, 4)),
+                    grid(
+                        TaskKind::Ruler(RulerTask::NiahSingle1),
+                        &[1024],
+                        &[0.0],
+                        seeds(HELD_OUT_SEED, 12),
+                    ),
                     grid(TaskKind::Perplexity, &[1024], &[0.0], seeds(HELD_OUT_SEED, 24)),
                     grid(TaskKind::Perplexity, &[2048], &[0.0], seeds(HELD_OUT_SEED + 100, 8)),
                 ],
                 three,
+                methods,
             ),
             "long" => (
                 vec![
@@ -140,25 +163,21 @@ impl SweepSpec {
                     grid(TaskKind::Perplexity, &[2048, 4096], &[0.0], seeds(HELD_OUT_SEED, 3)),
                 ],
                 three,
+                methods,
             ),
-            "ruler" => (
-                [
-                    TaskKind::NiahSingle,
-                    TaskKind::NiahMultikey,
-                    TaskKind::NiahMultivalue,
-                    TaskKind::VariableTracking,
-                ]
-                .into_iter()
-                .map(|t| grid(t, &[2048], &[0.2, 0.5, 0.8], seeds(HELD_OUT_SEED, 3)))
-                .collect(),
-                three,
-            ),
+            "ruler" => (ruler(4096, 20), ruler_budgets, ruler_methods),
+            "ruler-quick" => (ruler(1024, 2), ruler_budgets, ruler_methods),
             other => {
                 return Err(EvalError::Task(format!(
-                    "unknown preset `{other}` (default, paper, dev, long, ruler, kv-dtype)"
+                    "unknown preset `{other}` (default, paper, dev, long, ruler, ruler-quick, \
+                     kv-dtype)"
                 )))
             }
         };
+        // The quick run keeps to the main protocol (question after compression) to stay
+        // within minutes.
+        let protocols =
+            if name == "ruler-quick" { vec![Protocol::Context] } else { all_protocols() };
         Ok(Self {
             name: name.to_string(),
             tasks,
@@ -166,7 +185,7 @@ impl SweepSpec {
             methods,
             budgets,
             params: Default::default(),
-            protocols: all_protocols(),
+            protocols,
             chat: false,
             reference_kv_dtype: None,
         })
@@ -217,7 +236,7 @@ impl SweepSpec {
     pub fn jobs(&self) -> Vec<Job> {
         let mut jobs = Vec::new();
         for g in &self.tasks {
-            let depths: &[f64] = if g.task == TaskKind::Perplexity { &[0.0] } else { &g.depths };
+            let depths: &[f64] = if g.task.takes_depth() { &g.depths } else { &[0.0] };
             for &length in &g.lengths {
                 for &depth in depths {
                     for &seed in &g.seeds {
@@ -455,19 +474,42 @@ mod tests {
             .tasks
             .iter()
             .map(|g| {
-                let depths = if g.task == TaskKind::Perplexity { 1 } else { g.depths.len() };
+                let depths = if g.task.takes_depth() { g.depths.len() } else { 1 };
                 g.lengths.len() * depths * g.seeds.len()
             })
             .sum();
         assert_eq!(jobs.len(), expected);
         // Reported presets run on held-out seeds only; `dev` on development seeds only.
-        for (name, held_out) in [("default", true), ("paper", true), ("dev", false)] {
+        for (name, held_out) in [
+            ("default", true),
+            ("paper", true),
+            ("ruler", true),
+            ("ruler-quick", true),
+            ("dev", false),
+        ] {
             let p = SweepSpec::preset(name).unwrap();
             for g in &p.tasks {
                 assert!(g.seeds.iter().all(|s| DEV_SEEDS.contains(s) != held_out), "{name}");
             }
         }
         assert!(SweepSpec::preset("nope").is_err());
+        // RULER: every subtask, 20 held-out seeds each at 4,096 tokens, one job per seed (its
+        // generator draws the depths); the field's methods and no ablation variant.
+        let ruler = SweepSpec::preset("ruler").unwrap();
+        assert_eq!(ruler.tasks.len(), RulerTask::ALL.len());
+        assert!(ruler.tasks.iter().all(|g| g.lengths == [4096] && g.seeds.len() == 20));
+        assert_eq!(ruler.jobs().len(), 11 * 20);
+        for m in ["knorm", "keydiff", "tova", "kvmerger"] {
+            assert!(ruler.methods.iter().any(|x| x == m), "{m}");
+        }
+        assert!(ruler.methods.iter().all(|m| !m.contains(':')));
+        assert_eq!(ruler.configs().unwrap().len(), 1 + 8 * 3);
+        let quick = SweepSpec::preset("ruler-quick").unwrap();
+        assert_eq!(
+            (quick.jobs().len(), quick.protocols.as_slice()),
+            (11 * 2, &[Protocol::Context][..])
+        );
+        assert_eq!(ruler.protocols, Protocol::ALL);
         let variants = SweepSpec {
             methods: vec!["kvmerger:mass=scale_values;sigma=adaptive".into()],
             budgets: vec![Budget::Ratio(0.5)],

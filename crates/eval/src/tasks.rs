@@ -1,8 +1,11 @@
-//! Seeded task generators: passkey retrieval, needle in a haystack over real text,
-//! RULER-style synthetic needles and variable tracking, and perplexity of a continuation.
+//! Seeded task generators: passkey retrieval, needle in a haystack over real text, RULER's
+//! synthetic tasks ([`crate::ruler`]), and perplexity of a continuation.
 //!
 //! Contexts are sized in tokens of the model under test: generators take a token counter
 //! and grow or trim their filler to hit the target length.
+
+use std::fmt;
+use std::str::FromStr;
 
 use rand::rngs::StdRng;
 use rand::seq::IndexedRandom;
@@ -11,8 +14,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{EvalError, Result};
 use crate::metrics::Metric;
+use crate::ruler::RulerTask;
 
-/// The classic passkey filler (Mohtashami and Jaggi, 2023).
+/// The classic passkey filler (Mohtashami and Jaggi, 2023), also RULER's noise haystack.
 pub const PASSKEY_FILLER: &str =
     "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ";
 
@@ -34,50 +38,110 @@ pub struct Sample {
     pub all_classes: Option<Vec<String>>,
 }
 
-/// Which generator.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
-#[serde(rename_all = "snake_case")]
+/// Which generator. Written in JSON and reports by its name: `passkey`, `needle`,
+/// `perplexity`, or a RULER subtask's (`niah_single_1`, ..., `vt`, `cwe`, `fwe`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
 pub enum TaskKind {
     Passkey,
     /// Needle in a haystack of real text.
     Needle,
-    NiahSingle,
-    NiahMultikey,
-    NiahMultivalue,
-    VariableTracking,
     /// Perplexity of the text that follows a compressed passage.
     Perplexity,
+    Ruler(RulerTask),
 }
 
 impl TaskKind {
+    /// Every task: ours, then RULER's subtasks.
+    pub fn all() -> impl Iterator<Item = TaskKind> {
+        [Self::Passkey, Self::Needle, Self::Perplexity]
+            .into_iter()
+            .chain(RulerTask::ALL.map(Self::Ruler))
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             Self::Passkey => "passkey",
             Self::Needle => "needle",
-            Self::NiahSingle => "niah_single",
-            Self::NiahMultikey => "niah_multikey",
-            Self::NiahMultivalue => "niah_multivalue",
-            Self::VariableTracking => "variable_tracking",
             Self::Perplexity => "perplexity",
+            Self::Ruler(t) => t.name(),
         }
     }
 
     /// Whether the task reads a haystack corpus.
     pub fn needs_haystack(&self) -> bool {
-        matches!(self, Self::Needle | Self::Perplexity)
+        match self {
+            Self::Needle | Self::Perplexity => true,
+            Self::Passkey => false,
+            Self::Ruler(t) => t.needs_haystack(),
+        }
+    }
+
+    /// Whether the grid's depths place the needle (RULER draws its own depths; perplexity
+    /// has no needle).
+    pub fn takes_depth(&self) -> bool {
+        matches!(self, Self::Passkey | Self::Needle)
+    }
+
+    /// Mixed into the seed so that tasks draw apart. The first three keep the numbers they
+    /// had before RULER's tasks came, so their samples (and stored rows) stay the same.
+    fn seed_tag(&self) -> u64 {
+        match self {
+            Self::Passkey => 0,
+            Self::Needle => 1,
+            Self::Perplexity => 6,
+            Self::Ruler(t) => 16 + t.index() as u64,
+        }
+    }
+}
+
+impl fmt::Display for TaskKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A task name that is none of [`TaskKind::all`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown task `{name}` (expected one of: {})", TaskKind::all().map(|t| t.name()).collect::<Vec<_>>().join(", "))]
+pub struct UnknownTask {
+    pub name: String,
+}
+
+impl FromStr for TaskKind {
+    type Err = UnknownTask;
+
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        Self::all().find(|t| t.name() == s).ok_or_else(|| UnknownTask { name: s.to_string() })
+    }
+}
+
+impl TryFrom<String> for TaskKind {
+    type Error = UnknownTask;
+
+    fn try_from(s: String) -> std::result::Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<TaskKind> for String {
+    fn from(t: TaskKind) -> String {
+        t.name().to_string()
     }
 }
 
 /// What a generator needs to know besides the task.
+#[derive(Clone, Copy)]
 pub struct TaskInput<'a> {
-    /// Target context length in tokens.
+    /// Target context length in tokens; for RULER's tasks, of the whole prompt and the
+    /// answer's allowance, as RULER counts it.
     pub length: usize,
-    /// Needle depth in [0, 1].
+    /// Needle depth in [0, 1], where the task takes one ([`TaskKind::takes_depth`]).
     pub depth: f64,
     pub seed: u64,
     /// Counts tokens the way the model will see them.
     pub count_tokens: &'a dyn Fn(&str) -> usize,
-    /// Real text for `Needle` and `Perplexity`.
+    /// Real text for the tasks that read a haystack ([`TaskKind::needs_haystack`]).
     pub haystack: Option<&'a str>,
 }
 
@@ -99,7 +163,7 @@ pub fn generate(kind: TaskKind, input: &TaskInput<'_>) -> Result<Sample> {
             input.length
         )));
     }
-    let mut rng = StdRng::seed_from_u64(input.seed ^ (kind as u64) << 56);
+    let mut rng = StdRng::seed_from_u64(input.seed ^ kind.seed_tag() << 56);
     let id = format!("{}-{}-d{:.2}-s{}", kind.name(), input.length, input.depth, input.seed);
     let sample = |context: String,
                   question: &str,
@@ -118,13 +182,12 @@ pub fn generate(kind: TaskKind, input: &TaskInput<'_>) -> Result<Sample> {
         metric,
         all_classes: None,
     };
-    let filler = |needles: &[String]| repeat_to_length(PASSKEY_FILLER, needles, input);
     Ok(match kind {
         TaskKind::Passkey => {
             let key = rng.random_range(10_000..100_000).to_string();
             let needle = format!("The pass key is {key}. Remember it. {key} is the pass key. ");
             sample(
-                filler(&[needle]),
+                filler_to_length(PASSKEY_FILLER, &needle, input),
                 "What is the pass key?",
                 "The pass key is",
                 vec![key],
@@ -141,53 +204,6 @@ pub fn generate(kind: TaskKind, input: &TaskInput<'_>) -> Result<Sample> {
             let prefix = format!("The special magic number for {city} is");
             sample(context, &q, &prefix, vec![number], 12, Metric::Contains)
         }
-        TaskKind::NiahSingle | TaskKind::NiahMultikey => {
-            let words: Vec<&str> = WORDS.choose_multiple(&mut rng, 4).copied().collect();
-            let values: Vec<String> =
-                (0..4).map(|_| rng.random_range(1_000_000..10_000_000).to_string()).collect();
-            let n = if kind == TaskKind::NiahSingle { 1 } else { 4 };
-            let needles: Vec<String> = (0..n)
-                .map(|i| {
-                    format!("One of the special magic numbers for {} is: {}. ", words[i], values[i])
-                })
-                .collect();
-            // The asked needle sits at the requested depth; distractors elsewhere.
-            let q = format!(
-                "What is the special magic number for {} mentioned in the provided text?",
-                words[0]
-            );
-            let prefix = format!(
-                "The special magic number for {} mentioned in the provided text is",
-                words[0]
-            );
-            sample(filler(&needles), &q, &prefix, vec![values[0].clone()], 12, Metric::Contains)
-        }
-        TaskKind::NiahMultivalue => {
-            let word = *WORDS.choose(&mut rng).expect("words");
-            let values: Vec<String> =
-                (0..4).map(|_| rng.random_range(1_000_000..10_000_000).to_string()).collect();
-            let needles: Vec<String> = values
-                .iter()
-                .map(|v| format!("One of the special magic numbers for {word} is: {v}. "))
-                .collect();
-            let q = format!(
-                "What are all the special magic numbers for {word} mentioned in the provided text?"
-            );
-            let prefix =
-                format!("The special magic numbers for {word} mentioned in the provided text are");
-            sample(filler(&needles), &q, &prefix, values, 40, Metric::ContainsAll)
-        }
-        TaskKind::VariableTracking => {
-            let value = rng.random_range(10_000..100_000).to_string();
-            let names: Vec<String> = (0..4).map(|_| random_name(&mut rng)).collect();
-            let mut needles = vec![format!("VAR {} = {value}. ", names[0])];
-            needles.extend(names.windows(2).map(|w| format!("VAR {} = VAR {}. ", w[1], w[0])));
-            let q = format!(
-                "Find all variables that are assigned the value {value} in the text above."
-            );
-            let prefix = format!("Answer: According to the chain(s) of variable assignment in the text above, {} variables are assigned the value {value}, they are:", names.len());
-            sample(filler(&needles), &q, &prefix, names, 30, Metric::ContainsAll)
-        }
         TaskKind::Perplexity => {
             let text = input
                 .haystack
@@ -200,6 +216,7 @@ pub fn generate(kind: TaskKind, input: &TaskInput<'_>) -> Result<Sample> {
             s.depth = None;
             s
         }
+        TaskKind::Ruler(task) => return crate::ruler::generate(task, input, rng),
     })
 }
 
@@ -207,39 +224,16 @@ const CITIES: [&str; 12] = [
     "Lisbon", "Nairobi", "Osaka", "Quito", "Tallinn", "Hobart", "Winnipeg", "Cusco", "Tromso",
     "Dakar", "Hanoi", "Zagreb",
 ];
-const WORDS: [&str; 12] = [
-    "amber", "falcon", "harbor", "lantern", "meadow", "orchid", "pebble", "quartz", "saffron",
-    "thistle", "velvet", "willow",
-];
 
-fn random_name(rng: &mut StdRng) -> String {
-    (0..5).map(|_| (b'A' + rng.random_range(0..26)) as char).collect()
-}
-
-/// Filler repeated to `input.length` tokens with `needles` inserted: the first at
-/// `input.depth`, the others spread evenly through the rest.
-fn repeat_to_length(filler: &str, needles: &[String], input: &TaskInput<'_>) -> String {
-    let needle_tokens: usize = needles.iter().map(|n| (input.count_tokens)(n)).sum();
+/// Filler repeated to `input.length` tokens with `needle` inserted at `input.depth`.
+fn filler_to_length(filler: &str, needle: &str, input: &TaskInput<'_>) -> String {
+    let needle_tokens = (input.count_tokens)(needle);
     let per_unit = ((input.count_tokens)(&filler.repeat(20)) as f64 / 20.0).max(1.0);
     let mut units =
         (((input.length.saturating_sub(needle_tokens)) as f64 / per_unit).floor() as usize).max(1);
     let build = |units: usize| {
-        let mut pieces: Vec<String> = vec![filler.to_string(); units];
-        let mut slots: Vec<(usize, &String)> = Vec::new();
-        for (i, n) in needles.iter().enumerate() {
-            let depth = if i == 0 {
-                input.depth
-            } else {
-                (input.depth + i as f64 / needles.len() as f64).fract()
-            };
-            slots.push(((depth * units as f64).round() as usize, n));
-        }
-        // Insert from the back so earlier slots keep their meaning.
-        slots.sort_by_key(|slot| std::cmp::Reverse(slot.0));
-        for (at, n) in slots {
-            pieces.insert(at.min(pieces.len()), n.clone());
-        }
-        pieces.concat()
+        let at = (input.depth * units as f64).round() as usize;
+        format!("{}{needle}{}", filler.repeat(at), filler.repeat(units - at.min(units)))
     };
     while units > 1 && (input.count_tokens)(&build(units)) > input.length {
         units -= 1;
@@ -337,13 +331,7 @@ mod tests {
     #[test]
     fn generators_are_deterministic_for_a_seed() {
         let text = book();
-        for kind in [
-            TaskKind::Passkey,
-            TaskKind::Needle,
-            TaskKind::NiahMultikey,
-            TaskKind::VariableTracking,
-            TaskKind::Perplexity,
-        ] {
+        for kind in TaskKind::all() {
             let a = generate(kind, &input(500, 0.3, 7, Some(&text))).unwrap();
             let b = generate(kind, &input(500, 0.3, 7, Some(&text))).unwrap();
             let c = generate(kind, &input(500, 0.3, 8, Some(&text))).unwrap();
@@ -355,13 +343,13 @@ mod tests {
     #[test]
     fn needles_sit_once_at_the_requested_depth_and_length_is_met() {
         let text = book();
-        for kind in [TaskKind::Passkey, TaskKind::Needle, TaskKind::NiahSingle] {
+        for kind in [TaskKind::Passkey, TaskKind::Needle] {
             for depth in [0.0, 0.25, 0.5, 0.9] {
                 let s = generate(kind, &input(800, depth, 3, Some(&text))).unwrap();
                 let answer = &s.answers[0];
                 let first = s.context.find(answer.as_str()).unwrap();
                 let occurrences = s.context.matches(answer.as_str()).count();
-                // The passkey sentence names its key twice; the others once.
+                // The passkey sentence names its key twice; the needle once.
                 assert_eq!(occurrences, if kind == TaskKind::Passkey { 2 } else { 1 }, "{kind:?}");
                 let at = first as f64 / s.context.len() as f64;
                 assert!((at - depth).abs() < 0.05, "{kind:?} depth {depth}: found at {at}");
@@ -372,13 +360,18 @@ mod tests {
     }
 
     #[test]
-    fn multi_value_and_variable_tracking_hide_every_answer() {
-        for kind in [TaskKind::NiahMultivalue, TaskKind::VariableTracking] {
-            let s = generate(kind, &input(600, 0.2, 5, None)).unwrap();
-            assert!(s.answers.len() >= 4);
-            assert!(s.answers.iter().all(|a| s.context.contains(a.as_str())));
-            assert_eq!(s.metric, Metric::ContainsAll);
+    fn task_names_round_trip_through_text_and_json() {
+        for kind in TaskKind::all() {
+            assert_eq!(kind.name().parse::<TaskKind>(), Ok(kind));
+            assert_eq!(serde_json::to_string(&kind).unwrap(), format!("\"{kind}\""));
+            assert_eq!(serde_json::from_str::<TaskKind>(&format!("\"{kind}\"")).unwrap(), kind);
         }
+        assert_eq!(TaskKind::all().count(), 14);
+        let err = serde_json::from_str::<TaskKind>("\"niah_single\"").unwrap_err().to_string();
+        assert!(
+            err.contains("unknown task `niah_single`") && err.contains("niah_single_1"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -386,5 +379,13 @@ mod tests {
         assert!(generate(TaskKind::Passkey, &input(500, 1.5, 1, None)).is_err());
         assert!(generate(TaskKind::Needle, &input(500, 0.5, 1, None)).is_err());
         assert!(generate(TaskKind::Passkey, &input(10, 0.5, 1, None)).is_err());
+        let essay = TaskKind::Ruler(RulerTask::NiahSingle2);
+        let err = generate(essay, &input(500, 0.0, 1, None)).unwrap_err().to_string();
+        assert!(err.contains("--haystack"), "{err}");
+        // 128 tokens of answer leave no room for a prompt in 100.
+        let err = generate(TaskKind::Ruler(RulerTask::NiahSingle1), &input(100, 0.0, 1, None))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("too short"), "{err}");
     }
 }

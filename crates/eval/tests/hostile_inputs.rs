@@ -127,7 +127,7 @@ fn mutated_datasets_fail_by_line() {
 
 const SPEC: &str = r#"{"name": "s", "methods": ["kvmerger", "h2o:window=4"], "budgets": [0.5, 0.35],
 "tasks": [{"task": "passkey", "lengths": [128], "depths": [0.5], "seeds": [0]},
-          {"task": "niah_single", "lengths": [96], "depths": [0.2], "seeds": [1]}]}"#;
+          {"task": "niah_single_1", "lengths": [320], "depths": [0.2], "seeds": [1]}]}"#;
 
 #[test]
 fn mutated_sweep_specs_load_or_fail_by_field() {
