@@ -826,6 +826,7 @@ fn write_ruler_average(
         }
     }
     md.push('\n');
+    write_ruler_paired_differences(md, g, &subtasks, budgets);
     let plotted = plotted_budgets(budgets);
     let charts: Vec<LineChart> = g
         .protocols
@@ -836,6 +837,71 @@ fn write_ruler_average(
         })
         .collect();
     line_charts(&dir.join("ruler_average_score_vs_budget.png"), &charts)
+}
+
+/// RULER's average of each method minus the paired reference's (the first method run), on
+/// the samples both ran: per subtask the mean of the per-sample score differences, averaged
+/// over the subtasks, with a bootstrap interval resampling the differences within each
+/// subtask. Pairing removes the spread between samples that both methods share, so the
+/// interval of a difference is narrower than the two averages' intervals suggest.
+fn write_ruler_paired_differences(
+    md: &mut String,
+    g: &Groups<'_>,
+    subtasks: &[&str],
+    budgets: &[Column],
+) {
+    let Some(reference) = g.methods.first() else { return };
+    if g.methods.len() < 2 {
+        return;
+    }
+    let difference = |p: Protocol, method: &str, b: Column| {
+        let groups: Vec<Vec<f64>> = subtasks
+            .iter()
+            .map(|t| {
+                let base: BTreeMap<&str, f64> = g
+                    .rows(t, p, reference, b)
+                    .iter()
+                    .map(|r| (r.sample_id.as_str(), r.score))
+                    .collect();
+                g.rows(t, p, method, b)
+                    .iter()
+                    .filter_map(|r| base.get(r.sample_id.as_str()).map(|s| r.score - s))
+                    .collect()
+            })
+            .collect();
+        if groups.iter().any(Vec::is_empty) {
+            Estimate::EMPTY
+        } else {
+            stratified_bootstrap_mean(&groups)
+        }
+    };
+    let reference_label = display_label(reference);
+    let _ = writeln!(
+        md,
+        "### RULER average: difference to {reference_label} on the same samples\n\n\
+         Method − {reference_label}, paired by sample within each subtask (above 0: the \
+         method scores higher); **bold** where the 95% interval excludes 0.\n\n{}",
+        header(&["protocol", "method"], budgets)
+    );
+    for &p in &g.protocols {
+        for method in g.methods.iter().skip(1) {
+            let cells: Vec<String> = budgets
+                .iter()
+                .map(|&b| {
+                    let e = difference(p, method, b);
+                    let text = fmt_estimate(e, 2);
+                    if e.excludes(0.0) {
+                        format!("**{text}**")
+                    } else {
+                        text
+                    }
+                })
+                .collect();
+            let _ =
+                writeln!(md, "| {} | {} | {} |", p.name(), display_label(method), cells.join(" | "));
+        }
+    }
+    md.push('\n');
 }
 
 /// Score by depth (rows) and length (columns), one panel per method, one figure per
@@ -1015,13 +1081,54 @@ mod tests {
         // (1 + 0.5) / 2, with no spread inside either subtask; n counts samples.
         assert!(md.contains("| context | full cache | 0.75 [0.75, 0.75] (4) |"), "{md}");
         assert!(md.contains("| context | kvmerger | 0.75 [0.75, 0.75] (4) |"), "{md}");
-        // h2o ran vt only: no average.
+        // h2o ran vt only: no average, and no paired difference.
         assert!(md.contains("| context | h2o | – |"), "{md}");
+        assert!(md.contains("### RULER average: difference to kvmerger"), "{md}");
+        assert!(md.contains("| context | h2o | – |\n\n"), "{md}");
         assert!(dir.join("ruler_average_score_vs_budget.png").exists());
         // One subtask: no average section.
         let one: Vec<ResultRow> = rows.into_iter().filter(|r| r.task == "vt").collect();
         let md = write_report(&one, &dir, "test", "kvmerger eval", &[]).unwrap();
         assert!(!md.contains("RULER: average"), "{md}");
+    }
+
+    /// The paired difference of RULER averages: per subtask the mean of per-sample
+    /// differences, averaged over subtasks; bold where its interval excludes 0.
+    #[test]
+    fn ruler_averages_are_compared_paired_by_sample() {
+        let dir = std::env::temp_dir().join(format!("kvmerger-ruler-diff-{}", std::process::id()));
+        let mut rows = Vec::new();
+        // kvmerger scores 1, 0, 1, 0 on each subtask's samples; snapkv 1, 1, 1, 1 on
+        // niah_single_1 (+0.5) and the same as kvmerger on vt (0): average +0.25.
+        for task in ["niah_single_1", "vt"] {
+            for s in 0..4 {
+                let id = format!("{task}-s{s}");
+                let base = if s % 2 == 0 { 1.0 } else { 0.0 };
+                let other = if task == "vt" { base } else { 1.0 };
+                for (method, score) in [("full", 1.0), ("kvmerger@50%", base), ("snapkv@50%", other)]
+                {
+                    let budget = if method == "full" { 1.0 } else { 0.5 };
+                    let mut r = row(&id, method, budget, score);
+                    r.task = task.into();
+                    rows.push(r);
+                }
+            }
+        }
+        let md = write_report(&rows, &dir, "test", "kvmerger eval", &[]).unwrap();
+        let line = md
+            .lines()
+            .skip_while(|l| !l.starts_with("### RULER average: difference to kvmerger"))
+            .find(|l| l.starts_with("| context | snapkv |"))
+            .unwrap_or_else(|| panic!("{md}"));
+        assert!(line.contains("0.25 ["), "{line}");
+        assert!(line.contains("(8)"), "{line}");
+        // Each resample of niah_single_1's differences (0.5 each on average, 0 or 1) and vt's
+        // (all 0) keeps the average between 0 and 0.5.
+        let e = {
+            let groups = vec![vec![0.0, 1.0, 0.0, 1.0], vec![0.0; 4]];
+            stratified_bootstrap_mean(&groups)
+        };
+        assert!(e.low >= 0.0 && e.high <= 0.5, "{e:?}");
     }
 
     #[test]
