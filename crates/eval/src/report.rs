@@ -897,8 +897,13 @@ fn write_ruler_paired_differences(
                     }
                 })
                 .collect();
-            let _ =
-                writeln!(md, "| {} | {} | {} |", p.name(), display_label(method), cells.join(" | "));
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} |",
+                p.name(),
+                display_label(method),
+                cells.join(" | ")
+            );
         }
     }
     md.push('\n');
@@ -1105,7 +1110,8 @@ mod tests {
                 let id = format!("{task}-s{s}");
                 let base = if s % 2 == 0 { 1.0 } else { 0.0 };
                 let other = if task == "vt" { base } else { 1.0 };
-                for (method, score) in [("full", 1.0), ("kvmerger@50%", base), ("snapkv@50%", other)]
+                for (method, score) in
+                    [("full", 1.0), ("kvmerger@50%", base), ("snapkv@50%", other)]
                 {
                     let budget = if method == "full" { 1.0 } else { 0.5 };
                     let mut r = row(&id, method, budget, score);
