@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use kvmerger_compress::{Budget, CompressionConfig, KvDtype};
-use kvmerger_engine::{load_model, LoadedModel, WeightFormats};
+use kvmerger_engine::{load_model, LoadedModel, PrefillCompression, PrefillOptions, WeightFormats};
 use kvmerger_eval::results::{ResultRow, ResultStore, Shard};
 use kvmerger_eval::runner::Protocol;
 use kvmerger_eval::sweep::{run_sweep, Job, SweepInput};
@@ -31,7 +31,8 @@ fn input() -> SweepInput<'static> {
         haystack: None,
         protocols: vec![Protocol::Context],
         chat: false,
-        attention_chunk: 128,
+        prefill: PrefillOptions::default(),
+        prefill_modes: vec![PrefillCompression::Once],
         reference_kv_dtype: None,
         model_fingerprint: "test model".into(),
         shard: Shard::WHOLE,
