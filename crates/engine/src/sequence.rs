@@ -112,8 +112,8 @@ impl Reservation {
     }
 }
 
-/// The most a sequence's cache has held at once, measured after every forward pass and
-/// before the compression that may follow it.
+/// The most a sequence's cache held at once during its prefill, measured after every
+/// prefill chunk's forward pass, before the compression that may follow it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct CachePeak {
     /// Entries of the fullest head.
@@ -377,7 +377,7 @@ impl Sequence {
         self.incremental_refusal.as_deref()
     }
 
-    /// The most the cache has held so far.
+    /// The most the cache held during the prefill.
     pub fn peak(&self) -> CachePeak {
         self.peak
     }
@@ -585,7 +585,6 @@ impl Sequence {
             stats: self.method.decode_stats(),
         }];
         let out = model.forward_batch(&mut item, phase, attention_chunk)?;
-        self.peak.observe(&self.cache);
         let rows = out
             .into_iter()
             .next()
@@ -630,7 +629,6 @@ impl Sequence {
     /// After a decode step: applies the method's decode-time policy and samples the next
     /// token from `logits`.
     pub fn decoded(&mut self, logits: &[f32]) -> Result<(u32, Option<FinishReason>)> {
-        self.peak.observe(&self.cache);
         self.after_step()?;
         Ok(self.accept(logits))
     }

@@ -85,7 +85,7 @@ impl<'m> Session<'m> {
         self.seq.as_mut().map_or(&mut self.empty, |s| &mut s.cache)
     }
 
-    /// The most the cache has held at once so far.
+    /// The most the cache held at once during the prefill.
     pub fn peak(&self) -> CachePeak {
         self.seq.as_ref().map(Sequence::peak).unwrap_or_default()
     }

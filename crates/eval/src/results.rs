@@ -54,8 +54,8 @@ pub struct ResultRow {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reference_kv_dtype: Option<KvDtype>,
     pub resident_kv_bytes: usize,
-    /// The most bytes the cache held at once, during prefill or after (0 in rows written
-    /// before it was measured).
+    /// The most bytes the cache held at once during the prefill (0 in rows written before
+    /// it was measured).
     #[serde(default)]
     pub peak_kv_bytes: usize,
     pub full_kv_bytes: usize,

@@ -127,7 +127,7 @@ pub struct MethodOutcome {
     pub score: f64,
     pub achieved_ratio: f64,
     pub resident_kv_bytes: usize,
-    /// The most bytes the cache held at once, during prefill or after.
+    /// The most bytes the cache held at once during the prefill.
     pub peak_kv_bytes: usize,
     pub full_kv_bytes: usize,
     pub context_tokens: usize,
