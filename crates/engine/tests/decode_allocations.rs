@@ -7,7 +7,7 @@
 
 use kvmerger_compress::{Budget, CompressionConfig, KvCache, METHOD_NAMES};
 use kvmerger_engine::testing::{forward, random_llama_with, tiny_config};
-use kvmerger_engine::{BatchItem, Llama, Logits, Phase, Session, WeightFormat, WeightFormats};
+use kvmerger_engine::{BatchItem, Llama, Phase, Session, WeightFormat, WeightFormats};
 
 mod counting_allocator;
 use counting_allocator::allocations_of;
@@ -60,7 +60,7 @@ fn batch_step_allocations(model: &Llama) -> usize {
     let mut caches: Vec<_> = (0..3)
         .map(|s| {
             let mut cache = model.new_cache();
-            forward(&model, Phase::Prefill, &prompt(s), &mut cache, Default::default()).unwrap();
+            forward(model, Phase::Prefill, &prompt(s), &mut cache, Default::default()).unwrap();
             reserve_steps(&mut cache);
             cache
         })

@@ -140,7 +140,7 @@ fn run_chunked(m: &Llama, toks: &[u32], chunk: usize, window: usize) -> (Vec<f32
 fn run_with(m: &Llama, toks: &[u32], chunk: usize, stats: StatsRequest) -> (Vec<f32>, KvCache) {
     let mut cache = m.new_cache();
     let logits = forward(
-        &m,
+        m,
         Phase::Prefill,
         toks,
         &mut cache,
