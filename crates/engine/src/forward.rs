@@ -19,7 +19,6 @@ use crate::activation::silu_product;
 use crate::attention::{attend_into, AttentionOptions, AttentionShape};
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
-use crate::linear::DECODE_ROWS;
 use crate::linear::{Linear, WeightFormat, WeightFormats};
 use crate::model::Llama;
 use crate::profile::{timed, Part};
@@ -28,7 +27,8 @@ use crate::qmatmul::QuantizedRows;
 /// Which path a batch belongs to; picks the weight format of every linear layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
-    /// Prompt tokens (compute-bound): [`WeightFormats::prefill`].
+    /// Tokens given rather than generated, however many (compute-bound):
+    /// [`WeightFormats::prefill`].
     Prefill,
     /// One new token per sequence (memory-bound): [`WeightFormats::decode`].
     Decode,
@@ -62,15 +62,6 @@ impl<'a> BatchItem<'a> {
     }
 }
 
-/// Weight formats of one batched pass.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct PassFormats {
-    /// Every linear layer of the blocks.
-    pub body: WeightFormat,
-    /// The output projection.
-    pub head: WeightFormat,
-}
-
 /// Which rows of logits a forward pass returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Logits {
@@ -80,52 +71,7 @@ pub enum Logits {
     All,
 }
 
-/// What a forward pass records besides logits.
-#[derive(Debug, Clone, Copy)]
-pub struct ForwardOptions {
-    pub logits: Logits,
-    pub stats: StatsRequest,
-    /// Queries per chunk of the explicit attention softmax.
-    pub attention_chunk: usize,
-}
-
-impl Default for ForwardOptions {
-    fn default() -> Self {
-        Self { logits: Logits::Last, stats: StatsRequest::default(), attention_chunk: 128 }
-    }
-}
-
 impl Llama {
-    /// Runs `tokens` after whatever `cache` holds. Token `i` gets logical position
-    /// `cache.n_seen + i`; its key and value are appended to every head; attention masks
-    /// come from each head's physical length. Returns logits as `opts.logits` asks.
-    pub fn forward(
-        &self,
-        tokens: &[u32],
-        cache: &mut KvCache,
-        opts: ForwardOptions,
-    ) -> Result<Tensor> {
-        // Single sequences keep choosing the weight format by row count, as before
-        // batching existed: prefill in the prefill format, short extensions in the decode one.
-        let format = |rows: usize| {
-            if rows <= DECODE_ROWS {
-                self.formats.decode
-            } else {
-                self.formats.prefill
-            }
-        };
-        let logit_rows = match opts.logits {
-            Logits::Last => 1,
-            Logits::All => tokens.len(),
-        };
-        let formats = PassFormats { body: format(tokens.len()), head: format(logit_rows) };
-        let mut item = [BatchItem { tokens, cache, logits: Some(opts.logits), stats: opts.stats }];
-        let logits = self.run_batch(&mut item, formats, opts.attention_chunk)?;
-        logits.into_iter().next().flatten().ok_or_else(|| {
-            EngineError::Setup("a forward pass asking for logits returned none".into())
-        })
-    }
-
     /// Runs every item's tokens after its cache in one pass, in the format of `phase`.
     /// Returns, per item, its logits `[rows, vocab]` as `item.logits` asks (`None` where
     /// it asks for none).
@@ -135,35 +81,26 @@ impl Llama {
         phase: Phase,
         attention_chunk: usize,
     ) -> Result<Vec<Option<Tensor>>> {
-        let format = self.formats.for_phase(phase);
-        self.run_batch(items, PassFormats { body: format, head: format }, attention_chunk)
-    }
-
-    pub(crate) fn run_batch(
-        &self,
-        items: &mut [BatchItem<'_>],
-        formats: PassFormats,
-        attention_chunk: usize,
-    ) -> Result<Vec<Option<Tensor>>> {
         for item in items.iter() {
             self.check_item(item)?;
         }
         if items.is_empty() {
             return Ok(Vec::new());
         }
+        let format = self.formats.for_phase(phase);
         match &self.adaptive_threads {
-            Some(adaptive) if items.iter().all(|i| i.tokens.len() == 1) => {
-                adaptive.run(|| self.pass(items, formats, attention_chunk))
+            Some(adaptive) if phase == Phase::Decode => {
+                adaptive.run(|| self.pass(items, format, attention_chunk))
             }
-            _ => self.pass(items, formats, attention_chunk),
+            _ => self.pass(items, format, attention_chunk),
         }
     }
 
-    /// [`Self::run_batch`] on the current rayon pool, `items` checked and not empty.
+    /// [`Self::forward_batch`] on the current rayon pool, `items` checked and not empty.
     fn pass(
         &self,
         items: &mut [BatchItem<'_>],
-        formats: PassFormats,
+        format: WeightFormat,
         attention_chunk: usize,
     ) -> Result<Vec<Option<Tensor>>> {
         let profile = self.profile.as_deref();
@@ -177,12 +114,12 @@ impl Llama {
         let x = timed(profile, Part::Embedding, || {
             self.embed.index_select(&Tensor::new(ids.as_slice(), self.device())?, 0)
         })?;
-        let x = if formats.body == WeightFormat::File && self.blocks_on_kernel {
+        let x = if format == WeightFormat::File && self.blocks_on_kernel {
             let hidden = self.config.hidden_size;
             let x = self.blocks_on_kernel(items, x.flatten_all()?.to_vec1()?, attention_chunk)?;
             Tensor::from_vec(x, (rows, hidden), self.device())?
         } else {
-            self.blocks_on_tensors(items, x, formats.body, attention_chunk)?
+            self.blocks_on_tensors(items, x, format, attention_chunk)?
         };
         // The rows whose logits are asked for, and how many each item gets.
         let mut picked: Vec<u32> = Vec::new();
@@ -207,7 +144,7 @@ impl Llama {
             let x = x.index_select(&Tensor::new(picked.as_slice(), self.device())?, 0)?;
             candle_nn::ops::rms_norm(&x, &self.final_norm, eps)
         })?;
-        let logits = timed(profile, Part::LmHead, || self.lm_head.forward_as(&x, formats.head))?;
+        let logits = timed(profile, Part::LmHead, || self.lm_head.forward_as(&x, format))?;
         let mut at = 0;
         counts
             .into_iter()

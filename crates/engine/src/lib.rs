@@ -32,20 +32,21 @@ pub use compression::{after_decode_step, compress_prompt, CompressionReport};
 pub use config::{ModelConfig, MAX_CONTEXT, SUPPORTED_ARCHITECTURES};
 pub use cpu::{kernel_report, KernelLevel, UnknownKernelLevel, KERNEL_LEVEL_ENV};
 pub use error::{EngineError, Result};
-pub use forward::{BatchItem, ForwardOptions, Logits, Phase};
+pub use forward::{BatchItem, Logits, Phase};
 pub use gguf_check::{check_gguf, GgufSummary, MAX_METADATA_BYTES};
-pub use linear::{Linear, WeightFormat, WeightFormats, DECODE_ROWS};
+pub use linear::{Linear, WeightFormat, WeightFormats};
 pub use loader::{load_gguf, load_hf_folder, load_model, read_gguf_header, LoadedModel};
 pub use model::{Block, Llama};
 pub use pool::KvPool;
-pub use prefill::{PrefillCompression, PrefillPlan};
+pub use prefill::{PrefillCompression, PrefillOptions, PrefillPlan};
 pub use profile::{Part, StepProfile};
 pub use qmatmul::{QuantKind, QuantMatrix, QuantizedRows};
 pub use runtime::{AddError, Engine, EngineConfig, EngineHandle, Event, EventSink, RuntimeMetrics};
 pub use sampler::{argmax, Sampler, SamplingConfig};
 pub use scheduler::{Plan, Refusal, Scheduler, SchedulerLimits};
 pub use sequence::{
-    entry_bytes, FinishReason, GenerationRequest, Reservation, SeqId, SeqState, Sequence, Usage,
+    entry_bytes, CachePeak, FinishReason, GenerationRequest, Prefilled, Reservation, SeqId,
+    SeqState, Sequence, Usage,
 };
-pub use session::{Prefilled, Session, Timings};
+pub use session::{Session, Timings};
 pub use threads::ADAPTIVE_THREADS_ENV;

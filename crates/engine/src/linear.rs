@@ -48,9 +48,10 @@ impl std::str::FromStr for WeightFormat {
 /// Weight format chosen for each path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WeightFormats {
-    /// Multi-row forward passes (prompt prefill, teacher-forced scoring).
+    /// Tokens given rather than generated: prompt chunks, a question appended after the
+    /// compressed prompt, teacher-forced scoring, the output projection of each included.
     pub prefill: WeightFormat,
-    /// Forward passes of at most [`DECODE_ROWS`] rows (token-by-token decoding).
+    /// Decode steps: one generated token per sequence.
     pub decode: WeightFormat,
 }
 
@@ -59,9 +60,6 @@ impl Default for WeightFormats {
         Self { prefill: WeightFormat::F32, decode: WeightFormat::File }
     }
 }
-
-/// Inputs with at most this many rows take the decode path.
-pub const DECODE_ROWS: usize = 4;
 
 /// `y = x W^T (+ b)` with the weight in one or both formats.
 #[derive(Debug, Clone)]
@@ -132,13 +130,6 @@ impl Linear {
         let bias = bias.map(|b| b.to_dtype(DType::F32)).transpose()?;
         let bias_values = bias.as_ref().map(Tensor::to_vec1).transpose()?;
         Ok(Self { dense, quantized, kernel, bias, bias_values })
-    }
-
-    /// `x`: `[rows, in]` -> `[rows, out]`, in the format of the path its row count implies.
-    pub fn forward(&self, x: &Tensor, formats: WeightFormats) -> Result<Tensor> {
-        let rows = x.dim(0)?;
-        let format = if rows <= DECODE_ROWS { formats.decode } else { formats.prefill };
-        self.forward_as(x, format)
     }
 
     /// `x`: `[rows, in]` -> `[rows, out]` with the weight in `format` (or the format held).

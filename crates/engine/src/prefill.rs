@@ -23,6 +23,16 @@ pub enum PrefillCompression {
     Once,
 }
 
+impl PrefillCompression {
+    /// As the command line spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Incremental => "incremental",
+            Self::Once => "once",
+        }
+    }
+}
+
 impl FromStr for PrefillCompression {
     type Err = String;
 
@@ -32,6 +42,25 @@ impl FromStr for PrefillCompression {
             "once" => Ok(Self::Once),
             other => Err(format!("expected `incremental` or `once`, got `{other}`")),
         }
+    }
+}
+
+/// How a command prefills a prompt: the same chunked prefill in every command, the
+/// server's included.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PrefillOptions {
+    /// Prompt tokens per forward pass.
+    pub chunk: usize,
+    pub compression: PrefillCompression,
+    /// Queries per chunk of the explicit attention softmax.
+    pub attention_chunk: usize,
+}
+
+impl Default for PrefillOptions {
+    /// Compressing once, as an evaluation does; chunks long enough that a prompt's linear
+    /// layers run as wide matrix products.
+    fn default() -> Self {
+        Self { chunk: 512, compression: PrefillCompression::Once, attention_chunk: 128 }
     }
 }
 

@@ -26,7 +26,7 @@ pub enum Part {
     /// The output projection to the vocabulary.
     LmHead,
     /// The compression method's decode-time policy after the pass (H2O's eviction), timed
-    /// by [`crate::Session::extend`].
+    /// by [`crate::Sequence::extend`].
     Policy,
 }
 

@@ -216,30 +216,11 @@ impl Engine {
 
     fn prefill_chunk(&mut self, id: SeqId, events: &mut Vec<(SeqId, Event)>) {
         let Some(seq) = self.sequences.get_mut(&id) else { return };
-        // Its cache is allocated when its prefill starts, not when it is admitted: only
-        // then does the pool hold its prefill headroom.
-        if seq.state == SeqState::Waiting {
-            seq.start();
-        }
-        let Some(chunk) = seq.next_chunk() else { return };
-        let last = chunk.end == seq.prompt_len();
-        let stats = seq.chunk_stats(&chunk);
-        let mut item = [BatchItem {
-            tokens: &seq.request.prompt[chunk.clone()],
-            cache: &mut seq.cache,
-            logits: last.then_some(Logits::Last),
-            stats,
-        }];
-        let result = self
-            .model
-            .forward_batch(&mut item, Phase::Prefill, self.config.attention_chunk)
-            .and_then(|mut logits| {
-                let logits = match logits.pop().flatten() {
-                    Some(t) => Some(t.flatten_all()?.to_vec1::<f32>()?),
-                    None => None,
-                };
-                seq.chunk_done(chunk, logits.as_deref())
-            });
+        // Its cache is allocated when its prefill starts (in its first chunk), not when it
+        // is admitted: only then does the pool hold its prefill headroom.
+        let result = seq
+            .prefill_chunk(&self.model, self.config.attention_chunk)
+            .map(|logits| logits.map(|logits| seq.accept(&logits)));
         match result {
             Ok(None) => {}
             Ok(Some((token, finish))) => {

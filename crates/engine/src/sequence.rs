@@ -1,8 +1,13 @@
-//! One request's generation: its tokens, method, budgets, sampler, stop set, cache and
-//! state. No channels and no threads: the runtime drives sequences, the scheduler orders
-//! them, the pool accounts for their caches.
+//! One generation: its tokens, method, budgets, sampler, stop set, cache and state; the
+//! only generation core. No channels and no threads: the serving runtime drives many
+//! sequences in batched passes (the scheduler orders them, the pool accounts for their
+//! caches), and [`crate::Session`] drives one. Either way a prompt goes through
+//! [`Sequence::prefill_chunk`] (one forward pass per planned chunk, compressing where the
+//! plan says) and the tokens after it take the decode-time policy in
+//! [`Sequence::after_step`]: the weight format of every pass is its [`Phase`]'s.
 
 use std::ops::Range;
+use std::time::{Duration, Instant};
 
 use kvmerger_compress::methods::BudgetMode;
 use kvmerger_compress::{
@@ -14,7 +19,10 @@ use crate::compression::CompressionReport;
 use crate::compression::{after_decode_step, compress_prompt};
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
-use crate::prefill::{PrefillCompression, PrefillPlan};
+use crate::forward::{BatchItem, Logits, Phase};
+use crate::model::Llama;
+use crate::prefill::{PrefillCompression, PrefillOptions, PrefillPlan};
+use crate::profile::{timed, Part};
 use crate::sampler::{Sampler, SamplingConfig};
 
 /// A request's id inside the engine.
@@ -104,7 +112,86 @@ impl Reservation {
     }
 }
 
-/// A request being served.
+/// The most a sequence's cache held at once during its prefill, measured after every
+/// prefill chunk's forward pass, before the compression that may follow it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct CachePeak {
+    /// Entries of the fullest head.
+    pub head_entries: usize,
+    /// Bytes resident in the whole cache (allocated capacity).
+    pub resident_bytes: usize,
+}
+
+impl CachePeak {
+    fn observe(&mut self, cache: &KvCache) {
+        let fullest = cache.layers.iter().flatten().map(HeadCache::len).max().unwrap_or(0);
+        self.head_entries = self.head_entries.max(fullest);
+        self.resident_bytes = self.resident_bytes.max(cache.resident_bytes());
+    }
+}
+
+/// A prompt prefilled once with full attention, ready for several methods to compress
+/// (see [`Sequence::resume`]): prefill is the expensive part of an evaluation, so every
+/// method of a comparison starts from a copy of the same prefill, which records the union
+/// of their statistics. Its chunks are those the methods' own prefills would run, and it
+/// stops where theirs would compress, so a resumed sequence continues bit for bit as a
+/// fresh one would (compressing once).
+#[derive(Debug, Clone)]
+pub struct Prefilled {
+    pub tokens: Vec<u32>,
+    pub cache: KvCache,
+    /// `[vocab]` logits after the last prompt token.
+    pub logits: Vec<f32>,
+    pub stats: StatsRequest,
+    pub elapsed: Duration,
+    pub peak: CachePeak,
+}
+
+impl Prefilled {
+    /// Prefills `tokens` in chunks of `options.chunk`, recording `stats`. A shared prefill
+    /// compresses nothing: `options.compression` must be [`PrefillCompression::Once`].
+    pub fn run(
+        model: &Llama,
+        tokens: &[u32],
+        stats: StatsRequest,
+        options: PrefillOptions,
+    ) -> Result<Self> {
+        if options.compression != PrefillCompression::Once {
+            return Err(EngineError::InvalidRequest {
+                field: "prefill_compression".into(),
+                reason: "a prefill shared by several methods is compressed once; an \
+                         incremental prefill belongs to one method"
+                    .into(),
+            });
+        }
+        let start = Instant::now();
+        let mut seq =
+            Sequence::for_prompt(model, tokens, &CompressionConfig::Full, options, Some(stats))?;
+        let logits = loop {
+            let (chunk, logits) = seq.forward_chunk(model, options.attention_chunk)?;
+            if chunk.end == tokens.len() {
+                break logits.ok_or_else(|| {
+                    EngineError::Setup("the last prefill chunk returned no logits".into())
+                })?;
+            }
+            seq.chunk_done(chunk, None)?;
+        };
+        Ok(Self {
+            tokens: tokens.to_vec(),
+            cache: seq.cache,
+            logits,
+            stats,
+            elapsed: start.elapsed(),
+            peak: seq.peak,
+        })
+    }
+
+    pub fn prompt_len(&self) -> usize {
+        self.tokens.len()
+    }
+}
+
+/// A generation: a request being served, or a [`crate::Session`]'s one sequence.
 pub struct Sequence {
     pub id: SeqId,
     pub request: GenerationRequest,
@@ -117,6 +204,14 @@ pub struct Sequence {
     report: Option<CompressionReport>,
     decode_steps: usize,
     plan: PrefillPlan,
+    /// What the prompt's forward passes record: the method's own statistics, or for a
+    /// prefill shared by several methods the union of theirs.
+    prompt_stats: StatsRequest,
+    /// Why the method cannot compress during a chunked prefill (`None` where it can).
+    incremental_refusal: Option<String>,
+    /// Entries per head reserved after the prompt for the tokens that follow.
+    decode_room: usize,
+    peak: CachePeak,
     n_layers: usize,
     n_kv_heads: usize,
     head_dim: usize,
@@ -144,6 +239,41 @@ impl Sequence {
         config: &ModelConfig,
         prefill_chunk: usize,
         mode: PrefillCompression,
+    ) -> Result<Self> {
+        Self::build(id, request, config, prefill_chunk, mode, None)
+    }
+
+    /// A sequence of `tokens` under `compression` for a caller that feeds the tokens after
+    /// the prompt itself (a session, a shared prefill): generation may run to the end of
+    /// the context, no room is reserved after the prompt, the cache is in the model's
+    /// dtype, and the prompt's passes record `stats` where given, else the method's own.
+    pub(crate) fn for_prompt(
+        model: &Llama,
+        tokens: &[u32],
+        compression: &CompressionConfig,
+        options: PrefillOptions,
+        stats: Option<StatsRequest>,
+    ) -> Result<Self> {
+        let context = model.config.context_length;
+        let request = GenerationRequest {
+            prompt: tokens.to_vec(),
+            max_tokens: context.saturating_sub(tokens.len()).max(1),
+            sampling: SamplingConfig::default(),
+            compression: compression.clone(),
+            stop_tokens: Vec::new(),
+        };
+        let seq =
+            Self::build(0, request, &model.config, options.chunk, options.compression, stats)?;
+        Ok(seq.with_kv_dtype(model.kv_dtype).without_decode_room())
+    }
+
+    fn build(
+        id: SeqId,
+        request: GenerationRequest,
+        config: &ModelConfig,
+        prefill_chunk: usize,
+        mode: PrefillCompression,
+        stats: Option<StatsRequest>,
     ) -> Result<Self> {
         let invalid = |field: &str, reason: String| EngineError::InvalidRequest {
             field: field.to_string(),
@@ -192,12 +322,24 @@ impl Sequence {
         }
         request.compression.check_model(config.n_layers)?;
         let method = request.compression.build()?;
-        let plan =
-            plan_prefill(&*method, &request.compression, prompt_len, prefill_chunk, mode, config);
+        let prompt_stats = stats.unwrap_or_else(|| method.prompt_stats(prompt_len));
+        let incremental_refusal =
+            incremental_refusal(&*method, &request.compression, &prompt_stats, prefill_chunk);
+        let incremental = mode == PrefillCompression::Incremental && incremental_refusal.is_none();
+        let plan = plan_prefill(
+            &*method,
+            &request.compression,
+            &prompt_stats,
+            prompt_len,
+            prefill_chunk,
+            incremental,
+            config,
+        );
         Ok(Self {
             id,
             sampler: Sampler::new(request.sampling),
             method,
+            decode_room: request.max_tokens,
             request,
             cache: KvCache::new(0, 0, config.head_dim, KvDtype::default()),
             state: SeqState::Waiting,
@@ -205,6 +347,9 @@ impl Sequence {
             report: None,
             decode_steps: 0,
             plan,
+            prompt_stats,
+            incremental_refusal,
+            peak: CachePeak::default(),
             n_layers: config.n_layers,
             n_kv_heads: config.n_kv_heads,
             head_dim: config.head_dim,
@@ -219,6 +364,24 @@ impl Sequence {
         self
     }
 
+    /// Reserves no room after the prompt: the cache grows as tokens come (a session, whose
+    /// `max_tokens` is only the context's bound).
+    pub(crate) fn without_decode_room(mut self) -> Self {
+        self.decode_room = 0;
+        self
+    }
+
+    /// Why the method cannot compress during a chunked prefill of this prompt in these
+    /// chunks (`None` where it can), whatever mode was asked for.
+    pub fn incremental_refusal(&self) -> Option<&str> {
+        self.incremental_refusal.as_deref()
+    }
+
+    /// The most the cache held during the prefill.
+    pub fn peak(&self) -> CachePeak {
+        self.peak
+    }
+
     pub fn prompt_len(&self) -> usize {
         self.request.prompt.len()
     }
@@ -228,7 +391,7 @@ impl Sequence {
     /// [`PrefillPlan::kept_entries`] plus room for `max_tokens`.
     pub fn reservation(&self) -> Reservation {
         let entry = entry_bytes(self.head_dim, self.kv_dtype);
-        let stats = self.method.prompt_stats(self.prompt_len());
+        let stats = self.prompt_stats;
         let rows = stats.windows.iter().count() + 2 * stats.evictions.iter().count();
         let per_entry = entry + rows * std::mem::size_of::<f32>();
         let (mut settled, mut peak) = (0, 0);
@@ -277,7 +440,7 @@ impl Sequence {
     /// statistics only on a chunk a compression follows (they describe the last queries
     /// before it).
     pub fn chunk_stats(&self, chunk: &Range<usize>) -> StatsRequest {
-        let stats = self.method.prompt_stats(self.prompt_len());
+        let stats = self.prompt_stats;
         let compressed_after = chunk.end == self.prompt_len()
             || self.plan.chunk_at(chunk.start).is_some_and(|k| self.plan.compress_after[k]);
         if compressed_after {
@@ -287,16 +450,57 @@ impl Sequence {
         }
     }
 
+    /// Runs the next prefill chunk through `model` (starting the prefill if it has not
+    /// started) and records it with [`Self::chunk_done`]. Returns the last prompt token's
+    /// logits `[vocab]` once the prompt is prefilled and compressed.
+    pub fn prefill_chunk(
+        &mut self,
+        model: &Llama,
+        attention_chunk: usize,
+    ) -> Result<Option<Vec<f32>>> {
+        let (chunk, logits) = self.forward_chunk(model, attention_chunk)?;
+        self.chunk_done(chunk, logits.as_deref())
+    }
+
+    /// The forward pass of the next prefill chunk, without what follows it. Returns the
+    /// chunk, and the last prompt token's logits if it was the last.
+    fn forward_chunk(
+        &mut self,
+        model: &Llama,
+        attention_chunk: usize,
+    ) -> Result<(Range<usize>, Option<Vec<f32>>)> {
+        if self.state == SeqState::Waiting {
+            self.start();
+        }
+        let chunk = self
+            .next_chunk()
+            .ok_or_else(|| EngineError::Setup("the sequence has no prefill chunk left".into()))?;
+        let last = chunk.end == self.prompt_len();
+        let stats = self.chunk_stats(&chunk);
+        let mut item = [BatchItem {
+            tokens: &self.request.prompt[chunk.clone()],
+            cache: &mut self.cache,
+            logits: last.then_some(Logits::Last),
+            stats,
+        }];
+        let logits = model.forward_batch(&mut item, Phase::Prefill, attention_chunk)?;
+        self.peak.observe(&self.cache);
+        let logits = match logits.into_iter().next().flatten() {
+            Some(t) => Some(t.flatten_all()?.to_vec1::<f32>()?),
+            None => None,
+        };
+        Ok((chunk, logits))
+    }
+
     /// Records that `chunk` was prefilled. After a chunk the plan compresses after, brings
     /// every head to its final budget and restores room for the next chunk. After the last
-    /// chunk, compresses the cache, sizes its buffers for exactly `max_tokens` more entries
-    /// per head, and samples the first token from `logits`. Returns that token once the
-    /// prefill is complete.
+    /// chunk, compresses the cache as [`Self::finish_prefill`] does and returns the last
+    /// prompt token's `logits`.
     pub fn chunk_done(
         &mut self,
         chunk: Range<usize>,
         logits: Option<&[f32]>,
-    ) -> Result<Option<(u32, Option<FinishReason>)>> {
+    ) -> Result<Option<Vec<f32>>> {
         let prompt_len = self.prompt_len();
         if chunk.end < prompt_len {
             let k = self.plan.chunk_at(chunk.start);
@@ -314,14 +518,107 @@ impl Sequence {
         let logits = logits.ok_or_else(|| {
             EngineError::Setup("the last prefill chunk returned no logits".into())
         })?;
+        self.finish_prefill()?;
+        Ok(Some(logits.to_vec()))
+    }
+
+    /// After the whole prompt is in the cache: compresses it to the final budgets, sizes
+    /// every head's buffers for the room reserved after the prompt, and starts decoding.
+    /// The one place a prompt is compressed, whether its prefill ran here or was shared.
+    fn finish_prefill(&mut self) -> Result<()> {
+        let prompt_len = self.prompt_len();
         let mut report = compress_prompt(&*self.method, &mut self.cache, prompt_len)?;
         // Earlier compressions saw parts of the prompt: the ratio is over the whole prompt.
         report.heads.iter_mut().flatten().for_each(|h| h.before = prompt_len);
         self.report = Some(report);
-        let room = self.request.max_tokens;
-        self.cache.layers.iter_mut().flatten().for_each(|h| h.reserve_exact(room));
+        let room = self.decode_room;
+        if room > 0 {
+            self.cache.layers.iter_mut().flatten().for_each(|h| h.reserve_exact(room));
+        }
         self.state = SeqState::Decoding;
-        Ok(Some(self.accept(logits)))
+        Ok(())
+    }
+
+    /// Continues from a prompt prefilled once for several methods: takes a copy of its
+    /// cache and compresses it with this sequence's method, as if this sequence had
+    /// prefilled it. Errors unless `prefilled` is this prompt's and recorded every
+    /// statistic the method reads. Returns the last prompt token's logits.
+    pub fn resume(&mut self, prefilled: Prefilled) -> Result<Vec<f32>> {
+        if self.state != SeqState::Waiting {
+            return Err(EngineError::Setup("resume must be the sequence's first step".into()));
+        }
+        if prefilled.tokens != self.request.prompt {
+            return Err(EngineError::Setup("the prefilled prompt is another prompt".into()));
+        }
+        // Each method reads exactly the statistics it asked for: a wider observation window
+        // recorded for another method does not stand in for its own.
+        if !prefilled.stats.covers(&self.prompt_stats) {
+            return Err(EngineError::Setup(format!(
+                "the prefilled cache lacks statistics {} needs",
+                self.method.name()
+            )));
+        }
+        self.cache = prefilled.cache;
+        self.peak = prefilled.peak;
+        self.finish_prefill()?;
+        Ok(prefilled.logits)
+    }
+
+    /// Feeds `tokens` after the prompt (a question or a scored continuation as
+    /// [`Phase::Prefill`], a generated token as [`Phase::Decode`]) and applies the method's
+    /// decode-time policy. Returns logits as `logits` asks: `[rows][vocab]`.
+    pub fn extend(
+        &mut self,
+        model: &Llama,
+        tokens: &[u32],
+        phase: Phase,
+        logits: Logits,
+        attention_chunk: usize,
+    ) -> Result<Vec<Vec<f32>>> {
+        if self.state != SeqState::Decoding {
+            return Err(EngineError::Setup("tokens follow a prefilled prompt".into()));
+        }
+        let mut item = [BatchItem {
+            tokens,
+            cache: &mut self.cache,
+            logits: Some(logits),
+            stats: self.method.decode_stats(),
+        }];
+        let out = model.forward_batch(&mut item, phase, attention_chunk)?;
+        let rows = out
+            .into_iter()
+            .next()
+            .flatten()
+            .ok_or_else(|| EngineError::Setup("a forward pass returned no logits".into()))?
+            .to_vec2()?;
+        timed(model.profile.as_deref(), Part::Policy, || self.after_step())?;
+        Ok(rows)
+    }
+
+    /// A copy of this sequence with its method built anew, to continue two ways from the
+    /// same point (its sampler starts afresh).
+    pub fn fork(&self, id: SeqId) -> Result<Self> {
+        Ok(Self {
+            id,
+            request: self.request.clone(),
+            method: self.request.compression.build()?,
+            sampler: Sampler::new(self.request.sampling),
+            cache: self.cache.clone(),
+            state: self.state.clone(),
+            generated: self.generated.clone(),
+            report: self.report.clone(),
+            decode_steps: self.decode_steps,
+            plan: self.plan.clone(),
+            prompt_stats: self.prompt_stats,
+            incremental_refusal: self.incremental_refusal.clone(),
+            decode_room: self.decode_room,
+            peak: self.peak,
+            n_layers: self.n_layers,
+            n_kv_heads: self.n_kv_heads,
+            head_dim: self.head_dim,
+            kv_dtype: self.kv_dtype,
+            context: self.context,
+        })
     }
 
     /// Statistics a decode step accumulates (attention received, for H2O-like methods).
@@ -332,13 +629,19 @@ impl Sequence {
     /// After a decode step: applies the method's decode-time policy and samples the next
     /// token from `logits`.
     pub fn decoded(&mut self, logits: &[f32]) -> Result<(u32, Option<FinishReason>)> {
-        self.decode_steps += 1;
-        after_decode_step(&*self.method, &mut self.cache, self.decode_steps)?;
+        self.after_step()?;
         Ok(self.accept(logits))
     }
 
-    /// Samples a token; says whether generation ends with it.
-    fn accept(&mut self, logits: &[f32]) -> (u32, Option<FinishReason>) {
+    /// The method's decode-time policy after a forward pass past the prompt.
+    fn after_step(&mut self) -> Result<()> {
+        self.decode_steps += 1;
+        after_decode_step(&*self.method, &mut self.cache, self.decode_steps)
+    }
+
+    /// Samples a token with the sequence's own sampler; says whether generation ends
+    /// with it.
+    pub fn accept(&mut self, logits: &[f32]) -> (u32, Option<FinishReason>) {
         let token = self.sampler.sample(logits);
         self.generated.push(token);
         let finish = if self.request.stop_tokens.contains(&token) {
@@ -380,31 +683,66 @@ impl Sequence {
     }
 }
 
-/// Plans a request's prefill. The cache is compressed during prefill only with
-/// [`PrefillCompression::Incremental`] and where the method can compress a part of the
-/// prompt to its final budget and go on: its result must be bounded by its budget (not
-/// KVMerger's `threshold` mode), it must read no statistic of the whole prompt (CaM's
-/// attention at eviction time), and its observation window must fit twice in a chunk (the
-/// chunk before each compression holds the window whose attention it reads).
+/// Why `method` cannot compress a part of the prompt to its final budget and go on, in
+/// chunks of `chunk` tokens (`None` where it can): its result must be bounded by its
+/// budget (not KVMerger's `threshold` mode), it must read no statistic of the whole prompt
+/// (CaM's attention at eviction time), and its observation window must fit twice in a
+/// chunk (the chunk before each compression holds the window whose attention it reads).
+fn incremental_refusal(
+    method: &dyn CompressionMethod,
+    compression: &CompressionConfig,
+    stats: &StatsRequest,
+    chunk: usize,
+) -> Option<String> {
+    let name = method.name();
+    if !is_bounded(compression) {
+        return Some(format!(
+            "{name} in threshold mode keeps what its threshold keeps, not a budget: it \
+             cannot compress part of a prompt to a budget and go on; use a budget mode or \
+             compress once"
+        ));
+    }
+    if !stats.evictions.is_empty() {
+        return Some(format!(
+            "{name} reads attention over the whole prompt when it evicts: it cannot \
+             compress during prefill; compress once"
+        ));
+    }
+    let window = stats.windows.iter().max().unwrap_or(1);
+    (chunk < 2 * window).then(|| {
+        format!(
+            "{name}'s observation window of {window} tokens must fit twice in a prefill \
+             chunk of {chunk} tokens: use a chunk of at least {}",
+            2 * window
+        )
+    })
+}
+
+/// Whether the method's result is bounded by its budget.
+fn is_bounded(compression: &CompressionConfig) -> bool {
+    !matches!(compression, CompressionConfig::Kvmerger(c)
+        if c.budget_mode == BudgetMode::Threshold)
+}
+
+/// Plans a prefill in chunks of `chunk` tokens whose last holds the largest observation
+/// window `stats` record; with `incremental` (the method can, and the request asks), the
+/// cache is compressed whenever the next chunk would not fit beside the budget. A head
+/// settles to the method's budget, or keeps the prompt where the result is not bounded
+/// by the budget.
 fn plan_prefill(
     method: &dyn CompressionMethod,
     compression: &CompressionConfig,
+    stats: &StatsRequest,
     prompt_len: usize,
     chunk: usize,
-    mode: PrefillCompression,
+    incremental: bool,
     config: &ModelConfig,
 ) -> PrefillPlan {
-    let stats = method.prompt_stats(prompt_len);
     let window = stats.windows.iter().max().unwrap_or(1);
-    let bounded = !matches!(compression, CompressionConfig::Kvmerger(c)
-        if c.budget_mode == BudgetMode::Threshold);
+    let bounded = is_bounded(compression);
     let budgets: Vec<usize> = (0..config.n_layers)
         .map(|l| if bounded { method.layer_budget_entries(l, prompt_len) } else { prompt_len })
         .collect();
-    let incremental = mode == PrefillCompression::Incremental
-        && bounded
-        && stats.evictions.is_empty()
-        && chunk >= 2 * window;
     PrefillPlan::new(prompt_len, chunk, window, &budgets, incremental)
 }
 

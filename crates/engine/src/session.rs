@@ -1,17 +1,20 @@
-//! A generation session: one cache, one compression method, the prompt prefilled and
-//! compressed once, then tokens appended under the method's decode-time policy.
+//! A session: one [`Sequence`] driven by its caller (the evaluation, the CLI, benchmarks)
+//! rather than by the serving runtime. The prompt goes through the sequence's chunked
+//! prefill, compressed once or incrementally; the caller then feeds tokens of its own
+//! (a question, a scored continuation) or generates with a sampler of its own.
 
 use std::time::{Duration, Instant};
 
-use kvmerger_compress::{CompressionConfig, CompressionMethod, KvCache, StatsRequest};
+use kvmerger_compress::{CompressionConfig, KvCache};
 use serde::Serialize;
 
-use crate::compression::{after_decode_step, compress_prompt, CompressionReport};
+use crate::compression::CompressionReport;
 use crate::error::{EngineError, Result};
-use crate::forward::{ForwardOptions, Logits};
+use crate::forward::{Logits, Phase};
 use crate::model::Llama;
-use crate::profile::{timed, Part};
+use crate::prefill::{PrefillCompression, PrefillOptions};
 use crate::sampler::Sampler;
+use crate::sequence::{CachePeak, Prefilled, Sequence};
 
 /// Timings of a generation.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
@@ -31,59 +34,36 @@ impl Timings {
     }
 }
 
-/// A prompt prefilled with full attention, ready to be compressed by one or more methods.
-///
-/// Prefill is the expensive part of an evaluation; every method of a comparison starts
-/// from a clone of the same prefilled cache, with the union of their statistics.
-#[derive(Debug, Clone)]
-pub struct Prefilled {
-    pub cache: KvCache,
-    /// `[vocab]` logits after the last prompt token.
-    pub logits: Vec<f32>,
-    pub prompt_len: usize,
-    pub stats: StatsRequest,
-    pub elapsed: Duration,
-}
-
-impl Prefilled {
-    pub fn run(
-        model: &Llama,
-        tokens: &[u32],
-        stats: StatsRequest,
-        attention_chunk: usize,
-    ) -> Result<Self> {
-        let start = Instant::now();
-        let mut cache = model.new_cache();
-        let opts = ForwardOptions { logits: Logits::Last, stats, attention_chunk };
-        let logits = model.forward(tokens, &mut cache, opts)?.flatten_all()?.to_vec1()?;
-        Ok(Self { cache, logits, prompt_len: tokens.len(), stats, elapsed: start.elapsed() })
-    }
-}
-
-/// A model, a cache and a compression method.
+/// A model, a compression method and, once the prompt is in, its sequence.
 pub struct Session<'m> {
     model: &'m Llama,
-    pub cache: KvCache,
-    method: Box<dyn CompressionMethod>,
-    /// Queries per chunk of the explicit attention softmax.
-    pub attention_chunk: usize,
-    report: Option<CompressionReport>,
-    steps: usize,
+    compression: CompressionConfig,
+    /// How the prompt is prefilled.
+    pub options: PrefillOptions,
+    seq: Option<Sequence>,
+    /// What [`Self::cache`] shows before the prompt.
+    empty: KvCache,
     pub timings: Timings,
 }
 
 impl<'m> Session<'m> {
     pub fn new(model: &'m Llama, config: &CompressionConfig) -> Result<Self> {
         config.check_model(model.config.n_layers)?;
+        config.build()?;
         Ok(Self {
             model,
-            cache: model.new_cache(),
-            method: config.build()?,
-            attention_chunk: ForwardOptions::default().attention_chunk,
-            report: None,
-            steps: 0,
+            compression: config.clone(),
+            options: PrefillOptions::default(),
+            seq: None,
+            empty: model.new_cache(),
             timings: Timings::default(),
         })
+    }
+
+    /// Prefills as `options` say (chunk, once or incremental, attention chunk).
+    pub fn with_options(mut self, options: PrefillOptions) -> Self {
+        self.options = options;
+        self
     }
 
     pub fn model(&self) -> &Llama {
@@ -92,63 +72,107 @@ impl<'m> Session<'m> {
 
     /// The compression report, once the prompt has been compressed.
     pub fn report(&self) -> Option<&CompressionReport> {
-        self.report.as_ref()
+        self.seq.as_ref().and_then(Sequence::report)
     }
 
-    /// Prefills the prompt with the statistics the method needs, then compresses every
-    /// head to the method's budget. Returns the last prompt token's logits `[vocab]`.
+    /// The cache (empty before the prompt).
+    pub fn cache(&self) -> &KvCache {
+        self.seq.as_ref().map_or(&self.empty, |s| &s.cache)
+    }
+
+    /// The cache, to change in place (room reserved ahead, say); empty before the prompt.
+    pub fn cache_mut(&mut self) -> &mut KvCache {
+        self.seq.as_mut().map_or(&mut self.empty, |s| &mut s.cache)
+    }
+
+    /// The most the cache held at once during the prefill.
+    pub fn peak(&self) -> CachePeak {
+        self.seq.as_ref().map(Sequence::peak).unwrap_or_default()
+    }
+
+    /// Prefills the prompt in chunks with the statistics the method needs, compressing
+    /// every head to the method's budget after it (and, incrementally, during it). Returns
+    /// the last prompt token's logits `[vocab]`. Asked to compress incrementally, a method
+    /// that cannot is an error that says why.
     pub fn prefill(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
-        if self.cache.n_seen != 0 {
-            return Err(EngineError::Setup("prefill must be the session's first call".into()));
+        let mut seq = self.fresh_sequence(tokens)?;
+        if self.options.compression == PrefillCompression::Incremental {
+            if let Some(reason) = seq.incremental_refusal() {
+                return Err(EngineError::InvalidRequest {
+                    field: "prefill_compression".into(),
+                    reason: reason.to_string(),
+                });
+            }
         }
-        let stats = self.method.prompt_stats(tokens.len());
-        let prefilled = Prefilled::run(self.model, tokens, stats, self.attention_chunk)?;
-        self.resume(prefilled)
+        let start = Instant::now();
+        let logits = loop {
+            if let Some(logits) = seq.prefill_chunk(self.model, self.options.attention_chunk)? {
+                break logits;
+            }
+        };
+        self.timings.prefill += start.elapsed();
+        self.timings.prefill_tokens += tokens.len();
+        self.seq = Some(seq);
+        Ok(logits)
     }
 
     /// Starts from a prompt prefilled once for several methods (see [`Prefilled`]) and
     /// compresses it. Returns the last prompt token's logits `[vocab]`.
     pub fn resume(&mut self, prefilled: Prefilled) -> Result<Vec<f32>> {
-        // Each method reads exactly the statistics it asked for: a wider observation window
-        // recorded for another method does not stand in for its own.
-        if !prefilled.stats.covers(&self.method.prompt_stats(prefilled.prompt_len)) {
-            return Err(EngineError::Setup(format!(
-                "the prefilled cache lacks statistics {} needs",
-                self.method.name()
-            )));
+        let mut seq = self.fresh_sequence(&prefilled.tokens)?;
+        let (elapsed, prompt_len) = (prefilled.elapsed, prefilled.prompt_len());
+        let logits = seq.resume(prefilled)?;
+        self.timings.prefill += elapsed;
+        self.timings.prefill_tokens += prompt_len;
+        self.seq = Some(seq);
+        Ok(logits)
+    }
+
+    /// The session's sequence for `tokens`, before anything ran.
+    fn fresh_sequence(&self, tokens: &[u32]) -> Result<Sequence> {
+        if self.seq.is_some() {
+            return Err(EngineError::Setup("prefill must be the session's first call".into()));
         }
-        self.cache = prefilled.cache;
-        self.timings.prefill += prefilled.elapsed;
-        self.timings.prefill_tokens += prefilled.prompt_len;
-        self.compress(prefilled.prompt_len)?;
-        Ok(prefilled.logits)
+        Sequence::for_prompt(self.model, tokens, &self.compression, self.options, None)
     }
 
-    fn compress(&mut self, prompt_len: usize) -> Result<()> {
-        self.report = Some(compress_prompt(&*self.method, &mut self.cache, prompt_len)?);
-        Ok(())
+    fn sequence(&mut self) -> Result<&mut Sequence> {
+        self.seq.as_mut().ok_or_else(|| EngineError::Setup("no prompt was prefilled".into()))
     }
 
-    /// Appends tokens after the compressed prompt (a question, or one decoded token) and
-    /// applies the method's decode-time policy. Returns logits as `logits` asks:
-    /// `[rows][vocab]`, one row for [`Logits::Last`].
+    /// A copy of the session at this point, to continue two ways (the eval scores a
+    /// given continuation on one and generates on the other).
+    pub fn fork(&self) -> Result<Session<'m>> {
+        Ok(Self {
+            model: self.model,
+            compression: self.compression.clone(),
+            options: self.options,
+            seq: self.seq.as_ref().map(|s| s.fork(s.id)).transpose()?,
+            empty: self.empty.clone(),
+            timings: self.timings,
+        })
+    }
+
+    /// Appends given tokens after the compressed prompt (a question, a continuation to
+    /// score) as a prefill pass, then applies the method's decode-time policy. Returns
+    /// logits as `logits` asks: `[rows][vocab]`, one row for [`Logits::Last`].
     pub fn extend(&mut self, tokens: &[u32], logits: Logits) -> Result<Vec<Vec<f32>>> {
-        let opts = ForwardOptions {
-            logits,
-            stats: self.method.decode_stats(),
-            attention_chunk: self.attention_chunk,
-        };
-        let out = self.model.forward(tokens, &mut self.cache, opts)?;
-        self.steps += 1;
-        timed(self.model.profile.as_deref(), Part::Policy, || {
-            after_decode_step(&*self.method, &mut self.cache, self.steps)
-        })?;
-        Ok(out.to_vec2()?)
+        let (model, chunk) = (self.model, self.options.attention_chunk);
+        self.sequence()?.extend(model, tokens, Phase::Prefill, logits, chunk)
+    }
+
+    /// Feeds one generated token as a decode step. Returns its logits `[vocab]`.
+    pub fn step(&mut self, token: u32) -> Result<Vec<f32>> {
+        let (model, chunk) = (self.model, self.options.attention_chunk);
+        let mut rows =
+            self.sequence()?.extend(model, &[token], Phase::Decode, Logits::Last, chunk)?;
+        Ok(rows.swap_remove(0))
     }
 
     /// Generates up to `max_tokens` tokens after `logits` (the last logits returned by
-    /// [`Self::prefill`] or [`Self::extend`]), stopping at any of `stop`. `on_token` sees
-    /// each token as it is chosen and may stop generation by returning `false`.
+    /// [`Self::prefill`], [`Self::extend`] or [`Self::step`]), stopping at any of `stop`.
+    /// `on_token` sees each token as it is chosen and may stop generation by returning
+    /// `false`.
     pub fn generate(
         &mut self,
         mut logits: Vec<f32>,
@@ -165,10 +189,10 @@ impl<'m> Session<'m> {
             if stop.contains(&next) || !on_token(next) || out.len() == max_tokens {
                 break;
             }
-            if self.cache.n_seen >= self.model.config.context_length {
+            if self.cache().n_seen >= self.model.config.context_length {
                 break;
             }
-            logits = self.extend(&[next], Logits::Last)?.swap_remove(0);
+            logits = self.step(next)?;
             self.timings.decode_tokens += 1;
         }
         self.timings.decode += start.elapsed();

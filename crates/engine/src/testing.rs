@@ -5,15 +5,17 @@
 //! against something too simple to be wrong.
 
 use candle_core::{Device, Tensor};
-use kvmerger_compress::KvDtype;
+use kvmerger_compress::{CompressionConfig, KvCache, KvDtype, StatsRequest};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::config::ModelConfig;
-use crate::error::Result;
+use crate::error::{EngineError, Result};
+use crate::forward::{BatchItem, Logits, Phase};
 use crate::linear::{Linear, WeightFormats};
 use crate::model::{Block, Llama};
 use crate::rope::Rope;
+use crate::session::Session;
 
 /// A tiny Llama config: 2 layers, 4 query heads over 2 kv heads, head_dim 8.
 pub fn tiny_config() -> ModelConfig {
@@ -97,6 +99,40 @@ pub fn random_llama_with(config: ModelConfig, seed: u64, formats: WeightFormats)
     Llama::new(config, embed, blocks, final_norm, lm_head, formats)
 }
 
+/// What one [`forward`] pass returns and records.
+#[derive(Debug, Clone, Copy)]
+pub struct ForwardOptions {
+    pub logits: Logits,
+    pub stats: StatsRequest,
+    /// Queries per chunk of the explicit attention softmax.
+    pub attention_chunk: usize,
+}
+
+impl Default for ForwardOptions {
+    fn default() -> Self {
+        Self { logits: Logits::Last, stats: StatsRequest::default(), attention_chunk: 128 }
+    }
+}
+
+/// One sequence's forward pass of `tokens` after `cache` in `phase`'s weight format,
+/// outside any [`crate::Sequence`]: for tests of the forward pass itself. Returns logits
+/// `[rows, vocab]` as `opts.logits` asks.
+pub fn forward(
+    model: &Llama,
+    phase: Phase,
+    tokens: &[u32],
+    cache: &mut KvCache,
+    opts: ForwardOptions,
+) -> Result<Tensor> {
+    let mut item = [BatchItem { tokens, cache, logits: Some(opts.logits), stats: opts.stats }];
+    let logits = model.forward_batch(&mut item, phase, opts.attention_chunk)?;
+    logits
+        .into_iter()
+        .next()
+        .flatten()
+        .ok_or_else(|| EngineError::Setup("a forward pass asking for logits returned none".into()))
+}
+
 /// Output of [`reference_forward`].
 pub struct ReferenceOutput {
     /// `[seq][vocab]`
@@ -117,15 +153,16 @@ pub fn reference_forward(
     let (seq, d, group) = (tokens.len(), c.head_dim, c.group_size());
     let rope = Rope::new(c);
     let eps = c.rms_norm_eps as f32;
-    let formats = model.formats;
+    // The whole sequence at once, as a prompt: every layer in the prefill format.
+    let format = model.formats.prefill;
     let ids = Tensor::new(tokens, model.device())?;
     let mut x = model.embed.index_select(&ids, 0)?;
     let mut received = vec![vec![vec![0.0f32; seq]; c.n_kv_heads]; c.n_layers];
     for (l, b) in model.blocks.iter().enumerate() {
         let hdn = candle_nn::ops::rms_norm(&x, &b.attn_norm, eps)?;
-        let mut q = b.wq.forward(&hdn, formats)?.to_vec2::<f32>()?;
-        let mut k = b.wk.forward(&hdn, formats)?.to_vec2::<f32>()?;
-        let v = b.wv.forward(&hdn, formats)?.to_vec2::<f32>()?;
+        let mut q = b.wq.forward_as(&hdn, format)?.to_vec2::<f32>()?;
+        let mut k = b.wk.forward_as(&hdn, format)?.to_vec2::<f32>()?;
+        let v = b.wv.forward_as(&hdn, format)?.to_vec2::<f32>()?;
         for i in 0..seq {
             rope.apply(&mut q[i], i);
             rope.apply(&mut k[i], i);
@@ -156,14 +193,14 @@ pub fn reference_forward(
             }
         }
         let attn = Tensor::new(out, model.device())?;
-        x = (x + b.wo.forward(&attn, formats)?)?;
+        x = (x + b.wo.forward_as(&attn, format)?)?;
         let hdn = candle_nn::ops::rms_norm(&x, &b.mlp_norm, eps)?;
-        let gate = b.gate.forward(&hdn, formats)?.silu()?;
-        let up = b.up.forward(&hdn, formats)?;
-        x = (x + b.down.forward(&(gate * up)?, formats)?)?;
+        let gate = b.gate.forward_as(&hdn, format)?.silu()?;
+        let up = b.up.forward_as(&hdn, format)?;
+        x = (x + b.down.forward_as(&(gate * up)?, format)?)?;
     }
     let x = candle_nn::ops::rms_norm(&x, &model.final_norm, eps)?;
-    let logits = model.lm_head.forward(&x, formats)?.to_vec2::<f32>()?;
+    let logits = model.lm_head.forward_as(&x, format)?.to_vec2::<f32>()?;
     Ok(ReferenceOutput { logits, received })
 }
 
@@ -220,8 +257,8 @@ impl std::fmt::Display for Agreement {
     }
 }
 
-/// Prefills `tokens` into `model` (full cache) and into `reference`, then decodes `steps`
-/// tokens with both, each step feeding both the reference's greedy choice.
+/// Prefills `tokens` into a full-cache [`Session`] of `model` and into `reference`, then
+/// decodes `steps` tokens with both, each step feeding both the reference's greedy choice.
 /// `reference(tokens, position)` feeds `tokens` at logical `position` and returns the last
 /// token's logits `[vocab]`.
 pub fn compare_with_reference(
@@ -230,12 +267,8 @@ pub fn compare_with_reference(
     steps: usize,
     mut reference: impl FnMut(&[u32], usize) -> Result<Vec<f32>>,
 ) -> Result<Agreement> {
-    let mut cache = model.new_cache();
-    let mut ours_step = |input: &[u32]| -> Result<Vec<f32>> {
-        let opts = crate::forward::ForwardOptions::default();
-        Ok(model.forward(input, &mut cache, opts)?.flatten_all()?.to_vec1()?)
-    };
-    let (mut ours, mut theirs) = (ours_step(tokens)?, reference(tokens, 0)?);
+    let mut session = Session::new(model, &CompressionConfig::Full)?;
+    let (mut ours, mut theirs) = (session.prefill(tokens)?, reference(tokens, 0)?);
     let logits_error = relative_l2(&ours, &theirs);
     let (mut kls, mut agreed, mut fed) = (Vec::new(), 0usize, Vec::with_capacity(steps));
     for i in 0..=steps {
@@ -246,7 +279,7 @@ pub fn compare_with_reference(
             break;
         }
         fed.push(next);
-        ours = ours_step(&[next])?;
+        ours = session.step(next)?;
         theirs = reference(&[next], tokens.len() + i)?;
     }
     Ok(Agreement {

@@ -328,8 +328,8 @@ mod tests {
     /// thread runs them): bit-exact.
     #[test]
     fn a_decode_step_gives_the_same_logits_on_one_thread_and_on_three() {
-        use crate::testing::{random_llama_with, tiny_config};
-        use crate::{ForwardOptions, WeightFormat, WeightFormats};
+        use crate::testing::{forward, random_llama_with, tiny_config, ForwardOptions};
+        use crate::{Phase, WeightFormat, WeightFormats};
 
         // A cache longer than one decode-attention part, so the heads are split.
         let config = crate::ModelConfig { context_length: 1024, ..tiny_config() };
@@ -338,12 +338,14 @@ mod tests {
         model.set_adaptive_threads(false);
         let prompt: Vec<u32> = (0..700).map(|i| (i * 7 % 64) as u32).collect();
         let mut cache = model.new_cache();
-        model.forward(&prompt, &mut cache, ForwardOptions::default()).unwrap();
+        forward(&model, Phase::Prefill, &prompt, &mut cache, ForwardOptions::default()).unwrap();
         let step_on = |threads: usize| {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
             let mut cache = cache.clone();
             pool.install(|| {
-                let logits = model.forward(&[5], &mut cache, ForwardOptions::default()).unwrap();
+                let logits =
+                    forward(&model, Phase::Decode, &[5], &mut cache, ForwardOptions::default())
+                        .unwrap();
                 logits.flatten_all().unwrap().to_vec1::<f32>().unwrap()
             })
         };

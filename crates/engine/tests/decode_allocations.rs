@@ -6,8 +6,8 @@
 //! One test in this binary: the count (`counting_allocator`) is global.
 
 use kvmerger_compress::{Budget, CompressionConfig, KvCache, METHOD_NAMES};
-use kvmerger_engine::testing::{random_llama_with, tiny_config};
-use kvmerger_engine::{BatchItem, Llama, Logits, Phase, Session, WeightFormat, WeightFormats};
+use kvmerger_engine::testing::{forward, random_llama_with, tiny_config};
+use kvmerger_engine::{BatchItem, Llama, Phase, Session, WeightFormat, WeightFormats};
 
 mod counting_allocator;
 use counting_allocator::allocations_of;
@@ -47,10 +47,10 @@ fn session_step_allocations(model: &Llama, method: &str) -> usize {
     let config = CompressionConfig::from_cli(method, budget, &[]).unwrap();
     let mut session = Session::new(model, &config).unwrap();
     session.prefill(&prompt(1)).unwrap();
-    reserve_steps(&mut session.cache);
+    reserve_steps(session.cache_mut());
     let mut token = 3;
     fewest_per_step(|| {
-        session.extend(&[token], Logits::Last).unwrap();
+        session.step(token).unwrap();
         token = (token + 5) % 64;
     })
 }
@@ -60,7 +60,7 @@ fn batch_step_allocations(model: &Llama) -> usize {
     let mut caches: Vec<_> = (0..3)
         .map(|s| {
             let mut cache = model.new_cache();
-            model.forward(&prompt(s), &mut cache, Default::default()).unwrap();
+            forward(model, Phase::Prefill, &prompt(s), &mut cache, Default::default()).unwrap();
             reserve_steps(&mut cache);
             cache
         })

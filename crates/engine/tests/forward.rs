@@ -4,8 +4,9 @@
 //! sums by construction: bit-exact.
 
 use kvmerger_compress::{EvictionWindow, HeadCache, KvCache, KvDtype, StatsRequest};
+use kvmerger_engine::testing::{forward, ForwardOptions};
 use kvmerger_engine::testing::{random_llama, reference_forward, relative_l2, tiny_config};
-use kvmerger_engine::{ForwardOptions, Llama, Logits};
+use kvmerger_engine::{Llama, Logits, Phase};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -28,8 +29,8 @@ fn cached_forward_matches_reference_forward() {
     let toks = tokens(40, 1);
     let mut cache = m.new_cache();
     let opts = ForwardOptions { logits: Logits::All, ..Default::default() };
-    let ours = rows(&m.forward(&toks[..25], &mut cache, opts).unwrap());
-    let ours_tail = rows(&m.forward(&toks[25..], &mut cache, opts).unwrap());
+    let ours = rows(&forward(&m, Phase::Prefill, &toks[..25], &mut cache, opts).unwrap());
+    let ours_tail = rows(&forward(&m, Phase::Prefill, &toks[25..], &mut cache, opts).unwrap());
     let reference = reference_forward(&m, &toks, |_, _, _, _| true).unwrap();
     for (i, row) in ours.iter().chain(&ours_tail).enumerate() {
         assert!(relative_l2(row, &reference.logits[i]) < 1e-5, "position {i}");
@@ -49,9 +50,9 @@ fn half_precision_caches_agree_with_the_reference_forward() {
         m.kv_dtype = dtype;
         let mut cache = m.new_cache();
         let opts = ForwardOptions { logits: Logits::All, attention_chunk: 8, ..Default::default() };
-        let mut ours = rows(&m.forward(&toks[..30], &mut cache, opts).unwrap());
+        let mut ours = rows(&forward(&m, Phase::Prefill, &toks[..30], &mut cache, opts).unwrap());
         for &t in &toks[30..] {
-            ours.extend(rows(&m.forward(&[t], &mut cache, opts).unwrap()));
+            ours.extend(rows(&forward(&m, Phase::Decode, &[t], &mut cache, opts).unwrap()));
         }
         assert_eq!(cache.layers[1][0].dtype(), dtype);
         for (i, row) in ours.iter().enumerate() {
@@ -67,7 +68,7 @@ fn removed_entries_equal_masked_keys_for_a_multi_token_step() {
     let (prompt, step) = (48, 9);
     let toks = tokens(prompt + step, 2);
     let mut cache = m.new_cache();
-    m.forward(&toks[..prompt], &mut cache, ForwardOptions::default()).unwrap();
+    forward(&m, Phase::Prefill, &toks[..prompt], &mut cache, ForwardOptions::default()).unwrap();
 
     // Remove a different arbitrary set of prompt entries from every (layer, kv head).
     let removed =
@@ -83,7 +84,9 @@ fn removed_entries_equal_masked_keys_for_a_multi_token_step() {
     assert_ne!(lens[0], prompt, "entries were removed");
 
     let ours = rows(
-        &m.forward(
+        &forward(
+            &m,
+            Phase::Prefill,
             &toks[prompt..],
             &mut cache,
             ForwardOptions { logits: Logits::All, ..Default::default() },
@@ -110,7 +113,9 @@ fn accumulated_statistics_equal_a_naive_softmax() {
     let toks = tokens(37, 3);
     let mut cache = m.new_cache();
     let stats = StatsRequest::accumulated();
-    m.forward(
+    forward(
+        &m,
+        Phase::Prefill,
         &toks,
         &mut cache,
         ForwardOptions { stats, attention_chunk: 5, ..Default::default() },
@@ -134,13 +139,14 @@ fn run_chunked(m: &Llama, toks: &[u32], chunk: usize, window: usize) -> (Vec<f32
 
 fn run_with(m: &Llama, toks: &[u32], chunk: usize, stats: StatsRequest) -> (Vec<f32>, KvCache) {
     let mut cache = m.new_cache();
-    let logits = m
-        .forward(
-            toks,
-            &mut cache,
-            ForwardOptions { logits: Logits::Last, stats, attention_chunk: chunk },
-        )
-        .unwrap();
+    let logits = forward(
+        m,
+        Phase::Prefill,
+        toks,
+        &mut cache,
+        ForwardOptions { logits: Logits::Last, stats, attention_chunk: chunk },
+    )
+    .unwrap();
     (logits.flatten_all().unwrap().to_vec1().unwrap(), cache)
 }
 
@@ -180,7 +186,7 @@ fn eviction_statistics_do_not_depend_on_chunks_and_a_long_reach_is_the_accumulat
     let mut split = m.new_cache();
     for part in [&toks[..25], &toks[25..]] {
         let opts = ForwardOptions { logits: Logits::Last, stats, attention_chunk: 7 };
-        m.forward(part, &mut split, opts).unwrap();
+        forward(&m, Phase::Prefill, part, &mut split, opts).unwrap();
     }
     for (a, b) in whole.layers.iter().flatten().zip(split.layers.iter().flatten()) {
         for e in [short, long] {
@@ -228,7 +234,7 @@ fn log_count_bias_equals_duplicated_entries() {
     let m = model();
     let toks = tokens(20, 6);
     let mut dup = m.new_cache();
-    m.forward(&toks, &mut dup, ForwardOptions::default()).unwrap();
+    forward(&m, Phase::Prefill, &toks, &mut dup, ForwardOptions::default()).unwrap();
     let mut merged = dup.clone();
     // Duplicate entry 5 three times in `dup`; give `merged`'s entry 5 a count of 4.
     for heads in dup.layers.iter_mut() {
@@ -253,15 +259,13 @@ fn log_count_bias_equals_duplicated_entries() {
     }
     merged.log_count_bias = true;
     let next = tokens(3, 7);
-    let a = m
-        .forward(&next, &mut dup, ForwardOptions::default())
+    let a = forward(&m, Phase::Prefill, &next, &mut dup, ForwardOptions::default())
         .unwrap()
         .flatten_all()
         .unwrap()
         .to_vec1::<f32>()
         .unwrap();
-    let b = m
-        .forward(&next, &mut merged, ForwardOptions::default())
+    let b = forward(&m, Phase::Prefill, &next, &mut merged, ForwardOptions::default())
         .unwrap()
         .flatten_all()
         .unwrap()
@@ -274,11 +278,13 @@ fn log_count_bias_equals_duplicated_entries() {
 fn context_overflow_and_empty_input_are_errors() {
     let m = model();
     let mut cache = m.new_cache();
-    let err = m.forward(&[], &mut cache, ForwardOptions::default()).unwrap_err();
+    let err = forward(&m, Phase::Prefill, &[], &mut cache, ForwardOptions::default()).unwrap_err();
     assert!(err.to_string().contains("empty"));
     let long = tokens(257, 8);
-    let err = m.forward(&long, &mut cache, ForwardOptions::default()).unwrap_err();
+    let err =
+        forward(&m, Phase::Prefill, &long, &mut cache, ForwardOptions::default()).unwrap_err();
     assert!(err.to_string().contains("257") && err.to_string().contains("256"), "{err}");
-    let err = m.forward(&[999], &mut cache, ForwardOptions::default()).unwrap_err();
+    let err =
+        forward(&m, Phase::Prefill, &[999], &mut cache, ForwardOptions::default()).unwrap_err();
     assert!(err.to_string().contains("999"));
 }

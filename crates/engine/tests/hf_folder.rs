@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::llama as reference;
 use kvmerger_compress::KvDtype;
-use kvmerger_engine::testing::relative_l2;
-use kvmerger_engine::{load_model, ForwardOptions, WeightFormats};
+use kvmerger_engine::testing::{forward, relative_l2, ForwardOptions};
+use kvmerger_engine::{load_model, Phase, WeightFormats};
 
 const CONFIG: &str = r#"{
   "model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "vocab_size": 64,
@@ -76,14 +76,13 @@ fn hf_folder_matches_candle_transformers_llama() {
     assert_eq!(tokens.len(), 20);
     assert_eq!(tokens[..3], [5, 9, 12]);
     let mut cache = ours.model.new_cache();
-    let a: Vec<f32> = ours
-        .model
-        .forward(&tokens, &mut cache, ForwardOptions::default())
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let a: Vec<f32> =
+        forward(&ours.model, Phase::Prefill, &tokens, &mut cache, ForwardOptions::default())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
 
     let cfg: reference::LlamaConfig = serde_json::from_str(CONFIG).unwrap();
     let cfg = cfg.into_config(false);

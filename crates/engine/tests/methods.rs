@@ -5,10 +5,15 @@
 use kvmerger_compress::{
     Budget, CompressionConfig, EntryMeta, KvDtype, StatsRequest, METHOD_NAMES,
 };
-use kvmerger_engine::testing::{random_llama, tiny_config};
-use kvmerger_engine::{ForwardOptions, Logits, Prefilled, Sampler, Session};
+use kvmerger_engine::testing::{forward, random_llama, tiny_config, ForwardOptions};
+use kvmerger_engine::{Logits, Phase, PrefillOptions, Prefilled, Sampler, Session};
 
 const STEPS: usize = 16;
+
+/// A shared prefill with `attention_chunk` queries per chunk of the softmax.
+fn chunked(attention_chunk: usize) -> PrefillOptions {
+    PrefillOptions { attention_chunk, ..Default::default() }
+}
 
 /// Every method with its defaults, plus the parameter variants that change how a head
 /// reaches its budget. `threshold` mode is left out: it keeps what merging leaves.
@@ -61,7 +66,7 @@ fn keeps_budget_through_prefill_and_decode(dtype: KvDtype) {
                 let mut session = Session::new(&model, &config).unwrap();
                 let mut logits = session.prefill(&tokens).unwrap();
                 let report = session.report().unwrap().clone();
-                for (l, heads) in session.cache.layers.iter().enumerate() {
+                for (l, heads) in session.cache().layers.iter().enumerate() {
                     for (h, head) in heads.iter().enumerate() {
                         assert_eq!(head.len(), expected, "{label}: layer {l} head {h}");
                         assert_eq!(head.dtype(), dtype, "{label}");
@@ -92,7 +97,7 @@ fn keeps_budget_through_prefill_and_decode(dtype: KvDtype) {
                         CompressionConfig::Tova(t) => t.decode_eviction,
                         _ => false,
                     };
-                    for head in session.cache.layers.iter().flatten() {
+                    for head in session.cache().layers.iter().flatten() {
                         if bounded {
                             assert_eq!(
                                 head.len(),
@@ -111,7 +116,7 @@ fn keeps_budget_through_prefill_and_decode(dtype: KvDtype) {
                         assert_eq!(newest, prompt + step, "{label}: newest entry");
                     }
                 }
-                assert_eq!(session.cache.n_seen, prompt + STEPS);
+                assert_eq!(session.cache().n_seen, prompt + STEPS);
             }
         }
     }
@@ -136,7 +141,7 @@ fn budgets_beyond_the_prompt_evict_nothing_until_reached() {
             for step in 1..=20 {
                 let next = sampler.sample(&logits);
                 logits = session.extend(&[next], Logits::Last).unwrap().swap_remove(0);
-                for head in session.cache.layers.iter().flatten() {
+                for head in session.cache().layers.iter().flatten() {
                     assert_eq!(head.len(), (20 + step).min(bound), "{label} at step {step}");
                 }
             }
@@ -177,7 +182,7 @@ fn fixed_parts_larger_than_the_budget_are_clamped_and_reported() {
         let heads = model.config.n_layers * model.config.n_kv_heads;
         assert_eq!(report.clamped_heads(), heads, "{method}");
         assert!(report.heads.iter().flatten().all(|h| h.clamped == Some(param.0)));
-        assert!(session.cache.layers.iter().flatten().all(|h| h.len() == 10));
+        assert!(session.cache().layers.iter().flatten().all(|h| h.len() == 10));
     }
     // At 60 tokens the default window fits: nothing is clamped.
     let tokens: Vec<u32> = (0..80).map(|i| (i * 5 + 1) % 64).collect();
@@ -200,12 +205,13 @@ fn methods_sharing_a_prefill_each_read_their_own_window() {
     let kept = |config: &CompressionConfig, prefilled: Prefilled| {
         let mut session = Session::new(&model, config).unwrap();
         session.resume(prefilled).unwrap();
-        session.cache.layers.iter().flatten().map(|h| h.meta().to_vec()).collect::<Vec<_>>()
+        session.cache().layers.iter().flatten().map(|h| h.meta().to_vec()).collect::<Vec<_>>()
     };
-    let alone = Prefilled::run(&model, &tokens, stats(&narrow), 16).unwrap();
-    let shared = Prefilled::run(&model, &tokens, stats(&narrow).union(stats(&wide)), 16).unwrap();
+    let alone = Prefilled::run(&model, &tokens, stats(&narrow), chunked(16)).unwrap();
+    let shared =
+        Prefilled::run(&model, &tokens, stats(&narrow).union(stats(&wide)), chunked(16)).unwrap();
     assert_eq!(kept(&narrow, shared.clone()), kept(&narrow, alone));
-    let wide_alone = Prefilled::run(&model, &tokens, stats(&wide), 16).unwrap();
+    let wide_alone = Prefilled::run(&model, &tokens, stats(&wide), chunked(16)).unwrap();
     assert_eq!(kept(&wide, shared), kept(&wide, wide_alone.clone()));
     // A prefill that recorded only the wider window does not serve the narrower one.
     let mut session = Session::new(&model, &narrow).unwrap();
@@ -213,7 +219,8 @@ fn methods_sharing_a_prefill_each_read_their_own_window() {
     assert!(err.to_string().contains("snapkv"), "{err}");
     // Nor does one without accumulated attention serve a method that needs it.
     let h2o = CompressionConfig::from_cli("h2o", Some(Budget::Ratio(0.5)), &[]).unwrap();
-    let bare = Prefilled::run(&model, &tokens, StatsRequest::window(32, false), 16).unwrap();
+    let bare =
+        Prefilled::run(&model, &tokens, StatsRequest::window(32, false), chunked(16)).unwrap();
     assert!(Session::new(&model, &h2o).unwrap().resume(bare).is_err());
 
     // CaM reads the attention at eviction time of its own sliding window, which depends on
@@ -221,17 +228,18 @@ fn methods_sharing_a_prefill_each_read_their_own_window() {
     let cam = |ratio| CompressionConfig::from_cli("cam", Some(Budget::Ratio(ratio)), &[]).unwrap();
     let (half, third) = (cam(0.5), cam(0.35));
     assert_ne!(stats(&half).evictions, stats(&third).evictions);
-    let shared = Prefilled::run(&model, &tokens, stats(&half).union(stats(&third)), 16).unwrap();
+    let shared =
+        Prefilled::run(&model, &tokens, stats(&half).union(stats(&third)), chunked(16)).unwrap();
     for config in [&half, &third] {
-        let alone = Prefilled::run(&model, &tokens, stats(config), 16).unwrap();
+        let alone = Prefilled::run(&model, &tokens, stats(config), chunked(16)).unwrap();
         let values = |prefilled: Prefilled| {
             let mut session = Session::new(&model, config).unwrap();
             session.resume(prefilled).unwrap();
-            session.cache.layers.iter().flatten().map(|h| h.values().to_vec()).collect::<Vec<_>>()
+            session.cache().layers.iter().flatten().map(|h| h.values().to_vec()).collect::<Vec<_>>()
         };
         assert_eq!(values(shared.clone()), values(alone));
     }
-    let without = Prefilled::run(&model, &tokens, stats(&half), 16).unwrap();
+    let without = Prefilled::run(&model, &tokens, stats(&half), chunked(16)).unwrap();
     assert!(Session::new(&model, &third).unwrap().resume(without).is_err());
 }
 
@@ -249,12 +257,12 @@ fn kvmerger_threshold_mode_reports_what_it_achieved() {
     let mut session = Session::new(&model, &config).unwrap();
     session.prefill(&tokens).unwrap();
     let report = session.report().unwrap();
-    let kept: usize = session.cache.layers.iter().flatten().map(|h| h.len()).sum();
+    let kept: usize = session.cache().layers.iter().flatten().map(|h| h.len()).sum();
     let total = PROMPT * model.config.n_layers * model.config.n_kv_heads;
     assert!((report.achieved_ratio() - kept as f64 / total as f64).abs() < 1e-12);
     assert!(kept < total, "repeated tokens give similar keys that merge");
     // Merged entries stand for all the tokens they absorbed.
-    for head in session.cache.layers.iter().flatten() {
+    for head in session.cache().layers.iter().flatten() {
         assert_eq!(head.meta().iter().map(|m| m.count as usize).sum::<usize>(), PROMPT);
     }
 }
@@ -279,7 +287,7 @@ fn tova_evicts_what_each_step_attends_to_least() {
     let h2o = config("h2o", &[]);
     let stats = |c: &CompressionConfig| c.build().unwrap().prompt_stats(tokens.len());
     let positions = |session: &Session| {
-        let heads = session.cache.layers.iter().flatten();
+        let heads = session.cache().layers.iter().flatten();
         heads.map(|h| h.meta().iter().map(|m| m.position).collect::<Vec<_>>()).collect::<Vec<_>>()
     };
     let resumed = |c: &CompressionConfig, prefilled: Prefilled| {
@@ -287,20 +295,21 @@ fn tova_evicts_what_each_step_attends_to_least() {
         session.resume(prefilled).unwrap();
         session
     };
-    let alone = Prefilled::run(&model, &tokens, stats(&tova), 16).unwrap();
-    let shared = Prefilled::run(&model, &tokens, stats(&tova).union(stats(&h2o)), 16).unwrap();
+    let alone = Prefilled::run(&model, &tokens, stats(&tova), chunked(16)).unwrap();
+    let shared =
+        Prefilled::run(&model, &tokens, stats(&tova).union(stats(&h2o)), chunked(16)).unwrap();
     let mut session = resumed(&tova, shared);
     let mut by_itself = resumed(&tova, alone.clone());
     assert_eq!(positions(&session), positions(&resumed(&snapkv, alone)));
 
     for step in 0..8u32 {
         let token = (step * 5 + 1) % 64;
-        let mut probe = session.cache.clone();
+        let mut probe = session.cache().clone();
         probe.layers.iter_mut().flatten().for_each(|h| {
             h.meta_mut().iter_mut().for_each(|m| m.attention = 0.0);
         });
         let opts = ForwardOptions { stats: StatsRequest::accumulated(), ..Default::default() };
-        model.forward(&[token], &mut probe, opts).unwrap();
+        forward(&model, Phase::Decode, &[token], &mut probe, opts).unwrap();
         let expected: Vec<Vec<usize>> = probe
             .layers
             .iter()

@@ -11,10 +11,8 @@ use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_qwen2;
 use kvmerger_compress::KvCache;
 use kvmerger_engine::chat::ChatMessage;
-use kvmerger_engine::testing::compare_with_reference;
-use kvmerger_engine::{
-    argmax, load_model, ForwardOptions, LoadedModel, WeightFormat, WeightFormats,
-};
+use kvmerger_engine::testing::{compare_with_reference, forward, ForwardOptions};
+use kvmerger_engine::{argmax, load_model, LoadedModel, Phase, WeightFormat, WeightFormats};
 
 fn qwen_path() -> std::path::PathBuf {
     let model = kvmerger_engine::fetch::known_model("qwen2.5-coder-0.5b").unwrap();
@@ -24,7 +22,8 @@ fn qwen_path() -> std::path::PathBuf {
 
 fn greedy(m: &LoadedModel, prompt: &[u32], steps: usize) -> Vec<u32> {
     let mut cache: KvCache = m.model.new_cache();
-    let mut logits = m.model.forward(prompt, &mut cache, ForwardOptions::default()).unwrap();
+    let mut logits =
+        forward(&m.model, Phase::Prefill, prompt, &mut cache, ForwardOptions::default()).unwrap();
     let mut out = Vec::new();
     for _ in 0..steps {
         let next = argmax(&logits.flatten_all().unwrap().to_vec1::<f32>().unwrap());
@@ -32,7 +31,8 @@ fn greedy(m: &LoadedModel, prompt: &[u32], steps: usize) -> Vec<u32> {
             break;
         }
         out.push(next);
-        logits = m.model.forward(&[next], &mut cache, ForwardOptions::default()).unwrap();
+        logits = forward(&m.model, Phase::Decode, &[next], &mut cache, ForwardOptions::default())
+            .unwrap();
     }
     out
 }
@@ -50,9 +50,9 @@ fn qwen_logits_agree_with_candle_transformers() {
     assert!(
         ours.model.blocks[0]
             .wq
-            .forward(
+            .forward_as(
                 &Tensor::zeros((1, 896), candle_core::DType::F32, &Device::Cpu).unwrap(),
-                f32_only
+                WeightFormat::F32
             )
             .unwrap()
             .abs()

@@ -3,8 +3,8 @@
 use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama;
 use kvmerger_compress::{CompressionConfig, KvDtype};
-use kvmerger_engine::testing::{compare_with_reference, Agreement};
-use kvmerger_engine::{load_model, ForwardOptions, LoadedModel, WeightFormat, WeightFormats};
+use kvmerger_engine::testing::{compare_with_reference, forward, Agreement, ForwardOptions};
+use kvmerger_engine::{load_model, LoadedModel, Phase, WeightFormat, WeightFormats};
 
 const PROMPT: &str =
     "The history of the lighthouse begins with fires lit on hilltops to guide ships at night. \
@@ -62,7 +62,8 @@ fn half_precision_caches_stay_close_to_the_f32_cache() {
         narrow.kv_dtype = dtype;
         let mut cache = wide.model.new_cache();
         let agreement = compare_with_reference(&narrow, &tokens, 32, |input, _| {
-            let logits = wide.model.forward(input, &mut cache, ForwardOptions::default())?;
+            let logits =
+                forward(&wide.model, Phase::Prefill, input, &mut cache, ForwardOptions::default())?;
             Ok(logits.flatten_all()?.to_vec1()?)
         })
         .unwrap();
@@ -82,11 +83,13 @@ fn positions_reach_the_models_own_context_length() {
     let mut cache = m.model.new_cache();
     // Pretend 8190 tokens were seen and evicted: the next two take positions 8190 and 8191.
     cache.n_seen = context - 2;
-    let logits = m.model.forward(&[42, 43], &mut cache, ForwardOptions::default()).unwrap();
+    let logits =
+        forward(&m.model, Phase::Decode, &[42, 43], &mut cache, ForwardOptions::default()).unwrap();
     let row: Vec<f32> = logits.flatten_all().unwrap().to_vec1().unwrap();
     assert!(row.iter().all(|x| x.is_finite()));
     assert_eq!(cache.layers[0][0].meta()[1].position, context - 1);
-    let err = m.model.forward(&[44], &mut cache, ForwardOptions::default()).unwrap_err();
+    let err =
+        forward(&m.model, Phase::Decode, &[44], &mut cache, ForwardOptions::default()).unwrap_err();
     assert!(err.to_string().contains("8192"), "{err}");
 }
 
@@ -105,7 +108,7 @@ fn every_method_generates_on_the_real_model() {
         let config = CompressionConfig::from_cli(method, budget, &params).unwrap();
         let mut session = kvmerger_engine::Session::new(&m.model, &config).unwrap();
         let logits = session.prefill(&tokens).unwrap();
-        let kept = session.cache.layers[0][0].len();
+        let kept = session.cache().layers[0][0].len();
         if method != "full" {
             assert!(kept <= tokens.len().div_ceil(2), "{method} kept {kept} of {}", tokens.len());
         }
@@ -124,7 +127,13 @@ fn decode_against_f32(exact: &LoadedModel, decode: WeightFormat) -> Agreement {
     let tokens = exact.tokenizer.encode(PROMPT, true).unwrap();
     let mut exact_cache = exact.model.new_cache();
     compare_with_reference(&other.model, &tokens, 32, |input, _| {
-        let logits = exact.model.forward(input, &mut exact_cache, ForwardOptions::default())?;
+        let logits = forward(
+            &exact.model,
+            Phase::Prefill,
+            input,
+            &mut exact_cache,
+            ForwardOptions::default(),
+        )?;
         Ok(logits.flatten_all()?.to_vec1()?)
     })
     .unwrap()

@@ -11,7 +11,7 @@ type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
 use kvmerger_compress::{Budget, CompressionConfig};
 use kvmerger_engine::{
-    fetch, load_model, BatchItem, GenerationRequest, Logits, Phase, PrefillCompression, Sampler,
+    fetch, load_model, GenerationRequest, Logits, PrefillCompression, PrefillOptions, Sampler,
     SamplingConfig, Sequence, Session, WeightFormat, WeightFormats,
 };
 use kvmerger_eval::ruler::RulerTask;
@@ -108,42 +108,19 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// Prefills `request` the way the server does (chunks, compression as `mode` plans), and
-/// returns a session over the compressed cache with the count of compressions before the
-/// last chunk, and the last prompt logits.
+/// Prefills `request` in chunks of `chunk`, compressing as `mode` says (the server's
+/// prefill, which every command shares), and returns the session with the count of
+/// compressions before the last chunk, and the last prompt logits.
 fn served_prefill<'m>(
     model: &'m kvmerger_engine::Llama,
     request: GenerationRequest,
     chunk: usize,
     mode: PrefillCompression,
 ) -> Result<((Session<'m>, usize), Vec<f32>)> {
-    let compression = request.compression.clone();
-    let prompt = request.prompt.clone();
-    let mut seq =
-        Sequence::new(1, request, &model.config, chunk, mode)?.with_kv_dtype(model.kv_dtype);
-    let compressions = seq.plan().compress_after.iter().filter(|&&c| c).count();
-    seq.start();
-    let mut first = Vec::new();
-    while let Some(range) = seq.next_chunk() {
-        let last = range.end == prompt.len();
-        let stats = seq.chunk_stats(&range);
-        let mut item = [BatchItem {
-            tokens: &prompt[range.clone()],
-            cache: &mut seq.cache,
-            logits: last.then_some(Logits::Last),
-            stats,
-        }];
-        let logits = model.forward_batch(&mut item, Phase::Prefill, 128)?;
-        let logits = match &logits[0] {
-            Some(t) => Some(t.flatten_all()?.to_vec1::<f32>()?),
-            None => None,
-        };
-        if let Some(l) = &logits {
-            first = l.clone();
-        }
-        seq.chunk_done(range, logits.as_deref())?;
-    }
-    let mut session = Session::new(model, &compression)?;
-    session.cache = std::mem::replace(&mut seq.cache, model.new_cache());
+    let plan = Sequence::new(1, request.clone(), &model.config, chunk, mode)?;
+    let compressions = plan.plan().compress_after.iter().filter(|&&c| c).count();
+    let options = PrefillOptions { chunk, compression: mode, ..PrefillOptions::default() };
+    let mut session = Session::new(model, &request.compression)?.with_options(options);
+    let first = session.prefill(&request.prompt)?;
     Ok(((session, compressions), first))
 }

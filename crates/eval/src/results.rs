@@ -54,6 +54,10 @@ pub struct ResultRow {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reference_kv_dtype: Option<KvDtype>,
     pub resident_kv_bytes: usize,
+    /// The most bytes the cache held at once during the prefill (0 in rows written before
+    /// it was measured).
+    #[serde(default)]
+    pub peak_kv_bytes: usize,
     pub full_kv_bytes: usize,
     pub prefill_ms: f64,
     pub decode_ms: f64,
@@ -299,6 +303,7 @@ pub(crate) mod tests {
             kv_dtype: KvDtype::F16,
             reference_kv_dtype: None,
             resident_kv_bytes: 10,
+            peak_kv_bytes: 0,
             full_kv_bytes: 20,
             prefill_ms: 1.0,
             decode_ms: 1.0,

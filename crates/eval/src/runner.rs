@@ -1,8 +1,9 @@
 //! Runs samples through the engine under every method of a comparison.
 //!
-//! Each sample's prompt is prefilled once, with the union of the statistics every method
-//! needs; each method then starts from a clone of that cache, compresses it and answers
-//! greedily. Under [`Protocol::Context`] the question is read after compression, uncompressed
+//! Compressing once, each sample's prompt is prefilled once, with the union of the
+//! statistics every method needs; each method then starts from a copy of that prefill,
+//! compresses it and answers greedily. Compressing incrementally, each method prefills the
+//! prompt itself, compressing as it goes (the full-cache reference is still prefilled once). Under [`Protocol::Context`] the question is read after compression, uncompressed
 //! (kvpress's setting); under [`Protocol::Prompt`] it is part of what is compressed (the
 //! setting of the KVMerger and H2O papers). The full cache's answer is the reference for the
 //! fidelity figures: KL divergence and top-1 agreement of the next-token distributions over
@@ -13,7 +14,8 @@ use std::time::Instant;
 use kvmerger_compress::{CompressionConfig, KvDtype, StatsRequest};
 use kvmerger_engine::chat::ChatMessage;
 use kvmerger_engine::{
-    argmax, Llama, LoadedModel, Logits, Prefilled, Sampler, SamplingConfig, Session,
+    argmax, Llama, LoadedModel, Logits, PrefillCompression, PrefillOptions, Prefilled, Sampler,
+    SamplingConfig, Session,
 };
 use serde::{Deserialize, Serialize};
 
@@ -62,8 +64,8 @@ pub struct RunOptions {
     /// Wrap context and question in the model's chat template (as kvpress does for
     /// instruct models). Perplexity samples, which have no question, are never wrapped.
     pub chat: bool,
-    /// Queries per chunk of the explicit attention softmax.
-    pub attention_chunk: usize,
+    /// How prompts are prefilled: in chunks, compressed once or incrementally.
+    pub prefill: PrefillOptions,
     /// Run the full-cache reference with its cache in this dtype (prefilled separately)
     /// instead of the model's, so the full cache's own row measures the storage's error.
     pub reference_kv_dtype: Option<KvDtype>,
@@ -74,7 +76,7 @@ impl Default for RunOptions {
         Self {
             protocol: Protocol::Context,
             chat: false,
-            attention_chunk: 128,
+            prefill: PrefillOptions::default(),
             reference_kv_dtype: None,
         }
     }
@@ -125,6 +127,8 @@ pub struct MethodOutcome {
     pub score: f64,
     pub achieved_ratio: f64,
     pub resident_kv_bytes: usize,
+    /// The most bytes the cache held at once during the prefill.
+    pub peak_kv_bytes: usize,
     pub full_kv_bytes: usize,
     pub context_tokens: usize,
     pub prefill_ms: f64,
@@ -162,10 +166,14 @@ pub fn run_sample(
             context: limit,
         }));
     }
-    let stats = methods.iter().try_fold(StatsRequest::default(), |acc, m| {
-        m.build().map(|b| acc.union(b.prompt_stats(context.len())))
-    })?;
-    let prefilled = Prefilled::run(&model.model, &context, stats, opts.attention_chunk)?;
+    let incremental = opts.prefill.compression == PrefillCompression::Incremental;
+    let shared_options = PrefillOptions { compression: PrefillCompression::Once, ..opts.prefill };
+    // Only the methods compressed once read the shared prefill's statistics.
+    let stats =
+        methods.iter().filter(|_| !incremental).try_fold(StatsRequest::default(), |acc, m| {
+            m.build().map(|b| acc.union(b.prompt_stats(context.len())))
+        })?;
+    let prefilled = Prefilled::run(&model.model, &context, stats, shared_options)?;
     // The reference's own model and prefill where its cache dtype differs from the rows'.
     let reference_model = opts.reference_kv_dtype.filter(|&d| d != model.model.kv_dtype).map(|d| {
         let mut m = model.model.clone();
@@ -174,7 +182,7 @@ pub fn run_sample(
     });
     let reference_prefilled = reference_model
         .as_ref()
-        .map(|m| Prefilled::run(m, &context, StatsRequest::default(), opts.attention_chunk))
+        .map(|m| Prefilled::run(m, &context, StatsRequest::default(), shared_options))
         .transpose()?;
     let (reference_llama, reference_prefill) = match (&reference_model, &reference_prefilled) {
         (Some(m), Some(p)) => (m, p),
@@ -191,12 +199,16 @@ pub fn run_sample(
             .ok_or_else(|| EvalError::Task(format!("{}: no continuation to score", sample.id)))?;
         Answer { tokens: tok.encode(continuation, false)?, decode_ms: 0.0 }
     } else {
-        let (session, logits, _, _) =
-            compressed(reference_llama, &CompressionConfig::Full, reference_prefill)?;
+        let (session, logits, _, _) = compressed(
+            reference_llama,
+            &CompressionConfig::Full,
+            Start::Shared(reference_prefill),
+        )?;
         answer(model, session, logits, &question, sample.max_new_tokens)?
     };
     let (session, logits, full_ratio, full_bytes) =
-        compressed(reference_llama, &CompressionConfig::Full, reference_prefill)?;
+        compressed(reference_llama, &CompressionConfig::Full, Start::Shared(reference_prefill))?;
+    let full_peak = session.peak().resident_bytes;
     let reference = teacher_forced(session, logits, &question, &full.tokens)?;
     let full_kv_bytes = 2
         * model.model.kv_dtype.size_bytes()
@@ -211,26 +223,32 @@ pub fn run_sample(
             let no_answer = Answer { tokens: Vec::new(), decode_ms: 0.0 };
             // Compress once; the answer and the teacher-forced pass start from copies.
             let mut clamped = None;
-            let (forced, ans, achieved_ratio, resident_kv_bytes) =
+            let mut prefill_ms = prefilled.elapsed.as_secs_f64() * 1e3;
+            let (forced, ans, achieved_ratio, resident_kv_bytes, peak_kv_bytes) =
                 if *method == CompressionConfig::Full && reference_model.is_none() {
                     let ans = if perplexity_task { no_answer } else { full.clone() };
-                    (reference.clone(), ans, full_ratio, full_bytes)
+                    (reference.clone(), ans, full_ratio, full_bytes, full_peak)
                 } else {
-                    let (session, logits, ratio, bytes) =
-                        compressed(&model.model, method, &prefilled)?;
+                    let start = if incremental {
+                        Start::Alone(&context, opts.prefill)
+                    } else {
+                        Start::Shared(&prefilled)
+                    };
+                    let (session, logits, ratio, bytes) = compressed(&model.model, method, start)?;
+                    prefill_ms = session.timings.prefill.as_secs_f64() * 1e3;
+                    let peak = session.peak().resident_bytes;
                     if let Some(report) = session.report().filter(|r| r.clamped_heads() > 0) {
                         let what = report.heads.iter().flatten().find_map(|h| h.clamped);
                         clamped = Some((report.clamped_heads(), what.unwrap_or("fixed parts")));
                     }
-                    let mut copy = Session::new(&model.model, method)?;
-                    copy.cache = session.cache.clone();
+                    let copy = session.fork()?;
                     let forced = teacher_forced(copy, logits.clone(), &question, &full.tokens)?;
                     let ans = if perplexity_task {
                         no_answer
                     } else {
                         answer(model, session, logits, &question, sample.max_new_tokens)?
                     };
-                    (forced, ans, ratio, bytes)
+                    (forced, ans, ratio, bytes, peak)
                 };
             let prediction = tok.decode_plain(&ans.tokens)?;
             let matched = ans.tokens.iter().zip(&full.tokens).take_while(|(a, b)| a == b).count();
@@ -245,9 +263,10 @@ pub fn run_sample(
                 prediction,
                 achieved_ratio,
                 resident_kv_bytes,
+                peak_kv_bytes,
                 full_kv_bytes,
                 context_tokens: context.len(),
-                prefill_ms: prefilled.elapsed.as_secs_f64() * 1e3,
+                prefill_ms,
                 decode_ms: ans.decode_ms,
                 kl: mean_kl(&reference.log_probs, &forced.log_probs),
                 top1_agreement: top1_agreement(&reference.log_probs, &forced.log_probs),
@@ -265,15 +284,30 @@ struct Answer {
     decode_ms: f64,
 }
 
-/// A session of `method` over a clone of the prefilled context, compressed. Returns it with
-/// the last context logits, the achieved ratio and the bytes resident after compression.
+/// Where a method's session starts.
+#[derive(Clone, Copy)]
+enum Start<'a> {
+    /// From a copy of the prompt prefilled once for every method.
+    Shared(&'a Prefilled),
+    /// Prefilling the prompt itself as the options say (compressing as it goes).
+    Alone(&'a [u32], PrefillOptions),
+}
+
+/// A session of `method` with the context prefilled and compressed. Returns it with the
+/// last context logits, the achieved ratio and the bytes resident after compression.
 fn compressed<'m>(
     model: &'m Llama,
     method: &CompressionConfig,
-    prefilled: &Prefilled,
+    start: Start<'_>,
 ) -> Result<(Session<'m>, Vec<f32>, f64, usize)> {
     let mut session = Session::new(model, method)?;
-    let logits = session.resume(prefilled.clone())?;
+    let logits = match start {
+        Start::Shared(prefilled) => session.resume(prefilled.clone())?,
+        Start::Alone(context, options) => {
+            session.options = options;
+            session.prefill(context)?
+        }
+    };
     let (ratio, bytes) =
         session.report().map_or((1.0, 0), |r| (r.achieved_ratio(), r.resident_bytes));
     Ok((session, logits, ratio, bytes))

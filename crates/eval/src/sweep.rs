@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use kvmerger_compress::{Budget, CompressionConfig, KvDtype};
-use kvmerger_engine::LoadedModel;
+use kvmerger_engine::{LoadedModel, PrefillCompression, PrefillOptions};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{EvalError, Result};
@@ -271,7 +271,12 @@ pub struct SweepInput<'a> {
     /// under [`Protocol::Context`] only).
     pub protocols: Vec<Protocol>,
     pub chat: bool,
-    pub attention_chunk: usize,
+    /// How prompts are prefilled: the chunk and attention chunk of every mode.
+    pub prefill: PrefillOptions,
+    /// Each method runs under each of these (the full cache, which compresses nothing,
+    /// under the first only); rows compressed incrementally are labelled apart
+    /// ([`prefill_label`]), so a report shows both side by side.
+    pub prefill_modes: Vec<PrefillCompression>,
     /// See [`SweepSpec::reference_kv_dtype`].
     pub reference_kv_dtype: Option<KvDtype>,
     /// What identifies the model and how it runs (file identity, weight formats, cache
@@ -302,6 +307,7 @@ pub fn row_fingerprint(
     sample: &Sample,
     config: &CompressionConfig,
     protocol: Protocol,
+    mode: PrefillCompression,
     input: &SweepInput<'_>,
 ) -> String {
     let mut h = Fnv64::default();
@@ -318,7 +324,8 @@ pub fn row_fingerprint(
     }
     h.field(protocol.name());
     h.field(if input.chat { "chat" } else { "raw" });
-    h.field(&input.attention_chunk.to_string());
+    h.field(&input.prefill.attention_chunk.to_string());
+    h.field(&format!("prefill {} in chunks of {}", mode.name(), input.prefill.chunk));
     h.field(&input.model_fingerprint);
     if let Some(dtype) = input.reference_kv_dtype {
         h.field(&format!("reference kv {dtype}"));
@@ -372,11 +379,16 @@ pub fn run_sweep(
         } else {
             &input.protocols
         };
-        for &protocol in protocols {
+        let runs = protocols.iter().flat_map(|&p| {
+            input.prefill_modes.iter().enumerate().map(move |(i, &mode)| (p, mode, i == 0))
+        });
+        for (protocol, mode, first_mode) in runs {
             let mut missing = Vec::new();
-            for config in &input.configs {
-                let key = row_key(&sample.id, protocol, &config.label());
-                let fingerprint = row_fingerprint(&sample, config, protocol, input);
+            let configs =
+                input.configs.iter().filter(|c| first_mode || **c != CompressionConfig::Full);
+            for config in configs {
+                let key = row_key(&sample.id, protocol, &prefill_label(config, mode));
+                let fingerprint = row_fingerprint(&sample, config, protocol, mode, input);
                 if !store.is_current(&key, &fingerprint) {
                     outcome.stale += usize::from(store.is_stale(&key, &fingerprint));
                     missing.push((config.clone(), fingerprint));
@@ -393,7 +405,7 @@ pub fn run_sweep(
             let options = RunOptions {
                 protocol,
                 chat: input.chat,
-                attention_chunk: input.attention_chunk,
+                prefill: PrefillOptions { compression: mode, ..input.prefill },
                 reference_kv_dtype: input.reference_kv_dtype,
             };
             let configs: Vec<CompressionConfig> = missing.iter().map(|m| m.0.clone()).collect();
@@ -412,7 +424,7 @@ pub fn run_sweep(
                 let row = ResultRow {
                     sample_id: sample.id.clone(),
                     task: sample.task.clone(),
-                    method: result.method.label(),
+                    method: prefill_label(&result.method, mode),
                     protocol,
                     chat: input.chat,
                     fingerprint,
@@ -435,6 +447,7 @@ pub fn run_sweep(
                         .reference_kv_dtype
                         .filter(|&d| d != model.model.kv_dtype),
                     resident_kv_bytes: result.resident_kv_bytes,
+                    peak_kv_bytes: result.peak_kv_bytes,
                     full_kv_bytes: result.full_kv_bytes,
                     prefill_ms: result.prefill_ms,
                     decode_ms: result.decode_ms,
@@ -451,6 +464,20 @@ pub fn run_sweep(
     }
     bar.finish_and_clear();
     Ok(outcome)
+}
+
+/// A row's method label: the method's own when its prompt was compressed once, its name
+/// marked `/incremental` otherwise (`kvmerger/incremental@35%`), so the two are two methods
+/// of a report, paired sample by sample.
+pub fn prefill_label(config: &CompressionConfig, mode: PrefillCompression) -> String {
+    let label = config.label();
+    match mode {
+        PrefillCompression::Once => label,
+        PrefillCompression::Incremental => match label.split_once('@') {
+            Some((name, rest)) => format!("{name}/incremental@{rest}"),
+            None => format!("{label}/incremental"),
+        },
+    }
 }
 
 /// Reads a sweep specification from JSON.

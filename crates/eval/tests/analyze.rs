@@ -3,7 +3,7 @@
 
 use kvmerger_compress::{CompareTo, CompressionConfig, StatsRequest};
 use kvmerger_engine::testing::{random_llama, tiny_config};
-use kvmerger_engine::{Prefilled, Session};
+use kvmerger_engine::{PrefillOptions, Prefilled, Session};
 use kvmerger_eval::analyze::{analyze_cache, suggest_layer_budgets};
 
 #[test]
@@ -12,7 +12,13 @@ fn a_suggested_configuration_reaches_the_requested_budget() {
     config.n_layers = 6;
     let model = random_llama(config, 21).unwrap();
     let tokens: Vec<u32> = (0..240u32).map(|i| (i * 13 + i / 7) % 64).collect();
-    let prefilled = Prefilled::run(&model, &tokens, StatsRequest::accumulated(), 64).unwrap();
+    let prefilled = Prefilled::run(
+        &model,
+        &tokens,
+        StatsRequest::accumulated(),
+        PrefillOptions { attention_chunk: 64, ..Default::default() },
+    )
+    .unwrap();
     // A low threshold so that layers differ in how much they merge.
     let analysis = analyze_cache("synthetic", &prefilled.cache, 0.3, CompareTo::Neighbour);
     for overall in [0.5, 0.35, 0.2] {

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use kvmerger_compress::{Budget, CompressionConfig, KvDtype};
-use kvmerger_engine::{load_model, LoadedModel, WeightFormats};
+use kvmerger_engine::{load_model, LoadedModel, PrefillCompression, PrefillOptions, WeightFormats};
 use kvmerger_eval::results::{ResultRow, ResultStore, Shard};
 use kvmerger_eval::runner::Protocol;
 use kvmerger_eval::sweep::{run_sweep, Job, SweepInput};
@@ -31,7 +31,8 @@ fn input() -> SweepInput<'static> {
         haystack: None,
         protocols: vec![Protocol::Context],
         chat: false,
-        attention_chunk: 128,
+        prefill: PrefillOptions::default(),
+        prefill_modes: vec![PrefillCompression::Once],
         reference_kv_dtype: None,
         model_fingerprint: "test model".into(),
         shard: Shard::WHOLE,
@@ -114,4 +115,43 @@ fn an_f16_cache_is_close_to_an_f32_reference() {
     assert!(full.top1_agreement >= 0.9, "{full:?}");
     let f32_bytes = 2 * 4 * full.context_tokens * 30 * 3 * 64;
     assert_eq!(2 * full.full_kv_bytes, f32_bytes);
+}
+
+#[test]
+fn incremental_rows_stand_beside_once_rows_and_hold_budget_plus_one_chunk() {
+    let m = model();
+    let chunk = 64;
+    let share = 0.25;
+    let mut input = input();
+    input.configs = vec![
+        CompressionConfig::Full,
+        CompressionConfig::from_cli("kvmerger", Some(Budget::Ratio(share)), &[]).unwrap(),
+        CompressionConfig::from_cli("h2o", Some(Budget::Ratio(share)), &[]).unwrap(),
+    ];
+    input.jobs = vec![Job::Generated { task: TaskKind::Passkey, length: 600, depth: 0.5, seed: 3 }];
+    input.prefill = PrefillOptions { chunk, ..PrefillOptions::default() };
+    input.prefill_modes = vec![PrefillCompression::Once, PrefillCompression::Incremental];
+    let path = temp("incremental");
+    let (mut store, _) = ResultStore::open(&path).unwrap();
+    let rows = run_sweep(&m, &input, &mut store).unwrap().computed;
+    let _ = std::fs::remove_file(&path);
+    // The full cache compresses nothing: one row, under the first mode.
+    assert_eq!(rows.iter().filter(|r| r.method_name() == "full").count(), 1);
+    for name in ["kvmerger", "h2o"] {
+        let row = |method: &str| rows.iter().find(|r| r.method_name() == method).unwrap();
+        let (once, incremental) = (row(name), row(&format!("{name}/incremental")));
+        assert_eq!(incremental.method, format!("{name}/incremental@25%"));
+        let context = once.context_tokens;
+        let budget = (share * context as f64).ceil() as usize;
+        assert!(budget + chunk < context, "the prompt must not fit budget + chunk");
+        // Once holds every prompt entry; incremental at most budget + chunk of them, each
+        // entry (with its statistics) no larger than in the shared prefill.
+        let bound = once.peak_kv_bytes as f64 * (budget + chunk) as f64 / context as f64;
+        assert!(
+            incremental.peak_kv_bytes as f64 <= bound,
+            "{name}: {} bytes > {bound}",
+            incremental.peak_kv_bytes
+        );
+        assert!(incremental.kl.is_finite() && incremental.achieved_ratio <= share + 0.01);
+    }
 }

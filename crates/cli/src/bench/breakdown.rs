@@ -15,7 +15,7 @@ use crate::args::ModelSource;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use kvmerger_compress::{Budget, CompressionConfig};
-use kvmerger_engine::{argmax, Logits, Part, Session, StepProfile, WeightFormat, WeightFormats};
+use kvmerger_engine::{argmax, Part, Session, StepProfile, WeightFormat, WeightFormats};
 
 #[derive(Debug, Clone, Args)]
 pub struct BreakdownArgs {
@@ -176,7 +176,7 @@ pub fn run(
             for (c, &busy) in conditions.iter().enumerate() {
                 let _burners = if busy { Some(Burners::start(args.busy_cores)?) } else { None };
                 for (s, (m, _, session, logits)) in sessions.iter_mut().enumerate() {
-                    if session.cache.n_seen + per_round > session.model().config.context_length {
+                    if session.cache().n_seen + per_round > session.model().config.context_length {
                         bail!("length {n} leaves no room for {per_round} decode steps");
                     }
                     let profile = &models[*m].2;
@@ -186,7 +186,7 @@ pub fn run(
                         let t = Instant::now();
                         let next = argmax(logits);
                         sampling += t.elapsed();
-                        *logits = session.extend(&[next], Logits::Last)?.swap_remove(0);
+                        *logits = session.step(next)?;
                     }
                     totals[s][c].add(profile, sampling, start.elapsed(), per_round);
                 }
@@ -195,8 +195,8 @@ pub fn run(
         let names: Vec<String> = sessions
             .iter()
             .map(|(m, label, session, _)| {
-                let entries: usize = session.cache.layers.iter().flatten().map(|h| h.len()).sum();
-                let per_head = entries / session.cache.layers.iter().flatten().count().max(1);
+                let entries: usize = session.cache().layers.iter().flatten().map(|h| h.len()).sum();
+                let per_head = entries / session.cache().layers.iter().flatten().count().max(1);
                 format!(
                     "decode weights {:?}, {label} ({per_head} entries per head after the steps)",
                     models[*m].0

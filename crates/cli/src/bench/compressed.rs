@@ -3,7 +3,7 @@
 
 use anyhow::Result;
 use kvmerger_compress::CompressionConfig;
-use kvmerger_engine::{Llama, Session};
+use kvmerger_engine::{Llama, PrefillOptions, Session};
 use serde::Serialize;
 
 #[derive(Debug, Serialize)]
@@ -26,18 +26,19 @@ pub fn measure(
     tokens: &[u32],
     configs: &[CompressionConfig],
     steps: usize,
+    prefill: PrefillOptions,
 ) -> Result<Vec<CompressedRow>> {
-    super::warm_up(model, tokens)?;
+    super::warm_up(model, tokens, prefill)?;
     configs
         .iter()
         .map(|config| {
-            let mut session = Session::new(model, config)?;
+            let mut session = Session::new(model, config)?.with_options(prefill);
             let (logits, prefill_s) = super::timed_prefill(&mut session, tokens)?;
             let (compress_ms, kept_ratio) = match session.report() {
                 Some(r) => (r.compress_ms, r.achieved_ratio()),
                 None => (0.0, 1.0),
             };
-            let kv_mb = session.cache.resident_bytes() as f64 / 1e6;
+            let kv_mb = session.cache().resident_bytes() as f64 / 1e6;
             let decode_s = super::timed_decode(&mut session, logits, steps)?;
             Ok(CompressedRow {
                 method: config.label(),

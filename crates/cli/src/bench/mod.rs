@@ -17,10 +17,10 @@ use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama;
 use clap::Args;
 use kvmerger_compress::{Budget, CompressionConfig};
-use kvmerger_engine::{Session, WeightFormat, WeightFormats};
+use kvmerger_engine::{PrefillOptions, Session, WeightFormat, WeightFormats};
 use serde::Serialize;
 
-use crate::args::ModelSource;
+use crate::args::{ModelSource, PrefillArgs};
 
 mod breakdown;
 
@@ -56,6 +56,8 @@ pub struct BenchArgs {
     /// The Python that imports `llama_cpp`.
     #[arg(long, default_value = "python3")]
     pub python: String,
+    #[command(flatten)]
+    pub prefill: PrefillArgs,
     #[command(flatten)]
     pub breakdown: breakdown::BreakdownArgs,
 }
@@ -125,16 +127,17 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if args.decode_tokens == 0 {
         bail!("--decode-tokens must be at least 1");
     }
+    let prefill = args.prefill.options()?;
 
     let mut rows = Vec::new();
     if !args.lengths.is_empty() {
         for loaded in &models {
-            warm_up(&loaded.model, &tokens)?;
+            warm_up(&loaded.model, &tokens, prefill)?;
         }
         for &n in &args.lengths {
             for ((name, _), loaded) in variants.iter().zip(&models) {
                 let (prefill, decode) =
-                    bench_ours(&loaded.model, &tokens[..n], args.decode_tokens)?;
+                    bench_ours(&loaded.model, &tokens[..n], args.decode_tokens, prefill)?;
                 rows.push(engine_row(name, n, prefill, decode));
             }
             if !args.no_reference && n + args.decode_tokens > CANDLE_POSITIONS {
@@ -184,6 +187,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 &tokens[..n],
                 &configs,
                 args.decode_tokens,
+                prefill,
             )?);
             println!("{}", compressed::table(&compressed_rows));
         }
@@ -225,13 +229,18 @@ fn engine_row(engine: &str, tokens: usize, prefill_s: f64, decode_s: f64) -> Eng
 
 /// One short untimed prefill and decode: the first pass of a process pays for page faults
 /// and starting the thread pools, which would otherwise land on whichever row runs first.
-fn warm_up(model: &kvmerger_engine::Llama, tokens: &[u32]) -> Result<()> {
-    bench_ours(model, &tokens[..tokens.len().min(64)], 2).map(|_| ())
+fn warm_up(model: &kvmerger_engine::Llama, tokens: &[u32], prefill: PrefillOptions) -> Result<()> {
+    bench_ours(model, &tokens[..tokens.len().min(64)], 2, prefill).map(|_| ())
 }
 
 /// Prefill of `tokens`, then seconds per greedy decode step over `steps` steps.
-fn bench_ours(model: &kvmerger_engine::Llama, tokens: &[u32], steps: usize) -> Result<(f64, f64)> {
-    let mut session = Session::new(model, &CompressionConfig::Full)?;
+fn bench_ours(
+    model: &kvmerger_engine::Llama,
+    tokens: &[u32],
+    steps: usize,
+    prefill: PrefillOptions,
+) -> Result<(f64, f64)> {
+    let mut session = Session::new(model, &CompressionConfig::Full)?.with_options(prefill);
     let (logits, prefill) = timed_prefill(&mut session, tokens)?;
     Ok((prefill, timed_decode(&mut session, logits, steps)?))
 }
@@ -248,7 +257,7 @@ fn timed_decode(session: &mut Session, mut logits: Vec<f32>, steps: usize) -> Re
     let start = Instant::now();
     for _ in 0..steps {
         let next = kvmerger_engine::argmax(&logits);
-        logits = session.extend(&[next], kvmerger_engine::Logits::Last)?.swap_remove(0);
+        logits = session.step(next)?;
     }
     Ok(start.elapsed().as_secs_f64() / steps as f64)
 }
