@@ -282,6 +282,10 @@ impl ModelConfig {
         if self.features.sliding_window.is_some_and(|w| w.size == 0 || w.global_every == Some(0)) {
             return bad("a sliding window must be positive");
         }
+        let local_theta = self.features.sliding_window.and_then(|w| w.local_rope_theta);
+        if local_theta.is_some_and(|t| !(t.is_finite() && t > 0.0)) {
+            return bad("the window layers' rope theta must be positive");
+        }
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0) {
             return Err(EngineError::Config(format!(
                 "rms_norm_eps {} is invalid",
@@ -465,5 +469,102 @@ fn check_architecture(arch: &str) -> Result<()> {
             "architecture `{arch}` (supported: {})",
             SUPPORTED_ARCHITECTURES.join(", ")
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A minimal valid header of `arch` with `extra` `{arch}.*` keys.
+    fn metadata(arch: &str, extra: &[(&str, Value)]) -> HashMap<String, Value> {
+        let mut md = HashMap::new();
+        md.insert("general.architecture".into(), Value::String(arch.into()));
+        let sizes = [
+            ("block_count", 12),
+            ("embedding_length", 64),
+            ("attention.head_count", 4),
+            ("feed_forward_length", 128),
+            ("context_length", 256),
+        ];
+        for (key, v) in sizes {
+            md.insert(format!("{arch}.{key}"), Value::U32(v));
+        }
+        let tokens = vec![Value::String("a".into()); 10];
+        md.insert("tokenizer.ggml.tokens".into(), Value::Array(tokens));
+        for (key, v) in extra {
+            md.insert(format!("{arch}.{key}"), v.clone());
+        }
+        md
+    }
+
+    #[test]
+    fn gemma3_has_window_layers_with_their_own_base_and_every_sixth_global() {
+        let md = metadata(
+            "gemma3",
+            &[
+                ("attention.sliding_window", Value::U32(512)),
+                ("attention.key_length", Value::U32(32)),
+            ],
+        );
+        let c = ModelConfig::from_gguf_metadata(&md).unwrap();
+        let windows: Vec<_> = (0..12).map(|l| c.layer_window(l)).collect();
+        assert_eq!(windows.iter().filter(|w| w.is_none()).count(), 2);
+        assert_eq!((windows[5], windows[11], windows[0]), (None, None, Some(512)));
+        let f = &c.features;
+        assert_eq!((f.activation, f.embed_scale, c.head_dim), (Activation::GeluTanh, 8.0, 32));
+        assert_eq!(f.sliding_window.unwrap().local_rope_theta, Some(10_000.0));
+        assert!(!c.rope_interleaved, "Gemma rotates halves");
+    }
+
+    #[test]
+    fn rope_scaling_is_read_and_unsupported_kinds_name_their_key() {
+        let linear = [
+            ("rope.scaling.type", Value::String("linear".into())),
+            ("rope.scaling.factor", Value::F32(4.0)),
+        ];
+        let c = ModelConfig::from_gguf_metadata(&metadata("llama", &linear)).unwrap();
+        assert_eq!(c.features.rope_freq_scale, 0.25);
+        let yarn = [("rope.scaling.type", Value::String("yarn".into()))];
+        let err = ModelConfig::from_gguf_metadata(&metadata("qwen3", &yarn)).unwrap_err();
+        assert!(
+            matches!(&err, EngineError::Unsupported(m) if m.contains("`qwen3.rope.scaling.type`")),
+            "{err}"
+        );
+        let zero = [("rope.scaling.factor", Value::F32(0.0))];
+        let err = ModelConfig::from_gguf_metadata(&metadata("llama", &zero)).unwrap_err();
+        assert!(
+            matches!(&err, EngineError::Metadata { key, .. } if key == "llama.rope.scaling.factor"),
+            "{err}"
+        );
+        let partial = [("rope.dimension_count", Value::U32(8))];
+        let err = ModelConfig::from_gguf_metadata(&metadata("phi3", &partial)).unwrap_err();
+        assert!(err.to_string().contains("phi3.rope.dimension_count"), "{err}");
+        let text = [("rope.freq_base", Value::String("1e6".into()))];
+        let err = ModelConfig::from_gguf_metadata(&metadata("qwen3", &text)).unwrap_err();
+        assert!(
+            matches!(&err, EngineError::Metadata { key, .. } if key == "qwen3.rope.freq_base"),
+            "{err}"
+        );
+        let missing = metadata("llama", &[]).into_iter().filter(|(k, _)| k != "llama.block_count");
+        let err = ModelConfig::from_gguf_metadata(&missing.collect()).unwrap_err();
+        assert!(
+            matches!(&err, EngineError::Metadata { key, .. } if key == "llama.block_count"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn rope_factors_are_checked_and_short_longrope_factors_cut_the_context() {
+        let md = metadata("phi3", &[("rope.scaling.original_context_length", Value::U32(64))]);
+        let mut c = ModelConfig::from_gguf_metadata(&md).unwrap();
+        let name = "rope_factors_short.weight";
+        let err = c.set_rope_freq_factors(name, vec![1.0; 3], &md, true).unwrap_err();
+        assert!(matches!(&err, EngineError::Metadata { key, .. } if key == name), "{err}");
+        let err = c.set_rope_freq_factors(name, vec![-1.0; 8], &md, true).unwrap_err();
+        assert!(err.to_string().contains(name), "{err}");
+        c.set_rope_freq_factors(name, vec![2.0; 8], &md, true).unwrap();
+        assert_eq!(c.context_length, 64);
+        assert_eq!(c.features.rope_freq_factors.as_deref(), Some(&[2.0; 8][..]));
     }
 }
