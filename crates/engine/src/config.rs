@@ -330,7 +330,7 @@ impl ModelConfig {
     pub fn layer_window(&self, layer: usize) -> Option<usize> {
         let w = self.features.sliding_window?;
         match w.global_every {
-            Some(n) if (layer + 1) % n == 0 => None,
+            Some(n) if (layer + 1).is_multiple_of(n) => None,
             _ => Some(w.size),
         }
     }
