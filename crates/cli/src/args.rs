@@ -15,8 +15,8 @@ use kvmerger_engine::{
 #[derive(Debug, Clone, Args)]
 pub struct ModelSource {
     /// A GGUF file or a Hugging Face folder (config.json, *.safetensors, tokenizer.json).
-    /// Or a known model's name (smollm2-135m, qwen2.5-coder-0.5b), fetched into the cache
-    /// folder on first use. Default: smollm2-135m.
+    /// Or a known model's name (smollm2-135m, qwen2.5-coder-0.5b, qwen2.5-coder-1.5b,
+    /// gemma3-270m), fetched into the cache folder on first use. Default: smollm2-135m.
     #[arg(short = 'm', long, env = "KVMERGER_MODEL", value_name = "PATH|NAME")]
     pub model: Option<PathBuf>,
     /// Threads of the compute pools (rayon's global pool and candle's matrix products).

@@ -53,7 +53,8 @@ enum Command {
         /// Only the model (the tests need no corpus).
         #[arg(long)]
         model_only: bool,
-        /// A known model to fetch instead of the default (smollm2-135m, qwen2.5-coder-0.5b).
+        /// A known model to fetch instead of the default (smollm2-135m, qwen2.5-coder-0.5b,
+        /// qwen2.5-coder-1.5b, gemma3-270m).
         #[arg(short = 'm', long, value_name = "NAME")]
         model: Option<String>,
         /// Folder to put the model in. Default: the cache folder ($KVMERGER_CACHE, else

@@ -50,7 +50,8 @@ fn bench(c: &mut Criterion) {
             for (stats, name) in
                 [(StatsRequest::default(), ""), (StatsRequest::accumulated(), " + H2O stats")]
             {
-                let opts = AttentionOptions { chunk: 128, stats, log_count_bias: false };
+                let opts =
+                    AttentionOptions { chunk: 128, stats, log_count_bias: false, window: None };
                 group.bench_function(format!("{dtype}{name}"), |b| {
                     b.iter(|| attend(&q, 1, &mut cache, SHAPE, opts))
                 });
@@ -60,8 +61,12 @@ fn bench(c: &mut Criterion) {
         // not from the caches a repeated call leaves them in.
         let mut layers: Vec<Vec<HeadCache>> =
             (0..LAYERS).map(|_| heads(KvDtype::F16, entries)).collect();
-        let opts =
-            AttentionOptions { chunk: 128, stats: StatsRequest::default(), log_count_bias: false };
+        let opts = AttentionOptions {
+            chunk: 128,
+            stats: StatsRequest::default(),
+            log_count_bias: false,
+            window: None,
+        };
         let mut layer = 0;
         group.bench_function(format!("f16, {LAYERS} layers in turn"), |b| {
             b.iter(|| {
@@ -92,7 +97,7 @@ fn bench_short(c: &mut Criterion) {
         for (stats, name) in
             [(StatsRequest::default(), ""), (StatsRequest::accumulated(), " + H2O stats")]
         {
-            let opts = AttentionOptions { chunk: 128, stats, log_count_bias: false };
+            let opts = AttentionOptions { chunk: 128, stats, log_count_bias: false, window: None };
             group.bench_function(format!("one sequence{name}"), |b| {
                 b.iter(|| {
                     on_pool(|| {
@@ -103,8 +108,12 @@ fn bench_short(c: &mut Criterion) {
                 })
             });
         }
-        let opts =
-            AttentionOptions { chunk: 128, stats: StatsRequest::default(), log_count_bias: false };
+        let opts = AttentionOptions {
+            chunk: 128,
+            stats: StatsRequest::default(),
+            log_count_bias: false,
+            window: None,
+        };
         // Each layer's four sequences side by side, as a batched decode step runs them.
         group.bench_function("four sequences", |b| {
             b.iter(|| {

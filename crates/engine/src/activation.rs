@@ -1,7 +1,28 @@
 //! The MLP activation of the decode path, `SiLU(gate) * up`, over plain buffers: on 16 lanes
 //! where the CPU has AVX-512 (an `exp` polynomial within a few ulp of the C library's),
 //! elementwise otherwise. Each element depends on its own inputs only, so a sequence's rows
-//! give the same values alone or batched.
+//! give the same values alone or batched. Gemma's GELU runs elementwise.
+
+use crate::config::Activation;
+
+/// `gate[i] = act(gate[i]) * up[i]` for the model's activation.
+pub(crate) fn gate_product(activation: Activation, gate: &mut [f32], up: &[f32]) {
+    match activation {
+        Activation::Silu => silu_product(gate, up),
+        Activation::GeluTanh => gelu_tanh_product(gate, up),
+    }
+}
+
+/// `gate[i] = GELU(gate[i]) * up[i]` with the tanh approximation
+/// `GELU(g) = g/2 (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3)))` (Gemma; candle's `gelu`).
+fn gelu_tanh_product(gate: &mut [f32], up: &[f32]) {
+    assert_eq!(gate.len(), up.len(), "gate and up have the same width");
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    gate.iter_mut().zip(up).for_each(|(g, u)| {
+        let inner = SQRT_2_OVER_PI * (*g + 0.044_715 * *g * *g * *g);
+        *g = 0.5 * *g * (1.0 + inner.tanh()) * u;
+    });
+}
 
 /// `gate[i] = SiLU(gate[i]) * up[i]`, with `SiLU(g) = g / (1 + exp(-g))`.
 pub(crate) fn silu_product(gate: &mut [f32], up: &[f32]) {

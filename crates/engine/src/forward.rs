@@ -1,5 +1,6 @@
 //! The Llama-family forward pass: RMSNorm, RoPE at explicit positions, grouped-query
-//! attention over the ragged cache, SwiGLU.
+//! attention over the ragged cache, SwiGLU; and what its relatives add: per-head q/k norms,
+//! post-norms, GELU, scaled embeddings, sliding-window layers.
 //!
 //! One forward pass runs over several sequences: the rows of every sequence are joined for the
 //! linear layers (one matrix multiplication per weight for all of them), while RoPE and
@@ -15,9 +16,9 @@
 use candle_core::Tensor;
 use kvmerger_compress::{EntryMeta, KvCache, StatsRequest};
 
-use crate::activation::silu_product;
+use crate::activation::gate_product;
 use crate::attention::{attend_into, AttentionOptions, AttentionShape};
-use crate::config::ModelConfig;
+use crate::config::{Activation, ModelConfig};
 use crate::error::{EngineError, Result};
 use crate::linear::{Linear, WeightFormat, WeightFormats};
 use crate::model::Llama;
@@ -111,8 +112,12 @@ impl Llama {
         let rows: usize = items.iter().map(|i| i.tokens.len()).sum();
         let ids: Vec<u32> = items.iter().flat_map(|i| i.tokens.iter().copied()).collect();
         // [rows, hidden]
-        let x = timed(profile, Part::Embedding, || {
-            self.embed.index_select(&Tensor::new(ids.as_slice(), self.device())?, 0)
+        let x = timed(profile, Part::Embedding, || -> Result<_> {
+            let x = self.embed.index_select(&Tensor::new(ids.as_slice(), self.device())?, 0)?;
+            match self.config.features.embed_scale {
+                1.0 => Ok(x),
+                scale => Ok((x * scale as f64)?),
+            }
         })?;
         let x = if format == WeightFormat::File && self.blocks_on_kernel {
             let hidden = self.config.hidden_size;
@@ -183,21 +188,36 @@ impl Llama {
                 };
                 Ok((project(&block.wq)?, project(&block.wk)?, project(&block.wv)?))
             })?;
+            self.prepare_queries_keys(layer, &mut q, &mut k);
             let mut attn = vec![0.0f32; rows * qw];
             let layer_rows = LayerRows { q: &mut q, k: &mut k, v: &v, out: &mut attn };
             self.attend_items(layer, items, layer_rows, attention_chunk);
+            let post_norm = |y: Tensor, norm: &Option<Tensor>| -> Result<Tensor> {
+                match norm {
+                    Some(w) => Ok(candle_nn::ops::rms_norm(&y, w, eps)?),
+                    None => Ok(y),
+                }
+            };
             x = timed(profile, Part::Output, || -> Result<_> {
                 let attn = Tensor::from_vec(attn, (rows, qw), self.device())?;
-                Ok((&x + block.wo.forward_as(&attn, format)?)?)
+                let out =
+                    post_norm(block.wo.forward_as(&attn, format)?, &block.extras.post_attn_norm)?;
+                Ok((&x + out)?)
             })?;
             let h =
                 timed(profile, Part::Norms, || candle_nn::ops::rms_norm(&x, &block.mlp_norm, eps))?;
             let inner = timed(profile, Part::GateUp, || -> Result<_> {
-                let gate = block.gate.forward_as(&h, format)?.silu()?;
+                let gate = block.gate.forward_as(&h, format)?;
+                let gate = match self.config.features.activation {
+                    Activation::Silu => gate.silu()?,
+                    Activation::GeluTanh => gate.gelu()?,
+                };
                 Ok((gate * block.up.forward_as(&h, format)?)?)
             })?;
             x = timed(profile, Part::Down, || -> Result<_> {
-                Ok((&x + block.down.forward_as(&inner, format)?)?)
+                let out =
+                    post_norm(block.down.forward_as(&inner, format)?, &block.extras.post_mlp_norm)?;
+                Ok((&x + out)?)
             })?;
         }
         Ok(x)
@@ -226,38 +246,56 @@ impl Llama {
         let mut out = vec![0.0f32; rows * hidden];
         let (mut gate, mut up) = (vec![0.0f32; rows * inter], vec![0.0f32; rows * inter]);
         for (layer, block) in self.blocks.iter().enumerate() {
-            let (attn_norm, mlp_norm) = &self.norm_values[layer];
+            let norms = &self.norm_values[layer];
             timed(profile, Part::Norms, || {
-                rms_norm_rows(&x, attn_norm, eps, &mut h);
+                rms_norm_rows(&x, &norms.attn, eps, &mut h);
                 act.quantize(&h, rows);
             });
             timed(profile, Part::Qkv, || {
                 let layers = [&block.wq, &block.wk, &block.wv];
                 Linear::forward_quantized(layers, &act, [&mut q, &mut k, &mut v]);
             });
+            self.prepare_queries_keys(layer, &mut q, &mut k);
             let layer_rows = LayerRows { q: &mut q, k: &mut k, v: &v, out: &mut attn };
             self.attend_items(layer, items, layer_rows, attention_chunk);
             timed(profile, Part::Output, || {
                 act.quantize(&attn, rows);
                 Linear::forward_quantized([&block.wo], &act, [&mut out]);
-                x.iter_mut().zip(&out).for_each(|(x, o)| *x += o);
+                add_residual(&mut x, &mut out, norms.post_attn.as_deref(), eps);
             });
             timed(profile, Part::Norms, || {
-                rms_norm_rows(&x, mlp_norm, eps, &mut h);
+                rms_norm_rows(&x, &norms.mlp, eps, &mut h);
                 act.quantize(&h, rows);
             });
             timed(profile, Part::GateUp, || {
                 let layers = [&block.gate, &block.up];
                 Linear::forward_quantized(layers, &act, [&mut gate, &mut up]);
-                silu_product(&mut gate, &up);
+                gate_product(c.features.activation, &mut gate, &up);
                 act.quantize(&gate, rows);
             });
             timed(profile, Part::Down, || {
                 Linear::forward_quantized([&block.down], &act, [&mut out]);
-                x.iter_mut().zip(&out).for_each(|(x, o)| *x += o);
+                add_residual(&mut x, &mut out, norms.post_mlp.as_deref(), eps);
             });
         }
         Ok(x)
+    }
+
+    /// Per-head q/k RMSNorms (Qwen3, Gemma 3) and the query scale, before RoPE.
+    /// `q`: `[rows, n_heads * head_dim]`, `k`: `[rows, n_kv_heads * head_dim]`.
+    fn prepare_queries_keys(&self, layer: usize, q: &mut [f32], k: &mut [f32]) {
+        let norms = &self.norm_values[layer];
+        let eps = self.config.rms_norm_eps as f32;
+        if let Some(w) = &norms.q {
+            rms_norm_in_place(q, w, eps);
+        }
+        if let Some(w) = &norms.k {
+            rms_norm_in_place(k, w, eps);
+        }
+        let scale = self.config.features.query_scale;
+        if scale != 1.0 {
+            q.iter_mut().for_each(|v| *v *= scale);
+        }
     }
 
     /// RoPE, cache append and attention of one layer for every item, the items side by side
@@ -288,11 +326,15 @@ impl Llama {
         let seq = item.tokens.len();
         let cache = &mut *item.cache;
         let heads = &mut cache.layers[layer];
+        let (rope, window) = (self.rope_of(layer), c.layer_window(layer));
         timed(profile, Part::RopeAppend, || {
+            if let Some(window) = window {
+                heads.iter_mut().for_each(|h| drop_outside_window(h, cache.n_seen, window));
+            }
             for i in 0..seq {
                 let pos = cache.n_seen + i;
-                self.rope.apply(&mut q[i * qw..(i + 1) * qw], pos);
-                self.rope.apply(&mut k[i * kw..(i + 1) * kw], pos);
+                rope.apply(&mut q[i * qw..(i + 1) * qw], pos);
+                rope.apply(&mut k[i * kw..(i + 1) * kw], pos);
                 for (kh, head) in heads.iter_mut().enumerate() {
                     let at = i * kw + kh * c.head_dim;
                     head.push(
@@ -307,6 +349,7 @@ impl Llama {
             chunk: attention_chunk,
             stats: item.stats,
             log_count_bias: cache.log_count_bias,
+            window,
         };
         timed(profile, Part::Attention, || attend_into(q, seq, heads, shape, opts, out));
     }
@@ -359,20 +402,54 @@ impl<'a> LayerRows<'a> {
     }
 }
 
-/// RMSNorm of each row of `x` `[rows, width]` into `out`: `x / sqrt(mean(x^2) + eps) * weight`.
-fn rms_norm_rows(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+/// Drops the entries of a sliding-window layer's head that no query from position
+/// `first_query` on can see (`first_query - position >= window`): the window layer holds
+/// its window, whatever a compression method kept.
+fn drop_outside_window(head: &mut kvmerger_compress::HeadCache, first_query: usize, window: usize) {
+    let visible = |m: &EntryMeta| m.position + window > first_query;
+    if head.meta().iter().all(visible) {
+        return;
+    }
+    let keep: Vec<usize> =
+        head.meta().iter().enumerate().filter(|(_, m)| visible(m)).map(|(i, _)| i).collect();
+    head.retain_indices(&keep);
+}
+
+/// `x += out`, `out` first RMS-normed by `post_norm` where the architecture has one (Gemma).
+fn add_residual(x: &mut [f32], out: &mut [f32], post_norm: Option<&[f32]>, eps: f32) {
+    if let Some(w) = post_norm {
+        rms_norm_in_place(out, w, eps);
+    }
+    x.iter_mut().zip(out.iter()).for_each(|(x, o)| *x += o);
+}
+
+/// `1 / sqrt(mean(row^2) + eps)`.
+fn inverse_rms(row: &[f32], eps: f32) -> f32 {
     /// Running sums of squares per row: independent additions vectorise, where one running
     /// sum waits on each addition in turn.
     const LANES: usize = 16;
+    let mut sums = [0.0f32; LANES];
+    let chunks = row.chunks_exact(LANES);
+    let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
+    for chunk in chunks {
+        sums.iter_mut().zip(chunk).for_each(|(s, v)| *s += v * v);
+    }
+    let mean_square = (sums.iter().sum::<f32>() + tail) / row.len() as f32;
+    1.0 / (mean_square + eps).sqrt()
+}
+
+/// RMSNorm of each row of `x` `[rows, width]` into `out`: `x / sqrt(mean(x^2) + eps) * weight`.
+fn rms_norm_rows(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     for (row, out) in x.chunks_exact(weight.len()).zip(out.chunks_exact_mut(weight.len())) {
-        let mut sums = [0.0f32; LANES];
-        let chunks = row.chunks_exact(LANES);
-        let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
-        for chunk in chunks {
-            sums.iter_mut().zip(chunk).for_each(|(s, v)| *s += v * v);
-        }
-        let mean_square = (sums.iter().sum::<f32>() + tail) / row.len() as f32;
-        let inv = 1.0 / (mean_square + eps).sqrt();
+        let inv = inverse_rms(row, eps);
         out.iter_mut().zip(row).zip(weight).for_each(|((o, v), w)| *o = v * inv * w);
+    }
+}
+
+/// [`rms_norm_rows`] in place, over rows of `weight.len()` (a hidden row or one head).
+fn rms_norm_in_place(x: &mut [f32], weight: &[f32], eps: f32) {
+    for row in x.chunks_exact_mut(weight.len()) {
+        let inv = inverse_rms(row, eps);
+        row.iter_mut().zip(weight).for_each(|(v, w)| *v *= inv * w);
     }
 }

@@ -29,14 +29,16 @@ pub mod tokenizer;
 
 pub use attention::{attend, attend_into, AttentionOptions, AttentionShape};
 pub use compression::{after_decode_step, compress_prompt, CompressionReport};
-pub use config::{ModelConfig, MAX_CONTEXT, SUPPORTED_ARCHITECTURES};
+pub use config::{
+    Activation, ArchFeatures, ModelConfig, SlidingWindow, MAX_CONTEXT, SUPPORTED_ARCHITECTURES,
+};
 pub use cpu::{kernel_report, KernelLevel, UnknownKernelLevel, KERNEL_LEVEL_ENV};
 pub use error::{EngineError, Result};
 pub use forward::{BatchItem, Logits, Phase};
 pub use gguf_check::{check_gguf, GgufSummary, MAX_METADATA_BYTES};
 pub use linear::{Linear, WeightFormat, WeightFormats};
 pub use loader::{load_gguf, load_hf_folder, load_model, read_gguf_header, LoadedModel};
-pub use model::{Block, Llama};
+pub use model::{Block, BlockNorms, Llama};
 pub use pool::KvPool;
 pub use prefill::{PrefillCompression, PrefillOptions, PrefillPlan};
 pub use profile::{Part, StepProfile};

@@ -4,7 +4,7 @@ use std::fs::File;
 use std::io::{BufReader, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::gguf_file;
+use candle_core::quantized::{gguf_file, QTensor};
 use candle_core::{DType, Device, Tensor};
 
 use crate::chat::ChatTemplate;
@@ -12,7 +12,7 @@ use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::gguf_check::check_gguf;
 use crate::linear::{Linear, WeightFormats};
-use crate::model::{Block, Llama};
+use crate::model::{Block, BlockNorms, Llama};
 use crate::tokenizer::TextTokenizer;
 
 /// Reads a GGUF file's header (metadata and tensor index), with clear errors for a
@@ -44,18 +44,51 @@ fn check_shape(name: &str, actual: &[usize], expected: &[usize]) -> Result<()> {
     }
 }
 
-/// Loads a Llama-family GGUF model.
+/// Splits a `[rows, cols]` tensor into consecutive row blocks of `sizes` rows, each in the
+/// tensor's own format (a row is a whole number of quantization blocks, so its bytes split
+/// without requantizing): Phi-3's fused projections.
+fn split_rows(t: QTensor, sizes: &[usize], device: &Device) -> Result<Vec<QTensor>> {
+    let (rows, cols) = t.shape().dims2()?;
+    let data = t.data()?;
+    let row_bytes = data.len() / rows.max(1);
+    let mut at = 0;
+    sizes
+        .iter()
+        .map(|&n| {
+            let part = &data[at * row_bytes..(at + n) * row_bytes];
+            at += n;
+            let dims = vec![n, cols];
+            Ok(candle_core::quantized::ggml_file::qtensor_from_ggml(t.dtype(), part, dims, device)?)
+        })
+        .collect()
+}
+
+/// Loads a GGUF model of one of [`crate::config::SUPPORTED_ARCHITECTURES`].
 pub fn load_gguf(
     path: &Path,
     formats: WeightFormats,
     device: &Device,
 ) -> Result<(Llama, gguf_file::Content)> {
     let (content, mut reader) = read_gguf_header(path)?;
-    let config = ModelConfig::from_gguf_metadata(&content.metadata)?;
+    let mut config = ModelConfig::from_gguf_metadata(&content.metadata)?;
     let gguf_err = |e: candle_core::Error| EngineError::Gguf {
         path: path.to_path_buf(),
         reason: e.to_string(),
     };
+    let has = |name: &str| content.tensor_infos.contains_key(name);
+    // RoPE frequency divisors: Llama 3's scaling, or Phi-3's LongRoPE factors (the short
+    // ones: the context is cut to the length they hold for).
+    let half = [config.head_dim / 2];
+    for (name, short_context) in [("rope_freqs.weight", false), ("rope_factors_short.weight", true)]
+    {
+        if has(name) {
+            let info = &content.tensor_infos[name];
+            check_shape(name, info.shape.dims(), &half)?;
+            let factors = content.tensor(&mut reader, name, device).map_err(gguf_err)?;
+            let factors = factors.dequantize(device)?.to_vec1()?;
+            config.set_rope_freq_factors(name, factors, &content.metadata, short_context)?;
+        }
+    }
     let c = &config;
     let (hidden, q_dim, kv_dim) =
         (c.hidden_size, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
@@ -92,21 +125,52 @@ pub fn load_gguf(
             bias("attn_k.bias", kv_dim)?,
             bias("attn_v.bias", kv_dim)?,
         );
-        let mut linear = |n: &str, shape: [usize; 2], b: Option<Tensor>| {
-            Linear::from_qtensor(tensor(&name(n), &shape)?, b, formats)
-        };
+        let lin = |t: QTensor, b: Option<Tensor>| Linear::from_qtensor(t, b, formats);
         let inter = c.intermediate_size;
-        let (wq, wk, wv) = (
-            linear("attn_q.weight", [q_dim, hidden], bq)?,
-            linear("attn_k.weight", [kv_dim, hidden], bk)?,
-            linear("attn_v.weight", [kv_dim, hidden], bv)?,
+        let (wq, wk, wv) = if has(&name("attn_qkv.weight")) {
+            // Phi-3: one projection, rows q, k, v.
+            let fused = tensor(&name("attn_qkv.weight"), &[q_dim + 2 * kv_dim, hidden])?;
+            let [q, k, v]: [QTensor; 3] = split_rows(fused, &[q_dim, kv_dim, kv_dim], device)?
+                .try_into()
+                .map_err(|_| EngineError::Setup("splitting attn_qkv".into()))?;
+            (lin(q, bq)?, lin(k, bk)?, lin(v, bv)?)
+        } else {
+            (
+                lin(tensor(&name("attn_q.weight"), &[q_dim, hidden])?, bq)?,
+                lin(tensor(&name("attn_k.weight"), &[kv_dim, hidden])?, bk)?,
+                lin(tensor(&name("attn_v.weight"), &[kv_dim, hidden])?, bv)?,
+            )
+        };
+        let (gate, up) = if has(&name("ffn_gate.weight")) {
+            (
+                lin(tensor(&name("ffn_gate.weight"), &[inter, hidden])?, None)?,
+                lin(tensor(&name("ffn_up.weight"), &[inter, hidden])?, None)?,
+            )
+        } else {
+            // Phi-3: `ffn_up` holds the gate's rows, then the up projection's.
+            let fused = tensor(&name("ffn_up.weight"), &[2 * inter, hidden])?;
+            let [gate, up]: [QTensor; 2] =
+                split_rows(fused, &[inter, inter], device)?
+                    .try_into()
+                    .map_err(|_| EngineError::Setup("splitting ffn_up".into()))?;
+            (lin(gate, None)?, lin(up, None)?)
+        };
+        let (wo, down) = (
+            lin(tensor(&name("attn_output.weight"), &[hidden, q_dim])?, None)?,
+            lin(tensor(&name("ffn_down.weight"), &[hidden, inter])?, None)?,
         );
-        let (wo, gate, up, down) = (
-            linear("attn_output.weight", [hidden, q_dim], None)?,
-            linear("ffn_gate.weight", [inter, hidden], None)?,
-            linear("ffn_up.weight", [inter, hidden], None)?,
-            linear("ffn_down.weight", [hidden, inter], None)?,
-        );
+        let mut norm = |n: &str, len: usize| -> Result<Option<Tensor>> {
+            match has(&name(n)) {
+                true => Ok(Some(tensor(&name(n), &[len])?.dequantize(device)?)),
+                false => Ok(None),
+            }
+        };
+        let extras = BlockNorms {
+            q_norm: norm("attn_q_norm.weight", c.head_dim)?,
+            k_norm: norm("attn_k_norm.weight", c.head_dim)?,
+            post_attn_norm: norm("post_attention_norm.weight", hidden)?,
+            post_mlp_norm: norm("post_ffw_norm.weight", hidden)?,
+        };
         blocks.push(Block {
             attn_norm: tensor(&name("attn_norm.weight"), &[hidden])?.dequantize(device)?,
             mlp_norm: tensor(&name("ffn_norm.weight"), &[hidden])?.dequantize(device)?,
@@ -117,6 +181,7 @@ pub fn load_gguf(
             gate,
             up,
             down,
+            extras,
         });
     }
     let model = Llama::new(config, embed, blocks, final_norm, lm_head, formats)?;
@@ -188,6 +253,7 @@ pub fn load_hf_folder(dir: &Path, device: &Device) -> Result<Llama> {
             down: lin("mlp.down_proj", [hidden, inter], false)?,
             attn_norm: required(take_optional(&attn_norm, &[hidden])?, &attn_norm)?,
             mlp_norm: required(take_optional(&mlp_norm, &[hidden])?, &mlp_norm)?,
+            extras: BlockNorms::default(),
         });
     }
     Llama::new(

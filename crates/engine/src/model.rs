@@ -1,4 +1,5 @@
-//! A Llama-family model's weights (Llama 2/3, Mistral, Qwen2, SmolLM) and what its forward
+//! A Llama-family model's weights (Llama 2/3, Mistral, Qwen2/3, Gemma 3, Phi-3, SmolLM) and
+//! what its forward
 //! pass ([`crate::forward`]) needs beside them: RoPE tables, norms as plain values, the
 //! thread policy.
 
@@ -28,6 +29,46 @@ pub struct Block {
     pub gate: Linear,
     pub up: Linear,
     pub down: Linear,
+    pub extras: BlockNorms,
+}
+
+/// The norms some architectures add to a block, each `None` where the file has none.
+#[derive(Debug, Clone, Default)]
+pub struct BlockNorms {
+    /// `[head_dim]`: RMSNorm of every query head before RoPE (Qwen3, Gemma 3).
+    pub q_norm: Option<Tensor>,
+    /// `[head_dim]`: RMSNorm of every key head before RoPE.
+    pub k_norm: Option<Tensor>,
+    /// `[hidden]`: RMSNorm of the attention output before the residual add (Gemma).
+    pub post_attn_norm: Option<Tensor>,
+    /// `[hidden]`: RMSNorm of the MLP output before the residual add (Gemma).
+    pub post_mlp_norm: Option<Tensor>,
+}
+
+/// A block's norm weights as plain values, for the forward pass.
+#[derive(Debug, Clone)]
+pub(crate) struct NormValues {
+    pub attn: Vec<f32>,
+    pub mlp: Vec<f32>,
+    pub q: Option<Vec<f32>>,
+    pub k: Option<Vec<f32>>,
+    pub post_attn: Option<Vec<f32>>,
+    pub post_mlp: Option<Vec<f32>>,
+}
+
+impl NormValues {
+    fn of(block: &Block) -> Result<Self> {
+        let values = |t: &Option<Tensor>| t.as_ref().map(Tensor::to_vec1).transpose();
+        let e = &block.extras;
+        Ok(Self {
+            attn: block.attn_norm.to_vec1()?,
+            mlp: block.mlp_norm.to_vec1()?,
+            q: values(&e.q_norm)?,
+            k: values(&e.k_norm)?,
+            post_attn: values(&e.post_attn_norm)?,
+            post_mlp: values(&e.post_mlp_norm)?,
+        })
+    }
 }
 
 /// A Llama-family model ready to run.
@@ -44,8 +85,10 @@ pub struct Llama {
     /// How caches made for this model store keys and values (f16 unless set otherwise).
     pub kv_dtype: KvDtype,
     pub(crate) rope: Rope,
-    /// `[layer] -> (attn_norm, mlp_norm)` as plain values, for the kernel path.
-    pub(crate) norm_values: Vec<(Vec<f32>, Vec<f32>)>,
+    /// The rotation of sliding-window layers that have their own base (Gemma 3).
+    pub(crate) window_rope: Option<Rope>,
+    /// `[layer]`: every norm weight as plain values.
+    pub(crate) norm_values: Vec<NormValues>,
     /// Whether every block's linear layers run on the quantized kernel.
     pub(crate) blocks_on_kernel: bool,
     pub(crate) profile: Option<Arc<StepProfile>>,
@@ -63,10 +106,8 @@ impl Llama {
         formats: WeightFormats,
     ) -> Result<Self> {
         let rope = Rope::new(&config);
-        let norm_values = blocks
-            .iter()
-            .map(|b| Ok((b.attn_norm.to_vec1()?, b.mlp_norm.to_vec1()?)))
-            .collect::<Result<_>>()?;
+        let window_rope = Rope::for_window_layers(&config);
+        let norm_values = blocks.iter().map(NormValues::of).collect::<Result<_>>()?;
         let blocks_on_kernel = blocks.iter().all(|b| {
             [&b.wq, &b.wk, &b.wv, &b.wo, &b.gate, &b.up, &b.down].iter().all(|l| l.has_kernel())
         });
@@ -79,6 +120,7 @@ impl Llama {
             formats,
             kv_dtype: KvDtype::default(),
             rope,
+            window_rope,
             norm_values,
             blocks_on_kernel,
             profile: None,
@@ -97,6 +139,14 @@ impl Llama {
     /// whichever recent steps found faster. Results are the same either way.
     pub fn set_adaptive_threads(&mut self, on: bool) {
         self.adaptive_threads = on.then(|| Arc::new(AdaptiveThreads::default()));
+    }
+
+    /// The rotation of `layer`.
+    pub(crate) fn rope_of(&self, layer: usize) -> &Rope {
+        match (&self.window_rope, self.config.layer_window(layer)) {
+            (Some(rope), Some(_)) => rope,
+            _ => &self.rope,
+        }
     }
 
     pub fn device(&self) -> &Device {

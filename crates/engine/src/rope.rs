@@ -17,26 +17,51 @@ pub struct Rope {
 }
 
 impl Rope {
+    /// The rotation of the model's full-attention layers: its base, scaling and the file's
+    /// frequency factors.
     pub fn new(config: &ModelConfig) -> Self {
+        let f = &config.features;
+        let factors = f.rope_freq_factors.as_deref();
+        Self::build(config, config.rope_theta, f.rope_freq_scale, factors, f.rope_attn_factor)
+    }
+
+    /// The rotation of sliding-window layers where they have their own base (Gemma 3):
+    /// unscaled, at that base.
+    pub fn for_window_layers(config: &ModelConfig) -> Option<Self> {
+        let theta = config.features.sliding_window?.local_rope_theta?;
+        Some(Self::build(config, theta, 1.0, None, 1.0))
+    }
+
+    /// Angle of pair `i` at position `p`: `p * freq_scale * theta^(-2i/d) / factors[i]`, as
+    /// llama.cpp's `ggml_rope_ext`; cos and sin are multiplied by `attn_factor`.
+    fn build(
+        config: &ModelConfig,
+        theta: f32,
+        freq_scale: f32,
+        factors: Option<&[f32]>,
+        attn_factor: f32,
+    ) -> Self {
         let half = config.head_dim / 2;
         let inv_freq: Vec<f64> = (0..half)
             .map(|i| {
-                let freq =
-                    1.0 / (config.rope_theta as f64).powf(2.0 * i as f64 / config.head_dim as f64);
-                match &config.rope_scaling {
+                let freq = 1.0 / (theta as f64).powf(2.0 * i as f64 / config.head_dim as f64);
+                let freq = match &config.rope_scaling {
                     Some(s) => llama3_scale(freq, s),
                     None => freq,
-                }
+                };
+                let factor = factors.map_or(1.0, |f| f[i] as f64);
+                freq * freq_scale as f64 / factor
             })
             .collect();
         let n = config.context_length;
         let mut cos = Vec::with_capacity(n * half);
         let mut sin = Vec::with_capacity(n * half);
+        let scale = attn_factor as f64;
         for pos in 0..n {
             for f in &inv_freq {
                 let angle = pos as f64 * f;
-                cos.push(angle.cos() as f32);
-                sin.push(angle.sin() as f32);
+                cos.push((angle.cos() * scale) as f32);
+                sin.push((angle.sin() * scale) as f32);
             }
         }
         Self { half, interleaved: config.rope_interleaved, cos, sin }

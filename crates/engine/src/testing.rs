@@ -33,6 +33,7 @@ pub fn tiny_config() -> ModelConfig {
         context_length: 256,
         rope_interleaved: true,
         rope_scaling: None,
+        features: Default::default(),
     }
 }
 
@@ -92,6 +93,7 @@ pub fn random_llama_with(config: ModelConfig, seed: u64, formats: WeightFormats)
             gate: linear(mat(i, h, s)?)?,
             up: linear(mat(i, h, s)?)?,
             down: linear(mat(h, i, 1.0 / (i as f32).sqrt())?)?,
+            extras: Default::default(),
         });
     }
     let final_norm = Tensor::ones(h, candle_core::DType::F32, &dev)?;

@@ -79,7 +79,7 @@ fn allocations_of_a_step(
 #[test]
 fn decode_attention_allocates_nothing_per_layer() {
     for (stats, name) in [(StatsRequest::default(), "no"), (StatsRequest::accumulated(), "H2O")] {
-        let opts = AttentionOptions { chunk: 128, stats, log_count_bias: true };
+        let opts = AttentionOptions { chunk: 128, stats, log_count_bias: true, window: None };
         for entries in [100, 3000] {
             // One thread: the parts run on the calling thread. Four sequences side by
             // side, but on one thread which buffers grow is the same in every step.

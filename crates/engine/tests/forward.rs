@@ -288,3 +288,46 @@ fn context_overflow_and_empty_input_are_errors() {
         forward(&m, Phase::Prefill, &[999], &mut cache, ForwardOptions::default()).unwrap_err();
     assert!(err.to_string().contains("999"));
 }
+
+/// Sliding-window layers (every other layer here, window 5): a prefill in two chunks, whose
+/// queries are masked by position, and single-token decode steps, whose layers drop what left
+/// the window, agree with the reference restricted to the window; window layers hold their
+/// window and no more, global layers everything. Cross-path: bounded by a relative L2 error.
+#[test]
+fn sliding_window_layers_see_only_their_window() {
+    let window = 5;
+    let mut config = tiny_config();
+    config.features.sliding_window = Some(kvmerger_engine::SlidingWindow {
+        size: window,
+        global_every: Some(2),
+        local_rope_theta: None,
+    });
+    let m = random_llama(config, 17).unwrap();
+    assert_eq!((m.config.layer_window(0), m.config.layer_window(1)), (Some(window), None));
+    let toks = tokens(30, 4);
+    let reference = reference_forward(&m, &toks, |l, _, i, j| {
+        m.config.layer_window(l).is_none_or(|w| i - j < w)
+    })
+    .unwrap();
+    let full = reference_forward(&m, &toks, |_, _, _, _| true).unwrap();
+    let mut cache = m.new_cache();
+    let all = ForwardOptions { logits: Logits::All, ..Default::default() };
+    let mut ours = rows(&m.forward(&toks[..9], &mut cache, all).unwrap());
+    ours.extend(rows(&m.forward(&toks[9..20], &mut cache, all).unwrap()));
+    for &t in &toks[20..] {
+        ours.extend(rows(&m.forward(&[t], &mut cache, ForwardOptions::default()).unwrap()));
+    }
+    for (i, row) in ours.iter().enumerate() {
+        assert!(relative_l2(row, &reference.logits[i]) < 1e-5, "position {i}");
+    }
+    let last = toks.len() - 1;
+    assert!(
+        relative_l2(&full.logits[last], &reference.logits[last]) > 1e-2,
+        "the window changes the result, so the check above can fail"
+    );
+    for head in &cache.layers[0] {
+        assert_eq!(head.len(), window, "a window layer keeps its window after decode");
+        assert!(head.meta().iter().all(|m| m.position + window > last));
+    }
+    assert!(cache.layers[1].iter().all(|h| h.len() == toks.len()), "global layers keep all");
+}

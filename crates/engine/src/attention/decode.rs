@@ -1014,7 +1014,12 @@ mod tests {
     }
 
     fn opts(log_count_bias: bool) -> AttentionOptions {
-        AttentionOptions { chunk: 8, stats: StatsRequest::accumulated(), log_count_bias }
+        AttentionOptions {
+            chunk: 8,
+            stats: StatsRequest::accumulated(),
+            log_count_bias,
+            window: None,
+        }
     }
 
     fn attention(heads: &[HeadCache]) -> Vec<f32> {

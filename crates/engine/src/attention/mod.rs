@@ -213,6 +213,14 @@ fn attend_chunk(
                 *s += b;
             }
         }
+        if let Some(window) = opts.window {
+            let query = meta[base + i].position;
+            for (s, m) in row[..seen].iter_mut().zip(meta) {
+                if query.saturating_sub(m.position) >= window {
+                    *s = f32::NEG_INFINITY;
+                }
+            }
+        }
         let max = row[..seen].iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut sum = 0.0f32;
         for s in &mut row[..seen] {

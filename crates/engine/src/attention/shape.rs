@@ -19,4 +19,8 @@ pub struct AttentionOptions {
     pub stats: StatsRequest,
     /// Add `ln(count)` to the logit of entries that stand for several tokens.
     pub log_count_bias: bool,
+    /// Sliding window: a query at position `p` sees only keys at positions `> p - window`
+    /// (by the entries' logical positions). Decode steps see their window because the
+    /// forward pass drops older entries first; this masks within a block of queries.
+    pub window: Option<usize>,
 }
