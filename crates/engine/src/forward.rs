@@ -13,7 +13,7 @@
 //! whether it runs alone or batched (see the tests).
 
 use candle_core::Tensor;
-use kvmerger_compress::{EntryMeta, KvCache, StatsRequest};
+use kvmerger_compress::{hadamard, EntryMeta, KvCache, StatsRequest};
 
 use crate::activation::silu_product;
 use crate::attention::{attend_into, AttentionOptions, AttentionShape};
@@ -351,6 +351,9 @@ impl Llama {
         let seq = item.tokens.len();
         let cache = &mut *item.cache;
         let heads = &mut cache.layers[layer];
+        // A cache stored Hadamard-rotated gets rotated keys and values, attends with rotated
+        // queries and gives rotated outputs, which are rotated back (see `hadamard`).
+        let rotated = cache.dtype.rotated();
         timed(profile, Part::RopeAppend, || {
             for i in 0..seq {
                 let pos = cache.n_seen + i;
@@ -358,12 +361,16 @@ impl Llama {
                 self.rope.apply(&mut k[i * kw..(i + 1) * kw], pos);
                 for (kh, head) in heads.iter_mut().enumerate() {
                     let at = i * kw + kh * c.head_dim;
-                    head.push(
-                        &k[at..at + c.head_dim],
-                        &v[at..at + c.head_dim],
-                        EntryMeta::new(pos),
-                    );
+                    let (key, value) = (&k[at..at + c.head_dim], &v[at..at + c.head_dim]);
+                    if rotated {
+                        head.push_rotated(key, value, EntryMeta::new(pos));
+                    } else {
+                        head.push(key, value, EntryMeta::new(pos));
+                    }
                 }
+            }
+            if rotated {
+                hadamard::rotate_rows(&mut q[..seq * qw], c.head_dim);
             }
         });
         let opts = AttentionOptions {
@@ -371,7 +378,12 @@ impl Llama {
             stats: item.stats,
             log_count_bias: cache.log_count_bias,
         };
-        timed(profile, Part::Attention, || attend_into(q, seq, heads, shape, opts, out));
+        timed(profile, Part::Attention, || {
+            attend_into(q, seq, heads, shape, opts, out);
+            if rotated {
+                hadamard::rotate_rows(out, c.head_dim);
+            }
+        });
     }
 
     /// Rejects what would make a forward pass fail half-way: no tokens, a context

@@ -69,7 +69,7 @@ fn keeps_budget_through_prefill_and_decode(dtype: KvDtype) {
                         // Resident memory is the kept keys, values and metadata, nothing more.
                         assert_eq!(
                             head.resident_bytes(),
-                            expected * (2 * hd * dtype.size_bytes() + entry_bytes),
+                            expected * (2 * dtype.row_bytes(hd) + entry_bytes),
                             "{label}"
                         );
                         assert!(

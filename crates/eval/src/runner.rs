@@ -199,11 +199,10 @@ pub fn run_sample(
         compressed(reference_llama, &CompressionConfig::Full, reference_prefill)?;
     let reference = teacher_forced(session, logits, &question, &full.tokens)?;
     let full_kv_bytes = 2
-        * model.model.kv_dtype.size_bytes()
+        * model.model.kv_dtype.row_bytes(model.model.config.head_dim)
         * context.len()
         * model.model.config.n_layers
-        * model.model.config.n_kv_heads
-        * model.model.config.head_dim;
+        * model.model.config.n_kv_heads;
 
     methods
         .iter()
