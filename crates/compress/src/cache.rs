@@ -546,7 +546,10 @@ mod tests {
             let mut head = filled_as(n, d, dtype);
             head.shrink_to_fit();
             assert_eq!(head.resident_bytes() - meta, n * 2 * (d / 32) * block, "{dtype}");
-            assert_eq!(HeadCache::entry_kv_bytes(d, dtype.with_rotation(true)), 2 * (d / 32) * block);
+            assert_eq!(
+                HeadCache::entry_kv_bytes(d, dtype.with_rotation(true)),
+                2 * (d / 32) * block
+            );
         }
     }
 

@@ -537,7 +537,9 @@ mod tests {
     fn quantized_rows_count_their_blocks_and_keep_rows_whole() {
         let width = 64;
         let x: Vec<f32> = (0..4 * width).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
-        for (dtype, block_bytes, step) in [(KvDtype::Q8_0, 34, 2.0 / 127.0), (KvDtype::Q4_0, 18, 0.25)] {
+        for (dtype, block_bytes, step) in
+            [(KvDtype::Q8_0, 34, 2.0 / 127.0), (KvDtype::Q4_0, 18, 0.25)]
+        {
             let mut rows = Rows::from_f32(dtype, x.clone());
             assert_eq!(rows.dtype(), dtype);
             assert_eq!(rows.len(), x.len());

@@ -724,7 +724,11 @@ mod fused {
             out: &mut [f32],
             n: usize,
         ) {
-            assert!(queries.len() == G * d && T::elements(keys) >= n * d && out.len() >= (G - 1) * n + n);
+            assert!(
+                queries.len() == G * d
+                    && T::elements(keys) >= n * d
+                    && out.len() >= (G - 1) * n + n
+            );
             assert!(values.is_none_or(|v| T::elements(v) >= n * d));
             let (q, k) = (queries.as_ptr(), keys.as_ptr());
             for j in 0..n {
@@ -824,7 +828,11 @@ mod fused {
             out: &mut [f32],
             n: usize,
         ) {
-            assert!(queries.len() == G * d && T::elements(keys) >= n * d && out.len() >= (G - 1) * n + n);
+            assert!(
+                queries.len() == G * d
+                    && T::elements(keys) >= n * d
+                    && out.len() >= (G - 1) * n + n
+            );
             assert!(values.is_none_or(|v| T::elements(v) >= n * d) && d.is_multiple_of(16));
             let (q, k, o) = (queries.as_ptr(), keys.as_ptr(), out.as_mut_ptr());
             let mut j = 0;
