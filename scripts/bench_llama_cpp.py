@@ -6,7 +6,9 @@ is importable; by hand:
     python3 scripts/bench_llama_cpp.py < input.json
 
 input.json: {"model": "file.gguf", "threads": 2, "lengths": [512, 2048],
-             "steps": 16, "tokens": [token ids, at least max(lengths) + steps]}
+             "steps": 16, "tokens": [token ids, at least max(lengths) + steps],
+             optionally "type_k", "type_v" (ggml type ids: 8 q8_0, 2 q4_0) and
+             "flash_attn" (needed for a quantized V cache)}
 Prints one JSON object per length: prefill seconds and decode milliseconds per token.
 
 Prefill is one `eval` of the prompt (llama.cpp splits it into batches of n_batch); each
@@ -32,6 +34,7 @@ def main():
         n_threads=spec["threads"],
         n_threads_batch=spec["threads"],
         verbose=False,
+        **{k: spec[k] for k in ("type_k", "type_v", "flash_attn") if k in spec},
     )
     for n in lengths:
         llm.reset()

@@ -23,10 +23,17 @@ pub struct ModelSource {
     /// 0: $RAYON_NUM_THREADS if set, else one per physical core.
     #[arg(short = 't', long, default_value_t = 0, value_name = "N")]
     pub threads: usize,
-    /// How the KV cache stores keys and values: f16, bf16 or f32. Attention and compression
-    /// compute in f32 whatever is stored.
+    /// How the KV cache stores keys and values: f16, bf16, f32, or llama.cpp's q8_0 and q4_0
+    /// blocks (32 elements and an f16 scale; heads a multiple of 32 wide). q8_0r and q4_0r
+    /// name the rotated forms (see --kv-rotate). Attention and compression compute in f32
+    /// whatever is stored.
     #[arg(long, default_value_t = KvDtype::F16, value_name = "DTYPE")]
     pub kv_dtype: KvDtype,
+    /// Store a quantized cache's keys and values Hadamard-rotated (queries rotated to match,
+    /// outputs rotated back: attention is unchanged in exact arithmetic, outliers spread
+    /// before quantization). Default: on for q4_0, off for q8_0.
+    #[arg(long, value_name = "BOOL", action = clap::ArgAction::Set)]
+    pub kv_rotate: Option<bool>,
 }
 
 impl ModelSource {
@@ -52,8 +59,17 @@ impl ModelSource {
     pub fn load(&self, path: &std::path::Path, formats: WeightFormats) -> Result<LoadedModel> {
         let mut loaded = kvmerger_engine::load_model(path, formats)
             .with_context(|| format!("loading {}", path.display()))?;
-        loaded.model.kv_dtype = self.kv_dtype;
+        let dtype = self.kv_dtype();
+        dtype.check_head_dim(loaded.model.config.head_dim)?;
+        loaded.model.kv_dtype = dtype;
         Ok(loaded)
+    }
+
+    /// `--kv-dtype` with `--kv-rotate` applied (a dtype named rotated stays so by default).
+    pub fn kv_dtype(&self) -> KvDtype {
+        let dtype = self.kv_dtype;
+        let rotate = self.kv_rotate.unwrap_or(dtype.rotated() || dtype.default_rotation());
+        dtype.with_rotation(rotate)
     }
 }
 

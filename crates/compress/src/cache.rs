@@ -5,7 +5,11 @@
 //! created at (a merged entry takes its pivot's), how many tokens were folded into it, and
 //! the attention it has received; the engine reads positions and counts, methods read the
 //! attention. Keys and values are stored in the cache's [`KvDtype`] (f16 by default) and
-//! read and written as f32.
+//! read and written as f32. A head knows how its rows are stored, not their basis: in a
+//! rotated cache ([`KvDtype::rotated`]) every row a head holds is rotated, methods compute on
+//! the rotated rows (an orthonormal rotation keeps dot products, norms, distances and
+//! weighted sums), and only the model's side of the cache rotates: the new rows it appends
+//! ([`HeadCache::push_rotated`]), the queries and the attention output.
 
 use std::borrow::Cow;
 
@@ -111,12 +115,13 @@ impl HeadCache {
     pub fn is_empty(&self) -> bool {
         self.meta.is_empty()
     }
-    /// How keys and values are stored.
+    /// How keys and values are stored (a plain dtype: see [`KvDtype::storage`]).
     pub fn dtype(&self) -> KvDtype {
         self.keys.dtype()
     }
-    /// Stores keys and values in `dtype` from now on, converting those held (rounded to
-    /// nearest when narrower; widening is exact).
+    /// Stores keys and values as `dtype` stores them from now on, converting those held
+    /// (rounded to nearest, or quantized, when narrower; widening is exact). The rows'
+    /// basis does not change.
     pub fn convert(&mut self, dtype: KvDtype) {
         self.keys.convert(dtype);
         self.values.convert(dtype);
@@ -264,6 +269,26 @@ impl HeadCache {
         }
     }
 
+    /// Appends a new token's key and value, given in the model's basis, to a cache stored
+    /// Hadamard-rotated: both are rotated (see [`crate::hadamard`]), then stored.
+    pub fn push_rotated(&mut self, key: &[f32], value: &[f32], meta: EntryMeta) {
+        let d = self.head_dim;
+        let mut rotated = [0.0f32; 2 * ROTATION_BUFFER];
+        if d > ROTATION_BUFFER {
+            let (mut key, mut value) = (key.to_vec(), value.to_vec());
+            crate::hadamard::rotate(&mut key);
+            crate::hadamard::rotate(&mut value);
+            return self.push(&key, &value, meta);
+        }
+        let (k, v) = rotated.split_at_mut(ROTATION_BUFFER);
+        let (k, v) = (&mut k[..d], &mut v[..d]);
+        k.copy_from_slice(key);
+        v.copy_from_slice(value);
+        crate::hadamard::rotate(k);
+        crate::hadamard::rotate(v);
+        self.push(k, v, meta);
+    }
+
     /// Keeps only the entries at `keep` (strictly increasing indices), in place.
     pub fn retain_indices(&mut self, keep: &[usize]) {
         debug_assert!(keep.windows(2).all(|w| w[0] < w[1]), "keep must be strictly increasing");
@@ -344,11 +369,15 @@ impl HeadCache {
             + self.meta.capacity() * std::mem::size_of::<EntryMeta>()
     }
 
-    /// Bytes one entry's key and value take in `dtype` (`head_dim` elements each).
+    /// Bytes one entry's key and value take in `dtype` (`head_dim` elements each, a
+    /// quantized row's scales included).
     pub fn entry_kv_bytes(head_dim: usize, dtype: KvDtype) -> usize {
-        2 * head_dim * dtype.size_bytes()
+        2 * dtype.row_bytes(head_dim)
     }
 }
+
+/// The widest head [`HeadCache::push_rotated`] rotates on the stack (wider ones allocate).
+const ROTATION_BUFFER: usize = 256;
 
 /// The whole model's cache: `layers x kv_heads` ragged head caches plus the logical
 /// position of the next token.
@@ -488,8 +517,8 @@ mod tests {
 
     #[test]
     fn every_operation_keeps_rows_in_the_stored_dtype() {
-        // Small integers are exact in every dtype, so rows compare exactly.
-        for dtype in KvDtype::ALL {
+        // Small integers are exact in every float dtype, so rows compare exactly.
+        for dtype in KvDtype::FLOATS {
             let mut h = filled_as(8, 2, dtype);
             h.remove(1);
             h.retain_indices(&[0, 2, 3, 6]);
@@ -505,5 +534,44 @@ mod tests {
             h.convert(dtype);
             assert_eq!(h, before, "{dtype}: widening then narrowing is exact");
         }
+    }
+
+    /// A quantized head counts its blocks' bytes, scales included: 34 (q8_0) or 18 (q4_0)
+    /// per 32 elements of each key and value.
+    #[test]
+    fn quantized_heads_count_their_scales() {
+        let (n, d) = (40, 64);
+        let meta = n * std::mem::size_of::<EntryMeta>();
+        for (dtype, block) in [(KvDtype::Q8_0, 34), (KvDtype::Q4_0, 18)] {
+            let mut head = filled_as(n, d, dtype);
+            head.shrink_to_fit();
+            assert_eq!(head.resident_bytes() - meta, n * 2 * (d / 32) * block, "{dtype}");
+            assert_eq!(
+                HeadCache::entry_kv_bytes(d, dtype.with_rotation(true)),
+                2 * (d / 32) * block
+            );
+        }
+    }
+
+    /// Rows appended to a rotated cache are stored rotated: the stored key's dot product with
+    /// a rotated query is the plain one's.
+    #[test]
+    fn rotated_pushes_store_rotated_rows() {
+        let d = 64;
+        let key: Vec<f32> = (0..d).map(|i| (i as f32 * 0.37).sin()).collect();
+        let value: Vec<f32> = (0..d).map(|i| (i as f32 * 0.11).cos()).collect();
+        let mut head = HeadCache::new(d, KvDtype::F32);
+        head.push_rotated(&key, &value, EntryMeta::new(0));
+        let mut expected = key.clone();
+        crate::hadamard::rotate(&mut expected);
+        assert_eq!(*head.key(0), *expected);
+        let mut query: Vec<f32> = (0..d).map(|i| i as f32 / d as f32).collect();
+        let plain: f32 = query.iter().zip(&key).map(|(a, b)| a * b).sum();
+        crate::hadamard::rotate(&mut query);
+        let rotated: f32 = query.iter().zip(head.key(0).iter()).map(|(a, b)| a * b).sum();
+        assert!((plain - rotated).abs() < 1e-4, "{plain} vs {rotated}");
+        let mut back = head.value(0).into_owned();
+        crate::hadamard::rotate(&mut back);
+        assert!(back.iter().zip(&value).all(|(a, b)| (a - b).abs() < 1e-5));
     }
 }

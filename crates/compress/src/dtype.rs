@@ -1,8 +1,11 @@
-//! How the KV cache stores keys and values: f16 (the default), bf16 or f32.
+//! How the KV cache stores keys and values: f16 (the default), bf16, f32, or llama.cpp's
+//! block-quantized q8_0 and q4_0 (see [`crate::quant`]), optionally in a Hadamard-rotated
+//! basis (see [`crate::hadamard`]).
 //!
 //! Everything computes in f32: rows are widened when read and narrowed when written, with
 //! `half`'s slice conversions (F16C instructions where the CPU has them, detected at run
-//! time). The element types share one small trait, so each operation is written once.
+//! time) or a block's (de)quantization. The stored types share one small trait, so each
+//! operation is written once; a stored unit is one element, or one block of 32.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -14,39 +17,119 @@ use half::{bf16, f16};
 use serde::{Deserialize, Serialize};
 
 use crate::error::CompressError;
+use crate::quant::{BlockQ4_0, BlockQ8_0, BLOCK_ELEMENTS};
 
-/// The element type of a cache's keys and values.
+/// How a cache stores its keys and values.
 #[derive(
     Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
 )]
-#[serde(rename_all = "lowercase")]
 pub enum KvDtype {
     /// IEEE half precision: 10-bit mantissa, range up to 65504.
     #[default]
+    #[serde(rename = "f16")]
     F16,
     /// bfloat16: f32's range with a 7-bit mantissa.
+    #[serde(rename = "bf16")]
     Bf16,
     /// Single precision, as the forward pass computes.
+    #[serde(rename = "f32")]
     F32,
+    /// Blocks of 32 signed bytes and an f16 scale: 8.5 bits an element.
+    #[serde(rename = "q8_0")]
+    Q8_0,
+    /// Blocks of 32 nibbles and an f16 scale: 4.5 bits an element.
+    #[serde(rename = "q4_0")]
+    Q4_0,
+    /// q8_0 of the Hadamard-rotated rows.
+    #[serde(rename = "q8_0r")]
+    Q8_0Rotated,
+    /// q4_0 of the Hadamard-rotated rows.
+    #[serde(rename = "q4_0r")]
+    Q4_0Rotated,
 }
 
 impl KvDtype {
-    pub const ALL: [KvDtype; 3] = [KvDtype::F16, KvDtype::Bf16, KvDtype::F32];
+    pub const ALL: [KvDtype; 7] = [
+        KvDtype::F16,
+        KvDtype::Bf16,
+        KvDtype::F32,
+        KvDtype::Q8_0,
+        KvDtype::Q4_0,
+        KvDtype::Q8_0Rotated,
+        KvDtype::Q4_0Rotated,
+    ];
+    /// The element types, which hold rows of any width.
+    pub const FLOATS: [KvDtype; 3] = [KvDtype::F16, KvDtype::Bf16, KvDtype::F32];
 
     pub fn name(self) -> &'static str {
         match self {
             KvDtype::F16 => "f16",
             KvDtype::Bf16 => "bf16",
             KvDtype::F32 => "f32",
+            KvDtype::Q8_0 => "q8_0",
+            KvDtype::Q4_0 => "q4_0",
+            KvDtype::Q8_0Rotated => "q8_0r",
+            KvDtype::Q4_0Rotated => "q4_0r",
         }
     }
 
-    /// Bytes of one stored element.
-    pub fn size_bytes(self) -> usize {
+    /// How the rows are stored, whatever basis they are in: a rotated dtype's plain one.
+    pub fn storage(self) -> KvDtype {
         match self {
-            KvDtype::F16 | KvDtype::Bf16 => 2,
-            KvDtype::F32 => 4,
+            KvDtype::Q8_0Rotated => KvDtype::Q8_0,
+            KvDtype::Q4_0Rotated => KvDtype::Q4_0,
+            other => other,
         }
+    }
+
+    /// Whether rows are stored Hadamard-rotated (queries rotated to match, outputs back).
+    pub fn rotated(self) -> bool {
+        self != self.storage()
+    }
+
+    /// Whether rows are stored in blocks of 32.
+    pub fn is_quantized(self) -> bool {
+        matches!(self.storage(), KvDtype::Q8_0 | KvDtype::Q4_0)
+    }
+
+    /// This dtype with the rows rotated or not: a float dtype stays as it is (rotation is
+    /// for quantized rows).
+    pub fn with_rotation(self, rotate: bool) -> KvDtype {
+        match (self.storage(), rotate) {
+            (KvDtype::Q8_0, true) => KvDtype::Q8_0Rotated,
+            (KvDtype::Q4_0, true) => KvDtype::Q4_0Rotated,
+            (storage, _) => storage,
+        }
+    }
+
+    /// The rotation used when none is asked for: on for 4-bit rows, which it keeps usable,
+    /// off otherwise (q8_0 is near-lossless without it).
+    pub fn default_rotation(self) -> bool {
+        self.storage() == KvDtype::Q4_0
+    }
+
+    /// Bytes one row of `width` elements takes, scales included.
+    pub fn row_bytes(self, width: usize) -> usize {
+        match self.storage() {
+            KvDtype::F16 | KvDtype::Bf16 => 2 * width,
+            KvDtype::F32 => 4 * width,
+            KvDtype::Q8_0 => width / BLOCK_ELEMENTS * std::mem::size_of::<BlockQ8_0>(),
+            _ => width / BLOCK_ELEMENTS * std::mem::size_of::<BlockQ4_0>(),
+        }
+    }
+
+    /// Refuses a head width this dtype cannot store: quantized rows are whole blocks.
+    pub fn check_head_dim(self, head_dim: usize) -> Result<(), CompressError> {
+        if self.is_quantized() && !head_dim.is_multiple_of(BLOCK_ELEMENTS) {
+            return Err(CompressError::invalid(
+                "kv-dtype",
+                format!(
+                    "{self} stores blocks of {BLOCK_ELEMENTS} elements; this model's heads are \
+                     {head_dim} wide"
+                ),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -61,17 +144,24 @@ impl FromStr for KvDtype {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         KvDtype::ALL.into_iter().find(|d| d.name() == s.trim().to_ascii_lowercase()).ok_or_else(
-            || CompressError::invalid("kv-dtype", format!("expected f16, bf16 or f32, got `{s}`")),
+            || {
+                CompressError::invalid(
+                    "kv-dtype",
+                    format!("expected f16, bf16, f32, q8_0, q4_0, q8_0r or q4_0r, got `{s}`"),
+                )
+            },
         )
     }
 }
 
-/// An element type the cache can store, with its conversions from and to f32.
+/// A type the cache stores, with its conversions from and to f32. A unit holds
+/// [`Self::ELEMENTS`] elements: 1, or a block of 32.
 pub trait KvElement: Copy + Default + Send + Sync + 'static {
     const DTYPE: KvDtype;
-    /// `dst = src` widened; the slices have the same length.
+    const ELEMENTS: usize;
+    /// `dst = src` widened; `dst` holds `ELEMENTS` elements per unit of `src`.
     fn widen(src: &[Self], dst: &mut [f32]);
-    /// `dst = src` rounded to nearest; the slices have the same length.
+    /// `dst = src` rounded to nearest (quantized); `src` holds `ELEMENTS` per unit of `dst`.
     fn narrow(src: &[f32], dst: &mut [Self]);
     /// The slice as a dtype-tagged view.
     fn view(data: &[Self]) -> RowsRef<'_>;
@@ -79,6 +169,7 @@ pub trait KvElement: Copy + Default + Send + Sync + 'static {
 
 impl KvElement for f32 {
     const DTYPE: KvDtype = KvDtype::F32;
+    const ELEMENTS: usize = 1;
     fn view(data: &[f32]) -> RowsRef<'_> {
         RowsRef::F32(data)
     }
@@ -92,6 +183,7 @@ impl KvElement for f32 {
 
 impl KvElement for f16 {
     const DTYPE: KvDtype = KvDtype::F16;
+    const ELEMENTS: usize = 1;
     fn view(data: &[f16]) -> RowsRef<'_> {
         RowsRef::F16(data)
     }
@@ -105,6 +197,7 @@ impl KvElement for f16 {
 
 impl KvElement for bf16 {
     const DTYPE: KvDtype = KvDtype::Bf16;
+    const ELEMENTS: usize = 1;
     fn view(data: &[bf16]) -> RowsRef<'_> {
         RowsRef::Bf16(data)
     }
@@ -116,6 +209,45 @@ impl KvElement for bf16 {
     }
 }
 
+impl KvElement for BlockQ8_0 {
+    const DTYPE: KvDtype = KvDtype::Q8_0;
+    const ELEMENTS: usize = BLOCK_ELEMENTS;
+    fn view(data: &[BlockQ8_0]) -> RowsRef<'_> {
+        RowsRef::Q8_0(data)
+    }
+    fn widen(src: &[BlockQ8_0], dst: &mut [f32]) {
+        src.iter().zip(dst.chunks_exact_mut(BLOCK_ELEMENTS)).for_each(|(b, d)| b.dequantize(d));
+    }
+    fn narrow(src: &[f32], dst: &mut [BlockQ8_0]) {
+        let blocks = src.chunks_exact(BLOCK_ELEMENTS);
+        dst.iter_mut().zip(blocks).for_each(|(d, s)| *d = BlockQ8_0::quantize(s));
+    }
+}
+
+impl KvElement for BlockQ4_0 {
+    const DTYPE: KvDtype = KvDtype::Q4_0;
+    const ELEMENTS: usize = BLOCK_ELEMENTS;
+    fn view(data: &[BlockQ4_0]) -> RowsRef<'_> {
+        RowsRef::Q4_0(data)
+    }
+    fn widen(src: &[BlockQ4_0], dst: &mut [f32]) {
+        src.iter().zip(dst.chunks_exact_mut(BLOCK_ELEMENTS)).for_each(|(b, d)| b.dequantize(d));
+    }
+    fn narrow(src: &[f32], dst: &mut [BlockQ4_0]) {
+        let blocks = src.chunks_exact(BLOCK_ELEMENTS);
+        dst.iter_mut().zip(blocks).for_each(|(d, s)| *d = BlockQ4_0::quantize(s));
+    }
+}
+
+/// The units of `T` holding elements `range` (whole units: rows are whole blocks).
+fn units<T: KvElement>(range: Range<usize>) -> Range<usize> {
+    debug_assert!(
+        range.start.is_multiple_of(T::ELEMENTS) && range.end.is_multiple_of(T::ELEMENTS),
+        "element range {range:?} splits a block"
+    );
+    range.start / T::ELEMENTS..range.end / T::ELEMENTS
+}
+
 /// Runs `$body` with `$v` bound to the vector (or slice) of whichever dtype `$rows` holds.
 macro_rules! each_dtype {
     ($kind:ident, $rows:expr, $v:ident => $body:expr) => {
@@ -123,11 +255,14 @@ macro_rules! each_dtype {
             $kind::F32($v) => $body,
             $kind::F16($v) => $body,
             $kind::Bf16($v) => $body,
+            $kind::Q8_0($v) => $body,
+            $kind::Q4_0($v) => $body,
         }
     };
 }
 
-/// [`Rows::spread_row`] for one element type, a few columns at a time through stack buffers.
+/// [`Rows::spread_row`] for one stored type, a block of columns at a time through stack
+/// buffers.
 fn spread_row<T: KvElement>(
     rows: &mut [T],
     width: usize,
@@ -135,14 +270,15 @@ fn spread_row<T: KvElement>(
     to: Range<usize>,
     divisor: f32,
 ) {
-    const COLUMNS: usize = 16;
+    const COLUMNS: usize = BLOCK_ELEMENTS;
     let (mut share, mut target) = ([0.0f32; COLUMNS], [0.0f32; COLUMNS]);
     for start in (0..width).step_by(COLUMNS) {
         let n = COLUMNS.min(width - start);
-        T::widen(&rows[from * width + start..][..n], &mut share[..n]);
+        let at = |row: usize| units::<T>(row * width + start..row * width + start + n);
+        T::widen(&rows[at(from)], &mut share[..n]);
         share[..n].iter_mut().for_each(|s| *s /= divisor);
         for t in to.clone() {
-            let row = &mut rows[t * width + start..][..n];
+            let row = &mut rows[at(t)];
             T::widen(row, &mut target[..n]);
             target[..n].iter_mut().zip(&share[..n]).for_each(|(x, s)| *x += s);
             T::narrow(&target[..n], row);
@@ -156,15 +292,20 @@ pub(crate) enum Rows {
     F32(Vec<f32>),
     F16(Vec<f16>),
     Bf16(Vec<bf16>),
+    Q8_0(Vec<BlockQ8_0>),
+    Q4_0(Vec<BlockQ4_0>),
 }
 
 impl Rows {
-    /// Empty rows with room for `capacity` elements.
+    /// Empty rows with room for `capacity` elements, stored as `dtype` stores them.
     pub fn with_capacity(dtype: KvDtype, capacity: usize) -> Self {
-        match dtype {
+        let blocks = capacity.div_ceil(BLOCK_ELEMENTS);
+        match dtype.storage() {
             KvDtype::F32 => Rows::F32(Vec::with_capacity(capacity)),
             KvDtype::F16 => Rows::F16(Vec::with_capacity(capacity)),
             KvDtype::Bf16 => Rows::Bf16(Vec::with_capacity(capacity)),
+            KvDtype::Q8_0 => Rows::Q8_0(Vec::with_capacity(blocks)),
+            _ => Rows::Q4_0(Vec::with_capacity(blocks)),
         }
     }
 
@@ -178,6 +319,7 @@ impl Rows {
         rows
     }
 
+    /// How the rows are stored (a plain dtype: the basis is the cache's business).
     pub fn dtype(&self) -> KvDtype {
         self.view().dtype()
     }
@@ -188,7 +330,7 @@ impl Rows {
 
     /// Elements held.
     pub fn len(&self) -> usize {
-        each_dtype!(Rows, self, v => v.len())
+        self.view().len()
     }
 
     /// Appends `src`, narrowed.
@@ -202,37 +344,42 @@ impl Rows {
         each_dtype!(Rows, self, v => spread_row(v, width, from, to, divisor))
     }
 
+    /// Copies elements `src` to `dst` onwards.
     pub fn copy_within(&mut self, src: Range<usize>, dst: usize) {
-        each_dtype!(Rows, self, v => v.copy_within(src, dst))
+        each_dtype!(Rows, self, v => copy_within(v, src, dst))
     }
 
+    /// Keeps the first `len` elements.
     pub fn truncate(&mut self, len: usize) {
-        each_dtype!(Rows, self, v => v.truncate(len))
+        each_dtype!(Rows, self, v => v.truncate(units_of(v, len)))
     }
 
+    /// Removes elements `range`.
     pub fn remove_range(&mut self, range: Range<usize>) {
-        each_dtype!(Rows, self, v => { v.drain(range); })
+        each_dtype!(Rows, self, v => { v.drain(units_in(v, range)); })
     }
 
     pub fn shrink_to_fit(&mut self) {
         each_dtype!(Rows, self, v => v.shrink_to_fit())
     }
 
+    /// Makes room for `additional` more elements.
     pub fn reserve_exact(&mut self, additional: usize) {
-        each_dtype!(Rows, self, v => v.reserve_exact(additional))
+        each_dtype!(Rows, self, v => v.reserve_exact(units_of(v, additional)))
     }
 
-    /// Bytes allocated (capacity, not length).
+    /// Bytes allocated (capacity, not length; a block's scale included).
     pub fn resident_bytes(&self) -> usize {
         each_dtype!(Rows, self, v => allocated_bytes(v))
     }
 
-    /// The same rows in `dtype` (rounded to nearest when narrower), keeping the capacity.
+    /// The same rows in `dtype`'s storage (rounded to nearest, or quantized, when
+    /// narrower), keeping the capacity.
     pub fn convert(&mut self, dtype: KvDtype) {
-        if self.dtype() == dtype {
+        if self.dtype() == dtype.storage() {
             return;
         }
-        let capacity = each_dtype!(Rows, &*self, v => v.capacity());
+        let capacity = each_dtype!(Rows, &*self, v => v.capacity() * elements_per_unit(v));
         let wide = self.view().widen(0..self.len());
         let mut rows = Self::with_capacity(dtype, capacity);
         rows.extend_from_f32(&wide);
@@ -240,9 +387,27 @@ impl Rows {
     }
 }
 
+fn elements_per_unit<T: KvElement>(_: &[T]) -> usize {
+    T::ELEMENTS
+}
+
+/// Units of `v`'s type that hold `elements` elements (a whole number of them).
+fn units_of<T: KvElement>(_: &[T], elements: usize) -> usize {
+    units::<T>(0..elements).end
+}
+
+fn units_in<T: KvElement>(_: &[T], range: Range<usize>) -> Range<usize> {
+    units::<T>(range)
+}
+
+fn copy_within<T: KvElement>(v: &mut [T], src: Range<usize>, dst: usize) {
+    let dst = units::<T>(dst..dst).start;
+    v.copy_within(units::<T>(src), dst)
+}
+
 fn extend<T: KvElement>(v: &mut Vec<T>, src: &[f32]) {
     let at = v.len();
-    v.resize(at + src.len(), T::default());
+    v.resize(at + units::<T>(0..src.len()).end, T::default());
     T::narrow(src, &mut v[at..]);
 }
 
@@ -257,6 +422,8 @@ pub enum RowsRef<'a> {
     F32(&'a [f32]),
     F16(&'a [f16]),
     Bf16(&'a [bf16]),
+    Q8_0(&'a [BlockQ8_0]),
+    Q4_0(&'a [BlockQ4_0]),
 }
 
 impl<'a> RowsRef<'a> {
@@ -265,12 +432,14 @@ impl<'a> RowsRef<'a> {
             RowsRef::F32(_) => KvDtype::F32,
             RowsRef::F16(_) => KvDtype::F16,
             RowsRef::Bf16(_) => KvDtype::Bf16,
+            RowsRef::Q8_0(_) => KvDtype::Q8_0,
+            RowsRef::Q4_0(_) => KvDtype::Q4_0,
         }
     }
 
     /// Elements held.
     pub fn len(&self) -> usize {
-        each_dtype!(RowsRef, self, v => v.len())
+        each_dtype!(RowsRef, self, v => v.len() * elements_per_unit(v))
     }
 
     pub fn is_empty(&self) -> bool {
@@ -289,9 +458,10 @@ impl<'a> RowsRef<'a> {
         }
     }
 
-    /// Widens elements `range` into `dst` (of the same length).
+    /// Widens elements `range` (whole blocks for a quantized dtype) into `dst` (of the same
+    /// length).
     pub fn widen_into(self, range: Range<usize>, dst: &mut [f32]) {
-        each_dtype!(RowsRef, self, v => KvElement::widen(&v[range], dst))
+        each_dtype!(RowsRef, self, v => KvElement::widen(&v[units_in(v, range)], dst))
     }
 
     /// Elements `range` as f32 without copying when stored in f32; otherwise widened into
@@ -321,14 +491,19 @@ mod tests {
             assert_eq!(d.name().parse::<KvDtype>().unwrap(), d);
         }
         let err = "f8".parse::<KvDtype>().unwrap_err().to_string();
-        assert!(err.contains("kv-dtype") && err.contains("f16, bf16 or f32"), "{err}");
+        assert!(err.contains("kv-dtype") && err.contains("f16, bf16, f32, q8_0"), "{err}");
         assert_eq!(KvDtype::default(), KvDtype::F16);
+        for d in KvDtype::ALL {
+            assert_eq!(serde_json::to_string(&d).unwrap(), format!("\"{d}\""));
+            assert_eq!(d.with_rotation(true).rotated(), d.is_quantized(), "{d}");
+            assert_eq!(d.with_rotation(false), d.storage());
+        }
     }
 
     #[test]
     fn narrowing_rounds_to_the_nearest_value_of_each_dtype() {
         let x = [1.0f32, -0.333_333_34, 1000.1, 3.0e-5];
-        for dtype in KvDtype::ALL {
+        for dtype in KvDtype::FLOATS {
             let rows = Rows::from_f32(dtype, x.to_vec());
             let back = rows.view().widen(0..x.len());
             for (a, b) in x.iter().zip(back.iter()) {
@@ -336,22 +511,55 @@ mod tests {
                     KvDtype::F32 => *a,
                     KvDtype::F16 => f16::from_f32(*a).to_f32(),
                     KvDtype::Bf16 => bf16::from_f32(*a).to_f32(),
+                    _ => unreachable!("float dtypes"),
                 };
                 assert_eq!(*b, expected, "{dtype}");
             }
-            assert_eq!(rows.resident_bytes(), x.len() * dtype.size_bytes());
+            assert_eq!(rows.resident_bytes(), dtype.row_bytes(x.len()));
         }
     }
 
     #[test]
     fn converting_keeps_values_a_dtype_can_hold() {
         let x: Vec<f32> = (0..32).map(|i| i as f32 * 0.25 - 3.0).collect();
-        for dtype in KvDtype::ALL {
+        for dtype in KvDtype::FLOATS {
             let mut rows = Rows::from_f32(KvDtype::F32, x.clone());
             rows.convert(dtype);
             assert_eq!(rows.dtype(), dtype);
             rows.convert(KvDtype::F32);
             assert_eq!(&*rows.view().widen(0..x.len()), x.as_slice(), "{dtype}");
         }
+    }
+
+    /// Quantized rows are whole blocks: each block's bytes, scale included, are counted;
+    /// row operations move blocks; the values come back within a quantization step.
+    #[test]
+    fn quantized_rows_count_their_blocks_and_keep_rows_whole() {
+        let width = 64;
+        let x: Vec<f32> = (0..4 * width).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
+        for (dtype, block_bytes, step) in
+            [(KvDtype::Q8_0, 34, 2.0 / 127.0), (KvDtype::Q4_0, 18, 0.25)]
+        {
+            let mut rows = Rows::from_f32(dtype, x.clone());
+            assert_eq!(rows.dtype(), dtype);
+            assert_eq!(rows.len(), x.len());
+            assert_eq!(rows.resident_bytes(), x.len() / 32 * block_bytes);
+            assert_eq!(dtype.row_bytes(width), width / 32 * block_bytes);
+            let back = rows.view().widen(0..x.len()).into_owned();
+            let error = x.iter().zip(&back).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            assert!(error <= step * 1.01, "{dtype}: {error}");
+            // Row 3 over row 1, then row 2 dropped: whole rows of blocks move.
+            rows.copy_within(3 * width..4 * width, width);
+            rows.remove_range(2 * width..3 * width);
+            rows.truncate(2 * width);
+            let moved = rows.view().widen(0..2 * width).into_owned();
+            assert_eq!(&moved[width..], &back[3 * width..4 * width], "{dtype}");
+            assert_eq!(&moved[..width], &back[..width], "{dtype}");
+            rows.convert(KvDtype::F32);
+            assert_eq!(*rows.view().widen(0..2 * width), *moved, "{dtype}: widening is exact");
+        }
+        assert!(KvDtype::Q4_0.check_head_dim(64).is_ok() && KvDtype::F16.check_head_dim(8).is_ok());
+        let err = KvDtype::Q8_0Rotated.check_head_dim(48).unwrap_err().to_string();
+        assert!(err.contains("q8_0r") && err.contains("48"), "{err}");
     }
 }

@@ -9,8 +9,10 @@ mod cache;
 mod config;
 mod dtype;
 mod error;
+pub mod hadamard;
 mod method;
 pub mod methods;
+pub mod quant;
 mod stats;
 
 pub use budget::Budget;

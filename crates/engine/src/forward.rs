@@ -14,7 +14,7 @@
 //! whether it runs alone or batched (see the tests).
 
 use candle_core::Tensor;
-use kvmerger_compress::{EntryMeta, KvCache, StatsRequest};
+use kvmerger_compress::{hadamard, EntryMeta, KvCache, StatsRequest};
 
 use crate::activation::gate_product;
 use crate::attention::{attend_into, AttentionOptions, AttentionShape};
@@ -327,6 +327,9 @@ impl Llama {
         let cache = &mut *item.cache;
         let heads = &mut cache.layers[layer];
         let (rope, window) = (self.rope_of(layer), c.layer_window(layer));
+        // A cache stored Hadamard-rotated gets rotated keys and values, attends with rotated
+        // queries and gives rotated outputs, which are rotated back (see `hadamard`).
+        let rotated = cache.dtype.rotated();
         timed(profile, Part::RopeAppend, || {
             if let Some(window) = window {
                 heads.iter_mut().for_each(|h| drop_outside_window(h, cache.n_seen, window));
@@ -337,12 +340,16 @@ impl Llama {
                 rope.apply(&mut k[i * kw..(i + 1) * kw], pos);
                 for (kh, head) in heads.iter_mut().enumerate() {
                     let at = i * kw + kh * c.head_dim;
-                    head.push(
-                        &k[at..at + c.head_dim],
-                        &v[at..at + c.head_dim],
-                        EntryMeta::new(pos),
-                    );
+                    let (key, value) = (&k[at..at + c.head_dim], &v[at..at + c.head_dim]);
+                    if rotated {
+                        head.push_rotated(key, value, EntryMeta::new(pos));
+                    } else {
+                        head.push(key, value, EntryMeta::new(pos));
+                    }
                 }
+            }
+            if rotated {
+                hadamard::rotate_rows(&mut q[..seq * qw], c.head_dim);
             }
         });
         let opts = AttentionOptions {
@@ -351,7 +358,12 @@ impl Llama {
             log_count_bias: cache.log_count_bias,
             window,
         };
-        timed(profile, Part::Attention, || attend_into(q, seq, heads, shape, opts, out));
+        timed(profile, Part::Attention, || {
+            attend_into(q, seq, heads, shape, opts, out);
+            if rotated {
+                hadamard::rotate_rows(out, c.head_dim);
+            }
+        });
     }
 
     /// Rejects what would make a forward pass fail half-way: no tokens, a context

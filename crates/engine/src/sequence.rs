@@ -774,7 +774,7 @@ mod tests {
         // 8 numbers in the cache's dtype, plus its metadata.
         let dtype = KvDtype::default();
         let entry = entry_bytes(8, dtype);
-        assert_eq!(entry, 2 * 8 * dtype.size_bytes() + std::mem::size_of::<EntryMeta>());
+        assert_eq!(entry, 2 * dtype.row_bytes(8) + std::mem::size_of::<EntryMeta>());
         let heads = 4;
         let r = |settled: usize, headroom: usize| Reservation { settled, headroom };
         // The full cache holds its prompt plus room for max_tokens from the start.

@@ -52,7 +52,10 @@ fn every_method_keeps_its_budget_through_prefill_and_decode_on_any_prompt_length
 }
 
 fn keeps_budget_through_prefill_and_decode(dtype: KvDtype) {
-    let mut model = random_llama(tiny_config(), 5).unwrap();
+    let mut config = tiny_config();
+    // Quantized rows are whole blocks of 32.
+    config.head_dim = if dtype.is_quantized() { 32 } else { config.head_dim };
+    let mut model = random_llama(config, 5).unwrap();
     model.kv_dtype = dtype;
     let (hd, entry_bytes) = (model.config.head_dim, std::mem::size_of::<EntryMeta>());
     for prompt in [1, 3, 7, 20, 60] {
@@ -69,12 +72,12 @@ fn keeps_budget_through_prefill_and_decode(dtype: KvDtype) {
                 for (l, heads) in session.cache().layers.iter().enumerate() {
                     for (h, head) in heads.iter().enumerate() {
                         assert_eq!(head.len(), expected, "{label}: layer {l} head {h}");
-                        assert_eq!(head.dtype(), dtype, "{label}");
+                        assert_eq!(head.dtype(), dtype.storage(), "{label}");
                         assert_eq!(report.heads[l][h].after, head.len());
                         // Resident memory is the kept keys, values and metadata, nothing more.
                         assert_eq!(
                             head.resident_bytes(),
-                            expected * (2 * hd * dtype.size_bytes() + entry_bytes),
+                            expected * (2 * dtype.row_bytes(hd) + entry_bytes),
                             "{label}"
                         );
                         assert!(

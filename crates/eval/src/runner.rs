@@ -211,11 +211,10 @@ pub fn run_sample(
     let full_peak = session.peak().resident_bytes;
     let reference = teacher_forced(session, logits, &question, &full.tokens)?;
     let full_kv_bytes = 2
-        * model.model.kv_dtype.size_bytes()
+        * model.model.kv_dtype.row_bytes(model.model.config.head_dim)
         * context.len()
         * model.model.config.n_layers
-        * model.model.config.n_kv_heads
-        * model.model.config.head_dim;
+        * model.model.config.n_kv_heads;
 
     methods
         .iter()

@@ -85,7 +85,7 @@ fn interrupted_and_resumed_sweep_equals_an_uninterrupted_one() {
         // Resident memory is keys, values (64 + 64 elements in the cache's dtype) and a
         // 16-byte record per entry.
         assert_eq!(r.kv_dtype, m.model.kv_dtype);
-        let entry = (2 * 64 * r.kv_dtype.size_bytes()) as f64;
+        let entry = (2 * r.kv_dtype.row_bytes(64)) as f64;
         let kept = r.achieved_ratio * r.full_kv_bytes as f64;
         let resident = r.resident_kv_bytes as f64;
         assert!(

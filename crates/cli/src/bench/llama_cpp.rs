@@ -18,8 +18,16 @@ pub struct Measured {
     pub decode_s: f64,
 }
 
-/// Runs llama.cpp on `tokens[..n]` for each `n` of `lengths`, then `steps` decode steps.
-/// `Ok(None)` when `python` cannot import `llama_cpp` (the reason is printed).
+/// A KV cache type other than llama.cpp's default f16: keys and values stored as ggml type
+/// `ggml_type` (8: q8_0, 2: q4_0), with flash attention (which a quantized V cache needs).
+#[derive(Debug, Clone, Copy)]
+pub struct CacheType {
+    pub ggml_type: u32,
+}
+
+/// Runs llama.cpp on `tokens[..n]` for each `n` of `lengths`, then `steps` decode steps, its
+/// cache in `cache` (default f16). `Ok(None)` when `python` cannot import `llama_cpp` (the
+/// reason is printed).
 pub fn measure(
     python: &str,
     model: &Path,
@@ -27,6 +35,7 @@ pub fn measure(
     lengths: &[usize],
     steps: usize,
     tokens: &[u32],
+    cache: Option<CacheType>,
 ) -> Result<Option<Vec<Measured>>> {
     let importable = Command::new(python)
         .args(["-c", "import llama_cpp"])
@@ -41,9 +50,14 @@ pub fn measure(
         );
         return Ok(None);
     }
-    let input = serde_json::json!({
+    let mut input = serde_json::json!({
         "model": model, "threads": threads, "lengths": lengths, "steps": steps, "tokens": tokens,
     });
+    if let Some(CacheType { ggml_type }) = cache {
+        input["type_k"] = ggml_type.into();
+        input["type_v"] = ggml_type.into();
+        input["flash_attn"] = true.into();
+    }
     let mut child = Command::new(python)
         .args(["-c", SCRIPT])
         .stdin(Stdio::piped())

@@ -23,6 +23,7 @@ use serde::Serialize;
 use crate::args::{ModelSource, PrefillArgs};
 
 mod breakdown;
+mod kv_dtypes;
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
@@ -53,6 +54,13 @@ pub struct BenchArgs {
     /// Skip llama.cpp.
     #[arg(long)]
     pub no_llama_cpp: bool,
+    /// KV dtypes whose full-cache decode is compared (ours and llama.cpp's, default weight
+    /// formats) at `--kv-dtype-lengths`; empty skips it.
+    #[arg(long, value_delimiter = ',', num_args = 0.., value_name = "DTYPES")]
+    pub kv_dtypes: Vec<kvmerger_compress::KvDtype>,
+    /// Prompt lengths of the KV dtype comparison.
+    #[arg(long, value_delimiter = ',', default_values_t = vec![4096])]
+    pub kv_dtype_lengths: Vec<usize>,
     /// The Python that imports `llama_cpp`.
     #[arg(long, default_value = "python3")]
     pub python: String,
@@ -115,7 +123,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "The quick brown fox jumps over the lazy dog while the river runs past the old mill. "
             .repeat(1000);
     let tokens = model.tokenizer.encode(&text, false)?;
-    let longest = args.lengths.iter().chain(&args.compressed_lengths).max().copied().unwrap_or(0);
+    let dtype_lengths: &[usize] =
+        if args.kv_dtypes.is_empty() { &[] } else { &args.kv_dtype_lengths };
+    let longest = args.lengths.iter().chain(&args.compressed_lengths).chain(dtype_lengths);
+    let longest = longest.max().copied().unwrap_or(0);
     if longest + args.decode_tokens > context.min(tokens.len()) {
         bail!(
             "length {longest} plus {} decode steps exceeds the context ({context}) or the sample \
@@ -161,6 +172,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 &args.lengths,
                 args.decode_tokens,
                 &tokens,
+                None,
             )?;
             for m in measured.into_iter().flatten() {
                 rows.push(engine_row(LLAMA_CPP, m.tokens, m.prefill_s, m.decode_s));
@@ -198,6 +210,26 @@ pub fn run(args: BenchArgs) -> Result<()> {
         );
     }
 
+    let mut dtype_rows = Vec::new();
+    if !args.kv_dtypes.is_empty() {
+        let python = (!args.no_llama_cpp).then_some(args.python.as_str());
+        dtype_rows = kv_dtypes::measure(
+            &args.source,
+            &path,
+            default_formats,
+            &args.kv_dtypes,
+            dtype_lengths,
+            args.decode_tokens,
+            &tokens,
+            python,
+        )?;
+        markdown += &format!(
+            "\n## Decode over a full cache in each KV dtype, {:?} decode weights\n\n{}",
+            default_formats.decode,
+            kv_dtypes::table(&dtype_rows)
+        );
+    }
+
     println!("\n{markdown}");
     if let Some(dir) = args.out.parent() {
         std::fs::create_dir_all(dir)?;
@@ -208,6 +240,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "threads": rayon::current_num_threads(),
         "engines": rows,
         "compressed": compressed_rows,
+        "kv_dtypes": dtype_rows,
     });
     std::fs::write(&args.out, serde_json::to_string_pretty(&json)?)
         .with_context(|| format!("writing {}", args.out.display()))?;

@@ -70,14 +70,15 @@ mod tests {
     /// resident bytes at the dtype's size.
     #[test]
     fn every_method_compresses_and_decodes_within_its_budget() {
-        for dtype in KvDtype::ALL {
+        for dtype in KvDtype::ALL.into_iter().filter(|d| !d.rotated()) {
             compresses_and_decodes_within_budget(dtype);
         }
     }
 
     fn compresses_and_decodes_within_budget(dtype: KvDtype) {
         const T: usize = 100;
-        const D: usize = 8;
+        // Quantized rows are whole blocks of 32.
+        let d = if dtype.is_quantized() { 32 } else { 8 };
         for (name, params, bounded_decode) in METHODS {
             for ratio in [1.0, 0.5, 0.35, 0.2] {
                 let budget = (name != "full").then_some(Budget::Ratio(ratio));
@@ -88,7 +89,7 @@ mod tests {
                 let what = format!("{} at {ratio} in {dtype}", config.label());
                 let id = HeadId { layer: 1, head: 2 };
 
-                let mut head = random_head_as(T, D, 11, dtype);
+                let mut head = random_head_as(T, d, 11, dtype);
                 let stats = method.prompt_stats(T);
                 for w in stats.windows.iter() {
                     let scores = head.meta().iter().map(|m| m.attention / 2.0).collect();
@@ -119,7 +120,7 @@ mod tests {
                     "{what}: sorted by position"
                 );
                 if head.len() < T {
-                    let row = 2 * D * dtype.size_bytes() + std::mem::size_of::<EntryMeta>();
+                    let row = 2 * dtype.row_bytes(d) + std::mem::size_of::<EntryMeta>();
                     assert_eq!(
                         head.resident_bytes(),
                         head.len() * row,
@@ -129,8 +130,8 @@ mod tests {
 
                 let mut rng = StdRng::seed_from_u64(5);
                 for step in 1..=64 {
-                    let k: Vec<f32> = (0..D).map(|_| rng.random_range(-1.0..1.0)).collect();
-                    let v: Vec<f32> = (0..D).map(|_| rng.random_range(-1.0..1.0)).collect();
+                    let k: Vec<f32> = (0..d).map(|_| rng.random_range(-1.0..1.0)).collect();
+                    let v: Vec<f32> = (0..d).map(|_| rng.random_range(-1.0..1.0)).collect();
                     head.push(
                         &k,
                         &v,
@@ -191,6 +192,12 @@ mod tests {
             KvDtype::F32 => 0.0,
             KvDtype::F16 => 4e-3,
             KvDtype::Bf16 => 3e-2,
+            // Values in [-1, 1]: a step is 1/127 (q8_0) or 1/8 (q4_0); each of CaM's
+            // repeated writes requantizes its target's blocks, moving every element of them
+            // by up to half a step, and on 4 bits a target whose largest element grows gets
+            // a new scale for the whole block: several steps in all.
+            KvDtype::Q8_0 => 0.1,
+            _ => 1.0,
         };
         for (a, b) in head.values().iter().zip(narrow.values().iter()) {
             assert!((a - b).abs() <= tolerance, "{what}: value {a} vs {b}");

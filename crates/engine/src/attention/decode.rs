@@ -312,18 +312,13 @@ fn attend_part(
         let part = PartInput { queries, head, rows, log_count_bias };
         #[cfg(target_arch = "x86_64")]
         if crate::cpu::has_avx2_fma_f16c() {
-            let d = part.head.head_dim();
-            let (keys, values) = (part.head.stored_keys(), part.head.stored_values());
+            let fused = fused_width(part.head.head_dim())
+                .filter(|_| fuses(part.head.stored_keys(), part.head.stored_values()));
             // SAFETY (all): the CPU has the features these copies are compiled for.
             unsafe {
-                match (fused_width(d), keys, values) {
-                    (Some(width), RowsRef::F32(k), RowsRef::F32(v)) => {
-                        fused_part(width, part, k, v, partial, exps, scratch)
-                    }
-                    (Some(width), RowsRef::F16(k), RowsRef::F16(v)) => {
-                        fused_part(width, part, k, v, partial, exps, scratch)
-                    }
-                    _ => part_kernel_avx2(part, partial, exps, scratch),
+                match fused {
+                    Some(width) => fused_part(width, part, partial, exps, scratch),
+                    None => part_kernel_avx2(part, partial, exps, scratch),
                 }
             }
             return;
@@ -354,12 +349,53 @@ enum FusedWidth {
     Avx512,
 }
 
-/// [`fused::part_kernel`] on `width`.
+/// Whether keys and values stored as these have a fused kernel: f32, f16, q8_0 and q4_0
+/// rows load straight into registers (bf16 rows are widened a block at a time).
+#[cfg(target_arch = "x86_64")]
+fn fuses(keys: RowsRef<'_>, values: RowsRef<'_>) -> bool {
+    keys.dtype() == values.dtype() && keys.dtype() != kvmerger_compress::KvDtype::Bf16
+}
+
+/// [`fused::part_kernel`] on `width`, over the head's rows as stored.
 ///
 /// # Safety
-/// The CPU has AVX2, FMA, F16C and, for [`FusedWidth::Avx512`], AVX-512F.
+/// The CPU has AVX2, FMA, F16C and, for [`FusedWidth::Avx512`], AVX-512F; the head's rows
+/// are of a dtype that [`fuses`].
 #[cfg(target_arch = "x86_64")]
-unsafe fn fused_part<T: fused::Lanes>(
+unsafe fn fused_part(
+    width: FusedWidth,
+    part: PartInput<'_>,
+    partial: &mut [f32],
+    exps: Option<&mut [f32]>,
+    scratch: &mut Scratch,
+) {
+    let (keys, values) = (part.head.stored_keys(), part.head.stored_values());
+    // SAFETY: the caller's contract.
+    unsafe {
+        match (keys, values) {
+            (RowsRef::F32(k), RowsRef::F32(v)) => {
+                fused_typed(width, part, k, v, partial, exps, scratch)
+            }
+            (RowsRef::F16(k), RowsRef::F16(v)) => {
+                fused_typed(width, part, k, v, partial, exps, scratch)
+            }
+            (RowsRef::Q8_0(k), RowsRef::Q8_0(v)) => {
+                fused_typed(width, part, k, v, partial, exps, scratch)
+            }
+            (RowsRef::Q4_0(k), RowsRef::Q4_0(v)) => {
+                fused_typed(width, part, k, v, partial, exps, scratch)
+            }
+            _ => unreachable!("the caller checked that the rows fuse"),
+        }
+    }
+}
+
+/// [`fused_part`] for one stored type.
+///
+/// # Safety
+/// As [`fused_part`].
+#[cfg(target_arch = "x86_64")]
+unsafe fn fused_typed<T: fused::Lanes>(
     width: FusedWidth,
     part: PartInput<'_>,
     keys: &[T],
@@ -537,6 +573,8 @@ fn lanewise(values: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
 mod fused {
     use std::arch::x86_64::*;
 
+    pub(super) use crate::attention::lanes::Lanes;
+
     use super::{exponentiate, log_count_biases, PartInput, Scratch, BLOCK};
 
     /// Query heads per pass: with AVX2, 3 heads x 2 row phases x 2 registers of accumulators,
@@ -546,40 +584,6 @@ mod fused {
     /// How far ahead of the row being read the keys are prefetched, in bytes (64 rows of a
     /// 64-wide f16 head).
     const PREFETCH: usize = 8192;
-
-    /// A stored element type whose consecutive elements load as f32 lanes.
-    pub(super) trait Lanes: Copy {
-        /// # Safety
-        /// `p` points at 8 readable elements; the CPU has AVX and F16C.
-        unsafe fn load8(p: *const Self) -> __m256;
-        /// # Safety
-        /// `p` points at 16 readable elements; the CPU has AVX-512F.
-        unsafe fn load16(p: *const Self) -> __m512;
-    }
-    impl Lanes for f32 {
-        #[inline(always)]
-        unsafe fn load8(p: *const Self) -> __m256 {
-            // SAFETY: the caller's contract.
-            unsafe { _mm256_loadu_ps(p) }
-        }
-        #[inline(always)]
-        unsafe fn load16(p: *const Self) -> __m512 {
-            // SAFETY: the caller's contract.
-            unsafe { _mm512_loadu_ps(p) }
-        }
-    }
-    impl Lanes for half::f16 {
-        #[inline(always)]
-        unsafe fn load8(p: *const Self) -> __m256 {
-            // SAFETY: the caller's contract; 8 f16 are 16 bytes.
-            unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) }
-        }
-        #[inline(always)]
-        unsafe fn load16(p: *const Self) -> __m512 {
-            // SAFETY: the caller's contract; 16 f16 are 32 bytes.
-            unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())) }
-        }
-    }
 
     /// The logits and the weighing of a part on one vector width.
     pub(super) trait Width {
@@ -626,12 +630,12 @@ mod fused {
     /// Asks for row `j` (`d` elements a row) of the keys [`PREFETCH`] bytes ahead and of the
     /// values (if given) now.
     #[inline(always)]
-    fn prefetch_part_row<T>(keys: *const T, values: Option<&[T]>, d: usize, j: usize) {
-        let row_bytes = d * size_of::<T>();
-        let key = keys.wrapping_add(j * d).cast::<u8>();
+    fn prefetch_part_row<T: Lanes>(keys: *const T, values: Option<&[T]>, d: usize, j: usize) {
+        let row_bytes = d / T::ELEMENTS * size_of::<T>();
+        let key = T::address_of(keys, j * d);
         crate::cpu::prefetch(key.wrapping_add(PREFETCH), row_bytes);
         if let Some(values) = values {
-            crate::cpu::prefetch(values.as_ptr().wrapping_add(j * d).cast(), row_bytes);
+            crate::cpu::prefetch(T::address_of(values.as_ptr(), j * d), row_bytes);
         }
     }
 
@@ -656,14 +660,15 @@ mod fused {
         let n = rows.len();
         assert!(
             d.is_multiple_of(W::COLUMNS)
-                && rows.end * d <= keys.len()
-                && rows.end * d <= values.len()
+                && d.is_multiple_of(T::ELEMENTS)
+                && rows.end * d <= T::elements(keys)
+                && rows.end * d <= T::elements(values)
         );
         let scale = 1.0 / (d as f32).sqrt();
         let meta = &head.meta()[rows.clone()];
         scores.resize(group * n, 0.0);
-        let keys = &keys[rows.start * d..rows.end * d];
-        let values = &values[rows.start * d..rows.end * d];
+        let units = rows.start * d / T::ELEMENTS..rows.end * d / T::ELEMENTS;
+        let (keys, values) = (&keys[units.clone()], &values[units]);
         for g0 in (0..group).step_by(TILE) {
             let tile = &queries[g0 * d..(g0 + TILE).min(group) * d];
             let out = &mut scores[g0 * n..];
@@ -719,8 +724,12 @@ mod fused {
             out: &mut [f32],
             n: usize,
         ) {
-            assert!(queries.len() == G * d && keys.len() >= n * d && out.len() >= (G - 1) * n + n);
-            assert!(values.is_none_or(|v| v.len() >= n * d));
+            assert!(
+                queries.len() == G * d
+                    && T::elements(keys) >= n * d
+                    && out.len() >= (G - 1) * n + n
+            );
+            assert!(values.is_none_or(|v| T::elements(v) >= n * d));
             let (q, k) = (queries.as_ptr(), keys.as_ptr());
             for j in 0..n {
                 let mut acc = [_mm256_setzero_ps(); G];
@@ -728,7 +737,7 @@ mod fused {
                 // SAFETY: `j * d + c + 8 <= n * d` and `g * d + c + 8 <= G * d`, asserted.
                 unsafe {
                     for c in (0..d).step_by(8) {
-                        let key = T::load8(k.add(j * d + c));
+                        let key = T::load8(k, j * d + c);
                         for (g, acc) in acc.iter_mut().enumerate() {
                             *acc = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(g * d + c)), key, *acc);
                         }
@@ -751,7 +760,7 @@ mod fused {
             out: &mut [f32],
             n: usize,
         ) {
-            assert!(weights.len() == G * n && values.len() >= n * d && out.len() == G * d);
+            assert!(weights.len() == G * n && T::elements(values) >= n * d && out.len() == G * d);
             let (w, v, o) = (weights.as_ptr(), values.as_ptr(), out.as_mut_ptr());
             out.fill(0.0);
             for start in (0..n).step_by(BLOCK) {
@@ -765,8 +774,8 @@ mod fused {
                     // `g * n + j < G * n`, all asserted above.
                     while j + 1 < end {
                         for (phase, acc) in acc.iter_mut().enumerate() {
-                            let row = unsafe { v.add((j + phase) * d + c) };
-                            let (lo, hi) = unsafe { (T::load8(row), T::load8(row.add(8))) };
+                            let row = (j + phase) * d + c;
+                            let (lo, hi) = unsafe { (T::load8(v, row), T::load8(v, row + 8)) };
                             for (g, acc) in acc.iter_mut().enumerate() {
                                 let weight =
                                     unsafe { _mm256_broadcast_ss(&*w.add(g * n + j + phase)) };
@@ -777,8 +786,8 @@ mod fused {
                         j += 2;
                     }
                     if j < end {
-                        let row = unsafe { v.add(j * d + c) };
-                        let (lo, hi) = unsafe { (T::load8(row), T::load8(row.add(8))) };
+                        let row = j * d + c;
+                        let (lo, hi) = unsafe { (T::load8(v, row), T::load8(v, row + 8)) };
                         for (g, acc) in acc[0].iter_mut().enumerate() {
                             let weight = unsafe { _mm256_broadcast_ss(&*w.add(g * n + j)) };
                             acc[0] = _mm256_fmadd_ps(weight, lo, acc[0]);
@@ -819,8 +828,12 @@ mod fused {
             out: &mut [f32],
             n: usize,
         ) {
-            assert!(queries.len() == G * d && keys.len() >= n * d && out.len() >= (G - 1) * n + n);
-            assert!(values.is_none_or(|v| v.len() >= n * d) && d.is_multiple_of(16));
+            assert!(
+                queries.len() == G * d
+                    && T::elements(keys) >= n * d
+                    && out.len() >= (G - 1) * n + n
+            );
+            assert!(values.is_none_or(|v| T::elements(v) >= n * d) && d.is_multiple_of(16));
             let (q, k, o) = (queries.as_ptr(), keys.as_ptr(), out.as_mut_ptr());
             let mut j = 0;
             // SAFETY (all below): rows `j + r < n`, columns `c + 16 <= d`, outputs
@@ -832,7 +845,7 @@ mod fused {
                 }
                 for c in (0..d).step_by(16) {
                     for r in 0..ROWS_512 {
-                        let key = unsafe { T::load16(k.add((j + r) * d + c)) };
+                        let key = unsafe { T::load16(k, (j + r) * d + c) };
                         for (g, acc) in acc.iter_mut().enumerate() {
                             let query = unsafe { _mm512_loadu_ps(q.add(g * d + c)) };
                             acc[r] = _mm512_fmadd_ps(query, key, acc[r]);
@@ -848,7 +861,7 @@ mod fused {
                 let mut acc = [_mm512_setzero_ps(); G];
                 prefetch_part_row(k, values, d, j);
                 for c in (0..d).step_by(16) {
-                    let key = unsafe { T::load16(k.add(j * d + c)) };
+                    let key = unsafe { T::load16(k, j * d + c) };
                     for (g, acc) in acc.iter_mut().enumerate() {
                         let query = unsafe { _mm512_loadu_ps(q.add(g * d + c)) };
                         *acc = _mm512_fmadd_ps(query, key, *acc);
@@ -870,7 +883,7 @@ mod fused {
             out: &mut [f32],
             n: usize,
         ) {
-            assert!(weights.len() == G * n && values.len() >= n * d && out.len() == G * d);
+            assert!(weights.len() == G * n && T::elements(values) >= n * d && out.len() == G * d);
             assert!(d.is_multiple_of(Self::COLUMNS));
             let (w, v, o) = (weights.as_ptr(), values.as_ptr(), out.as_mut_ptr());
             out.fill(0.0);
@@ -881,9 +894,9 @@ mod fused {
                     // SAFETY (all below): rows `j < n`, columns `c + 64 <= d`, weights
                     // `g * n + j < G * n`, all asserted above.
                     for j in start..end {
-                        let row = unsafe { v.add(j * d + c) };
+                        let row = j * d + c;
                         let chunks: [__m512; CHUNKS_512] =
-                            std::array::from_fn(|i| unsafe { T::load16(row.add(16 * i)) });
+                            std::array::from_fn(|i| unsafe { T::load16(v, row + 16 * i) });
                         for (g, acc) in acc.iter_mut().enumerate() {
                             let weight = _mm512_set1_ps(unsafe { *w.add(g * n + j) });
                             for (acc, chunk) in acc.iter_mut().zip(chunks) {
@@ -1048,7 +1061,7 @@ mod tests {
     /// (sums in another order): bounded.
     #[test]
     fn split_parts_combine_to_the_explicit_softmax() {
-        for dtype in KvDtype::ALL {
+        for dtype in KvDtype::FLOATS {
             for bias in [false, true] {
                 let mut split_heads = heads(&[1000, 77], dtype, 3);
                 let mut reference = split_heads.clone();
@@ -1072,7 +1085,7 @@ mod tests {
     /// (identical by construction: the same parts, combined in the same order).
     #[test]
     fn parts_on_one_thread_give_the_parallel_result() {
-        for dtype in KvDtype::ALL {
+        for dtype in KvDtype::FLOATS {
             for keep in [false, true] {
                 let mut parallel = heads(&[1000, 77], dtype, 13);
                 let mut serial = parallel.clone();
@@ -1116,8 +1129,9 @@ mod tests {
         assert_eq!(split.longest(&heads), 2560);
     }
 
-    /// The fused AVX2 kernel gives the portable kernel's softmax pieces and exponentials for
-    /// a group of 7 (tiles of 3, 3 and 1), an odd part (a lone last row) and a count bias.
+    /// The fused AVX2 kernel gives the portable kernel's softmax pieces and exponentials, on
+    /// f32, f16, q8_0 and q4_0 rows (the portable kernel dequantizes blocks into memory, the
+    /// fused one in registers), for a group of 7 (tiles of 3, 3 and 1), an odd part (a lone last row) and a count bias.
     /// Cross-path (vector sums in another order): bounded. Runs the widths the active kernel
     /// level allows (`KVMERGER_KERNEL_LEVEL`).
     #[cfg(target_arch = "x86_64")]
@@ -1135,7 +1149,7 @@ mod tests {
                 continue;
             }
             let queries: Vec<f32> = (0..group * d).map(|_| rng.random_range(-2.0..2.0)).collect();
-            for dtype in [KvDtype::F32, KvDtype::F16] {
+            for dtype in [KvDtype::F32, KvDtype::F16, KvDtype::Q8_0, KvDtype::Q4_0] {
                 let mut head = HeadCache::new(d, dtype);
                 for i in 0..300 {
                     let k: Vec<f32> = (0..d).map(|_| rng.random_range(-2.0..2.0)).collect();
@@ -1166,18 +1180,9 @@ mod tests {
                     false,
                 );
                 let (got_exps_out, scratch) = (Some(&mut got_exps[..]), &mut Scratch::default());
-                // SAFETY: the features were detected above.
-                unsafe {
-                    match (head.stored_keys(), head.stored_values()) {
-                        (RowsRef::F32(k), RowsRef::F32(v)) => {
-                            fused_part(width, input(), k, v, &mut got, got_exps_out, scratch)
-                        }
-                        (RowsRef::F16(k), RowsRef::F16(v)) => {
-                            fused_part(width, input(), k, v, &mut got, got_exps_out, scratch)
-                        }
-                        _ => unreachable!("f32 or f16 rows"),
-                    }
-                }
+                // SAFETY: the features were detected above; the rows fuse (asserted).
+                assert!(fuses(head.stored_keys(), head.stored_values()));
+                unsafe { fused_part(width, input(), &mut got, got_exps_out, scratch) };
                 let dtype = format!("{width:?}, d {d}, {dtype}");
                 assert!(max_diff(&got[..group], &expected[..group]) < 1e-4, "{dtype} maxima");
                 let relative = |a: &[f32], b: &[f32]| {
@@ -1238,6 +1243,48 @@ mod tests {
             attend_one(&q, &mut narrow, SHAPE, opts(false), &mut out);
             let diff = max_diff(&out, &expected);
             assert!(diff < tolerance, "{dtype}: {diff}");
+        }
+    }
+
+    /// On quantized rows (64-wide heads: two blocks a row), the decode kernel at the active
+    /// level gives the prefill path's softmax (which dequantizes every row first), and both
+    /// stay within the quantization's error of an f32 cache holding the same rows.
+    /// Cross-path: bounded.
+    #[test]
+    fn quantized_caches_decode_as_the_prefill_path_and_near_f32() {
+        const WIDE: AttentionShape = AttentionShape { n_heads: 6, n_kv_heads: 2, head_dim: 64 };
+        let build = |dtype: KvDtype| {
+            let mut rng = StdRng::seed_from_u64(21);
+            [700usize, 333]
+                .iter()
+                .map(|&n| {
+                    let mut h = HeadCache::new(WIDE.head_dim, dtype);
+                    for i in 0..n {
+                        let k: Vec<f32> = (0..64).map(|_| rng.random_range(-2.0..2.0)).collect();
+                        let v: Vec<f32> = (0..64).map(|_| rng.random_range(-1.0..1.0)).collect();
+                        let count = 1 + (i % 3) as u32;
+                        h.push(&k, &v, EntryMeta { position: i, count, attention: 0.0 });
+                    }
+                    h
+                })
+                .collect::<Vec<_>>()
+        };
+        let mut rng = StdRng::seed_from_u64(22);
+        let q: Vec<f32> = (0..6 * 64).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let mut wide = build(KvDtype::F32);
+        let mut exact = vec![0.0; q.len()];
+        attend_one(&q, &mut wide, WIDE, opts(true), &mut exact);
+        for (dtype, tolerance) in [(KvDtype::Q8_0, 5e-3), (KvDtype::Q4_0, 8e-2)] {
+            let mut decode = build(dtype);
+            let mut prefill = decode.clone();
+            let (mut out, mut expected) = (vec![0.0; q.len()], vec![0.0; q.len()]);
+            attend_one(&q, &mut decode, WIDE, opts(true), &mut out);
+            attend_chunks(&q, 1, &mut prefill, WIDE, opts(true), &mut expected);
+            assert!(max_diff(&out, &expected) < 1e-5, "{dtype}: decode against prefill");
+            assert!(max_diff(&attention(&decode), &attention(&prefill)) < 1e-6, "{dtype}");
+            let error = max_diff(&out, &exact);
+            assert!(error < tolerance, "{dtype}: {error} from f32");
+            assert!(error > 0.0, "{dtype}: quantization changed nothing");
         }
     }
 }

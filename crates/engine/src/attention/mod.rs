@@ -15,6 +15,8 @@ use kvmerger_compress::{EvictionWindow, HeadCache};
 use rayon::prelude::*;
 
 mod decode;
+#[cfg(target_arch = "x86_64")]
+mod lanes;
 mod shape;
 
 use decode::attend_one;
