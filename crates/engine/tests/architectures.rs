@@ -22,7 +22,8 @@ use std::process::Command;
 
 use candle_core::Device;
 use kvmerger_engine::testing::kl_divergence;
-use kvmerger_engine::{load_gguf, ForwardOptions, Logits, WeightFormat, WeightFormats};
+use kvmerger_engine::testing::{forward, ForwardOptions};
+use kvmerger_engine::{load_gguf, Logits, Phase, WeightFormat, WeightFormats};
 
 /// `(max KL, max |logit difference|)` per token, by the file's weight type.
 fn tolerance(dtype: &str) -> (f64, f32) {
@@ -105,14 +106,18 @@ fn every_architecture_matches_llama_cpp_on_every_pass_and_weight_format() {
             // One prefill of every token.
             let mut cache = model.new_cache();
             let all = ForwardOptions { logits: Logits::All, ..Default::default() };
-            let prefill = rows(model.forward(&v.tokens, &mut cache, all).unwrap());
+            let prefill =
+                rows(forward(&model, Phase::Prefill, &v.tokens, &mut cache, all).unwrap());
             // A short prefill, then one token per step.
             let mut cache = model.new_cache();
             let last = ForwardOptions::default();
-            let mut decode =
-                rows(model.forward(&v.tokens[..DECODE_PREFIX], &mut cache, last).unwrap());
+            let mut decode = rows(
+                forward(&model, Phase::Prefill, &v.tokens[..DECODE_PREFIX], &mut cache, last)
+                    .unwrap(),
+            );
             for &t in &v.tokens[DECODE_PREFIX..] {
-                decode.extend(rows(model.forward(&[t], &mut cache, last).unwrap()));
+                decode
+                    .extend(rows(forward(&model, Phase::Decode, &[t], &mut cache, last).unwrap()));
             }
             for (pass, ours, reference) in [
                 ("prefill", &prefill[..], &theirs[..]),

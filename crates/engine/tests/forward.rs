@@ -87,9 +87,9 @@ fn quantized_caches_stay_within_a_kl_bound_of_the_f32_cache() {
         m.kv_dtype = dtype;
         let mut cache = m.new_cache();
         let opts = ForwardOptions { logits: Logits::All, attention_chunk: 8, ..Default::default() };
-        let mut out = rows(&m.forward(&toks[..40], &mut cache, opts).unwrap());
+        let mut out = rows(&forward(&m, Phase::Prefill, &toks[..40], &mut cache, opts).unwrap());
         for &t in &toks[40..] {
-            out.extend(rows(&m.forward(&[t], &mut cache, opts).unwrap()));
+            out.extend(rows(&forward(&m, Phase::Decode, &[t], &mut cache, opts).unwrap()));
         }
         assert_eq!(cache.layers[1][1].dtype(), dtype.storage());
         out
@@ -360,10 +360,12 @@ fn sliding_window_layers_see_only_their_window() {
     let full = reference_forward(&m, &toks, |_, _, _, _| true).unwrap();
     let mut cache = m.new_cache();
     let all = ForwardOptions { logits: Logits::All, ..Default::default() };
-    let mut ours = rows(&m.forward(&toks[..9], &mut cache, all).unwrap());
-    ours.extend(rows(&m.forward(&toks[9..20], &mut cache, all).unwrap()));
+    let mut ours = rows(&forward(&m, Phase::Prefill, &toks[..9], &mut cache, all).unwrap());
+    ours.extend(rows(&forward(&m, Phase::Prefill, &toks[9..20], &mut cache, all).unwrap()));
     for &t in &toks[20..] {
-        ours.extend(rows(&m.forward(&[t], &mut cache, ForwardOptions::default()).unwrap()));
+        ours.extend(rows(
+            &forward(&m, Phase::Decode, &[t], &mut cache, ForwardOptions::default()).unwrap(),
+        ));
     }
     for (i, row) in ours.iter().enumerate() {
         assert!(relative_l2(row, &reference.logits[i]) < 1e-5, "position {i}");

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use anyhow::Result;
 use kvmerger_compress::{CompressionConfig, KvDtype};
-use kvmerger_engine::{Session, WeightFormats};
+use kvmerger_engine::{PrefillOptions, Session, WeightFormats};
 use serde::Serialize;
 
 use super::{llama_cpp, timed_decode, timed_prefill};
@@ -46,14 +46,14 @@ pub fn measure(
 ) -> Result<Vec<DtypeRow>> {
     let mut rows = Vec::new();
     let mut loaded = source.load(path, formats)?;
-    super::warm_up(&loaded.model, tokens)?;
+    super::warm_up(&loaded.model, tokens, PrefillOptions::default())?;
     for &dtype in dtypes {
         dtype.check_head_dim(loaded.model.config.head_dim)?;
         loaded.model.kv_dtype = dtype;
         for &n in lengths {
             let mut session = Session::new(&loaded.model, &CompressionConfig::Full)?;
             let (logits, _) = timed_prefill(&mut session, &tokens[..n])?;
-            let kv_mb = session.cache.resident_bytes() as f64 / 1e6;
+            let kv_mb = session.cache().resident_bytes() as f64 / 1e6;
             let decode = timed_decode(&mut session, logits, steps)?;
             rows.push(DtypeRow {
                 engine: "kvmerger".into(),
