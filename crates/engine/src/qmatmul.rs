@@ -67,6 +67,7 @@ macro_rules! kernel_by_rows {
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 mod blocks;
+mod dense;
 mod interleaved;
 
 /// Values per quantized block, for weights and activations alike.
@@ -275,8 +276,16 @@ impl QuantMatrix {
 
     /// `outs[i] = x W_i^T` for several weights that read the same activations, in one
     /// parallel region (one wait for the slowest thread instead of one per matrix).
+    /// Many rows ([`dense::ROWS`] or more) take the dense path: each weight dequantized a
+    /// tile at a time and multiplied with the unquantized rows in f32.
     pub fn matmul_many(weights: &[&QuantMatrix], x: &QuantizedRows, outs: &mut [&mut [f32]]) {
-        Self::run(weights, x, outs, kernel_for)
+        if x.values.is_empty() {
+            return Self::run(weights, x, outs, kernel_for);
+        }
+        assert_eq!(weights.len(), outs.len(), "one output per weight");
+        for (w, out) in weights.iter().zip(outs.iter_mut()) {
+            w.matmul_dense(&x.values, x.rows, out);
+        }
     }
 
     fn run(
@@ -383,8 +392,11 @@ pub struct QuantizedRows {
     offsets: Vec<i32>,
     /// `[rows, width / 32, LANES]`: each block's scale `d` (`x ~= d * q`) in every lane.
     d: Vec<f32>,
-    /// `[rows, width / 32]`: each block's `d * sum(q)`, for the Q4_1 offset term.
+    /// `[rows, width / 32]`: each block's `d * sum(q)`, for the offset terms.
     s: Vec<f32>,
+    /// `[rows, width]`: the rows as given, kept where they are many enough for the dense
+    /// path ([`dense::ROWS`]), which multiplies them in f32; empty otherwise.
+    values: Vec<f32>,
 }
 
 /// Some rows of a [`QuantizedRows`], as a kernel reads them.
@@ -450,6 +462,10 @@ impl QuantizedRows {
         }
         self.qu.clear();
         self.qu.extend(self.qs.iter().map(|&q| q as u8 ^ 0x80));
+        self.values.clear();
+        if rows >= dense::ROWS {
+            self.values.extend_from_slice(x);
+        }
     }
 
     pub fn rows(&self) -> usize {
@@ -857,17 +873,9 @@ mod tests {
 
     /// Dequantized weight `[out, in]` from the blocks, as [`blocks`] reads them.
     fn dequantize(m: &QuantMatrix) -> Vec<f32> {
-        let m = &m.clone().with_layout(Layout::Rows);
-        let mut scales = blocks::UnitScales::default();
-        let mut dense = Vec::with_capacity(m.out_dim * m.in_dim);
-        for unit in m.blocks.chunks_exact(m.kind.block_bytes()) {
-            blocks::unit_scales(m.kind, unit, &mut scales);
-            for sub in 0..m.kind.subs() {
-                let q = blocks::sub_values(m.kind, unit, sub);
-                let (d, offset) = (&scales.d[2 * sub..2 * sub + 2], scales.m[sub]);
-                dense.extend(q.iter().enumerate().map(|(j, &q)| d[j / 16] * q as f32 + offset));
-            }
-        }
+        let m = m.clone().with_layout(Layout::Rows);
+        let mut dense = vec![0.0; m.out_dim * m.in_dim];
+        blocks::dequantize(m.kind, &m.blocks, &mut dense);
         dense
     }
 
@@ -997,6 +1005,42 @@ mod tests {
                                 );
                             }
                         }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Products of many rows multiply the unquantized rows by the dequantized weights in
+    /// f32 (the dense path), across tiles (2,100 rows of 256 columns: two tiles), on both
+    /// layouts; the dequantization this CPU runs gives the portable one's values.
+    #[test]
+    fn many_rows_take_the_dequantized_weights_in_f32() {
+        let mut rng = StdRng::seed_from_u64(11);
+        for kind in QuantKind::ALL {
+            for (out_dim, in_dim, rows) in [(2100, 256, dense::ROWS), (48, 512, 45)] {
+                let m = QuantMatrix::quantize(&random_weights(out_dim, in_dim, &mut rng), kind)
+                    .unwrap();
+                let reference = dequantize(&m);
+                let mut fast = vec![0.0; reference.len()];
+                let row_major = m.clone().with_layout(Layout::Rows);
+                dense::dequantize(kind, &row_major.blocks, &mut fast);
+                for (a, b) in fast.iter().zip(&reference) {
+                    assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "{kind:?}: {a} {b}");
+                }
+                let x = random(rows * in_dim, &mut rng);
+                let q = QuantizedRows::new(&x, rows);
+                let mut out = vec![0.0; rows * out_dim];
+                m.matmul(&q, &mut out);
+                for r in 0..rows {
+                    let xs = &x[r * in_dim..(r + 1) * in_dim];
+                    for o in 0..out_dim {
+                        let w = &reference[o * in_dim..(o + 1) * in_dim];
+                        let exact: f64 = w.iter().zip(xs).map(|(&w, &x)| w as f64 * x as f64).sum();
+                        let scale: f64 =
+                            w.iter().zip(xs).map(|(&w, &x)| (w as f64 * x as f64).abs()).sum();
+                        let v = out[r * out_dim + o] as f64;
+                        assert!((v - exact).abs() <= 1e-5 * scale, "{kind:?} {v} {exact}");
                     }
                 }
             }

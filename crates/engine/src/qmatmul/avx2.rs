@@ -52,6 +52,58 @@ kernel_by_rows!(q4_k_vnni, vnni::rows<Q4K>, Q4K, 1, vnni_available);
 kernel_by_rows!(q5_k_vnni, vnni::rows<Q5K>, Q5K, 1, vnni_available);
 kernel_by_rows!(q6_k_vnni, vnni::rows<Q6K>, Q6K, 1, vnni_available);
 
+/// Whole units of `kind` from `blocks` as f32 values into `out` (`w = d * q + m`, one FMA
+/// per 8 values).
+pub(super) fn dequantize(kind: QuantKind, blocks: &[u8], out: &mut [f32]) {
+    assert!(has_avx2_fma_f16c());
+    let units = blocks.len() / kind.block_bytes();
+    let whole = blocks.len() == units * kind.block_bytes();
+    assert!(whole && out.len() == units * kind.block_values(), "dequantized size");
+    // SAFETY: the CPU features and the sizes of both slices were checked above.
+    unsafe {
+        match kind {
+            QuantKind::Q4_0 => dequantize_units::<Q4_0>(blocks, out),
+            QuantKind::Q4_1 => dequantize_units::<Q4_1>(blocks, out),
+            QuantKind::Q5_0 => dequantize_units::<Q5_0>(blocks, out),
+            QuantKind::Q8_0 => dequantize_units::<Q8_0>(blocks, out),
+            QuantKind::Q4K => dequantize_units::<Q4K>(blocks, out),
+            QuantKind::Q5K => dequantize_units::<Q5K>(blocks, out),
+            QuantKind::Q6K => dequantize_units::<Q6K>(blocks, out),
+        }
+    }
+}
+
+/// # Safety
+/// AVX2, FMA and F16C; `out` holds `kind.block_values()` values per unit of `blocks`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dequantize_units<U: Unpack>(blocks: &[u8], out: &mut [f32]) {
+    let kind = U::KIND;
+    let mut scales = UnitScales::default();
+    let units = blocks.chunks_exact(kind.block_bytes());
+    for (unit, out) in units.zip(out.chunks_exact_mut(kind.block_values())) {
+        U::scales(unit, &mut scales);
+        for sub in 0..kind.subs() {
+            let (w, d, m) = U::sub(unit, sub, &scales);
+            // Values 0..16 take the low half's multiplier, 16..32 the high half's.
+            let halves =
+                [_mm256_permute2f128_ps::<0x00>(d, d), _mm256_permute2f128_ps::<0x11>(d, d)];
+            let (m, at) = (_mm256_set1_ps(m), out.as_mut_ptr().add(32 * sub));
+            let bytes = [_mm256_castsi256_si128(w), _mm256_extracti128_si256::<1>(w)];
+            for j in 0..4 {
+                let eight =
+                    if j % 2 == 0 { bytes[j / 2] } else { _mm_srli_si128::<8>(bytes[j / 2]) };
+                let wide = if kind.signed() {
+                    _mm256_cvtepi8_epi32(eight)
+                } else {
+                    _mm256_cvtepu8_epi32(eight)
+                };
+                let v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(wide), halves[j / 2], m);
+                _mm256_storeu_ps(at.add(8 * j), v);
+            }
+        }
+    }
+}
+
 /// One format's sub-blocks as vectors.
 ///
 /// # Safety

@@ -143,3 +143,20 @@ pub(super) fn sub_values(kind: QuantKind, unit: &[u8], sub: usize) -> [i8; 32] {
     }
     q
 }
+
+/// Whole units of `kind` from `blocks` as f32 values into `out` (`w = d * q + m`).
+pub(super) fn dequantize(kind: QuantKind, blocks: &[u8], out: &mut [f32]) {
+    let units = blocks.chunks_exact(kind.block_bytes());
+    assert!(out.len() == units.len() * kind.block_values(), "dequantized size");
+    let mut scales = UnitScales::default();
+    for (unit, out) in units.zip(out.chunks_exact_mut(kind.block_values())) {
+        unit_scales(kind, unit, &mut scales);
+        for (sub, out) in out.chunks_exact_mut(32).enumerate() {
+            let q = sub_values(kind, unit, sub);
+            let (d, m) = (&scales.d[2 * sub..2 * sub + 2], scales.m[sub]);
+            for (j, (w, &q)) in out.iter_mut().zip(&q).enumerate() {
+                *w = d[j / 16] * q as f32 + m;
+            }
+        }
+    }
+}
