@@ -55,8 +55,25 @@ pub struct WeightFormats {
 }
 
 impl Default for WeightFormats {
+    /// The file's blocks for both paths: resident weights are the file's bytes, prefill is as
+    /// fast as with an f32 copy (its products dequantize a tile at a time) and decode reads
+    /// the fewest bytes (docs/bench/kernels.md).
     fn default() -> Self {
-        Self { prefill: WeightFormat::F32, decode: WeightFormat::File }
+        Self { prefill: WeightFormat::File, decode: WeightFormat::File }
+    }
+}
+
+impl WeightFormats {
+    /// What results computed with these formats depend on: the formats and, where one is
+    /// [`WeightFormat::File`], what `file` computes ((the kernel module's `FILE_PATH`)), so that a
+    /// stored evaluation row is recomputed when that changes.
+    pub fn fingerprint(&self) -> String {
+        let names = format!("prefill {:?}, decode {:?}", self.prefill, self.decode).to_lowercase();
+        if self.prefill == WeightFormat::File || self.decode == WeightFormat::File {
+            format!("{names} (file: {})", crate::qmatmul::FILE_PATH)
+        } else {
+            names
+        }
     }
 }
 
@@ -206,5 +223,22 @@ impl Linear {
             _ => 0,
         };
         dense + q + self.kernel.as_ref().map_or(0, QuantMatrix::bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Results computed with `file` weights record what `file` computes, so that a change of
+    /// its kernels makes stored rows stale; other formats record their names only.
+    #[test]
+    fn fingerprints_say_what_file_computes() {
+        let file = WeightFormats::default();
+        assert!(file.fingerprint().contains(crate::qmatmul::FILE_PATH), "{}", file.fingerprint());
+        let exact = WeightFormats { prefill: WeightFormat::F32, decode: WeightFormat::F32 };
+        assert_eq!(exact.fingerprint(), "prefill f32, decode f32");
+        let decode_only = WeightFormats { prefill: WeightFormat::F32, ..file };
+        assert!(decode_only.fingerprint().contains(crate::qmatmul::FILE_PATH));
     }
 }
