@@ -119,13 +119,16 @@ impl PrefillArgs {
 pub struct ModelArgs {
     #[command(flatten)]
     pub source: ModelSource,
-    /// Weight format of multi-token forward passes (prefill).
-    #[arg(long, default_value = "f32")]
-    pub prefill_weights: WeightFormat,
-    /// Weight format of single-token forward passes (decode): file (the file's Q4_1/Q8_0
-    /// blocks on our kernel, other types requantized to Q8_0), q8 (requantized to Q8_0 on
-    /// candle's kernel), quantized (the file's format on candle's kernel) or f32. Default:
-    /// the fastest measured for a known model (file for both), else file.
+    /// Weight format of multi-token forward passes (prefill): file (the file's blocks,
+    /// dequantized a tile at a time into an f32 product), f32 (an f32 copy of every weight
+    /// made at load: the exact reference), q8 or quantized (as for decode). Default: file.
+    #[arg(long)]
+    pub prefill_weights: Option<WeightFormat>,
+    /// Weight format of single-token forward passes (decode): file (the file's Q4_0, Q4_1,
+    /// Q5_0, Q8_0, Q4_K, Q5_K and Q6_K blocks on our kernel, other types requantized to
+    /// Q8_0), q8 (requantized to Q8_0 on candle's kernel), quantized (the file's format on
+    /// candle's kernel) or f32. Default: the fastest measured for a known model (file for
+    /// both), else file.
     #[arg(long)]
     pub decode_weights: Option<WeightFormat>,
 }
@@ -134,7 +137,8 @@ impl ModelArgs {
     pub fn formats(&self, path: &std::path::Path) -> WeightFormats {
         let decode =
             self.decode_weights.unwrap_or_else(|| kvmerger_engine::fetch::decode_format_for(path));
-        WeightFormats { prefill: self.prefill_weights, decode }
+        let prefill = self.prefill_weights.unwrap_or(WeightFormats::default().prefill);
+        WeightFormats { prefill, decode }
     }
 
     /// Sizes the thread pools and loads the model.

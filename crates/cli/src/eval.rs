@@ -151,7 +151,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let model_fingerprint = format!(
         "{}; weights {}; kv cache {}",
         model_identity(&loaded.path)?,
-        serde_json::to_string(&loaded.model.formats)?,
+        loaded.model.formats.fingerprint(),
         loaded.model.kv_dtype
     );
     let out = args.out.clone().unwrap_or_else(|| PathBuf::from("results").join(&spec.name));

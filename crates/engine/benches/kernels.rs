@@ -3,8 +3,15 @@
 //! and 8 activation rows. Each case cycles through enough copies of the matrix to exceed the
 //! last-level cache, as a decode step does (every weight is read once per step).
 //!
+//!
+//! Then Qwen2.5-Coder-0.5B's shapes in the block types GGUF files store (Q5_0 and Q8_0 where
+//! the width is not a multiple of 256, the k-quants where it is): 1 and 8 rows on the block
+//! kernels (decode), 512 rows on the dense path (prefill: dequantized tiles, f32 GEMM)
+//! against candle's f32 product of the same rows.
+//!
 //!     cargo bench -p kvmerger-engine --bench kernels
 //!     cargo bench -p kvmerger-engine --bench kernels -- '1536x576' --warm-up-time 1 --measurement-time 2
+//!     cargo bench -p kvmerger-engine --bench kernels -- 'file 896x4864'
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
@@ -71,9 +78,45 @@ fn bench(c: &mut Criterion) {
     }
 }
 
+fn file_blocks(c: &mut Criterion) {
+    let mut rng = StdRng::seed_from_u64(5);
+    let shapes: [(usize, usize, &[QuantKind]); 3] = [
+        (896, 896, &[QuantKind::Q5_0, QuantKind::Q8_0, QuantKind::Q4_0]),
+        (4864, 896, &[QuantKind::Q5_0]),
+        (896, 4864, &[QuantKind::Q4K, QuantKind::Q5K, QuantKind::Q6K]),
+    ];
+    for (out_dim, in_dim, kinds) in shapes {
+        let w =
+            Tensor::from_vec(random(out_dim * in_dim, &mut rng), (out_dim, in_dim), &Device::Cpu)
+                .unwrap();
+        let copies = (WORKING_SET / (out_dim * in_dim)).clamp(1, 64);
+        let mut group = c.benchmark_group(format!("file {out_dim}x{in_dim}"));
+        for &kind in kinds {
+            let mats = vec![QuantMatrix::quantize(&w, kind).unwrap(); copies];
+            for rows in [1usize, 8, 512] {
+                let x = random(rows * in_dim, &mut rng);
+                let mut out = vec![0.0f32; rows * out_dim];
+                let mut i = 0;
+                group.bench_function(format!("ours {kind:?} rows {rows}"), |b| {
+                    b.iter(|| {
+                        i = (i + 1) % copies;
+                        let q = QuantizedRows::new(&x, rows);
+                        mats[i].matmul(&q, &mut out);
+                    })
+                });
+            }
+        }
+        let xt =
+            Tensor::from_vec(random(512 * in_dim, &mut rng), (512, in_dim), &Device::Cpu).unwrap();
+        let wt = w.t().unwrap();
+        group.bench_function("candle f32 rows 512", |b| b.iter(|| xt.matmul(&wt).unwrap()));
+        group.finish();
+    }
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20).warm_up_time(std::time::Duration::from_millis(500)).measurement_time(std::time::Duration::from_secs(1));
-    targets = bench
+    targets = bench, file_blocks
 }
 criterion_main!(benches);

@@ -87,8 +87,8 @@ pub const KNOWN_MODELS: &[KnownModel] = &[
         ],
         size: 491_400_064,
         sha256: "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-        // Measured: f32 222 ms/token, candle's Q8_0 891, the file's Q5_0/Q4_K/Q6_K mix 1168;
-        // our kernel on Q8_0 requantized at load 7x faster than f32 (docs/bench/kernels.md).
+        // The file's Q5_0, Q8_0, Q4_K and Q6_K blocks on our kernel, fastest of the formats
+        // measured (docs/bench/kernels.md).
         decode: WeightFormat::File,
     },
     KnownModel {

@@ -24,9 +24,9 @@ pub enum WeightFormat {
     /// Requantized to Q8_0 at load (GGUF only): candle has SIMD kernels for Q8_0 but a
     /// scalar one for Q4_1, so on SmolLM2's Q4_1 file this decodes faster than either.
     Q8,
-    /// The file's own Q4_1 or Q8_0 blocks through our kernel ([`QuantMatrix`]), which reads
-    /// each weight once per step for all rows; other quantized types are requantized to Q8_0
-    /// at load (GGUF only).
+    /// The file's own blocks through our kernel ([`QuantMatrix`]: Q4_0, Q4_1, Q5_0, Q8_0,
+    /// Q4_K, Q5_K, Q6_K), which reads each weight once per step for all rows; other quantized
+    /// types are requantized to Q8_0 at load (GGUF only).
     File,
 }
 
@@ -56,8 +56,25 @@ pub struct WeightFormats {
 }
 
 impl Default for WeightFormats {
+    /// The file's blocks for both paths: resident weights are the file's bytes, prefill is as
+    /// fast as with an f32 copy (its products dequantize a tile at a time) and decode reads
+    /// the fewest bytes (docs/bench/kernels.md).
     fn default() -> Self {
-        Self { prefill: WeightFormat::F32, decode: WeightFormat::File }
+        Self { prefill: WeightFormat::File, decode: WeightFormat::File }
+    }
+}
+
+impl WeightFormats {
+    /// What results computed with these formats depend on: the formats and, where one is
+    /// [`WeightFormat::File`], what `file` computes ((the kernel module's `FILE_PATH`)), so that a
+    /// stored evaluation row is recomputed when that changes.
+    pub fn fingerprint(&self) -> String {
+        let names = format!("prefill {:?}, decode {:?}", self.prefill, self.decode).to_lowercase();
+        if self.prefill == WeightFormat::File || self.decode == WeightFormat::File {
+            format!("{names} (file: {})", crate::qmatmul::FILE_PATH)
+        } else {
+            names
+        }
     }
 }
 
@@ -102,31 +119,40 @@ impl Linear {
                 | candle_core::quantized::GgmlDType::BF16
         );
         let uses = |f: WeightFormat| formats.prefill == f || formats.decode == f;
-        let dense = weight.dequantize(&weight.device())?;
-        let kernel = match is_float || !uses(WeightFormat::File) {
+        let in_dim = weight.shape().dims2()?.1;
+        // The file's own blocks where the kernel reads their type.
+        let own_blocks = match is_float || !uses(WeightFormat::File) {
             true => None,
-            false => match QuantMatrix::from_qtensor(&weight)? {
-                Some(m) => Some(m),
-                None if dense.dim(1)? % 32 == 0 => {
-                    Some(QuantMatrix::quantize(&dense, QuantKind::Q8_0)?)
-                }
-                None => None,
-            },
+            false => QuantMatrix::from_qtensor(&weight)?,
+        };
+        // f32 values only where a format needs them: no f32 copy of every weight at load.
+        let needs_dense = is_float
+            || uses(WeightFormat::F32)
+            || uses(WeightFormat::Q8)
+            || (uses(WeightFormat::File) && own_blocks.is_none());
+        let dense = needs_dense.then(|| weight.dequantize(&weight.device())).transpose()?;
+        let kernel = match (own_blocks, &dense) {
+            // A type the kernel does not read: its values requantized to Q8_0.
+            (None, Some(dense)) if uses(WeightFormat::File) && !is_float && in_dim % 32 == 0 => {
+                Some(QuantMatrix::quantize(dense, QuantKind::Q8_0)?)
+            }
+            (kernel, _) => kernel,
         };
         // One candle quantized copy at most: the file's own format, or a Q8_0 requantization.
-        let quantized = if is_float {
-            None
-        } else if uses(WeightFormat::Q8) && dense.dim(1)? % 32 == 0 {
-            let q8 = QTensor::quantize(&dense, candle_core::quantized::GgmlDType::Q8_0)?;
-            Some(QMatMul::QTensor(std::sync::Arc::new(q8)))
-        } else if uses(WeightFormat::Quantized) || uses(WeightFormat::Q8) {
-            Some(QMatMul::QTensor(std::sync::Arc::new(weight)))
-        } else {
-            None
+        let quantized = match &dense {
+            _ if is_float => None,
+            Some(dense) if uses(WeightFormat::Q8) && in_dim % 32 == 0 => {
+                let q8 = QTensor::quantize(dense, candle_core::quantized::GgmlDType::Q8_0)?;
+                Some(QMatMul::QTensor(std::sync::Arc::new(q8)))
+            }
+            _ if uses(WeightFormat::Quantized) || uses(WeightFormat::Q8) => {
+                Some(QMatMul::QTensor(std::sync::Arc::new(weight)))
+            }
+            _ => None,
         };
-        let dense =
-            (is_float || uses(WeightFormat::F32) || (quantized.is_none() && kernel.is_none()))
-                .then_some(dense);
+        let keep_dense =
+            is_float || uses(WeightFormat::F32) || (quantized.is_none() && kernel.is_none());
+        let dense = dense.filter(|_| keep_dense);
         let bias = bias.map(|b| b.to_dtype(DType::F32)).transpose()?;
         let bias_values = bias.as_ref().map(Tensor::to_vec1).transpose()?;
         Ok(Self { dense, quantized, kernel, bias, bias_values })
@@ -188,5 +214,22 @@ impl Linear {
             _ => 0,
         };
         dense + q + self.kernel.as_ref().map_or(0, QuantMatrix::bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Results computed with `file` weights record what `file` computes, so that a change of
+    /// its kernels makes stored rows stale; other formats record their names only.
+    #[test]
+    fn fingerprints_say_what_file_computes() {
+        let file = WeightFormats::default();
+        assert!(file.fingerprint().contains(crate::qmatmul::FILE_PATH), "{}", file.fingerprint());
+        let exact = WeightFormats { prefill: WeightFormat::F32, decode: WeightFormat::F32 };
+        assert_eq!(exact.fingerprint(), "prefill f32, decode f32");
+        let decode_only = WeightFormats { prefill: WeightFormat::F32, ..file };
+        assert!(decode_only.fingerprint().contains(crate::qmatmul::FILE_PATH));
     }
 }

@@ -26,11 +26,11 @@ use crate::error::{EngineError, Result};
 
 /// Defines `$name`, a [`Kernel`] that checks the CPU (`$available`) and the sizes of what it
 /// reads (whole weight rows of `$kind`, a multiple of `$unit` of them), then runs
-/// `$kernel::<R>` for the group's row count `R`, so each variant keeps its accumulators in
-/// registers.
+/// `$kernel::<$T.., R>` for the group's row count `R`, so each variant keeps its accumulators
+/// in registers.
 #[cfg(target_arch = "x86_64")]
 macro_rules! kernel_by_rows {
-    ($name:ident, $($kernel:ident)::+, $kind:ident, $unit:expr, $available:path) => {
+    ($name:ident, $($kernel:ident)::+ $(<$($t:ty),+>)?, $kind:ident, $unit:expr, $available:path) => {
         /// # Safety
         /// As a [`Kernel`](crate::qmatmul::Kernel)'s.
         pub unsafe fn $name(
@@ -41,7 +41,7 @@ macro_rules! kernel_by_rows {
             out: Columns,
         ) {
             assert!($available());
-            let row_bytes = nb * crate::qmatmul::QuantKind::$kind.block_bytes();
+            let row_bytes = crate::qmatmul::QuantKind::$kind.row_bytes(nb);
             let n_out = weights.len() / row_bytes.max(1);
             assert!(n_out > 0 && n_out.is_multiple_of($unit) && weights.len() == n_out * row_bytes);
             assert!(acts.fits(rows, nb));
@@ -49,14 +49,14 @@ macro_rules! kernel_by_rows {
             // were checked against what the kernel reads; `out` is the caller's promise.
             unsafe {
                 match rows {
-                    1 => $($kernel)::+::<1>(weights, nb, acts, out),
-                    2 => $($kernel)::+::<2>(weights, nb, acts, out),
-                    3 => $($kernel)::+::<3>(weights, nb, acts, out),
-                    4 => $($kernel)::+::<4>(weights, nb, acts, out),
-                    5 => $($kernel)::+::<5>(weights, nb, acts, out),
-                    6 => $($kernel)::+::<6>(weights, nb, acts, out),
-                    7 => $($kernel)::+::<7>(weights, nb, acts, out),
-                    8 => $($kernel)::+::<8>(weights, nb, acts, out),
+                    1 => $($kernel)::+::<$($($t,)+)? 1>(weights, nb, acts, out),
+                    2 => $($kernel)::+::<$($($t,)+)? 2>(weights, nb, acts, out),
+                    3 => $($kernel)::+::<$($($t,)+)? 3>(weights, nb, acts, out),
+                    4 => $($kernel)::+::<$($($t,)+)? 4>(weights, nb, acts, out),
+                    5 => $($kernel)::+::<$($($t,)+)? 5>(weights, nb, acts, out),
+                    6 => $($kernel)::+::<$($($t,)+)? 6>(weights, nb, acts, out),
+                    7 => $($kernel)::+::<$($($t,)+)? 7>(weights, nb, acts, out),
+                    8 => $($kernel)::+::<$($($t,)+)? 8>(weights, nb, acts, out),
                     _ => unreachable!("row groups hold 1 to 8 rows"),
                 }
             }
@@ -64,7 +64,17 @@ macro_rules! kernel_by_rows {
     };
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+mod blocks;
+mod dense;
 mod interleaved;
+
+/// What [`crate::WeightFormat::File`] computes, for the fingerprints of stored results: the
+/// block types multiplied as the file stores them (others are requantized to Q8_0), and the
+/// dense path's row count. Change it with any change to what those products compute.
+pub const FILE_PATH: &str = "blocks Q4_0 Q4_1 Q5_0 Q8_0 Q4_K Q5_K Q6_K as stored, 8-bit \
+                             activations below 32 rows, f32 GEMM of dequantized tiles from 32";
 
 /// Values per quantized block, for weights and activations alike.
 pub const BLOCK: usize = 32;
@@ -76,29 +86,91 @@ const TASK_BYTES: usize = 32 * 1024;
 /// Activation rows computed together against each weight block (a register's worth).
 const ROW_GROUP: usize = 8;
 
-/// Block formats the kernel reads, as GGUF stores them.
+/// Block formats the kernel reads, as GGUF stores them (ggml's `ggml-common.h`; [`blocks`]
+/// reads them as 32-value sub-blocks). The discriminants index [`QuantKind::ALL`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
 pub enum QuantKind {
+    /// 18 bytes per 32 weights: f16 scale `d`, 16 bytes of 4-bit values `n`, `w = d (n - 8)`
+    /// (low nibbles are weights 0..16, high nibbles weights 16..32).
+    Q4_0,
     /// 20 bytes per 32 weights: f16 scale `d`, f16 offset `m`, 16 bytes of 4-bit values
     /// (low nibbles are weights 0..16, high nibbles weights 16..32).
     Q4_1,
+    /// 22 bytes per 32 weights: f16 `d`, 32 fifth bits, then Q4_0's nibbles: `w = d (n - 16)`.
+    Q5_0,
     /// 34 bytes per 32 weights: f16 scale `d`, 32 signed bytes.
     Q8_0,
+    /// 144 bytes per 256 weights: f16 `d` and `dmin`, a 6-bit scale and min per 32 weights,
+    /// 4-bit values: `w = d sc n - dmin mn`.
+    Q4K,
+    /// 176 bytes per 256 weights: Q4_K with a fifth bit per weight.
+    Q5K,
+    /// 210 bytes per 256 weights: 6-bit values less 32, a signed 8-bit scale per 16 weights,
+    /// f16 `d`.
+    Q6K,
 }
 
 impl QuantKind {
-    pub fn block_bytes(self) -> usize {
+    /// Every kind, in discriminant order.
+    pub const ALL: [QuantKind; 7] =
+        [Self::Q4_0, Self::Q4_1, Self::Q5_0, Self::Q8_0, Self::Q4K, Self::Q5K, Self::Q6K];
+
+    /// Bytes of one unit: a block of 32 weights or a k-quant super-block of 256.
+    pub const fn block_bytes(self) -> usize {
         match self {
+            Self::Q4_0 => 18,
             Self::Q4_1 => 20,
+            Self::Q5_0 => 22,
             Self::Q8_0 => 34,
+            Self::Q4K => 144,
+            Self::Q5K => 176,
+            Self::Q6K => 210,
         }
     }
 
+    /// Weights per unit.
+    pub const fn block_values(self) -> usize {
+        match self {
+            Self::Q4K | Self::Q5K | Self::Q6K => 256,
+            _ => BLOCK,
+        }
+    }
+
+    /// Sub-blocks of 32 weights (one activation block each) per unit.
+    const fn subs(self) -> usize {
+        self.block_values() / BLOCK
+    }
+
+    /// Whether [`blocks::sub_values`] gives signed values (the others are unsigned, with an
+    /// offset term where the format has one).
+    const fn signed(self) -> bool {
+        matches!(self, Self::Q8_0 | Self::Q6K)
+    }
+
+    /// Bytes of a weight row of `nb` activation blocks (`nb` a multiple of [`Self::subs`]).
+    const fn row_bytes(self, nb: usize) -> usize {
+        nb / self.subs() * self.block_bytes()
+    }
+
+    /// The kind whose discriminant is `index` (a const generic parameter of the kernels).
+    const fn from_index(index: u8) -> Self {
+        Self::ALL[index as usize]
+    }
+
     fn from_ggml(dtype: GgmlDType) -> Option<Self> {
-        match dtype {
-            GgmlDType::Q4_1 => Some(Self::Q4_1),
-            GgmlDType::Q8_0 => Some(Self::Q8_0),
-            _ => None,
+        Self::ALL.into_iter().find(|kind| kind.ggml() == dtype)
+    }
+
+    fn ggml(self) -> GgmlDType {
+        match self {
+            Self::Q4_0 => GgmlDType::Q4_0,
+            Self::Q4_1 => GgmlDType::Q4_1,
+            Self::Q5_0 => GgmlDType::Q5_0,
+            Self::Q8_0 => GgmlDType::Q8_0,
+            Self::Q4K => GgmlDType::Q4K,
+            Self::Q5K => GgmlDType::Q5K,
+            Self::Q6K => GgmlDType::Q6K,
         }
     }
 }
@@ -125,7 +197,8 @@ pub struct QuantMatrix {
 }
 
 impl QuantMatrix {
-    /// The tensor's own blocks when the kernel reads its format (Q4_1, Q8_0); `None` otherwise.
+    /// The tensor's own blocks when the kernel reads its format ([`QuantKind`]); `None`
+    /// otherwise.
     pub fn from_qtensor(weight: &QTensor) -> Result<Option<Self>> {
         let Some(kind) = QuantKind::from_ggml(weight.dtype()) else { return Ok(None) };
         let (out_dim, in_dim) = weight.shape().dims2()?;
@@ -135,11 +208,7 @@ impl QuantMatrix {
 
     /// Quantizes f32 weights `[out_dim, in_dim]` to `kind` (candle's quantizer, as ggml's).
     pub fn quantize(weight: &candle_core::Tensor, kind: QuantKind) -> Result<Self> {
-        let dtype = match kind {
-            QuantKind::Q4_1 => GgmlDType::Q4_1,
-            QuantKind::Q8_0 => GgmlDType::Q8_0,
-        };
-        let q = QTensor::quantize(weight, dtype)?;
+        let q = QTensor::quantize(weight, kind.ggml())?;
         let (out_dim, in_dim) = q.shape().dims2()?;
         Self::from_blocks(kind, out_dim, in_dim, q.data()?.into_owned())
     }
@@ -150,16 +219,19 @@ impl QuantMatrix {
         in_dim: usize,
         blocks: Vec<u8>,
     ) -> Result<Self> {
-        let expected = out_dim * (in_dim / BLOCK) * kind.block_bytes();
-        if !in_dim.is_multiple_of(BLOCK) || blocks.len() != expected {
+        let unit = kind.block_values();
+        let expected = out_dim * (in_dim / unit) * kind.block_bytes();
+        if !in_dim.is_multiple_of(unit) || blocks.len() != expected {
             return Err(EngineError::Config(format!(
-                "a {kind:?} weight [{out_dim}, {in_dim}] needs a multiple of {BLOCK} columns and \
+                "a {kind:?} weight [{out_dim}, {in_dim}] needs a multiple of {unit} columns and \
                  {expected} bytes, got {} bytes",
                 blocks.len()
             )));
         }
         let rows = Self { kind, out_dim, in_dim, layout: Layout::Rows, blocks };
-        let interleave = interleaved::available() && out_dim.is_multiple_of(interleaved::ROWS);
+        let interleave = interleaved::available()
+            && interleaved::reads(kind)
+            && out_dim.is_multiple_of(interleaved::ROWS);
         Ok(if interleave { rows.with_layout(Layout::Interleaved) } else { rows })
     }
 
@@ -192,7 +264,7 @@ impl QuantMatrix {
     }
 
     fn row_bytes(&self) -> usize {
-        self.in_dim / BLOCK * self.kind.block_bytes()
+        self.kind.row_bytes(self.in_dim / BLOCK)
     }
 
     /// `out = x W^T`: `x` is `[rows, in_dim]` quantized, `out` is `[rows, out_dim]`.
@@ -210,8 +282,16 @@ impl QuantMatrix {
 
     /// `outs[i] = x W_i^T` for several weights that read the same activations, in one
     /// parallel region (one wait for the slowest thread instead of one per matrix).
+    /// Many rows ([`dense::ROWS`] or more) take the dense path: each weight dequantized a
+    /// tile at a time and multiplied with the unquantized rows in f32.
     pub fn matmul_many(weights: &[&QuantMatrix], x: &QuantizedRows, outs: &mut [&mut [f32]]) {
-        Self::run(weights, x, outs, kernel_for)
+        if x.values.is_empty() {
+            return Self::run(weights, x, outs, kernel_for);
+        }
+        assert_eq!(weights.len(), outs.len(), "one output per weight");
+        for (w, out) in weights.iter().zip(outs.iter_mut()) {
+            w.matmul_dense(&x.values, x.rows, out);
+        }
     }
 
     fn run(
@@ -318,8 +398,11 @@ pub struct QuantizedRows {
     offsets: Vec<i32>,
     /// `[rows, width / 32, LANES]`: each block's scale `d` (`x ~= d * q`) in every lane.
     d: Vec<f32>,
-    /// `[rows, width / 32]`: each block's `d * sum(q)`, for the Q4_1 offset term.
+    /// `[rows, width / 32]`: each block's `d * sum(q)`, for the offset terms.
     s: Vec<f32>,
+    /// `[rows, width]`: the rows as given, kept where they are many enough for the dense
+    /// path ([`dense::ROWS`]), which multiplies them in f32; empty otherwise.
+    values: Vec<f32>,
 }
 
 /// Some rows of a [`QuantizedRows`], as a kernel reads them.
@@ -385,6 +468,10 @@ impl QuantizedRows {
         }
         self.qu.clear();
         self.qu.extend(self.qs.iter().map(|&q| q as u8 ^ 0x80));
+        self.values.clear();
+        if rows >= dense::ROWS {
+            self.values.extend_from_slice(x);
+        }
     }
 
     pub fn rows(&self) -> usize {
@@ -442,37 +529,21 @@ type Kernel = unsafe fn(&[u8], usize, Acts<'_>, usize, Columns);
 fn kernel_for(kind: QuantKind, layout: Layout) -> Kernel {
     #[cfg(target_arch = "x86_64")]
     if layout == Layout::Interleaved {
-        return match kind {
-            QuantKind::Q4_1 => interleaved::q4_1,
-            QuantKind::Q8_0 => interleaved::q8_0,
-        };
+        return interleaved::kernel(kind);
     }
     debug_assert_eq!(layout, Layout::Rows, "interleaved only where its kernels run");
     #[cfg(target_arch = "x86_64")]
-    if avx512::available() {
-        return match kind {
-            QuantKind::Q4_1 => avx512::q4_1,
-            QuantKind::Q8_0 => avx512::q8_0,
-        };
-    }
-    #[cfg(target_arch = "x86_64")]
-    if avx2::vnni_available() {
-        return match kind {
-            QuantKind::Q4_1 => avx2::q4_1_vnni,
-            QuantKind::Q8_0 => avx2::q8_0_vnni,
-        };
+    if let Some(kernel) = avx512::kernel(kind) {
+        return kernel;
     }
     #[cfg(target_arch = "x86_64")]
     if crate::cpu::has_avx2_fma_f16c() {
-        return match kind {
-            QuantKind::Q4_1 => avx2::q4_1,
-            QuantKind::Q8_0 => avx2::q8_0,
-        };
+        return avx2::kernel(kind, avx2::vnni_available());
     }
     scalar_kernel(kind, layout)
 }
 
-/// Every kernel this CPU can run, the scalar one first (for tests).
+/// Every kernel this CPU can run for row-major blocks, the scalar one first (for tests).
 #[cfg(test)]
 fn all_kernels() -> Vec<fn(QuantKind, Layout) -> Kernel> {
     #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
@@ -480,22 +551,14 @@ fn all_kernels() -> Vec<fn(QuantKind, Layout) -> Kernel> {
     #[cfg(target_arch = "x86_64")]
     {
         if crate::cpu::has_avx2_fma_f16c() {
-            kernels.push(|kind, _| match kind {
-                QuantKind::Q4_1 => avx2::q4_1,
-                QuantKind::Q8_0 => avx2::q8_0,
-            });
+            kernels.push(|kind, _| avx2::kernel(kind, false));
         }
         if avx2::vnni_available() {
-            kernels.push(|kind, _| match kind {
-                QuantKind::Q4_1 => avx2::q4_1_vnni,
-                QuantKind::Q8_0 => avx2::q8_0_vnni,
-            });
+            kernels.push(|kind, _| avx2::kernel(kind, true));
         }
         if avx512::available() {
-            kernels.push(|kind, _| match kind {
-                QuantKind::Q4_1 => avx512::q4_1,
-                QuantKind::Q8_0 => avx512::q8_0,
-            });
+            kernels
+                .push(|kind, _| avx512::kernel(kind).unwrap_or_else(|| avx2::kernel(kind, false)));
         }
     }
     kernels
@@ -504,8 +567,13 @@ fn all_kernels() -> Vec<fn(QuantKind, Layout) -> Kernel> {
 fn scalar_kernel(kind: QuantKind, layout: Layout) -> Kernel {
     debug_assert_eq!(layout, Layout::Rows, "the scalar kernels read row-major blocks");
     match kind {
-        QuantKind::Q4_1 => scalar_q4_1,
-        QuantKind::Q8_0 => scalar_q8_0,
+        QuantKind::Q4_0 => scalar::<{ QuantKind::Q4_0 as u8 }>,
+        QuantKind::Q4_1 => scalar::<{ QuantKind::Q4_1 as u8 }>,
+        QuantKind::Q5_0 => scalar::<{ QuantKind::Q5_0 as u8 }>,
+        QuantKind::Q8_0 => scalar::<{ QuantKind::Q8_0 as u8 }>,
+        QuantKind::Q4K => scalar::<{ QuantKind::Q4K as u8 }>,
+        QuantKind::Q5K => scalar::<{ QuantKind::Q5K as u8 }>,
+        QuantKind::Q6K => scalar::<{ QuantKind::Q6K as u8 }>,
     }
 }
 
@@ -513,180 +581,44 @@ fn half_at(block: &[u8], at: usize) -> f32 {
     half::f16::from_le_bytes([block[at], block[at + 1]]).to_f32()
 }
 
-unsafe fn scalar_q4_1(weights: &[u8], nb: usize, acts: Acts<'_>, rows: usize, out: Columns) {
-    scalar_rows(QuantKind::Q4_1, weights, nb, acts, rows, out, |block, (qs, ad, s)| {
-        let (d, m) = (half_at(block, 0), half_at(block, 2));
-        let mut dot = 0i32;
-        for (j, &byte) in block[4..20].iter().enumerate() {
-            dot += (byte & 0x0f) as i32 * qs[j] as i32;
-            dot += (byte >> 4) as i32 * qs[j + 16] as i32;
-        }
-        d * ad * dot as f32 + m * s
-    })
-}
-
-unsafe fn scalar_q8_0(weights: &[u8], nb: usize, acts: Acts<'_>, rows: usize, out: Columns) {
-    scalar_rows(QuantKind::Q8_0, weights, nb, acts, rows, out, |block, (qs, ad, _)| {
-        let dot: i32 = block[2..34].iter().zip(qs).map(|(&w, &q)| w as i8 as i32 * q as i32).sum();
-        half_at(block, 0) * ad * dot as f32
-    })
-}
-
-/// The scalar kernels' loop: every weight row against every activation row, summing
-/// `block_dot` (one weight block of `kind` against one activation block) over the blocks.
+/// The portable kernel for the kind whose discriminant is `K`: every weight row against
+/// every activation row, each sub-block's two halves summed in integers and scaled apart
+/// ([`blocks`]).
 ///
 /// # Safety
 /// As a [`Kernel`]'s.
-unsafe fn scalar_rows(
-    kind: QuantKind,
+unsafe fn scalar<const K: u8>(
     weights: &[u8],
     nb: usize,
     acts: Acts<'_>,
     rows: usize,
     out: Columns,
-    block_dot: impl Fn(&[u8], (&[i8], f32, f32)) -> f32,
 ) {
-    let bb = kind.block_bytes();
-    for (o, row) in weights.chunks_exact(nb * bb).enumerate() {
-        for r in 0..rows {
-            let blocks = row.chunks_exact(bb).enumerate();
-            let v = blocks.map(|(b, block)| block_dot(block, acts.block(r * nb + b))).sum();
-            out.write(o, r, v);
-        }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use std::arch::x86_64::*;
-
-    use super::{Acts, Columns};
-    use crate::cpu::has_avx2_fma_f16c;
-
-    pub fn vnni_available() -> bool {
-        crate::cpu::has_avx_vnni()
-    }
-
-    kernel_by_rows!(q4_1, maddubs::q4_1, Q4_1, 1, has_avx2_fma_f16c);
-    kernel_by_rows!(q8_0, maddubs::q8_0, Q8_0, 1, has_avx2_fma_f16c);
-    kernel_by_rows!(q4_1_vnni, vnni::q4_1, Q4_1, 1, vnni_available);
-    kernel_by_rows!(q8_0_vnni, vnni::q8_0, Q8_0, 1, vnni_available);
-
-    /// The kernels for one way of taking 32 byte products into 8 lanes of i32 (`$dot`),
-    /// compiled for `$features`.
-    macro_rules! kernels {
-        ($module:ident, $features:literal, $dot:ident) => {
-            // Row indices address several per-row arrays at once.
-            #[allow(clippy::needless_range_loop)]
-            mod $module {
-
-                use std::arch::x86_64::*;
-
-                use super::{hsum, $dot};
-                use crate::qmatmul::{Acts, Columns, LANES};
-
-                /// Q4_1 weights: each block's nibbles are unpacked once, then multiplied with every
-                /// row's activations (`vpmaddubsw` takes the unsigned nibbles times signed bytes).
-                #[target_feature(enable = $features)]
-                pub unsafe fn q4_1<const R: usize>(
-                    weights: &[u8],
-                    nb: usize,
-                    acts: Acts<'_>,
-                    out: Columns,
-                ) {
-                    let low = _mm256_set1_epi8(0x0f);
-                    let n_out = weights.len() / (nb * 20);
-                    for o in 0..n_out {
-                        let row = weights.as_ptr().add(o * nb * 20);
-                        let mut acc = [_mm256_setzero_ps(); R];
-                        let mut offsets = [0.0f32; R];
-                        for b in 0..nb {
-                            let block = row.add(b * 20);
-                            // [d, m] from two f16.
-                            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(
-                                (block as *const i32).read_unaligned(),
-                            ));
-                            let d = _mm_cvtss_f32(dm);
-                            let m = _mm_cvtss_f32(_mm_movehdup_ps(dm));
-                            let packed = _mm_loadu_si128(block.add(4) as *const __m128i);
-                            let nibbles = _mm256_and_si256(
-                                _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed),
-                                low,
-                            );
-                            for r in 0..R {
-                                let at = r * nb + b;
-                                let q = acts.qs.as_ptr().add(at * 32) as *const __m256i;
-                                let dot = $dot(nibbles, _mm256_loadu_si256(q));
-                                let ad = *acts.d.get_unchecked(at * LANES);
-                                let scale = _mm256_set1_ps(d * ad);
-                                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[r]);
-                                offsets[r] += m * *acts.s.get_unchecked(at);
-                            }
-                        }
-                        for r in 0..R {
-                            out.write(o, r, hsum(acc[r]) + offsets[r]);
-                        }
-                    }
-                }
-
-                /// Q8_0 weights: signed times signed, through `|w|` and `q * sign(w)`.
-                #[target_feature(enable = $features)]
-                pub unsafe fn q8_0<const R: usize>(
-                    weights: &[u8],
-                    nb: usize,
-                    acts: Acts<'_>,
-                    out: Columns,
-                ) {
-                    let n_out = weights.len() / (nb * 34);
-                    for o in 0..n_out {
-                        let row = weights.as_ptr().add(o * nb * 34);
-                        let mut acc = [_mm256_setzero_ps(); R];
-                        for b in 0..nb {
-                            let block = row.add(b * 34);
-                            let bits = (block as *const u16).read_unaligned() as i32;
-                            let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)));
-                            let w = _mm256_loadu_si256(block.add(2) as *const __m256i);
-                            let magnitude = _mm256_sign_epi8(w, w);
-                            for r in 0..R {
-                                let at = r * nb + b;
-                                let q = acts.qs.as_ptr().add(at * 32) as *const __m256i;
-                                let signed = _mm256_sign_epi8(_mm256_loadu_si256(q), w);
-                                let dot = $dot(magnitude, signed);
-                                let scale = _mm256_set1_ps(d * *acts.d.get_unchecked(at * LANES));
-                                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[r]);
-                            }
-                        }
-                        for r in 0..R {
-                            out.write(o, r, hsum(acc[r]));
-                        }
-                    }
+    let kind = QuantKind::from_index(K);
+    let (bb, subs) = (kind.block_bytes(), kind.subs());
+    let mut scales = blocks::UnitScales::default();
+    let mut sums = [0.0f32; ROW_GROUP];
+    for (o, row) in weights.chunks_exact(kind.row_bytes(nb)).enumerate() {
+        sums.fill(0.0);
+        for (u, unit) in row.chunks_exact(bb).enumerate() {
+            blocks::unit_scales(kind, unit, &mut scales);
+            for sub in 0..subs {
+                let w = blocks::sub_values(kind, unit, sub);
+                let (d, m) = (&scales.d[2 * sub..2 * sub + 2], scales.m[sub]);
+                for (r, sum) in sums[..rows].iter_mut().enumerate() {
+                    let (x, dx, sx) = acts.block(r * nb + u * subs + sub);
+                    let half = |h: usize| -> f32 {
+                        let pairs = w[16 * h..16 * h + 16].iter().zip(&x[16 * h..16 * h + 16]);
+                        pairs.map(|(&w, &x)| w as i32 * x as i32).sum::<i32>() as f32
+                    };
+                    *sum += dx * (d[0] * half(0) + d[1] * half(1)) + m * sx;
                 }
             }
-        };
-    }
-    kernels!(maddubs, "avx2,fma,f16c", dot_maddubs);
-    kernels!(vnni, "avx2,fma,f16c,avxvnni", dot_vnni);
-
-    /// `sum of 4 adjacent u8 * i8 products` per i32 lane, with AVX2 (`vpmaddubsw` then
-    /// `vpmaddwd`; the i16 pair sums stay below saturation for |values| <= 127).
-    #[target_feature(enable = "avx2")]
-    #[inline]
-    fn dot_maddubs(unsigned: __m256i, signed: __m256i) -> __m256i {
-        _mm256_madd_epi16(_mm256_maddubs_epi16(unsigned, signed), _mm256_set1_epi16(1))
-    }
-
-    /// The same sums in one instruction (`vpdpbusd`, AVX-VNNI).
-    #[target_feature(enable = "avx2,avxvnni")]
-    #[inline]
-    fn dot_vnni(unsigned: __m256i, signed: __m256i) -> __m256i {
-        _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), unsigned, signed)
-    }
-
-    #[target_feature(enable = "avx2")]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+        }
+        for (r, &sum) in sums[..rows].iter().enumerate() {
+            // SAFETY: `o` is one of the weight rows and `r` one of the rows handed over.
+            unsafe { out.write(o, r, sum) };
+        }
     }
 }
 
@@ -698,7 +630,7 @@ mod avx2 {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{Acts, Columns, BLOCK, LANES};
+    use super::{Acts, Columns, QuantKind, BLOCK, LANES};
 
     pub fn available() -> bool {
         crate::cpu::has_avx512_vnni()
@@ -706,6 +638,15 @@ mod avx512 {
 
     kernel_by_rows!(q4_1, kernels::q4_1, Q4_1, 1, available);
     kernel_by_rows!(q8_0, kernels::q8_0, Q8_0, 1, available);
+
+    /// The kernel for `kind` where this CPU runs one (Q4_1 and Q8_0).
+    pub(super) fn kernel(kind: QuantKind) -> Option<super::Kernel> {
+        match kind {
+            QuantKind::Q4_1 if available() => Some(q4_1),
+            QuantKind::Q8_0 if available() => Some(q8_0),
+            _ => None,
+        }
+    }
 
     /// [`super::quantize_block`] on 16 lanes, bit for bit: the same scale, the same product
     /// `x * (1 / d)`, and rounding of halves away from zero (truncate, then step away from
@@ -936,57 +877,93 @@ mod tests {
         (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
     }
 
-    /// Dequantized weight `[out, in]` from the blocks, by the format's definition.
+    /// Dequantized weight `[out, in]` from the blocks, as [`blocks`] reads them.
     fn dequantize(m: &QuantMatrix) -> Vec<f32> {
-        let m = &m.clone().with_layout(Layout::Rows);
-        let bb = m.kind.block_bytes();
-        m.blocks
-            .chunks_exact(bb)
-            .flat_map(|b| -> Vec<f32> {
-                match m.kind {
-                    QuantKind::Q4_1 => {
-                        let (d, mn) = (half_at(b, 0), half_at(b, 2));
-                        let lo = b[4..20].iter().map(|&x| d * (x & 15) as f32 + mn);
-                        let hi = b[4..20].iter().map(|&x| d * (x >> 4) as f32 + mn);
-                        lo.chain(hi).collect()
-                    }
-                    QuantKind::Q8_0 => {
-                        b[2..34].iter().map(|&x| half_at(b, 0) * x as i8 as f32).collect()
-                    }
-                }
-            })
-            .collect()
+        let m = m.clone().with_layout(Layout::Rows);
+        let mut dense = vec![0.0; m.out_dim * m.in_dim];
+        blocks::dequantize(m.kind, &m.blocks, &mut dense);
+        dense
     }
 
+    /// Random weights with a spread of magnitudes across rows and blocks, so that the
+    /// k-quants' per-32 scales and mins differ from one sub-block to the next.
+    fn random_weights(out_dim: usize, in_dim: usize, rng: &mut StdRng) -> Tensor {
+        let w: Vec<f32> = (0..out_dim * in_dim)
+            .map(|i| {
+                let spread = 0.25 + ((i / 16) % 7) as f32 * 0.5;
+                let bias = if (i / 32) % 3 == 0 { 0.3 } else { 0.0 };
+                rng.random_range(-1.0f32..1.0) * spread + bias
+            })
+            .collect();
+        Tensor::from_vec(w, (out_dim, in_dim), &Device::Cpu).unwrap()
+    }
+
+    /// Our reading of every format's blocks gives candle's dequantized values, to the bit.
     #[test]
     fn blocks_dequantize_as_candle_does() {
         let mut rng = StdRng::seed_from_u64(1);
-        for kind in [QuantKind::Q4_1, QuantKind::Q8_0] {
-            let w = Tensor::from_vec(random(16 * 64, &mut rng), (16, 64), &Device::Cpu).unwrap();
+        for kind in QuantKind::ALL {
+            let w = random_weights(6, 512, &mut rng);
             let m = QuantMatrix::quantize(&w, kind).unwrap();
-            let dtype = if kind == QuantKind::Q4_1 { GgmlDType::Q4_1 } else { GgmlDType::Q8_0 };
-            let candle = QTensor::quantize(&w, dtype).unwrap().dequantize(&Device::Cpu).unwrap();
-            let candle: Vec<f32> = candle.flatten_all().unwrap().to_vec1().unwrap();
-            assert_eq!(dequantize(&m), candle, "{kind:?}");
+            let candle = QTensor::quantize(&w, kind.ggml()).unwrap().dequantize(&Device::Cpu);
+            let candle: Vec<f32> = candle.unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let ours = dequantize(&m);
+            assert_eq!(ours.len(), candle.len(), "{kind:?}");
+            for (i, (a, b)) in ours.iter().zip(&candle).enumerate() {
+                // Equal up to the rounding of `d * q + m` against candle's own order.
+                let tol = 1e-6 * (1.0 + b.abs());
+                assert!((a - b).abs() <= tol, "{kind:?} value {i}: {a} against candle's {b}");
+            }
         }
+    }
+
+    /// A file's tensor is taken as its own blocks for every kind, and refused with a clear
+    /// error where the columns are not whole units.
+    #[test]
+    fn file_tensors_keep_their_blocks() {
+        let mut rng = StdRng::seed_from_u64(2);
+        let w = random_weights(4, 256, &mut rng);
+        for kind in QuantKind::ALL {
+            let q = QTensor::quantize(&w, kind.ggml()).unwrap();
+            let m = QuantMatrix::from_qtensor(&q).unwrap().expect("a kind the kernel reads");
+            assert_eq!((m.kind(), m.bytes()), (kind, q.storage_size_in_bytes()));
+        }
+        let f16 = QTensor::quantize(&w, GgmlDType::F16).unwrap();
+        assert!(QuantMatrix::from_qtensor(&f16).unwrap().is_none());
+        let err = QuantMatrix::from_blocks(QuantKind::Q4K, 1, 96, vec![0; 144]).unwrap_err();
+        assert!(err.to_string().contains("multiple of 256 columns"), "{err}");
     }
 
     /// The scalar kernel against the dequantized weights times the dequantized activations
     /// in f64; every SIMD kernel the CPU has against the scalar one, for 1 to 8 rows (and 11:
     /// two row groups) and odd shapes, on row-major blocks and (where chosen) interleaved
-    /// ones; several weights in one region as each alone.
+    /// ones; several weights in one region as each alone. Every kind.
     #[test]
     fn kernels_match_a_plain_reference() {
         let mut rng = StdRng::seed_from_u64(7);
-        for kind in [QuantKind::Q4_1, QuantKind::Q8_0] {
-            // 71 blocks: more than one span of Q4_1 offsets (64 blocks), an odd count.
-            let shapes =
-                [(1, 32), (7, 96), (130, 64), (19, 288), (5, 71 * 32), (16, 64), (48, 288)];
-            for (out_dim, in_dim) in shapes.into_iter().chain([(32, 71 * 32), (1040, 96)]) {
-                let w = random(out_dim * in_dim, &mut rng);
-                let w = Tensor::from_vec(w, (out_dim, in_dim), &Device::Cpu).unwrap();
+        for kind in QuantKind::ALL {
+            // 71 blocks: more than one span of Q4_1 offsets (64 blocks), an odd count; the
+            // k-quants take whole super-blocks of 256.
+            let shapes: &[(usize, usize)] = match kind.block_values() {
+                BLOCK => &[
+                    (1, 32),
+                    (7, 96),
+                    (130, 64),
+                    (19, 288),
+                    (5, 71 * 32),
+                    (16, 64),
+                    (48, 288),
+                    (32, 71 * 32),
+                    (1040, 96),
+                ],
+                _ => &[(1, 256), (7, 512), (16, 256), (33, 3 * 256), (130, 256)],
+            };
+            for &(out_dim, in_dim) in shapes {
+                let w = random_weights(out_dim, in_dim, &mut rng);
                 let m = QuantMatrix::quantize(&w, kind).unwrap();
-                let interleave = interleaved::available() && out_dim % interleaved::ROWS == 0;
+                let interleave = interleaved::available()
+                    && interleaved::reads(kind)
+                    && out_dim % interleaved::ROWS == 0;
                 assert_eq!(m.layout == Layout::Interleaved, interleave, "{out_dim} rows");
                 let row_major = m.clone().with_layout(Layout::Rows);
                 let dense = dequantize(&m);
@@ -1034,6 +1011,42 @@ mod tests {
                                 );
                             }
                         }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Products of many rows multiply the unquantized rows by the dequantized weights in
+    /// f32 (the dense path), across tiles (2,100 rows of 256 columns: two tiles), on both
+    /// layouts; the dequantization this CPU runs gives the portable one's values.
+    #[test]
+    fn many_rows_take_the_dequantized_weights_in_f32() {
+        let mut rng = StdRng::seed_from_u64(11);
+        for kind in QuantKind::ALL {
+            for (out_dim, in_dim, rows) in [(2100, 256, dense::ROWS), (48, 512, 45)] {
+                let m = QuantMatrix::quantize(&random_weights(out_dim, in_dim, &mut rng), kind)
+                    .unwrap();
+                let reference = dequantize(&m);
+                let mut fast = vec![0.0; reference.len()];
+                let row_major = m.clone().with_layout(Layout::Rows);
+                dense::dequantize(kind, &row_major.blocks, &mut fast);
+                for (a, b) in fast.iter().zip(&reference) {
+                    assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "{kind:?}: {a} {b}");
+                }
+                let x = random(rows * in_dim, &mut rng);
+                let q = QuantizedRows::new(&x, rows);
+                let mut out = vec![0.0; rows * out_dim];
+                m.matmul(&q, &mut out);
+                for r in 0..rows {
+                    let xs = &x[r * in_dim..(r + 1) * in_dim];
+                    for o in 0..out_dim {
+                        let w = &reference[o * in_dim..(o + 1) * in_dim];
+                        let exact: f64 = w.iter().zip(xs).map(|(&w, &x)| w as f64 * x as f64).sum();
+                        let scale: f64 =
+                            w.iter().zip(xs).map(|(&w, &x)| (w as f64 * x as f64).abs()).sum();
+                        let v = out[r * out_dim + o] as f64;
+                        assert!((v - exact).abs() <= 1e-5 * scale, "{kind:?} {v} {exact}");
                     }
                 }
             }

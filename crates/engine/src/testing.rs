@@ -292,3 +292,29 @@ pub fn compare_with_reference(
         reference: fed,
     })
 }
+
+/// Prefills `tokens` into `model` and into `reference` (each with an empty cache), asking for
+/// every position's logits, and compares them position by position: `logits_error` over
+/// all rows, KL and top-1 agreement at each position; `reference` holds the reference's most
+/// likely token at every position but the last.
+pub fn compare_prefill(model: &Llama, reference: &Llama, tokens: &[u32]) -> Result<Agreement> {
+    let all_logits = |m: &Llama| -> Result<Vec<f32>> {
+        let opts = ForwardOptions { logits: crate::forward::Logits::All, ..Default::default() };
+        let logits = forward(m, crate::forward::Phase::Prefill, tokens, &mut m.new_cache(), opts)?;
+        Ok(logits.flatten_all()?.to_vec1()?)
+    };
+    let (ours, theirs) = (all_logits(model)?, all_logits(reference)?);
+    let vocab = ours.len() / tokens.len();
+    let rows = ours.chunks_exact(vocab).zip(theirs.chunks_exact(vocab));
+    let kls: Vec<f64> = rows.clone().map(|(o, t)| kl_divergence(t, o)).collect();
+    let agreed = rows.clone().filter(|(o, t)| crate::argmax(o) == crate::argmax(t)).count();
+    let mut picks: Vec<u32> = theirs.chunks_exact(vocab).map(crate::argmax).collect();
+    picks.pop();
+    Ok(Agreement {
+        logits_error: relative_l2(&ours, &theirs),
+        mean_kl: kls.iter().sum::<f64>() / kls.len() as f64,
+        max_kl: kls.iter().copied().fold(0.0, f64::max),
+        top1_agreement: agreed as f64 / kls.len() as f64,
+        reference: picks,
+    })
+}

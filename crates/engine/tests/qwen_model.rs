@@ -11,7 +11,7 @@ use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_qwen2;
 use kvmerger_compress::KvCache;
 use kvmerger_engine::chat::ChatMessage;
-use kvmerger_engine::testing::{compare_with_reference, forward, ForwardOptions};
+use kvmerger_engine::testing::{compare_prefill, compare_with_reference, forward, ForwardOptions};
 use kvmerger_engine::{argmax, load_model, LoadedModel, Phase, WeightFormat, WeightFormats};
 
 fn qwen_path() -> std::path::PathBuf {
@@ -124,4 +124,38 @@ fn qwen_token_ids_match_the_python_tokenizers_package() {
     for (text, expected) in texts.iter().zip(python) {
         assert_eq!(tok.encode(text, false).unwrap(), expected, "{text:?}");
     }
+}
+
+/// Qwen's Q5_0, Q8_0, Q4_K and Q6_K blocks as the file stores them against the f32 path:
+/// the prefill (a dequantized tile at a time into an f32 product) at every prompt position,
+/// then 16 decode steps on the block kernels (8-bit activations). Bounds: about a thousand
+/// times the measured prefill KL (6e-12 at level avx2), 40 times the decode KL (1.1e-4).
+#[test]
+#[ignore = "needs the 491 MB Qwen2.5-Coder-0.5B model"]
+fn qwen_file_blocks_stay_close_to_the_f32_path() {
+    let path = qwen_path();
+    let mut exact =
+        load_model(&path, WeightFormats { prefill: WeightFormat::F32, decode: WeightFormat::F32 })
+            .unwrap();
+    let file = WeightFormats { prefill: WeightFormat::File, decode: WeightFormat::File };
+    let mut ours = load_model(&path, file).unwrap();
+    exact.model.kv_dtype = kvmerger_compress::KvDtype::F32;
+    ours.model.kv_dtype = kvmerger_compress::KvDtype::F32;
+    let level = kvmerger_engine::KernelLevel::active();
+    let text = "def quicksort(items):\n    \"\"\"Sort a list of numbers in place and return it, \
+                recursing on the items below and above a pivot.\"\"\"\n    if len(items) <= 1:\n";
+    let tokens = ours.tokenizer.encode(text, false).unwrap();
+    assert!(tokens.len() >= 36, "a prefill of many rows: {} tokens", tokens.len());
+    let prefill = compare_prefill(&ours.model, &exact.model, &tokens).unwrap();
+    eprintln!("Qwen file prefill against f32 ({level} kernels): {prefill}");
+    assert!(prefill.mean_kl < 1e-8 && prefill.max_kl < 1e-7, "{prefill}");
+    let mut exact_cache = exact.model.new_cache();
+    let decode = compare_with_reference(&ours.model, &tokens, 16, |input, _| {
+        let options = ForwardOptions::default();
+        let logits = forward(&exact.model, Phase::Prefill, input, &mut exact_cache, options)?;
+        Ok(logits.flatten_all()?.to_vec1()?)
+    })
+    .unwrap();
+    eprintln!("Qwen file decode against f32 ({level} kernels): {decode}");
+    assert!(decode.mean_kl < 5e-3 && decode.top1_agreement >= 0.8, "{decode}");
 }

@@ -100,17 +100,23 @@ pub fn run(args: BenchArgs) -> Result<()> {
         );
     }
     let default_formats = WeightFormats {
-        prefill: WeightFormat::F32,
+        prefill: WeightFormats::default().prefill,
         decode: kvmerger_engine::fetch::decode_format_for(&path),
     };
+    // f32 decode keeps f32 prefill (the exact reference); the others prefill in the default.
     let variants: Vec<(String, WeightFormats)> =
         [WeightFormat::F32, WeightFormat::Quantized, WeightFormat::Q8, WeightFormat::File]
             .into_iter()
             .map(|decode| {
-                let formats = WeightFormats { prefill: WeightFormat::F32, decode };
+                let prefill = match decode {
+                    WeightFormat::F32 => WeightFormat::F32,
+                    _ => default_formats.prefill,
+                };
+                let formats = WeightFormats { prefill, decode };
                 let default = if formats == default_formats { ", default" } else { "" };
-                let name = format!("{decode:?}").to_lowercase();
-                (format!("kvmerger, {name} decode weights{default}"), formats)
+                let name = |f: WeightFormat| format!("{f:?}").to_lowercase();
+                let label = format!("{} prefill, {} decode weights", name(prefill), name(decode));
+                (format!("kvmerger, {label}{default}"), formats)
             })
             .collect();
     let models = variants

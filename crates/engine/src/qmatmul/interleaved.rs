@@ -39,11 +39,17 @@ pub(super) fn available() -> bool {
     }
 }
 
+/// Whether the layout and its kernels exist for `kind` (Q4_1, Q8_0).
+pub(super) fn reads(kind: QuantKind) -> bool {
+    matches!(kind, QuantKind::Q4_1 | QuantKind::Q8_0)
+}
+
 /// Bytes of a block's scales (`d`, and Q4_1's `m`), which lead it in both layouts.
 fn scale_bytes(kind: QuantKind) -> usize {
     match kind {
         QuantKind::Q4_1 => 4,
         QuantKind::Q8_0 => 2,
+        other => unreachable!("no interleaved layout for {other:?}"),
     }
 }
 
@@ -76,8 +82,15 @@ pub(super) fn rearrange(kind: QuantKind, nb: usize, from: &[u8], to_interleaved:
     to
 }
 
+/// The kernel for `kind`, one that [`reads`].
 #[cfg(target_arch = "x86_64")]
-pub(super) use kernels::{q4_1, q8_0};
+pub(super) fn kernel(kind: QuantKind) -> super::Kernel {
+    match kind {
+        QuantKind::Q4_1 => kernels::q4_1,
+        QuantKind::Q8_0 => kernels::q8_0,
+        other => unreachable!("no interleaved kernel for {other:?}"),
+    }
+}
 
 // Row indices address several per-row arrays at once.
 #[allow(clippy::needless_range_loop)]

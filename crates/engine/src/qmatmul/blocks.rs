@@ -1,0 +1,162 @@
+//! GGUF's block formats read as 32-value sub-blocks, the activations' block size: what the
+//! portable kernel computes with and what the SIMD kernels are tested against.
+//!
+//! A format stores its weights in units: a block of 32 values (Q4_0, Q4_1, Q5_0, Q8_0) or a
+//! k-quant super-block of 256 (Q4_K, Q5_K, Q6_K), laid out as in ggml's `ggml-common.h`.
+//! Every unit reads as sub-blocks of 32 small integers `q` with a multiplier per 16 values
+//! and an offset per 32: `w = d * q + m`. Against an activation block `x ~= d_x * q_x` a
+//! sub-block's dot product is then `d_x (d_lo sum_lo(q q_x) + d_hi sum_hi(q q_x)) + m s_x`
+//! with `s_x = d_x sum(q_x)`: integer sums, one scale product per half, and the activation
+//! block's own sum for the offset. Only Q6_K has two multipliers per 32 values (an 8-bit
+//! scale per 16); its offset of 32 is kept in signed `q`, so no per-16 activation sums are
+//! needed.
+
+use super::{half_at, QuantKind};
+
+/// The multipliers and offsets of one unit's sub-blocks.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct UnitScales {
+    /// `d[2 * i]`, `d[2 * i + 1]`: the multipliers of sub-block `i`'s values 0..16 and 16..32.
+    pub d: [f32; 16],
+    /// `m[i]`: sub-block `i`'s offset (0 for the symmetric formats).
+    pub m: [f32; 8],
+}
+
+/// Bytes of the 6-bit scales and mins of Q4_K and Q5_K, after `d` and `dmin`.
+const K_SCALES: usize = 12;
+
+/// Q4_K's and Q5_K's 6-bit scale and min of sub-block `j` (0..8), packed in 12 bytes as
+/// ggml's `get_scale_min_k4` reads them: sub-blocks 0..4 in the low 6 bits of bytes `j` and
+/// `j + 4`; sub-blocks 4..8 in the nibbles of byte `j + 4` and the top 2 bits of bytes
+/// `j - 4` and `j`.
+fn k_scale_min(j: usize, packed: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (packed[j] & 63, packed[j + 4] & 63)
+    } else {
+        let scale = (packed[j + 4] & 0x0f) | ((packed[j - 4] >> 6) << 4);
+        let min = (packed[j + 4] >> 4) | ((packed[j] >> 6) << 4);
+        (scale, min)
+    }
+}
+
+/// Fills `s` with `unit`'s multipliers and offsets (`unit`: `kind.block_bytes()` bytes). Only
+/// the entries of the unit's `kind.subs()` sub-blocks are written.
+pub(super) fn unit_scales(kind: QuantKind, unit: &[u8], s: &mut UnitScales) {
+    match kind {
+        QuantKind::Q4_0 | QuantKind::Q5_0 | QuantKind::Q8_0 => {
+            let d = half_at(unit, 0);
+            s.d[0] = d;
+            s.d[1] = d;
+            // Q4_0 and Q5_0 store `q + 8` and `q + 16` as unsigned values.
+            s.m[0] = match kind {
+                QuantKind::Q4_0 => -8.0 * d,
+                QuantKind::Q5_0 => -16.0 * d,
+                _ => 0.0,
+            };
+        }
+        QuantKind::Q4_1 => {
+            s.d[0] = half_at(unit, 0);
+            s.d[1] = s.d[0];
+            s.m[0] = half_at(unit, 2);
+        }
+        QuantKind::Q4K | QuantKind::Q5K => {
+            let (d, dmin) = (half_at(unit, 0), half_at(unit, 2));
+            let packed = &unit[4..4 + K_SCALES];
+            for j in 0..8 {
+                let (scale, min) = k_scale_min(j, packed);
+                s.d[2 * j] = d * scale as f32;
+                s.d[2 * j + 1] = s.d[2 * j];
+                s.m[j] = -dmin * min as f32;
+            }
+        }
+        QuantKind::Q6K => {
+            let d = half_at(unit, Q6K_D);
+            for (i, &scale) in unit[Q6K_SCALES..Q6K_D].iter().enumerate() {
+                s.d[i] = d * scale as i8 as f32;
+            }
+            s.m = [0.0; 8];
+        }
+    }
+}
+
+/// Where Q6_K's parts start: 128 bytes of low nibbles, 64 of high 2-bit pairs, 16 signed
+/// 8-bit scales, then `d`.
+pub(super) const Q6K_HIGH: usize = 128;
+pub(super) const Q6K_SCALES: usize = 192;
+pub(super) const Q6K_D: usize = 208;
+
+/// Where Q5_K's parts start: `d`, `dmin`, the 12 bytes of scales, 32 bytes of fifth bits,
+/// then the 128 bytes of nibbles (as Q4_K's from byte 16).
+pub(super) const Q5K_HIGH: usize = 16;
+pub(super) const Q5K_NIBBLES: usize = 48;
+pub(super) const Q4K_NIBBLES: usize = 16;
+
+/// Sub-block `sub`'s 32 integers `q` (so that `w = d * q + m` with [`unit_scales`]).
+pub(super) fn sub_values(kind: QuantKind, unit: &[u8], sub: usize) -> [i8; 32] {
+    let mut q = [0i8; 32];
+    match kind {
+        // 16 bytes from `at`: low nibbles are values 0..16, high nibbles 16..32.
+        QuantKind::Q4_0 | QuantKind::Q4_1 => {
+            let at = if kind == QuantKind::Q4_0 { 2 } else { 4 };
+            for (j, &byte) in unit[at..at + 16].iter().enumerate() {
+                q[j] = (byte & 0x0f) as i8;
+                q[j + 16] = (byte >> 4) as i8;
+            }
+        }
+        // Q4_0's layout after a 32-bit word whose bit `j` is value `j`'s fifth bit.
+        QuantKind::Q5_0 => {
+            let high = u32::from_le_bytes([unit[2], unit[3], unit[4], unit[5]]);
+            for (j, &byte) in unit[6..22].iter().enumerate() {
+                let fifth = |v: usize| (((high >> v) & 1) << 4) as u8;
+                q[j] = ((byte & 0x0f) | fifth(j)) as i8;
+                q[j + 16] = ((byte >> 4) | fifth(j + 16)) as i8;
+            }
+        }
+        QuantKind::Q8_0 => q.iter_mut().zip(&unit[2..34]).for_each(|(q, &b)| *q = b as i8),
+        // Sub-blocks 2i and 2i + 1 are the low and high nibbles of bytes 32i..32i + 32; Q5_K's
+        // fifth bit of value `l` of sub-block `sub` is bit `sub` of its high byte `l`.
+        QuantKind::Q4K | QuantKind::Q5K => {
+            let nibbles = if kind == QuantKind::Q4K { Q4K_NIBBLES } else { Q5K_NIBBLES };
+            let bytes = &unit[nibbles + 32 * (sub / 2)..][..32];
+            for (l, (q, &byte)) in q.iter_mut().zip(bytes).enumerate() {
+                let nibble = (byte >> (4 * (sub % 2))) & 0x0f;
+                let fifth = match kind {
+                    QuantKind::Q5K => ((unit[Q5K_HIGH + l] >> sub) & 1) << 4,
+                    _ => 0,
+                };
+                *q = (nibble | fifth) as i8;
+            }
+        }
+        // Each half of 128 values: sub-block `k` (0..4) takes the low (k < 2) or high nibbles
+        // of low bytes `64 h + 32 (k % 2) + l` and bits `2k, 2k + 1` of high byte `32 h + l`,
+        // less 32.
+        QuantKind::Q6K => {
+            let (half, k) = (sub / 4, sub % 4);
+            let low = &unit[64 * half + 32 * (k % 2)..][..32];
+            let high = &unit[Q6K_HIGH + 32 * half..][..32];
+            for (q, (&lo, &hi)) in q.iter_mut().zip(low.iter().zip(high)) {
+                let nibble = (lo >> (4 * (k / 2))) & 0x0f;
+                let top = ((hi >> (2 * k)) & 3) << 4;
+                *q = (nibble | top) as i8 - 32;
+            }
+        }
+    }
+    q
+}
+
+/// Whole units of `kind` from `blocks` as f32 values into `out` (`w = d * q + m`).
+pub(super) fn dequantize(kind: QuantKind, blocks: &[u8], out: &mut [f32]) {
+    let units = blocks.chunks_exact(kind.block_bytes());
+    assert!(out.len() == units.len() * kind.block_values(), "dequantized size");
+    let mut scales = UnitScales::default();
+    for (unit, out) in units.zip(out.chunks_exact_mut(kind.block_values())) {
+        unit_scales(kind, unit, &mut scales);
+        for (sub, out) in out.chunks_exact_mut(32).enumerate() {
+            let q = sub_values(kind, unit, sub);
+            let (d, m) = (&scales.d[2 * sub..2 * sub + 2], scales.m[sub]);
+            for (j, (w, &q)) in out.iter_mut().zip(&q).enumerate() {
+                *w = d[j / 16] * q as f32 + m;
+            }
+        }
+    }
+}
