@@ -9,8 +9,8 @@ use crate::budget::Budget;
 use crate::error::{CompressError, Result};
 use crate::method::CompressionMethod;
 use crate::methods::{
-    CamConfig, FullCache, H2oConfig, KeyDiffConfig, KnormConfig, KvMergerConfig, SnapKvConfig,
-    StreamingLlmConfig, TovaConfig,
+    AdaKvConfig, CamConfig, FullCache, H2oConfig, KeyDiffConfig, KnormConfig, KvMergerConfig,
+    SnapKvConfig, StreamingLlmConfig, TovaConfig,
 };
 
 /// What the method table says about one method.
@@ -113,6 +113,8 @@ method_table! {
     Keydiff(KeyDiffConfig) = "keydiff" | "key_diff";
     /// Last query's attention, evicting each decode step (Oren et al., 2024).
     Tova(TovaConfig) = "tova";
+    /// A scorer's entries compared over the heads of a layer, which share its budget (Feng et al., 2024).
+    Adakv(AdaKvConfig) = "adakv" | "ada_kv";
 }
 
 /// The error for a name that [`method_info`] does not know, listing the names it does.
@@ -639,7 +641,8 @@ mod tests {
                 "kvmerger",
                 "knorm",
                 "keydiff",
-                "tova"
+                "tova",
+                "adakv"
             ]
         );
         for info in METHODS {

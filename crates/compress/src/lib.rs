@@ -20,7 +20,7 @@ pub use config::{
 };
 pub use dtype::{KvDtype, KvElement, RowsRef};
 pub use error::{CompressError, Result};
-pub use method::{CompressionMethod, HeadId, HeadReport};
+pub use method::{CompressionMethod, HeadId, HeadReport, Scorer};
 pub use methods::{
     adjacent_cosine, cosine, merge_to_target, merging_sets, min_reachable, CompareTo,
 };

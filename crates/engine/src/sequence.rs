@@ -399,7 +399,13 @@ fn plan_prefill(
     let bounded = !matches!(compression, CompressionConfig::Kvmerger(c)
         if c.budget_mode == BudgetMode::Threshold);
     let budgets: Vec<usize> = (0..config.n_layers)
-        .map(|l| if bounded { method.layer_budget_entries(l, prompt_len) } else { prompt_len })
+        .map(|l| {
+            if bounded {
+                method.layer_budget_entries(l, config.n_layers, prompt_len)
+            } else {
+                prompt_len
+            }
+        })
         .collect();
     let incremental = mode == PrefillCompression::Incremental
         && bounded

@@ -1,8 +1,10 @@
 //! One file per method, each citing its paper.
 
+mod adakv;
 mod cam;
 mod full;
 mod h2o;
+mod inner;
 mod keydiff;
 mod knorm;
 mod kvmerger;
@@ -14,9 +16,11 @@ mod streaming_llm;
 mod test_util;
 mod tova;
 
+pub use adakv::{allocate, AdaKvConfig};
 pub use cam::{CamConfig, CamEviction, CamProbability};
 pub use full::FullCache;
 pub use h2o::H2oConfig;
+pub use inner::InnerMethod;
 pub use keydiff::KeyDiffConfig;
 pub use knorm::KnormConfig;
 pub use kvmerger::{BudgetMode, KvMergerConfig, MassRule, MergeWeights, PivotRule, Sigma};
