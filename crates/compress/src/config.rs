@@ -10,7 +10,7 @@ use crate::error::{CompressError, Result};
 use crate::method::CompressionMethod;
 use crate::methods::{
     AdaKvConfig, CamConfig, FullCache, H2oConfig, KeyDiffConfig, KnormConfig, KvMergerConfig,
-    SnapKvConfig, StreamingLlmConfig, TovaConfig,
+    PyramidKvConfig, SnapKvConfig, StreamingLlmConfig, TovaConfig,
 };
 
 /// What the method table says about one method.
@@ -115,6 +115,8 @@ method_table! {
     Tova(TovaConfig) = "tova";
     /// A scorer's entries compared over the heads of a layer, which share its budget (Feng et al., 2024).
     Adakv(AdaKvConfig) = "adakv" | "ada_kv";
+    /// SnapKV under layer budgets falling linearly with depth (Cai et al., 2024).
+    Pyramidkv(PyramidKvConfig) = "pyramidkv" | "pyramid_kv";
 }
 
 /// The error for a name that [`method_info`] does not know, listing the names it does.
@@ -642,7 +644,8 @@ mod tests {
                 "knorm",
                 "keydiff",
                 "tova",
-                "adakv"
+                "adakv",
+                "pyramidkv"
             ]
         );
         for info in METHODS {

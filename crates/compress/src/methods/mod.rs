@@ -9,6 +9,7 @@ mod keydiff;
 mod knorm;
 mod kvmerger;
 mod merging_sets;
+mod pyramidkv;
 mod select;
 mod snapkv;
 mod streaming_llm;
@@ -27,6 +28,7 @@ pub use kvmerger::{BudgetMode, KvMergerConfig, MassRule, MergeWeights, PivotRule
 pub use merging_sets::{
     adjacent_cosine, cosine, merge_to_target, merging_sets, min_reachable, CompareTo,
 };
+pub use pyramidkv::PyramidKvConfig;
 pub use snapkv::{avg_pool, SnapKvConfig};
 pub use streaming_llm::StreamingLlmConfig;
 pub use tova::TovaConfig;
