@@ -10,7 +10,7 @@ use crate::error::{CompressError, Result};
 use crate::method::CompressionMethod;
 use crate::methods::{
     AdaKvConfig, CamConfig, FullCache, H2oConfig, KeyDiffConfig, KnormConfig, KvMergerConfig,
-    PyramidKvConfig, SnapKvConfig, StreamingLlmConfig, TovaConfig,
+    MergeOnEvictConfig, PyramidKvConfig, SnapKvConfig, StreamingLlmConfig, TovaConfig,
 };
 
 /// What the method table says about one method.
@@ -117,6 +117,8 @@ method_table! {
     Adakv(AdaKvConfig) = "adakv" | "ada_kv";
     /// SnapKV under layer budgets falling linearly with depth (Cai et al., 2024).
     Pyramidkv(PyramidKvConfig) = "pyramidkv" | "pyramid_kv";
+    /// A scorer's evicted entries folded into their most similar kept ones (kvpress's MergingPress).
+    Merge(MergeOnEvictConfig) = "merge" | "merge_on_evict" | "merging";
 }
 
 /// The error for a name that [`method_info`] does not know, listing the names it does.
@@ -645,7 +647,8 @@ mod tests {
                 "keydiff",
                 "tova",
                 "adakv",
-                "pyramidkv"
+                "pyramidkv",
+                "merge"
             ]
         );
         for info in METHODS {

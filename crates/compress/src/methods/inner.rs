@@ -35,6 +35,10 @@ impl InnerMethod {
         Ok(Self { config: Box::new(config), method })
     }
 
+    pub fn config(&self) -> &CompressionConfig {
+        &self.config
+    }
+
     pub fn method(&self) -> &dyn CompressionMethod {
         &*self.method
     }
