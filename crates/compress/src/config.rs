@@ -9,8 +9,9 @@ use crate::budget::Budget;
 use crate::error::{CompressError, Result};
 use crate::method::CompressionMethod;
 use crate::methods::{
-    AdaKvConfig, CamConfig, FullCache, H2oConfig, KeyDiffConfig, KnormConfig, KvMergerConfig,
-    MergeOnEvictConfig, PyramidKvConfig, SnapKvConfig, StreamingLlmConfig, TovaConfig,
+    AdaKvConfig, CamConfig, ExpectedAttentionConfig, FullCache, H2oConfig, KeyDiffConfig,
+    KnormConfig, KvMergerConfig, MergeOnEvictConfig, PyramidKvConfig, SnapKvConfig,
+    StreamingLlmConfig, TovaConfig,
 };
 
 /// What the method table says about one method.
@@ -119,6 +120,8 @@ method_table! {
     Pyramidkv(PyramidKvConfig) = "pyramidkv" | "pyramid_kv";
     /// A scorer's evicted entries folded into their most similar kept ones (kvpress's MergingPress).
     Merge(MergeOnEvictConfig) = "merge" | "merge_on_evict" | "merging";
+    /// Attention expected from future queries, modelled from the prompt's (Devoto et al., 2025).
+    ExpectedAttention(ExpectedAttentionConfig) = "expected_attention" | "expectedattention" | "ea";
 }
 
 /// The error for a name that [`method_info`] does not know, listing the names it does.
@@ -648,7 +651,8 @@ mod tests {
                 "tova",
                 "adakv",
                 "pyramidkv",
-                "merge"
+                "merge",
+                "expected_attention"
             ]
         );
         for info in METHODS {

@@ -11,6 +11,7 @@ mod dtype;
 mod error;
 mod method;
 pub mod methods;
+mod queries;
 mod stats;
 
 pub use budget::Budget;
@@ -24,4 +25,5 @@ pub use method::{CompressionMethod, HeadId, HeadReport, Scorer};
 pub use methods::{
     adjacent_cosine, cosine, merge_to_target, merging_sets, min_reachable, CompareTo,
 };
-pub use stats::{EvictionWindow, Evictions, SmallSet, StatsRequest, Windows, MAX_WINDOWS};
+pub use queries::{QueryMoments, QueryStatistics};
+pub use stats::{EvictionWindow, Evictions, Queries, SmallSet, StatsRequest, Windows, MAX_WINDOWS};

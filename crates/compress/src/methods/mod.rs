@@ -2,6 +2,7 @@
 
 mod adakv;
 mod cam;
+mod expected_attention;
 mod full;
 mod h2o;
 mod inner;
@@ -20,6 +21,7 @@ mod tova;
 
 pub use adakv::{allocate, AdaKvConfig};
 pub use cam::{CamConfig, CamEviction, CamProbability};
+pub use expected_attention::ExpectedAttentionConfig;
 pub use full::FullCache;
 pub use h2o::H2oConfig;
 pub use inner::InnerMethod;
@@ -52,7 +54,7 @@ mod tests {
     /// `(method, parameters, whether it keeps the head within budget while decoding)`
     type Case = (&'static str, &'static [(&'static str, &'static str)], bool);
 
-    const METHODS: [Case; 26] = [
+    const METHODS: [Case; 28] = [
         ("full", &[], false),
         ("streaming_llm", &[], true),
         ("h2o", &[], true),
@@ -79,6 +81,8 @@ mod tests {
         ("pyramidkv", &[("window", "8"), ("beta", "2")], false),
         ("merge", &[], false),
         ("merge", &[("scorer", "snapkv"), ("merge_fraction", "0.5")], false),
+        ("expected_attention", &[], false),
+        ("adakv", &[("scorer", "expected_attention")], false),
     ];
 
     /// Every method, in every dtype, at several budgets: exact budgets, metadata order, and
@@ -195,6 +199,15 @@ mod tests {
             let received: Vec<f32> = head.meta().iter().map(|m| m.attention).collect();
             let targets = received.iter().map(|a| a * e.span as f32).collect();
             head.set_eviction_attention(e, received, targets).unwrap();
+        }
+        // Two query heads per kv head, their queries the keys and the keys reversed.
+        for q in stats.queries.iter() {
+            let keys = head.keys().into_owned();
+            let reversed: Vec<f32> = keys.iter().rev().copied().collect();
+            let moments = head.query_moments_mut(q, 2);
+            for (a, b) in keys.chunks_exact(d).zip(reversed.chunks_exact(d)) {
+                moments.add(&[a, b].concat());
+            }
         }
         head
     }
