@@ -121,6 +121,14 @@ impl QueryMoments {
         (self.sum.capacity() + self.outer.capacity()) * std::mem::size_of::<f64>()
             + self.rotation.capacity() * std::mem::size_of::<f32>()
     }
+
+    /// Bytes the statistics of `group` query heads of `head_dim` take, as
+    /// [`Self::resident_bytes`] counts them (for reserving memory in advance).
+    pub fn bytes(group: usize, head_dim: usize, covariance: bool) -> usize {
+        let outer = if covariance { group * head_dim * head_dim } else { 0 };
+        (group * head_dim + outer) * std::mem::size_of::<f64>()
+            + head_dim * head_dim * std::mem::size_of::<f32>()
+    }
 }
 
 #[cfg(test)]
@@ -145,5 +153,9 @@ mod tests {
         let expected = [2.0, 0.0, 0.0, 2.0 / 3.0];
         cov.iter().zip(expected).for_each(|(a, b)| assert!((a - b).abs() < 1e-12, "{cov:?}"));
         assert!(QueryMoments::new(1, 2, false).future_covariance(0).is_none());
+        for covariance in [true, false] {
+            let m = QueryMoments::new(3, 8, covariance);
+            assert_eq!(m.resident_bytes(), QueryMoments::bytes(3, 8, covariance));
+        }
     }
 }

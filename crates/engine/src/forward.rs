@@ -24,6 +24,7 @@ use crate::linear::{Linear, WeightFormat, WeightFormats};
 use crate::model::Llama;
 use crate::profile::{timed, Part};
 use crate::qmatmul::QuantizedRows;
+use crate::query_moments::record_queries;
 
 /// Which path a batch belongs to; picks the weight format of every linear layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -351,6 +352,10 @@ impl Llama {
         let seq = item.tokens.len();
         let cache = &mut *item.cache;
         let heads = &mut cache.layers[layer];
+        if !item.stats.queries.is_empty() {
+            let which = item.stats.queries;
+            record_queries(&self.rope, q, cache.n_seen, heads, shape, which);
+        }
         timed(profile, Part::RopeAppend, || {
             for i in 0..seq {
                 let pos = cache.n_seen + i;

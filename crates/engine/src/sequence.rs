@@ -6,7 +6,8 @@ use std::ops::Range;
 
 use kvmerger_compress::methods::BudgetMode;
 use kvmerger_compress::{
-    CompressionConfig, CompressionMethod, EntryMeta, HeadCache, KvCache, KvDtype, StatsRequest,
+    CompressionConfig, CompressionMethod, EntryMeta, HeadCache, KvCache, KvDtype, QueryMoments,
+    StatsRequest,
 };
 use serde::Serialize;
 
@@ -119,6 +120,8 @@ pub struct Sequence {
     plan: PrefillPlan,
     n_layers: usize,
     n_kv_heads: usize,
+    /// Query heads per kv head.
+    group: usize,
     head_dim: usize,
     kv_dtype: KvDtype,
     context: usize,
@@ -207,6 +210,7 @@ impl Sequence {
             plan,
             n_layers: config.n_layers,
             n_kv_heads: config.n_kv_heads,
+            group: config.n_heads / config.n_kv_heads,
             head_dim: config.head_dim,
             kv_dtype: KvDtype::default(),
             context,
@@ -224,18 +228,24 @@ impl Sequence {
     }
 
     /// The memory the sequence can need (see [`Reservation`]): per head, at most
-    /// [`PrefillPlan::peak_entries`] during prefill with a row per prompt statistic, then
+    /// [`PrefillPlan::peak_entries`] during prefill with a row per prompt statistic (and
+    /// the query statistics' fixed size), then
     /// [`PrefillPlan::kept_entries`] plus room for `max_tokens`.
     pub fn reservation(&self) -> Reservation {
         let entry = entry_bytes(self.head_dim, self.kv_dtype);
         let stats = self.method.prompt_stats(self.prompt_len());
         let rows = stats.windows.iter().count() + 2 * stats.evictions.iter().count();
         let per_entry = entry + rows * std::mem::size_of::<f32>();
+        let moments: usize = stats
+            .queries
+            .iter()
+            .map(|q| QueryMoments::bytes(self.group, self.head_dim, q.covariance))
+            .sum();
         let (mut settled, mut peak) = (0, 0);
         for (&during, &kept) in self.plan.peak_entries.iter().zip(&self.plan.kept_entries) {
             let after = (kept + self.request.max_tokens) * entry;
             settled += after * self.n_kv_heads;
-            peak += (during * per_entry).max(after) * self.n_kv_heads;
+            peak += (during * per_entry + moments).max(after) * self.n_kv_heads;
         }
         Reservation { settled, headroom: peak - settled }
     }

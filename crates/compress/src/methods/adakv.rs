@@ -66,23 +66,26 @@ impl AdaKvConfig {
 }
 
 /// Entries each head keeps when the heads share `budget` entries each: every head's own
-/// best `floor(alpha * min(budget, len))` first, then the best scores over all heads
+/// best `floor(alpha * min(budget, len))` first (at least one, so that no head is left
+/// empty, where kvpress's could at tiny budgets), then the best scores over all heads
 /// (ties to the lower head, then the earlier entry) until the layer holds the sum of
 /// `min(budget, len)` over its heads. `scores[h]` holds head `h`'s scores, `[len_h]`.
 pub fn allocate(scores: &[Vec<f32>], budget: usize, alpha_safeguard: f64) -> Vec<usize> {
     let even: Vec<usize> = scores.iter().map(|s| budget.min(s.len())).collect();
-    let mut ranked: Vec<(usize, usize, f32)> = Vec::new();
+    // `(safeguarded, score, head, entry)`: safeguarded entries rank above every score, as
+    // kvpress's `finfo.max` ranks above its scorers' own "always keep" maxima.
+    let mut ranked: Vec<(bool, f32, usize, usize)> = Vec::new();
     for (h, head) in scores.iter().enumerate() {
-        let safe = (even[h] as f64 * alpha_safeguard) as usize;
-        let safe = top_k(0..head.len(), |i| head[i], safe);
-        let mut head = head.clone();
-        safe.into_iter().for_each(|i| head[i] = f32::INFINITY);
-        ranked.extend(head.into_iter().enumerate().map(|(i, s)| (h, i, s)));
+        let safe = ((even[h] as f64 * alpha_safeguard) as usize).max(1.min(even[h]));
+        let mut is_safe = vec![false; head.len()];
+        top_k(0..head.len(), |i| head[i], safe).into_iter().for_each(|i| is_safe[i] = true);
+        ranked.extend(head.iter().enumerate().map(|(i, &s)| (is_safe[i], s, h, i)));
     }
-    let total: usize = even.iter().sum();
-    let kept = top_k(0..ranked.len(), |j| ranked[j].2, total);
+    ranked
+        .sort_by(|a, b| b.0.cmp(&a.0).then(b.1.total_cmp(&a.1)).then((a.2, a.3).cmp(&(b.2, b.3))));
     let mut shares = vec![0; scores.len()];
-    kept.into_iter().for_each(|j| shares[ranked[j].0] += 1);
+    let total: usize = even.iter().sum();
+    ranked.iter().take(total).for_each(|&(_, _, h, _)| shares[h] += 1);
     shares
 }
 
