@@ -112,6 +112,7 @@ impl SweepSpec {
             "adakv",
             "pyramidkv",
             "merge",
+            "expected_attention",
         ]
         .map(String::from)
         .to_vec();
@@ -510,11 +511,11 @@ mod tests {
         assert_eq!(ruler.tasks.len(), RulerTask::ALL.len());
         assert!(ruler.tasks.iter().all(|g| g.lengths == [4096] && g.seeds.len() == 20));
         assert_eq!(ruler.jobs().len(), 11 * 20);
-        for m in ["knorm", "keydiff", "tova", "kvmerger", "adakv", "pyramidkv", "merge"] {
+        for m in ["keydiff", "tova", "kvmerger", "adakv", "pyramidkv", "merge", "expected_attention"] {
             assert!(ruler.methods.iter().any(|x| x == m), "{m}");
         }
         assert!(ruler.methods.iter().all(|m| !m.contains(':')));
-        assert_eq!(ruler.configs().unwrap().len(), 1 + 11 * 3);
+        assert_eq!(ruler.configs().unwrap().len(), 1 + 12 * 3);
         let quick = SweepSpec::preset("ruler-quick").unwrap();
         assert_eq!(
             (quick.jobs().len(), quick.protocols.as_slice()),
