@@ -511,7 +511,9 @@ mod tests {
         assert_eq!(ruler.tasks.len(), RulerTask::ALL.len());
         assert!(ruler.tasks.iter().all(|g| g.lengths == [4096] && g.seeds.len() == 20));
         assert_eq!(ruler.jobs().len(), 11 * 20);
-        for m in ["keydiff", "tova", "kvmerger", "adakv", "pyramidkv", "merge", "expected_attention"] {
+        for m in
+            ["keydiff", "tova", "kvmerger", "adakv", "pyramidkv", "merge", "expected_attention"]
+        {
             assert!(ruler.methods.iter().any(|x| x == m), "{m}");
         }
         assert!(ruler.methods.iter().all(|m| !m.contains(':')));

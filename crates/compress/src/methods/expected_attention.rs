@@ -54,7 +54,7 @@ impl ExpectedAttentionConfig {
         if self.n_future_positions == 0 {
             return Err(CompressError::invalid("n_future_positions", "must be at least 1"));
         }
-        if !(self.epsilon >= 0.0) {
+        if self.epsilon.is_nan() || self.epsilon < 0.0 {
             return Err(CompressError::invalid(
                 "epsilon",
                 format!("must be at least 0, got {}", self.epsilon),
