@@ -394,8 +394,10 @@ impl Sequence {
 /// [`PrefillCompression::Incremental`] and where the method can compress a part of the
 /// prompt to its final budget and go on: its result must be bounded by its budget (not
 /// KVMerger's `threshold` mode), it must read no statistic of the whole prompt (CaM's
-/// attention at eviction time), and its observation window must fit twice in a chunk (the
-/// chunk before each compression holds the window whose attention it reads).
+/// attention at eviction time), its observation window must fit twice in a chunk (the
+/// chunk before each compression holds the window whose attention it reads), and it must
+/// keep each head within its own budget (AdaKV's heads share the layer's, so a head's
+/// buffer could outgrow the room reserved for it between compressions).
 fn plan_prefill(
     method: &dyn CompressionMethod,
     compression: &CompressionConfig,
@@ -420,6 +422,7 @@ fn plan_prefill(
     let incremental = mode == PrefillCompression::Incremental
         && bounded
         && stats.evictions.is_empty()
+        && !matches!(compression, CompressionConfig::Adakv(_))
         && chunk >= 2 * window;
     PrefillPlan::new(prompt_len, chunk, window, &budgets, incremental)
 }
@@ -493,6 +496,18 @@ mod tests {
         let cam = seq(request(100, 10, "cam", 0.5), 16, Incremental);
         assert!(!cam.plan().is_incremental());
         assert_eq!(cam.plan().peak_entries, [100, 100]);
+        // AdaKV's heads share their layer's budget: compressed once.
+        let adakv = seq(request(100, 10, "adakv", 0.5), 64, Incremental);
+        assert!(!adakv.plan().is_incremental());
+        // Expected Attention's query statistics (2 query heads per kv head of 8 numbers,
+        // with covariance) add their fixed size to each head's prefill peak.
+        let plain = seq(request(200, 10, "knorm", 0.5), 64, Incremental);
+        let ea = seq(request(200, 10, "expected_attention", 0.5), 64, Incremental);
+        assert!(ea.plan().is_incremental());
+        assert_eq!(ea.plan().peak_entries, plain.plan().peak_entries);
+        let (settled, headroom) = (plain.reservation().settled, plain.reservation().headroom);
+        let moments = QueryMoments::bytes(2, 8, true);
+        assert_eq!(ea.reservation(), r(settled, headroom + moments * heads));
     }
 
     #[test]
