@@ -44,9 +44,12 @@ pub fn run(args: MethodsArgs) -> Result<()> {
     }
     writeln!(
         out,
-        "\nSet a parameter with -P name=value (e.g. -P sigma=adaptive, -P budget=35%); \
-         null means the method chooses by budget. A parameter the chosen mode does not read \
-         (threshold in KVMerger's default merge mode) is an error."
+        "\nSet a parameter with -P name=value (e.g. -P sigma=adaptive, -P budget=35%, \
+         -P scorer=keydiff); null means the method chooses (KVMerger: by budget; AdaKV's \
+         head_method: the scorer itself). A wrapped method (scorer, head_method) is a name, \
+         or a JSON object for other parameters: -P 'scorer={{\"method\":\"snapkv\",\"window\":64}}'. \
+         A parameter the chosen mode does not read (threshold in KVMerger's default merge \
+         mode) is an error."
     )?;
     if let Some(path) = &args.out {
         std::fs::write(path, serde_json::to_string_pretty(&listing)?)

@@ -15,6 +15,7 @@ use std::borrow::Cow;
 
 use crate::dtype::{KvDtype, Rows, RowsRef};
 use crate::error::{CompressError, Result};
+use crate::queries::{QueryMoments, QueryStatistics};
 use crate::stats::EvictionWindow;
 
 /// Metadata of one cached entry.
@@ -51,6 +52,9 @@ pub struct HeadCache {
     /// statistic a method asked for (SnapKV's windows, CaM's eviction windows); empty
     /// otherwise, and dropped by [`HeadCache::shrink_to_fit`] after compression.
     windows: Vec<(StatRow, Vec<f32>)>,
+    /// Prompt-only query statistics, one per distinct request (Expected Attention's);
+    /// dropped with the rows above.
+    queries: Vec<(QueryStatistics, QueryMoments)>,
 }
 
 /// Which prompt-only statistic a row of a [`HeadCache`] holds.
@@ -76,6 +80,7 @@ impl HeadCache {
             values: Rows::with_capacity(dtype, entries * head_dim),
             meta: Vec::with_capacity(entries),
             windows: Vec::new(),
+            queries: Vec::new(),
         }
     }
 
@@ -103,6 +108,7 @@ impl HeadCache {
             values: Rows::from_f32(dtype, values),
             meta,
             windows: Vec::new(),
+            queries: Vec::new(),
         })
     }
 
@@ -219,6 +225,25 @@ impl HeadCache {
     ) -> Result<()> {
         self.set_stat(StatRow::Received(eviction), received)?;
         self.set_stat(StatRow::Targets(eviction), targets)
+    }
+
+    /// The query statistics `which`, if the engine recorded them.
+    pub fn query_moments(&self, which: QueryStatistics) -> Option<&QueryMoments> {
+        self.queries.iter().find(|(k, _)| *k == which).map(|(_, m)| m)
+    }
+
+    /// The query statistics `which`, created empty for `group` query heads if absent (for
+    /// the engine accumulating them).
+    pub fn query_moments_mut(&mut self, which: QueryStatistics, group: usize) -> &mut QueryMoments {
+        let at = match self.queries.iter().position(|(k, _)| *k == which) {
+            Some(at) => at,
+            None => {
+                let moments = QueryMoments::new(group, self.head_dim, which.covariance);
+                self.queries.push((which, moments));
+                self.queries.len() - 1
+            }
+        };
+        &mut self.queries[at].1
     }
 
     fn stat(&self, key: StatRow) -> Option<&[f32]> {
@@ -348,6 +373,7 @@ impl HeadCache {
         self.values.shrink_to_fit();
         self.meta.shrink_to_fit();
         self.windows = Vec::new();
+        self.queries = Vec::new();
     }
 
     /// Makes room for exactly `entries` more entries, so that appending them neither
@@ -363,7 +389,9 @@ impl HeadCache {
     /// values at their dtype's size, metadata and statistics rows in f32.
     pub fn resident_bytes(&self) -> usize {
         let windows: usize = self.windows.iter().map(|(_, a)| a.capacity()).sum();
-        self.keys.resident_bytes()
+        let queries: usize = self.queries.iter().map(|(_, m)| m.resident_bytes()).sum();
+        queries
+            + self.keys.resident_bytes()
             + self.values.resident_bytes()
             + windows * std::mem::size_of::<f32>()
             + self.meta.capacity() * std::mem::size_of::<EntryMeta>()

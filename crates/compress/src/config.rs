@@ -9,7 +9,8 @@ use crate::budget::Budget;
 use crate::error::{CompressError, Result};
 use crate::method::CompressionMethod;
 use crate::methods::{
-    CamConfig, FullCache, H2oConfig, KeyDiffConfig, KnormConfig, KvMergerConfig, SnapKvConfig,
+    AdaKvConfig, CamConfig, ExpectedAttentionConfig, FullCache, H2oConfig, KeyDiffConfig,
+    KnormConfig, KvMergerConfig, MergeOnEvictConfig, PyramidKvConfig, SnapKvConfig,
     StreamingLlmConfig, TovaConfig,
 };
 
@@ -113,6 +114,14 @@ method_table! {
     Keydiff(KeyDiffConfig) = "keydiff" | "key_diff";
     /// Last query's attention, evicting each decode step (Oren et al., 2024).
     Tova(TovaConfig) = "tova";
+    /// A scorer's entries compared over the heads of a layer, which share its budget (Feng et al., 2024).
+    Adakv(AdaKvConfig) = "adakv" | "ada_kv";
+    /// SnapKV under layer budgets falling linearly with depth (Cai et al., 2024).
+    Pyramidkv(PyramidKvConfig) = "pyramidkv" | "pyramid_kv";
+    /// A scorer's evicted entries folded into their most similar kept ones (kvpress's MergingPress).
+    Merge(MergeOnEvictConfig) = "merge" | "merge_on_evict" | "merging";
+    /// Attention expected from future queries, modelled from the prompt's (Devoto et al., 2025).
+    ExpectedAttention(ExpectedAttentionConfig) = "expected_attention" | "expectedattention" | "ea";
 }
 
 /// The error for a name that [`method_info`] does not know, listing the names it does.
@@ -639,7 +648,11 @@ mod tests {
                 "kvmerger",
                 "knorm",
                 "keydiff",
-                "tova"
+                "tova",
+                "adakv",
+                "pyramidkv",
+                "merge",
+                "expected_attention"
             ]
         );
         for info in METHODS {

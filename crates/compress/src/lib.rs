@@ -13,6 +13,7 @@ pub mod hadamard;
 mod method;
 pub mod methods;
 pub mod quant;
+mod queries;
 mod stats;
 
 pub use budget::Budget;
@@ -22,8 +23,9 @@ pub use config::{
 };
 pub use dtype::{KvDtype, KvElement, RowsRef};
 pub use error::{CompressError, Result};
-pub use method::{CompressionMethod, HeadId, HeadReport};
+pub use method::{CompressionMethod, HeadId, HeadReport, Scorer};
 pub use methods::{
     adjacent_cosine, cosine, merge_to_target, merging_sets, min_reachable, CompareTo,
 };
-pub use stats::{EvictionWindow, Evictions, SmallSet, StatsRequest, Windows, MAX_WINDOWS};
+pub use queries::{QueryMoments, QueryStatistics};
+pub use stats::{EvictionWindow, Evictions, Queries, SmallSet, StatsRequest, Windows, MAX_WINDOWS};

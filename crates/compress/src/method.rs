@@ -59,8 +59,10 @@ pub trait CompressionMethod: Send + Sync {
     /// methods without a budget).
     fn budget_entries(&self, prompt_len: usize) -> usize;
 
-    /// Entries a head of `layer` may keep; methods with per-layer budgets override this.
-    fn layer_budget_entries(&self, _layer: usize, prompt_len: usize) -> usize {
+    /// Entries a head of `layer` (of a model of `n_layers`) may keep on average; methods
+    /// with per-layer budgets override this. A method that shares a layer's budget among its
+    /// heads ([`Self::compress_layer`]) holds the layer's total, `n_kv_heads` times this.
+    fn layer_budget_entries(&self, _layer: usize, _n_layers: usize, prompt_len: usize) -> usize {
         self.budget_entries(prompt_len)
     }
 
@@ -80,6 +82,32 @@ pub trait CompressionMethod: Send + Sync {
     /// [`Self::budget_entries`] of the prompt length.
     fn compress(&self, id: HeadId, head: &mut HeadCache, budget: usize) -> Result<HeadReport>;
 
+    /// Compresses every kv head of `layer` right after the prompt, `budget` entries per head
+    /// on average. By default each head is compressed alone to `budget` (or what it holds);
+    /// a method that moves budget between heads (AdaKV) overrides this and keeps the
+    /// layer's total, `budget * heads.len()`, instead.
+    fn compress_layer(
+        &self,
+        layer: usize,
+        heads: &mut [HeadCache],
+        budget: usize,
+    ) -> Result<Vec<HeadReport>> {
+        heads
+            .iter_mut()
+            .enumerate()
+            .map(|(head, cache)| {
+                let held = budget.min(cache.len());
+                self.compress(HeadId { layer, head }, cache, held)
+            })
+            .collect()
+    }
+
+    /// The method as a scorer, if it is one: a method that rates every entry of a head and
+    /// keeps the best, which wrappers (AdaKV, merge-on-evict) can drive.
+    fn scorer(&self) -> Option<&dyn Scorer> {
+        None
+    }
+
     /// Called after each decode step appended entries to the head. Methods that keep a
     /// fixed-size cache during generation (H2O, CaM, StreamingLLM) evict here.
     fn after_step(
@@ -91,4 +119,12 @@ pub trait CompressionMethod: Send + Sync {
     ) -> Result<()> {
         Ok(())
     }
+}
+
+/// A method that keeps a head's highest-scored entries (kvpress's `ScorerPress`): the
+/// scores alone, for wrappers that decide differently what to do with them.
+pub trait Scorer: Send + Sync {
+    /// One score per entry of `head`, `[len]`, higher kept first. Entries the method always
+    /// keeps (sinks, an observation window) score `f32::INFINITY`.
+    fn score(&self, head: &HeadCache) -> Result<Vec<f32>>;
 }

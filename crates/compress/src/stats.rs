@@ -1,6 +1,8 @@
 //! The attention statistics a method asks the engine to accumulate while it runs the
 //! prompt (and decode steps), and the window types they are keyed by.
 
+use crate::queries::QueryStatistics;
+
 /// Most distinct observation windows (or eviction windows) one prefill records.
 pub const MAX_WINDOWS: usize = 8;
 
@@ -17,6 +19,9 @@ pub type Windows = SmallSet<usize>;
 
 /// Eviction windows (CaM's attention at eviction time).
 pub type Evictions = SmallSet<EvictionWindow>;
+
+/// Query statistics (Expected Attention's).
+pub type Queries = SmallSet<QueryStatistics>;
 
 /// The attention a prompt entry had received when a token-by-token sliding window evicted
 /// it: entry `t` leaves when the query at physical index `t + reach` arrives, so it has
@@ -116,6 +121,9 @@ pub struct StatsRequest {
     /// For each eviction window, accumulate [`crate::HeadCache::eviction_attention`] over the
     /// whole prompt (CaM's merge probability at eviction time).
     pub evictions: Evictions,
+    /// For each entry, accumulate [`crate::HeadCache::query_moments`] over the prompt's
+    /// queries (every chunk of it), and set the rotation for the positions after it.
+    pub queries: Queries,
 }
 
 impl StatsRequest {
@@ -153,7 +161,11 @@ impl StatsRequest {
         for e in other.evictions.iter() {
             evictions.insert(e);
         }
-        Self { accumulated: self.accumulated || other.accumulated, windows, evictions }
+        let mut queries = self.queries;
+        for q in other.queries.iter() {
+            queries.insert(q);
+        }
+        Self { accumulated: self.accumulated || other.accumulated, windows, evictions, queries }
     }
 
     /// Whether statistics recorded for `self` serve a method that asks for `needs`.
@@ -161,6 +173,7 @@ impl StatsRequest {
         (self.accumulated || !needs.accumulated)
             && self.windows.contains_all(&needs.windows)
             && self.evictions.contains_all(&needs.evictions)
+            && self.queries.contains_all(&needs.queries)
     }
 }
 

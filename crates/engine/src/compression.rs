@@ -71,33 +71,29 @@ pub fn compress_prompt(
     prompt_len: usize,
 ) -> Result<CompressionReport> {
     let start = Instant::now();
+    let n_layers = cache.n_layers();
     let budgets: Vec<usize> =
-        (0..cache.n_layers()).map(|l| method.layer_budget_entries(l, prompt_len)).collect();
+        (0..n_layers).map(|l| method.layer_budget_entries(l, n_layers, prompt_len)).collect();
     let heads = cache
         .layers
         .par_iter_mut()
         .zip(&budgets)
         .enumerate()
         .map(|(layer, (heads, &budget))| {
-            heads
-                .iter_mut()
-                .enumerate()
-                .map(|(head, cache)| {
-                    let dtype = cache.dtype();
-                    let widen = method.computes_rows() && dtype != KvDtype::F32;
-                    if widen {
-                        cache.convert(KvDtype::F32);
-                    }
-                    let held = budget.min(cache.len());
-                    let report = method.compress(HeadId { layer, head }, cache, held);
-                    if widen {
-                        cache.convert(dtype);
-                    }
-                    // Resident memory follows the entries kept, whatever the method did.
-                    cache.shrink_to_fit();
-                    report
-                })
-                .collect::<kvmerger_compress::Result<Vec<_>>>()
+            let dtype = heads.first().map_or(KvDtype::F32, |h| h.dtype());
+            let widen = method.computes_rows() && dtype != KvDtype::F32;
+            if widen {
+                heads.iter_mut().for_each(|h| h.convert(KvDtype::F32));
+            }
+            let reports = method.compress_layer(layer, heads, budget);
+            for head in heads.iter_mut() {
+                if widen {
+                    head.convert(dtype);
+                }
+                // Resident memory follows the entries kept, whatever the method did.
+                head.shrink_to_fit();
+            }
+            reports
         })
         .collect::<kvmerger_compress::Result<Vec<_>>>()?;
     cache.budgets = Some(budgets.clone());

@@ -24,6 +24,7 @@ use crate::linear::{Linear, WeightFormat, WeightFormats};
 use crate::model::Llama;
 use crate::profile::{timed, Part};
 use crate::qmatmul::QuantizedRows;
+use crate::query_moments::record_queries;
 
 /// Which path a batch belongs to; picks the weight format of every linear layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -330,6 +331,10 @@ impl Llama {
         // A cache stored Hadamard-rotated gets rotated keys and values, attends with rotated
         // queries and gives rotated outputs, which are rotated back (see `hadamard`).
         let rotated = cache.dtype.rotated();
+        if !item.stats.queries.is_empty() {
+            let which = item.stats.queries;
+            record_queries(rope, q, cache.n_seen, heads, shape, which);
+        }
         timed(profile, Part::RopeAppend, || {
             if let Some(window) = window {
                 heads.iter_mut().for_each(|h| drop_outside_window(h, cache.n_seen, window));

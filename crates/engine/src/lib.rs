@@ -17,6 +17,7 @@ mod pool;
 mod prefill;
 mod profile;
 mod qmatmul;
+mod query_moments;
 mod rope;
 mod runtime;
 mod sampler;

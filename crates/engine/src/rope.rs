@@ -9,6 +9,8 @@ use crate::config::ModelConfig;
 #[derive(Debug, Clone)]
 pub struct Rope {
     half: usize,
+    /// `[head_dim / 2]`: each pair's angle per position.
+    inv_freq: Vec<f64>,
     interleaved: bool,
     /// `[context_length, head_dim / 2]`
     cos: Vec<f32>,
@@ -64,7 +66,29 @@ impl Rope {
                 sin.push((angle.sin() * scale) as f32);
             }
         }
-        Self { half, interleaved: config.rope_interleaved, cos, sin }
+        Self { half, inv_freq, interleaved: config.rope_interleaved, cos, sin }
+    }
+
+    /// The rotation [`Self::apply`] gives, averaged over `positions`: `[head_dim, head_dim]`
+    /// row-major, `x -> R x` (Expected Attention's future queries). Computed from the
+    /// frequencies, so positions past the context length are fine.
+    pub fn mean_rotation(&self, positions: std::ops::Range<usize>) -> Vec<f32> {
+        let d = 2 * self.half;
+        let n = positions.len().max(1) as f64;
+        let mut r = vec![0.0f32; d * d];
+        for (i, f) in self.inv_freq.iter().enumerate() {
+            let (cos, sin) = positions
+                .clone()
+                .map(|p| (p as f64 * f).sin_cos())
+                .fold((0.0, 0.0), |(c, s), (sin, cos)| (c + cos, s + sin));
+            let (cos, sin) = ((cos / n) as f32, (sin / n) as f32);
+            let (a, b) = if self.interleaved { (2 * i, 2 * i + 1) } else { (i, i + self.half) };
+            r[a * d + a] = cos;
+            r[a * d + b] = -sin;
+            r[b * d + a] = sin;
+            r[b * d + b] = cos;
+        }
+        r
     }
 
     /// Rotates every head of one token's projection in place.
@@ -97,5 +121,38 @@ fn llama3_scale(freq: f64, s: &crate::config::Llama3RopeScaling) -> f64 {
         let smooth = (old / wavelen - s.low_freq_factor as f64)
             / (s.high_freq_factor - s.low_freq_factor) as f64;
         (1.0 - smooth) * freq / s.factor as f64 + smooth * freq
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::tiny_config;
+
+    /// The averaged rotation is the mean of what `apply` does to each basis vector, in
+    /// both pair layouts, also past the context length's tables (checked against them
+    /// where they exist).
+    #[test]
+    fn mean_rotation_averages_what_apply_does() {
+        for interleaved in [true, false] {
+            let config = ModelConfig { rope_interleaved: interleaved, ..tiny_config() };
+            let (rope, d) = (Rope::new(&config), config.head_dim);
+            let positions = 100..140;
+            let r = rope.mean_rotation(positions.clone());
+            for k in 0..d {
+                let mut column = vec![0.0f32; d];
+                for p in positions.clone() {
+                    let mut e = vec![0.0f32; d];
+                    e[k] = 1.0;
+                    rope.apply(&mut e, p);
+                    column.iter_mut().zip(&e).for_each(|(c, x)| *c += x / positions.len() as f32);
+                }
+                for (i, c) in column.iter().enumerate() {
+                    assert!((r[i * d + k] - c).abs() < 1e-5, "{interleaved}: R[{i}][{k}]");
+                }
+            }
+            let beyond = rope.mean_rotation(250..300);
+            assert!(beyond.iter().all(|x| x.is_finite() && x.abs() <= 1.0));
+        }
     }
 }

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use kvmerger_compress::methods::BudgetMode;
 use kvmerger_compress::{
-    CompressionConfig, CompressionMethod, EntryMeta, HeadCache, KvCache, KvDtype, StatsRequest,
+    CompressionConfig, CompressionMethod, EntryMeta, HeadCache, KvCache, KvDtype, QueryMoments,
+    StatsRequest,
 };
 use serde::Serialize;
 
@@ -214,6 +215,8 @@ pub struct Sequence {
     peak: CachePeak,
     n_layers: usize,
     n_kv_heads: usize,
+    /// Query heads per kv head.
+    group: usize,
     head_dim: usize,
     kv_dtype: KvDtype,
     context: usize,
@@ -352,6 +355,7 @@ impl Sequence {
             peak: CachePeak::default(),
             n_layers: config.n_layers,
             n_kv_heads: config.n_kv_heads,
+            group: config.n_heads / config.n_kv_heads,
             head_dim: config.head_dim,
             kv_dtype: KvDtype::default(),
             context,
@@ -387,18 +391,24 @@ impl Sequence {
     }
 
     /// The memory the sequence can need (see [`Reservation`]): per head, at most
-    /// [`PrefillPlan::peak_entries`] during prefill with a row per prompt statistic, then
+    /// [`PrefillPlan::peak_entries`] during prefill with a row per prompt statistic (and
+    /// the query statistics' fixed size), then
     /// [`PrefillPlan::kept_entries`] plus room for `max_tokens`.
     pub fn reservation(&self) -> Reservation {
         let entry = entry_bytes(self.head_dim, self.kv_dtype);
         let stats = self.prompt_stats;
         let rows = stats.windows.iter().count() + 2 * stats.evictions.iter().count();
         let per_entry = entry + rows * std::mem::size_of::<f32>();
+        let moments: usize = stats
+            .queries
+            .iter()
+            .map(|q| QueryMoments::bytes(self.group, self.head_dim, q.covariance))
+            .sum();
         let (mut settled, mut peak) = (0, 0);
         for (&during, &kept) in self.plan.peak_entries.iter().zip(&self.plan.kept_entries) {
             let after = (kept + self.request.max_tokens) * entry;
             settled += after * self.n_kv_heads;
-            peak += (during * per_entry).max(after) * self.n_kv_heads;
+            peak += (during * per_entry + moments).max(after) * self.n_kv_heads;
         }
         Reservation { settled, headroom: peak - settled }
     }
@@ -615,6 +625,7 @@ impl Sequence {
             peak: self.peak,
             n_layers: self.n_layers,
             n_kv_heads: self.n_kv_heads,
+            group: self.group,
             head_dim: self.head_dim,
             kv_dtype: self.kv_dtype,
             context: self.context,
@@ -702,6 +713,12 @@ fn incremental_refusal(
              compress once"
         ));
     }
+    if matches!(compression, CompressionConfig::Adakv(_)) {
+        return Some(format!(
+            "{name} shares each layer's budget among its heads, so a head has no bound of \
+             its own between compressions: compress once"
+        ));
+    }
     if !stats.evictions.is_empty() {
         return Some(format!(
             "{name} reads attention over the whole prompt when it evicts: it cannot \
@@ -741,7 +758,13 @@ fn plan_prefill(
     let window = stats.windows.iter().max().unwrap_or(1);
     let bounded = is_bounded(compression);
     let budgets: Vec<usize> = (0..config.n_layers)
-        .map(|l| if bounded { method.layer_budget_entries(l, prompt_len) } else { prompt_len })
+        .map(|l| {
+            if bounded {
+                method.layer_budget_entries(l, config.n_layers, prompt_len)
+            } else {
+                prompt_len
+            }
+        })
         .collect();
     PrefillPlan::new(prompt_len, chunk, window, &budgets, incremental)
 }
@@ -815,6 +838,18 @@ mod tests {
         let cam = seq(request(100, 10, "cam", 0.5), 16, Incremental);
         assert!(!cam.plan().is_incremental());
         assert_eq!(cam.plan().peak_entries, [100, 100]);
+        // AdaKV's heads share their layer's budget: compressed once.
+        let adakv = seq(request(100, 10, "adakv", 0.5), 64, Incremental);
+        assert!(!adakv.plan().is_incremental());
+        // Expected Attention's query statistics (2 query heads per kv head of 8 numbers,
+        // with covariance) add their fixed size to each head's prefill peak.
+        let plain = seq(request(200, 10, "knorm", 0.5), 64, Incremental);
+        let ea = seq(request(200, 10, "expected_attention", 0.5), 64, Incremental);
+        assert!(ea.plan().is_incremental());
+        assert_eq!(ea.plan().peak_entries, plain.plan().peak_entries);
+        let (settled, headroom) = (plain.reservation().settled, plain.reservation().headroom);
+        let moments = QueryMoments::bytes(2, 8, true);
+        assert_eq!(ea.reservation(), r(settled, headroom + moments * heads));
     }
 
     #[test]

@@ -142,6 +142,8 @@ pub struct ReferenceOutput {
     /// `[layer][kv_head][key]`: attention each key received from every query, averaged
     /// over the query heads of its group.
     pub received: Vec<Vec<Vec<f32>>>,
+    /// `[layer][query][n_heads * head_dim]`: the queries before RoPE.
+    pub queries: Vec<Vec<Vec<f32>>>,
 }
 
 /// Recomputes the whole sequence naively. Query `i` of layer `l`, kv head `h` attends to
@@ -160,11 +162,13 @@ pub fn reference_forward(
     let ids = Tensor::new(tokens, model.device())?;
     let mut x = model.embed.index_select(&ids, 0)?;
     let mut received = vec![vec![vec![0.0f32; seq]; c.n_kv_heads]; c.n_layers];
+    let mut queries = Vec::with_capacity(c.n_layers);
     for (l, b) in model.blocks.iter().enumerate() {
         let hdn = candle_nn::ops::rms_norm(&x, &b.attn_norm, eps)?;
         let mut q = b.wq.forward_as(&hdn, format)?.to_vec2::<f32>()?;
         let mut k = b.wk.forward_as(&hdn, format)?.to_vec2::<f32>()?;
         let v = b.wv.forward_as(&hdn, format)?.to_vec2::<f32>()?;
+        queries.push(q.clone());
         for i in 0..seq {
             rope.apply(&mut q[i], i);
             rope.apply(&mut k[i], i);
@@ -203,7 +207,7 @@ pub fn reference_forward(
     }
     let x = candle_nn::ops::rms_norm(&x, &model.final_norm, eps)?;
     let logits = model.lm_head.forward_as(&x, format)?.to_vec2::<f32>()?;
-    Ok(ReferenceOutput { logits, received })
+    Ok(ReferenceOutput { logits, received, queries })
 }
 
 /// Relative L2 distance `|a - b| / |b|`.

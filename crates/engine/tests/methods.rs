@@ -29,6 +29,11 @@ fn configs(budget: f64) -> Vec<CompressionConfig> {
         ("keydiff", &[("sinks", "4"), ("recent", "8")]),
         ("tova", &[("sinks", "4"), ("recent", "8")]),
         ("tova", &[("decode_eviction", "false")]),
+        ("adakv", &[("scorer", "knorm")]),
+        ("adakv", &[("scorer", "expected_attention"), ("head_method", "kvmerger")]),
+        ("pyramidkv", &[("window", "4"), ("beta", "2")]),
+        ("merge", &[("scorer", r#"{"method":"snapkv","window":4}"#)]),
+        ("expected_attention", &[("n_sink", "0"), ("use_covariance", "false")]),
     ];
     let defaults = METHOD_NAMES.iter().map(|&m| (m, &[][..]));
     defaults
@@ -69,15 +74,24 @@ fn keeps_budget_through_prefill_and_decode(dtype: KvDtype) {
                 let mut session = Session::new(&model, &config).unwrap();
                 let mut logits = session.prefill(&tokens).unwrap();
                 let report = session.report().unwrap().clone();
+                // Each layer holds its budget (PyramidKV's differ by layer, and average the
+                // budget); AdaKV shares it among the layer's heads, the others keep each
+                // head's own.
+                let shared = matches!(config, CompressionConfig::Adakv(_));
                 for (l, heads) in session.cache().layers.iter().enumerate() {
+                    let layer_expected = report.budgets[l].min(prompt);
+                    let held: usize = heads.iter().map(|h| h.len()).sum();
+                    assert_eq!(held, heads.len() * layer_expected, "{label}: layer {l}");
                     for (h, head) in heads.iter().enumerate() {
-                        assert_eq!(head.len(), expected, "{label}: layer {l} head {h}");
+                        if !shared {
+                            assert_eq!(head.len(), layer_expected, "{label}: layer {l} head {h}");
+                        }
                         assert_eq!(head.dtype(), dtype.storage(), "{label}");
                         assert_eq!(report.heads[l][h].after, head.len());
                         // Resident memory is the kept keys, values and metadata, nothing more.
                         assert_eq!(
                             head.resident_bytes(),
-                            expected * (2 * dtype.row_bytes(hd) + entry_bytes),
+                            head.len() * (2 * dtype.row_bytes(hd) + entry_bytes),
                             "{label}"
                         );
                         assert!(
@@ -88,6 +102,8 @@ fn keeps_budget_through_prefill_and_decode(dtype: KvDtype) {
                 }
                 assert!((report.achieved_ratio() - expected as f64 / prompt as f64).abs() < 1e-9);
 
+                let kept: Vec<usize> =
+                    session.cache().layers.iter().flatten().map(|h| h.len()).collect();
                 let mut sampler = Sampler::new(Default::default());
                 for step in 0..STEPS {
                     let next = sampler.sample(&logits);
@@ -100,17 +116,17 @@ fn keeps_budget_through_prefill_and_decode(dtype: KvDtype) {
                         CompressionConfig::Tova(t) => t.decode_eviction,
                         _ => false,
                     };
-                    for head in session.cache().layers.iter().flatten() {
+                    for (head, &kept) in session.cache().layers.iter().flatten().zip(&kept) {
                         if bounded {
                             assert_eq!(
                                 head.len(),
-                                (expected + step + 1).min(bound),
+                                (kept + step + 1).min(bound),
                                 "{label}: grows to its bound at step {step}, then holds it"
                             );
                         } else {
                             assert_eq!(
                                 head.len(),
-                                expected + step + 1,
+                                kept + step + 1,
                                 "{label} grows by one entry per step"
                             );
                         }

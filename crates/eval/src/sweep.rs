@@ -100,10 +100,22 @@ impl SweepSpec {
         // RULER as kvpress reports it: 50%, 75% and 87.5% of the cache removed. Its methods
         // are the field's, without the ablation variant that breaks the model.
         let ruler_budgets = vec![Budget::Ratio(0.5), Budget::Ratio(0.25), Budget::Ratio(0.125)];
-        let ruler_methods: Vec<String> =
-            ["kvmerger", "h2o", "cam", "streaming_llm", "snapkv", "knorm", "keydiff", "tova"]
-                .map(String::from)
-                .to_vec();
+        let ruler_methods: Vec<String> = [
+            "kvmerger",
+            "h2o",
+            "cam",
+            "streaming_llm",
+            "snapkv",
+            "knorm",
+            "keydiff",
+            "tova",
+            "adakv",
+            "pyramidkv",
+            "merge",
+            "expected_attention",
+        ]
+        .map(String::from)
+        .to_vec();
         let ruler = |length: usize, seeds_each: u64| -> Vec<TaskGrid> {
             RulerTask::ALL
                 .into_iter()
@@ -526,11 +538,13 @@ mod tests {
         assert_eq!(ruler.tasks.len(), RulerTask::ALL.len());
         assert!(ruler.tasks.iter().all(|g| g.lengths == [4096] && g.seeds.len() == 20));
         assert_eq!(ruler.jobs().len(), 11 * 20);
-        for m in ["knorm", "keydiff", "tova", "kvmerger"] {
+        for m in
+            ["keydiff", "tova", "kvmerger", "adakv", "pyramidkv", "merge", "expected_attention"]
+        {
             assert!(ruler.methods.iter().any(|x| x == m), "{m}");
         }
         assert!(ruler.methods.iter().all(|m| !m.contains(':')));
-        assert_eq!(ruler.configs().unwrap().len(), 1 + 8 * 3);
+        assert_eq!(ruler.configs().unwrap().len(), 1 + 12 * 3);
         let quick = SweepSpec::preset("ruler-quick").unwrap();
         assert_eq!(
             (quick.jobs().len(), quick.protocols.as_slice()),

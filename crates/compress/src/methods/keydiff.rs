@@ -13,9 +13,9 @@ use serde::{Deserialize, Serialize};
 use crate::budget::Budget;
 use crate::cache::HeadCache;
 use crate::error::Result;
-use crate::method::{CompressionMethod, HeadId, HeadReport};
+use crate::method::{CompressionMethod, HeadId, HeadReport, Scorer};
 use crate::methods::merging_sets::cosine;
-use crate::methods::select::{retain_top_scored, row_norms};
+use crate::methods::select::{protect, retain_top_scored, row_norms};
 
 /// KeyDiff parameters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -51,6 +51,13 @@ fn keydiff_scores(keys: &[f32], head_dim: usize) -> Vec<f32> {
     keys.chunks_exact(head_dim).map(|key| -cosine(key, &anchor)).collect()
 }
 
+impl Scorer for KeyDiffConfig {
+    fn score(&self, head: &HeadCache) -> Result<Vec<f32>> {
+        let scores = keydiff_scores(&head.keys(), head.head_dim());
+        Ok(protect(scores, self.sinks, self.recent))
+    }
+}
+
 impl CompressionMethod for KeyDiffConfig {
     fn name(&self) -> &'static str {
         "keydiff"
@@ -64,6 +71,10 @@ impl CompressionMethod for KeyDiffConfig {
         retain_top_scored(head, budget, self.sinks, self.recent, |head| {
             Ok(keydiff_scores(&head.keys(), head.head_dim()))
         })
+    }
+
+    fn scorer(&self) -> Option<&dyn Scorer> {
+        Some(self)
     }
 }
 

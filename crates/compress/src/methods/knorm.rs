@@ -9,8 +9,8 @@ use serde::{Deserialize, Serialize};
 use crate::budget::Budget;
 use crate::cache::HeadCache;
 use crate::error::Result;
-use crate::method::{CompressionMethod, HeadId, HeadReport};
-use crate::methods::select::{retain_top_scored, row_norms};
+use crate::method::{CompressionMethod, HeadId, HeadReport, Scorer};
+use crate::methods::select::{protect, retain_top_scored, row_norms};
 
 /// KNorm parameters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -30,6 +30,17 @@ impl KnormConfig {
     }
 }
 
+/// `-||key||` for each entry of `head`.
+fn knorm_scores(head: &HeadCache) -> Vec<f32> {
+    row_norms(&head.keys(), head.head_dim()).into_iter().map(|n| -n).collect()
+}
+
+impl Scorer for KnormConfig {
+    fn score(&self, head: &HeadCache) -> Result<Vec<f32>> {
+        Ok(protect(knorm_scores(head), self.sinks, self.recent))
+    }
+}
+
 impl CompressionMethod for KnormConfig {
     fn name(&self) -> &'static str {
         "knorm"
@@ -40,10 +51,11 @@ impl CompressionMethod for KnormConfig {
     }
 
     fn compress(&self, _id: HeadId, head: &mut HeadCache, budget: usize) -> Result<HeadReport> {
-        retain_top_scored(head, budget, self.sinks, self.recent, |head| {
-            let norms = row_norms(&head.keys(), head.head_dim());
-            Ok(norms.into_iter().map(|n| -n).collect())
-        })
+        retain_top_scored(head, budget, self.sinks, self.recent, |head| Ok(knorm_scores(head)))
+    }
+
+    fn scorer(&self) -> Option<&dyn Scorer> {
+        Some(self)
     }
 }
 

@@ -608,7 +608,7 @@ impl CompressionMethod for KvMergerConfig {
         self.budget.entries(prompt_len)
     }
 
-    fn layer_budget_entries(&self, layer: usize, prompt_len: usize) -> usize {
+    fn layer_budget_entries(&self, layer: usize, _n_layers: usize, prompt_len: usize) -> usize {
         match self.layer_budgets.as_ref().and_then(|b| b.get(layer)) {
             Some(&ratio) => Budget::Ratio(ratio).entries(prompt_len),
             None => self.budget_entries(prompt_len),

@@ -1,12 +1,17 @@
 //! One file per method, each citing its paper.
 
+mod adakv;
 mod cam;
+mod expected_attention;
 mod full;
 mod h2o;
+mod inner;
 mod keydiff;
 mod knorm;
 mod kvmerger;
+mod merge_on_evict;
 mod merging_sets;
+mod pyramidkv;
 mod select;
 mod snapkv;
 mod streaming_llm;
@@ -14,15 +19,20 @@ mod streaming_llm;
 mod test_util;
 mod tova;
 
+pub use adakv::{allocate, AdaKvConfig};
 pub use cam::{CamConfig, CamEviction, CamProbability};
+pub use expected_attention::ExpectedAttentionConfig;
 pub use full::FullCache;
 pub use h2o::H2oConfig;
+pub use inner::InnerMethod;
 pub use keydiff::KeyDiffConfig;
 pub use knorm::KnormConfig;
 pub use kvmerger::{BudgetMode, KvMergerConfig, MassRule, MergeWeights, PivotRule, Sigma};
+pub use merge_on_evict::MergeOnEvictConfig;
 pub use merging_sets::{
     adjacent_cosine, cosine, merge_to_target, merging_sets, min_reachable, CompareTo,
 };
+pub use pyramidkv::PyramidKvConfig;
 pub use snapkv::{avg_pool, SnapKvConfig};
 pub use streaming_llm::StreamingLlmConfig;
 pub use tova::TovaConfig;
@@ -44,7 +54,7 @@ mod tests {
     /// `(method, parameters, whether it keeps the head within budget while decoding)`
     type Case = (&'static str, &'static [(&'static str, &'static str)], bool);
 
-    const METHODS: [Case; 19] = [
+    const METHODS: [Case; 28] = [
         ("full", &[], false),
         ("streaming_llm", &[], true),
         ("h2o", &[], true),
@@ -64,6 +74,15 @@ mod tests {
         ("tova", &[], true),
         ("tova", &[("sinks", "4"), ("recent", "8")], true),
         ("tova", &[("decode_eviction", "false")], false),
+        ("adakv", &[], false),
+        ("adakv", &[("scorer", "knorm"), ("alpha_safeguard", "0.5")], false),
+        ("adakv", &[("scorer", "keydiff"), ("head_method", "kvmerger")], false),
+        ("pyramidkv", &[], false),
+        ("pyramidkv", &[("window", "8"), ("beta", "2")], false),
+        ("merge", &[], false),
+        ("merge", &[("scorer", "snapkv"), ("merge_fraction", "0.5")], false),
+        ("expected_attention", &[], false),
+        ("adakv", &[("scorer", "expected_attention")], false),
     ];
 
     /// Every method, in every dtype, at several budgets: exact budgets, metadata order, and
@@ -89,17 +108,7 @@ mod tests {
                 let what = format!("{} at {ratio} in {dtype}", config.label());
                 let id = HeadId { layer: 1, head: 2 };
 
-                let mut head = random_head_as(T, d, 11, dtype);
-                let stats = method.prompt_stats(T);
-                for w in stats.windows.iter() {
-                    let scores = head.meta().iter().map(|m| m.attention / 2.0).collect();
-                    head.set_window_attention(w, scores).unwrap();
-                }
-                for e in stats.evictions.iter() {
-                    let received: Vec<f32> = head.meta().iter().map(|m| m.attention).collect();
-                    let targets = received.iter().map(|a| a * e.span as f32).collect();
-                    head.set_eviction_attention(e, received, targets).unwrap();
-                }
+                let mut head = head_with_statistics(&*method, T, d, 11, dtype);
                 // The bound while decoding; compression gets at most what the head holds,
                 // as the engine passes it.
                 let bound = method.budget_entries(T);
@@ -161,12 +170,82 @@ mod tests {
                     "{what}: distinct positions, sorted after decoding"
                 );
                 assert_eq!(head.dtype(), dtype, "{what}");
-                let log_count = matches!(
-                    &config,
-                    CompressionConfig::Kvmerger(k) if k.mass == super::MassRule::LogCount
-                );
-                assert_eq!(method.log_count_bias(), log_count, "{what}");
+                let log_count = |c: &CompressionConfig| matches!(c, CompressionConfig::Kvmerger(k) if k.mass == super::MassRule::LogCount);
+                let expected = match &config {
+                    CompressionConfig::Adakv(a) => {
+                        a.head_method.as_ref().is_some_and(|m| log_count(m.config()))
+                    }
+                    c => log_count(c),
+                };
+                assert_eq!(method.log_count_bias(), expected, "{what}");
             }
+        }
+    }
+
+    /// A random head with the statistics `method` asks the prefill of `n` tokens for.
+    fn head_with_statistics(
+        method: &dyn CompressionMethod,
+        n: usize,
+        d: usize,
+        seed: u64,
+        dtype: KvDtype,
+    ) -> crate::HeadCache {
+        let mut head = random_head_as(n, d, seed, dtype);
+        let stats = method.prompt_stats(n);
+        for w in stats.windows.iter() {
+            let scores = head.meta().iter().map(|m| m.attention / 2.0).collect();
+            head.set_window_attention(w, scores).unwrap();
+        }
+        for e in stats.evictions.iter() {
+            let received: Vec<f32> = head.meta().iter().map(|m| m.attention).collect();
+            let targets = received.iter().map(|a| a * e.span as f32).collect();
+            head.set_eviction_attention(e, received, targets).unwrap();
+        }
+        // Two query heads per kv head, their queries the keys and the keys reversed.
+        for q in stats.queries.iter() {
+            let keys = head.keys().into_owned();
+            let reversed: Vec<f32> = keys.iter().rev().copied().collect();
+            let moments = head.query_moments_mut(q, 2);
+            for (a, b) in keys.chunks_exact(d).zip(reversed.chunks_exact(d)) {
+                moments.add(&[a, b].concat());
+            }
+        }
+        head
+    }
+
+    /// Every method compressing the kv heads of a layer together holds the layer's total:
+    /// `heads x budget` entries (AdaKV moves budget between heads; the others keep each
+    /// head's own), at every layer of a model (PyramidKV's budgets differ by layer and sum
+    /// to the model's total).
+    #[test]
+    fn every_method_holds_the_layer_and_model_totals() {
+        const T: usize = 120;
+        let layers = 6;
+        for (name, params, _) in METHODS {
+            if params.iter().any(|(_, v)| *v == "threshold") {
+                continue;
+            }
+            let budget = (name != "full").then_some(Budget::Ratio(0.3));
+            let params: Vec<(String, String)> =
+                params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+            let config = CompressionConfig::from_cli(name, budget, &params).unwrap();
+            let method = config.build().unwrap();
+            let even = method.budget_entries(T).min(T);
+            let mut kept = 0;
+            for layer in 0..layers {
+                let b = method.layer_budget_entries(layer, layers, T).min(T);
+                let mut heads: Vec<crate::HeadCache> = (0..3)
+                    .map(|h| {
+                        head_with_statistics(&*method, T, 8, (layer * 3 + h) as u64, KvDtype::F32)
+                    })
+                    .collect();
+                let reports = method.compress_layer(layer, &mut heads, b).unwrap();
+                let after: usize = reports.iter().map(|r| r.after).sum();
+                assert_eq!(after, heads.iter().map(|h| h.len()).sum::<usize>(), "{name}");
+                assert_eq!(after, 3 * b, "{}: layer {layer}", config.label());
+                kept += after;
+            }
+            assert_eq!(kept, layers * 3 * even, "{}", config.label());
         }
     }
 

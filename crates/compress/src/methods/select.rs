@@ -93,6 +93,15 @@ pub fn protected_within(sinks: usize, recent: usize, budget: usize) -> (usize, u
     (sinks.min(budget - recent), recent)
 }
 
+/// Marks the first `sinks` and the last `recent` entries of `scores` as always kept (a
+/// scorer's protection, for wrappers that rank the scores themselves).
+pub fn protect(mut scores: Vec<f32>, sinks: usize, recent: usize) -> Vec<f32> {
+    let len = scores.len();
+    scores[..sinks.min(len)].fill(f32::INFINITY);
+    scores[len - recent.min(len)..].fill(f32::INFINITY);
+    scores
+}
+
 /// The L2 norm of each row of a `[len, head_dim]` matrix, `[len]`.
 pub fn row_norms(rows: &[f32], head_dim: usize) -> Vec<f32> {
     rows.chunks_exact(head_dim).map(|r| r.iter().map(|x| x * x).sum::<f32>().sqrt()).collect()

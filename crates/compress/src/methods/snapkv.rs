@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::budget::Budget;
 use crate::cache::HeadCache;
 use crate::error::{CompressError, Result};
-use crate::method::{CompressionMethod, HeadId, HeadReport};
+use crate::method::{CompressionMethod, HeadId, HeadReport, Scorer};
 use crate::methods::select::top_k;
 use crate::stats::StatsRequest;
 
@@ -57,6 +57,29 @@ pub fn avg_pool(scores: &[f32], kernel: usize) -> Vec<f32> {
         .collect()
 }
 
+impl SnapKvConfig {
+    /// The observation window's attention, `[len]`.
+    fn window_scores<'a>(&self, head: &'a HeadCache) -> Result<&'a [f32]> {
+        head.window_attention(self.window).ok_or_else(|| {
+            CompressError::Shape(format!(
+                "SnapKV needs the attention of the last {} prompt queries",
+                self.window
+            ))
+        })
+    }
+}
+
+/// kvpress's `SnapKVPress.score`: the pooled attention of the entries before the window,
+/// the window itself always kept.
+impl Scorer for SnapKvConfig {
+    fn score(&self, head: &HeadCache) -> Result<Vec<f32>> {
+        let prefix = head.len().saturating_sub(self.window);
+        let mut scores = avg_pool(&self.window_scores(head)?[..prefix], self.kernel);
+        scores.resize(head.len(), f32::INFINITY);
+        Ok(scores)
+    }
+}
+
 impl CompressionMethod for SnapKvConfig {
     fn name(&self) -> &'static str {
         "snapkv"
@@ -75,12 +98,7 @@ impl CompressionMethod for SnapKvConfig {
         if before <= budget {
             return Ok(HeadReport { before, after: before, ..Default::default() });
         }
-        let scores = head.window_attention(self.window).ok_or_else(|| {
-            CompressError::Shape(format!(
-                "SnapKV needs the attention of the last {} prompt queries",
-                self.window
-            ))
-        })?;
+        let scores = self.window_scores(head)?;
         // The observation window always stays; one longer than the budget is cut to it.
         let window = self.window.min(budget);
         let prefix = before - window;
@@ -91,6 +109,10 @@ impl CompressionMethod for SnapKvConfig {
         head.shrink_to_fit();
         let clamped = (window < self.window).then_some("window");
         Ok(HeadReport { before, after: head.len(), clamped, ..Default::default() })
+    }
+
+    fn scorer(&self) -> Option<&dyn Scorer> {
+        Some(self)
     }
 }
 

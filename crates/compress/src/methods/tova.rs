@@ -18,9 +18,9 @@ use serde::{Deserialize, Serialize};
 use crate::budget::Budget;
 use crate::cache::HeadCache;
 use crate::error::{CompressError, Result};
-use crate::method::{CompressionMethod, HeadId, HeadReport};
+use crate::method::{CompressionMethod, HeadId, HeadReport, Scorer};
 use crate::methods::h2o::lowest_older_than_recent;
-use crate::methods::select::{protected_within, retain_top_scored};
+use crate::methods::select::{protect, protected_within, retain_top_scored};
 use crate::stats::StatsRequest;
 
 /// TOVA parameters.
@@ -59,6 +59,21 @@ fn clear_attention(head: &mut HeadCache) {
     head.meta_mut().iter_mut().for_each(|m| m.attention = 0.0);
 }
 
+/// The last prompt query's attention over the entries of `head`.
+fn last_query_attention(head: &HeadCache) -> Result<Vec<f32>> {
+    let scores = head.window_attention(LAST_QUERY).ok_or_else(|| {
+        CompressError::Shape("TOVA needs the attention of the last prompt query".into())
+    })?;
+    Ok(scores.to_vec())
+}
+
+/// TOVA's prompt rule as scores; under a wrapper the decode-time eviction does not run.
+impl Scorer for TovaConfig {
+    fn score(&self, head: &HeadCache) -> Result<Vec<f32>> {
+        Ok(protect(last_query_attention(head)?, self.sinks, self.recent))
+    }
+}
+
 impl CompressionMethod for TovaConfig {
     fn name(&self) -> &'static str {
         "tova"
@@ -81,18 +96,18 @@ impl CompressionMethod for TovaConfig {
     }
 
     fn compress(&self, _id: HeadId, head: &mut HeadCache, budget: usize) -> Result<HeadReport> {
-        let report = retain_top_scored(head, budget, self.sinks, self.recent, |head| {
-            let scores = head.window_attention(LAST_QUERY).ok_or_else(|| {
-                CompressError::Shape("TOVA needs the attention of the last prompt query".into())
-            })?;
-            Ok(scores.to_vec())
-        })?;
+        let report =
+            retain_top_scored(head, budget, self.sinks, self.recent, last_query_attention)?;
         // A prefill shared with an accumulating method (H2O) leaves the whole prompt's
         // attention here; the first decode step must read its own.
         if self.decode_eviction {
             clear_attention(head);
         }
         Ok(report)
+    }
+
+    fn scorer(&self) -> Option<&dyn Scorer> {
+        Some(self)
     }
 
     fn after_step(
