@@ -23,7 +23,7 @@ use crate::error::{EngineError, Result};
 use crate::linear::{Linear, WeightFormat, WeightFormats};
 use crate::model::Llama;
 use crate::profile::{timed, Part};
-use crate::qmatmul::QuantizedRows;
+use crate::qmatmul::{Product, QuantizedRows};
 use crate::query_moments::record_queries;
 
 /// Which path a batch belongs to; picks the weight format of every linear layer.
@@ -89,12 +89,11 @@ impl Llama {
         if items.is_empty() {
             return Ok(Vec::new());
         }
-        let format = self.formats.for_phase(phase);
         match &self.adaptive_threads {
             Some(adaptive) if phase == Phase::Decode => {
-                adaptive.run(|| self.pass(items, format, attention_chunk))
+                adaptive.run(|| self.pass(items, phase, attention_chunk))
             }
-            _ => self.pass(items, format, attention_chunk),
+            _ => self.pass(items, phase, attention_chunk),
         }
     }
 
@@ -102,9 +101,10 @@ impl Llama {
     fn pass(
         &self,
         items: &mut [BatchItem<'_>],
-        format: WeightFormat,
+        phase: Phase,
         attention_chunk: usize,
     ) -> Result<Vec<Option<Tensor>>> {
+        let format = self.formats.for_phase(phase);
         let profile = self.profile.as_deref();
         if let Some(p) = profile {
             p.count_pass();
@@ -122,7 +122,18 @@ impl Llama {
         })?;
         let x = if format == WeightFormat::File && self.blocks_on_kernel {
             let hidden = self.config.hidden_size;
-            let x = self.blocks_on_kernel(items, x.flatten_all()?.to_vec1()?, attention_chunk)?;
+            // Prefill multiplies its many rows in f32 against tiles of the dequantized
+            // blocks, decode its few 8-bit rows against the blocks themselves.
+            let product = match phase {
+                Phase::Prefill => Product::Dense,
+                Phase::Decode => Product::Blocks,
+            };
+            let x = self.blocks_on_kernel(
+                items,
+                x.flatten_all()?.to_vec1()?,
+                product,
+                attention_chunk,
+            )?;
             Tensor::from_vec(x, (rows, hidden), self.device())?
         } else {
             self.blocks_on_tensors(items, x, format, attention_chunk)?
@@ -231,6 +242,7 @@ impl Llama {
         &self,
         items: &mut [BatchItem<'_>],
         mut x: Vec<f32>,
+        product: Product,
         attention_chunk: usize,
     ) -> Result<Vec<f32>> {
         let profile = self.profile.as_deref();
@@ -240,7 +252,7 @@ impl Llama {
         let rows = x.len() / hidden;
         let (qw, kw) = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
         let mut h = vec![0.0f32; rows * hidden];
-        let mut act = QuantizedRows::default();
+        let mut act = QuantizedRows::for_product(product);
         let (mut q, mut k, mut v) =
             (vec![0.0f32; rows * qw], vec![0.0f32; rows * kw], vec![0.0f32; rows * kw]);
         let mut attn = vec![0.0f32; rows * qw];

@@ -74,7 +74,7 @@ mod interleaved;
 /// block types multiplied as the file stores them (others are requantized to Q8_0), and the
 /// dense path's row count. Change it with any change to what those products compute.
 pub const FILE_PATH: &str = "blocks Q4_0 Q4_1 Q5_0 Q8_0 Q4_K Q5_K Q6_K as stored, 8-bit \
-                             activations below 32 rows, f32 GEMM of dequantized tiles from 32";
+                             activations when decoding, f32 GEMM of dequantized tiles in prefill";
 
 /// Values per quantized block, for weights and activations alike.
 pub const BLOCK: usize = 32;
@@ -282,10 +282,10 @@ impl QuantMatrix {
 
     /// `outs[i] = x W_i^T` for several weights that read the same activations, in one
     /// parallel region (one wait for the slowest thread instead of one per matrix).
-    /// Many rows ([`dense::ROWS`] or more) take the dense path: each weight dequantized a
-    /// tile at a time and multiplied with the unquantized rows in f32.
+    /// Rows kept for [`Product::Dense`] take the dense path: each weight dequantized a tile
+    /// at a time and multiplied with the unquantized rows in f32.
     pub fn matmul_many(weights: &[&QuantMatrix], x: &QuantizedRows, outs: &mut [&mut [f32]]) {
-        if x.values.is_empty() {
+        if x.product == Product::Blocks {
             return Self::run(weights, x, outs, kernel_for);
         }
         assert_eq!(weights.len(), outs.len(), "one output per weight");
@@ -400,9 +400,24 @@ pub struct QuantizedRows {
     d: Vec<f32>,
     /// `[rows, width / 32]`: each block's `d * sum(q)`, for the offset terms.
     s: Vec<f32>,
-    /// `[rows, width]`: the rows as given, kept where they are many enough for the dense
-    /// path ([`dense::ROWS`]), which multiplies them in f32; empty otherwise.
+    /// `[rows, width]`: the rows as given, for [`Product::Dense`] (which multiplies them in
+    /// f32); empty for [`Product::Blocks`].
     values: Vec<f32>,
+    product: Product,
+}
+
+/// How products with a [`QuantizedRows`] run. The caller chooses by phase, never by the
+/// number of rows, so that a row's result does not depend on how many rows share its pass
+/// (a decode batch of any size gives each sequence what it would get alone).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Product {
+    /// The 8-bit rows times the weight's blocks: reads each weight once per step and
+    /// dequantizes nothing, the fastest for the few rows of a decode step.
+    #[default]
+    Blocks,
+    /// The f32 rows times the weight dequantized a tile at a time with an f32 GEMM: the
+    /// fastest for the many rows of a prefill, and the exact product of the file's values.
+    Dense,
 }
 
 /// Some rows of a [`QuantizedRows`], as a kernel reads them.
@@ -436,18 +451,29 @@ impl<'a> Acts<'a> {
 }
 
 impl QuantizedRows {
-    /// Quantizes `x`: `[rows, width]`, `width` a multiple of 32.
+    /// Quantizes `x`: `[rows, width]`, `width` a multiple of 32, for [`Product::Blocks`].
     pub fn new(x: &[f32], rows: usize) -> Self {
         let mut q = Self::default();
         q.quantize(x, rows);
         q
     }
 
-    /// Quantizes `x` `[rows, width]` into this buffer, reusing its allocation.
+    /// An empty buffer whose rows will be multiplied as `product` says.
+    pub fn for_product(product: Product) -> Self {
+        Self { product, ..Self::default() }
+    }
+
+    /// Takes `x` `[rows, width]` into this buffer, reusing its allocation: quantized for
+    /// [`Product::Blocks`], as given for [`Product::Dense`].
     pub fn quantize(&mut self, x: &[f32], rows: usize) {
         assert!(rows > 0 && x.len().is_multiple_of(rows * BLOCK), "width must be a multiple of 32");
         self.rows = rows;
         self.blocks_per_row = x.len() / rows / BLOCK;
+        if self.product == Product::Dense {
+            self.values.clear();
+            self.values.extend_from_slice(x);
+            return;
+        }
         let blocks = x.len() / BLOCK;
         self.qs.clear();
         self.qs.resize(x.len(), 0);
@@ -468,10 +494,6 @@ impl QuantizedRows {
         }
         self.qu.clear();
         self.qu.extend(self.qs.iter().map(|&q| q as u8 ^ 0x80));
-        self.values.clear();
-        if rows >= dense::ROWS {
-            self.values.extend_from_slice(x);
-        }
     }
 
     pub fn rows(&self) -> usize {
@@ -1024,7 +1046,7 @@ mod tests {
     fn many_rows_take_the_dequantized_weights_in_f32() {
         let mut rng = StdRng::seed_from_u64(11);
         for kind in QuantKind::ALL {
-            for (out_dim, in_dim, rows) in [(2100, 256, dense::ROWS), (48, 512, 45)] {
+            for (out_dim, in_dim, rows) in [(2100, 256, 1), (2100, 256, 32), (48, 512, 45)] {
                 let m = QuantMatrix::quantize(&random_weights(out_dim, in_dim, &mut rng), kind)
                     .unwrap();
                 let reference = dequantize(&m);
@@ -1035,7 +1057,8 @@ mod tests {
                     assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "{kind:?}: {a} {b}");
                 }
                 let x = random(rows * in_dim, &mut rng);
-                let q = QuantizedRows::new(&x, rows);
+                let mut q = QuantizedRows::for_product(Product::Dense);
+                q.quantize(&x, rows);
                 let mut out = vec![0.0; rows * out_dim];
                 m.matmul(&q, &mut out);
                 for r in 0..rows {

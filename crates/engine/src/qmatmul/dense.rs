@@ -17,10 +17,6 @@ use rayon::prelude::*;
 
 use super::{blocks, interleaved, Layout, QuantKind, QuantMatrix};
 
-/// Products of at least this many activation rows take the dense path: below it the block
-/// kernels win, since they read the weights once per 8 rows and dequantize nothing.
-pub(super) const ROWS: usize = 32;
-
 /// f32 bytes of one dequantized tile: about an L2 cache, large enough for the GEMM to split
 /// over the threads.
 const TILE_BYTES: usize = 2 << 20;
