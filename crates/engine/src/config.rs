@@ -282,6 +282,13 @@ impl ModelConfig {
         if self.features.sliding_window.is_some_and(|w| w.size == 0 || w.global_every == Some(0)) {
             return bad("a sliding window must be positive");
         }
+        let f = &self.features;
+        if ![f.query_scale, f.embed_scale, f.rope_freq_scale, f.rope_attn_factor]
+            .iter()
+            .all(|x| x.is_finite() && *x > 0.0)
+        {
+            return bad("query, embedding and RoPE scales must be positive");
+        }
         let local_theta = self.features.sliding_window.and_then(|w| w.local_rope_theta);
         if local_theta.is_some_and(|t| !(t.is_finite() && t > 0.0)) {
             return bad("the window layers' rope theta must be positive");
