@@ -16,6 +16,13 @@ if ! python3 -c "import gguf, tokenizers" 2>/dev/null; then
   echo "installing the Python packages of the tokenizer cross-check (gguf, tokenizers)"
   python3 -m pip install --quiet gguf tokenizers
 fi
+if ! python3 -c "import llama_cpp" 2>/dev/null; then
+  # The architecture tests compare our logits with llama.cpp's on tiny random GGUFs; without
+  # llama-cpp-python they say so and skip. It builds from source (several minutes).
+  echo "installing llama-cpp-python (the architecture tests compare against llama.cpp)"
+  python3 -m pip install --quiet llama-cpp-python==0.3.36 numpy \
+    || echo "warning: llama-cpp-python did not install; the architecture tests will skip"
+fi
 if ! cargo fmt --version >/dev/null 2>&1; then
   echo "installing rustfmt"
   rustup component add rustfmt

@@ -105,6 +105,12 @@ impl Llama {
         attention_chunk: usize,
     ) -> Result<Vec<Option<Tensor>>> {
         let format = self.formats.for_phase(phase);
+        // On the file's blocks, prefill multiplies its many rows in f32 against tiles of the
+        // dequantized blocks, decode its few 8-bit rows against the blocks themselves.
+        let product = match phase {
+            Phase::Prefill => Product::Dense,
+            Phase::Decode => Product::Blocks,
+        };
         let profile = self.profile.as_deref();
         if let Some(p) = profile {
             p.count_pass();
@@ -122,12 +128,6 @@ impl Llama {
         })?;
         let x = if format == WeightFormat::File && self.blocks_on_kernel {
             let hidden = self.config.hidden_size;
-            // Prefill multiplies its many rows in f32 against tiles of the dequantized
-            // blocks, decode its few 8-bit rows against the blocks themselves.
-            let product = match phase {
-                Phase::Prefill => Product::Dense,
-                Phase::Decode => Product::Blocks,
-            };
             let x = self.blocks_on_kernel(
                 items,
                 x.flatten_all()?.to_vec1()?,
@@ -136,7 +136,7 @@ impl Llama {
             )?;
             Tensor::from_vec(x, (rows, hidden), self.device())?
         } else {
-            self.blocks_on_tensors(items, x, format, attention_chunk)?
+            self.blocks_on_tensors(items, x, format, product, attention_chunk)?
         };
         // The rows whose logits are asked for, and how many each item gets.
         let mut picked: Vec<u32> = Vec::new();
@@ -161,7 +161,7 @@ impl Llama {
             let x = x.index_select(&Tensor::new(picked.as_slice(), self.device())?, 0)?;
             candle_nn::ops::rms_norm(&x, &self.final_norm, eps)
         })?;
-        let logits = timed(profile, Part::LmHead, || self.lm_head.forward_as(&x, format))?;
+        let logits = timed(profile, Part::LmHead, || self.lm_head.forward_as(&x, format, product))?;
         let mut at = 0;
         counts
             .into_iter()
@@ -184,6 +184,7 @@ impl Llama {
         items: &mut [BatchItem<'_>],
         mut x: Tensor,
         format: WeightFormat,
+        product: Product,
         attention_chunk: usize,
     ) -> Result<Tensor> {
         let profile = self.profile.as_deref();
@@ -196,7 +197,7 @@ impl Llama {
             })?;
             let (mut q, mut k, v) = timed(profile, Part::Qkv, || -> Result<_> {
                 let project = |l: &crate::linear::Linear| -> Result<Vec<f32>> {
-                    Ok(l.forward_as(&h, format)?.flatten_all()?.to_vec1::<f32>()?)
+                    Ok(l.forward_as(&h, format, product)?.flatten_all()?.to_vec1::<f32>()?)
                 };
                 Ok((project(&block.wq)?, project(&block.wk)?, project(&block.wv)?))
             })?;
@@ -212,23 +213,27 @@ impl Llama {
             };
             x = timed(profile, Part::Output, || -> Result<_> {
                 let attn = Tensor::from_vec(attn, (rows, qw), self.device())?;
-                let out =
-                    post_norm(block.wo.forward_as(&attn, format)?, &block.extras.post_attn_norm)?;
+                let out = post_norm(
+                    block.wo.forward_as(&attn, format, product)?,
+                    &block.extras.post_attn_norm,
+                )?;
                 Ok((&x + out)?)
             })?;
             let h =
                 timed(profile, Part::Norms, || candle_nn::ops::rms_norm(&x, &block.mlp_norm, eps))?;
             let inner = timed(profile, Part::GateUp, || -> Result<_> {
-                let gate = block.gate.forward_as(&h, format)?;
+                let gate = block.gate.forward_as(&h, format, product)?;
                 let gate = match self.config.features.activation {
                     Activation::Silu => gate.silu()?,
                     Activation::GeluTanh => gate.gelu()?,
                 };
-                Ok((gate * block.up.forward_as(&h, format)?)?)
+                Ok((gate * block.up.forward_as(&h, format, product)?)?)
             })?;
             x = timed(profile, Part::Down, || -> Result<_> {
-                let out =
-                    post_norm(block.down.forward_as(&inner, format)?, &block.extras.post_mlp_norm)?;
+                let out = post_norm(
+                    block.down.forward_as(&inner, format, product)?,
+                    &block.extras.post_mlp_norm,
+                )?;
                 Ok((&x + out)?)
             })?;
         }

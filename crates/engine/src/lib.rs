@@ -43,7 +43,7 @@ pub use model::{Block, BlockNorms, Llama};
 pub use pool::KvPool;
 pub use prefill::{PrefillCompression, PrefillOptions, PrefillPlan};
 pub use profile::{Part, StepProfile};
-pub use qmatmul::{QuantKind, QuantMatrix, QuantizedRows};
+pub use qmatmul::{Product, QuantKind, QuantMatrix, QuantizedRows};
 pub use runtime::{AddError, Engine, EngineConfig, EngineHandle, Event, EventSink, RuntimeMetrics};
 pub use sampler::{argmax, Sampler, SamplingConfig};
 pub use scheduler::{Plan, Refusal, Scheduler, SchedulerLimits};

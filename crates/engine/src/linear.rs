@@ -10,7 +10,7 @@ use candle_core::{DType, Module, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
-use crate::qmatmul::{QuantKind, QuantMatrix, QuantizedRows};
+use crate::qmatmul::{Product, QuantKind, QuantMatrix, QuantizedRows};
 
 /// How a weight is stored for one path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -158,12 +158,14 @@ impl Linear {
         Ok(Self { dense, quantized, kernel, bias, bias_values })
     }
 
-    /// `x`: `[rows, in]` -> `[rows, out]` with the weight in `format` (or the format held).
-    pub fn forward_as(&self, x: &Tensor, format: WeightFormat) -> Result<Tensor> {
+    /// `x`: `[rows, in]` -> `[rows, out]` with the weight in `format` (or the format held);
+    /// on the file's blocks, multiplied as `product` says (the caller's phase decides).
+    pub fn forward_as(&self, x: &Tensor, format: WeightFormat, product: Product) -> Result<Tensor> {
         let y = match (format, &self.kernel, &self.quantized, &self.dense) {
             (WeightFormat::File, Some(k), _, _) => {
                 let rows = x.dim(0)?;
-                let q = QuantizedRows::new(&x.flatten_all()?.to_vec1::<f32>()?, rows);
+                let mut q = QuantizedRows::for_product(product);
+                q.quantize(&x.flatten_all()?.to_vec1::<f32>()?, rows);
                 let mut out = vec![0.0f32; rows * k.out_dim()];
                 Self::forward_quantized([self], &q, [&mut out]);
                 return Ok(Tensor::from_vec(out, (rows, k.out_dim()), x.device())?);
@@ -171,7 +173,7 @@ impl Linear {
             (WeightFormat::Quantized | WeightFormat::Q8, _, Some(q), _) => q.forward(x)?,
             (_, _, _, Some(w)) => x.matmul(&w.t()?)?,
             (_, _, Some(q), None) => q.forward(x)?,
-            (_, Some(_), None, None) => return self.forward_as(x, WeightFormat::File),
+            (_, Some(_), None, None) => return self.forward_as(x, WeightFormat::File, product),
             (_, None, None, None) => unreachable!("a linear layer always holds one format"),
         };
         Ok(match &self.bias {

@@ -14,6 +14,7 @@ use crate::error::{EngineError, Result};
 use crate::forward::{BatchItem, Logits, Phase};
 use crate::linear::{Linear, WeightFormats};
 use crate::model::{Block, Llama};
+use crate::qmatmul::Product;
 use crate::rope::Rope;
 use crate::session::Session;
 
@@ -165,9 +166,9 @@ pub fn reference_forward(
     let mut queries = Vec::with_capacity(c.n_layers);
     for (l, b) in model.blocks.iter().enumerate() {
         let hdn = candle_nn::ops::rms_norm(&x, &b.attn_norm, eps)?;
-        let mut q = b.wq.forward_as(&hdn, format)?.to_vec2::<f32>()?;
-        let mut k = b.wk.forward_as(&hdn, format)?.to_vec2::<f32>()?;
-        let v = b.wv.forward_as(&hdn, format)?.to_vec2::<f32>()?;
+        let mut q = b.wq.forward_as(&hdn, format, Product::Dense)?.to_vec2::<f32>()?;
+        let mut k = b.wk.forward_as(&hdn, format, Product::Dense)?.to_vec2::<f32>()?;
+        let v = b.wv.forward_as(&hdn, format, Product::Dense)?.to_vec2::<f32>()?;
         queries.push(q.clone());
         for i in 0..seq {
             rope.apply(&mut q[i], i);
@@ -199,14 +200,14 @@ pub fn reference_forward(
             }
         }
         let attn = Tensor::new(out, model.device())?;
-        x = (x + b.wo.forward_as(&attn, format)?)?;
+        x = (x + b.wo.forward_as(&attn, format, Product::Dense)?)?;
         let hdn = candle_nn::ops::rms_norm(&x, &b.mlp_norm, eps)?;
-        let gate = b.gate.forward_as(&hdn, format)?.silu()?;
-        let up = b.up.forward_as(&hdn, format)?;
-        x = (x + b.down.forward_as(&(gate * up)?, format)?)?;
+        let gate = b.gate.forward_as(&hdn, format, Product::Dense)?.silu()?;
+        let up = b.up.forward_as(&hdn, format, Product::Dense)?;
+        x = (x + b.down.forward_as(&(gate * up)?, format, Product::Dense)?)?;
     }
     let x = candle_nn::ops::rms_norm(&x, &model.final_norm, eps)?;
-    let logits = model.lm_head.forward_as(&x, format)?.to_vec2::<f32>()?;
+    let logits = model.lm_head.forward_as(&x, format, Product::Dense)?.to_vec2::<f32>()?;
     Ok(ReferenceOutput { logits, received, queries })
 }
 

@@ -52,7 +52,8 @@ fn qwen_logits_agree_with_candle_transformers() {
             .wq
             .forward_as(
                 &Tensor::zeros((1, 896), candle_core::DType::F32, &Device::Cpu).unwrap(),
-                WeightFormat::F32
+                WeightFormat::F32,
+                kvmerger_engine::Product::Dense,
             )
             .unwrap()
             .abs()
