@@ -370,7 +370,9 @@ fn log_softmax(logits: &[f32]) -> Vec<f32> {
     logits.iter().map(|l| l - lse).collect()
 }
 
-/// Mean over positions of KL(p || q), from log-probabilities.
+/// Mean over positions of KL(p || q), from log-probabilities. Each position's KL is at
+/// least 0; where p and q nearly agree, the rounding of f32 log-probabilities (whose
+/// probabilities do not sum to exactly 1) can give a slightly negative sum, taken as 0.
 pub fn mean_kl(p: &[Vec<f32>], q: &[Vec<f32>]) -> f64 {
     if p.is_empty() {
         return 0.0;
@@ -379,7 +381,9 @@ pub fn mean_kl(p: &[Vec<f32>], q: &[Vec<f32>]) -> f64 {
         .iter()
         .zip(q)
         .map(|(lp, lq)| {
-            lp.iter().zip(lq).map(|(a, b)| (a.exp() as f64) * (*a as f64 - *b as f64)).sum::<f64>()
+            let kl: f64 =
+                lp.iter().zip(lq).map(|(a, b)| (a.exp() as f64) * (*a as f64 - *b as f64)).sum();
+            kl.max(0.0)
         })
         .sum();
     total / p.len() as f64
