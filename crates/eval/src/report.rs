@@ -395,7 +395,7 @@ pub fn write_report(
                             format!("{}{flag}", fmt_estimate(e, m.digits))
                         })
                         .collect();
-                    let _ = writeln!(md, "| {} | {label} | {} |", p.name(), cells.join(" | "));
+                    write_row(&mut md, p, &label, &cells);
                 }
             }
             md.push('\n');
@@ -431,13 +431,7 @@ pub fn write_report(
                             }
                         })
                         .collect();
-                    let _ = writeln!(
-                        md,
-                        "| {} | {} | {} |",
-                        p.name(),
-                        display_label(method),
-                        cells.join(" | ")
-                    );
+                    write_row(&mut md, p, &display_label(method), &cells);
                 }
             }
             md.push('\n');
@@ -545,13 +539,7 @@ fn write_budget_table(md: &mut String, g: &Groups<'_>, budgets: &[Column]) {
                     }
                 })
                 .collect();
-            let _ = writeln!(
-                md,
-                "| {} | {} | {} |",
-                p.name(),
-                display_label(method),
-                cells.join(" | ")
-            );
+            write_row(md, p, &display_label(method), &cells);
         }
     }
     md.push('\n');
@@ -822,7 +810,7 @@ fn write_ruler_average(
                 if method == "full" { "full cache".to_string() } else { display_label(&method) };
             let cells: Vec<String> =
                 budgets.iter().map(|&b| fmt_estimate(average(p, &method, b), 2)).collect();
-            let _ = writeln!(md, "| {} | {label} | {} |", p.name(), cells.join(" | "));
+            write_row(md, p, &label, &cells);
         }
     }
     md.push('\n');
@@ -897,16 +885,15 @@ fn write_ruler_paired_differences(
                     }
                 })
                 .collect();
-            let _ = writeln!(
-                md,
-                "| {} | {} | {} |",
-                p.name(),
-                display_label(method),
-                cells.join(" | ")
-            );
+            write_row(md, p, &display_label(method), &cells);
         }
     }
     md.push('\n');
+}
+
+/// One table row: the protocol, the method's label, then the cells.
+fn write_row(md: &mut String, p: Protocol, label: &str, cells: &[String]) {
+    let _ = writeln!(md, "| {} | {label} | {} |", p.name(), cells.join(" | "));
 }
 
 /// Score by depth (rows) and length (columns), one panel per method, one figure per
