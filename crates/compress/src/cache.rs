@@ -66,6 +66,8 @@ enum StatRow {
     Received(EvictionWindow),
     /// Summed attention its merge targets had received at that time.
     Targets(EvictionWindow),
+    /// Most attention received from a reconstruction of the context (KVzip).
+    Reconstruction,
 }
 
 impl HeadCache {
@@ -227,6 +229,23 @@ impl HeadCache {
         self.set_stat(StatRow::Targets(eviction), targets)
     }
 
+    /// The most attention each entry received from the queries reconstructing the context
+    /// (KVzip's score), `[len]`, if the engine ran that pass.
+    pub fn reconstruction_attention(&self) -> Option<&[f32]> {
+        self.stat(StatRow::Reconstruction)
+    }
+
+    /// The reconstruction scores, `[len]`, created as zeros if absent (for the engine
+    /// recording them).
+    pub fn reconstruction_attention_mut(&mut self) -> &mut [f32] {
+        self.stat_mut(StatRow::Reconstruction)
+    }
+
+    /// Sets the reconstruction scores, `[len]`.
+    pub fn set_reconstruction_attention(&mut self, scores: Vec<f32>) -> Result<()> {
+        self.set_stat(StatRow::Reconstruction, scores)
+    }
+
     /// The query statistics `which`, if the engine recorded them.
     pub fn query_moments(&self, which: QueryStatistics) -> Option<&QueryMoments> {
         self.queries.iter().find(|(k, _)| *k == which).map(|(_, m)| m)
@@ -346,8 +365,8 @@ impl HeadCache {
         self.truncate(last);
     }
 
-    /// Keeps the first `len` entries.
-    fn truncate(&mut self, len: usize) {
+    /// Keeps the first `len` entries (and their statistics).
+    pub fn truncate(&mut self, len: usize) {
         let d = self.head_dim;
         self.keys.truncate(len * d);
         self.values.truncate(len * d);

@@ -10,7 +10,7 @@ use crate::error::{CompressError, Result};
 use crate::method::CompressionMethod;
 use crate::methods::{
     AdaKvConfig, CamConfig, ExpectedAttentionConfig, FullCache, H2oConfig, KeyDiffConfig,
-    KnormConfig, KvMergerConfig, MergeOnEvictConfig, PyramidKvConfig, SnapKvConfig,
+    KnormConfig, KvMergerConfig, KvzipConfig, MergeOnEvictConfig, PyramidKvConfig, SnapKvConfig,
     StreamingLlmConfig, TovaConfig,
 };
 
@@ -122,6 +122,8 @@ method_table! {
     Merge(MergeOnEvictConfig) = "merge" | "merge_on_evict" | "merging";
     /// Attention expected from future queries, modelled from the prompt's (Devoto et al., 2025).
     ExpectedAttention(ExpectedAttentionConfig) = "expected_attention" | "expectedattention" | "ea";
+    /// Most attention paid while the model repeats its context, at the cost of a second prefill (Kim et al., 2025).
+    Kvzip(KvzipConfig) = "kvzip" | "kv_zip";
 }
 
 /// The error for a name that [`method_info`] does not know, listing the names it does.
@@ -652,7 +654,8 @@ mod tests {
                 "adakv",
                 "pyramidkv",
                 "merge",
-                "expected_attention"
+                "expected_attention",
+                "kvzip"
             ]
         );
         for info in METHODS {

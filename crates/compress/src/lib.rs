@@ -28,4 +28,7 @@ pub use methods::{
     adjacent_cosine, cosine, merge_to_target, merging_sets, min_reachable, CompareTo,
 };
 pub use queries::{QueryMoments, QueryStatistics};
-pub use stats::{EvictionWindow, Evictions, Queries, SmallSet, StatsRequest, Windows, MAX_WINDOWS};
+pub use stats::{
+    EvictionWindow, Evictions, Queries, Reconstruction, ReconstructionPass, SmallSet, StatsRequest,
+    Windows, MAX_WINDOWS,
+};

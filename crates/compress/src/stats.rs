@@ -108,6 +108,33 @@ impl<T: Copy + Ord + Default> SmallSet<T> {
     }
 }
 
+/// KVzip's scoring pass, as a method asks for it: once the prompt is in the cache, the
+/// engine feeds the model a request to repeat its context followed by the context itself,
+/// `chunk` context tokens at a time, and records for every prompt entry the most attention
+/// any of those queries paid it ([`crate::HeadCache::reconstruction_attention`]). The
+/// entries the pass appends are dropped again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reconstruction {
+    /// Context tokens repeated per pass (kvpress: 2048).
+    pub chunk: usize,
+    /// First entries that every scoring softmax includes (kvpress: 4).
+    pub sinks: usize,
+}
+
+/// One forward pass of a [`Reconstruction`], set by the engine on the pass: the entries its
+/// queries are scored against. Each query's softmax runs over the first `sinks` entries,
+/// the context chunk `context_start..context_end` being repeated and the entries the
+/// reconstruction appended up to its own (`appended..`), as KVzip scores it; the chunk's
+/// probabilities are folded into the running maximum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReconstructionPass {
+    pub sinks: usize,
+    pub context_start: usize,
+    pub context_end: usize,
+    /// Index of the first entry the reconstruction appended.
+    pub appended: usize,
+}
+
 /// Attention statistics a method needs the engine to accumulate into the cache.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StatsRequest {
@@ -124,6 +151,10 @@ pub struct StatsRequest {
     /// For each entry, accumulate [`crate::HeadCache::query_moments`] over the prompt's
     /// queries (every chunk of it), and set the rotation for the positions after it.
     pub queries: Queries,
+    /// Run KVzip's scoring pass after the prompt (see [`Reconstruction`]).
+    pub reconstruction: Option<Reconstruction>,
+    /// Set by the engine on the forward passes of that scoring pass.
+    pub reconstruction_pass: Option<ReconstructionPass>,
 }
 
 impl StatsRequest {
@@ -151,7 +182,8 @@ impl StatsRequest {
     /// Everything either request asks for (one prefill serving several methods): each
     /// distinct window is kept, so every method reads the window it asked for. Beyond
     /// [`MAX_WINDOWS`] distinct windows the extra ones are left out, and
-    /// [`Self::covers`] tells the methods that needed them.
+    /// [`Self::covers`] tells the methods that needed them; so is a second, different
+    /// reconstruction (one scoring pass per prefill).
     pub fn union(self, other: Self) -> Self {
         let mut windows = self.windows;
         for w in other.windows.iter() {
@@ -165,7 +197,14 @@ impl StatsRequest {
         for q in other.queries.iter() {
             queries.insert(q);
         }
-        Self { accumulated: self.accumulated || other.accumulated, windows, evictions, queries }
+        Self {
+            accumulated: self.accumulated || other.accumulated,
+            windows,
+            evictions,
+            queries,
+            reconstruction: self.reconstruction.or(other.reconstruction),
+            reconstruction_pass: None,
+        }
     }
 
     /// Whether statistics recorded for `self` serve a method that asks for `needs`.
@@ -174,6 +213,7 @@ impl StatsRequest {
             && self.windows.contains_all(&needs.windows)
             && self.evictions.contains_all(&needs.evictions)
             && self.queries.contains_all(&needs.queries)
+            && (needs.reconstruction.is_none() || self.reconstruction == needs.reconstruction)
     }
 }
 
@@ -191,6 +231,14 @@ mod tests {
         assert!(u.covers(&a) && u.covers(&b));
         assert!(!a.covers(&b), "a 64-query window does not serve a 32-query one");
         assert!(u.covers(&StatsRequest::default()));
+        let kvzip = |chunk| StatsRequest {
+            reconstruction: Some(Reconstruction { chunk, sinks: 4 }),
+            ..StatsRequest::default()
+        };
+        let both = u.union(kvzip(64)).union(kvzip(32));
+        assert!(both.covers(&kvzip(64)) && both.covers(&a));
+        assert!(!both.covers(&kvzip(32)), "one scoring pass per prefill");
+        assert!(!u.covers(&kvzip(64)));
     }
 
     #[test]

@@ -9,6 +9,7 @@ mod inner;
 mod keydiff;
 mod knorm;
 mod kvmerger;
+mod kvzip;
 mod merge_on_evict;
 mod merging_sets;
 mod pyramidkv;
@@ -28,6 +29,7 @@ pub use inner::InnerMethod;
 pub use keydiff::KeyDiffConfig;
 pub use knorm::KnormConfig;
 pub use kvmerger::{BudgetMode, KvMergerConfig, MassRule, MergeWeights, PivotRule, Sigma};
+pub use kvzip::{HeadBudgets, KvzipConfig};
 pub use merge_on_evict::MergeOnEvictConfig;
 pub use merging_sets::{
     adjacent_cosine, cosine, merge_to_target, merging_sets, min_reachable, CompareTo,
@@ -54,7 +56,7 @@ mod tests {
     /// `(method, parameters, whether it keeps the head within budget while decoding)`
     type Case = (&'static str, &'static [(&'static str, &'static str)], bool);
 
-    const METHODS: [Case; 28] = [
+    const METHODS: [Case; 32] = [
         ("full", &[], false),
         ("streaming_llm", &[], true),
         ("h2o", &[], true),
@@ -83,6 +85,10 @@ mod tests {
         ("merge", &[("scorer", "snapkv"), ("merge_fraction", "0.5")], false),
         ("expected_attention", &[], false),
         ("adakv", &[("scorer", "expected_attention")], false),
+        ("kvzip", &[], false),
+        ("kvzip", &[("heads", "uniform"), ("sinks", "0")], false),
+        ("adakv", &[("scorer", "kvzip")], false),
+        ("merge", &[("scorer", "kvzip")], false),
     ];
 
     /// Every method, in every dtype, at several budgets: exact budgets, metadata order, and
@@ -200,6 +206,10 @@ mod tests {
             let received: Vec<f32> = head.meta().iter().map(|m| m.attention).collect();
             let targets = received.iter().map(|a| a * e.span as f32).collect();
             head.set_eviction_attention(e, received, targets).unwrap();
+        }
+        if stats.reconstruction.is_some() {
+            let scores = head.meta().iter().map(|m| m.attention / 5.0).collect();
+            head.set_reconstruction_attention(scores).unwrap();
         }
         // Two query heads per kv head, their queries the keys and the keys reversed.
         for q in stats.queries.iter() {
