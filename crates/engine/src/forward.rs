@@ -25,6 +25,7 @@ use crate::model::Llama;
 use crate::profile::{timed, Part};
 use crate::qmatmul::{Product, QuantizedRows};
 use crate::query_moments::record_queries;
+use crate::reconstruction::record_reconstruction;
 
 /// Which path a batch belongs to; picks the weight format of every linear layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -374,6 +375,11 @@ impl Llama {
                 hadamard::rotate_rows(&mut q[..seq * qw], c.head_dim);
             }
         });
+        if let Some(pass) = item.stats.reconstruction_pass {
+            timed(profile, Part::Attention, || {
+                record_reconstruction(q, seq, heads, shape, pass);
+            });
+        }
         let opts = AttentionOptions {
             chunk: attention_chunk,
             stats: item.stats,

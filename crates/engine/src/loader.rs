@@ -3,6 +3,7 @@
 use std::fs::File;
 use std::io::{BufReader, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::quantized::{gguf_file, QTensor};
 use candle_core::{DType, Device, Tensor};
@@ -13,6 +14,7 @@ use crate::error::{EngineError, Result};
 use crate::gguf_check::check_gguf;
 use crate::linear::{Linear, WeightFormats};
 use crate::model::{Block, BlockNorms, Llama};
+use crate::reconstruction::ReconstructionPrompt;
 use crate::tokenizer::TextTokenizer;
 
 /// Reads a GGUF file's header (metadata and tensor index), with clear errors for a
@@ -287,7 +289,7 @@ impl LoadedModel {
 /// Loads a GGUF file, or a Hugging Face folder with `tokenizer.json`, on the CPU.
 pub fn load_model(path: &Path, formats: WeightFormats) -> Result<LoadedModel> {
     let device = Device::Cpu;
-    let (model, tokenizer) = if path.is_dir() {
+    let (mut model, tokenizer) = if path.is_dir() {
         (load_hf_folder(path, &device)?, TextTokenizer::from_file(path.join("tokenizer.json"))?)
     } else {
         let (model, content) = load_gguf(path, formats, &device)?;
@@ -301,5 +303,6 @@ pub fn load_model(path: &Path, formats: WeightFormats) -> Result<LoadedModel> {
             model.config.vocab_size
         )));
     }
+    model.reconstruction = Some(Arc::new(ReconstructionPrompt::for_tokenizer(&tokenizer)?));
     Ok(LoadedModel { model, tokenizer, path: path.to_path_buf() })
 }

@@ -12,6 +12,7 @@ use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::linear::{Linear, WeightFormats};
 use crate::profile::StepProfile;
+use crate::reconstruction::ReconstructionPrompt;
 use crate::rope::Rope;
 use crate::threads::AdaptiveThreads;
 
@@ -84,6 +85,8 @@ pub struct Llama {
     pub formats: WeightFormats,
     /// How caches made for this model store keys and values (f16 unless set otherwise).
     pub kv_dtype: KvDtype,
+    /// KVzip's instructions in this model's vocabulary (set where the tokenizer is known).
+    pub reconstruction: Option<Arc<ReconstructionPrompt>>,
     pub(crate) rope: Rope,
     /// The rotation of sliding-window layers that have their own base (Gemma 3).
     pub(crate) window_rope: Option<Rope>,
@@ -119,6 +122,7 @@ impl Llama {
             lm_head,
             formats,
             kv_dtype: KvDtype::default(),
+            reconstruction: None,
             rope,
             window_rope,
             norm_values,

@@ -24,6 +24,7 @@ use crate::forward::{BatchItem, Logits, Phase};
 use crate::model::Llama;
 use crate::prefill::{PrefillCompression, PrefillOptions, PrefillPlan};
 use crate::profile::{timed, Part};
+use crate::reconstruction::score_by_reconstruction;
 use crate::sampler::{Sampler, SamplingConfig};
 
 /// A request's id inside the engine.
@@ -145,6 +146,8 @@ pub struct Prefilled {
     pub logits: Vec<f32>,
     pub stats: StatsRequest,
     pub elapsed: Duration,
+    /// The part of `elapsed` spent on KVzip's reconstruction pass (zero without it).
+    pub scoring: Duration,
     pub peak: CachePeak,
 }
 
@@ -183,6 +186,7 @@ impl Prefilled {
             logits,
             stats,
             elapsed: start.elapsed(),
+            scoring: seq.scoring,
             peak: seq.peak,
         })
     }
@@ -213,6 +217,8 @@ pub struct Sequence {
     /// Entries per head reserved after the prompt for the tokens that follow.
     decode_room: usize,
     peak: CachePeak,
+    /// Time spent on KVzip's reconstruction pass after the prompt.
+    scoring: Duration,
     n_layers: usize,
     n_kv_heads: usize,
     /// Query heads per kv head.
@@ -353,6 +359,7 @@ impl Sequence {
             prompt_stats,
             incremental_refusal,
             peak: CachePeak::default(),
+            scoring: Duration::ZERO,
             n_layers: config.n_layers,
             n_kv_heads: config.n_kv_heads,
             group: config.n_heads / config.n_kv_heads,
@@ -386,6 +393,11 @@ impl Sequence {
         self.peak
     }
 
+    /// Time spent on KVzip's reconstruction pass after the prompt (zero without it).
+    pub fn scoring(&self) -> Duration {
+        self.scoring
+    }
+
     pub fn prompt_len(&self) -> usize {
         self.request.prompt.len()
     }
@@ -397,7 +409,9 @@ impl Sequence {
     pub fn reservation(&self) -> Reservation {
         let entry = entry_bytes(self.head_dim, self.kv_dtype);
         let stats = self.prompt_stats;
-        let rows = stats.windows.iter().count() + 2 * stats.evictions.iter().count();
+        let rows = stats.windows.iter().count()
+            + 2 * stats.evictions.iter().count()
+            + usize::from(stats.reconstruction.is_some());
         let per_entry = entry + rows * std::mem::size_of::<f32>();
         let moments: usize = stats
             .queries
@@ -499,6 +513,22 @@ impl Sequence {
             Some(t) => Some(t.flatten_all()?.to_vec1::<f32>()?),
             None => None,
         };
+        if let Some(how) = stats.reconstruction.filter(|_| last) {
+            let start = Instant::now();
+            let piece = self.plan.chunks.iter().map(|c| c.len()).max().unwrap_or(1);
+            let prompt = model.reconstruction.as_ref();
+            let tokens = &self.request.prompt;
+            score_by_reconstruction(
+                model,
+                prompt,
+                tokens,
+                &mut self.cache,
+                how,
+                piece,
+                attention_chunk,
+            )?;
+            self.scoring += start.elapsed();
+        }
         Ok((chunk, logits))
     }
 
@@ -570,6 +600,9 @@ impl Sequence {
         }
         self.cache = prefilled.cache;
         self.peak = prefilled.peak;
+        if self.prompt_stats.reconstruction.is_some() {
+            self.scoring = prefilled.scoring;
+        }
         self.finish_prefill()?;
         Ok(prefilled.logits)
     }
@@ -623,6 +656,7 @@ impl Sequence {
             incremental_refusal: self.incremental_refusal.clone(),
             decode_room: self.decode_room,
             peak: self.peak,
+            scoring: self.scoring,
             n_layers: self.n_layers,
             n_kv_heads: self.n_kv_heads,
             group: self.group,
@@ -717,6 +751,12 @@ fn incremental_refusal(
         return Some(format!(
             "{name} shares each layer's budget among its heads, so a head has no bound of \
              its own between compressions: compress once"
+        ));
+    }
+    if stats.reconstruction.is_some() {
+        return Some(format!(
+            "{name} scores every entry by the model's reconstruction of the whole prompt, \
+             which needs the whole prompt in the cache: compress once"
         ));
     }
     if !stats.evictions.is_empty() {

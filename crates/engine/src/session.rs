@@ -20,6 +20,8 @@ use crate::sequence::{CachePeak, Prefilled, Sequence};
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct Timings {
     pub prefill: Duration,
+    /// Of `prefill`, the time KVzip's reconstruction pass took.
+    pub scoring: Duration,
     pub prefill_tokens: usize,
     pub decode: Duration,
     pub decode_tokens: usize,
@@ -111,6 +113,7 @@ impl<'m> Session<'m> {
             }
         };
         self.timings.prefill += start.elapsed();
+        self.timings.scoring += seq.scoring();
         self.timings.prefill_tokens += tokens.len();
         self.seq = Some(seq);
         Ok(logits)
@@ -121,8 +124,11 @@ impl<'m> Session<'m> {
     pub fn resume(&mut self, prefilled: Prefilled) -> Result<Vec<f32>> {
         let mut seq = self.fresh_sequence(&prefilled.tokens)?;
         let (elapsed, prompt_len) = (prefilled.elapsed, prefilled.prompt_len());
+        // A reconstruction run for another method of the shared prefill is not this one's.
+        let others = prefilled.scoring;
         let logits = seq.resume(prefilled)?;
-        self.timings.prefill += elapsed;
+        self.timings.prefill += elapsed.saturating_sub(others) + seq.scoring();
+        self.timings.scoring += seq.scoring();
         self.timings.prefill_tokens += prompt_len;
         self.seq = Some(seq);
         Ok(logits)

@@ -4,6 +4,8 @@
 //! caller-chosen visibility rule, so the cached, chunked, compressed path can be checked
 //! against something too simple to be wrong.
 
+use std::sync::Arc;
+
 use candle_core::{Device, Tensor};
 use kvmerger_compress::{CompressionConfig, KvCache, KvDtype, StatsRequest};
 use rand::rngs::StdRng;
@@ -15,6 +17,7 @@ use crate::forward::{BatchItem, Logits, Phase};
 use crate::linear::{Linear, WeightFormats};
 use crate::model::{Block, Llama};
 use crate::qmatmul::Product;
+use crate::reconstruction::ReconstructionPrompt;
 use crate::rope::Rope;
 use crate::session::Session;
 
@@ -99,7 +102,14 @@ pub fn random_llama_with(config: ModelConfig, seed: u64, formats: WeightFormats)
     }
     let final_norm = Tensor::ones(h, candle_core::DType::F32, &dev)?;
     let lm_head = linear(embed.clone())?;
-    Llama::new(config, embed, blocks, final_norm, lm_head, formats)
+    let mut model = Llama::new(config, embed, blocks, final_norm, lm_head, formats)?;
+    model.reconstruction = Some(Arc::new(random_reconstruction_prompt()));
+    Ok(model)
+}
+
+/// KVzip's instructions for a random model, which has no tokenizer: fixed token ids.
+pub fn random_reconstruction_prompt() -> ReconstructionPrompt {
+    ReconstructionPrompt { first: vec![1, 2, 3], later: vec![4, 5], suffix: vec![6, 7] }
 }
 
 /// What one [`forward`] pass returns and records.
@@ -145,6 +155,8 @@ pub struct ReferenceOutput {
     pub received: Vec<Vec<Vec<f32>>>,
     /// `[layer][query][n_heads * head_dim]`: the queries before RoPE.
     pub queries: Vec<Vec<Vec<f32>>>,
+    /// `[layer][position][n_kv_heads * head_dim]`: the keys after RoPE.
+    pub keys: Vec<Vec<Vec<f32>>>,
 }
 
 /// Recomputes the whole sequence naively. Query `i` of layer `l`, kv head `h` attends to
@@ -164,6 +176,7 @@ pub fn reference_forward(
     let mut x = model.embed.index_select(&ids, 0)?;
     let mut received = vec![vec![vec![0.0f32; seq]; c.n_kv_heads]; c.n_layers];
     let mut queries = Vec::with_capacity(c.n_layers);
+    let mut rotated_keys = Vec::with_capacity(c.n_layers);
     for (l, b) in model.blocks.iter().enumerate() {
         let hdn = candle_nn::ops::rms_norm(&x, &b.attn_norm, eps)?;
         let mut q = b.wq.forward_as(&hdn, format, Product::Dense)?.to_vec2::<f32>()?;
@@ -174,6 +187,7 @@ pub fn reference_forward(
             rope.apply(&mut q[i], i);
             rope.apply(&mut k[i], i);
         }
+        rotated_keys.push(k.clone());
         let mut out = vec![vec![0.0f32; c.n_heads * d]; seq];
         for i in 0..seq {
             for qh in 0..c.n_heads {
@@ -208,7 +222,7 @@ pub fn reference_forward(
     }
     let x = candle_nn::ops::rms_norm(&x, &model.final_norm, eps)?;
     let logits = model.lm_head.forward_as(&x, format, Product::Dense)?.to_vec2::<f32>()?;
-    Ok(ReferenceOutput { logits, received, queries })
+    Ok(ReferenceOutput { logits, received, queries, keys: rotated_keys })
 }
 
 /// Relative L2 distance `|a - b| / |b|`.

@@ -77,7 +77,8 @@ fn keeps_budget_through_prefill_and_decode(dtype: KvDtype) {
                 // Each layer holds its budget (PyramidKV's differ by layer, and average the
                 // budget); AdaKV shares it among the layer's heads, the others keep each
                 // head's own.
-                let shared = matches!(config, CompressionConfig::Adakv(_));
+                let shared =
+                    matches!(config, CompressionConfig::Adakv(_) | CompressionConfig::Kvzip(_));
                 for (l, heads) in session.cache().layers.iter().enumerate() {
                     let layer_expected = report.budgets[l].min(prompt);
                     let held: usize = heads.iter().map(|h| h.len()).sum();

@@ -977,7 +977,7 @@ fn exp_nonpositive(x: f32) -> f32 {
 
 /// `a . b`, in eight independent lanes so the compiler vectorises it.
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
     let mut lanes = [0.0f32; 8];
