@@ -20,7 +20,7 @@ const SPEC: &str = r#"{
 /// together once all its methods ran, so the kill points below fall between samples.
 const ROWS: usize = 9;
 /// Fields that measure time, not results.
-const TIMING: [&str; 2] = ["prefill_ms", "decode_ms"];
+const TIMING: [&str; 3] = ["prefill_ms", "scoring_ms", "decode_ms"];
 
 fn scratch() -> PathBuf {
     let dir = std::env::temp_dir().join(format!("kvmerger-killed-{}", std::process::id()));

@@ -60,6 +60,10 @@ pub struct ResultRow {
     pub peak_kv_bytes: usize,
     pub full_kv_bytes: usize,
     pub prefill_ms: f64,
+    /// Of `prefill_ms`, the method's own pass over the prompt after prefilling it (KVzip's
+    /// reconstruction; 0 for every other method and in rows written before it was measured).
+    #[serde(default)]
+    pub scoring_ms: f64,
     pub decode_ms: f64,
     #[serde(with = "finite_or_null")]
     pub kl: f64,
@@ -306,6 +310,7 @@ pub(crate) mod tests {
             peak_kv_bytes: 0,
             full_kv_bytes: 20,
             prefill_ms: 1.0,
+            scoring_ms: 0.0,
             decode_ms: 1.0,
             kl: 0.1,
             top1_agreement: 1.0,

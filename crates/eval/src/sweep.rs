@@ -113,6 +113,7 @@ impl SweepSpec {
             "pyramidkv",
             "merge",
             "expected_attention",
+            "kvzip",
         ]
         .map(String::from)
         .to_vec();
@@ -462,6 +463,7 @@ pub fn run_sweep(
                     peak_kv_bytes: result.peak_kv_bytes,
                     full_kv_bytes: result.full_kv_bytes,
                     prefill_ms: result.prefill_ms,
+                    scoring_ms: result.scoring_ms,
                     decode_ms: result.decode_ms,
                     kl: result.kl,
                     top1_agreement: result.top1_agreement,
@@ -538,13 +540,20 @@ mod tests {
         assert_eq!(ruler.tasks.len(), RulerTask::ALL.len());
         assert!(ruler.tasks.iter().all(|g| g.lengths == [4096] && g.seeds.len() == 20));
         assert_eq!(ruler.jobs().len(), 11 * 20);
-        for m in
-            ["keydiff", "tova", "kvmerger", "adakv", "pyramidkv", "merge", "expected_attention"]
-        {
+        for m in [
+            "keydiff",
+            "tova",
+            "kvmerger",
+            "adakv",
+            "pyramidkv",
+            "merge",
+            "expected_attention",
+            "kvzip",
+        ] {
             assert!(ruler.methods.iter().any(|x| x == m), "{m}");
         }
         assert!(ruler.methods.iter().all(|m| !m.contains(':')));
-        assert_eq!(ruler.configs().unwrap().len(), 1 + 12 * 3);
+        assert_eq!(ruler.configs().unwrap().len(), 1 + 13 * 3);
         let quick = SweepSpec::preset("ruler-quick").unwrap();
         assert_eq!(
             (quick.jobs().len(), quick.protocols.as_slice()),

@@ -49,7 +49,9 @@ fn temp(name: &str) -> PathBuf {
 
 /// Rows without their timings, which differ between runs.
 fn comparable(rows: &[ResultRow]) -> Vec<ResultRow> {
-    rows.iter().map(|r| ResultRow { prefill_ms: 0.0, decode_ms: 0.0, ..r.clone() }).collect()
+    rows.iter()
+        .map(|r| ResultRow { prefill_ms: 0.0, scoring_ms: 0.0, decode_ms: 0.0, ..r.clone() })
+        .collect()
 }
 
 #[test]
