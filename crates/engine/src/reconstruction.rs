@@ -198,7 +198,7 @@ mod tests {
             let context = start..(start + chunk).min(n);
             let sequence = [tokens, &prompt.tokens_for(tokens, context.clone())].concat();
             let reference = reference_forward(model, &sequence, |_, _, _, _| true).unwrap();
-            for l in 0..c.n_layers {
+            for (l, layer_best) in best.iter_mut().enumerate() {
                 for i in n..sequence.len() {
                     let mut q = reference.queries[l][i].clone();
                     rope.apply(&mut q, i);
@@ -220,7 +220,7 @@ mod tests {
                         for (&j, x) in keys.iter().zip(&logits) {
                             if context.contains(&j) {
                                 let p = (x - max).exp() / sum;
-                                best[l][kv][j] = best[l][kv][j].max(p);
+                                layer_best[kv][j] = layer_best[kv][j].max(p);
                             }
                         }
                     }
