@@ -133,14 +133,23 @@ impl CompressionMethod for AdaKvConfig {
         let scorer = self.scorer.scorer("scorer")?;
         let scores = heads.iter().map(|h| scorer.score(h)).collect::<Result<Vec<_>>>()?;
         let shares = allocate(&scores, budget, self.alpha_safeguard);
-        let method = self.head_method();
-        heads
-            .iter_mut()
-            .zip(shares)
-            .enumerate()
-            .map(|(head, (cache, share))| method.compress(HeadId { layer, head }, cache, share))
-            .collect()
+        compress_to_shares(self.head_method(), layer, heads, shares)
     }
+}
+
+/// Compresses each kv head of `layer` to its share of the layer's budget with `method`.
+pub(crate) fn compress_to_shares(
+    method: &dyn CompressionMethod,
+    layer: usize,
+    heads: &mut [HeadCache],
+    shares: Vec<usize>,
+) -> Result<Vec<HeadReport>> {
+    heads
+        .iter_mut()
+        .zip(shares)
+        .enumerate()
+        .map(|(head, (cache, share))| method.compress(HeadId { layer, head }, cache, share))
+        .collect()
 }
 
 #[cfg(test)]

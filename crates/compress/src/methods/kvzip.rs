@@ -25,7 +25,7 @@ use crate::budget::Budget;
 use crate::cache::HeadCache;
 use crate::error::{CompressError, Result};
 use crate::method::{CompressionMethod, HeadId, HeadReport, Scorer};
-use crate::methods::adakv::allocate;
+use crate::methods::adakv::{allocate, compress_to_shares};
 use crate::methods::select::{protect, retain_top_scored};
 use crate::stats::{Reconstruction, StatsRequest};
 
@@ -124,12 +124,7 @@ impl CompressionMethod for KvzipConfig {
                 allocate(&scores, budget, 0.0)
             }
         };
-        heads
-            .iter_mut()
-            .zip(shares)
-            .enumerate()
-            .map(|(head, (cache, share))| self.compress(HeadId { layer, head }, cache, share))
-            .collect()
+        compress_to_shares(self, layer, heads, shares)
     }
 
     fn scorer(&self) -> Option<&dyn Scorer> {
