@@ -27,8 +27,9 @@ pub struct EvalArgs {
     /// subtasks at 4,096 tokens, hours), ruler-quick (the same at 1,024 tokens, fewer
     /// samples), kv-dtype (`--kv-dtype` against an f32 reference, a few minutes), frontier
     /// (score against resident KV bytes for full caches in f16, q8_0, q4_0 and q4_0r, KVMerger
-    /// and KeyDiff in f16 and stacked on q8_0 and q4_0r: RULER at 1,024 tokens, minutes on
-    /// SmolLM2), frontier-4k (the same at 4,096 tokens, 20 samples per subtask: hours).
+    /// and KeyDiff in f16 and stacked on q8_0 and q4_0r: four RULER NIAH subtasks at 512
+    /// tokens, 2 samples each), frontier-4k (all 11 subtasks at 4,096 tokens, 20 samples
+    /// each: hours; resumable, shardable).
     #[arg(long, default_value = "default")]
     pub preset: String,
     /// A sweep specification in JSON (replaces --preset).

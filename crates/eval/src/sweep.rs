@@ -99,8 +99,8 @@ impl SweepSpec {
     pub fn preset(name: &str) -> Result<Self> {
         match name {
             "kv-dtype" => return Ok(Self::kv_dtype_preset()),
-            "frontier" => return Ok(Self::frontier_preset(name, 1024, 2)),
-            "frontier-4k" => return Ok(Self::frontier_preset(name, 4096, 20)),
+            "frontier" => return Ok(Self::frontier_preset(name, &FRONTIER_QUICK_SUBTASKS, 512, 2)),
+            "frontier-4k" => return Ok(Self::frontier_preset(name, &RulerTask::ALL, 4096, 20)),
             _ => {}
         }
         let methods =
@@ -214,14 +214,14 @@ impl SweepSpec {
         })
     }
 
-    /// RULER at `length` tokens (`seeds_each` held-out samples per subtask, the question
+    /// RULER's `subtasks` at `length` tokens (`seeds_each` held-out samples each, the question
     /// read after compression) under three families at equal bytes: quantization (the
     /// full cache in q8_0, q4_0 and q4_0r), merging and eviction (KVMerger and KeyDiff, the
     /// best evictor of the RULER quick run, at four budgets in f16), and
     /// both stacked (each method at 50% and 35% on q8_0 and q4_0r caches). Plain q4_0 runs
     /// the full cache only: it loses every passkey on SmolLM2 (docs/eval-kv-dtype), so
     /// stacking on it would measure nothing.
-    fn frontier_preset(name: &str, length: usize, seeds_each: u64) -> Self {
+    fn frontier_preset(name: &str, subtasks: &[RulerTask], length: usize, seeds_each: u64) -> Self {
         let stacked = vec![Budget::Ratio(0.5), Budget::Ratio(0.35)];
         let stack =
             |kv_dtype, budgets: &Vec<Budget>| KvStack { kv_dtype, budgets: budgets.clone() };
@@ -229,7 +229,12 @@ impl SweepSpec {
         // still averages over all subtasks.
         let tasks = (HELD_OUT_SEED..HELD_OUT_SEED + seeds_each)
             .flat_map(|seed| {
-                ruler_grid(length, 1).into_iter().map(move |g| TaskGrid { seeds: vec![seed], ..g })
+                subtasks.iter().map(move |&t| TaskGrid {
+                    task: TaskKind::Ruler(t),
+                    lengths: vec![length],
+                    depths: vec![0.0],
+                    seeds: vec![seed],
+                })
             })
             .collect();
         Self {
@@ -318,6 +323,16 @@ impl SweepSpec {
         jobs
     }
 }
+
+/// The subtasks of the quick frontier: those whose answers are a few numbers (so a sample
+/// takes seconds to answer, not a minute of decoding a wrong word list) and whose full
+/// cache SmolLM2 answers at least half the time in the RULER quick run.
+const FRONTIER_QUICK_SUBTASKS: [RulerTask; 4] = [
+    RulerTask::NiahSingle1,
+    RulerTask::NiahSingle2,
+    RulerTask::NiahMultikey1,
+    RulerTask::NiahMultivalue,
+];
 
 /// RULER's 11 subtasks at `length` tokens, `seeds_each` held-out seeds each (one job per
 /// seed: the generators draw the depths).
@@ -693,12 +708,12 @@ mod tests {
         // methods again on q8_0 and q4_0r at 50% and 35%, the full cache alone on q4_0.
         let frontier = SweepSpec::preset("frontier").unwrap();
         let jobs = frontier.jobs();
-        assert_eq!(jobs.len(), 11 * 2);
+        assert_eq!(jobs.len(), 4 * 2);
         let seed = |j: &Job| match j {
             Job::Generated { seed, .. } => *seed,
             Job::Given(_) => unreachable!("generated"),
         };
-        assert!(jobs[..11].iter().all(|j| seed(j) == HELD_OUT_SEED), "seed-major order");
+        assert!(jobs[..4].iter().all(|j| seed(j) == HELD_OUT_SEED), "seed-major order");
         let stacks = frontier.stack_configs().unwrap();
         let dtypes: Vec<KvDtype> = stacks.iter().map(|s| s.0).collect();
         assert_eq!(dtypes, [KvDtype::Q8_0, KvDtype::Q4_0Rotated, KvDtype::Q4_0]);
