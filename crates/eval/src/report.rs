@@ -770,6 +770,7 @@ fn budget_chart(
         intervals,
         reference: (full.n > 0).then(|| (format!("full cache {:.3}", full.mean), full.mean)),
         y_range,
+        nudge: true,
     }
 }
 

@@ -328,6 +328,7 @@ fn draw(p: Protocol, points: &[Point], base: &str, dir: &Path) -> Result<()> {
             intervals,
             reference: None,
             y_range: None,
+            nudge: false,
         }
     };
     let charts = [
