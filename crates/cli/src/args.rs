@@ -23,17 +23,18 @@ pub struct ModelSource {
     /// 0: $RAYON_NUM_THREADS if set, else one per physical core.
     #[arg(short = 't', long, default_value_t = 0, value_name = "N")]
     pub threads: usize,
-    /// How the KV cache stores keys and values: f16, bf16, f32, or llama.cpp's q8_0 and q4_0
-    /// blocks (32 elements and an f16 scale; heads a multiple of 32 wide). q8_0r and q4_0r
-    /// name the rotated forms (see --kv-rotate). Attention and compression compute in f32
-    /// whatever is stored.
+    /// How the KV cache stores keys and values: f16, bf16, f32, llama.cpp's q8_0 and q4_0
+    /// blocks as they are (32 elements and an f16 scale; heads a multiple of 32 wide), or
+    /// q8_0r and q4_0r, the same blocks of Hadamard-rotated keys and values. A name means
+    /// the same here, in sweep specs and in reports. Attention and compression compute in
+    /// f32 whatever is stored.
     #[arg(long, default_value_t = KvDtype::F16, value_name = "DTYPE")]
     pub kv_dtype: KvDtype,
-    /// Store a quantized cache's keys and values Hadamard-rotated (queries rotated to match,
-    /// outputs rotated back: attention is unchanged in exact arithmetic, outliers spread
-    /// before quantization). Default: on for q4_0, off for q8_0.
-    #[arg(long, value_name = "BOOL", action = clap::ArgAction::Set)]
-    pub kv_rotate: Option<bool>,
+    /// Shorthand for the rotated form of a quantized --kv-dtype: `--kv-dtype q4_0
+    /// --kv-rotate` is q4_0r (queries rotated to match, outputs rotated back: attention is
+    /// unchanged in exact arithmetic, outlier channels spread before quantization).
+    #[arg(long)]
+    pub kv_rotate: bool,
 }
 
 impl ModelSource {
@@ -59,17 +60,22 @@ impl ModelSource {
     pub fn load(&self, path: &std::path::Path, formats: WeightFormats) -> Result<LoadedModel> {
         let mut loaded = kvmerger_engine::load_model(path, formats)
             .with_context(|| format!("loading {}", path.display()))?;
-        let dtype = self.kv_dtype();
+        let dtype = self.kv_dtype()?;
         dtype.check_head_dim(loaded.model.config.head_dim)?;
         loaded.model.kv_dtype = dtype;
         Ok(loaded)
     }
 
-    /// `--kv-dtype` with `--kv-rotate` applied (a dtype named rotated stays so by default).
-    pub fn kv_dtype(&self) -> KvDtype {
+    /// `--kv-dtype`, rotated where `--kv-rotate` asks (only a quantized cache rotates).
+    pub fn kv_dtype(&self) -> Result<KvDtype> {
         let dtype = self.kv_dtype;
-        let rotate = self.kv_rotate.unwrap_or(dtype.rotated() || dtype.default_rotation());
-        dtype.with_rotation(rotate)
+        if !self.kv_rotate {
+            return Ok(dtype);
+        }
+        if !dtype.is_quantized() {
+            bail!("--kv-rotate rotates a quantized cache (q8_0 or q4_0); --kv-dtype is {dtype}");
+        }
+        Ok(dtype.with_rotation(true))
     }
 }
 
@@ -297,4 +303,44 @@ pub fn finite_f32(s: &str) -> Result<f32> {
         bail!("must be a finite number, got `{s}`");
     }
     Ok(x)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        source: ModelSource,
+    }
+
+    fn kv_dtype(args: &[&str]) -> Result<KvDtype> {
+        let cli = Cli::try_parse_from(std::iter::once("kvmerger").chain(args.iter().copied()))?;
+        cli.source.kv_dtype()
+    }
+
+    /// One rule everywhere: a dtype's name is what `--kv-dtype` takes, what a sweep spec
+    /// and a result row hold, and what reports print; `--kv-rotate` only spells the
+    /// rotated names another way.
+    #[test]
+    fn a_kv_dtype_name_means_one_storage_everywhere() {
+        for d in KvDtype::ALL {
+            assert_eq!(kv_dtype(&["--kv-dtype", d.name()]).unwrap(), d);
+            assert_eq!(serde_json::from_str::<KvDtype>(&format!("\"{d}\"")).unwrap(), d);
+            assert_eq!(d.to_string(), d.name());
+        }
+        assert_eq!(kv_dtype(&[]).unwrap(), KvDtype::F16);
+        assert!(!kv_dtype(&["--kv-dtype", "q4_0"]).unwrap().rotated(), "plain llama.cpp blocks");
+        for (plain, rotated) in [("q8_0", KvDtype::Q8_0Rotated), ("q4_0", KvDtype::Q4_0Rotated)] {
+            assert_eq!(kv_dtype(&["--kv-dtype", plain, "--kv-rotate"]).unwrap(), rotated);
+            let named = format!("{plain}r");
+            assert_eq!(kv_dtype(&["--kv-dtype", &named, "--kv-rotate"]).unwrap(), rotated);
+        }
+        let err = kv_dtype(&["--kv-dtype", "f16", "--kv-rotate"]).unwrap_err().to_string();
+        assert!(err.contains("--kv-rotate") && err.contains("f16"), "{err}");
+        assert!(kv_dtype(&["--kv-dtype", "q4_0", "--kv-rotate", "false"]).is_err());
+    }
 }

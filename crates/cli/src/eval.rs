@@ -25,7 +25,11 @@ pub struct EvalArgs {
     /// A built-in sweep: default (about 10 minutes on 2 cores), paper (about an hour),
     /// dev (default's grid on development seeds), long, ruler (RULER's 11 synthetic
     /// subtasks at 4,096 tokens, hours), ruler-quick (the same at 1,024 tokens, fewer
-    /// samples), kv-dtype (`--kv-dtype` against an f32 reference, a few minutes).
+    /// samples), kv-dtype (`--kv-dtype` against an f32 reference, a few minutes), frontier
+    /// (score against resident KV bytes for full caches in f16, q8_0, q4_0 and q4_0r, KVMerger
+    /// and KeyDiff in f16 and stacked on q8_0 and q4_0r: four RULER NIAH subtasks at 512
+    /// tokens, 2 samples each), frontier-4k (all 11 subtasks at 4,096 tokens, 20 samples
+    /// each: hours; resumable, shardable).
     #[arg(long, default_value = "default")]
     pub preset: String,
     /// A sweep specification in JSON (replaces --preset).
@@ -105,6 +109,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         bail!("--prefill-chunk must be at least 1 and --prefill-compression name a mode");
     }
     let configs = spec.configs()?;
+    let kv_stacks = spec.stack_configs()?;
     let jobs: Vec<Job> = match &args.dataset {
         Some(path) => {
             let metric: Metric =
@@ -147,7 +152,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         }
         (None, false) => None,
     };
-    let loaded = args.model.load()?;
+    let mut loaded = args.model.load()?;
     let model_fingerprint = format!(
         "{}; weights {}; kv cache {}",
         model_identity(&loaded.path)?,
@@ -178,6 +183,12 @@ pub fn run(args: EvalArgs) -> Result<()> {
         configs.iter().map(|c| c.label()).collect::<Vec<_>>().join(", "),
         results.display()
     );
+    for (dtype, stacked) in &kv_stacks {
+        eprintln!(
+            "and on a {dtype} cache: {}",
+            stacked.iter().map(|c| c.label()).collect::<Vec<_>>().join(", ")
+        );
+    }
     let input = SweepInput {
         configs,
         jobs,
@@ -187,11 +198,12 @@ pub fn run(args: EvalArgs) -> Result<()> {
         prefill: PrefillOptions { chunk: args.prefill_chunk, ..RunOptions::default().prefill },
         prefill_modes: args.prefill_compression.clone(),
         reference_kv_dtype: spec.reference_kv_dtype,
+        kv_stacks,
         model_fingerprint,
         shard: args.shard,
         progress: true,
     };
-    let outcome = run_sweep(&loaded, &input, &mut store)?;
+    let outcome = run_sweep(&mut loaded, &input, &mut store)?;
     eprintln!(
         "computed {} rows ({} of them stale: their sample, method, model or options had changed), reused {}",
         outcome.computed.len(),

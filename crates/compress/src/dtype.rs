@@ -102,12 +102,6 @@ impl KvDtype {
         }
     }
 
-    /// The rotation used when none is asked for: on for 4-bit rows, which it keeps usable,
-    /// off otherwise (q8_0 is near-lossless without it).
-    pub fn default_rotation(self) -> bool {
-        self.storage() == KvDtype::Q4_0
-    }
-
     /// Bytes one row of `width` elements takes, scales included.
     pub fn row_bytes(self, width: usize) -> usize {
         match self.storage() {

@@ -30,6 +30,9 @@ pub struct LineChart {
     /// A labelled horizontal reference line (the full cache).
     pub reference: Option<(String, f64)>,
     pub y_range: Option<(f64, f64)>,
+    /// Shift series sideways so that error bars at a shared x do not hide each other (off
+    /// where x is itself a measurement, which a shift would misstate).
+    pub nudge: bool,
 }
 
 /// Distinct colours, cycled.
@@ -94,6 +97,7 @@ pub fn line_chart(
         intervals: Vec::new(),
         reference: None,
         y_range,
+        nudge: true,
     };
     line_charts(path, &[chart])
 }
@@ -202,7 +206,7 @@ fn draw_line_chart(
         let color = palette(i);
         let style = ShapeStyle::from(&color).stroke_width(2);
         // Series are nudged apart sideways so their error bars do not hide each other.
-        let dx = (i as f64 - (n - 1.0) / 2.0) * pad * 0.12;
+        let dx = if c.nudge { (i as f64 - (n - 1.0) / 2.0) * pad * 0.12 } else { 0.0 };
         let points: Vec<(f64, f64)> = s.points.iter().map(|&(x, y)| (x + dx, y)).collect();
         if s.dashed {
             chart

@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 
 use kvmerger_compress::{Budget, KvDtype};
 
+mod frontier;
+
 use crate::error::{EvalError, Result};
 use crate::plot::{heatmap_grid, line_charts, HeatmapPanel, LineChart, Series};
 use crate::results::ResultRow;
@@ -369,6 +371,9 @@ pub fn write_report(
     );
     write_budget_table(&mut md, &g, &budgets);
     write_ruler_average(&mut md, &g, &budgets, dir)?;
+    if frontier::applies(rows) {
+        frontier::write_frontier(&mut md, &g, dir)?;
+    }
     for task in &g.tasks {
         let protocols = g.task_protocols(task);
         let _ = writeln!(md, "## {task}\n");
@@ -765,6 +770,7 @@ fn budget_chart(
         intervals,
         reference: (full.n > 0).then(|| (format!("full cache {:.3}", full.mean), full.mean)),
         y_range,
+        nudge: true,
     }
 }
 
@@ -784,15 +790,7 @@ fn write_ruler_average(
         return Ok(());
     }
     let average = |p: Protocol, method: &str, b: Column| {
-        let groups: Vec<Vec<f64>> = subtasks
-            .iter()
-            .map(|t| g.rows(t, p, method, b).iter().map(|r| r.score).collect())
-            .collect();
-        if groups.iter().any(Vec::is_empty) {
-            Estimate::EMPTY
-        } else {
-            stratified_bootstrap_mean(&groups)
-        }
+        task_average(g, &subtasks, p, (method, b), |r| r.score)
     };
     let _ = writeln!(
         md,
@@ -843,25 +841,7 @@ fn write_ruler_paired_differences(
         return;
     }
     let difference = |p: Protocol, method: &str, b: Column| {
-        let groups: Vec<Vec<f64>> = subtasks
-            .iter()
-            .map(|t| {
-                let base: BTreeMap<&str, f64> = g
-                    .rows(t, p, reference, b)
-                    .iter()
-                    .map(|r| (r.sample_id.as_str(), r.score))
-                    .collect();
-                g.rows(t, p, method, b)
-                    .iter()
-                    .filter_map(|r| base.get(r.sample_id.as_str()).map(|s| r.score - s))
-                    .collect()
-            })
-            .collect();
-        if groups.iter().any(Vec::is_empty) {
-            Estimate::EMPTY
-        } else {
-            stratified_bootstrap_mean(&groups)
-        }
+        paired_task_average(g, subtasks, p, (method, b), (reference, b), |r| r.score)
     };
     let reference_label = display_label(reference);
     let _ = writeln!(
@@ -889,6 +869,59 @@ fn write_ruler_paired_differences(
         }
     }
     md.push('\n');
+}
+
+/// The mean over `tasks` of each task's mean `value` for `method` at its budget, with a
+/// bootstrap interval that resamples within each task (n counts samples over all tasks).
+/// Empty unless every task has rows there: an average over fewer tasks compares unlike
+/// things.
+fn task_average(
+    g: &Groups<'_>,
+    tasks: &[&str],
+    p: Protocol,
+    (method, b): (&str, Column),
+    value: fn(&ResultRow) -> f64,
+) -> Estimate {
+    let groups: Vec<Vec<f64>> =
+        tasks.iter().map(|t| g.rows(t, p, method, b).iter().map(|r| value(r)).collect()).collect();
+    stratified_unless_missing(&groups)
+}
+
+/// The stratified bootstrap of `groups`, empty if a group is.
+fn stratified_unless_missing(groups: &[Vec<f64>]) -> Estimate {
+    if groups.iter().any(Vec::is_empty) {
+        Estimate::EMPTY
+    } else {
+        stratified_bootstrap_mean(groups)
+    }
+}
+
+/// [`task_average`] of `value(method) - value(reference)` on the samples both ran: per task
+/// the mean of the per-sample differences, averaged over the tasks. Pairing removes the
+/// spread between samples that both share.
+fn paired_task_average(
+    g: &Groups<'_>,
+    tasks: &[&str],
+    p: Protocol,
+    (method, b): (&str, Column),
+    (reference, rb): (&str, Column),
+    value: fn(&ResultRow) -> f64,
+) -> Estimate {
+    let groups: Vec<Vec<f64>> = tasks
+        .iter()
+        .map(|t| {
+            let base: BTreeMap<&str, f64> = g
+                .rows(t, p, reference, rb)
+                .iter()
+                .map(|r| (r.sample_id.as_str(), value(r)))
+                .collect();
+            g.rows(t, p, method, b)
+                .iter()
+                .filter_map(|r| base.get(r.sample_id.as_str()).map(|x| value(r) - x))
+                .collect()
+        })
+        .collect();
+    stratified_unless_missing(&groups)
 }
 
 /// One table row: the protocol, the method's label, then the cells.

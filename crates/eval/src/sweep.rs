@@ -60,6 +60,21 @@ pub struct SweepSpec {
     /// stores the rows' caches in (the `kv-dtype` preset: f32).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reference_kv_dtype: Option<KvDtype>,
+    /// Caches stored in other dtypes, each running the full cache and every method at the
+    /// stack's budgets against the same reference (the `frontier` presets: merging,
+    /// eviction and quantization compared at equal bytes).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kv_stacks: Vec<KvStack>,
+}
+
+/// Methods on a cache stored in another dtype than `--kv-dtype`'s: rows labelled
+/// `full/q8_0`, `kvmerger/q8_0@50%`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KvStack {
+    pub kv_dtype: KvDtype,
+    /// Budgets of every method on this cache; none runs the full cache alone.
+    #[serde(default)]
+    pub budgets: Vec<Budget>,
 }
 
 /// Where a dataset sweep's samples came from.
@@ -82,8 +97,11 @@ impl SweepSpec {
     /// samples (minutes on SmolLM2); `kv-dtype` (a few minutes) compares the cache stored as
     /// `--kv-dtype` with an f32 full-cache reference, on development seeds.
     pub fn preset(name: &str) -> Result<Self> {
-        if name == "kv-dtype" {
-            return Ok(Self::kv_dtype_preset());
+        match name {
+            "kv-dtype" => return Ok(Self::kv_dtype_preset()),
+            "frontier" => return Ok(Self::frontier_preset(name, &FRONTIER_QUICK_SUBTASKS, 512, 2)),
+            "frontier-4k" => return Ok(Self::frontier_preset(name, &RulerTask::ALL, 4096, 20)),
+            _ => {}
         }
         let methods =
             ["kvmerger", "kvmerger:mass=scale_values", "h2o", "cam", "streaming_llm", "snapkv"]
@@ -117,14 +135,6 @@ impl SweepSpec {
         ]
         .map(String::from)
         .to_vec();
-        let ruler = |length: usize, seeds_each: u64| -> Vec<TaskGrid> {
-            RulerTask::ALL
-                .into_iter()
-                .map(|t| {
-                    grid(TaskKind::Ruler(t), &[length], &[0.0], seeds(HELD_OUT_SEED, seeds_each))
-                })
-                .collect()
-        };
         // `default` and `dev` share one grid, on different seeds. Sized (docs/eval-sizing.md)
         // for 12 samples per task and protocol where KL is compared: enough to separate,
         // with paired differences, two methods whose KL differs by 20% at 35%.
@@ -178,12 +188,12 @@ impl SweepSpec {
                 three,
                 methods,
             ),
-            "ruler" => (ruler(4096, 20), ruler_budgets, ruler_methods),
-            "ruler-quick" => (ruler(1024, 2), ruler_budgets, ruler_methods),
+            "ruler" => (ruler_grid(4096, 20), ruler_budgets, ruler_methods),
+            "ruler-quick" => (ruler_grid(1024, 2), ruler_budgets, ruler_methods),
             other => {
                 return Err(EvalError::Task(format!(
                     "unknown preset `{other}` (default, paper, dev, long, ruler, ruler-quick, \
-                     kv-dtype)"
+                     kv-dtype, frontier, frontier-4k)"
                 )))
             }
         };
@@ -201,7 +211,49 @@ impl SweepSpec {
             protocols,
             chat: false,
             reference_kv_dtype: None,
+            kv_stacks: Vec::new(),
         })
+    }
+
+    /// RULER's `subtasks` at `length` tokens (`seeds_each` held-out samples each, the question
+    /// read after compression) under three families at equal bytes: quantization (the
+    /// full cache in q8_0, q4_0 and q4_0r), merging and eviction (KVMerger and KeyDiff, the
+    /// best evictor of the RULER quick run, at four budgets in f16), and
+    /// both stacked (each method at 50% and 35% on q8_0 and q4_0r caches). Plain q4_0 runs
+    /// the full cache only: it loses every passkey on SmolLM2 (docs/eval-kv-dtype), so
+    /// stacking on it would measure nothing.
+    fn frontier_preset(name: &str, subtasks: &[RulerTask], length: usize, seeds_each: u64) -> Self {
+        let stacked = vec![Budget::Ratio(0.5), Budget::Ratio(0.35)];
+        let stack =
+            |kv_dtype, budgets: &Vec<Budget>| KvStack { kv_dtype, budgets: budgets.clone() };
+        // Seed by seed, every subtask each round, so that a run stopped early (or a shard)
+        // still averages over all subtasks.
+        let tasks = (HELD_OUT_SEED..HELD_OUT_SEED + seeds_each)
+            .flat_map(|seed| {
+                subtasks.iter().map(move |&t| TaskGrid {
+                    task: TaskKind::Ruler(t),
+                    lengths: vec![length],
+                    depths: vec![0.0],
+                    seeds: vec![seed],
+                })
+            })
+            .collect();
+        Self {
+            name: name.into(),
+            tasks,
+            dataset: None,
+            methods: ["kvmerger", "keydiff"].map(String::from).to_vec(),
+            budgets: [0.5, 0.25, 0.125, 0.08].map(Budget::Ratio).to_vec(),
+            params: Default::default(),
+            protocols: vec![Protocol::Context],
+            chat: false,
+            reference_kv_dtype: None,
+            kv_stacks: vec![
+                stack(KvDtype::Q8_0, &stacked),
+                stack(KvDtype::Q4_0Rotated, &stacked),
+                stack(KvDtype::Q4_0, &Vec::new()),
+            ],
+        }
     }
 
     /// The full cache and KVMerger at 35%, on the default grid's perplexity continuations
@@ -223,11 +275,22 @@ impl SweepSpec {
             protocols: vec![Protocol::Context],
             chat: false,
             reference_kv_dtype: Some(KvDtype::F32),
+            kv_stacks: Vec::new(),
         }
     }
 
     /// The method configurations: the full cache, then every method at every budget.
     pub fn configs(&self) -> Result<Vec<CompressionConfig>> {
+        self.configs_at(&self.budgets)
+    }
+
+    /// Each stack's dtype with its configurations: the full cache, then every method at the
+    /// stack's budgets.
+    pub fn stack_configs(&self) -> Result<Vec<(KvDtype, Vec<CompressionConfig>)>> {
+        self.kv_stacks.iter().map(|s| Ok((s.kv_dtype, self.configs_at(&s.budgets)?))).collect()
+    }
+
+    fn configs_at(&self, budgets: &[Budget]) -> Result<Vec<CompressionConfig>> {
         let mut out = vec![CompressionConfig::Full];
         for entry in self.methods.iter().filter(|m| m.as_str() != "full") {
             let (m, variant) = entry.split_once(':').unwrap_or((entry, ""));
@@ -238,7 +301,7 @@ impl SweepSpec {
                 })?;
                 params.push((k.trim().to_string(), v.trim().to_string()));
             }
-            for &b in &self.budgets {
+            for &b in budgets {
                 out.push(CompressionConfig::from_cli(m, Some(b), &params)?);
             }
         }
@@ -260,6 +323,30 @@ impl SweepSpec {
         }
         jobs
     }
+}
+
+/// The subtasks of the quick frontier: those whose answers are a few numbers (so a sample
+/// takes seconds to answer, not a minute of decoding a wrong word list) and whose full
+/// cache SmolLM2 answers at least half the time in the RULER quick run.
+const FRONTIER_QUICK_SUBTASKS: [RulerTask; 4] = [
+    RulerTask::NiahSingle1,
+    RulerTask::NiahSingle2,
+    RulerTask::NiahMultikey1,
+    RulerTask::NiahMultivalue,
+];
+
+/// RULER's 11 subtasks at `length` tokens, `seeds_each` held-out seeds each (one job per
+/// seed: the generators draw the depths).
+fn ruler_grid(length: usize, seeds_each: u64) -> Vec<TaskGrid> {
+    RulerTask::ALL
+        .into_iter()
+        .map(|t| TaskGrid {
+            task: TaskKind::Ruler(t),
+            lengths: vec![length],
+            depths: vec![0.0],
+            seeds: (HELD_OUT_SEED..HELD_OUT_SEED + seeds_each).collect(),
+        })
+        .collect()
 }
 
 /// One sample to run.
@@ -292,6 +379,10 @@ pub struct SweepInput<'a> {
     pub prefill_modes: Vec<PrefillCompression>,
     /// See [`SweepSpec::reference_kv_dtype`].
     pub reference_kv_dtype: Option<KvDtype>,
+    /// Configurations run again on caches stored in other dtypes ([`SweepSpec::kv_stacks`]),
+    /// against the reference of the rows above (the model's dtype unless
+    /// `reference_kv_dtype` says otherwise).
+    pub kv_stacks: Vec<(KvDtype, Vec<CompressionConfig>)>,
     /// What identifies the model and how it runs (file identity, weight formats, cache
     /// dtype): part of every row's fingerprint.
     pub model_fingerprint: String,
@@ -321,6 +412,7 @@ pub fn row_fingerprint(
     config: &CompressionConfig,
     protocol: Protocol,
     mode: PrefillCompression,
+    stacked_on: Option<KvDtype>,
     input: &SweepInput<'_>,
 ) -> String {
     let mut h = Fnv64::default();
@@ -343,13 +435,16 @@ pub fn row_fingerprint(
     if let Some(dtype) = input.reference_kv_dtype {
         h.field(&format!("reference kv {dtype}"));
     }
+    if let Some(dtype) = stacked_on {
+        h.field(&format!("stacked on kv {dtype}"));
+    }
     h.hex()
 }
 
 /// Runs every job this shard owns whose rows `store` lacks or holds with another
 /// fingerprint.
 pub fn run_sweep(
-    model: &LoadedModel,
+    model: &mut LoadedModel,
     input: &SweepInput<'_>,
     store: &mut ResultStore,
 ) -> Result<SweepOutcome> {
@@ -369,8 +464,8 @@ pub fn run_sweep(
         .expect("valid template"),
     );
     bar.enable_steady_tick(Duration::from_millis(250));
-    let count_tokens =
-        |s: &str| model.tokenizer.encode(s, false).map(|t| t.len()).unwrap_or(usize::MAX);
+    let tokenizer = model.tokenizer.clone();
+    let count_tokens = |s: &str| tokenizer.encode(s, false).map(|t| t.len()).unwrap_or(usize::MAX);
     let mut outcome = SweepOutcome::default();
     for job in owned {
         let sample = match job {
@@ -395,89 +490,139 @@ pub fn run_sweep(
         let runs = protocols.iter().flat_map(|&p| {
             input.prefill_modes.iter().enumerate().map(move |(i, &mode)| (p, mode, i == 0))
         });
+        let passes = std::iter::once((None, &input.configs))
+            .chain(input.kv_stacks.iter().map(|(dtype, configs)| (Some(*dtype), configs)));
+        let passes: Vec<(Option<KvDtype>, &Vec<CompressionConfig>)> = passes.collect();
         for (protocol, mode, first_mode) in runs {
-            let mut missing = Vec::new();
-            let configs =
-                input.configs.iter().filter(|c| first_mode || **c != CompressionConfig::Full);
-            for config in configs {
-                let key = row_key(&sample.id, protocol, &prefill_label(config, mode));
-                let fingerprint = row_fingerprint(&sample, config, protocol, mode, input);
-                if !store.is_current(&key, &fingerprint) {
-                    outcome.stale += usize::from(store.is_stale(&key, &fingerprint));
-                    missing.push((config.clone(), fingerprint));
-                }
-                outcome.keys.insert(key);
-            }
-            if missing.is_empty() {
-                continue;
-            }
-            let (length, seed) = match job {
-                Job::Generated { length, seed, .. } => (Some(*length), *seed),
-                Job::Given(_) => (None, 0),
-            };
-            let options = RunOptions {
-                protocol,
-                chat: input.chat,
-                prefill: PrefillOptions { compression: mode, ..input.prefill },
-                reference_kv_dtype: input.reference_kv_dtype,
-            };
-            let configs: Vec<CompressionConfig> = missing.iter().map(|m| m.0.clone()).collect();
-            let results = run_sample(model, &sample, &configs, options)?;
-            for (result, (_, fingerprint)) in results.into_iter().zip(missing) {
-                if let Some((heads, what)) = result.clamped {
-                    bar.suspend(|| {
-                        eprintln!(
-                            "warning: {} ({} protocol), {}: {what} clamped to the budget in {heads} heads",
-                            sample.id,
-                            protocol.name(),
-                            result.method.label()
-                        )
-                    });
-                }
-                let row = ResultRow {
-                    sample_id: sample.id.clone(),
-                    task: sample.task.clone(),
-                    method: prefill_label(&result.method, mode),
-                    protocol,
-                    chat: input.chat,
-                    fingerprint,
-                    config: serde_json::to_value(&result.method).unwrap_or_default(),
-                    budget: result.method.budget().ratio(result.context_tokens),
-                    context_tokens: result.context_tokens,
-                    length: length.unwrap_or(result.context_tokens),
-                    depth: sample.depth,
-                    seed,
-                    score: result.score,
-                    prediction: result.prediction,
-                    answers: if sample.metric == crate::metrics::Metric::Perplexity {
-                        Vec::new()
-                    } else {
-                        sample.answers.clone()
-                    },
-                    achieved_ratio: result.achieved_ratio,
-                    kv_dtype: model.model.kv_dtype,
-                    reference_kv_dtype: input
-                        .reference_kv_dtype
-                        .filter(|&d| d != model.model.kv_dtype),
-                    resident_kv_bytes: result.resident_kv_bytes,
-                    peak_kv_bytes: result.peak_kv_bytes,
-                    full_kv_bytes: result.full_kv_bytes,
-                    prefill_ms: result.prefill_ms,
-                    scoring_ms: result.scoring_ms,
-                    decode_ms: result.decode_ms,
-                    kl: result.kl,
-                    top1_agreement: result.top1_agreement,
-                    matched_prefix_tokens: result.matched_prefix_tokens,
-                    perplexity: result.perplexity,
-                };
-                store.append(&row)?;
-                outcome.computed.push(row);
+            for &(stacked_on, configs) in &passes {
+                let pass = Pass { sample: &sample, job, protocol, mode, first_mode, stacked_on };
+                // A stack runs on the same model with its cache in another dtype; the model
+                // gets its own dtype back whatever the pass did.
+                let own = model.model.kv_dtype;
+                model.model.kv_dtype = stacked_on.unwrap_or(own);
+                let done = run_pass(model, input, configs, &pass, own, store, &mut outcome, &bar);
+                model.model.kv_dtype = own;
+                done?;
             }
         }
         bar.inc(1);
     }
     bar.finish_and_clear();
     Ok(outcome)
+}
+
+/// One sample under one protocol, prefill mode and cache dtype.
+struct Pass<'a> {
+    sample: &'a Sample,
+    job: &'a Job,
+    protocol: Protocol,
+    mode: PrefillCompression,
+    /// Whether `mode` is the first of the sweep's (the only one the full cache runs under).
+    first_mode: bool,
+    /// The stack's dtype, `None` for the model's own.
+    stacked_on: Option<KvDtype>,
+}
+
+/// Runs the configurations of `pass` whose rows `store` lacks or holds with another
+/// fingerprint, on `model` (its cache already in the pass's dtype; `own` is the sweep's).
+#[allow(clippy::too_many_arguments)]
+fn run_pass(
+    model: &LoadedModel,
+    input: &SweepInput<'_>,
+    configs: &[CompressionConfig],
+    pass: &Pass<'_>,
+    own: KvDtype,
+    store: &mut ResultStore,
+    outcome: &mut SweepOutcome,
+    bar: &ProgressBar,
+) -> Result<()> {
+    let (sample, protocol, mode) = (pass.sample, pass.protocol, pass.mode);
+    let label = |config: &CompressionConfig| {
+        let label = prefill_label(config, mode);
+        match pass.stacked_on {
+            Some(dtype) => variant_label(&label, dtype.name()),
+            None => label,
+        }
+    };
+    let mut missing = Vec::new();
+    for config in configs.iter().filter(|c| pass.first_mode || **c != CompressionConfig::Full) {
+        let key = row_key(&sample.id, protocol, &label(config));
+        let fingerprint = row_fingerprint(sample, config, protocol, mode, pass.stacked_on, input);
+        if !store.is_current(&key, &fingerprint) {
+            outcome.stale += usize::from(store.is_stale(&key, &fingerprint));
+            missing.push((config.clone(), fingerprint));
+        }
+        outcome.keys.insert(key);
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let (length, seed) = match pass.job {
+        Job::Generated { length, seed, .. } => (Some(*length), *seed),
+        Job::Given(_) => (None, 0),
+    };
+    // A stack is compared with the reference of the sweep's own rows.
+    let reference_kv_dtype = match pass.stacked_on {
+        Some(_) => Some(input.reference_kv_dtype.unwrap_or(own)),
+        None => input.reference_kv_dtype,
+    };
+    let options = RunOptions {
+        protocol,
+        chat: input.chat,
+        prefill: PrefillOptions { compression: mode, ..input.prefill },
+        reference_kv_dtype,
+    };
+    let configs: Vec<CompressionConfig> = missing.iter().map(|m| m.0.clone()).collect();
+    let results = run_sample(model, sample, &configs, options)?;
+    for (result, (_, fingerprint)) in results.into_iter().zip(missing) {
+        if let Some((heads, what)) = result.clamped {
+            bar.suspend(|| {
+                eprintln!(
+                    "warning: {} ({} protocol), {}: {what} clamped to the budget in {heads} heads",
+                    sample.id,
+                    protocol.name(),
+                    result.method.label()
+                )
+            });
+        }
+        let row = ResultRow {
+            sample_id: sample.id.clone(),
+            task: sample.task.clone(),
+            method: label(&result.method),
+            protocol,
+            chat: input.chat,
+            fingerprint,
+            config: serde_json::to_value(&result.method).unwrap_or_default(),
+            budget: result.method.budget().ratio(result.context_tokens),
+            context_tokens: result.context_tokens,
+            length: length.unwrap_or(result.context_tokens),
+            depth: sample.depth,
+            seed,
+            score: result.score,
+            prediction: result.prediction,
+            answers: if sample.metric == crate::metrics::Metric::Perplexity {
+                Vec::new()
+            } else {
+                sample.answers.clone()
+            },
+            achieved_ratio: result.achieved_ratio,
+            kv_dtype: model.model.kv_dtype,
+            reference_kv_dtype: reference_kv_dtype.filter(|&d| d != model.model.kv_dtype),
+            resident_kv_bytes: result.resident_kv_bytes,
+            peak_kv_bytes: result.peak_kv_bytes,
+            full_kv_bytes: result.full_kv_bytes,
+            prefill_ms: result.prefill_ms,
+            scoring_ms: result.scoring_ms,
+            decode_ms: result.decode_ms,
+            kl: result.kl,
+            top1_agreement: result.top1_agreement,
+            matched_prefix_tokens: result.matched_prefix_tokens,
+            perplexity: result.perplexity,
+        };
+        store.append(&row)?;
+        outcome.computed.push(row);
+    }
+    Ok(())
 }
 
 /// A row's method label: the method's own when its prompt was compressed once, its name
@@ -487,10 +632,16 @@ pub fn prefill_label(config: &CompressionConfig, mode: PrefillCompression) -> St
     let label = config.label();
     match mode {
         PrefillCompression::Once => label,
-        PrefillCompression::Incremental => match label.split_once('@') {
-            Some((name, rest)) => format!("{name}/incremental@{rest}"),
-            None => format!("{label}/incremental"),
-        },
+        PrefillCompression::Incremental => variant_label(&label, "incremental"),
+    }
+}
+
+/// `label` with `/variant` after the method's name, before its budget (`kvmerger/q8_0@50%`,
+/// `full/q8_0`), so a report groups the variant as a method of its own.
+pub fn variant_label(label: &str, variant: &str) -> String {
+    match label.split_once('@') {
+        Some((name, rest)) => format!("{name}/{variant}@{rest}"),
+        None => format!("{label}/{variant}"),
     }
 }
 
@@ -526,6 +677,8 @@ mod tests {
             ("paper", true),
             ("ruler", true),
             ("ruler-quick", true),
+            ("frontier", true),
+            ("frontier-4k", true),
             ("dev", false),
         ] {
             let p = SweepSpec::preset(name).unwrap();
@@ -560,6 +713,24 @@ mod tests {
             (11 * 2, &[Protocol::Context][..])
         );
         assert_eq!(ruler.protocols, Protocol::ALL);
+        // The frontier: every subtask in each round of seeds; the full cache and both
+        // methods again on q8_0 and q4_0r at 50% and 35%, the full cache alone on q4_0.
+        let frontier = SweepSpec::preset("frontier").unwrap();
+        let jobs = frontier.jobs();
+        assert_eq!(jobs.len(), 4 * 2);
+        let seed = |j: &Job| match j {
+            Job::Generated { seed, .. } => *seed,
+            Job::Given(_) => unreachable!("generated"),
+        };
+        assert!(jobs[..4].iter().all(|j| seed(j) == HELD_OUT_SEED), "seed-major order");
+        let stacks = frontier.stack_configs().unwrap();
+        let dtypes: Vec<KvDtype> = stacks.iter().map(|s| s.0).collect();
+        assert_eq!(dtypes, [KvDtype::Q8_0, KvDtype::Q4_0Rotated, KvDtype::Q4_0]);
+        assert_eq!(stacks[0].1.len(), 1 + frontier.methods.len() * 2);
+        assert_eq!(stacks[2].1, [CompressionConfig::Full]);
+        let json = serde_json::to_string(&frontier).unwrap();
+        assert_eq!(serde_json::from_str::<SweepSpec>(&json).unwrap(), frontier);
+        assert_eq!(SweepSpec::preset("frontier-4k").unwrap().jobs().len(), 11 * 20);
         let variants = SweepSpec {
             methods: vec!["kvmerger:mass=scale_values;sigma=adaptive".into()],
             budgets: vec![Budget::Ratio(0.5)],
