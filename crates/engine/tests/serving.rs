@@ -114,6 +114,8 @@ fn requests() -> Vec<GenerationRequest> {
             sampling: SamplingConfig::default(),
             compression: config(m, b),
             stop_tokens: vec![],
+            max_kv: None,
+            prefill_compression: None,
         })
         .collect()
 }
@@ -156,6 +158,8 @@ fn the_engine_generates_what_a_session_generates() {
         sampling: SamplingConfig::default(),
         compression: CompressionConfig::Full,
         stop_tokens: vec![],
+        max_kv: None,
+        prefill_compression: None,
     };
     let served = serve(&model, &[req], 64 << 20);
     let mut session = Session::new(&model, &CompressionConfig::Full).unwrap();
@@ -181,6 +185,8 @@ fn cancel_frees_memory_at_once_and_refusals_name_why() {
         sampling: SamplingConfig::default(),
         compression: config("h2o", 0.5),
         stop_tokens: vec![],
+        max_kv: None,
+        prefill_compression: None,
     };
     let a = engine.add(req(100, 20)).unwrap();
     engine.step();
@@ -226,6 +232,8 @@ fn incremental_prefill_never_holds_more_than_budget_plus_one_chunk_per_head() {
             sampling: SamplingConfig::default(),
             compression,
             stop_tokens: vec![],
+            max_kv: None,
+            prefill_compression: None,
         };
         let mode = PrefillCompression::Incremental;
         let mut seq = Sequence::new(1, request.clone(), &model.config, chunk, mode).unwrap();
@@ -278,6 +286,8 @@ fn once_and_incremental_agree_where_the_prompt_fits_budget_plus_a_chunk() {
         sampling: SamplingConfig::default(),
         compression: config("kvmerger", 0.6),
         stop_tokens: vec![],
+        max_kv: None,
+        prefill_compression: None,
     };
     let run = |mode| {
         let cfg = EngineConfig {

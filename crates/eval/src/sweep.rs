@@ -291,6 +291,8 @@ pub struct SweepInput<'a> {
     pub prefill_modes: Vec<PrefillCompression>,
     /// See [`SweepSpec::reference_kv_dtype`].
     pub reference_kv_dtype: Option<KvDtype>,
+    /// Entries a head of every compressed method may hold while decoding (`--max-kv`).
+    pub max_kv: Option<usize>,
     /// What identifies the model and how it runs (file identity, weight formats, cache
     /// dtype): part of every row's fingerprint.
     pub model_fingerprint: String,
@@ -341,6 +343,9 @@ pub fn row_fingerprint(
     h.field(&input.model_fingerprint);
     if let Some(dtype) = input.reference_kv_dtype {
         h.field(&format!("reference kv {dtype}"));
+    }
+    if let Some(n) = input.max_kv {
+        h.field(&format!("max_kv {n}"));
     }
     h.hex()
 }
@@ -419,6 +424,7 @@ pub fn run_sweep(
                 chat: input.chat,
                 prefill: PrefillOptions { compression: mode, ..input.prefill },
                 reference_kv_dtype: input.reference_kv_dtype,
+                max_kv: input.max_kv,
             };
             let configs: Vec<CompressionConfig> = missing.iter().map(|m| m.0.clone()).collect();
             let results = run_sample(model, &sample, &configs, options)?;

@@ -34,6 +34,7 @@ fn input() -> SweepInput<'static> {
         prefill: PrefillOptions::default(),
         prefill_modes: vec![PrefillCompression::Once],
         reference_kv_dtype: None,
+        max_kv: None,
         model_fingerprint: "test model".into(),
         shard: Shard::WHOLE,
         progress: false,

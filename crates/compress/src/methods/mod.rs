@@ -27,7 +27,9 @@ pub use h2o::H2oConfig;
 pub use inner::InnerMethod;
 pub use keydiff::KeyDiffConfig;
 pub use knorm::KnormConfig;
-pub use kvmerger::{BudgetMode, KvMergerConfig, MassRule, MergeWeights, PivotRule, Sigma};
+pub use kvmerger::{
+    BudgetMode, KvMergerConfig, MassRule, MergeWeights, PivotRule, ProtectScore, SharesOf, Sigma,
+};
 pub use merge_on_evict::MergeOnEvictConfig;
 pub use merging_sets::{
     adjacent_cosine, cosine, merge_to_target, merging_sets, min_reachable, CompareTo,
