@@ -7,8 +7,8 @@ use std::sync::Arc;
 use kvmerger_compress::{Budget, CompressionConfig};
 use kvmerger_engine::testing::{random_llama, random_llama_with, tiny_config};
 use kvmerger_engine::{
-    AddError, BatchItem, Engine, EngineConfig, Event, FinishReason, GenerationRequest, Llama,
-    Logits, Phase, PrefillCompression, Refusal, SamplingConfig, SeqId, Sequence, Session,
+    AddError, BatchItem, Engine, EngineConfig, EngineError, Event, FinishReason, GenerationRequest,
+    Llama, Logits, Phase, PrefillCompression, Refusal, SamplingConfig, SeqId, Sequence, Session,
     WeightFormat, WeightFormats,
 };
 
@@ -115,7 +115,9 @@ fn requests() -> Vec<GenerationRequest> {
             compression: config(m, b),
             stop_tokens: vec![],
             max_kv: None,
-            prefill_compression: None,
+            // SnapKV's window does not fit twice in the chunks of 16 and CaM reads the whole
+            // prompt's attention: each asks to be compressed once, as a client must.
+            prefill_compression: matches!(m, "snapkv" | "cam").then_some(PrefillCompression::Once),
         })
         .collect()
 }
@@ -308,4 +310,32 @@ fn once_and_incremental_agree_where_the_prompt_fits_budget_plus_a_chunk() {
         tokens
     };
     assert_eq!(run(PrefillCompression::Incremental), run(PrefillCompression::Once));
+}
+
+/// The server compresses during prefill by default; a request whose method cannot is
+/// refused with the method and the reason (as every other command refuses it), and runs
+/// once it asks for `prefill_compression = once` itself.
+#[test]
+fn a_request_whose_method_cannot_compress_during_prefill_is_refused_with_the_reason() {
+    let model = Arc::new(random_llama(tiny_config(), 3).unwrap());
+    let mut engine = Engine::new(model, EngineConfig::default());
+    let mut request = GenerationRequest {
+        prompt: prompt(1, 100),
+        max_tokens: 4,
+        sampling: SamplingConfig::default(),
+        compression: config("cam", 0.3),
+        stop_tokens: vec![],
+        max_kv: None,
+        prefill_compression: None,
+    };
+    match engine.add(request.clone()) {
+        Err(AddError::Invalid(EngineError::InvalidRequest { field, reason })) => {
+            assert_eq!(field, "prefill_compression");
+            assert!(reason.contains("cam") && reason.contains("whole prompt"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    request.prefill_compression = Some(PrefillCompression::Once);
+    let id = engine.add(request).unwrap();
+    assert!(!engine.sequence(id).unwrap().plan().is_incremental());
 }

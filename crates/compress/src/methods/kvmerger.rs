@@ -1165,6 +1165,108 @@ mod tests {
         assert_eq!(head.meta().iter().map(|m| m.count).sum::<u32>(), 100);
     }
 
+    /// `head` with each entry standing for `count(i)` tokens and receiving `attention(i)`.
+    fn with_meta(
+        head: &HeadCache,
+        count: impl Fn(usize) -> u32,
+        attention: impl Fn(usize) -> f32,
+    ) -> HeadCache {
+        let meta: Vec<EntryMeta> = (0..head.len())
+            .map(|i| EntryMeta { position: i, count: count(i), attention: attention(i) })
+            .collect();
+        let (keys, values) = (head.keys().to_vec(), head.values().to_vec());
+        HeadCache::from_parts(head.head_dim(), KvDtype::F32, keys, values, meta).unwrap()
+    }
+
+    /// Length of the protected run at the end of a mask: the recent window.
+    fn recent_window(protected: &[bool]) -> usize {
+        protected.iter().rev().take_while(|&&p| p).count()
+    }
+
+    #[test]
+    fn shares_of_tokens_protects_what_the_prompt_compressed_once_would() {
+        // 100 entries standing for 400 tokens, budget 60: of the entries the budget is 60%
+        // (shares 17% and 12% of 100); of the tokens 15% (shares 8% and 2% of 400).
+        let head = with_meta(&random_head(100, 4, 3), |_| 4, |i| i as f32 % 7.0);
+        let scores: Vec<f32> = head.meta().iter().map(|m| m.attention).collect();
+        let of = |shares_of| KvMergerConfig { shares_of, ..merge_cfg(Budget::Tokens(60)) };
+        let (entries, _) = of(SharesOf::Entries).protect(&scores, 400, 60);
+        let (tokens, _) = of(SharesOf::Tokens).protect(&scores, 400, 60);
+        assert_eq!(recent_window(&entries), 17);
+        assert_eq!(recent_window(&tokens), 32);
+        assert_eq!(tokens.iter().filter(|&&p| p).count(), 32 + 8);
+        // Where every entry is one token (a prompt compressed once), the two agree.
+        for budget in [10, 35, 60] {
+            let a = of(SharesOf::Entries).protect(&scores, 100, budget);
+            assert_eq!(a, of(SharesOf::Tokens).protect(&scores, 100, budget), "{budget}");
+        }
+    }
+
+    #[test]
+    fn per_token_attention_keeps_a_merged_entry_from_winning_protection_by_its_size() {
+        // Entry 5 stands for 10 tokens with 5.0 in all (0.5 each); entry 20 is one token
+        // with 2.0; every other entry one token with 1.0. One entry is selected.
+        let head = with_meta(
+            &random_head(40, 4, 5),
+            |i| if i == 5 { 10 } else { 1 },
+            |i| match i {
+                5 => 5.0,
+                20 => 2.0,
+                _ => 1.0,
+            },
+        );
+        let selected = |protect_score| {
+            let c = KvMergerConfig {
+                protect_score,
+                recent: Some(0.0),
+                selected: Some(1.0 / 40.0),
+                ..merge_cfg(Budget::Tokens(30))
+            };
+            let scores = c.protection_scores(&head).unwrap();
+            let (mask, _) = c.protect(&scores, 49, 30);
+            (0..40).filter(|&i| mask[i]).collect::<Vec<_>>()
+        };
+        assert_eq!(selected(ProtectScore::Total), [5]);
+        assert_eq!(selected(ProtectScore::PerToken), [20]);
+    }
+
+    #[test]
+    fn count_weighted_entries_weigh_as_the_tokens_they_stand_for() {
+        // Two entries with the same key (the Gaussian kernel gives both 1): one stands for 3
+        // tokens, the other for 1.
+        let base = random_head(2, 4, 9);
+        let key = base.key(0).to_vec();
+        let keys = [key.clone(), key].concat();
+        let meta = vec![
+            EntryMeta { position: 0, count: 3, attention: 1.0 },
+            EntryMeta { position: 1, count: 1, attention: 0.5 },
+        ];
+        let head =
+            HeadCache::from_parts(4, KvDtype::F32, keys, base.values().to_vec(), meta).unwrap();
+        for weights in [MergeWeights::Gaussian, MergeWeights::Uniform] {
+            let w = |count_weighted| {
+                let c = KvMergerConfig { weights, count_weighted, ..Default::default() };
+                c.weights(&head, 0..2, 0)
+            };
+            assert_eq!(w(false), [0.5, 0.5], "{weights:?}");
+            assert_eq!(w(true), [0.75, 0.25], "{weights:?}");
+        }
+    }
+
+    #[test]
+    fn a_bound_while_decoding_merges_below_it_and_keeps_every_token() {
+        let c = merge_cfg(Budget::Ratio(0.5));
+        assert_eq!(c.decode_bound_refusal(), None);
+        let mut head = random_head(100, 4, 11);
+        c.bound(ID, &mut head, 64).unwrap();
+        // A sixteenth of the bound is freed at once, so the next merge is 4 steps away.
+        assert_eq!(head.len(), 60);
+        assert_eq!(head.meta().iter().map(|m| m.count).sum::<u32>(), 100);
+        assert_eq!(head.meta().last().unwrap().position, 99, "the newest entry stays");
+        let threshold = KvMergerConfig { budget_mode: BudgetMode::Threshold, ..c };
+        assert!(threshold.decode_bound_refusal().unwrap().contains("threshold"));
+    }
+
     #[test]
     fn ablations_are_parameters() {
         let base = runs_head(60, 8, 5);
