@@ -94,11 +94,14 @@ pub enum ProtectBy {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum SharesOf {
-    /// The entries the compression sees (budget plus a chunk, during an incremental prefill).
-    #[default]
+    /// The entries the compression sees (budget plus a chunk, during an incremental
+    /// prefill: a ratio at which the defaults are those of a 50%+ budget).
     Entries,
     /// The prompt tokens those entries stand for (the sum of their counts): the protected
     /// tokens a compression keeps are those of a prompt compressed once at that length.
+    /// The default (ours): chosen on development seeds, where it kept incremental prefill
+    /// within the interval of compressing once (docs/methods.md).
+    #[default]
     Tokens,
 }
 
@@ -709,9 +712,16 @@ impl CompressionMethod for KvMergerConfig {
     }
 
     fn decode_bound_refusal(&self) -> Option<String> {
-        (self.budget_mode == BudgetMode::Threshold).then(|| {
-            "kvmerger in threshold mode keeps what its threshold keeps, not a number of \
-             entries: it cannot hold a bound while decoding; use a budget mode"
+        if self.budget_mode == BudgetMode::Threshold {
+            return Some(
+                "kvmerger in threshold mode keeps what its threshold keeps, not a number of \
+                 entries: it cannot hold a bound while decoding; use a budget mode"
+                    .into(),
+            );
+        }
+        (self.protect_by == ProtectBy::Window).then(|| {
+            "kvmerger with protect_by = window protects by the attention of the prompt's last \
+             queries, which decoding does not record; use protect_by = accumulated"
                 .to_string()
         })
     }
