@@ -244,7 +244,9 @@ impl std::fmt::Debug for Sequence {
 
 impl Sequence {
     /// Checks the request against the model, builds its method and plans its prefill in
-    /// chunks of `prefill_chunk` tokens. Errors name the field.
+    /// chunks of `prefill_chunk` tokens, compressed as `mode` says unless the request says
+    /// otherwise. Errors name the field: among them a method that cannot compress during
+    /// prefill when asked to (`prefill_compression`), or cannot keep `max_kv`.
     pub fn new(
         id: SeqId,
         request: GenerationRequest,
