@@ -277,7 +277,7 @@ def test_final_metrics(path, last):
 def load_configs():
     budgets = [0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.7, 0.8]
     methods = [{"method": "streaming_llm"}, {"method": "h2o"}, {"method": "snapkv", "window": 4},
-               {"method": "cam"}, {"method": "kvmerger"},
+               {"method": "cam", "prefill_compression": "once"}, {"method": "kvmerger"},
                {"method": "kvmerger", "mass": "none"}]
     return [dict(m, budget={"ratio": b}) for m in methods for b in budgets]
 

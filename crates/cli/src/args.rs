@@ -120,6 +120,26 @@ impl PrefillArgs {
     }
 }
 
+/// A bound on the cache while generating.
+#[derive(Debug, Clone, Args)]
+pub struct MaxKvArgs {
+    /// Entries (tokens) a head may hold while decoding, so a long generation runs in
+    /// constant memory: eviction methods evict by their own score, KVMerger merges the
+    /// older unprotected entries; a method with no rule for decoded entries (the full
+    /// cache, SnapKV) is refused. Not applied to the full-cache reference of `eval`.
+    #[arg(long, value_name = "N")]
+    pub max_kv: Option<usize>,
+}
+
+impl MaxKvArgs {
+    pub fn bound(&self) -> Result<Option<usize>> {
+        if self.max_kv == Some(0) {
+            bail!("--max-kv must be at least 1");
+        }
+        Ok(self.max_kv)
+    }
+}
+
 /// Which model to load, how many threads run it, and how to store its weights.
 #[derive(Debug, Clone, Args)]
 pub struct ModelArgs {

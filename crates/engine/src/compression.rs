@@ -109,19 +109,31 @@ pub fn compress_prompt(
 }
 
 /// Applies the method's decode-time policy (eviction to the budget) to every head after
-/// decode step `step`; a no-op before the prompt was compressed. Layers run in parallel:
-/// H2O's policy scans every entry of every head each step, and a serial scan would also let
-/// the threads fall asleep before the next step.
+/// decode step `step`; a no-op before the prompt was compressed. With `max_kv`, a head holds
+/// at most that many entries after the step: the method's policy gets the smaller of its
+/// budget and the bound, and a head still past the bound is brought back by
+/// [`CompressionMethod::bound`], its buffers then sized to the bound plus the next step's
+/// entry, so its resident bytes stay put. Layers run in parallel: H2O's policy scans every
+/// entry of every head each step, and a serial scan would also let the threads fall asleep
+/// before the next step.
 pub fn after_decode_step(
     method: &dyn CompressionMethod,
     cache: &mut KvCache,
     step: usize,
+    max_kv: Option<usize>,
 ) -> Result<()> {
     let Some(budgets) = &cache.budgets else { return Ok(()) };
     cache.layers.par_iter_mut().zip(budgets).enumerate().try_for_each(
         |(layer, (heads, &budget))| {
             heads.iter_mut().enumerate().try_for_each(|(head, cache)| {
-                method.after_step(HeadId { layer, head }, cache, budget, step)
+                let id = HeadId { layer, head };
+                let bound = max_kv.map_or(budget, |n| budget.min(n));
+                method.after_step(id, cache, bound, step)?;
+                if let Some(n) = max_kv.filter(|&n| cache.len() > n) {
+                    method.bound(id, cache, n)?;
+                    cache.reserve_exact((n + 1).saturating_sub(cache.len()));
+                }
+                Ok::<(), kvmerger_compress::CompressError>(())
             })
         },
     )?;

@@ -40,6 +40,11 @@ pub struct GenerationRequest {
     pub compression: CompressionConfig,
     /// Tokens that end generation (the model's end-of-sequence tokens).
     pub stop_tokens: Vec<u32>,
+    /// Entries a head may hold while decoding (`None`: no bound beyond the method's own):
+    /// the method keeps it by its own rule, or the request is refused.
+    pub max_kv: Option<usize>,
+    /// When the prompt is compressed (`None`: as the engine is configured).
+    pub prefill_compression: Option<PrefillCompression>,
 }
 
 /// Why a sequence ended.
@@ -169,8 +174,14 @@ impl Prefilled {
             });
         }
         let start = Instant::now();
-        let mut seq =
-            Sequence::for_prompt(model, tokens, &CompressionConfig::Full, options, Some(stats))?;
+        let mut seq = Sequence::for_prompt(
+            model,
+            tokens,
+            &CompressionConfig::Full,
+            options,
+            Some(stats),
+            None,
+        )?;
         let logits = loop {
             let (chunk, logits) = seq.forward_chunk(model, options.attention_chunk)?;
             if chunk.end == tokens.len() {
@@ -212,8 +223,6 @@ pub struct Sequence {
     /// What the prompt's forward passes record: the method's own statistics, or for a
     /// prefill shared by several methods the union of theirs.
     prompt_stats: StatsRequest,
-    /// Why the method cannot compress during a chunked prefill (`None` where it can).
-    incremental_refusal: Option<String>,
     /// Entries per head reserved after the prompt for the tokens that follow.
     decode_room: usize,
     peak: CachePeak,
@@ -241,7 +250,9 @@ impl std::fmt::Debug for Sequence {
 
 impl Sequence {
     /// Checks the request against the model, builds its method and plans its prefill in
-    /// chunks of `prefill_chunk` tokens. Errors name the field.
+    /// chunks of `prefill_chunk` tokens, compressed as `mode` says unless the request says
+    /// otherwise. Errors name the field: among them a method that cannot compress during
+    /// prefill when asked to (`prefill_compression`), or cannot keep `max_kv`.
     pub fn new(
         id: SeqId,
         request: GenerationRequest,
@@ -262,6 +273,7 @@ impl Sequence {
         compression: &CompressionConfig,
         options: PrefillOptions,
         stats: Option<StatsRequest>,
+        max_kv: Option<usize>,
     ) -> Result<Self> {
         let context = model.config.context_length;
         let request = GenerationRequest {
@@ -270,6 +282,8 @@ impl Sequence {
             sampling: SamplingConfig::default(),
             compression: compression.clone(),
             stop_tokens: Vec::new(),
+            max_kv,
+            prefill_compression: None,
         };
         let seq =
             Self::build(0, request, &model.config, options.chunk, options.compression, stats)?;
@@ -332,9 +346,26 @@ impl Sequence {
         request.compression.check_model(config.n_layers)?;
         let method = request.compression.build()?;
         let prompt_stats = stats.unwrap_or_else(|| method.prompt_stats(prompt_len));
-        let incremental_refusal =
-            incremental_refusal(&*method, &request.compression, &prompt_stats, prefill_chunk);
-        let incremental = mode == PrefillCompression::Incremental && incremental_refusal.is_none();
+        if let Some(n) = request.max_kv {
+            if n == 0 {
+                return Err(invalid("max_kv", "must be at least 1".into()));
+            }
+            if let Some(reason) = method.decode_bound_refusal() {
+                return Err(invalid("max_kv", reason));
+            }
+        }
+        // Asked to compress during prefill, a method that cannot is refused, in every
+        // command alike: compressing it once instead would hold the whole prompt, against
+        // the memory bound the mode was chosen for.
+        let mode = request.prefill_compression.unwrap_or(mode);
+        let incremental = mode == PrefillCompression::Incremental;
+        if incremental {
+            let refusal =
+                incremental_refusal(&*method, &request.compression, &prompt_stats, prefill_chunk);
+            if let Some(reason) = refusal {
+                return Err(invalid("prefill_compression", reason));
+            }
+        }
         let plan = plan_prefill(
             &*method,
             &request.compression,
@@ -357,7 +388,6 @@ impl Sequence {
             decode_steps: 0,
             plan,
             prompt_stats,
-            incremental_refusal,
             peak: CachePeak::default(),
             scoring: Duration::ZERO,
             n_layers: config.n_layers,
@@ -380,12 +410,6 @@ impl Sequence {
     pub(crate) fn without_decode_room(mut self) -> Self {
         self.decode_room = 0;
         self
-    }
-
-    /// Why the method cannot compress during a chunked prefill of this prompt in these
-    /// chunks (`None` where it can), whatever mode was asked for.
-    pub fn incremental_refusal(&self) -> Option<&str> {
-        self.incremental_refusal.as_deref()
     }
 
     /// The most the cache held during the prefill.
@@ -420,7 +444,8 @@ impl Sequence {
             .sum();
         let (mut settled, mut peak) = (0, 0);
         for (&during, &kept) in self.plan.peak_entries.iter().zip(&self.plan.kept_entries) {
-            let after = (kept + self.request.max_tokens) * entry;
+            let after =
+                (kept + decode_entries(self.request.max_kv, kept, self.request.max_tokens)) * entry;
             settled += after * self.n_kv_heads;
             peak += (during * per_entry + moments).max(after) * self.n_kv_heads;
         }
@@ -571,9 +596,16 @@ impl Sequence {
         // Earlier compressions saw parts of the prompt: the ratio is over the whole prompt.
         report.heads.iter_mut().flatten().for_each(|h| h.before = prompt_len);
         self.report = Some(report);
-        let room = self.decode_room;
+        // Under a bound, a session (no room reserved) still sizes its heads for it once.
+        let room = match self.request.max_kv {
+            Some(_) => self.request.max_tokens,
+            None => self.decode_room,
+        };
         if room > 0 {
-            self.cache.layers.iter_mut().flatten().for_each(|h| h.reserve_exact(room));
+            let max_kv = self.request.max_kv;
+            for head in self.cache.layers.iter_mut().flatten() {
+                head.reserve_exact(decode_entries(max_kv, head.len(), room));
+            }
         }
         self.state = SeqState::Decoding;
         Ok(())
@@ -653,7 +685,6 @@ impl Sequence {
             decode_steps: self.decode_steps,
             plan: self.plan.clone(),
             prompt_stats: self.prompt_stats,
-            incremental_refusal: self.incremental_refusal.clone(),
             decode_room: self.decode_room,
             peak: self.peak,
             scoring: self.scoring,
@@ -681,7 +712,7 @@ impl Sequence {
     /// The method's decode-time policy after a forward pass past the prompt.
     fn after_step(&mut self) -> Result<()> {
         self.decode_steps += 1;
-        after_decode_step(&*self.method, &mut self.cache, self.decode_steps)
+        after_decode_step(&*self.method, &mut self.cache, self.decode_steps, self.request.max_kv)
     }
 
     /// Samples a token with the sequence's own sampler; says whether generation ends
@@ -725,6 +756,16 @@ impl Sequence {
             resident_kv_bytes,
             full_kv_bytes: self.full_prompt_bytes(),
         }
+    }
+}
+
+/// Room a head that keeps `kept` entries after the prompt needs for the tokens that follow:
+/// `room`, or under a bound `max_kv = N` no more than up to `max(kept, N)` plus the entry of
+/// the step that the bound then brings back.
+fn decode_entries(max_kv: Option<usize>, kept: usize, room: usize) -> usize {
+    match max_kv {
+        Some(n) => room.min(n.max(kept) + 1 - kept),
+        None => room,
     }
 }
 
@@ -823,11 +864,21 @@ mod tests {
             sampling: SamplingConfig::default(),
             compression: CompressionConfig::from_cli(method, budget, &[]).unwrap(),
             stop_tokens: vec![],
+            max_kv: None,
+            prefill_compression: None,
         }
     }
 
     fn seq(r: GenerationRequest, chunk: usize, mode: PrefillCompression) -> Sequence {
         Sequence::new(1, r, &tiny_config(), chunk, mode).unwrap()
+    }
+
+    /// The field an incremental prefill of `r` in chunks of `chunk` is refused for.
+    fn refused(r: GenerationRequest, chunk: usize) -> String {
+        match Sequence::new(1, r, &tiny_config(), chunk, PrefillCompression::Incremental) {
+            Err(EngineError::InvalidRequest { field, .. }) => field,
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
@@ -854,11 +905,12 @@ mod tests {
         // Room for max_tokens beyond the prefill peak: nothing more is needed to prefill.
         let long = seq(request(100, 90, "h2o", 0.35), 16, Incremental);
         assert_eq!(long.reservation(), r(125 * entry * heads, 0));
-        // SnapKV's 32-query window needs chunks of at least 64 to compress during prefill;
-        // its window statistics take one f32 row per entry.
+        // SnapKV's 32-query window needs chunks of at least 64 to compress during prefill
+        // (asked to in chunks of 16, it is refused); its window statistics take one f32 row
+        // per entry.
         let with_row = entry + 4;
-        let snap16 = seq(request(100, 10, "snapkv", 0.5), 16, Incremental);
-        assert!(!snap16.plan().is_incremental());
+        assert_eq!(refused(request(100, 10, "snapkv", 0.5), 16), "prefill_compression");
+        let snap16 = seq(request(100, 10, "snapkv", 0.5), 16, Once);
         assert_eq!(
             snap16.reservation(),
             r(60 * entry * heads, (100 * with_row - 60 * entry) * heads)
@@ -874,13 +926,15 @@ mod tests {
             snap64.reservation(),
             r(110 * entry * heads, (140 * with_row - 110 * entry) * heads)
         );
-        // CaM's statistics at eviction time span the whole prompt: compressed once.
-        let cam = seq(request(100, 10, "cam", 0.5), 16, Incremental);
+        // CaM's statistics at eviction time span the whole prompt, and AdaKV's heads share
+        // their layer's budget: asked to compress during prefill, both are refused.
+        assert_eq!(refused(request(100, 10, "cam", 0.5), 16), "prefill_compression");
+        assert_eq!(refused(request(100, 10, "adakv", 0.5), 64), "prefill_compression");
+        let mut cam = request(100, 10, "cam", 0.5);
+        cam.prefill_compression = Some(Once);
+        let cam = seq(cam, 16, Incremental);
         assert!(!cam.plan().is_incremental());
         assert_eq!(cam.plan().peak_entries, [100, 100]);
-        // AdaKV's heads share their layer's budget: compressed once.
-        let adakv = seq(request(100, 10, "adakv", 0.5), 64, Incremental);
-        assert!(!adakv.plan().is_incremental());
         // Expected Attention's query statistics (2 query heads per kv head of 8 numbers,
         // with covariance) add their fixed size to each head's prefill peak.
         let plain = seq(request(200, 10, "knorm", 0.5), 64, Incremental);
@@ -915,5 +969,38 @@ mod tests {
         let mut r = request(10, 4, "full", 1.0);
         r.sampling.top_p = 0.0;
         assert_eq!(field(r), "top_p");
+        // A bound while decoding: at least one entry, and only for a method that has a rule
+        // for the entries decoding adds.
+        let bounded = |method: &str, n: usize| GenerationRequest {
+            max_kv: Some(n),
+            prefill_compression: Some(PrefillCompression::Once),
+            ..request(10, 4, method, 0.5)
+        };
+        assert_eq!(field(bounded("h2o", 0)), "max_kv");
+        assert_eq!(field(bounded("full", 8)), "max_kv");
+        assert_eq!(field(bounded("snapkv", 8)), "max_kv");
+        for method in ["h2o", "tova", "streaming_llm", "cam", "knorm", "keydiff", "kvmerger"] {
+            assert!(Sequence::new(1, bounded(method, 8), &config, 16, Default::default()).is_ok());
+        }
+    }
+
+    #[test]
+    fn a_bound_while_decoding_caps_the_room_reserved_after_the_prompt() {
+        let entry = entry_bytes(8, KvDtype::default());
+        // H2O at 35% of 100 tokens keeps 35; 150 tokens may follow, but with a bound of 50 a
+        // head holds at most 50 between steps and 51 within one.
+        let mut r = request(100, 150, "h2o", 0.35);
+        r.max_kv = Some(50);
+        let bounded = seq(r, 16, PrefillCompression::Once);
+        assert_eq!(bounded.reservation().settled, 51 * entry * 4);
+        // A bound below what the prompt keeps: the first step brings the head back to it.
+        let mut r = request(100, 150, "h2o", 0.35);
+        r.max_kv = Some(20);
+        let below = seq(r, 16, PrefillCompression::Once);
+        assert_eq!(below.reservation().settled, 36 * entry * 4);
+        // A bound the generation never reaches reserves what the tokens need.
+        let mut r = request(100, 5, "h2o", 0.35);
+        r.max_kv = Some(50);
+        assert_eq!(seq(r, 16, PrefillCompression::Once).reservation().settled, 40 * entry * 4);
     }
 }

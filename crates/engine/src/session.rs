@@ -12,7 +12,7 @@ use crate::compression::CompressionReport;
 use crate::error::{EngineError, Result};
 use crate::forward::{Logits, Phase};
 use crate::model::Llama;
-use crate::prefill::{PrefillCompression, PrefillOptions};
+use crate::prefill::PrefillOptions;
 use crate::sampler::Sampler;
 use crate::sequence::{CachePeak, Prefilled, Sequence};
 
@@ -42,6 +42,8 @@ pub struct Session<'m> {
     compression: CompressionConfig,
     /// How the prompt is prefilled.
     pub options: PrefillOptions,
+    /// Entries a head may hold while decoding (see [`Self::with_max_kv`]).
+    max_kv: Option<usize>,
     seq: Option<Sequence>,
     /// What [`Self::cache`] shows before the prompt.
     empty: KvCache,
@@ -56,6 +58,7 @@ impl<'m> Session<'m> {
             model,
             compression: config.clone(),
             options: PrefillOptions::default(),
+            max_kv: None,
             seq: None,
             empty: model.new_cache(),
             timings: Timings::default(),
@@ -65,6 +68,14 @@ impl<'m> Session<'m> {
     /// Prefills as `options` say (chunk, once or incremental, attention chunk).
     pub fn with_options(mut self, options: PrefillOptions) -> Self {
         self.options = options;
+        self
+    }
+
+    /// Bounds the entries a head holds while decoding (`--max-kv`): after every step past
+    /// the prompt, a head holds at most `max_kv` entries, kept by the method's own rule. A
+    /// method that has none is refused when the prompt is prefilled (field `max_kv`).
+    pub fn with_max_kv(mut self, max_kv: Option<usize>) -> Self {
+        self.max_kv = max_kv;
         self
     }
 
@@ -95,17 +106,9 @@ impl<'m> Session<'m> {
     /// Prefills the prompt in chunks with the statistics the method needs, compressing
     /// every head to the method's budget after it (and, incrementally, during it). Returns
     /// the last prompt token's logits `[vocab]`. Asked to compress incrementally, a method
-    /// that cannot is an error that says why.
+    /// that cannot is an error that says why (field `prefill_compression`).
     pub fn prefill(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
         let mut seq = self.fresh_sequence(tokens)?;
-        if self.options.compression == PrefillCompression::Incremental {
-            if let Some(reason) = seq.incremental_refusal() {
-                return Err(EngineError::InvalidRequest {
-                    field: "prefill_compression".into(),
-                    reason: reason.to_string(),
-                });
-            }
-        }
         let start = Instant::now();
         let logits = loop {
             if let Some(logits) = seq.prefill_chunk(self.model, self.options.attention_chunk)? {
@@ -139,7 +142,7 @@ impl<'m> Session<'m> {
         if self.seq.is_some() {
             return Err(EngineError::Setup("prefill must be the session's first call".into()));
         }
-        Sequence::for_prompt(self.model, tokens, &self.compression, self.options, None)
+        Sequence::for_prompt(self.model, tokens, &self.compression, self.options, None, self.max_kv)
     }
 
     fn sequence(&mut self) -> Result<&mut Sequence> {
@@ -153,6 +156,7 @@ impl<'m> Session<'m> {
             model: self.model,
             compression: self.compression.clone(),
             options: self.options,
+            max_kv: self.max_kv,
             seq: self.seq.as_ref().map(|s| s.fork(s.id)).transpose()?,
             empty: self.empty.clone(),
             timings: self.timings,

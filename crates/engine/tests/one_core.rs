@@ -46,6 +46,8 @@ fn served(model: &Llama, config: &CompressionConfig, mode: PrefillCompression) -
         sampling: SamplingConfig::default(),
         compression: config.clone(),
         stop_tokens: vec![],
+        max_kv: None,
+        prefill_compression: None,
     };
     let sequence = |id, tokens| {
         Sequence::new(id, request(tokens), &model.config, CHUNK, mode)
@@ -199,4 +201,58 @@ fn a_method_that_cannot_compress_incrementally_says_why() {
     let once = options(PrefillCompression::Once);
     let mut cam = Session::new(&model, &method("cam", 0.3)).unwrap().with_options(once);
     assert!(cam.prefill(&prompt(0)).is_ok());
+}
+
+/// A long generation under `--max-kv`: every method with a rule for decoded entries holds
+/// at most the bound in every head after every step, brought back to it by the first step
+/// (the prompt keeps more), and its resident bytes stay where that step left them, however
+/// long it runs. A method without such a rule is refused before anything runs.
+#[test]
+fn a_bounded_generation_holds_the_bound_in_constant_memory() {
+    const BOUND: usize = 64;
+    let config = kvmerger_engine::ModelConfig { context_length: 1024, ..tiny_config() };
+    let formats = WeightFormats { prefill: WeightFormat::F32, decode: WeightFormat::File };
+    let model = random_llama_with(config, 21, formats).unwrap();
+    let exact = [("budget_mode".to_string(), "exact".to_string())];
+    let methods = [
+        method("h2o", 0.5),
+        method("tova", 0.5),
+        method("streaming_llm", 0.5),
+        method("cam", 0.5),
+        method("knorm", 0.5),
+        method("keydiff", 0.5),
+        method("kvmerger", 0.5),
+        CompressionConfig::from_cli("kvmerger", Some(Budget::Ratio(0.5)), &exact).unwrap(),
+    ];
+    for config in methods {
+        let name = config.label();
+        let mut session = Session::new(&model, &config)
+            .unwrap()
+            .with_options(options(PrefillCompression::Once))
+            .with_max_kv(Some(BOUND));
+        let mut logits = session.prefill(&prompt(0)).unwrap();
+        assert_eq!(fullest(session.cache()), PROMPT / 2, "{name}: the prompt keeps its budget");
+        let mut resident = None;
+        for step in 0..600 {
+            logits = session.step(argmax(&logits)).unwrap();
+            let cache = session.cache();
+            let held = fullest(cache);
+            assert!(held <= BOUND, "{name}: {held} entries after step {step}");
+            let bytes = cache.resident_bytes();
+            assert_eq!(*resident.get_or_insert(bytes), bytes, "{name}: bytes at step {step}");
+            assert!(logits.iter().all(|x| x.is_finite()), "{name}: step {step}");
+        }
+        // Nothing was lost from the count of tokens seen: positions go on.
+        assert_eq!(session.cache().n_seen, PROMPT + 600, "{name}");
+    }
+    for refused in [method("snapkv", 0.5), CompressionConfig::Full] {
+        let mut session = Session::new(&model, &refused).unwrap().with_max_kv(Some(BOUND));
+        match session.prefill(&prompt(0)) {
+            Err(EngineError::InvalidRequest { field, reason }) => {
+                assert_eq!(field, "max_kv");
+                assert!(reason.contains(refused.name()) || reason.contains("full"), "{reason}");
+            }
+            other => panic!("{}: {:?}", refused.label(), other.map(|l| l.len())),
+        }
+    }
 }

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use kvmerger_compress::{Budget, CompressionConfig};
 use kvmerger_engine::testing::{random_llama, random_llama_with, tiny_config};
 use kvmerger_engine::{
-    AddError, BatchItem, Engine, EngineConfig, Event, FinishReason, GenerationRequest, Llama,
-    Logits, Phase, PrefillCompression, Refusal, SamplingConfig, SeqId, Sequence, Session,
+    AddError, BatchItem, Engine, EngineConfig, EngineError, Event, FinishReason, GenerationRequest,
+    Llama, Logits, Phase, PrefillCompression, Refusal, SamplingConfig, SeqId, Sequence, Session,
     WeightFormat, WeightFormats,
 };
 
@@ -114,6 +114,10 @@ fn requests() -> Vec<GenerationRequest> {
             sampling: SamplingConfig::default(),
             compression: config(m, b),
             stop_tokens: vec![],
+            max_kv: None,
+            // SnapKV's window does not fit twice in the chunks of 16 and CaM reads the whole
+            // prompt's attention: each asks to be compressed once, as a client must.
+            prefill_compression: matches!(m, "snapkv" | "cam").then_some(PrefillCompression::Once),
         })
         .collect()
 }
@@ -156,6 +160,8 @@ fn the_engine_generates_what_a_session_generates() {
         sampling: SamplingConfig::default(),
         compression: CompressionConfig::Full,
         stop_tokens: vec![],
+        max_kv: None,
+        prefill_compression: None,
     };
     let served = serve(&model, &[req], 64 << 20);
     let mut session = Session::new(&model, &CompressionConfig::Full).unwrap();
@@ -181,6 +187,8 @@ fn cancel_frees_memory_at_once_and_refusals_name_why() {
         sampling: SamplingConfig::default(),
         compression: config("h2o", 0.5),
         stop_tokens: vec![],
+        max_kv: None,
+        prefill_compression: None,
     };
     let a = engine.add(req(100, 20)).unwrap();
     engine.step();
@@ -226,6 +234,8 @@ fn incremental_prefill_never_holds_more_than_budget_plus_one_chunk_per_head() {
             sampling: SamplingConfig::default(),
             compression,
             stop_tokens: vec![],
+            max_kv: None,
+            prefill_compression: None,
         };
         let mode = PrefillCompression::Incremental;
         let mut seq = Sequence::new(1, request.clone(), &model.config, chunk, mode).unwrap();
@@ -278,6 +288,8 @@ fn once_and_incremental_agree_where_the_prompt_fits_budget_plus_a_chunk() {
         sampling: SamplingConfig::default(),
         compression: config("kvmerger", 0.6),
         stop_tokens: vec![],
+        max_kv: None,
+        prefill_compression: None,
     };
     let run = |mode| {
         let cfg = EngineConfig {
@@ -298,4 +310,32 @@ fn once_and_incremental_agree_where_the_prompt_fits_budget_plus_a_chunk() {
         tokens
     };
     assert_eq!(run(PrefillCompression::Incremental), run(PrefillCompression::Once));
+}
+
+/// The server compresses during prefill by default; a request whose method cannot is
+/// refused with the method and the reason (as every other command refuses it), and runs
+/// once it asks for `prefill_compression = once` itself.
+#[test]
+fn a_request_whose_method_cannot_compress_during_prefill_is_refused_with_the_reason() {
+    let model = Arc::new(random_llama(tiny_config(), 3).unwrap());
+    let mut engine = Engine::new(model, EngineConfig::default());
+    let mut request = GenerationRequest {
+        prompt: prompt(1, 100),
+        max_tokens: 4,
+        sampling: SamplingConfig::default(),
+        compression: config("cam", 0.3),
+        stop_tokens: vec![],
+        max_kv: None,
+        prefill_compression: None,
+    };
+    match engine.add(request.clone()) {
+        Err(AddError::Invalid(EngineError::InvalidRequest { field, reason })) => {
+            assert_eq!(field, "prefill_compression");
+            assert!(reason.contains("cam") && reason.contains("whole prompt"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    request.prefill_compression = Some(PrefillCompression::Once);
+    let id = engine.add(request).unwrap();
+    assert!(!engine.sequence(id).unwrap().plan().is_incremental());
 }

@@ -78,6 +78,8 @@ fn main() -> Result<()> {
                         sampling: SamplingConfig::default(),
                         compression: method.clone(),
                         stop_tokens: vec![],
+                        max_kv: None,
+                        prefill_compression: None,
                     };
                     let (session, first) = served_prefill(&model.model, request, chunk, mode)?;
                     compressions = compressions.max(session.1);

@@ -69,6 +69,9 @@ pub struct RunOptions {
     /// Run the full-cache reference with its cache in this dtype (prefilled separately)
     /// instead of the model's, so the full cache's own row measures the storage's error.
     pub reference_kv_dtype: Option<KvDtype>,
+    /// Entries a head of every method but the full cache (the reference) may hold while
+    /// decoding.
+    pub max_kv: Option<usize>,
 }
 
 impl Default for RunOptions {
@@ -78,6 +81,7 @@ impl Default for RunOptions {
             chat: false,
             prefill: PrefillOptions::default(),
             reference_kv_dtype: None,
+            max_kv: None,
         }
     }
 }
@@ -205,11 +209,16 @@ pub fn run_sample(
             reference_llama,
             &CompressionConfig::Full,
             Start::Shared(reference_prefill),
+            None,
         )?;
         answer(model, session, logits, &question, sample.max_new_tokens)?
     };
-    let (session, logits, full_ratio, full_bytes) =
-        compressed(reference_llama, &CompressionConfig::Full, Start::Shared(reference_prefill))?;
+    let (session, logits, full_ratio, full_bytes) = compressed(
+        reference_llama,
+        &CompressionConfig::Full,
+        Start::Shared(reference_prefill),
+        None,
+    )?;
     let full_peak = session.peak().resident_bytes;
     let reference = teacher_forced(session, logits, &question, &full.tokens)?;
     let full_kv_bytes = 2
@@ -237,7 +246,8 @@ pub fn run_sample(
                     } else {
                         Start::Shared(&prefilled)
                     };
-                    let (session, logits, ratio, bytes) = compressed(&model.model, method, start)?;
+                    let (session, logits, ratio, bytes) =
+                        compressed(&model.model, method, start, opts.max_kv)?;
                     prefill_ms = session.timings.prefill.as_secs_f64() * 1e3;
                     scoring_ms = session.timings.scoring.as_secs_f64() * 1e3;
                     let peak = session.peak().resident_bytes;
@@ -298,14 +308,16 @@ enum Start<'a> {
     Alone(&'a [u32], PrefillOptions),
 }
 
-/// A session of `method` with the context prefilled and compressed. Returns it with the
-/// last context logits, the achieved ratio and the bytes resident after compression.
+/// A session of `method` with the context prefilled and compressed, holding at most
+/// `max_kv` entries per head while decoding. Returns it with the last context logits, the
+/// achieved ratio and the bytes resident after compression.
 fn compressed<'m>(
     model: &'m Llama,
     method: &CompressionConfig,
     start: Start<'_>,
+    max_kv: Option<usize>,
 ) -> Result<(Session<'m>, Vec<f32>, f64, usize)> {
-    let mut session = Session::new(model, method)?;
+    let mut session = Session::new(model, method)?.with_max_kv(max_kv);
     let logits = match start {
         Start::Shared(prefilled) => session.resume(prefilled.clone())?,
         Start::Alone(context, options) => {

@@ -383,6 +383,8 @@ pub struct SweepInput<'a> {
     /// against the reference of the rows above (the model's dtype unless
     /// `reference_kv_dtype` says otherwise).
     pub kv_stacks: Vec<(KvDtype, Vec<CompressionConfig>)>,
+    /// Entries a head of every compressed method may hold while decoding (`--max-kv`).
+    pub max_kv: Option<usize>,
     /// What identifies the model and how it runs (file identity, weight formats, cache
     /// dtype): part of every row's fingerprint.
     pub model_fingerprint: String,
@@ -437,6 +439,9 @@ pub fn row_fingerprint(
     }
     if let Some(dtype) = stacked_on {
         h.field(&format!("stacked on kv {dtype}"));
+    }
+    if let Some(n) = input.max_kv {
+        h.field(&format!("max_kv {n}"));
     }
     h.hex()
 }
@@ -571,6 +576,7 @@ fn run_pass(
         chat: input.chat,
         prefill: PrefillOptions { compression: mode, ..input.prefill },
         reference_kv_dtype,
+        max_kv: input.max_kv,
     };
     let configs: Vec<CompressionConfig> = missing.iter().map(|m| m.0.clone()).collect();
     let results = run_sample(model, sample, &configs, options)?;

@@ -35,6 +35,7 @@ fn input() -> SweepInput<'static> {
         prefill_modes: vec![PrefillCompression::Once],
         reference_kv_dtype: None,
         kv_stacks: Vec::new(),
+        max_kv: None,
         model_fingerprint: "test model".into(),
         shard: Shard::WHOLE,
         progress: false,

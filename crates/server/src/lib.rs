@@ -8,6 +8,7 @@
 
 mod error;
 mod generation;
+mod kv_compression;
 mod metrics;
 mod routes;
 pub mod types;

@@ -23,6 +23,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::error::ApiError;
 use crate::generation::{complete, Running, Step, TextStream};
+use crate::kv_compression::RequestCompression;
 use crate::types::{
     ChatRequest, CompletionRequest, Content, Generation, Prompt, TokenizeRequest, UsageBody,
 };
@@ -91,12 +92,7 @@ fn engine_request(
     if prompt.is_empty() {
         return Err(ApiError::invalid("prompt", "the prompt is empty"));
     }
-    let compression = match &g.kv_compression {
-        None | Some(Value::Null) => state.default_compression.clone(),
-        Some(v) => {
-            CompressionConfig::from_json(&v.to_string()).map_err(|e| ApiError::compression(&e))?
-        }
-    };
+    let kv = RequestCompression::parse(g.kv_compression.as_ref(), &state.default_compression)?;
     let left = state.context_length.saturating_sub(prompt.len());
     let max_tokens = g.max_tokens.unwrap_or_else(|| default_max.min(left).max(1));
     let temperature = g.temperature.unwrap_or(1.0);
@@ -115,8 +111,10 @@ fn engine_request(
             seed,
             ..SamplingConfig::default()
         },
-        compression,
+        compression: kv.method,
         stop_tokens: state.tokenizer.eos_ids(),
+        max_kv: kv.max_kv,
+        prefill_compression: kv.prefill_compression,
     })
 }
 

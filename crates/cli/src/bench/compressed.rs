@@ -20,19 +20,22 @@ pub struct CompressedRow {
     pub decode_ms_per_token: f64,
 }
 
-/// Prefills `tokens` under each configuration, then times `steps` greedy decode steps.
+/// Prefills `tokens` under each configuration, then times `steps` greedy decode steps,
+/// every compressed configuration holding at most `max_kv` entries per head while decoding.
 pub fn measure(
     model: &Llama,
     tokens: &[u32],
     configs: &[CompressionConfig],
     steps: usize,
     prefill: PrefillOptions,
+    max_kv: Option<usize>,
 ) -> Result<Vec<CompressedRow>> {
     super::warm_up(model, tokens, prefill)?;
     configs
         .iter()
         .map(|config| {
-            let mut session = Session::new(model, config)?.with_options(prefill);
+            let bound = max_kv.filter(|_| *config != CompressionConfig::Full);
+            let mut session = Session::new(model, config)?.with_options(prefill).with_max_kv(bound);
             let (logits, prefill_s) = super::timed_prefill(&mut session, tokens)?;
             let (compress_ms, kept_ratio) = match session.report() {
                 Some(r) => (r.compress_ms, r.achieved_ratio()),

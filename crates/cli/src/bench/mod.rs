@@ -20,7 +20,7 @@ use kvmerger_compress::{Budget, CompressionConfig};
 use kvmerger_engine::{PrefillOptions, Session, WeightFormat, WeightFormats};
 use serde::Serialize;
 
-use crate::args::{ModelSource, PrefillArgs};
+use crate::args::{MaxKvArgs, ModelSource, PrefillArgs};
 
 mod breakdown;
 mod kv_dtypes;
@@ -66,6 +66,9 @@ pub struct BenchArgs {
     pub python: String,
     #[command(flatten)]
     pub prefill: PrefillArgs,
+    /// Bounds the compressed methods' caches while decoding (not the full cache's).
+    #[command(flatten)]
+    pub max_kv: MaxKvArgs,
     #[command(flatten)]
     pub breakdown: breakdown::BreakdownArgs,
 }
@@ -145,6 +148,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         bail!("--decode-tokens must be at least 1");
     }
     let prefill = args.prefill.options()?;
+    let max_kv = args.max_kv.bound()?;
 
     let mut rows = Vec::new();
     if !args.lengths.is_empty() {
@@ -206,6 +210,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 &configs,
                 args.decode_tokens,
                 prefill,
+                max_kv,
             )?);
             println!("{}", compressed::table(&compressed_rows));
         }

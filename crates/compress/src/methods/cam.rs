@@ -253,6 +253,11 @@ impl CompressionMethod for CamConfig {
         Ok(HeadReport { before, after: head.len(), clamped, ..Default::default() })
     }
 
+    /// Its decode-time eviction keeps the bound (merging each victim's value forward).
+    fn decode_bound_refusal(&self) -> Option<String> {
+        None
+    }
+
     fn after_step(
         &self,
         id: HeadId,

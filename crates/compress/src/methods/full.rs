@@ -18,4 +18,7 @@ impl CompressionMethod for FullCache {
     fn compress(&self, _id: HeadId, head: &mut HeadCache, _budget: usize) -> Result<HeadReport> {
         Ok(HeadReport { before: head.len(), after: head.len(), ..Default::default() })
     }
+    fn decode_bound_refusal(&self) -> Option<String> {
+        Some("the full cache keeps every entry: it has no bound to keep while decoding".into())
+    }
 }

@@ -105,6 +105,11 @@ impl CompressionMethod for H2oConfig {
         Ok(HeadReport { before, after: head.len(), ..Default::default() })
     }
 
+    /// Its decode-time eviction keeps the bound (the lowest accumulated attention leaves).
+    fn decode_bound_refusal(&self) -> Option<String> {
+        None
+    }
+
     fn after_step(
         &self,
         _id: HeadId,

@@ -73,6 +73,11 @@ impl CompressionMethod for KeyDiffConfig {
         })
     }
 
+    /// Every entry is scored against the mean key direction: the most typical keys leave.
+    fn decode_bound_refusal(&self) -> Option<String> {
+        None
+    }
+
     fn scorer(&self) -> Option<&dyn Scorer> {
         Some(self)
     }

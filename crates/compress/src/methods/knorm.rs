@@ -54,6 +54,11 @@ impl CompressionMethod for KnormConfig {
         retain_top_scored(head, budget, self.sinks, self.recent, |head| Ok(knorm_scores(head)))
     }
 
+    /// Key norms are known for every entry: the highest-norm keys leave.
+    fn decode_bound_refusal(&self) -> Option<String> {
+        None
+    }
+
     fn scorer(&self) -> Option<&dyn Scorer> {
         Some(self)
     }

@@ -14,7 +14,9 @@
 //!    more; `exact` evicts the unprotected entries with the lowest attention until the
 //!    budget is met; `threshold` keeps whatever merging leaves.
 //!
-//! Merging happens once, after the prompt; decoded tokens are appended unmerged.
+//! Merging happens after the prompt (and, in an incremental prefill, whenever a chunk
+//! would not fit beside the budget); decoded tokens are appended unmerged unless a bound on
+//! the cache while decoding (`max_kv`) is reached, when the head is merged again.
 
 use std::ops::Range;
 
@@ -84,6 +86,35 @@ pub enum ProtectBy {
     Accumulated,
     /// Attention from the prompt's last `protect_window` queries (SnapKV's statistic).
     Window,
+}
+
+/// What the protected shares (`recent`, `selected`) are shares of, and which budget ratio
+/// picks their defaults. The two agree on a head that nothing has merged yet (a prompt
+/// compressed once); they differ when an incremental prefill compresses a head again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SharesOf {
+    /// The entries the compression sees (budget plus a chunk, during an incremental
+    /// prefill: a ratio at which the defaults are those of a 50%+ budget).
+    Entries,
+    /// The prompt tokens those entries stand for (the sum of their counts): the protected
+    /// tokens a compression keeps are those of a prompt compressed once at that length.
+    /// The default (ours): chosen on development seeds, where it kept incremental prefill
+    /// within the interval of compressing once (docs/methods.md).
+    #[default]
+    Tokens,
+}
+
+/// How the attention of an entry ranks it for protection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ProtectScore {
+    /// The attention the entry received (a merged entry: the sum of its members').
+    #[default]
+    Total,
+    /// That attention over the tokens the entry stands for, so that a merged entry does not
+    /// win protection by the number of its members.
+    PerToken,
 }
 
 /// Kernel width of the Gaussian merge weights. JSON: `{"fixed": 5.0}`, `5.0` or `"adaptive"`.
@@ -187,6 +218,16 @@ pub struct KvMergerConfig {
     pub merge: bool,
     /// Seed of the random-pivot ablation.
     pub seed: u64,
+    /// What the protected shares are taken of (matters only for a head compressed again).
+    #[serde(skip_serializing_if = "is_default")]
+    pub shares_of: SharesOf,
+    /// How attention ranks entries for protection (matters only once entries are merged).
+    #[serde(skip_serializing_if = "is_default")]
+    pub protect_score: ProtectScore,
+    /// Whether an entry weighs as the tokens it stands for when a run's similarity is
+    /// scored and when the run is folded (matters only once entries are merged).
+    #[serde(skip_serializing_if = "is_default")]
+    pub count_weighted: bool,
     /// Per-layer budget ratios (from `kvmerger analyze --suggest-budget`), one per layer of
     /// the model; they replace `budget` layer by layer, and `budget` is their average.
     pub layer_budgets: Option<Vec<f64>>,
@@ -216,6 +257,9 @@ impl Default for KvMergerConfig {
             pivot: PivotRule::default(),
             merge: true,
             seed: 0,
+            shares_of: SharesOf::default(),
+            protect_score: ProtectScore::default(),
+            count_weighted: false,
             layer_budgets: None,
             layer_budgets_model: None,
         }
@@ -304,6 +348,7 @@ impl KvMergerConfig {
             (self.mass != d.mass && !merges, "mass", MERGING),
             (self.weights != d.weights && !merges, "weights", MERGING),
             (self.pivot != d.pivot && !merges, "pivot", MERGING),
+            (self.count_weighted != d.count_weighted && !merges, "count_weighted", MERGING),
             (self.sigma != d.sigma && !gaussian, "sigma", "weights = gaussian (with merge = true)"),
             (
                 self.sigma_floor != d.sigma_floor && !(gaussian && self.sigma == Sigma::Adaptive),
@@ -358,7 +403,14 @@ impl KvMergerConfig {
     /// The score that chooses protected tokens, `[len]`.
     fn protection_scores(&self, head: &HeadCache) -> Result<Vec<f32>> {
         match self.protect_by {
-            ProtectBy::Accumulated => Ok(head.meta().iter().map(|m| m.attention).collect()),
+            ProtectBy::Accumulated => Ok(head
+                .meta()
+                .iter()
+                .map(|m| match self.protect_score {
+                    ProtectScore::Total => m.attention,
+                    ProtectScore::PerToken => m.attention / m.count.max(1) as f32,
+                })
+                .collect()),
             ProtectBy::Window => {
                 head.window_attention(self.protect_window).map(<[f32]>::to_vec).ok_or_else(|| {
                     CompressError::Shape(format!(
@@ -371,12 +423,17 @@ impl KvMergerConfig {
     }
 
     /// Tokens protected from merging and eviction, `protected[i]`, and whether the shares
-    /// had to shrink to fit the budget.
-    fn protect(&self, scores: &[f32], budget: usize) -> (Vec<bool>, bool) {
+    /// had to shrink to fit the budget. `tokens`: the prompt tokens the head's entries
+    /// stand for.
+    fn protect(&self, scores: &[f32], tokens: usize, budget: usize) -> (Vec<bool>, bool) {
         let n = scores.len();
-        let (recent_share, selected_share) = self.protected_shares(budget as f64 / n as f64);
-        let n_recent = ((recent_share * n as f64).round() as usize).min(n);
-        let n_selected = ((selected_share * n as f64).round() as usize).min(n - n_recent);
+        let of = match self.shares_of {
+            SharesOf::Entries => n,
+            SharesOf::Tokens => tokens.max(n),
+        } as f64;
+        let (recent_share, selected_share) = self.protected_shares(budget as f64 / of);
+        let n_recent = ((recent_share * of).round() as usize).min(n);
+        let n_selected = ((selected_share * of).round() as usize).min(n - n_recent);
         let mask = |recent: usize, selected: usize| protected_mask(scores, recent, selected);
         if self.merges_to_budget() {
             // Merging cannot go below the protected tokens plus one entry per run between
@@ -416,11 +473,23 @@ impl KvMergerConfig {
         (mask(n_recent, n_selected), false)
     }
 
+    /// What an entry standing for `count` tokens weighs in a run (1 unless `count_weighted`).
+    fn row_weight(&self, count: u32) -> f32 {
+        if self.count_weighted {
+            count.max(1) as f32
+        } else {
+            1.0
+        }
+    }
+
     /// Merge weights of `members` around `pivot`.
     fn weights(&self, head: &HeadCache, members: Range<usize>, pivot: usize) -> Vec<f32> {
         let n = members.len();
         if self.weights == MergeWeights::Uniform {
-            return vec![1.0 / n as f32; n];
+            let meta = head.meta();
+            let w: Vec<f32> = members.map(|i| self.row_weight(meta[i].count)).collect();
+            let total: f32 = w.iter().sum();
+            return w.iter().map(|x| x / total).collect();
         }
         let kp = head.key(pivot);
         let sq_dist: Vec<f32> = members
@@ -434,7 +503,12 @@ impl KvMergerConfig {
                 mean.max(self.sigma_floor)
             }
         };
-        let g: Vec<f32> = sq_dist.iter().map(|d| (-d / (2.0 * sigma * sigma)).exp()).collect();
+        let meta = head.meta();
+        let g: Vec<f32> = sq_dist
+            .iter()
+            .zip(members)
+            .map(|(d, i)| (-d / (2.0 * sigma * sigma)).exp() * self.row_weight(meta[i].count))
+            .collect();
         let total: f32 = g.iter().sum();
         g.iter().map(|x| x / total).collect()
     }
@@ -449,7 +523,17 @@ impl KvMergerConfig {
         let keys = head.keys();
         let center = (self.similarity == Similarity::Centered).then(|| mean_row(&keys, d));
         if self.merges_to_budget() {
-            return merge_to_target(&keys, d, protected, budget, center.as_deref());
+            let weights: Option<Vec<f32>> = self
+                .count_weighted
+                .then(|| head.meta().iter().map(|m| self.row_weight(m.count)).collect());
+            return merge_to_target(
+                &keys,
+                d,
+                protected,
+                budget,
+                center.as_deref(),
+                weights.as_deref(),
+            );
         }
         match center {
             None => merging_sets(&keys, d, protected, self.threshold, self.compare_to),
@@ -553,6 +637,10 @@ impl Merged {
     }
 }
 
+fn is_default<T: Default + PartialEq>(value: &T) -> bool {
+    *value == T::default()
+}
+
 /// `protected[i]`: the last `recent` tokens plus the `selected` highest `scores` before them.
 fn protected_mask(scores: &[f32], recent: usize, selected: usize) -> Vec<bool> {
     let n = scores.len();
@@ -623,6 +711,30 @@ impl CompressionMethod for KvMergerConfig {
         self.merge
     }
 
+    fn decode_bound_refusal(&self) -> Option<String> {
+        if self.budget_mode == BudgetMode::Threshold {
+            return Some(
+                "kvmerger in threshold mode keeps what its threshold keeps, not a number of \
+                 entries: it cannot hold a bound while decoding; use a budget mode"
+                    .into(),
+            );
+        }
+        (self.protect_by == ProtectBy::Window).then(|| {
+            "kvmerger with protect_by = window protects by the attention of the prompt's last \
+             queries, which decoding does not record; use protect_by = accumulated"
+                .to_string()
+        })
+    }
+
+    /// Compresses the head again, to the bound less a sixteenth of it, so that merging runs
+    /// once every `max_entries / 16` steps rather than at each. The recent window and the
+    /// high-attention entries are protected as after the prompt, so what merges (or, without
+    /// merging, leaves) is the older unprotected part.
+    fn bound(&self, id: HeadId, head: &mut HeadCache, max_entries: usize) -> Result<()> {
+        let target = (max_entries - max_entries / 16).max(1);
+        self.compress(id, head, target).map(|_| ())
+    }
+
     fn compress(&self, id: HeadId, head: &mut HeadCache, budget: usize) -> Result<HeadReport> {
         let before = head.len();
         let bounded = self.budget_mode != BudgetMode::Threshold;
@@ -631,7 +743,8 @@ impl CompressionMethod for KvMergerConfig {
             return Ok(HeadReport { before, after: before, ..Default::default() });
         }
         let scores = self.protection_scores(head)?;
-        let (protected, clamped) = self.protect(&scores, budget);
+        let tokens = head.meta().iter().map(|m| m.count as usize).sum();
+        let (protected, clamped) = self.protect(&scores, tokens, budget);
         let runs = self.runs(head, &protected, budget);
         let mut report =
             HeadReport { before, clamped: clamped.then_some("protected"), ..Default::default() };
@@ -763,7 +876,7 @@ mod tests {
             proptest::prop_assert_eq!(head.len(), budget);
             proptest::prop_assert_eq!(report.after, budget);
             let scores: Vec<f32> = original.meta().iter().map(|m| m.attention).collect();
-            let (protected, _) = c.protect(&scores, budget);
+            let (protected, _) = c.protect(&scores, scores.len(), budget);
             if budget < n {
                 assert_runs_are_gaussian_merges(&original, &head, &protected, 0.7, mass);
             }
@@ -1060,6 +1173,108 @@ mod tests {
             "runs are only broken by the 12 selected tokens"
         );
         assert_eq!(head.meta().iter().map(|m| m.count).sum::<u32>(), 100);
+    }
+
+    /// `head` with each entry standing for `count(i)` tokens and receiving `attention(i)`.
+    fn with_meta(
+        head: &HeadCache,
+        count: impl Fn(usize) -> u32,
+        attention: impl Fn(usize) -> f32,
+    ) -> HeadCache {
+        let meta: Vec<EntryMeta> = (0..head.len())
+            .map(|i| EntryMeta { position: i, count: count(i), attention: attention(i) })
+            .collect();
+        let (keys, values) = (head.keys().to_vec(), head.values().to_vec());
+        HeadCache::from_parts(head.head_dim(), KvDtype::F32, keys, values, meta).unwrap()
+    }
+
+    /// Length of the protected run at the end of a mask: the recent window.
+    fn recent_window(protected: &[bool]) -> usize {
+        protected.iter().rev().take_while(|&&p| p).count()
+    }
+
+    #[test]
+    fn shares_of_tokens_protects_what_the_prompt_compressed_once_would() {
+        // 100 entries standing for 400 tokens, budget 60: of the entries the budget is 60%
+        // (shares 17% and 12% of 100); of the tokens 15% (shares 8% and 2% of 400).
+        let head = with_meta(&random_head(100, 4, 3), |_| 4, |i| i as f32 % 7.0);
+        let scores: Vec<f32> = head.meta().iter().map(|m| m.attention).collect();
+        let of = |shares_of| KvMergerConfig { shares_of, ..merge_cfg(Budget::Tokens(60)) };
+        let (entries, _) = of(SharesOf::Entries).protect(&scores, 400, 60);
+        let (tokens, _) = of(SharesOf::Tokens).protect(&scores, 400, 60);
+        assert_eq!(recent_window(&entries), 17);
+        assert_eq!(recent_window(&tokens), 32);
+        assert_eq!(tokens.iter().filter(|&&p| p).count(), 32 + 8);
+        // Where every entry is one token (a prompt compressed once), the two agree.
+        for budget in [10, 35, 60] {
+            let a = of(SharesOf::Entries).protect(&scores, 100, budget);
+            assert_eq!(a, of(SharesOf::Tokens).protect(&scores, 100, budget), "{budget}");
+        }
+    }
+
+    #[test]
+    fn per_token_attention_keeps_a_merged_entry_from_winning_protection_by_its_size() {
+        // Entry 5 stands for 10 tokens with 5.0 in all (0.5 each); entry 20 is one token
+        // with 2.0; every other entry one token with 1.0. One entry is selected.
+        let head = with_meta(
+            &random_head(40, 4, 5),
+            |i| if i == 5 { 10 } else { 1 },
+            |i| match i {
+                5 => 5.0,
+                20 => 2.0,
+                _ => 1.0,
+            },
+        );
+        let selected = |protect_score| {
+            let c = KvMergerConfig {
+                protect_score,
+                recent: Some(0.0),
+                selected: Some(1.0 / 40.0),
+                ..merge_cfg(Budget::Tokens(30))
+            };
+            let scores = c.protection_scores(&head).unwrap();
+            let (mask, _) = c.protect(&scores, 49, 30);
+            (0..40).filter(|&i| mask[i]).collect::<Vec<_>>()
+        };
+        assert_eq!(selected(ProtectScore::Total), [5]);
+        assert_eq!(selected(ProtectScore::PerToken), [20]);
+    }
+
+    #[test]
+    fn count_weighted_entries_weigh_as_the_tokens_they_stand_for() {
+        // Two entries with the same key (the Gaussian kernel gives both 1): one stands for 3
+        // tokens, the other for 1.
+        let base = random_head(2, 4, 9);
+        let key = base.key(0).to_vec();
+        let keys = [key.clone(), key].concat();
+        let meta = vec![
+            EntryMeta { position: 0, count: 3, attention: 1.0 },
+            EntryMeta { position: 1, count: 1, attention: 0.5 },
+        ];
+        let head =
+            HeadCache::from_parts(4, KvDtype::F32, keys, base.values().to_vec(), meta).unwrap();
+        for weights in [MergeWeights::Gaussian, MergeWeights::Uniform] {
+            let w = |count_weighted| {
+                let c = KvMergerConfig { weights, count_weighted, ..Default::default() };
+                c.weights(&head, 0..2, 0)
+            };
+            assert_eq!(w(false), [0.5, 0.5], "{weights:?}");
+            assert_eq!(w(true), [0.75, 0.25], "{weights:?}");
+        }
+    }
+
+    #[test]
+    fn a_bound_while_decoding_merges_below_it_and_keeps_every_token() {
+        let c = merge_cfg(Budget::Ratio(0.5));
+        assert_eq!(c.decode_bound_refusal(), None);
+        let mut head = random_head(100, 4, 11);
+        c.bound(ID, &mut head, 64).unwrap();
+        // A sixteenth of the bound is freed at once, so the next merge is 4 steps away.
+        assert_eq!(head.len(), 60);
+        assert_eq!(head.meta().iter().map(|m| m.count).sum::<u32>(), 100);
+        assert_eq!(head.meta().last().unwrap().position, 99, "the newest entry stays");
+        let threshold = KvMergerConfig { budget_mode: BudgetMode::Threshold, ..c };
+        assert!(threshold.decode_bound_refusal().unwrap().contains("threshold"));
     }
 
     #[test]

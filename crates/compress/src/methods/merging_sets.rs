@@ -164,8 +164,9 @@ impl Ord for Candidate {
 /// Merges adjacent unprotected tokens most-similar-first until protected tokens plus runs
 /// number `target` (or no two unprotected runs touch). Protected tokens are barriers: never
 /// merged, and no run spans one. Two runs are as similar as the cosine of their centroid
-/// keys (each minus `center`, the head's mean key, when given); a merged run is re-scored
-/// against its new neighbours. A max-heap of candidate pairs with stamps that invalidate
+/// keys (each minus `center`, the head's mean key, when given; each row weighted by
+/// `row_weights[i]`, the tokens it already stands for, when given, else 1); a merged run is
+/// re-scored against its new neighbours. A max-heap of candidate pairs with stamps that invalidate
 /// stale entries makes this `O(n log n)` pair operations for `n` tokens.
 ///
 /// `keys`: `[len, head_dim]`. Returns the runs, singletons included, as increasing index
@@ -176,31 +177,41 @@ pub fn merge_to_target(
     protected: &[bool],
     target: usize,
     center: Option<&[f64]>,
+    row_weights: Option<&[f32]>,
 ) -> Vec<Range<usize>> {
     let n = protected.len();
     debug_assert_eq!(keys.len(), n * head_dim);
+    debug_assert!(row_weights.is_none_or(|w| w.len() == n));
     // Runs are named by their first index. For a run `s..e`: end[s] = e, start[e - 1] = s,
     // sums[s] its key sum, stamp[s] bumped whenever the run grows, alive[s] until it is
-    // absorbed by its left neighbour.
+    // absorbed by its left neighbour; sums[s] is weighted, and mass[s] is its weight.
     let mut alive = vec![true; n];
     let mut end: Vec<usize> = (1..=n).collect();
     let mut start: Vec<usize> = (0..n).collect();
-    let mut sums: Vec<f64> = keys.iter().map(|&k| k as f64).collect();
+    let mut mass: Vec<f64> = match row_weights {
+        Some(w) => w.iter().map(|&w| w as f64).collect(),
+        None => vec![1.0; n],
+    };
+    let mut sums: Vec<f64> = keys
+        .chunks_exact(head_dim)
+        .zip(&mass)
+        .flat_map(|(row, &w)| row.iter().map(move |&k| w * k as f64))
+        .collect();
     let mut stamp = vec![0u32; n];
     let sum = |sums: &[f64], s: usize| -> Vec<f64> { sums[s * head_dim..][..head_dim].to_vec() };
-    let score = |sums: &[f64], end: &[usize], a: usize, b: usize| {
+    let score = |sums: &[f64], mass: &[f64], a: usize, b: usize| {
         centroid_cosine(
             &sums[a * head_dim..][..head_dim],
-            (end[a] - a) as f64,
+            mass[a],
             &sums[b * head_dim..][..head_dim],
-            (end[b] - b) as f64,
+            mass[b],
             center,
         )
     };
     let mut heap = BinaryHeap::new();
     for i in 1..n {
         if !protected[i - 1] && !protected[i] {
-            let s = score(&sums, &end, i - 1, i);
+            let s = score(&sums, &mass, i - 1, i);
             heap.push(Candidate { score: s, left: i - 1, right: i, stamps: (0, 0) });
         }
     }
@@ -214,6 +225,7 @@ pub fn merge_to_target(
         }
         let add = sum(&sums, b);
         sums[a * head_dim..][..head_dim].iter_mut().zip(&add).for_each(|(x, y)| *x += y);
+        mass[a] += mass[b];
         end[a] = end[b];
         start[end[a] - 1] = a;
         stamp[a] += 1;
@@ -221,12 +233,12 @@ pub fn merge_to_target(
         count -= 1;
         if a > 0 && !protected[a - 1] {
             let p = start[a - 1];
-            let s = score(&sums, &end, p, a);
+            let s = score(&sums, &mass, p, a);
             heap.push(Candidate { score: s, left: p, right: a, stamps: (stamp[p], stamp[a]) });
         }
         let e = end[a];
         if e < n && !protected[e] {
-            let s = score(&sums, &end, a, e);
+            let s = score(&sums, &mass, a, e);
             heap.push(Candidate { score: s, left: a, right: e, stamps: (stamp[a], stamp[e]) });
         }
     }
@@ -301,21 +313,25 @@ mod tests {
     }
 
     /// Plain O(n^2) merging to a target: rescan every adjacent pair of runs, merge the most
-    /// similar (the leftmost on ties), repeat.
+    /// similar (the leftmost on ties), repeat. A run's centroid is its rows' mean weighted
+    /// by `weights`.
     fn merge_reference(
         keys: &[f32],
         d: usize,
         protected: &[bool],
         target: usize,
         center: Option<&[f64]>,
+        weights: &[f32],
     ) -> Vec<Range<usize>> {
         let sum = |r: &Range<usize>| -> Vec<f64> {
             let mut s = vec![0.0f64; d];
             for i in r.clone() {
-                s.iter_mut().zip(&keys[i * d..(i + 1) * d]).for_each(|(a, k)| *a += *k as f64);
+                let w = weights[i] as f64;
+                s.iter_mut().zip(&keys[i * d..(i + 1) * d]).for_each(|(a, k)| *a += w * *k as f64);
             }
             s
         };
+        let mass = |r: &Range<usize>| r.clone().map(|i| weights[i] as f64).sum::<f64>();
         let mut runs: Vec<Range<usize>> =
             (0..protected.len()).filter(|&i| !protected[i]).map(|i| i..i + 1).collect();
         let n_protected = protected.iter().filter(|&&p| p).count();
@@ -326,8 +342,7 @@ mod tests {
                     continue;
                 }
                 let (a, b) = (&runs[j - 1], &runs[j]);
-                let score =
-                    centroid_cosine(&sum(a), a.len() as f64, &sum(b), b.len() as f64, center);
+                let score = centroid_cosine(&sum(a), mass(a), &sum(b), mass(b), center);
                 if best.is_none_or(|(s, _)| score > s) {
                     best = Some((score, j));
                 }
@@ -339,13 +354,21 @@ mod tests {
         runs
     }
 
-    fn merge_input() -> impl Strategy<Value = (Vec<f32>, Vec<bool>, usize, bool)> {
+    type MergeInput = (Vec<f32>, Vec<bool>, usize, bool, Option<Vec<f32>>);
+
+    /// Keys, protected rows, a target, whether to center, and the rows' weights if any
+    /// (the tokens each already stands for, whole numbers).
+    fn merge_input() -> impl Strategy<Value = MergeInput> {
         (1usize..50).prop_flat_map(|n| {
             (
                 proptest::collection::vec(-1.0f32..1.0, n * 3),
                 proptest::collection::vec(proptest::bool::weighted(0.15), n),
                 0..=n,
                 proptest::bool::ANY,
+                proptest::option::of(proptest::collection::vec(
+                    (1u32..20).prop_map(|c| c as f32),
+                    n,
+                )),
             )
         })
     }
@@ -353,11 +376,14 @@ mod tests {
     proptest! {
         #[test]
         fn priority_queue_merging_equals_the_quadratic_reference(
-            (keys, protected, target, centered) in merge_input()
+            (keys, protected, target, centered, weights) in merge_input()
         ) {
             let center = centered.then(|| mean_row(&keys, 3));
-            let ours = merge_to_target(&keys, 3, &protected, target, center.as_deref());
-            let expected = merge_reference(&keys, 3, &protected, target, center.as_deref());
+            let ours =
+                merge_to_target(&keys, 3, &protected, target, center.as_deref(), weights.as_deref());
+            let ones = vec![1.0; protected.len()];
+            let w = weights.as_deref().unwrap_or(&ones);
+            let expected = merge_reference(&keys, 3, &protected, target, center.as_deref(), w);
             prop_assert_eq!(&ours, &expected);
             let n_protected = protected.iter().filter(|&&p| p).count();
             prop_assert_eq!(n_protected + ours.len(), target.max(min_reachable(&protected)));

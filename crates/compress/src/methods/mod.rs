@@ -28,7 +28,9 @@ pub use h2o::H2oConfig;
 pub use inner::InnerMethod;
 pub use keydiff::KeyDiffConfig;
 pub use knorm::KnormConfig;
-pub use kvmerger::{BudgetMode, KvMergerConfig, MassRule, MergeWeights, PivotRule, Sigma};
+pub use kvmerger::{
+    BudgetMode, KvMergerConfig, MassRule, MergeWeights, PivotRule, ProtectScore, SharesOf, Sigma,
+};
 pub use kvzip::{HeadBudgets, KvzipConfig};
 pub use merge_on_evict::MergeOnEvictConfig;
 pub use merging_sets::{
@@ -186,6 +188,45 @@ mod tests {
                 assert_eq!(method.log_count_bias(), expected, "{what}");
             }
         }
+    }
+
+    /// Every method either keeps a head within a bound while decoding (its decode-time
+    /// policy handed the bound, then [`CompressionMethod::bound`] on a head still past it,
+    /// as the engine drives them) or says why it cannot, naming itself.
+    #[test]
+    fn every_method_holds_a_bound_while_decoding_or_says_why_not() {
+        const T: usize = 100;
+        const BOUND: usize = 40;
+        let mut bounded = Vec::new();
+        for (name, params, _) in METHODS {
+            let params: Vec<(String, String)> =
+                params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+            let budget = (name != "full").then_some(Budget::Ratio(0.5));
+            let config = CompressionConfig::from_cli(name, budget, &params).unwrap();
+            let method = config.build().unwrap();
+            if let Some(reason) = method.decode_bound_refusal() {
+                assert!(reason.contains(name) || name == "full", "{}: {reason}", config.label());
+                continue;
+            }
+            bounded.push(config.label());
+            let id = HeadId { layer: 0, head: 1 };
+            let mut head = head_with_statistics(&*method, T, 8, 3, KvDtype::F32);
+            let b = method.budget_entries(T);
+            method.compress(id, &mut head, b).unwrap();
+            let mut rng = StdRng::seed_from_u64(2);
+            for step in 1..=200 {
+                let k: Vec<f32> = (0..8).map(|_| rng.random_range(-1.0..1.0)).collect();
+                let meta = EntryMeta { position: T + step - 1, count: 1, attention: 1.0 };
+                head.push(&k, &k, meta);
+                method.after_step(id, &mut head, b.min(BOUND), step).unwrap();
+                if head.len() > BOUND {
+                    method.bound(id, &mut head, BOUND).unwrap();
+                }
+                assert!(head.len() <= BOUND, "{}: {} at step {step}", config.label(), head.len());
+            }
+        }
+        // The eviction methods, the key scorers and KVMerger's budget modes.
+        assert_eq!(bounded.len(), 14, "{bounded:?}");
     }
 
     /// A random head with the statistics `method` asks the prefill of `n` tokens for.

@@ -50,6 +50,11 @@ impl CompressionMethod for StreamingLlmConfig {
         Ok(HeadReport { before, after: head.len(), clamped, ..Default::default() })
     }
 
+    /// Its sliding window keeps the bound.
+    fn decode_bound_refusal(&self) -> Option<String> {
+        None
+    }
+
     /// The window slides: the oldest entry after the sinks leaves.
     fn after_step(
         &self,

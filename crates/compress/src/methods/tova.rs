@@ -110,6 +110,16 @@ impl CompressionMethod for TovaConfig {
         Some(self)
     }
 
+    /// Its decode-time eviction keeps the bound; without it, the last query's attention that
+    /// TOVA reads exists for the prompt alone.
+    fn decode_bound_refusal(&self) -> Option<String> {
+        (!self.decode_eviction).then(|| {
+            "tova with decode_eviction = false reads attention of the last prompt query \
+             alone and has no rule for the entries decoding adds"
+                .to_string()
+        })
+    }
+
     fn after_step(
         &self,
         _id: HeadId,
