@@ -242,6 +242,11 @@ impl QuantMatrix {
         Self::from_blocks(kind, out_dim, in_dim, blocks).map(Some)
     }
 
+    /// Whether [`Self::from_qtensor`] keeps tensors of `dtype` as they are.
+    pub fn reads(dtype: GgmlDType) -> bool {
+        QuantKind::from_ggml(dtype).is_some()
+    }
+
     /// Quantizes f32 weights `[out_dim, in_dim]` to `kind` (candle's quantizer, as ggml's).
     pub fn quantize(weight: &candle_core::Tensor, kind: QuantKind) -> Result<Self> {
         let q = QTensor::quantize(weight, kind.ggml())?;
@@ -296,6 +301,21 @@ impl QuantMatrix {
 
     fn row_bytes(&self) -> usize {
         self.kind.row_bytes(self.in_dim / BLOCK)
+    }
+
+    /// Row `row`'s values into `out` (`in_dim` of them), as the dense path dequantizes the
+    /// whole matrix.
+    pub fn dequantize_row(&self, row: usize, out: &mut [f32]) {
+        assert!(row < self.out_dim && out.len() == self.in_dim, "a row inside the matrix");
+        let nb = self.in_dim / BLOCK;
+        let row_bytes = self.row_bytes();
+        // The interleaved layout keeps runs of rows together: take the row's run.
+        let run = if self.layout == Layout::Interleaved { interleaved::ROWS } else { 1 };
+        let first = row / run * run;
+        let stored = &self.blocks[first * row_bytes..(first + run) * row_bytes];
+        let rows = self.kind.rearrange(nb, stored, self.layout, Layout::Rows);
+        let at = (row - first) * row_bytes;
+        dense::dequantize(self.kind, &rows[at..at + row_bytes], out);
     }
 
     /// `out = x W^T`: `x` is `[rows, in_dim]` quantized, `out` is `[rows, out_dim]`.
@@ -1127,6 +1147,37 @@ mod tests {
                         let v = out[r * out_dim + o] as f64;
                         assert!((v - exact).abs() <= 1e-5 * scale, "{kind:?} {v} {exact}");
                     }
+                }
+            }
+        }
+    }
+
+    /// A row dequantized alone gives the values of the whole matrix dequantized, bit for bit
+    /// (the same arithmetic), from every layout that stores the kind.
+    #[test]
+    fn a_row_dequantizes_as_the_whole_matrix() {
+        let mut rng = StdRng::seed_from_u64(13);
+        for kind in QuantKind::ALL {
+            let (out_dim, in_dim) = (48, if kind.block_values() == BLOCK { 9 * 32 } else { 512 });
+            let m = QuantMatrix::quantize(&random_weights(out_dim, in_dim, &mut rng), kind)
+                .unwrap()
+                .with_layout(Layout::Rows);
+            let mut whole = vec![0.0; out_dim * in_dim];
+            dense::dequantize(kind, &m.blocks, &mut whole);
+            let mut layouts = vec![Layout::Rows];
+            if chunked::reads(kind) {
+                layouts.push(Layout::Chunked);
+            }
+            if interleaved::reads(kind) {
+                layouts.push(Layout::Interleaved);
+            }
+            for layout in layouts {
+                let stored = m.clone().with_layout(layout);
+                for (r, expected) in whole.chunks_exact(in_dim).enumerate() {
+                    let mut row = vec![0.0; in_dim];
+                    stored.dequantize_row(r, &mut row);
+                    let same = row.iter().zip(expected).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{kind:?} {layout:?} row {r}");
                 }
             }
         }
