@@ -632,13 +632,16 @@ fn kernel_for(kind: QuantKind, layout: Layout) -> Kernel {
 #[cfg(test)]
 type LayoutOf = fn(QuantKind) -> Layout;
 
+/// A kernel with the layout it reads.
+#[cfg(test)]
+type KernelWithLayout = (LayoutOf, fn(QuantKind, Layout) -> Kernel);
+
 /// Every kernel this CPU can run with the layout each reads, the scalar one first (for
 /// tests).
 #[cfg(test)]
-fn all_kernels() -> Vec<(LayoutOf, fn(QuantKind, Layout) -> Kernel)> {
+fn all_kernels() -> Vec<KernelWithLayout> {
     #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
-    let mut kernels: Vec<(LayoutOf, fn(QuantKind, Layout) -> Kernel)> =
-        vec![(|_| Layout::Rows, scalar_kernel)];
+    let mut kernels: Vec<KernelWithLayout> = vec![(|_| Layout::Rows, scalar_kernel)];
     #[cfg(target_arch = "x86_64")]
     {
         let avx2_layout: LayoutOf =
