@@ -7,7 +7,8 @@
 //! Then Qwen2.5-Coder-0.5B's shapes in the block types GGUF files store (Q5_0 and Q8_0 where
 //! the width is not a multiple of 256, the k-quants where it is): 1 and 8 rows on the block
 //! kernels (decode), 512 rows on the dense path (prefill: dequantized tiles, f32 GEMM)
-//! against candle's f32 product of the same rows.
+//! against candle's f32 product of the same rows, and Q8_0 (what every type was requantized to
+//! before the kernels read the file's own blocks) on the same shapes.
 //!
 //!     cargo bench -p kvmerger-engine --bench kernels
 //!     cargo bench -p kvmerger-engine --bench kernels -- '1536x576' --warm-up-time 1 --measurement-time 2
@@ -82,8 +83,8 @@ fn file_blocks(c: &mut Criterion) {
     let mut rng = StdRng::seed_from_u64(5);
     let shapes: [(usize, usize, &[QuantKind]); 3] = [
         (896, 896, &[QuantKind::Q5_0, QuantKind::Q8_0, QuantKind::Q4_0]),
-        (4864, 896, &[QuantKind::Q5_0]),
-        (896, 4864, &[QuantKind::Q4K, QuantKind::Q5K, QuantKind::Q6K]),
+        (4864, 896, &[QuantKind::Q5_0, QuantKind::Q8_0]),
+        (896, 4864, &[QuantKind::Q4K, QuantKind::Q5K, QuantKind::Q6K, QuantKind::Q8_0]),
     ];
     for (out_dim, in_dim, kinds) in shapes {
         let w =

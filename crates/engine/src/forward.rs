@@ -121,7 +121,7 @@ impl Llama {
         let ids: Vec<u32> = items.iter().flat_map(|i| i.tokens.iter().copied()).collect();
         // [rows, hidden]
         let x = timed(profile, Part::Embedding, || -> Result<_> {
-            let x = self.embed.index_select(&Tensor::new(ids.as_slice(), self.device())?, 0)?;
+            let x = self.embed.rows(&ids)?;
             match self.config.features.embed_scale {
                 1.0 => Ok(x),
                 scale => Ok((x * scale as f64)?),

@@ -6,6 +6,7 @@ pub mod chat;
 mod compression;
 mod config;
 mod cpu;
+mod embedding;
 mod error;
 pub mod fetch;
 mod forward;
@@ -35,6 +36,7 @@ pub use config::{
     Activation, ArchFeatures, ModelConfig, SlidingWindow, MAX_CONTEXT, SUPPORTED_ARCHITECTURES,
 };
 pub use cpu::{kernel_report, KernelLevel, UnknownKernelLevel, KERNEL_LEVEL_ENV};
+pub use embedding::Embedding;
 pub use error::{EngineError, Result};
 pub use forward::{BatchItem, Logits, Phase};
 pub use gguf_check::{check_gguf, GgufSummary, MAX_METADATA_BYTES};

@@ -5,6 +5,8 @@
 //! once per token, so the compact quantized weight is read faster. `kvmerger bench`
 //! measures both paths in each format.
 
+use std::sync::Arc;
+
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Module, Tensor};
 use serde::{Deserialize, Serialize};
@@ -84,8 +86,8 @@ pub struct Linear {
     /// `[out, in]`
     dense: Option<Tensor>,
     quantized: Option<QMatMul>,
-    /// For [`WeightFormat::File`].
-    kernel: Option<QuantMatrix>,
+    /// For [`WeightFormat::File`]; shared with the token embedding where the two are tied.
+    kernel: Option<Arc<QuantMatrix>>,
     /// `[out]`
     bias: Option<Tensor>,
     /// `bias` as plain values, for the kernel path.
@@ -155,6 +157,7 @@ impl Linear {
         let dense = dense.filter(|_| keep_dense);
         let bias = bias.map(|b| b.to_dtype(DType::F32)).transpose()?;
         let bias_values = bias.as_ref().map(Tensor::to_vec1).transpose()?;
+        let kernel = kernel.map(Arc::new);
         Ok(Self { dense, quantized, kernel, bias, bias_values })
     }
 
@@ -188,6 +191,11 @@ impl Linear {
         self.kernel.is_some()
     }
 
+    /// The blocks [`WeightFormat::File`] multiplies, where the layer has them.
+    pub fn kernel_matrix(&self) -> Option<&Arc<QuantMatrix>> {
+        self.kernel.as_ref()
+    }
+
     /// `out = x W^T (+ b)` on the kernel: `x` `[rows, in]` quantized, `out` `[rows, out]`.
     /// Several layers reading the same input run in one parallel region.
     /// Panics unless every layer [`Self::has_kernel`].
@@ -197,7 +205,7 @@ impl Linear {
         mut outs: [&mut [f32]; N],
     ) {
         let kernels = layers
-            .map(|l| l.kernel.as_ref().expect("forward_quantized on a layer without a kernel"));
+            .map(|l| &**l.kernel.as_ref().expect("forward_quantized on a layer without a kernel"));
         QuantMatrix::matmul_many(&kernels, x, &mut outs);
         for (layer, out) in layers.iter().zip(outs.iter_mut()) {
             if let Some(bias) = &layer.bias_values {
@@ -215,7 +223,7 @@ impl Linear {
             Some(QMatMul::QTensor(t)) => t.storage_size_in_bytes(),
             _ => 0,
         };
-        dense + q + self.kernel.as_ref().map_or(0, QuantMatrix::bytes)
+        dense + q + self.kernel.as_ref().map_or(0, |k| k.bytes())
     }
 }
 

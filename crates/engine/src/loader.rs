@@ -10,10 +10,12 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::chat::ChatTemplate;
 use crate::config::ModelConfig;
+use crate::embedding::Embedding;
 use crate::error::{EngineError, Result};
 use crate::gguf_check::check_gguf;
-use crate::linear::{Linear, WeightFormats};
+use crate::linear::{Linear, WeightFormat, WeightFormats};
 use crate::model::{Block, BlockNorms, Llama};
+use crate::qmatmul::QuantMatrix;
 use crate::reconstruction::ReconstructionPrompt;
 use crate::tokenizer::TextTokenizer;
 
@@ -66,6 +68,14 @@ fn split_rows(t: QTensor, sizes: &[usize], device: &Device) -> Result<Vec<QTenso
 }
 
 /// Loads a GGUF model of one of [`crate::config::SUPPORTED_ARCHITECTURES`].
+/// Whether the token embedding stays in the file's blocks: where the kernel reads their
+/// format, some phase multiplies the file's blocks (`file`) and none asks for the exact f32
+/// values (`f32`, which keeps the f32 table the exact reference has always used).
+fn embedding_in_blocks(table: &QTensor, formats: WeightFormats) -> bool {
+    let uses = |f: WeightFormat| formats.prefill == f || formats.decode == f;
+    QuantMatrix::reads(table.dtype()) && uses(WeightFormat::File) && !uses(WeightFormat::F32)
+}
+
 pub fn load_gguf(
     path: &Path,
     formats: WeightFormats,
@@ -105,12 +115,31 @@ pub fn load_gguf(
         content.tensor(&mut reader, name, device).map_err(gguf_err)
     };
     let embed_q = tensor("token_embd.weight", &[c.vocab_size, hidden])?;
-    let embed = embed_q.dequantize(device)?;
     let final_norm = tensor("output_norm.weight", &[hidden])?.dequantize(device)?;
-    let lm_head = if content.tensor_infos.contains_key("output.weight") {
-        Linear::from_qtensor(tensor("output.weight", &[c.vocab_size, hidden])?, None, formats)?
+    let in_blocks = embedding_in_blocks(&embed_q, formats);
+    let (lm_head, embed) = if content.tensor_infos.contains_key("output.weight") {
+        let lm_head = tensor("output.weight", &[c.vocab_size, hidden])?;
+        let embed = match in_blocks.then(|| QuantMatrix::from_qtensor(&embed_q)).transpose()? {
+            Some(Some(blocks)) => {
+                Embedding::Blocks { matrix: Arc::new(blocks), device: device.clone() }
+            }
+            _ => Embedding::Dense(embed_q.dequantize(device)?),
+        };
+        (Linear::from_qtensor(lm_head, None, formats)?, embed)
     } else {
-        Linear::from_qtensor(embed_q, None, formats)?
+        // Tied: the output projection's blocks serve the lookup too.
+        let dense = (!in_blocks).then(|| embed_q.dequantize(device)).transpose()?;
+        let lm_head = Linear::from_qtensor(embed_q, None, formats)?;
+        let embed = match (dense, lm_head.kernel_matrix()) {
+            (Some(dense), _) => Embedding::Dense(dense),
+            (None, Some(blocks)) => {
+                Embedding::Blocks { matrix: blocks.clone(), device: device.clone() }
+            }
+            (None, None) => {
+                unreachable!("file weights in a format the kernel reads keep their blocks")
+            }
+        };
+        (lm_head, embed)
     };
     let mut blocks = Vec::new();
     for l in 0..c.n_layers {
@@ -260,7 +289,7 @@ pub fn load_hf_folder(dir: &Path, device: &Device) -> Result<Llama> {
     }
     Llama::new(
         config,
-        embed,
+        Embedding::Dense(embed),
         blocks,
         final_norm,
         lm_head,

@@ -9,6 +9,7 @@ use candle_core::{Device, Tensor};
 use kvmerger_compress::{KvCache, KvDtype};
 
 use crate::config::ModelConfig;
+use crate::embedding::Embedding;
 use crate::error::Result;
 use crate::linear::{Linear, WeightFormats};
 use crate::profile::StepProfile;
@@ -76,8 +77,8 @@ impl NormValues {
 #[derive(Debug, Clone)]
 pub struct Llama {
     pub config: ModelConfig,
-    /// `[vocab, hidden]`, f32 for the embedding lookup.
-    pub embed: Tensor,
+    /// `[vocab, hidden]`: the token embedding.
+    pub embed: Embedding,
     pub blocks: Vec<Block>,
     /// `[hidden]`
     pub final_norm: Tensor,
@@ -102,7 +103,7 @@ pub struct Llama {
 impl Llama {
     pub fn new(
         config: ModelConfig,
-        embed: Tensor,
+        embed: Embedding,
         blocks: Vec<Block>,
         final_norm: Tensor,
         lm_head: Linear,
@@ -169,6 +170,6 @@ impl Llama {
             self.blocks.iter().flat_map(|b| [&b.wq, &b.wk, &b.wv, &b.wo, &b.gate, &b.up, &b.down]);
         linears.map(Linear::weight_bytes).sum::<usize>()
             + self.lm_head.weight_bytes()
-            + self.embed.elem_count() * 4
+            + self.embed.weight_bytes(self.lm_head.kernel_matrix())
     }
 }

@@ -67,6 +67,7 @@ macro_rules! kernel_by_rows {
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 mod blocks;
+mod chunked;
 mod dense;
 mod interleaved;
 
@@ -153,6 +154,20 @@ impl QuantKind {
         nb / self.subs() * self.block_bytes()
     }
 
+    /// Rows of `nb` blocks stored in layout `from`, stored in layout `to`.
+    fn rearrange(self, nb: usize, blocks: &[u8], from: Layout, to: Layout) -> Vec<u8> {
+        let rows = match from {
+            Layout::Rows => std::borrow::Cow::Borrowed(blocks),
+            Layout::Interleaved => interleaved::rearrange(self, nb, blocks, false).into(),
+            Layout::Chunked => chunked::rearrange(self, nb, blocks, false).into(),
+        };
+        match to {
+            Layout::Rows => rows.into_owned(),
+            Layout::Interleaved => interleaved::rearrange(self, nb, &rows, true),
+            Layout::Chunked => chunked::rearrange(self, nb, &rows, true),
+        }
+    }
+
     /// The kind whose discriminant is `index` (a const generic parameter of the kernels).
     const fn from_index(index: u8) -> Self {
         Self::ALL[index as usize]
@@ -183,6 +198,27 @@ enum Layout {
     /// Runs of 16 rows side by side, block by block ([`interleaved`]): chosen where the CPU
     /// runs its kernels and `out_dim` is a multiple of 16.
     Interleaved,
+    /// Rows of GGUF blocks with each run of 8 blocks rearranged for the AVX2 kernels
+    /// ([`chunked`]): chosen for the 32-value formats where those kernels run.
+    Chunked,
+}
+
+impl Layout {
+    /// The layout the fastest kernel of this CPU reads for `kind` with `out_dim` rows.
+    fn for_kernel(kind: QuantKind, out_dim: usize) -> Self {
+        if interleaved::available()
+            && interleaved::reads(kind)
+            && out_dim.is_multiple_of(interleaved::ROWS)
+        {
+            return Self::Interleaved;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if chunked::reads(kind) && crate::cpu::has_avx2_fma_f16c() && avx512::kernel(kind).is_none()
+        {
+            return Self::Chunked;
+        }
+        Self::Rows
+    }
 }
 
 /// A weight matrix `[out_dim, in_dim]` in GGUF blocks, `in_dim / 32` blocks a row, stored in
@@ -204,6 +240,11 @@ impl QuantMatrix {
         let (out_dim, in_dim) = weight.shape().dims2()?;
         let blocks = weight.data()?.into_owned();
         Self::from_blocks(kind, out_dim, in_dim, blocks).map(Some)
+    }
+
+    /// Whether [`Self::from_qtensor`] keeps tensors of `dtype` as they are.
+    pub fn reads(dtype: GgmlDType) -> bool {
+        QuantKind::from_ggml(dtype).is_some()
     }
 
     /// Quantizes f32 weights `[out_dim, in_dim]` to `kind` (candle's quantizer, as ggml's).
@@ -229,10 +270,7 @@ impl QuantMatrix {
             )));
         }
         let rows = Self { kind, out_dim, in_dim, layout: Layout::Rows, blocks };
-        let interleave = interleaved::available()
-            && interleaved::reads(kind)
-            && out_dim.is_multiple_of(interleaved::ROWS);
-        Ok(if interleave { rows.with_layout(Layout::Interleaved) } else { rows })
+        Ok(rows.with_layout(Layout::for_kernel(kind, out_dim)))
     }
 
     /// The same matrix stored in `layout`.
@@ -240,9 +278,7 @@ impl QuantMatrix {
         if layout == self.layout {
             return self;
         }
-        let nb = self.in_dim / BLOCK;
-        let to_interleaved = layout == Layout::Interleaved;
-        let blocks = interleaved::rearrange(self.kind, nb, &self.blocks, to_interleaved);
+        let blocks = self.kind.rearrange(self.in_dim / BLOCK, &self.blocks, self.layout, layout);
         Self { layout, blocks, ..self }
     }
 
@@ -265,6 +301,21 @@ impl QuantMatrix {
 
     fn row_bytes(&self) -> usize {
         self.kind.row_bytes(self.in_dim / BLOCK)
+    }
+
+    /// Row `row`'s values into `out` (`in_dim` of them), as the dense path dequantizes the
+    /// whole matrix.
+    pub fn dequantize_row(&self, row: usize, out: &mut [f32]) {
+        assert!(row < self.out_dim && out.len() == self.in_dim, "a row inside the matrix");
+        let nb = self.in_dim / BLOCK;
+        let row_bytes = self.row_bytes();
+        // The interleaved layout keeps runs of rows together: take the row's run.
+        let run = if self.layout == Layout::Interleaved { interleaved::ROWS } else { 1 };
+        let first = row / run * run;
+        let stored = &self.blocks[first * row_bytes..(first + run) * row_bytes];
+        let rows = self.kind.rearrange(nb, stored, self.layout, Layout::Rows);
+        let at = (row - first) * row_bytes;
+        dense::dequantize(self.kind, &rows[at..at + row_bytes], out);
     }
 
     /// `out = x W^T`: `x` is `[rows, in_dim]` quantized, `out` is `[rows, out_dim]`.
@@ -398,6 +449,9 @@ pub struct QuantizedRows {
     offsets: Vec<i32>,
     /// `[rows, width / 32, LANES]`: each block's scale `d` (`x ~= d * q`) in every lane.
     d: Vec<f32>,
+    /// `[rows, width / 32]`: each block's `d` once, so that a kernel loads the scales of 8
+    /// consecutive blocks as one vector.
+    block_d: Vec<f32>,
     /// `[rows, width / 32]`: each block's `d * sum(q)`, for the offset terms.
     s: Vec<f32>,
     /// `[rows, width]`: the rows as given, for [`Product::Dense`] (which multiplies them in
@@ -430,6 +484,8 @@ struct Acts<'a> {
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     offsets: &'a [i32],
     d: &'a [f32],
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    block_d: &'a [f32],
     s: &'a [f32],
 }
 
@@ -441,6 +497,7 @@ impl<'a> Acts<'a> {
             && self.qu.len() == self.qs.len()
             && self.offsets.len() == rows * nb
             && self.d.len() == rows * nb * LANES
+            && self.block_d.len() == rows * nb
             && self.s.len() == rows * nb
     }
 
@@ -479,6 +536,8 @@ impl QuantizedRows {
         self.qs.resize(x.len(), 0);
         self.d.clear();
         self.d.resize(blocks * LANES, 0.0);
+        self.block_d.clear();
+        self.block_d.resize(blocks, 0.0);
         self.s.clear();
         self.s.resize(blocks, 0.0);
         self.offsets.clear();
@@ -486,9 +545,11 @@ impl QuantizedRows {
         let quantize_block = block_quantizer();
         let per_block = x.chunks_exact(BLOCK).zip(self.qs.chunks_exact_mut(BLOCK));
         let sums = self.s.iter_mut().zip(&mut self.offsets);
-        for (((x, qs), d), (s, offset)) in per_block.zip(self.d.chunks_exact_mut(LANES)).zip(sums) {
+        let scales = self.d.chunks_exact_mut(LANES).zip(&mut self.block_d);
+        for (((x, qs), (d, block_d)), (s, offset)) in per_block.zip(scales).zip(sums) {
             let (scale, sum) = quantize_block(x, qs);
             d.fill(scale);
+            *block_d = scale;
             *s = scale * sum as f32;
             *offset = -128 * sum;
         }
@@ -509,6 +570,7 @@ impl QuantizedRows {
             qu: &self.qu[b0 * BLOCK..b1 * BLOCK],
             offsets: &self.offsets[b0..b1],
             d: &self.d[b0 * LANES..b1 * LANES],
+            block_d: &self.block_d[b0..b1],
             s: &self.s[b0..b1],
         }
     }
@@ -550,37 +612,55 @@ type Kernel = unsafe fn(&[u8], usize, Acts<'_>, usize, Columns);
 
 fn kernel_for(kind: QuantKind, layout: Layout) -> Kernel {
     #[cfg(target_arch = "x86_64")]
-    if layout == Layout::Interleaved {
-        return interleaved::kernel(kind);
-    }
-    debug_assert_eq!(layout, Layout::Rows, "interleaved only where its kernels run");
-    #[cfg(target_arch = "x86_64")]
-    if let Some(kernel) = avx512::kernel(kind) {
-        return kernel;
-    }
-    #[cfg(target_arch = "x86_64")]
-    if crate::cpu::has_avx2_fma_f16c() {
-        return avx2::kernel(kind, avx2::vnni_available());
+    match layout {
+        Layout::Interleaved => return interleaved::kernel(kind),
+        Layout::Chunked => return avx2::kernel(kind, avx2::vnni_available()),
+        Layout::Rows => {
+            if let Some(kernel) = avx512::kernel(kind) {
+                return kernel;
+            }
+            // The AVX2 kernels read the 32-value formats rearranged only.
+            if crate::cpu::has_avx2_fma_f16c() && !chunked::reads(kind) {
+                return avx2::kernel(kind, avx2::vnni_available());
+            }
+        }
     }
     scalar_kernel(kind, layout)
 }
 
-/// Every kernel this CPU can run for row-major blocks, the scalar one first (for tests).
+/// The layout a kernel reads for a kind.
 #[cfg(test)]
-fn all_kernels() -> Vec<fn(QuantKind, Layout) -> Kernel> {
+type LayoutOf = fn(QuantKind) -> Layout;
+
+/// A kernel with the layout it reads.
+#[cfg(test)]
+type KernelWithLayout = (LayoutOf, fn(QuantKind, Layout) -> Kernel);
+
+/// Every kernel this CPU can run with the layout each reads, the scalar one first (for
+/// tests).
+#[cfg(test)]
+fn all_kernels() -> Vec<KernelWithLayout> {
     #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
-    let mut kernels: Vec<fn(QuantKind, Layout) -> Kernel> = vec![scalar_kernel];
+    let mut kernels: Vec<KernelWithLayout> = vec![(|_| Layout::Rows, scalar_kernel)];
     #[cfg(target_arch = "x86_64")]
     {
+        let avx2_layout: LayoutOf =
+            |kind| if chunked::reads(kind) { Layout::Chunked } else { Layout::Rows };
         if crate::cpu::has_avx2_fma_f16c() {
-            kernels.push(|kind, _| avx2::kernel(kind, false));
+            kernels.push((avx2_layout, |kind, _| avx2::kernel(kind, false)));
         }
         if avx2::vnni_available() {
-            kernels.push(|kind, _| avx2::kernel(kind, true));
+            kernels.push((avx2_layout, |kind, _| avx2::kernel(kind, true)));
         }
         if avx512::available() {
-            kernels
-                .push(|kind, _| avx512::kernel(kind).unwrap_or_else(|| avx2::kernel(kind, false)));
+            kernels.push((
+                |kind| match avx512::kernel(kind) {
+                    Some(_) => Layout::Rows,
+                    None if chunked::reads(kind) => Layout::Chunked,
+                    None => Layout::Rows,
+                },
+                |kind, _| avx512::kernel(kind).unwrap_or_else(|| avx2::kernel(kind, false)),
+            ));
         }
     }
     kernels
@@ -977,17 +1057,15 @@ mod tests {
                     (48, 288),
                     (32, 71 * 32),
                     (1040, 96),
+                    (6, 16 * 32),
+                    (3, 28 * 32),
                 ],
                 _ => &[(1, 256), (7, 512), (16, 256), (33, 3 * 256), (130, 256)],
             };
             for &(out_dim, in_dim) in shapes {
                 let w = random_weights(out_dim, in_dim, &mut rng);
                 let m = QuantMatrix::quantize(&w, kind).unwrap();
-                let interleave = interleaved::available()
-                    && interleaved::reads(kind)
-                    && out_dim % interleaved::ROWS == 0;
-                assert_eq!(m.layout == Layout::Interleaved, interleave, "{out_dim} rows");
-                let row_major = m.clone().with_layout(Layout::Rows);
+                assert_eq!(m.layout, Layout::for_kernel(kind, out_dim), "{out_dim} rows");
                 let dense = dequantize(&m);
                 for rows in (1..=8).chain([11]) {
                     let x = QuantizedRows::new(&random(rows * in_dim, &mut rng), rows);
@@ -995,9 +1073,10 @@ mod tests {
                     m.matmul_scalar(&x, &mut scalar);
                     let mut simd: Vec<Vec<f32>> = all_kernels()
                         .into_iter()
-                        .map(|kernel| {
+                        .map(|(layout, kernel)| {
                             let mut out = vec![0.0; rows * out_dim];
-                            QuantMatrix::run(&[&row_major], &x, &mut [&mut out], kernel);
+                            let m = m.clone().with_layout(layout(kind));
+                            QuantMatrix::run(&[&m], &x, &mut [&mut out], kernel);
                             out
                         })
                         .collect();
@@ -1071,6 +1150,37 @@ mod tests {
                         let v = out[r * out_dim + o] as f64;
                         assert!((v - exact).abs() <= 1e-5 * scale, "{kind:?} {v} {exact}");
                     }
+                }
+            }
+        }
+    }
+
+    /// A row dequantized alone gives the values of the whole matrix dequantized, bit for bit
+    /// (the same arithmetic), from every layout that stores the kind.
+    #[test]
+    fn a_row_dequantizes_as_the_whole_matrix() {
+        let mut rng = StdRng::seed_from_u64(13);
+        for kind in QuantKind::ALL {
+            let (out_dim, in_dim) = (48, if kind.block_values() == BLOCK { 9 * 32 } else { 512 });
+            let m = QuantMatrix::quantize(&random_weights(out_dim, in_dim, &mut rng), kind)
+                .unwrap()
+                .with_layout(Layout::Rows);
+            let mut whole = vec![0.0; out_dim * in_dim];
+            dense::dequantize(kind, &m.blocks, &mut whole);
+            let mut layouts = vec![Layout::Rows];
+            if chunked::reads(kind) {
+                layouts.push(Layout::Chunked);
+            }
+            if interleaved::reads(kind) {
+                layouts.push(Layout::Interleaved);
+            }
+            for layout in layouts {
+                let stored = m.clone().with_layout(layout);
+                for (r, expected) in whole.chunks_exact(in_dim).enumerate() {
+                    let mut row = vec![0.0; in_dim];
+                    stored.dequantize_row(r, &mut row);
+                    let same = row.iter().zip(expected).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{kind:?} {layout:?} row {r}");
                 }
             }
         }

@@ -12,6 +12,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::config::ModelConfig;
+use crate::embedding::Embedding;
 use crate::error::{EngineError, Result};
 use crate::forward::{BatchItem, Logits, Phase};
 use crate::linear::{Linear, WeightFormats};
@@ -102,7 +103,7 @@ pub fn random_llama_with(config: ModelConfig, seed: u64, formats: WeightFormats)
     }
     let final_norm = Tensor::ones(h, candle_core::DType::F32, &dev)?;
     let lm_head = linear(embed.clone())?;
-    let mut model = Llama::new(config, embed, blocks, final_norm, lm_head, formats)?;
+    let mut model = Llama::new(config, Embedding::Dense(embed), blocks, final_norm, lm_head, formats)?;
     model.reconstruction = Some(Arc::new(random_reconstruction_prompt()));
     Ok(model)
 }
@@ -172,8 +173,7 @@ pub fn reference_forward(
     let eps = c.rms_norm_eps as f32;
     // The whole sequence at once, as a prompt: every layer in the prefill format.
     let format = model.formats.prefill;
-    let ids = Tensor::new(tokens, model.device())?;
-    let mut x = model.embed.index_select(&ids, 0)?;
+    let mut x = model.embed.rows(tokens)?;
     let mut received = vec![vec![vec![0.0f32; seq]; c.n_kv_heads]; c.n_layers];
     let mut queries = Vec::with_capacity(c.n_layers);
     let mut rotated_keys = Vec::with_capacity(c.n_layers);

@@ -1,16 +1,25 @@
-//! AVX2 kernels for every block format, through 32-value sub-blocks ([`super::blocks`]):
-//! per weight unit the scales are read once, per sub-block the 32 values are unpacked into
-//! one vector of bytes once, then every activation row of the group takes one byte dot
-//! product (`vpmaddubsw` + `vpmaddwd`, or AVX-VNNI's `vpdpbusd`), one conversion and one FMA
-//! with the per-lane multipliers: lanes 0..4 hold values 0..16 and lanes 4..8 values 16..32,
-//! so Q6_K's scale per 16 values costs nothing more. Unsigned values (Q4_0, Q4_1, Q5_0, Q4_K,
-//! Q5_K) go straight into the unsigned operand and add `m * s_x` per row; signed ones (Q8_0,
-//! Q6_K) take the sign of each weight over to the activation (`vpsignb`).
+//! AVX2 kernels for every block format, in chunks of 8 consecutive 32-value sub-blocks of a
+//! weight row ([`super::blocks`] is the portable reading they are tested against): a
+//! k-quant super-block, or 8 blocks of the 32-value formats.
+//!
+//! Per sub-block the 32 values are unpacked into one vector of bytes once for all the
+//! activation rows of the group; per activation row each sub-block then costs one load and
+//! one byte dot product (`vpmaddubsw`, then `vpmaddwd` with the k-quants' integer scales as
+//! its 16-bit operand, or AVX-VNNI's `vpdpbusd` where there is no integer scale). The eight
+//! sub-blocks' integer sums of a row are gathered into the 8 lanes of one vector (a tree of
+//! `vphaddd`), which takes the float scales of the chunk in one conversion, one product and
+//! one FMA, and the offsets `m * s_x` in one more FMA: per sub-block and row about four
+//! instructions, where scaling each sub-block apart took nine. Unsigned values (Q4_0, Q4_1,
+//! Q5_0, Q4_K, Q5_K) go straight into the unsigned operand; signed ones (Q8_0, Q6_K) take the
+//! sign of each weight over to the activation (`vpsignb`).
 
 use std::arch::x86_64::*;
 
-use super::blocks::{self, UnitScales, Q4K_NIBBLES, Q5K_HIGH, Q5K_NIBBLES, Q6K_HIGH};
-use super::{Acts, Columns, Kernel, QuantKind};
+use super::blocks::{
+    self, K_SCALES, Q4K_NIBBLES, Q5K_HIGH, Q5K_NIBBLES, Q6K_D, Q6K_HIGH, Q6K_SCALES,
+};
+use super::chunked;
+use super::{Acts, Columns, Kernel, QuantKind, BLOCK};
 use crate::cpu::has_avx2_fma_f16c;
 
 pub fn vnni_available() -> bool {
@@ -52,8 +61,11 @@ kernel_by_rows!(q4_k_vnni, vnni::rows<Q4K>, Q4K, 1, vnni_available);
 kernel_by_rows!(q5_k_vnni, vnni::rows<Q5K>, Q5K, 1, vnni_available);
 kernel_by_rows!(q6_k_vnni, vnni::rows<Q6K>, Q6K, 1, vnni_available);
 
-/// Whole units of `kind` from `blocks` as f32 values into `out` (`w = d * q + m`, one FMA
-/// per 8 values).
+/// Sub-blocks whose integer sums share one vector of float scales.
+const CHUNK: usize = 8;
+
+/// Whole units of `kind` from `blocks` as f32 values into `out` (`w = d * (k q) + m`, with
+/// the integer scale `k` of the k-quants, one FMA per 8 values).
 pub(super) fn dequantize(kind: QuantKind, blocks: &[u8], out: &mut [f32]) {
     assert!(has_avx2_fma_f16c());
     let units = blocks.len() / kind.block_bytes();
@@ -78,47 +90,110 @@ pub(super) fn dequantize(kind: QuantKind, blocks: &[u8], out: &mut [f32]) {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dequantize_units<U: Unpack>(blocks: &[u8], out: &mut [f32]) {
     let kind = U::KIND;
-    let mut scales = UnitScales::default();
-    let units = blocks.chunks_exact(kind.block_bytes());
-    for (unit, out) in units.zip(out.chunks_exact_mut(kind.block_values())) {
-        U::scales(unit, &mut scales);
-        for sub in 0..kind.subs() {
-            let (w, d, m) = U::sub(unit, sub, &scales);
-            // Values 0..16 take the low half's multiplier, 16..32 the high half's.
-            let halves =
-                [_mm256_permute2f128_ps::<0x00>(d, d), _mm256_permute2f128_ps::<0x11>(d, d)];
-            let (m, at) = (_mm256_set1_ps(m), out.as_mut_ptr().add(32 * sub));
-            let bytes = [_mm256_castsi256_si128(w), _mm256_extracti128_si256::<1>(w)];
-            for j in 0..4 {
-                let eight =
-                    if j % 2 == 0 { bytes[j / 2] } else { _mm_srli_si128::<8>(bytes[j / 2]) };
+    // The units read as one long row: chunks never depend on where a row ends.
+    let subs = blocks.len() / kind.block_bytes() * kind.subs();
+    let row = blocks.as_ptr();
+    for c in 0..subs.div_ceil(CHUNK) {
+        let n = (subs - CHUNK * c).min(CHUNK);
+        let chunk = U::chunk(row, c, n);
+        let (mut d, mut m) = ([0.0f32; CHUNK], [0.0f32; CHUNK]);
+        _mm256_storeu_ps(d.as_mut_ptr(), chunk.d);
+        _mm256_storeu_ps(m.as_mut_ptr(), chunk.m);
+        for j in 0..n {
+            let (w, multiplier) = U::sub(row, c, j, &chunk.ints);
+            let at = out.as_mut_ptr().add(BLOCK * (CHUNK * c + j));
+            let halves = [_mm256_castsi256_si128(w), _mm256_extracti128_si256::<1>(w)];
+            // Values 0..16 take the low half's integer scale, 16..32 the high half's.
+            let scales = [
+                _mm256_permute2x128_si256::<0x00>(multiplier, multiplier),
+                _mm256_permute2x128_si256::<0x11>(multiplier, multiplier),
+            ];
+            for h in 0..2 {
                 let wide = if kind.signed() {
-                    _mm256_cvtepi8_epi32(eight)
+                    _mm256_cvtepi8_epi16(halves[h])
                 } else {
-                    _mm256_cvtepu8_epi32(eight)
+                    _mm256_cvtepu8_epi16(halves[h])
                 };
-                let v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(wide), halves[j / 2], m);
-                _mm256_storeu_ps(at.add(8 * j), v);
+                let scaled = if U::SCALED { _mm256_mullo_epi16(wide, scales[h]) } else { wide };
+                let eights =
+                    [_mm256_castsi256_si128(scaled), _mm256_extracti128_si256::<1>(scaled)];
+                for (e, eight) in eights.into_iter().enumerate() {
+                    let v = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(eight));
+                    let v = _mm256_fmadd_ps(v, _mm256_set1_ps(d[j]), _mm256_set1_ps(m[j]));
+                    _mm256_storeu_ps(at.add(16 * h + 8 * e), v);
+                }
             }
         }
     }
 }
 
-/// One format's sub-blocks as vectors.
+/// What the sub-blocks of one chunk share.
+#[derive(Clone, Copy)]
+struct Chunk<I> {
+    /// Lane `j`: sub-block `j`'s float multiplier (beside its integer scale, if any).
+    d: __m256,
+    /// Lane `j`: sub-block `j`'s offset `m` (0 where the format has none).
+    m: __m256,
+    /// The chunk's integer scales, as the format keeps them.
+    ints: I,
+}
+
+/// One format's chunks and sub-blocks as vectors.
 ///
 /// # Safety
-/// The methods need AVX2, FMA and F16C, and `unit` must hold a whole unit of `KIND`
-/// (`KIND.block_bytes()` bytes).
+/// The methods need AVX2, FMA and F16C; `row` must hold the chunk's whole units.
 trait Unpack {
     const KIND: QuantKind;
+    /// Whether sub-blocks carry 16-bit integer scales (the k-quants); the others multiply by 1.
+    const SCALED: bool;
+    type Ints: Copy;
 
-    /// The multipliers and offsets the unit's sub-blocks share, where they are not in the
-    /// sub-block itself (the k-quants' packed scales).
-    unsafe fn scales(_unit: &[u8], _scales: &mut UnitScales) {}
+    /// The scales and offsets of sub-blocks `8c..8c + n` of `row` (`n` is 8 but at a row's
+    /// end); lanes from `n` are 0.
+    unsafe fn chunk(row: *const u8, c: usize, n: usize) -> Chunk<Self::Ints>;
 
-    /// Sub-block `sub`: its 32 values as bytes, the multiplier of each i32 lane of a byte
-    /// product (`[d_lo x 4, d_hi x 4]`) and the offset `m`.
-    unsafe fn sub(unit: &[u8], sub: usize, scales: &UnitScales) -> (__m256i, __m256, f32);
+    /// Sub-block `8c + j` of `row`: its 32 values `q` as bytes and the integer scale of each
+    /// 16-bit pair product (lanes 0..8: values 0..16; lanes 8..16: values 16..32).
+    unsafe fn sub(row: *const u8, c: usize, j: usize, ints: &Self::Ints) -> (__m256i, __m256i);
+
+    /// [`Self::chunk`] for a whole chunk as the kernels store it: rearranged for the 32-value
+    /// formats ([`super::chunked`]), a super-block as it is for the k-quants.
+    unsafe fn packed_chunk(row: *const u8, c: usize) -> Chunk<Self::Ints> {
+        Self::chunk(row, c, CHUNK)
+    }
+
+    /// [`Self::sub`] in a whole chunk as the kernels store it.
+    unsafe fn packed_sub(
+        row: *const u8,
+        c: usize,
+        j: usize,
+        ints: &Self::Ints,
+    ) -> (__m256i, __m256i) {
+        Self::sub(row, c, j, ints)
+    }
+}
+
+/// Chunk `c` of a row of the 32-value format `kind` rearranged ([`super::chunked`]): where
+/// it starts, and its 8 scales `d` with offsets `offset * d`.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn packed_block_chunk(
+    kind: QuantKind,
+    row: *const u8,
+    c: usize,
+    offset: f32,
+) -> (*const u8, Chunk<()>) {
+    let start = row.add(CHUNK * kind.block_bytes() * c);
+    let d = _mm256_cvtph_ps(_mm_loadu_si128(start.cast()));
+    (start, Chunk { d, m: _mm256_mul_ps(d, _mm256_set1_ps(offset)), ints: () })
+}
+
+/// Block `j`'s 32 values of a rearranged chunk of a 4-bit format: the low or high nibbles of
+/// its pair's 32 bytes.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn packed_nibbles(kind: QuantKind, start: *const u8, j: usize) -> __m256i {
+    bits_of_32(start.add(chunked::values_at(kind) + 32 * (j / 2)), 4 * (j % 2), 15)
 }
 
 /// The f16 at `at`.
@@ -127,6 +202,21 @@ trait Unpack {
 unsafe fn half(at: *const u8) -> f32 {
     let bits = (at as *const u16).read_unaligned() as i32;
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)))
+}
+
+/// The `n` (at most 8) f16 values at `first`, `first + stride`, ... in lanes `0..n`.
+#[target_feature(enable = "avx2,f16c")]
+#[inline]
+unsafe fn halves(first: *const u8, stride: usize, n: usize) -> __m256 {
+    let at = |j: usize| (first.add(j * stride) as *const i16).read_unaligned();
+    let bits = if n == CHUNK {
+        _mm_set_epi16(at(7), at(6), at(5), at(4), at(3), at(2), at(1), at(0))
+    } else {
+        let mut bits = [0i16; CHUNK];
+        bits.iter_mut().take(n).enumerate().for_each(|(j, b)| *b = at(j));
+        _mm_loadu_si128(bits.as_ptr().cast())
+    };
+    _mm256_cvtph_ps(bits)
 }
 
 /// The 32 values of 16 packed bytes at `at`: low nibbles first, then high nibbles.
@@ -161,6 +251,25 @@ unsafe fn fifth_bits(bits: u32) -> __m256i {
     _mm256_and_si256(set, _mm256_set1_epi8(0x10))
 }
 
+/// Lane `j`: the sum of the 8 lanes of `p[j]` (two rounds of `vphaddd` within each 128-bit
+/// half, then the halves' partial sums added across).
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn lane_sums(p: &[__m256i; CHUNK]) -> __m256i {
+    let first = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
+    let second = _mm256_hadd_epi32(_mm256_hadd_epi32(p[4], p[5]), _mm256_hadd_epi32(p[6], p[7]));
+    let low = _mm256_permute2x128_si256::<0x20>(first, second);
+    let high = _mm256_permute2x128_si256::<0x31>(first, second);
+    _mm256_add_epi32(low, high)
+}
+
+/// A load mask of the first `n` (at most 8) f32 lanes.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn first_lanes(n: usize) -> __m256i {
+    _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))
+}
+
 struct Q4_0;
 struct Q4_1;
 struct Q5_0;
@@ -169,118 +278,258 @@ struct Q4K;
 struct Q5K;
 struct Q6K;
 
+/// The 32-value block `8c + j` of `row` (`bb` bytes a block).
+#[inline(always)]
+unsafe fn block_at(row: *const u8, bb: usize, c: usize, j: usize) -> *const u8 {
+    row.add(bb * (CHUNK * c + j))
+}
+
+/// The chunk of a 32-value format: the blocks' own `d` (at each block's start) and an offset
+/// of `offset * d`.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn block_chunk(row: *const u8, bb: usize, c: usize, n: usize, offset: f32) -> Chunk<()> {
+    let d = halves(block_at(row, bb, c, 0), bb, n);
+    Chunk { d, m: _mm256_mul_ps(d, _mm256_set1_ps(offset)), ints: () }
+}
+
 impl Unpack for Q4_0 {
     const KIND: QuantKind = QuantKind::Q4_0;
+    const SCALED: bool = false;
+    type Ints = ();
 
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn sub(unit: &[u8], _: usize, _: &UnitScales) -> (__m256i, __m256, f32) {
-        let d = half(unit.as_ptr());
-        (nibbles_of_16(unit.as_ptr().add(2)), _mm256_set1_ps(d), -8.0 * d)
+    unsafe fn chunk(row: *const u8, c: usize, n: usize) -> Chunk<()> {
+        block_chunk(row, Self::KIND.block_bytes(), c, n, -8.0)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn sub(row: *const u8, c: usize, j: usize, _: &()) -> (__m256i, __m256i) {
+        (nibbles_of_16(block_at(row, 18, c, j).add(2)), _mm256_set1_epi16(1))
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn packed_chunk(row: *const u8, c: usize) -> Chunk<()> {
+        packed_block_chunk(Self::KIND, row, c, -8.0).1
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn packed_sub(row: *const u8, c: usize, j: usize, _: &()) -> (__m256i, __m256i) {
+        let start = row.add(CHUNK * Self::KIND.block_bytes() * c);
+        (packed_nibbles(Self::KIND, start, j), _mm256_set1_epi16(1))
     }
 }
 
 impl Unpack for Q4_1 {
     const KIND: QuantKind = QuantKind::Q4_1;
+    const SCALED: bool = false;
+    type Ints = ();
 
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn sub(unit: &[u8], _: usize, _: &UnitScales) -> (__m256i, __m256, f32) {
-        let p = unit.as_ptr();
-        (nibbles_of_16(p.add(4)), _mm256_set1_ps(half(p)), half(p.add(2)))
+    unsafe fn chunk(row: *const u8, c: usize, n: usize) -> Chunk<()> {
+        let first = block_at(row, 20, c, 0);
+        Chunk { d: halves(first, 20, n), m: halves(first.add(2), 20, n), ints: () }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn sub(row: *const u8, c: usize, j: usize, _: &()) -> (__m256i, __m256i) {
+        (nibbles_of_16(block_at(row, 20, c, j).add(4)), _mm256_set1_epi16(1))
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn packed_chunk(row: *const u8, c: usize) -> Chunk<()> {
+        let (start, chunk) = packed_block_chunk(Self::KIND, row, c, 0.0);
+        let m = _mm256_cvtph_ps(_mm_loadu_si128(start.add(2 * CHUNK).cast()));
+        Chunk { m, ..chunk }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn packed_sub(row: *const u8, c: usize, j: usize, _: &()) -> (__m256i, __m256i) {
+        let start = row.add(CHUNK * Self::KIND.block_bytes() * c);
+        (packed_nibbles(Self::KIND, start, j), _mm256_set1_epi16(1))
     }
 }
 
 impl Unpack for Q5_0 {
     const KIND: QuantKind = QuantKind::Q5_0;
+    const SCALED: bool = false;
+    type Ints = ();
 
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn sub(unit: &[u8], _: usize, _: &UnitScales) -> (__m256i, __m256, f32) {
-        let p = unit.as_ptr();
-        let d = half(p);
+    unsafe fn chunk(row: *const u8, c: usize, n: usize) -> Chunk<()> {
+        block_chunk(row, Self::KIND.block_bytes(), c, n, -16.0)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn sub(row: *const u8, c: usize, j: usize, _: &()) -> (__m256i, __m256i) {
+        let p = block_at(row, 22, c, j);
         let fifth = fifth_bits((p.add(2) as *const u32).read_unaligned());
-        (_mm256_or_si256(nibbles_of_16(p.add(6)), fifth), _mm256_set1_ps(d), -16.0 * d)
+        (_mm256_or_si256(nibbles_of_16(p.add(6)), fifth), _mm256_set1_epi16(1))
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn packed_chunk(row: *const u8, c: usize) -> Chunk<()> {
+        packed_block_chunk(Self::KIND, row, c, -16.0).1
+    }
+
+    /// Bit `j` of each byte of the chunk's fifth bits moved to bit 4 (a 16-bit shift: the
+    /// bits it carries across bytes are masked off).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn packed_sub(row: *const u8, c: usize, j: usize, _: &()) -> (__m256i, __m256i) {
+        let start = row.add(CHUNK * Self::KIND.block_bytes() * c);
+        let bits = _mm256_loadu_si256(start.add(chunked::fifth_at(Self::KIND)).cast());
+        let moved = if j <= 4 {
+            _mm256_sll_epi16(bits, _mm_cvtsi32_si128(4 - j as i32))
+        } else {
+            _mm256_srl_epi16(bits, _mm_cvtsi32_si128(j as i32 - 4))
+        };
+        let fifth = _mm256_and_si256(moved, _mm256_set1_epi8(0x10));
+        let values = _mm256_or_si256(packed_nibbles(Self::KIND, start, j), fifth);
+        (values, _mm256_set1_epi16(1))
     }
 }
 
 impl Unpack for Q8_0 {
     const KIND: QuantKind = QuantKind::Q8_0;
+    const SCALED: bool = false;
+    type Ints = ();
 
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn sub(unit: &[u8], _: usize, _: &UnitScales) -> (__m256i, __m256, f32) {
-        let p = unit.as_ptr();
-        (_mm256_loadu_si256(p.add(2).cast()), _mm256_set1_ps(half(p)), 0.0)
+    unsafe fn chunk(row: *const u8, c: usize, n: usize) -> Chunk<()> {
+        block_chunk(row, Self::KIND.block_bytes(), c, n, 0.0)
     }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn sub(row: *const u8, c: usize, j: usize, _: &()) -> (__m256i, __m256i) {
+        (_mm256_loadu_si256(block_at(row, 34, c, j).add(2).cast()), _mm256_set1_epi16(1))
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn packed_chunk(row: *const u8, c: usize) -> Chunk<()> {
+        packed_block_chunk(Self::KIND, row, c, 0.0).1
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn packed_sub(row: *const u8, c: usize, j: usize, _: &()) -> (__m256i, __m256i) {
+        let start = row.add(CHUNK * Self::KIND.block_bytes() * c);
+        let values = start.add(chunked::values_at(Self::KIND) + 32 * j);
+        (_mm256_loadu_si256(values.cast()), _mm256_set1_epi16(1))
+    }
+}
+
+/// Q4_K's and Q5_K's chunk (one super-block of `bb` bytes): the super-block's `d` in every
+/// lane with the 6-bit scales kept as integers, and offsets `-dmin * min`.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn k_chunk(row: *const u8, bb: usize, c: usize) -> Chunk<[u8; CHUNK]> {
+    let unit = row.add(bb * c);
+    let packed = std::slice::from_raw_parts(unit.add(4), K_SCALES);
+    let (scales, mins) = blocks::k_scales_mins(packed);
+    let mins = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(mins.as_ptr().cast())));
+    let dmin = _mm256_set1_ps(-half(unit.add(2)));
+    Chunk { d: _mm256_set1_ps(half(unit)), m: _mm256_mul_ps(dmin, mins), ints: scales }
 }
 
 impl Unpack for Q4K {
     const KIND: QuantKind = QuantKind::Q4K;
+    const SCALED: bool = true;
+    type Ints = [u8; CHUNK];
 
-    unsafe fn scales(unit: &[u8], scales: &mut UnitScales) {
-        blocks::unit_scales(Self::KIND, unit, scales)
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn chunk(row: *const u8, c: usize, _: usize) -> Chunk<[u8; CHUNK]> {
+        k_chunk(row, Self::KIND.block_bytes(), c)
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn sub(unit: &[u8], sub: usize, s: &UnitScales) -> (__m256i, __m256, f32) {
-        let values = bits_of_32(unit.as_ptr().add(Q4K_NIBBLES + 32 * (sub / 2)), 4 * (sub % 2), 15);
-        (values, _mm256_set1_ps(s.d[2 * sub]), s.m[sub])
+    unsafe fn sub(row: *const u8, c: usize, j: usize, scales: &[u8; CHUNK]) -> (__m256i, __m256i) {
+        let nibbles = row.add(144 * c + Q4K_NIBBLES + 32 * (j / 2));
+        (bits_of_32(nibbles, 4 * (j % 2), 15), _mm256_set1_epi16(scales[j] as i16))
     }
 }
 
 impl Unpack for Q5K {
     const KIND: QuantKind = QuantKind::Q5K;
+    const SCALED: bool = true;
+    type Ints = [u8; CHUNK];
 
-    unsafe fn scales(unit: &[u8], scales: &mut UnitScales) {
-        blocks::unit_scales(Self::KIND, unit, scales)
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn chunk(row: *const u8, c: usize, _: usize) -> Chunk<[u8; CHUNK]> {
+        k_chunk(row, Self::KIND.block_bytes(), c)
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn sub(unit: &[u8], sub: usize, s: &UnitScales) -> (__m256i, __m256, f32) {
-        let p = unit.as_ptr();
-        let nibbles = bits_of_32(p.add(Q5K_NIBBLES + 32 * (sub / 2)), 4 * (sub % 2), 15);
-        let fifth = _mm256_slli_epi16(bits_of_32(p.add(Q5K_HIGH), sub, 1), 4);
-        (_mm256_or_si256(nibbles, fifth), _mm256_set1_ps(s.d[2 * sub]), s.m[sub])
+    unsafe fn sub(row: *const u8, c: usize, j: usize, scales: &[u8; CHUNK]) -> (__m256i, __m256i) {
+        let unit = row.add(176 * c);
+        let nibbles = bits_of_32(unit.add(Q5K_NIBBLES + 32 * (j / 2)), 4 * (j % 2), 15);
+        let fifth = _mm256_slli_epi16(bits_of_32(unit.add(Q5K_HIGH), j, 1), 4);
+        (_mm256_or_si256(nibbles, fifth), _mm256_set1_epi16(scales[j] as i16))
     }
 }
 
 impl Unpack for Q6K {
     const KIND: QuantKind = QuantKind::Q6K;
+    const SCALED: bool = true;
+    /// The 16 signed scales as 16-bit lanes.
+    type Ints = __m256i;
 
-    unsafe fn scales(unit: &[u8], scales: &mut UnitScales) {
-        blocks::unit_scales(Self::KIND, unit, scales)
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn chunk(row: *const u8, c: usize, _: usize) -> Chunk<__m256i> {
+        let unit = row.add(210 * c);
+        let scales = _mm256_cvtepi8_epi16(_mm_loadu_si128(unit.add(Q6K_SCALES).cast()));
+        Chunk { d: _mm256_set1_ps(half(unit.add(Q6K_D))), m: _mm256_setzero_ps(), ints: scales }
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn sub(unit: &[u8], sub: usize, s: &UnitScales) -> (__m256i, __m256, f32) {
-        let p = unit.as_ptr();
-        let (half, k) = (sub / 4, sub % 4);
-        let nibbles = bits_of_32(p.add(64 * half + 32 * (k % 2)), 4 * (k / 2), 15);
-        let top = _mm256_slli_epi16(bits_of_32(p.add(Q6K_HIGH + 32 * half), 2 * k, 3), 4);
+    unsafe fn sub(row: *const u8, c: usize, j: usize, scales: &__m256i) -> (__m256i, __m256i) {
+        let unit = row.add(210 * c);
+        let (half, k) = (j / 4, j % 4);
+        let nibbles = bits_of_32(unit.add(64 * half + 32 * (k % 2)), 4 * (k / 2), 15);
+        let top = _mm256_slli_epi16(bits_of_32(unit.add(Q6K_HIGH + 32 * half), 2 * k, 3), 4);
         let values = _mm256_sub_epi8(_mm256_or_si256(nibbles, top), _mm256_set1_epi8(32));
-        let d = _mm256_set_m128(_mm_set1_ps(s.d[2 * sub + 1]), _mm_set1_ps(s.d[2 * sub]));
-        (values, d, 0.0)
+        // Every 32-bit lane takes scales 2j and 2j + 1; the low 128 bits keep the first
+        // 16-bit half of each lane, the high 128 bits the second.
+        let pair = _mm256_permutevar8x32_epi32(*scales, _mm256_set1_epi32(j as i32));
+        let spread = _mm256_setr_epi8(
+            0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2,
+            3, 2, 3,
+        );
+        (values, _mm256_shuffle_epi8(pair, spread))
     }
 }
 
-/// The kernel for one way of taking 32 byte products into 8 lanes of i32 (`$dot`), compiled
-/// for `$features`.
+/// The kernel for one way of taking 32 byte products into 8 lanes of i32 (`$dot`, used where
+/// the format has no integer scales), compiled for `$features`.
 macro_rules! kernels {
     ($module:ident, $features:literal, $dot:ident) => {
         mod $module {
             use std::arch::x86_64::*;
 
-            use super::{hsum, $dot, Unpack};
-            use crate::qmatmul::blocks::UnitScales;
-            use crate::qmatmul::{Acts, Columns, BLOCK, LANES};
+            use super::{first_lanes, hsum, lane_sums, $dot, Unpack, CHUNK};
+            use crate::qmatmul::{Acts, Columns, BLOCK};
 
             /// Every weight row of `weights` against the group's `R` activation rows.
-            // Row indices address several per-row arrays at once.
-            #[allow(clippy::needless_range_loop)]
             #[target_feature(enable = $features)]
             pub unsafe fn rows<U: Unpack, const R: usize>(
                 weights: &[u8],
@@ -288,32 +537,68 @@ macro_rules! kernels {
                 acts: Acts<'_>,
                 out: Columns,
             ) {
-                let kind = U::KIND;
-                let (bb, subs) = (kind.block_bytes(), kind.subs());
-                let mut scales = UnitScales::default();
-                for (o, row) in weights.chunks_exact(kind.row_bytes(nb)).enumerate() {
+                for (o, row) in weights.chunks_exact(U::KIND.row_bytes(nb)).enumerate() {
                     let mut acc = [_mm256_setzero_ps(); R];
-                    let mut offsets = [0.0f32; R];
-                    for (u, unit) in row.chunks_exact(bb).enumerate() {
-                        U::scales(unit, &mut scales);
-                        for sub in 0..subs {
-                            let (w, d, m) = U::sub(unit, sub, &scales);
-                            let magnitude = if kind.signed() { _mm256_sign_epi8(w, w) } else { w };
-                            for r in 0..R {
-                                let at = r * nb + u * subs + sub;
-                                let q = _mm256_loadu_si256(acts.qs.as_ptr().add(at * BLOCK).cast());
-                                let q = if kind.signed() { _mm256_sign_epi8(q, w) } else { q };
-                                let dot = _mm256_cvtepi32_ps($dot(magnitude, q));
-                                let dx = _mm256_loadu_ps(acts.d.as_ptr().add(at * LANES));
-                                acc[r] = _mm256_fmadd_ps(dot, _mm256_mul_ps(d, dx), acc[r]);
-                                if !kind.signed() {
-                                    offsets[r] += m * *acts.s.get_unchecked(at);
-                                }
-                            }
+                    for c in 0..nb.div_ceil(CHUNK) {
+                        let n = (nb - CHUNK * c).min(CHUNK);
+                        if n == CHUNK {
+                            chunk::<U, R, true>(row.as_ptr(), nb, c, n, acts, &mut acc);
+                        } else {
+                            chunk::<U, R, false>(row.as_ptr(), nb, c, n, acts, &mut acc);
                         }
                     }
-                    for r in 0..R {
-                        out.write(o, r, hsum(acc[r]) + offsets[r]);
+                    for (r, &acc) in acc.iter().enumerate() {
+                        out.write(o, r, hsum(acc));
+                    }
+                }
+            }
+
+            /// Chunk `c` (sub-blocks `8c..8c + n`) of `row` into each row's accumulator. Every
+            /// chunk takes 8 sub-blocks, so that the loop over them unrolls with constant
+            /// offsets and its sums stay in registers: a short chunk at a row's end (not
+            /// `WHOLE`) reads its last sub-block again in the missing places, and its float
+            /// scales, 0 in those lanes, drop them.
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn chunk<U: Unpack, const R: usize, const WHOLE: bool>(
+                row: *const u8,
+                nb: usize,
+                c: usize,
+                n: usize,
+                acts: Acts<'_>,
+                acc: &mut [__m256; R],
+            ) {
+                let signed = U::KIND.signed();
+                let chunk = if WHOLE { U::packed_chunk(row, c) } else { U::chunk(row, c, n) };
+                let mut sums = [[_mm256_setzero_si256(); CHUNK]; R];
+                for j in 0..CHUNK {
+                    let j = if WHOLE { j } else { j.min(n - 1) };
+                    let (w, multiplier) = if WHOLE {
+                        U::packed_sub(row, c, j, &chunk.ints)
+                    } else {
+                        U::sub(row, c, j, &chunk.ints)
+                    };
+                    let magnitude = if signed { _mm256_sign_epi8(w, w) } else { w };
+                    for (r, sums) in sums.iter_mut().enumerate() {
+                        let at = (r * nb + CHUNK * c + j) * BLOCK;
+                        let q = _mm256_loadu_si256(acts.qs.as_ptr().add(at).cast());
+                        let q = if signed { _mm256_sign_epi8(q, w) } else { q };
+                        sums[j] = if U::SCALED {
+                            _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, q), multiplier)
+                        } else {
+                            $dot(magnitude, q)
+                        };
+                    }
+                }
+                let lanes = first_lanes(n);
+                for (r, (acc, sums)) in acc.iter_mut().zip(&sums).enumerate() {
+                    let at = r * nb + CHUNK * c;
+                    let dx = _mm256_maskload_ps(acts.block_d.as_ptr().add(at), lanes);
+                    let total = _mm256_cvtepi32_ps(lane_sums(sums));
+                    *acc = _mm256_fmadd_ps(total, _mm256_mul_ps(chunk.d, dx), *acc);
+                    if !signed {
+                        let sx = _mm256_maskload_ps(acts.s.as_ptr().add(at), lanes);
+                        *acc = _mm256_fmadd_ps(chunk.m, sx, *acc);
                     }
                 }
             }

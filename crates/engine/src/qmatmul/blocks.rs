@@ -23,20 +23,28 @@ pub(super) struct UnitScales {
 }
 
 /// Bytes of the 6-bit scales and mins of Q4_K and Q5_K, after `d` and `dmin`.
-const K_SCALES: usize = 12;
+pub(super) const K_SCALES: usize = 12;
 
-/// Q4_K's and Q5_K's 6-bit scale and min of sub-block `j` (0..8), packed in 12 bytes as
-/// ggml's `get_scale_min_k4` reads them: sub-blocks 0..4 in the low 6 bits of bytes `j` and
-/// `j + 4`; sub-blocks 4..8 in the nibbles of byte `j + 4` and the top 2 bits of bytes
-/// `j - 4` and `j`.
-fn k_scale_min(j: usize, packed: &[u8]) -> (u8, u8) {
-    if j < 4 {
-        (packed[j] & 63, packed[j + 4] & 63)
-    } else {
-        let scale = (packed[j + 4] & 0x0f) | ((packed[j - 4] >> 6) << 4);
-        let min = (packed[j + 4] >> 4) | ((packed[j] >> 6) << 4);
-        (scale, min)
-    }
+/// Q4_K's and Q5_K's eight 6-bit scales and eight mins, packed in 12 bytes as ggml's
+/// `get_scale_min_k4` reads them (sub-blocks 0..4 in the low 6 bits of bytes `j` and `j + 4`;
+/// sub-blocks 4..8 in the nibbles of byte `j + 4` and the top 2 bits of bytes `j - 4` and
+/// `j`), unpacked four at a time in 32-bit words.
+pub(super) fn k_scales_mins(packed: &[u8]) -> ([u8; 8], [u8; 8]) {
+    const LOW6: u32 = 0x3f3f_3f3f;
+    const NIBBLE: u32 = 0x0f0f_0f0f;
+    const TOP2: u32 = 0x0303_0303;
+    let word =
+        |i: usize| u32::from_le_bytes([packed[i], packed[i + 1], packed[i + 2], packed[i + 3]]);
+    let (w0, w1, w2) = (word(0), word(4), word(8));
+    let scales_high = (w2 & NIBBLE) | (((w0 >> 6) & TOP2) << 4);
+    let mins_high = ((w2 >> 4) & NIBBLE) | (((w1 >> 6) & TOP2) << 4);
+    let join = |low: u32, high: u32| {
+        let mut bytes = [0u8; 8];
+        bytes[..4].copy_from_slice(&low.to_le_bytes());
+        bytes[4..].copy_from_slice(&high.to_le_bytes());
+        bytes
+    };
+    (join(w0 & LOW6, scales_high), join(w1 & LOW6, mins_high))
 }
 
 /// Fills `s` with `unit`'s multipliers and offsets (`unit`: `kind.block_bytes()` bytes). Only
@@ -61,9 +69,8 @@ pub(super) fn unit_scales(kind: QuantKind, unit: &[u8], s: &mut UnitScales) {
         }
         QuantKind::Q4K | QuantKind::Q5K => {
             let (d, dmin) = (half_at(unit, 0), half_at(unit, 2));
-            let packed = &unit[4..4 + K_SCALES];
-            for j in 0..8 {
-                let (scale, min) = k_scale_min(j, packed);
+            let (scales, mins) = k_scales_mins(&unit[4..4 + K_SCALES]);
+            for (j, (&scale, &min)) in scales.iter().zip(&mins).enumerate() {
                 s.d[2 * j] = d * scale as f32;
                 s.d[2 * j + 1] = s.d[2 * j];
                 s.m[j] = -dmin * min as f32;
@@ -156,6 +163,43 @@ pub(super) fn dequantize(kind: QuantKind, blocks: &[u8], out: &mut [f32]) {
             let (d, m) = (&scales.d[2 * sub..2 * sub + 2], scales.m[sub]);
             for (j, (w, &q)) in out.iter_mut().zip(&q).enumerate() {
                 *w = d[j / 16] * q as f32 + m;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::k_scales_mins;
+
+    /// Sub-block `j`'s scale and min read one at a time, as ggml's `get_scale_min_k4` does.
+    fn k_scale_min(j: usize, packed: &[u8]) -> (u8, u8) {
+        if j < 4 {
+            (packed[j] & 63, packed[j + 4] & 63)
+        } else {
+            let scale = (packed[j + 4] & 0x0f) | ((packed[j - 4] >> 6) << 4);
+            let min = (packed[j + 4] >> 4) | ((packed[j] >> 6) << 4);
+            (scale, min)
+        }
+    }
+
+    /// The word-wise unpacking gives every scale and min as the byte-wise one, on patterns
+    /// that set each bit alone and on mixed ones.
+    #[test]
+    fn k_scales_unpack_as_ggml_reads_them() {
+        let mut patterns: Vec<[u8; 12]> = (0..96)
+            .map(|bit| {
+                let mut p = [0u8; 12];
+                p[bit / 8] = 1 << (bit % 8);
+                p
+            })
+            .collect();
+        patterns
+            .extend((0..64u32).map(|i| std::array::from_fn(|k| (i * 37 + k as u32 * 91) as u8)));
+        for packed in patterns {
+            let (scales, mins) = k_scales_mins(&packed);
+            for j in 0..8 {
+                assert_eq!((scales[j], mins[j]), k_scale_min(j, &packed), "{packed:?} {j}");
             }
         }
     }

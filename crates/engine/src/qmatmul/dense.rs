@@ -15,7 +15,7 @@ use std::borrow::Cow;
 
 use rayon::prelude::*;
 
-use super::{blocks, interleaved, Layout, QuantKind, QuantMatrix};
+use super::{blocks, interleaved, Layout, QuantKind, QuantMatrix, BLOCK};
 
 /// f32 bytes of one dequantized tile: about an L2 cache, large enough for the GEMM to split
 /// over the threads.
@@ -41,9 +41,7 @@ impl QuantMatrix {
             let bytes = &self.blocks[first * row_bytes..(first + t) * row_bytes];
             let row_major = match self.layout {
                 Layout::Rows => Cow::Borrowed(bytes),
-                Layout::Interleaved => {
-                    Cow::Owned(interleaved::rearrange(self.kind, k / super::BLOCK, bytes, false))
-                }
+                layout => Cow::Owned(self.kind.rearrange(k / BLOCK, bytes, layout, Layout::Rows)),
             };
             let tile = &mut tile[..t * k];
             let tasks =
