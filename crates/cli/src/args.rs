@@ -45,7 +45,7 @@ impl ModelSource {
         // clap fills --model from the environment: say so when that is where it came from.
         let from_env = self.model.is_some()
             && std::env::var_os("KVMERGER_MODEL").map(PathBuf::from) == self.model;
-        kvmerger_engine::fetch::resolve_model(self.model.as_deref()).with_context(|| {
+        kvmerger_models::resolve_model(self.model.as_deref()).with_context(|| {
             if from_env {
                 "finding the model named by $KVMERGER_MODEL"
             } else {
@@ -136,7 +136,7 @@ pub struct ModelArgs {
 impl ModelArgs {
     pub fn formats(&self, path: &std::path::Path) -> WeightFormats {
         let decode =
-            self.decode_weights.unwrap_or_else(|| kvmerger_engine::fetch::decode_format_for(path));
+            self.decode_weights.unwrap_or_else(|| kvmerger_models::decode_format_for(path));
         let prefill = self.prefill_weights.unwrap_or(WeightFormats::default().prefill);
         WeightFormats { prefill, decode }
     }

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use kvmerger_compress::Budget;
-use kvmerger_engine::chat::ChatMessage;
 use kvmerger_engine::{Sampler, Session};
+use kvmerger_models::{ChatMessage, ChatTemplate};
 use serde_json::json;
 
 use crate::args::{ContextArgs, MethodArgs, ModelArgs, PrefillArgs, SamplingArgs};
@@ -51,7 +51,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     }
     let loaded = args.model.load()?;
     let prompt = if args.chat {
-        loaded.chat_template()?.render(&[ChatMessage::user(&text)], true)?
+        ChatTemplate::for_tokenizer(&loaded.tokenizer)?.render(&[ChatMessage::user(&text)], true)?
     } else {
         text
     };

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use kvmerger_engine::{EngineConfig, EngineHandle, PrefillCompression};
+use kvmerger_models::ChatTemplate;
 use kvmerger_server::ServerState;
 
 use crate::args::{ContextArgs, MethodArgs, ModelArgs};
@@ -60,7 +61,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         .path
         .file_stem()
         .map_or_else(|| "model".to_string(), |s| s.to_string_lossy().to_string());
-    let chat = loaded.chat_template().map_err(|e| e.to_string());
+    let chat = ChatTemplate::for_tokenizer(&loaded.tokenizer).map_err(|e| e.to_string());
     if let Err(why) = &chat {
         eprintln!("warning: chat completions are unavailable: {why}");
     }

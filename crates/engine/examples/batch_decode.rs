@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use kvmerger_compress::{CompressionConfig, KvDtype};
 use kvmerger_engine::{
-    fetch, load_model, Engine, EngineConfig, Event, GenerationRequest, Part, SamplingConfig,
-    StepProfile, WeightFormat, WeightFormats,
+    load_model, Engine, EngineConfig, Event, GenerationRequest, Part, SamplingConfig, StepProfile,
+    WeightFormat, WeightFormats,
 };
 
 struct Args {
@@ -66,7 +66,7 @@ struct Round {
 
 fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
-    let path = fetch::ensure_default_model()?;
+    let path = kvmerger_models::ensure_default_model()?;
     let formats = WeightFormats { prefill: WeightFormat::F32, decode: WeightFormat::File };
     let mut loaded = load_model(&path, formats)?;
     loaded.model.kv_dtype = KvDtype::F16;

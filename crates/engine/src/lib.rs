@@ -2,12 +2,10 @@
 
 mod activation;
 mod attention;
-pub mod chat;
 mod compression;
 mod config;
 mod cpu;
 mod error;
-pub mod fetch;
 mod forward;
 mod gguf_check;
 mod linear;

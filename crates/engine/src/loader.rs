@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::{gguf_file, QTensor};
 use candle_core::{DType, Device, Tensor};
 
-use crate::chat::ChatTemplate;
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::gguf_check::check_gguf;
@@ -275,13 +274,6 @@ pub struct LoadedModel {
     pub model: Llama,
     pub tokenizer: TextTokenizer,
     pub path: PathBuf,
-}
-
-impl LoadedModel {
-    /// The model's chat template, compiled (see [`ChatTemplate`]).
-    pub fn chat_template(&self) -> Result<ChatTemplate> {
-        ChatTemplate::for_tokenizer(&self.tokenizer)
-    }
 }
 
 /// Loads a GGUF file, or a Hugging Face folder with `tokenizer.json`, on the CPU.

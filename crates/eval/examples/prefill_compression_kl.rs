@@ -11,7 +11,7 @@ type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
 use kvmerger_compress::{Budget, CompressionConfig};
 use kvmerger_engine::{
-    fetch, load_model, GenerationRequest, Logits, PrefillCompression, PrefillOptions, Sampler,
+    load_model, GenerationRequest, Logits, PrefillCompression, PrefillOptions, Sampler,
     SamplingConfig, Sequence, Session, WeightFormat, WeightFormats,
 };
 use kvmerger_eval::ruler::RulerTask;
@@ -34,7 +34,7 @@ fn main() -> Result<()> {
         (flag("--length", 2000)?, flag("--chunk", 256)?, flag("--seeds", 2)?);
     let path = match args.first().filter(|a| !a.starts_with("--")) {
         Some(p) => p.into(),
-        None => fetch::default_model_path(),
+        None => kvmerger_models::default_model_path(),
     };
     let formats = WeightFormats { prefill: WeightFormat::F32, decode: WeightFormat::F32 };
     let model = load_model(&path, formats)?;

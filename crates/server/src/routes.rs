@@ -14,9 +14,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use kvmerger_compress::CompressionConfig;
-use kvmerger_engine::chat::{ChatMessage, ChatTemplate};
 use kvmerger_engine::tokenizer::TextTokenizer;
 use kvmerger_engine::{EngineHandle, GenerationRequest, SamplingConfig};
+use kvmerger_models::{ChatMessage, ChatTemplate, ModelsError};
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use tokio_stream::wrappers::ReceiverStream;
@@ -195,9 +195,10 @@ fn chat_prompt(state: &ServerState, req: &ChatRequest) -> Result<Vec<u32>, ApiEr
         .collect::<Result<Vec<_>, ApiError>>()?;
     let template = state.chat.as_ref().map_err(|e| ApiError::invalid("messages", e.clone()))?;
     let text = template.render(&messages, true).map_err(|e| match e {
-        kvmerger_engine::EngineError::InvalidRequest { field, reason } => {
-            ApiError::invalid(field, format!("the chat template refused the messages: {reason}"))
-        }
+        ModelsError::Messages(reason) => ApiError::invalid(
+            "messages",
+            format!("the chat template refused the messages: {reason}"),
+        ),
         other => ApiError::invalid("messages", other.to_string()),
     })?;
     if messages.iter().all(|m| m.content.is_empty()) {
