@@ -6,11 +6,11 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use kvmerger_compress::Budget;
-use kvmerger_engine::{Sampler, Session};
+use kvmerger_engine::{check_prompt_text, RequestLimits, Sampler, Session};
 use kvmerger_models::{ChatMessage, ChatTemplate};
 use serde_json::json;
 
-use crate::args::{ContextArgs, MethodArgs, ModelArgs, PrefillArgs, SamplingArgs};
+use crate::args::{flag_error, ContextArgs, MethodArgs, ModelArgs, PrefillArgs, SamplingArgs};
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
@@ -46,9 +46,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let method = args.method.config()?;
     let prefill = args.prefill.options()?;
     let text = read_prompt(&args)?;
-    if text.trim().is_empty() {
-        bail!("the prompt is empty");
-    }
+    check_prompt_text(&text).map_err(flag_error)?;
     let loaded = args.model.load()?;
     let prompt = if args.chat {
         ChatTemplate::for_tokenizer(&loaded.tokenizer)?.render(&[ChatMessage::user(&text)], true)?
@@ -57,7 +55,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     };
     let tokens = loaded.tokenizer.encode(&prompt, true)?;
     let context = args.context.limit(loaded.model.config.context_length)?;
-    let max_tokens = args.sampling.max_tokens(tokens.len(), context)?;
+    let limits = RequestLimits::of(&loaded.model.config, Some(context));
+    let max_tokens = args.sampling.max_tokens(&tokens, &limits)?;
     let mut session = Session::new(&loaded.model, &method)?.with_options(prefill);
     let logits = session.prefill(&tokens)?;
     let mut sampler = Sampler::new(sampling);
@@ -69,13 +68,12 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     // A closed stdout (`| head`) stops generation; the error ends the program quietly in main.
     let mut write_error = None;
     let ids = session.generate(logits, max_tokens, &mut sampler, &stop, |id| {
-        if !stop.contains(&id) {
-            if let Ok(Some(piece)) = decoder.push(id) {
-                generated.push_str(&piece);
-                if let Err(e) = write!(stdout, "{piece}").and_then(|_| stdout.flush()) {
-                    write_error = Some(e);
-                    return false;
-                }
+        // A stop token ends generation without reaching here.
+        if let Ok(Some(piece)) = decoder.push(id) {
+            generated.push_str(&piece);
+            if let Err(e) = write!(stdout, "{piece}").and_then(|_| stdout.flush()) {
+                write_error = Some(e);
+                return false;
             }
         }
         true

@@ -16,6 +16,7 @@ mod prefill;
 mod profile;
 mod qmatmul;
 mod query_moments;
+mod request;
 mod rope;
 mod runtime;
 mod sampler;
@@ -42,12 +43,15 @@ pub use pool::KvPool;
 pub use prefill::{PrefillCompression, PrefillOptions, PrefillPlan};
 pub use profile::{Part, StepProfile};
 pub use qmatmul::{Product, QuantKind, QuantMatrix, QuantizedRows};
+pub use request::{
+    check_compression, check_prompt, check_prompt_text, check_sampling, resolve_max_tokens,
+    GenerationRequest, RequestError, RequestField, RequestLimits, RequestOptions, MAX_TEMPERATURE,
+};
 pub use runtime::{AddError, Engine, EngineConfig, EngineHandle, Event, EventSink, RuntimeMetrics};
 pub use sampler::{argmax, Sampler, SamplingConfig};
 pub use scheduler::{Plan, Refusal, Scheduler, SchedulerLimits};
 pub use sequence::{
-    entry_bytes, CachePeak, FinishReason, GenerationRequest, Prefilled, Reservation, SeqId,
-    SeqState, Sequence, Usage,
+    entry_bytes, CachePeak, FinishReason, Prefilled, Reservation, SeqId, SeqState, Sequence, Usage,
 };
 pub use session::{Session, Timings};
 pub use threads::ADAPTIVE_THREADS_ENV;

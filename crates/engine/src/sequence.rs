@@ -9,7 +9,6 @@
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
-use kvmerger_compress::methods::BudgetMode;
 use kvmerger_compress::{
     CompressionConfig, CompressionMethod, EntryMeta, HeadCache, KvCache, KvDtype, QueryMoments,
     StatsRequest,
@@ -24,22 +23,11 @@ use crate::forward::{BatchItem, Logits, Phase};
 use crate::model::Llama;
 use crate::prefill::{PrefillCompression, PrefillOptions, PrefillPlan};
 use crate::profile::{timed, Part};
+use crate::request::{GenerationRequest, RequestLimits};
 use crate::sampler::{Sampler, SamplingConfig};
 
 /// A request's id inside the engine.
 pub type SeqId = u64;
-
-/// What a client asks the engine to generate.
-#[derive(Debug, Clone, PartialEq)]
-pub struct GenerationRequest {
-    pub prompt: Vec<u32>,
-    /// At least 1; the prompt and these tokens must fit the model's context.
-    pub max_tokens: usize,
-    pub sampling: SamplingConfig,
-    pub compression: CompressionConfig,
-    /// Tokens that end generation (the model's end-of-sequence tokens).
-    pub stop_tokens: Vec<u32>,
-}
 
 /// Why a sequence ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -234,8 +222,9 @@ impl std::fmt::Debug for Sequence {
 }
 
 impl Sequence {
-    /// Checks the request against the model, builds its method and plans its prefill in
-    /// chunks of `prefill_chunk` tokens. Errors name the field.
+    /// Builds the request's method and plans its prefill in chunks of `prefill_chunk`
+    /// tokens. The request was checked (see [`GenerationRequest::new`]); one checked
+    /// against another model's limits is an internal error.
     pub fn new(
         id: SeqId,
         request: GenerationRequest,
@@ -264,6 +253,7 @@ impl Sequence {
             sampling: SamplingConfig::default(),
             compression: compression.clone(),
             stop_tokens: Vec::new(),
+            limits: RequestLimits::of(&model.config, None),
         };
         let seq =
             Self::build(0, request, &model.config, options.chunk, options.compression, stats)?;
@@ -278,66 +268,32 @@ impl Sequence {
         mode: PrefillCompression,
         stats: Option<StatsRequest>,
     ) -> Result<Self> {
-        let invalid = |field: &str, reason: String| EngineError::InvalidRequest {
-            field: field.to_string(),
-            reason,
-        };
+        if !request.limits.fit(config) {
+            return Err(EngineError::Setup(format!(
+                "a request checked against {:?} cannot run on this model",
+                request.limits
+            )));
+        }
+        // A session's prompt reaches here unchecked by a front end: these are the forward
+        // pass's own bounds, not a request's rules.
         let prompt_len = request.prompt.len();
         if prompt_len == 0 {
-            return Err(invalid("prompt", "the prompt is empty".into()));
+            return Err(EngineError::EmptyPrompt);
         }
-        if let Some(&bad) = request.prompt.iter().find(|&&t| t as usize >= config.vocab_size) {
-            return Err(invalid(
-                "prompt",
-                format!("token id {bad} is outside the vocabulary ({})", config.vocab_size),
-            ));
-        }
-        let context = config.context_length;
-        if prompt_len >= context {
-            return Err(invalid(
-                "prompt",
-                format!("the prompt has {prompt_len} tokens; the model's context is {context}"),
-            ));
-        }
-        if request.max_tokens == 0 {
-            return Err(invalid("max_tokens", "must be at least 1".into()));
-        }
+        let context = request.limits.context_length;
         if prompt_len + request.max_tokens > context {
-            return Err(invalid(
-                "max_tokens",
-                format!(
-                    "{} tokens after a {prompt_len}-token prompt exceed the model's context of \
-                     {context} (at most {} fit)",
-                    request.max_tokens,
-                    context - prompt_len
-                ),
-            ));
+            return Err(EngineError::ContextOverflow {
+                needed: prompt_len + request.max_tokens,
+                context,
+            });
         }
-        let s = request.sampling;
-        if !(s.temperature >= 0.0 && s.temperature.is_finite()) {
-            return Err(invalid(
-                "temperature",
-                format!("must be at least 0, got {}", s.temperature),
-            ));
-        }
-        if !(s.top_p > 0.0 && s.top_p <= 1.0) {
-            return Err(invalid("top_p", format!("must be in (0, 1], got {}", s.top_p)));
-        }
-        request.compression.check_model(config.n_layers)?;
         let method = request.compression.build()?;
         let prompt_stats = stats.unwrap_or_else(|| method.prompt_stats(prompt_len));
         let incremental_refusal =
             incremental_refusal(&*method, &request.compression, &prompt_stats, prefill_chunk);
         let incremental = mode == PrefillCompression::Incremental && incremental_refusal.is_none();
-        let plan = plan_prefill(
-            &*method,
-            &request.compression,
-            &prompt_stats,
-            prompt_len,
-            prefill_chunk,
-            incremental,
-            config,
-        );
+        let plan =
+            plan_prefill(&*method, &prompt_stats, prompt_len, prefill_chunk, incremental, config);
         Ok(Self {
             id,
             sampler: Sampler::new(request.sampling),
@@ -706,7 +662,7 @@ fn incremental_refusal(
     chunk: usize,
 ) -> Option<String> {
     let name = method.name();
-    if !is_bounded(compression) {
+    if !method.bounded_by_budget() {
         return Some(format!(
             "{name} in threshold mode keeps what its threshold keeps, not a budget: it \
              cannot compress part of a prompt to a budget and go on; use a budget mode or \
@@ -735,12 +691,6 @@ fn incremental_refusal(
     })
 }
 
-/// Whether the method's result is bounded by its budget.
-fn is_bounded(compression: &CompressionConfig) -> bool {
-    !matches!(compression, CompressionConfig::Kvmerger(c)
-        if c.budget_mode == BudgetMode::Threshold)
-}
-
 /// Plans a prefill in chunks of `chunk` tokens whose last holds the largest observation
 /// window `stats` record; with `incremental` (the method can, and the request asks), the
 /// cache is compressed whenever the next chunk would not fit beside the budget. A head
@@ -748,7 +698,6 @@ fn is_bounded(compression: &CompressionConfig) -> bool {
 /// by the budget.
 fn plan_prefill(
     method: &dyn CompressionMethod,
-    compression: &CompressionConfig,
     stats: &StatsRequest,
     prompt_len: usize,
     chunk: usize,
@@ -756,7 +705,7 @@ fn plan_prefill(
     config: &ModelConfig,
 ) -> PrefillPlan {
     let window = stats.windows.iter().max().unwrap_or(1);
-    let bounded = is_bounded(compression);
+    let bounded = method.bounded_by_budget();
     let budgets: Vec<usize> = (0..config.n_layers)
         .map(|l| {
             if bounded {
@@ -783,6 +732,7 @@ mod tests {
             sampling: SamplingConfig::default(),
             compression: CompressionConfig::from_cli(method, budget, &[]).unwrap(),
             stop_tokens: vec![],
+            limits: RequestLimits::of(&tiny_config(), None),
         }
     }
 
@@ -858,22 +808,5 @@ mod tests {
         let windows: Vec<bool> =
             s.plan().chunks.iter().map(|c| !s.chunk_stats(c).windows.is_empty()).collect();
         assert_eq!(windows, [false, true, true, true]);
-    }
-
-    #[test]
-    fn bad_requests_name_the_field() {
-        let config = tiny_config();
-        let field =
-            |r: GenerationRequest| match Sequence::new(1, r, &config, 16, Default::default()) {
-                Err(EngineError::InvalidRequest { field, .. }) => field,
-                other => panic!("{other:?}"),
-            };
-        assert_eq!(field(request(0, 4, "full", 1.0)), "prompt");
-        assert_eq!(field(request(300, 4, "full", 1.0)), "prompt");
-        assert_eq!(field(request(10, 0, "full", 1.0)), "max_tokens");
-        assert_eq!(field(request(200, 57, "full", 1.0)), "max_tokens");
-        let mut r = request(10, 4, "full", 1.0);
-        r.sampling.top_p = 0.0;
-        assert_eq!(field(r), "top_p");
     }
 }

@@ -11,8 +11,8 @@ type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
 use kvmerger_compress::{Budget, CompressionConfig};
 use kvmerger_engine::{
-    load_model, GenerationRequest, Logits, PrefillCompression, PrefillOptions, Sampler,
-    SamplingConfig, Sequence, Session, WeightFormat, WeightFormats,
+    load_model, GenerationRequest, Logits, PrefillCompression, PrefillOptions, RequestLimits,
+    RequestOptions, Sampler, SamplingConfig, Sequence, Session, WeightFormat, WeightFormats,
 };
 use kvmerger_eval::ruler::RulerTask;
 use kvmerger_eval::runner::{mean_kl, prompt_texts, teacher_forced, RunOptions};
@@ -72,13 +72,15 @@ fn main() -> Result<()> {
                     .into_iter()
                     .enumerate()
                 {
-                    let request = GenerationRequest {
-                        prompt: context.clone(),
-                        max_tokens: answer.len().max(1) + question.len(),
+                    let options = RequestOptions {
+                        max_tokens: Some(answer.len().max(1) + question.len()),
+                        default_max_tokens: 1,
                         sampling: SamplingConfig::default(),
                         compression: method.clone(),
                         stop_tokens: vec![],
                     };
+                    let limits = RequestLimits::of(&model.model.config, None);
+                    let request = GenerationRequest::new(context.clone(), options, &limits)?;
                     let (session, first) = served_prefill(&model.model, request, chunk, mode)?;
                     compressions = compressions.max(session.1);
                     let forced = teacher_forced(session.0, first, &question, &answer)?;
@@ -120,7 +122,7 @@ fn served_prefill<'m>(
     let plan = Sequence::new(1, request.clone(), &model.config, chunk, mode)?;
     let compressions = plan.plan().compress_after.iter().filter(|&&c| c).count();
     let options = PrefillOptions { chunk, compression: mode, ..PrefillOptions::default() };
-    let mut session = Session::new(model, &request.compression)?.with_options(options);
-    let first = session.prefill(&request.prompt)?;
+    let mut session = Session::new(model, request.compression())?.with_options(options);
+    let first = session.prefill(request.prompt())?;
     Ok(((session, compressions), first))
 }
