@@ -44,8 +44,8 @@ pub use prefill::{PrefillCompression, PrefillOptions, PrefillPlan};
 pub use profile::{Part, StepProfile};
 pub use qmatmul::{Product, QuantKind, QuantMatrix, QuantizedRows};
 pub use request::{
-    check_compression, check_prompt, check_prompt_text, check_sampling, resolve_max_tokens,
-    GenerationRequest, RequestError, RequestField, RequestLimits, RequestOptions, MAX_TEMPERATURE,
+    check_prompt, check_prompt_text, check_sampling, resolve_max_tokens, GenerationRequest,
+    RequestError, RequestField, RequestLimits, RequestOptions,
 };
 pub use runtime::{AddError, Engine, EngineConfig, EngineHandle, Event, EventSink, RuntimeMetrics};
 pub use sampler::{argmax, Sampler, SamplingConfig};

@@ -11,7 +11,7 @@ use crate::config::ModelConfig;
 use crate::sampler::SamplingConfig;
 
 /// The highest temperature accepted (OpenAI's bound).
-pub const MAX_TEMPERATURE: f32 = 2.0;
+const MAX_TEMPERATURE: f32 = 2.0;
 
 /// What a request is checked against: the model's vocabulary and layers, and the context a
 /// sequence may fill (the model's, or less where the front end caps it).
@@ -169,7 +169,7 @@ pub fn resolve_max_tokens(
 }
 
 /// Checks a compression configuration against the model's layers and builds it once.
-pub fn check_compression(
+fn check_compression(
     compression: &CompressionConfig,
     limits: &RequestLimits,
 ) -> Result<(), RequestError> {
