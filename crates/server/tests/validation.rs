@@ -1,6 +1,5 @@
 //! Every rule of a request, over HTTP on a tiny random model: a request that breaks one is
-//! refused once (400, counted once) with the field at fault in `error.param`, and a
-//! request within every bound is served.
+//! refused once (400, counted once) with the field at fault in `error.param`.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
