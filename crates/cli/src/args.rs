@@ -8,8 +8,11 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use kvmerger_compress::{Budget, CompressionConfig, KvDtype};
 use kvmerger_engine::{
-    LoadedModel, PrefillCompression, PrefillOptions, SamplingConfig, WeightFormat, WeightFormats,
+    check_prompt, check_sampling, resolve_max_tokens, LoadedModel, PrefillCompression,
+    PrefillOptions, ReconstructionPrompt, RequestError, RequestField, RequestLimits,
+    SamplingConfig, WeightFormat, WeightFormats,
 };
+use kvmerger_models::ChatTemplate;
 
 /// Which model file, and how many threads compute with it.
 #[derive(Debug, Clone, Args)]
@@ -46,7 +49,7 @@ impl ModelSource {
         // clap fills --model from the environment: say so when that is where it came from.
         let from_env = self.model.is_some()
             && std::env::var_os("KVMERGER_MODEL").map(PathBuf::from) == self.model;
-        kvmerger_engine::fetch::resolve_model(self.model.as_deref()).with_context(|| {
+        kvmerger_models::resolve_model(self.model.as_deref()).with_context(|| {
             if from_env {
                 "finding the model named by $KVMERGER_MODEL"
             } else {
@@ -63,6 +66,13 @@ impl ModelSource {
         let dtype = self.kv_dtype()?;
         dtype.check_head_dim(loaded.model.config.head_dim)?;
         loaded.model.kv_dtype = dtype;
+        // KVzip's instructions: its context follows them in the model's own chat turn.
+        let opening = match ChatTemplate::for_tokenizer(&loaded.tokenizer) {
+            Ok(template) => template.assistant_opening()?,
+            Err(_) => "\n".to_string(),
+        };
+        let instructions = ReconstructionPrompt::new(&loaded.tokenizer, &opening)?;
+        loaded.model.reconstruction = Some(std::sync::Arc::new(instructions));
         Ok(loaded)
     }
 
@@ -162,7 +172,7 @@ pub struct ModelArgs {
 impl ModelArgs {
     pub fn formats(&self, path: &std::path::Path) -> WeightFormats {
         let decode =
-            self.decode_weights.unwrap_or_else(|| kvmerger_engine::fetch::decode_format_for(path));
+            self.decode_weights.unwrap_or_else(|| kvmerger_models::decode_format_for(path));
         let prefill = self.prefill_weights.unwrap_or(WeightFormats::default().prefill);
         WeightFormats { prefill, decode }
     }
@@ -227,47 +237,41 @@ pub struct SamplingArgs {
 }
 
 impl SamplingArgs {
-    /// Tokens to generate after a `prompt_len`-token prompt in a `context`-token sequence:
-    /// `-n` if it fits, else an error, the same rule as the server's `max_tokens`.
-    pub fn max_tokens(&self, prompt_len: usize, context: usize) -> Result<usize> {
-        let room = context.saturating_sub(prompt_len);
-        if room == 0 {
-            bail!(
-                "the prompt has {prompt_len} tokens and the context is {context}: no room is \
-                 left to generate a token (raise -c/--ctx-size or shorten the prompt)"
-            );
-        }
-        match self.max_tokens {
-            None => Ok(DEFAULT_MAX_TOKENS.min(room)),
-            Some(0) => bail!("-n/--max-tokens must be at least 1"),
-            Some(n) if n > room => bail!(
-                "-n/--max-tokens {n} after a {prompt_len}-token prompt exceeds the context of \
-                 {context}: at most {room} fit (raise -c/--ctx-size or lower -n)"
-            ),
-            Some(n) => Ok(n),
-        }
+    /// Checks the encoded prompt and returns the tokens to generate after it: `-n` if it
+    /// fits, else an error; the server's rules (see [`kvmerger_engine::GenerationRequest`]).
+    pub fn max_tokens(&self, prompt: &[u32], limits: &RequestLimits) -> Result<usize> {
+        check_prompt(prompt, limits).map_err(flag_error)?;
+        resolve_max_tokens(self.max_tokens, DEFAULT_MAX_TOKENS, prompt.len(), limits)
+            .map_err(flag_error)
     }
 
-    /// The sampler's configuration; range errors name the flag.
+    /// The sampler's configuration, checked by the server's rules; errors name the flag.
     pub fn config(&self) -> Result<SamplingConfig> {
-        if self.temperature < 0.0 {
-            bail!("--temperature must be at least 0, got {}", self.temperature);
-        }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            bail!("--top-p must be in (0, 1], got {}", self.top_p);
-        }
-        if self.repeat_penalty <= 0.0 {
-            bail!("--repeat-penalty must be above 0, got {}", self.repeat_penalty);
-        }
-        Ok(SamplingConfig {
+        let config = SamplingConfig {
             temperature: self.temperature,
             top_p: self.top_p,
             top_k: self.top_k,
             repeat_penalty: self.repeat_penalty,
             repeat_last_n: self.repeat_last_n,
             seed: self.seed,
-        })
+        };
+        check_sampling(&config).map_err(flag_error)?;
+        Ok(config)
     }
+}
+
+/// A refused request in the words of the command line: the reason after the field's flag
+/// (the prompt's reasons name it already).
+pub fn flag_error(e: RequestError) -> anyhow::Error {
+    let RequestError::Invalid { field, reason } = e else { return e.into() };
+    let flag = match field {
+        RequestField::Prompt => return anyhow::anyhow!("{reason}"),
+        RequestField::MaxTokens => "-n/--max-tokens",
+        RequestField::Temperature => "--temperature",
+        RequestField::TopP => "--top-p",
+        RequestField::RepeatPenalty => "--repeat-penalty",
+    };
+    anyhow::anyhow!("{flag} {reason}")
 }
 
 /// Which compression method to apply, with its parameters.

@@ -6,11 +6,13 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use kvmerger_compress::Budget;
-use kvmerger_engine::chat::ChatMessage;
-use kvmerger_engine::{Sampler, Session};
+use kvmerger_engine::{check_prompt_text, RequestLimits, Sampler, Session};
+use kvmerger_models::{ChatMessage, ChatTemplate};
 use serde_json::json;
 
-use crate::args::{ContextArgs, MaxKvArgs, MethodArgs, ModelArgs, PrefillArgs, SamplingArgs};
+use crate::args::{
+    flag_error, ContextArgs, MaxKvArgs, MethodArgs, ModelArgs, PrefillArgs, SamplingArgs,
+};
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
@@ -49,18 +51,17 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let prefill = args.prefill.options()?;
     let max_kv = args.max_kv.bound()?;
     let text = read_prompt(&args)?;
-    if text.trim().is_empty() {
-        bail!("the prompt is empty");
-    }
+    check_prompt_text(&text).map_err(flag_error)?;
     let loaded = args.model.load()?;
     let prompt = if args.chat {
-        loaded.chat_template()?.render(&[ChatMessage::user(&text)], true)?
+        ChatTemplate::for_tokenizer(&loaded.tokenizer)?.render(&[ChatMessage::user(&text)], true)?
     } else {
         text
     };
     let tokens = loaded.tokenizer.encode(&prompt, true)?;
     let context = args.context.limit(loaded.model.config.context_length)?;
-    let max_tokens = args.sampling.max_tokens(tokens.len(), context)?;
+    let limits = RequestLimits::of(&loaded.model.config, Some(context));
+    let max_tokens = args.sampling.max_tokens(&tokens, &limits)?;
     let mut session =
         Session::new(&loaded.model, &method)?.with_options(prefill).with_max_kv(max_kv);
     let logits = session.prefill(&tokens)?;
@@ -73,13 +74,12 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     // A closed stdout (`| head`) stops generation; the error ends the program quietly in main.
     let mut write_error = None;
     let ids = session.generate(logits, max_tokens, &mut sampler, &stop, |id| {
-        if !stop.contains(&id) {
-            if let Ok(Some(piece)) = decoder.push(id) {
-                generated.push_str(&piece);
-                if let Err(e) = write!(stdout, "{piece}").and_then(|_| stdout.flush()) {
-                    write_error = Some(e);
-                    return false;
-                }
+        // A stop token ends generation without reaching here.
+        if let Ok(Some(piece)) = decoder.push(id) {
+            generated.push_str(&piece);
+            if let Err(e) = write!(stdout, "{piece}").and_then(|_| stdout.flush()) {
+                write_error = Some(e);
+                return false;
             }
         }
         true

@@ -111,19 +111,21 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
 }
 
 fn fetch(model_only: bool, model: Option<String>, out: Option<PathBuf>) -> Result<()> {
-    use kvmerger_engine::fetch;
+    use kvmerger_models::{
+        default_model, ensure_known_model, known_model, known_model_names, resolve_model,
+    };
     let mut stdout = std::io::stdout().lock();
     let path = match out {
         Some(dir) => {
             let known = match model.as_deref() {
-                Some(name) => fetch::known_model(name).ok_or_else(|| {
-                    anyhow::anyhow!("unknown model `{name}`; known: {}", fetch::known_model_names())
+                Some(name) => known_model(name).ok_or_else(|| {
+                    anyhow::anyhow!("unknown model `{name}`; known: {}", known_model_names())
                 })?,
-                None => fetch::default_model(),
+                None => default_model(),
             };
-            fetch::ensure_known_model(known, &dir)?
+            ensure_known_model(known, &dir)?
         }
-        None => fetch::resolve_model(model.as_deref().map(std::path::Path::new))?,
+        None => resolve_model(model.as_deref().map(std::path::Path::new))?,
     };
     writeln!(stdout, "model: {}", path.display())?;
     if model_only {

@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use kvmerger_engine::{EngineConfig, EngineHandle, PrefillCompression};
+use kvmerger_engine::{EngineConfig, EngineHandle, PrefillCompression, RequestLimits};
+use kvmerger_models::ChatTemplate;
 use kvmerger_server::ServerState;
 
 use crate::args::{ContextArgs, MethodArgs, ModelArgs};
@@ -60,11 +61,12 @@ pub fn run(args: ServeArgs) -> Result<()> {
         .path
         .file_stem()
         .map_or_else(|| "model".to_string(), |s| s.to_string_lossy().to_string());
-    let chat = loaded.chat_template().map_err(|e| e.to_string());
+    let chat = ChatTemplate::for_tokenizer(&loaded.tokenizer).map_err(|e| e.to_string());
     if let Err(why) = &chat {
         eprintln!("warning: chat completions are unavailable: {why}");
     }
     let context_length = args.context.limit(loaded.model.config.context_length)?;
+    let limits = RequestLimits::of(&loaded.model.config, Some(context_length));
     let config = EngineConfig {
         kv_pool_bytes: args.kv_pool_mb << 20,
         max_queue: args.max_queue,
@@ -89,7 +91,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         model_name,
         default_compression,
         default_max_tokens: args.default_max_tokens,
-        context_length,
+        limits,
     };
     let addr = SocketAddr::new(args.host, args.port);
     let runtime = tokio::runtime::Builder::new_multi_thread()

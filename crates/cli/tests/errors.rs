@@ -22,7 +22,7 @@ fn temp(name: &str) -> PathBuf {
 }
 
 fn default_model() -> PathBuf {
-    kvmerger_engine::fetch::ensure_default_model().unwrap()
+    kvmerger_models::ensure_default_model().unwrap()
 }
 
 #[test]

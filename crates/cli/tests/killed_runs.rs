@@ -31,7 +31,7 @@ fn scratch() -> PathBuf {
 }
 
 fn start(dir: &Path, out: &str) -> Child {
-    let model = kvmerger_engine::fetch::ensure_default_model().unwrap();
+    let model = kvmerger_models::ensure_default_model().unwrap();
     Command::new(env!("CARGO_BIN_EXE_kvmerger"))
         .args(["eval", "--spec"])
         .arg(dir.join("spec.json"))

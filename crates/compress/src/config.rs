@@ -214,12 +214,20 @@ impl CompressionConfig {
     /// Parses a JSON configuration and validates it.
     pub fn from_json(text: &str) -> Result<Self> {
         match serde_json::from_str(text) {
-            Ok(Value::Object(obj)) => Self::from_object(obj),
-            Ok(other) => Err(CompressError::invalid(
+            Ok(value) => Self::from_value(value),
+            Err(e) => Err(CompressError::invalid("configuration", format!("not JSON: {e}"))),
+        }
+    }
+
+    /// A configuration from parsed JSON (an HTTP request's `kv_compression`), checked as
+    /// [`Self::from_json`] checks it.
+    pub fn from_value(value: Value) -> Result<Self> {
+        match value {
+            Value::Object(obj) => Self::from_object(obj),
+            other => Err(CompressError::invalid(
                 "configuration",
                 format!("expected a JSON object such as {{\"method\": \"h2o\"}}, got {other}"),
             )),
-            Err(e) => Err(CompressError::invalid("configuration", format!("not JSON: {e}"))),
         }
     }
 

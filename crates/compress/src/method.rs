@@ -66,6 +66,13 @@ pub trait CompressionMethod: Send + Sync {
         self.budget_entries(prompt_len)
     }
 
+    /// Whether compression leaves each layer at most its budget: false where a threshold
+    /// decides what stays (KVMerger's `threshold` mode), whose heads are bounded only by
+    /// the prompt.
+    fn bounded_by_budget(&self) -> bool {
+        true
+    }
+
     /// Whether merged entries get `ln(count)` added to their attention logit.
     fn log_count_bias(&self) -> bool {
         false

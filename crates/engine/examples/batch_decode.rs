@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use kvmerger_compress::{CompressionConfig, KvDtype};
 use kvmerger_engine::{
-    fetch, load_model, Engine, EngineConfig, Event, GenerationRequest, Part, SamplingConfig,
-    StepProfile, WeightFormat, WeightFormats,
+    load_model, Engine, EngineConfig, Event, GenerationRequest, Part, RequestLimits,
+    RequestOptions, SamplingConfig, StepProfile, WeightFormat, WeightFormats,
 };
 
 struct Args {
@@ -66,7 +66,7 @@ struct Round {
 
 fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
-    let path = fetch::ensure_default_model()?;
+    let path = kvmerger_models::ensure_default_model()?;
     let formats = WeightFormats { prefill: WeightFormat::F32, decode: WeightFormat::File };
     let mut loaded = load_model(&path, formats)?;
     loaded.model.kv_dtype = KvDtype::F16;
@@ -84,16 +84,18 @@ fn main() -> anyhow::Result<()> {
         let mut first_per_token = None;
         for (i, (slot, &n)) in best.iter_mut().zip(&args.sessions).enumerate() {
             let mut engine = Engine::new(model.clone(), EngineConfig::default());
+            let limits = RequestLimits::of(&model.config, None);
             for prompt in &prompts[..n] {
-                let request = GenerationRequest {
-                    prompt: prompt.clone(),
-                    max_tokens: args.steps + n + 1,
+                let options = RequestOptions {
+                    max_tokens: Some(args.steps + n + 1),
+                    default_max_tokens: args.steps + n + 1,
                     sampling: SamplingConfig::default(),
                     compression: CompressionConfig::Full,
                     stop_tokens: vec![],
                     max_kv: None,
                     prefill_compression: None,
                 };
+                let request = GenerationRequest::new(prompt.clone(), options, &limits)?;
                 engine.add(request).map_err(|e| anyhow::anyhow!("{e}"))?;
             }
             // One prefill per step: after n steps every sequence decodes.

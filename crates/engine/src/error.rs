@@ -7,10 +7,6 @@ use thiserror::Error;
 pub enum EngineError {
     #[error("model file not found: {0}")]
     MissingFile(PathBuf),
-    #[error("`{given}` is neither a file nor a known model (known: {known})")]
-    UnknownModel { given: PathBuf, known: String },
-    #[error("{path} is corrupt: expected {expected}, got {actual} (the file was removed)")]
-    Digest { path: PathBuf, expected: String, actual: String },
     /// The I/O error is in the message, not the error chain: a chain would print it twice.
     #[error("I/O error on {path}: {error}")]
     Io { path: PathBuf, error: std::io::Error },

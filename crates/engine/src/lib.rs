@@ -2,13 +2,11 @@
 
 mod activation;
 mod attention;
-pub mod chat;
 mod compression;
 mod config;
 mod cpu;
 mod embedding;
 mod error;
-pub mod fetch;
 mod forward;
 mod gguf_check;
 mod linear;
@@ -20,6 +18,7 @@ mod profile;
 mod qmatmul;
 mod query_moments;
 mod reconstruction;
+mod request;
 mod rope;
 mod runtime;
 mod sampler;
@@ -48,12 +47,15 @@ pub use prefill::{PrefillCompression, PrefillOptions, PrefillPlan};
 pub use profile::{Part, StepProfile};
 pub use qmatmul::{Product, QuantKind, QuantMatrix, QuantizedRows};
 pub use reconstruction::ReconstructionPrompt;
+pub use request::{
+    check_prompt, check_prompt_text, check_sampling, resolve_max_tokens, GenerationRequest,
+    RequestError, RequestField, RequestLimits, RequestOptions,
+};
 pub use runtime::{AddError, Engine, EngineConfig, EngineHandle, Event, EventSink, RuntimeMetrics};
 pub use sampler::{argmax, Sampler, SamplingConfig};
 pub use scheduler::{Plan, Refusal, Scheduler, SchedulerLimits};
 pub use sequence::{
-    entry_bytes, CachePeak, FinishReason, GenerationRequest, Prefilled, Reservation, SeqId,
-    SeqState, Sequence, Usage,
+    entry_bytes, CachePeak, FinishReason, Prefilled, Reservation, SeqId, SeqState, Sequence, Usage,
 };
 pub use session::{Session, Timings};
 pub use threads::ADAPTIVE_THREADS_ENV;

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use candle_core::quantized::{gguf_file, QTensor};
 use candle_core::{DType, Device, Tensor};
 
-use crate::chat::ChatTemplate;
 use crate::config::ModelConfig;
 use crate::embedding::Embedding;
 use crate::error::{EngineError, Result};
@@ -16,7 +15,6 @@ use crate::gguf_check::check_gguf;
 use crate::linear::{Linear, WeightFormat, WeightFormats};
 use crate::model::{Block, BlockNorms, Llama};
 use crate::qmatmul::QuantMatrix;
-use crate::reconstruction::ReconstructionPrompt;
 use crate::tokenizer::TextTokenizer;
 
 /// Reads a GGUF file's header (metadata and tensor index), with clear errors for a
@@ -308,17 +306,10 @@ pub struct LoadedModel {
     pub path: PathBuf,
 }
 
-impl LoadedModel {
-    /// The model's chat template, compiled (see [`ChatTemplate`]).
-    pub fn chat_template(&self) -> Result<ChatTemplate> {
-        ChatTemplate::for_tokenizer(&self.tokenizer)
-    }
-}
-
 /// Loads a GGUF file, or a Hugging Face folder with `tokenizer.json`, on the CPU.
 pub fn load_model(path: &Path, formats: WeightFormats) -> Result<LoadedModel> {
     let device = Device::Cpu;
-    let (mut model, tokenizer) = if path.is_dir() {
+    let (model, tokenizer) = if path.is_dir() {
         (load_hf_folder(path, &device)?, TextTokenizer::from_file(path.join("tokenizer.json"))?)
     } else {
         let (model, content) = load_gguf(path, formats, &device)?;
@@ -332,6 +323,5 @@ pub fn load_model(path: &Path, formats: WeightFormats) -> Result<LoadedModel> {
             model.config.vocab_size
         )));
     }
-    model.reconstruction = Some(Arc::new(ReconstructionPrompt::for_tokenizer(&tokenizer)?));
     Ok(LoadedModel { model, tokenizer, path: path.to_path_buf() })
 }

@@ -10,7 +10,6 @@ use kvmerger_compress::{HeadCache, KvCache, Reconstruction, ReconstructionPass, 
 use rayon::prelude::*;
 
 use crate::attention::{dot, AttentionShape};
-use crate::chat::{ChatMessage, ChatTemplate};
 use crate::error::{EngineError, Result};
 use crate::forward::{BatchItem, Phase};
 use crate::model::Llama;
@@ -36,21 +35,14 @@ pub struct ReconstructionPrompt {
 }
 
 impl ReconstructionPrompt {
-    /// The instructions encoded by `tokenizer`, the suffix cut from its chat template as
-    /// kvpress cuts it: what the template writes after a user message.
-    pub fn for_tokenizer(tokenizer: &TextTokenizer) -> Result<Self> {
-        let suffix = match ChatTemplate::for_tokenizer(tokenizer) {
-            Ok(template) => {
-                let marker = "\u{1}kvzip-context\u{1}";
-                let rendered = template.render(&[ChatMessage::user(marker)], true)?;
-                rendered.split_once(marker).map_or("\n".to_string(), |(_, s)| s.to_string())
-            }
-            Err(_) => "\n".to_string(),
-        };
+    /// The instructions encoded by `tokenizer`; `assistant_opening` is what the model's chat
+    /// template writes after a user message (`\n` for a model without one), which the
+    /// model-loading side cuts from the template as kvpress cuts it.
+    pub fn new(tokenizer: &TextTokenizer, assistant_opening: &str) -> Result<Self> {
         Ok(Self {
             first: tokenizer.encode(FIRST, false)?,
             later: tokenizer.encode(LATER, false)?,
-            suffix: tokenizer.encode(&suffix, false)?,
+            suffix: tokenizer.encode(assistant_opening, false)?,
         })
     }
 

@@ -21,8 +21,9 @@ use crate::forward::{BatchItem, Logits, Phase};
 use crate::model::Llama;
 use crate::pool::KvPool;
 use crate::prefill::PrefillCompression;
+use crate::request::GenerationRequest;
 use crate::scheduler::{Refusal, Scheduler, SchedulerLimits};
-use crate::sequence::{FinishReason, GenerationRequest, SeqId, SeqState, Sequence, Usage};
+use crate::sequence::{FinishReason, SeqId, SeqState, Sequence, Usage};
 
 /// How the runtime is sized.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,7 +58,7 @@ impl Default for EngineConfig {
 /// Why a request was not accepted.
 #[derive(Debug, thiserror::Error)]
 pub enum AddError {
-    /// The request is malformed for this model (names the field).
+    /// The sequence could not be built (an internal error: the request was checked).
     #[error(transparent)]
     Invalid(EngineError),
     /// The queue is full, or the request can never fit the pool.
@@ -71,7 +72,8 @@ pub enum AddError {
 /// What happened to a sequence during a step.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    /// A generated token (a final stop token included).
+    /// A generated token; a stop token is not one (it ends the sequence: `Finished`
+    /// with [`FinishReason::Stop`], and is counted in its usage).
     Token(u32),
     /// The sequence ended; its memory is free.
     Finished { reason: FinishReason, usage: Usage },
@@ -307,7 +309,8 @@ impl Engine {
         }
     }
 
-    /// Records a sampled token; ends the sequence if it finished.
+    /// Records a sampled token, delivered unless it is a stop token; ends the sequence if
+    /// it finished.
     fn emit(
         &mut self,
         id: SeqId,
@@ -316,7 +319,9 @@ impl Engine {
         events: &mut Vec<(SeqId, Event)>,
     ) {
         self.metrics.generated_tokens.fetch_add(1, Ordering::Relaxed);
-        events.push((id, Event::Token(token)));
+        if finish != Some(FinishReason::Stop) {
+            events.push((id, Event::Token(token)));
+        }
         if let Some(reason) = finish {
             events.push((id, self.end(id, reason)));
         }

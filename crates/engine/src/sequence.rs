@@ -9,7 +9,6 @@
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
-use kvmerger_compress::methods::BudgetMode;
 use kvmerger_compress::{
     CompressionConfig, CompressionMethod, EntryMeta, HeadCache, KvCache, KvDtype, QueryMoments,
     StatsRequest,
@@ -25,27 +24,11 @@ use crate::model::Llama;
 use crate::prefill::{PrefillCompression, PrefillOptions, PrefillPlan};
 use crate::profile::{timed, Part};
 use crate::reconstruction::score_by_reconstruction;
+use crate::request::{GenerationRequest, RequestLimits};
 use crate::sampler::{Sampler, SamplingConfig};
 
 /// A request's id inside the engine.
 pub type SeqId = u64;
-
-/// What a client asks the engine to generate.
-#[derive(Debug, Clone, PartialEq)]
-pub struct GenerationRequest {
-    pub prompt: Vec<u32>,
-    /// At least 1; the prompt and these tokens must fit the model's context.
-    pub max_tokens: usize,
-    pub sampling: SamplingConfig,
-    pub compression: CompressionConfig,
-    /// Tokens that end generation (the model's end-of-sequence tokens).
-    pub stop_tokens: Vec<u32>,
-    /// Entries a head may hold while decoding (`None`: no bound beyond the method's own):
-    /// the method keeps it by its own rule, or the request is refused.
-    pub max_kv: Option<usize>,
-    /// When the prompt is compressed (`None`: as the engine is configured).
-    pub prefill_compression: Option<PrefillCompression>,
-}
 
 /// Why a sequence ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -249,10 +232,11 @@ impl std::fmt::Debug for Sequence {
 }
 
 impl Sequence {
-    /// Checks the request against the model, builds its method and plans its prefill in
-    /// chunks of `prefill_chunk` tokens, compressed as `mode` says unless the request says
-    /// otherwise. Errors name the field: among them a method that cannot compress during
-    /// prefill when asked to (`prefill_compression`), or cannot keep `max_kv`.
+    /// Builds the request's method and plans its prefill in chunks of `prefill_chunk`
+    /// tokens, compressed as `mode` says unless the request says otherwise. The request
+    /// was checked (see [`GenerationRequest::new`]); what depends on the built method and
+    /// the engine's chunk is refused here naming the field: a method that cannot compress
+    /// during prefill when asked to (`prefill_compression`), or cannot keep `max_kv`.
     pub fn new(
         id: SeqId,
         request: GenerationRequest,
@@ -284,6 +268,7 @@ impl Sequence {
             stop_tokens: Vec::new(),
             max_kv,
             prefill_compression: None,
+            limits: RequestLimits::of(&model.config, None),
         };
         let seq =
             Self::build(0, request, &model.config, options.chunk, options.compression, stats)?;
@@ -298,52 +283,29 @@ impl Sequence {
         mode: PrefillCompression,
         stats: Option<StatsRequest>,
     ) -> Result<Self> {
+        if !request.limits.fit(config) {
+            return Err(EngineError::Setup(format!(
+                "a request checked against {:?} cannot run on this model",
+                request.limits
+            )));
+        }
+        // A session's prompt reaches here unchecked by a front end: these are the forward
+        // pass's own bounds, not a request's rules.
+        let prompt_len = request.prompt.len();
+        if prompt_len == 0 {
+            return Err(EngineError::EmptyPrompt);
+        }
+        let context = request.limits.context_length;
+        if prompt_len + request.max_tokens > context {
+            return Err(EngineError::ContextOverflow {
+                needed: prompt_len + request.max_tokens,
+                context,
+            });
+        }
         let invalid = |field: &str, reason: String| EngineError::InvalidRequest {
             field: field.to_string(),
             reason,
         };
-        let prompt_len = request.prompt.len();
-        if prompt_len == 0 {
-            return Err(invalid("prompt", "the prompt is empty".into()));
-        }
-        if let Some(&bad) = request.prompt.iter().find(|&&t| t as usize >= config.vocab_size) {
-            return Err(invalid(
-                "prompt",
-                format!("token id {bad} is outside the vocabulary ({})", config.vocab_size),
-            ));
-        }
-        let context = config.context_length;
-        if prompt_len >= context {
-            return Err(invalid(
-                "prompt",
-                format!("the prompt has {prompt_len} tokens; the model's context is {context}"),
-            ));
-        }
-        if request.max_tokens == 0 {
-            return Err(invalid("max_tokens", "must be at least 1".into()));
-        }
-        if prompt_len + request.max_tokens > context {
-            return Err(invalid(
-                "max_tokens",
-                format!(
-                    "{} tokens after a {prompt_len}-token prompt exceed the model's context of \
-                     {context} (at most {} fit)",
-                    request.max_tokens,
-                    context - prompt_len
-                ),
-            ));
-        }
-        let s = request.sampling;
-        if !(s.temperature >= 0.0 && s.temperature.is_finite()) {
-            return Err(invalid(
-                "temperature",
-                format!("must be at least 0, got {}", s.temperature),
-            ));
-        }
-        if !(s.top_p > 0.0 && s.top_p <= 1.0) {
-            return Err(invalid("top_p", format!("must be in (0, 1], got {}", s.top_p)));
-        }
-        request.compression.check_model(config.n_layers)?;
         let method = request.compression.build()?;
         let prompt_stats = stats.unwrap_or_else(|| method.prompt_stats(prompt_len));
         if let Some(n) = request.max_kv {
@@ -366,15 +328,8 @@ impl Sequence {
                 return Err(invalid("prefill_compression", reason));
             }
         }
-        let plan = plan_prefill(
-            &*method,
-            &request.compression,
-            &prompt_stats,
-            prompt_len,
-            prefill_chunk,
-            incremental,
-            config,
-        );
+        let plan =
+            plan_prefill(&*method, &prompt_stats, prompt_len, prefill_chunk, incremental, config);
         Ok(Self {
             id,
             sampler: Sampler::new(request.sampling),
@@ -781,7 +736,7 @@ fn incremental_refusal(
     chunk: usize,
 ) -> Option<String> {
     let name = method.name();
-    if !is_bounded(compression) {
+    if !method.bounded_by_budget() {
         return Some(format!(
             "{name} in threshold mode keeps what its threshold keeps, not a budget: it \
              cannot compress part of a prompt to a budget and go on; use a budget mode or \
@@ -816,12 +771,6 @@ fn incremental_refusal(
     })
 }
 
-/// Whether the method's result is bounded by its budget.
-fn is_bounded(compression: &CompressionConfig) -> bool {
-    !matches!(compression, CompressionConfig::Kvmerger(c)
-        if c.budget_mode == BudgetMode::Threshold)
-}
-
 /// Plans a prefill in chunks of `chunk` tokens whose last holds the largest observation
 /// window `stats` record; with `incremental` (the method can, and the request asks), the
 /// cache is compressed whenever the next chunk would not fit beside the budget. A head
@@ -829,7 +778,6 @@ fn is_bounded(compression: &CompressionConfig) -> bool {
 /// by the budget.
 fn plan_prefill(
     method: &dyn CompressionMethod,
-    compression: &CompressionConfig,
     stats: &StatsRequest,
     prompt_len: usize,
     chunk: usize,
@@ -837,7 +785,7 @@ fn plan_prefill(
     config: &ModelConfig,
 ) -> PrefillPlan {
     let window = stats.windows.iter().max().unwrap_or(1);
-    let bounded = is_bounded(compression);
+    let bounded = method.bounded_by_budget();
     let budgets: Vec<usize> = (0..config.n_layers)
         .map(|l| {
             if bounded {
@@ -866,6 +814,7 @@ mod tests {
             stop_tokens: vec![],
             max_kv: None,
             prefill_compression: None,
+            limits: RequestLimits::of(&tiny_config(), None),
         }
     }
 
@@ -955,20 +904,13 @@ mod tests {
     }
 
     #[test]
-    fn bad_requests_name_the_field() {
+    fn bounds_a_method_cannot_keep_are_refused_naming_the_field() {
         let config = tiny_config();
         let field =
             |r: GenerationRequest| match Sequence::new(1, r, &config, 16, Default::default()) {
                 Err(EngineError::InvalidRequest { field, .. }) => field,
                 other => panic!("{other:?}"),
             };
-        assert_eq!(field(request(0, 4, "full", 1.0)), "prompt");
-        assert_eq!(field(request(300, 4, "full", 1.0)), "prompt");
-        assert_eq!(field(request(10, 0, "full", 1.0)), "max_tokens");
-        assert_eq!(field(request(200, 57, "full", 1.0)), "max_tokens");
-        let mut r = request(10, 4, "full", 1.0);
-        r.sampling.top_p = 0.0;
-        assert_eq!(field(r), "top_p");
         // A bound while decoding: at least one entry, and only for a method that has a rule
         // for the entries decoding adds.
         let bounded = |method: &str, n: usize| GenerationRequest {

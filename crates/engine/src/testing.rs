@@ -1,4 +1,5 @@
-//! Small random-weight models and a naive reference forward, for tests and benchmarks.
+//! Small random-weight models, a tiny tokenizer and a naive reference forward, for tests
+//! and benchmarks.
 //!
 //! The reference forward recomputes every position from scratch with plain loops and a
 //! caller-chosen visibility rule, so the cached, chunked, compressed path can be checked
@@ -6,6 +7,9 @@
 
 use std::sync::Arc;
 
+use std::collections::HashMap;
+
+use candle_core::quantized::gguf_file::Value;
 use candle_core::{Device, Tensor};
 use kvmerger_compress::{CompressionConfig, KvCache, KvDtype, StatsRequest};
 use rand::rngs::StdRng;
@@ -21,6 +25,7 @@ use crate::qmatmul::Product;
 use crate::reconstruction::ReconstructionPrompt;
 use crate::rope::Rope;
 use crate::session::Session;
+use crate::tokenizer::{TextTokenizer, TOKEN_TYPE_CONTROL, TOKEN_TYPE_NORMAL};
 
 /// A tiny Llama config: 2 layers, 4 query heads over 2 kv heads, head_dim 8.
 pub fn tiny_config() -> ModelConfig {
@@ -103,7 +108,8 @@ pub fn random_llama_with(config: ModelConfig, seed: u64, formats: WeightFormats)
     }
     let final_norm = Tensor::ones(h, candle_core::DType::F32, &dev)?;
     let lm_head = linear(embed.clone())?;
-    let mut model = Llama::new(config, Embedding::Dense(embed), blocks, final_norm, lm_head, formats)?;
+    let mut model =
+        Llama::new(config, Embedding::Dense(embed), blocks, final_norm, lm_head, formats)?;
     model.reconstruction = Some(Arc::new(random_reconstruction_prompt()));
     Ok(model)
 }
@@ -336,4 +342,45 @@ pub fn compare_prefill(model: &Llama, reference: &Llama, tokens: &[u32]) -> Resu
         top1_agreement: agreed as f64 / kls.len() as f64,
         reference: picks,
     })
+}
+
+/// A small SentencePiece vocabulary: control tokens, the 256 byte tokens and a few
+/// pieces that spell "hello world".
+pub fn tiny_sentencepiece() -> TextTokenizer {
+    let mut tokens = vec!["<unk>".to_string(), "<s>".to_string(), "</s>".to_string()];
+    let mut types = vec![2, TOKEN_TYPE_CONTROL, TOKEN_TYPE_CONTROL];
+    for byte in 0..=255u8 {
+        tokens.push(format!("<0x{byte:02X}>"));
+        types.push(6);
+    }
+    let pieces = [
+        "▁", "h", "e", "l", "o", "w", "r", "d", "ll", "▁h", "▁he", "llo", "▁hello", "▁w", "or",
+        "▁wor", "ld", "▁world",
+    ];
+    let piece_scores = [
+        -1.0, -2.0, -2.0, -2.0, -2.0, -2.0, -2.0, -2.0, -3.0, -3.0, -4.0, -4.0, -5.0, -3.0, -3.0,
+        -4.0, -3.0, -5.0,
+    ];
+    let mut scores = vec![0.0f32; tokens.len()];
+    for (piece, score) in pieces.iter().zip(piece_scores) {
+        tokens.push(piece.to_string());
+        types.push(TOKEN_TYPE_NORMAL);
+        scores.push(score);
+    }
+    let md: HashMap<String, Value> = [
+        ("tokenizer.ggml.model", Value::String("llama".into())),
+        ("tokenizer.ggml.tokens", Value::Array(tokens.into_iter().map(Value::String).collect())),
+        (
+            "tokenizer.ggml.token_type",
+            Value::Array(types.into_iter().map(|t| Value::I32(t as i32)).collect()),
+        ),
+        ("tokenizer.ggml.scores", Value::Array(scores.into_iter().map(Value::F32).collect())),
+        ("tokenizer.ggml.bos_token_id", Value::U32(1)),
+        ("tokenizer.ggml.eos_token_id", Value::U32(2)),
+        ("tokenizer.ggml.unknown_token_id", Value::U32(0)),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    TextTokenizer::from_gguf_metadata(&md).expect("tiny SentencePiece tokenizer")
 }

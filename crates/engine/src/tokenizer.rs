@@ -35,8 +35,8 @@ use tokenizers::{
 use crate::error::{EngineError, Result};
 
 /// GGUF token types (llama.cpp's `llama_token_type`) that matter here.
-const TOKEN_TYPE_NORMAL: i64 = 1;
-const TOKEN_TYPE_CONTROL: i64 = 3;
+pub(crate) const TOKEN_TYPE_NORMAL: i64 = 1;
+pub(crate) const TOKEN_TYPE_CONTROL: i64 = 3;
 const TOKEN_TYPE_USER_DEFINED: i64 = 4;
 
 /// Tokens that end a turn or a document in common model families; each one the vocabulary
@@ -627,50 +627,10 @@ pub(crate) mod tests {
     use super::*;
     use tokenizers::{OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer};
 
+    use crate::testing::tiny_sentencepiece;
+
     fn strings(items: &[&str]) -> Value {
         Value::Array(items.iter().map(|s| Value::String(s.to_string())).collect())
-    }
-
-    /// A small SentencePiece vocabulary: control tokens, the 256 byte tokens and a few
-    /// pieces that spell "hello world".
-    pub(crate) fn tiny_sentencepiece() -> TextTokenizer {
-        let mut tokens = vec!["<unk>".to_string(), "<s>".to_string(), "</s>".to_string()];
-        let mut types = vec![2, TOKEN_TYPE_CONTROL, TOKEN_TYPE_CONTROL];
-        for byte in 0..=255u8 {
-            tokens.push(format!("<0x{byte:02X}>"));
-            types.push(6);
-        }
-        let pieces = [
-            "▁", "h", "e", "l", "o", "w", "r", "d", "ll", "▁h", "▁he", "llo", "▁hello", "▁w", "or",
-            "▁wor", "ld", "▁world",
-        ];
-        let piece_scores = [
-            -1.0, -2.0, -2.0, -2.0, -2.0, -2.0, -2.0, -2.0, -3.0, -3.0, -4.0, -4.0, -5.0, -3.0,
-            -3.0, -4.0, -3.0, -5.0,
-        ];
-        let mut scores = vec![0.0f32; tokens.len()];
-        for (piece, score) in pieces.iter().zip(piece_scores) {
-            tokens.push(piece.to_string());
-            types.push(TOKEN_TYPE_NORMAL);
-            scores.push(score);
-        }
-        let token_refs: Vec<&str> = tokens.iter().map(String::as_str).collect();
-        let md: HashMap<String, Value> = [
-            ("tokenizer.ggml.model", Value::String("llama".into())),
-            ("tokenizer.ggml.tokens", strings(&token_refs)),
-            (
-                "tokenizer.ggml.token_type",
-                Value::Array(types.into_iter().map(|t| Value::I32(t as i32)).collect()),
-            ),
-            ("tokenizer.ggml.scores", Value::Array(scores.into_iter().map(Value::F32).collect())),
-            ("tokenizer.ggml.bos_token_id", Value::U32(1)),
-            ("tokenizer.ggml.eos_token_id", Value::U32(2)),
-            ("tokenizer.ggml.unknown_token_id", Value::U32(0)),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
-        TextTokenizer::from_gguf_metadata(&md).expect("tiny SentencePiece tokenizer")
     }
 
     #[test]

@@ -123,7 +123,7 @@ fn tiny_gguf() -> Vec<u8> {
 /// The default model's metadata (architecture, 49k-token vocabulary, 48k merges, chat
 /// template), written as a GGUF file without tensors.
 fn real_metadata() -> HashMap<String, Value> {
-    let path = kvmerger_engine::fetch::ensure_default_model().expect("default model");
+    let path = kvmerger_models::ensure_default_model().expect("default model");
     read_gguf_header(&path).unwrap().0.metadata
 }
 

@@ -7,7 +7,8 @@ use kvmerger_compress::{Budget, CompressionConfig, KvCache};
 use kvmerger_engine::testing::{random_llama_with, tiny_config};
 use kvmerger_engine::{
     argmax, BatchItem, EngineError, GenerationRequest, Llama, Logits, Phase, PrefillCompression,
-    PrefillOptions, Prefilled, SamplingConfig, Sequence, Session, WeightFormat, WeightFormats,
+    PrefillOptions, Prefilled, RequestLimits, RequestOptions, SamplingConfig, Sequence, Session,
+    WeightFormat, WeightFormats,
 };
 
 const PROMPT: usize = 200;
@@ -40,14 +41,18 @@ fn bits(v: &[f32]) -> Vec<u32> {
 /// a second sequence, each followed by the sequence's decode-time policy. Returns the
 /// prompt's logits and each step's.
 fn served(model: &Llama, config: &CompressionConfig, mode: PrefillCompression) -> Vec<Vec<f32>> {
-    let request = |tokens: Vec<u32>| GenerationRequest {
-        prompt: tokens,
-        max_tokens: STEPS + 1,
-        sampling: SamplingConfig::default(),
-        compression: config.clone(),
-        stop_tokens: vec![],
-        max_kv: None,
-        prefill_compression: None,
+    let limits = RequestLimits::of(&model.config, None);
+    let request = |tokens: Vec<u32>| {
+        let options = RequestOptions {
+            max_tokens: Some(STEPS + 1),
+            default_max_tokens: STEPS + 1,
+            sampling: SamplingConfig::default(),
+            compression: config.clone(),
+            stop_tokens: vec![],
+            max_kv: None,
+            prefill_compression: None,
+        };
+        GenerationRequest::new(tokens, options, &limits).unwrap()
     };
     let sequence = |id, tokens| {
         Sequence::new(id, request(tokens), &model.config, CHUNK, mode)

@@ -10,13 +10,13 @@ mod common;
 use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_qwen2;
 use kvmerger_compress::KvCache;
-use kvmerger_engine::chat::ChatMessage;
 use kvmerger_engine::testing::{compare_prefill, compare_with_reference, forward, ForwardOptions};
 use kvmerger_engine::{argmax, load_model, LoadedModel, Phase, WeightFormat, WeightFormats};
+use kvmerger_models::{ChatMessage, ChatTemplate};
 
 fn qwen_path() -> std::path::PathBuf {
-    let model = kvmerger_engine::fetch::known_model("qwen2.5-coder-0.5b").unwrap();
-    kvmerger_engine::fetch::ensure_known_model(model, &kvmerger_engine::fetch::cache_dir())
+    let model = kvmerger_models::known_model("qwen2.5-coder-0.5b").unwrap();
+    kvmerger_models::ensure_known_model(model, &kvmerger_models::cache_dir())
         .expect("the Qwen model")
 }
 
@@ -88,7 +88,7 @@ fn qwen_logits_agree_with_candle_transformers() {
 #[ignore = "needs the 491 MB Qwen2.5-Coder-0.5B model"]
 fn qwen_generates_code_in_chat_and_raw_modes() {
     let m = load_model(&qwen_path(), WeightFormats::default()).unwrap();
-    let template = m.chat_template().unwrap();
+    let template = ChatTemplate::for_tokenizer(&m.tokenizer).unwrap();
     let chat = template
         .render(
             &[ChatMessage::user("Write a Python function `add(a, b)` that returns a + b.")],

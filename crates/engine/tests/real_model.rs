@@ -17,7 +17,7 @@ with their families, trimming wicks and winding clockwork every few hours. Today
 
 /// f32 weights and an f32 cache, to compare with f32 references.
 fn f32_model() -> LoadedModel {
-    let path = kvmerger_engine::fetch::ensure_default_model().expect("default model");
+    let path = kvmerger_models::ensure_default_model().expect("default model");
     let mut loaded =
         load_model(&path, WeightFormats { prefill: WeightFormat::F32, decode: WeightFormat::F32 })
             .expect("load");
@@ -28,7 +28,7 @@ fn f32_model() -> LoadedModel {
 fn reference_model() -> quantized_llama::ModelWeights {
     // quantized_llama reads this on the loading thread to dequantize every weight to f32.
     std::env::set_var("CANDLE_DEQUANTIZE_ALL", "1");
-    let path = kvmerger_engine::fetch::ensure_default_model().unwrap();
+    let path = kvmerger_models::ensure_default_model().unwrap();
     let (content, mut reader) = kvmerger_engine::read_gguf_header(&path).unwrap();
     quantized_llama::ModelWeights::from_gguf(content, &mut reader, &Device::Cpu).unwrap()
 }
@@ -97,11 +97,8 @@ fn positions_reach_the_models_own_context_length() {
 
 #[test]
 fn every_method_generates_on_the_real_model() {
-    let m = load_model(
-        &kvmerger_engine::fetch::ensure_default_model().unwrap(),
-        WeightFormats::default(),
-    )
-    .unwrap();
+    let m = load_model(&kvmerger_models::ensure_default_model().unwrap(), WeightFormats::default())
+        .unwrap();
     let tokens = m.tokenizer.encode(PROMPT, true).unwrap();
     for method in kvmerger_compress::METHOD_NAMES {
         let budget = (method != "full").then_some(kvmerger_compress::Budget::Ratio(0.5));
@@ -126,7 +123,7 @@ fn every_method_generates_on_the_real_model() {
 
 /// Decodes with `decode` weights against the f32 path on the same prompt and tokens.
 fn decode_against_f32(exact: &LoadedModel, decode: WeightFormat) -> Agreement {
-    let path = kvmerger_engine::fetch::ensure_default_model().unwrap();
+    let path = kvmerger_models::ensure_default_model().unwrap();
     let other = load_model(&path, WeightFormats { prefill: WeightFormat::F32, decode }).unwrap();
     let tokens = exact.tokenizer.encode(PROMPT, true).unwrap();
     let mut exact_cache = exact.model.new_cache();
@@ -169,7 +166,7 @@ fn quantized_decode_stays_close_to_the_f32_path() {
 #[test]
 fn file_prefill_stays_close_to_the_f32_path() {
     let exact = f32_model();
-    let path = kvmerger_engine::fetch::ensure_default_model().unwrap();
+    let path = kvmerger_models::ensure_default_model().unwrap();
     let file = WeightFormats { prefill: WeightFormat::File, decode: WeightFormat::File };
     let mut ours = load_model(&path, file).unwrap();
     ours.model.kv_dtype = KvDtype::F32;

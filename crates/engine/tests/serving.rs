@@ -8,8 +8,8 @@ use kvmerger_compress::{Budget, CompressionConfig};
 use kvmerger_engine::testing::{random_llama, random_llama_with, tiny_config};
 use kvmerger_engine::{
     AddError, BatchItem, Engine, EngineConfig, EngineError, Event, FinishReason, GenerationRequest,
-    Llama, Logits, Phase, PrefillCompression, Refusal, SamplingConfig, SeqId, Sequence, Session,
-    WeightFormat, WeightFormats,
+    Llama, Logits, Phase, PrefillCompression, Refusal, RequestLimits, RequestOptions,
+    SamplingConfig, SeqId, Sequence, Session, WeightFormat, WeightFormats,
 };
 
 fn models() -> Vec<(&'static str, Llama)> {
@@ -29,6 +29,34 @@ fn prompt(seed: u32, len: usize) -> Vec<u32> {
 fn config(method: &str, budget: f64) -> CompressionConfig {
     let budget = (method != "full").then_some(Budget::Ratio(budget));
     CompressionConfig::from_cli(method, budget, &[]).unwrap()
+}
+
+/// A greedy request's options on the tiny model: no stop tokens, no bound, the engine's
+/// prefill mode.
+fn options(max_tokens: usize, compression: CompressionConfig) -> RequestOptions {
+    RequestOptions {
+        max_tokens: Some(max_tokens),
+        default_max_tokens: max_tokens,
+        sampling: SamplingConfig::default(),
+        compression,
+        stop_tokens: vec![],
+        max_kv: None,
+        prefill_compression: None,
+    }
+}
+
+/// `options` checked against the tiny model's limits.
+fn checked(prompt: Vec<u32>, options: RequestOptions) -> GenerationRequest {
+    GenerationRequest::new(prompt, options, &RequestLimits::of(&tiny_config(), None)).unwrap()
+}
+
+/// A checked greedy request on the tiny model without stop tokens.
+fn request(
+    prompt: Vec<u32>,
+    max_tokens: usize,
+    compression: CompressionConfig,
+) -> GenerationRequest {
+    checked(prompt, options(max_tokens, compression))
 }
 
 /// Identical by construction (each row's arithmetic does not depend on the others in its
@@ -108,16 +136,12 @@ fn requests() -> Vec<GenerationRequest> {
     methods
         .iter()
         .enumerate()
-        .map(|(i, &(m, b))| GenerationRequest {
-            prompt: prompt(i as u32, 40 + 13 * i),
-            max_tokens: 12,
-            sampling: SamplingConfig::default(),
-            compression: config(m, b),
-            stop_tokens: vec![],
-            max_kv: None,
+        .map(|(i, &(m, b))| {
             // SnapKV's window does not fit twice in the chunks of 16 and CaM reads the whole
             // prompt's attention: each asks to be compressed once, as a client must.
-            prefill_compression: matches!(m, "snapkv" | "cam").then_some(PrefillCompression::Once),
+            let once = matches!(m, "snapkv" | "cam").then_some(PrefillCompression::Once);
+            let asked = RequestOptions { prefill_compression: once, ..options(12, config(m, b)) };
+            checked(prompt(i as u32, 40 + 13 * i), asked)
         })
         .collect()
 }
@@ -130,7 +154,7 @@ fn greedy_requests_give_the_same_tokens_alone_or_together() {
         let together = serve(&model, &reqs, 64 << 20);
         for (i, r) in reqs.iter().enumerate() {
             let alone = serve(&model, std::slice::from_ref(r), 64 << 20);
-            assert_eq!(alone[0], together[i], "{name}: request {i} ({})", r.compression.label());
+            assert_eq!(alone[0], together[i], "{name}: request {i} ({})", r.compression().label());
             assert_eq!(alone[0].len(), 12);
         }
     }
@@ -154,15 +178,7 @@ fn a_small_pool_serves_everyone_in_turn_without_exceeding_its_limit() {
 fn the_engine_generates_what_a_session_generates() {
     let model = Arc::new(random_llama(tiny_config(), 5).unwrap());
     let p = prompt(9, 70);
-    let req = GenerationRequest {
-        prompt: p.clone(),
-        max_tokens: 10,
-        sampling: SamplingConfig::default(),
-        compression: CompressionConfig::Full,
-        stop_tokens: vec![],
-        max_kv: None,
-        prefill_compression: None,
-    };
+    let req = request(p.clone(), 10, CompressionConfig::Full);
     let served = serve(&model, &[req], 64 << 20);
     let mut session = Session::new(&model, &CompressionConfig::Full).unwrap();
     let logits = session.prefill(&p).unwrap();
@@ -181,15 +197,8 @@ fn cancel_frees_memory_at_once_and_refusals_name_why() {
         ..EngineConfig::default()
     };
     let mut engine = Engine::new(model, cfg);
-    let req = |len: usize, max_tokens: usize| GenerationRequest {
-        prompt: prompt(1, len),
-        max_tokens,
-        sampling: SamplingConfig::default(),
-        compression: config("h2o", 0.5),
-        stop_tokens: vec![],
-        max_kv: None,
-        prefill_compression: None,
-    };
+    let req =
+        |len: usize, max_tokens: usize| request(prompt(1, len), max_tokens, config("h2o", 0.5));
     let a = engine.add(req(100, 20)).unwrap();
     engine.step();
     assert!(engine.pool().used() > 0);
@@ -199,11 +208,6 @@ fn cancel_frees_memory_at_once_and_refusals_name_why() {
     ));
     assert_eq!(engine.pool().used(), 0, "cancel frees the reservation");
     assert!(engine.is_idle());
-    // Invalid requests are errors for them only.
-    let err = engine.add(req(0, 4)).unwrap_err();
-    assert!(err.to_string().contains("prompt"), "{err}");
-    let err = engine.add(req(250, 20)).unwrap_err();
-    assert!(err.to_string().contains("max_tokens"), "{err}");
     // Queue bound: nothing is admitted between adds, so one waits and the next is refused.
     engine.add(req(200, 40)).unwrap();
     let err = engine.add(req(200, 40)).unwrap_err();
@@ -228,15 +232,7 @@ fn incremental_prefill_never_holds_more_than_budget_plus_one_chunk_per_head() {
     ];
     for compression in methods {
         let name = compression.label();
-        let request = GenerationRequest {
-            prompt: prompt(4, 200),
-            max_tokens: 5,
-            sampling: SamplingConfig::default(),
-            compression,
-            stop_tokens: vec![],
-            max_kv: None,
-            prefill_compression: None,
-        };
+        let request = request(prompt(4, 200), 5, compression);
         let mode = PrefillCompression::Incremental;
         let mut seq = Sequence::new(1, request.clone(), &model.config, chunk, mode).unwrap();
         let budget = 60;
@@ -249,7 +245,7 @@ fn incremental_prefill_never_holds_more_than_budget_plus_one_chunk_per_head() {
             let last = range.end == 200;
             let stats = seq.chunk_stats(&range);
             let mut item = [BatchItem {
-                tokens: &request.prompt[range.clone()],
+                tokens: &request.prompt()[range.clone()],
                 cache: &mut seq.cache,
                 logits: last.then_some(Logits::Last),
                 stats,
@@ -282,15 +278,7 @@ fn once_and_incremental_agree_where_the_prompt_fits_budget_plus_a_chunk() {
     // A 40-token prompt at 60% (budget 24) in chunks of 16: no compression before the last
     // chunk either way, so both modes give the same tokens.
     let model = Arc::new(random_llama(tiny_config(), 3).unwrap());
-    let request = GenerationRequest {
-        prompt: prompt(2, 40),
-        max_tokens: 8,
-        sampling: SamplingConfig::default(),
-        compression: config("kvmerger", 0.6),
-        stop_tokens: vec![],
-        max_kv: None,
-        prefill_compression: None,
-    };
+    let request = request(prompt(2, 40), 8, config("kvmerger", 0.6));
     let run = |mode| {
         let cfg = EngineConfig {
             prefill_chunk: 16,
@@ -319,23 +307,47 @@ fn once_and_incremental_agree_where_the_prompt_fits_budget_plus_a_chunk() {
 fn a_request_whose_method_cannot_compress_during_prefill_is_refused_with_the_reason() {
     let model = Arc::new(random_llama(tiny_config(), 3).unwrap());
     let mut engine = Engine::new(model, EngineConfig::default());
-    let mut request = GenerationRequest {
-        prompt: prompt(1, 100),
-        max_tokens: 4,
-        sampling: SamplingConfig::default(),
-        compression: config("cam", 0.3),
-        stop_tokens: vec![],
-        max_kv: None,
-        prefill_compression: None,
-    };
-    match engine.add(request.clone()) {
+    let asked =
+        |mode| RequestOptions { prefill_compression: mode, ..options(4, config("cam", 0.3)) };
+    match engine.add(checked(prompt(1, 100), asked(None))) {
         Err(AddError::Invalid(EngineError::InvalidRequest { field, reason })) => {
             assert_eq!(field, "prefill_compression");
             assert!(reason.contains("cam") && reason.contains("whole prompt"), "{reason}");
         }
         other => panic!("{other:?}"),
     }
-    request.prefill_compression = Some(PrefillCompression::Once);
-    let id = engine.add(request).unwrap();
+    let id = engine.add(checked(prompt(1, 100), asked(Some(PrefillCompression::Once)))).unwrap();
     assert!(!engine.sequence(id).unwrap().plan().is_incremental());
+}
+
+/// A stop token ends the sequence without being delivered as a token; its usage counts it.
+#[test]
+fn a_stop_token_ends_generation_and_is_not_delivered() {
+    let model = Arc::new(random_llama(tiny_config(), 3).unwrap());
+    let run = |stop_tokens: Vec<u32>| {
+        let mut engine = Engine::new(model.clone(), EngineConfig::default());
+        let req = checked(
+            prompt(6, 30),
+            RequestOptions { stop_tokens, ..options(12, CompressionConfig::Full) },
+        );
+        engine.add(req).unwrap();
+        let (mut tokens, mut end) = (Vec::new(), None);
+        while !engine.is_idle() {
+            for (_, event) in engine.step() {
+                match event {
+                    Event::Token(t) => tokens.push(t),
+                    Event::Finished { reason, usage } => end = Some((reason, usage)),
+                }
+            }
+        }
+        (tokens, end.expect("the sequence finished"))
+    };
+    let (all, _) = run(vec![]);
+    // The last token that did not occur before it (the first one at least): generation
+    // stops right there.
+    let at = (0..all.len()).rev().find(|&i| !all[..i].contains(&all[i])).unwrap();
+    let (tokens, (reason, usage)) = run(vec![all[at]]);
+    assert_eq!(tokens, all[..at]);
+    assert_eq!(reason, FinishReason::Stop);
+    assert_eq!(usage.completion_tokens, at + 1);
 }

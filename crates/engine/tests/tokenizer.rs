@@ -1,5 +1,5 @@
 //! The default model's tokenizer, rebuilt from GGUF metadata: round trips, special tokens,
-//! the chat template, and token ids checked against an independent Python implementation.
+//! and token ids checked against an independent Python implementation.
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -7,14 +7,13 @@ use std::sync::OnceLock;
 mod common;
 
 use common::python_ids;
-use kvmerger_engine::chat::{render_chat, ChatMessage, ChatTemplate};
 use kvmerger_engine::tokenizer::TextTokenizer;
 
 /// The default model's path (fetched first if missing) and its tokenizer, loaded once.
 fn default_model() -> &'static (PathBuf, TextTokenizer) {
     static MODEL: OnceLock<(PathBuf, TextTokenizer)> = OnceLock::new();
     MODEL.get_or_init(|| {
-        let path = kvmerger_engine::fetch::ensure_default_model()
+        let path = kvmerger_models::ensure_default_model()
             .expect("the default model is needed (`kvmerger fetch`)");
         let (content, _) =
             kvmerger_engine::read_gguf_header(&path).expect("reading the default model's header");
@@ -93,33 +92,6 @@ fn stream_decoder_yields_whole_characters() {
     }
     assert_eq!(out, text);
     assert!(held_back > 0, "multi-byte characters span several byte-level tokens");
-}
-
-#[test]
-fn chatml_rendering_matches_the_smollm2_template() {
-    let tok = tokenizer();
-    let template = ChatTemplate::for_tokenizer(tok).unwrap();
-    assert!(template.is_from_model(), "SmolLM2 ships its template in the GGUF metadata");
-    let default_system = "You are a helpful AI assistant named SmolLM, trained by Hugging Face";
-    assert_eq!(
-        template.render(&[ChatMessage::user("What is 2+2?")], true).unwrap(),
-        format!(
-            "<|im_start|>system\n{default_system}<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
-        )
-    );
-    assert_eq!(
-        render_chat(
-            tok,
-            &[ChatMessage::system("Answer in French."), ChatMessage::user("Hi")],
-            false
-        )
-        .unwrap(),
-        "<|im_start|>system\nAnswer in French.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
-    );
-    let prompt = template.render(&[ChatMessage::user("Hi")], true).unwrap();
-    let ids = tok.encode(&prompt, true).unwrap();
-    let start = tok.token_id("<|im_start|>").unwrap();
-    assert_eq!(ids.iter().filter(|&&id| id == start).count(), 3);
 }
 
 const CROSS_CHECK: &[&str] = &[

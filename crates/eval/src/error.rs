@@ -8,6 +8,8 @@ pub enum EvalError {
     #[error(transparent)]
     Engine(#[from] kvmerger_engine::EngineError),
     #[error(transparent)]
+    Models(#[from] kvmerger_models::ModelsError),
+    #[error(transparent)]
     Compress(#[from] kvmerger_compress::CompressError),
     /// The I/O error is in the message, not the error chain: a chain would print it twice.
     #[error("I/O error on {path}: {error}")]

@@ -12,11 +12,11 @@
 use std::time::Instant;
 
 use kvmerger_compress::{CompressionConfig, KvDtype, StatsRequest};
-use kvmerger_engine::chat::ChatMessage;
 use kvmerger_engine::{
     argmax, Llama, LoadedModel, Logits, PrefillCompression, PrefillOptions, Prefilled, Sampler,
     SamplingConfig, Session,
 };
+use kvmerger_models::{ChatMessage, ChatTemplate};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{EvalError, Result};
@@ -102,7 +102,7 @@ pub fn prompt_texts(
 ) -> Result<(String, String)> {
     let has_question = sample.metric != Metric::Perplexity;
     let (context, question) = if opts.chat && has_question {
-        let template = model.chat_template()?;
+        let template = ChatTemplate::for_tokenizer(&model.tokenizer)?;
         let user = format!("{}{QUESTION_MARK}\n{}", sample.context, sample.question);
         let rendered = template.render(&[ChatMessage::user(user)], true)?;
         let (before, after) = rendered

@@ -11,8 +11,7 @@ use kvmerger_eval::sweep::{run_sweep, Job, SweepInput};
 use kvmerger_eval::tasks::TaskKind;
 
 fn model() -> LoadedModel {
-    load_model(&kvmerger_engine::fetch::ensure_default_model().unwrap(), WeightFormats::default())
-        .unwrap()
+    load_model(&kvmerger_models::ensure_default_model().unwrap(), WeightFormats::default()).unwrap()
 }
 
 fn input() -> SweepInput<'static> {

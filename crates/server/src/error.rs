@@ -4,7 +4,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use kvmerger_compress::CompressError;
-use kvmerger_engine::{AddError, EngineError, Refusal};
+use kvmerger_engine::{AddError, Refusal, RequestError};
 use serde_json::json;
 
 /// An error answered to one request; the server keeps serving.
@@ -82,14 +82,20 @@ impl ApiError {
     }
 }
 
+impl From<RequestError> for ApiError {
+    fn from(e: RequestError) -> Self {
+        match e {
+            RequestError::Invalid { field, reason } => Self::invalid(field.name(), reason),
+            RequestError::Compression(c) => Self::compression(&c),
+        }
+    }
+}
+
 impl From<AddError> for ApiError {
     fn from(e: AddError) -> Self {
         match e {
-            AddError::Invalid(EngineError::InvalidRequest { field, reason }) => {
-                Self::invalid(field, reason)
-            }
-            AddError::Invalid(EngineError::Compress(c)) => Self::compression(&c),
-            AddError::Invalid(other) => Self::invalid("prompt", other.to_string()),
+            // The request was checked: the engine failing to build it is its own fault.
+            AddError::Invalid(error) => Self::internal(error.to_string()),
             AddError::Refused(r @ Refusal::QueueFull { .. }) => Self {
                 status: StatusCode::TOO_MANY_REQUESTS,
                 message: r.to_string(),

@@ -121,27 +121,20 @@ impl StopCutter {
     }
 }
 
-/// Turns tokens into text: whole characters only, stop tokens dropped, stop sequences cut.
+/// Turns tokens into text: whole characters only, stop sequences cut (the engine does not
+/// deliver stop tokens).
 pub struct TextStream<'t> {
     decoder: StreamDecoder<'t>,
-    stop_tokens: Vec<u32>,
     cutter: StopCutter,
 }
 
 impl<'t> TextStream<'t> {
     pub fn new(tokenizer: &'t TextTokenizer, stops: Vec<String>) -> Self {
-        Self {
-            decoder: tokenizer.stream_decoder(),
-            stop_tokens: tokenizer.eos_ids(),
-            cutter: StopCutter::new(stops),
-        }
+        Self { decoder: tokenizer.stream_decoder(), cutter: StopCutter::new(stops) }
     }
 
     /// Adds a token; returns the text releasable now and whether a stop sequence ended it.
     fn push(&mut self, token: u32) -> Result<(String, bool), ApiError> {
-        if self.stop_tokens.contains(&token) {
-            return Ok((String::new(), false));
-        }
         let piece = self.decoder.push(token).map_err(|e| ApiError::internal(e.to_string()))?;
         Ok(self.cutter.push(&piece.unwrap_or_default()))
     }

@@ -25,7 +25,7 @@ impl RequestCompression {
             None | Some(Value::Null) => Map::new(),
             Some(Value::Object(fields)) => fields.clone(),
             Some(other) => {
-                let e = CompressionConfig::from_json(&other.to_string())
+                let e = CompressionConfig::from_value(other.clone())
                     .err()
                     .map(|e| ApiError::compression(&e));
                 return Err(e.unwrap_or_else(|| {
@@ -51,7 +51,7 @@ impl RequestCompression {
         let method = if fields.is_empty() {
             default.clone()
         } else {
-            CompressionConfig::from_json(&Value::Object(fields).to_string())
+            CompressionConfig::from_value(Value::Object(fields))
                 .map_err(|e| ApiError::compression(&e))?
         };
         Ok(Self { method, max_kv, prefill_compression })

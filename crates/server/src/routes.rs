@@ -14,9 +14,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use kvmerger_compress::CompressionConfig;
-use kvmerger_engine::chat::{ChatMessage, ChatTemplate};
 use kvmerger_engine::tokenizer::TextTokenizer;
-use kvmerger_engine::{EngineHandle, GenerationRequest, SamplingConfig};
+use kvmerger_engine::{
+    check_prompt_text, EngineHandle, GenerationRequest, RequestLimits, RequestOptions,
+    SamplingConfig,
+};
+use kvmerger_models::{ChatMessage, ChatTemplate, ModelsError};
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use tokio_stream::wrappers::ReceiverStream;
@@ -40,7 +43,8 @@ pub struct ServerState {
     pub default_compression: CompressionConfig,
     /// `max_tokens` of requests that give none (capped by the context left).
     pub default_max_tokens: usize,
-    pub context_length: usize,
+    /// What requests are checked against (the context capped as `--ctx-size` says).
+    pub limits: RequestLimits,
 }
 
 type AppState = Arc<ServerState>;
@@ -82,31 +86,23 @@ fn counted(state: &ServerState, e: ApiError) -> ApiError {
     e
 }
 
-/// The engine request of a prompt under the request's settings.
+/// The checked engine request of a prompt under the request's settings (see
+/// [`GenerationRequest::new`]: every rule is checked there).
 fn engine_request(
     state: &ServerState,
     prompt: Vec<u32>,
     g: &Generation,
     default_max: usize,
 ) -> Result<GenerationRequest, ApiError> {
-    if prompt.is_empty() {
-        return Err(ApiError::invalid("prompt", "the prompt is empty"));
-    }
     let kv = RequestCompression::parse(g.kv_compression.as_ref(), &state.default_compression)?;
-    let left = state.context_length.saturating_sub(prompt.len());
-    let max_tokens = g.max_tokens.unwrap_or_else(|| default_max.min(left).max(1));
-    let temperature = g.temperature.unwrap_or(1.0);
-    if !(0.0..=2.0).contains(&temperature) {
-        return Err(ApiError::invalid("temperature", "must be between 0 and 2"));
-    }
     let seed = g.seed.unwrap_or_else(|| {
         SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
     });
-    Ok(GenerationRequest {
-        prompt,
-        max_tokens,
+    let options = RequestOptions {
+        max_tokens: g.max_tokens,
+        default_max_tokens: default_max,
         sampling: SamplingConfig {
-            temperature,
+            temperature: g.temperature.unwrap_or(1.0),
             top_p: g.top_p.unwrap_or(1.0),
             seed,
             ..SamplingConfig::default()
@@ -115,13 +111,12 @@ fn engine_request(
         stop_tokens: state.tokenizer.eos_ids(),
         max_kv: kv.max_kv,
         prefill_compression: kv.prefill_compression,
-    })
+    };
+    Ok(GenerationRequest::new(prompt, options, &state.limits)?)
 }
 
 fn encode(state: &ServerState, text: &str) -> Result<Vec<u32>, ApiError> {
-    if text.is_empty() {
-        return Err(ApiError::invalid("prompt", "the prompt is empty"));
-    }
+    check_prompt_text(text)?;
     state.tokenizer.encode(text, true).map_err(|e| ApiError::invalid("prompt", e.to_string()))
 }
 
@@ -193,12 +188,13 @@ fn chat_prompt(state: &ServerState, req: &ChatRequest) -> Result<Vec<u32>, ApiEr
         .collect::<Result<Vec<_>, ApiError>>()?;
     let template = state.chat.as_ref().map_err(|e| ApiError::invalid("messages", e.clone()))?;
     let text = template.render(&messages, true).map_err(|e| match e {
-        kvmerger_engine::EngineError::InvalidRequest { field, reason } => {
-            ApiError::invalid(field, format!("the chat template refused the messages: {reason}"))
-        }
+        ModelsError::Messages(reason) => ApiError::invalid(
+            "messages",
+            format!("the chat template refused the messages: {reason}"),
+        ),
         other => ApiError::invalid("messages", other.to_string()),
     })?;
-    if messages.iter().all(|m| m.content.is_empty()) {
+    if messages.iter().all(|m| m.content.trim().is_empty()) {
         return Err(ApiError::invalid("messages", "every message is empty"));
     }
     state.tokenizer.encode(&text, true).map_err(|e| ApiError::invalid("messages", e.to_string()))

@@ -104,7 +104,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     let default_formats = WeightFormats {
         prefill: WeightFormats::default().prefill,
-        decode: kvmerger_engine::fetch::decode_format_for(&path),
+        decode: kvmerger_models::decode_format_for(&path),
     };
     // f32 decode keeps f32 prefill (the exact reference); the others prefill in the default.
     let variants: Vec<(String, WeightFormats)> =

@@ -677,6 +677,10 @@ impl CompressionMethod for KvMergerConfig {
         "kvmerger"
     }
 
+    fn bounded_by_budget(&self) -> bool {
+        self.budget_mode != BudgetMode::Threshold
+    }
+
     fn stats(&self) -> StatsRequest {
         let windows = match self.protect_by {
             ProtectBy::Accumulated => Windows::default(),

@@ -15,8 +15,9 @@
 use minijinja::{Environment, ErrorKind};
 use serde::{Deserialize, Serialize};
 
-use crate::error::{EngineError, Result};
-use crate::tokenizer::TextTokenizer;
+use kvmerger_engine::tokenizer::TextTokenizer;
+
+use crate::error::{ModelsError, Result};
 
 /// One message of a conversation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,16 +75,24 @@ impl ChatTemplate {
         Self::new(tokenizer.chat_template(), tokenizer)
     }
 
+    /// What this template writes after a user message to open the assistant's turn (KVzip
+    /// feeds its reconstruction instructions as a user turn and the context after this).
+    pub fn assistant_opening(&self) -> Result<String> {
+        let marker = "\u{1}user-message-end\u{1}";
+        let rendered = self.render(&[ChatMessage::user(marker)], true)?;
+        Ok(rendered.split_once(marker).map_or("\n".to_string(), |(_, s)| s.to_string()))
+    }
+
     /// Compiles the Jinja template `source`. Without one, falls back to ChatML when the
-    /// vocabulary has `<|im_start|>`, and is an [`EngineError::Unsupported`] otherwise. A
-    /// template minijinja cannot parse is an [`EngineError::Unsupported`] naming the error.
+    /// vocabulary has `<|im_start|>`, and is a [`ModelsError::ChatTemplate`] otherwise, as is
+    /// a template minijinja cannot parse (naming the error).
     pub fn new(source: Option<&str>, tokenizer: &TextTokenizer) -> Result<Self> {
         let from_model = source.is_some();
         let source = match source {
             Some(s) => s.to_string(),
             None if tokenizer.token_id("<|im_start|>").is_some() => CHATML.to_string(),
             None => {
-                return Err(EngineError::Unsupported(
+                return Err(ModelsError::ChatTemplate(
                     "chat prompts for this model: it has no chat template and its vocabulary \
                      has no <|im_start|>"
                         .into(),
@@ -98,7 +107,7 @@ impl ChatTemplate {
             Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
         });
         env.add_template_owned("chat", source)
-            .map_err(|e| EngineError::Unsupported(format!("the model's chat template: {e:#}")))?;
+            .map_err(|e| ModelsError::ChatTemplate(format!("the model's chat template: {e:#}")))?;
         let token_text = |id: Option<u32>, fallback: &str| {
             id.and_then(|id| tokenizer.token_str(id)).unwrap_or_else(|| fallback.to_string())
         };
@@ -136,12 +145,11 @@ impl ChatTemplate {
     }
 }
 
-fn template_error(e: minijinja::Error) -> EngineError {
-    let detail = match e.detail() {
+fn template_error(e: minijinja::Error) -> ModelsError {
+    ModelsError::Messages(match e.detail() {
         Some(d) => d.to_string(),
         None => e.to_string(),
-    };
-    EngineError::InvalidRequest { field: "messages".into(), reason: detail }
+    })
 }
 
 /// Renders `messages` with the chat template of `tokenizer` (the model's own, or ChatML
@@ -157,8 +165,9 @@ pub fn render_chat(
 
 #[cfg(test)]
 mod tests {
+    use kvmerger_engine::testing::tiny_sentencepiece;
+
     use super::*;
-    use crate::tokenizer::tests::tiny_sentencepiece;
 
     const LLAMA2: &str = "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}{% for message in loop_messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if loop.index0 == 0 and system_message != false %}{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}{% else %}{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}";
     const LLAMA3: &str = "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}";
@@ -188,8 +197,7 @@ mod tests {
         let t = ChatTemplate::new(Some(LLAMA2), &tok).unwrap();
         let err = t.render(&[ChatMessage::assistant("first")], true).unwrap_err();
         assert!(
-            matches!(&err, EngineError::InvalidRequest { field, reason }
-                if field == "messages" && reason.contains("alternate")),
+            matches!(&err, ModelsError::Messages(reason) if reason.contains("alternate")),
             "{err}"
         );
     }
@@ -208,7 +216,7 @@ mod tests {
     fn a_broken_template_is_an_error_and_no_template_needs_chatml_tokens() {
         let tok = tiny_sentencepiece();
         let err = ChatTemplate::new(Some("{% for m in messages %}"), &tok).unwrap_err();
-        assert!(matches!(err, EngineError::Unsupported(_)), "{err}");
+        assert!(matches!(err, ModelsError::ChatTemplate(_)), "{err}");
         assert!(ChatTemplate::new(None, &tok).is_err());
     }
 }
