@@ -9,10 +9,9 @@ use clap::Args;
 use kvmerger_compress::{Budget, CompressionConfig, KvDtype};
 use kvmerger_engine::{
     check_prompt, check_sampling, resolve_max_tokens, LoadedModel, PrefillCompression,
-    PrefillOptions, ReconstructionPrompt, RequestError, RequestField, RequestLimits,
-    SamplingConfig, WeightFormat, WeightFormats,
+    PrefillOptions, RequestError, RequestField, RequestLimits, SamplingConfig, WeightFormat,
+    WeightFormats,
 };
-use kvmerger_models::ChatTemplate;
 
 /// Which model file, and how many threads compute with it.
 #[derive(Debug, Clone, Args)]
@@ -61,18 +60,11 @@ impl ModelSource {
     /// Loads the model at `path` (from [`Self::prepare`]) in `formats`, its caches in
     /// `--kv-dtype`.
     pub fn load(&self, path: &std::path::Path, formats: WeightFormats) -> Result<LoadedModel> {
-        let mut loaded = kvmerger_engine::load_model(path, formats)
+        let mut loaded = kvmerger_models::load_model(path, formats)
             .with_context(|| format!("loading {}", path.display()))?;
         let dtype = self.kv_dtype()?;
         dtype.check_head_dim(loaded.model.config.head_dim)?;
         loaded.model.kv_dtype = dtype;
-        // KVzip's instructions: its context follows them in the model's own chat turn.
-        let opening = match ChatTemplate::for_tokenizer(&loaded.tokenizer) {
-            Ok(template) => template.assistant_opening()?,
-            Err(_) => "\n".to_string(),
-        };
-        let instructions = ReconstructionPrompt::new(&loaded.tokenizer, &opening)?;
-        loaded.model.reconstruction = Some(std::sync::Arc::new(instructions));
         Ok(loaded)
     }
 

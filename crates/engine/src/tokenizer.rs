@@ -28,7 +28,7 @@ use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence as PreTokenizerSequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{
-    AddedToken, DecodeStream, DecoderWrapper, ModelWrapper, NormalizerWrapper,
+    AddedToken, DecodeStream, DecodeStreamError, DecoderWrapper, ModelWrapper, NormalizerWrapper,
     PostProcessorWrapper, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer,
 };
 
@@ -354,7 +354,17 @@ impl StreamDecoder<'_> {
     /// incomplete.
     pub fn push(&mut self, id: u32) -> Result<Option<String>> {
         self.tokenizer.check_id(id)?;
-        self.stream.step(id).map_err(tokenizer_error)
+        match self.stream.step(id) {
+            // Byte-fallback decoding can rewrite text already sent: a valid byte followed by
+            // a stray continuation byte decodes as two replacement characters. What was sent
+            // stays sent; the stream starts again at this token (the stray bytes, which no
+            // decode turns into text, are dropped).
+            Err(e) if e.downcast_ref::<DecodeStreamError>().is_some() => {
+                self.stream = self.tokenizer.inner.decode_stream(false);
+                self.stream.step(id).map_err(tokenizer_error)
+            }
+            other => other.map_err(tokenizer_error),
+        }
     }
 }
 
@@ -662,6 +672,36 @@ pub(crate) mod tests {
         let pieces: Vec<Option<String>> = ids.iter().map(|&id| stream.push(id).unwrap()).collect();
         assert_eq!(pieces, vec![Some("h".into()), None, Some("é".into()), Some(" world".into())]);
         assert!(stream.push(tok.vocab_size() as u32).is_err());
+    }
+
+    #[test]
+    fn stray_bytes_never_break_the_stream() {
+        use rand::{Rng, SeedableRng};
+        let tok = tiny_sentencepiece();
+        // <0x41> ("A") then a lone continuation byte <0x80>: decoded together they become two
+        // replacement characters, rewriting the "A" already sent. The stream goes on.
+        let (a, stray, e) = (3 + 0x41, 3 + 0x80, tok.token_id("e").unwrap());
+        let mut stream = tok.stream_decoder();
+        let pieces: Vec<Option<String>> =
+            [a, stray, e].iter().map(|&id| stream.push(id).unwrap()).collect();
+        assert_eq!(pieces[0].as_deref(), Some("A"));
+        assert!(pieces[2].as_deref().is_some_and(|p| p.ends_with('e')), "{pieces:?}");
+        // Whatever a model samples, streaming it never fails, and where no byte is stray the
+        // pieces add up to the whole decode.
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let vocab = tok.vocab_size() as u32;
+        for _ in 0..2000 {
+            let ids: Vec<u32> = (0..12).map(|_| rng.random_range(3..vocab)).collect();
+            let mut stream = tok.stream_decoder();
+            let mut text = String::new();
+            for &id in &ids {
+                text.extend(stream.push(id).unwrap());
+            }
+            let whole = tok.decode(&ids).unwrap();
+            if !whole.contains('\u{FFFD}') {
+                assert!(whole.starts_with(&text), "{ids:?}: {text:?} vs {whole:?}");
+            }
+        }
     }
 
     #[test]

@@ -6,7 +6,8 @@ use kvmerger_compress::{CompressionConfig, KvDtype};
 use kvmerger_engine::testing::{
     compare_prefill, compare_with_reference, forward, Agreement, ForwardOptions,
 };
-use kvmerger_engine::{load_model, LoadedModel, Phase, WeightFormat, WeightFormats};
+use kvmerger_engine::{LoadedModel, Phase, WeightFormat, WeightFormats};
+use kvmerger_models::load_model;
 
 const PROMPT: &str =
     "The history of the lighthouse begins with fires lit on hilltops to guide ships at night. \

@@ -4,11 +4,12 @@
 use std::path::PathBuf;
 
 use kvmerger_compress::{Budget, CompressionConfig, KvDtype};
-use kvmerger_engine::{load_model, LoadedModel, PrefillCompression, PrefillOptions, WeightFormats};
+use kvmerger_engine::{LoadedModel, PrefillCompression, PrefillOptions, WeightFormats};
 use kvmerger_eval::results::{ResultRow, ResultStore, Shard};
 use kvmerger_eval::runner::Protocol;
 use kvmerger_eval::sweep::{run_sweep, Job, SweepInput};
 use kvmerger_eval::tasks::TaskKind;
+use kvmerger_models::load_model;
 
 fn model() -> LoadedModel {
     load_model(&kvmerger_models::ensure_default_model().unwrap(), WeightFormats::default()).unwrap()

@@ -23,6 +23,9 @@ pub enum ModelsError {
     /// rendering error); the request field at fault is `messages`.
     #[error("invalid `messages`: {0}")]
     Messages(String),
+    /// Loading the model file itself.
+    #[error(transparent)]
+    Engine(#[from] kvmerger_engine::EngineError),
 }
 
 pub type Result<T> = std::result::Result<T, ModelsError>;

@@ -6,6 +6,7 @@
 mod chat;
 mod error;
 mod fetch;
+mod load;
 mod registry;
 
 pub use chat::{render_chat, ChatMessage, ChatTemplate};
@@ -14,6 +15,7 @@ pub use fetch::{
     cache_dir, default_model_path, ensure_default_model, ensure_known_model, fetch_model,
     resolve_model, verify_file,
 };
+pub use load::load_model;
 pub use registry::{
     decode_format_for, default_model, known_model, known_model_names, KnownModel, ModelPart,
     KNOWN_MODELS,

@@ -106,4 +106,17 @@ fn each_rule_is_refused_once_with_its_field_named() {
     let chat = json!({"messages": [{"role": "user", "content": "hi"}]});
     let (status, answer) = post(app, "/v1/chat/completions", chat);
     assert_eq!((status, &answer["error"]["param"]), (400, &json!("messages")));
+    // Within every bound (the edges included) the request is served, whatever bytes the
+    // random model samples at temperature 2.
+    for seed in 0..4 {
+        let edges = completion(json!({
+            "prompt": vec![5; 200], "max_tokens": 56, "temperature": 2, "seed": seed
+        }));
+        let (status, answer) = post(app, "/v1/completions", edges);
+        assert_eq!(status, 200, "{answer}");
+        // All 56 tokens, or fewer where the end-of-sequence token came first (it is no text).
+        let generated = answer["usage"]["completion_tokens"].as_u64().unwrap();
+        assert!((1..=56).contains(&generated), "{answer}");
+        assert!(!answer["choices"][0]["text"].as_str().unwrap().contains("</s>"), "{answer}");
+    }
 }
