@@ -75,7 +75,8 @@ mod interleaved;
 /// block types multiplied as the file stores them (others are requantized to Q8_0), and the
 /// dense path's row count. Change it with any change to what those products compute.
 pub const FILE_PATH: &str = "blocks Q4_0 Q4_1 Q5_0 Q8_0 Q4_K Q5_K Q6_K as stored, 8-bit \
-                             activations when decoding, f32 GEMM of dequantized tiles in prefill";
+                             activations when decoding, scaled in chunks of 8 sub-blocks, f32 \
+                             GEMM of dequantized tiles in prefill";
 
 /// Values per quantized block, for weights and activations alike.
 pub const BLOCK: usize = 32;
