@@ -1,8 +1,9 @@
 //! Sweeps: methods x budgets x tasks x lengths x depths x seeds, run sample by sample,
 //! each sample's rows appended (and synced) as soon as its methods ran; resumable and shardable.
 
+use std::io::IsTerminal;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use kvmerger_compress::{Budget, CompressionConfig, KvDtype};
@@ -469,6 +470,10 @@ pub fn run_sweep(
         .expect("valid template"),
     );
     bar.enable_steady_tick(Duration::from_millis(250));
+    // indicatif draws nothing when stderr is not a terminal (a long run logging to a file):
+    // such a run reports each finished sample on its own line instead.
+    let log_lines = input.progress && !std::io::stderr().is_terminal();
+    let started = Instant::now();
     let tokenizer = model.tokenizer.clone();
     let count_tokens = |s: &str| tokenizer.encode(s, false).map(|t| t.len()).unwrap_or(usize::MAX);
     let mut outcome = SweepOutcome::default();
@@ -511,6 +516,15 @@ pub fn run_sweep(
             }
         }
         bar.inc(1);
+        if log_lines {
+            eprintln!(
+                "[{:>6.0} s] {}/{} samples: {} done",
+                started.elapsed().as_secs_f64(),
+                bar.position(),
+                bar.length().unwrap_or(0),
+                sample.id
+            );
+        }
     }
     bar.finish_and_clear();
     Ok(outcome)
