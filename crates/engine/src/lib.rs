@@ -1,10 +1,9 @@
 //! Llama-family inference on candle with a KV cache that compression methods can rewrite.
 
-mod activation;
-mod attention;
+#![forbid(unsafe_code)]
+
 mod compression;
 mod config;
-mod cpu;
 mod embedding;
 mod error;
 mod forward;
@@ -15,7 +14,6 @@ mod model;
 mod pool;
 mod prefill;
 mod profile;
-mod qmatmul;
 mod query_moments;
 mod reconstruction;
 mod request;
@@ -26,15 +24,12 @@ mod scheduler;
 mod sequence;
 mod session;
 pub mod testing;
-mod threads;
 pub mod tokenizer;
 
-pub use attention::{attend, attend_into, AttentionOptions, AttentionShape};
 pub use compression::{after_decode_step, compress_prompt, CompressionReport};
 pub use config::{
     Activation, ArchFeatures, ModelConfig, SlidingWindow, MAX_CONTEXT, SUPPORTED_ARCHITECTURES,
 };
-pub use cpu::{kernel_report, KernelLevel, UnknownKernelLevel, KERNEL_LEVEL_ENV};
 pub use embedding::Embedding;
 pub use error::{EngineError, Result};
 pub use forward::{BatchItem, Logits, Phase};
@@ -45,7 +40,6 @@ pub use model::{Block, BlockNorms, Llama};
 pub use pool::KvPool;
 pub use prefill::{PrefillCompression, PrefillOptions, PrefillPlan};
 pub use profile::{Part, StepProfile};
-pub use qmatmul::{Product, QuantKind, QuantMatrix, QuantizedRows};
 pub use reconstruction::ReconstructionPrompt;
 pub use request::{
     check_prompt, check_prompt_text, check_sampling, resolve_max_tokens, GenerationRequest,
@@ -58,4 +52,6 @@ pub use sequence::{
     entry_bytes, CachePeak, FinishReason, Prefilled, Reservation, SeqId, SeqState, Sequence, Usage,
 };
 pub use session::{Session, Timings};
-pub use threads::ADAPTIVE_THREADS_ENV;
+
+/// The kernels' CPU level, for the command line's `kernels` listing and bench reports.
+pub use kvmerger_kernels::{kernel_report, KernelLevel};

@@ -7,9 +7,9 @@
 use std::sync::Arc;
 
 use kvmerger_compress::{HeadCache, KvCache, Reconstruction, ReconstructionPass, StatsRequest};
+use kvmerger_kernels::{dot, AttentionShape};
 use rayon::prelude::*;
 
-use crate::attention::{dot, AttentionShape};
 use crate::error::{EngineError, Result};
 use crate::forward::{BatchItem, Phase};
 use crate::model::Llama;
