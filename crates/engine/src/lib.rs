@@ -16,6 +16,7 @@ mod prefill;
 mod profile;
 mod query_moments;
 mod reconstruction;
+mod reconstruction_pass;
 mod request;
 mod rope;
 mod runtime;
@@ -42,8 +43,8 @@ pub use prefill::{PrefillCompression, PrefillOptions, PrefillPlan};
 pub use profile::{Part, StepProfile};
 pub use reconstruction::ReconstructionPrompt;
 pub use request::{
-    check_prompt, check_prompt_text, check_sampling, resolve_max_tokens, GenerationRequest,
-    RequestError, RequestField, RequestLimits, RequestOptions,
+    check_max_kv, check_prompt, check_prompt_text, check_sampling, resolve_max_tokens,
+    GenerationRequest, RequestError, RequestField, RequestLimits, RequestOptions,
 };
 pub use runtime::{AddError, Engine, EngineConfig, EngineHandle, Event, EventSink, RuntimeMetrics};
 pub use sampler::{argmax, Sampler, SamplingConfig};

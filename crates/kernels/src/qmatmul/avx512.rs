@@ -175,9 +175,12 @@ mod kernels {
                     // [d_b, m_b, d_b+1, m_b+1] from four f16.
                     // SAFETY: a Q4_1 block starts with `d` and `m`, two f16.
                     let dm0 = unsafe { (block as *const i32).read_unaligned() };
-                    // SAFETY: as for `dm0`, block `b + 1` being in the row where `two`.
-                    let dm1 =
-                        if two { unsafe { (next as *const i32).read_unaligned() } } else { 0 };
+                    let dm1 = if two {
+                        // SAFETY: as for `dm0`, block `b + 1` being in the row where `two`.
+                        unsafe { (next as *const i32).read_unaligned() }
+                    } else {
+                        0
+                    };
                     let dm = _mm_cvtph_ps(_mm_set_epi32(0, 0, dm1, dm0));
                     // SAFETY: pairs start at even offsets in their span, so the four floats
                     // from `2 (b - span)` end at or before `2 SPAN`, the end of `dm_kept`.
@@ -242,9 +245,12 @@ mod kernels {
                 let (block, next) = unsafe { (row.add(b * 34), row.add(b * 34 + 34)) };
                 // SAFETY: a Q8_0 block starts with its f16 scale.
                 let d0 = unsafe { (block as *const u16).read_unaligned() } as i32;
-                // SAFETY: as for `d0`, block `b + 1` being in the row where `two`.
-                let d1 =
-                    if two { (unsafe { (next as *const u16).read_unaligned() }) as i32 } else { 0 };
+                let d1 = if two {
+                    // SAFETY: as for `d0`, block `b + 1` being in the row where `two`.
+                    (unsafe { (next as *const u16).read_unaligned() }) as i32
+                } else {
+                    0
+                };
                 // [d_b, 0, d_b+1, 0]
                 let d = spread(_mm_cvtph_ps(_mm_set_epi32(0, 0, d1, d0)), 0, 2);
                 // SAFETY: the block's 32 weights follow its 2-byte scale.
