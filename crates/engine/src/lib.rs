@@ -24,17 +24,17 @@ mod sampler;
 mod scheduler;
 mod sequence;
 mod session;
+/// Random-weight models and a reference forward for the tests of this crate and those
+/// above it: not part of the engine's interface.
+#[doc(hidden)]
 pub mod testing;
 pub mod tokenizer;
 
-pub use compression::{after_decode_step, compress_prompt, CompressionReport};
-pub use config::{
-    Activation, ArchFeatures, ModelConfig, SlidingWindow, MAX_CONTEXT, SUPPORTED_ARCHITECTURES,
-};
+pub use compression::CompressionReport;
+pub use config::{Activation, ArchFeatures, ModelConfig, SlidingWindow, MAX_CONTEXT};
 pub use embedding::Embedding;
 pub use error::{EngineError, Result};
 pub use forward::{BatchItem, Logits, Phase};
-pub use gguf_check::{check_gguf, GgufSummary, MAX_METADATA_BYTES};
 pub use linear::{Linear, WeightFormat, WeightFormats};
 pub use loader::{load_gguf, load_hf_folder, load_model, read_gguf_header, LoadedModel};
 pub use model::{Block, BlockNorms, Llama};
@@ -48,7 +48,7 @@ pub use request::{
 };
 pub use runtime::{AddError, Engine, EngineConfig, EngineHandle, Event, EventSink, RuntimeMetrics};
 pub use sampler::{argmax, Sampler, SamplingConfig};
-pub use scheduler::{Plan, Refusal, Scheduler, SchedulerLimits};
+pub use scheduler::Refusal;
 pub use sequence::{
     entry_bytes, CachePeak, FinishReason, Prefilled, Reservation, SeqId, SeqState, Sequence, Usage,
 };
