@@ -46,6 +46,7 @@ for level in $(echo "$levels" | head -n -1 | tac); do
     KVMERGER_KERNEL_LEVEL=portable cargo test --release --workspace
   else
     echo "== kernel and model-agreement tests at kernel level $level"
+    KVMERGER_KERNEL_LEVEL=$level cargo test --release -p kvmerger-kernels --lib
     KVMERGER_KERNEL_LEVEL=$level cargo test --release -p kvmerger-engine \
       --lib --test forward --test real_model --test serving --test methods
   fi

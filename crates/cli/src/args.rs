@@ -135,9 +135,7 @@ pub struct MaxKvArgs {
 
 impl MaxKvArgs {
     pub fn bound(&self) -> Result<Option<usize>> {
-        if self.max_kv == Some(0) {
-            bail!("--max-kv must be at least 1");
-        }
+        kvmerger_engine::check_max_kv(self.max_kv).map_err(flag_error)?;
         Ok(self.max_kv)
     }
 }
@@ -262,6 +260,8 @@ pub fn flag_error(e: RequestError) -> anyhow::Error {
         RequestField::Temperature => "--temperature",
         RequestField::TopP => "--top-p",
         RequestField::RepeatPenalty => "--repeat-penalty",
+        RequestField::MaxKv => "--max-kv",
+        RequestField::PrefillCompression => "--prefill-compression",
     };
     anyhow::anyhow!("{flag} {reason}")
 }

@@ -73,6 +73,12 @@ pub trait CompressionMethod: Send + Sync {
         true
     }
 
+    /// Why this method cannot compress a prompt part by part during prefill, for a reason
+    /// of its own rather than of the statistics it reads; `None` where it can.
+    fn incremental_refusal(&self) -> Option<String> {
+        None
+    }
+
     /// Whether merged entries get `ln(count)` added to their attention logit.
     fn log_count_bias(&self) -> bool {
         false

@@ -6,9 +6,9 @@
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
+use kvmerger_kernels::QuantMatrix;
 
 use crate::error::{EngineError, Result};
-use crate::qmatmul::QuantMatrix;
 
 #[derive(Debug, Clone)]
 pub enum Embedding {
@@ -59,7 +59,7 @@ impl Embedding {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::qmatmul::QuantKind;
+    use kvmerger_kernels::QuantKind;
 
     /// Looked-up rows from blocks are the blocks' rows dequantized, in the order asked
     /// (repeats included); an id past the vocabulary is an error, not a panic.

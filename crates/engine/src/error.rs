@@ -37,3 +37,14 @@ pub enum EngineError {
 }
 
 pub type Result<T> = std::result::Result<T, EngineError>;
+
+/// A weight the kernels refuse is a configuration error of the model, as it was before the
+/// kernels had their own crate.
+impl From<kvmerger_kernels::KernelError> for EngineError {
+    fn from(e: kvmerger_kernels::KernelError) -> Self {
+        match e {
+            kvmerger_kernels::KernelError::Weight(reason) => EngineError::Config(reason),
+            kvmerger_kernels::KernelError::Candle(e) => EngineError::Candle(e),
+        }
+    }
+}

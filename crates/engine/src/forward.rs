@@ -15,15 +15,16 @@
 
 use candle_core::Tensor;
 use kvmerger_compress::{hadamard, EntryMeta, KvCache, StatsRequest};
+use kvmerger_kernels::{
+    attend_into, gelu_tanh_product, silu_product, AttentionOptions, AttentionShape, Product,
+    QuantizedRows,
+};
 
-use crate::activation::gate_product;
-use crate::attention::{attend_into, AttentionOptions, AttentionShape};
 use crate::config::{Activation, ModelConfig};
 use crate::error::{EngineError, Result};
 use crate::linear::{Linear, WeightFormat, WeightFormats};
 use crate::model::Llama;
 use crate::profile::{timed, Part};
-use crate::qmatmul::{Product, QuantizedRows};
 use crate::query_moments::record_queries;
 use crate::reconstruction::record_reconstruction;
 
@@ -456,6 +457,14 @@ fn drop_outside_window(head: &mut kvmerger_compress::HeadCache, first_query: usi
 }
 
 /// `x += out`, `out` first RMS-normed by `post_norm` where the architecture has one (Gemma).
+/// `gate[i] = act(gate[i]) * up[i]` for the model's activation.
+fn gate_product(activation: Activation, gate: &mut [f32], up: &[f32]) {
+    match activation {
+        Activation::Silu => silu_product(gate, up),
+        Activation::GeluTanh => gelu_tanh_product(gate, up),
+    }
+}
+
 fn add_residual(x: &mut [f32], out: &mut [f32], post_norm: Option<&[f32]>, eps: f32) {
     if let Some(w) = post_norm {
         rms_norm_in_place(out, w, eps);

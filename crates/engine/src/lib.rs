@@ -1,10 +1,9 @@
 //! Llama-family inference on candle with a KV cache that compression methods can rewrite.
 
-mod activation;
-mod attention;
+#![forbid(unsafe_code)]
+
 mod compression;
 mod config;
-mod cpu;
 mod embedding;
 mod error;
 mod forward;
@@ -15,9 +14,9 @@ mod model;
 mod pool;
 mod prefill;
 mod profile;
-mod qmatmul;
 mod query_moments;
 mod reconstruction;
+mod reconstruction_pass;
 mod request;
 mod rope;
 mod runtime;
@@ -25,37 +24,35 @@ mod sampler;
 mod scheduler;
 mod sequence;
 mod session;
+/// Random-weight models and a reference forward for the tests of this crate and those
+/// above it: not part of the engine's interface.
+#[doc(hidden)]
 pub mod testing;
-mod threads;
 pub mod tokenizer;
 
-pub use attention::{attend, attend_into, AttentionOptions, AttentionShape};
-pub use compression::{after_decode_step, compress_prompt, CompressionReport};
-pub use config::{
-    Activation, ArchFeatures, ModelConfig, SlidingWindow, MAX_CONTEXT, SUPPORTED_ARCHITECTURES,
-};
-pub use cpu::{kernel_report, KernelLevel, UnknownKernelLevel, KERNEL_LEVEL_ENV};
+pub use compression::CompressionReport;
+pub use config::{Activation, ArchFeatures, ModelConfig, SlidingWindow, MAX_CONTEXT};
 pub use embedding::Embedding;
 pub use error::{EngineError, Result};
 pub use forward::{BatchItem, Logits, Phase};
-pub use gguf_check::{check_gguf, GgufSummary, MAX_METADATA_BYTES};
 pub use linear::{Linear, WeightFormat, WeightFormats};
 pub use loader::{load_gguf, load_hf_folder, load_model, read_gguf_header, LoadedModel};
 pub use model::{Block, BlockNorms, Llama};
 pub use pool::KvPool;
 pub use prefill::{PrefillCompression, PrefillOptions, PrefillPlan};
 pub use profile::{Part, StepProfile};
-pub use qmatmul::{Product, QuantKind, QuantMatrix, QuantizedRows};
 pub use reconstruction::ReconstructionPrompt;
 pub use request::{
-    check_prompt, check_prompt_text, check_sampling, resolve_max_tokens, GenerationRequest,
-    RequestError, RequestField, RequestLimits, RequestOptions,
+    check_max_kv, check_prompt, check_prompt_text, check_sampling, resolve_max_tokens,
+    GenerationRequest, RequestError, RequestField, RequestLimits, RequestOptions,
 };
 pub use runtime::{AddError, Engine, EngineConfig, EngineHandle, Event, EventSink, RuntimeMetrics};
 pub use sampler::{argmax, Sampler, SamplingConfig};
-pub use scheduler::{Plan, Refusal, Scheduler, SchedulerLimits};
+pub use scheduler::Refusal;
 pub use sequence::{
     entry_bytes, CachePeak, FinishReason, Prefilled, Reservation, SeqId, SeqState, Sequence, Usage,
 };
 pub use session::{Session, Timings};
-pub use threads::ADAPTIVE_THREADS_ENV;
+
+/// The kernels' CPU level, for the command line's `kernels` listing and bench reports.
+pub use kvmerger_kernels::{kernel_report, KernelLevel};

@@ -9,10 +9,10 @@ use std::sync::Arc;
 
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Module, Tensor};
+use kvmerger_kernels::{Product, QuantKind, QuantMatrix, QuantizedRows};
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
-use crate::qmatmul::{Product, QuantKind, QuantMatrix, QuantizedRows};
 
 /// How a weight is stored for one path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -73,7 +73,7 @@ impl WeightFormats {
     pub fn fingerprint(&self) -> String {
         let names = format!("prefill {:?}, decode {:?}", self.prefill, self.decode).to_lowercase();
         if self.prefill == WeightFormat::File || self.decode == WeightFormat::File {
-            format!("{names} (file: {})", crate::qmatmul::FILE_PATH)
+            format!("{names} (file: {})", kvmerger_kernels::FILE_PATH)
         } else {
             names
         }
@@ -236,10 +236,10 @@ mod tests {
     #[test]
     fn fingerprints_say_what_file_computes() {
         let file = WeightFormats::default();
-        assert!(file.fingerprint().contains(crate::qmatmul::FILE_PATH), "{}", file.fingerprint());
+        assert!(file.fingerprint().contains(kvmerger_kernels::FILE_PATH), "{}", file.fingerprint());
         let exact = WeightFormats { prefill: WeightFormat::F32, decode: WeightFormat::F32 };
         assert_eq!(exact.fingerprint(), "prefill f32, decode f32");
         let decode_only = WeightFormats { prefill: WeightFormat::F32, ..file };
-        assert!(decode_only.fingerprint().contains(crate::qmatmul::FILE_PATH));
+        assert!(decode_only.fingerprint().contains(kvmerger_kernels::FILE_PATH));
     }
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use candle_core::quantized::{gguf_file, QTensor};
 use candle_core::{DType, Device, Tensor};
+use kvmerger_kernels::QuantMatrix;
 
 use crate::config::ModelConfig;
 use crate::embedding::Embedding;
@@ -14,7 +15,6 @@ use crate::error::{EngineError, Result};
 use crate::gguf_check::check_gguf;
 use crate::linear::{Linear, WeightFormat, WeightFormats};
 use crate::model::{Block, BlockNorms, Llama};
-use crate::qmatmul::QuantMatrix;
 use crate::tokenizer::TextTokenizer;
 
 /// Reads a GGUF file's header (metadata and tensor index), with clear errors for a

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 use kvmerger_compress::{KvCache, KvDtype};
+use kvmerger_kernels::AdaptiveThreads;
 
 use crate::config::ModelConfig;
 use crate::embedding::Embedding;
@@ -15,7 +16,6 @@ use crate::linear::{Linear, WeightFormats};
 use crate::profile::StepProfile;
 use crate::reconstruction::ReconstructionPrompt;
 use crate::rope::Rope;
-use crate::threads::AdaptiveThreads;
 
 /// One transformer block's weights.
 #[derive(Debug, Clone)]

@@ -3,9 +3,9 @@
 //! RoPE, and holds RoPE's rotation averaged over the positions after the last query seen.
 
 use kvmerger_compress::{HeadCache, Queries};
+use kvmerger_kernels::AttentionShape;
 use rayon::prelude::*;
 
-use crate::attention::AttentionShape;
 use crate::rope::Rope;
 
 /// Adds the queries of `q` (`[seq, n_heads * head_dim]`, before RoPE, of the tokens at

@@ -1,18 +1,16 @@
-//! KVzip's scoring pass (see `kvmerger_compress::methods::KvzipConfig`): after the prompt is
-//! prefilled, the model is asked to repeat its context and fed the context again, chunk by
-//! chunk, on top of the prompt's cache; every prompt entry records the most attention a
-//! query of the reconstruction paid it. The reconstruction's own entries are dropped after
-//! each chunk, so the cache ends as it began, with one statistic row more.
+//! KVzip's reconstruction (see `kvmerger_compress::methods::KvzipConfig`): after the prompt
+//! is prefilled, the model is asked to repeat its context and fed the context again, chunk
+//! by chunk, on top of the prompt's cache ([`crate::reconstruction_pass`]); every prompt
+//! entry records the most attention a query of the reconstruction paid it. The
+//! reconstruction's own entries are dropped after each chunk, so the cache ends as it
+//! began, with one statistic row more. Here: the instructions, and the recording each
+//! forward pass of the reconstruction does.
 
-use std::sync::Arc;
-
-use kvmerger_compress::{HeadCache, KvCache, Reconstruction, ReconstructionPass, StatsRequest};
+use kvmerger_compress::{HeadCache, ReconstructionPass};
+use kvmerger_kernels::{dot, AttentionShape};
 use rayon::prelude::*;
 
-use crate::attention::{dot, AttentionShape};
-use crate::error::{EngineError, Result};
-use crate::forward::{BatchItem, Phase};
-use crate::model::Llama;
+use crate::error::Result;
 use crate::tokenizer::TextTokenizer;
 
 /// The instruction before the first chunk (kvpress's and the paper's wording).
@@ -47,7 +45,7 @@ impl ReconstructionPrompt {
     }
 
     /// The tokens fed to repeat `tokens[chunk]`: the instruction, then the chunk.
-    fn tokens_for(&self, tokens: &[u32], chunk: std::ops::Range<usize>) -> Vec<u32> {
+    pub(crate) fn tokens_for(&self, tokens: &[u32], chunk: std::ops::Range<usize>) -> Vec<u32> {
         let mut ids = if chunk.start == 0 {
             self.first.clone()
         } else {
@@ -58,63 +56,6 @@ impl ReconstructionPrompt {
         ids.extend_from_slice(&tokens[chunk]);
         ids
     }
-}
-
-/// Runs the reconstruction of `tokens`, whose every entry `cache` holds uncompressed,
-/// feeding each chunk's tokens `piece` at a time, and leaves the scores in each head's
-/// [`HeadCache::reconstruction_attention`].
-pub fn score_by_reconstruction(
-    model: &Llama,
-    prompt: Option<&Arc<ReconstructionPrompt>>,
-    tokens: &[u32],
-    cache: &mut KvCache,
-    how: Reconstruction,
-    piece: usize,
-    attention_chunk: usize,
-) -> Result<()> {
-    let prompt = prompt.ok_or_else(|| {
-        EngineError::Unsupported(
-            "KVzip needs its reconstruction instructions in the model's vocabulary: load the \
-             model with its tokenizer"
-                .into(),
-        )
-    })?;
-    let c = &model.config;
-    if (0..c.n_layers).any(|l| c.layer_window(l).is_some()) {
-        return Err(EngineError::Unsupported(
-            "KVzip's reconstruction would push the context out of sliding-window layers".into(),
-        ));
-    }
-    let n = tokens.len();
-    if cache.layers.iter().flatten().any(|h| h.len() != n) {
-        return Err(EngineError::Setup(
-            "KVzip scores a prompt whose every entry is still in the cache".into(),
-        ));
-    }
-    let seen = cache.n_seen;
-    cache.layers.iter_mut().flatten().for_each(|h| {
-        h.reconstruction_attention_mut();
-    });
-    let step = how.chunk.max(1);
-    for start in (0..n).step_by(step) {
-        let chunk = start..(start + step).min(n);
-        let pass = ReconstructionPass {
-            sinks: how.sinks.min(start),
-            context_start: chunk.start,
-            context_end: chunk.end,
-            appended: n,
-        };
-        let ids = prompt.tokens_for(tokens, chunk);
-        let stats = StatsRequest { reconstruction_pass: Some(pass), ..StatsRequest::default() };
-        let result = ids.chunks(piece.max(1)).try_for_each(|part| {
-            let mut item = [BatchItem { tokens: part, cache: &mut *cache, logits: None, stats }];
-            model.forward_batch(&mut item, Phase::Prefill, attention_chunk).map(|_| ())
-        });
-        cache.layers.iter_mut().flatten().for_each(|h| h.truncate(n));
-        cache.n_seen = seen;
-        result?;
-    }
-    Ok(())
 }
 
 /// Folds the attention of `seq` reconstruction queries (`q`: `[seq, n_heads * head_dim]`,
@@ -164,9 +105,9 @@ pub fn record_reconstruction(
 
 #[cfg(test)]
 mod tests {
-    use kvmerger_compress::{Budget, CompressionConfig, KvDtype};
+    use kvmerger_compress::{Budget, CompressionConfig, KvDtype, Reconstruction, StatsRequest};
 
-    use super::*;
+    use crate::model::Llama;
     use crate::prefill::{PrefillCompression, PrefillOptions};
     use crate::sequence::Prefilled;
     use crate::session::Session;

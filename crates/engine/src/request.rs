@@ -4,10 +4,11 @@
 //! front end words it for its users (a flag, a JSON parameter). What comes out is trusted
 //! by the engine, whose own checks guard invariants, not users' input.
 
-use kvmerger_compress::{CompressError, CompressionConfig};
+use kvmerger_compress::{CompressError, CompressionConfig, CompressionMethod, StatsRequest};
 use thiserror::Error;
 
 use crate::config::ModelConfig;
+use crate::error::EngineError;
 use crate::prefill::PrefillCompression;
 use crate::sampler::SamplingConfig;
 
@@ -50,6 +51,8 @@ pub enum RequestField {
     Temperature,
     TopP,
     RepeatPenalty,
+    MaxKv,
+    PrefillCompression,
 }
 
 impl RequestField {
@@ -60,6 +63,8 @@ impl RequestField {
             Self::Temperature => "temperature",
             Self::TopP => "top_p",
             Self::RepeatPenalty => "repeat_penalty",
+            Self::MaxKv => "max_kv",
+            Self::PrefillCompression => "prefill_compression",
         }
     }
 }
@@ -83,6 +88,19 @@ pub enum RequestError {
 impl RequestError {
     fn invalid(field: RequestField, reason: impl Into<String>) -> Self {
         Self::Invalid { field, reason: reason.into() }
+    }
+}
+
+/// A request rule broken where the engine is handed values directly (a session's bound, a
+/// sequence's prefill mode): the request layer's error, with the field it names.
+impl From<RequestError> for EngineError {
+    fn from(e: RequestError) -> Self {
+        match e {
+            RequestError::Invalid { field, reason } => {
+                EngineError::InvalidRequest { field: field.name().to_string(), reason }
+            }
+            RequestError::Compression(e) => EngineError::Compress(e),
+        }
     }
 }
 
@@ -173,10 +191,86 @@ pub fn resolve_max_tokens(
 fn check_compression(
     compression: &CompressionConfig,
     limits: &RequestLimits,
-) -> Result<(), RequestError> {
+) -> Result<Box<dyn CompressionMethod>, RequestError> {
     compression.check_model(limits.n_layers)?;
-    compression.build()?;
-    Ok(())
+    Ok(compression.build()?)
+}
+
+/// Checks a bound on the entries a head may hold while decoding: at least one entry.
+pub fn check_max_kv(max_kv: Option<usize>) -> Result<(), RequestError> {
+    match max_kv {
+        Some(0) => Err(RequestError::invalid(RequestField::MaxKv, "must be at least 1")),
+        _ => Ok(()),
+    }
+}
+
+/// [`check_max_kv`], and that `method` keeps the bound by a rule of its own for the entries
+/// decoding adds.
+pub(crate) fn check_decode_bound(
+    max_kv: Option<usize>,
+    method: &dyn CompressionMethod,
+) -> Result<(), RequestError> {
+    check_max_kv(max_kv)?;
+    match (max_kv, method.decode_bound_refusal()) {
+        (Some(_), Some(reason)) => Err(RequestError::invalid(RequestField::MaxKv, reason)),
+        _ => Ok(()),
+    }
+}
+
+/// Checks that `method` can compress a part of the prompt to its final budget and go on,
+/// in chunks of `chunk` tokens, recording `stats`: its result must be bounded by its
+/// budget (not KVMerger's `threshold` mode), it must have no reason of its own against it
+/// (AdaKV's shared layer budgets), it must read no statistic of the whole prompt (CaM's
+/// attention at eviction time), and its observation window must fit twice in a chunk (the
+/// chunk before each compression holds the window whose attention it reads). The engine
+/// checks it where it knows the chunk: when it builds the sequence.
+pub(crate) fn check_incremental_prefill(
+    method: &dyn CompressionMethod,
+    stats: &StatsRequest,
+    chunk: usize,
+) -> Result<(), RequestError> {
+    incremental_refusal(method, stats, chunk).map_or(Ok(()), |reason| {
+        Err(RequestError::invalid(RequestField::PrefillCompression, reason))
+    })
+}
+
+/// Why [`check_incremental_prefill`] refuses, if it does.
+fn incremental_refusal(
+    method: &dyn CompressionMethod,
+    stats: &StatsRequest,
+    chunk: usize,
+) -> Option<String> {
+    let name = method.name();
+    if !method.bounded_by_budget() {
+        return Some(format!(
+            "{name} in threshold mode keeps what its threshold keeps, not a budget: it \
+             cannot compress part of a prompt to a budget and go on; use a budget mode or \
+             compress once"
+        ));
+    }
+    if let Some(reason) = method.incremental_refusal() {
+        return Some(reason);
+    }
+    if stats.reconstruction.is_some() {
+        return Some(format!(
+            "{name} scores every entry by the model's reconstruction of the whole prompt, \
+             which needs the whole prompt in the cache: compress once"
+        ));
+    }
+    if !stats.evictions.is_empty() {
+        return Some(format!(
+            "{name} reads attention over the whole prompt when it evicts: it cannot \
+             compress during prefill; compress once"
+        ));
+    }
+    let window = stats.windows.iter().max().unwrap_or(1);
+    (chunk < 2 * window).then(|| {
+        format!(
+            "{name}'s observation window of {window} tokens must fit twice in a prefill \
+             chunk of {chunk} tokens: use a chunk of at least {}",
+            2 * window
+        )
+    })
 }
 
 /// What a front end asks for, before it is checked.
@@ -191,8 +285,8 @@ pub struct RequestOptions {
     /// delivered as generated text.
     pub stop_tokens: Vec<u32>,
     /// Entries a head may hold while decoding (`None`: no bound beyond the method's own):
-    /// the method keeps it by its own rule, or the engine refuses the request naming
-    /// `max_kv`.
+    /// the method keeps it by its own rule, or the request is refused naming `max_kv`
+    /// ([`check_max_kv`]).
     pub max_kv: Option<usize>,
     /// When the prompt is compressed (`None`: as the engine is configured).
     pub prefill_compression: Option<PrefillCompression>,
@@ -230,7 +324,8 @@ impl GenerationRequest {
             limits,
         )?;
         check_sampling(&options.sampling)?;
-        check_compression(&options.compression, limits)?;
+        let method = check_compression(&options.compression, limits)?;
+        check_decode_bound(options.max_kv, &*method)?;
         Ok(Self {
             prompt,
             max_tokens,
@@ -266,6 +361,8 @@ impl GenerationRequest {
 
 #[cfg(test)]
 mod tests {
+    use kvmerger_compress::Budget;
+
     use super::*;
     use crate::testing::tiny_config;
 
@@ -370,5 +467,23 @@ mod tests {
         assert_eq!(RequestLimits::of(&tiny_config(), Some(1000)).context_length, 256);
         let err = GenerationRequest::new(vec![1; 100], options(), &capped).unwrap_err();
         assert!(matches!(err, RequestError::Invalid { field: RequestField::Prompt, .. }));
+    }
+
+    #[test]
+    fn bounds_a_method_cannot_keep_are_refused_naming_the_field() {
+        // A bound while decoding: at least one entry, and only for a method that has a rule
+        // for the entries decoding adds.
+        let budget = |method: &str| (method != "full").then_some(Budget::Ratio(0.5));
+        let bounded = |method: &str, n: usize| RequestOptions {
+            compression: CompressionConfig::from_cli(method, budget(method), &[]).unwrap(),
+            max_kv: Some(n),
+            ..options()
+        };
+        assert_eq!(refused(vec![1; 10], bounded("h2o", 0)), RequestField::MaxKv);
+        assert_eq!(refused(vec![1; 10], bounded("full", 8)), RequestField::MaxKv);
+        assert_eq!(refused(vec![1; 10], bounded("snapkv", 8)), RequestField::MaxKv);
+        for method in ["h2o", "tova", "streaming_llm", "cam", "knorm", "keydiff", "kvmerger"] {
+            assert!(GenerationRequest::new(vec![1; 10], bounded(method, 8), &limits()).is_ok());
+        }
     }
 }

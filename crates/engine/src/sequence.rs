@@ -23,7 +23,8 @@ use crate::forward::{BatchItem, Logits, Phase};
 use crate::model::Llama;
 use crate::prefill::{PrefillCompression, PrefillOptions, PrefillPlan};
 use crate::profile::{timed, Part};
-use crate::reconstruction::score_by_reconstruction;
+use crate::reconstruction_pass::score_by_reconstruction;
+use crate::request::{check_decode_bound, check_incremental_prefill};
 use crate::request::{GenerationRequest, RequestLimits};
 use crate::sampler::{Sampler, SamplingConfig};
 
@@ -259,6 +260,8 @@ impl Sequence {
         stats: Option<StatsRequest>,
         max_kv: Option<usize>,
     ) -> Result<Self> {
+        // A session's bound reaches here from its caller: the request layer's rule.
+        check_decode_bound(max_kv, &*compression.build()?)?;
         let context = model.config.context_length;
         let request = GenerationRequest {
             prompt: tokens.to_vec(),
@@ -302,31 +305,15 @@ impl Sequence {
                 context,
             });
         }
-        let invalid = |field: &str, reason: String| EngineError::InvalidRequest {
-            field: field.to_string(),
-            reason,
-        };
         let method = request.compression.build()?;
         let prompt_stats = stats.unwrap_or_else(|| method.prompt_stats(prompt_len));
-        if let Some(n) = request.max_kv {
-            if n == 0 {
-                return Err(invalid("max_kv", "must be at least 1".into()));
-            }
-            if let Some(reason) = method.decode_bound_refusal() {
-                return Err(invalid("max_kv", reason));
-            }
-        }
         // Asked to compress during prefill, a method that cannot is refused, in every
         // command alike: compressing it once instead would hold the whole prompt, against
         // the memory bound the mode was chosen for.
         let mode = request.prefill_compression.unwrap_or(mode);
         let incremental = mode == PrefillCompression::Incremental;
         if incremental {
-            let refusal =
-                incremental_refusal(&*method, &request.compression, &prompt_stats, prefill_chunk);
-            if let Some(reason) = refusal {
-                return Err(invalid("prefill_compression", reason));
-            }
+            check_incremental_prefill(&*method, &prompt_stats, prefill_chunk)?;
         }
         let plan =
             plan_prefill(&*method, &prompt_stats, prompt_len, prefill_chunk, incremental, config);
@@ -724,53 +711,6 @@ fn decode_entries(max_kv: Option<usize>, kept: usize, room: usize) -> usize {
     }
 }
 
-/// Why `method` cannot compress a part of the prompt to its final budget and go on, in
-/// chunks of `chunk` tokens (`None` where it can): its result must be bounded by its
-/// budget (not KVMerger's `threshold` mode), it must read no statistic of the whole prompt
-/// (CaM's attention at eviction time), and its observation window must fit twice in a
-/// chunk (the chunk before each compression holds the window whose attention it reads).
-fn incremental_refusal(
-    method: &dyn CompressionMethod,
-    compression: &CompressionConfig,
-    stats: &StatsRequest,
-    chunk: usize,
-) -> Option<String> {
-    let name = method.name();
-    if !method.bounded_by_budget() {
-        return Some(format!(
-            "{name} in threshold mode keeps what its threshold keeps, not a budget: it \
-             cannot compress part of a prompt to a budget and go on; use a budget mode or \
-             compress once"
-        ));
-    }
-    if matches!(compression, CompressionConfig::Adakv(_)) {
-        return Some(format!(
-            "{name} shares each layer's budget among its heads, so a head has no bound of \
-             its own between compressions: compress once"
-        ));
-    }
-    if stats.reconstruction.is_some() {
-        return Some(format!(
-            "{name} scores every entry by the model's reconstruction of the whole prompt, \
-             which needs the whole prompt in the cache: compress once"
-        ));
-    }
-    if !stats.evictions.is_empty() {
-        return Some(format!(
-            "{name} reads attention over the whole prompt when it evicts: it cannot \
-             compress during prefill; compress once"
-        ));
-    }
-    let window = stats.windows.iter().max().unwrap_or(1);
-    (chunk < 2 * window).then(|| {
-        format!(
-            "{name}'s observation window of {window} tokens must fit twice in a prefill \
-             chunk of {chunk} tokens: use a chunk of at least {}",
-            2 * window
-        )
-    })
-}
-
 /// Plans a prefill in chunks of `chunk` tokens whose last holds the largest observation
 /// window `stats` record; with `incremental` (the method can, and the request asks), the
 /// cache is compressed whenever the next chunk would not fit beside the budget. A head
@@ -901,29 +841,6 @@ mod tests {
         let windows: Vec<bool> =
             s.plan().chunks.iter().map(|c| !s.chunk_stats(c).windows.is_empty()).collect();
         assert_eq!(windows, [false, true, true, true]);
-    }
-
-    #[test]
-    fn bounds_a_method_cannot_keep_are_refused_naming_the_field() {
-        let config = tiny_config();
-        let field =
-            |r: GenerationRequest| match Sequence::new(1, r, &config, 16, Default::default()) {
-                Err(EngineError::InvalidRequest { field, .. }) => field,
-                other => panic!("{other:?}"),
-            };
-        // A bound while decoding: at least one entry, and only for a method that has a rule
-        // for the entries decoding adds.
-        let bounded = |method: &str, n: usize| GenerationRequest {
-            max_kv: Some(n),
-            prefill_compression: Some(PrefillCompression::Once),
-            ..request(10, 4, method, 0.5)
-        };
-        assert_eq!(field(bounded("h2o", 0)), "max_kv");
-        assert_eq!(field(bounded("full", 8)), "max_kv");
-        assert_eq!(field(bounded("snapkv", 8)), "max_kv");
-        for method in ["h2o", "tova", "streaming_llm", "cam", "knorm", "keydiff", "kvmerger"] {
-            assert!(Sequence::new(1, bounded(method, 8), &config, 16, Default::default()).is_ok());
-        }
     }
 
     #[test]

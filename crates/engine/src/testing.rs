@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use candle_core::quantized::gguf_file::Value;
 use candle_core::{Device, Tensor};
 use kvmerger_compress::{CompressionConfig, KvCache, KvDtype, StatsRequest};
+use kvmerger_kernels::Product;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -21,7 +22,6 @@ use crate::error::{EngineError, Result};
 use crate::forward::{BatchItem, Logits, Phase};
 use crate::linear::{Linear, WeightFormats};
 use crate::model::{Block, Llama};
-use crate::qmatmul::Product;
 use crate::reconstruction::ReconstructionPrompt;
 use crate::rope::Rope;
 use crate::session::Session;

@@ -5,7 +5,7 @@
 //! (`counting_allocator`), so this file holds one test.
 
 use kvmerger_compress::{EntryMeta, HeadCache, KvDtype, StatsRequest};
-use kvmerger_engine::{attend_into, AttentionOptions, AttentionShape};
+use kvmerger_kernels::{attend_into, AttentionOptions, AttentionShape};
 
 mod counting_allocator;
 use counting_allocator::allocations_of;

@@ -5,8 +5,9 @@
 
 use kvmerger_compress::{EvictionWindow, HeadCache, KvCache, KvDtype, StatsRequest};
 use kvmerger_engine::testing::{forward, ForwardOptions};
-use kvmerger_engine::testing::{random_llama, reference_forward, relative_l2, tiny_config};
-use kvmerger_engine::{Llama, Logits, Phase};
+use kvmerger_engine::testing::{random_llama, random_llama_with, reference_forward};
+use kvmerger_engine::testing::{relative_l2, tiny_config};
+use kvmerger_engine::{Llama, Logits, ModelConfig, Phase, WeightFormat, WeightFormats};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -380,4 +381,30 @@ fn sliding_window_layers_see_only_their_window() {
         assert!(head.meta().iter().all(|m| m.position + window > last));
     }
     assert!(cache.layers[1].iter().all(|h| h.len() == toks.len()), "global layers keep all");
+}
+
+/// Identical by construction (the same parts, combined in the same order, whichever
+/// thread runs them): bit-exact. The adaptive thread count picks between such pools.
+#[test]
+fn a_decode_step_gives_the_same_logits_on_one_thread_and_on_three() {
+    // A cache longer than one decode-attention part, so the heads are split.
+    let config = ModelConfig { context_length: 1024, ..tiny_config() };
+    let formats = WeightFormats { prefill: WeightFormat::F32, decode: WeightFormat::File };
+    let mut model = random_llama_with(config, 11, formats).unwrap();
+    model.set_adaptive_threads(false);
+    let prompt: Vec<u32> = (0..700).map(|i| (i * 7 % 64) as u32).collect();
+    let mut cache = model.new_cache();
+    forward(&model, Phase::Prefill, &prompt, &mut cache, ForwardOptions::default()).unwrap();
+    let step_on = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        let mut cache = cache.clone();
+        pool.install(|| {
+            let logits =
+                forward(&model, Phase::Decode, &[5], &mut cache, ForwardOptions::default())
+                    .unwrap();
+            logits.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        })
+    };
+    let (one, three) = (step_on(1), step_on(3));
+    assert!(one.iter().zip(&three).all(|(a, b)| a.to_bits() == b.to_bits()));
 }

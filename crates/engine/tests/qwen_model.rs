@@ -53,7 +53,7 @@ fn qwen_logits_agree_with_candle_transformers() {
             .forward_as(
                 &Tensor::zeros((1, 896), candle_core::DType::F32, &Device::Cpu).unwrap(),
                 WeightFormat::F32,
-                kvmerger_engine::Product::Dense,
+                kvmerger_kernels::Product::Dense,
             )
             .unwrap()
             .abs()

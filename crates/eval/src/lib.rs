@@ -12,6 +12,7 @@ pub mod report;
 pub mod results;
 pub mod ruler;
 pub mod runner;
+mod sample;
 pub mod stats;
 pub mod sweep;
 pub mod tasks;

@@ -4,7 +4,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use kvmerger_compress::CompressError;
-use kvmerger_engine::{AddError, Refusal, RequestError};
+use kvmerger_engine::{AddError, Refusal, RequestError, RequestField};
 use serde_json::json;
 
 /// An error answered to one request; the server keeps serving.
@@ -85,9 +85,18 @@ impl ApiError {
 impl From<RequestError> for ApiError {
     fn from(e: RequestError) -> Self {
         match e {
-            RequestError::Invalid { field, reason } => Self::invalid(field.name(), reason),
+            RequestError::Invalid { field, reason } => Self::invalid(param_of(field), reason),
             RequestError::Compression(c) => Self::compression(&c),
         }
+    }
+}
+
+/// A request field as this API names it: the compression fields sit inside `kv_compression`.
+fn param_of(field: RequestField) -> &'static str {
+    match field {
+        RequestField::MaxKv => "kv_compression.max_kv",
+        RequestField::PrefillCompression => "kv_compression.prefill_compression",
+        other => other.name(),
     }
 }
 

@@ -35,10 +35,11 @@ impl RequestCompression {
         };
         let max_kv = match fields.remove("max_kv") {
             None | Some(Value::Null) => None,
-            Some(v) => Some(v.as_u64().filter(|&n| n >= 1).ok_or_else(|| {
+            // Its value's rules are the request's (`GenerationRequest::new`).
+            Some(v) => Some(v.as_u64().ok_or_else(|| {
                 ApiError::invalid(
                     "kv_compression.max_kv",
-                    format!("must be a whole number of entries per head, at least 1; got {v}"),
+                    format!("must be a whole number of entries per head; got {v}"),
                 )
             })? as usize),
         };
@@ -83,8 +84,10 @@ mod tests {
     #[test]
     fn bad_request_fields_are_named() {
         let param = |v: Value| parse(v).unwrap_err().param.unwrap();
-        assert_eq!(param(json!({"method": "h2o", "max_kv": 0})), "kv_compression.max_kv");
         assert_eq!(param(json!({"method": "h2o", "max_kv": "many"})), "kv_compression.max_kv");
+        // The bound's value is the request's rule, named as this API names the field.
+        let zero = ApiError::from(kvmerger_engine::check_max_kv(Some(0)).unwrap_err());
+        assert_eq!(zero.param.as_deref(), Some("kv_compression.max_kv"));
         assert_eq!(
             param(json!({"method": "h2o", "prefill_compression": "twice"})),
             "kv_compression.prefill_compression"

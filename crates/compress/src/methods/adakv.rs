@@ -94,6 +94,14 @@ impl CompressionMethod for AdaKvConfig {
         "adakv"
     }
 
+    fn incremental_refusal(&self) -> Option<String> {
+        Some(format!(
+            "{} shares each layer's budget among its heads, so a head has no bound of its \
+             own between compressions: compress once",
+            self.name()
+        ))
+    }
+
     fn stats(&self) -> StatsRequest {
         self.scorer.method().stats().union(self.head_method().stats())
     }

@@ -9,7 +9,7 @@ use rand::Rng;
 
 use super::{fit, words, Prompt};
 use crate::error::Result;
-use crate::tasks::TaskInput;
+use crate::sample::TaskInput;
 
 /// RULER's `num_cw`: how many common words the answer names.
 const COMMON: usize = 10;

@@ -13,7 +13,7 @@ use rand::rngs::StdRng;
 
 use crate::error::{EvalError, Result};
 use crate::metrics::Metric;
-use crate::tasks::{Sample, TaskInput};
+use crate::sample::{Sample, TaskInput};
 
 mod aggregation;
 mod niah;

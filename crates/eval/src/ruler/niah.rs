@@ -8,7 +8,7 @@ use rand::Rng;
 
 use super::{fit, insert_at_random_lines, words, Prompt};
 use crate::error::{EvalError, Result};
-use crate::tasks::{TaskInput, PASSKEY_FILLER};
+use crate::sample::{TaskInput, PASSKEY_FILLER};
 
 /// What fills the context between the needles.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -7,7 +7,7 @@ use rand::{Rng, SeedableRng};
 
 use super::{fit, insert_at_random_lines, Prompt};
 use crate::error::Result;
-use crate::tasks::{TaskInput, PASSKEY_FILLER};
+use crate::sample::{TaskInput, PASSKEY_FILLER};
 
 /// RULER's `num_hops`: assignments after the first.
 const HOPS: usize = 4;

@@ -314,7 +314,7 @@ fn attend_part(
         if crate::cpu::has_avx2_fma_f16c() {
             let fused = fused_width(part.head.head_dim())
                 .filter(|_| fuses(part.head.stored_keys(), part.head.stored_values()));
-            // SAFETY (all): the CPU has the features these copies are compiled for.
+            // SAFETY: the CPU has the features these copies are compiled for.
             unsafe {
                 match fused {
                     Some(width) => fused_part(width, part, partial, exps, scratch),
@@ -770,13 +770,15 @@ mod fused {
                     // [phase][g][half of the 16 columns]
                     let mut acc = [[[zero; 2]; G]; 2];
                     let mut j = start;
-                    // SAFETY (all below): rows `j < n`, columns `c + 16 <= d`, weights
-                    // `g * n + j < G * n`, all asserted above.
+                    // Rows `j < n`, columns `c + 16 <= d`, weights `g * n + j < G * n`, all
+                    // asserted above, bound every access below.
                     while j + 1 < end {
                         for (phase, acc) in acc.iter_mut().enumerate() {
                             let row = (j + phase) * d + c;
+                            // SAFETY: row `j + phase < n`, columns `c..c + 16` of `d`.
                             let (lo, hi) = unsafe { (T::load8(v, row), T::load8(v, row + 8)) };
                             for (g, acc) in acc.iter_mut().enumerate() {
+                                // SAFETY: weight `g * n + j + phase < G * n`.
                                 let weight =
                                     unsafe { _mm256_broadcast_ss(&*w.add(g * n + j + phase)) };
                                 acc[0] = _mm256_fmadd_ps(weight, lo, acc[0]);
@@ -787,8 +789,10 @@ mod fused {
                     }
                     if j < end {
                         let row = j * d + c;
+                        // SAFETY: row `j < n`, columns `c..c + 16` of `d`.
                         let (lo, hi) = unsafe { (T::load8(v, row), T::load8(v, row + 8)) };
                         for (g, acc) in acc[0].iter_mut().enumerate() {
+                            // SAFETY: weight `g * n + j < G * n`.
                             let weight = unsafe { _mm256_broadcast_ss(&*w.add(g * n + j)) };
                             acc[0] = _mm256_fmadd_ps(weight, lo, acc[0]);
                             acc[1] = _mm256_fmadd_ps(weight, hi, acc[1]);
@@ -798,6 +802,7 @@ mod fused {
                     for (g, (even, odd)) in even.into_iter().zip(odd).enumerate() {
                         for (half, (even, odd)) in even.into_iter().zip(odd).enumerate() {
                             let sum = _mm256_add_ps(even, odd);
+                            // SAFETY: columns `c + 8 half..+ 8` of row `g` of `out` (`G * d`).
                             unsafe {
                                 let at = o.add(g * d + c + 8 * half);
                                 _mm256_storeu_ps(at, _mm256_add_ps(_mm256_loadu_ps(at), sum));
@@ -836,8 +841,8 @@ mod fused {
             assert!(values.is_none_or(|v| T::elements(v) >= n * d) && d.is_multiple_of(16));
             let (q, k, o) = (queries.as_ptr(), keys.as_ptr(), out.as_mut_ptr());
             let mut j = 0;
-            // SAFETY (all below): rows `j + r < n`, columns `c + 16 <= d`, outputs
-            // `g * n + j + 4 <= (G - 1) * n + n`, all asserted above.
+            // Rows `j + r < n`, columns `c + 16 <= d`, outputs `g * n + j + 4 <= (G - 1) * n
+            // + n`, all asserted above, bound every access below.
             while j + ROWS_512 <= n {
                 let mut acc = [[_mm512_setzero_ps(); ROWS_512]; G];
                 for r in 0..ROWS_512 {
@@ -845,14 +850,17 @@ mod fused {
                 }
                 for c in (0..d).step_by(16) {
                     for r in 0..ROWS_512 {
+                        // SAFETY: key row `j + r < n`, columns `c..c + 16` of `d`.
                         let key = unsafe { T::load16(k, (j + r) * d + c) };
                         for (g, acc) in acc.iter_mut().enumerate() {
+                            // SAFETY: query `g < G`, columns `c..c + 16` of `d`.
                             let query = unsafe { _mm512_loadu_ps(q.add(g * d + c)) };
                             acc[r] = _mm512_fmadd_ps(query, key, acc[r]);
                         }
                     }
                 }
                 for (g, acc) in acc.into_iter().enumerate() {
+                    // SAFETY: outputs `g * n + j..+ 4`, inside `out`.
                     unsafe { _mm_storeu_ps(o.add(g * n + j), sums_of_four(acc)) };
                 }
                 j += ROWS_512;
@@ -861,8 +869,10 @@ mod fused {
                 let mut acc = [_mm512_setzero_ps(); G];
                 prefetch_part_row(k, values, d, j);
                 for c in (0..d).step_by(16) {
+                    // SAFETY: key row `j < n`, columns `c..c + 16` of `d`.
                     let key = unsafe { T::load16(k, j * d + c) };
                     for (g, acc) in acc.iter_mut().enumerate() {
+                        // SAFETY: query `g < G`, columns `c..c + 16` of `d`.
                         let query = unsafe { _mm512_loadu_ps(q.add(g * d + c)) };
                         *acc = _mm512_fmadd_ps(query, key, *acc);
                     }
@@ -891,13 +901,15 @@ mod fused {
                 let end = (start + BLOCK).min(n);
                 for c in (0..d).step_by(Self::COLUMNS) {
                     let mut acc = [[_mm512_setzero_ps(); CHUNKS_512]; G];
-                    // SAFETY (all below): rows `j < n`, columns `c + 64 <= d`, weights
-                    // `g * n + j < G * n`, all asserted above.
+                    // Rows `j < n`, columns `c + 64 <= d`, weights `g * n + j < G * n`, all
+                    // asserted above, bound every access below.
                     for j in start..end {
                         let row = j * d + c;
                         let chunks: [__m512; CHUNKS_512] =
+                            // SAFETY: row `j < n`, columns `c + 16 i..+ 16` of `d`.
                             std::array::from_fn(|i| unsafe { T::load16(v, row + 16 * i) });
                         for (g, acc) in acc.iter_mut().enumerate() {
+                            // SAFETY: weight `g * n + j < G * n`.
                             let weight = _mm512_set1_ps(unsafe { *w.add(g * n + j) });
                             for (acc, chunk) in acc.iter_mut().zip(chunks) {
                                 *acc = _mm512_fmadd_ps(weight, chunk, *acc);
@@ -906,6 +918,7 @@ mod fused {
                     }
                     for (g, acc) in acc.into_iter().enumerate() {
                         for (i, acc) in acc.into_iter().enumerate() {
+                            // SAFETY: columns `c + 16 i..+ 16` of row `g` of `out` (`G * d`).
                             unsafe {
                                 let at = o.add(g * d + c + 16 * i);
                                 _mm512_storeu_ps(at, _mm512_add_ps(_mm512_loadu_ps(at), acc));
@@ -977,7 +990,7 @@ fn exp_nonpositive(x: f32) -> f32 {
 
 /// `a . b`, in eight independent lanes so the compiler vectorises it.
 #[inline(always)]
-pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
     let mut lanes = [0.0f32; 8];
@@ -1180,8 +1193,8 @@ mod tests {
                     false,
                 );
                 let (got_exps_out, scratch) = (Some(&mut got_exps[..]), &mut Scratch::default());
-                // SAFETY: the features were detected above; the rows fuse (asserted).
                 assert!(fuses(head.stored_keys(), head.stored_values()));
+                // SAFETY: the features were detected above; the rows fuse (asserted).
                 unsafe { fused_part(width, input(), &mut got, got_exps_out, scratch) };
                 let dtype = format!("{width:?}, d {d}, {dtype}");
                 assert!(max_diff(&got[..group], &expected[..group]) < 1e-4, "{dtype} maxima");

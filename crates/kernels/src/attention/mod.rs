@@ -20,7 +20,7 @@ mod lanes;
 mod shape;
 
 use decode::attend_one;
-pub(crate) use decode::dot;
+pub use decode::dot;
 pub use shape::{AttentionOptions, AttentionShape};
 
 /// Attention of `seq` new queries over heads whose last `seq` entries are those queries'

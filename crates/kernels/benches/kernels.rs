@@ -10,14 +10,14 @@
 //! against candle's f32 product of the same rows, and Q8_0 (what every type was requantized to
 //! before the kernels read the file's own blocks) on the same shapes.
 //!
-//!     cargo bench -p kvmerger-engine --bench kernels
-//!     cargo bench -p kvmerger-engine --bench kernels -- '1536x576' --warm-up-time 1 --measurement-time 2
-//!     cargo bench -p kvmerger-engine --bench kernels -- 'file 896x4864'
+//!     cargo bench -p kvmerger-kernels --bench kernels
+//!     cargo bench -p kvmerger-kernels --bench kernels -- '1536x576' --warm-up-time 1 --measurement-time 2
+//!     cargo bench -p kvmerger-kernels --bench kernels -- 'file 896x4864'
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion};
-use kvmerger_engine::{QuantKind, QuantMatrix, QuantizedRows};
+use kvmerger_kernels::{QuantKind, QuantMatrix, QuantizedRows};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 

@@ -95,13 +95,18 @@ unsafe fn dequantize_units<U: Unpack>(blocks: &[u8], out: &mut [f32]) {
     let row = blocks.as_ptr();
     for c in 0..subs.div_ceil(CHUNK) {
         let n = (subs - CHUNK * c).min(CHUNK);
-        let chunk = U::chunk(row, c, n);
+        // SAFETY: chunk `c` holds sub-blocks `8c..8c + n` of the `subs` in `blocks`.
+        let chunk = unsafe { U::chunk(row, c, n) };
         let (mut d, mut m) = ([0.0f32; CHUNK], [0.0f32; CHUNK]);
-        _mm256_storeu_ps(d.as_mut_ptr(), chunk.d);
-        _mm256_storeu_ps(m.as_mut_ptr(), chunk.m);
+        // SAFETY: `d` holds 8 floats.
+        unsafe { _mm256_storeu_ps(d.as_mut_ptr(), chunk.d) };
+        // SAFETY: `m` holds 8 floats.
+        unsafe { _mm256_storeu_ps(m.as_mut_ptr(), chunk.m) };
         for j in 0..n {
-            let (w, multiplier) = U::sub(row, c, j, &chunk.ints);
-            let at = out.as_mut_ptr().add(BLOCK * (CHUNK * c + j));
+            // SAFETY: sub-block `8c + j` is one of the `subs` in `blocks`.
+            let (w, multiplier) = unsafe { U::sub(row, c, j, &chunk.ints) };
+            // SAFETY: `out` holds 32 values per sub-block (the caller's promise).
+            let at = unsafe { out.as_mut_ptr().add(BLOCK * (CHUNK * c + j)) };
             let halves = [_mm256_castsi256_si128(w), _mm256_extracti128_si256::<1>(w)];
             // Values 0..16 take the low half's integer scale, 16..32 the high half's.
             let scales = [
@@ -120,7 +125,8 @@ unsafe fn dequantize_units<U: Unpack>(blocks: &[u8], out: &mut [f32]) {
                 for (e, eight) in eights.into_iter().enumerate() {
                     let v = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(eight));
                     let v = _mm256_fmadd_ps(v, _mm256_set1_ps(d[j]), _mm256_set1_ps(m[j]));
-                    _mm256_storeu_ps(at.add(16 * h + 8 * e), v);
+                    // SAFETY: values `16 h + 8 e..+ 8` of the sub-block's 32 in `out`.
+                    unsafe { _mm256_storeu_ps(at.add(16 * h + 8 * e), v) };
                 }
             }
         }
@@ -159,7 +165,8 @@ trait Unpack {
     /// [`Self::chunk`] for a whole chunk as the kernels store it: rearranged for the 32-value
     /// formats ([`super::chunked`]), a super-block as it is for the k-quants.
     unsafe fn packed_chunk(row: *const u8, c: usize) -> Chunk<Self::Ints> {
-        Self::chunk(row, c, CHUNK)
+        // SAFETY: the same contract, for a whole chunk.
+        unsafe { Self::chunk(row, c, CHUNK) }
     }
 
     /// [`Self::sub`] in a whole chunk as the kernels store it.
@@ -169,12 +176,16 @@ trait Unpack {
         j: usize,
         ints: &Self::Ints,
     ) -> (__m256i, __m256i) {
-        Self::sub(row, c, j, ints)
+        // SAFETY: the same contract, in a whole chunk.
+        unsafe { Self::sub(row, c, j, ints) }
     }
 }
 
 /// Chunk `c` of a row of the 32-value format `kind` rearranged ([`super::chunked`]): where
 /// it starts, and its 8 scales `d` with offsets `offset * d`.
+///
+/// # Safety
+/// AVX2, FMA and F16C; `row` holds chunk `c` whole.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn packed_block_chunk(
@@ -183,57 +194,80 @@ unsafe fn packed_block_chunk(
     c: usize,
     offset: f32,
 ) -> (*const u8, Chunk<()>) {
-    let start = row.add(CHUNK * kind.block_bytes() * c);
-    let d = _mm256_cvtph_ps(_mm_loadu_si128(start.cast()));
+    // SAFETY: chunk `c` lies in `row` (the caller's promise).
+    let start = unsafe { row.add(CHUNK * kind.block_bytes() * c) };
+    // SAFETY: a rearranged chunk starts with its 8 blocks' f16 scales, 16 bytes.
+    let d = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(start.cast()) });
     (start, Chunk { d, m: _mm256_mul_ps(d, _mm256_set1_ps(offset)), ints: () })
 }
 
 /// Block `j`'s 32 values of a rearranged chunk of a 4-bit format: the low or high nibbles of
 /// its pair's 32 bytes.
+///
+/// # Safety
+/// AVX2; `start` is a whole rearranged chunk's first byte.
 #[target_feature(enable = "avx2")]
 #[inline]
 unsafe fn packed_nibbles(kind: QuantKind, start: *const u8, j: usize) -> __m256i {
-    bits_of_32(start.add(chunked::values_at(kind) + 32 * (j / 2)), 4 * (j % 2), 15)
+    // SAFETY: block pair `j / 2`'s 32 bytes of nibbles lie in the chunk.
+    unsafe { bits_of_32(start.add(chunked::values_at(kind) + 32 * (j / 2)), 4 * (j % 2), 15) }
 }
 
 /// The f16 at `at`.
+///
+/// # Safety
+/// AVX2 and F16C; two bytes readable at `at`.
 #[target_feature(enable = "avx2,f16c")]
 #[inline]
 unsafe fn half(at: *const u8) -> f32 {
-    let bits = (at as *const u16).read_unaligned() as i32;
+    // SAFETY: the caller's promise; the read is unaligned.
+    let bits = unsafe { (at as *const u16).read_unaligned() } as i32;
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)))
 }
 
 /// The `n` (at most 8) f16 values at `first`, `first + stride`, ... in lanes `0..n`.
+///
+/// # Safety
+/// AVX2 and F16C; two bytes readable at each of the `n` places.
 #[target_feature(enable = "avx2,f16c")]
 #[inline]
 unsafe fn halves(first: *const u8, stride: usize, n: usize) -> __m256 {
-    let at = |j: usize| (first.add(j * stride) as *const i16).read_unaligned();
+    // SAFETY: called for `j < n` only: one of the caller's places.
+    let at = |j: usize| unsafe { (first.add(j * stride) as *const i16).read_unaligned() };
     let bits = if n == CHUNK {
         _mm_set_epi16(at(7), at(6), at(5), at(4), at(3), at(2), at(1), at(0))
     } else {
         let mut bits = [0i16; CHUNK];
         bits.iter_mut().take(n).enumerate().for_each(|(j, b)| *b = at(j));
-        _mm_loadu_si128(bits.as_ptr().cast())
+        // SAFETY: `bits` holds 8 i16, 16 bytes.
+        unsafe { _mm_loadu_si128(bits.as_ptr().cast()) }
     };
     _mm256_cvtph_ps(bits)
 }
 
 /// The 32 values of 16 packed bytes at `at`: low nibbles first, then high nibbles.
+///
+/// # Safety
+/// AVX2; 16 bytes readable at `at`.
 #[target_feature(enable = "avx2")]
 #[inline]
 unsafe fn nibbles_of_16(at: *const u8) -> __m256i {
-    let packed = _mm_loadu_si128(at.cast());
+    // SAFETY: the caller's promise.
+    let packed = unsafe { _mm_loadu_si128(at.cast()) };
     let both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
     _mm256_and_si256(both, _mm256_set1_epi8(0x0f))
 }
 
 /// The low (`shift` 0) or high (`shift` 4) nibbles of the 32 bytes at `at`, or any 4-bit
 /// field: `(byte >> shift) & mask` per byte.
+///
+/// # Safety
+/// AVX2; 32 bytes readable at `at`.
 #[target_feature(enable = "avx2")]
 #[inline]
 unsafe fn bits_of_32(at: *const u8, shift: usize, mask: i8) -> __m256i {
-    let bytes = _mm256_loadu_si256(at.cast());
+    // SAFETY: the caller's promise.
+    let bytes = unsafe { _mm256_loadu_si256(at.cast()) };
     let shifted = _mm256_srl_epi16(bytes, _mm_cvtsi32_si128(shift as i32));
     _mm256_and_si256(shifted, _mm256_set1_epi8(mask))
 }
@@ -242,7 +276,7 @@ unsafe fn bits_of_32(at: *const u8, shift: usize, mask: i8) -> __m256i {
 /// byte `j` takes byte `j / 8` of the word, then all its bits but bit `j % 8` are set).
 #[target_feature(enable = "avx2")]
 #[inline]
-unsafe fn fifth_bits(bits: u32) -> __m256i {
+fn fifth_bits(bits: u32) -> __m256i {
     let spread =
         _mm256_set_epi64x(0x0303_0303_0303_0303, 0x0202_0202_0202_0202, 0x0101_0101_0101_0101, 0);
     let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(bits as i32), spread);
@@ -255,7 +289,7 @@ unsafe fn fifth_bits(bits: u32) -> __m256i {
 /// half, then the halves' partial sums added across).
 #[target_feature(enable = "avx2")]
 #[inline]
-unsafe fn lane_sums(p: &[__m256i; CHUNK]) -> __m256i {
+fn lane_sums(p: &[__m256i; CHUNK]) -> __m256i {
     let first = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
     let second = _mm256_hadd_epi32(_mm256_hadd_epi32(p[4], p[5]), _mm256_hadd_epi32(p[6], p[7]));
     let low = _mm256_permute2x128_si256::<0x20>(first, second);
@@ -266,7 +300,7 @@ unsafe fn lane_sums(p: &[__m256i; CHUNK]) -> __m256i {
 /// A load mask of the first `n` (at most 8) f32 lanes.
 #[target_feature(enable = "avx2")]
 #[inline]
-unsafe fn first_lanes(n: usize) -> __m256i {
+fn first_lanes(n: usize) -> __m256i {
     _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))
 }
 
@@ -279,17 +313,25 @@ struct Q5K;
 struct Q6K;
 
 /// The 32-value block `8c + j` of `row` (`bb` bytes a block).
+///
+/// # Safety
+/// Block `8c + j` lies in `row`, or just past its end.
 #[inline(always)]
 unsafe fn block_at(row: *const u8, bb: usize, c: usize, j: usize) -> *const u8 {
-    row.add(bb * (CHUNK * c + j))
+    // SAFETY: the caller's promise.
+    unsafe { row.add(bb * (CHUNK * c + j)) }
 }
 
 /// The chunk of a 32-value format: the blocks' own `d` (at each block's start) and an offset
 /// of `offset * d`.
+///
+/// # Safety
+/// AVX2, FMA and F16C; `row` holds blocks `8c..8c + n`.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn block_chunk(row: *const u8, bb: usize, c: usize, n: usize, offset: f32) -> Chunk<()> {
-    let d = halves(block_at(row, bb, c, 0), bb, n);
+    // SAFETY: each of the `n` blocks starts with its f16 scale.
+    let d = unsafe { halves(block_at(row, bb, c, 0), bb, n) };
     Chunk { d, m: _mm256_mul_ps(d, _mm256_set1_ps(offset)), ints: () }
 }
 
@@ -301,26 +343,32 @@ impl Unpack for Q4_0 {
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     unsafe fn chunk(row: *const u8, c: usize, n: usize) -> Chunk<()> {
-        block_chunk(row, Self::KIND.block_bytes(), c, n, -8.0)
+        // SAFETY: the chunk's units lie in `row` (the trait's contract).
+        unsafe { block_chunk(row, Self::KIND.block_bytes(), c, n, -8.0) }
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     unsafe fn sub(row: *const u8, c: usize, j: usize, _: &()) -> (__m256i, __m256i) {
-        (nibbles_of_16(block_at(row, 18, c, j).add(2)), _mm256_set1_epi16(1))
+        // SAFETY: the chunk's units lie in `row` (the trait's contract): the block's 16
+        // bytes of nibbles follow its 2-byte scale.
+        (unsafe { nibbles_of_16(block_at(row, 18, c, j).add(2)) }, _mm256_set1_epi16(1))
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     unsafe fn packed_chunk(row: *const u8, c: usize) -> Chunk<()> {
-        packed_block_chunk(Self::KIND, row, c, -8.0).1
+        // SAFETY: the chunk's units lie in `row` (the trait's contract).
+        unsafe { packed_block_chunk(Self::KIND, row, c, -8.0).1 }
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     unsafe fn packed_sub(row: *const u8, c: usize, j: usize, _: &()) -> (__m256i, __m256i) {
-        let start = row.add(CHUNK * Self::KIND.block_bytes() * c);
-        (packed_nibbles(Self::KIND, start, j), _mm256_set1_epi16(1))
+        // SAFETY: the chunk's units lie in `row` (the trait's contract).
+        let start = unsafe { row.add(CHUNK * Self::KIND.block_bytes() * c) };
+        // SAFETY: `start` begins a whole rearranged chunk.
+        (unsafe { packed_nibbles(Self::KIND, start, j) }, _mm256_set1_epi16(1))
     }
 }
 
@@ -332,29 +380,40 @@ impl Unpack for Q4_1 {
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     unsafe fn chunk(row: *const u8, c: usize, n: usize) -> Chunk<()> {
-        let first = block_at(row, 20, c, 0);
-        Chunk { d: halves(first, 20, n), m: halves(first.add(2), 20, n), ints: () }
+        // SAFETY: the chunk's units lie in `row` (the trait's contract): each block starts
+        // with its f16 `d` and `m`.
+        let (d, m) = unsafe {
+            let first = block_at(row, 20, c, 0);
+            (halves(first, 20, n), halves(first.add(2), 20, n))
+        };
+        Chunk { d, m, ints: () }
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     unsafe fn sub(row: *const u8, c: usize, j: usize, _: &()) -> (__m256i, __m256i) {
-        (nibbles_of_16(block_at(row, 20, c, j).add(4)), _mm256_set1_epi16(1))
+        // SAFETY: the chunk's units lie in `row` (the trait's contract): the block's 16
+        // bytes of nibbles follow its 4 bytes of `d` and `m`.
+        (unsafe { nibbles_of_16(block_at(row, 20, c, j).add(4)) }, _mm256_set1_epi16(1))
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     unsafe fn packed_chunk(row: *const u8, c: usize) -> Chunk<()> {
-        let (start, chunk) = packed_block_chunk(Self::KIND, row, c, 0.0);
-        let m = _mm256_cvtph_ps(_mm_loadu_si128(start.add(2 * CHUNK).cast()));
+        // SAFETY: the chunk's units lie in `row` (the trait's contract).
+        let (start, chunk) = unsafe { packed_block_chunk(Self::KIND, row, c, 0.0) };
+        // SAFETY: the 8 f16 offsets follow the 8 scales at the rearranged chunk's start.
+        let m = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(start.add(2 * CHUNK).cast()) });
         Chunk { m, ..chunk }
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     unsafe fn packed_sub(row: *const u8, c: usize, j: usize, _: &()) -> (__m256i, __m256i) {
-        let start = row.add(CHUNK * Self::KIND.block_bytes() * c);
-        (packed_nibbles(Self::KIND, start, j), _mm256_set1_epi16(1))
+        // SAFETY: the chunk's units lie in `row` (the trait's contract).
+        let start = unsafe { row.add(CHUNK * Self::KIND.block_bytes() * c) };
+        // SAFETY: `start` begins a whole rearranged chunk.
+        (unsafe { packed_nibbles(Self::KIND, start, j) }, _mm256_set1_epi16(1))
     }
 }
 
@@ -366,21 +425,27 @@ impl Unpack for Q5_0 {
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     unsafe fn chunk(row: *const u8, c: usize, n: usize) -> Chunk<()> {
-        block_chunk(row, Self::KIND.block_bytes(), c, n, -16.0)
+        // SAFETY: the chunk's units lie in `row` (the trait's contract).
+        unsafe { block_chunk(row, Self::KIND.block_bytes(), c, n, -16.0) }
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     unsafe fn sub(row: *const u8, c: usize, j: usize, _: &()) -> (__m256i, __m256i) {
-        let p = block_at(row, 22, c, j);
-        let fifth = fifth_bits((p.add(2) as *const u32).read_unaligned());
-        (_mm256_or_si256(nibbles_of_16(p.add(6)), fifth), _mm256_set1_epi16(1))
+        // SAFETY: the chunk's units lie in `row` (the trait's contract).
+        let p = unsafe { block_at(row, 22, c, j) };
+        // SAFETY: a Q5_0 block is a 2-byte scale, 4 bytes of fifth bits, 16 of nibbles.
+        let fifth = fifth_bits(unsafe { (p.add(2) as *const u32).read_unaligned() });
+        // SAFETY: as above.
+        let nibbles = unsafe { nibbles_of_16(p.add(6)) };
+        (_mm256_or_si256(nibbles, fifth), _mm256_set1_epi16(1))
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     unsafe fn packed_chunk(row: *const u8, c: usize) -> Chunk<()> {
-        packed_block_chunk(Self::KIND, row, c, -16.0).1
+        // SAFETY: the chunk's units lie in `row` (the trait's contract).
+        unsafe { packed_block_chunk(Self::KIND, row, c, -16.0).1 }
     }
 
     /// Bit `j` of each byte of the chunk's fifth bits moved to bit 4 (a 16-bit shift: the
@@ -388,15 +453,19 @@ impl Unpack for Q5_0 {
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     unsafe fn packed_sub(row: *const u8, c: usize, j: usize, _: &()) -> (__m256i, __m256i) {
-        let start = row.add(CHUNK * Self::KIND.block_bytes() * c);
-        let bits = _mm256_loadu_si256(start.add(chunked::fifth_at(Self::KIND)).cast());
+        // SAFETY: the chunk's units lie in `row` (the trait's contract).
+        let start = unsafe { row.add(CHUNK * Self::KIND.block_bytes() * c) };
+        // SAFETY: the chunk's 32 bytes of fifth bits lie in it.
+        let bits = unsafe { _mm256_loadu_si256(start.add(chunked::fifth_at(Self::KIND)).cast()) };
         let moved = if j <= 4 {
             _mm256_sll_epi16(bits, _mm_cvtsi32_si128(4 - j as i32))
         } else {
             _mm256_srl_epi16(bits, _mm_cvtsi32_si128(j as i32 - 4))
         };
         let fifth = _mm256_and_si256(moved, _mm256_set1_epi8(0x10));
-        let values = _mm256_or_si256(packed_nibbles(Self::KIND, start, j), fifth);
+        // SAFETY: `start` begins a whole rearranged chunk.
+        let nibbles = unsafe { packed_nibbles(Self::KIND, start, j) };
+        let values = _mm256_or_si256(nibbles, fifth);
         (values, _mm256_set1_epi16(1))
     }
 }
@@ -409,41 +478,61 @@ impl Unpack for Q8_0 {
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     unsafe fn chunk(row: *const u8, c: usize, n: usize) -> Chunk<()> {
-        block_chunk(row, Self::KIND.block_bytes(), c, n, 0.0)
+        // SAFETY: the chunk's units lie in `row` (the trait's contract).
+        unsafe { block_chunk(row, Self::KIND.block_bytes(), c, n, 0.0) }
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     unsafe fn sub(row: *const u8, c: usize, j: usize, _: &()) -> (__m256i, __m256i) {
-        (_mm256_loadu_si256(block_at(row, 34, c, j).add(2).cast()), _mm256_set1_epi16(1))
+        // SAFETY: the chunk's units lie in `row` (the trait's contract): the block's 32
+        // values follow its 2-byte scale.
+        let values = unsafe { _mm256_loadu_si256(block_at(row, 34, c, j).add(2).cast()) };
+        (values, _mm256_set1_epi16(1))
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     unsafe fn packed_chunk(row: *const u8, c: usize) -> Chunk<()> {
-        packed_block_chunk(Self::KIND, row, c, 0.0).1
+        // SAFETY: the chunk's units lie in `row` (the trait's contract).
+        unsafe { packed_block_chunk(Self::KIND, row, c, 0.0).1 }
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     unsafe fn packed_sub(row: *const u8, c: usize, j: usize, _: &()) -> (__m256i, __m256i) {
-        let start = row.add(CHUNK * Self::KIND.block_bytes() * c);
-        let values = start.add(chunked::values_at(Self::KIND) + 32 * j);
-        (_mm256_loadu_si256(values.cast()), _mm256_set1_epi16(1))
+        // SAFETY: the chunk's units lie in `row` (the trait's contract).
+        let start = unsafe { row.add(CHUNK * Self::KIND.block_bytes() * c) };
+        // SAFETY: block `j`'s 32 values lie in the rearranged chunk.
+        let values = unsafe {
+            _mm256_loadu_si256(start.add(chunked::values_at(Self::KIND) + 32 * j).cast())
+        };
+        (values, _mm256_set1_epi16(1))
     }
 }
 
 /// Q4_K's and Q5_K's chunk (one super-block of `bb` bytes): the super-block's `d` in every
 /// lane with the 6-bit scales kept as integers, and offsets `-dmin * min`.
+///
+/// # Safety
+/// AVX2, FMA and F16C; `row` holds super-block `c` whole.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn k_chunk(row: *const u8, bb: usize, c: usize) -> Chunk<[u8; CHUNK]> {
-    let unit = row.add(bb * c);
-    let packed = std::slice::from_raw_parts(unit.add(4), K_SCALES);
+    // SAFETY: the caller's promise.
+    let unit = unsafe { row.add(bb * c) };
+    // SAFETY: a Q4_K or Q5_K super-block starts with `d`, `dmin` (f16 each) and the packed
+    // scales; the bytes are not written while the kernel reads them.
+    let packed = unsafe { std::slice::from_raw_parts(unit.add(4), K_SCALES) };
     let (scales, mins) = blocks::k_scales_mins(packed);
-    let mins = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(mins.as_ptr().cast())));
-    let dmin = _mm256_set1_ps(-half(unit.add(2)));
-    Chunk { d: _mm256_set1_ps(half(unit)), m: _mm256_mul_ps(dmin, mins), ints: scales }
+    // SAFETY: `mins` holds 8 bytes.
+    let mins = unsafe { _mm_loadl_epi64(mins.as_ptr().cast()) };
+    let mins = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(mins));
+    // SAFETY: `dmin` is the super-block's second f16.
+    let dmin = _mm256_set1_ps(-unsafe { half(unit.add(2)) });
+    // SAFETY: `d` is the super-block's first f16.
+    let d = _mm256_set1_ps(unsafe { half(unit) });
+    Chunk { d, m: _mm256_mul_ps(dmin, mins), ints: scales }
 }
 
 impl Unpack for Q4K {
@@ -454,14 +543,18 @@ impl Unpack for Q4K {
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     unsafe fn chunk(row: *const u8, c: usize, _: usize) -> Chunk<[u8; CHUNK]> {
-        k_chunk(row, Self::KIND.block_bytes(), c)
+        // SAFETY: the chunk's units lie in `row` (the trait's contract).
+        unsafe { k_chunk(row, Self::KIND.block_bytes(), c) }
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     unsafe fn sub(row: *const u8, c: usize, j: usize, scales: &[u8; CHUNK]) -> (__m256i, __m256i) {
-        let nibbles = row.add(144 * c + Q4K_NIBBLES + 32 * (j / 2));
-        (bits_of_32(nibbles, 4 * (j % 2), 15), _mm256_set1_epi16(scales[j] as i16))
+        // SAFETY: the chunk's units lie in `row` (the trait's contract): sub-blocks `j` and
+        // `j + 1` share 32 bytes of nibbles in the super-block.
+        let nibbles =
+            unsafe { bits_of_32(row.add(144 * c + Q4K_NIBBLES + 32 * (j / 2)), 4 * (j % 2), 15) };
+        (nibbles, _mm256_set1_epi16(scales[j] as i16))
     }
 }
 
@@ -473,15 +566,19 @@ impl Unpack for Q5K {
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     unsafe fn chunk(row: *const u8, c: usize, _: usize) -> Chunk<[u8; CHUNK]> {
-        k_chunk(row, Self::KIND.block_bytes(), c)
+        // SAFETY: the chunk's units lie in `row` (the trait's contract).
+        unsafe { k_chunk(row, Self::KIND.block_bytes(), c) }
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     unsafe fn sub(row: *const u8, c: usize, j: usize, scales: &[u8; CHUNK]) -> (__m256i, __m256i) {
-        let unit = row.add(176 * c);
-        let nibbles = bits_of_32(unit.add(Q5K_NIBBLES + 32 * (j / 2)), 4 * (j % 2), 15);
-        let fifth = _mm256_slli_epi16(bits_of_32(unit.add(Q5K_HIGH), j, 1), 4);
+        // SAFETY: the chunk's units lie in `row` (the trait's contract).
+        let unit = unsafe { row.add(176 * c) };
+        // SAFETY: sub-blocks `j` and `j + 1` share 32 bytes of nibbles in the super-block.
+        let nibbles = unsafe { bits_of_32(unit.add(Q5K_NIBBLES + 32 * (j / 2)), 4 * (j % 2), 15) };
+        // SAFETY: the super-block's 32 bytes of fifth bits.
+        let fifth = _mm256_slli_epi16(unsafe { bits_of_32(unit.add(Q5K_HIGH), j, 1) }, 4);
         (_mm256_or_si256(nibbles, fifth), _mm256_set1_epi16(scales[j] as i16))
     }
 }
@@ -495,18 +592,26 @@ impl Unpack for Q6K {
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     unsafe fn chunk(row: *const u8, c: usize, _: usize) -> Chunk<__m256i> {
-        let unit = row.add(210 * c);
-        let scales = _mm256_cvtepi8_epi16(_mm_loadu_si128(unit.add(Q6K_SCALES).cast()));
-        Chunk { d: _mm256_set1_ps(half(unit.add(Q6K_D))), m: _mm256_setzero_ps(), ints: scales }
+        // SAFETY: the chunk's units lie in `row` (the trait's contract).
+        let unit = unsafe { row.add(210 * c) };
+        // SAFETY: the super-block's 16 signed scales.
+        let scales = _mm256_cvtepi8_epi16(unsafe { _mm_loadu_si128(unit.add(Q6K_SCALES).cast()) });
+        // SAFETY: the super-block's f16 `d`.
+        let d = _mm256_set1_ps(unsafe { half(unit.add(Q6K_D)) });
+        Chunk { d, m: _mm256_setzero_ps(), ints: scales }
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     unsafe fn sub(row: *const u8, c: usize, j: usize, scales: &__m256i) -> (__m256i, __m256i) {
-        let unit = row.add(210 * c);
+        // SAFETY: the chunk's units lie in `row` (the trait's contract).
+        let unit = unsafe { row.add(210 * c) };
         let (half, k) = (j / 4, j % 4);
-        let nibbles = bits_of_32(unit.add(64 * half + 32 * (k % 2)), 4 * (k / 2), 15);
-        let top = _mm256_slli_epi16(bits_of_32(unit.add(Q6K_HIGH + 32 * half), 2 * k, 3), 4);
+        // SAFETY: 32 of the super-block's 128 bytes of low nibbles.
+        let nibbles = unsafe { bits_of_32(unit.add(64 * half + 32 * (k % 2)), 4 * (k / 2), 15) };
+        // SAFETY: 32 of the super-block's 64 bytes of high bits.
+        let top = unsafe { bits_of_32(unit.add(Q6K_HIGH + 32 * half), 2 * k, 3) };
+        let top = _mm256_slli_epi16(top, 4);
         let values = _mm256_sub_epi8(_mm256_or_si256(nibbles, top), _mm256_set1_epi8(32));
         // Every 32-bit lane takes scales 2j and 2j + 1; the low 128 bits keep the first
         // 16-bit half of each lane, the high 128 bits the second.
@@ -541,14 +646,20 @@ macro_rules! kernels {
                     let mut acc = [_mm256_setzero_ps(); R];
                     for c in 0..nb.div_ceil(CHUNK) {
                         let n = (nb - CHUNK * c).min(CHUNK);
-                        if n == CHUNK {
-                            chunk::<U, R, true>(row.as_ptr(), nb, c, n, acts, &mut acc);
-                        } else {
-                            chunk::<U, R, false>(row.as_ptr(), nb, c, n, acts, &mut acc);
+                        // SAFETY: `row` holds `nb` sub-blocks and `acts` `R` rows of `nb`
+                        // blocks (checked by the kernel's entry); chunk `c` is one of the row's.
+                        unsafe {
+                            if n == CHUNK {
+                                chunk::<U, R, true>(row.as_ptr(), nb, c, n, acts, &mut acc);
+                            } else {
+                                chunk::<U, R, false>(row.as_ptr(), nb, c, n, acts, &mut acc);
+                            }
                         }
                     }
                     for (r, &acc) in acc.iter().enumerate() {
-                        out.write(o, r, hsum(acc));
+                        // SAFETY: `o` is one of the weight rows and `r` one of the rows
+                        // handed over.
+                        unsafe { out.write(o, r, hsum(acc)) };
                     }
                 }
             }
@@ -569,19 +680,31 @@ macro_rules! kernels {
                 acc: &mut [__m256; R],
             ) {
                 let signed = U::KIND.signed();
-                let chunk = if WHOLE { U::packed_chunk(row, c) } else { U::chunk(row, c, n) };
+                // SAFETY: chunk `c` of `row` holds `n` sub-blocks (8 where `WHOLE`), stored
+                // rearranged where whole (the caller's promise).
+                let chunk = unsafe {
+                    if WHOLE {
+                        U::packed_chunk(row, c)
+                    } else {
+                        U::chunk(row, c, n)
+                    }
+                };
                 let mut sums = [[_mm256_setzero_si256(); CHUNK]; R];
                 for j in 0..CHUNK {
                     let j = if WHOLE { j } else { j.min(n - 1) };
-                    let (w, multiplier) = if WHOLE {
-                        U::packed_sub(row, c, j, &chunk.ints)
-                    } else {
-                        U::sub(row, c, j, &chunk.ints)
+                    // SAFETY: `j < n`: one of the chunk's sub-blocks.
+                    let (w, multiplier) = unsafe {
+                        if WHOLE {
+                            U::packed_sub(row, c, j, &chunk.ints)
+                        } else {
+                            U::sub(row, c, j, &chunk.ints)
+                        }
                     };
                     let magnitude = if signed { _mm256_sign_epi8(w, w) } else { w };
                     for (r, sums) in sums.iter_mut().enumerate() {
                         let at = (r * nb + CHUNK * c + j) * BLOCK;
-                        let q = _mm256_loadu_si256(acts.qs.as_ptr().add(at).cast());
+                        // SAFETY: block `8c + j` of row `r`: 32 bytes inside `acts.qs`.
+                        let q = unsafe { _mm256_loadu_si256(acts.qs.as_ptr().add(at).cast()) };
                         let q = if signed { _mm256_sign_epi8(q, w) } else { q };
                         sums[j] = if U::SCALED {
                             _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, q), multiplier)
@@ -593,11 +716,13 @@ macro_rules! kernels {
                 let lanes = first_lanes(n);
                 for (r, (acc, sums)) in acc.iter_mut().zip(&sums).enumerate() {
                     let at = r * nb + CHUNK * c;
-                    let dx = _mm256_maskload_ps(acts.block_d.as_ptr().add(at), lanes);
+                    // SAFETY: the mask reads the scales of the chunk's `n` blocks of row `r`.
+                    let dx = unsafe { _mm256_maskload_ps(acts.block_d.as_ptr().add(at), lanes) };
                     let total = _mm256_cvtepi32_ps(lane_sums(sums));
                     *acc = _mm256_fmadd_ps(total, _mm256_mul_ps(chunk.d, dx), *acc);
                     if !signed {
-                        let sx = _mm256_maskload_ps(acts.s.as_ptr().add(at), lanes);
+                        // SAFETY: the mask reads the sums of the chunk's `n` blocks of row `r`.
+                        let sx = unsafe { _mm256_maskload_ps(acts.s.as_ptr().add(at), lanes) };
                         *acc = _mm256_fmadd_ps(chunk.m, sx, *acc);
                     }
                 }
@@ -625,7 +750,7 @@ fn dot_vnni(unsigned: __m256i, signed: __m256i) -> __m256i {
 }
 
 #[target_feature(enable = "avx2")]
-unsafe fn hsum(v: __m256) -> f32 {
+fn hsum(v: __m256) -> f32 {
     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))

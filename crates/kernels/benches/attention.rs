@@ -7,13 +7,13 @@
 //! step's 30 layers on a pool thread, for one sequence, and for four side by side as a
 //! batched decode step runs them.
 //!
-//!     cargo bench -p kvmerger-engine --bench attention
-//!     cargo bench -p kvmerger-engine --bench attention -- --warm-up-time 1 --measurement-time 3
-//!     cargo bench -p kvmerger-engine --bench attention -- short
+//!     cargo bench -p kvmerger-kernels --bench attention
+//!     cargo bench -p kvmerger-kernels --bench attention -- --warm-up-time 1 --measurement-time 3
+//!     cargo bench -p kvmerger-kernels --bench attention -- short
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use kvmerger_compress::{EntryMeta, HeadCache, KvDtype, StatsRequest};
-use kvmerger_engine::{attend, attend_into, AttentionOptions, AttentionShape};
+use kvmerger_kernels::{attend, attend_into, AttentionOptions, AttentionShape};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 

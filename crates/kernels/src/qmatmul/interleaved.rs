@@ -110,14 +110,21 @@ mod kernels {
     /// The four activation bytes from byte `at` in every 32-bit lane.
     #[target_feature(enable = "avx512f")]
     #[inline]
+    ///
+    /// # Safety
+    /// The four bytes from `bytes + at` are readable.
     unsafe fn broadcast(bytes: *const u8, at: usize) -> __m512i {
-        _mm512_set1_epi32((bytes.add(at) as *const i32).read_unaligned())
+        // SAFETY: the caller's promise; the read is unaligned.
+        _mm512_set1_epi32(unsafe { (bytes.add(at) as *const i32).read_unaligned() })
     }
 
     /// Block `b` of run `run` (`bb` bytes a row's block): its address, its weights
     /// [`PREFETCH`] bytes on asked for, and its 16 scales `d`. The prefetch: with several
     /// rows' arithmetic per block, the out-of-order window holds too few blocks to keep
     /// enough of memory's reads in flight by itself.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F and F16C; `weights` holds run `run`'s `nb` blocks of 16 rows.
     #[target_feature(enable = "avx512f,f16c")]
     #[inline]
     unsafe fn block_start(
@@ -127,16 +134,22 @@ mod kernels {
         b: usize,
         bb: usize,
     ) -> (*const u8, __m512) {
-        let block = weights.as_ptr().add((run * nb + b) * ROWS * bb);
+        // SAFETY: block `b` of run `run` lies inside `weights` (the caller's promise).
+        let block = unsafe { weights.as_ptr().add((run * nb + b) * ROWS * bb) };
         crate::cpu::prefetch(block.wrapping_add(PREFETCH), ROWS * bb);
-        (block, _mm512_cvtph_ps(_mm256_loadu_si256(block.cast())))
+        // SAFETY: an interleaved block starts with its 16 rows' f16 scales, 32 bytes.
+        (block, _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(block.cast()) }))
     }
 
     /// Writes the 16 outputs of `acc` to rows `r` and columns `o..o + 16`.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; row `r` and columns `o..o + 16` are the caller's to write.
     #[target_feature(enable = "avx512f")]
     #[inline]
     unsafe fn store(out: Columns, o: usize, r: usize, acc: __m512) {
-        _mm512_storeu_ps(out.at_mut(o, r), acc)
+        // SAFETY: the caller's promise covers the 16 columns written.
+        unsafe { _mm512_storeu_ps(out.at_mut(o, r), acc) }
     }
 
     /// Q4_1: per block, four vectors of packed bytes give eight of nibbles (AND, and shift
@@ -153,11 +166,15 @@ mod kernels {
         for run in 0..weights.len() / (ROWS * nb * bb) {
             let mut acc = [_mm512_setzero_ps(); R];
             for b in 0..nb {
-                let (block, d) = block_start(weights, run, nb, b, bb);
-                let m = _mm512_cvtph_ps(_mm256_loadu_si256(block.add(32).cast()));
+                // SAFETY: `run` and `b` count the runs and blocks `weights` holds.
+                let (block, d) = unsafe { block_start(weights, run, nb, b, bb) };
+                // SAFETY: a Q4_1 run block is 16 scales, 16 offsets (32 bytes each), then
+                // 256 bytes of nibbles: every read below lies inside it.
+                let m = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(block.add(32).cast()) });
                 let mut nibbles = [_mm512_setzero_si512(); 8];
                 for j in 0..4 {
-                    let packed = _mm512_loadu_si512(block.add(64 + 64 * j).cast());
+                    // SAFETY: bytes `64 + 64 j..128 + 64 j` of the block, as above.
+                    let packed = unsafe { _mm512_loadu_si512(block.add(64 + 64 * j).cast()) };
                     nibbles[j] = _mm512_and_si512(packed, low);
                     nibbles[4 + j] = _mm512_and_si512(_mm512_srli_epi16::<4>(packed), low);
                 }
@@ -165,19 +182,25 @@ mod kernels {
                     let at = (r * nb + b) * BLOCK;
                     let (mut lo, mut hi) = (_mm512_setzero_si512(), _mm512_setzero_si512());
                     for j in 0..4 {
-                        lo = _mm512_dpbusd_epi32(lo, nibbles[j], broadcast(qs, at + 4 * j));
-                        hi =
-                            _mm512_dpbusd_epi32(hi, nibbles[4 + j], broadcast(qs, at + 16 + 4 * j));
+                        // SAFETY: `acts` holds `R` rows of `nb` blocks of 32 bytes (checked by
+                        // the kernel's entry), so bytes `at..at + 32` are this block's.
+                        let (x_lo, x_hi) =
+                            unsafe { (broadcast(qs, at + 4 * j), broadcast(qs, at + 16 + 4 * j)) };
+                        lo = _mm512_dpbusd_epi32(lo, nibbles[j], x_lo);
+                        hi = _mm512_dpbusd_epi32(hi, nibbles[4 + j], x_hi);
                     }
                     let sum = _mm512_cvtepi32_ps(_mm512_add_epi32(lo, hi));
-                    let dx = _mm512_set1_ps(*acts.d.get_unchecked((r * nb + b) * LANES));
-                    let sx = _mm512_set1_ps(*acts.s.get_unchecked(r * nb + b));
+                    // SAFETY: `acts.d` holds `LANES` scales per block of the `R` rows.
+                    let dx = _mm512_set1_ps(unsafe { *acts.d.get_unchecked((r * nb + b) * LANES) });
+                    // SAFETY: `acts.s` holds one sum per block of the `R` rows.
+                    let sx = _mm512_set1_ps(unsafe { *acts.s.get_unchecked(r * nb + b) });
                     acc[r] = _mm512_fmadd_ps(sum, _mm512_mul_ps(d, dx), acc[r]);
                     acc[r] = _mm512_fmadd_ps(m, sx, acc[r]);
                 }
             }
             for r in 0..R {
-                store(out, run * ROWS, r, acc[r]);
+                // SAFETY: the run's 16 weight rows are columns the caller handed over.
+                unsafe { store(out, run * ROWS, r, acc[r]) };
             }
         }
     }
@@ -193,27 +216,37 @@ mod kernels {
         for run in 0..weights.len() / (ROWS * nb * bb) {
             let mut acc = [_mm512_setzero_ps(); R];
             for b in 0..nb {
-                let (block, d) = block_start(weights, run, nb, b, bb);
+                // SAFETY: `run` and `b` count the runs and blocks `weights` holds.
+                let (block, d) = unsafe { block_start(weights, run, nb, b, bb) };
                 let mut w = [_mm512_setzero_si512(); 8];
                 for (j, w) in w.iter_mut().enumerate() {
-                    *w = _mm512_loadu_si512(block.add(32 + 64 * j).cast());
+                    // SAFETY: a Q8_0 run block is 16 scales (32 bytes), then 512 bytes of
+                    // weights: bytes `32 + 64 j..96 + 64 j` lie inside it.
+                    *w = unsafe { _mm512_loadu_si512(block.add(32 + 64 * j).cast()) };
                 }
                 for r in 0..R {
                     let at = (r * nb + b) * BLOCK;
-                    let start = _mm512_set1_epi32(*acts.offsets.get_unchecked(r * nb + b));
-                    let (mut first, mut second) = (start, _mm512_setzero_si512());
+                    // SAFETY: `acts.offsets` holds one offset per block of the `R` rows.
+                    let offset = unsafe { *acts.offsets.get_unchecked(r * nb + b) };
+                    let (mut first, mut second) =
+                        (_mm512_set1_epi32(offset), _mm512_setzero_si512());
                     for j in 0..4 {
-                        first = _mm512_dpbusd_epi32(first, w[j], broadcast(qs, at + 4 * j));
-                        second =
-                            _mm512_dpbusd_epi32(second, w[4 + j], broadcast(qs, at + 16 + 4 * j));
+                        // SAFETY: `acts` holds `R` rows of `nb` blocks of 32 bytes (checked by
+                        // the kernel's entry), so bytes `at..at + 32` are this block's.
+                        let (x_lo, x_hi) =
+                            unsafe { (broadcast(qs, at + 4 * j), broadcast(qs, at + 16 + 4 * j)) };
+                        first = _mm512_dpbusd_epi32(first, w[j], x_lo);
+                        second = _mm512_dpbusd_epi32(second, w[4 + j], x_hi);
                     }
                     let sum = _mm512_cvtepi32_ps(_mm512_add_epi32(first, second));
-                    let dx = _mm512_set1_ps(*acts.d.get_unchecked((r * nb + b) * LANES));
+                    // SAFETY: `acts.d` holds `LANES` scales per block of the `R` rows.
+                    let dx = _mm512_set1_ps(unsafe { *acts.d.get_unchecked((r * nb + b) * LANES) });
                     acc[r] = _mm512_fmadd_ps(sum, _mm512_mul_ps(d, dx), acc[r]);
                 }
             }
             for r in 0..R {
-                store(out, run * ROWS, r, acc[r]);
+                // SAFETY: the run's 16 weight rows are columns the caller handed over.
+                unsafe { store(out, run * ROWS, r, acc[r]) };
             }
         }
     }

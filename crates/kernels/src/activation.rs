@@ -3,19 +3,9 @@
 //! elementwise otherwise. Each element depends on its own inputs only, so a sequence's rows
 //! give the same values alone or batched. Gemma's GELU runs elementwise.
 
-use crate::config::Activation;
-
-/// `gate[i] = act(gate[i]) * up[i]` for the model's activation.
-pub(crate) fn gate_product(activation: Activation, gate: &mut [f32], up: &[f32]) {
-    match activation {
-        Activation::Silu => silu_product(gate, up),
-        Activation::GeluTanh => gelu_tanh_product(gate, up),
-    }
-}
-
 /// `gate[i] = GELU(gate[i]) * up[i]` with the tanh approximation
 /// `GELU(g) = g/2 (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3)))` (Gemma; candle's `gelu`).
-fn gelu_tanh_product(gate: &mut [f32], up: &[f32]) {
+pub fn gelu_tanh_product(gate: &mut [f32], up: &[f32]) {
     assert_eq!(gate.len(), up.len(), "gate and up have the same width");
     const SQRT_2_OVER_PI: f32 = 0.797_884_6;
     gate.iter_mut().zip(up).for_each(|(g, u)| {
@@ -25,7 +15,7 @@ fn gelu_tanh_product(gate: &mut [f32], up: &[f32]) {
 }
 
 /// `gate[i] = SiLU(gate[i]) * up[i]`, with `SiLU(g) = g / (1 + exp(-g))`.
-pub(crate) fn silu_product(gate: &mut [f32], up: &[f32]) {
+pub fn silu_product(gate: &mut [f32], up: &[f32]) {
     assert_eq!(gate.len(), up.len(), "gate and up have the same width");
     #[cfg(target_arch = "x86_64")]
     if crate::cpu::has_avx512f() {
@@ -44,17 +34,22 @@ fn silu_product_scalar(gate: &mut [f32], up: &[f32]) {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    /// `gate`, `up` of equal length.
+    /// # Safety
+    /// The CPU has AVX-512F and FMA; `gate` and `up` are of equal length.
     #[target_feature(enable = "avx512f,fma")]
     pub unsafe fn silu_product(gate: &mut [f32], up: &[f32]) {
         let one = _mm512_set1_ps(1.0);
         for at in (0..gate.len()).step_by(16) {
+            // `mask` keeps the lanes `at..len`: every masked access stays inside the slices.
             let mask = ((1u32 << (gate.len() - at).min(16)) - 1) as u16;
-            let g = _mm512_maskz_loadu_ps(mask, gate.as_ptr().add(at));
-            let u = _mm512_maskz_loadu_ps(mask, up.as_ptr().add(at));
+            // SAFETY: `at < gate.len() == up.len()`, and the mask reads only lanes below the end.
+            let g = unsafe { _mm512_maskz_loadu_ps(mask, gate.as_ptr().add(at)) };
+            // SAFETY: as for `g`.
+            let u = unsafe { _mm512_maskz_loadu_ps(mask, up.as_ptr().add(at)) };
             let e = exp(_mm512_sub_ps(_mm512_setzero_ps(), g));
             let y = _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(one, e)), u);
-            _mm512_mask_storeu_ps(gate.as_mut_ptr().add(at), mask, y);
+            // SAFETY: as for `g`; the mask writes only lanes below the end.
+            unsafe { _mm512_mask_storeu_ps(gate.as_mut_ptr().add(at), mask, y) };
         }
     }
 
