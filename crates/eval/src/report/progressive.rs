@@ -20,8 +20,8 @@ const INCREMENTAL: &str = "/incremental";
 /// One measure of the tables: KL over every task, the score over the tasks that answer.
 struct Measure {
     name: &'static str,
-    /// What a positive loss means.
-    worse: &'static str,
+    /// The sign of a difference that is a loss, and what it means.
+    worse: (&'static str, &'static str),
     value: fn(&ResultRow) -> f64,
     /// Perplexity samples score a perplexity, not an answer: not averaged with answers.
     answers_only: bool,
@@ -31,14 +31,14 @@ struct Measure {
 const MEASURES: [Measure; 2] = [
     Measure {
         name: "KL",
-        worse: "above 0: further from the full cache",
+        worse: ("above 0", "further from the full cache"),
         value: |r| r.kl,
         answers_only: false,
         digits: 3,
     },
     Measure {
         name: "score",
-        worse: "below 0: fewer right answers",
+        worse: ("below 0", "fewer right answers"),
         value: |r| r.score,
         answers_only: true,
         digits: 2,
@@ -116,9 +116,10 @@ pub fn write_progressive(md: &mut String, g: &Groups<'_>, budgets: &[Column]) {
     for m in &MEASURES {
         let _ = writeln!(
             md,
-            "### {}: incremental − once ({})\n\n{}",
+            "### {}: incremental − once ({}: {})\n\n{}",
             m.name,
-            m.worse,
+            m.worse.0,
+            m.worse.1,
             header(&["protocol", "method"], budgets)
         );
         for &p in &g.protocols {
@@ -141,10 +142,10 @@ pub fn write_progressive(md: &mut String, g: &Groups<'_>, budgets: &[Column]) {
             md,
             "### {}: each method's loss minus {reference}'s\n\n(incremental − once) of the \
              method minus (incremental − once) of {reference}, on the samples both ran \
-             (signs as above: the method loses more than {reference} where the {} \
-             difference is worse).\n\n{}",
+             ({}: the method loses more than {reference} when compressing \
+             progressively).\n\n{}",
             m.name,
-            m.name,
+            m.worse.0,
             header(&["protocol", "method"], budgets)
         );
         for &p in &g.protocols {
