@@ -13,6 +13,7 @@ use serde_json::json;
 use crate::args::{
     flag_error, ContextArgs, MaxKvArgs, MethodArgs, ModelArgs, PrefillArgs, SamplingArgs,
 };
+use crate::peak_rss::peak_rss_bytes;
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
@@ -22,6 +23,10 @@ pub struct GenerateArgs {
     /// Read the prompt from a file; `-` reads standard input.
     #[arg(short = 'f', long, value_name = "FILE")]
     pub prompt_file: Option<PathBuf>,
+    /// Keep only the first N tokens of the prompt (after the chat template, if any): a
+    /// long-context run of an exact length from any long text.
+    #[arg(long, value_name = "N")]
+    pub prompt_tokens: Option<usize>,
     #[command(flatten)]
     pub model: ModelArgs,
     #[command(flatten)]
@@ -53,12 +58,24 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let text = read_prompt(&args)?;
     check_prompt_text(&text).map_err(flag_error)?;
     let loaded = args.model.load()?;
-    let prompt = if args.chat {
+    let mut prompt = if args.chat {
         ChatTemplate::for_tokenizer(&loaded.tokenizer)?.render(&[ChatMessage::user(&text)], true)?
     } else {
         text
     };
-    let tokens = loaded.tokenizer.encode(&prompt, true)?;
+    let mut tokens = loaded.tokenizer.encode(&prompt, true)?;
+    match args.prompt_tokens {
+        Some(0) => bail!("--prompt-tokens must be at least 1"),
+        Some(n) if n > tokens.len() => {
+            bail!("--prompt-tokens {n}: the prompt has only {} tokens", tokens.len())
+        }
+        Some(n) => {
+            tokens.truncate(n);
+            // The record shows what the model read.
+            prompt = loaded.tokenizer.decode(&tokens)?;
+        }
+        None => {}
+    }
     let context = args.context.limit(loaded.model.config.context_length)?;
     let limits = RequestLimits::of(&loaded.model.config, Some(context));
     let max_tokens = args.sampling.max_tokens(&tokens, &limits)?;
@@ -111,6 +128,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         peak.resident_bytes as f64 / (1 << 20) as f64,
         (tokens.len() * entry * c.n_layers * c.n_kv_heads) as f64 / (1 << 20) as f64
     );
+    let peak_rss = peak_rss_bytes();
+    if let Some(bytes) = peak_rss {
+        eprintln!("process peak resident memory: {:.1} MiB", bytes as f64 / (1 << 20) as f64);
+    }
     let cache = session.report().map(|report| {
         let total = report.prompt_len * c.n_layers * c.n_kv_heads;
         eprintln!(
@@ -152,6 +173,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             "prefill_chunk": prefill.chunk,
             "peak_head_entries": peak.head_entries,
             "peak_resident_bytes": peak.resident_bytes,
+            "peak_process_rss_bytes": peak_rss,
             "cache": cache,
         });
         std::fs::write(path, serde_json::to_string_pretty(&record)?)

@@ -6,6 +6,7 @@ mod bench;
 mod eval;
 mod generate;
 mod methods;
+mod peak_rss;
 mod serve;
 
 use std::io::Write;

@@ -98,6 +98,45 @@ fn prompt_longer_than_the_context() {
 }
 
 #[test]
+fn prompt_tokens_cuts_a_long_prompt_to_an_exact_length() {
+    let path = temp("long-cut.txt");
+    std::fs::write(&path, "word ".repeat(9000)).unwrap();
+    let model = default_model();
+    let record = temp("cut.json");
+    let run = |n: &str| {
+        kvmerger(&[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt-file",
+            path.to_str().unwrap(),
+            "--prompt-tokens",
+            n,
+            "-n",
+            "1",
+            "--out",
+            record.to_str().unwrap(),
+        ])
+    };
+    let (code, err) = run("0");
+    assert_eq!(code, 1);
+    assert!(err.contains("at least 1"), "{err}");
+    let (code, err) = run("20000");
+    assert_eq!(code, 1);
+    assert!(err.contains("--prompt-tokens 20000") && err.contains("only"), "{err}");
+    let (code, err) = run("100");
+    assert_eq!(code, 0, "{err}");
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
+    assert_eq!(r["prompt_tokens"], 100);
+    assert_eq!(r["peak_head_entries"], 100);
+    // The process held at least its KV cache and the model file's weights at once.
+    let rss = r["peak_process_rss_bytes"].as_u64().expect("Linux reports VmHWM");
+    let floor =
+        r["peak_resident_bytes"].as_u64().unwrap() + std::fs::metadata(&model).unwrap().len() / 2;
+    assert!(rss > floor, "{rss} <= {floor}");
+}
+
+#[test]
 fn invalid_method_parameters_name_the_parameter() {
     for (args, needle) in [
         (vec!["--method", "kvmerger", "--budget", "0"], "budget"),

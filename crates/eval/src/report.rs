@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use kvmerger_compress::{Budget, KvDtype};
 
 mod frontier;
+mod progressive;
 
 use crate::error::{EvalError, Result};
 use crate::plot::{heatmap_grid, line_charts, HeatmapPanel, LineChart, Series};
@@ -373,6 +374,9 @@ pub fn write_report(
     write_ruler_average(&mut md, &g, &budgets, dir)?;
     if frontier::applies(rows) {
         frontier::write_frontier(&mut md, &g, dir)?;
+    }
+    if progressive::applies(&g) {
+        progressive::write_progressive(&mut md, &g, &budgets);
     }
     for task in &g.tasks {
         let protocols = g.task_protocols(task);
