@@ -5,11 +5,13 @@
 //!   llama.cpp (through `llama-cpp-python`, when importable) and candle-transformers'
 //!   `quantized_llama`, on the same GGUF file and token ids, full cache.
 //! - Compressed decode ([`compressed`]): a budget against the full cache at long contexts.
+//! - A big file ([`synthetic`], `--synthetic llama-8b`): peak memory and speed on a generated
+//!   8B-shaped GGUF.
 
 mod compressed;
 mod llama_cpp;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -24,6 +26,7 @@ use crate::args::{MaxKvArgs, ModelSource, PrefillArgs};
 
 mod breakdown;
 mod kv_dtypes;
+mod synthetic;
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
@@ -71,6 +74,18 @@ pub struct BenchArgs {
     pub max_kv: MaxKvArgs,
     #[command(flatten)]
     pub breakdown: breakdown::BreakdownArgs,
+    /// Instead of comparing engines, write a random-weight GGUF of this shape into the cache
+    /// folder (`llama-8b`: Llama-3-8B in a Q4_K_M file's block types, about 4.9 GB; `tiny`),
+    /// load it, prefill `--synthetic-prompt` tokens, decode `-n` steps, and report peak RSS
+    /// against the file's bytes plus the KV cache's. Needs python3 with numpy and gguf.
+    #[arg(long, value_name = "SHAPE")]
+    pub synthetic: Option<String>,
+    /// Prompt tokens of the `--synthetic` run.
+    #[arg(long, default_value_t = 256, value_name = "N")]
+    pub synthetic_prompt: usize,
+    /// Keep the `--synthetic` file in the cache folder (the next run reuses it).
+    #[arg(long)]
+    pub keep: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -88,6 +103,27 @@ const CANDLE: &str = "candle-transformers quantized_llama (dequantized f32)";
 const CANDLE_POSITIONS: usize = 4096;
 
 pub fn run(args: BenchArgs) -> Result<()> {
+    if let Some(shape) = &args.synthetic {
+        crate::args::set_threads(args.source.threads)?;
+        let report = synthetic::run(
+            &args.source,
+            &args.python,
+            shape,
+            args.synthetic_prompt,
+            args.decode_tokens,
+            args.keep,
+        )?;
+        let kernels = kvmerger_engine::kernel_report();
+        let threads = rayon::current_num_threads();
+        let markdown = format!("{threads} threads; {kernels}\n\n{}", report.table());
+        let json = serde_json::json!({
+            "kernel_level": kvmerger_engine::KernelLevel::active().name(),
+            "threads": threads,
+            "synthetic": report,
+            "rss_ratio": report.rss_ratio(),
+        });
+        return write_outputs(&args.out, &json, &markdown);
+    }
     let path = args.source.prepare()?;
     if path.is_dir() {
         bail!("bench compares against llama.cpp and quantized_llama, which read GGUF files only");
@@ -242,9 +278,6 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
 
     println!("\n{markdown}");
-    if let Some(dir) = args.out.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
     let json = serde_json::json!({
         "kernel_level": kvmerger_engine::KernelLevel::active().name(),
         "kernels": kernels,
@@ -253,11 +286,19 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "compressed": compressed_rows,
         "kv_dtypes": dtype_rows,
     });
-    std::fs::write(&args.out, serde_json::to_string_pretty(&json)?)
-        .with_context(|| format!("writing {}", args.out.display()))?;
-    let md = args.out.with_extension("md");
+    write_outputs(&args.out, &json, &markdown)
+}
+
+/// Writes `json` to `out` and `markdown` next to it (`.md`).
+fn write_outputs(out: &Path, json: &serde_json::Value, markdown: &str) -> Result<()> {
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(out, serde_json::to_string_pretty(json)?)
+        .with_context(|| format!("writing {}", out.display()))?;
+    let md = out.with_extension("md");
     std::fs::write(&md, markdown).with_context(|| format!("writing {}", md.display()))?;
-    println!("written to {} and {}", args.out.display(), md.display());
+    println!("written to {} and {}", out.display(), md.display());
     Ok(())
 }
 
