@@ -143,8 +143,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         decode: kvmerger_models::decode_format_for(&path),
     };
     // f32 decode keeps f32 prefill (the exact reference); the others prefill in the default.
+    // The default comes first: it is loaded once for the tokens and measured first.
     let variants: Vec<(String, WeightFormats)> =
-        [WeightFormat::F32, WeightFormat::Quantized, WeightFormat::Q8, WeightFormat::File]
+        [WeightFormat::File, WeightFormat::Q8, WeightFormat::Quantized, WeightFormat::F32]
             .into_iter()
             .map(|decode| {
                 let prefill = match decode {
@@ -158,11 +159,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 (format!("kvmerger, {label}{default}"), formats)
             })
             .collect();
-    let models = variants
-        .iter()
-        .map(|(_, formats)| args.source.load(&path, *formats))
-        .collect::<Result<Vec<_>>>()?;
-    let model = &models[0];
+    let mut first = Some(args.source.load(&path, default_formats)?);
+    let model = first.as_ref().expect("just loaded");
     let context = model.model.config.context_length;
     let text =
         "The quick brown fox jumps over the lazy dog while the river runs past the old mill. "
@@ -188,15 +186,22 @@ pub fn run(args: BenchArgs) -> Result<()> {
 
     let mut rows = Vec::new();
     if !args.lengths.is_empty() {
-        for loaded in &models {
+        // One variant in memory at a time (an f32 copy of a 1.5B model is 6 GB by itself),
+        // each measured at every length after an untimed warm-up.
+        for (name, formats) in &variants {
+            let loaded = match first.take() {
+                Some(loaded) if loaded.model.formats == *formats => loaded,
+                _ => args.source.load(&path, *formats)?,
+            };
             warm_up(&loaded.model, &tokens, prefill)?;
-        }
-        for &n in &args.lengths {
-            for ((name, _), loaded) in variants.iter().zip(&models) {
+            for &n in &args.lengths {
                 let (prefill, decode) =
                     bench_ours(&loaded.model, &tokens[..n], args.decode_tokens, prefill)?;
                 rows.push(engine_row(name, n, prefill, decode));
             }
+            println!("{}", engine_table(&rows));
+        }
+        for &n in &args.lengths {
             if !args.no_reference && n + args.decode_tokens > CANDLE_POSITIONS {
                 eprintln!(
                     "candle-transformers: not measured at {n} tokens plus {} decode steps \
@@ -207,7 +212,6 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 let (prefill, decode) = bench_candle(&path, &tokens[..n], args.decode_tokens)?;
                 rows.push(engine_row(CANDLE, n, prefill, decode));
             }
-            println!("{}", engine_table(&rows));
         }
         if !args.no_llama_cpp {
             let threads = rayon::current_num_threads();
@@ -234,7 +238,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
 
     let mut compressed_rows = Vec::new();
     if !args.compressed_lengths.is_empty() {
-        let loaded = args.source.load(&path, default_formats)?;
+        let loaded = match first.take() {
+            Some(loaded) => loaded,
+            None => args.source.load(&path, default_formats)?,
+        };
         let mut configs = vec![CompressionConfig::Full];
         for method in &args.methods {
             configs.push(CompressionConfig::from_cli(method, Some(args.budget), &[])?);
