@@ -31,7 +31,7 @@ SHAPES = {
     "llama-8b": dict(layers=32, hidden=4096, heads=32, kv_heads=8, ffn=14336, vocab=128256,
                      context=8192, theta=500000.0),
     # Every in-dimension a multiple of the k-quant super-block (256).
-    "tiny": dict(layers=3, hidden=256, heads=4, kv_heads=2, ffn=512, vocab=512,
+    "tiny": dict(layers=8, hidden=256, heads=4, kv_heads=2, ffn=512, vocab=512,
                  context=1024, theta=500000.0),
 }
 

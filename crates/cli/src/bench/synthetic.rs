@@ -229,15 +229,17 @@ mod tests {
         let dtype = |name: &str| content.tensor_infos[name].ggml_dtype;
         assert_eq!(dtype("blk.1.attn_q.weight"), GgmlDType::Q4K);
         assert_eq!(dtype("output.weight"), GgmlDType::Q6K);
-        // llama.cpp's Q4_K_M rule for 3 layers: more bits on layer 0 and 2, not on 1.
-        for (layer, dtype_v) in [(0, GgmlDType::Q6K), (1, GgmlDType::Q4K), (2, GgmlDType::Q6K)] {
-            assert_eq!(dtype(&format!("blk.{layer}.attn_v.weight")), dtype_v, "layer {layer}");
-            assert_eq!(dtype(&format!("blk.{layer}.ffn_down.weight")), dtype_v, "layer {layer}");
+        // llama.cpp's Q4_K_M rule for 8 layers: the first and last eighth (layers 0 and 7)
+        // and every third from the second eighth on (layers 3 and 6) get more bits.
+        for layer in 0..8 {
+            let more = if [0, 3, 6, 7].contains(&layer) { GgmlDType::Q6K } else { GgmlDType::Q4K };
+            assert_eq!(dtype(&format!("blk.{layer}.attn_v.weight")), more, "layer {layer}");
+            assert_eq!(dtype(&format!("blk.{layer}.ffn_down.weight")), more, "layer {layer}");
         }
         let loaded = kvmerger_models::load_model(&path, WeightFormats::default()).unwrap();
         let c = &loaded.model.config;
         let shape = (c.n_layers, c.hidden_size, c.n_heads, c.n_kv_heads, c.intermediate_size);
-        assert_eq!(shape, (3, 256, 4, 2, 512));
+        assert_eq!(shape, (8, 256, 4, 2, 512));
         assert_eq!((c.vocab_size, loaded.tokenizer.vocab_size()), (512, 512));
         let weights = loaded.model.weight_bytes() as u64;
         assert!(weights <= bytes && weights * 10 >= bytes * 9, "{weights} of {bytes}");
