@@ -186,6 +186,23 @@ pub fn run(args: BenchArgs) -> Result<()> {
 
     let mut rows = Vec::new();
     if !args.lengths.is_empty() {
+        // llama.cpp first and our default next: the ratio that matters is measured back to
+        // back, before the machine can drift far.
+        if !args.no_llama_cpp {
+            let threads = rayon::current_num_threads();
+            let measured = llama_cpp::measure(
+                &args.python,
+                &path,
+                threads,
+                &args.lengths,
+                args.decode_tokens,
+                &tokens,
+                None,
+            )?;
+            for m in measured.into_iter().flatten() {
+                rows.push(engine_row(LLAMA_CPP, m.tokens, m.prefill_s, m.decode_s));
+            }
+        }
         // One variant in memory at a time (an f32 copy of a 1.5B model is 6 GB by itself),
         // each measured at every length after an untimed warm-up.
         for (name, formats) in &variants {
@@ -211,21 +228,6 @@ pub fn run(args: BenchArgs) -> Result<()> {
             } else if !args.no_reference {
                 let (prefill, decode) = bench_candle(&path, &tokens[..n], args.decode_tokens)?;
                 rows.push(engine_row(CANDLE, n, prefill, decode));
-            }
-        }
-        if !args.no_llama_cpp {
-            let threads = rayon::current_num_threads();
-            let measured = llama_cpp::measure(
-                &args.python,
-                &path,
-                threads,
-                &args.lengths,
-                args.decode_tokens,
-                &tokens,
-                None,
-            )?;
-            for m in measured.into_iter().flatten() {
-                rows.push(engine_row(LLAMA_CPP, m.tokens, m.prefill_s, m.decode_s));
             }
         }
     }
