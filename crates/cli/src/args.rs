@@ -83,7 +83,7 @@ impl ModelSource {
 
 /// Sets the size of rayon's global pool and of candle's pool (which reads `RAYON_NUM_THREADS`
 /// when first used); 0 keeps their defaults.
-fn set_threads(threads: usize) -> Result<()> {
+pub(crate) fn set_threads(threads: usize) -> Result<()> {
     if threads == 0 {
         return Ok(());
     }

@@ -267,35 +267,36 @@ impl Llama {
         let (mut gate, mut up) = (vec![0.0f32; rows * inter], vec![0.0f32; rows * inter]);
         for (layer, block) in self.blocks.iter().enumerate() {
             let norms = &self.norm_values[layer];
-            timed(profile, Part::Norms, || {
-                rms_norm_rows(&x, &norms.attn, eps, &mut h);
-                act.quantize(&h, rows);
-            });
+            timed(profile, Part::Norms, || rms_norm_rows(&x, &norms.attn, eps, &mut h));
+            timed(profile, Part::Quantize, || act.quantize(&h, rows));
             timed(profile, Part::Qkv, || {
                 let layers = [&block.wq, &block.wk, &block.wv];
                 Linear::forward_quantized(layers, &act, [&mut q, &mut k, &mut v]);
             });
-            self.prepare_queries_keys(layer, &mut q, &mut k);
+            timed(profile, Part::Norms, || self.prepare_queries_keys(layer, &mut q, &mut k));
             let layer_rows = LayerRows { q: &mut q, k: &mut k, v: &v, out: &mut attn };
             self.attend_items(layer, items, layer_rows, attention_chunk);
+            timed(profile, Part::Quantize, || act.quantize(&attn, rows));
             timed(profile, Part::Output, || {
-                act.quantize(&attn, rows);
-                Linear::forward_quantized([&block.wo], &act, [&mut out]);
-                add_residual(&mut x, &mut out, norms.post_attn.as_deref(), eps);
+                Linear::forward_quantized([&block.wo], &act, [&mut out])
             });
-            timed(profile, Part::Norms, || {
-                rms_norm_rows(&x, &norms.mlp, eps, &mut h);
-                act.quantize(&h, rows);
+            timed(profile, Part::Elementwise, || {
+                add_residual(&mut x, &mut out, norms.post_attn.as_deref(), eps)
             });
+            timed(profile, Part::Norms, || rms_norm_rows(&x, &norms.mlp, eps, &mut h));
+            timed(profile, Part::Quantize, || act.quantize(&h, rows));
             timed(profile, Part::GateUp, || {
-                let layers = [&block.gate, &block.up];
-                Linear::forward_quantized(layers, &act, [&mut gate, &mut up]);
-                gate_product(c.features.activation, &mut gate, &up);
-                act.quantize(&gate, rows);
+                Linear::forward_quantized([&block.gate, &block.up], &act, [&mut gate, &mut up]);
             });
+            timed(profile, Part::Elementwise, || {
+                gate_product(c.features.activation, &mut gate, &up)
+            });
+            timed(profile, Part::Quantize, || act.quantize(&gate, rows));
             timed(profile, Part::Down, || {
-                Linear::forward_quantized([&block.down], &act, [&mut out]);
-                add_residual(&mut x, &mut out, norms.post_mlp.as_deref(), eps);
+                Linear::forward_quantized([&block.down], &act, [&mut out])
+            });
+            timed(profile, Part::Elementwise, || {
+                add_residual(&mut x, &mut out, norms.post_mlp.as_deref(), eps)
             });
         }
         Ok(x)

@@ -9,20 +9,24 @@ use std::time::{Duration, Instant};
 pub enum Part {
     /// Token embedding lookup.
     Embedding,
-    /// RMSNorms (and quantizing their output for the decode kernel).
+    /// RMSNorms, per-head q/k norms and the query scale.
     Norms,
+    /// Quantizing activation rows to 8 bits for the decode kernel.
+    Quantize,
     /// Query, key and value projections.
     Qkv,
     /// RoPE on queries and keys, and appending keys and values to the cache.
     RopeAppend,
     /// Attention over the cache.
     Attention,
-    /// The attention output projection (and its residual add).
+    /// The attention output projection (on candle tensors with its residual add).
     Output,
-    /// Gate and up projections with the SiLU product.
+    /// Gate and up projections (on candle tensors with the SiLU product).
     GateUp,
-    /// Down projection (and its residual add).
+    /// Down projection (on candle tensors with its residual add).
     Down,
+    /// The SiLU (GELU) product and the residual adds of the decode kernel's path.
+    Elementwise,
     /// The output projection to the vocabulary.
     LmHead,
     /// The compression method's decode-time policy after the pass (H2O's eviction), timed
@@ -31,15 +35,17 @@ pub enum Part {
 }
 
 impl Part {
-    pub const ALL: [Part; 10] = [
+    pub const ALL: [Part; 12] = [
         Part::Embedding,
         Part::Norms,
+        Part::Quantize,
         Part::Qkv,
         Part::RopeAppend,
         Part::Attention,
         Part::Output,
         Part::GateUp,
         Part::Down,
+        Part::Elementwise,
         Part::LmHead,
         Part::Policy,
     ];
@@ -48,12 +54,14 @@ impl Part {
         match self {
             Part::Embedding => "embedding",
             Part::Norms => "norms",
+            Part::Quantize => "activation quantization",
             Part::Qkv => "q/k/v projections",
             Part::RopeAppend => "rope + cache append",
             Part::Attention => "attention over the cache",
             Part::Output => "output projection",
-            Part::GateUp => "gate/up projections + SiLU",
+            Part::GateUp => "gate/up projections",
             Part::Down => "down projection",
+            Part::Elementwise => "SiLU product + residual adds",
             Part::LmHead => "lm_head",
             Part::Policy => "compression policy (eviction)",
         }

@@ -1,5 +1,7 @@
 //! `kvmerger bench --breakdown`: where a decode step's time goes (weight products per
-//! matrix, attention over the cache, norms, RoPE and cache append, the rest, sampling) at each
+//! matrix, with the bytes they read per step and the rate, to hold against the kernel
+//! benchmark's; activation quantization; attention over the cache; norms; RoPE and cache
+//! append; SiLU product and residual adds; the rest; sampling) at each
 //! context length, for each decode weight format and each cache (`--breakdown-methods`: the
 //! full cache, or a method holding `--budget` of the prompt, whose decode-time policy is a
 //! part of its own); with `--busy-cores N`, the same with N other processes spinning, to show
@@ -15,7 +17,9 @@ use crate::args::ModelSource;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use kvmerger_compress::{Budget, CompressionConfig};
-use kvmerger_engine::{argmax, Part, Session, StepProfile, WeightFormat, WeightFormats};
+use kvmerger_engine::{
+    argmax, Linear, Llama, Part, Session, StepProfile, WeightFormat, WeightFormats,
+};
 
 #[derive(Debug, Clone, Args)]
 pub struct BreakdownArgs {
@@ -91,12 +95,14 @@ impl Totals {
         d.as_secs_f64() * 1e3 / self.steps.max(1) as f64
     }
 
-    /// `(name, ms per step)`: the parts, the rest of the forward pass, sampling.
-    fn rows(&self) -> Vec<(String, f64)> {
-        let mut rows: Vec<(String, f64)> = Part::ALL
+    /// `(name, ms per step, weight bytes read per step)`: the parts, the rest of the forward
+    /// pass, sampling, and all weight products together. Bytes are known for the products on
+    /// the file's blocks (`bytes`, from [`weight_bytes`]).
+    fn rows(&self, bytes: &WeightBytes) -> Vec<(String, f64, Option<usize>)> {
+        let mut rows: Vec<(String, f64, Option<usize>)> = Part::ALL
             .iter()
             .zip(&self.parts)
-            .map(|(p, d)| (p.name().to_string(), self.ms_per_step(*d)))
+            .map(|(p, d)| (p.name().to_string(), self.ms_per_step(*d), bytes.get(*p)))
             .collect();
         let weights: f64 = Part::ALL
             .iter()
@@ -106,11 +112,41 @@ impl Totals {
             .sum();
         let accounted: Duration = self.parts.iter().sum::<Duration>() + self.sampling;
         let rest = self.wall.saturating_sub(accounted);
-        rows.push(("rest (plumbing between parts)".into(), self.ms_per_step(rest)));
-        rows.push(("sampling (argmax)".into(), self.ms_per_step(self.sampling)));
-        rows.push(("= all weight products".into(), weights));
+        rows.push(("rest (plumbing between parts)".into(), self.ms_per_step(rest), None));
+        rows.push(("sampling (argmax)".into(), self.ms_per_step(self.sampling), None));
+        rows.push(("= all weight products".into(), weights, bytes.total()));
         rows
     }
+}
+
+/// Weight bytes each weight-product part reads per decode step, where every matrix of the
+/// part is multiplied on the file's blocks (the kernel reads each byte once per step).
+struct WeightBytes(Vec<(Part, Option<usize>)>);
+
+impl WeightBytes {
+    fn get(&self, part: Part) -> Option<usize> {
+        self.0.iter().find(|(p, _)| *p == part).and_then(|(_, b)| *b)
+    }
+
+    fn total(&self) -> Option<usize> {
+        self.0.iter().map(|(_, b)| *b).sum()
+    }
+}
+
+/// The bytes of `model`'s matrices per weight-product part, on the file's blocks.
+fn weight_bytes(model: &Llama, decode: WeightFormat) -> WeightBytes {
+    let sum = |layers: &mut dyn Iterator<Item = &Linear>| -> Option<usize> {
+        let on_blocks = decode == WeightFormat::File;
+        layers.map(|l| l.kernel_matrix().filter(|_| on_blocks).map(|k| k.bytes())).sum()
+    };
+    let blocks = &model.blocks;
+    WeightBytes(vec![
+        (Part::Qkv, sum(&mut blocks.iter().flat_map(|b| [&b.wq, &b.wk, &b.wv]))),
+        (Part::Output, sum(&mut blocks.iter().map(|b| &b.wo))),
+        (Part::GateUp, sum(&mut blocks.iter().flat_map(|b| [&b.gate, &b.up]))),
+        (Part::Down, sum(&mut blocks.iter().map(|b| &b.down))),
+        (Part::LmHead, sum(&mut std::iter::once(&model.lm_head))),
+    ])
 }
 
 /// Measures the model at `path` (loaded through `source`, so its cache dtype applies).
@@ -203,7 +239,11 @@ pub fn run(
                 )
             })
             .collect();
-        print_tables(&mut out, n, &names, &totals, args.busy_cores)?;
+        let bytes: Vec<WeightBytes> = sessions
+            .iter()
+            .map(|(m, ..)| weight_bytes(&models[*m].1.model, models[*m].0))
+            .collect();
+        print_tables(&mut out, n, &names, &bytes, &totals, args.busy_cores)?;
     }
     Ok(())
 }
@@ -212,10 +252,11 @@ fn print_tables(
     out: &mut impl Write,
     n: usize,
     names: &[String],
+    bytes: &[WeightBytes],
     totals: &[Vec<Totals>],
     busy_cores: usize,
 ) -> Result<()> {
-    for (name, totals) in names.iter().zip(totals) {
+    for ((name, totals), bytes) in names.iter().zip(totals).zip(bytes) {
         let quiet = &totals[0];
         let quiet_ms = quiet.ms_per_step(quiet.wall);
         write!(out, "\n{n} tokens, {name}: {quiet_ms:.2} ms/step")?;
@@ -225,17 +266,24 @@ fn print_tables(
             write!(out, "; {busy_ms:.2} ms/step with {busy_cores} core(s) busy ({ratio:.2}x)")?;
         }
         writeln!(out)?;
-        write!(out, "| part | ms/step | share |")?;
+        write!(out, "| part | weight MB | ms/step | share | GB/s |")?;
         if totals.len() > 1 {
-            write!(out, " busy ms/step | busy share |")?;
+            write!(out, " busy ms/step | busy share | busy GB/s |")?;
         }
-        writeln!(out, "\n|---|---:|---:|{}", if totals.len() > 1 { "---:|---:|" } else { "" })?;
-        let rows: Vec<Vec<(String, f64)>> = totals.iter().map(Totals::rows).collect();
+        let busy_columns = if totals.len() > 1 { "---:|---:|---:|" } else { "" };
+        writeln!(out, "\n|---|---:|---:|---:|---:|{busy_columns}")?;
+        let rows: Vec<Vec<_>> = totals.iter().map(|t| t.rows(bytes)).collect();
         let walls: Vec<f64> = totals.iter().map(|t| t.ms_per_step(t.wall)).collect();
         for i in 0..rows[0].len() {
-            write!(out, "| {} |", rows[0][i].0)?;
+            let (name, _, part_bytes) = &rows[0][i];
+            let mb = part_bytes.map_or("-".to_string(), |b| format!("{:.1}", b as f64 / 1e6));
+            write!(out, "| {name} | {mb} |")?;
             for (r, wall) in rows.iter().zip(&walls) {
-                write!(out, " {:.3} | {:.1}% |", r[i].1, 100.0 * r[i].1 / wall)?;
+                let ms = r[i].1;
+                // GB/s: bytes / (ms / 1e3) / 1e9.
+                let rate =
+                    part_bytes.map_or("-".to_string(), |b| format!("{:.1}", b as f64 / (ms * 1e6)));
+                write!(out, " {ms:.3} | {:.1}% | {rate} |", 100.0 * ms / wall)?;
             }
             writeln!(out)?;
         }

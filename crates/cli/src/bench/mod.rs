@@ -5,11 +5,13 @@
 //!   llama.cpp (through `llama-cpp-python`, when importable) and candle-transformers'
 //!   `quantized_llama`, on the same GGUF file and token ids, full cache.
 //! - Compressed decode ([`compressed`]): a budget against the full cache at long contexts.
+//! - A big file ([`synthetic`], `--synthetic llama-8b`): peak memory and speed on a generated
+//!   8B-shaped GGUF.
 
 mod compressed;
 mod llama_cpp;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -24,6 +26,7 @@ use crate::args::{MaxKvArgs, ModelSource, PrefillArgs};
 
 mod breakdown;
 mod kv_dtypes;
+mod synthetic;
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
@@ -71,6 +74,18 @@ pub struct BenchArgs {
     pub max_kv: MaxKvArgs,
     #[command(flatten)]
     pub breakdown: breakdown::BreakdownArgs,
+    /// Instead of comparing engines, write a random-weight GGUF of this shape into the cache
+    /// folder (`llama-8b`: Llama-3-8B in a Q4_K_M file's block types, about 4.9 GB; `tiny`),
+    /// load it, prefill `--synthetic-prompt` tokens, decode `-n` steps, and report peak RSS
+    /// against the file's bytes plus the KV cache's. Needs python3 with numpy and gguf.
+    #[arg(long, value_name = "SHAPE")]
+    pub synthetic: Option<String>,
+    /// Prompt tokens of the `--synthetic` run.
+    #[arg(long, default_value_t = 256, value_name = "N")]
+    pub synthetic_prompt: usize,
+    /// Keep the `--synthetic` file in the cache folder (the next run reuses it).
+    #[arg(long)]
+    pub keep: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -88,6 +103,27 @@ const CANDLE: &str = "candle-transformers quantized_llama (dequantized f32)";
 const CANDLE_POSITIONS: usize = 4096;
 
 pub fn run(args: BenchArgs) -> Result<()> {
+    if let Some(shape) = &args.synthetic {
+        crate::args::set_threads(args.source.threads)?;
+        let report = synthetic::run(
+            &args.source,
+            &args.python,
+            shape,
+            args.synthetic_prompt,
+            args.decode_tokens,
+            args.keep,
+        )?;
+        let kernels = kvmerger_engine::kernel_report();
+        let threads = rayon::current_num_threads();
+        let markdown = format!("{threads} threads; {kernels}\n\n{}", report.table());
+        let json = serde_json::json!({
+            "kernel_level": kvmerger_engine::KernelLevel::active().name(),
+            "threads": threads,
+            "synthetic": report,
+            "rss_ratio": report.rss_ratio(),
+        });
+        return write_outputs(&args.out, &json, &markdown);
+    }
     let path = args.source.prepare()?;
     if path.is_dir() {
         bail!("bench compares against llama.cpp and quantized_llama, which read GGUF files only");
@@ -107,8 +143,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         decode: kvmerger_models::decode_format_for(&path),
     };
     // f32 decode keeps f32 prefill (the exact reference); the others prefill in the default.
+    // The default comes first: it is loaded once for the tokens and measured first.
     let variants: Vec<(String, WeightFormats)> =
-        [WeightFormat::F32, WeightFormat::Quantized, WeightFormat::Q8, WeightFormat::File]
+        [WeightFormat::File, WeightFormat::Q8, WeightFormat::Quantized, WeightFormat::F32]
             .into_iter()
             .map(|decode| {
                 let prefill = match decode {
@@ -122,11 +159,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 (format!("kvmerger, {label}{default}"), formats)
             })
             .collect();
-    let models = variants
-        .iter()
-        .map(|(_, formats)| args.source.load(&path, *formats))
-        .collect::<Result<Vec<_>>>()?;
-    let model = &models[0];
+    let mut first = Some(args.source.load(&path, default_formats)?);
+    let model = first.as_ref().expect("just loaded");
     let context = model.model.config.context_length;
     let text =
         "The quick brown fox jumps over the lazy dog while the river runs past the old mill. "
@@ -152,27 +186,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
 
     let mut rows = Vec::new();
     if !args.lengths.is_empty() {
-        for loaded in &models {
-            warm_up(&loaded.model, &tokens, prefill)?;
-        }
-        for &n in &args.lengths {
-            for ((name, _), loaded) in variants.iter().zip(&models) {
-                let (prefill, decode) =
-                    bench_ours(&loaded.model, &tokens[..n], args.decode_tokens, prefill)?;
-                rows.push(engine_row(name, n, prefill, decode));
-            }
-            if !args.no_reference && n + args.decode_tokens > CANDLE_POSITIONS {
-                eprintln!(
-                    "candle-transformers: not measured at {n} tokens plus {} decode steps \
-                     (its rotary table stops at {CANDLE_POSITIONS} positions)",
-                    args.decode_tokens
-                );
-            } else if !args.no_reference {
-                let (prefill, decode) = bench_candle(&path, &tokens[..n], args.decode_tokens)?;
-                rows.push(engine_row(CANDLE, n, prefill, decode));
-            }
-            println!("{}", engine_table(&rows));
-        }
+        // llama.cpp first and our default next: the ratio that matters is measured back to
+        // back, before the machine can drift far.
         if !args.no_llama_cpp {
             let threads = rayon::current_num_threads();
             let measured = llama_cpp::measure(
@@ -188,6 +203,33 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 rows.push(engine_row(LLAMA_CPP, m.tokens, m.prefill_s, m.decode_s));
             }
         }
+        // One variant in memory at a time (an f32 copy of a 1.5B model is 6 GB by itself),
+        // each measured at every length after an untimed warm-up.
+        for (name, formats) in &variants {
+            let loaded = match first.take() {
+                Some(loaded) if loaded.model.formats == *formats => loaded,
+                _ => args.source.load(&path, *formats)?,
+            };
+            warm_up(&loaded.model, &tokens, prefill)?;
+            for &n in &args.lengths {
+                let (prefill, decode) =
+                    bench_ours(&loaded.model, &tokens[..n], args.decode_tokens, prefill)?;
+                rows.push(engine_row(name, n, prefill, decode));
+            }
+            println!("{}", engine_table(&rows));
+        }
+        for &n in &args.lengths {
+            if !args.no_reference && n + args.decode_tokens > CANDLE_POSITIONS {
+                eprintln!(
+                    "candle-transformers: not measured at {n} tokens plus {} decode steps \
+                     (its rotary table stops at {CANDLE_POSITIONS} positions)",
+                    args.decode_tokens
+                );
+            } else if !args.no_reference {
+                let (prefill, decode) = bench_candle(&path, &tokens[..n], args.decode_tokens)?;
+                rows.push(engine_row(CANDLE, n, prefill, decode));
+            }
+        }
     }
     let kernels = kvmerger_engine::kernel_report();
     let mut markdown = format!("{} threads; {kernels}\n\n", rayon::current_num_threads());
@@ -198,7 +240,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
 
     let mut compressed_rows = Vec::new();
     if !args.compressed_lengths.is_empty() {
-        let loaded = args.source.load(&path, default_formats)?;
+        let loaded = match first.take() {
+            Some(loaded) => loaded,
+            None => args.source.load(&path, default_formats)?,
+        };
         let mut configs = vec![CompressionConfig::Full];
         for method in &args.methods {
             configs.push(CompressionConfig::from_cli(method, Some(args.budget), &[])?);
@@ -242,9 +287,6 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
 
     println!("\n{markdown}");
-    if let Some(dir) = args.out.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
     let json = serde_json::json!({
         "kernel_level": kvmerger_engine::KernelLevel::active().name(),
         "kernels": kernels,
@@ -253,11 +295,19 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "compressed": compressed_rows,
         "kv_dtypes": dtype_rows,
     });
-    std::fs::write(&args.out, serde_json::to_string_pretty(&json)?)
-        .with_context(|| format!("writing {}", args.out.display()))?;
-    let md = args.out.with_extension("md");
+    write_outputs(&args.out, &json, &markdown)
+}
+
+/// Writes `json` to `out` and `markdown` next to it (`.md`).
+fn write_outputs(out: &Path, json: &serde_json::Value, markdown: &str) -> Result<()> {
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(out, serde_json::to_string_pretty(json)?)
+        .with_context(|| format!("writing {}", out.display()))?;
+    let md = out.with_extension("md");
     std::fs::write(&md, markdown).with_context(|| format!("writing {}", md.display()))?;
-    println!("written to {} and {}", args.out.display(), md.display());
+    println!("written to {} and {}", out.display(), md.display());
     Ok(())
 }
 
