@@ -114,21 +114,6 @@ pub fn generate(python: &str, shape: &str, path: &Path) -> Result<u64> {
     Ok(std::fs::metadata(path)?.len())
 }
 
-/// The process's peak resident set in bytes, from `/proc/self/status` (Linux).
-pub fn peak_rss_bytes() -> Result<u64> {
-    let status = std::fs::read_to_string("/proc/self/status")
-        .context("peak RSS is read from /proc/self/status, which only Linux has")?;
-    parse_peak_rss(&status).context("/proc/self/status has no VmHWM line")
-}
-
-/// `VmHWM:   123456 kB` in bytes.
-fn parse_peak_rss(status: &str) -> Option<u64> {
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 =
-        line.trim_start_matches("VmHWM:").trim().strip_suffix("kB")?.trim().parse().ok()?;
-    Some(kb * 1024)
-}
-
 /// Generates the file of `shape` (or reuses a kept one), then measures it: load, a prefill
 /// of `prompt` tokens, `steps` greedy decode steps; deletes the file unless `keep`.
 pub fn run(
@@ -184,7 +169,8 @@ pub fn run(
         file_bytes,
         weight_bytes: loaded.model.weight_bytes(),
         kv_bytes: session.cache().resident_bytes(),
-        peak_rss_bytes: peak_rss_bytes()?,
+        peak_rss_bytes: crate::peak_rss::peak_rss_bytes()
+            .context("peak RSS is read from /proc/self/status, which only Linux has")?,
         load_s,
         prompt_tokens: prompt,
         prefill_s,
@@ -201,14 +187,6 @@ pub fn run(
 mod tests {
     use super::*;
     use candle_core::quantized::GgmlDType;
-
-    #[test]
-    fn peak_rss_parses_the_status_line() {
-        let status = "Name:\tkvmerger\nVmPeak:\t  9000 kB\nVmHWM:\t    2048 kB\nVmRSS:\t 1 kB\n";
-        assert_eq!(parse_peak_rss(status), Some(2048 * 1024));
-        assert_eq!(parse_peak_rss("VmRSS:\t1 kB\n"), None);
-        assert!(peak_rss_bytes().unwrap() > 0);
-    }
 
     /// The tiny shape through the same script: the loader accepts it with the shapes and
     /// block types asked for, holds no more than the file's bytes, and decodes to finite
