@@ -166,8 +166,11 @@ impl Ord for Candidate {
 /// merged, and no run spans one. Two runs are as similar as the cosine of their centroid
 /// keys (each minus `center`, the head's mean key, when given; each row weighted by
 /// `row_weights[i]`, the tokens it already stands for, when given, else 1); a merged run is
-/// re-scored against its new neighbours. A max-heap of candidate pairs with stamps that invalidate
-/// stale entries makes this `O(n log n)` pair operations for `n` tokens.
+/// re-scored against its new neighbours. With `values` (`[len, head_dim]`), two runs are only
+/// as similar as the smaller of their key and value centroid cosines (values uncentred), so
+/// that runs merge where the merged value stands for its members too. A max-heap of
+/// candidate pairs with stamps that invalidate stale entries makes this `O(n log n)` pair
+/// operations for `n` tokens.
 ///
 /// `keys`: `[len, head_dim]`. Returns the runs, singletons included, as increasing index
 /// ranges covering each unprotected index exactly once (as [`merging_sets`] does).
@@ -178,10 +181,12 @@ pub fn merge_to_target(
     target: usize,
     center: Option<&[f64]>,
     row_weights: Option<&[f32]>,
+    values: Option<&[f32]>,
 ) -> Vec<Range<usize>> {
     let n = protected.len();
     debug_assert_eq!(keys.len(), n * head_dim);
     debug_assert!(row_weights.is_none_or(|w| w.len() == n));
+    debug_assert!(values.is_none_or(|v| v.len() == n * head_dim));
     // Runs are named by their first index. For a run `s..e`: end[s] = e, start[e - 1] = s,
     // sums[s] its key sum, stamp[s] bumped whenever the run grows, alive[s] until it is
     // absorbed by its left neighbour; sums[s] is weighted, and mass[s] is its weight.
@@ -192,26 +197,28 @@ pub fn merge_to_target(
         Some(w) => w.iter().map(|&w| w as f64).collect(),
         None => vec![1.0; n],
     };
-    let mut sums: Vec<f64> = keys
-        .chunks_exact(head_dim)
-        .zip(&mass)
-        .flat_map(|(row, &w)| row.iter().map(move |&k| w * k as f64))
-        .collect();
+    let weighted_sums = |rows: &[f32]| -> Vec<f64> {
+        rows.chunks_exact(head_dim)
+            .zip(&mass)
+            .flat_map(|(row, &w)| row.iter().map(move |&x| w * x as f64))
+            .collect()
+    };
+    let mut sums = weighted_sums(keys);
+    let mut value_sums = values.map(weighted_sums);
     let mut stamp = vec![0u32; n];
-    let sum = |sums: &[f64], s: usize| -> Vec<f64> { sums[s * head_dim..][..head_dim].to_vec() };
-    let score = |sums: &[f64], mass: &[f64], a: usize, b: usize| {
-        centroid_cosine(
-            &sums[a * head_dim..][..head_dim],
-            mass[a],
-            &sums[b * head_dim..][..head_dim],
-            mass[b],
-            center,
-        )
+    let row = |sums: &[f64], s: usize| -> Vec<f64> { sums[s * head_dim..][..head_dim].to_vec() };
+    let score = |sums: &[f64], value_sums: Option<&[f64]>, mass: &[f64], a: usize, b: usize| {
+        let cos = |sums: &[f64], center| {
+            let (ra, rb) = (&sums[a * head_dim..][..head_dim], &sums[b * head_dim..][..head_dim]);
+            centroid_cosine(ra, mass[a], rb, mass[b], center)
+        };
+        let key = cos(sums, center);
+        value_sums.map_or(key, |v| key.min(cos(v, None)))
     };
     let mut heap = BinaryHeap::new();
     for i in 1..n {
         if !protected[i - 1] && !protected[i] {
-            let s = score(&sums, &mass, i - 1, i);
+            let s = score(&sums, value_sums.as_deref(), &mass, i - 1, i);
             heap.push(Candidate { score: s, left: i - 1, right: i, stamps: (0, 0) });
         }
     }
@@ -223,8 +230,10 @@ pub fn merge_to_target(
         if !alive[a] || !alive[b] || c.stamps != (stamp[a], stamp[b]) {
             continue;
         }
-        let add = sum(&sums, b);
-        sums[a * head_dim..][..head_dim].iter_mut().zip(&add).for_each(|(x, y)| *x += y);
+        for sums in std::iter::once(&mut sums).chain(value_sums.as_mut()) {
+            let add = row(sums, b);
+            sums[a * head_dim..][..head_dim].iter_mut().zip(&add).for_each(|(x, y)| *x += y);
+        }
         mass[a] += mass[b];
         end[a] = end[b];
         start[end[a] - 1] = a;
@@ -233,12 +242,12 @@ pub fn merge_to_target(
         count -= 1;
         if a > 0 && !protected[a - 1] {
             let p = start[a - 1];
-            let s = score(&sums, &mass, p, a);
+            let s = score(&sums, value_sums.as_deref(), &mass, p, a);
             heap.push(Candidate { score: s, left: p, right: a, stamps: (stamp[p], stamp[a]) });
         }
         let e = end[a];
         if e < n && !protected[e] {
-            let s = score(&sums, &mass, a, e);
+            let s = score(&sums, value_sums.as_deref(), &mass, a, e);
             heap.push(Candidate { score: s, left: a, right: e, stamps: (stamp[a], stamp[e]) });
         }
     }
@@ -314,7 +323,7 @@ mod tests {
 
     /// Plain O(n^2) merging to a target: rescan every adjacent pair of runs, merge the most
     /// similar (the leftmost on ties), repeat. A run's centroid is its rows' mean weighted
-    /// by `weights`.
+    /// by `weights`; with `values`, a pair scores the smaller of its key and value cosines.
     fn merge_reference(
         keys: &[f32],
         d: usize,
@@ -322,12 +331,13 @@ mod tests {
         target: usize,
         center: Option<&[f64]>,
         weights: &[f32],
+        values: Option<&[f32]>,
     ) -> Vec<Range<usize>> {
-        let sum = |r: &Range<usize>| -> Vec<f64> {
+        let sum = |rows: &[f32], r: &Range<usize>| -> Vec<f64> {
             let mut s = vec![0.0f64; d];
             for i in r.clone() {
                 let w = weights[i] as f64;
-                s.iter_mut().zip(&keys[i * d..(i + 1) * d]).for_each(|(a, k)| *a += w * *k as f64);
+                s.iter_mut().zip(&rows[i * d..(i + 1) * d]).for_each(|(a, k)| *a += w * *k as f64);
             }
             s
         };
@@ -342,7 +352,10 @@ mod tests {
                     continue;
                 }
                 let (a, b) = (&runs[j - 1], &runs[j]);
-                let score = centroid_cosine(&sum(a), mass(a), &sum(b), mass(b), center);
+                let key = centroid_cosine(&sum(keys, a), mass(a), &sum(keys, b), mass(b), center);
+                let score = values.map_or(key, |v| {
+                    key.min(centroid_cosine(&sum(v, a), mass(a), &sum(v, b), mass(b), None))
+                });
                 if best.is_none_or(|(s, _)| score > s) {
                     best = Some((score, j));
                 }
@@ -354,10 +367,10 @@ mod tests {
         runs
     }
 
-    type MergeInput = (Vec<f32>, Vec<bool>, usize, bool, Option<Vec<f32>>);
+    type MergeInput = (Vec<f32>, Vec<bool>, usize, bool, Option<Vec<f32>>, Option<Vec<f32>>);
 
-    /// Keys, protected rows, a target, whether to center, and the rows' weights if any
-    /// (the tokens each already stands for, whole numbers).
+    /// Keys, protected rows, a target, whether to center, the rows' weights if any (the
+    /// tokens each already stands for, whole numbers), and values if they are compared too.
     fn merge_input() -> impl Strategy<Value = MergeInput> {
         (1usize..50).prop_flat_map(|n| {
             (
@@ -369,6 +382,7 @@ mod tests {
                     (1u32..20).prop_map(|c| c as f32),
                     n,
                 )),
+                proptest::option::of(proptest::collection::vec(-1.0f32..1.0, n * 3)),
             )
         })
     }
@@ -376,14 +390,14 @@ mod tests {
     proptest! {
         #[test]
         fn priority_queue_merging_equals_the_quadratic_reference(
-            (keys, protected, target, centered, weights) in merge_input()
+            (keys, protected, target, centered, weights, values) in merge_input()
         ) {
             let center = centered.then(|| mean_row(&keys, 3));
-            let ours =
-                merge_to_target(&keys, 3, &protected, target, center.as_deref(), weights.as_deref());
+            let (c, v) = (center.as_deref(), values.as_deref());
+            let ours = merge_to_target(&keys, 3, &protected, target, c, weights.as_deref(), v);
             let ones = vec![1.0; protected.len()];
             let w = weights.as_deref().unwrap_or(&ones);
-            let expected = merge_reference(&keys, 3, &protected, target, center.as_deref(), w);
+            let expected = merge_reference(&keys, 3, &protected, target, c, w, v);
             prop_assert_eq!(&ours, &expected);
             let n_protected = protected.iter().filter(|&&p| p).count();
             prop_assert_eq!(n_protected + ours.len(), target.max(min_reachable(&protected)));
