@@ -226,21 +226,9 @@ impl SweepSpec {
         let stacked = vec![Budget::Ratio(0.5), Budget::Ratio(0.35)];
         let stack =
             |kv_dtype, budgets: &Vec<Budget>| KvStack { kv_dtype, budgets: budgets.clone() };
-        // Seed by seed, every subtask each round, so that a run stopped early (or a shard)
-        // still averages over all subtasks.
-        let tasks = (HELD_OUT_SEED..HELD_OUT_SEED + seeds_each)
-            .flat_map(|seed| {
-                subtasks.iter().map(move |&t| TaskGrid {
-                    task: TaskKind::Ruler(t),
-                    lengths: vec![length],
-                    depths: vec![0.0],
-                    seeds: vec![seed],
-                })
-            })
-            .collect();
         Self {
             name: name.into(),
-            tasks,
+            tasks: seed_major_grid(subtasks, length, seeds_each),
             dataset: None,
             methods: ["kvmerger", "keydiff"].map(String::from).to_vec(),
             budgets: [0.5, 0.25, 0.125, 0.08].map(Budget::Ratio).to_vec(),
@@ -334,6 +322,22 @@ const FRONTIER_QUICK_SUBTASKS: [RulerTask; 4] = [
     RulerTask::NiahMultikey1,
     RulerTask::NiahMultivalue,
 ];
+
+/// RULER's `subtasks` at `length` tokens, `seeds_each` held-out seeds each, seed by seed:
+/// every subtask in each round, so that a run stopped early (or a shard) still averages over
+/// all subtasks.
+fn seed_major_grid(subtasks: &[RulerTask], length: usize, seeds_each: u64) -> Vec<TaskGrid> {
+    (HELD_OUT_SEED..HELD_OUT_SEED + seeds_each)
+        .flat_map(|seed| {
+            subtasks.iter().map(move |&t| TaskGrid {
+                task: TaskKind::Ruler(t),
+                lengths: vec![length],
+                depths: vec![0.0],
+                seeds: vec![seed],
+            })
+        })
+        .collect()
+}
 
 /// RULER's 11 subtasks at `length` tokens, `seeds_each` held-out seeds each (one job per
 /// seed: the generators draw the depths).

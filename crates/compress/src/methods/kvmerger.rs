@@ -30,7 +30,7 @@ use crate::error::{CompressError, Result};
 use crate::method::{CompressionMethod, HeadId, HeadReport};
 use crate::methods::keydiff::keydiff_scores;
 use crate::methods::merging_sets::{
-    mean_row, merge_to_target, merging_sets, min_reachable, CompareTo,
+    mean_row, merge_to_target, merging_sets, min_reachable, CompareTo, Linkage, RunScoring,
 };
 use crate::methods::select::top_k;
 use crate::stats::{StatsRequest, Windows};
@@ -219,6 +219,9 @@ pub struct KvMergerConfig {
     /// configurations (and the sweep rows fingerprinted by them) stay as they were.
     #[serde(skip_serializing_if = "is_default")]
     pub agree_on: AgreeOn,
+    /// How adjacent runs are compared in `merge` mode (written out only when set).
+    #[serde(skip_serializing_if = "is_default")]
+    pub linkage: Linkage,
     pub protect_by: ProtectBy,
     /// Observation window of `protect_by = window` (SnapKV's default, 32).
     pub protect_window: usize,
@@ -267,6 +270,7 @@ impl Default for KvMergerConfig {
             compare_to: CompareTo::default(),
             similarity: Similarity::default(),
             agree_on: AgreeOn::default(),
+            linkage: Linkage::default(),
             protect_by: ProtectBy::default(),
             protect_window: 32,
             recent: None,
@@ -370,6 +374,16 @@ impl KvMergerConfig {
                 self.agree_on != d.agree_on && !self.merges_to_budget(),
                 "agree_on",
                 "budget_mode = merge (with merge = true)",
+            ),
+            (
+                self.linkage != d.linkage && !self.merges_to_budget(),
+                "linkage",
+                "budget_mode = merge (with merge = true)",
+            ),
+            (
+                self.similarity != d.similarity && self.linkage == Linkage::Ward,
+                "similarity",
+                "linkage = centroid (Ward's squared error does not depend on a centre)",
             ),
             (self.mass != d.mass && !merges, "mass", MERGING),
             (self.weights != d.weights && !merges, "weights", MERGING),
@@ -554,15 +568,13 @@ impl KvMergerConfig {
                 .count_weighted
                 .then(|| head.meta().iter().map(|m| self.row_weight(m.count)).collect());
             let values = (self.agree_on == AgreeOn::KeysAndValues).then(|| head.values());
-            return merge_to_target(
-                &keys,
-                d,
-                protected,
-                budget,
-                center.as_deref(),
-                weights.as_deref(),
-                values.as_deref(),
-            );
+            let scoring = RunScoring {
+                center: center.as_deref(),
+                row_weights: weights.as_deref(),
+                values: values.as_deref(),
+                linkage: self.linkage,
+            };
+            return merge_to_target(&keys, d, protected, budget, scoring);
         }
         match center {
             None => merging_sets(&keys, d, protected, self.threshold, self.compare_to),

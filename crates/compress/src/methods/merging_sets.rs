@@ -114,6 +114,13 @@ pub(crate) fn centroid_cosine(
     }
 }
 
+/// Ward's merge cost of two runs given by their (weighted) sums and masses: the squared
+/// error the merge adds, `m_a m_b / (m_a + m_b) |sum_a / m_a - sum_b / m_b|^2`, in f64.
+pub(crate) fn ward_cost(sum_a: &[f64], m_a: f64, sum_b: &[f64], m_b: f64) -> f64 {
+    let dist: f64 = sum_a.iter().zip(sum_b).map(|(x, y)| (x / m_a - y / m_b).powi(2)).sum();
+    m_a * m_b / (m_a + m_b) * dist
+}
+
 /// The mean of a `[len, head_dim]` matrix's rows, `[head_dim]`, in f64.
 pub(crate) fn mean_row(rows: &[f32], head_dim: usize) -> Vec<f64> {
     let n = rows.len().checked_div(head_dim).unwrap_or(0).max(1) as f64;
@@ -161,16 +168,39 @@ impl Ord for Candidate {
     }
 }
 
+/// How adjacent runs are compared when merging to a target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Linkage {
+    /// The cosine of the runs' centroid keys: the most similar pair merges first.
+    #[default]
+    Centroid,
+    /// Ward's criterion: the pair whose merge adds the least squared error between the
+    /// merged (mean) key and its members' keys, `m_a m_b / (m_a + m_b) |mu_a - mu_b|^2`,
+    /// merges first. A large run's centroid drifts toward the head's common key direction
+    /// and grows more similar to everything by cosine; by squared error it does not.
+    Ward,
+}
+
+/// What [`merge_to_target`] compares runs by, besides their keys.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunScoring<'a> {
+    /// The head's mean key, subtracted from centroids before their cosine (centroid linkage).
+    pub center: Option<&'a [f64]>,
+    /// What each row weighs (the tokens it already stands for); 1 each when absent.
+    pub row_weights: Option<&'a [f32]>,
+    /// Values, `[len, head_dim]`, compared too when given: centroid linkage takes the
+    /// smaller of the key and (uncentred) value cosines, Ward's adds the value error.
+    pub values: Option<&'a [f32]>,
+    pub linkage: Linkage,
+}
+
 /// Merges adjacent unprotected tokens most-similar-first until protected tokens plus runs
 /// number `target` (or no two unprotected runs touch). Protected tokens are barriers: never
-/// merged, and no run spans one. Two runs are as similar as the cosine of their centroid
-/// keys (each minus `center`, the head's mean key, when given; each row weighted by
-/// `row_weights[i]`, the tokens it already stands for, when given, else 1); a merged run is
-/// re-scored against its new neighbours. With `values` (`[len, head_dim]`), two runs are only
-/// as similar as the smaller of their key and value centroid cosines (values uncentred), so
-/// that runs merge where the merged value stands for its members too. A max-heap of
-/// candidate pairs with stamps that invalidate stale entries makes this `O(n log n)` pair
-/// operations for `n` tokens.
+/// merged, and no run spans one. Two runs are compared as `scoring` says (by default the
+/// cosine of their centroid keys, each row weighing 1); a merged run is re-scored against
+/// its new neighbours. A max-heap of candidate pairs with stamps that invalidate stale
+/// entries makes this `O(n log n)` pair operations for `n` tokens.
 ///
 /// `keys`: `[len, head_dim]`. Returns the runs, singletons included, as increasing index
 /// ranges covering each unprotected index exactly once (as [`merging_sets`] does).
@@ -179,11 +209,10 @@ pub fn merge_to_target(
     head_dim: usize,
     protected: &[bool],
     target: usize,
-    center: Option<&[f64]>,
-    row_weights: Option<&[f32]>,
-    values: Option<&[f32]>,
+    scoring: RunScoring<'_>,
 ) -> Vec<Range<usize>> {
     let n = protected.len();
+    let RunScoring { center, row_weights, values, linkage } = scoring;
     debug_assert_eq!(keys.len(), n * head_dim);
     debug_assert!(row_weights.is_none_or(|w| w.len() == n));
     debug_assert!(values.is_none_or(|v| v.len() == n * head_dim));
@@ -208,12 +237,28 @@ pub fn merge_to_target(
     let mut stamp = vec![0u32; n];
     let row = |sums: &[f64], s: usize| -> Vec<f64> { sums[s * head_dim..][..head_dim].to_vec() };
     let score = |sums: &[f64], value_sums: Option<&[f64]>, mass: &[f64], a: usize, b: usize| {
-        let cos = |sums: &[f64], center| {
-            let (ra, rb) = (&sums[a * head_dim..][..head_dim], &sums[b * head_dim..][..head_dim]);
-            centroid_cosine(ra, mass[a], rb, mass[b], center)
-        };
-        let key = cos(sums, center);
-        value_sums.map_or(key, |v| key.min(cos(v, None)))
+        let (ma, mb) = (mass[a], mass[b]);
+        fn rows(sums: &[f64], a: usize, b: usize, d: usize) -> (&[f64], &[f64]) {
+            (&sums[a * d..][..d], &sums[b * d..][..d])
+        }
+        let of = |sums| rows(sums, a, b, head_dim);
+        match linkage {
+            Linkage::Centroid => {
+                let cos = |sums, center| {
+                    let (ra, rb) = of(sums);
+                    centroid_cosine(ra, ma, rb, mb, center)
+                };
+                let key = cos(sums, center);
+                value_sums.map_or(key, |v| key.min(cos(v, None)))
+            }
+            Linkage::Ward => {
+                let cost = |sums| {
+                    let (ra, rb) = of(sums);
+                    ward_cost(ra, ma, rb, mb)
+                };
+                -(cost(sums) + value_sums.map_or(0.0, cost))
+            }
+        }
     };
     let mut heap = BinaryHeap::new();
     for i in 1..n {
@@ -323,7 +368,8 @@ mod tests {
 
     /// Plain O(n^2) merging to a target: rescan every adjacent pair of runs, merge the most
     /// similar (the leftmost on ties), repeat. A run's centroid is its rows' mean weighted
-    /// by `weights`; with `values`, a pair scores the smaller of its key and value cosines.
+    /// by `weights`; with `values`, a pair scores the smaller of its key and value cosines
+    /// (centroid linkage) or the sum of their Ward costs.
     fn merge_reference(
         keys: &[f32],
         d: usize,
@@ -332,6 +378,7 @@ mod tests {
         center: Option<&[f64]>,
         weights: &[f32],
         values: Option<&[f32]>,
+        linkage: Linkage,
     ) -> Vec<Range<usize>> {
         let sum = |rows: &[f32], r: &Range<usize>| -> Vec<f64> {
             let mut s = vec![0.0f64; d];
@@ -352,10 +399,19 @@ mod tests {
                     continue;
                 }
                 let (a, b) = (&runs[j - 1], &runs[j]);
-                let key = centroid_cosine(&sum(keys, a), mass(a), &sum(keys, b), mass(b), center);
-                let score = values.map_or(key, |v| {
-                    key.min(centroid_cosine(&sum(v, a), mass(a), &sum(v, b), mass(b), None))
-                });
+                let (ma, mb) = (mass(a), mass(b));
+                let score = match linkage {
+                    Linkage::Centroid => {
+                        let key = centroid_cosine(&sum(keys, a), ma, &sum(keys, b), mb, center);
+                        values.map_or(key, |v| {
+                            key.min(centroid_cosine(&sum(v, a), ma, &sum(v, b), mb, None))
+                        })
+                    }
+                    Linkage::Ward => {
+                        let cost = |rows| ward_cost(&sum(rows, a), ma, &sum(rows, b), mb);
+                        -(cost(keys) + values.map_or(0.0, cost))
+                    }
+                };
                 if best.is_none_or(|(s, _)| score > s) {
                     best = Some((score, j));
                 }
@@ -387,6 +443,38 @@ mod tests {
         })
     }
 
+    #[test]
+    fn ward_keeps_a_large_key_apart_where_cosine_merges_it() {
+        // Ten keys along one direction with noise; token 5 points the same way with ten
+        // times the length (as a sink or a salient token's key may). By cosine it is the
+        // closest match of its neighbours; by squared error the furthest.
+        let c = [0.6f32, -0.3, 0.5];
+        let noise = [
+            [0.1, 0.0, -0.1],
+            [-0.1, 0.1, 0.0],
+            [0.0, -0.1, 0.1],
+            [0.1, 0.1, 0.0],
+            [-0.1, 0.0, 0.1],
+            [0.0, 0.0, 0.0],
+            [0.0, 0.1, -0.1],
+            [0.1, -0.1, 0.0],
+            [-0.1, -0.1, 0.1],
+            [0.0, 0.1, 0.1],
+        ];
+        let keys: Vec<f32> = (0..10)
+            .flat_map(|i| {
+                let scale = if i == 5 { 10.0 } else { 1.0 };
+                (0..3).map(move |t| scale * c[t] + noise[i][t])
+            })
+            .collect();
+        let runs = |linkage| {
+            let scoring = RunScoring { linkage, ..Default::default() };
+            merge_to_target(&keys, 3, &[false; 10], 3, scoring)
+        };
+        assert_eq!(runs(Linkage::Ward), [0..5, 5..6, 6..10]);
+        assert!(!runs(Linkage::Centroid).contains(&(5..6)), "{:?}", runs(Linkage::Centroid));
+    }
+
     proptest! {
         #[test]
         fn priority_queue_merging_equals_the_quadratic_reference(
@@ -394,13 +482,17 @@ mod tests {
         ) {
             let center = centered.then(|| mean_row(&keys, 3));
             let (c, v) = (center.as_deref(), values.as_deref());
-            let ours = merge_to_target(&keys, 3, &protected, target, c, weights.as_deref(), v);
-            let ones = vec![1.0; protected.len()];
-            let w = weights.as_deref().unwrap_or(&ones);
-            let expected = merge_reference(&keys, 3, &protected, target, c, w, v);
-            prop_assert_eq!(&ours, &expected);
-            let n_protected = protected.iter().filter(|&&p| p).count();
-            prop_assert_eq!(n_protected + ours.len(), target.max(min_reachable(&protected)));
+            for linkage in [Linkage::Centroid, Linkage::Ward] {
+                let scoring =
+                    RunScoring { center: c, row_weights: weights.as_deref(), values: v, linkage };
+                let ours = merge_to_target(&keys, 3, &protected, target, scoring);
+                let ones = vec![1.0; protected.len()];
+                let w = weights.as_deref().unwrap_or(&ones);
+                let expected = merge_reference(&keys, 3, &protected, target, c, w, v, linkage);
+                prop_assert_eq!(&ours, &expected);
+                let n_protected = protected.iter().filter(|&&p| p).count();
+                prop_assert_eq!(n_protected + ours.len(), target.max(min_reachable(&protected)));
+            }
         }
 
         #[test]
