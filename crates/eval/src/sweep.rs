@@ -94,7 +94,8 @@ impl SweepSpec {
     /// hour) report on held-out seeds; `dev` is `default`'s grid on development seeds, for
     /// choosing defaults; `long` is longer contexts; `ruler` is RULER's 11 synthetic
     /// subtasks at 4,096 tokens (hours), `ruler-quick` the same at 1,024 tokens with fewer
-    /// samples (minutes on SmolLM2); `kv-dtype` (a few minutes) compares the cache stored as
+    /// samples and the field's current methods beside KVMerger and its RULER variant
+    /// (minutes on SmolLM2); `kv-dtype` (a few minutes) compares the cache stored as
     /// `--kv-dtype` with an f32 full-cache reference, on development seeds.
     pub fn preset(name: &str) -> Result<Self> {
         match name {
@@ -189,7 +190,9 @@ impl SweepSpec {
                 methods,
             ),
             "ruler" => (ruler_grid(4096, 20), ruler_budgets, ruler_methods),
-            "ruler-quick" => (ruler_grid(1024, 2), ruler_budgets, ruler_methods),
+            "ruler-quick" => {
+                (seed_major_grid(&RulerTask::ALL, 1024, 2), ruler_budgets, ruler_quick_methods())
+            }
             other => {
                 return Err(EvalError::Task(format!(
                     "unknown preset `{other}` (default, paper, dev, long, ruler, ruler-quick, \
@@ -311,6 +314,17 @@ impl SweepSpec {
         }
         jobs
     }
+}
+
+/// KVMerger's best variant on RULER's development seeds (docs/eval-kvmerger-ruler-dev).
+pub const KVMERGER_RULER_VARIANT: &str = "kvmerger:linkage=ward";
+
+/// The quick RULER run's methods: KVMerger, its best variant on development seeds, and the
+/// field's current methods (the classic H2O, CaM, StreamingLLM and SnapKV stay in `ruler`).
+fn ruler_quick_methods() -> Vec<String> {
+    let field =
+        ["tova", "knorm", "keydiff", "expected_attention", "pyramidkv", "adakv", "kvzip", "merge"];
+    ["kvmerger", KVMERGER_RULER_VARIANT].into_iter().chain(field).map(String::from).collect()
 }
 
 /// The subtasks of the quick frontier: those whose answers are a few numbers (so a sample
@@ -722,6 +736,18 @@ mod tests {
             (quick.jobs().len(), quick.protocols.as_slice()),
             (11 * 2, &[Protocol::Context][..])
         );
+        // Seed-major, so that a run stopped early averages over every subtask; KVMerger,
+        // its variant and every method of the field's that `ruler` compares.
+        assert!(quick.tasks[..11].iter().all(|g| g.seeds == [HELD_OUT_SEED]));
+        assert!(quick.methods.iter().any(|m| m == KVMERGER_RULER_VARIANT));
+        for m in ruler
+            .methods
+            .iter()
+            .filter(|m| !["h2o", "cam", "streaming_llm", "snapkv"].contains(&m.as_str()))
+        {
+            assert!(quick.methods.contains(m), "{m}");
+        }
+        assert_eq!(quick.configs().unwrap().len(), 1 + 10 * 3);
         assert_eq!(ruler.protocols, Protocol::ALL);
         // The frontier: every subtask in each round of seeds; the full cache and both
         // methods again on q8_0 and q4_0r at 50% and 35%, the full cache alone on q4_0.
