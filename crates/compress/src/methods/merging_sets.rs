@@ -375,11 +375,11 @@ mod tests {
         d: usize,
         protected: &[bool],
         target: usize,
-        center: Option<&[f64]>,
-        weights: &[f32],
-        values: Option<&[f32]>,
-        linkage: Linkage,
+        scoring: RunScoring<'_>,
     ) -> Vec<Range<usize>> {
+        let RunScoring { center, row_weights, values, linkage } = scoring;
+        let ones = vec![1.0; protected.len()];
+        let weights = row_weights.unwrap_or(&ones);
         let sum = |rows: &[f32], r: &Range<usize>| -> Vec<f64> {
             let mut s = vec![0.0f64; d];
             for i in r.clone() {
@@ -486,9 +486,7 @@ mod tests {
                 let scoring =
                     RunScoring { center: c, row_weights: weights.as_deref(), values: v, linkage };
                 let ours = merge_to_target(&keys, 3, &protected, target, scoring);
-                let ones = vec![1.0; protected.len()];
-                let w = weights.as_deref().unwrap_or(&ones);
-                let expected = merge_reference(&keys, 3, &protected, target, c, w, v, linkage);
+                let expected = merge_reference(&keys, 3, &protected, target, scoring);
                 prop_assert_eq!(&ours, &expected);
                 let n_protected = protected.iter().filter(|&&p| p).count();
                 prop_assert_eq!(n_protected + ours.len(), target.max(min_reachable(&protected)));
