@@ -317,7 +317,7 @@ impl SweepSpec {
 }
 
 /// KVMerger's best variant on RULER's development seeds (docs/eval-kvmerger-ruler-dev).
-pub const KVMERGER_RULER_VARIANT: &str = "kvmerger:linkage=ward";
+pub const KVMERGER_RULER_VARIANT: &str = "kvmerger:protect_by=key_diff;recent=0.02;selected=0.15";
 
 /// The quick RULER run's methods: KVMerger, its best variant on development seeds, and the
 /// field's current methods (the classic H2O, CaM, StreamingLLM and SnapKV stay in `ruler`).
