@@ -1186,9 +1186,7 @@ mod tests {
                 selected: Some(0.05),
                 ..merge_cfg(Budget::Tokens(10))
             };
-            let scores = c.protection_scores(&head).unwrap();
-            let (mask, _) = c.protect(&scores, 20, 10);
-            (0..20).filter(|&i| mask[i]).collect::<Vec<_>>()
+            protected_indices(&c, &head, 20, 10)
         };
         assert_eq!(selected(ProtectBy::Accumulated), [10]);
         assert_eq!(selected(ProtectBy::KeyDiff), [5]);
@@ -1297,6 +1295,18 @@ mod tests {
         HeadCache::from_parts(head.head_dim(), KvDtype::F32, keys, values, meta).unwrap()
     }
 
+    /// The entries `c` protects in `head`, standing for `tokens` prompt tokens, at `budget`.
+    fn protected_indices(
+        c: &KvMergerConfig,
+        head: &HeadCache,
+        tokens: usize,
+        budget: usize,
+    ) -> Vec<usize> {
+        let scores = c.protection_scores(head).unwrap();
+        let (mask, _) = c.protect(&scores, tokens, budget);
+        (0..head.len()).filter(|&i| mask[i]).collect()
+    }
+
     /// Length of the protected run at the end of a mask: the recent window.
     fn recent_window(protected: &[bool]) -> usize {
         protected.iter().rev().take_while(|&&p| p).count()
@@ -1341,9 +1351,7 @@ mod tests {
                 selected: Some(1.0 / 40.0),
                 ..merge_cfg(Budget::Tokens(30))
             };
-            let scores = c.protection_scores(&head).unwrap();
-            let (mask, _) = c.protect(&scores, 49, 30);
-            (0..40).filter(|&i| mask[i]).collect::<Vec<_>>()
+            protected_indices(&c, &head, 49, 30)
         };
         assert_eq!(selected(ProtectScore::Total), [5]);
         assert_eq!(selected(ProtectScore::PerToken), [20]);
