@@ -61,7 +61,7 @@ fn bench(c: &mut Criterion) {
         let protected = vec![false; len];
         let target = Budget::Ratio(0.35).entries(len);
         group.bench_function(format!("{len} tokens, merge_to_target alone"), |bench| {
-            bench.iter(|| merge_to_target(&base.keys(), D, &protected, target, None, None))
+            bench.iter(|| merge_to_target(&base.keys(), D, &protected, target, Default::default()))
         });
         for similarity in ["cosine", "centered"] {
             let params = [("similarity".to_string(), similarity.to_string())];

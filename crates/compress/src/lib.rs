@@ -25,7 +25,8 @@ pub use dtype::{KvDtype, KvElement, RowsRef};
 pub use error::{CompressError, Result};
 pub use method::{CompressionMethod, HeadId, HeadReport, Scorer};
 pub use methods::{
-    adjacent_cosine, cosine, merge_to_target, merging_sets, min_reachable, CompareTo,
+    adjacent_cosine, cosine, merge_to_target, merging_sets, min_reachable, CompareTo, Linkage,
+    RunScoring,
 };
 pub use queries::{QueryMoments, QueryStatistics};
 pub use stats::{

@@ -95,7 +95,8 @@ impl SweepSpec {
     /// hour) report on held-out seeds; `dev` is `default`'s grid on development seeds, for
     /// choosing defaults; `long` is longer contexts; `ruler` is RULER's 11 synthetic
     /// subtasks at 4,096 tokens (hours), `ruler-quick` the same at 1,024 tokens with fewer
-    /// samples (minutes on SmolLM2); `kv-dtype` (a few minutes) compares the cache stored as
+    /// samples and the field's current methods beside KVMerger and its RULER variant
+    /// (minutes on SmolLM2); `kv-dtype` (a few minutes) compares the cache stored as
     /// `--kv-dtype` with an f32 full-cache reference, on development seeds.
     pub fn preset(name: &str) -> Result<Self> {
         match name {
@@ -190,7 +191,9 @@ impl SweepSpec {
                 methods,
             ),
             "ruler" => (ruler_grid(4096, 20), ruler_budgets, ruler_methods),
-            "ruler-quick" => (ruler_grid(1024, 2), ruler_budgets, ruler_methods),
+            "ruler-quick" => {
+                (seed_major_grid(&RulerTask::ALL, 1024, 2), ruler_budgets, ruler_quick_methods())
+            }
             other => {
                 return Err(EvalError::Task(format!(
                     "unknown preset `{other}` (default, paper, dev, long, ruler, ruler-quick, \
@@ -227,21 +230,9 @@ impl SweepSpec {
         let stacked = vec![Budget::Ratio(0.5), Budget::Ratio(0.35)];
         let stack =
             |kv_dtype, budgets: &Vec<Budget>| KvStack { kv_dtype, budgets: budgets.clone() };
-        // Seed by seed, every subtask each round, so that a run stopped early (or a shard)
-        // still averages over all subtasks.
-        let tasks = (HELD_OUT_SEED..HELD_OUT_SEED + seeds_each)
-            .flat_map(|seed| {
-                subtasks.iter().map(move |&t| TaskGrid {
-                    task: TaskKind::Ruler(t),
-                    lengths: vec![length],
-                    depths: vec![0.0],
-                    seeds: vec![seed],
-                })
-            })
-            .collect();
         Self {
             name: name.into(),
-            tasks,
+            tasks: seed_major_grid(subtasks, length, seeds_each),
             dataset: None,
             methods: ["kvmerger", "keydiff"].map(String::from).to_vec(),
             budgets: [0.5, 0.25, 0.125, 0.08].map(Budget::Ratio).to_vec(),
@@ -326,6 +317,17 @@ impl SweepSpec {
     }
 }
 
+/// KVMerger's best variant on RULER's development seeds (docs/eval-kvmerger-ruler-dev).
+pub const KVMERGER_RULER_VARIANT: &str = "kvmerger:protect_by=key_diff;recent=0.02;selected=0.15";
+
+/// The quick RULER run's methods: KVMerger, its best variant on development seeds, and the
+/// field's current methods (the classic H2O, CaM, StreamingLLM and SnapKV stay in `ruler`).
+fn ruler_quick_methods() -> Vec<String> {
+    let field =
+        ["tova", "knorm", "keydiff", "expected_attention", "pyramidkv", "adakv", "kvzip", "merge"];
+    ["kvmerger", KVMERGER_RULER_VARIANT].into_iter().chain(field).map(String::from).collect()
+}
+
 /// The subtasks of the quick frontier: those whose answers are a few numbers (so a sample
 /// takes seconds to answer, not a minute of decoding a wrong word list) and whose full
 /// cache SmolLM2 answers at least half the time in the RULER quick run.
@@ -335,6 +337,22 @@ const FRONTIER_QUICK_SUBTASKS: [RulerTask; 4] = [
     RulerTask::NiahMultikey1,
     RulerTask::NiahMultivalue,
 ];
+
+/// RULER's `subtasks` at `length` tokens, `seeds_each` held-out seeds each, seed by seed:
+/// every subtask in each round, so that a run stopped early (or a shard) still averages over
+/// all subtasks.
+fn seed_major_grid(subtasks: &[RulerTask], length: usize, seeds_each: u64) -> Vec<TaskGrid> {
+    (HELD_OUT_SEED..HELD_OUT_SEED + seeds_each)
+        .flat_map(|seed| {
+            subtasks.iter().map(move |&t| TaskGrid {
+                task: TaskKind::Ruler(t),
+                lengths: vec![length],
+                depths: vec![0.0],
+                seeds: vec![seed],
+            })
+        })
+        .collect()
+}
 
 /// RULER's 11 subtasks at `length` tokens, `seeds_each` held-out seeds each (one job per
 /// seed: the generators draw the depths).
@@ -732,6 +750,18 @@ mod tests {
             (quick.jobs().len(), quick.protocols.as_slice()),
             (11 * 2, &[Protocol::Context][..])
         );
+        // Seed-major, so that a run stopped early averages over every subtask; KVMerger,
+        // its variant and every method of the field's that `ruler` compares.
+        assert!(quick.tasks[..11].iter().all(|g| g.seeds == [HELD_OUT_SEED]));
+        assert!(quick.methods.iter().any(|m| m == KVMERGER_RULER_VARIANT));
+        for m in ruler
+            .methods
+            .iter()
+            .filter(|m| !["h2o", "cam", "streaming_llm", "snapkv"].contains(&m.as_str()))
+        {
+            assert!(quick.methods.contains(m), "{m}");
+        }
+        assert_eq!(quick.configs().unwrap().len(), 1 + 10 * 3);
         assert_eq!(ruler.protocols, Protocol::ALL);
         // The frontier: every subtask in each round of seeds; the full cache and both
         // methods again on q8_0 and q4_0r at 50% and 35%, the full cache alone on q4_0.

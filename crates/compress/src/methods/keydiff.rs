@@ -37,7 +37,7 @@ impl KeyDiffConfig {
 
 /// `-cosine(key, anchor)` for each key of a `[len, head_dim]` matrix, where the anchor is
 /// the mean of the keys scaled to unit length (a zero key counts as zero, and scores 0).
-fn keydiff_scores(keys: &[f32], head_dim: usize) -> Vec<f32> {
+pub(crate) fn keydiff_scores(keys: &[f32], head_dim: usize) -> Vec<f32> {
     let norms = row_norms(keys, head_dim);
     let mut anchor = vec![0.0f32; head_dim];
     for (key, &norm) in keys.chunks_exact(head_dim).zip(&norms) {

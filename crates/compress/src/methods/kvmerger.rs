@@ -28,8 +28,9 @@ use crate::budget::Budget;
 use crate::cache::{EntryMeta, HeadCache};
 use crate::error::{CompressError, Result};
 use crate::method::{CompressionMethod, HeadId, HeadReport};
+use crate::methods::keydiff::keydiff_scores;
 use crate::methods::merging_sets::{
-    mean_row, merge_to_target, merging_sets, min_reachable, CompareTo,
+    mean_row, merge_to_target, merging_sets, min_reachable, CompareTo, Linkage, RunScoring,
 };
 use crate::methods::select::top_k;
 use crate::stats::{StatsRequest, Windows};
@@ -77,6 +78,18 @@ pub enum Similarity {
     Centered,
 }
 
+/// What must agree for two adjacent runs to merge in `merge` mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum AgreeOn {
+    /// Their keys (paper): runs are as similar as their key centroids.
+    #[default]
+    Keys,
+    /// Their keys and their values: runs are as similar as the smaller of the two centroid
+    /// cosines, so that a merged value stands for every member's value too.
+    KeysAndValues,
+}
+
 /// Which attention statistic chooses the protected high-attention tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -86,6 +99,9 @@ pub enum ProtectBy {
     Accumulated,
     /// Attention from the prompt's last `protect_window` queries (SnapKV's statistic).
     Window,
+    /// No attention: the keys that point furthest from the head's mean key direction
+    /// (KeyDiff's score), the distinctive tokens that merging would blur.
+    KeyDiff,
 }
 
 /// What the protected shares (`recent`, `selected`) are shares of, and which budget ratio
@@ -199,6 +215,13 @@ pub struct KvMergerConfig {
     pub threshold: f32,
     pub compare_to: CompareTo,
     pub similarity: Similarity,
+    /// What must agree for runs to merge in `merge` mode. Written out only when set, so
+    /// configurations (and the sweep rows fingerprinted by them) stay as they were.
+    #[serde(skip_serializing_if = "is_default")]
+    pub agree_on: AgreeOn,
+    /// How adjacent runs are compared in `merge` mode (written out only when set).
+    #[serde(skip_serializing_if = "is_default")]
+    pub linkage: Linkage,
     pub protect_by: ProtectBy,
     /// Observation window of `protect_by = window` (SnapKV's default, 32).
     pub protect_window: usize,
@@ -246,6 +269,8 @@ impl Default for KvMergerConfig {
             threshold: 0.75,
             compare_to: CompareTo::default(),
             similarity: Similarity::default(),
+            agree_on: AgreeOn::default(),
+            linkage: Linkage::default(),
             protect_by: ProtectBy::default(),
             protect_window: 32,
             recent: None,
@@ -345,6 +370,21 @@ impl KvMergerConfig {
             (self.threshold != d.threshold && !scans, "threshold", SCAN_MODES),
             (self.compare_to != d.compare_to && !scans, "compare_to", SCAN_MODES),
             (self.similarity != d.similarity && !merges, "similarity", MERGING),
+            (
+                self.agree_on != d.agree_on && !self.merges_to_budget(),
+                "agree_on",
+                "budget_mode = merge (with merge = true)",
+            ),
+            (
+                self.linkage != d.linkage && !self.merges_to_budget(),
+                "linkage",
+                "budget_mode = merge (with merge = true)",
+            ),
+            (
+                self.similarity != d.similarity && self.linkage == Linkage::Ward,
+                "similarity",
+                "linkage = centroid (Ward's squared error does not depend on a centre)",
+            ),
             (self.mass != d.mass && !merges, "mass", MERGING),
             (self.weights != d.weights && !merges, "weights", MERGING),
             (self.pivot != d.pivot && !merges, "pivot", MERGING),
@@ -419,6 +459,7 @@ impl KvMergerConfig {
                     ))
                 })
             }
+            ProtectBy::KeyDiff => Ok(keydiff_scores(&head.keys(), head.head_dim())),
         }
     }
 
@@ -526,14 +567,14 @@ impl KvMergerConfig {
             let weights: Option<Vec<f32>> = self
                 .count_weighted
                 .then(|| head.meta().iter().map(|m| self.row_weight(m.count)).collect());
-            return merge_to_target(
-                &keys,
-                d,
-                protected,
-                budget,
-                center.as_deref(),
-                weights.as_deref(),
-            );
+            let values = (self.agree_on == AgreeOn::KeysAndValues).then(|| head.values());
+            let scoring = RunScoring {
+                center: center.as_deref(),
+                row_weights: weights.as_deref(),
+                values: values.as_deref(),
+                linkage: self.linkage,
+            };
+            return merge_to_target(&keys, d, protected, budget, scoring);
         }
         match center {
             None => merging_sets(&keys, d, protected, self.threshold, self.compare_to),
@@ -683,7 +724,7 @@ impl CompressionMethod for KvMergerConfig {
 
     fn stats(&self) -> StatsRequest {
         let windows = match self.protect_by {
-            ProtectBy::Accumulated => Windows::default(),
+            ProtectBy::Accumulated | ProtectBy::KeyDiff => Windows::default(),
             ProtectBy::Window => Windows::one(self.protect_window),
         };
         // Accumulated attention always: it chooses the pivots.
@@ -1123,6 +1164,68 @@ mod tests {
     }
 
     #[test]
+    fn key_diff_protection_picks_the_distinctive_key_not_the_most_attended() {
+        // Twenty tokens share one key but token 5, which points elsewhere; token 10 has the
+        // most attention. One token is selected, none recent.
+        let d = 4;
+        let mut keys = [0.3f32, -0.7, 0.2, 0.5].repeat(20);
+        keys[5 * d..6 * d].copy_from_slice(&[-0.5, 0.1, 0.8, -0.2]);
+        let meta = (0..20)
+            .map(|i| EntryMeta {
+                position: i,
+                count: 1,
+                attention: if i == 10 { 5.0 } else { 1.0 },
+            })
+            .collect();
+        let values = random_head(20, d, 4).values().to_vec();
+        let head = HeadCache::from_parts(d, KvDtype::F32, keys, values, meta).unwrap();
+        let selected = |protect_by| {
+            let c = KvMergerConfig {
+                protect_by,
+                recent: Some(0.0),
+                selected: Some(0.05),
+                ..merge_cfg(Budget::Tokens(10))
+            };
+            protected_indices(&c, &head, 20, 10)
+        };
+        assert_eq!(selected(ProtectBy::Accumulated), [10]);
+        assert_eq!(selected(ProtectBy::KeyDiff), [5]);
+    }
+
+    #[test]
+    fn agreeing_on_values_keeps_runs_with_different_values_apart() {
+        // Six tokens with one key; the first three carry value `a`, the last three an
+        // orthogonal `b`. Keys alone tie everywhere (the leftmost pair merges first), so the
+        // first entry swallows both values; agreeing on values too splits at the change.
+        let d = 4;
+        let (a, b) = ([1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]);
+        let keys = [0.3f32, -0.7, 0.2, 0.5].repeat(6);
+        let values = [a.repeat(3), b.repeat(3)].concat();
+        let meta = (0..6).map(|i| EntryMeta { position: i, count: 1, attention: 1.0 }).collect();
+        let head = HeadCache::from_parts(d, KvDtype::F32, keys, values, meta).unwrap();
+        let merged = |agree_on| {
+            let c = KvMergerConfig {
+                agree_on,
+                recent: Some(0.0),
+                selected: Some(0.0),
+                ..merge_cfg(Budget::Tokens(2))
+            };
+            let mut h = head.clone();
+            c.compress(ID, &mut h, 2).unwrap();
+            let counts: Vec<u32> = h.meta().iter().map(|m| m.count).collect();
+            (counts, h.value(0).to_vec())
+        };
+        let (counts, first) = merged(AgreeOn::Keys);
+        assert_eq!(counts, [5, 1]);
+        assert!(first[1] > 0.1, "keys alone blur b into the first entry: {first:?}");
+        let (counts, first) = merged(AgreeOn::KeysAndValues);
+        assert_eq!(counts, [3, 3]);
+        assert_eq!(first, a);
+        let exact = KvMergerConfig { agree_on: AgreeOn::KeysAndValues, ..cfg(Budget::Tokens(2)) };
+        assert!(exact.validate().unwrap_err().to_string().contains("agree_on"));
+    }
+
+    #[test]
     fn log_count_keeps_attention_exact_for_identical_entries_and_none_does_not() {
         let d = 4;
         let base = random_head(10, d, 3);
@@ -1192,6 +1295,18 @@ mod tests {
         HeadCache::from_parts(head.head_dim(), KvDtype::F32, keys, values, meta).unwrap()
     }
 
+    /// The entries `c` protects in `head`, standing for `tokens` prompt tokens, at `budget`.
+    fn protected_indices(
+        c: &KvMergerConfig,
+        head: &HeadCache,
+        tokens: usize,
+        budget: usize,
+    ) -> Vec<usize> {
+        let scores = c.protection_scores(head).unwrap();
+        let (mask, _) = c.protect(&scores, tokens, budget);
+        (0..head.len()).filter(|&i| mask[i]).collect()
+    }
+
     /// Length of the protected run at the end of a mask: the recent window.
     fn recent_window(protected: &[bool]) -> usize {
         protected.iter().rev().take_while(|&&p| p).count()
@@ -1236,9 +1351,7 @@ mod tests {
                 selected: Some(1.0 / 40.0),
                 ..merge_cfg(Budget::Tokens(30))
             };
-            let scores = c.protection_scores(&head).unwrap();
-            let (mask, _) = c.protect(&scores, 49, 30);
-            (0..40).filter(|&i| mask[i]).collect::<Vec<_>>()
+            protected_indices(&c, &head, 49, 30)
         };
         assert_eq!(selected(ProtectScore::Total), [5]);
         assert_eq!(selected(ProtectScore::PerToken), [20]);

@@ -114,6 +114,13 @@ pub(crate) fn centroid_cosine(
     }
 }
 
+/// Ward's merge cost of two runs given by their (weighted) sums and masses: the squared
+/// error the merge adds, `m_a m_b / (m_a + m_b) |sum_a / m_a - sum_b / m_b|^2`, in f64.
+pub(crate) fn ward_cost(sum_a: &[f64], m_a: f64, sum_b: &[f64], m_b: f64) -> f64 {
+    let dist: f64 = sum_a.iter().zip(sum_b).map(|(x, y)| (x / m_a - y / m_b).powi(2)).sum();
+    m_a * m_b / (m_a + m_b) * dist
+}
+
 /// The mean of a `[len, head_dim]` matrix's rows, `[head_dim]`, in f64.
 pub(crate) fn mean_row(rows: &[f32], head_dim: usize) -> Vec<f64> {
     let n = rows.len().checked_div(head_dim).unwrap_or(0).max(1) as f64;
@@ -161,13 +168,39 @@ impl Ord for Candidate {
     }
 }
 
+/// How adjacent runs are compared when merging to a target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Linkage {
+    /// The cosine of the runs' centroid keys: the most similar pair merges first.
+    #[default]
+    Centroid,
+    /// Ward's criterion: the pair whose merge adds the least squared error between the
+    /// merged (mean) key and its members' keys, `m_a m_b / (m_a + m_b) |mu_a - mu_b|^2`,
+    /// merges first. A large run's centroid drifts toward the head's common key direction
+    /// and grows more similar to everything by cosine; by squared error it does not.
+    Ward,
+}
+
+/// What [`merge_to_target`] compares runs by, besides their keys.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunScoring<'a> {
+    /// The head's mean key, subtracted from centroids before their cosine (centroid linkage).
+    pub center: Option<&'a [f64]>,
+    /// What each row weighs (the tokens it already stands for); 1 each when absent.
+    pub row_weights: Option<&'a [f32]>,
+    /// Values, `[len, head_dim]`, compared too when given: centroid linkage takes the
+    /// smaller of the key and (uncentred) value cosines, Ward's adds the value error.
+    pub values: Option<&'a [f32]>,
+    pub linkage: Linkage,
+}
+
 /// Merges adjacent unprotected tokens most-similar-first until protected tokens plus runs
 /// number `target` (or no two unprotected runs touch). Protected tokens are barriers: never
-/// merged, and no run spans one. Two runs are as similar as the cosine of their centroid
-/// keys (each minus `center`, the head's mean key, when given; each row weighted by
-/// `row_weights[i]`, the tokens it already stands for, when given, else 1); a merged run is
-/// re-scored against its new neighbours. A max-heap of candidate pairs with stamps that invalidate
-/// stale entries makes this `O(n log n)` pair operations for `n` tokens.
+/// merged, and no run spans one. Two runs are compared as `scoring` says (by default the
+/// cosine of their centroid keys, each row weighing 1); a merged run is re-scored against
+/// its new neighbours. A max-heap of candidate pairs with stamps that invalidate stale
+/// entries makes this `O(n log n)` pair operations for `n` tokens.
 ///
 /// `keys`: `[len, head_dim]`. Returns the runs, singletons included, as increasing index
 /// ranges covering each unprotected index exactly once (as [`merging_sets`] does).
@@ -176,12 +209,13 @@ pub fn merge_to_target(
     head_dim: usize,
     protected: &[bool],
     target: usize,
-    center: Option<&[f64]>,
-    row_weights: Option<&[f32]>,
+    scoring: RunScoring<'_>,
 ) -> Vec<Range<usize>> {
     let n = protected.len();
+    let RunScoring { center, row_weights, values, linkage } = scoring;
     debug_assert_eq!(keys.len(), n * head_dim);
     debug_assert!(row_weights.is_none_or(|w| w.len() == n));
+    debug_assert!(values.is_none_or(|v| v.len() == n * head_dim));
     // Runs are named by their first index. For a run `s..e`: end[s] = e, start[e - 1] = s,
     // sums[s] its key sum, stamp[s] bumped whenever the run grows, alive[s] until it is
     // absorbed by its left neighbour; sums[s] is weighted, and mass[s] is its weight.
@@ -192,26 +226,44 @@ pub fn merge_to_target(
         Some(w) => w.iter().map(|&w| w as f64).collect(),
         None => vec![1.0; n],
     };
-    let mut sums: Vec<f64> = keys
-        .chunks_exact(head_dim)
-        .zip(&mass)
-        .flat_map(|(row, &w)| row.iter().map(move |&k| w * k as f64))
-        .collect();
+    let weighted_sums = |rows: &[f32]| -> Vec<f64> {
+        rows.chunks_exact(head_dim)
+            .zip(&mass)
+            .flat_map(|(row, &w)| row.iter().map(move |&x| w * x as f64))
+            .collect()
+    };
+    let mut sums = weighted_sums(keys);
+    let mut value_sums = values.map(weighted_sums);
     let mut stamp = vec![0u32; n];
-    let sum = |sums: &[f64], s: usize| -> Vec<f64> { sums[s * head_dim..][..head_dim].to_vec() };
-    let score = |sums: &[f64], mass: &[f64], a: usize, b: usize| {
-        centroid_cosine(
-            &sums[a * head_dim..][..head_dim],
-            mass[a],
-            &sums[b * head_dim..][..head_dim],
-            mass[b],
-            center,
-        )
+    let row = |sums: &[f64], s: usize| -> Vec<f64> { sums[s * head_dim..][..head_dim].to_vec() };
+    let score = |sums: &[f64], value_sums: Option<&[f64]>, mass: &[f64], a: usize, b: usize| {
+        let (ma, mb) = (mass[a], mass[b]);
+        fn rows(sums: &[f64], a: usize, b: usize, d: usize) -> (&[f64], &[f64]) {
+            (&sums[a * d..][..d], &sums[b * d..][..d])
+        }
+        let of = |sums| rows(sums, a, b, head_dim);
+        match linkage {
+            Linkage::Centroid => {
+                let cos = |sums, center| {
+                    let (ra, rb) = of(sums);
+                    centroid_cosine(ra, ma, rb, mb, center)
+                };
+                let key = cos(sums, center);
+                value_sums.map_or(key, |v| key.min(cos(v, None)))
+            }
+            Linkage::Ward => {
+                let cost = |sums| {
+                    let (ra, rb) = of(sums);
+                    ward_cost(ra, ma, rb, mb)
+                };
+                -(cost(sums) + value_sums.map_or(0.0, cost))
+            }
+        }
     };
     let mut heap = BinaryHeap::new();
     for i in 1..n {
         if !protected[i - 1] && !protected[i] {
-            let s = score(&sums, &mass, i - 1, i);
+            let s = score(&sums, value_sums.as_deref(), &mass, i - 1, i);
             heap.push(Candidate { score: s, left: i - 1, right: i, stamps: (0, 0) });
         }
     }
@@ -223,8 +275,10 @@ pub fn merge_to_target(
         if !alive[a] || !alive[b] || c.stamps != (stamp[a], stamp[b]) {
             continue;
         }
-        let add = sum(&sums, b);
-        sums[a * head_dim..][..head_dim].iter_mut().zip(&add).for_each(|(x, y)| *x += y);
+        for sums in std::iter::once(&mut sums).chain(value_sums.as_mut()) {
+            let add = row(sums, b);
+            sums[a * head_dim..][..head_dim].iter_mut().zip(&add).for_each(|(x, y)| *x += y);
+        }
         mass[a] += mass[b];
         end[a] = end[b];
         start[end[a] - 1] = a;
@@ -233,12 +287,12 @@ pub fn merge_to_target(
         count -= 1;
         if a > 0 && !protected[a - 1] {
             let p = start[a - 1];
-            let s = score(&sums, &mass, p, a);
+            let s = score(&sums, value_sums.as_deref(), &mass, p, a);
             heap.push(Candidate { score: s, left: p, right: a, stamps: (stamp[p], stamp[a]) });
         }
         let e = end[a];
         if e < n && !protected[e] {
-            let s = score(&sums, &mass, a, e);
+            let s = score(&sums, value_sums.as_deref(), &mass, a, e);
             heap.push(Candidate { score: s, left: a, right: e, stamps: (stamp[a], stamp[e]) });
         }
     }
@@ -314,20 +368,23 @@ mod tests {
 
     /// Plain O(n^2) merging to a target: rescan every adjacent pair of runs, merge the most
     /// similar (the leftmost on ties), repeat. A run's centroid is its rows' mean weighted
-    /// by `weights`.
+    /// by `weights`; with `values`, a pair scores the smaller of its key and value cosines
+    /// (centroid linkage) or the sum of their Ward costs.
     fn merge_reference(
         keys: &[f32],
         d: usize,
         protected: &[bool],
         target: usize,
-        center: Option<&[f64]>,
-        weights: &[f32],
+        scoring: RunScoring<'_>,
     ) -> Vec<Range<usize>> {
-        let sum = |r: &Range<usize>| -> Vec<f64> {
+        let RunScoring { center, row_weights, values, linkage } = scoring;
+        let ones = vec![1.0; protected.len()];
+        let weights = row_weights.unwrap_or(&ones);
+        let sum = |rows: &[f32], r: &Range<usize>| -> Vec<f64> {
             let mut s = vec![0.0f64; d];
             for i in r.clone() {
                 let w = weights[i] as f64;
-                s.iter_mut().zip(&keys[i * d..(i + 1) * d]).for_each(|(a, k)| *a += w * *k as f64);
+                s.iter_mut().zip(&rows[i * d..(i + 1) * d]).for_each(|(a, k)| *a += w * *k as f64);
             }
             s
         };
@@ -342,7 +399,19 @@ mod tests {
                     continue;
                 }
                 let (a, b) = (&runs[j - 1], &runs[j]);
-                let score = centroid_cosine(&sum(a), mass(a), &sum(b), mass(b), center);
+                let (ma, mb) = (mass(a), mass(b));
+                let score = match linkage {
+                    Linkage::Centroid => {
+                        let key = centroid_cosine(&sum(keys, a), ma, &sum(keys, b), mb, center);
+                        values.map_or(key, |v| {
+                            key.min(centroid_cosine(&sum(v, a), ma, &sum(v, b), mb, None))
+                        })
+                    }
+                    Linkage::Ward => {
+                        let cost = |rows| ward_cost(&sum(rows, a), ma, &sum(rows, b), mb);
+                        -(cost(keys) + values.map_or(0.0, cost))
+                    }
+                };
                 if best.is_none_or(|(s, _)| score > s) {
                     best = Some((score, j));
                 }
@@ -354,10 +423,10 @@ mod tests {
         runs
     }
 
-    type MergeInput = (Vec<f32>, Vec<bool>, usize, bool, Option<Vec<f32>>);
+    type MergeInput = (Vec<f32>, Vec<bool>, usize, bool, Option<Vec<f32>>, Option<Vec<f32>>);
 
-    /// Keys, protected rows, a target, whether to center, and the rows' weights if any
-    /// (the tokens each already stands for, whole numbers).
+    /// Keys, protected rows, a target, whether to center, the rows' weights if any (the
+    /// tokens each already stands for, whole numbers), and values if they are compared too.
     fn merge_input() -> impl Strategy<Value = MergeInput> {
         (1usize..50).prop_flat_map(|n| {
             (
@@ -369,24 +438,59 @@ mod tests {
                     (1u32..20).prop_map(|c| c as f32),
                     n,
                 )),
+                proptest::option::of(proptest::collection::vec(-1.0f32..1.0, n * 3)),
             )
         })
+    }
+
+    #[test]
+    fn ward_keeps_a_large_key_apart_where_cosine_merges_it() {
+        // Ten keys along one direction with noise; token 5 points the same way with ten
+        // times the length (as a sink or a salient token's key may). By cosine it is the
+        // closest match of its neighbours; by squared error the furthest.
+        let c = [0.6f32, -0.3, 0.5];
+        let noise = [
+            [0.1, 0.0, -0.1],
+            [-0.1, 0.1, 0.0],
+            [0.0, -0.1, 0.1],
+            [0.1, 0.1, 0.0],
+            [-0.1, 0.0, 0.1],
+            [0.0, 0.0, 0.0],
+            [0.0, 0.1, -0.1],
+            [0.1, -0.1, 0.0],
+            [-0.1, -0.1, 0.1],
+            [0.0, 0.1, 0.1],
+        ];
+        let keys: Vec<f32> = (0..10)
+            .flat_map(|i| {
+                let scale = if i == 5 { 10.0 } else { 1.0 };
+                (0..3).map(move |t| scale * c[t] + noise[i][t])
+            })
+            .collect();
+        let runs = |linkage| {
+            let scoring = RunScoring { linkage, ..Default::default() };
+            merge_to_target(&keys, 3, &[false; 10], 3, scoring)
+        };
+        assert_eq!(runs(Linkage::Ward), [0..5, 5..6, 6..10]);
+        assert!(!runs(Linkage::Centroid).contains(&(5..6)), "{:?}", runs(Linkage::Centroid));
     }
 
     proptest! {
         #[test]
         fn priority_queue_merging_equals_the_quadratic_reference(
-            (keys, protected, target, centered, weights) in merge_input()
+            (keys, protected, target, centered, weights, values) in merge_input()
         ) {
             let center = centered.then(|| mean_row(&keys, 3));
-            let ours =
-                merge_to_target(&keys, 3, &protected, target, center.as_deref(), weights.as_deref());
-            let ones = vec![1.0; protected.len()];
-            let w = weights.as_deref().unwrap_or(&ones);
-            let expected = merge_reference(&keys, 3, &protected, target, center.as_deref(), w);
-            prop_assert_eq!(&ours, &expected);
-            let n_protected = protected.iter().filter(|&&p| p).count();
-            prop_assert_eq!(n_protected + ours.len(), target.max(min_reachable(&protected)));
+            let (c, v) = (center.as_deref(), values.as_deref());
+            for linkage in [Linkage::Centroid, Linkage::Ward] {
+                let scoring =
+                    RunScoring { center: c, row_weights: weights.as_deref(), values: v, linkage };
+                let ours = merge_to_target(&keys, 3, &protected, target, scoring);
+                let expected = merge_reference(&keys, 3, &protected, target, scoring);
+                prop_assert_eq!(&ours, &expected);
+                let n_protected = protected.iter().filter(|&&p| p).count();
+                prop_assert_eq!(n_protected + ours.len(), target.max(min_reachable(&protected)));
+            }
         }
 
         #[test]

@@ -34,7 +34,8 @@ pub use kvmerger::{
 pub use kvzip::{HeadBudgets, KvzipConfig};
 pub use merge_on_evict::MergeOnEvictConfig;
 pub use merging_sets::{
-    adjacent_cosine, cosine, merge_to_target, merging_sets, min_reachable, CompareTo,
+    adjacent_cosine, cosine, merge_to_target, merging_sets, min_reachable, CompareTo, Linkage,
+    RunScoring,
 };
 pub use pyramidkv::PyramidKvConfig;
 pub use snapkv::{avg_pool, SnapKvConfig};
