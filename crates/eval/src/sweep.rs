@@ -118,10 +118,12 @@ impl SweepSpec {
         };
         let three = vec![Budget::Ratio(0.5), Budget::Ratio(0.35), Budget::Ratio(0.2)];
         // RULER as kvpress reports it: 50%, 75% and 87.5% of the cache removed. Its methods
-        // are the field's, without the ablation variant that breaks the model.
+        // are the field's and KVMerger with its best variant on development seeds, without
+        // the ablation variant that breaks the model.
         let ruler_budgets = vec![Budget::Ratio(0.5), Budget::Ratio(0.25), Budget::Ratio(0.125)];
         let ruler_methods: Vec<String> = [
             "kvmerger",
+            KVMERGER_RULER_VARIANT,
             "h2o",
             "cam",
             "streaming_llm",
@@ -726,7 +728,8 @@ mod tests {
         }
         assert!(SweepSpec::preset("nope").is_err());
         // RULER: every subtask, 20 held-out seeds each at 4,096 tokens, one job per seed (its
-        // generator draws the depths); the field's methods and no ablation variant.
+        // generator draws the depths); the field's methods, KVMerger's RULER variant and no
+        // ablation variant.
         let ruler = SweepSpec::preset("ruler").unwrap();
         assert_eq!(ruler.tasks.len(), RulerTask::ALL.len());
         assert!(ruler.tasks.iter().all(|g| g.lengths == [4096] && g.seeds.len() == 20));
@@ -743,8 +746,9 @@ mod tests {
         ] {
             assert!(ruler.methods.iter().any(|x| x == m), "{m}");
         }
-        assert!(ruler.methods.iter().all(|m| !m.contains(':')));
-        assert_eq!(ruler.configs().unwrap().len(), 1 + 13 * 3);
+        let variants: Vec<&String> = ruler.methods.iter().filter(|m| m.contains(':')).collect();
+        assert_eq!(variants, [KVMERGER_RULER_VARIANT]);
+        assert_eq!(ruler.configs().unwrap().len(), 1 + 14 * 3);
         let quick = SweepSpec::preset("ruler-quick").unwrap();
         assert_eq!(
             (quick.jobs().len(), quick.protocols.as_slice()),
