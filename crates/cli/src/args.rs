@@ -272,8 +272,8 @@ pub fn flag_error(e: RequestError) -> anyhow::Error {
 /// override its fields; `--method` cannot be combined with it (the file names the method).
 #[derive(Debug, Clone, Args)]
 pub struct MethodArgs {
-    /// full, streaming_llm, h2o, snapkv, cam, kvmerger, knorm, keydiff or tova (`kvmerger
-    /// methods` lists their parameters).
+    /// `full` (no compression) or a compression method: `kvmerger methods` lists every one
+    /// with its parameters.
     #[arg(long, default_value = "full", conflicts_with = "method_config")]
     pub method: String,
     /// Entries each head keeps: a ratio (0.35, 35%, 1 = everything) or a token count (512t).

@@ -19,11 +19,7 @@ pub struct MethodsArgs {
 pub fn run(args: MethodsArgs) -> Result<()> {
     let mut listing = Vec::new();
     for info in METHODS {
-        let defaults = CompressionConfig::from_cli(info.name, None, &[])?;
-        let Value::Object(mut params) = serde_json::to_value(&defaults)? else {
-            unreachable!("a configuration serialises to a JSON object")
-        };
-        params.remove("method");
+        let params = CompressionConfig::from_cli(info.name, None, &[])?.parameters();
         listing.push(json!({
             "name": info.name,
             "aliases": info.aliases,

@@ -138,6 +138,21 @@ pub fn method_info(name: &str) -> Option<&'static MethodInfo> {
 }
 
 impl CompressionConfig {
+    /// Every parameter of the method with its value, `method` left out (`kvmerger
+    /// methods` lists them); unlike the serialised form, this includes KVMerger's
+    /// parameters that are written out only when set.
+    pub fn parameters(&self) -> Map<String, Value> {
+        let mut params = match self {
+            Self::Kvmerger(c) => c.all_parameters(),
+            _ => match serde_json::to_value(self) {
+                Ok(Value::Object(obj)) => obj,
+                _ => unreachable!("a configuration serialises to a JSON object"),
+            },
+        };
+        params.remove("method");
+        params
+    }
+
     /// Builds a configuration from a method name, an optional budget and `key=value`
     /// parameter overrides. Values are read as JSON where they parse (`0.8`, `true`,
     /// `{"fixed": 5}`), as strings otherwise (`adaptive`, `log_count`).
@@ -680,5 +695,25 @@ mod tests {
         }
         let err = CompressionConfig::from_cli("magic", None, &[]).unwrap_err().to_string();
         assert!(METHOD_NAMES.iter().all(|n| err.contains(n)), "{err}");
+    }
+    #[test]
+    fn listed_parameters_are_every_parameter_and_rebuild_the_configuration() {
+        for info in METHODS {
+            let defaults = CompressionConfig::from_cli(info.name, None, &[]).unwrap();
+            let params = defaults.parameters();
+            let mut with_method = params.clone();
+            with_method.insert("method".into(), Value::String(info.name.into()));
+            let rebuilt: CompressionConfig = serde_json::from_value(Value::Object(with_method))
+                .unwrap_or_else(|e| panic!("{}: {e}", info.name));
+            assert_eq!(rebuilt, defaults);
+            // Nothing the serialised form writes is missing from the listing.
+            let Ok(Value::Object(written)) = serde_json::to_value(&defaults) else { panic!() };
+            assert!(written.keys().all(|k| k == "method" || params.contains_key(k)));
+        }
+        let kvmerger = CompressionConfig::from_cli("kvmerger", None, &[]).unwrap().parameters();
+        for hidden in ["agree_on", "linkage", "shares_of", "protect_score", "count_weighted"] {
+            assert!(kvmerger.contains_key(hidden), "{hidden}");
+        }
+        assert_eq!(kvmerger["linkage"], "centroid");
     }
 }

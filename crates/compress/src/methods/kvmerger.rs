@@ -292,6 +292,27 @@ impl Default for KvMergerConfig {
 }
 
 impl KvMergerConfig {
+    /// Every parameter with its value, including those the serialised form leaves out at
+    /// their defaults (so that older fingerprints stay): what `kvmerger methods` lists.
+    pub fn all_parameters(&self) -> serde_json::Map<String, serde_json::Value> {
+        let to_value = |v: serde_json::Result<serde_json::Value>| v.expect("parameters serialise");
+        let serde_json::Value::Object(mut listed) = to_value(serde_json::to_value(self)) else {
+            unreachable!("a configuration serialises to a JSON object")
+        };
+        let unwritten = [
+            ("agree_on", to_value(serde_json::to_value(self.agree_on))),
+            ("linkage", to_value(serde_json::to_value(self.linkage))),
+            ("shares_of", to_value(serde_json::to_value(self.shares_of))),
+            ("protect_score", to_value(serde_json::to_value(self.protect_score))),
+            ("count_weighted", self.count_weighted.into()),
+            ("layer_budgets_model", to_value(serde_json::to_value(&self.layer_budgets_model))),
+        ];
+        for (name, value) in unwritten {
+            listed.entry(name).or_insert(value);
+        }
+        listed
+    }
+
     pub fn validate(&self) -> Result<()> {
         if let Sigma::Fixed(s) = self.sigma {
             if !(s > 0.0 && s.is_finite()) {
