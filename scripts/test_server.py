@@ -181,7 +181,7 @@ def test_errors(srv):
         status, _, reply = srv.post_raw("/v1/completions", data)
         err = reply.get("error", {})
         check(status == 400 and err.get("param") == param and err.get("message"),
-              f"400 naming `{param}`: {err.get('message', reply)[:90]}")
+              f"400 naming `{param}`: {str(err.get('message', reply))[:90]}")
 
     expect(None, "body", raw=b'{"prompt": "hi", ')
     expect({"prompt": "hi", "kv_compression": {"method": "magic"}}, "kv_compression.method")
@@ -201,6 +201,17 @@ def test_errors(srv):
     expect({"prompt": "hi", "frobnicate": True}, "frobnicate")
     expect({"prompt": "hi", "kv_compression": {"method": "kvmerger", "budget": 0.35, "sigma": -1}},
            "kv_compression.sigma")
+    # The fields that apply to the request rather than to the method: a decode bound the
+    # method cannot keep, and a method that cannot compress during prefill (the server's
+    # default) unless the request asks to compress once.
+    expect({"prompt": "hi", "kv_compression": {"method": "h2o", "max_kv": 0}},
+           "kv_compression.max_kv")
+    expect({"prompt": "hi", "kv_compression": {"method": "full", "max_kv": 8}},
+           "kv_compression.max_kv")
+    expect({"prompt": "hi", "kv_compression": {"method": "h2o", "prefill_compression": "later"}},
+           "kv_compression.prefill_compression")
+    expect({"prompt": "word " * 300, "kv_compression": {"method": "cam", "budget": 0.5}},
+           "kv_compression.prefill_compression")
     # One rule with the command line: the full cache takes no budget; a parameter the mode
     # does not read is refused; per-layer budgets must fit the model's layers.
     expect({"prompt": "hi", "kv_compression": {"method": "full", "budget": 0.5}},

@@ -25,9 +25,10 @@ pub enum EngineError {
     EmptyPrompt,
     #[error("the input needs {needed} positions but the model's context is {context} tokens")]
     ContextOverflow { needed: usize, context: usize },
-    /// A request the engine cannot serve as asked; names the request field.
-    #[error("invalid `{field}`: {reason}")]
-    InvalidRequest { field: String, reason: String },
+    /// A request the engine cannot serve as asked (a rule that depends on how the engine
+    /// runs, such as its prefill chunk); names the request field.
+    #[error(transparent)]
+    Request(crate::request::RequestError),
     #[error("model setup failed: {0}")]
     Setup(String),
     #[error(transparent)]

@@ -86,7 +86,7 @@ pub enum RequestError {
 }
 
 impl RequestError {
-    fn invalid(field: RequestField, reason: impl Into<String>) -> Self {
+    pub(crate) fn invalid(field: RequestField, reason: impl Into<String>) -> Self {
         Self::Invalid { field, reason: reason.into() }
     }
 }
@@ -96,9 +96,7 @@ impl RequestError {
 impl From<RequestError> for EngineError {
     fn from(e: RequestError) -> Self {
         match e {
-            RequestError::Invalid { field, reason } => {
-                EngineError::InvalidRequest { field: field.name().to_string(), reason }
-            }
+            invalid @ RequestError::Invalid { .. } => EngineError::Request(invalid),
             RequestError::Compression(e) => EngineError::Compress(e),
         }
     }

@@ -21,7 +21,7 @@ use crate::forward::{BatchItem, Logits, Phase};
 use crate::model::Llama;
 use crate::pool::KvPool;
 use crate::prefill::PrefillCompression;
-use crate::request::GenerationRequest;
+use crate::request::{GenerationRequest, RequestError};
 use crate::scheduler::{Refusal, Scheduler, SchedulerLimits};
 use crate::sequence::{FinishReason, SeqId, SeqState, Sequence, Usage};
 
@@ -58,6 +58,10 @@ impl Default for EngineConfig {
 /// Why a request was not accepted.
 #[derive(Debug, thiserror::Error)]
 pub enum AddError {
+    /// The request cannot run as this engine runs (a rule that depends on the engine's
+    /// configuration, such as a method that cannot compress in its prefill chunks).
+    #[error(transparent)]
+    Request(RequestError),
     /// The sequence could not be built (an internal error: the request was checked).
     #[error(transparent)]
     Invalid(EngineError),
@@ -165,7 +169,10 @@ impl Engine {
         .inspect_err(|_| {
             m.requests_invalid.fetch_add(1, Ordering::Relaxed);
         })
-        .map_err(AddError::Invalid)?;
+        .map_err(|e| match e {
+            EngineError::Request(r) => AddError::Request(r),
+            other => AddError::Invalid(other),
+        })?;
         if let Err(refusal) = self.scheduler.submit(seq.id, seq.reservation(), &self.pool) {
             let counter = match refusal {
                 Refusal::QueueFull { .. } => &m.requests_refused_queue_full,

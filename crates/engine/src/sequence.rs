@@ -25,7 +25,7 @@ use crate::prefill::{PrefillCompression, PrefillOptions, PrefillPlan};
 use crate::profile::{timed, Part};
 use crate::reconstruction_pass::score_by_reconstruction;
 use crate::request::{check_decode_bound, check_incremental_prefill};
-use crate::request::{GenerationRequest, RequestLimits};
+use crate::request::{GenerationRequest, RequestError, RequestField, RequestLimits};
 use crate::sampler::{Sampler, SamplingConfig};
 
 /// A request's id inside the engine.
@@ -150,12 +150,12 @@ impl Prefilled {
         options: PrefillOptions,
     ) -> Result<Self> {
         if options.compression != PrefillCompression::Once {
-            return Err(EngineError::InvalidRequest {
-                field: "prefill_compression".into(),
-                reason: "a prefill shared by several methods is compressed once; an \
-                         incremental prefill belongs to one method"
-                    .into(),
-            });
+            return Err(RequestError::invalid(
+                RequestField::PrefillCompression,
+                "a prefill shared by several methods is compressed once; an incremental \
+                 prefill belongs to one method",
+            )
+            .into());
         }
         let start = Instant::now();
         let mut seq = Sequence::for_prompt(
@@ -765,7 +765,7 @@ mod tests {
     /// The field an incremental prefill of `r` in chunks of `chunk` is refused for.
     fn refused(r: GenerationRequest, chunk: usize) -> String {
         match Sequence::new(1, r, &tiny_config(), chunk, PrefillCompression::Incremental) {
-            Err(EngineError::InvalidRequest { field, .. }) => field,
+            Err(EngineError::Request(RequestError::Invalid { field, .. })) => field.name().into(),
             other => panic!("{other:?}"),
         }
     }

@@ -7,8 +7,8 @@ use kvmerger_compress::{Budget, CompressionConfig, KvCache};
 use kvmerger_engine::testing::{random_llama_with, tiny_config};
 use kvmerger_engine::{
     argmax, BatchItem, EngineError, GenerationRequest, Llama, Logits, Phase, PrefillCompression,
-    PrefillOptions, Prefilled, RequestLimits, RequestOptions, SamplingConfig, Sequence, Session,
-    WeightFormat, WeightFormats,
+    PrefillOptions, Prefilled, RequestError, RequestField, RequestLimits, RequestOptions,
+    SamplingConfig, Sequence, Session, WeightFormat, WeightFormats,
 };
 
 const PROMPT: usize = 200;
@@ -195,8 +195,8 @@ fn a_method_that_cannot_compress_incrementally_says_why() {
         let tiny_chunk = PrefillOptions { chunk: 8, ..incremental };
         let mut session = Session::new(&model, &config).unwrap().with_options(tiny_chunk);
         match session.prefill(&prompt(0)) {
-            Err(EngineError::InvalidRequest { field, reason }) => {
-                assert_eq!(field, "prefill_compression");
+            Err(EngineError::Request(RequestError::Invalid { field, reason })) => {
+                assert_eq!(field, RequestField::PrefillCompression);
                 assert!(reason.contains(why), "{}: {reason}", config.label());
             }
             other => panic!("{}: {:?}", config.label(), other.map(|l| l.len())),
@@ -253,8 +253,8 @@ fn a_bounded_generation_holds_the_bound_in_constant_memory() {
     for refused in [method("snapkv", 0.5), CompressionConfig::Full] {
         let mut session = Session::new(&model, &refused).unwrap().with_max_kv(Some(BOUND));
         match session.prefill(&prompt(0)) {
-            Err(EngineError::InvalidRequest { field, reason }) => {
-                assert_eq!(field, "max_kv");
+            Err(EngineError::Request(RequestError::Invalid { field, reason })) => {
+                assert_eq!(field, RequestField::MaxKv);
                 assert!(reason.contains(refused.name()) || reason.contains("full"), "{reason}");
             }
             other => panic!("{}: {:?}", refused.label(), other.map(|l| l.len())),

@@ -7,9 +7,9 @@ use std::sync::Arc;
 use kvmerger_compress::{Budget, CompressionConfig};
 use kvmerger_engine::testing::{random_llama, random_llama_with, tiny_config};
 use kvmerger_engine::{
-    AddError, BatchItem, Engine, EngineConfig, EngineError, Event, FinishReason, GenerationRequest,
-    Llama, Logits, Phase, PrefillCompression, Refusal, RequestLimits, RequestOptions,
-    SamplingConfig, SeqId, Sequence, Session, WeightFormat, WeightFormats,
+    AddError, BatchItem, Engine, EngineConfig, Event, FinishReason, GenerationRequest, Llama,
+    Logits, Phase, PrefillCompression, Refusal, RequestError, RequestField, RequestLimits,
+    RequestOptions, SamplingConfig, SeqId, Sequence, Session, WeightFormat, WeightFormats,
 };
 
 fn models() -> Vec<(&'static str, Llama)> {
@@ -310,8 +310,8 @@ fn a_request_whose_method_cannot_compress_during_prefill_is_refused_with_the_rea
     let asked =
         |mode| RequestOptions { prefill_compression: mode, ..options(4, config("cam", 0.3)) };
     match engine.add(checked(prompt(1, 100), asked(None))) {
-        Err(AddError::Invalid(EngineError::InvalidRequest { field, reason })) => {
-            assert_eq!(field, "prefill_compression");
+        Err(AddError::Request(RequestError::Invalid { field, reason })) => {
+            assert_eq!(field, RequestField::PrefillCompression);
             assert!(reason.contains("cam") && reason.contains("whole prompt"), "{reason}");
         }
         other => panic!("{other:?}"),

@@ -105,6 +105,7 @@ impl From<AddError> for ApiError {
         match e {
             // The request was checked: the engine failing to build it is its own fault.
             AddError::Invalid(error) => Self::internal(error.to_string()),
+            AddError::Request(error) => error.into(),
             AddError::Refused(r @ Refusal::QueueFull { .. }) => Self {
                 status: StatusCode::TOO_MANY_REQUESTS,
                 message: r.to_string(),

@@ -45,9 +45,12 @@ impl RequestCompression {
         };
         let prefill_compression = match fields.remove("prefill_compression") {
             None | Some(Value::Null) => None,
-            Some(v) => Some(v.as_str().unwrap_or_default().parse().map_err(|e: String| {
-                ApiError::invalid("kv_compression.prefill_compression", format!("{e} (got {v})"))
-            })?),
+            Some(v) => {
+                let invalid = |e| ApiError::invalid("kv_compression.prefill_compression", e);
+                let text =
+                    v.as_str().ok_or_else(|| invalid(format!("must be a string, got {v}")))?;
+                Some(text.parse().map_err(invalid)?)
+            }
         };
         let method = if fields.is_empty() {
             default.clone()
