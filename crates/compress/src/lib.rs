@@ -23,8 +23,8 @@ pub use config::{
     method_info, scale_layer_budgets, CompressionConfig, MethodInfo, METHODS, METHOD_NAMES,
 };
 pub use dtype::KvDtype;
-pub use kvmerger_kernels::{KvElement, RowsRef};
 pub use error::{CompressError, Result};
+pub use kvmerger_kernels::{KvElement, RowsRef};
 pub use method::{CompressionMethod, HeadId, HeadReport, Scorer};
 pub use methods::{
     adjacent_cosine, cosine, merge_to_target, merging_sets, min_reachable, CompareTo, Linkage,

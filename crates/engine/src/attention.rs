@@ -54,8 +54,10 @@ pub(crate) fn attend_into(
     assert_eq!(q.len(), seq * n_heads * head_dim);
     assert_eq!(out.len(), q.len(), "one output row per query row");
     if seq == 1 && opts.stats.windows.is_empty() && opts.stats.evictions.is_empty() {
-        let decode =
-            DecodeOptions { log_count_bias: opts.log_count_bias, accumulate: opts.stats.accumulated };
+        let decode = DecodeOptions {
+            log_count_bias: opts.log_count_bias,
+            accumulate: opts.stats.accumulated,
+        };
         return decode_attention(q, heads, shape, decode, out);
     }
     attend_chunks(q, seq, heads, shape, opts, out);
@@ -155,9 +157,8 @@ fn attend_chunk(
     let values = head.stored_values().widen(0..visible * d);
 
     let meta = &head.meta()[..visible];
-    let bias: Option<Vec<f32>> = opts
-        .log_count_bias
-        .then(|| meta.iter().map(|m| (m.count.max(1) as f32).ln()).collect());
+    let bias: Option<Vec<f32>> =
+        opts.log_count_bias.then(|| meta.iter().map(|m| (m.count.max(1) as f32).ln()).collect());
     let positions: Option<Vec<usize>> =
         opts.window.map(|_| meta.iter().map(|m| m.position).collect());
     let window = opts.window.zip(positions.as_deref());

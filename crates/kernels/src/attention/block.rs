@@ -33,8 +33,7 @@ pub struct SlidingWindow<'a> {
 /// Writes the block's softmax into `probabilities`, `[rows, visible]` (zero past what a
 /// query sees), and its output into `out`, `[rows, head_dim]`.
 pub fn attend_block(block: CausalBlock<'_>, probabilities: &mut [f32], out: &mut [f32]) {
-    let CausalBlock { queries, keys, values, head_dim: d, group, first_seen, bias, window } =
-        block;
+    let CausalBlock { queries, keys, values, head_dim: d, group, first_seen, bias, window } = block;
     let rows = queries.len() / d;
     let visible = keys.len() / d;
     assert!(
@@ -169,8 +168,10 @@ mod tests {
     fn a_block_is_each_querys_masked_softmax() {
         let (d, group, queries, visible) = (16, 2, 3, 40);
         let mut rng = StdRng::seed_from_u64(5);
-        let mut random = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-2.0..2.0)).collect() };
-        let (q, keys, values) = (random(queries * group * d), random(visible * d), random(visible * d));
+        let mut random =
+            |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-2.0..2.0)).collect() };
+        let (q, keys, values) =
+            (random(queries * group * d), random(visible * d), random(visible * d));
         let bias: Vec<f32> = (0..visible).map(|j| ((1 + j % 4) as f32).ln()).collect();
         let positions: Vec<usize> = (0..visible).map(|j| 3 * j).collect();
         for window in [None, Some(SlidingWindow { window: 30, positions: &positions })] {

@@ -304,9 +304,9 @@ fn log_count_biases(meta: &[impl KvEntry], out: &mut Vec<f32>) {
     let table = &*TABLE;
     out.clear();
     out.extend(
-        meta.iter().map(|m| m.count()).map(|count| {
-            table.get(count as usize).copied().unwrap_or_else(|| log_count(count))
-        }),
+        meta.iter()
+            .map(|m| m.count())
+            .map(|count| table.get(count as usize).copied().unwrap_or_else(|| log_count(count))),
     );
 }
 
@@ -319,8 +319,8 @@ fn attend_part<H: KvHead>(part: PartInput<'_, H>, partial: &mut [f32], exps: Opt
     SCRATCH.with_borrow_mut(|scratch| {
         #[cfg(target_arch = "x86_64")]
         if crate::cpu::has_avx2_fma_f16c() {
-            let fused = fused_width(part.head_dim)
-                .filter(|_| fuses(part.head.keys(), part.head.values()));
+            let fused =
+                fused_width(part.head_dim).filter(|_| fuses(part.head.keys(), part.head.values()));
             // SAFETY: the CPU has the features these copies are compiled for.
             unsafe {
                 match fused {
@@ -423,9 +423,9 @@ unsafe fn fused_typed<T: fused::Lanes, H: KvHead>(
             FusedWidth::Avx2 => {
                 fused::part_kernel::<T, fused::Avx2, H>(part, keys, values, partial, exps, scratch)
             }
-            FusedWidth::Avx512 => {
-                fused::part_kernel::<T, fused::Avx512, H>(part, keys, values, partial, exps, scratch)
-            }
+            FusedWidth::Avx512 => fused::part_kernel::<T, fused::Avx512, H>(
+                part, keys, values, partial, exps, scratch,
+            ),
         }
     }
 }
@@ -1199,7 +1199,13 @@ mod tests {
             let (mut expected, mut got) = (vec![0.0; stride], vec![0.0; stride]);
             let (mut expected_exps, mut got_exps) =
                 (vec![0.0; group * rows.len()], vec![0.0; group * rows.len()]);
-            part_kernel(input(), &mut expected, Some(&mut expected_exps), &mut Scratch::default(), false);
+            part_kernel(
+                input(),
+                &mut expected,
+                Some(&mut expected_exps),
+                &mut Scratch::default(),
+                false,
+            );
             let (got_exps_out, scratch) = (Some(&mut got_exps[..]), &mut Scratch::default());
             assert!(fuses(head.keys(), head.values()));
             // SAFETY: the caller detected the features; the rows fuse (asserted).
@@ -1277,7 +1283,9 @@ mod tests {
         }
         let q = query(9);
         let expected = decode::<f32>(&q);
-        for (out, name, tolerance) in [(decode::<f16>(&q), "f16", 5e-3), (decode::<bf16>(&q), "bf16", 4e-2)] {
+        for (out, name, tolerance) in
+            [(decode::<f16>(&q), "f16", 5e-3), (decode::<bf16>(&q), "bf16", 4e-2)]
+        {
             let diff = max_diff(&out, &expected);
             assert!(diff < tolerance, "{name}: {diff}");
         }

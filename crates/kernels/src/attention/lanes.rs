@@ -6,6 +6,7 @@
 use std::arch::x86_64::*;
 
 use half::f16;
+
 use crate::kv_blocks::{BlockQ4_0, BlockQ8_0, BLOCK_ELEMENTS};
 
 /// A stored type whose consecutive elements load as f32 lanes. Elements are numbered
