@@ -13,8 +13,10 @@
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use half::{bf16, f16};
+// KvEntry, KvHead and RowsRef for `test_head`, which names them from the crate root.
 use kvmerger_kernels::{
-    decode_attention, AttentionShape, BlockQ4_0, BlockQ8_0, DecodeOptions, KvElement,
+    decode_attention, AttentionShape, BlockQ4_0, BlockQ8_0, DecodeOptions, KvElement, KvEntry,
+    KvHead, RowsRef,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -30,7 +32,7 @@ const LAYERS: usize = 30;
 
 /// A layer of `entries` entries per kv head, stored as `T`, each one token.
 fn heads<T: KvElement>(entries: usize) -> Vec<TestHead<T>> {
-    TestHead::layer(SHAPE.head_dim, &vec![entries; SHAPE.n_kv_heads], 1, 1)
+    TestHead::layer(SHAPE.head_dim, &[entries; SHAPE.n_kv_heads], 1, 1)
 }
 
 /// Without and with H2O's accumulated-attention statistic.

@@ -1,13 +1,10 @@
 //! A kv head of owned rows in one stored type, for decode attention's tests and its bench
 //! (which includes this file): random rows, entries standing for 1 to `counts` tokens.
 
-// The crate's own tests name it `crate`; the bench, outside it, by its name.
-#[cfg(not(test))]
-use kvmerger_kernels::{KvElement, KvEntry, KvHead, RowsRef};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-#[cfg(test)]
+// The crate root's names: the kernels' own in their tests, the bench's imports in the bench.
 use crate::{KvElement, KvEntry, KvHead, RowsRef};
 
 /// What a test keeps of an entry.
