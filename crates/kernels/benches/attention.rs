@@ -13,7 +13,7 @@
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use half::{bf16, f16};
-// KvEntry, KvHead and RowsRef for `test_head`, which names them from the crate root.
+// KvEntry, KvHead and RowsRef for `test_head`, which names them from its parent.
 use kvmerger_kernels::{
     decode_attention, AttentionShape, BlockQ4_0, BlockQ8_0, DecodeOptions, KvElement, KvEntry,
     KvHead, RowsRef,

@@ -1025,7 +1025,8 @@ mod tests {
     use super::*;
     use crate::attention::block::{attend_block, CausalBlock};
     use crate::attention::test_head::{TestEntry, TestHead};
-    use crate::{BlockQ4_0, BlockQ8_0, KvElement};
+    use crate::kv_blocks::{BlockQ4_0, BlockQ8_0};
+    use crate::kv_rows::KvElement;
 
     const SHAPE: AttentionShape = AttentionShape { n_heads: 6, n_kv_heads: 2, head_dim: 16 };
 

@@ -22,3 +22,7 @@ pub use block::{attend_block, CausalBlock, SlidingWindow};
 pub use decode::{decode_attention, dot};
 pub use head::{KvEntry, KvHead};
 pub use shape::{AttentionShape, DecodeOptions};
+
+/// For `test_head`, which the bench includes too and which names these from its parent.
+#[cfg(test)]
+use crate::kv_rows::{KvElement, RowsRef};

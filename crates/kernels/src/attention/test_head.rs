@@ -4,8 +4,9 @@
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-// The crate root's names: the kernels' own in their tests, the bench's imports in the bench.
-use crate::{KvElement, KvEntry, KvHead, RowsRef};
+// The parent's names: the attention module's in the kernels' tests, the bench's imports in
+// the bench.
+use super::{KvElement, KvEntry, KvHead, RowsRef};
 
 /// What a test keeps of an entry.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]

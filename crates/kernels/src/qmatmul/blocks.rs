@@ -171,7 +171,8 @@ pub(super) fn dequantize(kind: QuantKind, blocks: &[u8], out: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::{dequantize, k_scales_mins, QuantKind};
-    use crate::{BlockQ4_0, BlockQ8_0, KvElement};
+    use crate::kv_blocks::{BlockQ4_0, BlockQ8_0};
+    use crate::kv_rows::KvElement;
 
     /// Sub-block `j`'s scale and min read one at a time, as ggml's `get_scale_min_k4` does.
     fn k_scale_min(j: usize, packed: &[u8]) -> (u8, u8) {
