@@ -13,7 +13,9 @@
 
 use std::borrow::Cow;
 
-use crate::dtype::{KvDtype, Rows, RowsRef};
+use kvmerger_kernels::RowsRef;
+
+use crate::dtype::{KvDtype, Rows};
 use crate::error::{CompressError, Result};
 use crate::queries::{QueryMoments, QueryStatistics};
 use crate::stats::EvictionWindow;

@@ -4,20 +4,20 @@
 //!
 //! Everything computes in f32: rows are widened when read and narrowed when written, with
 //! `half`'s slice conversions (F16C instructions where the CPU has them, detected at run
-//! time) or a block's (de)quantization. The stored types share one small trait, so each
-//! operation is written once; a stored unit is one element, or one block of 32.
+//! time) or a block's (de)quantization. The stored types and their borrowed view are the
+//! kernels' (`kvmerger_kernels::{KvElement, RowsRef}`, the layout decode attention reads);
+//! each operation on owned rows here is written once over that trait; a stored unit is one
+//! element, or one block of 32.
 
-use std::borrow::Cow;
 use std::fmt;
 use std::ops::Range;
 use std::str::FromStr;
 
-use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
+use kvmerger_kernels::{BlockQ4_0, BlockQ8_0, KvElement, RowsRef, BLOCK_ELEMENTS};
 use serde::{Deserialize, Serialize};
 
 use crate::error::CompressError;
-use crate::quant::{BlockQ4_0, BlockQ8_0, BLOCK_ELEMENTS};
 
 /// How a cache stores its keys and values.
 #[derive(
@@ -148,100 +148,6 @@ impl FromStr for KvDtype {
     }
 }
 
-/// A type the cache stores, with its conversions from and to f32. A unit holds
-/// [`Self::ELEMENTS`] elements: 1, or a block of 32.
-pub trait KvElement: Copy + Default + Send + Sync + 'static {
-    const DTYPE: KvDtype;
-    const ELEMENTS: usize;
-    /// `dst = src` widened; `dst` holds `ELEMENTS` elements per unit of `src`.
-    fn widen(src: &[Self], dst: &mut [f32]);
-    /// `dst = src` rounded to nearest (quantized); `src` holds `ELEMENTS` per unit of `dst`.
-    fn narrow(src: &[f32], dst: &mut [Self]);
-    /// The slice as a dtype-tagged view.
-    fn view(data: &[Self]) -> RowsRef<'_>;
-}
-
-impl KvElement for f32 {
-    const DTYPE: KvDtype = KvDtype::F32;
-    const ELEMENTS: usize = 1;
-    fn view(data: &[f32]) -> RowsRef<'_> {
-        RowsRef::F32(data)
-    }
-    fn widen(src: &[f32], dst: &mut [f32]) {
-        dst.copy_from_slice(src);
-    }
-    fn narrow(src: &[f32], dst: &mut [f32]) {
-        dst.copy_from_slice(src);
-    }
-}
-
-impl KvElement for f16 {
-    const DTYPE: KvDtype = KvDtype::F16;
-    const ELEMENTS: usize = 1;
-    fn view(data: &[f16]) -> RowsRef<'_> {
-        RowsRef::F16(data)
-    }
-    fn widen(src: &[f16], dst: &mut [f32]) {
-        src.convert_to_f32_slice(dst);
-    }
-    fn narrow(src: &[f32], dst: &mut [f16]) {
-        dst.convert_from_f32_slice(src);
-    }
-}
-
-impl KvElement for bf16 {
-    const DTYPE: KvDtype = KvDtype::Bf16;
-    const ELEMENTS: usize = 1;
-    fn view(data: &[bf16]) -> RowsRef<'_> {
-        RowsRef::Bf16(data)
-    }
-    fn widen(src: &[bf16], dst: &mut [f32]) {
-        src.convert_to_f32_slice(dst);
-    }
-    fn narrow(src: &[f32], dst: &mut [bf16]) {
-        dst.convert_from_f32_slice(src);
-    }
-}
-
-impl KvElement for BlockQ8_0 {
-    const DTYPE: KvDtype = KvDtype::Q8_0;
-    const ELEMENTS: usize = BLOCK_ELEMENTS;
-    fn view(data: &[BlockQ8_0]) -> RowsRef<'_> {
-        RowsRef::Q8_0(data)
-    }
-    fn widen(src: &[BlockQ8_0], dst: &mut [f32]) {
-        src.iter().zip(dst.chunks_exact_mut(BLOCK_ELEMENTS)).for_each(|(b, d)| b.dequantize(d));
-    }
-    fn narrow(src: &[f32], dst: &mut [BlockQ8_0]) {
-        let blocks = src.chunks_exact(BLOCK_ELEMENTS);
-        dst.iter_mut().zip(blocks).for_each(|(d, s)| *d = BlockQ8_0::quantize(s));
-    }
-}
-
-impl KvElement for BlockQ4_0 {
-    const DTYPE: KvDtype = KvDtype::Q4_0;
-    const ELEMENTS: usize = BLOCK_ELEMENTS;
-    fn view(data: &[BlockQ4_0]) -> RowsRef<'_> {
-        RowsRef::Q4_0(data)
-    }
-    fn widen(src: &[BlockQ4_0], dst: &mut [f32]) {
-        src.iter().zip(dst.chunks_exact_mut(BLOCK_ELEMENTS)).for_each(|(b, d)| b.dequantize(d));
-    }
-    fn narrow(src: &[f32], dst: &mut [BlockQ4_0]) {
-        let blocks = src.chunks_exact(BLOCK_ELEMENTS);
-        dst.iter_mut().zip(blocks).for_each(|(d, s)| *d = BlockQ4_0::quantize(s));
-    }
-}
-
-/// The units of `T` holding elements `range` (whole units: rows are whole blocks).
-fn units<T: KvElement>(range: Range<usize>) -> Range<usize> {
-    debug_assert!(
-        range.start.is_multiple_of(T::ELEMENTS) && range.end.is_multiple_of(T::ELEMENTS),
-        "element range {range:?} splits a block"
-    );
-    range.start / T::ELEMENTS..range.end / T::ELEMENTS
-}
-
 /// Runs `$body` with `$v` bound to the vector (or slice) of whichever dtype `$rows` holds.
 macro_rules! each_dtype {
     ($kind:ident, $rows:expr, $v:ident => $body:expr) => {
@@ -268,7 +174,7 @@ fn spread_row<T: KvElement>(
     let (mut share, mut target) = ([0.0f32; COLUMNS], [0.0f32; COLUMNS]);
     for start in (0..width).step_by(COLUMNS) {
         let n = COLUMNS.min(width - start);
-        let at = |row: usize| units::<T>(row * width + start..row * width + start + n);
+        let at = |row: usize| T::units(row * width + start..row * width + start + n);
         T::widen(&rows[at(from)], &mut share[..n]);
         share[..n].iter_mut().for_each(|s| *s /= divisor);
         for t in to.clone() {
@@ -315,7 +221,13 @@ impl Rows {
 
     /// How the rows are stored (a plain dtype: the basis is the cache's business).
     pub fn dtype(&self) -> KvDtype {
-        self.view().dtype()
+        match self {
+            Rows::F32(_) => KvDtype::F32,
+            Rows::F16(_) => KvDtype::F16,
+            Rows::Bf16(_) => KvDtype::Bf16,
+            Rows::Q8_0(_) => KvDtype::Q8_0,
+            Rows::Q4_0(_) => KvDtype::Q4_0,
+        }
     }
 
     pub fn view(&self) -> RowsRef<'_> {
@@ -387,92 +299,26 @@ fn elements_per_unit<T: KvElement>(_: &[T]) -> usize {
 
 /// Units of `v`'s type that hold `elements` elements (a whole number of them).
 fn units_of<T: KvElement>(_: &[T], elements: usize) -> usize {
-    units::<T>(0..elements).end
+    T::units(0..elements).end
 }
 
 fn units_in<T: KvElement>(_: &[T], range: Range<usize>) -> Range<usize> {
-    units::<T>(range)
+    T::units(range)
 }
 
 fn copy_within<T: KvElement>(v: &mut [T], src: Range<usize>, dst: usize) {
-    let dst = units::<T>(dst..dst).start;
-    v.copy_within(units::<T>(src), dst)
+    let dst = T::units(dst..dst).start;
+    v.copy_within(T::units(src), dst)
 }
 
 fn extend<T: KvElement>(v: &mut Vec<T>, src: &[f32]) {
     let at = v.len();
-    v.resize(at + units::<T>(0..src.len()).end, T::default());
+    v.resize(at + T::units(0..src.len()).end, T::default());
     T::narrow(src, &mut v[at..]);
 }
 
 fn allocated_bytes<T>(v: &Vec<T>) -> usize {
     v.capacity() * std::mem::size_of::<T>()
-}
-
-/// Stored rows borrowed in their own dtype, flattened `[len, head_dim]`: what attention
-/// reads, widening small blocks at a time.
-#[derive(Debug, Clone, Copy)]
-pub enum RowsRef<'a> {
-    F32(&'a [f32]),
-    F16(&'a [f16]),
-    Bf16(&'a [bf16]),
-    Q8_0(&'a [BlockQ8_0]),
-    Q4_0(&'a [BlockQ4_0]),
-}
-
-impl<'a> RowsRef<'a> {
-    pub fn dtype(&self) -> KvDtype {
-        match self {
-            RowsRef::F32(_) => KvDtype::F32,
-            RowsRef::F16(_) => KvDtype::F16,
-            RowsRef::Bf16(_) => KvDtype::Bf16,
-            RowsRef::Q8_0(_) => KvDtype::Q8_0,
-            RowsRef::Q4_0(_) => KvDtype::Q4_0,
-        }
-    }
-
-    /// Elements held.
-    pub fn len(&self) -> usize {
-        each_dtype!(RowsRef, self, v => v.len() * elements_per_unit(v))
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Elements `range` in f32: borrowed when stored in f32, else widened into a new buffer.
-    pub fn widen(self, range: Range<usize>) -> Cow<'a, [f32]> {
-        match self {
-            RowsRef::F32(v) => Cow::Borrowed(&v[range]),
-            _ => {
-                let mut out = vec![0.0; range.len()];
-                self.widen_into(range, &mut out);
-                Cow::Owned(out)
-            }
-        }
-    }
-
-    /// Widens elements `range` (whole blocks for a quantized dtype) into `dst` (of the same
-    /// length).
-    pub fn widen_into(self, range: Range<usize>, dst: &mut [f32]) {
-        each_dtype!(RowsRef, self, v => KvElement::widen(&v[units_in(v, range)], dst))
-    }
-
-    /// Elements `range` as f32 without copying when stored in f32; otherwise widened into
-    /// `scratch` (resized to fit). For kernels that read blocks in a loop.
-    pub fn widen_block<'s>(self, range: Range<usize>, scratch: &'s mut Vec<f32>) -> &'s [f32]
-    where
-        'a: 's,
-    {
-        match self {
-            RowsRef::F32(v) => &v[range],
-            _ => {
-                scratch.resize(range.len(), 0.0);
-                self.widen_into(range, scratch);
-                scratch
-            }
-        }
-    }
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 //! (layer, kv head), with the attention statistics the method asked for, and rewrites them.
 //! Any engine can use it; `kvmerger-engine` is ours.
 
+mod attention_view;
 mod budget;
 mod cache;
 mod config;
@@ -21,8 +22,9 @@ pub use cache::{EntryMeta, HeadCache, KvCache};
 pub use config::{
     method_info, scale_layer_budgets, CompressionConfig, MethodInfo, METHODS, METHOD_NAMES,
 };
-pub use dtype::{KvDtype, KvElement, RowsRef};
+pub use dtype::KvDtype;
 pub use error::{CompressError, Result};
+pub use kvmerger_kernels::{KvElement, RowsRef};
 pub use method::{CompressionMethod, HeadId, HeadReport, Scorer};
 pub use methods::{
     adjacent_cosine, cosine, merge_to_target, merging_sets, min_reachable, CompareTo, Linkage,

@@ -15,11 +15,9 @@
 
 use candle_core::Tensor;
 use kvmerger_compress::{hadamard, EntryMeta, KvCache, StatsRequest};
-use kvmerger_kernels::{
-    attend_into, gelu_tanh_product, silu_product, AttentionOptions, AttentionShape, Product,
-    QuantizedRows,
-};
+use kvmerger_kernels::{gelu_tanh_product, silu_product, AttentionShape, Product, QuantizedRows};
 
+use crate::attention::{attend_into, AttentionOptions};
 use crate::config::{Activation, ModelConfig};
 use crate::error::{EngineError, Result};
 use crate::linear::{Linear, WeightFormat, WeightFormats};

@@ -2,6 +2,7 @@
 
 #![forbid(unsafe_code)]
 
+mod attention;
 mod compression;
 mod config;
 mod embedding;

@@ -4,8 +4,8 @@
 //! inside a pool worker as decode steps run. Counted by a global allocator
 //! (`counting_allocator`), so this file holds one test.
 
-use kvmerger_compress::{EntryMeta, HeadCache, KvDtype, StatsRequest};
-use kvmerger_kernels::{attend_into, AttentionOptions, AttentionShape};
+use kvmerger_compress::{EntryMeta, HeadCache, KvDtype};
+use kvmerger_kernels::{decode_attention, AttentionShape, DecodeOptions};
 
 mod counting_allocator;
 use counting_allocator::allocations_of;
@@ -39,7 +39,7 @@ fn allocations_of_a_step(
     threads: usize,
     sequences: usize,
     entries: usize,
-    opts: AttentionOptions,
+    opts: DecodeOptions,
 ) -> usize {
     let layers = 4;
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("a pool");
@@ -54,10 +54,10 @@ fn allocations_of_a_step(
         layer: usize,
         caches: &mut [Vec<Vec<HeadCache>>],
         outs: &mut [Vec<f32>],
-        opts: AttentionOptions,
+        opts: DecodeOptions,
     ) {
         if let ([cache], [out]) = (&mut *caches, &mut *outs) {
-            return attend_into(q, 1, &mut cache[layer], SHAPE, opts, out);
+            return decode_attention(q, &mut cache[layer], SHAPE, opts, out);
         }
         let half = caches.len() / 2;
         let (left, right) = caches.split_at_mut(half);
@@ -78,8 +78,8 @@ fn allocations_of_a_step(
 
 #[test]
 fn decode_attention_allocates_nothing_per_layer() {
-    for (stats, name) in [(StatsRequest::default(), "no"), (StatsRequest::accumulated(), "H2O")] {
-        let opts = AttentionOptions { chunk: 128, stats, log_count_bias: true, window: None };
+    for (accumulate, name) in [(false, "no"), (true, "H2O")] {
+        let opts = DecodeOptions { log_count_bias: true, accumulate };
         for entries in [100, 3000] {
             // One thread: the parts run on the calling thread. Four sequences side by
             // side, but on one thread which buffers grow is the same in every step.

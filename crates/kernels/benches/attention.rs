@@ -12,30 +12,47 @@
 //!     cargo bench -p kvmerger-kernels --bench attention -- short
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use kvmerger_compress::{EntryMeta, HeadCache, KvDtype, StatsRequest};
-use kvmerger_kernels::{attend, attend_into, AttentionOptions, AttentionShape};
+use half::{bf16, f16};
+// KvEntry, KvHead and RowsRef for `test_head`, which names them from its parent.
+use kvmerger_kernels::{
+    decode_attention, AttentionShape, BlockQ4_0, BlockQ8_0, DecodeOptions, KvElement, KvEntry,
+    KvHead, RowsRef,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+
+#[path = "../src/attention/test_head.rs"]
+mod test_head;
+use test_head::TestHead;
 
 const SHAPE: AttentionShape = AttentionShape { n_heads: 9, n_kv_heads: 3, head_dim: 64 };
 const ENTRIES: [usize; 4] = [2800, 2048, 4096, 8192];
 const SHORT_ENTRIES: [usize; 5] = [32, 64, 128, 256, 1024];
 const LAYERS: usize = 30;
 
-fn heads(dtype: KvDtype, entries: usize) -> Vec<HeadCache> {
-    let mut rng = StdRng::seed_from_u64(1);
-    let d = SHAPE.head_dim;
-    (0..SHAPE.n_kv_heads)
-        .map(|_| {
-            let mut h = HeadCache::with_capacity(d, dtype, entries);
-            for i in 0..entries {
-                let k: Vec<f32> = (0..d).map(|_| rng.random_range(-1.0..1.0)).collect();
-                let v: Vec<f32> = (0..d).map(|_| rng.random_range(-1.0..1.0)).collect();
-                h.push(&k, &v, EntryMeta::new(i));
-            }
-            h
-        })
-        .collect()
+/// A layer of `entries` entries per kv head, stored as `T`, each one token.
+fn heads<T: KvElement>(entries: usize) -> Vec<TestHead<T>> {
+    TestHead::layer(SHAPE.head_dim, &[entries; SHAPE.n_kv_heads], 1, 1)
+}
+
+/// Without and with H2O's accumulated-attention statistic.
+const STATS: [(bool, &str); 2] = [(false, ""), (true, " + H2O stats")];
+
+/// One layer's step over `entries` entries stored as `T`, named `name`.
+fn bench_type<T: KvElement>(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    entries: usize,
+    q: &[f32],
+) {
+    let mut cache = heads::<T>(entries);
+    let mut out = vec![0.0f32; q.len()];
+    for (accumulate, stats) in STATS {
+        let opts = DecodeOptions { log_count_bias: false, accumulate };
+        group.bench_function(format!("{name}{stats}"), |b| {
+            b.iter(|| decode_attention(q, &mut cache, SHAPE, opts, &mut out))
+        });
+    }
 }
 
 fn bench(c: &mut Criterion) {
@@ -45,33 +62,21 @@ fn bench(c: &mut Criterion) {
     for entries in ENTRIES {
         let mut group =
             c.benchmark_group(format!("decode attention, {entries} entries, 9 over 3 heads of 64"));
-        for dtype in KvDtype::ALL {
-            let mut cache = heads(dtype, entries);
-            for (stats, name) in
-                [(StatsRequest::default(), ""), (StatsRequest::accumulated(), " + H2O stats")]
-            {
-                let opts =
-                    AttentionOptions { chunk: 128, stats, log_count_bias: false, window: None };
-                group.bench_function(format!("{dtype}{name}"), |b| {
-                    b.iter(|| attend(&q, 1, &mut cache, SHAPE, opts))
-                });
-            }
-        }
+        bench_type::<f16>(&mut group, "f16", entries, &q);
+        bench_type::<bf16>(&mut group, "bf16", entries, &q);
+        bench_type::<f32>(&mut group, "f32", entries, &q);
+        bench_type::<BlockQ8_0>(&mut group, "q8_0", entries, &q);
+        bench_type::<BlockQ4_0>(&mut group, "q4_0", entries, &q);
         // 30 layers' caches in turn, as a decode step reads them: the rows come from memory,
         // not from the caches a repeated call leaves them in.
-        let mut layers: Vec<Vec<HeadCache>> =
-            (0..LAYERS).map(|_| heads(KvDtype::F16, entries)).collect();
-        let opts = AttentionOptions {
-            chunk: 128,
-            stats: StatsRequest::default(),
-            log_count_bias: false,
-            window: None,
-        };
+        let mut layers: Vec<Vec<TestHead<f16>>> = (0..LAYERS).map(|_| heads(entries)).collect();
+        let opts = DecodeOptions::default();
+        let mut out = vec![0.0f32; q.len()];
         let mut layer = 0;
         group.bench_function(format!("f16, {LAYERS} layers in turn"), |b| {
             b.iter(|| {
                 layer = (layer + 1) % LAYERS;
-                attend(&q, 1, &mut layers[layer], SHAPE, opts)
+                decode_attention(&q, &mut layers[layer], SHAPE, opts, &mut out)
             })
         });
         group.finish();
@@ -92,28 +97,21 @@ fn bench_short(c: &mut Criterion) {
         let mut group =
             c.benchmark_group(format!("short caches, {entries} entries, {LAYERS} layers"));
         // [sequence][layer]
-        let mut caches: Vec<Vec<Vec<HeadCache>>> =
-            (0..4).map(|_| (0..LAYERS).map(|_| heads(KvDtype::F16, entries)).collect()).collect();
-        for (stats, name) in
-            [(StatsRequest::default(), ""), (StatsRequest::accumulated(), " + H2O stats")]
-        {
-            let opts = AttentionOptions { chunk: 128, stats, log_count_bias: false, window: None };
+        let mut caches: Vec<Vec<Vec<TestHead<f16>>>> =
+            (0..4).map(|_| (0..LAYERS).map(|_| heads(entries)).collect()).collect();
+        for (accumulate, name) in STATS {
+            let opts = DecodeOptions { log_count_bias: false, accumulate };
             group.bench_function(format!("one sequence{name}"), |b| {
                 b.iter(|| {
                     on_pool(|| {
                         for layer in caches[0].iter_mut() {
-                            attend_into(&q, 1, layer, SHAPE, opts, &mut outs[0]);
+                            decode_attention(&q, layer, SHAPE, opts, &mut outs[0]);
                         }
                     })
                 })
             });
         }
-        let opts = AttentionOptions {
-            chunk: 128,
-            stats: StatsRequest::default(),
-            log_count_bias: false,
-            window: None,
-        };
+        let opts = DecodeOptions::default();
         // Each layer's four sequences side by side, as a batched decode step runs them.
         group.bench_function("four sequences", |b| {
             b.iter(|| {
@@ -121,8 +119,8 @@ fn bench_short(c: &mut Criterion) {
                     for layer in 0..LAYERS {
                         let [c0, c1, c2, c3] = caches.as_mut_slice() else { unreachable!() };
                         let [o0, o1, o2, o3] = outs.as_mut_slice() else { unreachable!() };
-                        let one = |cache: &mut Vec<Vec<HeadCache>>, out: &mut Vec<f32>| {
-                            attend_into(&q, 1, &mut cache[layer], SHAPE, opts, out)
+                        let one = |cache: &mut Vec<Vec<TestHead<f16>>>, out: &mut Vec<f32>| {
+                            decode_attention(&q, &mut cache[layer], SHAPE, opts, out)
                         };
                         rayon::join(
                             || rayon::join(|| one(c0, o0), || one(c1, o1)),

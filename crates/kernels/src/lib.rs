@@ -1,7 +1,9 @@
 //! The CPU kernels of the decode path, below the engine: products of activation rows with
-//! GGUF-quantized weights ([`QuantMatrix`]), attention of new queries over the compressed KV
-//! cache ([`attend_into`]), the MLP activations, and the CPU feature dispatch they share
-//! ([`KernelLevel`]), with the thread pools decode steps run on.
+//! GGUF-quantized weights ([`QuantMatrix`]), attention of new queries over a layer's ragged
+//! KV rows ([`decode_attention`], [`attend_block`]) in the types a KV cache stores them in
+//! ([`RowsRef`], [`BlockQ8_0`], [`BlockQ4_0`]), the MLP activations, and the CPU feature
+//! dispatch they share ([`KernelLevel`]), with the thread pools decode steps run on. Slices
+//! in, slices out: nothing here knows a model or a cache.
 //!
 //! Each SIMD kernel sits beside the portable one it is tested against (`qmatmul`'s scalar
 //! kernel beside `qmatmul/avx2.rs` and `qmatmul/avx512.rs`, the portable decode attention
@@ -15,12 +17,19 @@ mod activation;
 mod attention;
 mod cpu;
 mod error;
+mod kv_blocks;
+mod kv_rows;
 mod qmatmul;
 mod threads;
 
 pub use activation::{gelu_tanh_product, silu_product};
-pub use attention::{attend, attend_into, dot, AttentionOptions, AttentionShape};
+pub use attention::{
+    attend_block, decode_attention, dot, AttentionShape, CausalBlock, DecodeOptions, KvEntry,
+    KvHead, SlidingWindow,
+};
 pub use cpu::{kernel_report, KernelLevel, UnknownKernelLevel, KERNEL_LEVEL_ENV};
 pub use error::{KernelError, Result};
+pub use kv_blocks::{BlockQ4_0, BlockQ8_0, BLOCK_ELEMENTS};
+pub use kv_rows::{KvElement, RowsRef};
 pub use qmatmul::{Product, QuantKind, QuantMatrix, QuantizedRows, FILE_PATH};
 pub use threads::{AdaptiveThreads, ADAPTIVE_THREADS_ENV};

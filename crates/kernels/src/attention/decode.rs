@@ -16,10 +16,11 @@ use std::cell::RefCell;
 use std::ops::Range;
 use std::sync::LazyLock;
 
-use kvmerger_compress::{EntryMeta, HeadCache, RowsRef};
 use rayon::prelude::*;
 
-use super::shape::{AttentionOptions, AttentionShape};
+use super::head::{KvEntry, KvHead};
+use super::shape::{AttentionShape, DecodeOptions};
+use crate::kv_rows::RowsRef;
 
 /// Rows widened at a time: 64 rows of a 64-wide head are 16 KiB of f32.
 const BLOCK: usize = 64;
@@ -76,19 +77,19 @@ impl Split {
     }
 
     /// Parts of all `heads`.
-    fn total(self, heads: &[HeadCache]) -> usize {
-        heads.iter().map(|h| self.count(h.len())).sum()
+    fn total(self, heads: &[impl KvHead]) -> usize {
+        heads.iter().map(|h| self.count(entries(h))).sum()
     }
 
     /// The most rows of any part of `heads`.
-    fn longest(self, heads: &[HeadCache]) -> usize {
-        heads.iter().map(|h| self.part_len(h.len()).min(h.len())).max().unwrap_or(0)
+    fn longest(self, heads: &[impl KvHead]) -> usize {
+        heads.iter().map(|h| self.part_len(entries(h)).min(entries(h))).max().unwrap_or(0)
     }
 
     /// Part `i`: its head and rows.
-    fn part(self, heads: &[HeadCache], mut i: usize) -> (usize, Range<usize>) {
+    fn part(self, heads: &[impl KvHead], mut i: usize) -> (usize, Range<usize>) {
         for (h, head) in heads.iter().enumerate() {
-            let (n, count) = (head.len(), self.count(head.len()));
+            let (n, count) = (entries(head), self.count(entries(head)));
             if i < count {
                 let len = self.part_len(n);
                 return (h, i * len..((i + 1) * len).min(n));
@@ -97,6 +98,11 @@ impl Split {
         }
         unreachable!("part index past the split")
     }
+}
+
+/// Entries `head` holds.
+fn entries(head: &impl KvHead) -> usize {
+    head.entries().len()
 }
 
 /// Where a part's results lie in its stretch of the per-part buffer: `[group]` maxima,
@@ -131,17 +137,21 @@ impl PartLayout {
     }
 }
 
-/// The attention of one query per head over `heads`, whose last entry is that query's own
-/// key (every entry is visible). `q`: `[n_heads, head_dim]`, rotated. Writes
-/// `out`, `[n_heads, head_dim]`. Accumulates `opts.stats.accumulated` into the entries'
-/// metadata; prompt-only statistics (windows, evictions) are not computed here.
-pub(crate) fn attend_one(
+/// The attention of one query per kv-head group over a layer's `heads`, whose last entry is
+/// that query's own key (every entry is visible). `q`: `[n_heads, head_dim]`, rotated.
+/// Writes `out`, `[n_heads, head_dim]`. With `opts.accumulate`, adds each entry's attention
+/// (the mean over its group's query heads) to [`KvEntry::attention_mut`].
+pub fn decode_attention<H: KvHead>(
     q: &[f32],
-    heads: &mut [HeadCache],
+    heads: &mut [H],
     shape: AttentionShape,
-    opts: AttentionOptions,
+    opts: DecodeOptions,
     out: &mut [f32],
 ) {
+    let AttentionShape { n_heads, n_kv_heads, head_dim } = shape;
+    assert_eq!(heads.len(), n_kv_heads);
+    assert_eq!(q.len(), n_heads * head_dim);
+    assert_eq!(out.len(), q.len(), "one output row per query row");
     // On a one-thread pool (a busy machine, see `threads.rs`) a parallel region runs
     // nothing side by side: the parts run here without one. On more threads they run in
     // parallel however short the cache: with two threads, one sequence's 30 layers of 32
@@ -153,14 +163,14 @@ pub(crate) fn attend_one(
     attend_split(q, heads, shape, opts, SPLIT_THREADS, parallel, out)
 }
 
-/// [`attend_one`] with parts sized for `threads` threads, run in parallel regions or, if
+/// [`decode_attention`] with parts sized for `threads` threads, run in parallel regions or, if
 /// not `parallel`, one after another on this thread (the same parts and the same
 /// combination: the same result, bit for bit).
-fn attend_split(
+fn attend_split<H: KvHead>(
     q: &[f32],
-    heads: &mut [HeadCache],
+    heads: &mut [H],
     shape: AttentionShape,
-    opts: AttentionOptions,
+    opts: DecodeOptions,
     threads: usize,
     parallel: bool,
     out: &mut [f32],
@@ -169,20 +179,22 @@ fn attend_split(
     let group = n_heads / n_kv_heads;
     let split = Split::new(heads.len(), threads);
     let n_parts = split.total(heads);
-    let keep = opts.stats.accumulated;
+    let keep = opts.accumulate;
     let layout = PartLayout::new(group, d, if keep { split.longest(heads) } else { 0 });
     // Every part overwrites what it reads later: stale values from an earlier step are
     // never read.
     let mut buffer = PARTS.with_borrow_mut(Vec::pop).unwrap_or_default();
     buffer.resize(n_parts * layout.stride, 0.0);
 
-    let heads_read: &[HeadCache] = heads;
+    let heads_read: &[H] = heads;
     let run_part = |(i, stretch): (usize, &mut [f32])| {
         let (h, rows) = split.part(heads_read, i);
         let queries = &q[h * group * d..(h + 1) * group * d];
         let (partial, rest) = stretch.split_at_mut(layout.partial_len());
         let exps = if keep { Some(&mut rest[group..][..group * rows.len()]) } else { None };
-        attend_part(queries, &heads_read[h], rows, opts.log_count_bias, partial, exps);
+        let log_count_bias = opts.log_count_bias;
+        let part = PartInput { queries, head: &heads_read[h], head_dim: d, rows, log_count_bias };
+        attend_part(part, partial, exps);
     };
     if parallel {
         buffer.par_chunks_mut(layout.stride).enumerate().for_each(run_part);
@@ -193,7 +205,7 @@ fn attend_split(
     out.fill(0.0);
     let mut first = 0;
     for (h, head) in heads.iter().enumerate() {
-        let count = split.count(head.len());
+        let count = split.count(entries(head));
         let mine = &mut buffer[first * layout.stride..(first + count) * layout.stride];
         // Per query head of the group: the largest maximum, and the softmax denominator.
         for g in 0..group {
@@ -222,20 +234,21 @@ fn attend_split(
 /// `group` query heads, to its entries' accumulated attention: in parallel (if `parallel`)
 /// over parts (each owns its entries), right after the parts' own parallel region while its
 /// threads are still awake. `parts`: the parts' stretches, in order.
-fn accumulate_attention(
-    heads: &mut [HeadCache],
+fn accumulate_attention<H: KvHead>(
+    heads: &mut [H],
     split: Split,
     layout: PartLayout,
     parts: &[f32],
     parallel: bool,
 ) {
     if let [head] = heads {
-        let len = split.part_len(head.len());
-        let add = |(meta, part): (&mut [EntryMeta], &[f32])| add_part_attention(meta, part, layout);
+        let len = split.part_len(entries(head));
+        let add = |(meta, part): (&mut [H::Entry], &[f32])| add_part_attention(meta, part, layout);
+        let meta = head.entries_mut();
         if parallel {
-            head.meta_mut().par_chunks_mut(len).zip(parts.par_chunks(layout.stride)).for_each(add);
+            meta.par_chunks_mut(len).zip(parts.par_chunks(layout.stride)).for_each(add);
         } else {
-            head.meta_mut().chunks_mut(len).zip(parts.chunks(layout.stride)).for_each(add);
+            meta.chunks_mut(len).zip(parts.chunks(layout.stride)).for_each(add);
         }
         return;
     }
@@ -256,16 +269,17 @@ fn accumulate_attention(
 /// [`accumulate_attention`] for one part's entries: one read-modify-write of an entry's
 /// metadata for the whole group, adding its terms in query-head order, as one head at a
 /// time would.
-fn add_part_attention(meta: &mut [EntryMeta], part: &[f32], layout: PartLayout) {
+fn add_part_attention(meta: &mut [impl KvEntry], part: &[f32], layout: PartLayout) {
     let (group, n) = (layout.group, meta.len());
     let inv_group = 1.0 / group as f32;
     let (scale, exps) = (layout.scale(part), layout.exps(part, n));
     for (j, m) in meta.iter_mut().enumerate() {
-        let mut attention = m.attention;
+        let m = m.attention_mut();
+        let mut attention = *m;
         for g in 0..group {
             attention += scale[g] * inv_group * exps[g * n + j];
         }
-        m.attention = attention;
+        *m = attention;
     }
 }
 
@@ -282,38 +296,31 @@ fn log_count(count: u32) -> f32 {
     }
 }
 
-/// `out = [log_count(m.count) for m in meta]`, the same values, from a table for the counts
-/// below [`TABULATED_COUNTS`].
-fn log_count_biases(meta: &[EntryMeta], out: &mut Vec<f32>) {
+/// `out = [log_count(m.count()) for m in meta]`, the same values, from a table for the
+/// counts below [`TABULATED_COUNTS`].
+fn log_count_biases(meta: &[impl KvEntry], out: &mut Vec<f32>) {
     static TABLE: LazyLock<[f32; TABULATED_COUNTS]> =
         LazyLock::new(|| std::array::from_fn(|c| log_count(c as u32)));
     let table = &*TABLE;
     out.clear();
     out.extend(
         meta.iter()
-            .map(|m| table.get(m.count as usize).copied().unwrap_or_else(|| log_count(m.count))),
+            .map(|m| m.count())
+            .map(|count| table.get(count as usize).copied().unwrap_or_else(|| log_count(count))),
     );
 }
 
 /// One part's softmax pieces for the `group` queries of one kv head.
 ///
-/// `queries`: `[group, d]`. Writes `partial` = `[group]` maxima, `[group]` sums of
+/// `part.queries`: `[group, d]`. Writes `partial` = `[group]` maxima, `[group]` sums of
 /// `exp(logit - max)`, `[group, d]` values weighted by those exponentials; and, if given,
 /// the exponentials themselves into `exps`, `[group, rows]`.
-fn attend_part(
-    queries: &[f32],
-    head: &HeadCache,
-    rows: Range<usize>,
-    log_count_bias: bool,
-    partial: &mut [f32],
-    exps: Option<&mut [f32]>,
-) {
+fn attend_part<H: KvHead>(part: PartInput<'_, H>, partial: &mut [f32], exps: Option<&mut [f32]>) {
     SCRATCH.with_borrow_mut(|scratch| {
-        let part = PartInput { queries, head, rows, log_count_bias };
         #[cfg(target_arch = "x86_64")]
         if crate::cpu::has_avx2_fma_f16c() {
-            let fused = fused_width(part.head.head_dim())
-                .filter(|_| fuses(part.head.stored_keys(), part.head.stored_values()));
+            let fused =
+                fused_width(part.head_dim).filter(|_| fuses(part.head.keys(), part.head.values()));
             // SAFETY: the CPU has the features these copies are compiled for.
             unsafe {
                 match fused {
@@ -353,7 +360,13 @@ enum FusedWidth {
 /// rows load straight into registers (bf16 rows are widened a block at a time).
 #[cfg(target_arch = "x86_64")]
 fn fuses(keys: RowsRef<'_>, values: RowsRef<'_>) -> bool {
-    keys.dtype() == values.dtype() && keys.dtype() != kvmerger_compress::KvDtype::Bf16
+    matches!(
+        (keys, values),
+        (RowsRef::F32(_), RowsRef::F32(_))
+            | (RowsRef::F16(_), RowsRef::F16(_))
+            | (RowsRef::Q8_0(_), RowsRef::Q8_0(_))
+            | (RowsRef::Q4_0(_), RowsRef::Q4_0(_))
+    )
 }
 
 /// [`fused::part_kernel`] on `width`, over the head's rows as stored.
@@ -362,14 +375,14 @@ fn fuses(keys: RowsRef<'_>, values: RowsRef<'_>) -> bool {
 /// The CPU has AVX2, FMA, F16C and, for [`FusedWidth::Avx512`], AVX-512F; the head's rows
 /// are of a dtype that [`fuses`].
 #[cfg(target_arch = "x86_64")]
-unsafe fn fused_part(
+unsafe fn fused_part<H: KvHead>(
     width: FusedWidth,
-    part: PartInput<'_>,
+    part: PartInput<'_, H>,
     partial: &mut [f32],
     exps: Option<&mut [f32]>,
     scratch: &mut Scratch,
 ) {
-    let (keys, values) = (part.head.stored_keys(), part.head.stored_values());
+    let (keys, values) = (part.head.keys(), part.head.values());
     // SAFETY: the caller's contract.
     unsafe {
         match (keys, values) {
@@ -395,9 +408,9 @@ unsafe fn fused_part(
 /// # Safety
 /// As [`fused_part`].
 #[cfg(target_arch = "x86_64")]
-unsafe fn fused_typed<T: fused::Lanes>(
+unsafe fn fused_typed<T: fused::Lanes, H: KvHead>(
     width: FusedWidth,
-    part: PartInput<'_>,
+    part: PartInput<'_, H>,
     keys: &[T],
     values: &[T],
     partial: &mut [f32],
@@ -408,19 +421,20 @@ unsafe fn fused_typed<T: fused::Lanes>(
     unsafe {
         match width {
             FusedWidth::Avx2 => {
-                fused::part_kernel::<T, fused::Avx2>(part, keys, values, partial, exps, scratch)
+                fused::part_kernel::<T, fused::Avx2, H>(part, keys, values, partial, exps, scratch)
             }
-            FusedWidth::Avx512 => {
-                fused::part_kernel::<T, fused::Avx512>(part, keys, values, partial, exps, scratch)
-            }
+            FusedWidth::Avx512 => fused::part_kernel::<T, fused::Avx512, H>(
+                part, keys, values, partial, exps, scratch,
+            ),
         }
     }
 }
 
 /// What [`attend_part`] reads.
-struct PartInput<'a> {
+struct PartInput<'a, H> {
     queries: &'a [f32],
-    head: &'a HeadCache,
+    head: &'a H,
+    head_dim: usize,
     rows: Range<usize>,
     log_count_bias: bool,
 }
@@ -429,8 +443,8 @@ struct PartInput<'a> {
 /// whose vectors are half as wide, with no fused multiply-add and no f16 conversion).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn part_kernel_avx2(
-    part: PartInput<'_>,
+unsafe fn part_kernel_avx2<H: KvHead>(
+    part: PartInput<'_, H>,
     partial: &mut [f32],
     exps: Option<&mut [f32]>,
     scratch: &mut Scratch,
@@ -479,20 +493,19 @@ unsafe fn widen_f16c(src: &[half::f16], dst: &mut [f32]) {
 
 /// The body of [`attend_part`], inlined into each compiled copy.
 #[inline(always)]
-fn part_kernel(
-    part: PartInput<'_>,
+fn part_kernel<H: KvHead>(
+    part: PartInput<'_, H>,
     partial: &mut [f32],
     exps: Option<&mut [f32]>,
     Scratch { scores, block, bias: biases }: &mut Scratch,
     f16c: bool,
 ) {
-    let PartInput { queries, head, rows, log_count_bias } = part;
-    let d = head.head_dim();
+    let PartInput { queries, head, head_dim: d, rows, log_count_bias } = part;
     let group = queries.len() / d;
     let n = rows.len();
     let scale = 1.0 / (d as f32).sqrt();
-    let meta = &head.meta()[rows.clone()];
-    let (keys, values) = (head.stored_keys(), head.stored_values());
+    let meta = &head.entries()[rows.clone()];
+    let (keys, values) = (head.keys(), head.values());
     if log_count_bias {
         log_count_biases(meta, biases);
     }
@@ -575,7 +588,7 @@ mod fused {
 
     pub(super) use crate::attention::lanes::Lanes;
 
-    use super::{exponentiate, log_count_biases, PartInput, Scratch, BLOCK};
+    use super::{exponentiate, log_count_biases, KvHead, PartInput, Scratch, BLOCK};
 
     /// Query heads per pass: with AVX2, 3 heads x 2 row phases x 2 registers of accumulators,
     /// plus the value chunk and the weight, fill 15 of the 16 vector registers.
@@ -645,8 +658,8 @@ mod fused {
     /// # Safety
     /// The CPU has AVX2, FMA, F16C and `W`'s features.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn part_kernel<T: Lanes, W: Width>(
-        part: PartInput<'_>,
+    pub(super) unsafe fn part_kernel<T: Lanes, W: Width, H: KvHead>(
+        part: PartInput<'_, H>,
         keys: &[T],
         values: &[T],
         partial: &mut [f32],
@@ -654,8 +667,7 @@ mod fused {
         scratch: &mut Scratch,
     ) {
         let Scratch { scores, bias, .. } = scratch;
-        let PartInput { queries, head, rows, log_count_bias } = part;
-        let d = head.head_dim();
+        let PartInput { queries, head, head_dim: d, rows, log_count_bias } = part;
         let group = queries.len() / d;
         let n = rows.len();
         assert!(
@@ -665,7 +677,7 @@ mod fused {
                 && rows.end * d <= T::elements(values)
         );
         let scale = 1.0 / (d as f32).sqrt();
-        let meta = &head.meta()[rows.clone()];
+        let meta = &head.entries()[rows.clone()];
         scores.resize(group * n, 0.0);
         let units = rows.start * d / T::ELEMENTS..rows.end * d / T::ELEMENTS;
         let (keys, values) = (&keys[units.clone()], &values[units]);
@@ -1004,34 +1016,24 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 #[cfg(test)]
 mod tests {
-    use kvmerger_compress::{EntryMeta, KvDtype, StatsRequest};
+    use std::any::type_name;
+
+    use half::{bf16, f16};
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
 
     use super::*;
-    use crate::attention::attend_chunks;
+    use crate::attention::block::{attend_block, CausalBlock};
+    use crate::attention::test_head::{TestEntry, TestHead};
+    use crate::kv_blocks::{BlockQ4_0, BlockQ8_0};
+    use crate::kv_rows::KvElement;
 
     const SHAPE: AttentionShape = AttentionShape { n_heads: 6, n_kv_heads: 2, head_dim: 16 };
 
-    /// Ragged heads (`lens` entries each) of random rows in `dtype`, some merged entries.
-    fn heads(lens: &[usize], dtype: KvDtype, seed: u64) -> Vec<HeadCache> {
-        let mut rng = StdRng::seed_from_u64(seed);
-        let d = SHAPE.head_dim;
-        lens.iter()
-            .map(|&n| {
-                let mut h = HeadCache::new(d, dtype);
-                for i in 0..n {
-                    let k: Vec<f32> = (0..d).map(|_| rng.random_range(-2.0..2.0)).collect();
-                    let v: Vec<f32> = (0..d).map(|_| rng.random_range(-1.0..1.0)).collect();
-                    h.push(
-                        &k,
-                        &v,
-                        EntryMeta { position: i, count: 1 + (i % 3) as u32, attention: 0.0 },
-                    );
-                }
-                h
-            })
-            .collect()
+    /// Ragged heads (`lens` entries each) of random rows stored as `T`, entry `i` standing for
+    /// `1 + i % 3` tokens.
+    fn heads<T: KvElement>(lens: &[usize], seed: u64) -> Vec<TestHead<T>> {
+        TestHead::layer(SHAPE.head_dim, lens, 3, seed)
     }
 
     fn query(seed: u64) -> Vec<f32> {
@@ -1039,22 +1041,54 @@ mod tests {
         (0..SHAPE.n_heads * SHAPE.head_dim).map(|_| rng.random_range(-2.0..2.0)).collect()
     }
 
-    fn opts(log_count_bias: bool) -> AttentionOptions {
-        AttentionOptions {
-            chunk: 8,
-            stats: StatsRequest::accumulated(),
-            log_count_bias,
-            window: None,
-        }
+    fn opts(log_count_bias: bool) -> DecodeOptions {
+        DecodeOptions { log_count_bias, accumulate: true }
     }
 
-    fn attention(heads: &[HeadCache]) -> Vec<f32> {
-        heads.iter().flat_map(|h| h.meta().iter().map(|m| m.attention)).collect()
+    fn attention<T>(heads: &[TestHead<T>]) -> Vec<f32> {
+        heads.iter().flat_map(|h| h.entries.iter().map(|e| e.attention)).collect()
     }
 
     fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         assert_eq!(a.len(), b.len());
         a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    }
+
+    /// The reference: the explicit softmax of [`attend_block`] over each head's widened rows,
+    /// its probabilities averaged over the group's query heads (as a prompt's last query
+    /// sees the cache). Returns the output and each entry's attention, head after head.
+    fn explicit<H: KvHead>(
+        q: &[f32],
+        heads: &[H],
+        shape: AttentionShape,
+        log_count_bias: bool,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let (d, group) = (shape.head_dim, shape.n_heads / shape.n_kv_heads);
+        let (mut out, mut attention) = (vec![0.0; q.len()], Vec::new());
+        for (h, head) in heads.iter().enumerate() {
+            let n = head.entries().len();
+            let (keys, values) = (head.keys().widen(0..n * d), head.values().widen(0..n * d));
+            let bias: Vec<f32> =
+                head.entries().iter().map(|e| (e.count().max(1) as f32).ln()).collect();
+            let block = CausalBlock {
+                queries: &q[h * group * d..(h + 1) * group * d],
+                keys: &keys,
+                values: &values,
+                head_dim: d,
+                group,
+                first_seen: n,
+                bias: log_count_bias.then_some(&bias[..]),
+                window: None,
+            };
+            let mut probabilities = vec![0.0; group * n];
+            attend_block(block, &mut probabilities, &mut out[h * group * d..(h + 1) * group * d]);
+            let mut received = vec![0.0f32; n];
+            for row in probabilities.chunks_exact(n) {
+                received.iter_mut().zip(row).for_each(|(a, p)| *a += p / group as f32);
+            }
+            attention.extend(received);
+        }
+        (out, attention)
     }
 
     /// Cross-path (a polynomial against the C library): bounded by 4 ulp.
@@ -1070,27 +1104,28 @@ mod tests {
     }
 
     /// Split into several parts per head (ragged lengths, a tail shorter than a block), the
-    /// kernel gives the explicit softmax's outputs and statistics, in every dtype. Cross-path
-    /// (sums in another order): bounded.
+    /// kernel gives the explicit softmax's outputs and statistics, in every float type.
+    /// Cross-path (sums in another order): bounded.
     #[test]
     fn split_parts_combine_to_the_explicit_softmax() {
-        for dtype in KvDtype::FLOATS {
+        fn check<T: KvElement>() {
             for bias in [false, true] {
-                let mut split_heads = heads(&[1000, 77], dtype, 3);
-                let mut reference = split_heads.clone();
+                let mut split_heads = heads::<T>(&[1000, 77], 3);
                 let q = query(4);
                 let split = Split::new(SHAPE.n_kv_heads, 4);
                 assert_eq!(split.total(&split_heads), 5, "the 1000-entry head in 4 parts");
+                let (expected, expected_attention) = explicit(&q, &split_heads, SHAPE, bias);
                 let mut out = vec![0.0; q.len()];
                 attend_split(&q, &mut split_heads, SHAPE, opts(bias), 4, true, &mut out);
-                let mut expected = vec![0.0; q.len()];
-                attend_chunks(&q, 1, &mut reference, SHAPE, opts(bias), &mut expected);
-                assert!(max_diff(&out, &expected) < 1e-5, "{dtype} bias {bias}");
-                assert!(max_diff(&attention(&split_heads), &attention(&reference)) < 1e-6);
+                assert!(max_diff(&out, &expected) < 1e-5, "{} bias {bias}", type_name::<T>());
+                assert!(max_diff(&attention(&split_heads), &expected_attention) < 1e-6);
                 let total: f32 = attention(&split_heads).iter().sum();
                 assert!((total - SHAPE.n_kv_heads as f32).abs() < 1e-4, "each head's sums to 1");
             }
         }
+        check::<f16>();
+        check::<bf16>();
+        check::<f32>();
     }
 
     /// Run one after another on the calling thread, the parts give the parallel run's
@@ -1098,28 +1133,27 @@ mod tests {
     /// (identical by construction: the same parts, combined in the same order).
     #[test]
     fn parts_on_one_thread_give_the_parallel_result() {
-        for dtype in KvDtype::FLOATS {
+        fn check<T: KvElement>() {
             for keep in [false, true] {
-                let mut parallel = heads(&[1000, 77], dtype, 13);
+                let mut parallel = heads::<T>(&[1000, 77], 13);
                 let mut serial = parallel.clone();
                 assert_eq!(Split::new(SHAPE.n_kv_heads, 4).total(&parallel), 5);
-                let options = if keep {
-                    opts(true)
-                } else {
-                    AttentionOptions { stats: StatsRequest::default(), ..opts(true) }
-                };
+                let options = DecodeOptions { accumulate: keep, ..opts(true) };
                 for step in 0..3 {
                     let q = query(30 + step);
                     let (mut a, mut b) = (vec![0.0; q.len()], vec![0.0; q.len()]);
                     attend_split(&q, &mut parallel, SHAPE, options, 4, true, &mut a);
                     attend_split(&q, &mut serial, SHAPE, options, 4, false, &mut b);
                     let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-                    assert_eq!(bits(&a), bits(&b), "{dtype} output, step {step}");
+                    assert_eq!(bits(&a), bits(&b), "{} output, step {step}", type_name::<T>());
                     assert_eq!(bits(&attention(&parallel)), bits(&attention(&serial)));
                 }
                 assert_eq!(attention(&serial).iter().any(|&a| a > 0.0), keep);
             }
         }
+        check::<f16>();
+        check::<bf16>();
+        check::<f32>();
     }
 
     /// Every head's parts cover its entries in order, each a whole number of blocks but
@@ -1127,7 +1161,7 @@ mod tests {
     #[test]
     fn parts_tile_every_head() {
         let lens = [0, 1, 255, 256, 700, 5000];
-        let heads = heads(&lens, KvDtype::F32, 1);
+        let heads = heads::<f32>(&lens, 1);
         let split = Split::new(lens.len(), 4);
         let mut covered = vec![0; lens.len()];
         for i in 0..split.total(&heads) {
@@ -1144,12 +1178,48 @@ mod tests {
 
     /// The fused AVX2 kernel gives the portable kernel's softmax pieces and exponentials, on
     /// f32, f16, q8_0 and q4_0 rows (the portable kernel dequantizes blocks into memory, the
-    /// fused one in registers), for a group of 7 (tiles of 3, 3 and 1), an odd part (a lone last row) and a count bias.
-    /// Cross-path (vector sums in another order): bounded. Runs the widths the active kernel
-    /// level allows (`KVMERGER_KERNEL_LEVEL`).
+    /// fused one in registers), for a group of 7 (tiles of 3, 3 and 1), an odd part (a lone
+    /// last row) and a count bias. Cross-path (vector sums in another order): bounded. Runs
+    /// the widths the active kernel level allows (`KVMERGER_KERNEL_LEVEL`).
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn the_fused_kernels_match_the_portable_one() {
+        fn check<T: KvElement>(width: FusedWidth, d: usize, queries: &[f32], rng: &mut StdRng) {
+            let group = queries.len() / d;
+            let head = TestHead::<T>::random(d, 300, 4, rng);
+            // 199 rows: the 512-bit logits' groups of four rows and a tail of three.
+            let rows = 37..236;
+            let input = || PartInput {
+                queries,
+                head: &head,
+                head_dim: d,
+                rows: rows.clone(),
+                log_count_bias: true,
+            };
+            let stride = group * (d + 2);
+            let (mut expected, mut got) = (vec![0.0; stride], vec![0.0; stride]);
+            let (mut expected_exps, mut got_exps) =
+                (vec![0.0; group * rows.len()], vec![0.0; group * rows.len()]);
+            part_kernel(
+                input(),
+                &mut expected,
+                Some(&mut expected_exps),
+                &mut Scratch::default(),
+                false,
+            );
+            let (got_exps_out, scratch) = (Some(&mut got_exps[..]), &mut Scratch::default());
+            assert!(fuses(head.keys(), head.values()));
+            // SAFETY: the caller detected the features; the rows fuse (asserted).
+            unsafe { fused_part(width, input(), &mut got, got_exps_out, scratch) };
+            let case = format!("{width:?}, d {d}, {}", type_name::<T>());
+            assert!(max_diff(&got[..group], &expected[..group]) < 1e-4, "{case} maxima");
+            let relative = |a: &[f32], b: &[f32]| {
+                let error = |(x, y): (&f32, &f32)| (x - y).abs() / y.abs().max(1.0);
+                a.iter().zip(b).map(error).fold(0.0, f32::max)
+            };
+            assert!(relative(&got[group..], &expected[group..]) < 1e-4, "{case} sums, values");
+            assert!(max_diff(&got_exps, &expected_exps) < 1e-5, "{case} exponentials");
+        }
         if !crate::cpu::has_avx2_fma_f16c() {
             return;
         }
@@ -1162,57 +1232,18 @@ mod tests {
                 continue;
             }
             let queries: Vec<f32> = (0..group * d).map(|_| rng.random_range(-2.0..2.0)).collect();
-            for dtype in [KvDtype::F32, KvDtype::F16, KvDtype::Q8_0, KvDtype::Q4_0] {
-                let mut head = HeadCache::new(d, dtype);
-                for i in 0..300 {
-                    let k: Vec<f32> = (0..d).map(|_| rng.random_range(-2.0..2.0)).collect();
-                    let v: Vec<f32> = (0..d).map(|_| rng.random_range(-1.0..1.0)).collect();
-                    head.push(
-                        &k,
-                        &v,
-                        EntryMeta { position: i, count: 1 + (i % 4) as u32, attention: 0.0 },
-                    );
-                }
-                // 199 rows: the 512-bit logits' groups of four rows and a tail of three.
-                let rows = 37..236;
-                let input = || PartInput {
-                    queries: &queries,
-                    head: &head,
-                    rows: rows.clone(),
-                    log_count_bias: true,
-                };
-                let stride = group * (d + 2);
-                let (mut expected, mut got) = (vec![0.0; stride], vec![0.0; stride]);
-                let (mut expected_exps, mut got_exps) =
-                    (vec![0.0; group * rows.len()], vec![0.0; group * rows.len()]);
-                part_kernel(
-                    input(),
-                    &mut expected,
-                    Some(&mut expected_exps),
-                    &mut Scratch::default(),
-                    false,
-                );
-                let (got_exps_out, scratch) = (Some(&mut got_exps[..]), &mut Scratch::default());
-                assert!(fuses(head.stored_keys(), head.stored_values()));
-                // SAFETY: the features were detected above; the rows fuse (asserted).
-                unsafe { fused_part(width, input(), &mut got, got_exps_out, scratch) };
-                let dtype = format!("{width:?}, d {d}, {dtype}");
-                assert!(max_diff(&got[..group], &expected[..group]) < 1e-4, "{dtype} maxima");
-                let relative = |a: &[f32], b: &[f32]| {
-                    let error = |(x, y): (&f32, &f32)| (x - y).abs() / y.abs().max(1.0);
-                    a.iter().zip(b).map(error).fold(0.0, f32::max)
-                };
-                assert!(relative(&got[group..], &expected[group..]) < 1e-4, "{dtype} sums, values");
-                assert!(max_diff(&got_exps, &expected_exps) < 1e-5, "{dtype} exponentials");
-            }
+            check::<f32>(width, d, &queries, &mut rng);
+            check::<f16>(width, d, &queries, &mut rng);
+            check::<BlockQ8_0>(width, d, &queries, &mut rng);
+            check::<BlockQ4_0>(width, d, &queries, &mut rng);
         }
     }
 
     /// The tabulated biases are `log_count`'s values, bit for bit, below and above the table.
     #[test]
     fn tabulated_log_counts_are_the_computed_ones() {
-        let meta: Vec<EntryMeta> = (0..3 * TABULATED_COUNTS as u32)
-            .map(|count| EntryMeta { position: 0, count, attention: 0.0 })
+        let meta: Vec<TestEntry> = (0..3 * TABULATED_COUNTS as u32)
+            .map(|count| TestEntry { count, attention: 0.0 })
             .collect();
         let mut biases = Vec::new();
         log_count_biases(&meta, &mut biases);
@@ -1227,15 +1258,15 @@ mod tests {
     /// buffer is reused).
     #[test]
     fn the_statistic_does_not_change_the_output() {
-        let mut with = heads(&[900, 450], KvDtype::F16, 7);
+        let mut with = heads::<f16>(&[900, 450], 7);
         let mut without = with.clone();
         for step in 0..3 {
             let q = query(20 + step);
             let stats = opts(true);
-            let plain = AttentionOptions { stats: StatsRequest::default(), ..stats };
+            let plain = DecodeOptions { accumulate: false, ..stats };
             let (mut a, mut b) = (vec![0.0; q.len()], vec![0.0; q.len()]);
-            attend_one(&q, &mut with, SHAPE, stats, &mut a);
-            attend_one(&q, &mut without, SHAPE, plain, &mut b);
+            decode_attention(&q, &mut with, SHAPE, stats, &mut a);
+            decode_attention(&q, &mut without, SHAPE, plain, &mut b);
             assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "step {step}");
             assert!(attention(&with).iter().any(|&a| a > 0.0));
             assert!(attention(&without).iter().all(|&a| a == 0.0));
@@ -1246,58 +1277,45 @@ mod tests {
     /// its keys and values: f16 rounds to 2^-11 relative, bf16 to 2^-8 (cross-path: bounded).
     #[test]
     fn half_precision_caches_agree_with_f32() {
-        let q = query(9);
-        let mut wide = heads(&[600, 600], KvDtype::F32, 5);
-        let mut expected = vec![0.0; q.len()];
-        attend_one(&q, &mut wide, SHAPE, opts(false), &mut expected);
-        for (dtype, tolerance) in [(KvDtype::F16, 5e-3), (KvDtype::Bf16, 4e-2)] {
-            let mut narrow = heads(&[600, 600], dtype, 5);
+        fn decode<T: KvElement>(q: &[f32]) -> Vec<f32> {
             let mut out = vec![0.0; q.len()];
-            attend_one(&q, &mut narrow, SHAPE, opts(false), &mut out);
+            decode_attention(q, &mut heads::<T>(&[600, 600], 5), SHAPE, opts(false), &mut out);
+            out
+        }
+        let q = query(9);
+        let expected = decode::<f32>(&q);
+        for (out, name, tolerance) in
+            [(decode::<f16>(&q), "f16", 5e-3), (decode::<bf16>(&q), "bf16", 4e-2)]
+        {
             let diff = max_diff(&out, &expected);
-            assert!(diff < tolerance, "{dtype}: {diff}");
+            assert!(diff < tolerance, "{name}: {diff}");
         }
     }
 
     /// On quantized rows (64-wide heads: two blocks a row), the decode kernel at the active
-    /// level gives the prefill path's softmax (which dequantizes every row first), and both
-    /// stay within the quantization's error of an f32 cache holding the same rows.
-    /// Cross-path: bounded.
+    /// level gives the explicit softmax over the dequantized rows, and both stay within the
+    /// quantization's error of f32 rows holding the same values. Cross-path: bounded.
     #[test]
-    fn quantized_caches_decode_as_the_prefill_path_and_near_f32() {
+    fn quantized_caches_decode_as_the_explicit_softmax_and_near_f32() {
         const WIDE: AttentionShape = AttentionShape { n_heads: 6, n_kv_heads: 2, head_dim: 64 };
-        let build = |dtype: KvDtype| {
-            let mut rng = StdRng::seed_from_u64(21);
-            [700usize, 333]
-                .iter()
-                .map(|&n| {
-                    let mut h = HeadCache::new(WIDE.head_dim, dtype);
-                    for i in 0..n {
-                        let k: Vec<f32> = (0..64).map(|_| rng.random_range(-2.0..2.0)).collect();
-                        let v: Vec<f32> = (0..64).map(|_| rng.random_range(-1.0..1.0)).collect();
-                        let count = 1 + (i % 3) as u32;
-                        h.push(&k, &v, EntryMeta { position: i, count, attention: 0.0 });
-                    }
-                    h
-                })
-                .collect::<Vec<_>>()
-        };
+        fn check<T: KvElement>(q: &[f32], exact: &[f32], tolerance: f32) {
+            let name = type_name::<T>();
+            let mut decode = TestHead::<T>::layer(WIDE.head_dim, &[700, 333], 3, 21);
+            let (expected, expected_attention) = explicit(q, &decode, WIDE, true);
+            let mut out = vec![0.0; q.len()];
+            decode_attention(q, &mut decode, WIDE, opts(true), &mut out);
+            assert!(max_diff(&out, &expected) < 1e-5, "{name}: decode against explicit");
+            assert!(max_diff(&attention(&decode), &expected_attention) < 1e-6, "{name}");
+            let error = max_diff(&out, exact);
+            assert!(error < tolerance, "{name}: {error} from f32");
+            assert!(error > 0.0, "{name}: quantization changed nothing");
+        }
         let mut rng = StdRng::seed_from_u64(22);
         let q: Vec<f32> = (0..6 * 64).map(|_| rng.random_range(-1.0..1.0)).collect();
-        let mut wide = build(KvDtype::F32);
+        let mut wide = TestHead::<f32>::layer(WIDE.head_dim, &[700, 333], 3, 21);
         let mut exact = vec![0.0; q.len()];
-        attend_one(&q, &mut wide, WIDE, opts(true), &mut exact);
-        for (dtype, tolerance) in [(KvDtype::Q8_0, 5e-3), (KvDtype::Q4_0, 8e-2)] {
-            let mut decode = build(dtype);
-            let mut prefill = decode.clone();
-            let (mut out, mut expected) = (vec![0.0; q.len()], vec![0.0; q.len()]);
-            attend_one(&q, &mut decode, WIDE, opts(true), &mut out);
-            attend_chunks(&q, 1, &mut prefill, WIDE, opts(true), &mut expected);
-            assert!(max_diff(&out, &expected) < 1e-5, "{dtype}: decode against prefill");
-            assert!(max_diff(&attention(&decode), &attention(&prefill)) < 1e-6, "{dtype}");
-            let error = max_diff(&out, &exact);
-            assert!(error < tolerance, "{dtype}: {error} from f32");
-            assert!(error > 0.0, "{dtype}: quantization changed nothing");
-        }
+        decode_attention(&q, &mut wide, WIDE, opts(true), &mut exact);
+        check::<BlockQ8_0>(&q, &exact, 5e-3);
+        check::<BlockQ4_0>(&q, &exact, 8e-2);
     }
 }

@@ -6,7 +6,8 @@
 use std::arch::x86_64::*;
 
 use half::f16;
-use kvmerger_compress::quant::{BlockQ4_0, BlockQ8_0, BLOCK_ELEMENTS};
+
+use crate::kv_blocks::{BlockQ4_0, BlockQ8_0, BLOCK_ELEMENTS};
 
 /// A stored type whose consecutive elements load as f32 lanes. Elements are numbered
 /// across units: element `i` of a slice of blocks is element `i % 32` of block `i / 32`.

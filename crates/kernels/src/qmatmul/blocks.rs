@@ -170,7 +170,9 @@ pub(super) fn dequantize(kind: QuantKind, blocks: &[u8], out: &mut [f32]) {
 
 #[cfg(test)]
 mod tests {
-    use super::k_scales_mins;
+    use super::{dequantize, k_scales_mins, QuantKind};
+    use crate::kv_blocks::{BlockQ4_0, BlockQ8_0};
+    use crate::kv_rows::KvElement;
 
     /// Sub-block `j`'s scale and min read one at a time, as ggml's `get_scale_min_k4` does.
     fn k_scale_min(j: usize, packed: &[u8]) -> (u8, u8) {
@@ -201,6 +203,37 @@ mod tests {
             for j in 0..8 {
                 assert_eq!((scales[j], mins[j]), k_scale_min(j, &packed), "{packed:?} {j}");
             }
+        }
+    }
+
+    /// The KV cache's q8_0 and q4_0 blocks are GGUF's Q8_0 and Q4_0 units: their bytes (f16
+    /// scale, then the quants) read by the weight kernels' reader give the values the blocks
+    /// dequantize to, exactly (each product of a scale and a small integer is exact; a zero
+    /// level may come back as -0 from one and +0 from the other, equal values).
+    #[test]
+    fn kv_cache_blocks_are_gguf_units() {
+        let x: Vec<f32> = (0..4 * 32).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();
+        let mut q8 = vec![BlockQ8_0::default(); 4];
+        let mut q4 = vec![BlockQ4_0::default(); 4];
+        KvElement::narrow(&x, &mut q8);
+        KvElement::narrow(&x, &mut q4);
+        let q8_bytes: Vec<u8> = q8
+            .iter()
+            .flat_map(|b| b.scale.to_le_bytes().into_iter().chain(b.quants.map(|q| q as u8)))
+            .collect();
+        let q4_bytes: Vec<u8> =
+            q4.iter().flat_map(|b| b.scale.to_le_bytes().into_iter().chain(b.quants)).collect();
+        assert_eq!(q8_bytes.len(), 4 * size_of::<BlockQ8_0>());
+        assert_eq!(q4_bytes.len(), 4 * size_of::<BlockQ4_0>());
+        let (mut from_q8, mut from_q4) = (vec![0.0f32; x.len()], vec![0.0f32; x.len()]);
+        KvElement::widen(&q8, &mut from_q8);
+        KvElement::widen(&q4, &mut from_q4);
+        for (kind, bytes, expected) in
+            [(QuantKind::Q8_0, q8_bytes, from_q8), (QuantKind::Q4_0, q4_bytes, from_q4)]
+        {
+            let mut read = vec![0.0f32; x.len()];
+            dequantize(kind, &bytes, &mut read);
+            assert_eq!(read, expected, "{kind:?}");
         }
     }
 }
