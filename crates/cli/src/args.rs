@@ -26,10 +26,11 @@ pub struct ModelSource {
     #[arg(short = 't', long, default_value_t = 0, value_name = "N")]
     pub threads: usize,
     /// How the KV cache stores keys and values: f16, bf16, f32, llama.cpp's q8_0 and q4_0
-    /// blocks as they are (32 elements and an f16 scale; heads a multiple of 32 wide), or
-    /// q8_0r and q4_0r, the same blocks of Hadamard-rotated keys and values. A name means
-    /// the same here, in sweep specs and in reports. Attention and compression compute in
-    /// f32 whatever is stored.
+    /// blocks (32 elements and an f16 scale; heads a multiple of 32 wide) over each head's
+    /// keys minus a fixed key center, or q8_0r and q4_0r, the same blocks of
+    /// Hadamard-rotated keys and values; a `u` suffix (q8_0u, q4_0ru, ...) stores the keys
+    /// uncentered, as llama.cpp does. A name means the same here, in sweep specs and in
+    /// reports. Attention and compression compute in f32 whatever is stored.
     #[arg(long, default_value_t = KvDtype::F16, value_name = "DTYPE")]
     pub kv_dtype: KvDtype,
     /// Shorthand for the rotated form of a quantized --kv-dtype: `--kv-dtype q4_0
@@ -37,6 +38,10 @@ pub struct ModelSource {
     /// unchanged in exact arithmetic, outlier channels spread before quantization).
     #[arg(long)]
     pub kv_rotate: bool,
+    /// Whether a quantized --kv-dtype stores the keys centered: `--kv-dtype q8_0 --kv-center
+    /// off` is q8_0u. The name decides when this is not given (the plain names center).
+    #[arg(long, value_name = "on|off", value_parser = clap::builder::BoolishValueParser::new())]
+    pub kv_center: Option<bool>,
 }
 
 impl ModelSource {
@@ -68,16 +73,16 @@ impl ModelSource {
         Ok(loaded)
     }
 
-    /// `--kv-dtype`, rotated where `--kv-rotate` asks (only a quantized cache rotates).
+    /// `--kv-dtype`, rotated where `--kv-rotate` asks and its keys centered or not as
+    /// `--kv-center` says (only a quantized cache rotates or centers).
     pub fn kv_dtype(&self) -> Result<KvDtype> {
         let dtype = self.kv_dtype;
-        if !self.kv_rotate {
-            return Ok(dtype);
+        let center = self.kv_center.unwrap_or(dtype.centered());
+        if !dtype.is_quantized() && (self.kv_rotate || center) {
+            let what = if self.kv_rotate { "--kv-rotate rotates" } else { "--kv-center centers" };
+            bail!("{what} a quantized cache (q8_0 or q4_0); --kv-dtype is {dtype}");
         }
-        if !dtype.is_quantized() {
-            bail!("--kv-rotate rotates a quantized cache (q8_0 or q4_0); --kv-dtype is {dtype}");
-        }
-        Ok(dtype.with_rotation(true))
+        Ok(dtype.quantized_as(self.kv_rotate || dtype.rotated(), center))
     }
 }
 
@@ -339,8 +344,8 @@ mod tests {
     }
 
     /// One rule everywhere: a dtype's name is what `--kv-dtype` takes, what a sweep spec
-    /// and a result row hold, and what reports print; `--kv-rotate` only spells the
-    /// rotated names another way.
+    /// and a result row hold, and what reports print; `--kv-rotate` and `--kv-center` only
+    /// spell the rotated and (un)centered names another way.
     #[test]
     fn a_kv_dtype_name_means_one_storage_everywhere() {
         for d in KvDtype::ALL {
@@ -358,5 +363,16 @@ mod tests {
         let err = kv_dtype(&["--kv-dtype", "f16", "--kv-rotate"]).unwrap_err().to_string();
         assert!(err.contains("--kv-rotate") && err.contains("f16"), "{err}");
         assert!(kv_dtype(&["--kv-dtype", "q4_0", "--kv-rotate", "false"]).is_err());
+        let centered = |args: &[&str]| kv_dtype(args).unwrap().name();
+        assert_eq!(centered(&["--kv-dtype", "q8_0", "--kv-center", "off"]), "q8_0u");
+        assert_eq!(
+            centered(&["--kv-dtype", "q4_0", "--kv-rotate", "--kv-center", "off"]),
+            "q4_0ru"
+        );
+        assert_eq!(centered(&["--kv-dtype", "q8_0ru", "--kv-center", "on"]), "q8_0r");
+        assert_eq!(centered(&["--kv-dtype", "q4_0u", "--kv-rotate"]), "q4_0ru");
+        let err = kv_dtype(&["--kv-dtype", "bf16", "--kv-center", "on"]).unwrap_err().to_string();
+        assert!(err.contains("--kv-center") && err.contains("bf16"), "{err}");
+        assert_eq!(kv_dtype(&["--kv-dtype", "f32", "--kv-center", "off"]).unwrap(), KvDtype::F32);
     }
 }

@@ -159,7 +159,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         "{}; weights {}; kv cache {}",
         model_identity(&loaded.path)?,
         loaded.model.formats.fingerprint(),
-        loaded.model.kv_dtype
+        loaded.model.kv_dtype.fingerprint()
     );
     let out = args.out.clone().unwrap_or_else(|| PathBuf::from("results").join(&spec.name));
     std::fs::create_dir_all(&out)?;

@@ -20,6 +20,10 @@ use serde::{Deserialize, Serialize};
 use crate::error::CompressError;
 
 /// How a cache stores its keys and values.
+///
+/// A quantized cache stores each head's keys minus a fixed vector, the head's key center
+/// (see [`crate::HeadCache`]), unless its name ends in `u` (uncentered: llama.cpp's blocks
+/// over the keys as the model computes them).
 #[derive(
     Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
 )]
@@ -34,22 +38,34 @@ pub enum KvDtype {
     /// Single precision, as the forward pass computes.
     #[serde(rename = "f32")]
     F32,
-    /// Blocks of 32 signed bytes and an f16 scale: 8.5 bits an element.
+    /// Blocks of 32 signed bytes and an f16 scale: 8.5 bits an element; keys centered.
     #[serde(rename = "q8_0")]
     Q8_0,
-    /// Blocks of 32 nibbles and an f16 scale: 4.5 bits an element.
+    /// Blocks of 32 nibbles and an f16 scale: 4.5 bits an element; keys centered.
     #[serde(rename = "q4_0")]
     Q4_0,
-    /// q8_0 of the Hadamard-rotated rows.
+    /// q8_0 of the Hadamard-rotated rows, keys centered.
     #[serde(rename = "q8_0r")]
     Q8_0Rotated,
-    /// q4_0 of the Hadamard-rotated rows.
+    /// q4_0 of the Hadamard-rotated rows, keys centered.
     #[serde(rename = "q4_0r")]
     Q4_0Rotated,
+    /// q8_0 of the keys as they are.
+    #[serde(rename = "q8_0u")]
+    Q8_0Uncentered,
+    /// q4_0 of the keys as they are.
+    #[serde(rename = "q4_0u")]
+    Q4_0Uncentered,
+    /// q8_0 of the Hadamard-rotated rows, keys as they are.
+    #[serde(rename = "q8_0ru")]
+    Q8_0RotatedUncentered,
+    /// q4_0 of the Hadamard-rotated rows, keys as they are.
+    #[serde(rename = "q4_0ru")]
+    Q4_0RotatedUncentered,
 }
 
 impl KvDtype {
-    pub const ALL: [KvDtype; 7] = [
+    pub const ALL: [KvDtype; 11] = [
         KvDtype::F16,
         KvDtype::Bf16,
         KvDtype::F32,
@@ -57,6 +73,10 @@ impl KvDtype {
         KvDtype::Q4_0,
         KvDtype::Q8_0Rotated,
         KvDtype::Q4_0Rotated,
+        KvDtype::Q8_0Uncentered,
+        KvDtype::Q4_0Uncentered,
+        KvDtype::Q8_0RotatedUncentered,
+        KvDtype::Q4_0RotatedUncentered,
     ];
     /// The element types, which hold rows of any width.
     pub const FLOATS: [KvDtype; 3] = [KvDtype::F16, KvDtype::Bf16, KvDtype::F32];
@@ -70,21 +90,42 @@ impl KvDtype {
             KvDtype::Q4_0 => "q4_0",
             KvDtype::Q8_0Rotated => "q8_0r",
             KvDtype::Q4_0Rotated => "q4_0r",
+            KvDtype::Q8_0Uncentered => "q8_0u",
+            KvDtype::Q4_0Uncentered => "q4_0u",
+            KvDtype::Q8_0RotatedUncentered => "q8_0ru",
+            KvDtype::Q4_0RotatedUncentered => "q4_0ru",
         }
     }
 
-    /// How the rows are stored, whatever basis they are in: a rotated dtype's plain one.
+    /// The element or block type the rows are stored in, whatever their basis and
+    /// centering: f16, bf16, f32, q8_0 or q4_0.
     pub fn storage(self) -> KvDtype {
         match self {
-            KvDtype::Q8_0Rotated => KvDtype::Q8_0,
-            KvDtype::Q4_0Rotated => KvDtype::Q4_0,
+            KvDtype::Q8_0Rotated | KvDtype::Q8_0Uncentered | KvDtype::Q8_0RotatedUncentered => {
+                KvDtype::Q8_0
+            }
+            KvDtype::Q4_0Rotated | KvDtype::Q4_0Uncentered | KvDtype::Q4_0RotatedUncentered => {
+                KvDtype::Q4_0
+            }
             other => other,
         }
     }
 
     /// Whether rows are stored Hadamard-rotated (queries rotated to match, outputs back).
     pub fn rotated(self) -> bool {
-        self != self.storage()
+        matches!(
+            self,
+            KvDtype::Q8_0Rotated
+                | KvDtype::Q4_0Rotated
+                | KvDtype::Q8_0RotatedUncentered
+                | KvDtype::Q4_0RotatedUncentered
+        )
+    }
+
+    /// Whether each head stores its keys minus a fixed key center (every quantized dtype
+    /// but the uncentered ones).
+    pub fn centered(self) -> bool {
+        matches!(self, KvDtype::Q8_0 | KvDtype::Q4_0 | KvDtype::Q8_0Rotated | KvDtype::Q4_0Rotated)
     }
 
     /// Whether rows are stored in blocks of 32.
@@ -92,13 +133,41 @@ impl KvDtype {
         matches!(self.storage(), KvDtype::Q8_0 | KvDtype::Q4_0)
     }
 
-    /// This dtype with the rows rotated or not: a float dtype stays as it is (rotation is
-    /// for quantized rows).
+    /// The quantized dtype storing blocks like this one, rotated or not and keys centered or
+    /// not; a float dtype stays as it is (rotation and centering are for quantized rows).
+    pub fn quantized_as(self, rotate: bool, center: bool) -> KvDtype {
+        use KvDtype::*;
+        match (self.storage(), rotate, center) {
+            (Q8_0, false, true) => Q8_0,
+            (Q8_0, true, true) => Q8_0Rotated,
+            (Q8_0, false, false) => Q8_0Uncentered,
+            (Q8_0, true, false) => Q8_0RotatedUncentered,
+            (Q4_0, false, true) => Q4_0,
+            (Q4_0, true, true) => Q4_0Rotated,
+            (Q4_0, false, false) => Q4_0Uncentered,
+            (Q4_0, true, false) => Q4_0RotatedUncentered,
+            (float, _, _) => float,
+        }
+    }
+
+    /// This dtype with the rows rotated or not, centering as it is.
     pub fn with_rotation(self, rotate: bool) -> KvDtype {
-        match (self.storage(), rotate) {
-            (KvDtype::Q8_0, true) => KvDtype::Q8_0Rotated,
-            (KvDtype::Q4_0, true) => KvDtype::Q4_0Rotated,
-            (storage, _) => storage,
+        self.quantized_as(rotate, self.centered())
+    }
+
+    /// This dtype with the keys centered or not, rotation as it is.
+    pub fn with_centering(self, center: bool) -> KvDtype {
+        self.quantized_as(self.rotated(), center)
+    }
+
+    /// What a result's fingerprint records of this dtype: its name, and whether keys are
+    /// centered (the plain quantized names stored them uncentered before centering
+    /// existed, so their old results are recomputed rather than reused).
+    pub fn fingerprint(self) -> String {
+        if self.centered() {
+            format!("{self} keys centered")
+        } else {
+            self.name().to_string()
         }
     }
 
@@ -141,7 +210,10 @@ impl FromStr for KvDtype {
             || {
                 CompressError::invalid(
                     "kv-dtype",
-                    format!("expected f16, bf16, f32, q8_0, q4_0, q8_0r or q4_0r, got `{s}`"),
+                    format!(
+                        "expected f16, bf16, f32, q8_0, q4_0, q8_0r, q4_0r, q8_0u, q4_0u, q8_0ru \
+                         or q4_0ru, got `{s}`"
+                    ),
                 )
             },
         )
@@ -336,8 +408,17 @@ mod tests {
         for d in KvDtype::ALL {
             assert_eq!(serde_json::to_string(&d).unwrap(), format!("\"{d}\""));
             assert_eq!(d.with_rotation(true).rotated(), d.is_quantized(), "{d}");
-            assert_eq!(d.with_rotation(false), d.storage());
+            assert_eq!(d.with_centering(true).centered(), d.is_quantized(), "{d}");
+            for (rotate, center) in [(false, false), (false, true), (true, false), (true, true)] {
+                let q = d.quantized_as(rotate, center);
+                assert_eq!(q.storage(), d.storage(), "{d}: the same blocks");
+                let asked = if d.is_quantized() { (rotate, center) } else { (false, false) };
+                assert_eq!((q.rotated(), q.centered()), asked, "{d} as ({rotate}, {center})");
+            }
         }
+        // The plain names are the centered storage; `u` names llama.cpp's rows as they are.
+        assert!(KvDtype::Q8_0.centered() && !KvDtype::Q8_0.rotated());
+        assert_eq!(KvDtype::Q4_0Rotated.with_centering(false).name(), "q4_0ru");
     }
 
     #[test]

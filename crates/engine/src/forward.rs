@@ -361,6 +361,16 @@ impl Llama {
                 let pos = cache.n_seen + i;
                 rope.apply(&mut q[i * qw..(i + 1) * qw], pos);
                 rope.apply(&mut k[i * kw..(i + 1) * kw], pos);
+            }
+            // A centered cache fixes each head's key center on the first keys it stores.
+            if cache.dtype.centered() {
+                for (kh, head) in heads.iter_mut().enumerate() {
+                    let at = |i: usize| i * kw + kh * c.head_dim;
+                    head.center_keys_on((0..seq).map(|i| &k[at(i)..at(i) + c.head_dim]), rotated);
+                }
+            }
+            for i in 0..seq {
+                let pos = cache.n_seen + i;
                 for (kh, head) in heads.iter_mut().enumerate() {
                     let at = i * kw + kh * c.head_dim;
                     let (key, value) = (&k[at..at + c.head_dim], &v[at..at + c.head_dim]);

@@ -384,12 +384,15 @@ impl Sequence {
             .iter()
             .map(|q| QueryMoments::bytes(self.group, self.head_dim, q.covariance))
             .sum();
+        // A centered cache's key center, whatever the head holds.
+        let fixed = HeadCache::fixed_bytes(self.head_dim, self.kv_dtype);
         let (mut settled, mut peak) = (0, 0);
         for (&during, &kept) in self.plan.peak_entries.iter().zip(&self.plan.kept_entries) {
-            let after =
-                (kept + decode_entries(self.request.max_kv, kept, self.request.max_tokens)) * entry;
+            let after = fixed
+                + (kept + decode_entries(self.request.max_kv, kept, self.request.max_tokens))
+                    * entry;
             settled += after * self.n_kv_heads;
-            peak += (during * per_entry + moments).max(after) * self.n_kv_heads;
+            peak += (fixed + during * per_entry + moments).max(after) * self.n_kv_heads;
         }
         Reservation { settled, headroom: peak - settled }
     }

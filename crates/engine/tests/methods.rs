@@ -89,10 +89,12 @@ fn keeps_budget_through_prefill_and_decode(dtype: KvDtype) {
                         }
                         assert_eq!(head.dtype(), dtype.storage(), "{label}");
                         assert_eq!(report.heads[l][h].after, head.len());
-                        // Resident memory is the kept keys, values and metadata, nothing more.
+                        // Resident memory is the kept keys, values and metadata, and a
+                        // centered head's key center, nothing more.
                         assert_eq!(
                             head.resident_bytes(),
-                            head.len() * (2 * dtype.row_bytes(hd) + entry_bytes),
+                            head.len() * (2 * dtype.row_bytes(hd) + entry_bytes)
+                                + kvmerger_compress::HeadCache::fixed_bytes(hd, dtype),
                             "{label}"
                         );
                         assert!(

@@ -459,7 +459,7 @@ pub fn row_fingerprint(
         h.field(&format!("reference kv {dtype}"));
     }
     if let Some(dtype) = stacked_on {
-        h.field(&format!("stacked on kv {dtype}"));
+        h.field(&format!("stacked on kv {}", dtype.fingerprint()));
     }
     if let Some(n) = input.max_kv {
         h.field(&format!("max_kv {n}"));

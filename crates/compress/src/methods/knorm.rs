@@ -67,6 +67,7 @@ impl CompressionMethod for KnormConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dtype::KvDtype;
     use crate::methods::test_util::random_head;
 
     /// kvpress's rule computed the plain way: each key's norm in f64, sorted from the
@@ -120,5 +121,46 @@ mod tests {
         assert_eq!(report.clamped, Some("recent"));
         let kept: Vec<usize> = head.meta().iter().map(|m| m.position).collect();
         assert_eq!(kept, vec![38, 39], "the two newest, no sink");
+    }
+
+    /// KNorm reads the true keys of a centered quantized head. Keys `c + a_i u` with `c . u`
+    /// large: the true norms order the entries by `a_i`, the stored (centered) rows by
+    /// `|a_i|`, so a method reading the stored rows would keep another set. The norms are
+    /// spaced far beyond q8_0's error, so the kept set is the f32 head's.
+    #[test]
+    fn a_centered_quantized_head_keeps_what_the_true_keys_say() {
+        let (n, d, budget) = (40, 64, 15);
+        let u: Vec<f32> = (0..d).map(|j| if j % 3 == 0 { 0.25 } else { -0.1 }).collect();
+        let c: Vec<f32> = u.iter().map(|x| 40.0 * x).collect();
+        let keys: Vec<Vec<f32>> = (0..n)
+            .map(|i| {
+                let a = ((i * 17) % n) as f32 / n as f32 * 8.0 - 4.0;
+                c.iter().zip(&u).map(|(c, u)| c + a * u).collect()
+            })
+            .collect();
+        let kept = |dtype: KvDtype| {
+            let mut head = HeadCache::new(d, dtype);
+            head.center_keys_on(keys.iter().map(Vec::as_slice), false);
+            for (i, k) in keys.iter().enumerate() {
+                head.push(k, k, crate::cache::EntryMeta::new(i));
+            }
+            let cfg = KnormConfig { budget: Budget::Tokens(budget), ..Default::default() };
+            cfg.compress(HeadId { layer: 0, head: 0 }, &mut head, budget).unwrap();
+            head.meta().iter().map(|m| m.position).collect::<Vec<_>>()
+        };
+        let mut plain = HeadCache::new(d, KvDtype::F32);
+        keys.iter()
+            .enumerate()
+            .for_each(|(i, k)| plain.push(k, k, crate::cache::EntryMeta::new(i)));
+        let truth = kvpress_kept(&plain, budget);
+        assert_eq!(kept(KvDtype::Q8_0), truth);
+        assert_eq!(kept(KvDtype::F32), truth, "a centered f32 head");
+        // What the stored rows alone would keep: the smallest |a_i|, another set.
+        let centered_norm = |i: usize| ((i * 17) % n) as f32 / n as f32 * 8.0 - 4.0;
+        let mut by_shift: Vec<usize> = (0..n).collect();
+        by_shift.sort_by(|&a, &b| centered_norm(a).abs().total_cmp(&centered_norm(b).abs()));
+        let mut shifted = by_shift[..budget].to_vec();
+        shifted.sort();
+        assert_ne!(shifted, truth, "the test tells the two readings apart");
     }
 }

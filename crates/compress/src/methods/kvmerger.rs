@@ -666,7 +666,7 @@ impl KvMergerConfig {
                 false,
             );
         }
-        let merged = HeadCache::from_parts(d, head.dtype(), out.keys, out.values, out.meta)?;
+        let merged = head.with_entries(out.keys, out.values, out.meta)?;
         Ok((merged, out.protected))
     }
 }

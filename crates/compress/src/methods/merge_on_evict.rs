@@ -198,7 +198,7 @@ impl CompressionMethod for MergeOnEvictConfig {
         }
         let meta = head.meta().to_vec();
         let kept_keys = head.keys().into_owned();
-        *head = HeadCache::from_parts(d, head.dtype(), kept_keys, merged, meta)?;
+        *head = head.with_entries(kept_keys, merged, meta)?;
         head.shrink_to_fit();
         Ok(HeadReport {
             before: len,
