@@ -137,11 +137,7 @@ impl HeadCache {
         values: Vec<f32>,
         meta: Vec<EntryMeta>,
     ) -> Result<Self> {
-        if !self.key_center.is_empty() {
-            for row in keys.chunks_mut(self.head_dim) {
-                row.iter_mut().zip(&self.key_center).for_each(|(k, c)| *k -= c);
-            }
-        }
+        self.center(&mut keys);
         let mut head = Self::from_parts(self.head_dim, self.dtype(), keys, values, meta)?;
         head.key_center = self.key_center.clone();
         Ok(head)
@@ -228,6 +224,16 @@ impl HeadCache {
     /// Entry `i`'s key, `[head_dim]`, in f32 (the true key).
     pub fn key(&self, i: usize) -> Cow<'_, [f32]> {
         self.uncentered(self.keys.view().widen(self.row(i)))
+    }
+    /// Subtracts the key center from each row of `keys` (`[n, head_dim]`, true keys), as
+    /// they are stored; nothing without a center.
+    fn center(&self, keys: &mut [f32]) {
+        if self.key_center.is_empty() {
+            return;
+        }
+        for row in keys.chunks_exact_mut(self.head_dim) {
+            row.iter_mut().zip(&self.key_center).for_each(|(k, c)| *k -= c);
+        }
     }
     /// Stored key rows with the center added back.
     fn uncentered<'a>(&self, stored: Cow<'a, [f32]>) -> Cow<'a, [f32]> {
@@ -391,9 +397,8 @@ impl HeadCache {
                 on_heap.resize(key.len(), 0.0);
                 on_heap.as_mut_slice()
             };
-            for ((out, k), c) in centered.iter_mut().zip(key).zip(&self.key_center) {
-                *out = k - c;
-            }
+            centered.copy_from_slice(key);
+            self.center(centered);
             self.keys.extend_from_f32(centered);
         }
         self.values.extend_from_f32(value);
