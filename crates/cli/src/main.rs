@@ -1,5 +1,6 @@
 //! `kvmerger`: run, compare and analyse KV-cache compression on Llama-family models.
 
+mod allocator;
 mod analyze;
 mod args;
 mod bench;
@@ -73,6 +74,7 @@ fn kernels() -> Result<()> {
 }
 
 fn main() {
+    allocator::return_large_blocks_when_freed();
     let cli = Cli::parse();
     // A cap that names no level is refused before any kernel runs, not silently ignored.
     if let Err(e) = kvmerger_engine::KernelLevel::cap_from_env() {
