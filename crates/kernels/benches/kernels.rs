@@ -13,6 +13,7 @@
 //!     cargo bench -p kvmerger-kernels --bench kernels
 //!     cargo bench -p kvmerger-kernels --bench kernels -- '1536x576' --warm-up-time 1 --measurement-time 2
 //!     cargo bench -p kvmerger-kernels --bench kernels -- 'file 896x4864'
+//!     cargo bench -p kvmerger-kernels --bench kernels -- 'activation quantization'
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
@@ -115,9 +116,22 @@ fn file_blocks(c: &mut Criterion) {
     }
 }
 
+/// The activation quantization before each decode product, on Qwen2.5-Coder-0.5B's widths
+/// (compare levels with `KVMERGER_KERNEL_LEVEL=portable`).
+fn quantization(c: &mut Criterion) {
+    let mut rng = StdRng::seed_from_u64(7);
+    let mut group = c.benchmark_group("activation quantization");
+    for width in [896usize, 4864] {
+        let x = random(width, &mut rng);
+        let mut q = QuantizedRows::new(&x, 1);
+        group.bench_function(format!("1 row of {width}"), |b| b.iter(|| q.quantize(&x, 1)));
+    }
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20).warm_up_time(std::time::Duration::from_millis(500)).measurement_time(std::time::Duration::from_secs(1));
-    targets = bench, file_blocks
+    targets = bench, file_blocks, quantization
 }
 criterion_main!(benches);

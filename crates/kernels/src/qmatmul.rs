@@ -594,6 +594,10 @@ fn block_quantizer() -> BlockQuantizer {
     if avx512::available() {
         return avx512::quantize_block;
     }
+    #[cfg(target_arch = "x86_64")]
+    if crate::cpu::has_avx2_fma_f16c() {
+        return avx2::quantize_block;
+    }
     quantize_block
 }
 
@@ -958,12 +962,21 @@ mod tests {
         // amax 127: d = 1, so x.5 values are exact halves.
         let mut halves: Vec<f32> = (0..31).map(|i| i as f32 * 4.0 - 62.5).collect();
         halves.push(-127.0);
-        let cases = [halves, vec![0.0; 32], random(32, &mut rng), random(32, &mut rng)];
+        let mut cases = vec![halves, vec![0.0; 32]];
+        // Random blocks over many magnitudes: each lane's place in the output is checked.
+        for i in 0..200 {
+            let scale = 10f32.powi(i % 9 - 4);
+            cases.push(random(32, &mut rng).iter().map(|v| v * scale).collect());
+        }
         #[allow(unused_mut)]
         let mut quantizers: Vec<BlockQuantizer> = vec![quantize_block];
         #[cfg(target_arch = "x86_64")]
         if avx512::available() {
             quantizers.push(avx512::quantize_block);
+        }
+        #[cfg(target_arch = "x86_64")]
+        if crate::cpu::has_avx2_fma_f16c() {
+            quantizers.push(avx2::quantize_block);
         }
         for x in &cases {
             let mut reference = [0i8; 32];

@@ -46,6 +46,48 @@ pub(super) fn kernel(kind: QuantKind, vnni: bool) -> Kernel {
     }
 }
 
+/// [`super::quantize_block`] on 8 lanes, bit for bit, as `avx512::quantize_block` computes
+/// it: the same scale, the same product `x * (1 / d)`, and halves rounded away from zero
+/// (truncate, then step away from zero where the exact remainder is at least one half).
+pub fn quantize_block(x: &[f32], qs: &mut [i8]) -> (f32, i32) {
+    assert!(has_avx2_fma_f16c() && x.len() == BLOCK && qs.len() == BLOCK);
+    // SAFETY: the CPU features and both lengths were checked above.
+    unsafe { quantize(x, qs) }
+}
+
+#[target_feature(enable = "avx2")]
+unsafe fn quantize(x: &[f32], qs: &mut [i8]) -> (f32, i32) {
+    // SAFETY: `x` holds 32 values (checked by `quantize_block`): four loads of 8.
+    let v: [__m256; 4] = std::array::from_fn(|i| unsafe { _mm256_loadu_ps(x.as_ptr().add(8 * i)) });
+    let abs = _mm256_castsi256_ps(_mm256_set1_epi32(i32::MAX));
+    let max = v.iter().fold(_mm256_setzero_ps(), |m, &v| _mm256_max_ps(m, _mm256_and_ps(v, abs)));
+    let max = _mm_max_ps(_mm256_castps256_ps128(max), _mm256_extractf128_ps::<1>(max));
+    let max = _mm_max_ps(max, _mm_movehl_ps(max, max));
+    let amax = _mm_cvtss_f32(_mm_max_ss(max, _mm_shuffle_ps::<1>(max, max)));
+    let d = amax / 127.0;
+    let inv = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+    let (half, one) = (_mm256_set1_ps(0.5), _mm256_set1_ps(1.0));
+    let sign = _mm256_castsi256_ps(_mm256_set1_epi32(i32::MIN));
+    let q: [__m256i; 4] = std::array::from_fn(|i| {
+        let v = _mm256_mul_ps(v[i], inv);
+        let t = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(v);
+        let away = _mm256_cmp_ps::<_CMP_GE_OQ>(_mm256_and_ps(_mm256_sub_ps(v, t), abs), half);
+        let step = _mm256_or_ps(_mm256_and_ps(v, sign), one);
+        _mm256_cvtps_epi32(_mm256_add_ps(t, _mm256_and_ps(away, step)))
+    });
+    let sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+    let sum = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256::<1>(sum));
+    let sum = _mm_add_epi32(sum, _mm_unpackhi_epi64(sum, sum));
+    let sum = _mm_cvtsi128_si32(_mm_add_epi32(sum, _mm_shuffle_epi32::<1>(sum)));
+    // The packs work within 128-bit lanes: 4-byte groups come out in the order
+    // q0[0..4] q1[0..4] q2[0..4] q3[0..4] q0[4..8] ..., put back in order by one permute.
+    let bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+    let bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    // SAFETY: `qs` holds 32 values (checked by `quantize_block`).
+    unsafe { _mm256_storeu_si256(qs.as_mut_ptr().cast(), bytes) };
+    (d, sum)
+}
+
 kernel_by_rows!(q4_0, maddubs::rows<Q4_0>, Q4_0, 1, has_avx2_fma_f16c);
 kernel_by_rows!(q4_1, maddubs::rows<Q4_1>, Q4_1, 1, has_avx2_fma_f16c);
 kernel_by_rows!(q5_0, maddubs::rows<Q5_0>, Q5_0, 1, has_avx2_fma_f16c);
