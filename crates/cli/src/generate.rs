@@ -2,6 +2,7 @@
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -14,6 +15,9 @@ use crate::args::{
     flag_error, ContextArgs, MaxKvArgs, MethodArgs, ModelArgs, PrefillArgs, SamplingArgs,
 };
 use crate::peak_rss::peak_rss_bytes;
+
+/// How often a long prefill says how far it got.
+const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
@@ -81,7 +85,16 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let max_tokens = args.sampling.max_tokens(&tokens, &limits)?;
     let mut session =
         Session::new(&loaded.model, &method)?.with_options(prefill).with_max_kv(max_kv);
-    let logits = session.prefill(&tokens)?;
+    let started = Instant::now();
+    let mut last_line = started;
+    let logits = session.prefill_with_progress(&tokens, |done| {
+        // A line every few seconds: a long prompt prefills for minutes.
+        if last_line.elapsed() >= PROGRESS_EVERY {
+            last_line = Instant::now();
+            let secs = started.elapsed().as_secs();
+            eprintln!("[{secs:>6} s] prefill: {done} of {} prompt tokens", tokens.len());
+        }
+    })?;
     let mut sampler = Sampler::new(sampling);
     sampler.remember(&tokens);
     let mut decoder = loaded.tokenizer.stream_decoder();

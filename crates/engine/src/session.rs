@@ -108,12 +108,23 @@ impl<'m> Session<'m> {
     /// the last prompt token's logits `[vocab]`. Asked to compress incrementally, a method
     /// that cannot is an error that says why (field `prefill_compression`).
     pub fn prefill(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        self.prefill_with_progress(tokens, |_| {})
+    }
+
+    /// [`Self::prefill`], calling `progress` with the number of prompt tokens prefilled
+    /// after every chunk but the last (a long prompt runs for minutes).
+    pub fn prefill_with_progress(
+        &mut self,
+        tokens: &[u32],
+        mut progress: impl FnMut(usize),
+    ) -> Result<Vec<f32>> {
         let mut seq = self.fresh_sequence(tokens)?;
         let start = Instant::now();
         let logits = loop {
             if let Some(logits) = seq.prefill_chunk(self.model, self.options.attention_chunk)? {
                 break logits;
             }
+            progress(seq.next_chunk().map_or(tokens.len(), |chunk| chunk.start));
         };
         self.timings.prefill += start.elapsed();
         self.timings.scoring += seq.scoring();

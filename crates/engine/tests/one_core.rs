@@ -118,6 +118,22 @@ fn a_session_gives_the_logits_of_the_sequence_the_server_drives() {
     }
 }
 
+/// Progress names every chunk boundary of the prompt in order, and reporting it changes
+/// nothing of the prefill.
+#[test]
+fn a_prefill_reports_each_chunk_it_finished() {
+    let model = model();
+    let config = method("kvmerger", 0.3);
+    let mode = PrefillCompression::Incremental;
+    let mut reported = Vec::new();
+    let mut session = Session::new(&model, &config).unwrap().with_options(options(mode));
+    let logits = session.prefill_with_progress(&prompt(0), |done| reported.push(done)).unwrap();
+    let boundaries: Vec<usize> = (1..PROMPT.div_ceil(CHUNK)).map(|k| k * CHUNK).collect();
+    assert_eq!(reported, boundaries);
+    let mut plain = Session::new(&model, &config).unwrap().with_options(options(mode));
+    assert_eq!(bits(&logits), bits(&plain.prefill(&prompt(0)).unwrap()));
+}
+
 #[test]
 fn a_forked_prefill_continues_as_a_fresh_one() {
     let model = model();
