@@ -33,11 +33,10 @@ pub fn return_large_blocks_when_freed() -> bool {
 #[cfg(all(test, target_os = "linux", target_env = "gnu"))]
 mod tests {
     use super::*;
+    use crate::peak_rss::status_bytes;
 
     fn resident_bytes() -> u64 {
-        let status = std::fs::read_to_string("/proc/self/status").unwrap();
-        let line = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap();
-        line.trim().strip_suffix("kB").unwrap().trim().parse::<u64>().unwrap() * 1024
+        status_bytes("VmRSS").expect("Linux reports VmRSS")
     }
 
     /// Under the policy, freeing every other one of many 4 MiB blocks gives their memory

@@ -6,12 +6,18 @@
 /// kernel's own high-water mark, so no sample can miss the peak); `None` where the file
 /// is missing or unreadable (not Linux).
 pub fn peak_rss_bytes() -> Option<u64> {
-    std::fs::read_to_string("/proc/self/status").ok().and_then(|s| parse_vm_hwm(&s))
+    status_bytes("VmHWM")
 }
 
-/// The `VmHWM:` line's value (in kB) as bytes.
-fn parse_vm_hwm(status: &str) -> Option<u64> {
-    let line = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?;
+/// A memory figure of this process's `/proc/self/status` (`VmHWM`, `VmRSS`, ...) in bytes;
+/// `None` where the file or the field is missing or unreadable.
+pub fn status_bytes(field: &str) -> Option<u64> {
+    std::fs::read_to_string("/proc/self/status").ok().and_then(|s| parse_status_bytes(&s, field))
+}
+
+/// The `field:` line's value (in kB) as bytes.
+fn parse_status_bytes(status: &str, field: &str) -> Option<u64> {
+    let line = status.lines().find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?;
     let kib = line.trim().strip_suffix("kB")?.trim().parse::<u64>().ok()?;
     Some(kib * 1024)
 }
@@ -23,9 +29,10 @@ mod tests {
     #[test]
     fn reads_the_high_water_mark_in_bytes() {
         let status = "Name:\tkvmerger\nVmPeak:\t  900 kB\nVmHWM:\t    1234 kB\nVmRSS:\t  1000 kB\n";
-        assert_eq!(parse_vm_hwm(status), Some(1234 * 1024));
-        assert_eq!(parse_vm_hwm("VmRSS:\t1000 kB\n"), None);
-        assert_eq!(parse_vm_hwm("VmHWM:\tmany kB\n"), None);
+        assert_eq!(parse_status_bytes(status, "VmHWM"), Some(1234 * 1024));
+        assert_eq!(parse_status_bytes(status, "VmRSS"), Some(1000 * 1024));
+        assert_eq!(parse_status_bytes("VmRSS:\t1000 kB\n", "VmHWM"), None);
+        assert_eq!(parse_status_bytes("VmHWM:\tmany kB\n", "VmHWM"), None);
     }
 
     #[cfg(target_os = "linux")]
