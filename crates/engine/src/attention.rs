@@ -11,6 +11,7 @@
 //! grouped-query attention (query head `h` reads kv head `h / group`); statistics are the
 //! mean over the query heads of a group.
 
+use std::borrow::Cow;
 use std::cell::RefCell;
 
 use kvmerger_compress::{EvictionWindow, HeadCache, StatsRequest};
@@ -86,10 +87,7 @@ fn attend_chunks(
         .par_iter()
         .enumerate()
         .map(|(h, head)| {
-            let n = head.len() * head_dim;
-            // In f32 (borrowed when the cache is f32).
-            let (keys, values) = (head.stored_keys().widen(0..n), head.stored_values().widen(0..n));
-            let rows = HeadRows { head, keys: &keys, values: &values };
+            let rows = HeadRows::of(head, head_dim, opts);
             (0..n_chunks)
                 .into_par_iter()
                 .map(|c| {
@@ -129,11 +127,32 @@ fn attend_chunks(
     }
 }
 
-/// A head and its stored rows, widened to f32.
+/// What every chunk of queries reads of a head, prepared once for all of them.
 struct HeadRows<'a> {
     head: &'a HeadCache,
-    keys: &'a [f32],
-    values: &'a [f32],
+    /// `[len, head_dim]` each, in f32 (borrowed when the cache is f32).
+    keys: Cow<'a, [f32]>,
+    values: Cow<'a, [f32]>,
+    /// `ln(count)` per entry, when `opts.log_count_bias` asks for it.
+    bias: Option<Vec<f32>>,
+    /// Each entry's logical position, for a sliding window.
+    positions: Option<Vec<usize>>,
+}
+
+impl<'a> HeadRows<'a> {
+    fn of(head: &'a HeadCache, head_dim: usize, opts: AttentionOptions) -> Self {
+        let n = head.len() * head_dim;
+        let meta = head.meta();
+        Self {
+            head,
+            keys: head.stored_keys().widen(0..n),
+            values: head.stored_values().widen(0..n),
+            bias: opts
+                .log_count_bias
+                .then(|| meta.iter().map(|m| (m.count.max(1) as f32).ln()).collect()),
+            positions: opts.window.map(|_| meta.iter().map(|m| m.position).collect()),
+        }
+    }
 }
 
 thread_local! {
@@ -184,22 +203,17 @@ fn attend_chunk(
         qs.extend_from_slice(&q[off..off + group * d]);
     }
 
-    let (keys, values) = (&head_rows.keys[..visible * d], &head_rows.values[..visible * d]);
-    let meta = &head.meta()[..visible];
-    let bias: Option<Vec<f32>> =
-        opts.log_count_bias.then(|| meta.iter().map(|m| (m.count.max(1) as f32).ln()).collect());
-    let positions: Option<Vec<usize>> =
-        opts.window.map(|_| meta.iter().map(|m| m.position).collect());
-    let window = opts.window.zip(positions.as_deref());
+    let window = opts.window.zip(head_rows.positions.as_deref());
     let block = CausalBlock {
         queries: &qs,
-        keys,
-        values,
+        keys: &head_rows.keys[..visible * d],
+        values: &head_rows.values[..visible * d],
         head_dim: d,
         group,
         first_seen: base + queries.start + 1,
-        bias: bias.as_deref(),
-        window: window.map(|(window, positions)| SlidingWindow { window, positions }),
+        bias: head_rows.bias.as_deref().map(|b| &b[..visible]),
+        window: window
+            .map(|(window, positions)| SlidingWindow { window, positions: &positions[..visible] }),
     };
     // [rows, visible] probabilities (attend_block writes every element), [rows, d] outputs.
     scores.resize(rows * visible, 0.0);
