@@ -157,10 +157,20 @@ impl<'a> HeadRows<'a> {
 
 thread_local! {
     /// A chunk's `[rows, visible]` probabilities, kept by each thread from one chunk to the
-    /// next: at 9,000 keys a chunk of 128 queries of Qwen2.5-0.5B's 7-head groups takes
-    /// 32 MiB, which allocated afresh per chunk cost a quarter of a prefill's CPU time in
-    /// page faults once the allocator returned it to the system each time.
+    /// next (until [`release_prefill_scratch`]): at 9,000 keys a chunk of 128 queries of
+    /// Qwen2.5-0.5B's 7-head groups takes 32 MiB, which allocated afresh per chunk cost a
+    /// quarter of a prefill's CPU time in page faults once the allocator returned it to
+    /// the system each time.
     static PROBABILITIES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Frees every thread's probability buffer (those of the current rayon pool and the
+/// caller's). A prompt's last chunk leaves them at their largest, `O(chunk x cache_len)`
+/// each, which decode steps never read: without this a server that once prefilled a long
+/// prompt would hold them while idle.
+pub(crate) fn release_prefill_scratch() {
+    rayon::broadcast(|_| drop(PROBABILITIES.take()));
+    drop(PROBABILITIES.take());
 }
 
 fn add(total: &mut [f32], part: &[f32]) {
@@ -328,5 +338,33 @@ mod tests {
             let total: f32 = got.iter().sum();
             assert!((total - 2.0).abs() < 1e-4, "{dtype}: each head's attention sums to 1");
         }
+    }
+
+    /// The probability buffers a prompt's chunks leave on the pool's threads are freed by
+    /// [`release_prefill_scratch`]. A pool of its own, so other tests' prompts cannot refill
+    /// them between the release and the check.
+    #[test]
+    fn releasing_the_prefill_scratch_frees_every_threads_buffer() {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let held = || {
+            let mut held = rayon::broadcast(|_| PROBABILITIES.with_borrow(Vec::capacity));
+            held.push(PROBABILITIES.with_borrow(Vec::capacity));
+            held
+        };
+        pool.install(|| {
+            let seq = 40;
+            let mut rng = StdRng::seed_from_u64(23);
+            let q: Vec<f32> = (0..seq * 6 * 64).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let mut out = vec![0.0; q.len()];
+            let mut cache = heads(KvDtype::F16);
+            attend_into(&q, seq, &mut cache, SHAPE, opts(StatsRequest::accumulated()), &mut out);
+            assert!(
+                held().iter().any(|&c| c >= 8 * 3 * 333),
+                "a chunk's probabilities: {:?}",
+                held()
+            );
+            release_prefill_scratch();
+            assert_eq!(held(), vec![0; 3], "every thread's buffer freed");
+        });
     }
 }

@@ -528,6 +528,7 @@ impl Sequence {
         let logits = logits.ok_or_else(|| {
             EngineError::Setup("the last prefill chunk returned no logits".into())
         })?;
+        crate::attention::release_prefill_scratch();
         self.finish_prefill()?;
         Ok(Some(logits.to_vec()))
     }
