@@ -217,7 +217,6 @@ fn attend_chunk(
     let block = CausalBlock {
         queries: &qs,
         keys: &head_rows.keys[..visible * d],
-        values: &head_rows.values[..visible * d],
         head_dim: d,
         group,
         first_seen: base + queries.start + 1,
@@ -228,7 +227,7 @@ fn attend_chunk(
     // [rows, visible] probabilities (attend_block writes every element), [rows, d] outputs.
     scores.resize(rows * visible, 0.0);
     let mut out = vec![0.0f32; rows * d];
-    attend_block(block, scores, &mut out);
+    attend_block(block, &head_rows.values[..visible * d], scores, &mut out);
 
     let mut accumulated = opts.stats.accumulated.then(|| vec![0.0f32; visible]);
     // `(first query of the window, window, [visible])` for each window this chunk reaches.

@@ -24,8 +24,8 @@ mod threads;
 
 pub use activation::{gelu_tanh_product, silu_product};
 pub use attention::{
-    attend_block, decode_attention, dot, AttentionShape, CausalBlock, DecodeOptions, KvEntry,
-    KvHead, SlidingWindow,
+    attend_block, causal_softmax, decode_attention, dot, AttentionShape, CausalBlock,
+    DecodeOptions, KvEntry, KvHead, SlidingWindow,
 };
 pub use cpu::{kernel_report, KernelLevel, UnknownKernelLevel, KERNEL_LEVEL_ENV};
 pub use error::{KernelError, Result};

@@ -2,6 +2,8 @@
 //! softmax computed explicitly so that its probabilities are there to be summed: a prompt is
 //! attended one block of queries at a time, so memory stays `O(block x len)`, not `O(n^2)`.
 
+use super::softmax::exponentiate_row;
+
 /// A block of queries over one head. Row `r` of the block is query `r / group` (the
 /// `group` query heads of a kv head, side by side); query `i` sees the first
 /// `first_seen + i` entries, the last of them its own.
@@ -11,8 +13,6 @@ pub struct CausalBlock<'a> {
     pub queries: &'a [f32],
     /// `[visible, head_dim]`: the entries the block's last query sees.
     pub keys: &'a [f32],
-    /// `[visible, head_dim]`.
-    pub values: &'a [f32],
     pub head_dim: usize,
     pub group: usize,
     pub first_seen: usize,
@@ -30,17 +30,69 @@ pub struct SlidingWindow<'a> {
     pub positions: &'a [usize],
 }
 
+impl SlidingWindow<'_> {
+    /// Sets `row[j]` to `value` for every entry the row's query (its last entry) does not
+    /// see.
+    fn fill_outside(&self, row: &mut [f32], value: f32) {
+        let query = self.positions[row.len() - 1];
+        for (s, &p) in row.iter_mut().zip(self.positions) {
+            if query.saturating_sub(p) >= self.window {
+                *s = value;
+            }
+        }
+    }
+}
+
 /// Writes the block's softmax into `probabilities`, `[rows, visible]` (zero past what a
-/// query sees), and its output into `out`, `[rows, head_dim]`.
-pub fn attend_block(block: CausalBlock<'_>, probabilities: &mut [f32], out: &mut [f32]) {
-    let CausalBlock { queries, keys, values, head_dim: d, group, first_seen, bias, window } = block;
+/// query sees), and its output, the probabilities times `values` (`[visible, head_dim]`),
+/// into `out`, `[rows, head_dim]`.
+pub fn attend_block(
+    block: CausalBlock<'_>,
+    values: &[f32],
+    probabilities: &mut [f32],
+    out: &mut [f32],
+) {
+    let d = block.head_dim;
+    let (rows, visible) = (block.queries.len() / d, block.keys.len() / d);
+    assert!(values.len() == block.keys.len() && out.len() == rows * d, "output sizes");
+    causal_softmax(block, probabilities);
+
+    // [rows, d] = P V
+    // SAFETY: probabilities is rows x visible (checked by causal_softmax), values hold
+    // visible rows of d, out is rows x d (asserted above).
+    unsafe {
+        gemm::gemm(
+            rows,
+            d,
+            visible,
+            out.as_mut_ptr(),
+            1,
+            d as isize,
+            false,
+            probabilities.as_ptr(),
+            1,
+            visible as isize,
+            values.as_ptr(),
+            1,
+            d as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// Writes the block's softmax alone into `probabilities`, `[rows, visible]` (zero past what
+/// a query sees): for a caller that reads the attention paid, not its output.
+pub fn causal_softmax(block: CausalBlock<'_>, probabilities: &mut [f32]) {
+    let CausalBlock { queries, keys, head_dim: d, group, first_seen, bias, window } = block;
     let rows = queries.len() / d;
     let visible = keys.len() / d;
-    assert!(
-        queries.len() == rows * d && keys.len() == visible * d && values.len() == keys.len(),
-        "whole rows of head_dim"
-    );
-    assert!(probabilities.len() == rows * visible && out.len() == rows * d, "output sizes");
+    assert!(queries.len() == rows * d && keys.len() == visible * d, "whole rows of head_dim");
+    assert!(probabilities.len() == rows * visible, "output sizes");
     assert!(rows > 0 && first_seen + (rows - 1) / group == visible, "the last query sees all");
     assert!(bias.is_none_or(|b| b.len() == visible));
     assert!(window.is_none_or(|w| w.positions.len() == visible));
@@ -81,50 +133,17 @@ pub fn attend_block(block: CausalBlock<'_>, probabilities: &mut [f32], out: &mut
                 *s += b;
             }
         }
-        if let Some(SlidingWindow { window, positions }) = window {
-            let query = positions[seen - 1];
-            for (s, &p) in row[..seen].iter_mut().zip(positions) {
-                if query.saturating_sub(p) >= window {
-                    *s = f32::NEG_INFINITY;
-                }
-            }
+        if let Some(window) = window {
+            window.fill_outside(&mut row[..seen], f32::NEG_INFINITY);
         }
-        let max = row[..seen].iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0.0f32;
-        for s in &mut row[..seen] {
-            *s = (*s - max).exp();
-            sum += *s;
-        }
+        let (_, sum) = exponentiate_row(&mut row[..seen]);
         let inv = 1.0 / sum;
         row[..seen].iter_mut().for_each(|s| *s *= inv);
         row[seen..].fill(0.0);
-    }
-
-    // [rows, d] = P V
-    // SAFETY: probabilities is rows x visible, values hold visible rows of d, out is
-    // rows x d (asserted above).
-    unsafe {
-        gemm::gemm(
-            rows,
-            d,
-            visible,
-            out.as_mut_ptr(),
-            1,
-            d as isize,
-            false,
-            probabilities.as_ptr(),
-            1,
-            visible as isize,
-            values.as_ptr(),
-            1,
-            d as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
+        if let Some(window) = window {
+            // Exactly 0 outside the window, where the fast exponential leaves ~1e-38.
+            window.fill_outside(&mut row[..seen], 0.0);
+        }
     }
 }
 
@@ -179,7 +198,6 @@ mod tests {
             let block = CausalBlock {
                 queries: &q,
                 keys: &keys,
-                values: &values,
                 head_dim: d,
                 group,
                 first_seen,
@@ -188,7 +206,7 @@ mod tests {
             };
             let (mut probabilities, mut out) =
                 (vec![f32::NAN; queries * group * visible], vec![f32::NAN; queries * group * d]);
-            attend_block(block, &mut probabilities, &mut out);
+            attend_block(block, &values, &mut probabilities, &mut out);
             for (r, row) in probabilities.chunks_exact(visible).enumerate() {
                 let seen = first_seen + r / group;
                 let query = &q[r * d..(r + 1) * d];

@@ -20,6 +20,7 @@ use rayon::prelude::*;
 
 use super::head::{KvEntry, KvHead};
 use super::shape::{AttentionShape, DecodeOptions};
+use super::softmax::exponentiate_row;
 use crate::kv_rows::RowsRef;
 
 /// Rows widened at a time: 64 rows of a 64-wide head are 16 KiB of f32.
@@ -551,31 +552,9 @@ fn exponentiate<'p>(scores: &mut [f32], n: usize, partial: &'p mut [f32]) -> &'p
     let (maxima, rest) = partial.split_at_mut(group);
     let (sums, weighted) = rest.split_at_mut(group);
     for (g, row) in scores.chunks_exact_mut(n.max(1)).enumerate() {
-        let max = lanewise(row, f32::NEG_INFINITY, |m, s| if s > m { s } else { m });
-        // Separate passes: each vectorises (a running sum in the exponentials' loop kept
-        // it scalar).
-        row.iter_mut().for_each(|s| *s = exp_nonpositive(*s - max));
-        let sum = lanewise(row, 0.0, |sum, s| sum + s);
-        (maxima[g], sums[g]) = (max, sum);
+        (maxima[g], sums[g]) = exponentiate_row(row);
     }
     weighted
-}
-
-/// `values` folded with `f` into 8 running lanes, then the lanes into one: 8 independent
-/// chains that vectorise, where one running value waits on each step before the next.
-#[inline(always)]
-fn lanewise(values: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
-    let mut lanes = [init; 8];
-    let chunks = values.chunks_exact(8);
-    let tail = chunks.remainder();
-    for chunk in chunks {
-        lanes.iter_mut().zip(chunk).for_each(|(l, &v)| *l = f(*l, v));
-    }
-    let lanes = tail.iter().fold(lanes, |mut lanes, &v| {
-        lanes[0] = f(lanes[0], v);
-        lanes
-    });
-    lanes.into_iter().fold(init, f)
 }
 
 /// The part kernel with f16 (or f32) rows read straight into vector registers: a key or value
@@ -972,34 +951,6 @@ mod fused {
     }
 }
 
-/// `e^x` for `x <= 0` to about 2 ulp, branch-free so a loop of it vectorises (the libm call
-/// does not, and would cost more than the dot products). Below -87 it returns about
-/// `e^-87` (1.6e-38) instead of smaller: nothing next to the softmax's largest term, 1.
-#[inline(always)]
-fn exp_nonpositive(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    // Adding 1.5 * 2^23 rounds to an integer, which the low mantissa bits then hold.
-    const ROUND: f32 = 12_582_912.0;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    let x = x.max(-87.0);
-    let t = x * LOG2E + ROUND;
-    let n = t - ROUND;
-    // x = n ln2 + r, |r| <= ln2 / 2, with ln2 split so n ln2 is exact.
-    let r = x - n * LN2_HI - n * LN2_LO;
-    // Cephes' expf polynomial for e^r.
-    let mut p = 1.987_569_1e-4f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 0.5;
-    let er = p * r * r + r + 1.0;
-    // 2^n: the exponent field n + 127 (n in -126..=0), from t's low mantissa bits.
-    let two_n = f32::from_bits(t.to_bits().wrapping_add(127) << 23);
-    er * two_n
-}
-
 /// `a . b`, in eight independent lanes so the compiler vectorises it.
 #[inline(always)]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -1073,7 +1024,6 @@ mod tests {
             let block = CausalBlock {
                 queries: &q[h * group * d..(h + 1) * group * d],
                 keys: &keys,
-                values: &values,
                 head_dim: d,
                 group,
                 first_seen: n,
@@ -1081,7 +1031,8 @@ mod tests {
                 window: None,
             };
             let mut probabilities = vec![0.0; group * n];
-            attend_block(block, &mut probabilities, &mut out[h * group * d..(h + 1) * group * d]);
+            let out = &mut out[h * group * d..(h + 1) * group * d];
+            attend_block(block, &values, &mut probabilities, out);
             let mut received = vec![0.0f32; n];
             for row in probabilities.chunks_exact(n) {
                 received.iter_mut().zip(row).for_each(|(a, p)| *a += p / group as f32);
@@ -1089,18 +1040,6 @@ mod tests {
             attention.extend(received);
         }
         (out, attention)
-    }
-
-    /// Cross-path (a polynomial against the C library): bounded by 4 ulp.
-    #[test]
-    fn the_fast_exponential_matches_the_standard_one() {
-        for i in 0..87_000 {
-            let x = -(i as f32) * 1e-3;
-            let (fast, exact) = (exp_nonpositive(x), x.exp());
-            assert!((fast - exact).abs() <= 4.0 * f32::EPSILON * exact, "{x}: {fast} vs {exact}");
-        }
-        assert_eq!(exp_nonpositive(0.0), 1.0);
-        assert!(exp_nonpositive(-1e4) < 2e-38 && exp_nonpositive(f32::NEG_INFINITY) < 2e-38);
     }
 
     /// Split into several parts per head (ragged lengths, a tail shorter than a block), the

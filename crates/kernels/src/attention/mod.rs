@@ -15,10 +15,11 @@ mod head;
 #[cfg(target_arch = "x86_64")]
 mod lanes;
 mod shape;
+mod softmax;
 #[cfg(test)]
 mod test_head;
 
-pub use block::{attend_block, CausalBlock, SlidingWindow};
+pub use block::{attend_block, causal_softmax, CausalBlock, SlidingWindow};
 pub use decode::{decode_attention, dot};
 pub use head::{KvEntry, KvHead};
 pub use shape::{AttentionShape, DecodeOptions};
