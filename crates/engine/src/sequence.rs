@@ -656,7 +656,7 @@ impl Sequence {
     }
 
     /// The method's decode-time policy after a forward pass past the prompt.
-    fn after_step(&mut self) -> Result<()> {
+    pub(crate) fn after_step(&mut self) -> Result<()> {
         self.decode_steps += 1;
         after_decode_step(&*self.method, &mut self.cache, self.decode_steps, self.request.max_kv)
     }

@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::compression::CompressionReport;
 use crate::error::{EngineError, Result};
-use crate::forward::{Logits, Phase};
+use crate::forward::{BatchItem, Logits, Phase};
 use crate::model::Llama;
 use crate::prefill::PrefillOptions;
 use crate::sampler::Sampler;
@@ -218,5 +218,83 @@ impl<'m> Session<'m> {
         }
         self.timings.decode += start.elapsed();
         Ok(out)
+    }
+
+    /// Generates for several sessions of one model side by side: `sessions[i]` from its
+    /// last logits `logits[i]` with `samplers[i]`, up to `max_tokens` tokens, stopping at any
+    /// of `stop`. Each step feeds every unfinished session's last token through one batched
+    /// decode pass, which reads each weight block once for all of them, then applies each
+    /// one's decode-time policy. Every session gets the tokens [`Self::generate`] gives it
+    /// alone: a batched pass computes each row as a pass of that row alone does. Returns
+    /// each session's tokens; a session's `timings.decode` grows by its share of the steps
+    /// it took part in (a step's time split evenly over its sessions).
+    pub fn generate_together(
+        sessions: &mut [Session<'m>],
+        logits: Vec<Vec<f32>>,
+        max_tokens: usize,
+        samplers: &mut [Sampler],
+        stop: &[u32],
+    ) -> Result<Vec<Vec<u32>>> {
+        let Some((model, chunk)) = sessions.first().map(|s| (s.model, s.options.attention_chunk))
+        else {
+            return Ok(Vec::new());
+        };
+        if sessions.iter().any(|s| !std::ptr::eq(s.model, model)) {
+            return Err(EngineError::Setup("sessions generated together share a model".into()));
+        }
+        if logits.len() != sessions.len() || samplers.len() != sessions.len() {
+            return Err(EngineError::Setup("one logits row and sampler per session".into()));
+        }
+        let mut out = vec![Vec::new(); sessions.len()];
+        let mut pending: Vec<Option<Vec<f32>>> = logits.into_iter().map(Some).collect();
+        loop {
+            let mut stepping = vec![false; sessions.len()];
+            for (i, session) in sessions.iter().enumerate() {
+                let Some(logits) = pending[i].take() else { continue };
+                let next = samplers[i].sample(&logits);
+                out[i].push(next);
+                let full = session.cache().n_seen >= model.config.context_length;
+                stepping[i] = !(stop.contains(&next) || out[i].len() >= max_tokens || full);
+            }
+            let live: Vec<usize> = (0..sessions.len()).filter(|&i| stepping[i]).collect();
+            if live.is_empty() {
+                return Ok(out);
+            }
+            let start = Instant::now();
+            let mut seqs = sessions
+                .iter_mut()
+                .zip(&stepping)
+                .filter(|(_, &stepping)| stepping)
+                .map(|(s, _)| s.sequence())
+                .collect::<Result<Vec<_>>>()?;
+            let mut items: Vec<BatchItem<'_>> = seqs
+                .iter_mut()
+                .zip(&live)
+                .map(|(seq, &i)| {
+                    let stats = seq.decode_stats();
+                    let token = out[i].last().expect("a token was just sampled");
+                    BatchItem {
+                        tokens: std::slice::from_ref(token),
+                        cache: &mut seq.cache,
+                        logits: Some(Logits::Last),
+                        stats,
+                    }
+                })
+                .collect();
+            let rows = model.forward_batch(&mut items, Phase::Decode, chunk)?;
+            drop(items);
+            for ((seq, row), &i) in seqs.iter_mut().zip(rows).zip(&live) {
+                let row = row
+                    .ok_or_else(|| EngineError::Setup("a decode step returned no logits".into()))?;
+                pending[i] = Some(row.flatten_all()?.to_vec1::<f32>()?);
+                seq.after_step()?;
+            }
+            drop(seqs);
+            let share = start.elapsed() / live.len() as u32;
+            for &i in &live {
+                sessions[i].timings.decode += share;
+                sessions[i].timings.decode_tokens += 1;
+            }
+        }
     }
 }

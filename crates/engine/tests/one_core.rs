@@ -7,7 +7,7 @@ use kvmerger_compress::{Budget, CompressionConfig, KvCache};
 use kvmerger_engine::testing::{random_llama_with, tiny_config};
 use kvmerger_engine::{
     argmax, BatchItem, EngineError, GenerationRequest, Llama, Logits, Phase, PrefillCompression,
-    PrefillOptions, Prefilled, RequestError, RequestField, RequestLimits, RequestOptions,
+    PrefillOptions, Prefilled, RequestError, RequestField, RequestLimits, RequestOptions, Sampler,
     SamplingConfig, Sequence, Session, WeightFormat, WeightFormats,
 };
 
@@ -275,5 +275,54 @@ fn a_bounded_generation_holds_the_bound_in_constant_memory() {
             }
             other => panic!("{}: {:?}", refused.label(), other.map(|l| l.len())),
         }
+    }
+}
+
+/// Sessions generating together in batched decode passes get, bit for bit, the tokens,
+/// logits and caches each gets generating alone (each row of a batched pass is computed
+/// as that row alone is): prompts of different lengths, methods with and without a
+/// decode-time policy, a decode bound, and a stop token that ends one session early.
+#[test]
+fn sessions_generating_together_match_each_generating_alone() {
+    let model = model();
+    let setups: Vec<(CompressionConfig, usize, Option<usize>)> = vec![
+        (CompressionConfig::Full, 150, None),
+        (method("h2o", 0.5), PROMPT, None),
+        (method("kvmerger", 0.35), 90, Some(40)),
+        (method("streaming_llm", 0.25), 177, None),
+    ];
+    let start = |(config, len, max_kv): &(CompressionConfig, usize, Option<usize>)| {
+        let mut session = Session::new(&model, config)
+            .unwrap()
+            .with_options(options(PrefillCompression::Once))
+            .with_max_kv(*max_kv);
+        let logits = session.prefill(&prompt(*len as u32)[..*len]).unwrap();
+        (session, logits)
+    };
+    let greedy = || Sampler::new(SamplingConfig::default());
+    // A stop token: what the second session generates third when nothing stops it.
+    let (mut probe, logits) = start(&setups[1]);
+    let stop = [probe.generate(logits, 3, &mut greedy(), &[], |_| true).unwrap()[2]];
+
+    let (mut alone, mut alone_tokens) = (Vec::new(), Vec::new());
+    for setup in &setups {
+        let (mut session, logits) = start(setup);
+        alone_tokens.push(session.generate(logits, STEPS, &mut greedy(), &stop, |_| true).unwrap());
+        alone.push(session);
+    }
+    let (mut together, first): (Vec<_>, Vec<_>) = setups.iter().map(start).unzip();
+    let mut samplers: Vec<Sampler> = setups.iter().map(|_| greedy()).collect();
+    let tokens =
+        Session::generate_together(&mut together, first, STEPS, &mut samplers, &stop).unwrap();
+    assert_eq!(tokens, alone_tokens);
+    assert!(tokens[1].len() <= 3, "the stop token ends the second session by its third");
+    let longest = tokens.iter().map(Vec::len).max();
+    assert!(longest > Some(tokens[1].len()), "the others go on without it: {tokens:?}");
+    for (i, (a, b)) in alone.iter_mut().zip(&mut together).enumerate() {
+        assert_eq!(a.cache(), b.cache(), "session {i}: caches");
+        assert_eq!(a.timings.decode_tokens, b.timings.decode_tokens, "session {i}");
+        // Both continue from the same point: one more token gives the same logits.
+        let next = *alone_tokens[i].last().unwrap();
+        assert_eq!(bits(&a.step(next).unwrap()), bits(&b.step(next).unwrap()), "session {i}");
     }
 }

@@ -2,7 +2,9 @@
 //!
 //! Compressing once, each sample's prompt is prefilled once, with the union of the
 //! statistics every method needs; each method then starts from a copy of that prefill,
-//! compresses it and answers greedily. Compressing incrementally, each method prefills the
+//! compresses it and answers greedily, up to eight methods' answers side by side in batched
+//! decode passes (the same tokens as one by one: a batched pass computes each row as that
+//! row alone). Compressing incrementally, each method prefills the
 //! prompt itself, compressing as it goes (the full-cache reference is still prefilled once). Under [`Protocol::Context`] the question is read after compression, uncompressed
 //! (kvpress's setting); under [`Protocol::Prompt`] it is part of what is compressed (the
 //! setting of the KVMerger and H2O papers). The full cache's answer is the reference for the
@@ -227,70 +229,176 @@ pub fn run_sample(
         * model.model.config.n_layers
         * model.model.config.n_kv_heads;
 
-    methods
-        .iter()
-        .map(|method| {
-            let no_answer = Answer { tokens: Vec::new(), decode_ms: 0.0 };
-            // Compress once; the answer and the teacher-forced pass start from copies.
-            let mut clamped = None;
-            // The shared prefill's reconstruction pass belongs to the methods that read it.
-            let mut prefill_ms = (prefilled.elapsed - prefilled.scoring).as_secs_f64() * 1e3;
-            let mut scoring_ms = 0.0;
-            let (forced, ans, achieved_ratio, resident_kv_bytes, peak_kv_bytes) =
-                if *method == CompressionConfig::Full && reference_model.is_none() {
-                    let ans = if perplexity_task { no_answer } else { full.clone() };
-                    (reference.clone(), ans, full_ratio, full_bytes, full_peak)
-                } else {
-                    let start = if incremental {
-                        Start::Alone(&context, opts.prefill)
-                    } else {
-                        Start::Shared(&prefilled)
-                    };
-                    let (session, logits, ratio, bytes) =
-                        compressed(&model.model, method, start, opts.max_kv)?;
-                    prefill_ms = session.timings.prefill.as_secs_f64() * 1e3;
-                    scoring_ms = session.timings.scoring.as_secs_f64() * 1e3;
-                    let peak = session.peak().resident_bytes;
-                    if let Some(report) = session.report().filter(|r| r.clamped_heads() > 0) {
-                        let what = report.heads.iter().flatten().find_map(|h| h.clamped);
-                        clamped = Some((report.clamped_heads(), what.unwrap_or("fixed parts")));
-                    }
-                    let copy = session.fork()?;
-                    let forced = teacher_forced(copy, logits.clone(), &question, &full.tokens)?;
-                    let ans = if perplexity_task {
-                        no_answer
-                    } else {
-                        answer(model, session, logits, &question, sample.max_new_tokens)?
-                    };
-                    (forced, ans, ratio, bytes, peak)
-                };
-            let prediction = tok.decode_plain(&ans.tokens)?;
-            let matched = ans.tokens.iter().zip(&full.tokens).take_while(|(a, b)| a == b).count();
-            let score = if perplexity_task {
-                forced.perplexity
+    let reference_row = Reference {
+        full: &full,
+        forced: &reference,
+        full_ratio,
+        full_bytes,
+        full_peak,
+        full_kv_bytes,
+        context_tokens: context.len(),
+    };
+    let mut outcomes = Vec::with_capacity(methods.len());
+    for group in methods.chunks(ANSWERED_TOGETHER) {
+        // Each method's figures, and the sessions left to answer with the logits they
+        // answer from (after reading the question).
+        let mut rows = Vec::with_capacity(group.len());
+        let (mut answering, mut first) = (Vec::new(), Vec::new());
+        for method in group {
+            if *method == CompressionConfig::Full && reference_model.is_none() {
+                rows.push(MethodRow::reference(&reference_row, perplexity_task, &prefilled));
+                continue;
+            }
+            let start = if incremental {
+                Start::Alone(&context, opts.prefill)
             } else {
-                sample.metric.score(&prediction, &sample.answers, sample.all_classes.as_deref())
+                Start::Shared(&prefilled)
             };
-            Ok(MethodOutcome {
-                method: method.clone(),
-                score,
-                prediction,
-                achieved_ratio,
-                resident_kv_bytes,
-                peak_kv_bytes,
-                full_kv_bytes,
-                context_tokens: context.len(),
-                prefill_ms,
-                scoring_ms,
-                decode_ms: ans.decode_ms,
-                kl: mean_kl(&reference.log_probs, &forced.log_probs),
-                top1_agreement: top1_agreement(&reference.log_probs, &forced.log_probs),
-                matched_prefix_tokens: matched,
-                perplexity: forced.perplexity,
-                clamped,
-            })
+            let (mut session, logits, ratio, bytes) =
+                compressed(&model.model, method, start, opts.max_kv)?;
+            let forced = teacher_forced(session.fork()?, logits.clone(), &question, &full.tokens)?;
+            let mut row = MethodRow::compressed(&session, ratio, bytes, forced);
+            if !perplexity_task {
+                let start = Instant::now();
+                let logits = if question.is_empty() {
+                    logits
+                } else {
+                    session.extend(&question, Logits::Last)?.swap_remove(0)
+                };
+                row.answer.decode_ms = start.elapsed().as_secs_f64() * 1e3;
+                answering.push((rows.len(), session));
+                first.push(logits);
+            }
+            rows.push(row);
+        }
+        let (at, mut sessions): (Vec<usize>, Vec<Session<'_>>) = answering.into_iter().unzip();
+        let mut samplers: Vec<Sampler> =
+            sessions.iter().map(|_| Sampler::new(SamplingConfig::default())).collect();
+        let eos = model.tokenizer.eos_ids();
+        let generated = Session::generate_together(
+            &mut sessions,
+            first,
+            sample.max_new_tokens,
+            &mut samplers,
+            &eos,
+        )?;
+        for ((i, tokens), session) in at.into_iter().zip(generated).zip(&sessions) {
+            rows[i].answer.tokens = tokens;
+            rows[i].answer.decode_ms += session.timings.decode.as_secs_f64() * 1e3;
+        }
+        for (method, row) in group.iter().zip(rows) {
+            outcomes.push(row.outcome(method, sample, &reference_row, model, perplexity_task)?);
+        }
+    }
+    Ok(outcomes)
+}
+
+/// Methods whose answers are generated side by side in batched decode passes (each weight
+/// block read once for all of them); more would hold more compressed caches at once.
+const ANSWERED_TOGETHER: usize = 8;
+
+/// The full cache's reference answer and what it measured, for every method's row.
+struct Reference<'a> {
+    full: &'a Answer,
+    forced: &'a Forced,
+    full_ratio: f64,
+    full_bytes: usize,
+    full_peak: usize,
+    full_kv_bytes: usize,
+    context_tokens: usize,
+}
+
+/// A method's figures on a sample, before they are scored; `answer` is filled in once
+/// generated (its `decode_ms`: reading the question, then the method's share of the
+/// batched steps it answered in).
+struct MethodRow {
+    forced: Forced,
+    answer: Answer,
+    achieved_ratio: f64,
+    resident_kv_bytes: usize,
+    peak_kv_bytes: usize,
+    prefill_ms: f64,
+    scoring_ms: f64,
+    clamped: Option<(usize, &'static str)>,
+}
+
+impl MethodRow {
+    /// The full cache's row where it is the reference itself.
+    fn reference(r: &Reference<'_>, perplexity_task: bool, prefilled: &Prefilled) -> Self {
+        let answer = if perplexity_task {
+            Answer { tokens: Vec::new(), decode_ms: 0.0 }
+        } else {
+            r.full.clone()
+        };
+        Self {
+            forced: r.forced.clone(),
+            answer,
+            achieved_ratio: r.full_ratio,
+            resident_kv_bytes: r.full_bytes,
+            peak_kv_bytes: r.full_peak,
+            prefill_ms: (prefilled.elapsed - prefilled.scoring).as_secs_f64() * 1e3,
+            scoring_ms: 0.0,
+            clamped: None,
+        }
+    }
+
+    fn compressed(
+        session: &Session<'_>,
+        achieved_ratio: f64,
+        resident_kv_bytes: usize,
+        forced: Forced,
+    ) -> Self {
+        let clamped = session.report().filter(|r| r.clamped_heads() > 0).map(|report| {
+            let what = report.heads.iter().flatten().find_map(|h| h.clamped);
+            (report.clamped_heads(), what.unwrap_or("fixed parts"))
+        });
+        Self {
+            forced,
+            answer: Answer { tokens: Vec::new(), decode_ms: 0.0 },
+            achieved_ratio,
+            resident_kv_bytes,
+            peak_kv_bytes: session.peak().resident_bytes,
+            prefill_ms: session.timings.prefill.as_secs_f64() * 1e3,
+            scoring_ms: session.timings.scoring.as_secs_f64() * 1e3,
+            clamped,
+        }
+    }
+
+    fn outcome(
+        self,
+        method: &CompressionConfig,
+        sample: &Sample,
+        reference: &Reference<'_>,
+        model: &LoadedModel,
+        perplexity_task: bool,
+    ) -> Result<MethodOutcome> {
+        let prediction = model.tokenizer.decode_plain(&self.answer.tokens)?;
+        let full = &reference.full.tokens;
+        let matched = self.answer.tokens.iter().zip(full).take_while(|(a, b)| a == b).count();
+        let score = if perplexity_task {
+            self.forced.perplexity
+        } else {
+            sample.metric.score(&prediction, &sample.answers, sample.all_classes.as_deref())
+        };
+        Ok(MethodOutcome {
+            method: method.clone(),
+            score,
+            prediction,
+            achieved_ratio: self.achieved_ratio,
+            resident_kv_bytes: self.resident_kv_bytes,
+            peak_kv_bytes: self.peak_kv_bytes,
+            full_kv_bytes: reference.full_kv_bytes,
+            context_tokens: reference.context_tokens,
+            prefill_ms: self.prefill_ms,
+            scoring_ms: self.scoring_ms,
+            decode_ms: self.answer.decode_ms,
+            kl: mean_kl(&reference.forced.log_probs, &self.forced.log_probs),
+            top1_agreement: top1_agreement(&reference.forced.log_probs, &self.forced.log_probs),
+            matched_prefix_tokens: matched,
+            perplexity: self.forced.perplexity,
+            clamped: self.clamped,
         })
-        .collect()
+    }
 }
 
 #[derive(Debug, Clone)]
