@@ -206,12 +206,7 @@ fn attend_chunk(
     // Keys visible to the last query of the chunk; earlier queries mask the tail.
     let visible = base + queries.end;
 
-    // [rows, head_dim]: the group's query heads, gathered contiguously.
-    let mut qs = Vec::with_capacity(rows * d);
-    for i in queries.clone() {
-        let off = (i * shape.n_heads + h * group) * d;
-        qs.extend_from_slice(&q[off..off + group * d]);
-    }
+    let qs = shape.group_queries(q, queries.clone(), h);
 
     let window = opts.window.zip(head_rows.positions.as_deref());
     let block = CausalBlock {

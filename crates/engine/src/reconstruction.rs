@@ -76,8 +76,7 @@ pub fn record_reconstruction(
     shape: AttentionShape,
     pass: ReconstructionPass,
 ) {
-    let AttentionShape { n_heads, n_kv_heads, head_dim: d } = shape;
-    let group = n_heads / n_kv_heads;
+    let (d, group) = (shape.head_dim, shape.group());
     let context = pass.context_start..pass.context_end;
     // Where the context sits among the gathered entries.
     let in_context = pass.sinks..pass.sinks + context.len();
@@ -98,11 +97,7 @@ pub fn record_reconstruction(
             .into_par_iter()
             .map_init(Vec::new, |probabilities, start| {
                 let queries = start..(start + QUERY_BLOCK).min(seq);
-                let mut qs = Vec::with_capacity(queries.len() * group * d);
-                for i in queries.clone() {
-                    let at = (i * n_heads + kv * group) * d;
-                    qs.extend_from_slice(&q[at..at + group * d]);
-                }
+                let qs = shape.group_queries(q, queries.clone(), kv);
                 let visible = first_seen + queries.end - 1;
                 let block = CausalBlock {
                     queries: &qs,

@@ -17,13 +17,12 @@ use kvmerger_compress::CompressError;
 use rayon::prelude::*;
 
 use crate::error::{EngineError, Result};
-use crate::forward::{BatchItem, Logits, Phase};
 use crate::model::Llama;
 use crate::pool::KvPool;
 use crate::prefill::PrefillCompression;
 use crate::request::{GenerationRequest, RequestError};
 use crate::scheduler::{Refusal, Scheduler, SchedulerLimits};
-use crate::sequence::{FinishReason, SeqId, SeqState, Sequence, Usage};
+use crate::sequence::{decode_batch, FinishReason, SeqId, SeqState, Sequence, Usage};
 
 /// How the runtime is sized.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -254,34 +253,19 @@ impl Engine {
 
     fn decode(&mut self, ids: &[SeqId], events: &mut Vec<(SeqId, Event)>) {
         let mut order = Vec::with_capacity(ids.len());
-        let mut items = Vec::with_capacity(ids.len());
+        let mut tokens = Vec::with_capacity(ids.len());
+        let mut batch = Vec::with_capacity(ids.len());
         for (id, seq) in self.sequences.iter_mut().filter(|(id, _)| ids.contains(id)) {
-            // Fields borrowed apart: the token fed is the last one generated.
-            let (Some(token), SeqState::Decoding) = (seq.generated.last(), &seq.state) else {
+            // The token fed is the last one generated.
+            let (Some(&token), SeqState::Decoding) = (seq.generated.last(), &seq.state) else {
                 continue;
             };
-            let stats = seq.decode_stats();
-            items.push(BatchItem {
-                tokens: std::slice::from_ref(token),
-                cache: &mut seq.cache,
-                logits: Some(Logits::Last),
-                stats,
-            });
             order.push(*id);
+            tokens.push(token);
+            batch.push(seq);
         }
-        let result = self
-            .model
-            .forward_batch(&mut items, Phase::Decode, self.config.attention_chunk)
-            .and_then(|logits| {
-                logits
-                    .into_iter()
-                    .map(|l| match l {
-                        Some(t) => Ok(t.flatten_all()?.to_vec1::<f32>()?),
-                        None => Err(EngineError::Setup("a decode step returned no logits".into())),
-                    })
-                    .collect::<Result<Vec<_>>>()
-            });
-        drop(items);
+        let result = decode_batch(&self.model, &mut batch, &tokens, self.config.attention_chunk);
+        drop(batch);
         match result {
             Ok(rows) => {
                 // Each sequence's decode-time eviction and sampling are independent of the

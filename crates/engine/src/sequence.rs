@@ -705,6 +705,35 @@ impl Sequence {
     }
 }
 
+/// One decode step of several sequences at once, `tokens[i]` fed to `seqs[i]`: the
+/// weights are read once for the whole batch. Returns each sequence's next-token logits;
+/// the decode-time policy (`after_step`) and sampling are the caller's.
+pub(crate) fn decode_batch(
+    model: &Llama,
+    seqs: &mut [&mut Sequence],
+    tokens: &[u32],
+    attention_chunk: usize,
+) -> Result<Vec<Vec<f32>>> {
+    let mut items: Vec<BatchItem<'_>> = seqs
+        .iter_mut()
+        .zip(tokens)
+        .map(|(seq, token)| BatchItem {
+            tokens: std::slice::from_ref(token),
+            stats: seq.decode_stats(),
+            cache: &mut seq.cache,
+            logits: Some(Logits::Last),
+        })
+        .collect();
+    model
+        .forward_batch(&mut items, Phase::Decode, attention_chunk)?
+        .into_iter()
+        .map(|row| match row {
+            Some(row) => Ok(row.flatten_all()?.to_vec1::<f32>()?),
+            None => Err(EngineError::Setup("a decode step returned no logits".into())),
+        })
+        .collect()
+}
+
 /// Room a head that keeps `kept` entries after the prompt needs for the tokens that follow:
 /// `room`, or under a bound `max_kv = N` no more than up to `max(kept, N)` plus the entry of
 /// the step that the bound then brings back.

@@ -10,11 +10,11 @@ use serde::Serialize;
 
 use crate::compression::CompressionReport;
 use crate::error::{EngineError, Result};
-use crate::forward::{BatchItem, Logits, Phase};
+use crate::forward::{Logits, Phase};
 use crate::model::Llama;
 use crate::prefill::PrefillOptions;
 use crate::sampler::Sampler;
-use crate::sequence::{CachePeak, Prefilled, Sequence};
+use crate::sequence::{decode_batch, CachePeak, Prefilled, Sequence};
 
 /// Timings of a generation.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
@@ -261,32 +261,16 @@ impl<'m> Session<'m> {
                 return Ok(out);
             }
             let start = Instant::now();
+            let tokens: Vec<u32> = live.iter().map(|&i| out[i][out[i].len() - 1]).collect();
             let mut seqs = sessions
                 .iter_mut()
                 .zip(&stepping)
                 .filter(|(_, &stepping)| stepping)
                 .map(|(s, _)| s.sequence())
                 .collect::<Result<Vec<_>>>()?;
-            let mut items: Vec<BatchItem<'_>> = seqs
-                .iter_mut()
-                .zip(&live)
-                .map(|(seq, &i)| {
-                    let stats = seq.decode_stats();
-                    let token = out[i].last().expect("a token was just sampled");
-                    BatchItem {
-                        tokens: std::slice::from_ref(token),
-                        cache: &mut seq.cache,
-                        logits: Some(Logits::Last),
-                        stats,
-                    }
-                })
-                .collect();
-            let rows = model.forward_batch(&mut items, Phase::Decode, chunk)?;
-            drop(items);
+            let rows = decode_batch(model, &mut seqs, &tokens, chunk)?;
             for ((seq, row), &i) in seqs.iter_mut().zip(rows).zip(&live) {
-                let row = row
-                    .ok_or_else(|| EngineError::Setup("a decode step returned no logits".into()))?;
-                pending[i] = Some(row.flatten_all()?.to_vec1::<f32>()?);
+                pending[i] = Some(row);
                 seq.after_step()?;
             }
             drop(seqs);

@@ -260,11 +260,7 @@ pub fn run_sample(
             let mut row = MethodRow::compressed(&session, ratio, bytes, forced);
             if !perplexity_task {
                 let start = Instant::now();
-                let logits = if question.is_empty() {
-                    logits
-                } else {
-                    session.extend(&question, Logits::Last)?.swap_remove(0)
-                };
+                let logits = read_question(&mut session, logits, &question)?;
                 row.answer.decode_ms = start.elapsed().as_secs_f64() * 1e3;
                 answering.push((rows.len(), session));
                 first.push(logits);
@@ -442,18 +438,29 @@ fn compressed<'m>(
 fn answer(
     model: &LoadedModel,
     mut session: Session<'_>,
-    mut logits: Vec<f32>,
+    logits: Vec<f32>,
     question: &[u32],
     max_new: usize,
 ) -> Result<Answer> {
     let start = Instant::now();
-    if !question.is_empty() {
-        logits = session.extend(question, Logits::Last)?.swap_remove(0);
-    }
+    let logits = read_question(&mut session, logits, question)?;
     let mut greedy = Sampler::new(SamplingConfig::default());
     let tokens =
         session.generate(logits, max_new, &mut greedy, &model.tokenizer.eos_ids(), |_| true)?;
     Ok(Answer { tokens, decode_ms: start.elapsed().as_secs_f64() * 1e3 })
+}
+
+/// Feeds the question after the context whose last logits are `logits`; returns the
+/// logits the answer starts from.
+fn read_question(
+    session: &mut Session<'_>,
+    logits: Vec<f32>,
+    question: &[u32],
+) -> Result<Vec<f32>> {
+    if question.is_empty() {
+        return Ok(logits);
+    }
+    Ok(session.extend(question, Logits::Last)?.swap_remove(0))
 }
 
 /// Teacher-forced distributions over a reference answer.
