@@ -168,6 +168,18 @@ def test_basics(srv, client, model):
     check(kv(r.usage)["method"].startswith("kvmerger(") and kv(r.usage)["achieved_ratio"] <= 0.36,
           f"per-request kvmerger with a parameter: {kv(r.usage)['method']}")
 
+    # A request's own cache dtype: q8_0 blocks hold 34 bytes per 32 elements, f16 64 (each
+    # head's key center and the entries' bookkeeping come on top of both).
+    bytes_as = {}
+    for dtype in ["f16", "q8_0"]:
+        r = client.completions.create(
+            model=model, prompt=long_prompt, max_tokens=4, temperature=0,
+            extra_body={"kv_compression": {"method": "h2o", "budget": 0.35, "kv_dtype": dtype}},
+        )
+        bytes_as[dtype] = kv(r.usage)["resident_kv_bytes"]
+    ratio = bytes_as["q8_0"] / bytes_as["f16"]
+    check(0.5 < ratio < 0.65, f"per-request kv_dtype q8_0 holds {ratio:.3f} of f16's bytes")
+
     r = client.completions.create(model=model, prompt="Once upon a time", max_tokens=8,
                                   temperature=0.9, top_p=0.9, seed=7)
     r2 = client.completions.create(model=model, prompt="Once upon a time", max_tokens=8,
@@ -210,6 +222,8 @@ def test_errors(srv):
            "kv_compression.max_kv")
     expect({"prompt": "hi", "kv_compression": {"method": "h2o", "prefill_compression": "later"}},
            "kv_compression.prefill_compression")
+    expect({"prompt": "hi", "kv_compression": {"method": "h2o", "kv_dtype": "q2_k"}},
+           "kv_compression.kv_dtype")
     expect({"prompt": "word " * 300, "kv_compression": {"method": "cam", "budget": 0.5}},
            "kv_compression.prefill_compression")
     # One rule with the command line: the full cache takes no budget; a parameter the mode

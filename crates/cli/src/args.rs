@@ -267,6 +267,7 @@ pub fn flag_error(e: RequestError) -> anyhow::Error {
         RequestField::RepeatPenalty => "--repeat-penalty",
         RequestField::MaxKv => "--max-kv",
         RequestField::PrefillCompression => "--prefill-compression",
+        RequestField::KvDtype => "--kv-dtype",
     };
     anyhow::anyhow!("{flag} {reason}")
 }

@@ -94,6 +94,7 @@ fn main() -> anyhow::Result<()> {
                     stop_tokens: vec![],
                     max_kv: None,
                     prefill_compression: None,
+                    kv_dtype: None,
                 };
                 let request = GenerationRequest::new(prompt.clone(), options, &limits)?;
                 engine.add(request).map_err(|e| anyhow::anyhow!("{e}"))?;

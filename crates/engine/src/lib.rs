@@ -44,8 +44,9 @@ pub use prefill::{PrefillCompression, PrefillOptions, PrefillPlan};
 pub use profile::{Part, StepProfile};
 pub use reconstruction::ReconstructionPrompt;
 pub use request::{
-    check_max_kv, check_prompt, check_prompt_text, check_sampling, resolve_max_tokens,
-    GenerationRequest, RequestError, RequestField, RequestLimits, RequestOptions,
+    check_kv_dtype, check_max_kv, check_prompt, check_prompt_text, check_sampling,
+    resolve_max_tokens, GenerationRequest, RequestError, RequestField, RequestLimits,
+    RequestOptions,
 };
 pub use runtime::{AddError, Engine, EngineConfig, EngineHandle, Event, EventSink, RuntimeMetrics};
 pub use sampler::{argmax, Sampler, SamplingConfig};

@@ -4,7 +4,9 @@
 //! front end words it for its users (a flag, a JSON parameter). What comes out is trusted
 //! by the engine, whose own checks guard invariants, not users' input.
 
-use kvmerger_compress::{CompressError, CompressionConfig, CompressionMethod, StatsRequest};
+use kvmerger_compress::{
+    CompressError, CompressionConfig, CompressionMethod, KvDtype, StatsRequest,
+};
 use thiserror::Error;
 
 use crate::config::ModelConfig;
@@ -22,6 +24,8 @@ pub struct RequestLimits {
     pub vocab_size: usize,
     pub context_length: usize,
     pub n_layers: usize,
+    /// Width of a head, which a block-quantized cache must divide into blocks.
+    pub head_dim: usize,
 }
 
 impl RequestLimits {
@@ -32,6 +36,7 @@ impl RequestLimits {
             vocab_size: config.vocab_size,
             context_length: context.map_or(full, |c| c.min(full)),
             n_layers: config.n_layers,
+            head_dim: config.head_dim,
         }
     }
 
@@ -40,6 +45,7 @@ impl RequestLimits {
         self.vocab_size <= config.vocab_size
             && self.context_length <= config.context_length
             && self.n_layers == config.n_layers
+            && self.head_dim == config.head_dim
     }
 }
 
@@ -53,6 +59,7 @@ pub enum RequestField {
     RepeatPenalty,
     MaxKv,
     PrefillCompression,
+    KvDtype,
 }
 
 impl RequestField {
@@ -65,6 +72,7 @@ impl RequestField {
             Self::RepeatPenalty => "repeat_penalty",
             Self::MaxKv => "max_kv",
             Self::PrefillCompression => "prefill_compression",
+            Self::KvDtype => "kv_dtype",
         }
     }
 }
@@ -202,6 +210,18 @@ pub fn check_max_kv(max_kv: Option<usize>) -> Result<(), RequestError> {
     }
 }
 
+/// Checks that a cache stored as `kv_dtype` fits the model's heads: a block-quantized
+/// dtype needs heads a whole number of its blocks wide.
+pub fn check_kv_dtype(
+    kv_dtype: Option<KvDtype>,
+    limits: &RequestLimits,
+) -> Result<(), RequestError> {
+    match kv_dtype.map(|d| d.check_head_dim(limits.head_dim)) {
+        Some(Err(e)) => Err(RequestError::invalid(RequestField::KvDtype, e.to_string())),
+        _ => Ok(()),
+    }
+}
+
 /// [`check_max_kv`], and that `method` keeps the bound by a rule of its own for the entries
 /// decoding adds.
 pub(crate) fn check_decode_bound(
@@ -288,6 +308,9 @@ pub struct RequestOptions {
     pub max_kv: Option<usize>,
     /// When the prompt is compressed (`None`: as the engine is configured).
     pub prefill_compression: Option<PrefillCompression>,
+    /// How the sequence's cache stores keys and values (`None`: as the engine is
+    /// configured); checked against the model's head width ([`check_kv_dtype`]).
+    pub kv_dtype: Option<KvDtype>,
 }
 
 /// A request checked against a model's limits; the engine trusts it. Built only by
@@ -302,6 +325,7 @@ pub struct GenerationRequest {
     pub(crate) stop_tokens: Vec<u32>,
     pub(crate) max_kv: Option<usize>,
     pub(crate) prefill_compression: Option<PrefillCompression>,
+    pub(crate) kv_dtype: Option<KvDtype>,
     /// What it was checked against.
     pub(crate) limits: RequestLimits,
 }
@@ -324,6 +348,7 @@ impl GenerationRequest {
         check_sampling(&options.sampling)?;
         let method = check_compression(&options.compression, limits)?;
         check_decode_bound(options.max_kv, &*method)?;
+        check_kv_dtype(options.kv_dtype, limits)?;
         Ok(Self {
             prompt,
             max_tokens,
@@ -332,6 +357,7 @@ impl GenerationRequest {
             stop_tokens: options.stop_tokens,
             max_kv: options.max_kv,
             prefill_compression: options.prefill_compression,
+            kv_dtype: options.kv_dtype,
             limits: *limits,
         })
     }
@@ -378,6 +404,7 @@ mod tests {
             stop_tokens: vec![2],
             max_kv: None,
             prefill_compression: None,
+            kv_dtype: None,
         }
     }
 

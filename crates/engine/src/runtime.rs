@@ -157,6 +157,8 @@ impl Engine {
     pub fn add(&mut self, request: GenerationRequest) -> std::result::Result<SeqId, AddError> {
         let m = &self.metrics;
         let c = &self.config;
+        // The request's cache dtype, else the engine's.
+        let kv_dtype = request.kv_dtype.unwrap_or(self.model.kv_dtype);
         let seq = Sequence::new(
             self.next_id,
             request,
@@ -164,7 +166,7 @@ impl Engine {
             c.prefill_chunk,
             c.prefill_compression,
         )
-        .map(|s| s.with_kv_dtype(self.model.kv_dtype))
+        .map(|s| s.with_kv_dtype(kv_dtype))
         .inspect_err(|_| {
             m.requests_invalid.fetch_add(1, Ordering::Relaxed);
         })

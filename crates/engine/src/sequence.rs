@@ -271,6 +271,7 @@ impl Sequence {
             stop_tokens: Vec::new(),
             max_kv,
             prefill_compression: None,
+            kv_dtype: None,
             limits: RequestLimits::of(&model.config, None),
         };
         let seq =
@@ -787,6 +788,7 @@ mod tests {
             stop_tokens: vec![],
             max_kv: None,
             prefill_compression: None,
+            kv_dtype: None,
             limits: RequestLimits::of(&tiny_config(), None),
         }
     }

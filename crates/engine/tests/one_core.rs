@@ -51,6 +51,7 @@ fn served(model: &Llama, config: &CompressionConfig, mode: PrefillCompression) -
             stop_tokens: vec![],
             max_kv: None,
             prefill_compression: None,
+            kv_dtype: None,
         };
         GenerationRequest::new(tokens, options, &limits).unwrap()
     };

@@ -1,10 +1,11 @@
 //! The serving runtime on the tiny random model: batched decode equals decode alone,
 //! whatever the weight format; requests served together give the tokens they give alone;
-//! the pool is never exceeded and a cancelled request frees its memory at once.
+//! the pool is never exceeded and a cancelled request frees its memory at once; a request
+//! stores its cache in the dtype it asks for.
 
 use std::sync::Arc;
 
-use kvmerger_compress::{Budget, CompressionConfig};
+use kvmerger_compress::{Budget, CompressionConfig, KvDtype};
 use kvmerger_engine::testing::{random_llama, random_llama_with, tiny_config};
 use kvmerger_engine::{
     AddError, BatchItem, Engine, EngineConfig, Event, FinishReason, GenerationRequest, Llama,
@@ -42,6 +43,7 @@ fn options(max_tokens: usize, compression: CompressionConfig) -> RequestOptions 
         stop_tokens: vec![],
         max_kv: None,
         prefill_compression: None,
+        kv_dtype: None,
     }
 }
 
@@ -170,6 +172,46 @@ fn a_small_pool_serves_everyone_in_turn_without_exceeding_its_limit() {
     let heads = tiny_config().n_layers * tiny_config().n_kv_heads;
     let pool = 2 * (40 + 13 * 5 + 12) * entry * heads;
     assert_eq!(serve(&model, &reqs, pool), alone);
+}
+
+/// A request's `kv_dtype` is its own cache's, beside a request on the engine's dtype: it
+/// generates what an engine storing that dtype generates (the same arithmetic, so
+/// bit-exact), in the memory that dtype takes. A block dtype the heads cannot hold is
+/// refused, naming the field.
+#[test]
+fn a_request_stores_its_cache_in_the_dtype_it_asks_for() {
+    let model = Arc::new(random_llama(tiny_config(), 3).unwrap());
+    assert_eq!(model.kv_dtype, KvDtype::F32, "the tiny model's own dtype");
+    let ask = |kv_dtype| {
+        checked(prompt(4, 40), RequestOptions { kv_dtype, ..options(8, config("h2o", 0.5)) })
+    };
+    let mut f16_model = (*model).clone();
+    f16_model.kv_dtype = KvDtype::F16;
+    let on_f16_engine = serve(&Arc::new(f16_model), &[ask(None)], 64 << 20);
+    let together = serve(&model, &[ask(Some(KvDtype::F16)), ask(None)], 64 << 20);
+    assert_eq!(together[0], on_f16_engine[0]);
+    let on_f32_engine = serve(&model, &[ask(None)], 64 << 20);
+    assert_eq!(together[1], on_f32_engine[0]);
+
+    let reserved = |kv_dtype| {
+        let cfg = EngineConfig { kv_pool_bytes: 64 << 20, ..EngineConfig::default() };
+        let mut engine = Engine::new(model.clone(), cfg);
+        engine.add(ask(kv_dtype)).unwrap();
+        engine.step();
+        engine.pool().used()
+    };
+    let (f16, f32) = (reserved(Some(KvDtype::F16)), reserved(None));
+    let entry = |d| kvmerger_engine::entry_bytes(tiny_config().head_dim, d);
+    assert_eq!(f16 * entry(KvDtype::F32), f32 * entry(KvDtype::F16), "{f16} and {f32} bytes");
+
+    let q8 =
+        RequestOptions { kv_dtype: Some(KvDtype::Q8_0), ..options(8, CompressionConfig::Full) };
+    match GenerationRequest::new(prompt(4, 40), q8, &RequestLimits::of(&tiny_config(), None)) {
+        Err(RequestError::Invalid { field: RequestField::KvDtype, reason }) => {
+            assert!(reason.contains("8 wide"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
 }
 
 /// The engine and a session run the same forward on the same single chunk (the prompt is

@@ -80,6 +80,7 @@ fn main() -> Result<()> {
                         stop_tokens: vec![],
                         max_kv: None,
                         prefill_compression: None,
+                        kv_dtype: None,
                     };
                     let limits = RequestLimits::of(&model.model.config, None);
                     let request = GenerationRequest::new(context.clone(), options, &limits)?;

@@ -96,6 +96,7 @@ fn param_of(field: RequestField) -> &'static str {
     match field {
         RequestField::MaxKv => "kv_compression.max_kv",
         RequestField::PrefillCompression => "kv_compression.prefill_compression",
+        RequestField::KvDtype => "kv_compression.kv_dtype",
         other => other.name(),
     }
 }

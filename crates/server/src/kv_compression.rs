@@ -1,9 +1,10 @@
 //! The `kv_compression` request field: a method in `--method-config`'s schema, beside
-//! which two fields apply to the request rather than to the method: `max_kv` (entries a
-//! head may hold while decoding) and `prefill_compression` (`once` or `incremental`, over
-//! the server's `--prefill-compression`).
+//! which three fields apply to the request rather than to the method: `max_kv` (entries a
+//! head may hold while decoding), `prefill_compression` (`once` or `incremental`, over
+//! the server's `--prefill-compression`) and `kv_dtype` (how the request's cache stores
+//! keys and values, over the server's `--kv-dtype`: `f16`, `q8_0`, `q4_0r`, ...).
 
-use kvmerger_compress::CompressionConfig;
+use kvmerger_compress::{CompressionConfig, KvDtype};
 use kvmerger_engine::PrefillCompression;
 use serde_json::{Map, Value};
 
@@ -15,6 +16,7 @@ pub struct RequestCompression {
     pub method: CompressionConfig,
     pub max_kv: Option<usize>,
     pub prefill_compression: Option<PrefillCompression>,
+    pub kv_dtype: Option<KvDtype>,
 }
 
 impl RequestCompression {
@@ -52,13 +54,23 @@ impl RequestCompression {
                 Some(text.parse().map_err(invalid)?)
             }
         };
+        let kv_dtype = match fields.remove("kv_dtype") {
+            None | Some(Value::Null) => None,
+            // Whether it fits the model's heads is the request's rule (`check_kv_dtype`).
+            Some(v) => {
+                let invalid = |e: String| ApiError::invalid("kv_compression.kv_dtype", e);
+                let text =
+                    v.as_str().ok_or_else(|| invalid(format!("must be a string, got {v}")))?;
+                Some(text.parse::<KvDtype>().map_err(|e| invalid(e.to_string()))?)
+            }
+        };
         let method = if fields.is_empty() {
             default.clone()
         } else {
             CompressionConfig::from_value(Value::Object(fields))
                 .map_err(|e| ApiError::compression(&e))?
         };
-        Ok(Self { method, max_kv, prefill_compression })
+        Ok(Self { method, max_kv, prefill_compression, kv_dtype })
     }
 }
 
@@ -80,8 +92,13 @@ mod tests {
         let r = parse(json!({"max_kv": 8, "prefill_compression": "once"})).unwrap();
         assert_eq!(r.method, CompressionConfig::Full);
         assert_eq!((r.max_kv, r.prefill_compression), (Some(8), Some(PrefillCompression::Once)));
+        let r = parse(json!({"method": "h2o", "budget": 0.5, "kv_dtype": "q4_0r"})).unwrap();
+        assert_eq!(
+            (r.method.label().as_str(), r.kv_dtype),
+            ("h2o@50%", Some(KvDtype::Q4_0Rotated))
+        );
         let none = RequestCompression::parse(None, &CompressionConfig::Full).unwrap();
-        assert_eq!((none.max_kv, none.prefill_compression), (None, None));
+        assert_eq!((none.max_kv, none.prefill_compression, none.kv_dtype), (None, None, None));
     }
 
     #[test]
@@ -95,6 +112,8 @@ mod tests {
             param(json!({"method": "h2o", "prefill_compression": "twice"})),
             "kv_compression.prefill_compression"
         );
+        assert_eq!(param(json!({"kv_dtype": "q2_k"})), "kv_compression.kv_dtype");
+        assert_eq!(param(json!({"kv_dtype": 8})), "kv_compression.kv_dtype");
         assert_eq!(param(json!({"method": "nope"})), "kv_compression.method");
     }
 }

@@ -111,6 +111,7 @@ fn engine_request(
         stop_tokens: state.tokenizer.eos_ids(),
         max_kv: kv.max_kv,
         prefill_compression: kv.prefill_compression,
+        kv_dtype: kv.kv_dtype,
     };
     Ok(GenerationRequest::new(prompt, options, &state.limits)?)
 }
