@@ -22,6 +22,9 @@ pub struct DtypeRow {
     decode_ms_per_token: f64,
 }
 
+/// The engine name of llama.cpp's rows.
+const LLAMA_CPP: &str = "llama.cpp";
+
 /// ggml's type id for a cache stored as `dtype` (llama.cpp picks its own rotation).
 fn ggml_type(dtype: KvDtype) -> Option<u32> {
     match dtype.storage() {
@@ -76,7 +79,7 @@ pub fn measure(
             llama_cpp::measure(python, path, threads, lengths, steps, tokens, Some(cache))?;
         for m in measured.into_iter().flatten() {
             rows.push(DtypeRow {
-                engine: "llama.cpp".into(),
+                engine: LLAMA_CPP.into(),
                 kv_dtype: dtype.storage(),
                 tokens: m.tokens,
                 kv_mb: None,
@@ -87,28 +90,72 @@ pub fn measure(
     Ok(rows)
 }
 
-/// Decode speed per engine and dtype; the ratio is against the same engine's f16 cache.
+/// Decode speed per engine and dtype, as speed ratios (above 1: faster): against the same
+/// engine's f16 cache, and ours against llama.cpp's cache of the same block type (its
+/// q4_0 stands for our rotated and centered forms too) at the same length.
 pub fn table(rows: &[DtypeRow]) -> String {
     let mut out = String::from(
-        "| engine | KV dtype | tokens | KV MB | decode ms/token | decode tok/s | vs its f16 |\n\
-         |---|---|---:|---:|---:|---:|---:|\n",
+        "| engine | KV dtype | tokens | KV MB | decode ms/token | decode tok/s | vs its f16 | vs \
+         llama.cpp |\n|---|---|---:|---:|---:|---:|---:|---:|\n",
     );
+    let speedup = |of: &DtypeRow, over: Option<&DtypeRow>| {
+        over.map_or("-".into(), |x| {
+            format!("{:.2}x", x.decode_ms_per_token / of.decode_ms_per_token)
+        })
+    };
     for r in rows {
         let f16 = rows
             .iter()
             .find(|x| x.engine == r.engine && x.tokens == r.tokens && x.kv_dtype == KvDtype::F16);
-        let ratio = f16.map_or("-".into(), |x| {
-            format!("{:.2}x", x.decode_ms_per_token / r.decode_ms_per_token)
+        let llama_cpp = rows.iter().find(|x| {
+            r.engine != LLAMA_CPP
+                && x.engine == LLAMA_CPP
+                && x.tokens == r.tokens
+                && x.kv_dtype == r.kv_dtype.storage()
         });
         let kv_mb = r.kv_mb.map_or("-".into(), |m| format!("{m:.1}"));
         out += &format!(
-            "| {} | {} | {} | {kv_mb} | {:.1} | {:.1} | {ratio} |\n",
+            "| {} | {} | {} | {kv_mb} | {:.1} | {:.1} | {} | {} |\n",
             r.engine,
             r.kv_dtype,
             r.tokens,
             r.decode_ms_per_token,
             1e3 / r.decode_ms_per_token,
+            speedup(r, f16),
+            speedup(r, llama_cpp),
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(engine: &str, kv_dtype: KvDtype, tokens: usize, ms: f64) -> DtypeRow {
+        DtypeRow { engine: engine.into(), kv_dtype, tokens, kv_mb: None, decode_ms_per_token: ms }
+    }
+
+    #[test]
+    fn ratios_are_against_our_f16_and_llama_cpp_s_block_type_at_the_same_length() {
+        let rows = [
+            row("kvmerger", KvDtype::F16, 4096, 20.0),
+            row("kvmerger", KvDtype::Q4_0Rotated, 4096, 25.0),
+            row("kvmerger", KvDtype::Q8_0, 8000, 30.0),
+            row(LLAMA_CPP, KvDtype::F16, 4096, 40.0),
+            row(LLAMA_CPP, KvDtype::Q4_0, 4096, 50.0),
+            row(LLAMA_CPP, KvDtype::Q8_0, 4096, 90.0),
+        ];
+        let table = table(&rows);
+        let cells = |line: usize| -> Vec<String> {
+            let line = table.lines().nth(line + 2).unwrap();
+            line.split('|').map(|c| c.trim().to_string()).filter(|c| !c.is_empty()).collect()
+        };
+        assert_eq!(cells(0)[6..], ["1.00x", "2.00x"]);
+        // q4_0r against our f16 and llama.cpp's q4_0.
+        assert_eq!(cells(1)[6..], ["0.80x", "2.00x"]);
+        // No f16 and no llama.cpp row at 8,000 tokens.
+        assert_eq!(cells(2)[6..], ["-", "-"]);
+        assert_eq!(cells(4)[6..], ["0.80x", "-"]);
+    }
 }
